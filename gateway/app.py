@@ -1,0 +1,61 @@
+"""The gateway's ASGI app: `create_app(redis_url)`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
+
+from gateway import routes_health, routes_jobs, routes_openai
+from gateway.context import GatewayContext
+from gateway.depth import max_queue_depth_from_env
+from gateway.errors import install_error_handlers
+from gateway.fastpath import FastJobs, is_job_submission
+from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
+from gateway.logging import configure_logging
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.redis_client import make_redis
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, with POST /v1/jobs answered first by gateway/fastpath.py."""
+
+    fast_jobs: FastJobs | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_jobs is not None and is_job_submission(scope):
+            await self.fast_jobs(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_queue_depth: int | None = None) -> GatewayApp:
+    configure_logging()
+    metrics = GatewayMetrics()
+    depth = max_queue_depth_from_env() if max_queue_depth is None else max_queue_depth
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One shared client (and pool) for the process; pub/sub readers take their own connections from it.
+        redis = make_redis(redis_url)
+        app.state.ctx = GatewayContext.build(redis, metrics, depth)
+        try:
+            yield
+        finally:
+            await app.state.ctx.pipe.aclose()
+            await redis.aclose()
+
+    app = GatewayApp(title="tokenq gateway", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_health.router)
+    # Added last = outermost: metrics see every answer, the 413s of the size limit included.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.fast_jobs = FastJobs(lambda s, r, se: FastAPI.__call__(app, s, r, se), lambda: app.state.ctx, metrics,
+                             max_body_bytes)
+    return app

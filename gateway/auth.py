@@ -1,0 +1,89 @@
+"""Who is calling: `Authorization: Bearer <key>` → a tenant and its limits.
+
+Auth is on while at least one API key exists. Every answer from Redis (keys exist, key → tenant,
+tenant → limits) is trusted for `CACHE_S`, so the hot path costs no Redis round trip and a revoked key
+or a changed limit takes effect within that time on every gateway process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from gateway.apikeys import API_KEYS_SET, LIMIT_FIELDS, key_digest
+from gateway.errors import ApiError
+from gateway.flight import TtlCache
+from protocol import keys
+
+CACHE_S = 1.0
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant and its limits; 0 means no limit."""
+
+    name: str
+    rpm: int = 0
+    tpm: int = 0
+    max_queued: int = 0
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_queued)
+
+
+def _int(value: str | None) -> int:
+    try:
+        return max(0, int(value)) if value else 0
+    except ValueError:
+        return 0
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+class Authenticator:
+    def __init__(self, redis: aioredis.Redis, cache_s: float = CACHE_S) -> None:
+        self.redis = redis
+        self.cache_s = cache_s
+        self._cache = TtlCache()
+
+    async def auth_on(self) -> bool:
+        return await self._cache.get(API_KEYS_SET, self._any_key, self.cache_s)
+
+    async def _any_key(self) -> bool:
+        return await self.redis.scard(API_KEYS_SET) > 0
+
+    async def tenant_of_key(self, api_key: str) -> str | None:
+        key = keys.api_key_key(key_digest(api_key))
+        return await self._cache.get(key, lambda: self.redis.hget(key, "tenant"), self.cache_s)
+
+    async def tenant(self, name: str) -> Tenant:
+        return await self._cache.get(keys.tenant_key(name), lambda: self._load_tenant(name), self.cache_s)
+
+    async def _load_tenant(self, name: str) -> Tenant:
+        values = await self.redis.hmget(keys.tenant_key(name), list(LIMIT_FIELDS))
+        return Tenant(name, **{field: _int(v) for field, v in zip(LIMIT_FIELDS, values, strict=True)})
+
+    async def authenticate(self, authorization: str | None) -> Tenant:
+        """The caller's tenant, or 401 when auth is on and the key is missing or unknown."""
+        if not await self.auth_on():
+            return await self.tenant(DEFAULT_TENANT)
+        token = bearer_token(authorization)
+        if token is None:
+            raise _unauthorized("missing API key: send it as `Authorization: Bearer <key>`")
+        name = await self.tenant_of_key(token)
+        if name is None:
+            raise _unauthorized("incorrect API key provided")
+        return await self.tenant(name)
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,121 @@
+"""OpenAI-style error JSON for every non-2xx answer, and the handlers that produce it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.logging import get_logger
+from protocol.errors import error_json
+
+log = get_logger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """Raised anywhere in a request; becomes `{"error": {...}}` with this status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.type, self.headers)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   type_: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = error_json(message, type_ or _TYPES.get(status, "invalid_request_error"), param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_path(loc: tuple | list) -> str | None:
+    """Pydantic's loc as a dotted path, without FastAPI's leading "body" ("messages.0.role")."""
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or None
+
+
+def describe_validation_error(err: dict) -> tuple[str, str | None]:
+    """(message, param) for one pydantic error; the message names the field, the limit and the input."""
+    param = field_path(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "invalid JSON")
+        return f"request body is not valid JSON: {detail}", None
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if param is None:
+        return msg, None
+    text = f"{param}: {msg}"
+    if "input" in err and err.get("type") not in ("missing",) and not isinstance(err["input"], dict | list):
+        text += f" (got {err['input']!r})"
+    return text, param
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if not errors:
+        return error_response(400, "invalid request body")
+    message, param = describe_validation_error(errors[0])
+    return error_response(400, message, param)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    return error_response(status, str(exc.detail), type_=_TYPES.get(status, "invalid_request_error"))
+
+
+def exception_response(exc: Exception) -> JSONResponse:
+    """The answer to an exception raised while handling a request (the handlers below, and gateway/fastpath.py
+    which runs outside FastAPI's): ApiError as itself, Redis away 503, anything else 500."""
+    if isinstance(exc, ApiError):
+        return exc.response()
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        log.warning("redis unavailable", error=repr(exc))
+        return error_response(503, "the job store (Redis) is unavailable; try again later",
+                              code="redis_unavailable")
+    log.exception("unhandled error", error=repr(exc))
+    return error_response(500, "internal server error", type_="server_error")
+
+
+async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    return exception_response(exc)
+
+
+async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+    return exception_response(exc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,248 @@
+"""Jobs in Redis, the gateway's side of docs/redis-protocol.md: submit, read, and wait for the end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.redis_pipe import RedisPipe, Script, eval_script
+from protocol import job_record as F
+from protocol import keys
+from protocol.events import DeltaEvent, StateEvent, parse_event
+from protocol.jobs import JobError, JobPayload, JobResult, JobState
+
+RECHECK_S = 2.0  # a waiter re-reads the hash this often, in case a pub/sub message was missed
+RECONNECT_FOR_S = 60.0  # a follower that lost Redis keeps trying this long before it gives up
+_LIVE_FIELDS = (F.STATE, F.TEXT, F.SEQ, F.RESULT, F.ERROR)
+
+
+def job_stream(model: str, lane: str, tenant: str) -> str:
+    """The stream a tenant's job of this model and lane goes on (the one submit's XADD uses)."""
+    return keys.jobs_stream(model, lane, tenant)
+
+
+async def lane_streams(redis: aioredis.Redis, model: str, lane: str) -> list[str]:
+    """Every stream of one (model, lane): one per tenant that ever queued there."""
+    tenants = await redis.smembers(keys.lane_tenants_key(model, lane))
+    return [keys.jobs_stream(model, lane, t) for t in sorted(tenants)]
+
+
+async def submit(redis: aioredis.Redis | RedisPipe, payload: JobPayload, request: dict[str, Any],
+                 metadata: dict[str, str], streamed: bool, idempotency_key: str | None = None) -> float:
+    """One script (one command, so one round trip and little CPU): add the stream entry, write the job hash
+    with the entry's id (for cancel), count the job as queued for its tenant and note the tenant on the
+    lane. Returns created_at."""
+    created_at = time.time()
+    record = {
+        F.STATE: JobState.queued.value,
+        F.TENANT: payload.tenant,
+        F.MODEL: payload.model,
+        F.LANE: payload.lane,
+        F.REQUEST: json.dumps(request),
+        F.METADATA: json.dumps(metadata),
+        F.CREATED_AT: repr(created_at),
+        F.SEQ: "0",
+        F.ATTEMPTS: "0",
+        F.STREAMED: "1" if streamed else "0",
+    }
+    if idempotency_key is not None:
+        record[F.IDEMPOTENCY_KEY] = idempotency_key
+    if payload.webhook_url:
+        record[F.WEBHOOK_URL] = payload.webhook_url
+    stream = job_stream(payload.model, payload.lane, payload.tenant)
+    await eval_script(redis, SUBMIT_JOB,
+                      [keys.job_key(payload.id), keys.tenant_queued_key(payload.tenant), stream,
+                       keys.lane_tenants_key(payload.model, payload.lane)],
+                      [payload.id, payload.model_dump_json(), payload.tenant,
+                       *(item for pair in record.items() for item in pair)])
+    return created_at
+
+
+# KEYS: 1 job hash, 2 the tenant's queued counter, 3 the job's stream, 4 the lane's set of tenants.
+# ARGV: 1 job id, 2 payload JSON (the entry's and the hash's), 3 tenant, then the hash's other fields and
+# values. A job whose hash exists is not added again: a retry after a lost reply must not queue it twice.
+SUBMIT_JOB = Script(f"""
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], '{F.ENTRY_ID}') end
+local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1], 'payload', ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('HSET', KEYS[1], '{F.ENTRY_ID}', id, '{F.PAYLOAD}', ARGV[2], unpack(ARGV, 4))
+redis.call('INCR', KEYS[2])
+return id
+""")
+
+
+async def read_job(redis: aioredis.Redis, job_id: str) -> dict[str, str] | None:
+    record = await redis.hgetall(keys.job_key(job_id))
+    return record or None
+
+
+# Only an existing job gets the flag: a plain HSET would recreate an expired hash with no TTL.
+_MARK_STREAMED_LUA = f"""
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], '{F.STREAMED}', '1') end
+return 0
+"""
+
+
+async def mark_streamed(redis: aioredis.Redis, job_id: str) -> None:
+    """Ask the worker to publish deltas (it re-reads this flag while the job runs)."""
+    await redis.eval(_MARK_STREAMED_LUA, 1, keys.job_key(job_id))
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    offset: int  # where `text` starts in the job's whole output
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.text)
+
+
+@dataclass(frozen=True)
+class Final:
+    state: JobState
+    result: JobResult | None
+    error: JobError | None
+
+
+Idle = None  # yielded when nothing happened for RECHECK_S (lets SSE writers send a keep-alive)
+
+
+async def follow(redis: aioredis.Redis, job_id: str, offset: int = 0, want_deltas: bool = True,
+                 mark: bool = True) -> AsyncIterator[Delta | Final | None]:
+    """A job's output from character `offset` on, then its Final; no text lost or repeated.
+
+    Subscribes first, then (if want_deltas and mark) sets `streamed`, then reads the hash snapshot: anything
+    published after the snapshot reaches the subscription, and anything before it is in the snapshot.
+    When the connection to Redis is lost it subscribes again and resumes from a fresh snapshot, for up to
+    RECONNECT_FOR_S; then the error goes to the caller."""
+    cursor = _Cursor(offset)
+    lost_at: float | None = None
+    backoff = 0.05
+    while True:
+        pubsub = redis.pubsub()
+        try:
+            async for item in _follow_once(redis, pubsub, job_id, cursor, want_deltas, mark):
+                lost_at, backoff = None, 0.05
+                yield item
+                if isinstance(item, Final):
+                    return
+        except (RedisConnectionError, RedisTimeoutError):
+            now = time.monotonic()
+            lost_at = lost_at or now
+            if now - lost_at > RECONNECT_FOR_S:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 1.0)
+
+
+@dataclass
+class _Cursor:
+    offset: int  # characters of text already given to the reader
+    snap_seq: int = -1  # events up to this sequence number are in a snapshot already read
+
+
+async def _follow_once(redis: aioredis.Redis, pubsub: PubSub, job_id: str, cursor: _Cursor,
+                       want_deltas: bool, mark: bool) -> AsyncIterator[Delta | Final | None]:
+    await _subscribe(pubsub, keys.events_channel(job_id))
+    if want_deltas and mark:
+        await mark_streamed(redis, job_id)
+    while True:
+        # Snapshot: on entry, and again after silence or a gap in the deltas.
+        state, text, seq, result, error = await redis.hmget(keys.job_key(job_id), list(_LIVE_FIELDS))
+        cursor.snap_seq = max(cursor.snap_seq, int(seq or 0))
+        if want_deltas and text and len(text) > cursor.offset:
+            delta = Delta(text[cursor.offset:], cursor.offset)
+            cursor.offset = delta.end
+            yield delta
+        if state is None:
+            yield Final(JobState.expired, None, JobError(type="not_found", message="job record is gone"))
+            return
+        job_state = JobState(state)
+        if job_state.final:
+            final = Final(job_state, _parse(JobResult, result), _parse(JobError, error))
+            tail = _tail(final, cursor.offset) if want_deltas else None
+            if tail:
+                cursor.offset = tail.end
+                yield tail
+            yield final
+            return
+        async for item in _events(pubsub, cursor.snap_seq, cursor.offset, want_deltas):
+            if isinstance(item, Delta):
+                cursor.offset = item.end
+            yield item
+            if isinstance(item, Final):
+                return
+        # _events returned: silence or a gap; go round and re-read the snapshot.
+
+
+async def _events(pubsub: PubSub, snap_seq: int, offset: int,
+                  want_deltas: bool) -> AsyncIterator[Delta | Final | None]:
+    while True:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=RECHECK_S)
+        if message is None:
+            yield Idle
+            return
+        if message.get("type") != "message":
+            continue
+        event = parse_event(message["data"])
+        if event.seq <= snap_seq:
+            continue  # already in the snapshot
+        if isinstance(event, DeltaEvent):
+            if not want_deltas:
+                continue
+            if event.offset > offset:
+                return  # we missed a delta: the hash has it
+            end = event.offset + len(event.text)
+            if end > offset:
+                yield Delta(event.text[offset - event.offset:], offset)
+                offset = end
+        elif isinstance(event, StateEvent) and event.state.final:
+            final = Final(event.state, event.result, event.error)
+            tail = _tail(final, offset) if want_deltas else None
+            if tail:
+                yield tail
+            yield final
+            return
+
+
+async def _subscribe(pubsub: PubSub, channel: str) -> None:
+    """SUBSCRIBE and wait for Redis to confirm, so the subscription is live before the hash is read."""
+    await pubsub.subscribe(channel)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        message = await pubsub.get_message(timeout=1.0)
+        if message and message.get("type") == "subscribe":
+            return
+    raise TimeoutError(f"Redis did not confirm SUBSCRIBE {channel}")
+
+
+def _tail(final: Final, offset: int) -> Delta | None:
+    """Text of the result that no delta carried (a job nobody streamed until late, or a lost message)."""
+    if final.result is not None and len(final.result.text) > offset:
+        return Delta(final.result.text[offset:], offset)
+    return None
+
+
+def _parse(model: type, raw: str | None):
+    return model.model_validate_json(raw) if raw else None
+
+
+async def wait_final(redis: aioredis.Redis, job_id: str) -> Final:
+    async for item in follow(redis, job_id, want_deltas=False):
+        if isinstance(item, Final):
+            return item
+    raise RuntimeError("follow ended without a final state")

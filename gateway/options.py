@@ -1,0 +1,54 @@
+"""tokenq's job options on every submitting route: a deadline (absolute or as a TTL), a webhook, and
+whether a streaming client's disconnect cancels the job. Checked here, before anything is enqueued."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from gateway.errors import ApiError
+from protocol.urlguard import UnsafeURL, check_webhook_url
+
+
+def parse_deadline(deadline: float | str | None, ttl: float | None, now: float) -> float | None:
+    """Epoch seconds the job must be done by, or None; 400 naming the field when it is unusable."""
+    if deadline is not None and ttl is not None:
+        raise ApiError(400, "give at most one of `deadline` and `ttl`", param="deadline")
+    if ttl is not None:
+        if not math.isfinite(ttl) or ttl <= 0:
+            raise ApiError(400, f"ttl: must be a positive number of seconds (got {ttl!r})", param="ttl")
+        return now + ttl
+    if deadline is None:
+        return None
+    if isinstance(deadline, str):
+        at = _rfc3339(deadline)
+    else:
+        at = float(deadline)
+        if not math.isfinite(at):
+            raise ApiError(400, f"deadline: must be epoch seconds or RFC 3339 (got {deadline!r})",
+                           param="deadline")
+    if at <= now:
+        raise ApiError(400, f"deadline: {deadline!r} is in the past", param="deadline")
+    return at
+
+
+def _rfc3339(text: str) -> float:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or "T" not in text.upper():
+        raise ApiError(400, f"deadline: must be epoch seconds or an RFC 3339 time with a zone, like "
+                            f"2030-01-01T00:00:00Z (got {text[:64]!r})", param="deadline")
+    return parsed.timestamp()
+
+
+def check_webhook(url: str | None) -> str | None:
+    """The URL when tokenq may deliver to it (TOKENQ_WEBHOOK_ALLOW opens private hosts), else 400."""
+    if url is None:
+        return None
+    try:
+        check_webhook_url(url, None)
+    except UnsafeURL as e:
+        raise ApiError(400, f"webhook_url: {e}", param="webhook_url") from e
+    return url

@@ -1,0 +1,59 @@
+"""Turns a validated request body into a JobPayload: render, tokenize, check the context, map sampling.
+Everything that can make a request invalid is found here, before anything is enqueued."""
+
+from __future__ import annotations
+
+import time
+
+from gateway.errors import ApiError
+from gateway.options import check_webhook, parse_deadline
+from gateway.prompts import TemplateRaised
+from gateway.registry import Registry
+from gateway.sampling import check_n, to_sampling
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
+from protocol.jobs import ChatMessage, JobKind, JobPayload, Lane, new_job_id
+
+
+async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionRequest | JobCreate,
+                  lane: Lane, stream: bool, tenant: str = "default") -> JobPayload:
+    check_n(req)
+    deadline = parse_deadline(req.deadline, req.ttl, time.time())
+    webhook_url = check_webhook(getattr(req, "webhook_url", None))
+    target = await registry.target(req.model)
+    prompts = target.prompts
+    messages: list[ChatMessage] | None = getattr(req, "messages", None)
+    echo_prompt = None
+    kind: JobKind
+    if messages is not None:
+        kind, field = "chat", "messages"
+        try:
+            ids = prompts.encode_chat(messages)
+        except TemplateRaised as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from e
+    else:
+        kind, field = "completion", "prompt"
+        text, ids = _completion_prompt(req.prompt, prompts)
+        if getattr(req, "echo", False):
+            echo_prompt = text if text is not None else prompts.decode(ids)
+    if not ids:
+        raise ApiError(400, f"{field}: the prompt is empty", param=field)
+    sampling = to_sampling(req, len(ids), target.max_model_len, field)
+    return JobPayload(id=new_job_id(), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
+                      sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
+                      deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion)
+
+
+def _completion_prompt(prompt, prompts) -> tuple[str | None, list[int]]:
+    """(prompt text if given as text, token ids); one prompt per request."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise ApiError(400, f"prompt: only one prompt per request is supported (got {len(prompt)})",
+                           param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt, prompts.encode_text(prompt)
+    bad = next((t for t in prompt if not 0 <= t < prompts.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary (size {prompts.vocab_size})",
+                       param="prompt")
+    return None, list(prompt)

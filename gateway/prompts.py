@@ -1,0 +1,91 @@
+"""Chat templates and tokenization, done at the gateway from a worker's model card (no model files here).
+
+The Jinja environment is set up the way transformers' `apply_chat_template` sets up its own, so that a
+prompt rendered here tokenizes to the same ids as there."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from protocol.jobs import ChatMessage
+from protocol.workers import ModelCard
+
+
+class TemplateRaised(ValueError):
+    """The chat template called raise_exception (for example: roles must alternate)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRaised(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+_ENV = _environment()
+
+
+class PromptBuilder:
+    """Renders and counts prompts for one model card; built once per card and cached by the registry."""
+
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+        self.tokenizer = Tokenizer.from_str(card.tokenizer_json)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.template = _ENV.from_string(card.chat_template) if card.chat_template else None
+        self.bos_id = self.tokenizer.token_to_id(card.bos_token) if card.bos_token else None
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        if self.template is None:
+            raise TemplateRaised(f"model {self.card.name} has no chat template; use /v1/completions")
+        dicts = [_message_dict(m) for m in messages]
+        try:
+            return self.template.render(messages=dicts, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.card.bos_token or "",
+                                        eos_token=self.card.eos_token or "")
+        except TemplateRaised:
+            raise
+        except TemplateError as e:
+            raise TemplateRaised(f"chat template failed: {e}") from e
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        # The template writes any BOS itself, so no special tokens are added (as transformers does).
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if self.card.add_bos_token and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    d: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name is not None:
+        d["name"] = message.name
+    return d

@@ -1,0 +1,114 @@
+"""What the workers serve, read from their heartbeats, and the model cards the gateway counts tokens with."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from gateway.errors import ApiError
+from gateway.flight import SingleFlight
+from gateway.prompts import PromptBuilder
+from protocol import keys
+from protocol.workers import ModelCard, WorkerHeartbeat
+
+CARD_FIELD = "card"
+CARD_RECHECK_S = 30.0  # how long a cached card is trusted before Redis is asked again
+LIVE_RECHECK_S = 1.0  # how long submissions trust a model's live workers before reading heartbeats again
+
+
+@dataclass
+class _CachedCard:
+    digest: str
+    builder: PromptBuilder
+    checked_at: float
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A model a request may use: its card (through the prompt builder) and the live workers serving it."""
+
+    name: str
+    prompts: PromptBuilder
+    workers: list[WorkerHeartbeat]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.prompts.card.max_model_len
+
+
+class Registry:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._cards: dict[str, _CachedCard] = {}
+        self._live: tuple[dict[str, list[WorkerHeartbeat]], float] | None = None
+        self._flight = SingleFlight()
+
+    async def live_workers(self) -> list[WorkerHeartbeat]:
+        ids = sorted(await self.redis.smembers(keys.WORKERS_SET))
+        if not ids:
+            return []
+        raws = await self.redis.mget([keys.worker_key(i) for i in ids])
+        workers = []
+        for raw in raws:
+            if raw is None:  # heartbeat expired: the worker is gone
+                continue
+            try:
+                workers.append(WorkerHeartbeat.model_validate_json(raw))
+            except ValidationError:
+                continue
+        return workers
+
+    async def models(self) -> dict[str, list[WorkerHeartbeat]]:
+        by_model: dict[str, list[WorkerHeartbeat]] = {}
+        for w in await self.live_workers():
+            by_model.setdefault(w.model, []).append(w)
+        return by_model
+
+    async def prompt_builder(self, model: str) -> PromptBuilder | None:
+        cached = self._cards.get(model)
+        now = time.monotonic()
+        if cached and now - cached.checked_at < CARD_RECHECK_S:
+            return cached.builder
+        return await self._flight.run(("card", model), lambda: self._load_card(model, cached, now))
+
+    async def _load_card(self, model: str, cached: _CachedCard | None, now: float) -> PromptBuilder | None:
+        raw = await self.redis.hget(keys.model_card_key(model), CARD_FIELD)
+        if raw is None:
+            self._cards.pop(model, None)
+            return None
+        digest = hashlib.sha256(raw.encode()).hexdigest()
+        if cached and cached.digest == digest:
+            cached.checked_at = now
+            return cached.builder
+        builder = PromptBuilder(ModelCard.model_validate_json(raw))
+        self._cards[model] = _CachedCard(digest, builder, now)
+        return builder
+
+    async def serving(self, model: str) -> list[WorkerHeartbeat]:
+        """Live workers of `model` for a submission: a non-empty answer is reused for LIVE_RECHECK_S
+        (a job queued for a worker that died meanwhile just waits for the next one)."""
+        now = time.monotonic()
+        if self._live is not None and now - self._live[1] < LIVE_RECHECK_S and model in self._live[0]:
+            return self._live[0][model]
+        models = await self._flight.run("models", self.models)
+        if models:
+            self._live = (models, now)
+        return models.get(model, [])
+
+    async def target(self, model: str) -> ModelTarget:
+        """The model for a request, or 404 (nobody knows it) / 503 (known, but no worker is alive)."""
+        workers = await self.serving(model)
+        builder = await self.prompt_builder(model)
+        if builder is None and not workers:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        if not workers:
+            raise ApiError(503, f"no worker serving model `{model}` is alive; try again later",
+                           code="no_worker")
+        if builder is None:
+            raise ApiError(503, f"model `{model}` has not published its model card yet; try again later",
+                           code="no_model_card")
+        return ModelTarget(model, builder, workers)

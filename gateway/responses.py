@@ -1,0 +1,126 @@
+"""OpenAI response objects (chat.completion, text_completion, their stream chunks) and tokenq's job object,
+built from protocol results and job hashes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from protocol import job_record as F
+from protocol.jobs import JobError, JobKind, JobPayload, JobResult, TokenLogprob, Usage
+
+
+def completion_id(kind: JobKind, job_id: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id.removeprefix("job_")
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [
+        {"token": lp.token, "logprob": lp.logprob, "bytes": _token_bytes(lp.token),
+         "top_logprobs": [{"token": t, "logprob": p, "bytes": _token_bytes(t)} for _, t, p in lp.top]}
+        for lp in logprobs
+    ]}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], start: int = 0) -> dict[str, Any]:
+    offsets, at = [], start
+    for lp in logprobs:
+        offsets.append(at)
+        at += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{t: p for _, t, p in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def result_object(kind: JobKind, job_id: str, model: str, created: int, result: JobResult,
+                  want_logprobs: bool) -> dict[str, Any]:
+    """The non-streaming OpenAI answer for a finished job."""
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": chat_logprobs(result.logprobs) if want_logprobs and result.logprobs else None,
+            "finish_reason": result.finish_reason,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {
+            "index": 0,
+            "text": result.text,
+            "logprobs": completion_logprobs(result.logprobs) if want_logprobs and result.logprobs else None,
+            "finish_reason": result.finish_reason,
+        }
+        obj = "text_completion"
+    return {"id": completion_id(kind, job_id), "object": obj, "created": created, "model": model,
+            "choices": [choice], "usage": usage_json(result.usage)}
+
+
+def chunk(kind: JobKind, job_id: str, model: str, created: int, text: str | None = None,
+          finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+    """One streaming chunk with a single choice."""
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": completion_id(kind, job_id), "object": obj, "created": created, "model": model,
+            "choices": [choice]}
+
+
+def usage_chunk(kind: JobKind, job_id: str, model: str, created: int, usage: Usage) -> dict[str, Any]:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": completion_id(kind, job_id), "object": obj, "created": created, "model": model,
+            "choices": [], "usage": usage_json(usage)}
+
+
+def _time(value: str | None) -> int | None:
+    return int(float(value)) if value else None
+
+
+def job_object(job_id: str, record: dict[str, str]) -> dict[str, Any]:
+    """GET /v1/jobs/{id}: the job's state and, once final, its result or error."""
+    payload = JobPayload.model_validate_json(record[F.PAYLOAD]) if record.get(F.PAYLOAD) else None
+    created = _time(record.get(F.CREATED_AT)) or 0
+    model = record.get(F.MODEL, payload.model if payload else "")
+    result = None
+    if record.get(F.RESULT) and payload is not None:
+        result = result_object(payload.kind, job_id, model, created, JobResult.model_validate_json(record[F.RESULT]),
+                               want_logprobs=payload.sampling.logprobs is not None)
+    error = JobError.model_validate_json(record[F.ERROR]).model_dump() if record.get(F.ERROR) else None
+    return {
+        "id": job_id,
+        "object": "job",
+        "status": record.get(F.STATE, "queued"),
+        "model": model,
+        "kind": payload.kind if payload else None,
+        "priority": record.get(F.LANE),
+        "created_at": created,
+        "started_at": _time(record.get(F.STARTED_AT)),
+        "finished_at": _time(record.get(F.FINISHED_AT)),
+        "attempts": int(record.get(F.ATTEMPTS) or 0),
+        "metadata": json.loads(record[F.METADATA]) if record.get(F.METADATA) else {},
+        "result": result,
+        "error": error,
+    }

@@ -1,0 +1,56 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions and POST /v1/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse, Response
+
+from gateway import responses
+from gateway.admission import check_idempotency_key
+from gateway.auth import Tenant
+from gateway.context import Caller, GatewayContext, get_caller
+from gateway.enqueue import enqueue
+from gateway.errors import error_response
+from gateway.jobs import wait_final
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.sse import completion_events, final_error, sse_response
+from protocol.jobs import JobState
+
+router = APIRouter()
+# A job that did not succeed: failed is the server's fault; cancelled and expired are outcomes the
+# client asked for (DELETE, a deadline).
+_FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, caller: Caller = Depends(get_caller),
+                           idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")
+                           ) -> Response:
+    return await _run(caller.ctx, caller.tenant, body, idempotency_key)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, caller: Caller = Depends(get_caller),
+                      idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Response:
+    return await _run(caller.ctx, caller.tenant, body, idempotency_key)
+
+
+async def _run(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest,
+               idempotency_key: str | None) -> Response:
+    job = await enqueue(ctx, tenant, body, body.priority, body.stream, {},
+                        check_idempotency_key(idempotency_key))
+    payload, created = job.payload, int(job.created_at)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        on_abandon = None
+        if not job.repeat and not payload.run_to_completion:
+            def on_abandon() -> None:
+                ctx.canceller.cancel_detached(payload.id, tenant.name, payload.model, payload.lane)
+        return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
+                                              mark=job.repeat))
+    final = await wait_final(ctx.redis, payload.id)
+    if final.state != JobState.succeeded or final.result is None:
+        err = final_error(final)
+        return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
+    return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
+                                                want_logprobs=payload.sampling.logprobs is not None))

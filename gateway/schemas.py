@@ -1,0 +1,112 @@
+"""Request bodies the gateway accepts: OpenAI's chat and completion requests (plus vLLM's sampling
+extensions) and tokenq's job request. Bounds live in `protocol.sampling.SamplingParams`; these models only
+check shapes, and `sampling.py` maps them onto SamplingParams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from protocol.jobs import ChatMessage, Lane
+
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+MAX_WEBHOOK_URL_CHARS = 2048
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """OpenAI's sampling fields and vLLM's extensions; None means "not given"."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = None
+
+
+class JobOptions(BaseModel):
+    """tokenq's extensions on every submitting route (checked by gateway/options.py)."""
+
+    deadline: float | str | None = Field(default=None, description="epoch seconds or RFC 3339")
+    ttl: float | None = Field(default=None, description="seconds from now; the job's deadline")
+    run_to_completion: bool = Field(default=False, description="a streaming client that disconnects "
+                                                               "does not cancel the job")
+
+
+class ChatCompletionRequest(SamplingFields, JobOptions):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    priority: Lane = "interactive"
+
+
+class CompletionRequest(SamplingFields, JobOptions):
+    model: str
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    priority: Lane = "interactive"
+
+
+class JobCreate(SamplingFields, JobOptions):
+    """POST /v1/jobs: a chat (`messages`) or a completion (`prompt`), queued on a lane."""
+
+    model: str
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | list[int] | list[str] | list[list[int]] | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool = False
+    priority: Lane = "default"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    stream: bool = False
+    webhook_url: str | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> JobCreate:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` (chat) or `prompt` (completion)")
+        return self
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys, got {len(v)}")
+        for key, value in v.items():
+            if len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"keys are at most {MAX_METADATA_KEY_CHARS} characters: {key[:80]!r}")
+            if len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"values are at most {MAX_METADATA_VALUE_CHARS} characters (key {key!r})")
+        return v
+
+
+def dump_request(body: BaseModel) -> dict[str, Any]:
+    """The client's body as stored in the job hash: only the fields it set."""
+    return body.model_dump(mode="json", exclude_unset=True)

@@ -1,0 +1,71 @@
+"""Runs the gateway under uvicorn (the `tokenq gateway` command calls this).
+
+`TOKENQ_GATEWAY_WORKERS` (default 1) runs that many gateway processes on the one port: the gateway keeps
+no state of its own (limits, keys and jobs live in Redis), so they share the load like separate hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.app import create_app
+
+WORKERS_ENV = "TOKENQ_GATEWAY_WORKERS"
+_REDIS_URL_ENV = "TOKENQ_GATEWAY_REDIS_URL"  # how `run` hands the URL to worker processes
+
+
+class _CoalescingTransport:
+    """What the protocol writes in one loop iteration goes to the socket in one write: uvicorn writes a
+    response's head and body separately, and under uvloop each write is a system call that wakes the
+    client, so a small answer cost two of each."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol on a write-coalescing transport."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
+def run(host: str, port: int, redis_url: str, workers: int | None = None) -> None:
+    workers = workers or int(os.environ.get(WORKERS_ENV) or 1)
+    options: dict[str, Any] = dict(host=host, port=port, log_level="info", access_log=False,
+                                   timeout_graceful_shutdown=5, loop="uvloop", http=HttpProtocol)
+    if workers <= 1:
+        uvicorn.run(create_app(redis_url), **options)
+        return
+    os.environ[_REDIS_URL_ENV] = redis_url
+    uvicorn.run("gateway.server:app_from_env", factory=True, workers=workers, **options)
+
+
+def app_from_env():
+    """The app factory of each worker process."""
+    return create_app(os.environ[_REDIS_URL_ENV])

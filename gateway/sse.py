@@ -1,0 +1,119 @@
+"""Server-sent events: OpenAI's `data:` chunks for completions, and tokenq's resumable job event stream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway import responses
+from gateway.jobs import Delta, Final, follow, read_job
+from protocol.jobs import JobPayload, JobState
+
+KEEPALIVE_S = 15.0
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class SSEResponse(StreamingResponse):
+    """Streams while listening for the client's disconnect (on every ASGI version), so that the event
+    generator is cancelled as soon as the client leaves, not at the next write that fails."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass  # the client went away mid-write
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return SSEResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def data(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _KeepAlive:
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= KEEPALIVE_S:
+            self.last = now
+            return True
+        return False
+
+
+async def completion_events(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
+                            on_abandon: Callable[[], None] | None = None,
+                            mark: bool = False) -> AsyncIterator[str]:
+    """OpenAI streaming: chunks of text, a last chunk with finish_reason, maybe usage, then [DONE].
+    `on_abandon` is called when the stream stops before the job's end (the client disconnected)."""
+    kind, job_id, model = payload.kind, payload.id, payload.model
+    keepalive = _KeepAlive()
+    ended = False
+    try:
+        if kind == "chat":
+            yield data(responses.chunk(kind, job_id, model, created, text="", role=True))
+        # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
+        async for item in follow(redis, job_id, 0, want_deltas=True, mark=mark):
+            if isinstance(item, Delta):
+                yield data(responses.chunk(kind, job_id, model, created, text=item.text))
+            elif isinstance(item, Final):
+                ended = True
+                if item.state == JobState.succeeded and item.result is not None:
+                    yield data(responses.chunk(kind, job_id, model, created,
+                                               text="" if kind != "chat" else None,
+                                               finish_reason=item.result.finish_reason))
+                    if include_usage:
+                        yield data(responses.usage_chunk(kind, job_id, model, created, item.result.usage))
+                else:
+                    yield data({"error": final_error(item)})
+                break
+            elif keepalive.due():
+                yield ": keep-alive\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if not ended and on_abandon is not None:
+            on_abandon()
+
+
+def final_error(final: Final) -> dict[str, Any]:
+    if final.error is not None:
+        return {"message": final.error.message, "type": final.error.type, "param": None, "code": None}
+    return {"message": f"job ended as {final.state.value}", "type": f"job_{final.state.value}",
+            "param": None, "code": None}
+
+
+async def job_events(redis: aioredis.Redis, job_id: str, offset: int) -> AsyncIterator[str]:
+    """tokenq's job events: `delta` events whose id is the character offset at their end (so that
+    Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
+    keepalive = _KeepAlive()
+    async for item in follow(redis, job_id, offset, want_deltas=True):
+        if isinstance(item, Delta):
+            offset = item.end
+            body = json.dumps({"text": item.text, "offset": item.offset}, ensure_ascii=False)
+            yield f"id: {item.end}\nevent: delta\ndata: {body}\n\n"
+        elif isinstance(item, Final):
+            record = await read_job(redis, job_id)
+            job = responses.job_object(job_id, record) if record else {"id": job_id, "status": item.state.value}
+            name = "done" if item.state == JobState.succeeded else item.state.value
+            yield f"id: {offset}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
+            return
+        elif keepalive.due():
+            yield ": keep-alive\n\n"

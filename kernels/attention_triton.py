@@ -1,0 +1,260 @@
+"""Triton paged attention: one launch for a flattened step of decodes and prefill chunks.
+
+Grid: (query tiles, KV heads, splits). A program takes BLOCK_Q query tokens of one sequence times the
+whole GQA group of one KV head, so each K/V tile is loaded once for all the query heads that share it.
+Tiles are numbered per sequence from query_start_loc (tile_start(i) = query_start_loc[i] // BLOCK_Q + i),
+which bounds their count by T // BLOCK_Q + num_seqs without reading anything back from the device; a
+decode-only step (BLOCK_Q = 1) has exactly one tile per sequence.
+
+Split-K: with few programs for the SMs and long contexts, each sequence's context is cut into num_splits
+equal partitions (sized on the device from seq_lens, so the grid depends only on host values); each
+writes a partial (max, sum, unnormalized output) and a second kernel merges them. num_splits is a runtime
+argument, so graphs captured for different batch sizes share one compiled kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import next_pow2, sm_count
+
+if TYPE_CHECKING:
+    from worker.layers.context import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+# A finite start for the running max: a row whose first tiles are all masked must not compute inf - inf.
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose tiles include `tile`: the last i with tile_start(i) <= tile (binary search)."""
+    lo = tile * 0  # a tensor even when the loop never runs (one sequence)
+    hi = num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(start <= tile, mid, lo)
+        hi = tl.where(start <= tile, hi, mid)
+    return lo
+
+
+# Launch integers that vary step to step are not specialized (on == 1, on divisibility by 16), so one
+# compiled kernel serves every batch.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "num_splits", "stride_bt"])
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    qk_scale, num_seqs, num_tokens, num_splits,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    if BLOCK_Q == 1:  # a decode-only step: tile i is sequence i, no search, no idle tiles
+        seq = tile
+        q_begin = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+        q_off = 0
+    else:
+        seq = _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q)
+        q_begin = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+        q_off = (tile - (q_begin // BLOCK_Q + seq)) * BLOCK_Q
+    if q_off >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    cached = seq_len - q_len  # context before this step's queries
+
+    # Row r of the tile is query token q_off + r // GROUP_P, query head kv_head * GROUP + r % GROUP_P.
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_off + rows // GROUP_P
+    head = kv_head * GROUP + rows % GROUP_P
+    row_ok = (tok < q_len) & (rows % GROUP_P < GROUP) & (rows < BLOCK_Q * GROUP_P)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q_rows = (q_begin + tok).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    last_key = cached + tok  # causal: the last key position each row may see
+    kv_end = tl.minimum(seq_len, cached + q_off + BLOCK_Q)
+    if SPLIT:
+        part = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        kv_lo = split * part
+        kv_hi = tl.minimum(kv_end, kv_lo + part)
+    else:
+        kv_lo = 0
+        kv_hi = kv_end
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    keys = tl.arange(0, BLOCK_N)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos = start + keys
+        key_ok = pos < kv_hi
+        block = tl.load(table + pos // CACHE_BLOCK, mask=key_ok, other=0).to(tl.int64)
+        slot = pos % CACHE_BLOCK
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k_rows = block * stride_kb + slot * stride_kt + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = block * stride_vb + slot * stride_vt + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    store_mask = row_ok[:, None] & dim_ok[None, :]
+    if SPLIT:
+        # Partials: acc [num_splits, T, H, HEAD_DIM], (max, sum) [num_splits, T, H, 2], all float32.
+        ml_rows = (split * num_tokens + q_begin + tok).to(tl.int64) * NUM_HEADS + head
+        tl.store(part_acc_ptr + ml_rows[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
+        tl.store(part_ml_ptr + ml_rows * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + ml_rows * 2 + 1, l_i, mask=row_ok)
+    else:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)  # a context of no tokens (graph padding) gives zeros
+        out = acc / l_safe[:, None]
+        o_rows = (q_begin + tok).to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+def _merge_splits_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_splits, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P: tl.constexpr,
+):
+    """One (token, head): rescale every partition to the common max and normalize once."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P)
+    split_ok = splits < num_splits
+    rows = (splits * num_tokens + t).to(tl.int64) * NUM_HEADS + h
+    m = tl.load(part_ml_ptr + rows * 2, mask=split_ok, other=float("-inf"))
+    l_part = tl.load(part_ml_ptr + rows * 2 + 1, mask=split_ok, other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(l_part * w, 0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    acc = tl.load(
+        part_acc_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o = t.to(tl.int64) * stride_ot + h * stride_oh + dims
+    tl.store(out_ptr + o, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_q: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(max_query_len: int, group: int, dtype: torch.dtype) -> LaunchConfig:
+    """Decodes take one token per tile (rows = the GQA group); prefill tiles aim at 64 rows."""
+    group_p = next_pow2(group)
+    # BLOCK_Q = 1 means "decode-only" to the kernel, so a step with longer queries takes at least 2.
+    block_q = 1 if max_query_len == 1 else min(next_pow2(max_query_len), max(2, 64 // group_p))
+    block_m = max(16, block_q * group_p)  # tl.dot needs at least 16 rows
+    if dtype.itemsize <= 2:
+        return LaunchConfig(block_q, block_m, block_n=64, num_warps=4, num_stages=3)
+    # float32 (tests, CPU-sized models): IEEE dots run on FMA units, so narrower key tiles and more warps
+    # keep the accumulators in registers (ptxas, sm_90: no spills).
+    return LaunchConfig(block_q, block_m, block_n=32 if block_q == 1 else 16, num_warps=8, num_stages=2)
+
+
+# Below this many context tokens per partition, the merge costs more than the extra parallelism gains.
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 64
+
+
+def choose_num_splits(num_programs: int, max_seq_len: int, sm_count: int) -> int:
+    """Split only when the unsplit grid leaves SMs idle; aim at about two programs per SM."""
+    if num_programs >= sm_count:
+        return 1
+    splits = min(-(-2 * sm_count // num_programs), -(-max_seq_len // MIN_SPLIT_TOKENS), MAX_SPLITS)
+    return max(1, splits)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_splits: int | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]; caches [num_blocks, block_size, Hkv, D] holding the step's keys already.
+
+    Only host values (shapes, num_seqs, max_query_len, max_seq_len) size the launch, so a decode batch is
+    CUDA-graph capturable when its metadata carries fixed maxima. num_splits=None picks by heuristic;
+    config overrides the tile shapes (benchmark sweeps).
+    """
+    T, hq, d = q.shape
+    _, cache_block, hkv, _ = k_cache.shape
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("paged attention needs the head dimension contiguous")
+    if meta.block_tables.stride(1) != 1:
+        raise ValueError("paged attention needs block table rows contiguous")
+    group = hq // hkv
+    cfg = config or launch_config(meta.max_query_len, group, q.dtype)
+    num_seqs = meta.num_seqs
+    tiles = num_seqs if cfg.block_q == 1 else T // cfg.block_q + num_seqs
+    if num_splits is None:
+        num_splits = choose_num_splits(tiles * hkv, meta.max_seq_len, sm_count(q.device))
+    out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
+    if num_splits > 1:
+        part_acc = torch.empty(num_splits, T, hq, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_splits, T, hq, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    block_d = max(16, next_pow2(d))
+    _paged_attention_kernel[(tiles, hkv, num_splits)](
+        q, k_cache, v_cache, out, part_acc, part_ml,
+        meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        scale * _LOG2E, num_seqs, T, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        meta.block_tables.stride(0),
+        NUM_HEADS=hq, GROUP=group, GROUP_P=next_pow2(group),
+        HEAD_DIM=d, BLOCK_D=block_d,
+        BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(T, hq)](
+            part_acc, part_ml, out, T, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,38 @@
+"""Events on a job's pub/sub channel. Deltas carry a sequence number and a character offset so that a
+reader who resumes from the stored snapshot neither loses nor repeats text."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, TypeAdapter
+
+from protocol.jobs import JobError, JobResult, JobState
+
+
+class DeltaEvent(BaseModel):
+    type: Literal["delta"] = "delta"
+    seq: int  # increases by one per published delta of this job
+    offset: int  # character offset of `text` in the job's whole output
+    text: str
+    token_ids: list[int] = []
+
+
+class StateEvent(BaseModel):
+    """Job moved to `running` (first token on its way) or to a final state (then result or error is set)."""
+
+    type: Literal["state"] = "state"
+    seq: int
+    state: JobState
+    result: JobResult | None = None
+    error: JobError | None = None
+
+
+Event = DeltaEvent | StateEvent
+
+
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(raw: str | bytes) -> Event:
+    return _ADAPTER.validate_json(raw)

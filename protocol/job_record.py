@@ -1,0 +1,30 @@
+"""Field names of the job hash `tokenq:job:{id}`, the source of truth for a job's state."""
+
+from __future__ import annotations
+
+# Every value in the hash is a string; JSON fields hold pydantic models' JSON.
+STATE = "state"
+TENANT = "tenant"
+MODEL = "model"
+LANE = "lane"
+PAYLOAD = "payload"  # JobPayload JSON
+REQUEST = "request"  # the client's original body JSON (for GET /v1/jobs/{id})
+METADATA = "metadata"  # client metadata JSON
+RESULT = "result"  # JobResult JSON, once succeeded
+ERROR = "error"  # JobError JSON, once failed
+TEXT = "text"  # text streamed so far (only for jobs someone streams)
+SEQ = "seq"  # sequence number of the last published event
+STREAMED = "streamed"  # "1" once any reader wants deltas; the worker then publishes them
+CREATED_AT = "created_at"
+STARTED_AT = "started_at"
+FIRST_TOKEN_AT = "first_token_at"
+FINISHED_AT = "finished_at"
+ATTEMPTS = "attempts"
+WORKER = "worker"
+CANCEL_REQUESTED = "cancel_requested"  # "1": the worker running it aborts it and ends it `cancelled`
+IDEMPOTENCY_KEY = "idempotency_key"
+WEBHOOK_URL = "webhook_url"
+WEBHOOK_ATTEMPTS = "webhook_attempts"  # JSON list of delivery attempts (time, status or error)
+ENTRY_ID = "entry_id"  # the job's stream entry id, so a cancel of a queued job can acknowledge it
+
+RETENTION_SECONDS = 7 * 24 * 3600  # a final job's hash expires after this

@@ -1,0 +1,95 @@
+"""A job as it travels: the request the gateway validated, its state, and its result."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from protocol.sampling import SamplingParams
+
+
+class JobState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    expired = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.expired})
+
+Lane = Literal["interactive", "default", "batch"]
+JobKind = Literal["chat", "completion"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """Content as plain text; OpenAI's list-of-parts form is joined (text parts only)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+
+
+class JobPayload(BaseModel):
+    """What a worker needs to run a job: the prompt already rendered and tokenized by the gateway."""
+
+    id: str
+    model: str
+    kind: JobKind
+    lane: Lane = "default"
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = False  # publish deltas as they come (someone is reading them)
+    tenant: str = "default"
+    enqueued_at: float = Field(default_factory=time.time)
+    echo_prompt: str | None = None  # completions' echo=true
+    deadline: float | None = None  # epoch seconds; past it a queued job expires and a running one stops
+    webhook_url: str | None = None  # where the final state is delivered (signed, retried)
+    run_to_completion: bool = False  # a streaming client that disconnects does not cancel the job
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int = 0
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = Field(default_factory=list)
+
+
+class JobResult(BaseModel):
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str

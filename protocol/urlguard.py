@@ -1,0 +1,145 @@
+"""Which webhook URLs tokenq may call: http(s) to public addresses only, unless allow-listed.
+
+A webhook is a request our servers send to a URL a client chose, so without this check a client could
+make them call Redis, a cloud metadata endpoint or anything else on the private network (SSRF). The
+gateway checks the URL's syntax (and a literal IP) at submit; the delivery worker resolves the name
+before every attempt, checks every address, and connects to the checked one so a DNS answer cannot
+change in between. `TOKENQ_WEBHOOK_ALLOW` (comma-separated CIDRs or exact host names) opens holes,
+e.g. for a receiver on the same machine in development.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+from urllib.parse import urlsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ALLOW_ENV = "TOKENQ_WEBHOOK_ALLOW"
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class UnsafeURL(ValueError):
+    """The URL is not one tokenq will deliver to; the message says why."""
+
+
+class HostNotFound(UnsafeURL):
+    """The host did not resolve: maybe a passing DNS failure, so delivery retries it later."""
+
+
+class AllowList:
+    """Parsed `TOKENQ_WEBHOOK_ALLOW`: networks and host names (lower case, exact match)."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.hosts: set[str] = set()
+        for item in (spec or "").split(","):
+            item = item.strip().lower().rstrip(".")
+            if not item:
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.hosts.add(item)
+
+    def allows_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.hosts
+
+    def allows_address(self, addr: IPAddress) -> bool:
+        return any(addr.version == n.version and addr in n for n in self.networks)
+
+
+def allow_list(allow: str | None = None) -> AllowList:
+    """`allow` when given (an empty string allows nothing), else the environment's list."""
+    return AllowList(os.environ.get(ALLOW_ENV) if allow is None else allow)
+
+
+def is_public(addr: IPAddress) -> bool:
+    """Globally routable unicast; an IPv6 address carrying an IPv4 one (mapped, 6to4, NAT64) must
+    carry a public one, since the packets end up there."""
+    if not addr.is_global or addr.is_multicast:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = addr.ipv4_mapped or addr.sixtofour
+        if inner is None and addr in _NAT64:
+            inner = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if inner is not None:
+            return is_public(inner)
+    return True
+
+
+def _host(url: str) -> str:
+    """The URL's host after the syntax checks (IPv6 literals without brackets)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise UnsafeURL(f"malformed URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeURL("webhook URL must be http or https")
+    if "@" in parts.netloc:
+        raise UnsafeURL("webhook URL must not carry a user name or password")
+    if not parts.hostname:
+        raise UnsafeURL("webhook URL has no host")
+    return parts.hostname
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _check_address(addr: IPAddress, host: str, allowed: AllowList) -> None:
+    if not is_public(addr) and not allowed.allows_address(addr):
+        raise UnsafeURL(f"webhook host {host} is a non-public address ({addr})")
+
+
+def check_webhook_url(url: str, allow: str | None = None) -> None:
+    """Syntax, and the address when the host is a literal IP; no name resolution (cheap, synchronous)."""
+    host = _host(url)
+    allowed = allow_list(allow)
+    addr = _literal(host)
+    if addr is not None and not allowed.allows_host(host):
+        _check_address(addr, host, allowed)
+
+
+def _checked(url: str, infos: list[str], allow: str | None) -> list[IPAddress]:
+    host = _host(url)
+    allowed = allow_list(allow)
+    addrs = list(dict.fromkeys(ipaddress.ip_address(a.split("%", 1)[0]) for a in infos))
+    if not addrs:
+        raise HostNotFound(f"webhook host {host} did not resolve")
+    if not allowed.allows_host(host):
+        for addr in addrs:  # every one: a name with one private address among public ones is refused
+            _check_address(addr, host, allowed)
+    return addrs
+
+
+def _port(url: str) -> int:
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def resolve_public_sync(url: str, allow: str | None = None) -> list[IPAddress]:
+    """Check the URL, resolve its host and return its addresses, all of them checked."""
+    host = _host(url)
+    try:
+        infos = socket.getaddrinfo(host, _port(url), type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise HostNotFound(f"webhook host {host} did not resolve: {e}") from None
+    return _checked(url, [str(i[4][0]) for i in infos], allow)
+
+
+async def resolve_public(url: str, allow: str | None = None) -> list[IPAddress]:
+    """`resolve_public_sync` on the running loop's resolver."""
+    host = _host(url)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, _port(url), type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise HostNotFound(f"webhook host {host} did not resolve: {e}") from None
+    return _checked(url, [str(i[4][0]) for i in infos], allow)

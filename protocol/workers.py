@@ -1,0 +1,35 @@
+"""A worker's heartbeat: what it serves and how loaded it is (the gateway lists models from these)."""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, Field
+
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 10  # a worker silent for this long is taken for dead
+
+
+class WorkerHeartbeat(BaseModel):
+    worker_id: str
+    model: str
+    max_model_len: int
+    capacity: int  # sequences the engine can hold at once
+    running: int = 0
+    waiting: int = 0
+    device: str = "cpu"
+    at: float = Field(default_factory=time.time)
+
+
+class ModelCard(BaseModel):
+    """Written by a worker to `model_card_key(model)`: enough for the gateway to render and count prompts
+    without model files of its own."""
+
+    name: str
+    max_model_len: int
+    tokenizer_json: str  # the `tokenizers` JSON
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    add_bos_token: bool = False
+    created: int = Field(default_factory=lambda: int(time.time()))

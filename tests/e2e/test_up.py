@@ -1,0 +1,112 @@
+"""`tokenq up` as a user runs it: real processes, an embedded Redis, HTTP from outside, Ctrl-C at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokenq_up(default_model_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    (home / "models").mkdir()
+    (home / "models" / default_model_dir.name).symlink_to(default_model_dir)
+    port = free_port()
+    env = {**os.environ, "TOKENQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("TOKENQ_REDIS_URL", None)
+    log = open(home / "up.log", "w+")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (home / "up.log").read_text()
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("tokenq up never became ready:\n" + (home / "up.log").read_text())
+    yield base, proc, home
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_prints_url_and_curl_example(tokenq_up):
+    base, _, home = tokenq_up
+    deadline = time.monotonic() + 10
+    while "curl" not in (home / "up.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = (home / "up.log").read_text()
+    assert base in text and "curl" in text
+
+
+def test_openai_client_chat_and_stream(tokenq_up):
+    from openai import OpenAI
+
+    base, _, _ = tokenq_up
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, max_tokens=20,
+                                           temperature=0)
+    text = reply.choices[0].message.content
+    assert "Paris" in text
+    assert reply.usage.completion_tokens > 0
+    chunks = client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, max_tokens=20,
+                                            temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+
+
+def test_job_lifecycle_and_models(tokenq_up):
+    base, _, _ = tokenq_up
+    models = httpx.get(f"{base}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
+    r = httpx.post(f"{base}/v1/jobs", json={"model": "smollm2-135m-instruct", "prompt": "Once upon a time",
+                                            "max_tokens": 16, "temperature": 0, "priority": "batch",
+                                            "metadata": {"k": "v"}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
+        if job["status"] == "succeeded":
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    assert job["metadata"] == {"k": "v"}
+    assert job["result"]["usage"]["completion_tokens"] == 16
+
+
+def test_unknown_model_is_404_with_openai_error(tokenq_up):
+    base, _, _ = tokenq_up
+    r = httpx.post(f"{base}/v1/chat/completions", json={"model": "nope", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert r.status_code == 404
+    assert "error" in r.json() and "nope" in json.dumps(r.json())
+
+
+def test_ctrl_c_stops_every_child(tokenq_up):
+    _, proc, home = tokenq_up
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2  # worker and gateway (and the embedded redis-server)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, (home / "up.log").read_text()[-3000:]
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert (home / "redis" / "appendonlydir").exists() or list((home / "redis").glob("*.aof"))

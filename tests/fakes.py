@@ -1,0 +1,116 @@
+"""Test doubles: a deterministic engine with the LLMEngine interface, and a gateway-side job submitter."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from protocol import job_record as f
+from protocol import keys
+from protocol.jobs import JobPayload
+from protocol.sampling import SamplingParams
+from worker.engine.outputs import RequestOutput, TokenLogprobs
+
+
+@dataclass
+class _Req:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    priority: int
+    tenant: str
+    order: int
+    output: list[int] = field(default_factory=list)
+
+
+class FakeEngine:
+    """Echoes the prompt back, one token per step, as text "t{id} ", until the prompt ends ("stop") or
+    max_tokens ("length"). At most `capacity` requests at once, all running; `fail_at_step` makes that
+    step raise once. An aborted request finishes with "abort" on the next step."""
+
+    def __init__(self, capacity: int = 4, step_sleep: float = 0.002, max_model_len: int = 2048,
+                 fail_at_step: int | None = None, cached_tokens: int = 0) -> None:
+        self.capacity = capacity
+        self.step_sleep = step_sleep
+        self.max_model_len = max_model_len
+        self.fail_at_step = fail_at_step
+        self.cached_tokens = cached_tokens
+        self.requests: dict[str, _Req] = {}
+        self.aborted: list[str] = []
+        self.added: list[tuple[str, int]] = []  # (request_id, priority) in add order
+        self.steps = 0
+        self._order = 0
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    priority: int = 1, tenant: str = "default") -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request {request_id}")
+        self._order += 1
+        self.requests[request_id] = _Req(request_id, list(prompt_token_ids), sampling, priority, tenant,
+                                         self._order)
+        self.added.append((request_id, priority))
+
+    def abort_request(self, request_id: str) -> None:
+        if self.requests.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self.aborted)
+
+    def num_admissible(self) -> int:
+        return max(0, self.capacity - len(self.requests))
+
+    def stats(self) -> dict:
+        return {"running": len(self.requests), "waiting": 0, "kv_usage": len(self.requests) / self.capacity,
+                "prefix_hit_rate": 0.0}
+
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        if self.fail_at_step is not None and self.steps == self.fail_at_step:
+            raise RuntimeError("fake step failure")
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
+        outs = [RequestOutput(rid, [], "", finished=True, finish_reason="abort") for rid in self.aborted]
+        self.aborted = []
+        for req in sorted(self.requests.values(), key=lambda r: (r.priority, r.order)):
+            tok = req.prompt_token_ids[len(req.output)]
+            req.output.append(tok)
+            n = len(req.output)
+            reason = None
+            if n >= req.sampling.max_tokens:
+                reason = "length"
+            elif n >= len(req.prompt_token_ids):
+                reason = "stop"
+            lps = None
+            if req.sampling.logprobs is not None:
+                lps = [TokenLogprobs(tok, -0.5, [(tok, -0.5), (tok + 1, -1.5)][: req.sampling.logprobs])]
+            outs.append(RequestOutput(req.request_id, [tok], f"t{tok} ", finished=reason is not None,
+                                      finish_reason=reason, num_prompt_tokens=len(req.prompt_token_ids),
+                                      num_output_tokens=n, num_cached_tokens=self.cached_tokens,
+                                      logprobs=lps))
+            if reason is not None:
+                del self.requests[req.request_id]
+        return outs
+
+
+def expected_text(prompt_token_ids: list[int], max_tokens: int) -> str:
+    return "".join(f"t{t} " for t in prompt_token_ids[:max_tokens])
+
+
+async def submit_job(redis, payload: JobPayload, streamed: bool = False, request: str = "{}") -> str:
+    """Write a job exactly as the gateway does: one MULTI with the hash, the tenant's queued count, the
+    entry on the tenant's stream and the tenant in its lane's set; then the entry id in the hash.
+    Returns the entry id."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.job_key(payload.id), mapping={
+        f.STATE: "queued", f.TENANT: payload.tenant, f.MODEL: payload.model, f.LANE: payload.lane,
+        f.PAYLOAD: payload.model_dump_json(), f.REQUEST: request, f.METADATA: "{}",
+        f.CREATED_AT: repr(time.time()), f.SEQ: 0, f.ATTEMPTS: 0, f.STREAMED: "1" if streamed else "0",
+    })
+    pipe.incr(keys.tenant_queued_key(payload.tenant))
+    pipe.xadd(keys.jobs_stream(payload.model, payload.lane, payload.tenant),
+              {"job_id": payload.id, "payload": payload.model_dump_json()})
+    pipe.sadd(keys.lane_tenants_key(payload.model, payload.lane), payload.tenant)
+    entry_id = (await pipe.execute())[2]
+    await redis.hset(keys.job_key(payload.id), f.ENTRY_ID, entry_id)
+    return entry_id

@@ -1,0 +1,192 @@
+"""A small fake worker that speaks docs/redis-protocol.md exactly, so the gateway is tested without torch.
+
+It "generates" by echoing the words of the decoded prompt, one word per step; a prompt containing
+FAIL_ME ends in a failed job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from tokenizers import Tokenizer
+
+from protocol import job_record as F
+from protocol import keys
+from protocol.events import DeltaEvent
+from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, Usage
+from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
+
+MODEL = "smollm2-135m-instruct"
+
+_FINAL = ", ".join(f"'{s.value}'" for s in FINAL_STATES)
+START_LUA = f"""
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return -1 end
+for _, f in ipairs({{{_FINAL}}}) do if st == f then return -1 end end
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('PUBLISH', KEYS[2], '{{"type":"state","seq":' .. seq .. ',"state":"running"}}')
+return seq
+"""
+FINISH_LUA = f"""
+local st = redis.call('HGET', KEYS[1], 'state')
+for _, f in ipairs({{{_FINAL}}}) do if st == f then return 0 end end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], 'state', ARGV[1], ARGV[2], ARGV[3], 'finished_at', ARGV[4], 'text', ARGV[5])
+redis.call('PUBLISH', KEYS[2], '{{"type":"state","seq":' .. seq .. ',"state":"' .. ARGV[1] .. '","' .. ARGV[2] .. '":' .. ARGV[3] .. '}}')
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 1
+"""
+
+
+def model_card(model_dir: Path, max_model_len: int) -> ModelCard:
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    return ModelCard(name=MODEL, max_model_len=max_model_len,
+                     tokenizer_json=(model_dir / "tokenizer.json").read_text(),
+                     chat_template=(model_dir / "chat_template.jinja").read_text(),
+                     bos_token=config.get("bos_token"), eos_token=config.get("eos_token"))
+
+
+class FakeWorker:
+    def __init__(self, redis_url: str, model_dir: Path, step_s: float = 0.01, max_model_len: int = 2048,
+                 capacity: int = 8) -> None:
+        self.redis_url = redis_url
+        self.card = model_card(Path(model_dir), max_model_len)
+        self.tokenizer = Tokenizer.from_str(self.card.tokenizer_json)
+        self.step_s = step_s
+        self.capacity = capacity
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._tasks: set[asyncio.Task] = set()
+        self._main: asyncio.Task | None = None
+        self._grouped: set[str] = set()
+
+    async def start(self) -> None:
+        self.redis = aioredis.from_url(self.redis_url, decode_responses=True)
+        self._start = self.redis.register_script(START_LUA)
+        self._finish = self.redis.register_script(FINISH_LUA)
+        await self.redis.hset(keys.model_card_key(MODEL), "card", self.card.model_dump_json())
+        await self._heartbeat()
+        self._main = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._main:
+            self._main.cancel()
+        for t in [self._main, *self._tasks]:
+            if t is not None:
+                t.cancel()
+        await asyncio.gather(*(t for t in [self._main, *self._tasks] if t), return_exceptions=True)
+        await self.redis.delete(keys.worker_key(self.worker_id))
+        await self.redis.srem(keys.WORKERS_SET, self.worker_id)
+        await self.redis.aclose()
+
+    async def _heartbeat(self) -> None:
+        beat = WorkerHeartbeat(worker_id=self.worker_id, model=MODEL, max_model_len=self.card.max_model_len,
+                               capacity=self.capacity, running=len(self._tasks))
+        await self.redis.set(keys.worker_key(self.worker_id), beat.model_dump_json(), ex=HEARTBEAT_TTL_S)
+        await self.redis.sadd(keys.WORKERS_SET, self.worker_id)
+
+    async def _run(self) -> None:
+        last_beat = time.monotonic()
+        while True:
+            if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL_S:
+                await self._heartbeat()
+                last_beat = time.monotonic()
+            took = False
+            for lane in keys.LANES:  # highest first, never more than we can admit
+                for stream in await self._lane_streams(lane):
+                    room = self.capacity - len(self._tasks)
+                    if room <= 0:
+                        break
+                    got = await self.redis.xreadgroup(keys.GROUP, self.worker_id, {stream: ">"}, count=room)
+                    for stream_name, entries in got or []:
+                        for entry_id, fields in entries:
+                            took = True
+                            task = asyncio.create_task(self._job(stream_name, entry_id, fields))
+                            self._tasks.add(task)
+                            task.add_done_callback(self._tasks.discard)
+            if not took:
+                await asyncio.sleep(0.01)
+
+    async def _lane_streams(self, lane: str) -> list[str]:
+        """The lane's tenant streams (one per tenant, from the lane's tenant set), each with the group."""
+        tenants = await self.redis.smembers(keys.lane_tenants_key(MODEL, lane))
+        streams = [keys.jobs_stream(MODEL, lane, t) for t in sorted(tenants)]
+        for stream in streams:
+            if stream in self._grouped:
+                continue
+            try:
+                await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            except aioredis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+            self._grouped.add(stream)
+        return streams
+
+    async def _job(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        payload = JobPayload.model_validate_json(fields["payload"])
+        key, channel = keys.job_key(payload.id), keys.events_channel(payload.id)
+        seq = await self._start(keys=[key, channel], args=[repr(time.time()), self.worker_id])
+        if seq < 0:
+            await self._ack(stream, entry_id)
+            return
+        prompt = self.tokenizer.decode(payload.prompt_token_ids, skip_special_tokens=True)
+        words = prompt.split()[: payload.sampling.max_tokens]
+        pieces = ([payload.echo_prompt] if payload.echo_prompt else []) + [w + " " for w in words]
+        text, streamed, checked = "", False, 0.0
+        for piece in pieces:
+            await asyncio.sleep(self.step_s)
+            if time.monotonic() - checked > 0.2 or not streamed:  # re-read the flag now and then
+                streamed = await self.redis.hget(key, F.STREAMED) == "1"
+                checked = time.monotonic()
+            offset, text = len(text), text + piece
+            if streamed:
+                seq += 1
+                event = DeltaEvent(seq=seq, offset=offset, text=piece)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(key, mapping={F.TEXT: text, F.SEQ: str(seq)})
+                    pipe.publish(channel, event.model_dump_json())
+                    await pipe.execute()
+        if "FAIL_ME" in prompt:
+            state, field = "failed", F.ERROR
+            body = JobError(type="engine_error", message="the fake worker was asked to fail").model_dump_json()
+        else:
+            n = len(words)
+            finish = "length" if len(prompt.split()) > payload.sampling.max_tokens else "stop"
+            usage = Usage(prompt_tokens=len(payload.prompt_token_ids), completion_tokens=n,
+                          total_tokens=len(payload.prompt_token_ids) + n)
+            state, field = "succeeded", F.RESULT
+            body = JobResult(text=text, finish_reason=finish, usage=usage).model_dump_json()
+        await self._finish(keys=[key, channel],
+                           args=[state, field, body, repr(time.time()), text, F.RETENTION_SECONDS])
+        await self._ack(stream, entry_id)
+
+    async def _ack(self, stream: str, entry_id: str) -> None:
+        await self.redis.xack(stream, keys.GROUP, entry_id)
+        await self.redis.xdel(stream, entry_id)
+
+
+class ThreadedFakeWorker:
+    """The fake worker on an event loop of its own, for tests whose client is synchronous."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.worker = FakeWorker(*args, **kwargs)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> FakeWorker:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.worker.start(), self.loop).result(timeout=30)
+        return self.worker
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.worker.stop(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()

@@ -1,0 +1,271 @@
+"""The gateway against a real Redis and the fake worker, through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.jobs import lane_streams
+from protocol import keys
+from tests.asserts import assert_error
+from tests.integration.fake_worker import MODEL, FakeWorker
+
+
+@pytest.fixture
+async def app(redis_url, redis_client):
+    app = create_app(redis_url)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def client(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                                 timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+async def worker(redis_url, redis_client, default_model_dir):
+    w = FakeWorker(redis_url, default_model_dir)
+    await w.start()
+    yield w
+    await w.stop()
+
+
+async def stream_lengths(redis_client) -> dict[str, int]:
+    return {lane: sum([await redis_client.xlen(s) for s in await lane_streams(redis_client, MODEL, lane)])
+            for lane in keys.LANES}
+
+
+async def test_chat_completion(client, worker):
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "red green blue"}], "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == MODEL
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert "red green blue" in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 3 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_completion_text_and_token_ids(client, worker):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "one two three four",
+                                                   "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "one two "
+    assert body["choices"][0]["finish_reason"] == "length"
+
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [[1, 2]], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+
+
+async def test_completion_echo(client, worker):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "alpha beta", "echo": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "alpha beta" + "alpha beta "
+
+
+async def test_chat_stream_sse(client, worker):
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "a b c d e"}], "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    lines = [ln for ln in r.text.split("\n\n") if ln.strip() and not ln.startswith(":")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals and finals[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    job_id = "job_" + chunks[0]["id"].removeprefix("chatcmpl-")
+    record = await worker.redis.hgetall(keys.job_key(job_id))
+    assert record["streamed"] == "1"
+    assert text == json.loads(record["result"])["text"]
+    assert "a b c d e" in text
+
+
+async def test_job_lifecycle(client, worker, redis_client):
+    r = await client.post("/v1/jobs", json={"model": MODEL, "prompt": "x y z", "metadata": {"k": "v"},
+                                            "priority": "batch"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["object"] == "job" and job["status"] == "queued" and job["id"].startswith("job_")
+    assert isinstance(job["created_at"], int)
+    for _ in range(200):
+        r = await client.get(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 200
+        if r.json()["status"] == "succeeded":
+            break
+        await asyncio.sleep(0.02)
+    got = r.json()
+    assert got["status"] == "succeeded"
+    assert got["metadata"] == {"k": "v"} and got["model"] == MODEL and got["priority"] == "batch"
+    assert got["started_at"] is not None and got["finished_at"] is not None
+    assert got["result"]["object"] == "text_completion"
+    assert got["result"]["choices"][0]["text"] == "x y z "
+    assert got["error"] is None
+    # Never streamed: the worker published no deltas, so the hash's streamed flag stayed 0.
+    assert await redis_client.hget(keys.job_key(job["id"]), "streamed") == "0"
+
+
+async def test_job_failed(client, worker):
+    r = await client.post("/v1/jobs", json={"model": MODEL, "messages": [{"role": "user", "content": "FAIL_ME"}]})
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    for _ in range(200):
+        got = (await client.get(f"/v1/jobs/{job_id}")).json()
+        if got["status"] == "failed":
+            break
+        await asyncio.sleep(0.02)
+    assert got["status"] == "failed" and got["error"]["type"] == "engine_error" and got["result"] is None
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "FAIL_ME"}]})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "engine_error"
+
+
+async def test_unknown_job_404(client):
+    r = await client.get("/v1/jobs/job_nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    r = await client.get("/v1/jobs/job_nope/events")
+    assert r.status_code == 404
+
+
+async def test_models_and_readiness(client, redis_client, redis_url, default_model_dir):
+    r = await client.get("/readyz")
+    assert r.status_code == 503 and "worker" in r.json()["reason"]
+    assert (await client.get("/v1/models")).json() == {"object": "list", "data": []}
+    assert (await client.get("/healthz")).status_code == 200
+    w = FakeWorker(redis_url, default_model_dir)
+    await w.start()
+    try:
+        r = await client.get("/readyz")
+        assert r.status_code == 200, r.text
+        models = (await client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == [MODEL]
+        assert models["data"][0]["object"] == "model"
+    finally:
+        await w.stop()
+    assert (await client.get("/readyz")).status_code == 503
+
+
+async def test_metrics_and_openapi(client, worker):
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "temperature": 9})
+    text = (await client.get("/metrics")).text
+    assert 'tokenq_gateway_requests_total{method="POST",route="/v1/completions",status="200"} 1.0' in text
+    assert 'route="/v1/completions",status="400"' in text
+    assert f'tokenq_gateway_jobs_enqueued_total{{lane="interactive",model="{MODEL}"}} 1.0' in text
+    assert "tokenq_gateway_request_seconds_bucket" in text
+    spec = (await client.get("/openapi.json")).json()
+    assert "/v1/chat/completions" in spec["paths"] and "/v1/jobs/{job_id}/events" in spec["paths"]
+
+
+# --- bad input: an OpenAI error body, the right status, and nothing enqueued ---------------------------
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
+
+
+async def test_errors_enqueue_nothing(client, worker, redis_client):
+    err = assert_error(await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}), 404, "model")
+    assert err["code"] == "model_not_found"
+    err = assert_error(await client.post("/v1/chat/completions", json={**CHAT, "temperature": 5}), 400,
+                       "temperature")
+    assert "temperature" in err["message"] and "2" in err["message"]
+    assert_error(await client.post("/v1/chat/completions", json={**CHAT, "n": 2}), 400, "n")
+    assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2}), 400, "n")
+    assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]}), 400,
+                 "prompt")
+    long_prompt = "hello " * 3000
+    err = assert_error(await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": long_prompt, "max_tokens": 16}), 400, "max_tokens")
+    assert re.search(r"prompt has 300\d tokens and max_tokens is 16, but the model's context is 2048",
+                     err["message"]), err["message"]
+    err = assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": long_prompt}),
+                       400, "prompt")
+    assert "2048" in err["message"]
+    err = assert_error(await client.post("/v1/chat/completions", json={
+        **CHAT, "messages": [{"role": "user", "content": "hi " * 1000}], "max_tokens": 1500}), 400, "max_tokens")
+    assert "1500" in err["message"] and "2048" in err["message"]
+    assert_error(await client.post("/v1/completions", content=b'{"model": "x", "prompt": ',
+                                   headers={"content-type": "application/json"}), 400)
+    assert_error(await client.post("/v1/chat/completions", json={"model": MODEL}), 400, "messages")
+    assert_error(await client.post("/v1/chat/completions", json={
+        **CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages.0.role")
+    big = {"model": MODEL, "prompt": "x" * (2 << 20)}
+    err = assert_error(await client.post("/v1/completions", json=big), 413)
+    assert err["code"] == "request_too_large"
+    assert_error(await client.post("/v1/jobs", json={"model": MODEL, "prompt": "a",
+                                                      "metadata": {str(i): "v" for i in range(17)}}), 400,
+                 "metadata")
+    assert_error(await client.post("/v1/jobs", json={"model": MODEL}), 400)
+    assert_error(await client.post("/v1/jobs", json={**CHAT, "priority": "urgent"}), 400, "priority")
+    assert_error(await client.post("/v1/jobs", json={**CHAT, "min_tokens": 9, "max_tokens": 3}), 400)
+    assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}), 400, "prompt")
+    assert await stream_lengths(redis_client) == {lane: 0 for lane in keys.LANES}
+    assert await redis_client.keys(keys.job_key("*")) == []
+
+
+async def test_known_model_without_worker_is_503(client, redis_url, default_model_dir, redis_client):
+    w = FakeWorker(redis_url, default_model_dir)
+    await w.start()
+    await w.stop()  # its card stays, its heartbeat is gone
+    assert_error(await client.post("/v1/chat/completions", json=CHAT), 503)
+    assert_error(await client.post("/v1/jobs", json=CHAT), 503)
+    assert await redis_client.keys(keys.job_key("*")) == []
+
+
+async def test_body_limit_uses_bytes_read_not_only_content_length(redis_url, redis_client):
+    app = create_app(redis_url, max_body_bytes=1000)
+
+    async def chunks():
+        for _ in range(3):
+            yield b"x" * 600
+
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            r = await c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413)
+
+
+async def test_unknown_route_and_redis_down(client):
+    err = assert_error(await client.get("/v1/nothing-here"), 404)
+    assert err["type"] == "invalid_request_error"
+    app = create_app("redis://127.0.0.1:1/0")
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                     base_url="http://gw") as c:
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "redis" in r.json()["reason"]
+            assert_error(await c.post("/v1/chat/completions", json=CHAT), 503)
+            assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_failed_job_in_streams(client, worker):
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "FAIL_ME now"}], "stream": True})
+    events = [e for e in r.text.split("\n\n") if e.strip()]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "engine_error"
+    job = (await client.post("/v1/jobs", json={"model": MODEL, "prompt": "FAIL_ME"})).json()
+    r = await client.get(f"/v1/jobs/{job['id']}/events")
+    last = [e for e in r.text.split("\n\n") if e.strip()][-1]
+    assert "event: failed" in last
+    data = json.loads(last.split("data: ", 1)[1])
+    assert data["status"] == "failed" and data["error"]["type"] == "engine_error"
+    r = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"})
+    assert_error(r, 400, "Last-Event-ID")

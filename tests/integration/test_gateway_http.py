@@ -1,0 +1,134 @@
+"""The gateway under a real uvicorn server: SSE streams, resuming job events, and the official openai client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.integration.fake_worker import MODEL, ThreadedFakeWorker
+from tests.processes import GatewayThread
+
+
+@pytest.fixture
+def base_url(redis_url):
+    redis.Redis.from_url(redis_url).flushdb()
+    with GatewayThread(redis_url) as url:
+        yield url
+
+
+@pytest.fixture
+def worker(base_url, redis_url, default_model_dir):
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.03) as w:
+        yield w
+
+
+def sse_events(response: httpx.Response):
+    """(id, event, data) of each event of an SSE response, as it arrives."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line == "":
+            if "data" in fields:
+                yield fields.get("id"), fields.get("event", "message"), fields["data"]
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+
+
+def test_completion_stream_concatenates_to_final_text(base_url, worker):
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "w1 w2 w3 w4 w5 w6",
+                                                       "stream": True}) as r:
+            assert r.status_code == 200
+            datas = [d for _, _, d in sse_events(r)]
+    assert datas[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in datas[:-1]]
+    assert len(chunks) >= 6  # it really streamed, one word per step
+    text = "".join(ch["choices"][0]["text"] for ch in chunks)
+    assert text == "w1 w2 w3 w4 w5 w6 "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def words(n: int) -> str:
+    return " ".join(f"t{i}" for i in range(n))
+
+
+def test_job_events_resume_with_last_event_id(base_url, worker):
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        job = c.post("/v1/jobs", json={"model": MODEL, "prompt": words(40), "max_tokens": 100}).json()
+        first: list[tuple[int, dict]] = []
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for event_id, event, data in sse_events(r):
+                assert event == "delta"
+                first.append((int(event_id), json.loads(data)))
+                if len(first) == 5:
+                    break
+        last_id = first[-1][0]
+        time.sleep(0.2)  # deltas published while nobody listens must come back from the snapshot
+        second: list[tuple[int, dict]] = []
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": str(last_id)}) as r:
+            for event_id, event, data in sse_events(r):
+                if event == "done":
+                    final = json.loads(data)
+                    break
+                assert event == "delta"
+                second.append((int(event_id), json.loads(data)))
+    assert final["status"] == "succeeded"
+    expected = final["result"]["choices"][0]["text"]
+    assert expected == words(40) + " "
+    at = 0
+    for event_id, delta in first + second:  # contiguous: no text lost, none repeated
+        assert delta["offset"] == at
+        at += len(delta["text"])
+        assert event_id == at
+    assert "".join(d["text"] for _, d in first + second) == expected
+
+
+def test_job_events_after_the_end(base_url, worker):
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        job = c.post("/v1/jobs", json={"model": MODEL, "prompt": "p q r s"}).json()
+        for _ in range(300):
+            if c.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded":
+                break
+            time.sleep(0.02)
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "2"}) as r:
+            events = list(sse_events(r))
+    assert [(i, e) for i, e, _ in events] == [("8", "delta"), ("8", "done")]
+    assert json.loads(events[0][2]) == {"text": "q r s ", "offset": 2}
+
+
+def test_openai_client(base_url, worker):
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "sun moon"}],
+                                          max_tokens=50, temperature=0.0, seed=1)
+    assert "sun moon" in chat.choices[0].message.content
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    pieces, usage = [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "sun moon"}],
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == chat.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens
+
+    comp = client.completions.create(model=MODEL, prompt="a b c", max_tokens=2)
+    assert comp.choices[0].text == "a b " and comp.choices[0].finish_reason == "length"
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model=MODEL, prompt="a b c", stream=True) if ch.choices)
+    assert streamed == "a b c "
+
+    assert [m.id for m in client.models.list()] == [MODEL]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert "temperature" in str(e.value)

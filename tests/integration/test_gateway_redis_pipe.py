@@ -1,0 +1,116 @@
+"""gateway/redis_pipe.py against a real Redis: replies matched to their commands under concurrency, scripts
+reloaded after NOSCRIPT, a killed connection replaced, Redis away as redis-py's ConnectionError, and the
+submission scripts safe to run twice (what a retry after a lost reply does)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from gateway.admission import Admission
+from gateway.auth import Tenant
+from gateway.jobs import submit
+from gateway.redis_pipe import RedisPipe, Script
+from protocol import keys
+from protocol.jobs import JobPayload
+from protocol.sampling import SamplingParams
+from tests.conftest import free_port
+
+
+@pytest.fixture
+async def pipe(redis_url, redis_client):
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    p = RedisPipe(client)
+    yield p
+    await p.aclose()
+    await client.aclose()
+
+
+async def test_concurrent_commands_get_their_own_replies(pipe, redis_client):
+    replies = await asyncio.gather(*(pipe.execute("ECHO", f"m{i}") for i in range(200)),
+                                   *(pipe.execute("INCR", "n") for _ in range(50)))
+    assert replies[:200] == [f"m{i}" for i in range(200)]
+    assert sorted(replies[200:]) == list(range(1, 51))
+    with pytest.raises(ResponseError):
+        await pipe.execute("HSET", "n", "f", "v")  # wrong type: an error reply, the connection stays up
+    assert await pipe.execute("GET", "n") == "50"
+
+
+async def test_script_is_sent_again_after_noscript(pipe, redis_client):
+    script = Script("return ARGV[1] .. KEYS[1]")
+    assert await pipe.evalsha(script, ["k"], ["a"]) == "ak"
+    await redis_client.script_flush()
+    assert await pipe.evalsha(script, ["k"], ["b"]) == "bk"
+    assert await redis_client.script_exists(script.sha) == [True]
+
+
+async def test_other_connection_kinds_go_through_redis_py(redis_url, redis_client):
+    """A connection class this does not speak (TLS, Unix sockets): the commands go to the redis-py client."""
+
+    class Other(Connection):
+        pass
+
+    client = aioredis.Redis(connection_pool=ConnectionPool.from_url(redis_url, connection_class=Other,
+                                                                    decode_responses=True))
+    p = RedisPipe(client)
+    script = Script("return 'via ' .. ARGV[1]")
+    assert await p.evalsha(script, [], ["redis-py"]) == "via redis-py"
+    await redis_client.script_flush()
+    assert await p.evalsha(script, [], ["redis-py"]) == "via redis-py"
+    assert p._proto is None  # no connection of its own
+    await client.aclose()
+
+
+async def test_killed_connection_is_replaced(pipe, redis_client):
+    assert await pipe.execute("PING") == "PONG"
+    first = pipe._proto
+    host, port = first.transport.get_extra_info("sockname")[:2]
+    assert await redis_client.client_kill(f"{host}:{port}")
+    assert await pipe.execute("PING") == "PONG"
+    assert pipe._proto is not first and first.lost is not None
+
+
+async def test_selects_the_urls_database(redis_url, redis_client):
+    client = aioredis.from_url(redis_url.rsplit("/", 1)[0] + "/3", decode_responses=True)
+    p = RedisPipe(client)
+    await p.execute("SET", "in-db-3", "yes")
+    assert await redis_client.get("in-db-3") is None
+    assert await client.get("in-db-3") == "yes"
+    await client.delete("in-db-3")
+    await p.aclose()
+    await client.aclose()
+
+
+async def test_redis_away_is_a_connection_error_after_the_retries():
+    client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    p = RedisPipe(client)
+    start = time.monotonic()
+    with pytest.raises(RedisConnectionError):
+        await p.execute("PING")
+    assert time.monotonic() - start > 0.5  # it backed off and tried again first
+    await client.aclose()
+
+
+async def test_submit_twice_queues_once(pipe, redis_client):
+    payload = JobPayload(id="job_twice", model="m", kind="completion", prompt_token_ids=[1, 2],
+                         sampling=SamplingParams(max_tokens=2))
+    await submit(pipe, payload, {"prompt": [1, 2]}, {}, streamed=False)
+    await submit(pipe, payload, {"prompt": [1, 2]}, {}, streamed=False)
+    stream = keys.jobs_stream("m", payload.lane, payload.tenant)
+    [(entry_id, _)] = await redis_client.xrange(stream)
+    assert await redis_client.get(keys.tenant_queued_key(payload.tenant)) == "1"
+    assert await redis_client.hget(keys.job_key(payload.id), "entry_id") == entry_id
+
+
+async def test_admission_retried_for_the_same_job_admits_it(pipe, redis_client):
+    admission = Admission(pipe)
+    tenant = Tenant("t", rpm=100)
+    assert await admission.admit(tenant, "job_a", 1, "key-1") is None
+    assert await admission.admit(tenant, "job_a", 1, "key-1") is None  # its own key: a retry, admitted
+    assert await admission.admit(tenant, "job_b", 1, "key-1") == "job_a"  # another request: a repeat

@@ -1,0 +1,147 @@
+"""The gateway under a real uvicorn server and a Redis of its own: a streaming client that leaves cancels
+its job; a Redis restart gives 503s while it is down and then everything works again, SSE followers
+included."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from gateway.jobs import Final, follow, submit
+from protocol import job_record as F
+from protocol import keys
+from protocol.jobs import JobPayload, JobResult, Usage
+from protocol.sampling import SamplingParams
+from protocol.scripts import FINISH_JOB, finish_keys
+from protocol.workers import WorkerHeartbeat
+from tests.integration.fake_worker import MODEL, model_card
+from tests.processes import GatewayThread, RestartableRedis
+
+IDLE_WORKER = "test:idle-worker"
+
+
+def register_idle_worker(r: redis.Redis, model_dir) -> None:
+    """A live heartbeat and a model card; nothing consumes the streams."""
+    card = model_card(model_dir, 2048)
+    beat = WorkerHeartbeat(worker_id=IDLE_WORKER, model=MODEL, max_model_len=2048, capacity=8)
+    r.hset(keys.model_card_key(MODEL), "card", card.model_dump_json())
+    r.set(keys.worker_key(IDLE_WORKER), beat.model_dump_json(), ex=600)
+    r.sadd(keys.WORKERS_SET, IDLE_WORKER)
+
+
+def wait_for(check, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def first_job_id(response: httpx.Response) -> str:
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            return "job_" + json.loads(line.removeprefix("data: "))["id"].removeprefix("chatcmpl-")
+    raise AssertionError("no chunk")
+
+
+@pytest.mark.parametrize("run_to_completion", [False, True])
+def test_streaming_client_disconnect_cancels_its_job(redis_url, default_model_dir, run_to_completion):
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushdb()
+    register_idle_worker(r, default_model_dir)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "run_to_completion": run_to_completion}
+    with GatewayThread(redis_url) as base, httpx.Client(base_url=base, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            job_id = first_job_id(response)
+        # The client closed the connection with the job still queued.
+        if run_to_completion:
+            time.sleep(1.0)
+            assert r.hget(keys.job_key(job_id), F.STATE) == "queued"
+        else:
+            wait_for(lambda: r.hget(keys.job_key(job_id), F.STATE) == "cancelled")
+            assert sum(r.xlen(s) for s in r.scan_iter(keys.jobs_stream(MODEL, "*", "*"))) == 0
+
+
+# --- Redis restarts ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restartable() -> Iterator[RestartableRedis]:
+    server = RestartableRedis(Path(tempfile.mkdtemp(prefix="tokenq-redis-restart-")))
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_redis_restart_503_then_recovery(restartable, default_model_dir):
+    r = redis.Redis.from_url(restartable.url, decode_responses=True)
+    register_idle_worker(r, default_model_dir)
+    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 4}
+    with GatewayThread(restartable.url) as base, httpx.Client(base_url=base, timeout=30) as c:
+        assert c.post("/v1/jobs", json=body).status_code == 202
+        restartable.stop()
+        assert _port_closed(restartable.port)
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        for path, sent in (("/v1/jobs", body), ("/v1/completions", body), ("/v1/chat/completions", chat)):
+            resp = c.post(path, json=sent)
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "redis_unavailable"
+        assert c.get("/v1/jobs/job_x").status_code == 503
+        assert c.get("/readyz").status_code == 503
+        restartable.start()
+        resp = c.post("/v1/jobs", json=body)
+        assert resp.status_code == 202, resp.text
+        assert c.get(f"/v1/jobs/{resp.json()['id']}").json()["status"] == "queued"
+        assert c.get("/readyz").status_code == 200
+
+
+async def test_follower_survives_a_redis_restart(restartable):
+    import redis.asyncio as aioredis
+
+    from gateway.redis_client import make_redis
+
+    client = make_redis(restartable.url)
+    payload = JobPayload(id="job_restart", model=MODEL, kind="completion", prompt_token_ids=[1, 2],
+                         sampling=SamplingParams(max_tokens=2))
+    await submit(client, payload, {}, {}, streamed=False)
+    finals: list[Final] = []
+
+    async def wait() -> None:
+        async for item in follow(client, payload.id, want_deltas=False):
+            if isinstance(item, Final):
+                finals.append(item)
+                return
+
+    task = asyncio.create_task(wait())
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(restartable.stop)
+    await asyncio.sleep(2.0)  # longer than the client's own retries: follow must subscribe again itself
+    await asyncio.to_thread(restartable.start)
+    other = aioredis.from_url(restartable.url, decode_responses=True)
+    assert await other.hget(keys.job_key(payload.id), F.STATE) == "queued"  # kept by the AOF
+    result = JobResult(text="done", finish_reason="stop", usage=Usage(prompt_tokens=2, completion_tokens=1,
+                                                                      total_tokens=3))
+    await other.eval(FINISH_JOB, 3, *finish_keys(payload.id, payload.tenant),
+                     keys.events_channel(payload.id), "succeeded", F.RESULT, result.model_dump_json(),
+                     repr(time.time()), "done", 60, "", payload.id)
+    await asyncio.wait_for(task, timeout=15)
+    assert finals[0].state == "succeeded" and finals[0].result.text == "done"
+    await other.aclose()
+    await client.aclose()

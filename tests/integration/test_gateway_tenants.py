@@ -1,0 +1,417 @@
+"""Issue 4 at the gateway, against a real Redis: API keys, per-tenant limits, queue depth, idempotency,
+cancellation, deadlines and webhook URLs. Most tests use an idle worker (a heartbeat and a model card,
+nothing consuming) so that jobs stay queued where the test can look at them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key
+from gateway.app import create_app
+from gateway.jobs import lane_streams
+from protocol import job_record as F
+from protocol import keys
+from protocol.jobs import JobPayload
+from protocol.workers import WorkerHeartbeat
+from tests.asserts import assert_error
+from tests.integration.fake_worker import MODEL, FakeWorker, model_card
+
+IDLE_WORKER = "test:idle-worker"
+PROMPT = {"model": MODEL, "prompt": "one two three", "max_tokens": 8}
+
+
+@pytest.fixture
+async def idle_worker(redis_client, default_model_dir):
+    """A worker that looks alive and serves MODEL but takes nothing off the streams."""
+    card = model_card(default_model_dir, 2048)
+    beat = WorkerHeartbeat(worker_id=IDLE_WORKER, model=MODEL, max_model_len=2048, capacity=8)
+    await redis_client.hset(keys.model_card_key(MODEL), "card", card.model_dump_json())
+    await redis_client.set(keys.worker_key(IDLE_WORKER), beat.model_dump_json(), ex=600)
+    await redis_client.sadd(keys.WORKERS_SET, IDLE_WORKER)
+    yield
+    await redis_client.delete(keys.worker_key(IDLE_WORKER))
+
+
+def make_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
+
+
+@pytest.fixture
+async def app(redis_url, redis_client):
+    app = create_app(redis_url)
+    async with app.router.lifespan_context(app):
+        app.state.ctx.auth.cache_s = 0  # see key and limit changes at once
+        yield app
+
+
+@pytest.fixture
+async def client(app):
+    async with make_client(app) as c:
+        yield c
+
+
+async def queued_entries(redis_client, lane: str = "default") -> int:
+    return sum([await redis_client.xlen(s) for s in await lane_streams(redis_client, MODEL, lane)])
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- API keys ---------------------------------------------------------------------------------------------
+
+
+async def test_no_keys_means_default_tenant(client, idle_worker, redis_client):
+    r = await client.post("/v1/jobs", json=PROMPT)
+    assert r.status_code == 202, r.text
+    record = await redis_client.hgetall(keys.job_key(r.json()["id"]))
+    assert record[F.TENANT] == "default"
+    assert JobPayload.model_validate_json(record[F.PAYLOAD]).tenant == "default"
+
+
+async def test_keys_turn_auth_on(client, idle_worker, redis_client):
+    created = await create_key(redis_client, "acme", {"rpm": 100})
+    assert created.api_key.startswith("tq_") and created.webhook_secret.startswith("whsec_")
+    # Only the digest is stored.
+    assert await redis_client.smembers(API_KEYS_SET) == {created.digest}
+    assert created.api_key not in json.dumps(await redis_client.hgetall(keys.api_key_key(created.digest)))
+    assert await redis_client.hget(keys.tenant_key("acme"), "rpm") == "100"
+
+    err = assert_error(await client.post("/v1/jobs", json=PROMPT), 401)
+    assert err["code"] == "invalid_api_key"
+    assert_error(await client.post("/v1/jobs", json=PROMPT, headers=bearer("tq_wrong")), 401)
+    assert_error(await client.post("/v1/chat/completions", json={"model": MODEL, "messages": []}), 401)
+    assert_error(await client.get("/v1/models"), 401)
+    assert (await client.get("/healthz")).status_code == 200
+
+    r = await client.post("/v1/jobs", json=PROMPT, headers=bearer(created.api_key))
+    assert r.status_code == 202, r.text
+    record = await redis_client.hgetall(keys.job_key(r.json()["id"]))
+    assert record[F.TENANT] == "acme"
+    assert JobPayload.model_validate_json(record[F.PAYLOAD]).tenant == "acme"
+    assert await redis_client.xlen(keys.jobs_stream(MODEL, "default", "acme")) == 1
+
+    spare = await create_key(redis_client, "other", {})
+    assert await revoke_key(redis_client, created.digest[:12]) == [created.digest]
+    assert_error(await client.post("/v1/jobs", json=PROMPT, headers=bearer(created.api_key)), 401)
+    assert [row["tenant"] for row in await list_keys(redis_client)] == ["other"]
+    # The last key gone: auth is off again.
+    await revoke_key(redis_client, spare.api_key)
+    assert (await client.post("/v1/jobs", json=PROMPT)).status_code == 202
+
+
+async def test_webhook_secret_is_kept_and_keys_list(redis_client):
+    first = await create_key(redis_client, "acme", {})
+    second = await create_key(redis_client, "acme", {"tpm": 5000, "max_queued": 3})
+    assert first.webhook_secret == second.webhook_secret
+    assert first.api_key != second.api_key
+    rows = await list_keys(redis_client)
+    assert {r["id"] for r in rows} == {first.digest, second.digest}
+    assert all(r["tenant"] == "acme" and r["tpm"] == "5000" and r["max_queued"] == "3" for r in rows)
+    assert await revoke_key(redis_client, second.api_key) == [second.digest]
+    assert await revoke_key(redis_client, "f" * 64) == []
+    with pytest.raises(ValueError):
+        await create_key(redis_client, "a:b", {})
+
+
+def test_cli_keys(redis_url, capsys):
+    import redis
+
+    from tokenq.cli import main
+
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    sync.flushdb()
+
+    with pytest.raises(SystemExit) as done:
+        main(["keys", "create", "--tenant", "cli-t", "--rpm", "7", "--redis-url", redis_url])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    api_key = next(line.split()[-1] for line in out.splitlines() if line.startswith("api key:"))
+    secret = next(line.split()[-1] for line in out.splitlines() if line.startswith("webhook secret:"))
+    assert api_key.startswith("tq_") and secret.startswith("whsec_")
+    with pytest.raises(SystemExit):
+        main(["keys", "list", "--redis-url", redis_url])
+    listed = capsys.readouterr().out
+    assert "cli-t" in listed and "\t7\t" in listed and api_key not in listed
+    with pytest.raises(SystemExit) as done:
+        main(["keys", "revoke", api_key, "--redis-url", redis_url])
+    assert done.value.code == 0
+    assert sync.scard(API_KEYS_SET) == 0
+    assert sync.hget(keys.tenant_key("cli-t"), "webhook_secret") == secret
+
+
+async def test_jobs_of_other_tenants_are_not_found(client, idle_worker, redis_client):
+    a = await create_key(redis_client, "a", {})
+    b = await create_key(redis_client, "b", {})
+    job_id = (await client.post("/v1/jobs", json=PROMPT, headers=bearer(a.api_key))).json()["id"]
+    assert (await client.get(f"/v1/jobs/{job_id}", headers=bearer(a.api_key))).status_code == 200
+    assert_error(await client.get(f"/v1/jobs/{job_id}", headers=bearer(b.api_key)), 404)
+    assert_error(await client.delete(f"/v1/jobs/{job_id}", headers=bearer(b.api_key)), 404)
+    assert_error(await client.get(f"/v1/jobs/{job_id}/events", headers=bearer(b.api_key)), 404)
+    assert await redis_client.hget(keys.job_key(job_id), F.STATE) == "queued"
+
+
+# --- limits -------------------------------------------------------------------------------------------------
+
+
+async def test_rpm_limit_holds_across_two_gateways(app, redis_url, idle_worker, redis_client):
+    key = (await create_key(redis_client, "r", {"rpm": 3})).api_key
+    other = create_app(redis_url)
+    async with other.router.lifespan_context(other), make_client(app) as c1, make_client(other) as c2:
+        codes = [(await c.post("/v1/jobs", json=PROMPT, headers=bearer(key))).status_code
+                 for c in (c1, c2, c1, c2, c1)]
+        r = await c2.post("/v1/jobs", json=PROMPT, headers=bearer(key))
+    assert codes == [202, 202, 202, 429, 429]
+    err = assert_error(r, 429)
+    assert "rpm" in err["message"] and "limit 3" in err["message"] and err["code"] == "rate_limit_exceeded"
+    assert 1 <= int(r.headers["Retry-After"]) <= 120
+    assert await queued_entries(redis_client) == 3
+
+
+async def test_tpm_limit_counts_prompt_and_max_tokens(client, idle_worker, redis_client):
+    key = (await create_key(redis_client, "t", {"tpm": 100})).api_key
+    body = {**PROMPT, "max_tokens": 40}  # a few prompt tokens + 40
+    assert (await client.post("/v1/jobs", json=body, headers=bearer(key))).status_code == 202
+    assert (await client.post("/v1/jobs", json=body, headers=bearer(key))).status_code == 202
+    r = await client.post("/v1/jobs", json=body, headers=bearer(key))
+    err = assert_error(r, 429)
+    assert "tpm" in err["message"] and "limit 100" in err["message"] and err["type"] == "tokens"
+    assert int(r.headers["Retry-After"]) >= 1
+    # A request that alone is larger than the limit can never pass.
+    err = assert_error(await client.post("/v1/jobs", json={**PROMPT, "max_tokens": 500}, headers=bearer(key)),
+                       429)
+    assert "too large" in err["message"]
+    assert await queued_entries(redis_client) == 2
+
+
+async def test_refused_requests_do_not_use_up_the_limit(client, idle_worker, redis_client):
+    key = (await create_key(redis_client, "u", {"rpm": 2, "tpm": 30})).api_key
+    big = {**PROMPT, "max_tokens": 200}  # refused by tpm: must not count as a request
+    for _ in range(3):
+        assert_error(await client.post("/v1/jobs", json=big, headers=bearer(key)), 429)
+    assert (await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).status_code == 202
+
+
+async def test_max_queued_and_cancel_frees_a_slot(client, idle_worker, redis_client):
+    key = (await create_key(redis_client, "q", {"max_queued": 2})).api_key
+    ids = [(await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).json()["id"] for _ in range(2)]
+    assert await redis_client.get(keys.tenant_queued_key("q")) == "2"
+    r = await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))
+    err = assert_error(r, 429)
+    assert "max_queued" in err["message"] and r.headers["Retry-After"] == "1"
+    assert (await client.delete(f"/v1/jobs/{ids[0]}", headers=bearer(key))).json()["status"] == "cancelled"
+    assert await redis_client.get(keys.tenant_queued_key("q")) == "1"
+    assert (await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).status_code == 202
+
+
+async def test_queue_depth_429_then_503_without_worker(redis_url, redis_client, idle_worker):
+    app = create_app(redis_url, max_queue_depth=2)
+    async with app.router.lifespan_context(app):
+        app.state.ctx.depth.cache_s = 0
+        async with make_client(app) as c:
+            for _ in range(2):
+                assert (await c.post("/v1/jobs", json=PROMPT)).status_code == 202
+            r = await c.post("/v1/jobs", json=PROMPT)
+            err = assert_error(r, 429)
+            assert err["code"] == "queue_full" and "max queue depth 2" in err["message"]
+            assert r.headers["Retry-After"] == "1"
+            # Another lane is not full.
+            assert (await c.post("/v1/jobs", json={**PROMPT, "priority": "batch"})).status_code == 202
+    await redis_client.delete(keys.worker_key(IDLE_WORKER))
+    app = create_app(redis_url, max_queue_depth=2)  # a fresh gateway: nothing cached
+    async with app.router.lifespan_context(app), make_client(app) as c:
+        err = assert_error(await c.post("/v1/jobs", json=PROMPT), 503)
+        assert err["code"] == "no_worker"
+
+
+# --- idempotency ----------------------------------------------------------------------------------------
+
+
+async def test_idempotent_job_submission(client, idle_worker, redis_client):
+    headers = {"Idempotency-Key": "order-17"}
+    first = await client.post("/v1/jobs", json={**PROMPT, "metadata": {"n": "1"}}, headers=headers)
+    again = await client.post("/v1/jobs", json={**PROMPT, "metadata": {"n": "2"}}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert await queued_entries(redis_client) == 1
+    assert await redis_client.get(keys.idem_key("default", "order-17")) == first.json()["id"]
+    assert 86000 < await redis_client.ttl(keys.idem_key("default", "order-17")) <= 86400
+    assert await redis_client.hget(keys.job_key(first.json()["id"]), F.IDEMPOTENCY_KEY) == "order-17"
+    # Another key, or the same key of another tenant, is another job.
+    other = await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "order-18"})
+    assert other.json()["id"] != first.json()["id"]
+    t = await create_key(redis_client, "t2", {})
+    mine = await client.post("/v1/jobs", json=PROMPT, headers={**headers, **bearer(t.api_key)})
+    assert mine.json()["id"] not in (first.json()["id"], other.json()["id"])
+    assert_error(await client.post("/v1/jobs", json=PROMPT, headers={**bearer(t.api_key),
+                                                                    "Idempotency-Key": "x" * 300}),
+                 400, "Idempotency-Key")
+
+
+async def test_concurrent_repeats_make_one_job(client, idle_worker, redis_client):
+    headers = {"Idempotency-Key": "burst"}
+    rs = await asyncio.gather(*(client.post("/v1/jobs", json=PROMPT, headers=headers) for _ in range(8)))
+    assert {r.status_code for r in rs} == {202}
+    assert len({r.json()["id"] for r in rs}) == 1
+    assert await queued_entries(redis_client) == 1
+
+
+async def test_repeat_without_its_job_releases_the_key(client, idle_worker, redis_client, monkeypatch):
+    from gateway import enqueue
+
+    monkeypatch.setattr(enqueue, "FIRST_JOB_WAIT_S", 0.1)
+    await redis_client.set(keys.idem_key("default", "lost"), "job_never_written", ex=100)
+    err = assert_error(await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "lost"}), 409)
+    assert err["code"] == "idempotency_key_in_use"
+    r = await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "lost"})
+    assert r.status_code == 202 and r.json()["id"] != "job_never_written"
+
+
+async def test_idempotent_completion_returns_the_first_result(client, redis_url, redis_client, default_model_dir):
+    worker = FakeWorker(redis_url, default_model_dir)
+    await worker.start()
+    try:
+        headers = {"Idempotency-Key": "chat-1"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "red green"}]}
+        first = await client.post("/v1/chat/completions", json=body, headers=headers)
+        again = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert first.status_code == again.status_code == 200, again.text
+        assert again.json()["id"] == first.json()["id"]
+        assert again.json()["choices"] == first.json()["choices"]
+        streamed = await client.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers)
+        chunks = [json.loads(x.removeprefix("data: ")) for x in streamed.text.split("\n\n")
+                  if x.startswith("data: {")]
+        assert {c["id"] for c in chunks} == {first.json()["id"]}
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert text == first.json()["choices"][0]["message"]["content"]
+        assert len(await redis_client.keys(keys.job_key("*"))) == 1
+    finally:
+        await worker.stop()
+
+
+# --- cancellation -------------------------------------------------------------------------------------------
+
+
+async def test_cancel_a_queued_job(client, idle_worker, redis_client):
+    job_id = (await client.post("/v1/jobs", json=PROMPT)).json()["id"]
+    stream = keys.jobs_stream(MODEL, "default", "default")
+    entry_id = await redis_client.hget(keys.job_key(job_id), F.ENTRY_ID)
+    assert [e[0] for e in await redis_client.xrange(stream)] == [entry_id]
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(keys.events_channel(job_id))
+    r = await client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["finished_at"]
+    assert await redis_client.xlen(stream) == 0
+    assert await redis_client.get(keys.tenant_queued_key("default")) == "0"
+    assert 0 < await redis_client.ttl(keys.job_key(job_id)) <= F.RETENTION_SECONDS
+    events = []
+    for _ in range(20):
+        m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if m:
+            events.append(json.loads(m["data"]))
+            break
+    await pubsub.aclose()
+    assert events and events[0]["state"] == "cancelled"
+    # Final already: unchanged, still 200.
+    again = await client.delete(f"/v1/jobs/{job_id}")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "cancelled"
+    assert_error(await client.delete("/v1/jobs/job_nope"), 404)
+
+
+async def test_cancel_a_running_job_asks_its_worker(client, idle_worker, redis_client):
+    job_id = (await client.post("/v1/jobs", json=PROMPT)).json()["id"]
+    await redis_client.hset(keys.job_key(job_id), F.STATE, "running")  # as a worker's START_JOB does
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(keys.CONTROL_CHANNEL)
+    await pubsub.get_message(timeout=1)
+    r = await client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["status"] == "running"
+    assert await redis_client.hget(keys.job_key(job_id), F.CANCEL_REQUESTED) == "1"
+    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    await pubsub.aclose()
+    assert message and json.loads(message["data"]) == {"cancel": job_id}
+    # The entry stays for the worker to acknowledge when it ends the job.
+    assert await queued_entries(redis_client) == 1
+
+
+async def test_cancelled_job_is_dropped_by_a_worker(client, idle_worker, redis_url, redis_client,
+                                                    default_model_dir):
+    job_id = (await client.post("/v1/jobs", json=PROMPT)).json()["id"]
+    await client.delete(f"/v1/jobs/{job_id}")
+    worker = FakeWorker(redis_url, default_model_dir)
+    await worker.start()
+    await asyncio.sleep(0.3)
+    await worker.stop()
+    assert await redis_client.hget(keys.job_key(job_id), F.STATE) == "cancelled"
+
+
+# --- deadlines and webhooks --------------------------------------------------------------------------------
+
+
+async def test_deadline_and_ttl(client, idle_worker, redis_client):
+    r = await client.post("/v1/jobs", json={**PROMPT, "ttl": 30})
+    payload = JobPayload.model_validate_json(await redis_client.hget(keys.job_key(r.json()["id"]), F.PAYLOAD))
+    assert time.time() + 25 < payload.deadline <= time.time() + 30
+    r = await client.post("/v1/jobs", json={**PROMPT, "deadline": "2100-01-01T00:00:00Z"})
+    payload = JobPayload.model_validate_json(await redis_client.hget(keys.job_key(r.json()["id"]), F.PAYLOAD))
+    assert payload.deadline == 4102444800.0
+    assert_error(await client.post("/v1/jobs", json={**PROMPT, "deadline": time.time() - 1}), 400, "deadline")
+    err = assert_error(await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}], "deadline": "2001-01-01T00:00:00Z"}),
+        400, "deadline")
+    assert "past" in err["message"]
+    assert_error(await client.post("/v1/completions", json={**PROMPT, "ttl": 0}), 400, "ttl")
+    assert_error(await client.post("/v1/jobs", json={**PROMPT, "deadline": "tomorrow"}), 400, "deadline")
+    assert await queued_entries(redis_client) == 2
+
+
+async def test_webhook_url_is_checked(client, idle_worker, redis_client, monkeypatch):
+    monkeypatch.delenv("TOKENQ_WEBHOOK_ALLOW", raising=False)
+    err = assert_error(await client.post("/v1/jobs", json={**PROMPT, "webhook_url": "http://127.0.0.1:9/hook"}),
+                       400, "webhook_url")
+    assert "webhook_url" in err["message"]
+    assert_error(await client.post("/v1/jobs", json={**PROMPT, "webhook_url": "file:///etc/passwd"}), 400,
+                 "webhook_url")
+    assert await queued_entries(redis_client) == 0
+    monkeypatch.setenv("TOKENQ_WEBHOOK_ALLOW", "127.0.0.1/32")
+    r = await client.post("/v1/jobs", json={**PROMPT, "webhook_url": "http://127.0.0.1:9/hook"})
+    assert r.status_code == 202, r.text
+    record = await redis_client.hgetall(keys.job_key(r.json()["id"]))
+    assert record[F.WEBHOOK_URL] == "http://127.0.0.1:9/hook"
+    assert JobPayload.model_validate_json(record[F.PAYLOAD]).webhook_url == "http://127.0.0.1:9/hook"
+    # Its cancel goes through the shared finish, which puts the job on the webhook outbox.
+    await client.delete(f"/v1/jobs/{r.json()['id']}")
+    outbox = await redis_client.xrange(keys.WEBHOOK_OUTBOX)
+    assert [e[1] for e in outbox] == [{"job_id": r.json()["id"], "state": "cancelled"}]
+
+
+async def test_sliding_window_and_retry_after(redis_client):
+    """The previous minute's count fades out linearly; Retry-After says when the next request fits."""
+    from gateway.admission import Admission
+    from gateway.auth import Tenant
+    from gateway.errors import ApiError
+
+    admission = Admission(redis_client)
+    tenant = Tenant("w", rpm=2)
+    t0 = 1_000_000 * 60 + 30.0  # half way through a minute
+    assert await admission.admit(tenant, "j1", 1, None, now=t0) is None
+    assert await admission.admit(tenant, "j2", 1, None, now=t0 + 1) is None
+    with pytest.raises(ApiError) as refused:
+        await admission.admit(tenant, "j3", 1, None, now=t0 + 2)
+    # Next minute the 2 count at full weight; one fits when half of them have slid out: 30 s into it.
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "58"
+    with pytest.raises(ApiError):
+        await admission.admit(tenant, "j3", 1, None, now=t0 + 30 + 29)  # 29 s into the next minute
+    assert await admission.admit(tenant, "j3", 1, None, now=t0 + 30 + 31) is None
+    # Two minutes on, nothing is left of either.
+    assert await admission.admit(tenant, "j4", 1, None, now=t0 + 150) is None
+    assert await admission.admit(tenant, "j5", 1, None, now=t0 + 151) is None

@@ -1,0 +1,117 @@
+"""Publisher and serve() pieces against a real Redis, without the whole service where possible."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from prometheus_client import REGISTRY
+
+from protocol import job_record as f
+from protocol import keys
+from protocol.jobs import JobPayload, new_job_id
+from protocol.sampling import SamplingParams
+from tests.conftest import free_port
+from tests.fakes import FakeEngine, submit_job
+from tests.integration import test_worker_service as svc
+from worker.engine.outputs import RequestOutput
+from worker.engine_loop import EngineLoop
+from worker.intake import Intake
+from worker.publisher import Publisher, RunningJob
+
+MODEL = "pub-model"
+
+
+def payload(prompt: list[int]) -> JobPayload:
+    return JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=prompt,
+                      sampling=SamplingParams(max_tokens=4))
+
+
+async def test_second_final_write_is_dropped_and_counted(redis_client):
+    r = redis_client
+    p = payload([1, 2])
+    await submit_job(r, p)
+    stream = keys.jobs_stream(MODEL, "default", "default")
+    await r.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    [[_, [(entry_id, _)]]] = await r.xreadgroup(keys.GROUP, "c", {stream: ">"}, count=1)
+    await r.hset(keys.job_key(p.id), mapping={f.STATE: "succeeded", f.RESULT: "{}"})  # someone else won
+
+    pub = Publisher(r, EngineLoop(FakeEngine()), MODEL)
+    pub.track(RunningJob(payload=p, stream=stream, entry_id=entry_id, streamed=False, seq=0,
+                         started_at=time.time()))
+    before = REGISTRY.get_sample_value("tokenq_duplicate_final_writes_total", {"model": MODEL}) or 0.0
+    await pub.publish([RequestOutput(p.id, [1], "t1 ", finished=True, finish_reason="stop")])
+    after = REGISTRY.get_sample_value("tokenq_duplicate_final_writes_total", {"model": MODEL})
+    assert after == before + 1
+    h = await r.hgetall(keys.job_key(p.id))
+    assert h[f.RESULT] == "{}" and f.TEXT not in h  # untouched
+    assert await r.xlen(stream) == 0 and len(pub) == 0
+
+
+async def test_intake_start_counts_attempts_and_keeps_seq(redis_client):
+    """A rerun (the job was reclaimed) bumps attempts, clears the old text, keeps seq increasing."""
+    r = redis_client
+    p = payload([1, 2, 3])
+    await submit_job(r, p, streamed=True)
+    await r.hset(keys.job_key(p.id), mapping={f.STATE: "running", f.ATTEMPTS: 1, f.SEQ: 5, f.TEXT: "old"})
+    engine_loop = EngineLoop(FakeEngine())
+    engine_loop.start()
+    try:
+        pub = Publisher(r, engine_loop, MODEL)
+        intake = Intake(r, engine_loop, pub, MODEL, "host:1", max_model_len=64, block_ms=50)
+        await intake.ensure_groups()
+        assert await intake.poll() == 1
+        job = pub.jobs[p.id]
+        assert job.seq == 5 and job.streamed
+        h = await r.hgetall(keys.job_key(p.id))
+        assert h[f.ATTEMPTS] == "2" and h[f.TEXT] == "" and h[f.WORKER] == "host:1"
+    finally:
+        engine_loop.stop()
+
+
+async def test_metrics_endpoint(redis_url, redis_client):
+    port = free_port()
+    p = svc.payload([1, 2, 3])
+    await submit_job(redis_client, p)
+    async with svc.running(redis_url, FakeEngine(), metrics_port=port):
+        await svc.final_state(redis_client, p.id)
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    assert 'tokenq_worker_requests_finished_total{model="fake-model",reason="stop"}' in body
+    assert "tokenq_worker_time_to_first_token_seconds_bucket" in body
+
+
+SERVE = """
+import sys
+from protocol.workers import ModelCard
+from tests.fakes import FakeEngine
+from worker.service import serve
+serve(sys.argv[1], "serve-model", FakeEngine(), ModelCard(name="serve-model", max_model_len=64,
+      tokenizer_json=""), worker_id="serve-host:1", grace_s=1.0)
+"""
+
+
+async def test_serve_stops_on_sigterm(redis_url, redis_client):
+    r = redis_client
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, redis_url], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not await r.exists(keys.worker_key("serve-host:1")):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read().decode()
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read().decode()
+    assert rc == 0, out
+    assert not await r.exists(keys.worker_key("serve-host:1"))
+    assert '"worker stopped"' in out or "worker stopped" in out

@@ -1,0 +1,286 @@
+"""Leases against a real Redis: reclaiming a dead worker's entries, keeping our own, the delivery limit,
+duplicate final writes, and the drain's hand-back to another worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from prometheus_client import REGISTRY
+
+from protocol import job_record as f
+from protocol import keys
+from protocol.jobs import JobResult
+from protocol.scripts import START_JOB
+from tests.fakes import FakeEngine, expected_text, submit_job
+from tests.integration.test_worker_service import MODEL, final_state, payload, running, wait_until
+
+STREAM = keys.jobs_stream(MODEL, "default", "default")
+DEAD = "dead-host:1"
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model": MODEL}) or 0.0
+
+
+async def read_as_dead_worker(r, n: int) -> list[str]:
+    """Deliver n entries to a consumer that then 'dies' (starts its jobs, never finishes them)."""
+    await r.xgroup_create(STREAM, keys.GROUP, id="0", mkstream=True)
+    [[_, entries]] = await r.xreadgroup(keys.GROUP, DEAD, {STREAM: ">"}, count=n)
+    start = r.register_script(START_JOB)
+    for _, fields in entries:
+        await start(keys=[keys.job_key(fields["job_id"])], args=[repr(time.time()), DEAD])
+    return [eid for eid, _ in entries]
+
+
+async def pending_of(r, consumer: str) -> int:
+    info = await r.xpending(STREAM, keys.GROUP)
+    return next((int(c["pending"]) for c in info["consumers"] if c["name"] == consumer), 0)
+
+
+async def test_dead_workers_entries_are_rerun_after_the_lease(redis_url, redis_client):
+    r = redis_client
+    p = payload([5, 6, 7], max_tokens=3)
+    await submit_job(r, p)
+    [entry_id] = await read_as_dead_worker(r, 1)
+    died_at = time.time()
+    before = metric("tokenq_worker_reclaimed_entries_total")
+    async with running(redis_url, FakeEngine(), lease_s=1.0):
+        h = await final_state(r, p.id)
+    assert h[f.STATE] == "succeeded" and h[f.ATTEMPTS] == "2" and h[f.WORKER] == "test-host:1"
+    assert JobResult.model_validate_json(h[f.RESULT]).text == expected_text([5, 6, 7], 3)
+    assert float(h[f.STARTED_AT]) - died_at >= 1.0  # not before the lease lapsed
+    assert metric("tokenq_worker_reclaimed_entries_total") == before + 1
+    assert await r.xlen(STREAM) == 0 and (await r.xpending(STREAM, keys.GROUP))["pending"] == 0
+    assert await r.xlen(keys.DEAD_STREAM) == 0
+    assert entry_id
+
+
+async def test_claims_no_more_than_the_engine_admits(redis_url, redis_client):
+    r = redis_client
+    jobs = [payload(list(range(1, 20))) for _ in range(6)]
+    for p in jobs:
+        await submit_job(r, p)
+    await read_as_dead_worker(r, 6)
+    await asyncio.sleep(0.5)
+    seen = 0
+    async with running(redis_url, FakeEngine(capacity=2, step_sleep=0.01), lease_s=0.5):
+        async def all_done() -> bool:
+            nonlocal seen
+            seen = max(seen, await pending_of(r, "test-host:1"))
+            assert seen <= 2
+            states = [await r.hget(keys.job_key(p.id), f.STATE) for p in jobs]
+            return all(s == "succeeded" for s in states)
+
+        await wait_until(all_done, timeout=20)
+    assert seen == 2
+    assert await r.xlen(STREAM) == 0
+
+
+async def test_running_entries_keep_their_lease(redis_url, redis_client):
+    """A live worker's entries never idle past the lease, so nobody can claim them while it runs them."""
+    r = redis_client
+    p = payload(list(range(1, 200)))  # ~200 steps of 10 ms: runs for several leases
+    await submit_job(r, p)
+    lease_ms = 600
+    async with running(redis_url, FakeEngine(step_sleep=0.01), lease_s=lease_ms / 1000):
+        await wait_until(lambda: r.hget(keys.job_key(p.id), f.STATE), timeout=5)
+        idles = []
+        while await r.hget(keys.job_key(p.id), f.STATE) == "running":
+            [entry] = await r.xpending_range(STREAM, keys.GROUP, "-", "+", 1) or [None]
+            if entry is None:
+                break
+            idles.append(entry["time_since_delivered"])
+            _, claimed, _ = await r.xautoclaim(STREAM, keys.GROUP, "thief", min_idle_time=lease_ms, count=10)
+            assert claimed == []
+            await asyncio.sleep(0.05)
+        h = await final_state(r, p.id)
+    assert len(idles) > 20 and max(idles) < lease_ms
+    assert h[f.STATE] == "succeeded" and h[f.ATTEMPTS] == "1"
+
+
+async def test_lost_lease_stops_the_local_copy(redis_url, redis_client):
+    """If another worker took an entry over (our lease had lapsed), we abort our copy and write nothing."""
+    r = redis_client
+    p = payload(list(range(1, 300)))
+    await submit_job(r, p)
+    engine = FakeEngine(step_sleep=0.01)
+    async with running(redis_url, engine, lease_s=0.6):
+        await wait_until(lambda: _state_is(r, p.id, "running"))
+        [entry] = await r.xpending_range(STREAM, keys.GROUP, "-", "+", 1)
+        await r.xclaim(STREAM, keys.GROUP, "other-host:9", 0, [entry["message_id"]], justid=True)
+        await wait_until(lambda: _true(p.id in engine.aborted or not engine.requests), timeout=3)
+        await asyncio.sleep(0.3)
+        h = await r.hgetall(keys.job_key(p.id))
+    assert h[f.STATE] == "running" and f.RESULT not in h
+    [entry] = await r.xpending_range(STREAM, keys.GROUP, "-", "+", 1)
+    assert entry["consumer"] == "other-host:9"  # still theirs: we did not take it back
+
+
+async def test_delivery_limit_dead_letters_and_fails_the_job(redis_url, redis_client):
+    r = redis_client
+    p = payload([1, 2, 3])
+    await submit_job(r, p)
+    [entry_id] = await read_as_dead_worker(r, 1)
+    # Two more workers died running it: delivered 3 times; the next claim passes the limit of 3.
+    await r.xclaim(STREAM, keys.GROUP, DEAD, 0, [entry_id], idle=10_000, retrycount=3, justid=True)
+    before = metric("tokenq_worker_dead_lettered_total")
+    engine = FakeEngine()
+    async with running(redis_url, engine, lease_s=1.0, max_deliveries=3):
+        h = await final_state(r, p.id)
+    assert h[f.STATE] == "failed"
+    err = json.loads(h[f.ERROR])
+    assert err["type"] == "max_deliveries_exceeded" and "delivered 4 times" in err["message"]
+    [(_, dead)] = await r.xrange(keys.DEAD_STREAM)
+    assert dead == {"job_id": p.id, "stream": STREAM, "entry_id": entry_id, "deliveries": "4",
+                    "reason": err["message"]}
+    assert engine.added == []
+    assert await r.xlen(STREAM) == 0 and (await r.xpending(STREAM, keys.GROUP))["pending"] == 0
+    assert metric("tokenq_worker_dead_lettered_total") == before + 1
+    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"
+
+
+async def test_stale_entry_of_a_final_job_is_dropped_and_counted(redis_url, redis_client):
+    """A worker died between its final write and XACK: the job is not run again, nor dead-lettered; the
+    late final write is dropped and counted."""
+    r = redis_client
+    ran, limit = payload([1, 2]), payload([3, 4])
+    for p in (ran, limit):
+        await submit_job(r, p)
+    ids = await read_as_dead_worker(r, 2)
+    for p in (ran, limit):
+        await r.hset(keys.job_key(p.id), mapping={f.STATE: "succeeded", f.RESULT: "{}"})
+    await r.xclaim(STREAM, keys.GROUP, DEAD, 0, [ids[1]], idle=10_000, retrycount=3, justid=True)
+    before = metric("tokenq_duplicate_final_writes_total")
+    engine = FakeEngine()
+    async with running(redis_url, engine, lease_s=0.5, max_deliveries=3):
+        await wait_until(lambda: _xlen_is(r, STREAM, 0), timeout=5)
+    assert engine.added == []
+    assert await r.xlen(keys.DEAD_STREAM) == 0
+    assert metric("tokenq_duplicate_final_writes_total") == before + 1  # the dead-letter's failed write
+    for p in (ran, limit):
+        h = await r.hgetall(keys.job_key(p.id))
+        assert h[f.STATE] == "succeeded" and h[f.RESULT] == "{}"
+
+
+async def test_drained_jobs_are_taken_over_at_once(redis_url, redis_client):
+    """SIGTERM-style stop with a short grace: the unfinished jobs are handed back and another worker,
+    whose lease is 30 s, runs them right away."""
+    r = redis_client
+    jobs = [payload(list(range(1, 150))) for _ in range(2)]
+    for p in jobs:
+        await submit_job(r, p)
+    async with running(redis_url, FakeEngine(step_sleep=0.02), worker_id="a-host:1", grace_s=0.2, lease_s=30):
+        await wait_until(lambda: _all_state(r, jobs, "running"))
+    stopped = time.monotonic()
+    async with running(redis_url, FakeEngine(step_sleep=0.001), worker_id="b-host:2", lease_s=30):
+        for p in jobs:
+            h = await final_state(r, p.id)
+            assert h[f.STATE] == "succeeded" and h[f.WORKER] == "b-host:2" and h[f.ATTEMPTS] == "2"
+    assert time.monotonic() - stopped < 10  # far less than the 30 s lease
+    assert await r.xlen(STREAM) == 0
+
+
+async def _state_is(r, job_id: str, state: str) -> bool:
+    return await r.hget(keys.job_key(job_id), f.STATE) == state
+
+
+async def _all_state(r, jobs, state: str) -> bool:
+    return all([await _state_is(r, p.id, state) for p in jobs])
+
+
+async def _xlen_is(r, stream: str, n: int) -> bool:
+    return await r.xlen(stream) == n
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_heartbeat_writes_the_card_again_when_redis_lost_it(redis_client):
+    from tests.integration.test_worker_service import CARD
+    from worker.engine_loop import EngineLoop
+    from worker.heartbeat import Heartbeat
+
+    r = redis_client
+    hb = Heartbeat(r, "hb:1", CARD, EngineLoop(FakeEngine()), capacity=4)
+    await hb.start()
+    await r.delete(keys.model_card_key(MODEL))  # a Redis restart without persistence
+    await hb.beat()
+    assert await r.hget(keys.model_card_key(MODEL), "card") == CARD.model_dump_json()
+
+
+SERVE = """
+import sys
+from protocol.workers import ModelCard
+from tests.fakes import FakeEngine
+from worker.service import serve
+serve(sys.argv[1], "fake-model", FakeEngine(step_sleep=0.05), ModelCard(name="fake-model", max_model_len=2048,
+      tokenizer_json=""), worker_id="term-host:1")
+"""
+
+
+async def test_sigterm_drains_within_the_grace_and_hands_back(redis_url, redis_client):
+    """A real process: SIGTERM, a job that cannot finish in TOKENQ_DRAIN_GRACE_S, a short one that can."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    r = redis_client
+    long, short = payload(list(range(1, 200))), payload(list(range(1, 30)))  # ~10 s and ~1.5 s
+    for p in (long, short):
+        await submit_job(r, p)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TOKENQ_DRAIN_GRACE_S": "3"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, redis_url], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        await wait_until(lambda: _all_state(r, [long, short], "running"), timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        rc = await asyncio.to_thread(proc.wait, 20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read().decode()
+    assert rc == 0, out
+    assert 2.5 < took < 6, took
+    assert (await r.hget(keys.job_key(short.id), f.STATE)) == "succeeded"  # finished within the grace
+    h = await r.hgetall(keys.job_key(long.id))
+    assert h[f.STATE] == "queued" and f.RESULT not in h
+    [entry] = await r.xpending_range(STREAM, keys.GROUP, "-", "+", 10)
+    assert entry["time_since_delivered"] > 3600_000 and entry["times_delivered"] == 0
+    assert "handed unfinished jobs back" in out
+
+
+async def test_final_write_survives_a_redis_restart(tmp_path):
+    """The job finishes in the engine while Redis is down; its final write lands once Redis is back."""
+    import redis.asyncio as aioredis
+
+    from tests.processes import RestartableRedis
+
+    red = RestartableRedis(tmp_path)
+    red.start()
+    r = aioredis.from_url(red.url, decode_responses=True)
+    prompt = list(range(1, 50))  # ~1 s in the engine
+    p = payload(prompt)
+    await submit_job(r, p)
+    try:
+        engine = FakeEngine(step_sleep=0.02)
+        async with running(red.url, engine, lease_s=30):
+            await wait_until(lambda: _state_is(r, p.id, "running"))
+            await r.aclose()
+            red.kill()
+            await asyncio.sleep(2.0)
+            assert not engine.requests  # done in the engine while Redis was away
+            red.start()
+            r = aioredis.from_url(red.url, decode_responses=True)
+            h = await final_state(r, p.id, timeout=20)
+        assert h[f.STATE] == "succeeded" and h[f.ATTEMPTS] == "1"
+        assert JobResult.model_validate_json(h[f.RESULT]).text == expected_text(prompt, 256)
+        assert await r.xlen(STREAM) == 0
+    finally:
+        await r.aclose()
+        red.kill()

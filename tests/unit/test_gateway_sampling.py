@@ -1,0 +1,69 @@
+"""Request fields → protocol SamplingParams, and the 400s that name the client's field."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import ApiError
+from gateway.sampling import MAX_DEFAULT_TOKENS, check_n, to_sampling
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="m", messages=MSG, **kw)
+
+
+def test_fields_map_onto_sampling_params():
+    s = to_sampling(chat(max_completion_tokens=7, temperature=0, top_p=0.5, top_k=-1, min_p=0.1, seed=3,
+                         stop="END", stop_token_ids=[2], presence_penalty=0.5, frequency_penalty=-0.5,
+                         repetition_penalty=1.1, min_tokens=2, ignore_eos=True, logprobs=True,
+                         top_logprobs=3), 10, 100, "messages")
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (7, 0.0, 0.5, 0, 0.1, 3)
+    assert s.stop == ["END"] and s.stop_token_ids == [2] and s.logprobs == 3 and s.ignore_eos
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_tokens) == (0.5, -0.5, 1.1, 2)
+    assert to_sampling(chat(), 10, 100, "messages").logprobs is None
+    assert to_sampling(CompletionRequest(model="m", prompt="x", logprobs=2), 1, 100, "prompt").logprobs == 2
+
+
+def test_default_max_tokens_is_the_rest_of_the_context_capped():
+    assert to_sampling(chat(), 10, 100, "messages").max_tokens == 90
+    assert to_sampling(chat(), 10, 100_000, "messages").max_tokens == MAX_DEFAULT_TOKENS
+
+
+@pytest.mark.parametrize("kw, param, needle", [
+    ({"temperature": 5}, "temperature", "less than or equal to 2"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs", "20"),
+    ({"stop": [str(i) for i in range(9)]}, None, "at most 8"),
+    ({"min_tokens": 5, "max_tokens": 2}, None, "min_tokens"),
+    ({"max_tokens": 95}, "max_tokens", "prompt has 10 tokens and max_tokens is 95"),
+])
+def test_bad_values_name_the_field(kw, param, needle):
+    with pytest.raises(ApiError) as e:
+        to_sampling(chat(**kw), 10, 100, "messages")
+    assert e.value.status == 400 and e.value.param == param and needle in e.value.message
+
+
+def test_prompt_filling_the_context():
+    with pytest.raises(ApiError) as e:
+        to_sampling(chat(), 100, 100, "messages")
+    assert e.value.param == "messages" and "100 tokens" in e.value.message
+
+
+def test_n_must_be_one():
+    check_n(chat(n=1))
+    with pytest.raises(ApiError):
+        check_n(chat(n=2))
+
+
+def test_job_create_needs_exactly_one_prompt():
+    with pytest.raises(ValueError):
+        JobCreate(model="m")
+    with pytest.raises(ValueError):
+        JobCreate(model="m", prompt="a", messages=MSG)
+    assert JobCreate(model="m", prompt="a").priority == "default"
+    assert chat().priority == "interactive"

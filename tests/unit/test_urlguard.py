@@ -1,0 +1,84 @@
+"""Webhook URL checks: syntax, non-public literal addresses, resolved addresses, the allow-list."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from protocol import urlguard
+from protocol.urlguard import UnsafeURL, check_webhook_url, resolve_public, resolve_public_sync
+
+NON_PUBLIC = [
+    "127.0.0.1", "127.1.2.3", "10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.1", "192.168.1.1",
+    "169.254.169.254", "0.0.0.0", "100.64.0.1", "100.127.255.254", "224.0.0.1", "255.255.255.255",
+    "[::1]", "[::]", "[fc00::1]", "[fd12:3456::1]", "[fe80::1]", "[::ffff:127.0.0.1]", "[::ffff:10.0.0.1]",
+    "[ff0e::1]", "[2002:7f00:1::1]", "[64:ff9b::7f00:1]",
+]
+
+
+@pytest.mark.parametrize("host", NON_PUBLIC)
+def test_non_public_literal_refused(host: str) -> None:
+    with pytest.raises(UnsafeURL, match="non-public"):
+        check_webhook_url(f"http://{host}/hook", allow="")
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "[2606:4700:4700::1111]", "example.com"])
+def test_public_or_unresolved_host_accepted(host: str) -> None:
+    check_webhook_url(f"https://{host}:8443/hook?x=1", allow="")
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/", "file:///etc/passwd", "gopher://x/", "example.com/x",
+                                 "javascript:alert(1)", "http:///path", "http://example.com:99999/"])
+def test_bad_syntax_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL):
+        check_webhook_url(url, allow="")
+
+
+@pytest.mark.parametrize("url", ["http://user:pw@example.com/", "http://user@example.com/",
+                                 "http://8.8.8.8@127.0.0.1/"])
+def test_userinfo_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="user name"):
+        check_webhook_url(url, allow="")
+
+
+def test_allow_list_by_cidr_and_host_name() -> None:
+    check_webhook_url("http://127.0.0.1:9/", allow="127.0.0.0/8")
+    check_webhook_url("http://10.1.2.3/", allow=" 192.168.0.0/16 , 10.1.0.0/16")
+    check_webhook_url("http://[::1]:8080/", allow="::1/128")
+    with pytest.raises(UnsafeURL):
+        check_webhook_url("http://10.2.0.1/", allow="10.1.0.0/16")
+    # A host name on the list skips the address checks entirely (exact, case-insensitive match).
+    assert resolve_public_sync("http://LocalHost:8080/", allow="localhost")
+    with pytest.raises(UnsafeURL):
+        resolve_public_sync("http://localhost:8080/", allow="otherhost")
+
+
+def test_allow_list_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(urlguard.ALLOW_ENV, "127.0.0.1/32")
+    check_webhook_url("http://127.0.0.1/")
+    with pytest.raises(UnsafeURL):
+        check_webhook_url("http://127.0.0.1/", allow="")
+
+
+def _fake_resolver(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> None:
+    def getaddrinfo(host, port, *args, **kwargs):
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                for a in answers]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_resolution_checks_every_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_resolver(monkeypatch, ["93.184.216.34", "10.0.0.5"])
+    with pytest.raises(UnsafeURL, match="10.0.0.5"):
+        resolve_public_sync("https://rebind.example/hook", allow="")
+    _fake_resolver(monkeypatch, ["93.184.216.34", "2606:2800:220:1::1"])
+    addrs = resolve_public_sync("https://ok.example/hook", allow="")
+    assert [str(a) for a in addrs] == ["93.184.216.34", "2606:2800:220:1::1"]
+
+
+async def test_async_resolution_refuses_loopback() -> None:
+    with pytest.raises(UnsafeURL, match="non-public"):
+        await resolve_public("http://localhost:1/", allow="")
+    assert [str(a) for a in await resolve_public("http://127.0.0.1:1/", allow="127.0.0.1")] == ["127.0.0.1"]

@@ -1,0 +1,90 @@
+"""Pure helpers of the publisher: deltas, results, final writes, logprobs; and the worker's id."""
+
+from __future__ import annotations
+
+import json
+
+from protocol.jobs import JobPayload
+from protocol.sampling import SamplingParams
+from worker.engine.outputs import RequestOutput, TokenLogprobs
+from worker.engine_loop import FailedOutput
+from worker.publisher import RunningJob, build_result, final_write, to_protocol_logprobs
+from worker.service import default_worker_id, token_text_from
+
+
+def job(**sampling) -> RunningJob:
+    p = JobPayload(id="job_1", model="m", kind="chat", prompt_token_ids=[1, 2, 3],
+                   sampling=SamplingParams(**sampling))
+    return RunningJob(payload=p, stream="s", entry_id="1-0", streamed=True, seq=4, started_at=0.0)
+
+
+def test_deltas_cover_the_text_once_with_increasing_seq():
+    j = job()
+    j.absorb(RequestOutput("job_1", [7], "Hel"), now=1.0)
+    d1 = j.take_delta()
+    j.absorb(RequestOutput("job_1", [8], ""), now=2.0)  # held back by the detokenizer
+    assert j.take_delta() is None
+    j.absorb(RequestOutput("job_1", [9], "lo"), now=3.0)
+    d2 = j.take_delta()
+    assert (d1.seq, d1.offset, d1.text, d1.token_ids) == (5, 0, "Hel", [7])
+    assert (d2.seq, d2.offset, d2.text, d2.token_ids) == (6, 3, "lo", [8, 9])
+    assert j.first_token_at == 1.0 and j.seq == 6
+
+
+def test_result_from_outputs():
+    j = job(logprobs=1)
+    j.absorb(RequestOutput("job_1", [7], "a", num_prompt_tokens=3, num_output_tokens=1, num_cached_tokens=2,
+                           logprobs=[TokenLogprobs(7, -0.1, [(7, -0.1)])]), now=1.0)
+    j.absorb(RequestOutput("job_1", [8], "b", finished=True, finish_reason="stop", num_prompt_tokens=3,
+                           num_output_tokens=2, logprobs=[TokenLogprobs(8, -0.2, [(8, -0.2)])]), now=2.0)
+    r = build_result(j, token_text=lambda i: f"<{i}>")
+    assert r.text == "ab" and r.finish_reason == "stop" and r.token_ids == [7, 8]
+    assert r.usage.model_dump() == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                                    "cached_tokens": 2}
+    assert [(lp.token, lp.top) for lp in r.logprobs] == [("<7>", [(7, "<7>", -0.1)]), ("<8>", [(8, "<8>", -0.2)])]
+    state, field, body = final_write(j)
+    assert state == "succeeded" and field == "result" and json.loads(body)["text"] == "ab"
+
+
+def test_error_output_becomes_failed_job():
+    j = job()
+    j.absorb(FailedOutput("job_1", [], "", finished=True, finish_reason="error", error="boom"), now=1.0)
+    state, field, body = final_write(j)
+    assert (state, field) == ("failed", "error")
+    assert json.loads(body) == {"type": "engine_error", "message": "boom"}
+
+
+def test_usage_falls_back_to_counts_when_engine_reports_none():
+    j = job()
+    j.absorb(RequestOutput("job_1", [5, 6], "xy", finished=True, finish_reason="weird"), now=1.0)
+    r = build_result(j)
+    assert r.finish_reason == "stop"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 2)
+    assert r.logprobs is None
+
+
+def test_logprob_tokens_are_empty_without_a_tokenizer():
+    [lp] = to_protocol_logprobs([TokenLogprobs(3, -1.0, [(3, -1.0), (4, -2.0)])], None)
+    assert lp.token == "" and lp.top == [(3, "", -1.0), (4, "", -2.0)]
+
+
+def test_worker_id_is_host_and_pid():
+    host, pid = default_worker_id().rsplit(":", 1)
+    assert host and pid.isdigit()
+
+
+def test_token_text_needs_a_loadable_tokenizer():
+    from protocol.workers import ModelCard
+
+    assert token_text_from(object(), ModelCard(name="m", max_model_len=8, tokenizer_json="")) is None
+    assert token_text_from(object(), ModelCard(name="m", max_model_len=8, tokenizer_json="{bad")) is None
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return f"<{ids[0]}>"
+
+    class Engine:
+        tokenizer = Tok()
+
+    text = token_text_from(Engine(), ModelCard(name="m", max_model_len=8, tokenizer_json=""))
+    assert text is not None and text(5) == "<5>"

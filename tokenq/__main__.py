@@ -1,0 +1,3 @@
+from tokenq.cli import main
+
+main()

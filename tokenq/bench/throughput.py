@@ -1,0 +1,123 @@
+"""`tokenq bench throughput`: offline throughput of our engine against transformers' continuous batching
+(`generate_batch`) on the same random-weight model and the same requests.
+
+Every request has a prompt of uniform random length and random tokens and generates exactly --output-len
+tokens greedily (no EOS). The peer is slow, so it may run on the first --peer-num-requests requests only;
+ours then runs on that same subset too, and the like-for-like ratio is the one on the subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from tokenq.bench import gpu_common as gc
+
+
+def add_parser(bsub) -> argparse.ArgumentParser:
+    help_ = "offline tokens/s on a random-weight model vs transformers' generate_batch"
+    return configure(bsub.add_parser("throughput", help=help_))
+
+
+def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--min-prompt-len", type=int, default=64)
+    p.add_argument("--max-prompt-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--peer-num-requests", type=int, default=None,
+                   help="run the peer on the first N requests only (default: all)")
+    p.add_argument("--out", default="bench-throughput.json")
+    gc.add_flags(p, max_num_seqs=512, max_num_batched_tokens=8192)
+    return p
+
+
+def _run_ours(engine, prompts: list[list[int]], output_len: int, device: str) -> dict:
+    from protocol.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    gc.sync(device)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - t0
+    lengths = [len(o.new_token_ids) for o in outs]
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {"num_requests": len(prompts), "seconds": seconds, "prompt_tokens": prompt_tokens,
+            "output_tokens": sum(lengths), "output_tokens_per_s": sum(lengths) / seconds,
+            "total_tokens_per_s": (sum(lengths) + prompt_tokens) / seconds,
+            "all_lengths_ok": all(n == output_len for n in lengths)}
+
+
+def main(args: argparse.Namespace) -> int:
+    from tokenq.bench.report import machine_info, print_table, write_json
+    from worker.models.random_weights import hf_peer
+
+    setup = gc.build_model(args)
+    vocab = setup.model_cfg.vocab_size
+    prompts = gc.random_prompts(args.num_requests, args.min_prompt_len, args.max_prompt_len, vocab, args.seed)
+    peer_n = min(args.peer_num_requests or len(prompts), len(prompts))
+    max_len = args.max_prompt_len + args.output_len
+    kv_tokens = sum(len(p) for p in prompts) + len(prompts) * args.output_len
+    cfg = gc.engine_config(args, setup, max_len, kv_tokens)
+    print(f"{len(prompts)} requests, prompts {args.min_prompt_len}-{args.max_prompt_len} random tokens, "
+          f"{args.output_len} new tokens each (greedy, no EOS); random {setup.shape} model in {setup.dtype} "
+          f"on {setup.device} (built in {setup.seconds_to_build:.1f} s)")
+
+    engine, startup = gc.make_engine(setup, cfg)
+    print(f"engine start-up {startup:.1f} s: {engine.runner.num_blocks} KV blocks of {cfg.block_size} tokens, "
+          f"CUDA graphs: {engine.runner.graphs is not None}")
+    if engine.runner.memory_profile:
+        print("KV cache sized by profiling: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                           engine.runner.memory_profile.items()))
+    gc.warm_up(engine, vocab, min(args.max_prompt_len, 64))
+    ours = _run_ours(engine, prompts, args.output_len, setup.device)
+    ours_subset = None
+    if not args.skip_peer and peer_n < len(prompts):
+        ours_subset = _run_ours(engine, prompts[:peer_n], args.output_len, setup.device)
+    num_blocks, memory = engine.runner.num_blocks, engine.runner.memory_profile
+    gc.free_engine(engine)
+
+    result: dict = {
+        "benchmark": "throughput", "model_shape": setup.shape, "model_config": setup.config,
+        "machine": machine_info(),
+        "workload": {"num_requests": len(prompts), "prompt_len": [args.min_prompt_len, args.max_prompt_len],
+                     "output_len": args.output_len, "seed": args.seed, "greedy": True, "ignore_eos": True,
+                     "detokenize": False},
+        "engine_config": vars(cfg) | {"num_kv_blocks": num_blocks},
+        "engine_startup_s": startup, "kv_cache_profile": memory, "ours": ours,
+    }
+    rows = [["tokenq", ours["num_requests"], ours["output_tokens"], ours["seconds"], ours["output_tokens_per_s"],
+             ours["total_tokens_per_s"]]]
+    if ours_subset is not None:
+        result["ours_on_peer_subset"] = ours_subset
+        rows.append(["tokenq (peer's subset)", peer_n, ours_subset["output_tokens"], ours_subset["seconds"],
+                     ours_subset["output_tokens_per_s"], ours_subset["total_tokens_per_s"]])
+    if not args.skip_peer:
+        hf = hf_peer(setup.model, setup.config)
+        peer = gc.peer_generate_batch(hf, prompts[:peer_n], args.output_len)
+        peer["subset_of_workload"] = peer_n < len(prompts)
+        peer_total = (peer["output_tokens"] + sum(len(p) for p in prompts[:peer_n])) / peer["seconds"]
+        rows.append([f"transformers generate_batch ({peer['attn_implementation']})", peer_n,
+                     peer["output_tokens"], peer["seconds"], peer["output_tokens_per_s"], peer_total])
+        same = ours_subset or ours
+        result["peer"] = peer
+        result["ratio_output_tokens_per_s"] = same["output_tokens_per_s"] / peer["output_tokens_per_s"]
+        result["ratio_basis"] = (f"both on the same first {peer_n} requests" if peer_n < len(prompts)
+                                 else "both on all requests")
+        if peer_n < len(prompts):
+            result["ratio_full_workload_vs_peer_subset"] = ours["output_tokens_per_s"] / peer["output_tokens_per_s"]
+    print_table("offline throughput", ["system", "requests", "output tokens", "seconds", "output tok/s",
+                                       "total tok/s"], rows)
+    if "ratio_output_tokens_per_s" in result:
+        print(f"\nratio tokenq / transformers (output tokens/s, {result['ratio_basis']}): "
+              f"{result['ratio_output_tokens_per_s']:.2f}x")
+        if peer_n < len(prompts):
+            print(f"the peer ran on {peer_n} of {len(prompts)} requests (it is slow); tokenq on all "
+                  f"{len(prompts)}: {result['ratio_full_workload_vs_peer_subset']:.2f}x the peer's subset rate")
+        print(f"peer seconds leave out its set-up and warm-up ({result['peer']['call_seconds']:.1f} s with them)")
+    write_json(args.out, result)
+    return 0 if ours["all_lengths_ok"] and result.get("peer", {}).get("all_lengths_ok", True) else 1
+
+
+if __name__ == "__main__":  # without the tokenq CLI (and the service packages it imports)
+    gc.standalone(configure, main)

@@ -1,0 +1,70 @@
+"""`tokenq keys create|list|revoke`: API keys and tenant limits (storage in gateway/apikeys.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+
+import redis.asyncio as aioredis
+
+from gateway.apikeys import create_key, list_keys, revoke_key
+
+
+def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (auth is on once one exists)")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    create = ksub.add_parser("create", help="a new key for a tenant; prints it once, with the tenant's "
+                                            "webhook secret")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute (0: no limit)")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute, prompt + max_tokens")
+    create.add_argument("--max-queued", type=int, default=None, help="jobs queued or running at once")
+    ksub.add_parser("list", help="every key's id, tenant and the tenant's limits")
+    revoke = ksub.add_parser("revoke", help="revoke a key, given the key or its id (8+ characters)")
+    revoke.add_argument("key")
+    for p in (create, ksub.choices["list"], revoke):
+        p.add_argument("--redis-url", default=redis_url)
+    keys.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if not args.redis_url:
+        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    redis = aioredis.from_url(args.redis_url, decode_responses=True)
+    try:
+        if args.keys_cmd == "create":
+            limits = {"rpm": args.rpm, "tpm": args.tpm, "max_queued": args.max_queued}
+            try:
+                created = await create_key(redis, args.tenant, limits)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            print(f"api key:        {created.api_key}")
+            print(f"key id:         {created.digest[:12]}")
+            print(f"tenant:         {created.tenant}")
+            print(f"webhook secret: {created.webhook_secret}")
+            print("The key is shown only now; Redis keeps only its SHA-256.")
+            return 0
+        if args.keys_cmd == "list":
+            rows = await list_keys(redis)
+            print("id\ttenant\tcreated\trpm\ttpm\tmax_queued")
+            for r in rows:
+                created = dt.datetime.fromtimestamp(float(r["created_at"] or 0), dt.UTC).strftime("%Y-%m-%d %H:%M")
+                print(f"{r['id'][:12]}\t{r['tenant']}\t{created}\t{r['rpm'] or '-'}\t{r['tpm'] or '-'}\t"
+                      f"{r['max_queued'] or '-'}")
+            return 0
+        try:
+            revoked = await revoke_key(redis, args.key)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if not revoked:
+            print("no such key")
+            return 1
+        print(f"revoked {revoked[0][:12]}")
+        return 0
+    finally:
+        await redis.aclose()

@@ -1,0 +1,1 @@
+"""The continuous-batching engine: sequences, KV blocks, scheduler, model runner, sampler, detokenizer."""

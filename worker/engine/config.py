@@ -1,0 +1,27 @@
+"""Engine settings, resolved once at start-up (never per step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb (CPU) or by profiling (CUDA)
+    kv_cache_memory_gb: float = 2.0  # CPU budget for the KV cache when num_kv_blocks is None
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use, KV cache included
+    max_num_seqs: int = 256  # sequences the scheduler may run at once
+    max_num_batched_tokens: int = 2048  # the one token budget of a step: decodes + prefill chunks
+    max_model_len: int | None = None  # None: the model's own context length
+    enable_prefix_caching: bool = True
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    device: str = "cpu"
+    # None: CUDA graphs for decode steps on CUDA, plain eager on CPU. False on a CPU runs the same padded
+    # decode batches without capturing them (how the padding is tested without a GPU).
+    enforce_eager: bool | None = None
+
+    def use_decode_graphs(self) -> bool:
+        if self.enforce_eager is None:
+            return self.device.startswith("cuda")
+        return not self.enforce_eager

@@ -1,0 +1,303 @@
+"""Turns a scheduled step into model inputs, runs the model (a captured graph for decode-only steps), and
+samples on the device.
+
+A step is flattened: the new tokens of every scheduled sequence are concatenated (decodes first), with
+positions, cache slots, block tables and query offsets beside them. They are computed with numpy from
+per-sequence values into persistent pinned host buffers and copied to the device without waiting, so the
+one wait of a step is for the sampled token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+
+from protocol.sampling import SamplingParams
+from worker.engine.config import EngineConfig
+from worker.engine.cuda_graphs import DecodeGraphs, StaticInputs, graph_batch_sizes
+from worker.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
+from worker.engine.sequence import Sequence
+from worker.layers.context import AttentionMetadata, set_attention_metadata
+from worker.models.config import ModelConfig
+
+log = logging.getLogger("tokenq.engine")
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states to sample from (one per sampling seq)
+    sampling_seqs: list[Sequence]
+    graph_batch: int | None = None  # the padded decode batch to replay, None for an eager step
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class _Buffer:
+    """A pinned host array that numpy fills, and its device twin (the same tensor on a CPU)."""
+
+    def __init__(self, shape: int | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(shape, dtype=dtype, pin_memory=cuda)
+        self.np = self.host.numpy()
+        self.dev = torch.zeros(shape, dtype=dtype, device=device) if cuda else self.host
+
+    def upload(self, rows: int) -> torch.Tensor:
+        """Queues the copy of rows [:rows] (no wait) and returns their device view."""
+        if self.dev is not self.host:
+            self.dev[:rows].copy_(self.host[:rows], non_blocking=True)
+        return self.dev[:rows]
+
+
+class StepBuffers:
+    """Every per-step input, sized once for the largest step, so a step allocates nothing."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = _Buffer(max_tokens, i64, device)
+        self.positions = _Buffer(max_tokens, i64, device)
+        self.slot_mapping = _Buffer(max_tokens, i64, device)
+        self.logits_indices = _Buffer(max_seqs, i64, device)
+        self.seq_lens = _Buffer(max_seqs, i32, device)
+        self.query_start_loc = _Buffer(max_seqs + 1, i32, device)
+        self.block_tables = _Buffer((max_seqs, max_blocks), i32, device)
+        # The host arrays are rewritten next step: wait until the device has read this step's copies.
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def wait_reusable(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def mark_copied(self) -> None:
+        if self._copied is not None:
+            self._copied.record()
+
+    def static_inputs(self) -> StaticInputs:
+        return StaticInputs(self.input_ids.dev, self.positions.dev, self.slot_mapping.dev, self.seq_lens.dev,
+                            self.query_start_loc.dev, self.block_tables.dev)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, cfg: EngineConfig,
+                 dtype: torch.dtype, device: torch.device, max_model_len: int) -> None:
+        self.model = model
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        self.block_size = cfg.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // cfg.block_size)
+        self.sampler = Sampler()
+        sizes = graph_batch_sizes(cfg.max_num_seqs) if cfg.use_decode_graphs() else []
+        max_rows = max(cfg.max_num_seqs, *sizes) if sizes else cfg.max_num_seqs
+        self.buffers = StepBuffers(max(cfg.max_num_batched_tokens, max_rows), max_rows,
+                                   self.max_blocks_per_seq, device)
+        self._block_cols = np.arange(self.max_blocks_per_seq)
+        self.graphs: DecodeGraphs | None = None
+        self.memory_profile: dict[str, float] | None = None  # what sized the KV cache, when profiled
+
+        self.num_blocks = cfg.num_kv_blocks or self._default_num_blocks()
+        # One block more than the block manager hands out: padding rows of a graph batch write there.
+        self.scratch_block = self.num_blocks
+        self.kv_cache = torch.zeros(
+            model_cfg.num_hidden_layers, 2, self.num_blocks + 1, cfg.block_size,
+            model_cfg.num_key_value_heads, model_cfg.head_dim, dtype=dtype, device=device,
+        )
+        model.bind_kv_cache(self.kv_cache)
+
+        if sizes:
+            self.graphs = DecodeGraphs(model, self.buffers.static_inputs(), sizes, max_model_len,
+                                       model_cfg.hidden_size, dtype, device)
+            if device.type == "cuda":
+                self._capture_graphs()
+
+    # ---- start-up ----------------------------------------------------------------------------------
+
+    def _default_num_blocks(self) -> int:
+        per_block = kv_block_bytes(self.model_cfg, self.block_size, self.dtype)
+        if self.device.type == "cuda":
+            return self._profile_num_blocks(per_block)
+        return max(int(self.cfg.kv_cache_memory_gb * 2**30 // per_block), 1)
+
+    def _profile_num_blocks(self, per_block: int) -> int:
+        """Runs one dummy step of max_num_batched_tokens (sampling included) to measure the activation
+        peak, then gives the KV cache what is left of gpu_memory_utilization of the GPU's memory."""
+        dev, cfg = self.device, self.model_cfg
+        # Every dummy sequence writes the same few blocks: their values do not matter here.
+        scratch = torch.zeros(cfg.num_hidden_layers, 2, self.max_blocks_per_seq, self.block_size,
+                              cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype, device=dev)
+        self.model.bind_kv_cache(scratch)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        sched = self._dummy_schedule()
+        self.execute(sched, _profile_sampling_batch)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - scratch.numel() * scratch.element_size()
+        self.release()
+        del scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        # Memory torch does not manage (CUDA context, library workspaces, other processes) counts too.
+        non_torch = total - free - torch.cuda.memory_reserved(dev)
+        budget = total * self.cfg.gpu_memory_utilization - peak - non_torch
+        num_blocks = int(budget // per_block)
+        gib = 2**30
+        self.memory_profile = {"gpu_gib": total / gib, "peak_weights_and_activations_gib": peak / gib,
+                               "outside_torch_gib": non_torch / gib, "kv_cache_gib": num_blocks * per_block / gib,
+                               "num_blocks": num_blocks, "gpu_memory_utilization": self.cfg.gpu_memory_utilization}
+        log.info("KV cache: %d blocks (%.2f GiB); GPU %.1f GiB, peak of weights and activations %.2f GiB, "
+                 "outside torch %.2f GiB, utilization %.2f", num_blocks, num_blocks * per_block / gib,
+                 total / gib, peak / gib, non_torch / gib, self.cfg.gpu_memory_utilization)
+        if num_blocks < self.max_blocks_per_seq:
+            raise RuntimeError(
+                f"KV cache too small: {max(num_blocks, 0)} blocks fit, one sequence of max_model_len "
+                f"{self.max_model_len} needs {self.max_blocks_per_seq}; raise gpu_memory_utilization or lower "
+                "max_model_len / max_num_batched_tokens")
+        return num_blocks
+
+    def _dummy_schedule(self) -> SchedulerOutput:
+        """The largest step the scheduler may produce: max_num_batched_tokens spread over as many
+        sequences as it may run, each sampling, all within max_model_len."""
+        total = self.cfg.max_num_batched_tokens
+        n = min(max(min(self.cfg.max_num_seqs, total), -(-total // self.max_model_len)), total)
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+        items = []
+        for i in range(n):
+            length = total // n + (i < total % n)
+            seq = Sequence(f"profile-{i}", [0] * length, params)
+            seq.block_table = list(range(-(-length // self.block_size)))
+            items.append(ScheduledSeq(seq, length))
+        return SchedulerOutput(scheduled=items, preempted=[], num_batched_tokens=total)
+
+    def _capture_graphs(self) -> None:
+        assert self.graphs is not None
+        b = self.graphs.max_batch
+        self._fill_padding(0, b)
+        for buf in (self.buffers.input_ids, self.buffers.positions, self.buffers.slot_mapping,
+                    self.buffers.seq_lens, self.buffers.block_tables):
+            buf.upload(b)
+        self.buffers.query_start_loc.upload(b + 1)
+        t0 = time.perf_counter()
+        self.graphs.capture()
+        log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s",
+                 len(self.graphs.sizes), b, time.perf_counter() - t0)
+
+    def release(self) -> None:
+        """Frees the KV cache and the graphs, keeping the model (which may serve another engine)."""
+        cfg = self.model_cfg
+        self.model.bind_kv_cache(torch.empty(cfg.num_hidden_layers, 2, 0, self.block_size,
+                                             cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype,
+                                             device=self.device))
+        self.graphs = None
+        self.kv_cache = None  # type: ignore[assignment]
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def _fill_padding(self, start: int, end: int) -> None:
+        """Rows [start:end] of a graph batch: one token at position 0 of the scratch block, harmless."""
+        x = self.buffers
+        x.input_ids.np[start:end] = 0
+        x.positions.np[start:end] = 0
+        x.slot_mapping.np[start:end] = self.scratch_block * self.block_size
+        x.seq_lens.np[start:end] = 1
+        x.block_tables.np[start:end, 0] = self.scratch_block
+        x.query_start_loc.np[: end + 1] = np.arange(end + 1)
+
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        x = self.buffers
+        x.wait_reusable()
+        items = sched.scheduled
+        seqs = [item.seq for item in items]
+        S = len(items)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, S)
+        counts = np.fromiter((item.num_new_tokens for item in items), np.int64, S)
+        ends = starts + counts
+        cu = np.zeros(S + 1, np.int64)
+        np.cumsum(counts, out=cu[1:])
+        T = int(cu[-1])
+        not_one = np.flatnonzero(counts != 1)
+        num_decodes = int(not_one[0]) if len(not_one) else S
+        graph_batch = self.graphs.bucket(S) if self.graphs is not None and num_decodes == S else None
+
+        ids, pos = x.input_ids.np[:T], x.positions.np[:T]
+        ids[:] = np.fromiter(chain.from_iterable(
+            s.token_ids[a:e] for s, a, e in zip(seqs, starts.tolist(), ends.tolist(), strict=True)), np.int64, T)
+        pos[:] = np.arange(T) + np.repeat(starts - cu[:-1], counts)
+        lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, S)
+        tables = x.block_tables.np[:S]
+        # Columns past a sequence's own blocks keep stale (valid) ids: attention never reads past seq_len.
+        tables[self._block_cols < lens[:, None]] = np.fromiter(
+            chain.from_iterable(s.block_table for s in seqs), np.int32, int(lens.sum()))
+        rows = np.repeat(np.arange(S), counts)
+        x.slot_mapping.np[:T] = tables[rows, pos // self.block_size].astype(np.int64) * self.block_size + (
+            pos % self.block_size)
+        x.seq_lens.np[:S] = ends
+        x.query_start_loc.np[: S + 1] = cu
+        samples = np.fromiter((item.samples for item in items), bool, S)
+        num_samples = int(samples.sum())
+        x.logits_indices.np[:num_samples] = cu[1:][samples] - 1
+        if graph_batch is not None:
+            self._fill_padding(S, graph_batch)
+
+        n_tok, n_seq = (graph_batch, graph_batch) if graph_batch is not None else (T, S)
+        meta = AttentionMetadata(
+            slot_mapping=x.slot_mapping.upload(n_tok),
+            query_start_loc=x.query_start_loc.upload(n_seq + 1)[: S + 1],
+            seq_lens=x.seq_lens.upload(n_seq)[:S],
+            block_tables=x.block_tables.upload(n_seq)[:S],
+            max_query_len=int(counts.max()),
+            max_seq_len=int(ends.max()),
+            num_decodes=num_decodes,
+            query_start_loc_cpu=cu.tolist(),
+            seq_lens_cpu=ends.tolist(),
+        )
+        inputs = StepInputs(
+            input_ids=x.input_ids.upload(n_tok)[:T],
+            positions=x.positions.upload(n_tok)[:T],
+            meta=meta,
+            logits_indices=x.logits_indices.upload(num_samples),
+            sampling_seqs=[s for s, keep in zip(seqs, samples.tolist(), strict=True) if keep],
+            graph_batch=graph_batch,
+        )
+        x.mark_copied()
+        return inputs
+
+    @torch.inference_mode()
+    def execute(
+        self, sched: SchedulerOutput, batch_for: Callable[[list[Sequence]], SamplingBatch]
+    ) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Runs one step; returns the sequences that sampled and their samples (in the same order)."""
+        inputs = self.prepare(sched)
+        if inputs.graph_batch is not None:
+            assert self.graphs is not None
+            hidden = self.graphs.run(inputs.graph_batch)
+        else:
+            with set_attention_metadata(inputs.meta):
+                hidden = self.model(inputs.input_ids, inputs.positions)
+        if not inputs.sampling_seqs:
+            return [], None
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return inputs.sampling_seqs, self.sampler(logits, batch_for(inputs.sampling_seqs))
+
+
+def _profile_sampling_batch(seqs: list[Sequence]) -> SamplingBatch:
+    """Top-k and top-p on every row: the sampler's most memory-hungry path."""
+    n = len(seqs)
+    return SamplingBatch(params=[s.sampling for s in seqs], output_token_ids=[[] for _ in range(n)],
+                         prompt_token_ids=[[] for _ in range(n)], generators=[None] * n,
+                         stop_ids_until_min=[set() for _ in range(n)])
+

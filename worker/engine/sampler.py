@@ -1,0 +1,193 @@
+"""Sampling on the device: penalties, min_tokens, greedy/temperature/top-k/top-p/min-p, seeds, logprobs.
+
+Logprobs follow vLLM v1's default "raw_logprobs": the log-softmax of the logits as the model produced
+them, before penalties, min_tokens masking and temperature. They describe the model, not the sampler.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from protocol.sampling import SamplingParams
+from worker.engine.outputs import TokenLogprobs
+
+# As vLLM: a temperature this small is greedy; dividing by it would overflow the logits.
+GREEDY_BELOW = 1e-5
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator of its own for a seeded request, living on the device that samples."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+@dataclass
+class SamplingBatch:
+    """Built once per step by the runner from the sequences that sample, one entry a row."""
+
+    params: list[SamplingParams]
+    output_token_ids: list[list[int]]  # generated so far: frequency/presence penalties
+    prompt_token_ids: list[list[int]]  # with the output: repetition penalty
+    generators: list[torch.Generator | None]  # per request when seed is set, else None
+    stop_ids_until_min: list[set[int]]  # forbidden while len(output) < min_tokens, else empty
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> Tensor:
+    """[len(rows), vocab] occurrence counts, from one flat host-to-device copy of the ids."""
+    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+    ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64)
+    if len(ids):
+        row_of = np.repeat(np.arange(len(rows), dtype=np.int64), [len(r) for r in rows])
+        flat = torch.from_numpy(row_of * vocab + ids).to(device, non_blocking=True)
+        # scatter_add_ (atomics on a GPU), not index_put_(accumulate=True), which sorts the indices.
+        counts.view(-1).scatter_add_(0, flat, torch.ones(len(ids), device=device))
+    return counts
+
+
+def apply_penalties(logits: Tensor, batch: SamplingBatch, rows: list[int]) -> None:
+    """In place on the given rows. Repetition as HF/vLLM over prompt+output; frequency/presence as OpenAI."""
+    device, vocab = logits.device, logits.shape[1]
+    idx = torch.tensor(rows, device=device)
+    params = [batch.params[i] for i in rows]
+    sub = logits[idx]
+    out_counts = _token_counts([batch.output_token_ids[i] for i in rows], vocab, device)
+
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = _token_counts([batch.prompt_token_ids[i] for i in rows], vocab, device) > 0
+        seen |= out_counts > 0
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalized, sub)
+
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+    pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+    sub = sub - freq * out_counts - pres * (out_counts > 0).float()
+    logits[idx] = sub
+
+
+def apply_min_tokens(logits: Tensor, batch: SamplingBatch) -> None:
+    """Forbid eos and stop token ids on rows that have not yet produced min_tokens."""
+    pairs = [(i, t) for i, ids in enumerate(batch.stop_ids_until_min) for t in ids]
+    if pairs:
+        rows, cols = torch.tensor(pairs, device=logits.device).unbind(1)
+        logits[rows, cols] = -float("inf")
+
+
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Mask to -inf what top-k (0 = off) and then top-p (1 = off) cut; one sort for both."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, -float("inf"))
+    probs = sorted_logits.softmax(dim=1)
+    # Keep a token while the mass before it is below p: the top token always survives.
+    cut = (probs.cumsum(dim=1) - probs) > top_p.unsqueeze(1)
+    cut &= (top_p < 1.0).unsqueeze(1)  # float drift in cumsum must not cut anything at p = 1
+    sorted_logits = sorted_logits.masked_fill(cut, -float("inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Drop tokens whose probability is below min_p times the top one, compared in log space."""
+    top = logits.max(dim=1, keepdim=True).values
+    threshold = top + torch.log(min_p).unsqueeze(1)  # log(0) = -inf: min_p = 0 keeps everything
+    return logits.masked_fill(logits < threshold, -float("inf"))
+
+
+def sample_from_probs(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    """Exponential race, argmax(p / q) with q ~ Exp(1): a sample from p. Seeded rows draw their q from
+    their own generator, so their token depends only on their seed and their logits."""
+    q = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == len(generators):
+        q.exponential_()
+    else:
+        for i, g in enumerate(generators):
+            if g is not None:
+                q[i].exponential_(generator=g)
+        if unseeded:
+            idx = torch.tensor(unseeded, device=probs.device)
+            q[idx] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+    # An exact 0 draw would give inf (or nan on a masked token).
+    q.clamp_(min=torch.finfo(q.dtype).tiny)
+    return (probs / q).argmax(dim=1)
+
+
+class Sampler:
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        params = batch.params
+        n = len(params)
+        want_logprobs = any(p.logprobs is not None for p in params)
+        penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        masking = any(batch.stop_ids_until_min)
+        random_rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
+
+        if not (want_logprobs or penalized or masking or random_rows):
+            return SamplerOutput(logits.argmax(dim=1).tolist(), [None] * n)
+
+        raw_logprobs = torch.log_softmax(logits, dim=1) if want_logprobs else None
+        logits = logits.clone()  # the runner's logits stay untouched
+        if penalized:
+            apply_penalties(logits, batch, penalized)
+        if masking:
+            apply_min_tokens(logits, batch)
+
+        tokens = logits.argmax(dim=1)  # greedy rows: exactly torch.argmax, as HF greedy search
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            tokens[idx] = self._sample(logits[idx], batch, random_rows)
+
+        if raw_logprobs is None:
+            return SamplerOutput(tokens.tolist(), [None] * n)
+        return SamplerOutput(*_gather_logprobs(raw_logprobs, tokens, params))
+
+    @staticmethod
+    def _sample(sub: Tensor, batch: SamplingBatch, rows: list[int]) -> Tensor:
+        """Temperature, top-k, top-p, min-p, then a draw, on the rows that do not sample greedily."""
+        device = sub.device
+        params = [batch.params[i] for i in rows]
+        temperature = torch.tensor([p.temperature for p in params], device=device, dtype=sub.dtype)
+        sub = sub / temperature.unsqueeze(1)
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], device=device)
+            top_p = torch.tensor([p.top_p for p in params], device=device, dtype=sub.dtype)
+            sub = apply_top_k_top_p(sub, top_k, top_p)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device, dtype=sub.dtype)
+            sub = apply_min_p(sub, min_p)
+        return sample_from_probs(sub.softmax(dim=1), [batch.generators[i] for i in rows])
+
+
+def _gather_logprobs(
+    logprobs: Tensor, tokens: Tensor, params: list[SamplingParams]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Sampled tokens, their logprobs and the widest top-n in the batch, in one transfer to the host."""
+    top_n = max(p.logprobs or 0 for p in params)
+    vals, ids = logprobs.topk(top_n, dim=1)  # sorted, best first; top_n = 0 gives empty rows
+    sampled = logprobs.gather(1, tokens.unsqueeze(1))
+    # float64 holds every token id exactly, so one tensor (one device-to-host copy) carries all.
+    parts = [tokens.unsqueeze(1), sampled, vals, ids]
+    rows = torch.cat([t.double() for t in parts], dim=1).tolist()
+    token_ids = [int(r[0]) for r in rows]
+    out: list[TokenLogprobs | None] = []
+    for i, p in enumerate(params):
+        if p.logprobs is None:
+            out.append(None)
+            continue
+        row, k = rows[i], p.logprobs
+        top = [(int(t), lp) for t, lp in zip(row[2 + top_n : 2 + top_n + k], row[2 : 2 + k], strict=True)]
+        out.append(TokenLogprobs(token_id=token_ids[i], logprob=row[1], top=top))
+    return token_ids, out

@@ -1,0 +1,186 @@
+"""Picks each step's work under one token budget shared by decodes and chunked prefills (vLLM v1 style)."""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass, field
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.config import EngineConfig
+from worker.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # compute token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
+    # Fixed at schedule time: after update_after_step advances num_computed_tokens the formula no
+    # longer holds, yet the engine still needs to know which seqs to append a sampled token to.
+    _samples: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the seq's last known token, so the runner samples the next one."""
+        return self._samples
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self._samples
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]  # decodes first, then prefill chunks
+    preempted: list[Sequence]
+    num_batched_tokens: int
+    rejected: list[Sequence] = field(default_factory=list)  # finished with "error": can never fit the cache
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self._waiting: list[tuple[tuple[int, float, int], Sequence]] = []  # heap by sort_key
+        self._running: list[Sequence] = []  # sorted by sort_key: best first, preemption victim last
+        self._seqs: dict[str, Sequence] = {}
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        assert seq.request_id not in self._seqs, f"duplicate request id {seq.request_id}"
+        seq.status = SequenceStatus.WAITING
+        self._seqs[seq.request_id] = seq
+        heapq.heappush(self._waiting, (seq.sort_key, seq))
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self.finish(seq, "abort")
+        return seq
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.is_finished:  # e.g. aborted while its step ran: keep the first reason
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            # Aborts of waiting seqs are rare; a linear removal keeps the heap simple.
+            self._waiting = [e for e in self._waiting if e[1] is not seq]
+            heapq.heapify(self._waiting)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+        self._seqs.pop(seq.request_id, None)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt by recompute: drop the KV, keep the tokens; the seq re-prefills prompt + output later."""
+        self._running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        heapq.heappush(self._waiting, (seq.sort_key, seq))
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        bm = self.block_manager
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledSeq] = {}  # insertion order: running first, then admitted
+        preempted: list[Sequence] = []
+        rejected: list[Sequence] = []
+
+        # Running seqs first, best first: they already hold blocks, and finishing them frees blocks.
+        i = 0
+        while i < len(self._running) and budget > 0:
+            seq = self._running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:  # waiting for its sampled token to be appended
+                i += 1
+                continue
+            while not bm.allocate_slots(seq, num_new):
+                # The list is sorted and we walk it in order, so the tail is never scheduled yet.
+                victim = self._running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled[seq.request_id] = ScheduledSeq(seq, num_new)
+                budget -= num_new
+                i += 1
+
+        # Then waiting seqs, best first, while there is budget and a sequence slot. After a preemption
+        # blocks are scarce, so admit nothing new unless the step would otherwise be empty.
+        admit = not preempted or not scheduled
+        while admit and self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            seq = self._waiting[0][1]
+            if seq in preempted:  # just evicted for a better seq: taking it back now would thrash
+                break
+            if bm.blocks_needed(seq.num_tokens) > bm.num_blocks:
+                # Could never fit even in an empty cache: waiting would block the queue forever.
+                self.finish(seq, "error")
+                rejected.append(seq)
+                continue
+            if not seq.block_table and seq.num_computed_tokens == 0:
+                bm.get_computed_blocks(seq)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            admitted = bm.allocate_slots(seq, num_new)
+            while not admitted and self._running and self._running[-1].priority > seq.priority:
+                # Priority beats seniority: evict the worst running seq, even one scheduled this step.
+                victim = self._running[-1]
+                if (gone := scheduled.pop(victim.request_id, None)) is not None:
+                    budget += gone.num_new_tokens
+                self._preempt(victim)
+                preempted.append(victim)
+                admitted = bm.allocate_slots(seq, num_new)
+            if not admitted:
+                bm.free(seq)  # undo the prefix-cache hit; it is looked up again next step
+                break
+            heapq.heappop(self._waiting)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self._running, seq, key=lambda s: s.sort_key)
+            scheduled[seq.request_id] = ScheduledSeq(seq, num_new)
+            budget -= num_new
+
+        # The runner lays out decodes first, so they form one contiguous (CUDA-graph friendly) batch.
+        items = list(scheduled.values())
+        decodes = [s for s in items if s.is_decode]
+        prefills = [s for s in items if not s.is_decode]
+        return SchedulerOutput(
+            scheduled=decodes + prefills,
+            preempted=preempted,
+            num_batched_tokens=sum(s.num_new_tokens for s in items),
+            rejected=rejected,
+        )
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Record the KV the step computed and publish newly full blocks to the prefix cache."""
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)

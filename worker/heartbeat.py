@@ -1,0 +1,71 @@
+"""The worker's registry entry: a heartbeat key with a TTL, the workers set, and the model card (written
+again by a beat that finds it gone, e.g. after a Redis restart without persistence)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from protocol import keys
+from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
+from worker import metrics
+from worker.engine_loop import EngineLoop
+from worker.logging import get_logger
+
+log = get_logger("heartbeat")
+
+CARD_FIELD = "card"  # the model hash holds the whole ModelCard JSON in this one field
+
+
+class Heartbeat:
+    def __init__(self, redis: Redis, worker_id: str, card: ModelCard, engine_loop: EngineLoop,
+                 capacity: int, device: str = "cpu", interval: float = HEARTBEAT_INTERVAL_S,
+                 ttl: int = HEARTBEAT_TTL_S) -> None:
+        self.redis = redis
+        self.worker_id = worker_id
+        self.card = card
+        self.engine_loop = engine_loop
+        self.capacity = capacity
+        self.device = device
+        self.interval = interval
+        self.ttl = ttl
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        stats = self.engine_loop.stats()
+        return WorkerHeartbeat(worker_id=self.worker_id, model=self.card.name,
+                               max_model_len=self.card.max_model_len, capacity=self.capacity,
+                               running=int(stats.get("running", 0)), waiting=int(stats.get("waiting", 0)),
+                               device=self.device)
+
+    async def start(self) -> None:
+        """Publish the model card, then the first heartbeat (so the gateway never lists a model without
+        its card)."""
+        await self.redis.hset(keys.model_card_key(self.card.name), CARD_FIELD, self.card.model_dump_json())
+        await self.beat()
+
+    async def beat(self) -> None:
+        hb = self.heartbeat()
+        metrics.observe_engine_stats(self.card.name, self.engine_loop.stats())
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(keys.worker_key(self.worker_id), hb.model_dump_json(), ex=self.ttl)
+        pipe.sadd(keys.WORKERS_SET, self.worker_id)
+        pipe.hexists(keys.model_card_key(self.card.name), CARD_FIELD)
+        *_, has_card = await pipe.execute()
+        if not has_card:
+            await self.redis.hset(keys.model_card_key(self.card.name), CARD_FIELD, self.card.model_dump_json())
+
+    async def run(self) -> None:
+        """Beat every interval until cancelled; a missed beat is logged, not fatal."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.beat()
+            except Exception as e:
+                log.warning("heartbeat failed", error=repr(e))
+
+    async def stop(self) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(keys.worker_key(self.worker_id))
+        pipe.srem(keys.WORKERS_SET, self.worker_id)
+        await pipe.execute()

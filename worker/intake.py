@@ -1,0 +1,320 @@
+"""Pulls jobs from the model's tenant streams into the engine, never more than the engine can admit.
+
+Each (model, lane) has one stream per tenant, so a tenant's backlog cannot starve the others. Lanes are
+read highest first; within a lane, tenants round-robin: one non-blocking `XREADGROUP ... COUNT 1` over the
+tenant streams (starting after the tenant served last, at most as many streams as there is room), repeated
+while room is left and some stream still gave an entry. When nothing came, intake waits for new entries
+with a blocking `XREAD` over every tenant stream from the group's last-delivered id (not a blocking
+`XREADGROUP`: that may return an entry per stream, more than the engine can take, and skip the lane
+order). Tenants are discovered from the lanes' tenant sets: their sizes are checked every round (sets
+only grow), the members re-read every second. Entries of dead workers come in through `Recovery`, on the
+same admission path and budget. Whatever the engine cannot admit stays in Redis, visible to other workers
+and to autoscalers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from protocol import keys
+from protocol.jobs import JobError, JobPayload, JobState
+from protocol.scripts import START_JOB
+from worker import metrics
+from worker.engine_loop import EngineLoop
+from worker.logging import get_logger
+from worker.publisher import Publisher, RunningJob
+from worker.recovery import Recovery
+
+log = get_logger("intake")
+
+BLOCK_MS = 500
+REFRESH_S = 1.0
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class Entry:
+    lane: str
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+
+
+class TenantStreams:
+    """The tenant streams of one model, per lane (sorted), each with the consumer group made sure of."""
+
+    def __init__(self, redis: Redis, model: str, refresh_s: float = REFRESH_S) -> None:
+        self.redis = redis
+        self.model = model
+        self.refresh_s = refresh_s
+        self.by_lane: dict[str, list[str]] = {lane: [] for lane in keys.LANES}
+        self.lane_of: dict[str, str] = {}
+        self._sizes: list[int] = []
+        self._grouped: set[str] = set()
+        self._refreshed = float("-inf")
+
+    def all(self) -> list[str]:
+        return [s for lane in keys.LANES for s in self.by_lane[lane]]
+
+    def seconds_to_refresh(self) -> float:
+        return max(0.0, self._refreshed + self.refresh_s - time.monotonic())
+
+    def reset(self) -> None:
+        """Forget which groups exist (a stream was deleted under us): the next refresh re-creates them."""
+        self._grouped.clear()
+        self._refreshed = float("-inf")
+
+    async def refresh(self) -> None:
+        """Re-read the tenant sets if a second has passed or one of them grew."""
+        sets = [keys.lane_tenants_key(self.model, lane) for lane in keys.LANES]
+        if self.seconds_to_refresh() > 0:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in sets:
+                pipe.scard(key)
+            if await pipe.execute() == self._sizes:
+                return
+        pipe = self.redis.pipeline(transaction=False)
+        for key in sets:
+            pipe.smembers(key)
+        members = await pipe.execute()
+        self._sizes = [len(m) for m in members]
+        for lane, tenants in zip(keys.LANES, members, strict=True):
+            self.by_lane[lane] = sorted(keys.jobs_stream(self.model, lane, t) for t in tenants)
+            self.lane_of.update((s, lane) for s in self.by_lane[lane])
+        await self._ensure_groups([s for s in self.all() if s not in self._grouped])
+        self._refreshed = time.monotonic()
+
+    async def _ensure_groups(self, streams: list[str]) -> None:
+        if not streams:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+        for stream, res in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
+                raise res
+            self._grouped.add(stream)
+
+
+class Intake:
+    def __init__(self, redis: Redis, engine_loop: EngineLoop, publisher: Publisher, model: str,
+                 consumer: str, max_model_len: int, block_ms: int = BLOCK_MS,
+                 recovery: Recovery | None = None) -> None:
+        self.redis = redis
+        self.engine_loop = engine_loop
+        self.publisher = publisher
+        self.model = model
+        self.consumer = consumer
+        self.max_model_len = max_model_len
+        self.block_ms = block_ms
+        self.recovery = recovery
+        self.streams = TenantStreams(redis, model)
+        self._last: dict[str, str] = {}  # lane -> the tenant stream served last (round-robin cursor)
+        self._start = redis.register_script(START_JOB)
+        self.stopped = False  # set before cancelling the task: a second way out of the loop
+
+    async def ensure_groups(self) -> None:
+        await self.streams.refresh()
+
+    async def run(self) -> None:
+        """Pull until cancelled; Redis trouble is logged and retried, never fatal."""
+        while not self.stopped:
+            try:
+                await self.poll()
+            except ResponseError as e:
+                if "NOGROUP" in str(e) or "no such key" in str(e):  # a stream deleted under us
+                    self.streams.reset()
+                    continue
+                log.error("intake failed", error=repr(e))
+                await asyncio.sleep(1.0)
+            except _RETRYABLE as e:
+                log.warning("redis unavailable", error=repr(e))
+                await asyncio.sleep(1.0)
+
+    async def poll(self) -> int:
+        """One round: reclaim stale entries when due, then read lanes in order, tenants round-robin, up to
+        what the engine admits; wait when there is nothing."""
+        room = self.engine_loop.num_admissible()
+        if room <= 0:
+            await self._wait_for_capacity()
+            return 0
+        await self.streams.refresh()
+        read = 0
+        if self.recovery is not None and self.recovery.seconds_to_sweep() <= 0:
+            claimed = await self.recovery.claim(self.streams.all(), room)
+            read += len(claimed)
+            await self._admit([Entry(self.streams.lane_of.get(c.stream, "default"), c.stream, c.entry_id,
+                                     c.fields) for c in claimed])
+        for lane in keys.LANES:
+            if read >= room:
+                break
+            read += await self._read_lane(lane, room - read)
+        if read == 0:
+            await self._wait_for_entries()
+        return read
+
+    async def _read_lane(self, lane: str, room: int) -> int:
+        """Up to `room` entries of one lane, one per tenant per round, starting after the last served; the
+        tenants this worker runs fewest jobs of go first, so a free slot goes to the least-served tenant
+        rather than to whoever is next in turn (a tenant with a backlog fills the slots it gets back)."""
+        streams = self.streams.by_lane[lane]
+        start = bisect.bisect_right(streams, self._last.get(lane, ""))
+        order = streams[start:] + streams[:start]
+        running = Counter(job.payload.tenant for job in self.publisher.jobs.values())
+        prefix = len(keys.jobs_stream(self.model, lane, ""))
+        order.sort(key=lambda stream: running[stream[prefix:]])  # stable: round-robin among equals
+        read = 0
+        while order and read < room:
+            gave: set[str] = set()
+            i = 0
+            while i < len(order) and read < room:
+                chunk = order[i:i + room - read]
+                i += len(chunk)
+                resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in chunk}, count=1)
+                entries = [Entry(lane, stream, eid, fields or {}) for stream, batch in resp or []
+                           for eid, fields in batch]
+                if entries:
+                    gave.update(e.stream for e in entries)
+                    self._last[lane] = entries[-1].stream
+                    read += len(entries)
+                    await self._admit(entries)
+            order = [s for s in order if s in gave]  # the next round: only tenants that still had some
+        return read
+
+    async def _wait_for_capacity(self) -> None:
+        event = self.engine_loop.capacity_changed
+        assert event is not None
+        event.clear()
+        if self.engine_loop.num_admissible() > 0:
+            return
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(self.block_ms / 1000):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    def _wait_ms(self) -> int:
+        """Block no longer than the next tenant refresh or recovery sweep."""
+        wait = min(self.block_ms / 1000, self.streams.seconds_to_refresh())
+        if self.recovery is not None:
+            wait = min(wait, self.recovery.seconds_to_sweep())
+        return max(1, int(wait * 1000))
+
+    async def _wait_for_entries(self) -> None:
+        """Block until some tenant stream has an entry the group has not delivered yet (or the timeout)."""
+        streams = self.streams.all()
+        if not streams:
+            await asyncio.sleep(self._wait_ms() / 1000)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        infos = await pipe.execute()
+        since: dict[str, str] = {}
+        for stream, groups in zip(streams, infos, strict=True):
+            for g in groups:
+                if g["name"] == keys.GROUP:
+                    since[stream] = g["last-delivered-id"]
+        if len(since) < len(streams):
+            self.streams.reset()
+            return
+        await self.redis.xread(since, count=1, block=self._wait_ms())
+
+    async def _admit(self, entries: list[Entry]) -> None:
+        valid: list[tuple[Entry, JobPayload]] = []
+        for e in entries:
+            payload = await self._parse(e.stream, e.entry_id, e.fields)
+            if payload is None:
+                continue
+            if payload.id in self.publisher.jobs or payload.id in self.publisher.finishing:
+                continue  # our own entry, reclaimed after a stall or an outage: it runs here already
+            valid.append((e, payload))
+        if not valid:
+            return
+        now = time.time()
+        try:
+            results = await self._start_all([p for _, p in valid], now)
+        except NoScriptError:  # Redis restarted and the client's retry did not load the script again
+            results = await self._start_all([p for _, p in valid], now)
+        drop = self.redis.pipeline(transaction=False)
+        for (e, payload), res in zip(valid, results, strict=True):
+            code = int(res[0])
+            if code != 1:
+                log.info("job already final or gone; dropping entry", job_id=payload.id,
+                         reason="final" if code == 0 else "no job record")
+                drop.xack(e.stream, keys.GROUP, e.entry_id)
+                drop.xdel(e.stream, e.entry_id)
+                continue
+            job = RunningJob(payload=payload, stream=e.stream, entry_id=e.entry_id,
+                             streamed=payload.stream or res[1] == "1", seq=int(res[2]), started_at=now)
+            self.publisher.track(job)
+            self.engine_loop.add(payload.id, payload.prompt_token_ids, payload.sampling,
+                                 priority=keys.LANE_PRIORITY[e.lane], tenant=payload.tenant)
+            metrics.REQUESTS_STARTED.labels(self.model, e.lane).inc()
+            metrics.QUEUE_TIME.labels(self.model, e.lane).observe(max(0.0, now - payload.enqueued_at))
+            log.debug("job started", job_id=payload.id, lane=e.lane, streamed=job.streamed)
+        if len(drop):
+            await drop.execute()
+
+    async def _start_all(self, payloads: list[JobPayload], now: float) -> list:
+        pipe = self.redis.pipeline(transaction=False)
+        for payload in payloads:
+            await self._start(keys=[keys.job_key(payload.id)], args=[repr(now), self.consumer], client=pipe)
+        return await pipe.execute()
+
+    async def _parse(self, stream: str, entry_id: str, fields: dict) -> JobPayload | None:
+        """The entry's payload, or None after failing (or just dropping) an entry that cannot run."""
+        job_id = fields.get("job_id")
+        problem: str | None = None
+        payload: JobPayload | None = None
+        try:
+            payload = JobPayload.model_validate_json(fields.get("payload") or "")
+        except ValidationError as e:
+            problem = f"malformed job payload: {e.errors(include_url=False)[:3]}"
+        if payload is not None:
+            job_id = job_id or payload.id
+            problem = self._refuse(payload, job_id)
+        if problem is None and payload is not None:
+            if payload.deadline is not None and time.time() >= payload.deadline:
+                log.info("job expired in the queue", job_id=payload.id)
+                await self.publisher.end_untracked(
+                    payload.id, stream, entry_id, state=JobState.expired.value, tenant=payload.tenant,
+                    error=JobError(type="deadline_exceeded", message="the job expired before it started"))
+                return None
+            return payload
+
+        metrics.MALFORMED_ENTRIES.labels(self.model).inc()
+        log.warning("bad stream entry", job_id=job_id, entry_id=entry_id, stream=stream, problem=problem)
+        if job_id and await self.redis.exists(keys.job_key(job_id)):
+            await self.publisher.end_untracked(job_id, stream, entry_id,
+                                                JobError(type="invalid_request", message=problem))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(stream, keys.GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+        return None
+
+    def _refuse(self, payload: JobPayload, job_id: str) -> str | None:
+        if payload.id != job_id:
+            return f"entry job_id {job_id!r} does not match payload id {payload.id!r}"
+        if payload.model != self.model:
+            return f"job is for model {payload.model!r}, this worker serves {self.model!r}"
+        if not payload.prompt_token_ids:
+            return "empty prompt"
+        # The gateway already checked prompt + max_tokens against the card; here only what the engine
+        # cannot run at all (a longer max_tokens just ends with "length" at the context's end).
+        if len(payload.prompt_token_ids) >= self.max_model_len:
+            return (f"prompt has {len(payload.prompt_token_ids)} tokens; "
+                    f"max_model_len is {self.max_model_len}")
+        return None

@@ -1,0 +1,107 @@
+"""Llama-family models with random weights, made directly on the device from a shape, and the same
+weights seen by Hugging Face transformers (for peers and correctness checks). No disk involved.
+
+Speed does not depend on the weights' values, so performance work uses named shapes (Llama-3-8B...).
+The init keeps activations and logits of order one at any depth (embedding ~ N(0, 1), each matrix
+~ N(0, 1/fan_in)), so greedy tokens are decided by clear margins, not by rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from worker.models.config import ModelConfig
+from worker.models.llama import LlamaForCausalLM
+
+_LLAMA3_ROPE = {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192}
+
+# Hugging Face config.json fields of each named shape (model_type llama).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, **_LLAMA3_ROPE),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, **_LLAMA3_ROPE),
+    # Llama-shaped but small: GPU correctness tests (head_dim 128 and GQA as the real thing).
+    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, **_LLAMA3_ROPE),
+    # CPU smoke tests: seconds, not minutes.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, **{**_LLAMA3_ROPE, "max_position_embeddings": 4096}),
+}
+
+
+def shape_config(shape: str, **overrides: Any) -> dict[str, Any]:
+    """A Hugging Face style config dict of a named shape."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+            "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None,
+            **SHAPES[shape], **overrides}
+
+
+@torch.no_grad()
+def random_model(config: dict[str, Any], dtype: torch.dtype, device: str | torch.device,
+                 seed: int = 0) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Our model with random weights, allocated and initialised on the device in `dtype`."""
+    cfg = ModelConfig.from_dict(config)
+    device = torch.device(device)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg, dtype)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.uniform_(0.8, 1.2, generator=gen)  # not all ones, so a mixed-up norm shows in comparisons
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.02, generator=gen)
+        elif "embed_tokens" in name:
+            p.normal_(0.0, 1.0, generator=gen)
+        else:
+            p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+    return model.eval(), cfg
+
+
+def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face's names, as views: the fused q/k/v and gate/up rows are contiguous
+    slices, so nothing is copied."""
+    cfg = model.cfg
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    inter = cfg.intermediate_size
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if ".qkv_proj." in name:
+            for part, lo, hi in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
+                out[name.replace("qkv_proj", part)] = t[lo:hi]
+        elif ".gate_up_proj." in name:
+            out[name.replace("gate_up_proj", "gate_proj")] = t[:inter]
+            out[name.replace("gate_up_proj", "up_proj")] = t[inter:]
+        else:
+            out[name] = t
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def hf_peer(model: LlamaForCausalLM, config: dict[str, Any], attn_implementation: str = "sdpa"):
+    """transformers' LlamaForCausalLM over the very same tensors (no second copy of the weights)."""
+    import transformers
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    hf_cfg._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.requires_grad_(False)
+    hf.load_state_dict(hf_state_dict(model), strict=True, assign=True)
+    # Buffers that are not in a state dict (rotary inverse frequencies) are rebuilt on the device.
+    with torch.device(device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)
+    if config.get("tie_word_embeddings"):
+        hf.tie_weights()
+    hf.config.dtype = dtype
+    return hf.eval()

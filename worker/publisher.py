@@ -1,0 +1,402 @@
+"""Turns engine outputs into Redis writes: deltas for jobs someone streams, one final write per job.
+
+Per batch (one engine step, or several if the network fell behind) the publisher sends one MULTI with,
+for every streamed job that has new text, `HSET text seq` + `PUBLISH DeltaEvent`, and the finish script
+for every job that finished; then `XACK` + `XDEL` for those. Every ~200 ms it re-reads the `streamed`
+flag and the state of running jobs in one pipeline: a reader may start streaming a running job, and
+the gateway may cancel one (`cancel_requested`), and a job may pass its deadline: the worker then aborts
+it in the engine and writes `cancelled` (with the partial result) or `expired`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from protocol import job_record as f
+from protocol import keys
+from protocol.events import DeltaEvent
+from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
+from protocol.scripts import FINISH_JOB, finish_keys
+from worker import metrics
+from worker.engine.outputs import RequestOutput, TokenLogprobs
+from worker.engine_loop import EngineLoop, FailedOutput
+from worker.logging import get_logger
+
+log = get_logger("publisher")
+
+REFRESH_INTERVAL_S = 0.2
+_FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
+_FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
+# NoScriptError: Redis restarted and forgot its scripts, and the client's own retry re-sent the pipeline
+# without loading them again; a new attempt loads them.
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
+
+TokenText = Callable[[int], str]
+
+
+@dataclass(eq=False)
+class RunningJob:
+    """What the worker keeps about a job between its start and its final write."""
+
+    payload: JobPayload
+    stream: str
+    entry_id: str
+    streamed: bool
+    seq: int  # the hash's `seq`: last published event
+    started_at: float
+    text: str = ""  # everything so far (the echoed prompt first, when asked)
+    published_len: int = 0  # characters of `text` already in the hash and on the channel
+    unpublished_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_token_at: float | None = None
+    first_token_written: bool = False
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    error: str = ""
+    stop_state: str | None = None  # "cancelled" or "expired" when the worker stopped it early
+
+    def __post_init__(self) -> None:
+        self.text = self.payload.echo_prompt or ""
+
+    @property
+    def id(self) -> str:
+        return self.payload.id
+
+    @property
+    def lane(self) -> str:
+        return self.payload.lane
+
+    def absorb(self, out: RequestOutput, now: float) -> None:
+        if out.new_token_ids:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.token_ids.extend(out.new_token_ids)
+            self.unpublished_ids.extend(out.new_token_ids)
+        self.text += out.text_delta
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        # Counts are cumulative in the engine; an error output may carry zeros, so keep the largest seen.
+        self.num_prompt_tokens = max(self.num_prompt_tokens, out.num_prompt_tokens)
+        self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        if out.finished:
+            reason = out.finish_reason or "stop"
+            self.finish_reason = reason if reason in _FINISH_REASONS else "stop"
+            if isinstance(out, FailedOutput):
+                self.error = out.error
+
+    def take_delta(self) -> DeltaEvent | None:
+        """The next delta to publish (everything not yet published), or None when there is none."""
+        if len(self.text) <= self.published_len:
+            return None
+        self.seq += 1
+        event = DeltaEvent(seq=self.seq, offset=self.published_len, text=self.text[self.published_len:],
+                           token_ids=self.unpublished_ids)
+        self.published_len = len(self.text)
+        self.unpublished_ids = []
+        return event
+
+
+def to_protocol_logprobs(items: list[TokenLogprobs], token_text: TokenText | None) -> list[TokenLogprob]:
+    text = token_text or (lambda _id: "")
+    return [
+        TokenLogprob(token_id=lp.token_id, token=text(lp.token_id), logprob=lp.logprob,
+                     top=[(tid, text(tid), v) for tid, v in lp.top])
+        for lp in items
+    ]
+
+
+def build_result(job: RunningJob, token_text: TokenText | None = None) -> JobResult:
+    prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
+    completion = job.num_output_tokens or len(job.token_ids)
+    logprobs = None
+    if job.payload.sampling.logprobs is not None:
+        logprobs = to_protocol_logprobs(job.logprobs, token_text)
+    return JobResult(
+        text=job.text,
+        finish_reason=job.finish_reason or "stop",  # type: ignore[arg-type]
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                    cached_tokens=job.num_cached_tokens),
+        token_ids=job.token_ids,
+        logprobs=logprobs,
+    )
+
+
+def final_write(job: RunningJob, token_text: TokenText | None = None) -> tuple[str, str, str]:
+    """(state, hash field, JSON) of a finished job: failed with a JobError on "error", cancelled with the
+    partial result, expired with a JobError past the deadline, else succeeded."""
+    if job.stop_state == JobState.expired.value:
+        err = JobError(type="deadline_exceeded", message="the job ran past its deadline")
+        return JobState.expired.value, f.ERROR, err.model_dump_json()
+    if job.stop_state == JobState.cancelled.value:
+        return JobState.cancelled.value, f.RESULT, build_result(job, token_text).model_dump_json()
+    if job.finish_reason == "error":
+        err = JobError(type="engine_error", message=job.error or "the engine failed to run this job")
+        return JobState.failed.value, f.ERROR, err.model_dump_json()
+    return JobState.succeeded.value, f.RESULT, build_result(job, token_text).model_dump_json()
+
+
+class Publisher:
+    def __init__(self, redis: Redis, engine_loop: EngineLoop, model: str,
+                 token_text: TokenText | None = None, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
+        self.redis = redis
+        self.engine_loop = engine_loop
+        self.model = model
+        self.token_text = token_text
+        self.refresh_interval = refresh_interval
+        self.jobs: dict[str, RunningJob] = {}
+        # Finished in the engine, final write or XACK still in flight: their leases are kept alive too,
+        # and a drain waits for them.
+        self.finishing: dict[str, RunningJob] = {}
+        self._finish = redis.register_script(FINISH_JOB)
+        self._last_refresh = 0.0
+        self.stopped = False  # set before cancelling the task: a second way out of the loop
+
+    def track(self, job: RunningJob) -> None:
+        self.jobs[job.id] = job
+
+    def forget(self, job_id: str) -> bool:
+        """Stop a job here without writing anything (another worker owns it now); False if not running."""
+        if self.jobs.pop(job_id, None) is None:
+            return False
+        self.engine_loop.abort(job_id)
+        return True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs or self.finishing)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    async def run(self) -> None:
+        """Consume output batches until cancelled."""
+        queue = self.engine_loop.outputs
+        assert queue is not None, "start the engine loop first"
+        while not self.stopped:
+            batch: list[RequestOutput] = []
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(self.refresh_interval):
+                    batch = await queue.get()
+            except TimeoutError:
+                pass
+            while not queue.empty():  # fell behind: merge, one round trip for all
+                batch.extend(queue.get_nowait())
+            try:
+                if batch:
+                    await self.publish(batch)
+                if self.jobs and time.monotonic() - self._last_refresh >= self.refresh_interval:
+                    await self.refresh()
+            except Exception as e:  # one bad batch must not stop the worker's results from flowing
+                log.exception("publishing failed", error=repr(e))
+
+    async def _retrying(self, fn, *args):
+        """fn's result, retried with backoff while Redis is unreachable (a restart, a network blip), so that
+        a job that ran meanwhile still gets its final write; None once stopped (entries stay pending)."""
+        delay, attempt = 0.1, 0
+        while True:
+            try:
+                return await fn(*args)
+            except _RETRYABLE as e:
+                attempt += 1
+                if self.stopped:
+                    log.error("redis unavailable and stopping: giving up on this write (entries stay pending)")
+                    return None
+                log.warning("redis unavailable, retrying", error=repr(e), attempt=attempt)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def publish(self, outputs: list[RequestOutput]) -> None:
+        now = time.time()
+        touched: dict[str, RunningJob] = {}
+        finishing: list[RunningJob] = []
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:  # aborted (cancelled) or dropped on shutdown
+                continue
+            first = job.first_token_at is None
+            job.absorb(out, now)
+            if first and job.first_token_at is not None:
+                metrics.TIME_TO_FIRST_TOKEN.labels(self.model, job.lane).observe(
+                    max(0.0, job.first_token_at - job.payload.enqueued_at))
+            touched[job.id] = job
+            if out.finished:
+                finishing.append(job)
+                del self.jobs[job.id]
+        await self._flush(list(touched.values()), finishing, now)
+
+    async def _flush(self, touched: list[RunningJob], finishing: list[RunningJob], now: float) -> None:
+        """Write out; `finishing` stays in `self.finishing` only if we stopped (or were cancelled) before
+        its writes were done, so that the drain hands those entries back."""
+        for job in finishing:
+            self.finishing[job.id] = job
+        settled = False
+        try:
+            settled = await self._write_out(touched, finishing, now)
+        except Exception:
+            settled = True  # not retryable: leave the entries pending for a rerun after the lease
+            raise
+        finally:
+            if settled:
+                for job in finishing:
+                    self.finishing.pop(job.id, None)
+
+    async def _write_out(self, touched: list[RunningJob], finishing: list[RunningJob], now: float) -> bool:
+        """Deltas of the streamed jobs among `touched`, final writes of `finishing`, then XACK + XDEL.
+        False when Redis stayed away until we stopped."""
+        # Plan the writes once, so that a retried write re-sends the same deltas and final states.
+        deltas: list[tuple[str, dict[str, str | int], str]] = []
+        for job in touched:
+            if not job.streamed:
+                continue
+            delta = job.take_delta()
+            if delta is None:
+                continue
+            fields: dict[str, str | int] = {f.TEXT: job.text, f.SEQ: job.seq}
+            if job.first_token_at is not None and not job.first_token_written:
+                fields[f.FIRST_TOKEN_AT] = repr(job.first_token_at)
+                job.first_token_written = True
+            deltas.append((job.id, fields, delta.model_dump_json()))
+        finals: list[tuple[RunningJob, list]] = []
+        for job in finishing:
+            state, fld, body = final_write(job, self.token_text)
+            finals.append((job, [keys.events_channel(job.id), state, fld, body, repr(now), job.text,
+                                 f.RETENTION_SECONDS, repr(job.first_token_at) if job.first_token_at else ""]))
+        if not deltas and not finals:
+            return True
+        results = await self._retrying(self._write, deltas, finals)
+        if results is None:
+            return False
+        if not finals:
+            return True
+
+        acks: list[RunningJob] = []
+        for (job, _), written in zip(finals, results, strict=True):
+            jlog = log.bind(job_id=job.id)
+            if isinstance(written, Exception):
+                # Leave the entry pending: another worker reruns it after the lease.
+                jlog.error("final write failed", error=repr(written))
+                continue
+            if written == 0:
+                metrics.DUPLICATE_FINALS.labels(self.model).inc()
+                jlog.info("job was already final; result dropped")
+            else:
+                self._observe_finished(job, now)
+                jlog.info("job finished", finish_reason=job.finish_reason, tokens=len(job.token_ids))
+            acks.append(job)
+        return not acks or await self._retrying(self._ack, acks) is not None
+
+    async def _write(self, deltas: list[tuple[str, dict[str, str | int], str]],
+                     finals: list[tuple[RunningJob, list]]) -> list:
+        """One MULTI: the deltas, then the finish scripts; returns the scripts' results (or errors)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for job_id, fields, delta_json in deltas:
+            pipe.hset(keys.job_key(job_id), mapping=fields)
+            pipe.publish(keys.events_channel(job_id), delta_json)
+        for job, args in finals:
+            await self._finish(keys=finish_keys(job.id, job.payload.tenant), args=[*args, job.id], client=pipe)
+        results = (await pipe.execute(raise_on_error=False))[2 * len(deltas):]
+        lost = next((r for r in results if isinstance(r, NoScriptError)), None)
+        if lost is not None:  # no finish script ran; the deltas again are harmless (readers skip by seq)
+            raise lost
+        return results
+
+    async def _ack(self, jobs: list[RunningJob]) -> list:
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.xack(job.stream, keys.GROUP, job.entry_id)
+            pipe.xdel(job.stream, job.entry_id)
+        return await pipe.execute()
+
+    def _observe_finished(self, job: RunningJob, now: float) -> None:
+        m = self.model
+        metrics.REQUESTS_FINISHED.labels(m, job.finish_reason or "stop").inc()
+        metrics.PROMPT_TOKENS.labels(m).inc(job.num_prompt_tokens or len(job.payload.prompt_token_ids))
+        metrics.CACHED_PROMPT_TOKENS.labels(m).inc(job.num_cached_tokens)
+        n_out = job.num_output_tokens or len(job.token_ids)
+        metrics.GENERATION_TOKENS.labels(m).inc(n_out)
+        if job.first_token_at is not None and n_out > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.labels(m).observe((now - job.first_token_at) / (n_out - 1))
+
+    async def refresh(self) -> None:
+        """Re-read `streamed`, `state` and `cancel_requested` of running jobs (one pipelined HMGET each);
+        stop jobs that are cancelled, final elsewhere, or past their deadline."""
+        self._last_refresh = time.monotonic()
+        jobs = list(self.jobs.values())
+        if not jobs:
+            return
+        rows = await self._retrying(self._read_flags, jobs)
+        if rows is None:
+            return
+        now = time.time()
+        dropped: list[RunningJob] = []
+        stopped: list[RunningJob] = []
+        for job, (streamed, state, cancel) in zip(jobs, rows, strict=True):
+            if job.id not in self.jobs:
+                continue
+            if state is None or state in _FINAL_VALUES:
+                # Final elsewhere (another worker, an expiry): stop spending the GPU on it, write nothing.
+                log.info("job final elsewhere; aborting it", job_id=job.id, state=state)
+                dropped.append(job)
+            elif cancel == "1":
+                log.info("job cancelled; aborting it", job_id=job.id)
+                job.stop_state = JobState.cancelled.value
+                stopped.append(job)
+            elif job.payload.deadline is not None and now >= job.payload.deadline:
+                log.info("job past its deadline; aborting it", job_id=job.id)
+                job.stop_state = JobState.expired.value
+                stopped.append(job)
+            elif streamed == "1" and not job.streamed:
+                log.debug("job is now streamed", job_id=job.id)
+                job.streamed = True  # the next batch publishes everything so far as one delta
+        for job in dropped + stopped:
+            self.engine_loop.abort(job.id)
+            del self.jobs[job.id]
+        for job in stopped:
+            job.finish_reason = "abort"
+        if stopped:
+            await self._flush(stopped, stopped, now)
+        if dropped:
+            await self._retrying(self._ack, dropped)
+
+    async def _read_flags(self, jobs: list[RunningJob]) -> list:
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hmget(keys.job_key(job.id), [f.STREAMED, f.STATE, f.CANCEL_REQUESTED])
+        return await pipe.execute()
+
+    async def end_untracked(self, job_id: str, stream: str, entry_id: str, error: JobError,
+                            state: str = JobState.failed.value, tenant: str | None = None) -> int:
+        """End a job that never reached the engine (bad payload, too long: failed; past its deadline:
+        expired), then drop its entry. Returns 1 if this was the job's final write."""
+        if tenant is None:
+            tenant = await self.redis.hget(keys.job_key(job_id), f.TENANT) or "default"
+        pipe = self.redis.pipeline(transaction=True)
+        await self._finish(
+            keys=finish_keys(job_id, tenant),
+            args=[keys.events_channel(job_id), state, f.ERROR, error.model_dump_json(),
+                  repr(time.time()), "", f.RETENTION_SECONDS, "", job_id],
+            client=pipe,
+        )
+        pipe.xack(stream, keys.GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        written, *_ = await pipe.execute(raise_on_error=False)
+        if isinstance(written, Exception):
+            raise written
+        if written == 1:
+            metrics.REQUESTS_FINISHED.labels(self.model, "error" if state == "failed" else state).inc()
+        else:
+            metrics.DUPLICATE_FINALS.labels(self.model).inc()
+        return written
+

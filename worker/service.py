@@ -1,0 +1,209 @@
+"""One worker process: heartbeat + intake + engine loop + publisher around one engine.
+
+`WorkerService.run()` serves until its stop event is set; `serve()` adds logging and SIGINT/SIGTERM.
+On stop (drain) the worker pulls no more jobs, gives running ones a grace (`TOKENQ_DRAIN_GRACE_S`) to
+finish, then hands the rest back unacknowledged, claimable by another worker at once (see recovery.py).
+The Redis client retries with exponential backoff, and every loop retries on its own, so a Redis
+restart or a network blip only pauses the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from functools import lru_cache
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from protocol.workers import ModelCard
+from worker.engine_loop import EngineLoop
+from worker.heartbeat import Heartbeat
+from worker.intake import Intake
+from worker.logging import configure_logging, get_logger
+from worker.metrics import start_metrics_server
+from worker.publisher import Publisher, TokenText
+from worker.recovery import Recovery
+
+log = get_logger("service")
+
+GRACE_S = 10.0
+
+
+def drain_grace_s() -> float:
+    """How long a stopping worker lets running jobs finish: TOKENQ_DRAIN_GRACE_S, else GRACE_S."""
+    return float(os.environ.get("TOKENQ_DRAIN_GRACE_S") or GRACE_S)
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A client that reconnects by itself: each command is retried with exponential backoff (capped at 2 s)
+    on connection errors and timeouts before the caller's own retry loop sees the error."""
+    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                             retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+                             retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=15)
+
+
+def default_worker_id() -> str:
+    """`{host}:{pid}`: the consumer name in the `workers` group and the heartbeat id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def token_text_from(engine, card: ModelCard) -> TokenText | None:
+    """id -> token text for logprobs, from the engine's tokenizer or else the card's tokenizer JSON;
+    None if neither can be had (token strings are then "")."""
+    tok = getattr(engine, "tokenizer", None)
+    if not callable(getattr(tok, "decode", None)):
+        if not card.tokenizer_json:
+            return None
+        try:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(card.tokenizer_json)
+        except Exception:
+            return None
+
+    @lru_cache(maxsize=1 << 16)
+    def text(token_id: int) -> str:
+        return tok.decode([token_id], skip_special_tokens=False)
+
+    return text
+
+
+def _engine_capacity(engine) -> int:
+    """Sequences the engine holds at once, for the heartbeat (the interface has no field for it)."""
+    for obj in (engine, getattr(engine, "config", None)):
+        value = getattr(obj, "max_num_seqs", None)
+        if isinstance(value, int):
+            return value
+    return engine.num_admissible()
+
+
+class WorkerService:
+    def __init__(self, redis_url: str, model_name: str, engine, card: ModelCard, worker_id: str | None = None,
+                 metrics_port: int | None = None, *, grace_s: float | None = None,
+                 token_text: TokenText | None = None, block_ms: int = 500, lease_s: float | None = None,
+                 max_deliveries: int | None = None) -> None:
+        self.redis_url = redis_url
+        self.model_name = model_name
+        self.engine = engine
+        self.card = card
+        self.worker_id = worker_id or default_worker_id()
+        self.metrics_port = metrics_port
+        self.grace_s = grace_s if grace_s is not None else drain_grace_s()
+        self.token_text = token_text
+        self.block_ms = block_ms
+        self.lease_s = lease_s  # None: TOKENQ_LEASE_S (see recovery.py)
+        self.max_deliveries = max_deliveries
+        self.skip_grace = asyncio.Event()  # a second signal: exit without waiting for running jobs
+        self.engine_loop: EngineLoop | None = None
+        self.publisher: Publisher | None = None
+        self.recovery: Recovery | None = None
+
+    async def run(self, stop_event: asyncio.Event | None = None) -> None:
+        stop_event = stop_event or asyncio.Event()
+        if self.metrics_port:
+            start_metrics_server(self.metrics_port)
+        if self.token_text is None:
+            self.token_text = await asyncio.to_thread(token_text_from, self.engine, self.card)
+        redis = redis_client(self.redis_url)
+        engine_loop = self.engine_loop = EngineLoop(self.engine, name=self.model_name)
+        publisher = self.publisher = Publisher(redis, engine_loop, self.model_name, token_text=self.token_text)
+        recovery = self.recovery = Recovery(redis, self.model_name, self.worker_id, lease_s=self.lease_s,
+                                            max_deliveries=self.max_deliveries)
+        heartbeat = Heartbeat(redis, self.worker_id, self.card, engine_loop,
+                              capacity=_engine_capacity(self.engine),
+                              device=str(getattr(self.engine, "device", "cpu")))
+        intake = Intake(redis, engine_loop, publisher, self.model_name, self.worker_id,
+                        max_model_len=self.engine.max_model_len, block_ms=self.block_ms, recovery=recovery)
+        engine_loop.start()
+        log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
+        tasks: list[asyncio.Task] = []
+        try:
+            await intake.ensure_groups()
+            await heartbeat.start()
+            intake_task = asyncio.create_task(intake.run(), name="intake")
+            publisher_task = asyncio.create_task(publisher.run(), name="publisher")
+            tasks = [intake_task, publisher_task, asyncio.create_task(heartbeat.run(), name="heartbeat"),
+                     asyncio.create_task(recovery.run_keep_alive(publisher), name="keep-alive")]
+            stop_wait = asyncio.create_task(stop_event.wait())
+            assert engine_loop.dead is not None
+            dead_wait = asyncio.create_task(engine_loop.dead.wait())
+            done, _ = await asyncio.wait([*tasks, stop_wait, dead_wait], return_when=asyncio.FIRST_COMPLETED)
+            for t in (stop_wait, dead_wait):
+                t.cancel()
+            for t in done:
+                if t in tasks and not t.cancelled() and t.exception() is not None:
+                    log.error("worker task crashed", task=t.get_name(), error=repr(t.exception()))
+            if dead_wait in done:
+                log.error("engine died; exiting", error=engine_loop.error)
+
+            # Drain: stop pulling, let what runs finish (the publisher keeps writing results and the leases
+            # stay alive meanwhile), then stop the publisher once its writes in flight are done.
+            intake.stopped = True
+            intake_task.cancel()
+            await asyncio.gather(intake_task, return_exceptions=True)
+            await self._grace(publisher, publisher_task, engine_loop)
+            publisher.stopped = True
+            await asyncio.wait([publisher_task], timeout=2.0)
+        finally:
+            intake.stopped = publisher.stopped = True
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(engine_loop.stop)
+            await self._hand_back(recovery, publisher)
+            try:
+                await heartbeat.stop()
+            except Exception as e:
+                log.warning("could not remove heartbeat", error=repr(e))
+            await redis.aclose()
+            log.info("worker stopped", worker=self.worker_id)
+
+    async def _grace(self, publisher: Publisher, publisher_task: asyncio.Task, engine_loop: EngineLoop) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        while (publisher.busy and loop.time() < deadline and not publisher_task.done()
+               and engine_loop.alive and not self.skip_grace.is_set()):
+            await asyncio.sleep(0.05)
+
+    async def _hand_back(self, recovery: Recovery, publisher: Publisher) -> None:
+        """Unfinished entries go back to the group at once (the keep-alive task is stopped by now, so
+        nothing renews them); if Redis is away they become claimable when their lease lapses."""
+        left = [*publisher.jobs.values(), *publisher.finishing.values()]
+        publisher.jobs.clear()
+        publisher.finishing.clear()
+        if not left:
+            return
+        try:
+            await asyncio.wait_for(recovery.release(left), timeout=5.0)
+        except Exception as e:
+            log.warning("could not hand unfinished jobs back; they are claimable after the lease",
+                        jobs=sorted(j.id for j in left), error=repr(e))
+
+
+def serve(redis_url: str, model_name: str, engine, card: ModelCard, metrics_port: int | None = None,
+          worker_id: str | None = None, grace_s: float | None = None) -> None:
+    """Run a worker until SIGINT/SIGTERM: drain (a second signal skips the grace for running jobs)."""
+    configure_logging(os.environ.get("TOKENQ_LOG_LEVEL", "INFO"))
+
+    async def main() -> None:
+        service = WorkerService(redis_url, model_name, engine, card, worker_id=worker_id,
+                                metrics_port=metrics_port, grace_s=grace_s)
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                service.skip_grace.set()
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await service.run(stop)
+
+    asyncio.run(main())

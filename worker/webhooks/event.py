@@ -1,0 +1,77 @@
+"""The webhook event for a finished job and its Standard Webhooks signature.
+
+The body is built only from the job hash, so every retry sends the same bytes under the same
+`webhook-id` (receivers dedupe on it); only `webhook-timestamp` and the signature are fresh each attempt,
+since receivers reject timestamps more than a few minutes old."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from standardwebhooks import Webhook
+
+from protocol import job_record as F
+from protocol import keys
+from protocol.jobs import JobError, JobResult
+
+SECRET_FIELD = "webhook_secret"
+
+
+def message_id(job_id: str) -> str:
+    return "msg_" + job_id
+
+
+def _epoch(value: str | None) -> int | None:
+    return int(float(value)) if value else None
+
+
+def _iso(value: str | None) -> str:
+    when = datetime.fromtimestamp(float(value), UTC) if value else datetime.now(UTC)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def event_body(job_id: str, record: dict[str, str]) -> str:
+    """`{"type": "job.<state>", "timestamp", "data": {...}}` as compact JSON."""
+    state = record.get(F.STATE, "")
+    data: dict[str, Any] = {
+        "id": job_id,
+        "state": state,
+        "model": record.get(F.MODEL),
+        "metadata": json.loads(record[F.METADATA]) if record.get(F.METADATA) else {},
+        "created_at": _epoch(record.get(F.CREATED_AT)),
+        "finished_at": _epoch(record.get(F.FINISHED_AT)),
+    }
+    if record.get(F.RESULT):
+        result = JobResult.model_validate_json(record[F.RESULT])
+        data["result"] = {"text": result.text, "finish_reason": result.finish_reason}
+        data["usage"] = result.usage.model_dump()
+    if record.get(F.ERROR):
+        data["error"] = JobError.model_validate_json(record[F.ERROR]).model_dump()
+    event = {"type": f"job.{state}", "timestamp": _iso(record.get(F.FINISHED_AT)), "data": data}
+    return json.dumps(event, separators=(",", ":"))
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def tenant_secret(redis: aioredis.Redis, tenant: str) -> str:
+    """The tenant's signing secret; the first delivery creates it (HSETNX: concurrent ones agree)."""
+    key = keys.tenant_key(tenant)
+    await redis.hsetnx(key, SECRET_FIELD, new_secret())
+    return await redis.hget(key, SECRET_FIELD)
+
+
+def signed_headers(secret: str, msg_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
+    now = now or datetime.now(UTC)
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, now, body),
+    }

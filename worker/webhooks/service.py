@@ -1,0 +1,145 @@
+"""`tokenq webhooks`: the outbox relay and the arq delivery worker in one process.
+
+`WorkerSettings` also lets arq's own CLI run the delivery worker alone
+(`arq worker.webhooks.service.WorkerSettings`, with TOKENQ_REDIS_URL set); the relay must then run
+somewhere else, e.g. in `tokenq webhooks`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from typing import Any
+
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.worker import Function, Worker, func
+
+from protocol import keys
+from worker.logging import get_logger
+from worker.webhooks.delivery import CTX_KEY, FUNCTION, Deliverer, deliver_webhook, new_http_client
+from worker.webhooks.policy import RetryPolicy
+from worker.webhooks.relay import Relay
+
+QUEUE = f"{keys.PREFIX}:webhooks:queue"  # arq's sorted set of delivery jobs
+KEEP_RESULT_S = 86400  # while the result is kept, a second enqueue of the same job is a no-op
+DRAIN_S = 15.0  # on stop, attempts in flight get this long to finish (then they are run again later)
+_log = get_logger("webhooks")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _function(policy: RetryPolicy) -> Function:
+    # arq's own try limit only backs up the policy's (which counts recorded attempts); cancelled runs
+    # count for arq too, hence the headroom. A slow receiver is cut by the policy's own timeouts.
+    return func(deliver_webhook, name=FUNCTION, max_tries=policy.max_attempts + 20,
+                timeout=policy.timeout_s * 4 + 10)
+
+
+async def arq_pool(redis_url: str) -> ArqRedis:
+    return await create_pool(RedisSettings.from_dsn(redis_url), job_serializer=_dumps,
+                             job_deserializer=json.loads, default_queue_name=QUEUE)
+
+
+class WebhookService:
+    """Relay and delivery worker sharing one Redis; `run` until `stop` is set."""
+
+    def __init__(self, redis_url: str, policy: RetryPolicy | None = None, allow: str | None = None,
+                 poll_delay: float = 0.5, block_ms: int = 1000) -> None:
+        self.redis_url = redis_url
+        self.policy = policy or RetryPolicy.from_env()
+        self.allow = allow
+        self.poll_delay = poll_delay
+        self.block_ms = block_ms
+
+    async def run(self, stop: asyncio.Event) -> None:
+        redis = aioredis.from_url(self.redis_url, decode_responses=True)
+        pool = await arq_pool(self.redis_url)
+        http = new_http_client()
+        deliverer = Deliverer(redis, http, self.policy, self.allow)
+        worker = Worker([_function(self.policy)], queue_name=QUEUE, redis_pool=pool, handle_signals=False,
+                        ctx={CTX_KEY: deliverer}, poll_delay=self.poll_delay, keep_result=KEEP_RESULT_S,
+                        job_serializer=_dumps, job_deserializer=json.loads)
+        relay = Relay(redis, pool, self.policy, QUEUE, block_ms=self.block_ms)
+        tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(worker.async_run())]
+        stopped = asyncio.create_task(stop.wait())
+        _log.info("webhook service started", queue=QUEUE, delays=self.policy.delays)
+        try:
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopped}:
+                task.result()  # a relay or worker that ended on its own: raise its error
+        finally:
+            stop.set()
+            stopped.cancel()
+            for task in tasks:  # the relay and arq's polling loop; attempts in flight are worker.tasks
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await _drain(worker)
+            await pool.delete(worker.health_check_key)
+            await pool.aclose()
+            await http.aclose()
+            await redis.aclose()
+            _log.info("webhook service stopped")
+
+
+async def _drain(worker: Worker) -> None:
+    """Let attempts in flight finish for DRAIN_S, then cancel the rest: arq puts those back on the
+    queue and runs them again (same webhook-id, so a receiver that got one anyway can dedupe)."""
+    running = [t for t in worker.tasks.values() if not t.done()]
+    if running:
+        _, late = await asyncio.wait(running, timeout=DRAIN_S)
+        for task in late:
+            task.cancel()
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+
+
+async def _startup(ctx: dict) -> None:
+    url = os.environ["TOKENQ_REDIS_URL"]
+    policy = RetryPolicy.from_env()
+    ctx[CTX_KEY] = Deliverer(aioredis.from_url(url, decode_responses=True), new_http_client(), policy)
+
+
+async def _shutdown(ctx: dict) -> None:
+    deliverer: Deliverer = ctx[CTX_KEY]
+    await deliverer.http.aclose()
+    await deliverer.redis.aclose()
+
+
+class WorkerSettings:
+    """For `arq worker.webhooks.service.WorkerSettings` (delivery only; TOKENQ_REDIS_URL names Redis)."""
+
+    functions = [_function(RetryPolicy.from_env())]
+    queue_name = QUEUE
+    redis_settings = RedisSettings.from_dsn(os.environ.get("TOKENQ_REDIS_URL", "redis://localhost:6379"))
+    job_serializer = _dumps
+    job_deserializer = json.loads
+    keep_result = KEEP_RESULT_S
+    on_startup = _startup
+    on_shutdown = _shutdown
+
+
+def run_webhooks(redis_url: str, metrics_port: int | None = None) -> int:
+    """The `tokenq webhooks` process: runs until SIGTERM or SIGINT, then drains and exits 0."""
+    import signal
+
+    from prometheus_client import start_http_server
+
+    from worker.logging import configure_logging
+
+    configure_logging(os.environ.get("TOKENQ_LOG_LEVEL", "INFO"))
+    if metrics_port is not None:
+        start_http_server(metrics_port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await WebhookService(redis_url).run(stop)
+
+    asyncio.run(main())
+    return 0
