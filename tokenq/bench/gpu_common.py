@@ -204,6 +204,33 @@ def warm_up(engine, vocab: int, prompt_len: int, num: int = 4, new_tokens: int =
     engine.block_manager.reset_prefix_cache()
 
 
+def memory_bandwidth(device: str, gib: float = 2.0, repeats: int = 20) -> float:
+    """Achievable device memory bandwidth in bytes/s: a large device-to-device copy (reads + writes),
+    CUDA events, median of `repeats`. The floor of a decode step is the bytes it must read over this."""
+    import statistics
+
+    import torch
+
+    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * gib * 2**30 / statistics.median(times)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def sync(device: str) -> None:
     import torch
 

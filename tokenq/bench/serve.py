@@ -1,10 +1,17 @@
 """`tokenq bench serve`: the whole path (HTTP gateway, Redis stream, worker, pub/sub, SSE) under Poisson
-arrivals, with TTFT, TPOT and end-to-end latency percentiles and the throughput seen by clients.
+arrivals, with TTFT, TPOT and end-to-end latency percentiles and the throughput that clients see, against
+the same engine called in-process on the same requests.
 
 Redis (embedded unless --redis-url), `tokenq worker` and `tokenq gateway` run as subprocesses, the way
-`tokenq up` runs them; the clients stream /v1/completions with token-id prompts and ignore_eos, so every
-request generates exactly --output-len tokens. At low load (one request at a time) the same prompts then
-run on an in-process engine, and the difference of the TTFTs is what the queue path adds.
+`tokenq up` runs them. Clients stream /v1/completions with token-id prompts and ignore_eos, so every
+request generates exactly --output-len tokens; they run in --client-procs processes so that parsing
+thousands of SSE events a second does not make the client the bottleneck. Then, with the stack stopped,
+an engine in this process with the same settings runs (a) the low-load requests one at a time: the TTFT
+difference is what the queue path adds, and (b) the highest-rate phase's requests all at once: the
+offline tokens/s that the served tokens/s is compared with.
+
+`--model-shape llama3-8b` serves a random-weight model of that shape (see `tokenq models random`), so
+the benchmark runs on a GPU machine with no model download.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -29,20 +38,26 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenq import settings
+    from tokenq.cli import add_engine_flags
 
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
+    p.add_argument("--model-shape", default=None,
+                   help="serve a random-weight model of this shape instead (llama3-8b, small, tiny)")
     p.add_argument("--redis-url", default=None, help="default: an embedded Redis of its own")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals, requests per second")
-    p.add_argument("--num-requests", type=int, default=100)
-    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--rate", type=float, nargs="+", default=[4.0],
+                   help="Poisson arrival rates, requests/s, one phase each; inf sends all at once")
+    p.add_argument("--num-requests", type=int, default=100, help="requests per phase")
+    p.add_argument("--min-prompt-len", type=int, default=256)
+    p.add_argument("--max-prompt-len", type=int, default=None, help="default: --min-prompt-len")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--low-load-requests", type=int, default=8, help="sequential requests, both paths")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size on CPU")
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--client-procs", type=int, default=None, help="default: half the CPUs, 1 to 8")
+    p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the one port")
+    p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-serve.json")
+    add_engine_flags(p)
+    p.set_defaults(device="auto")
     return p
 
 
@@ -52,67 +67,95 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 async def _stream_one(client, base: str, model: str, prompt: list[int], output_len: int) -> gc.Timing:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    t = gc.Timing(added=time.perf_counter())
+    t = gc.Timing(added=time.monotonic())
     last = None
     completion_tokens = 0
     async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            now = time.perf_counter()
+            now = time.monotonic()
             if any(c.get("text") for c in chunk.get("choices", [])):
                 t.first = t.first or now
                 last = now
             if chunk.get("usage"):
                 completion_tokens = chunk["usage"]["completion_tokens"]
-    t.done = last or time.perf_counter()
+    t.done = last or time.monotonic()
     t.first = t.first or t.done
     t.tokens = [0] * completion_tokens  # counts only: the text is not kept
     return t
 
 
 async def _drive(base: str, model: str, prompts: list[list[int]], output_len: int,
-                 arrivals: list[float] | None) -> tuple[list[gc.Timing], float]:
+                 arrivals: list[float] | None, t0: float | None = None) -> list[gc.Timing]:
+    """Requests one at a time (arrivals None), or each at t0 + its arrival offset (monotonic clock)."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
-        if arrivals is None:  # one at a time
-            out = [await _stream_one(client, base, model, p, output_len) for p in prompts]
-            return out, time.perf_counter() - t0
+        if arrivals is None:
+            return [await _stream_one(client, base, model, p, output_len) for p in prompts]
+        start = time.monotonic() if t0 is None else t0
 
         async def later(delay: float, p: list[int]) -> gc.Timing:
-            await asyncio.sleep(max(0.0, delay - (time.perf_counter() - t0)))
+            await asyncio.sleep(max(0.0, start + delay - time.monotonic()))
             return await _stream_one(client, base, model, p, output_len)
 
-        out = await asyncio.gather(*(later(a, p) for a, p in zip(arrivals, prompts, strict=True)))
-        return list(out), time.perf_counter() - t0
+        return list(await asyncio.gather(*(later(a, p) for a, p in zip(arrivals, prompts, strict=True))))
+
+
+def _client_shard(base: str, model: str, prompts: list[list[int]], output_len: int, arrivals: list[float],
+                  t0: float) -> list[gc.Timing]:
+    """One client process's share of a phase (CLOCK_MONOTONIC is one clock for every process)."""
+    return asyncio.run(_drive(base, model, prompts, output_len, arrivals, t0))
+
+
+def _run_phase(base: str, model: str, prompts: list[list[int]], output_len: int, arrivals: list[float],
+               procs: int) -> tuple[list[gc.Timing], float]:
+    """All of a phase's requests, dealt round-robin to `procs` client processes; returns the timings in
+    prompt order and the wall time from the phase's start to the last token."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    procs = max(1, min(procs, len(prompts)))
+    shards = [list(range(i, len(prompts), procs)) for i in range(procs)]
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(math.sqrt, range(procs)))  # the processes exist and have imported this module
+        t0 = time.monotonic() + 0.5
+        futures = [pool.submit(_client_shard, base, model, [prompts[i] for i in idx], output_len,
+                               [arrivals[i] for i in idx], t0) for idx in shards]
+        timings: list[gc.Timing | None] = [None] * len(prompts)
+        for idx, fut in zip(shards, futures, strict=True):
+            for i, t in zip(idx, fut.result(), strict=True):
+                timings[i] = t
+    done = [t for t in timings if t is not None]
+    return done, max(t.done for t in done) - t0
 
 
 # ---- the server side ----------------------------------------------------------------------------------
 
 
-def _start_stack(args: argparse.Namespace, model: str, device: str, workdir: Path):
+def _start_stack(args: argparse.Namespace, model_path: Path, workdir: Path):
+    from tokenq.cli import engine_flags_argv
     from tokenq.embedded_redis import EmbeddedRedis, free_port
     from tokenq.supervisor import _wait_ready
 
     redis = None if args.redis_url else EmbeddedRedis(workdir / "redis").start()
     url = args.redis_url or redis.url
     port = free_port()
-    env = {**os.environ, "TOKENQ_REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
-    worker_args = ["--model", model, "--device", device, "--max-num-seqs", str(args.max_num_seqs),
-                   "--kv-cache-gb", str(args.kv_cache_gb), *(["--enforce-eager"] if args.enforce_eager else [])]
+    env = {**os.environ, "TOKENQ_REDIS_URL": url, "PYTHONUNBUFFERED": "1",
+           "TOKENQ_GATEWAY_WORKERS": str(args.gateway_workers)}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tokenq", "worker", *worker_args], env=env,
+        subprocess.Popen([sys.executable, "-m", "tokenq", "worker", "--model", str(model_path),
+                          *engine_flags_argv(args)], env=env,
                          stdout=subprocess.DEVNULL, stderr=open(workdir / "worker.log", "wb")),
         subprocess.Popen([sys.executable, "-m", "tokenq", "gateway", "--port", str(port)], env=env,
                          stdout=subprocess.DEVNULL, stderr=open(workdir / "gateway.log", "wb")),
     ]
     base = f"http://127.0.0.1:{port}"
-    if not _wait_ready(f"{base}/readyz", procs, timeout=600):
+    if not _wait_ready(f"{base}/readyz", procs, timeout=900):
         _stop_stack(procs, redis)
         raise RuntimeError(f"the stack did not become ready; logs in {workdir}")
     return base, procs, redis
@@ -124,26 +167,34 @@ def _stop_stack(procs: list[subprocess.Popen], redis) -> None:
         redis.stop()
 
 
-def _direct_ttfts(path: Path, args: argparse.Namespace, device: str, prompts: list[list[int]]) -> list[gc.Timing]:
-    """The same lone requests on an engine in this process: no HTTP, no Redis."""
+def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded: list[list[int]] | None
+             ) -> tuple[list[gc.Timing], dict | None]:
+    """The same engine in this process, no HTTP, no Redis: the low-load requests one at a time, then the
+    loaded requests all at once (None: skipped)."""
     from protocol.sampling import SamplingParams
-    from worker.engine.config import EngineConfig
+    from tokenq.cli import engine_config_from
     from worker.engine.llm_engine import LLMEngine
 
-    cfg = EngineConfig(device=device, dtype="bfloat16" if device.startswith("cuda") else "float32",
-                       max_num_seqs=args.max_num_seqs, kv_cache_memory_gb=args.kv_cache_gb,
-                       enforce_eager=True if args.enforce_eager else None)
-    engine = LLMEngine(path, cfg)
+    engine = LLMEngine(path, engine_config_from(args))
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts[:1], params)  # warm-up
-    engine.block_manager.reset_prefix_cache()
-    out = []
-    for i, p in enumerate(prompts):
+    gc.warm_up(engine, engine.model_cfg.vocab_size, args.min_prompt_len)
+    direct = []
+    for i, p in enumerate(low):
         (t,), _ = gc.run_timed(engine, [p], params, tag=f"direct{i}")
         engine.block_manager.reset_prefix_cache()
-        out.append(t)
+        direct.append(t)
+    offline = None
+    if loaded is not None:
+        gc.sync(args.device)
+        t0 = time.perf_counter()
+        outs = engine.generate(loaded, params)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(o.new_token_ids) for o in outs)
+        offline = {"num_requests": len(loaded), "seconds": seconds, "output_tokens": tokens,
+                   "output_tokens_per_s": tokens / seconds,
+                   "all_lengths_ok": all(len(o.new_token_ids) == args.output_len for o in outs)}
     gc.free_engine(engine)
-    return out
+    return direct, offline
 
 
 def _summary(timings: list[gc.Timing], wall: float) -> dict:
@@ -155,55 +206,88 @@ def _summary(timings: list[gc.Timing], wall: float) -> dict:
             "e2e_ms": gc.stats([t.e2e for t in timings])}
 
 
+def _model_path(args: argparse.Namespace, workdir: Path) -> tuple[str, Path]:
+    from tokenq.model_store import resolve_model
+
+    if args.model_shape:
+        from worker.models.random_weights import write_random_model_dir
+
+        path = write_random_model_dir(args.model_shape, workdir / f"random-{args.model_shape}", seed=args.seed)
+        return path.name, path
+    return resolve_model(args.model)
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tokenq.bench.report import machine_info, print_table, write_json
-    from tokenq.model_store import resolve_model
     from worker.models.config import ModelConfig
 
-    name, path = resolve_model(args.model)
-    device = gc.resolve_device(args.device)
-    vocab = ModelConfig.from_dir(path).vocab_size
-    n_low = args.low_load_requests
-    prompts = gc.random_prompts(args.num_requests + n_low + 2, args.prompt_len, args.prompt_len, vocab,
-                                args.seed)
-    warm, low, loaded = prompts[:2], prompts[2 : 2 + n_low], prompts[2 + n_low :]
-    rng = np.random.default_rng(args.seed)
-    arrivals = np.cumsum(rng.exponential(1.0 / args.rate, size=len(loaded))).tolist()
-    print(f"{len(loaded)} requests at {args.rate}/s (Poisson), {args.prompt_len}-token prompts, "
-          f"{args.output_len} new tokens each; model {name} on {device}")
-
+    args.device = gc.resolve_device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-serve-"))
-    base, procs, redis = _start_stack(args, name, device, workdir)
+    name, path = _model_path(args, workdir)
+    vocab = ModelConfig.from_dir(path).vocab_size
+    lo, hi = args.min_prompt_len, args.max_prompt_len or args.min_prompt_len
+    n, n_low = args.num_requests, args.low_load_requests
+    prompts = gc.random_prompts(2 + n_low + n * len(args.rate), lo, hi, vocab, args.seed)
+    warm, low = prompts[:2], prompts[2 : 2 + n_low]
+    phases = []
+    rng = np.random.default_rng(args.seed)
+    for k, rate in enumerate(args.rate):
+        arrivals = [0.0] * n if math.isinf(rate) else np.cumsum(rng.exponential(1.0 / rate, size=n)).tolist()
+        phases.append((rate, prompts[2 + n_low + k * n : 2 + n_low + (k + 1) * n], arrivals))
+    client_procs = args.client_procs or max(1, min(8, (os.cpu_count() or 2) // 2))
+    print(f"{n} requests a phase at {args.rate} req/s (Poisson), prompts of {lo}-{hi} tokens, {args.output_len} "
+          f"new tokens each; model {name} on {args.device}; {client_procs} client processes")
+
+    base, procs, redis = _start_stack(args, path, workdir)
     try:
         asyncio.run(_drive(base, name, warm, args.output_len, None))
-        low_t, low_wall = asyncio.run(_drive(base, name, low, args.output_len, None))
-        load_t, load_wall = asyncio.run(_drive(base, name, loaded, args.output_len, arrivals))
+        t0 = time.monotonic()
+        low_t = asyncio.run(_drive(base, name, low, args.output_len, None))
+        low_wall = time.monotonic() - t0
+        served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
     finally:
         _stop_stack(procs, redis)
-    direct_t = _direct_ttfts(path, args, device, low)
+    top = max(range(len(phases)), key=lambda k: phases[k][0])
+    direct_t, offline = _offline(path, args, low, None if args.skip_offline else phases[top][1])
 
-    gateway_low, direct = _summary(low_t, low_wall), _summary(direct_t, sum(t.e2e for t in direct_t))
+    gateway_low = _summary(low_t, low_wall)
+    direct = _summary(direct_t, sum(t.e2e for t in direct_t))
     result = {
-        "benchmark": "serve", "model": name, "machine": machine_info(),
-        "workload": {"rate": args.rate, "num_requests": len(loaded), "prompt_len": args.prompt_len,
-                     "output_len": args.output_len, "low_load_requests": n_low, "seed": args.seed},
-        "loaded": _summary(load_t, load_wall), "low_load_gateway": gateway_low, "low_load_direct": direct,
+        "benchmark": "serve", "model": name, "model_shape": args.model_shape, "device": args.device,
+        "machine": machine_info(),
+        "workload": {"rates": args.rate, "num_requests": n, "min_prompt_len": lo, "max_prompt_len": hi,
+                     "output_len": args.output_len, "low_load_requests": n_low, "seed": args.seed,
+                     "client_procs": client_procs, "gateway_workers": args.gateway_workers,
+                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
+        "phases": [{"rate": rate, **_summary(t, wall)} for rate, t, wall in served],
+        "low_load_gateway": gateway_low, "low_load_direct": direct, "offline": offline,
         "ttft_overhead_ms_p50": gateway_low["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
-        "all_lengths_ok": all(len(t.tokens) == args.output_len for t in low_t + load_t + direct_t),
     }
-    rows = []
-    for label, s in (("Poisson load, via gateway", result["loaded"]), ("one at a time, via gateway", gateway_low),
-                     ("one at a time, engine direct", direct)):
-        rows.append([label, s["ttft_ms"]["p50"], s["ttft_ms"]["p99"], s["tpot_ms"].get("p50", 0.0),
-                     s["tpot_ms"].get("p99", 0.0), s["e2e_ms"]["p50"], s["e2e_ms"]["p99"],
-                     s["output_tokens_per_s"]])
+    top_phase = result["phases"][top]
+    if offline:
+        result["served_over_offline"] = top_phase["output_tokens_per_s"] / offline["output_tokens_per_s"]
+    every = low_t + direct_t + [t for _, ts, _ in served for t in ts]
+    result["all_lengths_ok"] = all(len(t.tokens) == args.output_len for t in every) and (
+        offline is None or offline["all_lengths_ok"])
+
+    rows = [[f"rate {p['rate']:g}/s via gateway", *_row(p)] for p in result["phases"]]
+    rows += [["one at a time, via gateway", *_row(gateway_low)], ["one at a time, engine direct", *_row(direct)]]
+    if offline:
+        rows.append(["all at once, engine offline", *[float("nan")] * 6, offline["output_tokens_per_s"]])
     print_table("serving latency (ms) and throughput", ["path", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                                                         "e2e p50", "e2e p99", "output tok/s"], rows)
     print(f"\nthe queue path adds {result['ttft_overhead_ms_p50']:.1f} ms to TTFT at low load (p50)")
+    if offline:
+        print(f"served/offline output tok/s at rate {top_phase['rate']:g}: {result['served_over_offline']:.3f}")
     write_json(args.out, result)
     return 0 if result["all_lengths_ok"] else 1
+
+
+def _row(s: dict) -> list[float]:
+    return [s["ttft_ms"]["p50"], s["ttft_ms"]["p99"], s["tpot_ms"].get("p50", 0.0), s["tpot_ms"].get("p99", 0.0),
+            s["e2e_ms"]["p50"], s["e2e_ms"]["p99"], s["output_tokens_per_s"]]
 
 
 if __name__ == "__main__":

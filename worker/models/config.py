@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# A config.json key that marks a directory whose weights are made at load time (seeded random values)
+# instead of read from *.safetensors; see worker.models.random_weights.write_random_model_dir.
+RANDOM_INIT_KEY = "tokenq_random_init"
+
 # model_type -> the architecture name Hugging Face gives it; all run on our LlamaForCausalLM.
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

@@ -8,11 +8,13 @@ The init keeps activations and logits of order one at any depth (embedding ~ N(0
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from worker.models.config import ModelConfig
+from worker.models.config import RANDOM_INIT_KEY, ModelConfig
 from worker.models.llama import LlamaForCausalLM
 
 _LLAMA3_ROPE = {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192}
@@ -105,3 +107,27 @@ def hf_peer(model: LlamaForCausalLM, config: dict[str, Any], attn_implementation
         hf.tie_weights()
     hf.config.dtype = dtype
     return hf.eval()
+
+
+def is_random_config(config: dict[str, Any]) -> bool:
+    return RANDOM_INIT_KEY in config
+
+
+def write_random_model_dir(shape: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """A model directory the whole stack can serve (worker, gateway, `tokenq up`) without any weights on
+    disk: config.json of the shape, marked so the loader makes seeded random weights on the device, and a
+    synthetic word-level tokenizer of exactly the shape's vocabulary (token i reads as `t{i}`), so any
+    sampled id detokenizes to visible text. Why: GPU machines without a model hub still run the served
+    benchmarks on a Llama-3-8B-sized model, and 16 GB of weights never need to travel."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config = shape_config(shape, **{RANDOM_INIT_KEY: {"seed": seed, "shape": shape}})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    return out

