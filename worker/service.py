@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 from functools import lru_cache
 
 import redis.asyncio as aioredis
@@ -186,10 +187,17 @@ class WorkerService:
                         jobs=sorted(j.id for j in left), error=repr(e))
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def serve(redis_url: str, model_name: str, engine, card: ModelCard, metrics_port: int | None = None,
           worker_id: str | None = None, grace_s: float | None = None) -> None:
     """Run a worker until SIGINT/SIGTERM: drain (a second signal skips the grace for running jobs)."""
     configure_logging(os.environ.get("TOKENQ_LOG_LEVEL", "INFO"))
+    # The engine thread and the asyncio thread (intake, publisher) share the GIL. When the engine thread
+    # comes back from a CUDA sync while the publisher is busy, it waits for the interpreter to force a
+    # switch: 5 ms by default, longer than some whole decode steps. A short interval keeps the GPU fed.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     async def main() -> None:
         service = WorkerService(redis_url, model_name, engine, card, worker_id=worker_id,
