@@ -11,6 +11,7 @@ it in the engine and writes `cancelled` (with the partial result) or `expired`.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from protocol import job_record as f
 from protocol import keys
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
-from protocol.scripts import FINISH_JOB, finish_keys
+from protocol.scripts import FINISH_JOB, PUBLISH_DELTAS, finish_keys
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import EngineLoop, FailedOutput
@@ -147,6 +148,25 @@ def final_write(job: RunningJob, token_text: TokenText | None = None) -> tuple[s
     return JobState.succeeded.value, f.RESULT, build_result(job, token_text).model_dump_json()
 
 
+class _Deltas:
+    """The arguments of one PUBLISH_DELTAS call."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.rows: list[list[str]] = []
+
+    def add(self, job_id: str, text: str, seq: int, delta_json: str, first_token_at: str) -> None:
+        self.keys.append(keys.job_key(job_id))
+        self.rows.append([text, str(seq), keys.events_channel(job_id), delta_json, first_token_at])
+
+    @property
+    def args(self) -> list[str]:
+        return [json.dumps(self.rows, ensure_ascii=False, separators=(",", ":"))]
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+
 class Publisher:
     def __init__(self, redis: Redis, engine_loop: EngineLoop, model: str,
                  token_text: TokenText | None = None, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
@@ -160,6 +180,7 @@ class Publisher:
         # and a drain waits for them.
         self.finishing: dict[str, RunningJob] = {}
         self._finish = redis.register_script(FINISH_JOB)
+        self._deltas = redis.register_script(PUBLISH_DELTAS)
         self._last_refresh = 0.0
         self.stopped = False  # set before cancelling the task: a second way out of the loop
 
@@ -256,18 +277,18 @@ class Publisher:
         """Deltas of the streamed jobs among `touched`, final writes of `finishing`, then XACK + XDEL.
         False when Redis stayed away until we stopped."""
         # Plan the writes once, so that a retried write re-sends the same deltas and final states.
-        deltas: list[tuple[str, dict[str, str | int], str]] = []
+        deltas = _Deltas()
         for job in touched:
             if not job.streamed:
                 continue
             delta = job.take_delta()
             if delta is None:
                 continue
-            fields: dict[str, str | int] = {f.TEXT: job.text, f.SEQ: job.seq}
+            first = ""
             if job.first_token_at is not None and not job.first_token_written:
-                fields[f.FIRST_TOKEN_AT] = repr(job.first_token_at)
+                first = repr(job.first_token_at)
                 job.first_token_written = True
-            deltas.append((job.id, fields, delta.model_dump_json()))
+            deltas.add(job.id, job.text, job.seq, delta.model_dump_json(), first)
         finals: list[tuple[RunningJob, list]] = []
         for job in finishing:
             state, fld, body = final_write(job, self.token_text)
@@ -297,20 +318,19 @@ class Publisher:
             acks.append(job)
         return not acks or await self._retrying(self._ack, acks) is not None
 
-    async def _write(self, deltas: list[tuple[str, dict[str, str | int], str]],
-                     finals: list[tuple[RunningJob, list]]) -> list:
-        """One MULTI: the deltas, then the finish scripts; returns the scripts' results (or errors)."""
+    async def _write(self, deltas: _Deltas, finals: list[tuple[RunningJob, list]]) -> list:
+        """One MULTI: the deltas (one script call), then the finish scripts; returns the finish scripts'
+        results (or errors)."""
         pipe = self.redis.pipeline(transaction=True)
-        for job_id, fields, delta_json in deltas:
-            pipe.hset(keys.job_key(job_id), mapping=fields)
-            pipe.publish(keys.events_channel(job_id), delta_json)
+        if deltas.keys:
+            await self._deltas(keys=deltas.keys, args=deltas.args, client=pipe)
         for job, args in finals:
             await self._finish(keys=finish_keys(job.id, job.payload.tenant), args=[*args, job.id], client=pipe)
-        results = (await pipe.execute(raise_on_error=False))[2 * len(deltas):]
-        lost = next((r for r in results if isinstance(r, NoScriptError)), None)
+        replies = await pipe.execute(raise_on_error=False)
+        lost = next((r for r in replies if isinstance(r, NoScriptError)), None)
         if lost is not None:  # no finish script ran; the deltas again are harmless (readers skip by seq)
             raise lost
-        return results
+        return replies[1 if deltas.keys else 0:]
 
     async def _ack(self, jobs: list[RunningJob]) -> list:
         pipe = self.redis.pipeline(transaction=False)

@@ -186,13 +186,9 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
     offline = None
     if loaded is not None:
         gc.sync(args.device)
-        t0 = time.perf_counter()
-        outs = engine.generate(loaded, params)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(o.new_token_ids) for o in outs)
-        offline = {"num_requests": len(loaded), "seconds": seconds, "output_tokens": tokens,
-                   "output_tokens_per_s": tokens / seconds,
-                   "all_lengths_ok": all(len(o.new_token_ids) == args.output_len for o in outs)}
+        timings, wall = gc.run_timed(engine, loaded, params, tag="offline")
+        offline = {**_summary(timings, wall),
+                   "all_lengths_ok": all(len(t.tokens) == args.output_len for t in timings)}
     gc.free_engine(engine)
     return direct, offline
 
@@ -275,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
     rows = [[f"rate {p['rate']:g}/s via gateway", *_row(p)] for p in result["phases"]]
     rows += [["one at a time, via gateway", *_row(gateway_low)], ["one at a time, engine direct", *_row(direct)]]
     if offline:
-        rows.append(["all at once, engine offline", *[float("nan")] * 6, offline["output_tokens_per_s"]])
+        rows.append(["all at once, engine offline", *_row(offline)])
     print_table("serving latency (ms) and throughput", ["path", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                                                         "e2e p50", "e2e p99", "output tok/s"], rows)
     print(f"\nthe queue path adds {result['ttft_overhead_ms_p50']:.1f} ms to TTFT at low load (p50)")
