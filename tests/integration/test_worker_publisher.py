@@ -115,3 +115,35 @@ async def test_serve_stops_on_sigterm(redis_url, redis_client):
     assert rc == 0, out
     assert not await r.exists(keys.worker_key("serve-host:1"))
     assert '"worker stopped"' in out or "worker stopped" in out
+
+
+async def test_deltas_keep_non_ascii_text_exact(redis_client):
+    """The batched delta script goes through Redis's cjson: multi-byte UTF-8 and characters outside the
+    BMP must reach both the hash and the channel byte for byte, for every job of the batch."""
+    from protocol.events import DeltaEvent, parse_event
+
+    r = redis_client
+    texts = ["héllo wörld ", "数学 ", "emoji 😀🚀 and \"quotes\" \\ back\nslash "]
+    jobs = []
+    for _ in texts:
+        p = payload([1, 2])
+        await submit_job(r, p, streamed=True)
+        jobs.append(p)
+    pub = Publisher(r, EngineLoop(FakeEngine()), MODEL)
+    for p in jobs:
+        pub.track(RunningJob(payload=p, stream="s", entry_id="0-1", streamed=True, seq=0, started_at=time.time()))
+    pubsub = r.pubsub()
+    await pubsub.subscribe(*(keys.events_channel(p.id) for p in jobs))
+    await pub.publish([RequestOutput(p.id, [7], t) for p, t in zip(jobs, texts, strict=True)])
+    got: dict[str, DeltaEvent] = {}
+    deadline = time.monotonic() + 5
+    while len(got) < len(jobs) and time.monotonic() < deadline:
+        m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if m and m["type"] == "message":
+            got[m["channel"]] = parse_event(m["data"])
+    await pubsub.aclose()
+    for p, text in zip(jobs, texts, strict=True):
+        h = await r.hgetall(keys.job_key(p.id))
+        assert h[f.TEXT] == text and int(h[f.SEQ]) == 1 and f.FIRST_TOKEN_AT in h
+        event = got[keys.events_channel(p.id)]
+        assert isinstance(event, DeltaEvent) and event.text == text and event.offset == 0 and event.seq == 1

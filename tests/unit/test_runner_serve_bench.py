@@ -16,16 +16,39 @@ from tokenq.bench import serve  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
+    assert r["all_lengths_ok"]
+    assert [p["rate"] for p in r["phases"]] == rates
+    for phase in r["phases"]:
+        assert phase["num_requests"] == n and phase["output_tokens"] == n * output_len
+    parts = [*r["phases"], r["low_load_gateway"], r["low_load_direct"], r["offline"]]
+    for part in parts:
+        assert part["ttft_ms"]["p50"] > 0 and part["e2e_ms"]["p99"] >= part["e2e_ms"]["p50"]
+    assert r["offline"]["output_tokens"] == n * output_len
+    top = max(r["phases"], key=lambda p: p["rate"])
+    assert r["served_over_offline"] == pytest.approx(top["output_tokens_per_s"] / r["offline"]["output_tokens_per_s"])
+    assert "ttft_overhead_ms_p50" in r
+
+
 def test_serve_bench_small_run(tmp_path, default_model_dir):
     out = tmp_path / "serve.json"
     args = serve.configure(argparse.ArgumentParser()).parse_args(
         ["--model", str(default_model_dir), "--device", "cpu", "--rate", "20", "--num-requests", "6",
-         "--prompt-len", "24", "--output-len", "6", "--low-load-requests", "2", "--kv-cache-gb", "0.1",
-         "--out", str(out)])
+         "--min-prompt-len", "24", "--output-len", "6", "--low-load-requests", "2", "--kv-cache-gb", "0.1",
+         "--client-procs", "2", "--out", str(out)])
+    assert serve.main(args) == 0
+    _check(json.loads(out.read_text()), 6, 6, [20.0])
+
+
+def test_serve_bench_random_shape_two_phases(tmp_path):
+    """A random-weight model of a named shape, served without any download; a Poisson phase and an
+    all-at-once phase; the offline reference runs the all-at-once phase's requests."""
+    out = tmp_path / "serve.json"
+    args = serve.configure(argparse.ArgumentParser()).parse_args(
+        ["--model-shape", "tiny", "--device", "cpu", "--rate", "50", "inf", "--num-requests", "8",
+         "--min-prompt-len", "8", "--max-prompt-len", "40", "--output-len", "5", "--low-load-requests", "2",
+         "--kv-cache-gb", "0.05", "--client-procs", "2", "--out", str(out)])
     assert serve.main(args) == 0
     r = json.loads(out.read_text())
-    assert r["all_lengths_ok"]
-    assert r["loaded"]["num_requests"] == 6 and r["loaded"]["output_tokens"] == 36
-    for part in ("loaded", "low_load_gateway", "low_load_direct"):
-        assert r[part]["ttft_ms"]["p50"] > 0 and r[part]["e2e_ms"]["p99"] >= r[part]["e2e_ms"]["p50"]
-    assert "ttft_overhead_ms_p50" in r
+    _check(r, 8, 5, [50.0, float("inf")])
+    assert r["model"] == "random-tiny" and r["offline"]["num_requests"] == 8
