@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import Any
 
 import uvicorn
@@ -59,11 +60,21 @@ def run(host: str, port: int, redis_url: str, workers: int | None = None) -> Non
     workers = workers or int(os.environ.get(WORKERS_ENV) or 1)
     options: dict[str, Any] = dict(host=host, port=port, log_level="info", access_log=False,
                                    timeout_graceful_shutdown=5, loop="uvloop", http=HttpProtocol)
+    _exit_cleanly_after_shutdown()
     if workers <= 1:
         uvicorn.run(create_app(redis_url), **options)
         return
     os.environ[_REDIS_URL_ENV] = redis_url
     uvicorn.run("gateway.server:app_from_env", factory=True, workers=workers, **options)
+
+
+def _exit_cleanly_after_shutdown() -> None:
+    """uvicorn serves with its own signal handlers and, after a graceful shutdown, raises the signal it
+    caught again under the handlers it found: with the defaults a drained gateway then died of SIGTERM
+    (exit -15) and supervisors and orchestrators logged a crash. These handlers make that second delivery
+    a no-op, so a SIGTERM or Ctrl-C that uvicorn handled ends in exit status 0."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
 
 
 def app_from_env():
