@@ -54,6 +54,26 @@ class Heartbeat:
         *_, has_card = await pipe.execute()
         if not has_card:
             await self.redis.hset(keys.model_card_key(self.card.name), CARD_FIELD, self.card.model_dump_json())
+        await self.observe_queue_depth()
+
+    async def observe_queue_depth(self) -> dict[str, int]:
+        """Entries per lane over all its tenant streams, for the tokenq_queue_depth gauge: one stream per
+        tenant means no single stream's lag says how much work waits (KEDA's redis-streams trigger
+        watches one stream), so the worker sums them where a Prometheus trigger can read the total."""
+        model = self.card.name
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in keys.LANES:
+            pipe.smembers(keys.lane_tenants_key(model, lane))
+        tenants = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for lane, names in zip(keys.LANES, tenants, strict=True):
+            for t in names:
+                pipe.xlen(keys.jobs_stream(model, lane, t))
+        lengths = iter(await pipe.execute())
+        depth = {lane: sum(next(lengths) for _ in names) for lane, names in zip(keys.LANES, tenants, strict=True)}
+        for lane, n in depth.items():
+            metrics.QUEUE_DEPTH.labels(model, lane).set(n)
+        return depth
 
     async def run(self) -> None:
         """Beat every interval until cancelled; a missed beat is logged, not fatal."""

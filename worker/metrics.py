@@ -50,6 +50,10 @@ CACHED_PROMPT_TOKENS = Counter(
     "tokenq_worker_cached_prompt_tokens_total", "Prompt tokens served by the prefix cache.", ["model"]
 )
 GENERATION_TOKENS = Counter("tokenq_worker_generation_tokens_total", "Output tokens generated.", ["model"])
+QUEUE_DEPTH = Gauge(
+    "tokenq_queue_depth", "Jobs on the lane's streams, queued or running, summed over every tenant's stream "
+    "(each worker reports the same total: aggregate with max). What autoscaling watches.", ["model", "lane"],
+)
 RUNNING = Gauge("tokenq_worker_running_requests", "Requests the engine is running.", ["model"])
 WAITING = Gauge("tokenq_worker_waiting_requests", "Requests waiting inside the engine.", ["model"])
 KV_USAGE = Gauge("tokenq_worker_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1).", ["model"])

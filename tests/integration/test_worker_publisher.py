@@ -147,3 +147,25 @@ async def test_deltas_keep_non_ascii_text_exact(redis_client):
         assert h[f.TEXT] == text and int(h[f.SEQ]) == 1 and f.FIRST_TOKEN_AT in h
         event = got[keys.events_channel(p.id)]
         assert isinstance(event, DeltaEvent) and event.text == text and event.offset == 0 and event.seq == 1
+
+
+async def test_heartbeat_reports_queue_depth_over_every_tenant_stream(redis_client):
+    """Autoscaling reads tokenq_queue_depth: the sum over tenants' streams per lane, not one stream."""
+    from protocol.workers import ModelCard
+    from worker.heartbeat import Heartbeat
+
+    r = redis_client
+    model = "depth-model"
+    plan = [("default", "acme", 3), ("default", "globex", 2), ("batch", "acme", 4)]
+    for lane, tenant, n in plan:
+        for _ in range(n):
+            p = JobPayload(id=new_job_id(), model=model, kind="chat", prompt_token_ids=[1], tenant=tenant,
+                           lane=lane, sampling=SamplingParams(max_tokens=4))
+            await submit_job(r, p)
+    card = ModelCard(name=model, max_model_len=64, tokenizer_json="{}")
+    beat = Heartbeat(r, "w-depth", card, EngineLoop(FakeEngine()), capacity=8)
+    await beat.beat()
+    depth = await beat.observe_queue_depth()
+    assert depth == {"interactive": 0, "default": 5, "batch": 4}
+    for lane, n in depth.items():
+        assert REGISTRY.get_sample_value("tokenq_queue_depth", {"model": model, "lane": lane}) == n
