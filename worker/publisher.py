@@ -38,6 +38,7 @@ REFRESH_INTERVAL_S = 0.2
 # thread needs for its own host work: at a few hundred running jobs, flushing after every engine step
 # slowed decoding by a third. So flushes are spaced by this much per running job (capped): one job still
 # flushes every step, a batch of 500 every ~200 ms, and the publisher's share of the CPU stays bounded.
+# A batch with a job's first token or its end is not held back (Publisher._urgent).
 FLUSH_SPACING_PER_JOB_S = 0.0004
 FLUSH_SPACING_MAX_S = 0.2
 _FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
@@ -219,10 +220,8 @@ class Publisher:
                     batch = await queue.get()
             except TimeoutError:
                 pass
-            spacing = min(FLUSH_SPACING_MAX_S, FLUSH_SPACING_PER_JOB_S * len(self.jobs))
-            wait = self._last_flush + spacing - time.monotonic()
-            if batch and wait > 0 and not self.stopped:
-                await asyncio.sleep(wait)
+            if batch and not self._urgent(batch):
+                await self._hold(queue, batch)
             while not queue.empty():  # fell behind, or spaced: merge, one round trip for all
                 batch.extend(queue.get_nowait())
             try:
@@ -233,6 +232,33 @@ class Publisher:
                     await self.refresh()
             except Exception as e:  # one bad batch must not stop the worker's results from flowing
                 log.exception("publishing failed", error=repr(e))
+
+    def _spacing(self) -> float:
+        return min(FLUSH_SPACING_MAX_S, FLUSH_SPACING_PER_JOB_S * len(self.jobs))
+
+    async def _hold(self, queue: asyncio.Queue[list[RequestOutput]], batch: list[RequestOutput]) -> None:
+        """Collect outputs into batch until the flush spacing has passed or an urgent output arrives."""
+        deadline = self._last_flush + self._spacing()
+        while not self.stopped and (wait := deadline - time.monotonic()) > 0:
+            try:
+                async with asyncio.timeout(wait):
+                    more = await queue.get()
+            except TimeoutError:
+                return
+            batch.extend(more)
+            if self._urgent(more):
+                return
+
+    def _urgent(self, batch: list[RequestOutput]) -> bool:
+        """A job's first token or its end goes out at once: spacing only delays the middle of streams,
+        where a client sees bigger chunks rather than a later start or finish."""
+        for out in batch:
+            if out.finished:
+                return True
+            job = self.jobs.get(out.request_id)
+            if job is not None and job.first_token_at is None and out.new_token_ids:
+                return True
+        return False
 
     async def _retrying(self, fn, *args):
         """fn's result, retried with backoff while Redis is unreachable (a restart, a network blip), so that

@@ -88,3 +88,71 @@ def test_token_text_needs_a_loadable_tokenizer():
 
     text = token_text_from(Engine(), ModelCard(name="m", max_model_len=8, tokenizer_json=""))
     assert text is not None and text(5) == "<5>"
+
+
+def test_flush_spacing_holds_middles_of_streams_not_first_tokens_or_ends():
+    import asyncio
+
+    from tests.fakes import FakeEngine
+    from worker import publisher as pub_mod
+    from worker.engine_loop import EngineLoop
+    from worker.publisher import Publisher
+
+    class Recording(Publisher):
+        def __init__(self) -> None:
+            super().__init__(redis=_NoRedis(), engine_loop=EngineLoop(FakeEngine()), model="m")
+            self.flushes: list[tuple[float, list[str]]] = []
+
+        async def refresh(self) -> None:  # lease upkeep: not what this test is about
+            pass
+
+        async def publish(self, outputs: list[RequestOutput]) -> None:
+            self.flushes.append((asyncio.get_running_loop().time(), [o.request_id for o in outputs]))
+            for o in outputs:  # what publish() does to the state that spacing reads
+                j = self.jobs.get(o.request_id)
+                if j is not None:
+                    j.absorb(o, now=1.0)
+                    if o.finished:
+                        del self.jobs[o.request_id]
+
+    def running(i: int) -> RunningJob:
+        return RunningJob(payload=JobPayload(id=f"j{i}", model="m", kind="chat", prompt_token_ids=[1],
+                                             sampling=SamplingParams()),
+                          stream="s", entry_id="1-0", streamed=True, seq=0, started_at=0.0)
+
+    async def scenario() -> tuple[Recording, dict[str, float]]:
+        p = Recording()
+        loop = asyncio.get_running_loop()
+        p.engine_loop.outputs = q = asyncio.Queue()
+        for i in range(250):  # 250 running jobs, mid-stream: 0.1 s between flushes
+            p.track(running(i))
+            p.jobs[f"j{i}"].absorb(RequestOutput(f"j{i}", [5], "a"), now=0.5)
+        p.track(running(999))  # one that has not produced its first token yet
+        task = asyncio.create_task(p.run())
+        at: dict[str, float] = {}
+        for name, out, pause in [
+            ("mid0", RequestOutput("j0", [6], "b"), 0.01),  # the first flush goes out at once
+            ("mid1", RequestOutput("j1", [6], "c"), 0.02),  # held...
+            ("first", RequestOutput("j999", [6], "x"), 0.05),  # ...until a first token arrives
+            ("mid2", RequestOutput("j2", [6], "d"), 0.02),  # held again...
+            ("end", RequestOutput("j3", [7], "e", finished=True, finish_reason="length"), 0.05),  # ...until an end
+            ("mid3", RequestOutput("j4", [6], "f"), 0.2),  # held the full spacing
+        ]:
+            at[name] = loop.time()
+            q.put_nowait([out])
+            await asyncio.sleep(pause)
+        p.stopped = True
+        task.cancel()
+        return p, at
+
+    assert pub_mod.FLUSH_SPACING_PER_JOB_S * 250 >= 0.1
+    p, at = asyncio.run(scenario())
+    assert [ids for _, ids in p.flushes] == [["j0"], ["j1", "j999"], ["j2", "j3"], ["j4"]]
+    times = [t for t, _ in p.flushes]
+    assert times[1] - at["first"] < 0.015 and times[2] - at["end"] < 0.015  # urgent: not held back
+    assert times[3] - at["mid3"] > 0.05  # a middle right after a flush waits for the spacing
+
+
+class _NoRedis:
+    def register_script(self, _script: str):
+        return None
