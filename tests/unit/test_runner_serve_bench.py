@@ -28,6 +28,10 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
     top = max(r["phases"], key=lambda p: p["rate"])
     assert r["served_over_offline"] == pytest.approx(top["output_tokens_per_s"] / r["offline"]["output_tokens_per_s"])
     assert "ttft_overhead_ms_p50" in r
+    hops = r["low_load_ttft_hops_ms_p50"]  # one wall clock: each hop of a lone request takes some time
+    assert list(hops) == ["send_to_created", "created_to_started", "started_to_first_token",
+                          "first_token_to_client"]
+    assert all(v > 0 for v in hops.values()), hops
 
 
 def test_serve_bench_small_run(tmp_path, default_model_dir):

@@ -64,11 +64,17 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # ---- the client side ----------------------------------------------------------------------------------
 
 
-async def _stream_one(client, base: str, model: str, prompt: list[int], output_len: int) -> gc.Timing:
+async def _stream_one(client, base: str, model: str, prompt: list[int], output_len: int,
+                      trace: list[dict] | None = None) -> gc.Timing:
+    """One streamed completion. With `trace`, appends its job id and the wall-clock times of sending and
+    of the first text, to set against the timestamps the gateway and worker wrote on the job."""
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent_wall = time.time()
     t = gc.Timing(added=time.monotonic())
     last = None
+    first_wall = None
+    job_id = None
     completion_tokens = 0
     async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -78,26 +84,57 @@ async def _stream_one(client, base: str, model: str, prompt: list[int], output_l
                 continue
             chunk = json.loads(line[6:])
             now = time.monotonic()
+            job_id = job_id or "job_" + chunk["id"].removeprefix("cmpl-")
             if any(c.get("text") for c in chunk.get("choices", [])):
-                t.first = t.first or now
+                if t.first is None:
+                    t.first, first_wall = now, time.time()
                 last = now
             if chunk.get("usage"):
                 completion_tokens = chunk["usage"]["completion_tokens"]
     t.done = last or time.monotonic()
     t.first = t.first or t.done
     t.tokens = [0] * completion_tokens  # counts only: the text is not kept
+    if trace is not None and job_id and first_wall:
+        trace.append({"job_id": job_id, "sent": sent_wall, "first": first_wall})
     return t
 
 
+def _trace_hops(redis_url: str, trace: list[dict]) -> dict[str, float]:
+    """Medians (ms) of where a lone request's TTFT goes, from the timestamps on its job hash: client send to
+    job created (HTTP, gateway checks, enqueue), created to started (the worker's read and start script),
+    started to the worker's first token (engine-thread wake-up and the prefill step), first token to the
+    client (publish, pub/sub, gateway, SSE). One machine, one wall clock."""
+    import statistics
+
+    import redis
+
+    from protocol import job_record as f
+    from protocol import keys
+
+    hops: dict[str, list[float]] = {"send_to_created": [], "created_to_started": [],
+                                    "started_to_first_token": [], "first_token_to_client": []}
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        for row in trace:
+            created, started, first = r.hmget(keys.job_key(row["job_id"]),
+                                              [f.CREATED_AT, f.STARTED_AT, f.FIRST_TOKEN_AT])
+            if not (created and started and first):
+                continue
+            marks = [row["sent"], float(created), float(started), float(first), row["first"]]
+            for name, a, b in zip(hops, marks, marks[1:], strict=False):
+                hops[name].append((b - a) * 1000)
+    return {name: statistics.median(v) for name, v in hops.items() if v}
+
+
 async def _drive(base: str, model: str, prompts: list[list[int]], output_len: int,
-                 arrivals: list[float] | None, t0: float | None = None) -> list[gc.Timing]:
+                 arrivals: list[float] | None, t0: float | None = None,
+                 trace: list[dict] | None = None) -> list[gc.Timing]:
     """Requests one at a time (arrivals None), or each at t0 + its arrival offset (monotonic clock)."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         if arrivals is None:
-            return [await _stream_one(client, base, model, p, output_len) for p in prompts]
+            return [await _stream_one(client, base, model, p, output_len, trace) for p in prompts]
         start = time.monotonic() if t0 is None else t0
 
         async def later(delay: float, p: list[int]) -> gc.Timing:
@@ -240,8 +277,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_drive(base, name, warm, args.output_len, None))
         t0 = time.monotonic()
-        low_t = asyncio.run(_drive(base, name, low, args.output_len, None))
+        trace: list[dict] = []
+        low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace))
         low_wall = time.monotonic() - t0
+        hops = _trace_hops(args.redis_url or redis.url, trace)
         served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
     finally:
         _stop_stack(procs, redis)
@@ -260,6 +299,7 @@ def main(args: argparse.Namespace) -> int:
         "phases": [{"rate": rate, **_summary(t, wall)} for rate, t, wall in served],
         "low_load_gateway": gateway_low, "low_load_direct": direct, "offline": offline,
         "ttft_overhead_ms_p50": gateway_low["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
+        "low_load_ttft_hops_ms_p50": hops,
     }
     top_phase = result["phases"][top]
     if offline:
@@ -275,6 +315,8 @@ def main(args: argparse.Namespace) -> int:
     print_table("serving latency (ms) and throughput", ["path", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                                                         "e2e p50", "e2e p99", "output tok/s"], rows)
     print(f"\nthe queue path adds {result['ttft_overhead_ms_p50']:.1f} ms to TTFT at low load (p50)")
+    if hops:
+        print("lone requests, medians: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in hops.items()))
     if offline:
         print(f"served/offline output tok/s at rate {top_phase['rate']:g}: {result['served_over_offline']:.3f}")
     write_json(args.out, result)
