@@ -4,6 +4,7 @@ again by a beat that finds it gone, e.g. after a Redis restart without persisten
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
@@ -13,6 +14,9 @@ from worker import metrics
 from worker.engine_loop import EngineLoop
 from worker.logging import get_logger
 
+if TYPE_CHECKING:
+    from worker.intake import TenantStreams
+
 log = get_logger("heartbeat")
 
 CARD_FIELD = "card"  # the model hash holds the whole ModelCard JSON in this one field
@@ -21,7 +25,7 @@ CARD_FIELD = "card"  # the model hash holds the whole ModelCard JSON in this one
 class Heartbeat:
     def __init__(self, redis: Redis, worker_id: str, card: ModelCard, engine_loop: EngineLoop,
                  capacity: int, device: str = "cpu", interval: float = HEARTBEAT_INTERVAL_S,
-                 ttl: int = HEARTBEAT_TTL_S) -> None:
+                 ttl: int = HEARTBEAT_TTL_S, streams: TenantStreams | None = None) -> None:
         self.redis = redis
         self.worker_id = worker_id
         self.card = card
@@ -30,6 +34,7 @@ class Heartbeat:
         self.device = device
         self.interval = interval
         self.ttl = ttl
+        self.streams = streams  # intake's view of the model's tenant streams (for the queue-depth gauge)
 
     def heartbeat(self) -> WorkerHeartbeat:
         stats = self.engine_loop.stats()
@@ -59,20 +64,19 @@ class Heartbeat:
     async def observe_queue_depth(self) -> dict[str, int]:
         """Entries per lane over all its tenant streams, for the tokenq_queue_depth gauge: one stream per
         tenant means no single stream's lag says how much work waits (KEDA's redis-streams trigger
-        watches one stream), so the worker sums them where a Prometheus trigger can read the total."""
-        model = self.card.name
+        watches one stream), so the worker sums them where a Prometheus trigger can read the total. The
+        streams are the ones intake already keeps track of; without them there is nothing to report."""
+        if self.streams is None:
+            return {}
+        by_lane = {lane: list(self.streams.by_lane[lane]) for lane in keys.LANES}
         pipe = self.redis.pipeline(transaction=False)
-        for lane in keys.LANES:
-            pipe.smembers(keys.lane_tenants_key(model, lane))
-        tenants = await pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
-        for lane, names in zip(keys.LANES, tenants, strict=True):
-            for t in names:
-                pipe.xlen(keys.jobs_stream(model, lane, t))
+        for streams in by_lane.values():
+            for stream in streams:
+                pipe.xlen(stream)
         lengths = iter(await pipe.execute())
-        depth = {lane: sum(next(lengths) for _ in names) for lane, names in zip(keys.LANES, tenants, strict=True)}
+        depth = {lane: sum(next(lengths) for _ in streams) for lane, streams in by_lane.items()}
         for lane, n in depth.items():
-            metrics.QUEUE_DEPTH.labels(model, lane).set(n)
+            metrics.QUEUE_DEPTH.labels(self.card.name, lane).set(n)
         return depth
 
     async def run(self) -> None:

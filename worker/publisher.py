@@ -360,7 +360,7 @@ class Publisher:
         """One MULTI: the deltas (one script call), then the finish scripts; returns the finish scripts'
         results (or errors)."""
         pipe = self.redis.pipeline(transaction=True)
-        if deltas.keys:
+        if deltas:
             await self._deltas(keys=deltas.keys, args=deltas.args, client=pipe)
         for job, args in finals:
             await self._finish(keys=finish_keys(job.id, job.payload.tenant), args=[*args, job.id], client=pipe)
@@ -368,7 +368,7 @@ class Publisher:
         lost = next((r for r in replies if isinstance(r, NoScriptError)), None)
         if lost is not None:  # no finish script ran; the deltas again are harmless (readers skip by seq)
             raise lost
-        return replies[1 if deltas.keys else 0:]
+        return replies[1 if deltas else 0:]
 
     async def _ack(self, jobs: list[RunningJob]) -> list:
         pipe = self.redis.pipeline(transaction=False)

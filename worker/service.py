@@ -116,11 +116,11 @@ class WorkerService:
         publisher = self.publisher = Publisher(redis, engine_loop, self.model_name, token_text=self.token_text)
         recovery = self.recovery = Recovery(redis, self.model_name, self.worker_id, lease_s=self.lease_s,
                                             max_deliveries=self.max_deliveries)
-        heartbeat = Heartbeat(redis, self.worker_id, self.card, engine_loop,
-                              capacity=_engine_capacity(self.engine),
-                              device=str(getattr(self.engine, "device", "cpu")))
         intake = Intake(redis, engine_loop, publisher, self.model_name, self.worker_id,
                         max_model_len=self.engine.max_model_len, block_ms=self.block_ms, recovery=recovery)
+        heartbeat = Heartbeat(redis, self.worker_id, self.card, engine_loop,
+                              capacity=_engine_capacity(self.engine),
+                              device=str(getattr(self.engine, "device", "cpu")), streams=intake.streams)
         engine_loop.start()
         log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
         tasks: list[asyncio.Task] = []

@@ -9,31 +9,14 @@
 # Each stage has its own time limit, so one stuck stage cannot eat the others' time. The benchmarks run
 # as `python -m tokenq.bench.NAME`, which needs only torch, transformers, numpy, tokenizers and pydantic
 # (the tokenq CLI also imports the gateway's packages). Wheels in .whl/ (`make wheelhouse`) are
-# installed first when pydantic is missing.
+# installed into /tmp/site first when pydantic is missing.
 set -u
 cd "$(dirname "$0")/../.."
-OUT="${OUT:-/tmp/tokenq-gpu}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
 PEER_REQUESTS="${PEER_REQUESTS:-128}"
 SHAPE="${SHAPE:-llama3-8b}"  # SHAPE=tiny: a CPU dry run of this script
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
-LOG="$OUT/run_all.log"
-: >"$LOG"
-
-stage() {  # stage NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
-}
-
-if ! "$PY" -c "import pydantic" 2>/dev/null && [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --find-links .whl pydantic 2>&1 | tail -2 | tee -a "$LOG"
-fi
+LOG_NAME=run_all.log
+source tests/gpu/stages.sh
+use_wheelhouse pydantic
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee -a "$LOG"

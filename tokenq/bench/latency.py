@@ -73,11 +73,11 @@ def main(args: argparse.Namespace) -> int:
     }
     if setup.device.startswith("cuda") and ours["tpot_ms"]:
         # The yardstick: every weight read once per token at the bandwidth this card reaches.
-        bw = gc.memory_bandwidth(setup.device)
-        floor_ms = gc.weight_bytes(setup.model) / bw * 1000
-        result["floor"] = {"weight_bytes": gc.weight_bytes(setup.model), "copy_bandwidth_bytes_per_s": bw,
+        bw, weights = gc.memory_bandwidth(setup.device), gc.weight_bytes(setup.model)
+        floor_ms = weights / bw * 1000
+        result["floor"] = {"weight_bytes": weights, "copy_bandwidth_bytes_per_s": bw,
                            "weight_read_ms": floor_ms, "tpot_over_weight_read": ours["tpot_ms"] / floor_ms}
-        print(f"weights {result['floor']['weight_bytes'] / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s (copy): "
+        print(f"weights {weights / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s (copy): "
               f"{floor_ms:.2f} ms a token; TPOT is {ours['tpot_ms'] / floor_ms:.3f}x that")
     rows = [["tokenq" + (" (CUDA graphs)" if graphs else ""), ours["ttft_ms"], ours["tpot_ms"], ours["e2e_ms"]]]
     if not args.skip_peer:

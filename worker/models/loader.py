@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
 from worker.models.llama import LlamaForCausalLM
-from worker.models.random_weights import is_random_config, random_model
+from worker.models.random_weights import random_model
 
 
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -30,7 +30,7 @@ def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     config = json.loads((Path(path) / "config.json").read_text())
-    if is_random_config(config):
+    if RANDOM_INIT_KEY in config:
         return random_model(config, dtype, device, seed=int(config[RANDOM_INIT_KEY].get("seed", 0)))
     cfg = ModelConfig.from_dir(path)
     with torch.device(device):

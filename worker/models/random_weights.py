@@ -109,10 +109,6 @@ def hf_peer(model: LlamaForCausalLM, config: dict[str, Any], attn_implementation
     return hf.eval()
 
 
-def is_random_config(config: dict[str, Any]) -> bool:
-    return RANDOM_INIT_KEY in config
-
-
 def write_random_model_dir(shape: str, out_dir: str | Path, seed: int = 0) -> Path:
     """A model directory the whole stack can serve (worker, gateway, `tokenq up`) without any weights on
     disk: config.json of the shape, marked so the loader makes seeded random weights on the device, and a
