@@ -57,7 +57,9 @@ def main() -> None:
     runner.prepare = _timed(host, "prepare inputs", runner.prepare)
     runner.graphs.run = _timed(host, "graph replay (launch)", runner.graphs.run)
     runner.model.compute_logits = _timed(host, "lm head (launch)", runner.model.compute_logits)
-    runner.sampler = _timed(host, "sampler incl. wait for GPU", runner.sampler)
+    runner.sampler.sample = _timed(host, "sampler (launch)", runner.sampler.sample)
+    # The engine launches step N+1 before it reads step N: this wait is what the host idles on the GPU.
+    engine._finish_step = _timed(host, "read the last step's tokens (incl. wait)", engine._finish_step)
     walls = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -71,6 +73,7 @@ def main() -> None:
     print(f"  engine.step wall (median of {args.steps}):       {statistics.median(walls):7.3f} ms")
     print(f"  GPU: captured forward, replay alone:            {graph_ms:7.3f} ms")
     print(f"  GPU: LM head + argmax:                          {head_ms:7.3f} ms")
+    print(f"  GPU busy (forward + head over step wall):       {(graph_ms + head_ms) / statistics.median(walls):7.1%}")
     for name, v in host.items():
         print(f"  host: {name:40s} {statistics.median(v):7.3f} ms")
     # Per-kernel GPU time of the same decode forward run eagerly (the graph replays these kernels).

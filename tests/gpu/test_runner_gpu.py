@@ -63,8 +63,8 @@ def small_bf16():
 def _capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
     """Every step's logits, as the sampler sees them."""
     seen: list[torch.Tensor] = []
-    sampler = engine.runner.sampler
-    engine.runner.sampler = lambda logits, batch: (seen.append(logits.clone()), sampler(logits, batch))[1]
+    sample = engine.runner.sampler.sample
+    engine.runner.sampler.sample = lambda logits, batch: (seen.append(logits.clone()), sample(logits, batch))[1]
     return seen
 
 

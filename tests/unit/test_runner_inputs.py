@@ -128,13 +128,13 @@ def test_padded_decode_logits_equal_eager(tiny):
     for eager in (True, False):
         engine = _engine(tiny, eager)
         captured = []
-        sampler = engine.runner.sampler
+        sample = engine.runner.sampler.sample
 
-        def keep(lg, batch, sampler=sampler, captured=captured):
+        def keep(lg, batch, sample=sample, captured=captured):
             captured.append(lg.clone())
-            return sampler.__class__.__call__(sampler, lg, batch)
+            return sample(lg, batch)
 
-        engine.runner.sampler = keep
+        engine.runner.sampler.sample = keep
         engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         logits.append(torch.cat(captured))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)

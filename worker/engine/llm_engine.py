@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +19,9 @@ from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import RequestOutput
-from worker.engine.sampler import SamplingBatch, make_generator
+from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
-from worker.engine.sequence import Sequence
+from worker.engine.sequence import Sequence, SequenceStatus
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_model
@@ -30,6 +31,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class RequestTooLong(ValueError):
     pass
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]  # those that sample, in the samples' row order
+    samples: PendingSamples
+    first_tokens: bool  # some sequence samples its first output token in this step
 
 
 class _RequestState:
@@ -79,6 +89,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self._requests: dict[str, _RequestState] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._in_flight: _InFlight | None = None
         # What start-up built (modules, blocks) lives as long as the engine: freezing it keeps the cyclic
         # GC from rescanning it every few steps (tens of ms a full pass at 512 sequences), as vLLM does.
         gc.collect()
@@ -154,22 +165,70 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Launches the next step, then returns the outputs of the one before it.
+
+        One step is always left in flight: step N+1 is scheduled and queued on the device before the host
+        waits for step N's tokens, so the host work of a step (scheduling, inputs, detokenizing, stop
+        checks) overlaps the GPU's instead of adding to it. A sequence that N samples for gets a stand-in
+        token (`Sequence.pending`), which N+1 reads from N's samples on the device. The cost: a sequence
+        that N finishes with a stop token was also scheduled in N+1, whose token for it is dropped.
+        Exceptions: batches with penalties wait for N first, and so does a step N that carries first
+        tokens and has already finished (its outputs return at once; the next call launches N+1)."""
         outputs, self._pending = self._pending, []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.first_tokens and previous.samples.done():
+            # The GPU is idle already, so there is nothing to overlap: hand first tokens out now rather
+            # than after the next launch (time to first token). The next call launches the next step.
+            return outputs + self._finish_step(previous)
+        if previous is not None and not self._may_overlap(previous):
+            outputs += self._finish_step(previous)
+            previous = None
         sched = self.scheduler.schedule()
-        for seq in getattr(sched, "rejected", []):
+        for seq in sched.rejected:
             state = self._requests.pop(seq.request_id, None)
             if state is not None:
                 outputs.append(self._output(state, [], "", "error"))
-        if not sched.scheduled:
-            return outputs
-        sampled_seqs, samples = self.runner.execute(sched, self._sampling_batch)
-        self.scheduler.update_after_step(sched)
-        if samples is None:
-            return outputs
-        for i, seq in enumerate(sampled_seqs):
-            state = self._requests[seq.request_id]
+        launched = None
+        if sched.scheduled:
+            launched = self.runner.launch(sched, self._sampling_batch, previous.samples if previous else None)
+        if previous is not None:
+            outputs += self._finish_step(previous)  # waits for step N while N+1 runs
+        if launched is not None:
+            # After step N's tokens are in place: newly full blocks are hashed from real tokens.
+            self.scheduler.update_after_step(sched)
+            seqs, samples = launched
+            if samples is not None:
+                self._in_flight = _InFlight(seqs, samples, any(s.num_output_tokens == 0 for s in seqs))
+                for row, seq in enumerate(seqs):
+                    if seq.status is SequenceStatus.RUNNING and not self._ends_by_length(seq):
+                        seq.append_token(-1)  # a stand-in: step N+1 reads the real one on the device
+                        seq.pending = row
+        return outputs
+
+    def _may_overlap(self, in_flight: _InFlight) -> bool:
+        """Penalties count the output tokens on the host, so their batches wait for the real ones."""
+        return not any(s.sampling.has_penalties for s in in_flight.seqs)
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """True when the token being sampled is the seq's last whatever it is: no step after it."""
+        return seq.num_output_tokens + 1 >= seq.sampling.max_tokens or seq.num_tokens + 1 >= self.max_model_len
+
+    def _finish_step(self, in_flight: _InFlight) -> list[RequestOutput]:
+        """Waits for a launched step's samples and turns them into outputs: tokens in place of their
+        stand-ins, detokenized, stop and length checks."""
+        seqs, samples = in_flight.seqs, in_flight.samples.result()
+        outputs = []
+        for i, seq in enumerate(seqs):
             token = samples.token_ids[i]
-            seq.append_token(token)
+            state = self._requests.get(seq.request_id)
+            live = state is not None and state.seq is seq  # not finished by the step before, nor aborted
+            if seq.pending == i:
+                seq.token_ids[-1] = token
+                seq.pending = -1
+            elif live:
+                seq.append_token(token)
+            if not live:
+                continue
             reason = self._finish_reason(state, token)
             delta, stopped = "", False
             if token not in state.stop_ids and state.detok is not None:

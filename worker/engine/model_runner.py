@@ -3,8 +3,10 @@ samples on the device.
 
 A step is flattened: the new tokens of every scheduled sequence are concatenated (decodes first), with
 positions, cache slots, block tables and query offsets beside them. They are computed with numpy from
-per-sequence values into persistent pinned host buffers and copied to the device without waiting, so the
-one wait of a step is for the sampled token ids.
+per-sequence values into persistent pinned host buffers and copied to the device without waiting. Nothing in a step waits for the GPU: `launch` returns the samples
+still on the device, and a decode row whose last token is not known yet on the host (see
+`Sequence.pending`) takes its input id from the previous step's samples there, so the engine can launch
+step N+1 before it reads step N's tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from protocol.sampling import SamplingParams
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import DecodeGraphs, StaticInputs, graph_batch_sizes
-from worker.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from worker.engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingBatch
 from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from worker.engine.sequence import Sequence
 from worker.layers.context import AttentionMetadata, set_attention_metadata
@@ -73,6 +75,7 @@ class StepBuffers:
         self.seq_lens = _Buffer(max_seqs, i32, device)
         self.query_start_loc = _Buffer(max_seqs + 1, i32, device)
         self.block_tables = _Buffer((max_seqs, max_blocks), i32, device)
+        self.carried = _Buffer((2, max_seqs), i64, device)  # rows of the last samples -> rows of input_ids
         # The host arrays are rewritten next step: wait until the device has read this step's copies.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
@@ -217,7 +220,9 @@ class ModelRunner:
         x.block_tables.np[start:end, 0] = self.scratch_block
         x.query_start_loc.np[: end + 1] = np.arange(end + 1)
 
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput, previous: torch.Tensor | None = None) -> StepInputs:
+        """Fills and uploads the step's inputs; `previous` holds the last step's sampled token ids on the
+        device, the input ids of sequences whose `pending` row points into it."""
         x = self.buffers
         x.wait_reusable()
         items = sched.scheduled
@@ -273,15 +278,36 @@ class ModelRunner:
             sampling_seqs=[s for s, keep in zip(seqs, samples.tolist(), strict=True) if keep],
             graph_batch=graph_batch,
         )
+        pending = np.fromiter((s.pending for s in seqs[:num_decodes]), np.int64, num_decodes)
+        dst = np.flatnonzero(pending >= 0)
+        if len(dst):
+            if previous is None:
+                raise RuntimeError("a sequence waits for a sampled token but no step is in flight")
+            self._carry_tokens(inputs.input_ids, previous, dst, pending[dst])
         x.mark_copied()
         return inputs
 
+    def _carry_tokens(self, input_ids: torch.Tensor, previous: torch.Tensor, dst: np.ndarray,
+                      src: np.ndarray) -> None:
+        """input_ids[dst] = previous[src] on the device (decode rows are one token each, so a decode's
+        row is its token's index). In steady decoding both are 0..k-1: one copy, no index upload."""
+        k = len(dst)
+        if dst[-1] == k - 1 and np.array_equal(src, dst):
+            input_ids[:k].copy_(previous[:k])
+            return
+        c = self.buffers.carried
+        c.np[0, :k], c.np[1, :k] = dst, src
+        idx = c.upload(2)
+        input_ids.index_copy_(0, idx[0, :k], previous.index_select(0, idx[1, :k]))
+
     @torch.inference_mode()
-    def execute(
-        self, sched: SchedulerOutput, batch_for: Callable[[list[Sequence]], SamplingBatch]
-    ) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Runs one step; returns the sequences that sampled and their samples (in the same order)."""
-        inputs = self.prepare(sched)
+    def launch(
+        self, sched: SchedulerOutput, batch_for: Callable[[list[Sequence]], SamplingBatch],
+        previous: PendingSamples | None = None,
+    ) -> tuple[list[Sequence], PendingSamples | None]:
+        """Queues one step on the device without waiting for it; returns the sequences that sample and
+        their samples to come (in the same order). `previous` is the step still in flight, if any."""
+        inputs = self.prepare(sched, previous.token_ids if previous is not None else None)
         if inputs.graph_batch is not None:
             assert self.graphs is not None
             hidden = self.graphs.run(inputs.graph_batch)
@@ -291,7 +317,14 @@ class ModelRunner:
         if not inputs.sampling_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return inputs.sampling_seqs, self.sampler(logits, batch_for(inputs.sampling_seqs))
+        return inputs.sampling_seqs, self.sampler.sample(logits, batch_for(inputs.sampling_seqs))
+
+    def execute(
+        self, sched: SchedulerOutput, batch_for: Callable[[list[Sequence]], SamplingBatch]
+    ) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Runs one step and waits for its samples (profiling, tests)."""
+        seqs, pending = self.launch(sched, batch_for)
+        return seqs, pending.result() if pending is not None else None
 
 
 def _profile_sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -44,6 +44,40 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+class PendingSamples:
+    """A step's samples while the device may still be computing them. The next step reads its input ids
+    from `token_ids` on the device, so the host need not wait for them before launching it; `result()`
+    waits for the copy to the host that was queued right after sampling.
+
+    With logprobs the copy carries packed float64 rows (see `_pack_logprobs`); without, the token ids."""
+
+    def __init__(self, token_ids: Tensor, params: list[SamplingParams], packed: Tensor | None = None,
+                 top_n: int = 0) -> None:
+        self.token_ids = token_ids
+        self._params = params
+        self._top_n = top_n
+        src = token_ids if packed is None else packed
+        self._with_logprobs = packed is not None
+        if src.device.type == "cuda":
+            self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            self._host.copy_(src, non_blocking=True)
+            self._ready: torch.cuda.Event | None = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = src, None
+
+    def done(self) -> bool:
+        """True when the samples are on the host: `result()` would not wait."""
+        return self._ready is None or self._ready.query()
+
+    def result(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        if not self._with_logprobs:
+            return SamplerOutput(self._host.tolist(), [None] * len(self._params))
+        return SamplerOutput(*_unpack_logprobs(self._host.tolist(), self._params, self._top_n))
+
+
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> Tensor:
     """[len(rows), vocab] occurrence counts, from one flat host-to-device copy of the ids."""
     counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
@@ -128,15 +162,19 @@ def sample_from_probs(probs: Tensor, generators: list[torch.Generator | None]) -
 
 class Sampler:
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Samples and waits for the result on the host."""
+        return self.sample(logits, batch).result()
+
+    def sample(self, logits: Tensor, batch: SamplingBatch) -> PendingSamples:
+        """Queues the sampling kernels and the copy of their result to the host; does not wait."""
         params = batch.params
-        n = len(params)
         want_logprobs = any(p.logprobs is not None for p in params)
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
         masking = any(batch.stop_ids_until_min)
         random_rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
 
         if not (want_logprobs or penalized or masking or random_rows):
-            return SamplerOutput(logits.argmax(dim=1).tolist(), [None] * n)
+            return PendingSamples(logits.argmax(dim=1), params)
 
         raw_logprobs = torch.log_softmax(logits, dim=1) if want_logprobs else None
         logits = logits.clone()  # the runner's logits stay untouched
@@ -151,8 +189,9 @@ class Sampler:
             tokens[idx] = self._sample(logits[idx], batch, random_rows)
 
         if raw_logprobs is None:
-            return SamplerOutput(tokens.tolist(), [None] * n)
-        return SamplerOutput(*_gather_logprobs(raw_logprobs, tokens, params))
+            return PendingSamples(tokens, params)
+        top_n = max(p.logprobs or 0 for p in params)
+        return PendingSamples(tokens, params, _pack_logprobs(raw_logprobs, tokens, top_n), top_n)
 
     @staticmethod
     def _sample(sub: Tensor, batch: SamplingBatch, rows: list[int]) -> Tensor:
@@ -171,16 +210,18 @@ class Sampler:
         return sample_from_probs(sub.softmax(dim=1), [batch.generators[i] for i in rows])
 
 
-def _gather_logprobs(
-    logprobs: Tensor, tokens: Tensor, params: list[SamplingParams]
-) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Sampled tokens, their logprobs and the widest top-n in the batch, in one transfer to the host."""
-    top_n = max(p.logprobs or 0 for p in params)
+def _pack_logprobs(logprobs: Tensor, tokens: Tensor, top_n: int) -> Tensor:
+    """One [n, 2 + 2 top_n] float64 tensor per step, so one copy to the host carries every row: the
+    token, its logprob, then the widest top-n in the batch (values, then ids). float64 holds every token
+    id exactly."""
     vals, ids = logprobs.topk(top_n, dim=1)  # sorted, best first; top_n = 0 gives empty rows
     sampled = logprobs.gather(1, tokens.unsqueeze(1))
-    # float64 holds every token id exactly, so one tensor (one device-to-host copy) carries all.
-    parts = [tokens.unsqueeze(1), sampled, vals, ids]
-    rows = torch.cat([t.double() for t in parts], dim=1).tolist()
+    return torch.cat([t.double() for t in (tokens.unsqueeze(1), sampled, vals, ids)], dim=1)
+
+
+def _unpack_logprobs(
+    rows: list[list[float]], params: list[SamplingParams], top_n: int
+) -> tuple[list[int], list[TokenLogprobs | None]]:
     token_ids = [int(r[0]) for r in rows]
     out: list[TokenLogprobs | None] = []
     for i, p in enumerate(params):

@@ -36,6 +36,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # With a step in flight, the engine appends a stand-in for the token that step is sampling, so the
+    # next step can be scheduled before it is known: `pending` is its row in that step's samples, whose
+    # device copy the next step reads its input id from. -1 when every token in token_ids is known.
+    pending: int = -1
     # Tie-breaker for equal (priority, arrival): FIFO by submission order.
     order: int = field(default_factory=lambda: next(_arrival_counter))
 

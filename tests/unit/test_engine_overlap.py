@@ -1,0 +1,122 @@
+"""The engine launches step N+1 before it reads step N's tokens (stand-in tokens, input ids carried on
+the device). Whatever it overlaps, its outputs must equal those of an engine that waits for every token
+before scheduling the next step: same tokens, finish reasons and logprobs, no stand-in ever visible, no
+block leaked, and prefix-cache digests computed from real tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.sampling import SamplingParams
+from worker.engine.config import EngineConfig
+from worker.engine.llm_engine import LLMEngine
+from worker.models.random_weights import random_model, shape_config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model(shape_config("tiny"), torch.float32, "cpu", seed=11)
+
+
+def _engine(tiny, overlap: bool, **cfg) -> LLMEngine:
+    model, mcfg = tiny
+    config = EngineConfig(block_size=8, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=96,
+                          enforce_eager=True, **cfg)
+    engine = LLMEngine.from_model(model, mcfg, config)
+    if not overlap:
+        engine._may_overlap = lambda in_flight: False  # read every step's tokens before the next one
+    return engine
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams], stagger: int = 0):
+    """Steps the engine by hand (requests may arrive every `stagger` steps); returns per-request
+    (tokens, finish reason, logprobs) and checks that nothing leaked."""
+    got: dict[str, list] = {f"r{i}": [[], None, []] for i in range(len(prompts))}
+    queue = list(enumerate(zip(prompts, params, strict=True)))
+    step = 0
+    while queue or engine.has_unfinished_requests():
+        if queue and (stagger == 0 or step % stagger == 0):
+            for i, (p, sp) in queue if stagger == 0 else queue[:1]:
+                engine.add_request(f"r{i}", p, sp)
+            queue = [] if stagger == 0 else queue[1:]
+        for out in engine.step():
+            acc = got[out.request_id]
+            assert acc[1] is None, "output after the request finished"
+            acc[0].extend(out.new_token_ids)
+            acc[2].extend(out.logprobs or [])
+            if out.finished:
+                acc[1] = out.finish_reason
+        step += 1
+    assert all(t >= 0 for acc in got.values() for t in acc[0]), "a stand-in token reached an output"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return [tuple(got[f"r{i}"][:2]) + ([(lp.token_id, round(lp.logprob, 5)) for lp in got[f"r{i}"][2]],)
+            for i in range(len(prompts))]
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 512, size=int(k)).tolist() for k in rng.integers(3, 40, size=n)]
+
+
+@pytest.mark.parametrize("stagger", [0, 3])
+def test_overlapped_steps_equal_waiting_steps(tiny, stagger):
+    prompts = _prompts(12, 0)
+    # Learn which tokens greedy decoding emits, to make some of them stop tokens mid-sequence.
+    plain = _run(_engine(tiny, False), prompts, [SamplingParams(max_tokens=20, temperature=0.0,
+                                                                ignore_eos=True)] * len(prompts))
+    stops = [plain[0][0][4], plain[3][0][1]]
+    params = []
+    for i in range(len(prompts)):
+        kind = i % 4
+        if kind == 0:
+            params.append(SamplingParams(max_tokens=5 + i, temperature=0.0, stop_token_ids=stops, ignore_eos=True))
+        elif kind == 1:
+            params.append(SamplingParams(max_tokens=1 + i, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True))
+        elif kind == 2:
+            params.append(SamplingParams(max_tokens=18, temperature=0.0, logprobs=2, min_tokens=6,
+                                         stop_token_ids=stops, ignore_eos=True))
+        else:
+            params.append(SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    waiting = _run(_engine(tiny, False), prompts, params, stagger)
+    overlapped = _run(_engine(tiny, True), prompts, params, stagger)
+    assert overlapped == waiting
+    reasons = {r for _, r, _ in overlapped}
+    assert reasons == {"stop", "length"}, reasons  # the stop-token path ran
+    assert any(lps for *_, lps in overlapped)
+
+
+def test_overlap_under_preemption_keeps_tokens(tiny):
+    """A cache too small for the batch: sequences are preempted while their next token is in flight
+    and recomputed later; their tokens must equal those from a cache that never preempts."""
+    prompts = _prompts(24, 1)
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)] * len(prompts)
+    roomy = _run(_engine(tiny, True), prompts, params)
+    small = _engine(tiny, True, num_kv_blocks=24)
+    preempted = []
+    preempt = small.scheduler._preempt
+    small.scheduler._preempt = lambda seq: (preempted.append(seq.pending >= 0), preempt(seq))
+    assert _run(small, prompts, params) == roomy
+    assert any(preempted), "no sequence was preempted with a token in flight"
+
+
+def test_penalties_wait_for_real_tokens(tiny):
+    """Penalties read the output on the host: those batches must not see stand-ins."""
+    prompts = _prompts(6, 2)
+    params = [SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=1.5, repetition_penalty=1.3,
+                             ignore_eos=True)] * len(prompts)
+    assert _run(_engine(tiny, True), prompts, params) == _run(_engine(tiny, False), prompts, params)
+
+
+def test_prefix_digests_come_from_real_tokens(tiny):
+    """A generated continuation, sent back as a prompt, hits the cache on the blocks that hold generated
+    tokens: their digests were made from the tokens, not from stand-ins."""
+    engine = _engine(tiny, True)
+    prompt = _prompts(1, 3)[0][:10]
+    first = _run(engine, [prompt], [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)])[0][0]
+    again = prompt + first[:30]
+    hits = engine.block_manager.prefix_hit_tokens
+    second = _run(engine, [again], [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)])[0][0]
+    assert engine.block_manager.prefix_hit_tokens - hits == (len(again) - 1) // 8 * 8
+    assert second == first[30:40]
