@@ -16,6 +16,9 @@ from gateway.flight import TtlCache
 from protocol import keys
 
 CACHE_S = 1.0
+# Limits (not keys: a revoked key must stop at once) may lag: past CACHE_S the last read still answers, up
+# to this much longer, while a background read renews it.
+LIMITS_STALE_S = 5.0
 DEFAULT_TENANT = "default"
 
 
@@ -50,9 +53,10 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, redis: aioredis.Redis, cache_s: float = CACHE_S) -> None:
+    def __init__(self, redis: aioredis.Redis, cache_s: float = CACHE_S, stale_s: float = LIMITS_STALE_S) -> None:
         self.redis = redis
         self.cache_s = cache_s
+        self.stale_s = stale_s
         self._cache = TtlCache()
 
     async def auth_on(self) -> bool:
@@ -66,7 +70,8 @@ class Authenticator:
         return await self._cache.get(key, lambda: self.redis.hget(key, "tenant"), self.cache_s)
 
     async def tenant(self, name: str) -> Tenant:
-        return await self._cache.get(keys.tenant_key(name), lambda: self._load_tenant(name), self.cache_s)
+        return await self._cache.get(keys.tenant_key(name), lambda: self._load_tenant(name), self.cache_s,
+                                     self.stale_s)
 
     async def _load_tenant(self, name: str) -> Tenant:
         values = await self.redis.hmget(keys.tenant_key(name), list(LIMIT_FIELDS))

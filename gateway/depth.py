@@ -1,6 +1,7 @@
 """Queue depth per (model, lane): the entries on the lane's streams (queued jobs and the ones being run),
 summed over its tenants' streams. Read at most every `CACHE_S` per lane, so the limit is soft by the
-jobs one gateway admits in that time, and the hot path mostly costs nothing."""
+jobs one gateway admits in that time, and the hot path mostly costs nothing: an older figure (up to
+`STALE_S` more) answers while a read in the background refreshes it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gateway.flight import TtlCache
 from gateway.jobs import lane_streams
 
 CACHE_S = 0.25
+STALE_S = 5.0  # past CACHE_S, the last figure still answers while a background read refreshes it
 DEFAULT_MAX_QUEUE_DEPTH = 100_000
 MAX_QUEUE_DEPTH_ENV = "TOKENQ_MAX_QUEUE_DEPTH"
 
@@ -22,14 +24,17 @@ def max_queue_depth_from_env() -> int:
 
 
 class DepthGauge:
-    def __init__(self, redis: aioredis.Redis, max_depth: int, cache_s: float = CACHE_S) -> None:
+    def __init__(self, redis: aioredis.Redis, max_depth: int, cache_s: float = CACHE_S,
+                 stale_s: float = STALE_S) -> None:
         self.redis = redis
         self.max_depth = max_depth
         self.cache_s = cache_s
+        self.stale_s = stale_s
         self._cache = TtlCache()
 
     async def depth(self, model: str, lane: str) -> int:
-        return await self._cache.get((model, lane), lambda: self._read(model, lane), self.cache_s)
+        return await self._cache.get((model, lane), lambda: self._read(model, lane), self.cache_s,
+                                     self.stale_s)
 
     async def _read(self, model: str, lane: str) -> int:
         streams = await lane_streams(self.redis, model, lane)

@@ -1,6 +1,10 @@
 """Cached Redis reads for the hot path. Single flight: the requests that find one cache entry stale at the
 same moment share one Redis read. At thousands of requests a second dozens are in flight when an entry
-expires, and each would otherwise read (and parse) the same thing; the model card is megabytes."""
+expires, and each would otherwise read (and parse) the same thing; the model card is megabytes.
+
+Stale while revalidate: where a value may lag a little (queue depth, tenant limits, live workers), an
+expired entry is still served while one read refreshes it in the background. At low load every entry has
+expired by the next request, and its reads would otherwise sit on that request's time to first token."""
 
 from __future__ import annotations
 
@@ -12,18 +16,29 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
 class SingleFlight:
     def __init__(self) -> None:
         self._running: dict[Hashable, asyncio.Future] = {}
 
-    async def run(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
-        """`fetch()`'s result; callers with the same key while one runs get that one's result (or error)."""
+    def start(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future:
+        """The read of `key` in flight, started now if none is."""
         future = self._running.get(key)
         if future is None:
             future = asyncio.ensure_future(fetch())
             self._running[key] = future
             future.add_done_callback(lambda done: self._forget(key, done))
-        return await asyncio.shield(future)  # one caller cancelled does not cancel the others' read
+        return future
+
+    async def run(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
+        """`fetch()`'s result; callers with the same key while one runs get that one's result (or error)."""
+        return await asyncio.shield(self.start(key, fetch))  # one caller cancelled does not cancel the others
+
+    def running(self, key: Hashable) -> bool:
+        return key in self._running
 
     def _forget(self, key: Hashable, done: asyncio.Future) -> None:
         if self._running.get(key) is done:
@@ -39,13 +54,33 @@ class TtlCache:
         self._values: dict[Hashable, tuple[Any, float]] = {}
         self._flight = SingleFlight()
 
-    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]], ttl: float) -> T:
-        now = time.monotonic()
+    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]], ttl: float, stale: float = 0.0) -> T:
+        """The value read at most `ttl` ago; or, up to `ttl + stale` old, the cached one while a background
+        read refreshes it; else a read now."""
+        now = _now()
         hit = self._values.get(key)
-        if hit is not None and now - hit[1] < ttl:
-            return hit[0]
+        if hit is not None:
+            age = now - hit[1]
+            if age < ttl:
+                return hit[0]
+            if age < ttl + stale:
+                self._refresh(key, fetch, now)
+                return hit[0]
         value = await self._flight.run(key, fetch)
+        self._store(key, value, now)
+        return value
+
+    def _store(self, key: Hashable, value: Any, read_at: float) -> None:
         if len(self._values) >= self.max_entries:
             self._values.clear()
-        self._values[key] = (value, now)
-        return value
+        self._values[key] = (value, read_at)
+
+    def _refresh(self, key: Hashable, fetch: Callable[[], Awaitable[T]], now: float) -> None:
+        if self._flight.running(key):
+            return
+
+        def done(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None:  # a failed read keeps the old value
+                self._store(key, future.result(), now)
+
+        self._flight.start(key, fetch).add_done_callback(done)

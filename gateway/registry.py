@@ -18,6 +18,7 @@ from protocol.workers import ModelCard, WorkerHeartbeat
 CARD_FIELD = "card"
 CARD_RECHECK_S = 30.0  # how long a cached card is trusted before Redis is asked again
 LIVE_RECHECK_S = 1.0  # how long submissions trust a model's live workers before reading heartbeats again
+LIVE_STALE_S = 10.0  # past LIVE_RECHECK_S, the last answer still serves while a background read renews it
 
 
 @dataclass
@@ -89,15 +90,27 @@ class Registry:
         return builder
 
     async def serving(self, model: str) -> list[WorkerHeartbeat]:
-        """Live workers of `model` for a submission: a non-empty answer is reused for LIVE_RECHECK_S
-        (a job queued for a worker that died meanwhile just waits for the next one)."""
+        """Live workers of `model` for a submission: a non-empty answer is reused for LIVE_RECHECK_S, then
+        for LIVE_STALE_S more while a background read renews it (a job queued for a worker that died
+        meanwhile just waits for the next one). Only a model missing from the answer waits for a read."""
         now = time.monotonic()
-        if self._live is not None and now - self._live[1] < LIVE_RECHECK_S and model in self._live[0]:
-            return self._live[0][model]
+        if self._live is not None and model in self._live[0]:
+            age = now - self._live[1]
+            if age < LIVE_RECHECK_S:
+                return self._live[0][model]
+            if age < LIVE_RECHECK_S + LIVE_STALE_S:
+                if not self._flight.running("models"):
+                    self._flight.start("models", self.models).add_done_callback(
+                        lambda done: self._keep_live(done, now))
+                return self._live[0][model]
         models = await self._flight.run("models", self.models)
         if models:
             self._live = (models, now)
         return models.get(model, [])
+
+    def _keep_live(self, done, read_at: float) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._live = (done.result(), read_at) if done.result() else None
 
     async def target(self, model: str) -> ModelTarget:
         """The model for a request, or 404 (nobody knows it) / 503 (known, but no worker is alive)."""

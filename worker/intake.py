@@ -154,13 +154,13 @@ class Intake:
             claimed = await self.recovery.claim(self.streams.all(), room)
             read += len(claimed)
             await self._admit([Entry(self.streams.lane_of.get(c.stream, "default"), c.stream, c.entry_id,
-                                     c.fields) for c in claimed])
+                                     c.fields) for c in claimed], early=False)
         for lane in keys.LANES:
             if read >= room:
                 break
             read += await self._read_lane(lane, room - read)
         if read == 0:
-            await self._wait_for_entries()
+            read = await self._wait_for_entries(room)
         return read
 
     async def _read_lane(self, lane: str, room: int) -> int:
@@ -214,61 +214,81 @@ class Intake:
             wait = min(wait, self.recovery.seconds_to_sweep())
         return max(1, int(wait * 1000))
 
-    async def _wait_for_entries(self) -> None:
-        """Block until some tenant stream has an entry the group has not delivered yet (or the timeout)."""
+    async def _wait_for_entries(self, room: int) -> int:
+        """Block in XREADGROUP on every tenant stream until an entry arrives, and admit what it brings. The
+        group hands each entry to one blocked worker (not a wake-up of all of them and a race), and the
+        entry comes with the wake-up rather than one more round trip later: this is the idle worker's time
+        to first token. Lanes need no order here: they were all empty when the read began."""
         streams = self.streams.all()
         if not streams:
             await asyncio.sleep(self._wait_ms() / 1000)
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in streams:
-            pipe.xinfo_groups(stream)
-        infos = await pipe.execute()
-        since: dict[str, str] = {}
-        for stream, groups in zip(streams, infos, strict=True):
-            for g in groups:
-                if g["name"] == keys.GROUP:
-                    since[stream] = g["last-delivered-id"]
-        if len(since) < len(streams):
-            self.streams.reset()
-            return
-        await self.redis.xread(since, count=1, block=self._wait_ms())
+            return 0
+        share = max(1, room // len(streams))
+        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in streams}, count=share,
+                                           block=self._wait_ms())
+        entries = [Entry(self.streams.lane_of.get(stream, "default"), stream, eid, fields or {})
+                   for stream, batch in resp or [] for eid, fields in batch]
+        if entries:
+            await self._admit(entries)
+        return len(entries)
 
-    async def _admit(self, entries: list[Entry]) -> None:
+    async def _admit(self, entries: list[Entry], early: bool = True) -> None:
         valid: list[tuple[Entry, JobPayload]] = []
         for e in entries:
             payload = await self._parse(e.stream, e.entry_id, e.fields)
             if payload is None:
                 continue
-            if payload.id in self.publisher.jobs or payload.id in self.publisher.finishing:
+            if self.publisher.has(payload.id):
                 continue  # our own entry, reclaimed after a stall or an outage: it runs here already
             valid.append((e, payload))
         if not valid:
             return
+        # A new entry goes to the engine before its start script answers, so the prefill overlaps that
+        # round trip (it is on every job's time to first token). The publisher holds the job's outputs
+        # until the answer; a job the script refuses is aborted again. (A cancelled job's entry is deleted
+        # with it, so refusals are rare here; reclaimed entries, often of finished jobs, wait instead.)
+        if early:
+            for e, payload in valid:
+                self._run(e, payload)
         now = time.time()
         try:
-            results = await self._start_all([p for _, p in valid], now)
-        except NoScriptError:  # Redis restarted and the client's retry did not load the script again
-            results = await self._start_all([p for _, p in valid], now)
+            try:
+                results = await self._start_all([p for _, p in valid], now)
+            except NoScriptError:  # Redis restarted and the client's retry did not load the script again
+                results = await self._start_all([p for _, p in valid], now)
+        except BaseException:  # the entries stay pending in the group: recovery hands them out again
+            if early:
+                for _, payload in valid:
+                    self.publisher.unexpect(payload.id)
+                    self.engine_loop.abort(payload.id)
+            raise
         drop = self.redis.pipeline(transaction=False)
         for (e, payload), res in zip(valid, results, strict=True):
             code = int(res[0])
             if code != 1:
                 log.info("job already final or gone; dropping entry", job_id=payload.id,
                          reason="final" if code == 0 else "no job record")
+                if early:
+                    self.publisher.unexpect(payload.id)
+                    self.engine_loop.abort(payload.id)
                 drop.xack(e.stream, keys.GROUP, e.entry_id)
                 drop.xdel(e.stream, e.entry_id)
                 continue
             job = RunningJob(payload=payload, stream=e.stream, entry_id=e.entry_id,
                              streamed=payload.stream or res[1] == "1", seq=int(res[2]), started_at=now)
+            if not early:
+                self._run(e, payload)
             self.publisher.track(job)
-            self.engine_loop.add(payload.id, payload.prompt_token_ids, payload.sampling,
-                                 priority=keys.LANE_PRIORITY[e.lane], tenant=payload.tenant)
             metrics.REQUESTS_STARTED.labels(self.model, e.lane).inc()
             metrics.QUEUE_TIME.labels(self.model, e.lane).observe(max(0.0, now - payload.enqueued_at))
             log.debug("job started", job_id=payload.id, lane=e.lane, streamed=job.streamed)
         if len(drop):
             await drop.execute()
+
+    def _run(self, e: Entry, payload: JobPayload) -> None:
+        self.publisher.expect(payload.id)
+        self.engine_loop.add(payload.id, payload.prompt_token_ids, payload.sampling,
+                             priority=keys.LANE_PRIORITY[e.lane], tenant=payload.tenant)
 
     async def _start_all(self, payloads: list[JobPayload], now: float) -> list:
         pipe = self.redis.pipeline(transaction=False)

@@ -188,12 +188,31 @@ class Publisher:
         self.finishing: dict[str, RunningJob] = {}
         self._finish = redis.register_script(FINISH_JOB)
         self._deltas = redis.register_script(PUBLISH_DELTAS)
+        # Jobs the engine runs while their start script is in flight: outputs wait here until `track`.
+        self._starting: dict[str, list[RequestOutput]] = {}
+        self._replay: list[RequestOutput] = []  # held outputs of jobs tracked since, published first
         self._last_refresh = 0.0
         self._last_flush = 0.0
         self.stopped = False  # set before cancelling the task: a second way out of the loop
 
+    def has(self, job_id: str) -> bool:
+        return job_id in self.jobs or job_id in self.finishing or job_id in self._starting
+
+    def expect(self, job_id: str) -> None:
+        """The engine runs this job already; hold its outputs until `track` (or drop them: `unexpect`)."""
+        self._starting[job_id] = []
+
+    def unexpect(self, job_id: str) -> None:
+        self._starting.pop(job_id, None)
+
     def track(self, job: RunningJob) -> None:
         self.jobs[job.id] = job
+        held = self._starting.pop(job.id, None)
+        if held:
+            self._replay.extend(held)
+            queue = self.engine_loop.outputs
+            if queue is not None:
+                queue.put_nowait([])  # wake the loop: these may be the job's last outputs
 
     def forget(self, job_id: str) -> bool:
         """Stop a job here without writing anything (another worker owns it now); False if not running."""
@@ -225,7 +244,7 @@ class Publisher:
             while not queue.empty():  # fell behind, or spaced: merge, one round trip for all
                 batch.extend(queue.get_nowait())
             try:
-                if batch:
+                if batch or self._replay:
                     self._last_flush = time.monotonic()
                     await self.publish(batch)
                 if self.jobs and time.monotonic() - self._last_refresh >= self.refresh_interval:
@@ -277,12 +296,16 @@ class Publisher:
                 delay = min(delay * 2, 2.0)
 
     async def publish(self, outputs: list[RequestOutput]) -> None:
+        if self._replay:
+            outputs, self._replay = self._replay + outputs, []
         now = time.time()
         touched: dict[str, RunningJob] = {}
         finishing: list[RunningJob] = []
         for out in outputs:
             job = self.jobs.get(out.request_id)
-            if job is None:  # aborted (cancelled) or dropped on shutdown
+            if job is None:  # aborted (cancelled) or dropped on shutdown, or its start not confirmed yet
+                if (held := self._starting.get(out.request_id)) is not None:
+                    held.append(out)
                 continue
             first = job.first_token_at is None
             job.absorb(out, now)

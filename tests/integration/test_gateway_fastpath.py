@@ -68,7 +68,7 @@ async def gateway(redis_url, redis_client, model_dir, fast: bool, alive: bool = 
     else:
         app.fast_jobs = None
     async with app.router.lifespan_context(app):
-        app.state.ctx.auth.cache_s = 0
+        app.state.ctx.auth.cache_s = app.state.ctx.auth.stale_s = 0
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
                                      timeout=30) as client:
             yield client, passed_on

@@ -45,7 +45,7 @@ def make_client(app) -> httpx.AsyncClient:
 async def app(redis_url, redis_client):
     app = create_app(redis_url)
     async with app.router.lifespan_context(app):
-        app.state.ctx.auth.cache_s = 0  # see key and limit changes at once
+        app.state.ctx.auth.cache_s = app.state.ctx.auth.stale_s = 0  # see key and limit changes at once
         yield app
 
 
@@ -212,7 +212,7 @@ async def test_max_queued_and_cancel_frees_a_slot(client, idle_worker, redis_cli
 async def test_queue_depth_429_then_503_without_worker(redis_url, redis_client, idle_worker):
     app = create_app(redis_url, max_queue_depth=2)
     async with app.router.lifespan_context(app):
-        app.state.ctx.depth.cache_s = 0
+        app.state.ctx.depth.cache_s = app.state.ctx.depth.stale_s = 0
         async with make_client(app) as c:
             for _ in range(2):
                 assert (await c.post("/v1/jobs", json=PROMPT)).status_code == 202

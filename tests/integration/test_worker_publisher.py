@@ -172,3 +172,55 @@ async def test_heartbeat_reports_queue_depth_over_every_tenant_stream(redis_clie
     assert depth == {"interactive": 0, "default": 5, "batch": 4}
     for lane, n in depth.items():
         assert REGISTRY.get_sample_value("tokenq_queue_depth", {"model": model, "lane": lane}) == n
+
+
+async def test_outputs_before_the_start_answer_wait_for_it(redis_client):
+    """Intake hands a job to the engine before its start script answers. Outputs that come first are held,
+    then published in order once the job is tracked; a job the script refused publishes nothing."""
+    r = redis_client
+    kept, refused = payload([1, 2]), payload([3])
+    for p in (kept, refused):
+        await submit_job(r, p, streamed=True)
+    pub = Publisher(r, EngineLoop(FakeEngine()), MODEL)
+    pub.expect(kept.id)
+    pub.expect(refused.id)
+    assert pub.has(kept.id)
+    await pub.publish([RequestOutput(kept.id, [1], "t1 "), RequestOutput(refused.id, [3], "t3 ")])
+    for p in (kept, refused):
+        assert f.TEXT not in await r.hgetall(keys.job_key(p.id))  # held, not written
+    pub.unexpect(refused.id)
+    pub.track(RunningJob(payload=kept, stream="s", entry_id="0-1", streamed=True, seq=0, started_at=time.time()))
+    await pub.publish([RequestOutput(kept.id, [2], "t2 ", finished=True, finish_reason="stop",
+                                     num_prompt_tokens=2, num_output_tokens=2)])
+    h = await r.hgetall(keys.job_key(kept.id))
+    assert h[f.STATE] == "succeeded" and '"text":"t1 t2 "' in h[f.RESULT].replace(" ", " ").replace('": "', '":"')
+    assert f.TEXT not in await r.hgetall(keys.job_key(refused.id))
+    assert not pub.has(refused.id)
+
+
+async def test_intake_aborts_a_job_whose_start_is_refused(redis_client):
+    """A job cancelled while queued: the engine got it before the start script said so, and drops it."""
+    r = redis_client
+    p = JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 40)),
+                   sampling=SamplingParams(max_tokens=1000))  # runs ~80 ms in the fake engine: still there
+    await submit_job(r, p)
+    await r.hset(keys.job_key(p.id), f.STATE, "cancelled")
+    engine = FakeEngine()
+    aborted: list[str] = []
+    abort = engine.abort_request
+    engine.abort_request = lambda rid: (aborted.append(rid), abort(rid))[1]
+    engine_loop = EngineLoop(engine)
+    engine_loop.start()
+    try:
+        pub = Publisher(r, engine_loop, MODEL)
+        intake = Intake(r, engine_loop, pub, MODEL, "host:1", max_model_len=64, block_ms=50)
+        await intake.ensure_groups()
+        assert await intake.poll() == 1
+        deadline = time.monotonic() + 5
+        while not aborted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [a for a, _ in engine.added] == [p.id] and aborted == [p.id] and not engine.requests
+        assert not pub.has(p.id)
+        assert await r.xlen(keys.jobs_stream(MODEL, "default", "default")) == 0  # acknowledged and deleted
+    finally:
+        engine_loop.stop()

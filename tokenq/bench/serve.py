@@ -299,6 +299,8 @@ def main(args: argparse.Namespace) -> int:
         "phases": [{"rate": rate, **_summary(t, wall)} for rate, t, wall in served],
         "low_load_gateway": gateway_low, "low_load_direct": direct, "offline": offline,
         "ttft_overhead_ms_p50": gateway_low["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
+        # The same prompts in the same order on both paths: request i against request i.
+        "low_load_ttft_ms_each": {"gateway": [t.ttft * 1e3 for t in low_t], "direct": [t.ttft * 1e3 for t in direct_t]},
         "low_load_ttft_hops_ms_p50": hops,
     }
     top_phase = result["phases"][top]
