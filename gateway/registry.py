@@ -16,6 +16,7 @@ from protocol import keys
 from protocol.workers import ModelCard, WorkerHeartbeat
 
 CARD_FIELD = "card"
+CARD_DIGEST_FIELD = "digest"  # the card's sha256, written with it by the worker
 CARD_RECHECK_S = 30.0  # how long a cached card is trusted before Redis is asked again
 LIVE_RECHECK_S = 1.0  # how long submissions trust a model's live workers before reading heartbeats again
 LIVE_STALE_S = 10.0  # past LIVE_RECHECK_S, the last answer still serves while a background read renews it
@@ -70,14 +71,24 @@ class Registry:
         return by_model
 
     async def prompt_builder(self, model: str) -> PromptBuilder | None:
+        """The model's prompt builder. A card changes only when a worker with other weights or another
+        tokenizer comes up, so a card in hand keeps answering, past CARD_RECHECK_S while a background
+        read rechecks it: at low load that recheck would otherwise land on some request's TTFT."""
         cached = self._cards.get(model)
         now = time.monotonic()
-        if cached and now - cached.checked_at < CARD_RECHECK_S:
-            return cached.builder
-        return await self._flight.run(("card", model), lambda: self._load_card(model, cached, now))
+        if cached is None:
+            return await self._flight.run(("card", model), lambda: self._load_card(model, None, now))
+        if now - cached.checked_at >= CARD_RECHECK_S and not self._flight.running(("card", model)):
+            self._flight.start(("card", model), lambda: self._load_card(model, cached, now)).add_done_callback(
+                _retrieve)
+        return cached.builder
 
     async def _load_card(self, model: str, cached: _CachedCard | None, now: float) -> PromptBuilder | None:
-        raw = await self.redis.hget(keys.model_card_key(model), CARD_FIELD)
+        key = keys.model_card_key(model)
+        if cached is not None and await self.redis.hget(key, CARD_DIGEST_FIELD) == cached.digest:
+            cached.checked_at = now  # unchanged: not worth reading (and hashing) megabytes again
+            return cached.builder
+        raw = await self.redis.hget(key, CARD_FIELD)
         if raw is None:
             self._cards.pop(model, None)
             return None
@@ -125,3 +136,9 @@ class Registry:
             raise ApiError(503, f"model `{model}` has not published its model card yet; try again later",
                            code="no_model_card")
         return ModelTarget(model, builder, workers)
+
+
+def _retrieve(done) -> None:
+    """A background read's failure is not raised anywhere: take it, so asyncio does not log it as lost."""
+    if not done.cancelled():
+        done.exception()

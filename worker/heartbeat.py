@@ -4,6 +4,7 @@ again by a beat that finds it gone, e.g. after a Redis restart without persisten
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 log = get_logger("heartbeat")
 
 CARD_FIELD = "card"  # the model hash holds the whole ModelCard JSON in this one field
+CARD_DIGEST_FIELD = "digest"  # and its sha256 here: gateways recheck a card they hold without reading MBs
 
 
 class Heartbeat:
@@ -46,8 +48,13 @@ class Heartbeat:
     async def start(self) -> None:
         """Publish the model card, then the first heartbeat (so the gateway never lists a model without
         its card)."""
-        await self.redis.hset(keys.model_card_key(self.card.name), CARD_FIELD, self.card.model_dump_json())
+        await self._write_card()
         await self.beat()
+
+    async def _write_card(self) -> None:
+        raw = self.card.model_dump_json()
+        await self.redis.hset(keys.model_card_key(self.card.name),
+                              mapping={CARD_FIELD: raw, CARD_DIGEST_FIELD: hashlib.sha256(raw.encode()).hexdigest()})
 
     async def beat(self) -> None:
         hb = self.heartbeat()
@@ -58,7 +65,7 @@ class Heartbeat:
         pipe.hexists(keys.model_card_key(self.card.name), CARD_FIELD)
         *_, has_card = await pipe.execute()
         if not has_card:
-            await self.redis.hset(keys.model_card_key(self.card.name), CARD_FIELD, self.card.model_dump_json())
+            await self._write_card()
         await self.observe_queue_depth()
 
     async def observe_queue_depth(self) -> dict[str, int]:

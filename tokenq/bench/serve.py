@@ -99,11 +99,11 @@ async def _stream_one(client, base: str, model: str, prompt: list[int], output_l
     return t
 
 
-def _trace_hops(redis_url: str, trace: list[dict]) -> dict[str, float]:
+def _trace_hops(redis_url: str, trace: list[dict]) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Medians (ms) of where a lone request's TTFT goes, from the timestamps on its job hash: client send to
     job created (HTTP, gateway checks, enqueue), created to started (the worker's read and start script),
     started to the worker's first token (engine-thread wake-up and the prefill step), first token to the
-    client (publish, pub/sub, gateway, SSE). One machine, one wall clock."""
+    client (publish, pub/sub, gateway, SSE). One machine, one wall clock. Also each request's hops."""
     import statistics
 
     import redis
@@ -122,7 +122,7 @@ def _trace_hops(redis_url: str, trace: list[dict]) -> dict[str, float]:
             marks = [row["sent"], float(created), float(started), float(first), row["first"]]
             for name, a, b in zip(hops, marks, marks[1:], strict=False):
                 hops[name].append((b - a) * 1000)
-    return {name: statistics.median(v) for name, v in hops.items() if v}
+    return {name: statistics.median(v) for name, v in hops.items() if v}, hops
 
 
 async def _drive(base: str, model: str, prompts: list[list[int]], output_len: int,
@@ -280,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
         trace: list[dict] = []
         low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace))
         low_wall = time.monotonic() - t0
-        hops = _trace_hops(args.redis_url or redis.url, trace)
+        hops, hops_each = _trace_hops(args.redis_url or redis.url, trace)
         served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
     finally:
         _stop_stack(procs, redis)
@@ -302,6 +302,7 @@ def main(args: argparse.Namespace) -> int:
         # The same prompts in the same order on both paths: request i against request i.
         "low_load_ttft_ms_each": {"gateway": [t.ttft * 1e3 for t in low_t], "direct": [t.ttft * 1e3 for t in direct_t]},
         "low_load_ttft_hops_ms_p50": hops,
+        "low_load_ttft_hops_ms_each": hops_each,
     }
     top_phase = result["phases"][top]
     if offline:

@@ -1,0 +1,63 @@
+"""The gateway's model-card cache: a card in hand keeps answering past its recheck time while a background
+read rechecks it, by the digest the worker writes beside it (not the megabytes of the card itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from gateway import registry as registry_mod
+from gateway.registry import Registry
+from protocol import keys
+from tests.fakes import FakeEngine
+from tests.integration.fake_worker import MODEL, model_card
+from tests.integration.test_worker_service import CARD
+from worker.engine_loop import EngineLoop
+from worker.heartbeat import Heartbeat
+
+
+async def test_worker_writes_the_card_digest(redis_client):
+    await Heartbeat(redis_client, "hb:1", CARD, EngineLoop(FakeEngine()), capacity=4).start()
+    raw = CARD.model_dump_json()
+    assert await redis_client.hmget(keys.model_card_key(CARD.name), ["card", "digest"]) == [
+        raw, hashlib.sha256(raw.encode()).hexdigest()]
+
+
+async def _write(redis, card) -> None:
+    raw = card.model_dump_json()
+    await redis.hset(keys.model_card_key(card.name),
+                     mapping={"card": raw, "digest": hashlib.sha256(raw.encode()).hexdigest()})
+
+
+async def test_stale_card_answers_while_rechecked(redis_client, default_model_dir, monkeypatch):
+    r = redis_client
+    first = model_card(default_model_dir, 2048)
+    await _write(r, first)
+    reg = Registry(r)
+    reads: list[str] = []
+    hget = r.hget
+
+    async def counting_hget(key, field):
+        reads.append(field)
+        return await hget(key, field)
+
+    monkeypatch.setattr(reg, "redis", type("Spy", (), {"hget": staticmethod(counting_hget)})())
+    assert (await reg.prompt_builder(MODEL)).card.max_model_len == 2048
+    assert reads == ["card"]
+
+    monkeypatch.setattr(registry_mod, "CARD_RECHECK_S", 0.0)  # every call is past the recheck time
+    held = await reg.prompt_builder(MODEL)
+    await asyncio.sleep(0.1)
+    assert reads == ["card", "digest"]  # unchanged: the digest alone was read
+    assert await reg.prompt_builder(MODEL) is held
+    await asyncio.sleep(0.1)  # the recheck that call started
+
+    await _write(r, first.model_copy(update={"max_model_len": 4096}))
+    reads.clear()
+    assert (await reg.prompt_builder(MODEL)) is held  # answers at once with the card in hand
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        if (await reg.prompt_builder(MODEL)).card.max_model_len == 4096:
+            break
+    assert (await reg.prompt_builder(MODEL)).card.max_model_len == 4096
+    assert reads[:2] == ["digest", "card"]
