@@ -32,6 +32,7 @@ from protocol.scripts import START_JOB
 from worker import metrics
 from worker.engine_loop import EngineLoop
 from worker.logging import get_logger
+from worker.pruning import Pruner
 from worker.publisher import Publisher, RunningJob
 from worker.recovery import Recovery
 
@@ -109,7 +110,7 @@ class TenantStreams:
 class Intake:
     def __init__(self, redis: Redis, engine_loop: EngineLoop, publisher: Publisher, model: str,
                  consumer: str, max_model_len: int, block_ms: int = BLOCK_MS,
-                 recovery: Recovery | None = None) -> None:
+                 recovery: Recovery | None = None, pruner: Pruner | None = None) -> None:
         self.redis = redis
         self.engine_loop = engine_loop
         self.publisher = publisher
@@ -118,6 +119,7 @@ class Intake:
         self.max_model_len = max_model_len
         self.block_ms = block_ms
         self.recovery = recovery
+        self.pruner = pruner
         self.streams = TenantStreams(redis, model)
         self._last: dict[str, str] = {}  # lane -> the tenant stream served last (round-robin cursor)
         self._start = redis.register_script(START_JOB)
@@ -132,7 +134,8 @@ class Intake:
             try:
                 await self.poll()
             except ResponseError as e:
-                if "NOGROUP" in str(e) or "no such key" in str(e):  # a stream deleted under us
+                # A stream deleted under us (pruned, or by hand), while we read or blocked on it.
+                if any(m in str(e) for m in ("NOGROUP", "no such key", "no longer exists")):
                     self.streams.reset()
                     continue
                 log.error("intake failed", error=repr(e))
@@ -155,6 +158,11 @@ class Intake:
             read += len(claimed)
             await self._admit([Entry(self.streams.lane_of.get(c.stream, "default"), c.stream, c.entry_id,
                                      c.fields) for c in claimed], early=False)
+        if self.pruner is not None and self.pruner.due():
+            removed, _ = await self.pruner.prune()
+            if removed:
+                self.streams.reset()
+                await self.streams.refresh()
         for lane in keys.LANES:
             if read >= room:
                 break

@@ -28,6 +28,7 @@ from worker.heartbeat import Heartbeat
 from worker.intake import Intake
 from worker.logging import configure_logging, get_logger
 from worker.metrics import start_metrics_server
+from worker.pruning import Pruner
 from worker.publisher import Publisher, TokenText
 from worker.recovery import Recovery
 
@@ -117,7 +118,8 @@ class WorkerService:
         recovery = self.recovery = Recovery(redis, self.model_name, self.worker_id, lease_s=self.lease_s,
                                             max_deliveries=self.max_deliveries)
         intake = Intake(redis, engine_loop, publisher, self.model_name, self.worker_id,
-                        max_model_len=self.engine.max_model_len, block_ms=self.block_ms, recovery=recovery)
+                        max_model_len=self.engine.max_model_len, block_ms=self.block_ms, recovery=recovery,
+                        pruner=Pruner(redis, self.model_name))
         heartbeat = Heartbeat(redis, self.worker_id, self.card, engine_loop,
                               capacity=_engine_capacity(self.engine),
                               device=str(getattr(self.engine, "device", "cpu")), streams=intake.streams)
