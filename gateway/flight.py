@@ -40,6 +40,21 @@ class SingleFlight:
     def running(self, key: Hashable) -> bool:
         return key in self._running
 
+    def refresh(self, key: Hashable, fetch: Callable[[], Awaitable[T]],
+                on_result: Callable[[T], None] | None = None) -> None:
+        """Start a background read of `key` unless one is in flight; `on_result` gets its value. A failed
+        read changes nothing (and is taken here, so asyncio does not report it as never retrieved)."""
+        if self.running(key):
+            return
+
+        def done(future: asyncio.Future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            if on_result is not None:
+                on_result(future.result())
+
+        self.start(key, fetch).add_done_callback(done)
+
     def _forget(self, key: Hashable, done: asyncio.Future) -> None:
         if self._running.get(key) is done:
             del self._running[key]
@@ -64,7 +79,7 @@ class TtlCache:
             if age < ttl:
                 return hit[0]
             if age < ttl + stale:
-                self._refresh(key, fetch, now)
+                self._flight.refresh(key, fetch, lambda value: self._store(key, value, now))
                 return hit[0]
         value = await self._flight.run(key, fetch)
         self._store(key, value, now)
@@ -74,13 +89,3 @@ class TtlCache:
         if len(self._values) >= self.max_entries:
             self._values.clear()
         self._values[key] = (value, read_at)
-
-    def _refresh(self, key: Hashable, fetch: Callable[[], Awaitable[T]], now: float) -> None:
-        if self._flight.running(key):
-            return
-
-        def done(future: asyncio.Future) -> None:
-            if not future.cancelled() and future.exception() is None:  # a failed read keeps the old value
-                self._store(key, future.result(), now)
-
-        self._flight.start(key, fetch).add_done_callback(done)

@@ -78,9 +78,8 @@ class Registry:
         now = time.monotonic()
         if cached is None:
             return await self._flight.run(("card", model), lambda: self._load_card(model, None, now))
-        if now - cached.checked_at >= CARD_RECHECK_S and not self._flight.running(("card", model)):
-            self._flight.start(("card", model), lambda: self._load_card(model, cached, now)).add_done_callback(
-                _retrieve)
+        if now - cached.checked_at >= CARD_RECHECK_S:
+            self._flight.refresh(("card", model), lambda: self._load_card(model, cached, now))
         return cached.builder
 
     async def _load_card(self, model: str, cached: _CachedCard | None, now: float) -> PromptBuilder | None:
@@ -110,18 +109,15 @@ class Registry:
             if age < LIVE_RECHECK_S:
                 return self._live[0][model]
             if age < LIVE_RECHECK_S + LIVE_STALE_S:
-                if not self._flight.running("models"):
-                    self._flight.start("models", self.models).add_done_callback(
-                        lambda done: self._keep_live(done, now))
+                self._flight.refresh("models", self.models, lambda models: self._keep_live(models, now))
                 return self._live[0][model]
         models = await self._flight.run("models", self.models)
         if models:
             self._live = (models, now)
         return models.get(model, [])
 
-    def _keep_live(self, done, read_at: float) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self._live = (done.result(), read_at) if done.result() else None
+    def _keep_live(self, models: dict[str, list[WorkerHeartbeat]], read_at: float) -> None:
+        self._live = (models, read_at) if models else None
 
     async def target(self, model: str) -> ModelTarget:
         """The model for a request, or 404 (nobody knows it) / 503 (known, but no worker is alive)."""
@@ -136,9 +132,3 @@ class Registry:
             raise ApiError(503, f"model `{model}` has not published its model card yet; try again later",
                            code="no_model_card")
         return ModelTarget(model, builder, workers)
-
-
-def _retrieve(done) -> None:
-    """A background read's failure is not raised anywhere: take it, so asyncio does not log it as lost."""
-    if not done.cancelled():
-        done.exception()

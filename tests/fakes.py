@@ -1,8 +1,11 @@
-"""Test doubles: a deterministic engine with the LLMEngine interface, and a gateway-side job submitter."""
+"""Test doubles: a deterministic engine with the LLMEngine interface, a gateway-side job submitter, and a
+worker's intake (publisher, engine loop) without the rest of the service."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from protocol import job_record as f
@@ -114,3 +117,26 @@ async def submit_job(redis, payload: JobPayload, streamed: bool = False, request
     entry_id = (await pipe.execute())[2]
     await redis.hset(keys.job_key(payload.id), f.ENTRY_ID, entry_id)
     return entry_id
+
+
+@contextlib.asynccontextmanager
+async def started_intake(redis, model: str, engine: FakeEngine | None = None, consumer: str = "host:1",
+                         **intake_options) -> AsyncIterator:
+    """(intake, publisher, engine) around a started engine loop, the tenant streams' groups made; the
+    loop stops on the way out. Imported late: the worker modules need more than the fakes do."""
+    from worker.engine_loop import EngineLoop
+    from worker.intake import Intake
+    from worker.publisher import Publisher
+
+    engine = engine or FakeEngine()
+    engine_loop = EngineLoop(engine)
+    engine_loop.start()
+    try:
+        publisher = Publisher(redis, engine_loop, model)
+        intake = Intake(redis, engine_loop, publisher, model, consumer, max_model_len=64, block_ms=50,
+                        **intake_options)
+        await intake.ensure_groups()
+        yield intake, publisher, engine
+    finally:
+        engine_loop.stop()
+

@@ -193,8 +193,7 @@ class Intake:
                 share = max(1, (room - read) // len(chunk))
                 resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in chunk},
                                                    count=share)
-                entries = [Entry(lane, stream, eid, fields or {}) for stream, batch in resp or []
-                           for eid, fields in batch]
+                entries = self._entries(resp)
                 if entries:
                     gave.update(e.stream for e in entries)
                     self._last[lane] = entries[-1].stream
@@ -234,11 +233,16 @@ class Intake:
         share = max(1, room // len(streams))
         resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in streams}, count=share,
                                            block=self._wait_ms())
-        entries = [Entry(self.streams.lane_of.get(stream, "default"), stream, eid, fields or {})
-                   for stream, batch in resp or [] for eid, fields in batch]
+        entries = self._entries(resp)
         if entries:
             await self._admit(entries)
         return len(entries)
+
+    def _entries(self, resp) -> list[Entry]:
+        """The entries of an XREADGROUP reply, each with its stream's lane."""
+        lane_of = self.streams.lane_of
+        return [Entry(lane_of.get(stream, "default"), stream, eid, fields or {}) for stream, batch in resp or []
+                for eid, fields in batch]
 
     async def _admit(self, entries: list[Entry], early: bool = True) -> None:
         valid: list[tuple[Entry, JobPayload]] = []
@@ -267,8 +271,7 @@ class Intake:
         except BaseException:  # the entries stay pending in the group: recovery hands them out again
             if early:
                 for _, payload in valid:
-                    self.publisher.unexpect(payload.id)
-                    self.engine_loop.abort(payload.id)
+                    self._withdraw(payload)
             raise
         drop = self.redis.pipeline(transaction=False)
         for (e, payload), res in zip(valid, results, strict=True):
@@ -277,8 +280,7 @@ class Intake:
                 log.info("job already final or gone; dropping entry", job_id=payload.id,
                          reason="final" if code == 0 else "no job record")
                 if early:
-                    self.publisher.unexpect(payload.id)
-                    self.engine_loop.abort(payload.id)
+                    self._withdraw(payload)
                 drop.xack(e.stream, keys.GROUP, e.entry_id)
                 drop.xdel(e.stream, e.entry_id)
                 continue
@@ -297,6 +299,11 @@ class Intake:
         self.publisher.expect(payload.id)
         self.engine_loop.add(payload.id, payload.prompt_token_ids, payload.sampling,
                              priority=keys.LANE_PRIORITY[e.lane], tenant=payload.tenant)
+
+    def _withdraw(self, payload: JobPayload) -> None:
+        """Undo `_run` for a job whose start did not go through."""
+        self.publisher.unexpect(payload.id)
+        self.engine_loop.abort(payload.id)
 
     async def _start_all(self, payloads: list[JobPayload], now: float) -> list:
         pipe = self.redis.pipeline(transaction=False)

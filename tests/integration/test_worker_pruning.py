@@ -8,11 +8,8 @@ import asyncio
 from protocol import keys
 from protocol.jobs import JobPayload, new_job_id
 from protocol.sampling import SamplingParams
-from tests.fakes import FakeEngine, submit_job
-from worker.engine_loop import EngineLoop
-from worker.intake import Intake
+from tests.fakes import started_intake, submit_job
 from worker.pruning import Pruner
-from worker.publisher import Publisher
 
 MODEL = "prune-model"
 LANE_SET = keys.lane_tenants_key(MODEL, "default")
@@ -67,16 +64,11 @@ async def test_dead_consumers_without_pending_entries_go(redis_client):
 async def test_a_pruned_tenant_that_comes_back_is_read(redis_client):
     r = redis_client
     await submit_job(r, payload("back"))
-    engine_loop = EngineLoop(FakeEngine())
-    engine_loop.start()
-    try:
-        pub = Publisher(r, engine_loop, MODEL)
-        intake = Intake(r, engine_loop, pub, MODEL, "w:1", max_model_len=64, block_ms=50,
-                        pruner=Pruner(r, MODEL, every_s=0.0, stream_idle_s=0.0))
-        await intake.ensure_groups()
+    pruner = Pruner(r, MODEL, every_s=0.0, stream_idle_s=0.0)
+    async with started_intake(r, MODEL, consumer="w:1", pruner=pruner) as (intake, pub, _):
         assert await intake.poll() == 1
         for _ in range(100):  # the fake engine finishes it; the publisher acknowledges and deletes it
-            await pub.publish(await asyncio.wait_for(engine_loop.outputs.get(), 5))
+            await pub.publish(await asyncio.wait_for(intake.engine_loop.outputs.get(), 5))
             if not pub.busy:
                 break
         assert await r.xlen(stream("back")) == 0
@@ -94,5 +86,3 @@ async def test_a_pruned_tenant_that_comes_back_is_read(redis_client):
             if read:
                 break
         assert read == 1 and again.id in pub.jobs
-    finally:
-        engine_loop.stop()

@@ -200,7 +200,7 @@ class LLMEngine:
             if samples is not None:
                 self._in_flight = _InFlight(seqs, samples, any(s.num_output_tokens == 0 for s in seqs))
                 for row, seq in enumerate(seqs):
-                    if seq.status is SequenceStatus.RUNNING and not self._ends_by_length(seq):
+                    if seq.status is SequenceStatus.RUNNING and not self._at_length_limit(seq, coming=1):
                         seq.append_token(-1)  # a stand-in: step N+1 reads the real one on the device
                         seq.pending = row
         return outputs
@@ -209,9 +209,11 @@ class LLMEngine:
         """Penalties count the output tokens on the host, so their batches wait for the real ones."""
         return not any(s.sampling.has_penalties for s in in_flight.seqs)
 
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        """True when the token being sampled is the seq's last whatever it is: no step after it."""
-        return seq.num_output_tokens + 1 >= seq.sampling.max_tokens or seq.num_tokens + 1 >= self.max_model_len
+    def _at_length_limit(self, seq: Sequence, coming: int = 0) -> bool:
+        """max_tokens or the context reached, counting `coming` tokens not appended yet (1: the token being
+        sampled is the seq's last whatever it is, so no step comes after it)."""
+        return (seq.num_output_tokens + coming >= seq.sampling.max_tokens
+                or seq.num_tokens + coming >= self.max_model_len)
 
     def _finish_step(self, in_flight: _InFlight) -> list[RequestOutput]:
         """Waits for a launched step's samples and turns them into outputs: tokens in place of their
@@ -248,7 +250,7 @@ class LLMEngine:
         seq = state.seq
         if token in state.stop_ids:  # the sampler forbids these until min_tokens is reached
             return "stop"
-        if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._at_length_limit(seq):
             return "length"
         return None
 
