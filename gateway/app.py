@@ -12,7 +12,7 @@ from gateway import routes_health, routes_jobs, routes_openai
 from gateway.context import GatewayContext
 from gateway.depth import max_queue_depth_from_env
 from gateway.errors import install_error_handlers
-from gateway.fastpath import FastJobs, is_job_submission
+from gateway.fastpath import FastSubmit, is_fast_submission
 from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -20,13 +20,13 @@ from gateway.redis_client import make_redis
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with POST /v1/jobs answered first by gateway/fastpath.py."""
+    """FastAPI, with the submitting routes answered first by gateway/fastpath.py."""
 
-    fast_jobs: FastJobs | None = None
+    fast_submit: FastSubmit | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.fast_jobs is not None and is_job_submission(scope):
-            await self.fast_jobs(scope, receive, send)
+        if self.fast_submit is not None and is_fast_submission(scope):
+            await self.fast_submit(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -56,6 +56,6 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     # Added last = outermost: metrics see every answer, the 413s of the size limit included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.fast_jobs = FastJobs(lambda s, r, se: FastAPI.__call__(app, s, r, se), lambda: app.state.ctx, metrics,
-                             max_body_bytes)
+    app.fast_submit = FastSubmit(lambda s, r, se: FastAPI.__call__(app, s, r, se), lambda: app.state.ctx, metrics,
+                                 max_body_bytes)
     return app

@@ -1,10 +1,13 @@
-"""POST /v1/jobs ahead of FastAPI. This is the route that takes the load (thousands of submissions a second
-on a small machine), and FastAPI's middleware, routing, dependency solving and response classes cost more
-CPU than the submission itself. Here: the same body limit (413), the same auth (401), the body parsed by the
-same pydantic model, the same enqueue (prepare, depth, admission, submit) and the same answers, errors
-included (errors.exception_response). A body that is not JSON or does not validate goes on to FastAPI with
-its bytes replayed, so those 400s, and their order against the 401, are FastAPI's own. The route stays
-declared in routes_jobs.py (OpenAPI documents it; it answers what comes through to it)."""
+"""The submitting routes ahead of FastAPI: POST /v1/jobs, /v1/completions and /v1/chat/completions.
+/v1/jobs takes the load (thousands of submissions a second on a small machine), and the OpenAI routes sit on
+every streamed request's time to first token; FastAPI's middleware, routing, dependency solving and body
+handling cost more than the submission itself (about 0.2-0.5 ms a request). Here: the same body limit
+(413), the same auth (401), the body parsed by the same pydantic model, the same enqueue and the same
+answers, errors included (errors.exception_response); the OpenAI routes answer with the very response
+object their FastAPI route builds (routes_openai.answer). A body that is not JSON or does not validate goes
+on to FastAPI with its bytes replayed, so those 400s, and their order against the 401, are FastAPI's own.
+The routes stay declared in routes_jobs.py and routes_openai.py (OpenAPI documents them; they answer what
+comes through to them)."""
 
 from __future__ import annotations
 
@@ -12,49 +15,54 @@ import json
 import time
 from collections.abc import Callable
 
-from prometheus_client import Counter
-from pydantic import ValidationError
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway import routes_openai
 from gateway.admission import check_idempotency_key
 from gateway.context import GatewayContext
 from gateway.enqueue import enqueue, job_created_body
 from gateway.errors import error_response, exception_response
 from gateway.limits import replaying
 from gateway.metrics import GatewayMetrics
-from gateway.schemas import JobCreate
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
 
 JOBS_PATH = "/v1/jobs"
+SCHEMAS: dict[str, type[BaseModel]] = {JOBS_PATH: JobCreate, "/v1/completions": CompletionRequest,
+                                       "/v1/chat/completions": ChatCompletionRequest}
 _JSON = b"application/json"
 
 
-def is_job_submission(scope: Scope) -> bool:
-    return scope["type"] == "http" and scope["path"] == JOBS_PATH and scope["method"] == "POST"
+def is_fast_submission(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in SCHEMAS
 
 
-class FastJobs:
-    """The ASGI handler of POST /v1/jobs; `fallback` is the FastAPI app itself (for what it passes on)."""
+class FastSubmit:
+    """The ASGI handler of the submitting routes; `fallback` is the FastAPI app itself (for what it passes
+    on)."""
 
     def __init__(self, fallback: ASGIApp, ctx: Callable[[], GatewayContext], metrics: GatewayMetrics,
                  max_body_bytes: int) -> None:
         self.fallback = fallback
         self.ctx = ctx
         self.max_body_bytes = max_body_bytes
-        self._latency = metrics.latency.labels("POST", JOBS_PATH)
+        self._latency: dict[str, Histogram] = {path: metrics.latency.labels("POST", path) for path in SCHEMAS}
         self._requests = metrics.requests
-        self._counters: dict[int, Counter] = {}
+        self._counters: dict[tuple[str, int], Counter] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 500  # a request that ends without an answer counts as MetricsMiddleware counts it
+        path = scope["path"]
         try:
             status = await self._handle(scope, receive, send, start)
         finally:
             if status:  # 0: passed on to FastAPI, whose MetricsMiddleware counted it
-                counter = self._counters.get(status)
+                counter = self._counters.get((path, status))
                 if counter is None:
-                    counter = self._counters[status] = self._requests.labels("POST", JOBS_PATH, str(status))
+                    counter = self._counters[path, status] = self._requests.labels("POST", path, str(status))
                 counter.inc()
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, start: float) -> int:
@@ -75,14 +83,19 @@ class FastJobs:
             return await self._answer(body, scope, receive, send, start)
         if content_type is not None and content_type.partition(b";")[0].strip().lower() != _JSON:
             return await self._pass_on(body, scope, receive, send)
+        path = scope["path"]
         try:
-            job = JobCreate.model_validate_json(body)
+            request = SCHEMAS[path].model_validate_json(body)
         except ValidationError:
             return await self._pass_on(body, scope, receive, send)
         try:
             ctx = self.ctx()
             tenant = await ctx.auth.authenticate(authorization.decode("latin-1") if authorization else None)
             key = check_idempotency_key(idempotency_key.decode("latin-1") if idempotency_key is not None else None)
+            if not isinstance(request, JobCreate):  # an OpenAI route: its own response (a stream, or JSON)
+                response = await routes_openai.answer(ctx, tenant, request, key)  # type: ignore[arg-type]
+                return await self._answer(response, scope, receive, send, start)
+            job = request
             enqueued = await enqueue(ctx, tenant, job, job.priority, job.stream, job.metadata, key)
             content = json.dumps(job_created_body(enqueued, job.metadata), ensure_ascii=False, allow_nan=False,
                                  separators=(",", ":")).encode()  # as Starlette's JSONResponse renders it
@@ -90,7 +103,7 @@ class FastJobs:
             return await self._answer(exception_response(e), scope, receive, send, start)
         headers = [(b"idempotent-replayed", b"true")] if enqueued.repeat else []
         headers += [(b"content-length", str(len(content)).encode()), (b"content-type", _JSON)]
-        self._latency.observe(time.perf_counter() - start)
+        self._latency[JOBS_PATH].observe(time.perf_counter() - start)
         await send({"type": "http.response.start", "status": 202, "headers": headers})
         await send({"type": "http.response.body", "body": content})
         return 202
@@ -124,7 +137,7 @@ class FastJobs:
 
     async def _answer(self, response: Response, scope: Scope, receive: Receive, send: Send,
                       start: float) -> int:
-        self._latency.observe(time.perf_counter() - start)
+        self._latency[scope["path"]].observe(time.perf_counter() - start)
         await response(scope, receive, send)
         return response.status_code
 

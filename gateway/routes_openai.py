@@ -26,19 +26,20 @@ _FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
 async def chat_completions(body: ChatCompletionRequest, caller: Caller = Depends(get_caller),
                            idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")
                            ) -> Response:
-    return await _run(caller.ctx, caller.tenant, body, idempotency_key)
+    return await answer(caller.ctx, caller.tenant, body, check_idempotency_key(idempotency_key))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, caller: Caller = Depends(get_caller),
                       idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Response:
-    return await _run(caller.ctx, caller.tenant, body, idempotency_key)
+    return await answer(caller.ctx, caller.tenant, body, check_idempotency_key(idempotency_key))
 
 
-async def _run(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest,
-               idempotency_key: str | None) -> Response:
-    job = await enqueue(ctx, tenant, body, body.priority, body.stream, {},
-                        check_idempotency_key(idempotency_key))
+async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest,
+                 idempotency_key: str | None) -> Response:
+    """Enqueue the job and answer: an SSE stream, or the completion once the job is final. The FastAPI
+    routes and gateway/fastpath.py both answer with this (the key already checked)."""
+    job = await enqueue(ctx, tenant, body, body.priority, body.stream, {}, idempotency_key)
     payload, created = job.payload, int(job.created_at)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

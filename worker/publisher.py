@@ -88,7 +88,7 @@ class RunningJob:
     def absorb(self, out: RequestOutput, now: float) -> None:
         if out.new_token_ids:
             if self.first_token_at is None:
-                self.first_token_at = now
+                self.first_token_at = out.produced_at or now  # the engine's clock, when it has one
             self.token_ids.extend(out.new_token_ids)
             self.unpublished_ids.extend(out.new_token_ids)
         self.text += out.text_delta

@@ -1,7 +1,7 @@
-"""POST /v1/jobs through gateway/fastpath.py answers as the FastAPI route does. Each scenario runs twice on a
-fresh Redis: once with the fast path switched off (the FastAPI route alone) and once with it, and the answers
-must match (status, headers, JSON). A spy on the fast path's hand-over to FastAPI shows which requests it
-answered itself: everything but the bodies that do not validate."""
+"""The submitting routes through gateway/fastpath.py answer as their FastAPI routes do. Each scenario runs
+twice on a fresh Redis: once with the fast path switched off (the FastAPI routes alone) and once with it, and
+the answers must match (status, headers, JSON or the SSE events). A spy on the fast path's hand-over to
+FastAPI shows which requests it answered itself: everything but the bodies that do not validate."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from gateway.jobs import lane_streams
 from protocol import job_record as F
 from protocol import keys
 from protocol.workers import WorkerHeartbeat
-from tests.integration.fake_worker import MODEL, model_card
+from tests.integration.fake_worker import MODEL, FakeWorker, model_card
 
 WORKER = "test:fastpath-worker"
 PROMPT = {"model": MODEL, "prompt": "one two three", "max_tokens": 8}
@@ -37,11 +37,19 @@ async def register_worker(redis_client, model_dir, alive: bool = True) -> None:
         await redis_client.sadd(keys.WORKERS_SET, WORKER)
 
 
+def _masked(obj: dict) -> dict:
+    return {**obj, **{k: f"<{k}>" for k in ("id", "created", "created_at") if k in obj}}
+
+
 def shape(r: httpx.Response) -> dict:
     """What must be equal between the two paths: volatile values (new ids, times) masked."""
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line]
+        body = [e if e == "[DONE]" else _masked(json.loads(e)) for e in events]
+        return {"status": r.status_code, "headers": {h: r.headers.get(h) for h in HEADERS}, "body": body}
     body = r.json()
-    if r.status_code == 202:
-        body = {**body, "id": "<id>", "created_at": "<time>"}
+    if r.status_code in (200, 202):
+        body = _masked(body)
     elif r.status_code == 429:  # the wait is computed from the clock, a second apart at most
         body = {"error": {**body["error"], "message": re.sub(r"\d+s$", "<n>s", body["error"]["message"])}}
     headers = {h: r.headers.get(h) for h in HEADERS if h != "retry-after" or r.status_code != 429}
@@ -49,24 +57,44 @@ def shape(r: httpx.Response) -> dict:
 
 
 @asynccontextmanager
-async def gateway(redis_url, redis_client, model_dir, fast: bool, alive: bool = True,
+async def gateway(redis_url, redis_client, model_dir, fast: bool, alive: bool = True, working: bool = False,
                   **app_options) -> AsyncIterator[tuple[httpx.AsyncClient, list[str]]]:
-    """A fresh Redis and app, with or without the fast path; the list collects the paths of the requests
-    the fast path passed on to FastAPI."""
+    """A fresh Redis and app, with or without the fast path (and with a fake worker that runs the jobs
+    when `working`); the list collects the paths of the requests the fast path passed on to FastAPI."""
     await redis_client.flushdb()
     await register_worker(redis_client, model_dir, alive)
+    async with _working(redis_url, model_dir, working):
+        async with _app(redis_url, fast, app_options) as (client, passed_on):
+            yield client, passed_on
+
+
+@asynccontextmanager
+async def _working(redis_url, model_dir, working: bool) -> AsyncIterator[None]:
+    if not working:
+        yield
+        return
+    worker = FakeWorker(redis_url, model_dir, step_s=0.001)
+    await worker.start()
+    try:
+        yield
+    finally:
+        await worker.stop()
+
+
+@asynccontextmanager
+async def _app(redis_url, fast: bool, app_options: dict) -> AsyncIterator[tuple[httpx.AsyncClient, list[str]]]:
     app = create_app(redis_url, **app_options)
     passed_on: list[str] = []
     if fast:
-        fallback = app.fast_jobs.fallback
+        fallback = app.fast_submit.fallback
 
         async def spy(scope, receive, send) -> None:
             passed_on.append(scope["path"])
             await fallback(scope, receive, send)
 
-        app.fast_jobs.fallback = spy
+        app.fast_submit.fallback = spy
     else:
-        app.fast_jobs = None
+        app.fast_submit = None
     async with app.router.lifespan_context(app):
         app.state.ctx.auth.cache_s = app.state.ctx.auth.stale_s = 0
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
@@ -74,13 +102,14 @@ async def gateway(redis_url, redis_client, model_dir, fast: bool, alive: bool = 
             yield client, passed_on
 
 
-async def both(redis_url, redis_client, model_dir, scenario: Scenario, alive: bool = True,
+async def both(redis_url, redis_client, model_dir, scenario: Scenario, alive: bool = True, working: bool = False,
                **app_options) -> tuple[list[httpx.Response], int]:
     """The scenario's answers with the fast path (checked equal to the FastAPI route's) and how many of its
     requests the fast path passed on to FastAPI."""
-    async with gateway(redis_url, redis_client, model_dir, False, alive, **app_options) as (client, _):
+    async with gateway(redis_url, redis_client, model_dir, False, alive, working, **app_options) as (client, _):
         route = await scenario(client, redis_client)
-    async with gateway(redis_url, redis_client, model_dir, True, alive, **app_options) as (client, passed_on):
+    async with gateway(redis_url, redis_client, model_dir, True, alive, working,
+                       **app_options) as (client, passed_on):
         fast = await scenario(client, redis_client)
     assert [shape(r) for r in fast] == [shape(r) for r in route]
     return fast, len(passed_on)
@@ -231,3 +260,43 @@ async def test_concurrent_submissions_all_land(redis_url, redis_client, default_
     assert {fields["job_id"] for _, fields in entries} == ids
     for entry_id, fields in entries:
         assert await redis_client.hget(keys.job_key(fields["job_id"]), F.ENTRY_ID) == entry_id
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 8}
+
+
+async def test_openai_routes_stream_and_answer_as_fastapi(redis_url, redis_client, default_model_dir):
+    """Completions and chat, streamed (SSE) and whole, run by a worker: the same events and bodies."""
+    async def scenario(c, r):
+        return [await c.post("/v1/completions", json=PROMPT),
+                await c.post("/v1/completions", json={**PROMPT, "stream": True,
+                                                      "stream_options": {"include_usage": True}}),
+                await c.post("/v1/chat/completions", json=CHAT),
+                await c.post("/v1/chat/completions", json={**CHAT, "stream": True})]
+
+    answers, passed_on = await both(redis_url, redis_client, default_model_dir, scenario, working=True)
+    assert passed_on == 0
+    assert [a.status_code for a in answers] == [200] * 4
+    assert answers[0].json()["choices"][0]["text"] == "one two three "
+    assert answers[2].json()["choices"][0]["message"]["role"] == "assistant"
+    streamed = shape(answers[1])["body"]
+    assert streamed[-1] == "[DONE]" and streamed[-2]["usage"]["completion_tokens"] == 3
+    assert "".join(e["choices"][0]["text"] for e in streamed[:-2]) == "one two three "
+    assert shape(answers[3])["body"][0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+async def test_openai_routes_errors_as_fastapi(redis_url, redis_client, default_model_dir):
+    async def scenario(c, r):
+        answers = [await c.post("/v1/completions", json={**PROMPT, "temperature": 9}),  # the fast path's own
+                   await c.post("/v1/chat/completions", json={**CHAT, "model": "no-such-model"}),
+                   await c.post("/v1/completions", json={**PROMPT, "max_tokens": "many"}),  # passed on
+                   await c.post("/v1/chat/completions", json={**CHAT, "messages": "hi"}),  # passed on
+                   await c.post("/v1/completions", json=PROMPT, headers={"Idempotency-Key": "x" * 300})]
+        await create_key(r, "acme", {})
+        return [*answers, await c.post("/v1/chat/completions", json={**CHAT, "stream": True})]
+
+    answers, passed_on = await both(redis_url, redis_client, default_model_dir, scenario)
+    assert passed_on == 2
+    assert [a.status_code for a in answers] == [400, 404, 400, 400, 400, 401]
+    assert [a.json()["error"]["param"] for a in answers[:5]] == ["temperature", "model", "max_tokens", "messages",
+                                                                  "Idempotency-Key"]

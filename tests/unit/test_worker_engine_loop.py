@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from protocol.sampling import SamplingParams
 from tests.fakes import FakeEngine
-from worker.engine_loop import EngineLoop, FailedOutput
+from worker.engine_loop import HANDOFF_MAX_OUTPUTS, EngineLoop, FailedOutput
 
 
 async def collect(loop: EngineLoop, request_ids: set[str], timeout: float = 5.0) -> dict[str, list]:
@@ -114,3 +115,41 @@ async def test_abort_removes_request():
         loop.stop()
     assert got["a"][-1].finish_reason == "abort"
     assert not engine.requests
+
+
+async def test_first_tokens_and_ends_are_handed_over_at_light_load():
+    """A batch with a first token or an end waits for the asyncio side to take it (the middle of a stream
+    does not); with the asyncio loop blocked, the wait gives up after HANDOFF_WAIT_S and the engine goes on.
+    Outputs carry the engine's clock."""
+    engine = FakeEngine(step_sleep=0.005)
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        before = time.time()
+        loop.add("a", [1, 2, 3, 4], SamplingParams())  # 4 steps: first token, 2 middles, the end
+        got = await collect(loop, {"a"})
+        assert [o.urgent for o in got["a"]] == [True, False, False, True]
+        assert loop.handoffs == 2
+        assert all(before < o.produced_at <= time.time() for o in got["a"])
+        loop.add("b", [1, 2, 3], SamplingParams())
+        time.sleep(0.2)  # holds the asyncio loop: nobody takes b's first token nor its end
+        assert loop.handoffs_late == 2 and not engine.requests  # the engine ran b to the end regardless
+        await collect(loop, {"b"})
+    finally:
+        loop.stop()
+    assert loop.handoffs == 4
+
+
+async def test_no_handoff_for_a_heavy_batch():
+    engine = FakeEngine(capacity=HANDOFF_MAX_OUTPUTS + 1, step_sleep=0)
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        for i in range(HANDOFF_MAX_OUTPUTS + 1):
+            loop.add(f"r{i}", [1, 2, 3], SamplingParams())
+        await asyncio.sleep(0)  # nothing ran yet on the engine thread, so all start in one step
+        got = await collect(loop, {f"r{i}" for i in range(HANDOFF_MAX_OUTPUTS + 1)})
+    finally:
+        loop.stop()
+    steps_with_all = sum(1 for _ in got["r0"])
+    assert steps_with_all == 3 and loop.handoffs == 0

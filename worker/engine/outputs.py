@@ -23,3 +23,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] | None = None
+    produced_at: float = 0.0  # wall time the step that made it ended (set by the engine loop; 0: unknown)
+
+    @property
+    def urgent(self) -> bool:
+        """A request's first token or its end: what a client waits on (time to first token, the finish)."""
+        return self.finished or (bool(self.new_token_ids) and self.num_output_tokens == len(self.new_token_ids))
