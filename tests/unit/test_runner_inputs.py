@@ -9,7 +9,7 @@ import torch
 
 from protocol.sampling import SamplingParams
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graphs import graph_batch_sizes
+from worker.engine.cuda_graphs import graph_batch_sizes, prefill_token_buckets
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.model_runner import ModelRunner
 from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -138,3 +138,47 @@ def test_padded_decode_logits_equal_eager(tiny):
         engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         logits.append(torch.cat(captured))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_token_buckets():
+    assert prefill_token_buckets(8) == []
+    assert prefill_token_buckets(16) == [16]
+    assert prefill_token_buckets(96) == [16, 32, 64, 96]
+    assert prefill_token_buckets(2048)[-3:] == [896, 960, 1024]
+
+
+def test_padded_prefill_chunks_equal_eager(tiny):
+    """enforce_eager=False on a CPU runs a step that is one prefill chunk alone padded to its token bucket
+    (padding rows at the scratch block, outside the sequence's queries): the padding must change no logit.
+    Requests one at a time, so that each prefill is alone: short prompts, one exactly a bucket, one longer
+    than the step budget (chunked: its chunks are alone too), and a repeat that starts from cached blocks."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 512, size=n).tolist() for n in (5, 17, 32, 50, 150)]
+    prompts.append(prompts[3][:40] + [7, 8, 9])  # starts from the prefix cache (a bucket of 16 for the rest)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    runs = []
+    model, mcfg = tiny
+    for eager in (True, False):
+        engine = LLMEngine.from_model(model, mcfg, EngineConfig(
+            block_size=BS, num_kv_blocks=512, max_num_seqs=4, max_num_batched_tokens=96, max_model_len=256,
+            enforce_eager=eager))
+        captured: list[torch.Tensor] = []
+        sample = engine.runner.sampler.sample
+
+        def keep(lg, batch, sample=sample, captured=captured):
+            captured.append(lg.clone())
+            return sample(lg, batch)
+
+        engine.runner.sampler.sample = keep
+        buckets: list[int] = []
+        if not eager:
+            run = engine.runner.prefill_graphs.run
+            engine.runner.prefill_graphs.run = lambda t, meta, run=run: (buckets.append(t), run(t, meta))[1]
+        tokens = [engine.generate([p], params)[0].new_token_ids for p in prompts]
+        runs.append((tokens, torch.cat(captured), buckets, engine.stats()["prefix_hit_rate"]))
+    (tok_e, log_e, _, hits_e), (tok_p, log_p, buckets, hits_p) = runs
+    assert tok_e == tok_p and all(len(t) == 3 for t in tok_p)
+    torch.testing.assert_close(log_e, log_p, rtol=1e-4, atol=1e-4)
+    # 5, 17, 32, 50 tokens; 150 = 96 + 54; the repeat's 11 uncached tokens.
+    assert buckets == [16, 32, 32, 64, 96, 64, 16]
+    assert hits_e == hits_p > 0

@@ -20,6 +20,8 @@ class EngineConfig:
     # None: CUDA graphs for decode steps on CUDA, plain eager on CPU. False on a CPU runs the same padded
     # decode batches without capturing them (how the padding is tested without a GPU).
     enforce_eager: bool | None = None
+    # With decode graphs, also graphs for a step that is one prefill chunk alone (a lone request's prefill).
+    prefill_graphs: bool = True
 
     def use_decode_graphs(self) -> bool:
         if self.enforce_eager is None:

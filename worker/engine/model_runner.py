@@ -1,5 +1,5 @@
-"""Turns a scheduled step into model inputs, runs the model (a captured graph for decode-only steps), and
-samples on the device.
+"""Turns a scheduled step into model inputs, runs the model (a captured graph for decode-only steps and for
+a prefill chunk alone), and samples on the device.
 
 A step is flattened: the new tokens of every scheduled sequence are concatenated (decodes first), with
 positions, cache slots, block tables and query offsets beside them. They are computed with numpy from
@@ -22,7 +22,13 @@ import torch
 
 from protocol.sampling import SamplingParams
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graphs import DecodeGraphs, StaticInputs, graph_batch_sizes
+from worker.engine.cuda_graphs import (
+    DecodeGraphs,
+    PrefillGraphs,
+    StaticInputs,
+    graph_batch_sizes,
+    prefill_token_buckets,
+)
 from worker.engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingBatch
 from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from worker.engine.sequence import Sequence
@@ -40,6 +46,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # rows of the hidden states to sample from (one per sampling seq)
     sampling_seqs: list[Sequence]
     graph_batch: int | None = None  # the padded decode batch to replay, None for an eager step
+    prefill_bucket: int | None = None  # the padded prefill chunk to replay, None for an eager step
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -110,6 +117,7 @@ class ModelRunner:
                                    self.max_blocks_per_seq, device)
         self._block_cols = np.arange(self.max_blocks_per_seq)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.memory_profile: dict[str, float] | None = None  # what sized the KV cache, when profiled
 
         self.num_blocks = cfg.num_kv_blocks or self._default_num_blocks()
@@ -124,6 +132,10 @@ class ModelRunner:
         if sizes:
             self.graphs = DecodeGraphs(model, self.buffers.static_inputs(), sizes, max_model_len,
                                        model_cfg.hidden_size, dtype, device)
+            buckets = prefill_token_buckets(cfg.max_num_batched_tokens) if cfg.prefill_graphs else []
+            if buckets:
+                self.prefill_graphs = PrefillGraphs(model, self.buffers.static_inputs(), buckets, max_model_len,
+                                                    model_cfg.hidden_size, dtype, device)
             if device.type == "cuda":
                 self._capture_graphs()
 
@@ -198,6 +210,15 @@ class ModelRunner:
         self.graphs.capture()
         log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s",
                  len(self.graphs.sizes), b, time.perf_counter() - t0)
+        if self.prefill_graphs is not None:
+            t = self.prefill_graphs.sizes[-1]
+            self._fill_prefill_padding(0, t)  # one real token (query_start_loc 0, 1 from above), the rest padding
+            for buf in (self.buffers.input_ids, self.buffers.positions, self.buffers.slot_mapping):
+                buf.upload(t)
+            t0 = time.perf_counter()
+            self.prefill_graphs.capture()
+            log.info("captured %d CUDA graphs for prefill chunks up to %d tokens in %.1f s",
+                     len(self.prefill_graphs.sizes), t, time.perf_counter() - t0)
 
     def release(self) -> None:
         """Frees the KV cache and the graphs, keeping the model (which may serve another engine)."""
@@ -206,6 +227,7 @@ class ModelRunner:
                                              cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype,
                                              device=self.device))
         self.graphs = None
+        self.prefill_graphs = None
         self.kv_cache = None  # type: ignore[assignment]
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -219,6 +241,13 @@ class ModelRunner:
         x.seq_lens.np[start:end] = 1
         x.block_tables.np[start:end, 0] = self.scratch_block
         x.query_start_loc.np[: end + 1] = np.arange(end + 1)
+
+    def _fill_prefill_padding(self, start: int, end: int) -> None:
+        """Token rows [start:end] of a padded prefill chunk: token 0 at position 0, into the scratch block."""
+        x = self.buffers
+        x.input_ids.np[start:end] = 0
+        x.positions.np[start:end] = 0
+        x.slot_mapping.np[start:end] = self.scratch_block * self.block_size
 
     def prepare(self, sched: SchedulerOutput, previous: torch.Tensor | None = None) -> StepInputs:
         """Fills and uploads the step's inputs; `previous` holds the last step's sampled token ids on the
@@ -237,6 +266,9 @@ class ModelRunner:
         not_one = np.flatnonzero(counts != 1)
         num_decodes = int(not_one[0]) if len(not_one) else S
         graph_batch = self.graphs.bucket(S) if self.graphs is not None and num_decodes == S else None
+        prefill_bucket = None
+        if self.prefill_graphs is not None and S == 1 and num_decodes == 0:
+            prefill_bucket = self.prefill_graphs.bucket(T)
 
         ids, pos = x.input_ids.np[:T], x.positions.np[:T]
         ids[:] = np.fromiter(chain.from_iterable(
@@ -255,10 +287,13 @@ class ModelRunner:
         samples = np.fromiter((item.samples for item in items), bool, S)
         num_samples = int(samples.sum())
         x.logits_indices.np[:num_samples] = cu[1:][samples] - 1
+        n_tok, n_seq = T, S
         if graph_batch is not None:
             self._fill_padding(S, graph_batch)
-
-        n_tok, n_seq = (graph_batch, graph_batch) if graph_batch is not None else (T, S)
+            n_tok = n_seq = graph_batch
+        elif prefill_bucket is not None:
+            self._fill_prefill_padding(T, prefill_bucket)
+            n_tok = prefill_bucket
         meta = AttentionMetadata(
             slot_mapping=x.slot_mapping.upload(n_tok),
             query_start_loc=x.query_start_loc.upload(n_seq + 1)[: S + 1],
@@ -277,6 +312,7 @@ class ModelRunner:
             logits_indices=x.logits_indices.upload(num_samples),
             sampling_seqs=[s for s, keep in zip(seqs, samples.tolist(), strict=True) if keep],
             graph_batch=graph_batch,
+            prefill_bucket=prefill_bucket,
         )
         pending = np.fromiter((s.pending for s in seqs[:num_decodes]), np.int64, num_decodes)
         dst = np.flatnonzero(pending >= 0)
@@ -311,6 +347,9 @@ class ModelRunner:
         if inputs.graph_batch is not None:
             assert self.graphs is not None
             hidden = self.graphs.run(inputs.graph_batch)
+        elif inputs.prefill_bucket is not None:
+            assert self.prefill_graphs is not None
+            hidden = self.prefill_graphs.run(inputs.prefill_bucket, inputs.meta)
         else:
             with set_attention_metadata(inputs.meta):
                 hidden = self.model(inputs.input_ids, inputs.positions)
