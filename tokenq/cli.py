@@ -20,7 +20,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory for weights, activations and the KV cache")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (decode steps, lone prefills)")
+    p.add_argument("--no-prefill-graphs", action="store_true",
+                   help="CUDA graphs for decode steps only: a prefill chunk alone runs eagerly")
 
 
 def engine_flags_argv(args: argparse.Namespace) -> list[str]:
@@ -31,6 +33,7 @@ def engine_flags_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--dtype", args.dtype] if args.dtype else []
     argv += ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
     argv += ["--no-prefix-caching"] if args.no_prefix_caching else []
+    argv += ["--no-prefill-graphs"] if args.no_prefill_graphs else []
     return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
@@ -43,6 +46,7 @@ def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kep
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, dtype=dtype, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=True if args.enforce_eager else None,
+        prefill_graphs=not args.no_prefill_graphs,
     )
 
 

@@ -173,12 +173,12 @@ def test_padded_prefill_chunks_equal_eager(tiny):
         buckets: list[int] = []
         if not eager:
             run = engine.runner.prefill_graphs.run
-            engine.runner.prefill_graphs.run = lambda t, meta, run=run: (buckets.append(t), run(t, meta))[1]
+            engine.runner.prefill_graphs.run = lambda t, meta, run=run, seen=buckets: (seen.append(t), run(t, meta))[1]
         tokens = [engine.generate([p], params)[0].new_token_ids for p in prompts]
         runs.append((tokens, torch.cat(captured), buckets, engine.stats()["prefix_hit_rate"]))
     (tok_e, log_e, _, hits_e), (tok_p, log_p, buckets, hits_p) = runs
     assert tok_e == tok_p and all(len(t) == 3 for t in tok_p)
     torch.testing.assert_close(log_e, log_p, rtol=1e-4, atol=1e-4)
-    # 5, 17, 32, 50 tokens; 150 = 96 + 54; the repeat's 11 uncached tokens.
+    # 5, 17, 32, 50 tokens; 150 = 96 + 54; the repeat's uncached tail.
     assert buckets == [16, 32, 32, 64, 96, 64, 16]
     assert hits_e == hits_p > 0

@@ -29,6 +29,7 @@ def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="default: profiled on CUDA, enough for the whole workload on CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-prefill-graphs", action="store_true", help="CUDA graphs for decode steps only")
 
 
 def standalone(configure: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
@@ -87,7 +88,7 @@ def engine_config(args: argparse.Namespace, setup: Setup, max_model_len: int, kv
         block_size=args.block_size, num_kv_blocks=blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or max_model_len, dtype=setup.dtype, device=setup.device,
-        enforce_eager=True if args.enforce_eager else None,
+        enforce_eager=True if args.enforce_eager else None, prefill_graphs=not args.no_prefill_graphs,
     )
     return EngineConfig(**{**values, **overrides})
 
