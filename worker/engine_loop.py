@@ -144,8 +144,9 @@ class EngineLoop:
             outputs: list[RequestOutput] = list(failed)
             if engine.has_unfinished_requests():
                 outputs.extend(self._step())
-            self._snapshot(sum(isinstance(c, _Add) for c in commands))
-            self._deliver(outputs)
+            freed = self._snapshot(sum(isinstance(c, _Add) for c in commands))
+            if outputs or freed:  # a step with nothing to say (a prefill chunk) wakes nobody
+                self._deliver(outputs)
 
     def _apply(self, commands: list[_Add | _Abort]) -> list[RequestOutput]:
         failed: list[RequestOutput] = []
@@ -194,7 +195,8 @@ class EngineLoop:
                 self._live.discard(out.request_id)
         return outputs
 
-    def _snapshot(self, adds_applied: int) -> None:
+    def _snapshot(self, adds_applied: int) -> bool:
+        """Publishes what the engine can take and its stats; True when it can take more than before."""
         try:
             admissible = self.engine.num_admissible()
             stats = self.engine.stats()
@@ -202,9 +204,11 @@ class EngineLoop:
             log.warning("engine stats failed", error=repr(e))
             admissible, stats = 0, self._stats
         with self._cond:
+            freed = admissible > self._admissible
             self._admissible = admissible
             self._pending_adds -= adds_applied
             self._stats = stats
+        return freed
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         loop, queue, event = self._loop, self.outputs, self.capacity_changed

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
 from protocol.scripts import START_JOB
-from worker import metrics
+from worker import lua, metrics
 from worker.engine_loop import EngineLoop
 from worker.logging import get_logger
 from worker.pruning import Pruner
@@ -41,6 +41,7 @@ log = get_logger("intake")
 BLOCK_MS = 500
 REFRESH_S = 1.0
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_START = lua.PipelinedScript(START_JOB)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,6 @@ class Intake:
         self.pruner = pruner
         self.streams = TenantStreams(redis, model)
         self._last: dict[str, str] = {}  # lane -> the tenant stream served last (round-robin cursor)
-        self._start = redis.register_script(START_JOB)
         self.stopped = False  # set before cancelling the task: a second way out of the loop
 
     async def ensure_groups(self) -> None:
@@ -266,7 +266,8 @@ class Intake:
         try:
             try:
                 results = await self._start_all([p for _, p in valid], now)
-            except NoScriptError:  # Redis restarted and the client's retry did not load the script again
+            except NoScriptError:  # a fresh Redis, or one that restarted: it has not seen the script yet
+                await lua.load(self.redis, _START)
                 results = await self._start_all([p for _, p in valid], now)
         except BaseException:  # the entries stay pending in the group: recovery hands them out again
             if early:
@@ -308,7 +309,7 @@ class Intake:
     async def _start_all(self, payloads: list[JobPayload], now: float) -> list:
         pipe = self.redis.pipeline(transaction=False)
         for payload in payloads:
-            await self._start(keys=[keys.job_key(payload.id)], args=[repr(now), self.consumer], client=pipe)
+            _START.queue(pipe, [keys.job_key(payload.id)], [repr(now), self.consumer])
         return await pipe.execute()
 
     async def _parse(self, stream: str, entry_id: str, fields: dict) -> JobPayload | None:

@@ -26,7 +26,7 @@ from protocol import keys
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
 from protocol.scripts import FINISH_JOB, PUBLISH_DELTAS, finish_keys
-from worker import metrics
+from worker import lua, metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import EngineLoop, FailedOutput
 from worker.logging import get_logger
@@ -43,9 +43,11 @@ FLUSH_SPACING_PER_JOB_S = 0.0004
 FLUSH_SPACING_MAX_S = 0.2
 _FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 _FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
-# NoScriptError: Redis restarted and forgot its scripts, and the client's own retry re-sent the pipeline
-# without loading them again; a new attempt loads them.
+# NoScriptError: Redis forgot the scripts again between `_write`'s load and its second send; a new
+# attempt loads them again.
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
+_DELTAS = lua.PipelinedScript(PUBLISH_DELTAS)
+_FINISH = lua.PipelinedScript(FINISH_JOB)
 
 TokenText = Callable[[int], str]
 
@@ -186,8 +188,6 @@ class Publisher:
         # Finished in the engine, final write or XACK still in flight: their leases are kept alive too,
         # and a drain waits for them.
         self.finishing: dict[str, RunningJob] = {}
-        self._finish = redis.register_script(FINISH_JOB)
-        self._deltas = redis.register_script(PUBLISH_DELTAS)
         # Jobs the engine runs while their start script is in flight: outputs wait here until `track`.
         self._starting: dict[str, list[RequestOutput]] = {}
         self._replay: list[RequestOutput] = []  # held outputs of jobs tracked since, published first
@@ -382,16 +382,20 @@ class Publisher:
     async def _write(self, deltas: _Deltas, finals: list[tuple[RunningJob, list]]) -> list:
         """One MULTI: the deltas (one script call), then the finish scripts; returns the finish scripts'
         results (or errors)."""
-        pipe = self.redis.pipeline(transaction=True)
-        if deltas:
-            await self._deltas(keys=deltas.keys, args=deltas.args, client=pipe)
-        for job, args in finals:
-            await self._finish(keys=finish_keys(job.id, job.payload.tenant), args=[*args, job.id], client=pipe)
-        replies = await pipe.execute(raise_on_error=False)
-        lost = next((r for r in replies if isinstance(r, NoScriptError)), None)
-        if lost is not None:  # no finish script ran; the deltas again are harmless (readers skip by seq)
-            raise lost
-        return replies[1 if deltas else 0:]
+        for _attempt in range(2):
+            pipe = self.redis.pipeline(transaction=True)
+            if deltas:
+                _DELTAS.queue(pipe, deltas.keys, deltas.args)
+            for job, args in finals:
+                _FINISH.queue(pipe, finish_keys(job.id, job.payload.tenant), [*args, job.id])
+            replies = await pipe.execute(raise_on_error=False)
+            lost = next((r for r in replies if isinstance(r, NoScriptError)), None)
+            if lost is None:
+                return replies[1 if deltas else 0:]
+            # Redis lacks the scripts (fresh, or restarted). Both are always loaded together, so no script
+            # of this MULTI ran: sending it again is safe (and readers skip repeated deltas by seq).
+            await lua.load(self.redis, _DELTAS, _FINISH)
+        raise lost
 
     async def _ack(self, jobs: list[RunningJob]) -> list:
         pipe = self.redis.pipeline(transaction=False)
@@ -463,13 +467,11 @@ class Publisher:
         expired), then drop its entry. Returns 1 if this was the job's final write."""
         if tenant is None:
             tenant = await self.redis.hget(keys.job_key(job_id), f.TENANT) or "default"
+        await lua.load(self.redis, _FINISH)  # a rare path: the script surely there beats a failed MULTI
         pipe = self.redis.pipeline(transaction=True)
-        await self._finish(
-            keys=finish_keys(job_id, tenant),
-            args=[keys.events_channel(job_id), state, f.ERROR, error.model_dump_json(),
-                  repr(time.time()), "", f.RETENTION_SECONDS, "", job_id],
-            client=pipe,
-        )
+        _FINISH.queue(pipe, finish_keys(job_id, tenant),
+                      [keys.events_channel(job_id), state, f.ERROR, error.model_dump_json(), repr(time.time()), "",
+                       f.RETENTION_SECONDS, "", job_id])
         pipe.xack(stream, keys.GROUP, entry_id)
         pipe.xdel(stream, entry_id)
         written, *_ = await pipe.execute(raise_on_error=False)

@@ -14,7 +14,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from functools import lru_cache
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -216,4 +218,15 @@ def serve(redis_url: str, model_name: str, engine, card: ModelCard, metrics_port
             loop.add_signal_handler(sig, on_signal)
         await service.run(stop)
 
-    asyncio.run(main())
+    run_event_loop(main())
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop where it is installed (it comes with uvicorn[standard]): its loop does less Python per wake-up
+    and per socket read than asyncio's, and every wake-up on a job's path to its first token counts."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

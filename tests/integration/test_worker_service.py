@@ -160,6 +160,28 @@ async def test_streamed_job_publishes_ordered_deltas(redis_url, redis_client):
     assert f.FIRST_TOKEN_AT in h
 
 
+async def test_scripts_forgotten_by_redis_are_loaded_again(redis_url, redis_client):
+    """The worker sends its scripts by SHA1 alone (worker/lua.py): after Redis forgets them (a restart; here
+    SCRIPT FLUSH, before the job and again while it streams), jobs still start, stream and finish."""
+    r = redis_client
+    prompt = list(range(100, 140))
+    p = payload(prompt, stream=True)
+    async with Collector(r, p.id) as c:
+        async with running(redis_url, FakeEngine(step_sleep=0.01)):
+            await r.script_flush()
+            await submit_job(r, p, streamed=True)
+            async def streaming() -> bool:
+                return bool(c.deltas)
+
+            await wait_until(streaming)
+            await r.script_flush()
+            final = await c.wait_final()
+        deltas = c.deltas
+    assert final.state.value == "succeeded" and final.result is not None
+    assert final.result.text == "".join(d.text for d in deltas) == expected_text(prompt, 256)
+    assert [d.seq for d in deltas] == list(range(1, len(deltas) + 1))
+
+
 async def test_snapshot_matches_published_prefix(redis_url, redis_client):
     """Mid-run, the hash's text is exactly the concatenation of deltas up to its seq."""
     r = redis_client
