@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -42,9 +43,12 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         # One shared client (and pool) for the process; pub/sub readers take their own connections from it.
         redis = make_redis(redis_url)
         app.state.ctx = GatewayContext.build(redis, metrics, depth)
+        warm = asyncio.create_task(app.state.ctx.registry.keep_cards_warm())
         try:
             yield
         finally:
+            warm.cancel()
+            await asyncio.gather(warm, return_exceptions=True)
             await app.state.ctx.pipe.aclose()
             await redis.aclose()
 

@@ -61,3 +61,18 @@ async def test_stale_card_answers_while_rechecked(redis_client, default_model_di
             break
     assert (await reg.prompt_builder(MODEL)).card.max_model_len == 4096
     assert reads[:2] == ["digest", "card"]
+
+
+async def test_gateway_loads_served_cards_before_the_first_request(redis_url, redis_client, default_model_dir):
+    from gateway.app import create_app
+    from tests.integration.test_gateway_fastpath import register_worker
+
+    await register_worker(redis_client, default_model_dir)
+    app = create_app(redis_url)
+    async with app.router.lifespan_context(app):
+        registry = app.state.ctx.registry
+        for _ in range(100):
+            if MODEL in registry._cards:
+                break
+            await asyncio.sleep(0.02)
+        assert MODEL in registry._cards  # no request asked for it
