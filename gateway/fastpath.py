@@ -1,7 +1,7 @@
 """The submitting routes ahead of FastAPI: POST /v1/jobs, /v1/completions and /v1/chat/completions.
 /v1/jobs takes the load (thousands of submissions a second on a small machine), and the OpenAI routes sit on
 every streamed request's time to first token; FastAPI's middleware, routing, dependency solving and body
-handling cost more than the submission itself (about 0.2-0.5 ms a request). Here: the same body limit
+handling cost more CPU than the submission itself. Here: the same body limit
 (413), the same auth (401), the body parsed by the same pydantic model, the same enqueue and the same
 answers, errors included (errors.exception_response); the OpenAI routes answer with the very response
 object their FastAPI route builds (routes_openai.answer). A body that is not JSON or does not validate goes
