@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from protocol import keys
+from worker import lua
 from worker.logging import get_logger
 
 log = get_logger("pruning")
@@ -39,6 +41,7 @@ redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
+_PRUNE = lua.PipelinedScript(PRUNE_STREAM)
 
 
 class Pruner:
@@ -48,7 +51,6 @@ class Pruner:
         self.model = model
         self.every_s = every_s
         self.stream_idle_s = stream_idle_s
-        self._script = redis.register_script(PRUNE_STREAM)
         self._next = time.monotonic() + every_s
 
     def due(self) -> bool:
@@ -68,17 +70,27 @@ class Pruner:
             if not tenants:
                 continue
             streams = [keys.jobs_stream(self.model, lane, t) for t in tenants]
-            pipe = self.redis.pipeline(transaction=False)
-            for tenant, stream in zip(tenants, streams, strict=True):
-                await self._script(keys=[stream, lane_set], args=[tenant, int(self.stream_idle_s * 1000)],
-                                   client=pipe)
-            gone = await pipe.execute()
+            gone = await self._prune_streams(lane_set, tenants, streams)
             kept = [s for s, g in zip(streams, gone, strict=True) if not g]
             streams_removed += len(streams) - len(kept)
             consumers_removed += await self._prune_consumers(kept, live)
         if streams_removed or consumers_removed:
             log.info("pruned the queue", model=self.model, streams=streams_removed, consumers=consumers_removed)
         return streams_removed, consumers_removed
+
+    async def _prune_streams(self, lane_set: str, tenants: list[str], streams: list[str]) -> list:
+        """PRUNE_STREAM on each of the lane's streams, in one round trip; 1 where the stream went."""
+        try:
+            return await self._send_prunes(lane_set, tenants, streams)
+        except NoScriptError:  # a fresh or restarted Redis: every call failed alike, none ran
+            await lua.load(self.redis, _PRUNE)
+            return await self._send_prunes(lane_set, tenants, streams)
+
+    async def _send_prunes(self, lane_set: str, tenants: list[str], streams: list[str]) -> list:
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant, stream in zip(tenants, streams, strict=True):
+            _PRUNE.queue(pipe, [stream, lane_set], [tenant, int(self.stream_idle_s * 1000)])
+        return await pipe.execute()
 
     async def _prune_consumers(self, streams: list[str], live: set[str]) -> int:
         """Consumers with nothing pending whose worker is not alive. (A dead worker's pending entries are

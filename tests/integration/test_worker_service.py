@@ -182,6 +182,32 @@ async def test_scripts_forgotten_by_redis_are_loaded_again(redis_url, redis_clie
     assert [d.seq for d in deltas] == list(range(1, len(deltas) + 1))
 
 
+async def test_pipelines_never_ask_script_exists(redis_url, redis_client, monkeypatch):
+    """redis-py's pipelines ask SCRIPT EXISTS before each execute that holds a registered Script: a round
+    trip on every job start and first token. The worker's pipelines carry bare EVALSHAs (worker/lua.py)."""
+    from redis.asyncio.client import Pipeline
+
+    from worker.pruning import Pruner
+
+    asked: list[int] = []
+    load_scripts = Pipeline.load_scripts
+
+    async def counting(self):
+        asked.append(len(self.scripts))
+        return await load_scripts(self)
+
+    monkeypatch.setattr(Pipeline, "load_scripts", counting)
+    r = redis_client
+    p = payload(list(range(100, 110)), stream=True)
+    async with Collector(r, p.id) as c:
+        async with running(redis_url, FakeEngine(step_sleep=0.005)):
+            await submit_job(r, p, streamed=True)
+            final = await c.wait_final()
+    await Pruner(r, MODEL).prune()  # the other pipelined script
+    assert final.state.value == "succeeded" and len(c.deltas) >= 1
+    assert asked == []
+
+
 async def test_snapshot_matches_published_prefix(redis_url, redis_client):
     """Mid-run, the hash's text is exactly the concatenation of deltas up to its seq."""
     r = redis_client
