@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pytest
 
@@ -28,6 +29,9 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
     top = max(r["phases"], key=lambda p: p["rate"])
     assert r["served_over_offline"] == pytest.approx(top["output_tokens_per_s"] / r["offline"]["output_tokens_per_s"])
     assert "ttft_overhead_ms_p50" in r
+    each = r["low_load_ttft_ms_each"]
+    assert r["ttft_overhead_ms_paired_p50"] == pytest.approx(
+        statistics.median(g - d for g, d in zip(each["gateway"], each["direct"], strict=True)))
     hops = r["low_load_ttft_hops_ms_p50"]  # one wall clock: each hop of a lone request takes some time
     assert list(hops) == ["send_to_created", "created_to_started", "started_to_first_token",
                           "first_token_to_client"]
