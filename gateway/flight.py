@@ -37,14 +37,11 @@ class SingleFlight:
         """`fetch()`'s result; callers with the same key while one runs get that one's result (or error)."""
         return await asyncio.shield(self.start(key, fetch))  # one caller cancelled does not cancel the others
 
-    def running(self, key: Hashable) -> bool:
-        return key in self._running
-
     def refresh(self, key: Hashable, fetch: Callable[[], Awaitable[T]],
                 on_result: Callable[[T], None] | None = None) -> None:
         """Start a background read of `key` unless one is in flight; `on_result` gets its value. A failed
         read changes nothing (and is taken here, so asyncio does not report it as never retrieved)."""
-        if self.running(key):
+        if key in self._running:
             return
 
         def done(future: asyncio.Future) -> None:

@@ -17,8 +17,6 @@ from gateway.prompts import PromptBuilder
 from protocol import keys
 from protocol.workers import ModelCard, WorkerHeartbeat
 
-CARD_FIELD = "card"
-CARD_DIGEST_FIELD = "digest"  # the card's sha256, written with it by the worker
 CARD_RECHECK_S = 30.0  # how long a cached card is trusted before Redis is asked again
 LIVE_RECHECK_S = 1.0  # how long submissions trust a model's live workers before reading heartbeats again
 LIVE_STALE_S = 10.0  # past LIVE_RECHECK_S, the last answer still serves while a background read renews it
@@ -89,10 +87,10 @@ class Registry:
 
     async def _load_card(self, model: str, cached: _CachedCard | None, now: float) -> PromptBuilder | None:
         key = keys.model_card_key(model)
-        if cached is not None and await self.redis.hget(key, CARD_DIGEST_FIELD) == cached.digest:
+        if cached is not None and await self.redis.hget(key, keys.MODEL_CARD_DIGEST_FIELD) == cached.digest:
             cached.checked_at = now  # unchanged: not worth reading (and hashing) megabytes again
             return cached.builder
-        raw = await self.redis.hget(key, CARD_FIELD)
+        raw = await self.redis.hget(key, keys.MODEL_CARD_FIELD)
         if raw is None:
             self._cards.pop(model, None)
             return None

@@ -44,6 +44,10 @@ def model_card_key(model: str) -> str:
     return f"{PREFIX}:model:{model}"
 
 
+MODEL_CARD_FIELD = "card"  # the model hash's field with the whole ModelCard JSON
+MODEL_CARD_DIGEST_FIELD = "digest"  # its sha256, so a gateway rechecks a card it holds without reading MBs
+
+
 def idem_key(tenant: str, key: str) -> str:
     return f"{PREFIX}:idem:{tenant}:{key}"
 

@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 log = get_logger("heartbeat")
 
-CARD_FIELD = "card"  # the model hash holds the whole ModelCard JSON in this one field
-CARD_DIGEST_FIELD = "digest"  # and its sha256 here: gateways recheck a card they hold without reading MBs
 
 
 class Heartbeat:
@@ -54,7 +52,8 @@ class Heartbeat:
     async def _write_card(self) -> None:
         raw = self.card.model_dump_json()
         await self.redis.hset(keys.model_card_key(self.card.name),
-                              mapping={CARD_FIELD: raw, CARD_DIGEST_FIELD: hashlib.sha256(raw.encode()).hexdigest()})
+                              mapping={keys.MODEL_CARD_FIELD: raw,
+                                       keys.MODEL_CARD_DIGEST_FIELD: hashlib.sha256(raw.encode()).hexdigest()})
 
     async def beat(self) -> None:
         hb = self.heartbeat()
@@ -62,7 +61,7 @@ class Heartbeat:
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(keys.worker_key(self.worker_id), hb.model_dump_json(), ex=self.ttl)
         pipe.sadd(keys.WORKERS_SET, self.worker_id)
-        pipe.hexists(keys.model_card_key(self.card.name), CARD_FIELD)
+        pipe.hexists(keys.model_card_key(self.card.name), keys.MODEL_CARD_FIELD)
         *_, has_card = await pipe.execute()
         if not has_card:
             await self._write_card()

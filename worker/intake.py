@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import keys
@@ -264,11 +264,7 @@ class Intake:
                 self._run(e, payload)
         now = time.time()
         try:
-            try:
-                results = await self._start_all([p for _, p in valid], now)
-            except NoScriptError:  # a fresh Redis, or one that restarted: it has not seen the script yet
-                await lua.load(self.redis, _START)
-                results = await self._start_all([p for _, p in valid], now)
+            results = await self._start_all([p for _, p in valid], now)
         except BaseException:  # the entries stay pending in the group: recovery hands them out again
             if early:
                 for _, payload in valid:
@@ -307,10 +303,11 @@ class Intake:
         self.engine_loop.abort(payload.id)
 
     async def _start_all(self, payloads: list[JobPayload], now: float) -> list:
-        pipe = self.redis.pipeline(transaction=False)
-        for payload in payloads:
-            _START.queue(pipe, [keys.job_key(payload.id)], [repr(now), self.consumer])
-        return await pipe.execute()
+        def fill(pipe) -> None:
+            for payload in payloads:
+                _START.queue(pipe, [keys.job_key(payload.id)], [repr(now), self.consumer])
+
+        return await lua.execute(self.redis, fill)
 
     async def _parse(self, stream: str, entry_id: str, fields: dict) -> JobPayload | None:
         """The entry's payload, or None after failing (or just dropping) an entry that cannot run."""

@@ -2,28 +2,49 @@
 
 A redis-py pipeline holding a registered Script first asks Redis SCRIPT EXISTS for it: one more round trip
 on every execute, and the worker executes such a pipeline when a job starts and with each job's first
-token. Here a pipeline carries a bare EVALSHA. The scripts are loaded when the worker starts; a Redis that
-restarted since (and forgot them) answers NOSCRIPT, after which `load` gives them again and the caller
-sends again."""
+token. Here a pipeline carries a bare EVALSHA. A Redis that has not seen the scripts (fresh, or restarted)
+answers NOSCRIPT; `execute` then loads every script of the worker at once and sends the pipeline again."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+_ALL: list[PipelinedScript] = []  # every script of the worker: loaded together, so none is present alone
 
 
 class PipelinedScript:
     def __init__(self, lua: str) -> None:
         self.lua = lua
         self.sha = hashlib.sha1(lua.encode()).hexdigest()
+        _ALL.append(self)
 
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[str | int | float]) -> None:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
-async def load(redis: Redis, *scripts: PipelinedScript) -> None:
-    for script in scripts:
-        await redis.script_load(script.lua)
+async def execute(redis: Redis, fill: Callable[[Pipeline], None], transaction: bool = False,
+                  raise_on_error: bool = True) -> list:
+    """The replies of a pipeline that `fill` queues. After a NOSCRIPT no script of the pipeline ran (they
+    are all loaded together, and a MULTI runs against one script cache), so it is built and sent once more
+    with the scripts loaded; its other commands must bear running twice. A second NOSCRIPT is raised."""
+    for attempt in range(2):
+        pipe = redis.pipeline(transaction=transaction)
+        fill(pipe)
+        replies = await pipe.execute(raise_on_error=False)
+        lost = next((r for r in replies if isinstance(r, NoScriptError)), None)
+        if lost is None:
+            break
+        if attempt:
+            raise lost
+        for script in _ALL:
+            await redis.script_load(script.lua)
+    if raise_on_error:
+        error = next((r for r in replies if isinstance(r, Exception)), None)
+        if error is not None:
+            raise error
+    return replies

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from protocol import keys
 from worker import lua
@@ -80,17 +79,11 @@ class Pruner:
 
     async def _prune_streams(self, lane_set: str, tenants: list[str], streams: list[str]) -> list:
         """PRUNE_STREAM on each of the lane's streams, in one round trip; 1 where the stream went."""
-        try:
-            return await self._send_prunes(lane_set, tenants, streams)
-        except NoScriptError:  # a fresh or restarted Redis: every call failed alike, none ran
-            await lua.load(self.redis, _PRUNE)
-            return await self._send_prunes(lane_set, tenants, streams)
+        def fill(pipe) -> None:
+            for tenant, stream in zip(tenants, streams, strict=True):
+                _PRUNE.queue(pipe, [stream, lane_set], [tenant, int(self.stream_idle_s * 1000)])
 
-    async def _send_prunes(self, lane_set: str, tenants: list[str], streams: list[str]) -> list:
-        pipe = self.redis.pipeline(transaction=False)
-        for tenant, stream in zip(tenants, streams, strict=True):
-            _PRUNE.queue(pipe, [stream, lane_set], [tenant, int(self.stream_idle_s * 1000)])
-        return await pipe.execute()
+        return await lua.execute(self.redis, fill)
 
     async def _prune_consumers(self, streams: list[str], live: set[str]) -> int:
         """Consumers with nothing pending whose worker is not alive. (A dead worker's pending entries are

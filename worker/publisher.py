@@ -43,7 +43,7 @@ FLUSH_SPACING_PER_JOB_S = 0.0004
 FLUSH_SPACING_MAX_S = 0.2
 _FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 _FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
-# NoScriptError: Redis forgot the scripts again between `_write`'s load and its second send; a new
+# NoScriptError: Redis forgot the scripts again between lua.execute's load and its second send; a new
 # attempt loads them again.
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
 _DELTAS = lua.PipelinedScript(PUBLISH_DELTAS)
@@ -382,20 +382,14 @@ class Publisher:
     async def _write(self, deltas: _Deltas, finals: list[tuple[RunningJob, list]]) -> list:
         """One MULTI: the deltas (one script call), then the finish scripts; returns the finish scripts'
         results (or errors)."""
-        for _attempt in range(2):
-            pipe = self.redis.pipeline(transaction=True)
+        def fill(pipe) -> None:
             if deltas:
                 _DELTAS.queue(pipe, deltas.keys, deltas.args)
             for job, args in finals:
                 _FINISH.queue(pipe, finish_keys(job.id, job.payload.tenant), [*args, job.id])
-            replies = await pipe.execute(raise_on_error=False)
-            lost = next((r for r in replies if isinstance(r, NoScriptError)), None)
-            if lost is None:
-                return replies[1 if deltas else 0:]
-            # Redis lacks the scripts (fresh, or restarted). Both are always loaded together, so no script
-            # of this MULTI ran: sending it again is safe (and readers skip repeated deltas by seq).
-            await lua.load(self.redis, _DELTAS, _FINISH)
-        raise lost
+
+        replies = await lua.execute(self.redis, fill, transaction=True, raise_on_error=False)
+        return replies[1 if deltas else 0:]
 
     async def _ack(self, jobs: list[RunningJob]) -> list:
         pipe = self.redis.pipeline(transaction=False)
@@ -467,14 +461,14 @@ class Publisher:
         expired), then drop its entry. Returns 1 if this was the job's final write."""
         if tenant is None:
             tenant = await self.redis.hget(keys.job_key(job_id), f.TENANT) or "default"
-        await lua.load(self.redis, _FINISH)  # a rare path: the script surely there beats a failed MULTI
-        pipe = self.redis.pipeline(transaction=True)
-        _FINISH.queue(pipe, finish_keys(job_id, tenant),
-                      [keys.events_channel(job_id), state, f.ERROR, error.model_dump_json(), repr(time.time()), "",
-                       f.RETENTION_SECONDS, "", job_id])
-        pipe.xack(stream, keys.GROUP, entry_id)
-        pipe.xdel(stream, entry_id)
-        written, *_ = await pipe.execute(raise_on_error=False)
+        def fill(pipe) -> None:
+            _FINISH.queue(pipe, finish_keys(job_id, tenant),
+                          [keys.events_channel(job_id), state, f.ERROR, error.model_dump_json(), repr(time.time()),
+                           "", f.RETENTION_SECONDS, "", job_id])
+            pipe.xack(stream, keys.GROUP, entry_id)  # twice after a NOSCRIPT: harmless
+            pipe.xdel(stream, entry_id)
+
+        written, *_ = await lua.execute(self.redis, fill, transaction=True, raise_on_error=False)
         if isinstance(written, Exception):
             raise written
         if written == 1:

@@ -57,9 +57,9 @@ class StaticInputs:
     block_tables: torch.Tensor  # [>= max bucket, max blocks per sequence] int32
 
 
-class DecodeGraphs:
-    """Captured forwards of decode batches, one per bucket; `capture=False` runs the same padded
-    batches eagerly (CPU, or a check that padding changes nothing)."""
+class _BucketedGraphs:
+    """Captured forwards over the static buffers, one per bucket size; where a bucket has no graph (on a
+    CPU, where nothing is captured) its padded step runs eagerly, which is how the padding is tested."""
 
     def __init__(self, model: torch.nn.Module, inputs: StaticInputs, sizes: list[int], max_model_len: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -70,14 +70,41 @@ class DecodeGraphs:
         self.hidden = torch.zeros(sizes[-1], hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
+    def bucket(self, n: int) -> int | None:
+        """The smallest bucket that holds n rows, or None when the step is too big for any."""
+        i = bisect.bisect_left(self.sizes, n)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        """What a captured launch sees: fixed per bucket (only the grid comes from these)."""
+        raise NotImplementedError
+
+    def _forward(self, size: int, meta: AttentionMetadata | None = None) -> None:
+        with set_attention_metadata(meta or self._meta(size)):
+            self.hidden[:size] = self.model(self.inputs.input_ids[:size], self.inputs.positions[:size])
+
+    def capture(self) -> None:
+        """The buffers must hold a harmless padded step (the runner fills them)."""
+        self.graphs = _capture(self.sizes, self._forward)
+
+    def run(self, size: int, meta: AttentionMetadata | None = None) -> torch.Tensor:
+        """Hidden states [size, hidden] of the padded step now in rows [:size] of the buffers; `meta` is
+        the step's own, for an eager run (the bucket's fixed one when None)."""
+        graph = self.graphs.get(size)
+        if graph is None:
+            self._forward(size, meta)
+        else:
+            graph.replay()
+        return self.hidden[:size]
+
+
+class DecodeGraphs(_BucketedGraphs):
+    """Decode batches, one graph per batch-size bucket: every padded row claims a context of max_model_len
+    tokens."""
+
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
-
-    def bucket(self, num_seqs: int) -> int | None:
-        """The smallest bucket that holds num_seqs rows, or None when the batch is too big for any."""
-        i = bisect.bisect_left(self.sizes, num_seqs)
-        return self.sizes[i] if i < len(self.sizes) else None
 
     def _meta(self, b: int) -> AttentionMetadata:
         x = self.inputs
@@ -93,48 +120,18 @@ class DecodeGraphs:
             seq_lens_cpu=[self.max_model_len] * b,
         )
 
-    def _forward(self, b: int) -> None:
-        with set_attention_metadata(self._meta(b)):
-            self.hidden[:b] = self.model(self.inputs.input_ids[:b], self.inputs.positions[:b])
 
-    def capture(self) -> None:
-        """The buffers must hold a harmless padded batch (the runner fills them)."""
-        self.graphs = _capture(self.sizes, self._forward)
-
-    def run(self, b: int) -> torch.Tensor:
-        """Hidden states [b, hidden] of the padded batch now in rows [:b] of the buffers."""
-        graph = self.graphs.get(b)
-        if graph is None:
-            self._forward(b)
-        else:
-            graph.replay()
-        return self.hidden[:b]
-
-
-class PrefillGraphs:
-    """Captured forwards of a step that is one prefill chunk and nothing else, one per token bucket.
+class PrefillGraphs(_BucketedGraphs):
+    """A step that is one prefill chunk and nothing else, one graph per token bucket.
 
     The chunk's T tokens are rows [:T] of the buffers and rows [T:bucket] are padding: token 0 at position 0,
     written to the scratch block (harmless), outside the sequence's query range (query_start_loc is 0, T), so
-    attention skips them and their hidden rows are never sampled. `capture=False` (CPU) runs the padded step
-    eagerly with the step's own metadata."""
-
-    def __init__(self, model: torch.nn.Module, inputs: StaticInputs, sizes: list[int], max_model_len: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.model = model
-        self.inputs = inputs
-        self.sizes = sizes
-        self.max_model_len = max_model_len
-        self.hidden = torch.zeros(sizes[-1], hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-
-    def bucket(self, num_tokens: int) -> int | None:
-        i = bisect.bisect_left(self.sizes, num_tokens)
-        return self.sizes[i] if i < len(self.sizes) else None
+    attention skips them and their hidden rows are never sampled. Run eagerly (CPU), the padded step uses
+    its own metadata."""
 
     def _meta(self, t: int) -> AttentionMetadata:
-        """What a captured launch sees: the bucket's tokens as one query of a max_model_len context (only
-        the grid comes from these; the kernels read the real bounds from the device buffers)."""
+        """The bucket's tokens as one query of a max_model_len context (the kernels read the real bounds
+        from the device buffers)."""
         x = self.inputs
         return AttentionMetadata(
             slot_mapping=x.slot_mapping[:t],
@@ -147,24 +144,6 @@ class PrefillGraphs:
             query_start_loc_cpu=[0, t],
             seq_lens_cpu=[self.max_model_len],
         )
-
-    def _forward(self, t: int, meta: AttentionMetadata | None = None) -> None:
-        with set_attention_metadata(meta or self._meta(t)):
-            self.hidden[:t] = self.model(self.inputs.input_ids[:t], self.inputs.positions[:t])
-
-    def capture(self) -> None:
-        """The buffers must hold a harmless padded chunk (the runner fills them)."""
-        self.graphs = _capture(self.sizes, self._forward)
-
-    def run(self, t: int, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [t, hidden] of the padded chunk now in rows [:t] of the buffers; `meta` is the
-        step's own (used only when the bucket has no graph)."""
-        graph = self.graphs.get(t)
-        if graph is None:
-            self._forward(t, meta)
-        else:
-            graph.replay()
-        return self.hidden[:t]
 
 
 @torch.inference_mode()
