@@ -20,6 +20,7 @@ import torch
 
 from kernels.activation import silu_and_mul_ref
 from kernels.attention import paged_attention_ref
+from kernels.gemv import GemvConfig, gemv_config, linear_ref
 from kernels.kv_cache import store_kv_ref
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import rotary_ref
@@ -205,6 +206,23 @@ def check_silu_and_mul(rows: int, inter: int, dtype: torch.dtype, device: str) -
     return assert_close("silu_and_mul", silu_and_mul_triton(x), silu_and_mul_ref(x), dtype)
 
 
+# ---- GEMV (small-batch linear) ---------------------------------------------------------------------
+
+
+def check_gemv(rows: int, n: int, k: int, dtype: torch.dtype, device: str, bias: bool = False,
+               cfg: GemvConfig | None = None) -> float:
+    """Against F.linear in float32 on the same inputs; cfg None: the dispatcher's tiles for this shape
+    (or a default, where it would send the shape to cuBLAS)."""
+    from kernels.gemv_triton import gemv_triton
+
+    x = torch.randn(rows, k, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device) * k**-0.5
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    cfg = cfg or gemv_config(rows, n, k) or GemvConfig(16, 256)
+    ref = linear_ref(x.float(), w.float(), None if b is None else b.float())
+    return assert_close(f"gemv {tuple(cfg)}", gemv_triton(x, w, b, cfg), ref, dtype)
+
+
 # ---- sampling -------------------------------------------------------------------------------------
 
 
@@ -304,6 +322,9 @@ def all_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
                 (f"rms_norm {t}", lambda dtype=dtype: check_rms_norm(5, 100, dtype, device)),
                 (f"rotary {t}", lambda dtype=dtype: check_rotary(7, 6, 2, 64, dtype, device)),
                 (f"silu_and_mul {t}", lambda dtype=dtype: check_silu_and_mul(3, 1500, dtype, device)),
+                (f"gemv {t}", lambda dtype=dtype: check_gemv(1, 40, 300, dtype, device, cfg=GemvConfig(16, 64))),
+                (f"gemv split {t}", lambda dtype=dtype: check_gemv(3, 37, 1000, dtype, device, True,
+                                                                   GemvConfig(8, 128, 3))),
             ]
         else:
             checks += [
@@ -313,6 +334,10 @@ def all_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
                 (f"rotary {t}", lambda dtype=dtype: check_rotary(333, 32, 8, 128, dtype, device)),
                 (f"rotary d=64 {t}", lambda dtype=dtype: check_rotary(77, 9, 3, 64, dtype, device)),
                 (f"silu_and_mul {t}", lambda dtype=dtype: check_silu_and_mul(97, 14336, dtype, device)),
+                (f"gemv o_proj {t}", lambda dtype=dtype: check_gemv(1, 4096, 4096, dtype, device)),
+                (f"gemv down {t}", lambda dtype=dtype: check_gemv(1, 4096, 14336, dtype, device)),
+                (f"gemv odd split {t}", lambda dtype=dtype: check_gemv(3, 1001, 3001, dtype, device, True,
+                                                                       GemvConfig(16, 256, 4))),
             ]
     if tiny:
         checks += [
@@ -434,6 +459,20 @@ def test_rotary(T, hq, hkv, d, dtype):
 @pytest.mark.parametrize("rows,inter", [(1, 1536), (97, 14336), (3, 1001)])
 def test_silu_and_mul(rows, inter, dtype):
     check_silu_and_mul(rows, inter, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k,bias", [(1, 4096, 4096, False), (1, 6144, 4096, True), (1, 4096, 14336, False),
+                                           (1, 28672, 4096, False), (2, 1001, 3001, True), (1, 128256, 4096, False)])
+def test_gemv_dispatch_tiles(rows, n, k, bias, dtype):
+    check_gemv(rows, n, k, dtype, "cuda", bias)
+
+
+@pytest.mark.parametrize("cfg", [GemvConfig(4, 1024, 1, 8, 3), GemvConfig(32, 256, 1, 4, 1), GemvConfig(8, 512, 4),
+                                 GemvConfig(16, 128, 3, 8, 2)])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_gemv_any_tiles(cfg, rows):
+    check_gemv(rows, 1000 + random.randint(0, 99), 2048 + random.randint(1, 999), torch.bfloat16, "cuda", True, cfg)
 
 
 @pytest.mark.parametrize("B,V", [(1, 128256), (67, 128256), (300, 49152)])

@@ -92,6 +92,8 @@ JITFunction.run = _compile_instead_of_launch
 
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.attention_triton import paged_attention_triton
+from kernels.gemv import GemvConfig
+from kernels.gemv_triton import gemv_triton
 from kernels.kv_cache_triton import store_kv_triton
 from kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
 from kernels.rotary_triton import rotary_triton
@@ -114,6 +116,9 @@ for dtype in (torch.bfloat16, torch.float32):
     rms_norm_triton(x, w, 1e-5)
     fused_add_rms_norm_triton(x, x, w, 1e-5)
     silu_and_mul_triton(torch.randn(3, 2 * 1000, dtype=dtype))
+    w = torch.randn(4096, 4096, dtype=dtype)
+    gemv_triton(torch.randn(1, 4096, dtype=dtype), w, None, GemvConfig(8, 512))  # one row, even tiles
+    gemv_triton(torch.randn(3, 4096, dtype=dtype), w, w[0], GemvConfig(16, 256, 4))  # split K, bias, masks
     qkv = torch.randn(7, 48 * 128, dtype=dtype)
     cos_sin = torch.randn(100, 128, dtype=dtype)
     rotary_triton(torch.arange(7), qkv[:, : 32 * 128], qkv[:, 32 * 128 : 40 * 128], cos_sin, 128)
@@ -163,7 +168,7 @@ def compiled(children) -> list[str]:
     return _last_json(children[1])
 
 
-@pytest.mark.parametrize("kernel", ["attention", "store_kv", "rms_norm", "rotary", "silu_and_mul", "sampling"])
+@pytest.mark.parametrize("kernel", ["attention", "store_kv", "rms_norm", "rotary", "silu_and_mul", "gemv", "sampling"])
 def test_kernel_under_interpreter(interpreted: dict[str, str | None], kernel: str) -> None:
     mine = {name: err for name, err in interpreted.items() if name.startswith(kernel)}
     assert mine, f"no checks ran for {kernel}"
@@ -173,6 +178,6 @@ def test_kernel_under_interpreter(interpreted: dict[str, str | None], kernel: st
 
 def test_every_kernel_compiles_for_hopper(compiled: list[str]) -> None:
     assert compiled == sorted([
-        "_gumbel_argmax_kernel", "_merge_splits_kernel", "_paged_attention_kernel", "_rms_norm_kernel",
-        "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
+        "_gemv_kernel", "_gumbel_argmax_kernel", "_merge_splits_kernel", "_paged_attention_kernel", "_rms_norm_kernel",
+        "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel", "_sum_splits_kernel",
     ])

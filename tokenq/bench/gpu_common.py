@@ -30,6 +30,8 @@ def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_
                    help="default: profiled on CUDA, enough for the whole workload on CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-prefill-graphs", action="store_true", help="CUDA graphs for decode steps only")
+    p.add_argument("--gemv", choices=["triton", "cublas"], default="triton",
+                   help="matmuls at decode batch sizes: our Triton GEMV where it is faster, or always cuBLAS")
 
 
 def standalone(configure: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
@@ -63,9 +65,11 @@ def resolve_device(name: str) -> str:
 def build_model(args: argparse.Namespace) -> Setup:
     import torch
 
+    from kernels.gemv import set_gemv_enabled
     from worker.engine.llm_engine import DTYPES
     from worker.models.random_weights import random_model, shape_config
 
+    set_gemv_enabled(args.gemv == "triton")
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     config = shape_config(args.model_shape)

@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "workload": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
                      "seed": args.seed, "greedy": True, "ignore_eos": True},
-        "engine_config": vars(cfg), "cuda_graphs": graphs, "engine_startup_s": startup, "ours": ours,
+        "engine_config": vars(cfg), "cuda_graphs": graphs, "gemv": args.gemv, "engine_startup_s": startup, "ours": ours,
     }
     if setup.device.startswith("cuda") and ours["tpot_ms"]:
         # The yardstick: every weight read once per token at the bandwidth this card reaches.

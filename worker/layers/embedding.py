@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gemv import linear
 from worker.distributed import all_gather, all_reduce, tp_rank, tp_size
 
 
@@ -41,7 +42,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the vocabulary; shares the embedding's weight when the model ties them."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size > 1:
             logits = all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]

@@ -1,12 +1,13 @@
 """Tensor-parallel linear layers. Each parameter carries a weight_loader that cuts this rank's shard
-out of the full checkpoint tensor, so tensor parallelism is a loading concern and forward stays F.linear."""
+out of the full checkpoint tensor, so tensor parallelism is a loading concern and forward stays one matmul
+(kernels.gemv.linear: F.linear, or our GEMV at decode batch sizes where it reads weights faster)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.gemv import linear
 from worker.distributed import all_reduce, tp_rank, tp_size
 
 
@@ -40,7 +41,7 @@ class _Linear(nn.Module):
         _copy(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -120,5 +121,5 @@ class RowParallelLinear(_Linear):
             _copy(param.data, self._shard(loaded_weight, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y) if self.tp_size > 1 else y

@@ -1,0 +1,59 @@
+"""Linear layers at small batch: our Triton GEMV where it beats cuBLAS, F.linear everywhere else.
+
+The reference is F.linear itself. Which shapes go to Triton, and with which tiles, comes from
+`tests/gpu/bench_gemv.py` on an H200 (docs/BENCHMARKS.md); TOKENQ_GEMV=cublas turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels.dispatch import HAS_TRITON, use_triton
+
+
+class GemvConfig(NamedTuple):
+    """Tiles of one launch: BLOCK_N output features x BLOCK_K of the reduction per program, K split in
+    split_k shares (each summed by a second kernel)."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+ENABLED = os.environ.get("TOKENQ_GEMV", "").lower() != "cublas"
+MAX_ROWS = 1  # rows of x up to which the Triton kernel may run
+
+
+def set_gemv_enabled(enabled: bool) -> None:
+    """For A/B runs in one process (the benches' --gemv flag)."""
+    global ENABLED
+    ENABLED = enabled
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
+    """Tiles for a [rows, k] x [n, k]^T product, or None where cuBLAS is the better choice."""
+    if rows > MAX_ROWS or n * k < 1 << 20:
+        return None
+    return GemvConfig(block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=2)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if ENABLED and use_triton(x) and x.dtype == weight.dtype:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        cfg = gemv_config(rows, weight.shape[0], weight.shape[1])
+        if cfg is not None:
+            return gemv_triton(x, weight, bias, cfg)
+    return F.linear(x, weight, bias)
+
+
+if HAS_TRITON:  # after GemvConfig, which the kernel module imports from here
+    from kernels.gemv_triton import gemv_triton
