@@ -10,7 +10,8 @@ LOG_NAME=run_gemv.log
 source tests/gpu/stages.sh
 use_wheelhouse pydantic
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=csv 2>&1 | tee -a "$LOG"
-stage "gpu tests" 200 "$PY" -m pytest -q -p no:cacheprovider -rs -x tests/gpu/test_kernels_triton.py -k gemv ${TESTS:-}
+stage "gemv tests" 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/gpu/test_kernels_triton.py -k gemv
+[ -n "${TESTS:-}" ] && stage "gpu tests" 150 "$PY" -m pytest -q -p no:cacheprovider -rs $TESTS
 [ "${SWEEP:-1}" = 1 ] && stage "gemv sweep" 240 "$PY" tests/gpu/bench_gemv.py ${SWEEP_ARGS:-} --out "$OUT/bench-gemv.json"
 for g in triton cublas; do
   stage "bench latency, $g" 80 "$PY" -m tokenq.bench.latency --model-shape "$SHAPE" --skip-peer --gemv $g \
