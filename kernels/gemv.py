@@ -40,10 +40,15 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
-    """Tiles for a [rows, k] x [n, k]^T product, or None where cuBLAS is the better choice."""
-    if rows > MAX_ROWS or n * k < 1 << 20:
+    """Tiles for a [rows, k] x [n, k]^T product, or None where cuBLAS is the better choice.
+
+    From the H200 sweep (2026-12-01): one row only (at 2 and 4 rows this kernel ran 1.6-2.8x slower than
+    cuBLAS); 1,024 of K a program; 8 output features a program for N <= 4,096 (o_proj, down_proj: 512
+    programs), 4 above (qkv, gate_up, LM head). Tiny products stay on cuBLAS: nothing was measured there.
+    """
+    if rows > MAX_ROWS or n * k < 1 << 22:
         return None
-    return GemvConfig(block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=2)
+    return GemvConfig(block_n=8 if n <= 4096 else 4, block_k=min(1024, 1 << (k - 1).bit_length()), num_stages=1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

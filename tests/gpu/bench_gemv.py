@@ -70,10 +70,10 @@ def gbs(nbytes: int, us: float) -> float:
 
 
 def candidates(rows: int, n: int, quick: bool) -> list[GemvConfig]:
-    block_ns = [4, 8, 16, 32] if rows == 1 else [8, 16, 32]
-    block_ks = [256, 512, 1024] if rows == 1 else [256, 512]
+    block_ns = [2, 4, 8, 16] if rows == 1 else [8, 16, 32]
+    block_ks = [512, 1024, 2048] if rows == 1 else [256, 512]
     warps = [4, 8] if rows == 1 else [4]
-    stages = [1, 2, 3] if rows == 1 else [2, 3]
+    stages = [1, 3] if rows == 1 else [2, 3]
     if quick:
         block_ns, block_ks, stages = [8, 16], [512], [2]
     out = [GemvConfig(bn, bk, 1, w, s) for bn, bk, w, s in itertools.product(block_ns, block_ks, warps, stages)]
