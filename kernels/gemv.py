@@ -42,9 +42,10 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
     """Tiles for a [rows, k] x [n, k]^T product, or None where cuBLAS is the better choice.
 
-    From the H200 sweep (2026-12-01): one row only (at 2 and 4 rows this kernel ran 1.6-2.8x slower than
-    cuBLAS); 1,024 of K a program; 8 output features a program for N <= 4,096 (o_proj, down_proj: 512
-    programs), 4 above (qkv, gate_up, LM head). Tiny products stay on cuBLAS: nothing was measured there.
+    From the H200 sweeps (2026-12-01): one row only (at 2 to 8 rows the best tiles matched cuBLAS at best,
+    and fell to a third of its speed at 8); 1,024 of K a program; 8 output features a program for
+    N <= 4,096 (o_proj, down_proj: 512 programs), 4 above (qkv, gate_up, LM head). Small products stay on
+    cuBLAS: nothing was measured there.
     """
     if rows > MAX_ROWS or n * k < 1 << 22:
         return None

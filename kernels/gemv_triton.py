@@ -6,8 +6,7 @@ comes to the card's memory bandwidth. cuBLAS picks a GEMV per shape and some sha
 block once, with wide loads along K, and keeps every row of x (at most BLOCK_M) in registers:
 
 - grid (N / BLOCK_N, SPLIT_K): each program owns BLOCK_N output features and one contiguous share of K;
-- BLOCK_M == 1 accumulates a [BLOCK_N, BLOCK_K] float32 tile and reduces it once, at the end;
-- BLOCK_M > 1 reduces over K every iteration into [BLOCK_M, BLOCK_N];
+- products accumulate in a [BLOCK_N, BLOCK_K] float32 tile per row, reduced over K once, at the end;
 - SPLIT_K > 1 writes float32 partials [SPLIT_K, M, N] that a second kernel sums, casts and biases, for
   shapes with too few output blocks to keep every SM reading.
 """
@@ -40,6 +39,8 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    # Products accumulate elementwise in float32 and are reduced over K once, after the loop: the loop body
+    # is loads and FMAs only. Each weight tile is read once for all BLOCK_M rows.
     if BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
@@ -55,17 +56,19 @@ def _gemv_kernel(
             x_ptrs += BLOCK_K
         acc = tl.sum(acc2, axis=1)[None, :]
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             if EVEN:
                 w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs)
             else:
                 k_mask = (k + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=m_mask[:, None] & ((k + offs_k) < k_end)[None, :], other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        acc = tl.sum(acc3, axis=2)
     out_mask = m_mask[:, None] & n_mask[None, :]
     y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
     if PARTIAL:

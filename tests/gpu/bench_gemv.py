@@ -70,14 +70,14 @@ def gbs(nbytes: int, us: float) -> float:
 
 
 def candidates(rows: int, n: int, quick: bool) -> list[GemvConfig]:
-    block_ns = [2, 4, 8, 16] if rows == 1 else [8, 16, 32]
-    block_ks = [512, 1024, 2048] if rows == 1 else [256, 512]
-    warps = [4, 8] if rows == 1 else [4]
-    stages = [1, 3] if rows == 1 else [2, 3]
+    block_ns = [2, 4, 8, 16] if rows == 1 else [2, 4, 8]
+    block_ks = [512, 1024, 2048] if rows == 1 else [256, 512, 1024]
+    warps = [4, 8]
+    stages = [1, 3] if rows == 1 else [1]
     if quick:
         block_ns, block_ks, stages = [8, 16], [512], [2]
     out = [GemvConfig(bn, bk, 1, w, s) for bn, bk, w, s in itertools.product(block_ns, block_ks, warps, stages)]
-    if n <= 8192:  # few output blocks: try splitting K
+    if n <= 8192 and rows == 1:  # few output blocks: try splitting K
         out += [GemvConfig(bn, bk, sk, 4, 2) for bn, bk, sk in itertools.product(block_ns, block_ks, [2, 4])]
     return out
 
