@@ -20,11 +20,11 @@ from worker.logging import get_logger
 log = get_logger("engine_loop")
 
 # The asyncio thread wakes for a batch while the engine thread is already launching the next step in Python,
-# and so waits for the interpreter's forced GIL switch (sys.getswitchinterval(), 0.5 ms in a worker) before
-# it can publish. For a batch that carries a first token or an end, at light load, the engine thread
-# instead waits (without the GIL) until the asyncio side has taken the batch: the GPU still has the step
-# launched before this one to run, so the pause costs no GPU time. At heavier load, time to first token is
-# mostly queueing and the host's time goes to the GPU.
+# and the two then share the GIL while the batch is written to Redis. For a batch that carries a first token
+# or an end, at light load, the engine thread instead waits (without the GIL) until the asyncio side has
+# taken the batch, or, where the consumer says so (`wait_for_written`, the publisher), until it has written
+# the batch out: the GPU still has the step launched before this one to run, so the pause costs no GPU
+# time. At heavier load, time to first token is mostly queueing and the host's time goes to the GPU.
 HANDOFF_MAX_OUTPUTS = 16
 HANDOFF_WAIT_S = 0.002
 
@@ -71,6 +71,8 @@ class EngineLoop:
         self.step_errors = 0
         self.handoffs = 0  # batches the engine thread waited for the asyncio side to take
         self.handoffs_late = 0  # of those, the ones not taken within HANDOFF_WAIT_S
+        self.wait_for_written = False  # set by a consumer that calls written() after each batch it took
+        self._handoff: threading.Event | None = None  # what the engine thread waits on now
 
     # ---- asyncio side -------------------------------------------------------------------------
 
@@ -95,6 +97,12 @@ class EngineLoop:
         with self._cond:
             self._inbox.append(_Abort(request_id))
             self._cond.notify()
+
+    def written(self) -> None:
+        """The consumer has written out what it took: an engine thread waiting on a handoff goes on."""
+        handoff = self._handoff
+        if handoff is not None:
+            handoff.set()
 
     def num_admissible(self) -> int:
         """What intake may still pull: the engine's last answer less the adds it has not seen yet."""
@@ -214,12 +222,14 @@ class EngineLoop:
         loop, queue, event = self._loop, self.outputs, self.capacity_changed
         assert loop is not None and queue is not None and event is not None
         taken = threading.Event() if self._hand_over(outputs) else None
+        until_written = self.wait_for_written
+        self._handoff = taken
 
         def put() -> None:
             if outputs:
                 queue.put_nowait(outputs)
             event.set()
-            if taken is not None:
+            if taken is not None and not until_written:
                 taken.set()
 
         try:
@@ -230,6 +240,7 @@ class EngineLoop:
             self.handoffs += 1
             if not taken.wait(HANDOFF_WAIT_S):
                 self.handoffs_late += 1
+            self._handoff = None
 
     @staticmethod
     def _hand_over(outputs: list[RequestOutput]) -> bool:

@@ -232,6 +232,7 @@ class Publisher:
         """Consume output batches until cancelled."""
         queue = self.engine_loop.outputs
         assert queue is not None, "start the engine loop first"
+        self.engine_loop.wait_for_written = True  # urgent batches: the engine thread waits for our write
         while not self.stopped:
             batch: list[RequestOutput] = []
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
@@ -246,7 +247,10 @@ class Publisher:
             try:
                 if batch or self._replay:
                     self._last_flush = time.monotonic()
-                    await self.publish(batch)
+                    try:
+                        await self.publish(batch)
+                    finally:
+                        self.engine_loop.written()
                 if self.jobs and time.monotonic() - self._last_refresh >= self.refresh_interval:
                     await self.refresh()
             except Exception as e:  # one bad batch must not stop the worker's results from flowing

@@ -8,6 +8,7 @@ import time
 
 from protocol.sampling import SamplingParams
 from tests.fakes import FakeEngine
+from worker import engine_loop as engine_loop_module
 from worker.engine_loop import HANDOFF_MAX_OUTPUTS, EngineLoop, FailedOutput
 
 
@@ -138,6 +139,31 @@ async def test_first_tokens_and_ends_are_handed_over_at_light_load():
     finally:
         loop.stop()
     assert loop.handoffs == 4
+
+
+async def test_handoff_lasts_until_the_consumer_has_written(monkeypatch):
+    """With wait_for_written (the publisher's setting), taking an urgent batch is not enough: the engine
+    thread goes on when written() is called, so the write has the interpreter to itself."""
+    monkeypatch.setattr(engine_loop_module, "HANDOFF_WAIT_S", 5.0)  # no giving up within this test
+    engine = FakeEngine(step_sleep=0.002)
+    loop = EngineLoop(engine)
+    loop.wait_for_written = True
+    loop.start()
+    try:
+        loop.add("a", [1, 2, 3, 4], SamplingParams())
+        first = await asyncio.wait_for(loop.outputs.get(), 5)
+        assert [o.urgent for o in first] == [True]
+        steps = loop.steps
+        await asyncio.sleep(0.05)  # taken, not written: ~25 steps' time, and the engine stays put
+        assert loop.steps == steps and loop.outputs.empty()
+        loop.written()
+        got = {"a": list(first)}
+        while not got["a"][-1].finished:
+            got["a"].extend(await asyncio.wait_for(loop.outputs.get(), 5))
+            loop.written()
+        assert len(got["a"]) == 4 and loop.handoffs == 2 and loop.handoffs_late == 0
+    finally:
+        loop.stop()
 
 
 async def test_no_handoff_for_a_heavy_batch():
