@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from prometheus_client import REGISTRY
 
 from protocol import job_record as f
@@ -188,6 +189,36 @@ async def test_outputs_before_the_start_answer_wait_for_it(redis_client):
     assert h[f.STATE] == "succeeded" and '"text":"t1 t2 "' in h[f.RESULT].replace('": "', '":"')
     assert f.TEXT not in await r.hgetall(keys.job_key(refused.id))
     assert not pub.has(refused.id)
+
+
+async def test_intake_withdraws_jobs_whose_start_script_fails(redis_client):
+    """The start script goes out, the engine gets the job, then the script's write fails: the job is taken
+    back from the engine and the publisher, and its entry stays pending for recovery to hand out again."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    r = redis_client
+    p = JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 40)),
+                   sampling=SamplingParams(max_tokens=1000))
+    await submit_job(r, p)
+    engine = FakeEngine()
+    aborted: list[str] = []
+    abort = engine.abort_request
+    engine.abort_request = lambda rid: (aborted.append(rid), abort(rid))[1]
+    async with started_intake(r, MODEL, engine) as (intake, pub, _):
+        async def failing_start(payloads, now):
+            await asyncio.sleep(0.05)  # long enough for the engine thread to have applied the add
+            raise RedisConnectionError("lost")
+
+        intake._start_all = failing_start
+        with pytest.raises(RedisConnectionError):
+            await intake.poll()
+        deadline = time.monotonic() + 5
+        while not aborted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [a for a, _ in engine.added] == [p.id] and aborted == [p.id] and not engine.requests
+        assert not pub.has(p.id)
+        pending = await r.xpending(keys.jobs_stream(MODEL, "default", "default"), keys.GROUP)
+        assert pending["pending"] == 1
 
 
 async def test_intake_aborts_a_job_whose_start_is_refused(redis_client):
