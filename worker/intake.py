@@ -259,22 +259,16 @@ class Intake:
         # round trip (it is on every job's time to first token). The publisher holds the job's outputs
         # until the answer; a job the script refuses is aborted again. (A cancelled job's entry is deleted
         # with it, so refusals are rare here; reclaimed entries, often of finished jobs, wait instead.)
-        # The script goes out first, in one turn of the loop: the engine thread, woken by the adds, then
-        # finds the interpreter free instead of waiting while this thread packs the pipeline.
+        if early:
+            for e, payload in valid:
+                self._run(e, payload)
         now = time.time()
-        starting = asyncio.ensure_future(self._start_all([p for _, p in valid], now))
-        ran: list[JobPayload] = []
         try:
-            if early:
-                await asyncio.sleep(0)
-                for e, payload in valid:
-                    self._run(e, payload)
-                    ran.append(payload)
-            results = await starting
+            results = await self._start_all([p for _, p in valid], now)
         except BaseException:  # the entries stay pending in the group: recovery hands them out again
-            starting.cancel()
-            for payload in ran:
-                self._withdraw(payload)
+            if early:
+                for _, payload in valid:
+                    self._withdraw(payload)
             raise
         drop = self.redis.pipeline(transaction=False)
         for (e, payload), res in zip(valid, results, strict=True):

@@ -192,8 +192,8 @@ async def test_outputs_before_the_start_answer_wait_for_it(redis_client):
 
 
 async def test_intake_withdraws_jobs_whose_start_script_fails(redis_client):
-    """The start script goes out, the engine gets the job, then the script's write fails: the job is taken
-    back from the engine and the publisher, and its entry stays pending for recovery to hand out again."""
+    """The engine gets the job, then the start script's write fails: the job is taken back from the engine
+    and the publisher, and its entry stays pending for recovery to hand out again."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     r = redis_client
