@@ -25,6 +25,7 @@ class GemvConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
 
+
 ENABLED = os.environ.get("TOKENQ_GEMV", "").lower() != "cublas"
 MAX_ROWS = 1  # rows of x up to which the Triton kernel may run
 

@@ -69,8 +69,8 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.step_errors = 0
-        self.handoffs = 0  # batches the engine thread waited for the asyncio side to take
-        self.handoffs_late = 0  # of those, the ones not taken within HANDOFF_WAIT_S
+        self.handoffs = 0  # batches the engine thread waited on (for the asyncio side to take or write them)
+        self.handoffs_late = 0  # of those, the ones not taken (or written) within HANDOFF_WAIT_S
         self.wait_for_written = False  # set by a consumer that calls written() after each batch it took
         self._handoff: threading.Event | None = None  # what the engine thread waits on now
 
