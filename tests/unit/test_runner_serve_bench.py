@@ -36,6 +36,10 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
     assert list(hops) == ["send_to_created", "created_to_started", "started_to_first_token",
                           "first_token_to_client"]
     assert all(v > 0 for v in hops.values()), hops
+    started_to_first = r["low_load_ttft_hops_ms_each"]["started_to_first_token"]
+    assert len(started_to_first) == len(each["direct"])  # every lone request traced: paired by position
+    assert r["engine_extra_ms_paired_p50"] == pytest.approx(
+        statistics.median(s - d for s, d in zip(started_to_first, each["direct"], strict=True)))
 
 
 def test_serve_bench_small_run(tmp_path, default_model_dir):

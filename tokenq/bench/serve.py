@@ -100,11 +100,12 @@ async def _stream_one(client, base: str, model: str, prompt: list[int], output_l
     return t
 
 
-def _trace_hops(redis_url: str, trace: list[dict]) -> tuple[dict[str, float], dict[str, list[float]]]:
+def _trace_hops(redis_url: str, trace: list[dict]) -> tuple[dict[str, float], dict[str, list[float]], list[int]]:
     """Medians (ms) of where a lone request's TTFT goes, from the timestamps on its job hash: client send to
     job created (HTTP, gateway checks, enqueue), created to started (the worker's read and start script),
     started to the worker's first token (engine-thread wake-up and the prefill step), first token to the
-    client (publish, pub/sub, gateway, SSE). One machine, one wall clock. Also each request's hops."""
+    client (publish, pub/sub, gateway, SSE). One machine, one wall clock. Also each request's hops, and
+    which requests of `trace` they are (a job hash without every timestamp is left out)."""
     import statistics
 
     import redis
@@ -114,16 +115,18 @@ def _trace_hops(redis_url: str, trace: list[dict]) -> tuple[dict[str, float], di
 
     hops: dict[str, list[float]] = {"send_to_created": [], "created_to_started": [],
                                     "started_to_first_token": [], "first_token_to_client": []}
+    kept: list[int] = []
     with redis.Redis.from_url(redis_url, decode_responses=True) as r:
-        for row in trace:
+        for i, row in enumerate(trace):
             created, started, first = r.hmget(keys.job_key(row["job_id"]),
                                               [f.CREATED_AT, f.STARTED_AT, f.FIRST_TOKEN_AT])
             if not (created and started and first):
                 continue
+            kept.append(i)
             marks = [row["sent"], float(created), float(started), float(first), row["first"]]
             for name, a, b in zip(hops, marks, marks[1:], strict=False):
                 hops[name].append((b - a) * 1000)
-    return {name: statistics.median(v) for name, v in hops.items() if v}, hops
+    return {name: statistics.median(v) for name, v in hops.items() if v}, hops, kept
 
 
 async def _drive(base: str, model: str, prompts: list[list[int]], output_len: int,
@@ -281,7 +284,7 @@ def main(args: argparse.Namespace) -> int:
         trace: list[dict] = []
         low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace))
         low_wall = time.monotonic() - t0
-        hops, hops_each = _trace_hops(args.redis_url or redis.url, trace)
+        hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
         served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
     finally:
         _stop_stack(procs, redis)
@@ -307,6 +310,11 @@ def main(args: argparse.Namespace) -> int:
         "low_load_ttft_ms_each": {"gateway": [t.ttft * 1e3 for t in low_t], "direct": [t.ttft * 1e3 for t in direct_t]},
         "low_load_ttft_hops_ms_p50": hops,
         "low_load_ttft_hops_ms_each": hops_each,
+        # The worker's engine against the same engine in-process, prompt by prompt: started to first token
+        # on the served path minus the direct TTFT (how much of the added time is inside the worker).
+        "engine_extra_ms_paired_p50": statistics.median(
+            s - direct_t[i].ttft * 1e3 for s, i in zip(hops_each["started_to_first_token"], traced, strict=True)
+        ) if traced else None,
     }
     top_phase = result["phases"][top]
     if offline:
@@ -325,6 +333,8 @@ def main(args: argparse.Namespace) -> int:
           f"{result['ttft_overhead_ms_paired_p50']:.1f} ms as the median of each prompt's difference)")
     if hops:
         print("lone requests, medians: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in hops.items()))
+        print(f"the worker's engine reaches the first token {result['engine_extra_ms_paired_p50']:.2f} ms after "
+              "the direct engine (median of each prompt's difference)")
     if offline:
         print(f"served/offline output tok/s at rate {top_phase['rate']:g}: {result['served_over_offline']:.3f}")
     write_json(args.out, result)
