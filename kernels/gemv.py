@@ -16,12 +16,10 @@ from kernels.dispatch import HAS_TRITON, use_triton
 
 
 class GemvConfig(NamedTuple):
-    """Tiles of one launch: BLOCK_N output features x BLOCK_K of the reduction per program, K split in
-    split_k shares (each summed by a second kernel)."""
+    """Tiles of one launch: BLOCK_N output features x BLOCK_K of the reduction per program."""
 
     block_n: int
     block_k: int
-    split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
 

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 log = get_logger("heartbeat")
 
 
-
 class Heartbeat:
     def __init__(self, redis: Redis, worker_id: str, card: ModelCard, engine_loop: EngineLoop,
                  capacity: int, device: str = "cpu", interval: float = HEARTBEAT_INTERVAL_S,

@@ -69,17 +69,14 @@ def gbs(nbytes: int, us: float) -> float:
     return nbytes / us / 1e3
 
 
-def candidates(rows: int, n: int, quick: bool) -> list[GemvConfig]:
+def candidates(rows: int, quick: bool) -> list[GemvConfig]:
     block_ns = [2, 4, 8, 16] if rows == 1 else [2, 4, 8]
     block_ks = [512, 1024, 2048] if rows == 1 else [256, 512, 1024]
     warps = [4, 8]
     stages = [1, 3] if rows == 1 else [1]
     if quick:
         block_ns, block_ks, stages = [8, 16], [512], [2]
-    out = [GemvConfig(bn, bk, 1, w, s) for bn, bk, w, s in itertools.product(block_ns, block_ks, warps, stages)]
-    if n <= 8192 and rows == 1:  # few output blocks: try splitting K
-        out += [GemvConfig(bn, bk, sk, 4, 2) for bn, bk, sk in itertools.product(block_ns, block_ks, [2, 4])]
-    return out
+    return [GemvConfig(bn, bk, w, s) for bn, bk, w, s in itertools.product(block_ns, block_ks, warps, stages)]
 
 
 def main() -> None:
@@ -104,7 +101,7 @@ def main() -> None:
             row = {"shape": name, "n": n, "k": k, "rows": rows, "cublas_us": cublas, "variants": []}
             default = gemv_config(rows, n, k)
             best = None
-            for cfg in dict.fromkeys(candidates(rows, n, args.quick) + ([default] if default else [])):
+            for cfg in dict.fromkeys(candidates(rows, args.quick) + ([default] if default else [])):
                 try:
                     err = rel_err(gemv_triton(x, weights[0], None, cfg), ref)
                     if err >= 1e-2:

@@ -323,8 +323,8 @@ def all_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
                 (f"rotary {t}", lambda dtype=dtype: check_rotary(7, 6, 2, 64, dtype, device)),
                 (f"silu_and_mul {t}", lambda dtype=dtype: check_silu_and_mul(3, 1500, dtype, device)),
                 (f"gemv {t}", lambda dtype=dtype: check_gemv(1, 40, 300, dtype, device, cfg=GemvConfig(16, 64))),
-                (f"gemv split {t}", lambda dtype=dtype: check_gemv(3, 37, 1000, dtype, device, True,
-                                                                   GemvConfig(8, 128, 3))),
+                (f"gemv rows {t}", lambda dtype=dtype: check_gemv(3, 37, 1000, dtype, device, True,
+                                                                  GemvConfig(8, 128))),
             ]
         else:
             checks += [
@@ -336,8 +336,8 @@ def all_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
                 (f"silu_and_mul {t}", lambda dtype=dtype: check_silu_and_mul(97, 14336, dtype, device)),
                 (f"gemv o_proj {t}", lambda dtype=dtype: check_gemv(1, 4096, 4096, dtype, device)),
                 (f"gemv down {t}", lambda dtype=dtype: check_gemv(1, 4096, 14336, dtype, device)),
-                (f"gemv odd split {t}", lambda dtype=dtype: check_gemv(3, 1001, 3001, dtype, device, True,
-                                                                       GemvConfig(16, 256, 4))),
+                (f"gemv odd rows {t}", lambda dtype=dtype: check_gemv(3, 1001, 3001, dtype, device, True,
+                                                                      GemvConfig(16, 256))),
             ]
     if tiny:
         checks += [
@@ -468,8 +468,8 @@ def test_gemv_dispatch_tiles(rows, n, k, bias, dtype):
     check_gemv(rows, n, k, dtype, "cuda", bias)
 
 
-@pytest.mark.parametrize("cfg", [GemvConfig(4, 1024, 1, 8, 3), GemvConfig(32, 256, 1, 4, 1), GemvConfig(8, 512, 4),
-                                 GemvConfig(16, 128, 3, 8, 2)])
+@pytest.mark.parametrize("cfg", [GemvConfig(4, 1024, 8, 3), GemvConfig(32, 256, 4, 1), GemvConfig(8, 512),
+                                 GemvConfig(16, 128, 8, 2)])
 @pytest.mark.parametrize("rows", [1, 3, 4])
 def test_gemv_any_tiles(cfg, rows):
     check_gemv(rows, 1000 + random.randint(0, 99), 2048 + random.randint(1, 999), torch.bfloat16, "cuda", True, cfg)

@@ -118,7 +118,7 @@ for dtype in (torch.bfloat16, torch.float32):
     silu_and_mul_triton(torch.randn(3, 2 * 1000, dtype=dtype))
     w = torch.randn(4096, 4096, dtype=dtype)
     gemv_triton(torch.randn(1, 4096, dtype=dtype), w, None, GemvConfig(8, 512))  # one row, even tiles
-    gemv_triton(torch.randn(3, 4096, dtype=dtype), w, w[0], GemvConfig(16, 256, 4))  # split K, bias, masks
+    gemv_triton(torch.randn(3, 4096, dtype=dtype), w, w[0], GemvConfig(16, 256))  # rows, bias, masks
     qkv = torch.randn(7, 48 * 128, dtype=dtype)
     cos_sin = torch.randn(100, 128, dtype=dtype)
     rotary_triton(torch.arange(7), qkv[:, : 32 * 128], qkv[:, 32 * 128 : 40 * 128], cos_sin, 128)
@@ -179,5 +179,5 @@ def test_kernel_under_interpreter(interpreted: dict[str, str | None], kernel: st
 def test_every_kernel_compiles_for_hopper(compiled: list[str]) -> None:
     assert compiled == sorted([
         "_gemv_kernel", "_gumbel_argmax_kernel", "_merge_splits_kernel", "_paged_attention_kernel", "_rms_norm_kernel",
-        "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel", "_sum_splits_kernel",
+        "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
     ])
