@@ -11,7 +11,6 @@ and admission takes its own Idempotency-Key for an admission (a rate counter may
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import socket
 from collections import deque
 from collections.abc import Sequence
@@ -26,16 +25,9 @@ from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
+from protocol.scripts import Script
 
 Arg = str | bytes | int | float
-
-
-class Script:
-    """A Lua script sent by its SHA1 (EVALSHA); Redis is given the source again after a NOSCRIPT."""
-
-    def __init__(self, lua: str) -> None:
-        self.lua = lua
-        self.sha = hashlib.sha1(lua.encode()).hexdigest()
 
 
 class _Protocol(asyncio.Protocol):

@@ -8,9 +8,20 @@ a webhook, an entry goes on the webhook outbox stream, so no crash between two w
 
 from __future__ import annotations
 
+import hashlib
+
 from protocol import job_record as f
 from protocol import keys
 from protocol.jobs import FINAL_STATES
+
+
+class Script:
+    """A Lua script as clients send it: by its SHA1 (EVALSHA), with the source for when Redis lacks it."""
+
+    def __init__(self, lua: str) -> None:
+        self.lua = lua
+        self.sha = hashlib.sha1(lua.encode()).hexdigest()
+
 
 _FINAL = "{" + ", ".join(f"['{s.value}'] = true" for s in sorted(FINAL_STATES, key=lambda s: s.value)) + "}"
 

@@ -7,20 +7,22 @@ answers NOSCRIPT; `execute` then loads every script of the worker at once and se
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
+from protocol.scripts import Script
+
 _ALL: list[PipelinedScript] = []  # every script of the worker: loaded together, so none is present alone
 
 
-class PipelinedScript:
+class PipelinedScript(Script):
+    """A worker script: registered with the others, so that a NOSCRIPT reloads them all together."""
+
     def __init__(self, lua: str) -> None:
-        self.lua = lua
-        self.sha = hashlib.sha1(lua.encode()).hexdigest()
+        super().__init__(lua)
         _ALL.append(self)
 
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[str | int | float]) -> None:
