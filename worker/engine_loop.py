@@ -27,6 +27,11 @@ log = get_logger("engine_loop")
 # time. At heavier load, time to first token is mostly queueing and the host's time goes to the GPU.
 HANDOFF_MAX_OUTPUTS = 16
 HANDOFF_WAIT_S = 0.002
+# The same sharing at the other end: a request added to an idle engine is prefilled by the very next step,
+# whose host side (inputs, graph launch) is on its time to first token. Intake waits for that launch, at
+# most this long, before it does the job's Redis work (the start script, the next read); the round trips
+# then overlap the prefill on the GPU instead of the launch on the host.
+LAUNCH_WAIT_S = 0.003
 
 
 @dataclass
@@ -73,6 +78,8 @@ class EngineLoop:
         self.handoffs_late = 0  # of those, the ones not taken (or written) within HANDOFF_WAIT_S
         self.wait_for_written = False  # set by a consumer that calls written() after each batch it took
         self._handoff: threading.Event | None = None  # what the engine thread waits on now
+        self._idle = False  # the engine thread is blocked with nothing to run
+        self._launch_waiters: list[asyncio.Future[None]] = []  # resolved after the next step is launched
 
     # ---- asyncio side -------------------------------------------------------------------------
 
@@ -97,6 +104,35 @@ class EngineLoop:
         with self._cond:
             self._inbox.append(_Abort(request_id))
             self._cond.notify()
+
+    @property
+    def idle(self) -> bool:
+        """True while the engine thread waits for work: an add now is launched by the very next step."""
+        with self._cond:
+            return self._idle and not self._inbox
+
+    def watch_launch(self) -> asyncio.Future[None]:
+        """A future resolved once the engine thread has launched a step begun after this call: take it
+        before the add whose launch it waits for."""
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+        with self._cond:
+            self._launch_waiters.append(future)
+        return future
+
+    async def wait_launch(self, future: asyncio.Future[None], timeout: float | None = None) -> bool:
+        """Waits for a `watch_launch` future: True when the step was launched, False after `timeout`
+        (default LAUNCH_WAIT_S)."""
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(LAUNCH_WAIT_S if timeout is None else timeout):
+                await future
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._cond:
+                if future in self._launch_waiters:
+                    self._launch_waiters.remove(future)
 
     def written(self) -> None:
         """The consumer has written out what it took: an engine thread waiting on a handoff goes on."""
@@ -144,7 +180,9 @@ class EngineLoop:
         while True:
             with self._cond:
                 while not self._stopping and not self._inbox and not engine.has_unfinished_requests():
+                    self._idle = True
                     self._cond.wait()  # idle: block, never spin
+                self._idle = False
                 if self._stopping:
                     return
                 commands, self._inbox = self._inbox, []
@@ -152,6 +190,7 @@ class EngineLoop:
             outputs: list[RequestOutput] = list(failed)
             if engine.has_unfinished_requests():
                 outputs.extend(self._step())
+            self._wake_launch_waiters()
             freed = self._snapshot(sum(isinstance(c, _Add) for c in commands))
             if outputs or freed:  # a step with nothing to say (a prefill chunk) wakes nobody
                 self._deliver(outputs)
@@ -203,6 +242,17 @@ class EngineLoop:
                 self._live.discard(out.request_id)
         return outputs
 
+    def _wake_launch_waiters(self) -> None:
+        with self._cond:
+            if not self._launch_waiters:
+                return
+            waiters, self._launch_waiters = self._launch_waiters, []
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_resolve_all, waiters)
+        except RuntimeError:  # the asyncio loop is closed
+            pass
+
     def _snapshot(self, adds_applied: int) -> bool:
         """Publishes what the engine can take and its stats; True when it can take more than before."""
         try:
@@ -245,3 +295,9 @@ class EngineLoop:
     @staticmethod
     def _hand_over(outputs: list[RequestOutput]) -> bool:
         return 0 < len(outputs) <= HANDOFF_MAX_OUTPUTS and any(out.urgent for out in outputs)
+
+
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)

@@ -256,13 +256,18 @@ class Intake:
         if not valid:
             return
         # A new entry goes to the engine before its start script answers, so the prefill overlaps that
-        # round trip (it is on every job's time to first token). The publisher holds the job's outputs
+        # round trip (it is on every job's time to first token); into an idle engine, the script waits
+        # until the prefill is launched (see engine_loop.LAUNCH_WAIT_S). The publisher holds the job's outputs
         # until the answer; a job the script refuses is aborted again. (A cancelled job's entry is deleted
         # with it, so refusals are rare here; reclaimed entries, often of finished jobs, wait instead.)
+        now = time.time()
         if early:
+            # Into an idle engine, the next step is these jobs' prefill: let its launch have the GIL to itself.
+            launch = self.engine_loop.watch_launch() if self.engine_loop.idle else None
             for e, payload in valid:
                 self._run(e, payload)
-        now = time.time()
+            if launch is not None:
+                await self.engine_loop.wait_launch(launch)
         try:
             results = await self._start_all([p for _, p in valid], now)
         except BaseException:  # the entries stay pending in the group: recovery hands them out again

@@ -9,7 +9,7 @@ import torch
 
 from protocol.sampling import SamplingParams
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graphs import graph_batch_sizes, prefill_token_buckets
+from worker.engine.cuda_graphs import fastest_buckets, graph_batch_sizes, prefill_token_buckets
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.model_runner import ModelRunner
 from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -182,3 +182,13 @@ def test_padded_prefill_chunks_equal_eager(tiny):
     # 5, 17, 32, 50 tokens; 150 = 96 + 54; the repeat's uncached tail.
     assert buckets == [16, 32, 32, 64, 96, 64, 16]
     assert hits_e == hits_p > 0
+
+
+def test_fastest_buckets_drop_a_bucket_that_a_larger_one_beats():
+    """Replay times as measured on an H200 around a slow shape: 448 rows ran slower than 456 and 512."""
+    times = {440: 10.7, 448: 14.4, 456: 10.5, 464: 11.1, 512: 11.9}
+    assert fastest_buckets(times) == [440, 456, 464, 512]
+    assert fastest_buckets({8: 4.2, 16: 4.3, 24: 4.3}) == [8, 16, 24]  # rising times: all kept
+    assert fastest_buckets({8: 4.40, 16: 4.35}) == [8, 16]  # within the tolerance: kept
+    assert fastest_buckets({8: 5.0, 16: 4.0, 24: 6.0}) == [16, 24]  # the largest always stays
+    assert fastest_buckets({1: 3.0}) == [1]

@@ -22,7 +22,8 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
     assert [p["rate"] for p in r["phases"]] == rates
     for phase in r["phases"]:
         assert phase["num_requests"] == n and phase["output_tokens"] == n * output_len
-    parts = [*r["phases"], r["low_load_gateway"], r["low_load_direct"], r["offline"]]
+    parts = [*r["phases"], r["low_load_gateway"], r["low_load_direct"], r["low_load_direct_back_to_back"],
+             r["offline"]]
     for part in parts:
         assert part["ttft_ms"]["p50"] > 0 and part["e2e_ms"]["p99"] >= part["e2e_ms"]["p50"]
     assert r["offline"]["output_tokens"] == n * output_len
@@ -32,6 +33,10 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
     each = r["low_load_ttft_ms_each"]
     assert r["ttft_overhead_ms_paired_p50"] == pytest.approx(
         statistics.median(g - d for g, d in zip(each["gateway"], each["direct"], strict=True)))
+    assert r["ttft_overhead_ms_paired_p50_vs_back_to_back"] == pytest.approx(
+        statistics.median(g - d for g, d in zip(each["gateway"], each["direct_back_to_back"], strict=True)))
+    workload = r["workload"]  # the served low-load requests each waited the pause first
+    assert r["low_load_gateway"]["seconds"] >= workload["low_load_requests"] * workload["low_load_pause_ms"] / 1000
     hops = r["low_load_ttft_hops_ms_p50"]  # one wall clock: each hop of a lone request takes some time
     assert list(hops) == ["send_to_created", "created_to_started", "started_to_first_token",
                           "first_token_to_client"]

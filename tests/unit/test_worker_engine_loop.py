@@ -179,3 +179,28 @@ async def test_no_handoff_for_a_heavy_batch():
         loop.stop()
     steps_with_all = sum(1 for _ in got["r0"])
     assert steps_with_all == 3 and loop.handoffs == 0
+
+
+async def test_a_launch_watch_resolves_when_the_step_after_the_add_has_run():
+    """Intake's wait for the prefill's launch: an idle loop says so, a watch taken before the add resolves
+    once the engine's step returns (not before), and a watch with no step to come times out and is dropped."""
+    engine = FakeEngine(step_sleep=0.03)
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        await asyncio.sleep(0.02)
+        assert loop.idle
+        launch = loop.watch_launch()
+        t0 = time.monotonic()
+        loop.add("a", [1, 2, 3], SamplingParams())
+        assert not loop.idle  # the add waits in the inbox
+        assert await loop.wait_launch(launch, timeout=5)
+        assert time.monotonic() - t0 >= 0.03 and engine.steps >= 1
+        await collect(loop, {"a"})
+        await asyncio.sleep(0.02)
+        assert loop.idle
+        late = loop.watch_launch()
+        assert not await loop.wait_launch(late, timeout=0.05)
+        assert not loop._launch_waiters
+    finally:
+        loop.stop()

@@ -10,6 +10,12 @@ an engine in this process with the same settings runs (a) the low-load requests 
 difference is what the queue path adds, and (b) the highest-rate phase's requests all at once: the
 offline tokens/s that the served tokens/s is compared with.
 
+Low load means an idle GPU between requests, on both paths: each low-load request is sent
+--low-load-pause-ms after the one before it ended. (A GPU that has just been idle runs the next prefill a
+little slower: on an H200, +0.3 ms after 5-20 ms idle, +0.6 ms after 50 ms. Back to back, with no pause,
+the direct engine would skip that cost and the served path, whose requests are always some ms apart,
+would not; the direct engine's back-to-back figures are recorded beside the paused ones.)
+
 `--model-shape llama3-8b` serves a random-weight model of that shape (see `tokenq models random`), so
 the benchmark runs on a GPU machine with no model download.
 """
@@ -52,6 +58,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-len", type=int, default=None, help="default: --min-prompt-len")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--low-load-requests", type=int, default=8, help="sequential requests, both paths")
+    p.add_argument("--low-load-pause-ms", type=float, default=20.0,
+                   help="idle time before each low-load request, both paths")
     p.add_argument("--client-procs", type=int, default=None, help="default: half the CPUs, 1 to 8")
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the one port")
     p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
@@ -131,14 +139,19 @@ def _trace_hops(redis_url: str, trace: list[dict]) -> tuple[dict[str, float], di
 
 async def _drive(base: str, model: str, prompts: list[list[int]], output_len: int,
                  arrivals: list[float] | None, t0: float | None = None,
-                 trace: list[dict] | None = None) -> list[gc.Timing]:
-    """Requests one at a time (arrivals None), or each at t0 + its arrival offset (monotonic clock)."""
+                 trace: list[dict] | None = None, pause_s: float = 0.0) -> list[gc.Timing]:
+    """Requests one at a time (arrivals None), each `pause_s` after the one before ended, or each at t0 +
+    its arrival offset (monotonic clock)."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         if arrivals is None:
-            return [await _stream_one(client, base, model, p, output_len, trace) for p in prompts]
+            timings = []
+            for p in prompts:
+                await asyncio.sleep(pause_s)
+                timings.append(await _stream_one(client, base, model, p, output_len, trace))
+            return timings
         start = time.monotonic() if t0 is None else t0
 
         async def later(delay: float, p: list[int]) -> gc.Timing:
@@ -209,9 +222,9 @@ def _stop_stack(procs: list[subprocess.Popen], redis) -> None:
 
 
 def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded: list[list[int]] | None
-             ) -> tuple[list[gc.Timing], dict | None]:
-    """The same engine in this process, no HTTP, no Redis: the low-load requests one at a time, then the
-    loaded requests all at once (None: skipped)."""
+             ) -> tuple[list[gc.Timing], list[gc.Timing], dict | None]:
+    """The same engine in this process, no HTTP, no Redis: the low-load requests one at a time with the
+    pause before each, then again back to back, then the loaded requests all at once (None: skipped)."""
     from protocol.sampling import SamplingParams
     from tokenq.cli import engine_config_from
     from worker.engine.llm_engine import LLMEngine
@@ -219,11 +232,13 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
     engine = LLMEngine(path, engine_config_from(args))
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     gc.warm_up(engine, engine.model_cfg.vocab_size, args.min_prompt_len)
-    direct = []
-    for i, p in enumerate(low):
-        (t,), _ = gc.run_timed(engine, [p], params, tag=f"direct{i}")
-        engine.block_manager.reset_prefix_cache()
-        direct.append(t)
+    direct: dict[float, list[gc.Timing]] = {args.low_load_pause_ms: [], 0.0: []}
+    for pause_ms, timings in direct.items():
+        for i, p in enumerate(low):
+            time.sleep(pause_ms / 1000)
+            (t,), _ = gc.run_timed(engine, [p], params, tag=f"direct{i}")
+            engine.block_manager.reset_prefix_cache()
+            timings.append(t)
     offline = None
     if loaded is not None:
         gc.sync(args.device)
@@ -231,7 +246,7 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
         offline = {**_summary(timings, wall),
                    "all_lengths_ok": all(len(t.tokens) == args.output_len for t in timings)}
     gc.free_engine(engine)
-    return direct, offline
+    return direct[args.low_load_pause_ms], direct[0.0], offline
 
 
 def _summary(timings: list[gc.Timing], wall: float) -> dict:
@@ -282,32 +297,40 @@ def main(args: argparse.Namespace) -> int:
         asyncio.run(_drive(base, name, warm, args.output_len, None))
         t0 = time.monotonic()
         trace: list[dict] = []
-        low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace))
+        low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace,
+                                   pause_s=args.low_load_pause_ms / 1000))
         low_wall = time.monotonic() - t0
         hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
         served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
     finally:
         _stop_stack(procs, redis)
     top = max(range(len(phases)), key=lambda k: phases[k][0])
-    direct_t, offline = _offline(path, args, low, None if args.skip_offline else phases[top][1])
+    direct_t, back_to_back_t, offline = _offline(path, args, low, None if args.skip_offline else phases[top][1])
 
     gateway_low = _summary(low_t, low_wall)
     direct = _summary(direct_t, sum(t.e2e for t in direct_t))
+    back_to_back = _summary(back_to_back_t, sum(t.e2e for t in back_to_back_t))
     result = {
         "benchmark": "serve", "model": name, "model_shape": args.model_shape, "device": args.device,
         "machine": machine_info(),
         "workload": {"rates": args.rate, "num_requests": n, "min_prompt_len": lo, "max_prompt_len": hi,
                      "output_len": args.output_len, "low_load_requests": n_low, "seed": args.seed,
+                     "low_load_pause_ms": args.low_load_pause_ms,
                      "client_procs": client_procs, "gateway_workers": args.gateway_workers,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
         "phases": [{"rate": rate, **_summary(t, wall)} for rate, t, wall in served],
-        "low_load_gateway": gateway_low, "low_load_direct": direct, "offline": offline,
+        "low_load_gateway": gateway_low, "low_load_direct": direct, "low_load_direct_back_to_back": back_to_back,
+        "offline": offline,
         "ttft_overhead_ms_p50": gateway_low["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
         # Paired: the median over requests of (via gateway - direct) for the same prompt.
         "ttft_overhead_ms_paired_p50": statistics.median(
             (g.ttft - d.ttft) * 1e3 for g, d in zip(low_t, direct_t, strict=True)),
+        # The same against the direct engine run back to back, no pause (the served requests keep theirs).
+        "ttft_overhead_ms_paired_p50_vs_back_to_back": statistics.median(
+            (g.ttft - d.ttft) * 1e3 for g, d in zip(low_t, back_to_back_t, strict=True)),
         # The same prompts in the same order on both paths: request i against request i.
-        "low_load_ttft_ms_each": {"gateway": [t.ttft * 1e3 for t in low_t], "direct": [t.ttft * 1e3 for t in direct_t]},
+        "low_load_ttft_ms_each": {"gateway": [t.ttft * 1e3 for t in low_t], "direct": [t.ttft * 1e3 for t in direct_t],
+                                  "direct_back_to_back": [t.ttft * 1e3 for t in back_to_back_t]},
         "low_load_ttft_hops_ms_p50": hops,
         "low_load_ttft_hops_ms_each": hops_each,
         # The worker's engine against the same engine in-process, prompt by prompt: started to first token
@@ -319,18 +342,21 @@ def main(args: argparse.Namespace) -> int:
     top_phase = result["phases"][top]
     if offline:
         result["served_over_offline"] = top_phase["output_tokens_per_s"] / offline["output_tokens_per_s"]
-    every = low_t + direct_t + [t for _, ts, _ in served for t in ts]
+    every = low_t + direct_t + back_to_back_t + [t for _, ts, _ in served for t in ts]
     result["all_lengths_ok"] = all(len(t.tokens) == args.output_len for t in every) and (
         offline is None or offline["all_lengths_ok"])
 
     rows = [[f"rate {p['rate']:g}/s via gateway", *_row(p)] for p in result["phases"]]
-    rows += [["one at a time, via gateway", *_row(gateway_low)], ["one at a time, engine direct", *_row(direct)]]
+    rows += [["one at a time, via gateway", *_row(gateway_low)], ["one at a time, engine direct", *_row(direct)],
+             ["  the same, back to back", *_row(back_to_back)]]
     if offline:
         rows.append(["all at once, engine offline", *_row(offline)])
     print_table("serving latency (ms) and throughput", ["path", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                                                         "e2e p50", "e2e p99", "output tok/s"], rows)
-    print(f"\nthe queue path adds {result['ttft_overhead_ms_p50']:.1f} ms to TTFT at low load (p50; "
-          f"{result['ttft_overhead_ms_paired_p50']:.1f} ms as the median of each prompt's difference)")
+    print(f"\nthe queue path adds {result['ttft_overhead_ms_p50']:.2f} ms to TTFT at low load (p50; "
+          f"{result['ttft_overhead_ms_paired_p50']:.2f} ms as the median of each prompt's difference; "
+          f"{args.low_load_pause_ms:g} ms idle before each request; against the direct engine back to back "
+          f"{result['ttft_overhead_ms_paired_p50_vs_back_to_back']:.2f} ms)")
     if hops:
         print("lone requests, medians: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in hops.items()))
         print(f"the worker's engine reaches the first token {result['engine_extra_ms_paired_p50']:.2f} ms after "

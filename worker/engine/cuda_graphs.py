@@ -7,11 +7,16 @@ eagerly, Llama-3-8B's ~350 launches took the host about three times the GPU's ti
 hundred tokens, and that is time to first token at low load. What a graph bakes in must not change between
 replays, so a step is padded up to its bucket, and the attention metadata's host values (which kernels use
 to size their grids) are fixed per bucket: every sequence claims a context of max_model_len tokens.
+
+Buckets are then timed and the slow ones dropped: a matmul's speed is not monotonic in its row count (on an
+H200, cuBLAS ran Llama-3-8B's forward at 448 rows 35-45% slower than at 456 or 512), so a step that fits
+such a bucket pads up to the next larger one that replays faster.
 """
 
 from __future__ import annotations
 
 import bisect
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +27,20 @@ MAX_GRAPH_BATCH = 512
 # Past this many tokens a prefill's GPU time dwarfs its launches, and a graph's activations would hold
 # memory the KV cache could use.
 MAX_PREFILL_GRAPH_TOKENS = 1024
+# A bucket is dropped when a larger one replays faster by more than this share (timing noise is ~1%).
+BUCKET_TIME_TOLERANCE = 0.03
+
+
+def fastest_buckets(times: dict[int, float], tolerance: float = BUCKET_TIME_TOLERANCE) -> list[int]:
+    """The buckets worth keeping, given each one's replay time: those no slower than every larger bucket
+    (within `tolerance`). The largest is always kept, so every size that had a bucket still has one."""
+    kept: list[int] = []
+    best = float("inf")
+    for size in sorted(times, reverse=True):
+        if times[size] <= best * (1 + tolerance):
+            kept.append(size)
+        best = min(best, times[size])
+    return sorted(kept)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -86,6 +105,27 @@ class _BucketedGraphs:
     def capture(self) -> None:
         """The buffers must hold a harmless padded step (the runner fills them)."""
         self.graphs = _capture(self.sizes, self._forward)
+
+    def keep_fastest(self, repeats: int = 3) -> dict[int, float]:
+        """Times every captured graph (ms, median of `repeats` replays, CUDA events, one sync for all) and
+        drops the buckets a larger one beats (see `fastest_buckets`); returns the times. The buffers must
+        hold a harmless padded step, as for `capture`."""
+        events: dict[int, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        for size, graph in self.graphs.items():
+            graph.replay()  # warm: the first replay after capture also uploads the graph
+            pairs = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                pairs.append((start, end))
+            events[size] = pairs
+        torch.cuda.synchronize()
+        times = {size: statistics.median(a.elapsed_time(b) for a, b in pairs) for size, pairs in events.items()}
+        self.sizes = fastest_buckets(times)
+        self.graphs = {size: self.graphs[size] for size in self.sizes}
+        return times
 
     def run(self, size: int, meta: AttentionMetadata | None = None) -> torch.Tensor:
         """Hidden states [size, hidden] of the padded step now in rows [:size] of the buffers; `meta` is

@@ -119,6 +119,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.memory_profile: dict[str, float] | None = None  # what sized the KV cache, when profiled
+        self.bucket_times: dict[str, dict[int, float]] = {}  # graph replay times (ms) by kind and bucket
 
         self.num_blocks = cfg.num_kv_blocks or self._default_num_blocks()
         # One block more than the block manager hands out: padding rows of a graph batch write there.
@@ -219,6 +220,19 @@ class ModelRunner:
             self.prefill_graphs.capture()
             log.info("captured %d CUDA graphs for prefill chunks up to %d tokens in %.1f s",
                      len(self.prefill_graphs.sizes), t, time.perf_counter() - t0)
+        self._keep_fastest_buckets()
+
+    def _keep_fastest_buckets(self) -> None:
+        """Drops the graph buckets that a larger bucket replays faster than (the buffers hold padding)."""
+        for name, graphs in (("decode", self.graphs), ("prefill", self.prefill_graphs)):
+            if graphs is None:
+                continue
+            t0 = time.perf_counter()
+            times = graphs.keep_fastest()
+            self.bucket_times[name] = times
+            dropped = sorted(set(times) - set(graphs.sizes))
+            log.info("timed %d %s graphs in %.1f s; dropped %s, slower than a larger bucket", len(times), name,
+                     time.perf_counter() - t0, ", ".join(f"{s} ({times[s]:.2f} ms)" for s in dropped) or "none")
 
     def release(self) -> None:
         """Frees the KV cache and the graphs, keeping the model (which may serve another engine)."""
