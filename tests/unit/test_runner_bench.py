@@ -64,3 +64,17 @@ def test_prefix(tmp_path):
     assert 0.3 < on["burst"]["hit_rate"] <= 64 / 72
     assert on["burst"]["ttft_ms"]["p50"] > 0 and on["sequential"]["ttft_ms"]["p50"] > 0
     assert r["hit_rate"] == on["burst"]["hit_rate"] and r["speedup_burst_ttft_p50"] > 0
+
+
+def test_graph_buckets_report_names_the_dropped_buckets(capsys):
+    from types import SimpleNamespace
+
+    from tokenq.bench import gpu_common
+
+    runner = SimpleNamespace(bucket_times={"decode": {8: 4.0, 16: 5.0, 24: 4.5}},
+                             graphs=SimpleNamespace(sizes=[8, 24]), prefill_graphs=None)
+    report = gpu_common.graph_buckets(SimpleNamespace(runner=runner))
+    assert report == {"decode": {"times_ms": {8: 4.0, 16: 5.0, 24: 4.5}, "kept": [8, 24]}}
+    assert "decode 16 (5.00 ms)" in capsys.readouterr().out
+    cpu = SimpleNamespace(bucket_times={}, graphs=None, prefill_graphs=None)  # nothing captured, nothing timed
+    assert gpu_common.graph_buckets(SimpleNamespace(runner=cpu)) == {}

@@ -105,6 +105,20 @@ def make_engine(setup: Setup, cfg):
     return engine, time.perf_counter() - t0
 
 
+def graph_buckets(engine) -> dict[str, dict]:
+    """Each kind of CUDA graph's replay time per bucket (ms) and the buckets kept (the others were slower
+    than a larger bucket, whose graph their steps replay instead); printed as one line."""
+    runner = engine.runner
+    kept = {"decode": runner.graphs, "prefill": runner.prefill_graphs}
+    report = {kind: {"times_ms": times, "kept": kept[kind].sizes if kept[kind] is not None else []}
+              for kind, times in runner.bucket_times.items()}
+    dropped = [f"{kind} {size} ({r['times_ms'][size]:.2f} ms)" for kind, r in report.items()
+               for size in sorted(set(r["times_ms"]) - set(r["kept"]))]
+    if report:
+        print("graph buckets dropped, slower than a larger bucket: " + (", ".join(dropped) or "none"))
+    return report
+
+
 def free_engine(engine) -> None:
     """Drop an engine's KV cache and graphs (the model stays), so the next engine or peer gets the memory."""
     import torch

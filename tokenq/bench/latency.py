@@ -54,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
           f"random {setup.shape} model in {setup.dtype} on {setup.device}")
 
     engine, startup = gc.make_engine(setup, cfg)
+    buckets = gc.graph_buckets(engine)
     gc.warm_up(engine, vocab, args.prompt_len, num=1, new_tokens=args.output_len)
     runs = []
     for i in range(args.repeats):
@@ -70,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
         "workload": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
                      "seed": args.seed, "greedy": True, "ignore_eos": True},
         "engine_config": vars(cfg), "cuda_graphs": graphs, "gemv": args.gemv, "engine_startup_s": startup, "ours": ours,
+        "graph_buckets": buckets,
     }
     if setup.device.startswith("cuda") and ours["tpot_ms"]:
         # The yardstick: every weight read once per token at the bandwidth this card reaches.

@@ -69,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
     if engine.runner.memory_profile:
         print("KV cache sized by profiling: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                            engine.runner.memory_profile.items()))
+    buckets = gc.graph_buckets(engine)
     gc.warm_up(engine, vocab, min(args.max_prompt_len, 64))
     ours = _run_ours(engine, prompts, args.output_len, setup.device)
     ours_subset = None
@@ -84,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
                      "output_len": args.output_len, "seed": args.seed, "greedy": True, "ignore_eos": True,
                      "detokenize": False},
         "engine_config": vars(cfg) | {"num_kv_blocks": num_blocks},
-        "engine_startup_s": startup, "kv_cache_profile": memory, "ours": ours,
+        "engine_startup_s": startup, "kv_cache_profile": memory, "ours": ours, "graph_buckets": buckets,
     }
     rows = [["tokenq", ours["num_requests"], ours["output_tokens"], ours["seconds"], ours["output_tokens_per_s"],
              ours["total_tokens_per_s"]]]
