@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from gateway.errors import ApiError
 from gateway.flight import SingleFlight
-from gateway.logging import get_logger
 from gateway.prompts import PromptBuilder
 from protocol import keys
 from protocol.workers import ModelCard, WorkerHeartbeat
@@ -20,9 +19,6 @@ from protocol.workers import ModelCard, WorkerHeartbeat
 CARD_RECHECK_S = 30.0  # how long a cached card is trusted before Redis is asked again
 LIVE_RECHECK_S = 1.0  # how long submissions trust a model's live workers before reading heartbeats again
 LIVE_STALE_S = 10.0  # past LIVE_RECHECK_S, the last answer still serves while a background read renews it
-CARD_WARM_S = 5.0  # how often keep_cards_warm looks for served models whose card this process lacks
-
-log = get_logger(__name__)
 
 
 @dataclass
@@ -102,18 +98,6 @@ class Registry:
         builder = await asyncio.to_thread(PromptBuilder, ModelCard.model_validate_json(raw))
         self._cards[model] = _CachedCard(digest, builder, now)
         return builder
-
-    async def keep_cards_warm(self) -> None:
-        """Loads the card of every served model before its first request here, until cancelled: each gateway
-        process would otherwise charge that ~0.1 s (and a first pub/sub connection) to some client."""
-        while True:
-            try:
-                for model in await self.models():
-                    if model not in self._cards:
-                        await self.prompt_builder(model)
-            except Exception as e:  # noqa: BLE001 - Redis away, a bad card: the request path reports those
-                log.debug("card warm-up failed", error=repr(e))
-            await asyncio.sleep(CARD_WARM_S)
 
     async def serving(self, model: str) -> list[WorkerHeartbeat]:
         """Live workers of `model` for a submission: a non-empty answer is reused for LIVE_RECHECK_S, then

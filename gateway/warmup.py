@@ -1,0 +1,51 @@
+"""Keeps a gateway process ready for a request at any time, so that no request pays for what the process
+would otherwise do on first use or after a quiet spell:
+
+- anyio's asyncio backend, which anyio imports the first time a task group is made: an SSE response makes
+  one, and the import took ~10 ms on a small CPU, on the first streamed request of every process;
+- each served model's card, whose tokenizer takes ~0.1 s to build;
+- the reads that the request path caches (whether auth is on, the default tenant's limits, the live
+  workers, each lane's queue depth), which a request after a quiet minute would otherwise wait for, as the
+  first request of a process did (~1.4 ms in all on that CPU);
+- the submission path's Redis connection.
+
+`keep_warm` does this at start and then every WARM_S, less than the caches' stale windows, so a request
+finds each answer cached and at most a background read renews it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+
+from gateway.auth import DEFAULT_TENANT
+from gateway.context import GatewayContext
+from gateway.logging import get_logger
+from protocol import keys
+
+log = get_logger(__name__)
+
+WARM_S = 2.0
+
+
+async def warm_once(ctx: GatewayContext) -> None:
+    async with anyio.create_task_group():
+        pass
+    if not await ctx.auth.auth_on():
+        await ctx.auth.tenant(DEFAULT_TENANT)
+    for model in await ctx.registry.models():
+        await ctx.registry.prompt_builder(model)
+        await ctx.registry.serving(model)
+        for lane in keys.LANES:
+            await ctx.depth.depth(model, lane)
+    await ctx.pipe.execute("PING")
+
+
+async def keep_warm(ctx: GatewayContext, every_s: float = WARM_S) -> None:
+    """`warm_once` now and every `every_s`, until cancelled; Redis trouble is the request path's to report."""
+    while True:
+        try:
+            await warm_once(ctx)
+        except Exception as e:  # noqa: BLE001 - Redis away, a bad card: a request will say so
+            log.debug("warm-up failed", error=repr(e))
+        await asyncio.sleep(every_s)

@@ -1,0 +1,62 @@
+"""The gateway's warm-up: after it, a request's cached reads (auth, tenant, live workers, the model's card,
+queue depth) send nothing to Redis, and anyio's backend is imported before any SSE response needs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from gateway.context import GatewayContext
+from gateway.metrics import GatewayMetrics
+from gateway.warmup import warm_once
+from protocol import keys
+from tests.fakes import FakeEngine
+from tests.integration.fake_worker import model_card
+from worker.engine_loop import EngineLoop
+from worker.heartbeat import Heartbeat
+
+
+async def _commands(redis) -> int:
+    return int((await redis.info("stats"))["total_commands_processed"])
+
+
+async def _request_path_reads(ctx: GatewayContext, model: str) -> None:
+    tenant = await ctx.auth.authenticate(None)
+    assert await ctx.registry.prompt_builder(model) is not None
+    assert await ctx.registry.serving(model)
+    await ctx.depth.depth(model, keys.LANES[0])
+    await ctx.admission.admit(tenant, "job_x", 10, None)
+
+
+async def test_after_warm_up_a_request_reads_nothing_from_redis(redis_client, default_model_dir):
+    card = model_card(default_model_dir, 2048)
+    await Heartbeat(redis_client, "hb:1", card, EngineLoop(FakeEngine()), capacity=4).start()
+    cold = GatewayContext.build(redis_client, GatewayMetrics(), max_queue_depth=1000)
+    before = await _commands(redis_client)
+    await _request_path_reads(cold, card.name)
+    assert await _commands(redis_client) - before > 3  # cold: auth, tenant, workers, card, depth
+
+    warm = GatewayContext.build(redis_client, GatewayMetrics(), max_queue_depth=1000)
+    await warm_once(warm)
+    before = await _commands(redis_client)
+    await _request_path_reads(warm, card.name)
+    assert await _commands(redis_client) - before == 1  # the INFO of _commands itself
+
+
+def test_warm_up_imports_anyios_backend():
+    code = """
+import asyncio, sys
+from gateway import warmup
+
+class Down:
+    async def auth_on(self):
+        raise ConnectionError("redis is down")
+
+assert "anyio._backends._asyncio" not in sys.modules
+try:
+    asyncio.run(warmup.warm_once(type("Ctx", (), {"auth": Down()})()))
+except ConnectionError:
+    pass
+assert "anyio._backends._asyncio" in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
