@@ -261,14 +261,15 @@ class Intake:
         # until the answer; a job the script refuses is aborted again. (A cancelled job's entry is deleted
         # with it, so refusals are rare here; reclaimed entries, often of finished jobs, wait instead.)
         now = time.time()
+        launch = None
         if early:
             # Into an idle engine, the next step is these jobs' prefill: let its launch have the GIL to itself.
             launch = self.engine_loop.watch_launch() if self.engine_loop.idle else None
             for e, payload in valid:
                 self._run(e, payload)
+        try:
             if launch is not None:
                 await self.engine_loop.wait_launch(launch)
-        try:
             results = await self._start_all([p for _, p in valid], now)
         except BaseException:  # the entries stay pending in the group: recovery hands them out again
             if early:

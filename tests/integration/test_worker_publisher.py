@@ -280,3 +280,34 @@ async def test_intake_starts_a_job_on_an_idle_engine_after_its_first_step_is_lau
         polled = time.monotonic()
         assert await intake.poll() == 1
         assert starts[1][0] - polled < 0.04 and intake.publisher.has(jobs[1].id)
+
+
+async def test_intake_cancelled_while_waiting_for_the_launch_withdraws_the_job(redis_client, monkeypatch):
+    """A worker stopping while intake waits for the prefill's launch: the job leaves the engine and the
+    publisher, its start script never ran, and its entry stays pending for recovery."""
+    from worker import engine_loop as engine_loop_module
+
+    monkeypatch.setattr(engine_loop_module, "LAUNCH_WAIT_S", 5.0)
+    r = redis_client
+    p = JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 9)),
+                   sampling=SamplingParams(max_tokens=8))
+    await submit_job(r, p)
+    engine = FakeEngine(step_sleep=0.5)  # the first step (the "launch") outlasts the cancellation
+    aborted: list[str] = []
+    abort = engine.abort_request
+    engine.abort_request = lambda rid: (aborted.append(rid), abort(rid))[1]
+    async with started_intake(r, MODEL, engine) as (intake, pub, _):
+        await asyncio.sleep(0.01)
+        poll = asyncio.create_task(intake.poll())
+        await asyncio.sleep(0.1)
+        poll.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await poll
+        assert not pub.has(p.id)
+        deadline = time.monotonic() + 5
+        while not aborted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert aborted == [p.id]
+        assert (await r.hgetall(keys.job_key(p.id)))[f.STATE] == "queued"  # no start script
+        pending = await r.xpending(keys.jobs_stream(MODEL, "default", "default"), keys.GROUP)
+        assert pending["pending"] == 1
