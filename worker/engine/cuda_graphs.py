@@ -8,9 +8,10 @@ hundred tokens, and that is time to first token at low load. What a graph bakes 
 replays, so a step is padded up to its bucket, and the attention metadata's host values (which kernels use
 to size their grids) are fixed per bucket: every sequence claims a context of max_model_len tokens.
 
-Buckets are then timed and the slow ones dropped: a matmul's speed is not monotonic in its row count (on an
-H200, cuBLAS ran Llama-3-8B's forward at 448 rows 35-45% slower than at 456 or 512), so a step that fits
-such a bucket pads up to the next larger one that replays faster.
+Buckets are then timed and the slow ones dropped: a forward's speed is not monotonic in its row count (on
+an H200, Llama-3-8B's forward at 448 rows replayed a third slower than at 456 or 512 rows, likely a matmul
+shape its library handles badly), so a step that fits such a bucket pads up to the next larger one that
+replays faster.
 """
 
 from __future__ import annotations
