@@ -109,14 +109,15 @@ class Registry:
             if age < LIVE_RECHECK_S:
                 return self._live[0][model]
             if age < LIVE_RECHECK_S + LIVE_STALE_S:
-                self._flight.refresh("models", self.models, lambda models: self._keep_live(models, now))
+                self._flight.refresh("models", self.models, lambda models: self.keep_live(models, now))
                 return self._live[0][model]
         models = await self._flight.run("models", self.models)
         if models:
             self._live = (models, now)
         return models.get(model, [])
 
-    def _keep_live(self, models: dict[str, list[WorkerHeartbeat]], read_at: float) -> None:
+    def keep_live(self, models: dict[str, list[WorkerHeartbeat]], read_at: float) -> None:
+        """`models`, read at `read_at`, answers `serving` from now on (none alive: `serving` reads)."""
         self._live = (models, read_at) if models else None
 
     async def target(self, model: str) -> ModelTarget:

@@ -15,6 +15,7 @@ finds each answer cached and at most a background read renews it."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import anyio
 
@@ -33,9 +34,11 @@ async def warm_once(ctx: GatewayContext) -> None:
         pass
     if not await ctx.auth.auth_on():
         await ctx.auth.tenant(DEFAULT_TENANT)
-    for model in await ctx.registry.models():
+    read_at = time.monotonic()
+    models = await ctx.registry.models()
+    ctx.registry.keep_live(models, read_at)  # serving() answers from this read, not one more
+    for model in models:
         await ctx.registry.prompt_builder(model)
-        await ctx.registry.serving(model)
         for lane in keys.LANES:
             await ctx.depth.depth(model, lane)
     await ctx.pipe.execute("PING")

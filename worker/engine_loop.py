@@ -243,6 +243,8 @@ class EngineLoop:
         return outputs
 
     def _wake_launch_waiters(self) -> None:
+        if not self._launch_waiters:  # every step passes here: no lock unless someone waits
+            return
         with self._cond:
             if not self._launch_waiters:
                 return

@@ -89,6 +89,7 @@ class _BucketedGraphs:
         self.max_model_len = max_model_len
         self.hidden = torch.zeros(sizes[-1], hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.times: dict[int, float] = {}  # replay time (ms) of every captured bucket, once timed
 
     def bucket(self, n: int) -> int | None:
         """The smallest bucket that holds n rows, or None when the step is too big for any."""
@@ -123,10 +124,10 @@ class _BucketedGraphs:
                 pairs.append((start, end))
             events[size] = pairs
         torch.cuda.synchronize()
-        times = {size: statistics.median(a.elapsed_time(b) for a, b in pairs) for size, pairs in events.items()}
-        self.sizes = fastest_buckets(times)
+        self.times = {size: statistics.median(a.elapsed_time(b) for a, b in pairs) for size, pairs in events.items()}
+        self.sizes = fastest_buckets(self.times)
         self.graphs = {size: self.graphs[size] for size in self.sizes}
-        return times
+        return self.times
 
     def run(self, size: int, meta: AttentionMetadata | None = None) -> torch.Tensor:
         """Hidden states [size, hidden] of the padded step now in rows [:size] of the buffers; `meta` is

@@ -119,7 +119,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.memory_profile: dict[str, float] | None = None  # what sized the KV cache, when profiled
-        self.bucket_times: dict[str, dict[int, float]] = {}  # graph replay times (ms) by kind and bucket
 
         self.num_blocks = cfg.num_kv_blocks or self._default_num_blocks()
         # One block more than the block manager hands out: padding rows of a graph batch write there.
@@ -222,6 +221,12 @@ class ModelRunner:
                      len(self.prefill_graphs.sizes), t, time.perf_counter() - t0)
         self._keep_fastest_buckets()
 
+    @property
+    def bucket_times(self) -> dict[str, dict[int, float]]:
+        """Graph replay times (ms) by kind and bucket, for the graphs that were timed."""
+        kinds = (("decode", self.graphs), ("prefill", self.prefill_graphs))
+        return {name: graphs.times for name, graphs in kinds if graphs is not None and graphs.times}
+
     def _keep_fastest_buckets(self) -> None:
         """Drops the graph buckets that a larger bucket replays faster than (the buffers hold padding)."""
         for name, graphs in (("decode", self.graphs), ("prefill", self.prefill_graphs)):
@@ -229,7 +234,6 @@ class ModelRunner:
                 continue
             t0 = time.perf_counter()
             times = graphs.keep_fastest()
-            self.bucket_times[name] = times
             dropped = sorted(set(times) - set(graphs.sizes))
             log.info("timed %d %s graphs in %.1f s; dropped %s, slower than a larger bucket", len(times), name,
                      time.perf_counter() - t0, ", ".join(f"{s} ({times[s]:.2f} ms)" for s in dropped) or "none")
