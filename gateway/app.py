@@ -18,7 +18,7 @@ from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.redis_client import make_redis
-from gateway.warmup import keep_warm
+from gateway.warmup import keep_warm, warm_before_serving
 
 
 class GatewayApp(FastAPI):
@@ -44,6 +44,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         # One shared client (and pool) for the process; pub/sub readers take their own connections from it.
         redis = make_redis(redis_url)
         app.state.ctx = GatewayContext.build(redis, metrics, depth)
+        await warm_before_serving(app.state.ctx)
         warm = asyncio.create_task(keep_warm(app.state.ctx))
         try:
             yield

@@ -9,8 +9,10 @@ would otherwise do on first use or after a quiet spell:
   first request of a process did (~1.4 ms in all on that CPU);
 - the submission path's Redis connection.
 
-`keep_warm` does this at start and then every WARM_S, less than the caches' stale windows, so a request
-finds each answer cached and at most a background read renews it."""
+The gateway runs `warm_before_serving` before it takes requests, then `keep_warm` every WARM_S, less than
+the caches' stale windows, so a request finds each answer cached and at most a background read renews it.
+Warming before serving also means no request joins a warm-up read that was sent before the request's
+caller changed something (created an API key, say) and so answers with the older state."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from protocol import keys
 log = get_logger(__name__)
 
 WARM_S = 2.0
+START_TIMEOUT_S = 5.0
 
 
 async def warm_once(ctx: GatewayContext) -> None:
@@ -44,11 +47,21 @@ async def warm_once(ctx: GatewayContext) -> None:
     await ctx.pipe.execute("PING")
 
 
+async def warm_before_serving(ctx: GatewayContext, timeout_s: float = START_TIMEOUT_S) -> None:
+    """`warm_once`, given at most `timeout_s`: a gateway whose Redis is away or slow still starts and
+    answers (its requests report the trouble)."""
+    try:
+        await asyncio.wait_for(warm_once(ctx), timeout_s)
+    except Exception as e:  # noqa: BLE001 - Redis away, a bad card, too slow: a request will say so
+        log.warning("warm-up before serving failed", error=repr(e))
+
+
 async def keep_warm(ctx: GatewayContext, every_s: float = WARM_S) -> None:
-    """`warm_once` now and every `every_s`, until cancelled; Redis trouble is the request path's to report."""
+    """`warm_once` every `every_s` (the first after one wait), until cancelled; Redis trouble is the request
+    path's to report."""
     while True:
+        await asyncio.sleep(every_s)
         try:
             await warm_once(ctx)
         except Exception as e:  # noqa: BLE001 - Redis away, a bad card: a request will say so
             log.debug("warm-up failed", error=repr(e))
-        await asyncio.sleep(every_s)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
+from gateway.app import create_app
 from gateway.context import GatewayContext
 from gateway.metrics import GatewayMetrics
-from gateway.warmup import warm_once
+from gateway.warmup import START_TIMEOUT_S, warm_once
 from protocol import keys
 from tests.fakes import FakeEngine
 from tests.integration.fake_worker import model_card
@@ -60,3 +62,25 @@ except ConnectionError:
 assert "anyio._backends._asyncio" in sys.modules
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_the_gateway_is_warm_before_it_serves(redis_client, redis_url, default_model_dir):
+    """No request races the first warm-up: its reads were all answered before the app took requests (a
+    request that joined a read sent before its caller created an API key would be served as the default
+    tenant)."""
+    card = model_card(default_model_dir, 2048)
+    await Heartbeat(redis_client, "hb:2", card, EngineLoop(FakeEngine()), capacity=4).start()
+    app = create_app(redis_url)
+    async with app.router.lifespan_context(app):
+        ctx = app.state.ctx
+        before = await _commands(redis_client)
+        await _request_path_reads(ctx, card.name)
+        assert await _commands(redis_client) - before == 1  # the INFO of _commands itself
+
+
+async def test_a_gateway_starts_when_redis_is_away():
+    app = create_app("redis://127.0.0.1:1")  # nothing listens there
+    started = time.monotonic()
+    async with app.router.lifespan_context(app):
+        pass
+    assert time.monotonic() - started < START_TIMEOUT_S + 1
