@@ -8,7 +8,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -37,7 +36,7 @@ async def lane_streams(redis: aioredis.Redis, model: str, lane: str) -> list[str
     return [keys.jobs_stream(model, lane, t) for t in sorted(tenants)]
 
 
-async def submit(redis: aioredis.Redis | RedisPipe, payload: JobPayload, request: dict[str, Any],
+async def submit(redis: aioredis.Redis | RedisPipe, payload: JobPayload, request_json: str,
                  metadata: dict[str, str], streamed: bool, idempotency_key: str | None = None) -> float:
     """One script (one command, so one round trip and little CPU): add the stream entry, write the job hash
     with the entry's id (for cancel), count the job as queued for its tenant and note the tenant on the
@@ -48,7 +47,7 @@ async def submit(redis: aioredis.Redis | RedisPipe, payload: JobPayload, request
         F.TENANT: payload.tenant,
         F.MODEL: payload.model,
         F.LANE: payload.lane,
-        F.REQUEST: json.dumps(request),
+        F.REQUEST: request_json,
         F.METADATA: json.dumps(metadata),
         F.CREATED_AT: repr(created_at),
         F.SEQ: "0",

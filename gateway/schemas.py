@@ -4,8 +4,6 @@ check shapes, and `sampling.py` maps them onto SamplingParams."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.jobs import ChatMessage, Lane
@@ -107,6 +105,7 @@ class JobCreate(SamplingFields, JobOptions):
         return v
 
 
-def dump_request(body: BaseModel) -> dict[str, Any]:
-    """The client's body as stored in the job hash: only the fields it set."""
-    return body.model_dump(mode="json", exclude_unset=True)
+def dump_request(body: BaseModel) -> str:
+    """The client's body as stored in the job hash (JSON): only the fields it set. pydantic's own encoder
+    writes it in one pass, where model_dump and then json.dumps walked a long prompt twice."""
+    return body.model_dump_json(exclude_unset=True)

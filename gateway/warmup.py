@@ -51,7 +51,8 @@ async def warm_before_serving(ctx: GatewayContext, timeout_s: float = START_TIME
     """`warm_once`, given at most `timeout_s`: a gateway whose Redis is away or slow still starts and
     answers (its requests report the trouble)."""
     try:
-        await asyncio.wait_for(warm_once(ctx), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: 3.11's can swallow a cancellation
+            await warm_once(ctx)
     except Exception as e:  # noqa: BLE001 - Redis away, a bad card, too slow: a request will say so
         log.warning("warm-up before serving failed", error=repr(e))
 

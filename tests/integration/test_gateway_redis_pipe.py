@@ -100,8 +100,8 @@ async def test_redis_away_is_a_connection_error_after_the_retries():
 async def test_submit_twice_queues_once(pipe, redis_client):
     payload = JobPayload(id="job_twice", model="m", kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
-    await submit(pipe, payload, {"prompt": [1, 2]}, {}, streamed=False)
-    await submit(pipe, payload, {"prompt": [1, 2]}, {}, streamed=False)
+    await submit(pipe, payload, '{"prompt": [1, 2]}', {}, streamed=False)
+    await submit(pipe, payload, '{"prompt": [1, 2]}', {}, streamed=False)
     stream = keys.jobs_stream("m", payload.lane, payload.tenant)
     [(entry_id, _)] = await redis_client.xrange(stream)
     assert await redis_client.get(keys.tenant_queued_key(payload.tenant)) == "1"

@@ -120,7 +120,7 @@ async def test_follower_survives_a_redis_restart(restartable):
     client = make_redis(restartable.url)
     payload = JobPayload(id="job_restart", model=MODEL, kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
-    await submit(client, payload, {}, {}, streamed=False)
+    await submit(client, payload, "{}", {}, streamed=False)
     finals: list[Final] = []
 
     async def wait() -> None:
