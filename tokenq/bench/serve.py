@@ -57,7 +57,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--min-prompt-len", type=int, default=256)
     p.add_argument("--max-prompt-len", type=int, default=None, help="default: --min-prompt-len")
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--low-load-requests", type=int, default=8, help="sequential requests, both paths")
+    p.add_argument("--low-load-requests", type=int, default=48,
+                   help="sequential requests, both paths (the medians of fewer vary more from run to run)")
     p.add_argument("--low-load-pause-ms", type=float, default=20.0,
                    help="idle time before each low-load request, both paths")
     p.add_argument("--client-procs", type=int, default=None, help="default: half the CPUs, 1 to 8")
