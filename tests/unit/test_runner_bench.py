@@ -71,10 +71,9 @@ def test_graph_buckets_report_names_the_dropped_buckets(capsys):
 
     from tokenq.bench import gpu_common
 
-    runner = SimpleNamespace(bucket_times={"decode": {8: 4.0, 16: 5.0, 24: 4.5}},
-                             graphs=SimpleNamespace(sizes=[8, 24]), prefill_graphs=None)
+    runner = SimpleNamespace(graph_sets={"decode": SimpleNamespace(times={8: 4.0, 16: 5.0, 24: 4.5}, sizes=[8, 24])})
     report = gpu_common.graph_buckets(SimpleNamespace(runner=runner))
     assert report == {"decode": {"times_ms": {8: 4.0, 16: 5.0, 24: 4.5}, "kept": [8, 24]}}
     assert "decode 16 (5.00 ms)" in capsys.readouterr().out
-    cpu = SimpleNamespace(bucket_times={}, graphs=None, prefill_graphs=None)  # nothing captured, nothing timed
+    cpu = SimpleNamespace(graph_sets={})  # nothing captured, nothing timed
     assert gpu_common.graph_buckets(SimpleNamespace(runner=cpu)) == {}

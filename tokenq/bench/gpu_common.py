@@ -108,10 +108,8 @@ def make_engine(setup: Setup, cfg):
 def graph_buckets(engine) -> dict[str, dict]:
     """Each kind of CUDA graph's replay time per bucket (ms) and the buckets kept (the others were slower
     than a larger bucket, whose graph their steps replay instead); printed as one line."""
-    runner = engine.runner
-    kept = {"decode": runner.graphs, "prefill": runner.prefill_graphs}
-    report = {kind: {"times_ms": times, "kept": kept[kind].sizes if kept[kind] is not None else []}
-              for kind, times in runner.bucket_times.items()}
+    report = {kind: {"times_ms": graphs.times, "kept": graphs.sizes}
+              for kind, graphs in engine.runner.graph_sets.items() if graphs.times}
     dropped = [f"{kind} {size} ({r['times_ms'][size]:.2f} ms)" for kind, r in report.items()
                for size in sorted(set(r["times_ms"]) - set(r["kept"]))]
     if report:

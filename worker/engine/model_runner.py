@@ -222,16 +222,19 @@ class ModelRunner:
         self._keep_fastest_buckets()
 
     @property
+    def graph_sets(self) -> dict[str, DecodeGraphs | PrefillGraphs]:
+        """The captured graphs by kind ("decode", "prefill"); none on a CPU."""
+        sets = {"decode": self.graphs, "prefill": self.prefill_graphs}
+        return {name: graphs for name, graphs in sets.items() if graphs is not None}
+
+    @property
     def bucket_times(self) -> dict[str, dict[int, float]]:
         """Graph replay times (ms) by kind and bucket, for the graphs that were timed."""
-        kinds = (("decode", self.graphs), ("prefill", self.prefill_graphs))
-        return {name: graphs.times for name, graphs in kinds if graphs is not None and graphs.times}
+        return {name: graphs.times for name, graphs in self.graph_sets.items() if graphs.times}
 
     def _keep_fastest_buckets(self) -> None:
         """Drops the graph buckets that a larger bucket replays faster than (the buffers hold padding)."""
-        for name, graphs in (("decode", self.graphs), ("prefill", self.prefill_graphs)):
-            if graphs is None:
-                continue
+        for name, graphs in self.graph_sets.items():
             t0 = time.perf_counter()
             times = graphs.keep_fastest()
             dropped = sorted(set(times) - set(graphs.sizes))
