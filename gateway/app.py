@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from gateway import routes_health, routes_jobs, routes_openai
+from gateway.admission import max_queue_depth_from_env
 from gateway.context import GatewayContext
-from gateway.depth import max_queue_depth_from_env
 from gateway.errors import install_error_handlers
 from gateway.fastpath import FastSubmit, is_fast_submission
 from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
@@ -19,6 +19,7 @@ from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
+from jobstore.expiry import sweep_forever
 
 
 class GatewayApp(FastAPI):
@@ -45,12 +46,14 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         redis = make_redis(redis_url)
         app.state.ctx = GatewayContext.build(redis, metrics, depth)
         await warm_before_serving(app.state.ctx)
-        warm = asyncio.create_task(keep_warm(app.state.ctx))
+        background = [asyncio.create_task(keep_warm(app.state.ctx)),
+                      asyncio.create_task(sweep_forever(app.state.ctx.store))]  # jobs past their deadline
         try:
             yield
         finally:
-            warm.cancel()
-            await asyncio.gather(warm, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await app.state.ctx.pipe.aclose()
             await redis.aclose()
 

@@ -7,32 +7,31 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from fastapi import Request
 
-from gateway.admission import Admission
 from gateway.auth import Authenticator, Tenant
 from gateway.cancel import Canceller
-from gateway.depth import DepthGauge
 from gateway.metrics import GatewayMetrics
 from gateway.redis_pipe import RedisPipe
 from gateway.registry import Registry
+from jobstore import JobStore
 
 
 @dataclass
 class GatewayContext:
     redis: aioredis.Redis
-    pipe: RedisPipe  # the submission path's commands (admission, submit): one shared, pipelined connection
+    pipe: RedisPipe  # the submission script's connection: one shared, pipelined connection
+    store: JobStore
     registry: Registry
     metrics: GatewayMetrics
     auth: Authenticator
-    admission: Admission
-    depth: DepthGauge
     canceller: Canceller
+    max_queue_depth: int  # per model and lane, shared fairly by the tenants with jobs in it (0: none)
 
     @classmethod
     def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int) -> GatewayContext:
         pipe = RedisPipe(redis)
-        return cls(redis=redis, pipe=pipe, registry=Registry(redis), metrics=metrics, auth=Authenticator(redis),
-                   admission=Admission(pipe), depth=DepthGauge(redis, max_queue_depth),
-                   canceller=Canceller(redis))
+        store = JobStore(redis, scripts=pipe)
+        return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
+                   auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth)
 
 
 async def get_ctx(request: Request) -> GatewayContext:

@@ -1,30 +1,26 @@
-"""The submission path every submitting route shares: prepare the job, check the lane's depth, admit it
-for its tenant (limits, Idempotency-Key), then write it. A repeated Idempotency-Key gives the first job."""
+"""The submission path every submitting route shares: prepare the job, then admit and write it in one
+jobstore script (limits, the lane's fair share, Idempotency-Key). A repeated Idempotency-Key gives the
+first job."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.admission import limit_error, limits_of
 from gateway.auth import Tenant
 from gateway.context import GatewayContext
 from gateway.errors import ApiError
-from gateway.jobs import read_job, submit
+from gateway.jobs import read_job
 from gateway.logging import bind_job, get_logger
 from gateway.prepare import prepare
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate, dump_request
+from jobstore import Refused
 from protocol import job_record as F
-from protocol import keys
 from protocol.jobs import JobPayload, Lane
 
 log = get_logger(__name__)
-
-FIRST_JOB_WAIT_S = 2.0  # how long a repeat waits for the first request to finish writing its job
-
-_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
 
 @dataclass(frozen=True)
 class Enqueued:
@@ -41,37 +37,33 @@ async def enqueue(ctx: GatewayContext, tenant: Tenant,
                   body: ChatCompletionRequest | CompletionRequest | JobCreate, lane: Lane, stream: bool,
                   metadata: dict[str, str], idempotency_key: str | None) -> Enqueued:
     payload = await prepare(ctx.registry, body, lane, stream, tenant.name)
-    await ctx.depth.check(payload.model, payload.lane)
-    tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
-    first = await ctx.admission.admit(tenant, payload.id, tokens, idempotency_key)
-    if first is not None:
-        return await _first_job(ctx, tenant.name, idempotency_key or "", first)
+    try:
+        submitted = await ctx.store.submit(payload, dump_request(body), metadata, streamed=stream,
+                                           limits=limits_of(tenant, ctx.max_queue_depth),
+                                           idempotency_key=idempotency_key)
+    except Refused as refused:
+        tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
+        raise limit_error(tenant, refused, tokens, payload.model, payload.lane) from None
+    if submitted.repeat:
+        return await _first_job(ctx, tenant.name, idempotency_key or "", submitted.job_id)
     bind_job(payload.id)
-    created = await submit(ctx.pipe, payload, dump_request(body), metadata, streamed=stream,
-                           idempotency_key=idempotency_key)
     ctx.metrics.jobs_enqueued.labels(payload.model, payload.lane).inc()
     log.debug("job enqueued", model=payload.model, lane=payload.lane, kind=payload.kind,
               prompt_tokens=len(payload.prompt_token_ids), stream=stream, tenant=tenant.name)
-    return Enqueued(payload, created)
+    return Enqueued(payload, submitted.created_at)
 
 
 async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, job_id: str) -> Enqueued:
-    """The job a repeated key maps to. Its request may still be writing it; if it never does (it failed
-    between admission and submit), the key is released so that the client's next retry goes through."""
+    """The job a repeated key maps to (written in the same script that bound the key). If it is gone
+    (evicted), the key is released so that the client's next retry goes through."""
     bind_job(job_id)
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + FIRST_JOB_WAIT_S
-    while True:
-        record = await read_job(ctx.redis, job_id)
-        if record is not None and record.get(F.PAYLOAD):
-            payload = JobPayload.model_validate_json(record[F.PAYLOAD])
-            log.info("idempotent repeat", first_job=job_id)
-            return Enqueued(payload, float(record.get(F.CREATED_AT) or 0), record)
-        if loop.time() >= give_up:
-            break
-        await asyncio.sleep(0.05)
-    await ctx.redis.eval(_RELEASE_LUA, 1, keys.idem_key(tenant, idempotency_key), job_id)
-    raise ApiError(409, "a request with this Idempotency-Key did not finish creating its job; retry it",
+    record = await read_job(ctx.redis, job_id)
+    if record is not None and record.get(F.PAYLOAD):
+        log.info("idempotent repeat", first_job=job_id)
+        payload = JobPayload.model_validate_json(record[F.PAYLOAD])
+        return Enqueued(payload, float(record.get(F.CREATED_AT) or 0), record)
+    await ctx.store.release_idempotency_key(tenant, idempotency_key, job_id)
+    raise ApiError(409, "the job this Idempotency-Key was used for is gone; retry the request",
                    param="Idempotency-Key", code="idempotency_key_in_use")
 
 

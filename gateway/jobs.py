@@ -1,10 +1,10 @@
-"""Jobs in Redis, the gateway's side of docs/redis-protocol.md: submit, read, and wait for the end."""
+"""Reading jobs, the gateway's side of docs/redis-protocol.md: follow a job's output and wait for its end
+(every write goes through jobstore)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,87 +14,18 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.redis_pipe import RedisPipe, Script, eval_script
-from protocol import job_record as F
+from jobstore import JobStore
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
-from protocol.jobs import JobError, JobPayload, JobResult, JobState
+from protocol.jobs import JobError, JobResult, JobState
 
 RECHECK_S = 2.0  # a waiter re-reads the hash this often, in case a pub/sub message was missed
 RECONNECT_FOR_S = 60.0  # a follower that lost Redis keeps trying this long before it gives up
-_LIVE_FIELDS = (F.STATE, F.TEXT, F.SEQ, F.RESULT, F.ERROR)
-
-
-def job_stream(model: str, lane: str, tenant: str) -> str:
-    """The stream a tenant's job of this model and lane goes on (the one submit's XADD uses)."""
-    return keys.jobs_stream(model, lane, tenant)
-
-
-async def lane_streams(redis: aioredis.Redis, model: str, lane: str) -> list[str]:
-    """Every stream of one (model, lane): one per tenant that ever queued there."""
-    tenants = await redis.smembers(keys.lane_tenants_key(model, lane))
-    return [keys.jobs_stream(model, lane, t) for t in sorted(tenants)]
-
-
-async def submit(redis: aioredis.Redis | RedisPipe, payload: JobPayload, request_json: str,
-                 metadata: dict[str, str], streamed: bool, idempotency_key: str | None = None) -> float:
-    """One script (one command, so one round trip and little CPU): add the stream entry, write the job hash
-    with the entry's id (for cancel), count the job as queued for its tenant and note the tenant on the
-    lane. Returns created_at."""
-    created_at = time.time()
-    record = {
-        F.STATE: JobState.queued.value,
-        F.TENANT: payload.tenant,
-        F.MODEL: payload.model,
-        F.LANE: payload.lane,
-        F.REQUEST: request_json,
-        F.METADATA: json.dumps(metadata),
-        F.CREATED_AT: repr(created_at),
-        F.SEQ: "0",
-        F.ATTEMPTS: "0",
-        F.STREAMED: "1" if streamed else "0",
-    }
-    if idempotency_key is not None:
-        record[F.IDEMPOTENCY_KEY] = idempotency_key
-    if payload.webhook_url:
-        record[F.WEBHOOK_URL] = payload.webhook_url
-    stream = job_stream(payload.model, payload.lane, payload.tenant)
-    await eval_script(redis, SUBMIT_JOB,
-                      [keys.job_key(payload.id), keys.tenant_queued_key(payload.tenant), stream,
-                       keys.lane_tenants_key(payload.model, payload.lane)],
-                      [payload.id, payload.model_dump_json(), payload.tenant,
-                       *(item for pair in record.items() for item in pair)])
-    return created_at
-
-
-# KEYS: 1 job hash, 2 the tenant's queued counter, 3 the job's stream, 4 the lane's set of tenants.
-# ARGV: 1 job id, 2 payload JSON (the entry's and the hash's), 3 tenant, then the hash's other fields and
-# values. A job whose hash exists is not added again: a retry after a lost reply must not queue it twice.
-SUBMIT_JOB = Script(f"""
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], '{F.ENTRY_ID}') end
-local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1], 'payload', ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[3])
-redis.call('HSET', KEYS[1], '{F.ENTRY_ID}', id, '{F.PAYLOAD}', ARGV[2], unpack(ARGV, 4))
-redis.call('INCR', KEYS[2])
-return id
-""")
 
 
 async def read_job(redis: aioredis.Redis, job_id: str) -> dict[str, str] | None:
-    record = await redis.hgetall(keys.job_key(job_id))
-    return record or None
-
-
-# Only an existing job gets the flag: a plain HSET would recreate an expired hash with no TTL.
-_MARK_STREAMED_LUA = f"""
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], '{F.STREAMED}', '1') end
-return 0
-"""
-
-
-async def mark_streamed(redis: aioredis.Redis, job_id: str) -> None:
-    """Ask the worker to publish deltas (it re-reads this flag while the job runs)."""
-    await redis.eval(_MARK_STREAMED_LUA, 1, keys.job_key(job_id))
+    """The job's record (its text included), its deadline applied first when it has passed."""
+    return await JobStore(redis).read_current(job_id)
 
 
 @dataclass(frozen=True)
@@ -156,13 +87,14 @@ class _Cursor:
 
 async def _follow_once(redis: aioredis.Redis, pubsub: PubSub, job_id: str, cursor: _Cursor,
                        want_deltas: bool, mark: bool) -> AsyncIterator[Delta | Final | None]:
+    store = JobStore(redis)
     await _subscribe(pubsub, keys.events_channel(job_id))
     if want_deltas and mark:
-        await mark_streamed(redis, job_id)
+        await store.mark_streamed(job_id)
     while True:
         # Snapshot: on entry, and again after silence or a gap in the deltas.
-        state, text, seq, result, error = await redis.hmget(keys.job_key(job_id), list(_LIVE_FIELDS))
-        cursor.snap_seq = max(cursor.snap_seq, int(seq or 0))
+        state, text, seq, result, error = await store.snapshot(job_id)
+        cursor.snap_seq = max(cursor.snap_seq, seq)
         if want_deltas and text and len(text) > cursor.offset:
             delta = Delta(text[cursor.offset:], cursor.offset)
             cursor.offset = delta.end

@@ -25,7 +25,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
-from protocol.scripts import Script
+from jobstore.scripts import Script
 
 Arg = str | bytes | int | float
 
@@ -160,11 +160,3 @@ def _checked(reply: Any) -> Any:
 
 async def _no_op(_: Exception) -> None:
     return None
-
-
-async def eval_script(redis: aioredis.Redis | RedisPipe, script: Script, keys: Sequence[str],
-                      args: Sequence[Arg]) -> Any:
-    """Run `script` on either client (callers outside the gateway pass a plain redis-py client)."""
-    if isinstance(redis, RedisPipe):
-        return await redis.evalsha(script, keys, args)
-    return await redis.eval(script.lua, len(keys), *keys, *args)

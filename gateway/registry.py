@@ -30,7 +30,8 @@ class _CachedCard:
 
 @dataclass(frozen=True)
 class ModelTarget:
-    """A model a request may use: its card (through the prompt builder) and the live workers serving it."""
+    """A model a request may use: its card (through the prompt builder) and the live workers serving it
+    (none while every worker of it is away: its jobs then wait in the queue)."""
 
     name: str
     prompts: PromptBuilder
@@ -121,15 +122,15 @@ class Registry:
         self._live = (models, read_at) if models else None
 
     async def target(self, model: str) -> ModelTarget:
-        """The model for a request, or 404 (nobody knows it) / 503 (known, but no worker is alive)."""
+        """The model for a request: one a worker has ever served (its card is kept) is accepted while no
+        worker of it is live, and its jobs wait; 404 for a model nobody served, 503 while a known model's
+        card is missing (a Redis that lost it: its next worker writes it again)."""
         workers = await self.serving(model)
         builder = await self.prompt_builder(model)
-        if builder is None and not workers:
-            raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        if not workers:
-            raise ApiError(503, f"no worker serving model `{model}` is alive; try again later",
-                           code="no_worker")
         if builder is None:
+            if not workers and not await self.redis.sismember(keys.MODELS_SET, model):
+                raise ApiError(404, f"The model `{model}` does not exist.", param="model",
+                               code="model_not_found")
             raise ApiError(503, f"model `{model}` has not published its model card yet; try again later",
                            code="no_model_card")
         return ModelTarget(model, builder, workers)

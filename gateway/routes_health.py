@@ -23,18 +23,37 @@ def _model_card(name: str, workers: list[WorkerHeartbeat]) -> dict:
     }
 
 
+async def _idle_model_card(ctx: GatewayContext, name: str) -> dict | None:
+    """A model that workers have served and none serves now: it is accepted, its jobs wait."""
+    builder = await ctx.registry.prompt_builder(name)
+    if builder is None:
+        return None
+    card = builder.card
+    return {"id": name, "object": "model", "created": card.created, "owned_by": "tokenq",
+            "max_model_len": card.max_model_len, "workers": 0}
+
+
 @router.get("/v1/models")
 async def list_models(caller: Caller = Depends(get_caller)) -> dict:
-    models = await caller.ctx.registry.models()
-    return {"object": "list", "data": [_model_card(name, ws) for name, ws in sorted(models.items())]}
+    ctx = caller.ctx
+    models = await ctx.registry.models()
+    data = [_model_card(name, ws) for name, ws in sorted(models.items())]
+    for name in sorted(await ctx.store.known_models() - set(models)):
+        if (card := await _idle_model_card(ctx, name)) is not None:
+            data.append(card)
+    return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model}")
 async def get_model(model: str, caller: Caller = Depends(get_caller)) -> dict:
-    workers = (await caller.ctx.registry.models()).get(model)
-    if not workers:
+    ctx = caller.ctx
+    workers = (await ctx.registry.models()).get(model)
+    if workers:
+        return _model_card(model, workers)
+    card = await _idle_model_card(ctx, model) if model in await ctx.store.known_models() else None
+    if card is None:
         raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-    return _model_card(model, workers)
+    return card
 
 
 @router.get("/healthz")
@@ -48,9 +67,8 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
         await ctx.redis.ping()
     except Exception as e:  # any failure to reach Redis means: not ready
         return JSONResponse({"status": "not ready", "reason": f"redis: {e}"}, status_code=503)
+    # Not a worker: jobs of a model that workers have served wait in the queue while none is live.
     workers = await ctx.registry.live_workers()
-    if not workers:
-        return JSONResponse({"status": "not ready", "reason": "no live worker"}, status_code=503)
     return JSONResponse({"status": "ready", "workers": len(workers),
                          "models": sorted({w.model for w in workers})})
 

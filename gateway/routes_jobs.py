@@ -13,6 +13,7 @@ from gateway.errors import ApiError
 from gateway.jobs import read_job
 from gateway.schemas import JobCreate
 from gateway.sse import job_events, sse_response
+from jobstore import JobRef
 from protocol import job_record as F
 from protocol.keys import job_key
 
@@ -39,7 +40,7 @@ async def cancel_job(job_id: str, caller: Caller = Depends(get_caller)) -> dict:
     a moment (its status reads `running` until then), a final one is returned unchanged."""
     record = await _owned(caller, job_id)
     ctx = caller.ctx
-    await ctx.canceller.cancel(job_id, caller.tenant.name, record.get(F.MODEL, ""), record.get(F.LANE, ""))
+    await ctx.canceller.cancel(JobRef.of_record(job_id, record))
     record = await read_job(ctx.redis, job_id) or record
     return responses.job_object(job_id, record)
 
@@ -62,8 +63,8 @@ async def get_job_events(job_id: str, caller: Caller = Depends(get_caller),
 
 
 async def _owned(caller: Caller, job_id: str) -> dict[str, str]:
-    """The job's hash when it exists and belongs to the caller's tenant; else 404 (not 403: another
-    tenant's job ids are not confirmed to exist)."""
+    """The job's record when it exists and belongs to the caller's tenant, its deadline applied (a job
+    past it reads `expired`); else 404 (not 403: another tenant's job ids are not confirmed to exist)."""
     record = await read_job(caller.ctx.redis, job_id)
     if record is None or record.get(F.TENANT, "default") != caller.tenant.name:
         raise _not_found(job_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response
 
@@ -11,12 +13,16 @@ from gateway.auth import Tenant
 from gateway.context import Caller, GatewayContext, get_caller
 from gateway.enqueue import enqueue
 from gateway.errors import error_response
-from gateway.jobs import wait_final
+from gateway.jobs import Final, wait_final
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.sse import completion_events, final_error, sse_response
-from protocol.jobs import JobState
+from jobstore import JobRef
+from protocol.jobs import JobPayload, JobState
 
 router = APIRouter()
+# A completion (a client holding its connection open) submitted while no worker of its model is live waits
+# this long for one to start it; a job still queued then is cancelled and the client gets a 504 saying why.
+NO_WORKER_WAIT_S = 60.0
 # A job that did not succeed: failed is the server's fault; cancelled and expired are outcomes the
 # client asked for (DELETE, a deadline).
 _FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
@@ -46,12 +52,29 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
         on_abandon = None
         if not job.repeat and not payload.run_to_completion:
             def on_abandon() -> None:
-                ctx.canceller.cancel_detached(payload.id, tenant.name, payload.model, payload.lane)
+                ctx.canceller.cancel_detached(JobRef.of(payload))
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
                                               mark=job.repeat))
-    final = await wait_final(ctx.redis, payload.id)
+    final = await _wait(ctx, payload, job.repeat)
+    if final is None:
+        return error_response(504, f"no worker serving model `{payload.model}` started this job within "
+                                   f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later",
+                              type_="no_worker", code="no_worker")
     if final.state != JobState.succeeded or final.result is None:
         err = final_error(final)
         return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
     return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
                                                 want_logprobs=payload.sampling.logprobs is not None))
+
+
+async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final | None:
+    """The job's Final; None when no worker was live at submission and none started it in time."""
+    if repeat or await ctx.registry.serving(payload.model):
+        return await wait_final(ctx.redis, payload.id)
+    try:
+        async with asyncio.timeout(NO_WORKER_WAIT_S):
+            return await wait_final(ctx.redis, payload.id)
+    except TimeoutError:
+        if await ctx.canceller.cancel(JobRef.of(payload)) == JobState.queued.value:
+            return None
+    return await wait_final(ctx.redis, payload.id)  # it started meanwhile: its worker answers

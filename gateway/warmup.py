@@ -5,7 +5,7 @@ would otherwise do on first use or after a quiet spell:
   one, and the import took ~10 ms on a small CPU, on the first streamed request of every process;
 - each served model's card, whose tokenizer takes ~0.1 s to build;
 - the reads that the request path caches (whether auth is on, the default tenant's limits, the live
-  workers, each lane's queue depth), which a request after a quiet minute would otherwise wait for, as the
+  workers), which a request after a quiet minute would otherwise wait for, as the
   first request of a process did (~1.4 ms in all on that CPU);
 - the submission path's Redis connection.
 
@@ -24,7 +24,6 @@ import anyio
 from gateway.auth import DEFAULT_TENANT
 from gateway.context import GatewayContext
 from gateway.logging import get_logger
-from protocol import keys
 
 log = get_logger(__name__)
 
@@ -42,8 +41,6 @@ async def warm_once(ctx: GatewayContext) -> None:
     ctx.registry.keep_live(models, read_at)  # serving() answers from this read, not one more
     for model in models:
         await ctx.registry.prompt_builder(model)
-        for lane in keys.LANES:
-            await ctx.depth.depth(model, lane)
     await ctx.pipe.execute("PING")
 
 

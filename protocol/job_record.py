@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The text streamed so far lives in its own string, keys.job_text_key (deltas APPEND to it); jobstore's
+# reads put it under TEXT in the record they return.
+TEXT = "text"
 # Every value in the hash is a string; JSON fields hold pydantic models' JSON.
 STATE = "state"
 TENANT = "tenant"
@@ -12,7 +15,6 @@ REQUEST = "request"  # the client's original body JSON (for GET /v1/jobs/{id})
 METADATA = "metadata"  # client metadata JSON
 RESULT = "result"  # JobResult JSON, once succeeded
 ERROR = "error"  # JobError JSON, once failed
-TEXT = "text"  # text streamed so far (only for jobs someone streams)
 SEQ = "seq"  # sequence number of the last published event
 STREAMED = "streamed"  # "1" once any reader wants deltas; the worker then publishes them
 CREATED_AT = "created_at"
@@ -25,6 +27,7 @@ CANCEL_REQUESTED = "cancel_requested"  # "1": the worker running it aborts it an
 IDEMPOTENCY_KEY = "idempotency_key"
 WEBHOOK_URL = "webhook_url"
 WEBHOOK_ATTEMPTS = "webhook_attempts"  # JSON list of delivery attempts (time, status or error)
+DEADLINE = "deadline"  # epoch seconds, when the job has one (also its score in keys.DEADLINES)
 ENTRY_ID = "entry_id"  # the job's stream entry id, so a cancel of a queued job can acknowledge it
 
 RETENTION_SECONDS = 7 * 24 * 3600  # a final job's hash expires after this

@@ -10,6 +10,11 @@ LANES: tuple[str, ...] = ("interactive", "default", "batch")
 LANE_PRIORITY: dict[str, int] = {lane: i for i, lane in enumerate(LANES)}
 
 WORKERS_SET = f"{PREFIX}:workers"  # set of worker ids that have heartbeated
+# Every model a worker has ever served (heartbeats add to it; it never expires): such a model is accepted,
+# and its jobs wait, while no worker of it is live.
+MODELS_SET = f"{PREFIX}:models"
+# Sorted set of job ids by deadline (epoch seconds): the expiry sweep reads the ones that are due.
+DEADLINES = f"{PREFIX}:deadlines"
 DEAD_STREAM = f"{PREFIX}:dead"
 # Entries {job_id, state} added by the first final write of a job that names a webhook; the webhook
 # service relays each to an arq delivery job.
@@ -29,6 +34,17 @@ def lane_tenants_key(model: str, lane: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
+
+
+def job_text_key(job_id: str) -> str:
+    """The text streamed so far, a string of its own so that each delta is one APPEND."""
+    return f"{PREFIX}:job:{job_id}:text"
+
+
+def lane_depth_key(model: str, lane: str) -> str:
+    """Hash tenant -> the tenant's jobs queued or running on this (model, lane): the lane's depth, kept by
+    the submit and finish scripts (a tenant's field goes when it reaches 0)."""
+    return f"{PREFIX}:lane:{model}:{lane}:depth"
 
 
 def events_channel(job_id: str) -> str:

@@ -101,22 +101,11 @@ def expected_text(prompt_token_ids: list[int], max_tokens: int) -> str:
 
 
 async def submit_job(redis, payload: JobPayload, streamed: bool = False, request: str = "{}") -> str:
-    """Write a job exactly as the gateway does: one MULTI with the hash, the tenant's queued count, the
-    entry on the tenant's stream and the tenant in its lane's set; then the entry id in the hash.
-    Returns the entry id."""
-    pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.job_key(payload.id), mapping={
-        f.STATE: "queued", f.TENANT: payload.tenant, f.MODEL: payload.model, f.LANE: payload.lane,
-        f.PAYLOAD: payload.model_dump_json(), f.REQUEST: request, f.METADATA: "{}",
-        f.CREATED_AT: repr(time.time()), f.SEQ: 0, f.ATTEMPTS: 0, f.STREAMED: "1" if streamed else "0",
-    })
-    pipe.incr(keys.tenant_queued_key(payload.tenant))
-    pipe.xadd(keys.jobs_stream(payload.model, payload.lane, payload.tenant),
-              {"job_id": payload.id, "payload": payload.model_dump_json()})
-    pipe.sadd(keys.lane_tenants_key(payload.model, payload.lane), payload.tenant)
-    entry_id = (await pipe.execute())[2]
-    await redis.hset(keys.job_key(payload.id), f.ENTRY_ID, entry_id)
-    return entry_id
+    """Write a job exactly as the gateway does (jobstore's submit, no limits). Returns the entry id."""
+    from jobstore import JobStore
+
+    await JobStore(redis).submit(payload, request, {}, streamed=streamed)
+    return await redis.hget(keys.job_key(payload.id), f.ENTRY_ID)
 
 
 @contextlib.asynccontextmanager

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
+from jobstore import JobStore
 from protocol import keys
 from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
 from worker import metrics
 from worker.engine_loop import EngineLoop
 from worker.logging import get_logger
-
-if TYPE_CHECKING:
-    from worker.intake import TenantStreams
 
 log = get_logger("heartbeat")
 
@@ -24,7 +21,7 @@ log = get_logger("heartbeat")
 class Heartbeat:
     def __init__(self, redis: Redis, worker_id: str, card: ModelCard, engine_loop: EngineLoop,
                  capacity: int, device: str = "cpu", interval: float = HEARTBEAT_INTERVAL_S,
-                 ttl: int = HEARTBEAT_TTL_S, streams: TenantStreams | None = None) -> None:
+                 ttl: int = HEARTBEAT_TTL_S) -> None:
         self.redis = redis
         self.worker_id = worker_id
         self.card = card
@@ -33,7 +30,7 @@ class Heartbeat:
         self.device = device
         self.interval = interval
         self.ttl = ttl
-        self.streams = streams  # intake's view of the model's tenant streams (for the queue-depth gauge)
+        self.store = JobStore(redis)
 
     def heartbeat(self) -> WorkerHeartbeat:
         stats = self.engine_loop.stats()
@@ -60,6 +57,7 @@ class Heartbeat:
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(keys.worker_key(self.worker_id), hb.model_dump_json(), ex=self.ttl)
         pipe.sadd(keys.WORKERS_SET, self.worker_id)
+        pipe.sadd(keys.MODELS_SET, self.card.name)  # remembered: its jobs are accepted while no worker is live
         pipe.hexists(keys.model_card_key(self.card.name), keys.MODEL_CARD_FIELD)
         *_, has_card = await pipe.execute()
         if not has_card:
@@ -67,19 +65,10 @@ class Heartbeat:
         await self.observe_queue_depth()
 
     async def observe_queue_depth(self) -> dict[str, int]:
-        """Entries per lane over all its tenant streams, for the tokenq_queue_depth gauge: one stream per
-        tenant means no single stream's lag says how much work waits (KEDA's redis-streams trigger
-        watches one stream), so the worker sums them where a Prometheus trigger can read the total. The
-        streams are the ones intake already keeps track of; without them there is nothing to report."""
-        if self.streams is None:
-            return {}
-        by_lane = {lane: list(self.streams.by_lane[lane]) for lane in keys.LANES}
-        pipe = self.redis.pipeline(transaction=False)
-        for streams in by_lane.values():
-            for stream in streams:
-                pipe.xlen(stream)
-        lengths = iter(await pipe.execute())
-        depth = {lane: sum(next(lengths) for _ in streams) for lane, streams in by_lane.items()}
+        """Jobs queued or running per lane over every tenant, for the tokenq_queue_depth gauge (one stream per
+        tenant means no single stream's lag says how much work waits, and KEDA's redis-streams trigger
+        watches one stream): the lane counters that admission keeps, read through the job store."""
+        depth = await self.store.depth(self.card.name)
         for lane, n in depth.items():
             metrics.QUEUE_DEPTH.labels(self.card.name, lane).set(n)
         return depth

@@ -26,10 +26,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from jobstore import JobStore, Started
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
-from protocol.scripts import START_JOB
-from worker import lua, metrics
+from worker import metrics
 from worker.engine_loop import EngineLoop
 from worker.logging import get_logger
 from worker.pruning import Pruner
@@ -41,7 +41,6 @@ log = get_logger("intake")
 BLOCK_MS = 500
 REFRESH_S = 1.0
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-_START = lua.PipelinedScript(START_JOB)
 
 
 @dataclass(frozen=True)
@@ -113,6 +112,7 @@ class Intake:
                  consumer: str, max_model_len: int, block_ms: int = BLOCK_MS,
                  recovery: Recovery | None = None, pruner: Pruner | None = None) -> None:
         self.redis = redis
+        self.store = JobStore(redis)
         self.engine_loop = engine_loop
         self.publisher = publisher
         self.model = model
@@ -276,27 +276,25 @@ class Intake:
                 for _, payload in valid:
                     self._withdraw(payload)
             raise
-        drop = self.redis.pipeline(transaction=False)
+        drop: list[tuple[str, str]] = []
         for (e, payload), res in zip(valid, results, strict=True):
-            code = int(res[0])
-            if code != 1:
+            if res.code != 1:
                 log.info("job already final or gone; dropping entry", job_id=payload.id,
-                         reason="final" if code == 0 else "no job record")
+                         reason="final" if res.code == 0 else "no job record")
                 if early:
                     self._withdraw(payload)
-                drop.xack(e.stream, keys.GROUP, e.entry_id)
-                drop.xdel(e.stream, e.entry_id)
+                drop.append((e.stream, e.entry_id))
                 continue
             job = RunningJob(payload=payload, stream=e.stream, entry_id=e.entry_id,
-                             streamed=payload.stream or res[1] == "1", seq=int(res[2]), started_at=now)
+                             streamed=payload.stream or res.streamed, seq=res.seq, started_at=now)
             if not early:
                 self._run(e, payload)
             self.publisher.track(job)
             metrics.REQUESTS_STARTED.labels(self.model, e.lane).inc()
             metrics.QUEUE_TIME.labels(self.model, e.lane).observe(max(0.0, now - payload.enqueued_at))
             log.debug("job started", job_id=payload.id, lane=e.lane, streamed=job.streamed)
-        if len(drop):
-            await drop.execute()
+        if drop:
+            await self.store.ack(drop)
 
     def _run(self, e: Entry, payload: JobPayload) -> None:
         self.publisher.expect(payload.id)
@@ -308,12 +306,8 @@ class Intake:
         self.publisher.unexpect(payload.id)
         self.engine_loop.abort(payload.id)
 
-    async def _start_all(self, payloads: list[JobPayload], now: float) -> list:
-        def fill(pipe) -> None:
-            for payload in payloads:
-                _START.queue(pipe, [keys.job_key(payload.id)], [repr(now), self.consumer])
-
-        return await lua.execute(self.redis, fill)
+    async def _start_all(self, payloads: list[JobPayload], now: float) -> list[Started]:
+        return await self.store.start([p.id for p in payloads], now, self.consumer)
 
     async def _parse(self, stream: str, entry_id: str, fields: dict) -> JobPayload | None:
         """The entry's payload, or None after failing (or just dropping) an entry that cannot run."""
@@ -332,7 +326,7 @@ class Intake:
                 log.info("job expired in the queue", job_id=payload.id)
                 await self.publisher.end_untracked(
                     payload.id, stream, entry_id, state=JobState.expired.value, tenant=payload.tenant,
-                    error=JobError(type="deadline_exceeded", message="the job expired before it started"))
+                    lane=payload.lane, error=JobError(type="deadline_exceeded", message="the job expired before it started"))
                 return None
             return payload
 
@@ -342,10 +336,7 @@ class Intake:
             await self.publisher.end_untracked(job_id, stream, entry_id,
                                                 JobError(type="invalid_request", message=problem))
         else:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(stream, keys.GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+            await self.store.ack([(stream, entry_id)])
         return None
 
     def _refuse(self, payload: JobPayload, job_id: str) -> str | None:

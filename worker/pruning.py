@@ -3,7 +3,7 @@ is a consumer in its group; neither goes away by itself. Intake reads every tena
 streams of tenants long gone cost every read, and consumers of workers long gone fill XINFO. Here a tenant
 stream that has been empty for `idle_s` leaves its lane (one script, atomic against the gateway's submit,
 which re-adds both in one script), and consumers without pending entries whose worker has no heartbeat
-leave the group. Any worker may run it; running it twice does no harm."""
+leave the group (jobstore's PRUNE_STREAM). Any worker may run it; running it twice does no harm."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 
 from redis.asyncio import Redis
 
+from jobstore import JobStore
 from protocol import keys
-from worker import lua
 from worker.logging import get_logger
 
 log = get_logger("pruning")
@@ -20,33 +20,11 @@ log = get_logger("pruning")
 PRUNE_EVERY_S = 60.0
 STREAM_IDLE_S = 3600.0  # an empty tenant stream goes this long after its last entry was added
 
-# KEYS[1] the tenant's stream, KEYS[2] its lane's tenant set. ARGV[1] tenant, ARGV[2] idle ms.
-# 1: removed (or already gone); 0: kept (entries on it, or one added within the idle time).
-PRUNE_STREAM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('SREM', KEYS[2], ARGV[1])
-  return 1
-end
-if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local last = '0-0'
-for i = 1, #info, 2 do
-  if info[i] == 'last-generated-id' then last = info[i + 1] end
-end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if now_ms - tonumber(string.match(last, '^(%d+)')) < tonumber(ARGV[2]) then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-return 1
-"""
-_PRUNE = lua.PipelinedScript(PRUNE_STREAM)
-
-
 class Pruner:
     def __init__(self, redis: Redis, model: str, every_s: float = PRUNE_EVERY_S,
                  stream_idle_s: float = STREAM_IDLE_S) -> None:
         self.redis = redis
+        self.store = JobStore(redis)
         self.model = model
         self.every_s = every_s
         self.stream_idle_s = stream_idle_s
@@ -78,12 +56,8 @@ class Pruner:
         return streams_removed, consumers_removed
 
     async def _prune_streams(self, lane_set: str, tenants: list[str], streams: list[str]) -> list:
-        """PRUNE_STREAM on each of the lane's streams, in one round trip; 1 where the stream went."""
-        def fill(pipe) -> None:
-            for tenant, stream in zip(tenants, streams, strict=True):
-                _PRUNE.queue(pipe, [stream, lane_set], [tenant, int(self.stream_idle_s * 1000)])
-
-        return await lua.execute(self.redis, fill)
+        """1 where the stream went (jobstore's PRUNE_STREAM, atomic against submit)."""
+        return await self.store.prune_streams(lane_set, tenants, streams, int(self.stream_idle_s * 1000))
 
     async def _prune_consumers(self, streams: list[str], live: set[str]) -> int:
         """Consumers with nothing pending whose worker is not alive. (A dead worker's pending entries are

@@ -1,8 +1,8 @@
 """Turns engine outputs into Redis writes: deltas for jobs someone streams, one final write per job.
 
-Per batch (one engine step, or several if the network fell behind) the publisher sends one MULTI with,
-for every streamed job that has new text, `HSET text seq` + `PUBLISH DeltaEvent`, and the finish script
-for every job that finished; then `XACK` + `XDEL` for those. Every ~200 ms it re-reads the `streamed`
+Per batch (one engine step, or several if the network fell behind) the publisher sends one MULTI through
+the job store: the new text of every streamed job (appended, with its DeltaEvent published), and the final
+write of every job that finished; then `XACK` + `XDEL` for those. Every ~200 ms it re-reads the `streamed`
 flag and the state of running jobs in one pipeline: a reader may start streaming a running job, and
 the gateway may cancel one (`cancel_requested`), and a job may pass its deadline: the worker then aborts
 it in the engine and writes `cancelled` (with the partial result) or `expired`.
@@ -11,7 +11,6 @@ it in the engine and writes `cancelled` (with the partial result) or `expired`.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +20,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
 from protocol import job_record as f
 from protocol import keys
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
-from protocol.scripts import FINISH_JOB, PUBLISH_DELTAS, finish_keys
-from worker import lua, metrics
+from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import EngineLoop, FailedOutput
 from worker.logging import get_logger
@@ -43,11 +42,9 @@ FLUSH_SPACING_PER_JOB_S = 0.0004
 FLUSH_SPACING_MAX_S = 0.2
 _FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 _FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
-# NoScriptError: Redis forgot the scripts again between lua.execute's load and its second send; a new
+# NoScriptError: Redis forgot the scripts again between the store's load and its second send; a new
 # attempt loads them again.
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
-_DELTAS = lua.PipelinedScript(PUBLISH_DELTAS)
-_FINISH = lua.PipelinedScript(FINISH_JOB)
 
 TokenText = Callable[[int], str]
 
@@ -143,43 +140,30 @@ def build_result(job: RunningJob, token_text: TokenText | None = None) -> JobRes
     )
 
 
-def final_write(job: RunningJob, token_text: TokenText | None = None) -> tuple[str, str, str]:
-    """(state, hash field, JSON) of a finished job: failed with a JobError on "error", cancelled with the
-    partial result, expired with a JobError past the deadline, else succeeded."""
+def final_write(job: RunningJob, now: float, token_text: TokenText | None = None) -> FinalWrite:
+    """The final write of a finished job: failed with a JobError on "error"; cancelled with the partial
+    result; expired past the deadline with the partial result and a JobError; else succeeded."""
+    first = repr(job.first_token_at) if job.first_token_at else ""
+    ref = JobRef.of(job.payload)
     if job.stop_state == JobState.expired.value:
         err = JobError(type="deadline_exceeded", message="the job ran past its deadline")
-        return JobState.expired.value, f.ERROR, err.model_dump_json()
+        return FinalWrite(ref, JobState.expired.value, build_result(job, token_text).model_dump_json(),
+                          err.model_dump_json(), now, first)
     if job.stop_state == JobState.cancelled.value:
-        return JobState.cancelled.value, f.RESULT, build_result(job, token_text).model_dump_json()
+        return FinalWrite(ref, JobState.cancelled.value, build_result(job, token_text).model_dump_json(), "",
+                          now, first)
     if job.finish_reason == "error":
         err = JobError(type="engine_error", message=job.error or "the engine failed to run this job")
-        return JobState.failed.value, f.ERROR, err.model_dump_json()
-    return JobState.succeeded.value, f.RESULT, build_result(job, token_text).model_dump_json()
-
-
-class _Deltas:
-    """The arguments of one PUBLISH_DELTAS call."""
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-        self.rows: list[list[str]] = []
-
-    def add(self, job_id: str, text: str, seq: int, delta_json: str, first_token_at: str) -> None:
-        self.keys.append(keys.job_key(job_id))
-        self.rows.append([text, str(seq), keys.events_channel(job_id), delta_json, first_token_at])
-
-    @property
-    def args(self) -> list[str]:
-        return [json.dumps(self.rows, ensure_ascii=False, separators=(",", ":"))]
-
-    def __bool__(self) -> bool:
-        return bool(self.keys)
+        return FinalWrite(ref, JobState.failed.value, "", err.model_dump_json(), now, first)
+    return FinalWrite(ref, JobState.succeeded.value, build_result(job, token_text).model_dump_json(), "", now,
+                      first)
 
 
 class Publisher:
     def __init__(self, redis: Redis, engine_loop: EngineLoop, model: str,
                  token_text: TokenText | None = None, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
         self.redis = redis
+        self.store = JobStore(redis)
         self.engine_loop = engine_loop
         self.model = model
         self.token_text = token_text
@@ -341,8 +325,9 @@ class Publisher:
     async def _write_out(self, touched: list[RunningJob], finishing: list[RunningJob], now: float) -> bool:
         """Deltas of the streamed jobs among `touched`, final writes of `finishing`, then XACK + XDEL.
         False when Redis stayed away until we stopped."""
-        # Plan the writes once, so that a retried write re-sends the same deltas and final states.
-        deltas = _Deltas()
+        # Plan the writes once, so that a retried write re-sends the same deltas and final states (the store
+        # skips a delta whose seq the job has already).
+        deltas: list[DeltaWrite] = []
         for job in touched:
             if not job.streamed:
                 continue
@@ -353,15 +338,11 @@ class Publisher:
             if job.first_token_at is not None and not job.first_token_written:
                 first = repr(job.first_token_at)
                 job.first_token_written = True
-            deltas.add(job.id, job.text, job.seq, delta.model_dump_json(), first)
-        finals: list[tuple[RunningJob, list]] = []
-        for job in finishing:
-            state, fld, body = final_write(job, self.token_text)
-            finals.append((job, [keys.events_channel(job.id), state, fld, body, repr(now), job.text,
-                                 f.RETENTION_SECONDS, repr(job.first_token_at) if job.first_token_at else ""]))
+            deltas.append(DeltaWrite(job.id, delta.text, delta.seq, delta.model_dump_json(), first))
+        finals = [(job, final_write(job, now, self.token_text)) for job in finishing]
         if not deltas and not finals:
             return True
-        results = await self._retrying(self._write, deltas, finals)
+        results = await self._retrying(self.store.write, deltas, [fw for _, fw in finals])
         if results is None:
             return False
         if not finals:
@@ -374,7 +355,9 @@ class Publisher:
                 # Leave the entry pending: another worker reruns it after the lease.
                 jlog.error("final write failed", error=repr(written))
                 continue
-            if written == 0:
+            if written == -1:
+                jlog.info("job record is gone; result dropped")
+            elif written == 0:
                 metrics.DUPLICATE_FINALS.labels(self.model).inc()
                 jlog.info("job was already final; result dropped")
             else:
@@ -383,24 +366,9 @@ class Publisher:
             acks.append(job)
         return not acks or await self._retrying(self._ack, acks) is not None
 
-    async def _write(self, deltas: _Deltas, finals: list[tuple[RunningJob, list]]) -> list:
-        """One MULTI: the deltas (one script call), then the finish scripts; returns the finish scripts'
-        results (or errors)."""
-        def fill(pipe) -> None:
-            if deltas:
-                _DELTAS.queue(pipe, deltas.keys, deltas.args)
-            for job, args in finals:
-                _FINISH.queue(pipe, finish_keys(job.id, job.payload.tenant), [*args, job.id])
-
-        replies = await lua.execute(self.redis, fill, transaction=True, raise_on_error=False)
-        return replies[1 if deltas else 0:]
-
-    async def _ack(self, jobs: list[RunningJob]) -> list:
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            pipe.xack(job.stream, keys.GROUP, job.entry_id)
-            pipe.xdel(job.stream, job.entry_id)
-        return await pipe.execute()
+    async def _ack(self, jobs: list[RunningJob]) -> bool:
+        await self.store.ack((job.stream, job.entry_id) for job in jobs)
+        return True
 
     def _observe_finished(self, job: RunningJob, now: float) -> None:
         m = self.model
@@ -460,24 +428,17 @@ class Publisher:
         return await pipe.execute()
 
     async def end_untracked(self, job_id: str, stream: str, entry_id: str, error: JobError,
-                            state: str = JobState.failed.value, tenant: str | None = None) -> int:
+                            state: str = JobState.failed.value, tenant: str | None = None,
+                            lane: str = "default") -> int:
         """End a job that never reached the engine (bad payload, too long: failed; past its deadline:
         expired), then drop its entry. Returns 1 if this was the job's final write."""
         if tenant is None:
-            tenant = await self.redis.hget(keys.job_key(job_id), f.TENANT) or "default"
-        def fill(pipe) -> None:
-            _FINISH.queue(pipe, finish_keys(job_id, tenant),
-                          [keys.events_channel(job_id), state, f.ERROR, error.model_dump_json(), repr(time.time()),
-                           "", f.RETENTION_SECONDS, "", job_id])
-            pipe.xack(stream, keys.GROUP, entry_id)  # twice after a NOSCRIPT: harmless
-            pipe.xdel(stream, entry_id)
-
-        written, *_ = await lua.execute(self.redis, fill, transaction=True, raise_on_error=False)
-        if isinstance(written, Exception):
-            raise written
+            tenant, lane = await self.redis.hmget(keys.job_key(job_id), [f.TENANT, f.LANE])
+        final = FinalWrite(JobRef(job_id, tenant or "default", self.model, lane or "default"), state, "",
+                           error.model_dump_json(), time.time())
+        written = await self.store.finish_entry(final, stream, entry_id)
         if written == 1:
             metrics.REQUESTS_FINISHED.labels(self.model, "error" if state == "failed" else state).inc()
-        else:
+        elif written == 0:
             metrics.DUPLICATE_FINALS.labels(self.model).inc()
-        return written
-
+        return written  # -1: the job record is gone; its entry is dropped all the same

@@ -124,7 +124,7 @@ class WorkerService:
                         pruner=Pruner(redis, self.model_name))
         heartbeat = Heartbeat(redis, self.worker_id, self.card, engine_loop,
                               capacity=_engine_capacity(self.engine),
-                              device=str(getattr(self.engine, "device", "cpu")), streams=intake.streams)
+                              device=str(getattr(self.engine, "device", "cpu")))
         engine_loop.start()
         log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
         tasks: list[asyncio.Task] = []

@@ -1,6 +1,6 @@
 """A small fake worker that speaks docs/redis-protocol.md exactly, so the gateway is tested without torch.
 
-It "generates" by echoing the words of the decoded prompt, one word per step; a prompt containing
+Every write goes through jobstore, as the real worker's do. It "generates" by echoing the words of the decoded prompt, one word per step; a prompt containing
 FAIL_ME ends in a failed job."""
 
 from __future__ import annotations
@@ -16,35 +16,14 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from tokenizers import Tokenizer
 
+from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
 from protocol import job_record as F
 from protocol import keys
 from protocol.events import DeltaEvent
-from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, Usage
+from protocol.jobs import JobError, JobPayload, JobResult, Usage
 from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
 
 MODEL = "smollm2-135m-instruct"
-
-_FINAL = ", ".join(f"'{s.value}'" for s in FINAL_STATES)
-START_LUA = f"""
-local st = redis.call('HGET', KEYS[1], 'state')
-if not st then return -1 end
-for _, f in ipairs({{{_FINAL}}}) do if st == f then return -1 end end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('PUBLISH', KEYS[2], '{{"type":"state","seq":' .. seq .. ',"state":"running"}}')
-return seq
-"""
-FINISH_LUA = f"""
-local st = redis.call('HGET', KEYS[1], 'state')
-for _, f in ipairs({{{_FINAL}}}) do if st == f then return 0 end end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HSET', KEYS[1], 'state', ARGV[1], ARGV[2], ARGV[3], 'finished_at', ARGV[4], 'text', ARGV[5])
-redis.call('PUBLISH', KEYS[2], '{{"type":"state","seq":' .. seq .. ',"state":"' .. ARGV[1] .. '","' .. ARGV[2] .. '":' .. ARGV[3] .. '}}')
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-return 1
-"""
-
 
 def model_card(model_dir: Path, max_model_len: int) -> ModelCard:
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -69,9 +48,9 @@ class FakeWorker:
 
     async def start(self) -> None:
         self.redis = aioredis.from_url(self.redis_url, decode_responses=True)
-        self._start = self.redis.register_script(START_LUA)
-        self._finish = self.redis.register_script(FINISH_LUA)
+        self.store = JobStore(self.redis)
         await self.redis.hset(keys.model_card_key(MODEL), "card", self.card.model_dump_json())
+        await self.redis.sadd(keys.MODELS_SET, MODEL)
         await self._heartbeat()
         self._main = asyncio.create_task(self._run())
 
@@ -131,11 +110,12 @@ class FakeWorker:
 
     async def _job(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         payload = JobPayload.model_validate_json(fields["payload"])
-        key, channel = keys.job_key(payload.id), keys.events_channel(payload.id)
-        seq = await self._start(keys=[key, channel], args=[repr(time.time()), self.worker_id])
-        if seq < 0:
+        key = keys.job_key(payload.id)
+        [started] = await self.store.start([payload.id], time.time(), self.worker_id)
+        if started.code != 1:
             await self._ack(stream, entry_id)
             return
+        seq = started.seq
         prompt = self.tokenizer.decode(payload.prompt_token_ids, skip_special_tokens=True)
         words = prompt.split()[: payload.sampling.max_tokens]
         pieces = ([payload.echo_prompt] if payload.echo_prompt else []) + [w + " " for w in words]
@@ -149,22 +129,19 @@ class FakeWorker:
             if streamed:
                 seq += 1
                 event = DeltaEvent(seq=seq, offset=offset, text=piece)
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(key, mapping={F.TEXT: text, F.SEQ: str(seq)})
-                    pipe.publish(channel, event.model_dump_json())
-                    await pipe.execute()
+                await self.store.write([DeltaWrite(payload.id, piece, seq, event.model_dump_json())], [])
+        ref = JobRef.of(payload)
         if "FAIL_ME" in prompt:
-            state, field = "failed", F.ERROR
-            body = JobError(type="engine_error", message="the fake worker was asked to fail").model_dump_json()
+            error = JobError(type="engine_error", message="the fake worker was asked to fail").model_dump_json()
+            final = FinalWrite(ref, "failed", error_json=error, finished_at=time.time())
         else:
             n = len(words)
             finish = "length" if len(prompt.split()) > payload.sampling.max_tokens else "stop"
             usage = Usage(prompt_tokens=len(payload.prompt_token_ids), completion_tokens=n,
                           total_tokens=len(payload.prompt_token_ids) + n)
-            state, field = "succeeded", F.RESULT
-            body = JobResult(text=text, finish_reason=finish, usage=usage).model_dump_json()
-        await self._finish(keys=[key, channel],
-                           args=[state, field, body, repr(time.time()), text, F.RETENTION_SECONDS])
+            result = JobResult(text=text, finish_reason=finish, usage=usage).model_dump_json()
+            final = FinalWrite(ref, "succeeded", result_json=result, finished_at=time.time())
+        await self.store.write([], [final])
         await self._ack(stream, entry_id)
 
     async def _ack(self, stream: str, entry_id: str) -> None:

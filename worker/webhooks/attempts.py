@@ -9,23 +9,9 @@ from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 
+from jobstore import JobStore
 from protocol import job_record as F
 from protocol import keys
-
-# Append one JSON object to the hash's JSON list, atomically (two deliveries of one job cannot lose an
-# entry), and only while the hash exists: an expired job is not recreated without its TTL.
-# KEYS[1] job hash; ARGV[1] the attempt's JSON. Returns 1 when appended, 0 when the hash is gone.
-_APPEND = f"""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local cur = redis.call('HGET', KEYS[1], '{F.WEBHOOK_ATTEMPTS}')
-if cur and cur ~= '' and cur ~= '[]' then
-  cur = string.sub(cur, 1, -2) .. ',' .. ARGV[1] .. ']'
-else
-  cur = '[' .. ARGV[1] .. ']'
-end
-redis.call('HSET', KEYS[1], '{F.WEBHOOK_ATTEMPTS}', cur)
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -40,7 +26,8 @@ class Attempt:
 async def record_attempt(redis: aioredis.Redis, job_id: str, attempt: Attempt) -> bool:
     entry = asdict(attempt)
     entry["at"] = attempt.at or time.time()
-    return bool(await redis.eval(_APPEND, 1, keys.job_key(job_id), json.dumps(entry)))
+    # Appended atomically, and only while the job exists (an expired job is not recreated without its TTL).
+    return await JobStore(redis).record_webhook_attempt(job_id, json.dumps(entry))
 
 
 def attempts_of(record: dict[str, str]) -> list[dict]:

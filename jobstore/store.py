@@ -1,0 +1,339 @@
+"""The job store: one typed API over the scripts in jobstore/scripts.py, used by gateway and worker alike.
+Every write to a job goes through here; callers never name a script or a key list."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from jobstore import runner
+from jobstore import scripts as s
+from jobstore.runner import ScriptClient
+from protocol import job_record as F
+from protocol import keys
+from protocol.jobs import JobError, JobPayload, JobState
+
+IDEMPOTENCY_TTL_S = 86400
+RATE_WINDOW_S = 60
+EXPIRE_RUNNING_GRACE_S = 0.5  # a running job's worker gets this long past the deadline to write it itself
+DEADLINE_EXCEEDED_QUEUED = JobError(type="deadline_exceeded", message="the job expired before it started")
+DEADLINE_EXCEEDED_RUNNING = JobError(type="deadline_exceeded", message="the job ran past its deadline")
+CANCELLED = JobError(type="cancelled", message="the job was cancelled")
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What names every key of one job: its id, and the tenant, model and lane it was queued for."""
+
+    id: str
+    tenant: str
+    model: str
+    lane: str
+
+    @classmethod
+    def of(cls, payload: JobPayload) -> JobRef:
+        return cls(payload.id, payload.tenant, payload.model, payload.lane)
+
+    @classmethod
+    def of_record(cls, job_id: str, record: dict[str, str]) -> JobRef:
+        return cls(job_id, record.get(F.TENANT, "default"), record.get(F.MODEL, ""), record.get(F.LANE, "default"))
+
+    @property
+    def stream(self) -> str:
+        return keys.jobs_stream(self.model, self.lane, self.tenant)
+
+    def finish_keys(self) -> list[str]:
+        """The keys a final write touches, in the order of scripts.FINISH_KEYS."""
+        return [keys.job_key(self.id), keys.job_text_key(self.id), keys.tenant_queued_key(self.tenant),
+                keys.lane_depth_key(self.model, self.lane), keys.WEBHOOK_OUTBOX, keys.DEADLINES]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A tenant's admission limits; 0 is no limit."""
+
+    rpm: int = 0
+    tpm: int = 0
+    max_queued: int = 0
+    max_depth: int = 0  # of the job's lane, shared fairly by the tenants with jobs in it
+
+
+class Refused(Exception):  # noqa: N818 (a decision, not a failure)
+    """Admission said no: `limit` is rpm, tpm, max_queued or queue_full."""
+
+    def __init__(self, limit: str, wait_ms: int, used: int, value: int) -> None:
+        super().__init__(f"{limit}: used {used}, limit {value}")
+        self.limit = limit
+        self.wait_ms = wait_ms
+        self.used = used
+        self.value = value  # the limit's value (for queue_full: the tenant's fair share)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str  # the job admitted, or for a repeated Idempotency-Key the first job
+    created_at: float
+    repeat: bool = False
+
+
+@dataclass(frozen=True)
+class Started:
+    code: int  # 1 started, 0 already final, -1 gone
+    streamed: bool = False
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class DeltaWrite:
+    job_id: str
+    text: str  # the new text only: it is appended
+    seq: int
+    event_json: str
+    first_token_at: str = ""
+
+
+@dataclass(frozen=True)
+class FinalWrite:
+    ref: JobRef
+    state: str
+    result_json: str = ""
+    error_json: str = ""
+    finished_at: float = 0.0
+    first_token_at: str = ""
+
+    def args(self) -> list[str | int]:
+        return [self.ref.id, self.state, self.result_json, self.error_json, repr(self.finished_at or time.time()),
+                self.first_token_at, F.RETENTION_SECONDS]
+
+
+def counter_key(tenant: str, limit: str, minute: int) -> str:
+    return f"{keys.tenant_key(tenant)}:{limit}:{minute}"
+
+
+class JobStore:
+    """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the submission
+    script instead (the gateway's shared pipelined connection)."""
+
+    def __init__(self, redis: Redis, scripts: ScriptClient | None = None) -> None:
+        self.redis = redis
+        self._scripts: Redis | ScriptClient = scripts if scripts is not None else redis
+
+    # -- submission --------------------------------------------------------------------------------------
+
+    async def submit(self, payload: JobPayload, request_json: str, metadata: dict[str, str], streamed: bool,
+                     limits: Limits = Limits(), idempotency_key: str | None = None,
+                     now: float | None = None) -> Submitted:
+        """Admit and write a job in one script: limits, the lane's fair share, the Idempotency-Key, the
+        stream entry, the job hash, the counters. Raises Refused."""
+        now = time.time() if now is None else now
+        minute, into = divmod(now, RATE_WINDOW_S)
+        tenant = payload.tenant
+        record = {
+            F.STATE: JobState.queued.value, F.TENANT: tenant, F.MODEL: payload.model, F.LANE: payload.lane,
+            F.REQUEST: request_json, F.METADATA: json.dumps(metadata), F.CREATED_AT: repr(now), F.SEQ: "0",
+            F.ATTEMPTS: "0", F.STREAMED: "1" if streamed else "0",
+        }
+        if idempotency_key is not None:
+            record[F.IDEMPOTENCY_KEY] = idempotency_key
+        if payload.webhook_url:
+            record[F.WEBHOOK_URL] = payload.webhook_url
+        ref = JobRef.of(payload)
+        reply = await runner.run(
+            self._scripts, s.SUBMIT,
+            [keys.job_key(payload.id), keys.idem_key(tenant, idempotency_key or ""),
+             counter_key(tenant, "rpm", int(minute)), counter_key(tenant, "rpm", int(minute) - 1),
+             counter_key(tenant, "tpm", int(minute)), counter_key(tenant, "tpm", int(minute) - 1),
+             keys.tenant_queued_key(tenant), ref.stream, keys.lane_tenants_key(payload.model, payload.lane),
+             keys.lane_depth_key(payload.model, payload.lane), keys.DEADLINES],
+            [payload.id, "1" if idempotency_key is not None else "0", IDEMPOTENCY_TTL_S, limits.rpm, limits.tpm,
+             len(payload.prompt_token_ids) + payload.sampling.max_tokens, limits.max_queued, repr(into / RATE_WINDOW_S),
+             RATE_WINDOW_S, limits.max_depth, tenant, payload.model_dump_json(),
+             repr(payload.deadline) if payload.deadline is not None else "",
+             *(item for pair in record.items() for item in pair)])
+        code = int(reply[0])
+        if code == 2:
+            raise Refused(reply[1], int(reply[2]), int(reply[3]), int(reply[4]))
+        if code == 0 and reply[1] != payload.id:
+            return Submitted(reply[1], now, repeat=True)
+        return Submitted(payload.id, now)
+
+    async def release_idempotency_key(self, tenant: str, key: str, job_id: str) -> None:
+        """Unbind a key that still maps to `job_id` (whose job is gone), so that a retry goes through."""
+        await runner.run(self.redis, s.RELEASE_IDEMPOTENCY_KEY, [keys.idem_key(tenant, key)], [job_id])
+
+    # -- reads -------------------------------------------------------------------------------------------
+
+    async def read(self, job_id: str) -> dict[str, str] | None:
+        """The job's hash with its streamed text under F.TEXT (one MULTI), or None when it is gone."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(keys.job_key(job_id))
+        pipe.get(keys.job_text_key(job_id))
+        record, text = await pipe.execute()
+        if not record:
+            return None
+        if text:
+            record[F.TEXT] = text
+        return record
+
+    async def snapshot(self, job_id: str) -> tuple[str | None, str, int, str | None, str | None]:
+        """(state, text, seq, result JSON, error JSON), read at one instant."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hmget(keys.job_key(job_id), [F.STATE, F.SEQ, F.RESULT, F.ERROR])
+        pipe.get(keys.job_text_key(job_id))
+        (state, seq, result, error), text = await pipe.execute()
+        return state, text or "", int(seq or 0), result, error
+
+    async def read_current(self, job_id: str, now: float | None = None) -> dict[str, str] | None:
+        """As `read`, with a deadline that has passed applied first (the job then reads `expired`)."""
+        record = await self.read(job_id)
+        if record is None or not _past_deadline(record, now):
+            return record
+        await self.expire(JobRef.of_record(job_id, record), now)
+        return await self.read(job_id)
+
+    async def depth(self, model: str) -> dict[str, int]:
+        """Jobs queued or running per lane of `model`, over every tenant (the counters admission uses)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in keys.LANES:
+            pipe.hvals(keys.lane_depth_key(model, lane))
+        return {lane: sum(int(v) for v in vals) for lane, vals in zip(keys.LANES, await pipe.execute(), strict=True)}
+
+    async def known_models(self) -> set[str]:
+        return set(await self.redis.smembers(keys.MODELS_SET))
+
+    # -- the worker's writes ----------------------------------------------------------------------------
+
+    async def mark_streamed(self, job_id: str) -> None:
+        """Ask the worker to publish deltas (it re-reads this flag while the job runs)."""
+        await runner.run(self.redis, s.MARK_STREAMED, [keys.job_key(job_id)], [])
+
+    async def start(self, job_ids: Sequence[str], started_at: float, worker: str) -> list[Started]:
+        """Mark jobs running on `worker` (one script for all of them)."""
+        if not job_ids:
+            return []
+        job_keys = [k for j in job_ids for k in (keys.job_key(j), keys.job_text_key(j))]
+        [rows] = await runner.pipeline(self.redis, lambda p: runner.queue(p, s.START, job_keys,
+                                                                          [repr(started_at), worker]))
+        return [Started(int(r[0]), r[1] == "1", int(r[2])) if int(r[0]) == 1 else Started(int(r[0])) for r in rows]
+
+    async def write(self, deltas: Sequence[DeltaWrite], finals: Sequence[FinalWrite]) -> list:
+        """One MULTI: the deltas (appended, one script call for all), then the final writes. Returns each
+        final write's answer (1 first, 0 already final, -1 gone) or its error."""
+        rows = [[d.job_id, d.text, d.seq, d.event_json, d.first_token_at] for d in deltas]
+        delta_keys = [k for d in deltas for k in (keys.job_key(d.job_id), keys.job_text_key(d.job_id))]
+
+        def fill(pipe) -> None:
+            if rows:
+                runner.queue(pipe, s.APPEND_DELTAS, delta_keys,
+                             [json.dumps(rows, ensure_ascii=False, separators=(",", ":"))])
+            for final in finals:
+                runner.queue(pipe, s.FINISH, final.ref.finish_keys(), final.args())
+
+        replies = await runner.pipeline(self.redis, fill, transaction=True, raise_on_error=False)
+        return replies[1 if rows else 0:]
+
+    async def finish_entry(self, final: FinalWrite, stream: str, entry_id: str) -> int:
+        """The final write of a job that never reached the engine, and its entry dropped, at once."""
+        return int(await runner.run(self.redis, s.FINISH_ENTRY, [*final.ref.finish_keys(), stream],
+                                    [*final.args(), entry_id]))
+
+    async def ack(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Acknowledge and delete (stream, entry id) pairs."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, entry_id in entries:
+            pipe.xack(stream, keys.GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+        if len(pipe):
+            await pipe.execute()
+
+    # -- cancel and expiry -------------------------------------------------------------------------------
+
+    async def cancel(self, ref: JobRef) -> str:
+        """Cancel a job; returns the state it was in ('' when it is gone)."""
+        return await runner.run(self.redis, s.CANCEL, [*ref.finish_keys(), ref.stream],
+                                [ref.id, CANCELLED.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
+                                 keys.CONTROL_CHANNEL, json.dumps({"cancel": ref.id})])
+
+    async def expire(self, ref: JobRef, now: float | None = None, grace_s: float = EXPIRE_RUNNING_GRACE_S) -> str:
+        """Apply the job's deadline: its state after ('' when gone)."""
+        now = time.time() if now is None else now
+        return await runner.run(self.redis, s.EXPIRE, [*ref.finish_keys(), ref.stream],
+                                [ref.id, repr(now), grace_s, F.RETENTION_SECONDS,
+                                 DEADLINE_EXCEEDED_QUEUED.model_dump_json(),
+                                 DEADLINE_EXCEEDED_RUNNING.model_dump_json()])
+
+    async def expire_due(self, now: float | None = None, limit: int = 500,
+                         grace_s: float = EXPIRE_RUNNING_GRACE_S) -> int:
+        """One pass of the expiry sweep over the deadlines set; returns how many jobs it expired."""
+        now = time.time() if now is None else now
+        due = await self.redis.zrangebyscore(keys.DEADLINES, "-inf", repr(now), start=0, num=limit)
+        if not due:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in due:
+            pipe.hmget(keys.job_key(job_id), [F.TENANT, F.MODEL, F.LANE])
+        refs = []
+        gone = []
+        for job_id, (tenant, model, lane) in zip(due, await pipe.execute(), strict=True):
+            if tenant is None:
+                gone.append(job_id)
+            else:
+                refs.append(JobRef(job_id, tenant, model or "", lane or "default"))
+        if gone:
+            await self.redis.zrem(keys.DEADLINES, *gone)
+        expired = 0
+        for ref in refs:
+            if await self.expire(ref, now, grace_s) == JobState.expired.value:
+                expired += 1
+        return expired
+
+    # -- recovery and housekeeping ----------------------------------------------------------------------
+
+    async def claim_stale(self, streams: Sequence[str], consumer: str, idle_ms: int, room: int) -> list:
+        """[stream, entry id, flat fields, deliveries] per entry idle past `idle_ms`, at most `room`."""
+        return await runner.run(self.redis, s.CLAIM_STALE, streams, [keys.GROUP, consumer, idle_ms, room])
+
+    async def keep_alive(self, entries: Sequence[tuple[str, str]], consumer: str) -> list[str]:
+        """Reset the idle time of our pending (stream, entry id)s; returns the ids no longer ours."""
+        if not entries:
+            return []
+        return await runner.run(self.redis, s.KEEP_ALIVE, [st for st, _ in entries],
+                                [keys.GROUP, consumer, *(e for _, e in entries)])
+
+    async def release(self, entries: Sequence[tuple[str, str, str]], consumer: str, idle_ms: int) -> int:
+        """Hand (stream, entry id, job id)s back to the group, claimable at once; returns how many."""
+        if not entries:
+            return 0
+        pairs = [k for st, _, job_id in entries for k in (st, keys.job_key(job_id))]
+        return int(await runner.run(self.redis, s.RELEASE, pairs,
+                                    [keys.GROUP, consumer, idle_ms, *(e for _, e, _ in entries)]))
+
+    async def dead_letter(self, final: FinalWrite, stream: str, entry_id: str, deliveries: int, reason: str,
+                          max_len: int) -> int:
+        """Fail the job (first final write only), record it on the dead-letter stream, drop the entry."""
+        return int(await runner.run(self.redis, s.DEAD_LETTER,
+                                    [*final.ref.finish_keys(), stream, keys.DEAD_STREAM],
+                                    [*final.args(), entry_id, deliveries, reason, max_len]))
+
+    async def prune_streams(self, lane_set: str, tenants: Sequence[str], streams: Sequence[str],
+                            idle_ms: int) -> list:
+        """PRUNE_STREAM on each stream, in one round trip; 1 where the stream went."""
+        def fill(pipe) -> None:
+            for tenant, stream in zip(tenants, streams, strict=True):
+                runner.queue(pipe, s.PRUNE_STREAM, [stream, lane_set], [tenant, idle_ms])
+
+        return await runner.pipeline(self.redis, fill)
+
+    async def record_webhook_attempt(self, job_id: str, attempt_json: str) -> bool:
+        return bool(await runner.run(self.redis, s.APPEND_WEBHOOK_ATTEMPT, [keys.job_key(job_id)], [attempt_json]))
+
+
+def _past_deadline(record: dict[str, str], now: float | None) -> bool:
+    deadline = record.get(F.DEADLINE)
+    if not deadline or record.get(F.STATE) not in (JobState.queued.value, JobState.running.value):
+        return False
+    return (time.time() if now is None else now) >= float(deadline)
