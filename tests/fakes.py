@@ -129,3 +129,9 @@ async def started_intake(redis, model: str, engine: FakeEngine | None = None, co
     finally:
         engine_loop.stop()
 
+
+
+async def lane_streams(redis, model: str, lane: str) -> list[str]:
+    """Every stream of one (model, lane): one per tenant that queued there."""
+    tenants = await redis.smembers(keys.lane_tenants_key(model, lane))
+    return [keys.jobs_stream(model, lane, t) for t in sorted(tenants)]

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.jobs import lane_streams
 from protocol import keys
 from tests.asserts import assert_error
+from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker
 
 

@@ -15,10 +15,10 @@ import httpx
 
 from gateway.apikeys import create_key
 from gateway.app import create_app
-from gateway.jobs import lane_streams
 from protocol import job_record as F
 from protocol import keys
 from protocol.workers import WorkerHeartbeat
+from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker, model_card
 
 WORKER = "test:fastpath-worker"

@@ -13,10 +13,9 @@ from redis.asyncio.connection import Connection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from gateway.admission import Admission
-from gateway.auth import Tenant
-from gateway.jobs import submit
-from gateway.redis_pipe import RedisPipe, Script
+from gateway.redis_pipe import RedisPipe
+from jobstore import JobStore, Limits
+from jobstore.scripts import Script
 from protocol import keys
 from protocol.jobs import JobPayload
 from protocol.sampling import SamplingParams
@@ -100,8 +99,9 @@ async def test_redis_away_is_a_connection_error_after_the_retries():
 async def test_submit_twice_queues_once(pipe, redis_client):
     payload = JobPayload(id="job_twice", model="m", kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
-    await submit(pipe, payload, '{"prompt": [1, 2]}', {}, streamed=False)
-    await submit(pipe, payload, '{"prompt": [1, 2]}', {}, streamed=False)
+    store = JobStore(redis_client, scripts=pipe)
+    await store.submit(payload, '{"prompt": [1, 2]}', {}, streamed=False)
+    await store.submit(payload, '{"prompt": [1, 2]}', {}, streamed=False)
     stream = keys.jobs_stream("m", payload.lane, payload.tenant)
     [(entry_id, _)] = await redis_client.xrange(stream)
     assert await redis_client.get(keys.tenant_queued_key(payload.tenant)) == "1"
@@ -109,8 +109,17 @@ async def test_submit_twice_queues_once(pipe, redis_client):
 
 
 async def test_admission_retried_for_the_same_job_admits_it(pipe, redis_client):
-    admission = Admission(pipe)
-    tenant = Tenant("t", rpm=100)
-    assert await admission.admit(tenant, "job_a", 1, "key-1") is None
-    assert await admission.admit(tenant, "job_a", 1, "key-1") is None  # its own key: a retry, admitted
-    assert await admission.admit(tenant, "job_b", 1, "key-1") == "job_a"  # another request: a repeat
+    store = JobStore(redis_client, scripts=pipe)
+
+    def job(job_id: str) -> JobPayload:
+        return JobPayload(id=job_id, model="m", kind="completion", prompt_token_ids=[1], tenant="t",
+                          sampling=SamplingParams(max_tokens=1))
+
+    limits = Limits(rpm=100)
+    first = await store.submit(job("job_a"), "{}", {}, False, limits, "key-1")
+    again = await store.submit(job("job_a"), "{}", {}, False, limits, "key-1")  # its own key: a retry
+    other = await store.submit(job("job_b"), "{}", {}, False, limits, "key-1")  # another request: a repeat
+    assert (first.job_id, first.repeat) == ("job_a", False)
+    assert (again.job_id, again.repeat) == ("job_a", False)
+    assert (other.job_id, other.repeat) == ("job_a", True)
+    assert await redis_client.xlen(keys.jobs_stream("m", "default", "t")) == 1

@@ -17,12 +17,12 @@ import httpx
 import pytest
 import redis
 
-from gateway.jobs import Final, follow, submit
+from gateway.jobs import Final, follow
+from jobstore import FinalWrite, JobRef, JobStore
 from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobPayload, JobResult, Usage
 from protocol.sampling import SamplingParams
-from protocol.scripts import FINISH_JOB, finish_keys
 from protocol.workers import WorkerHeartbeat
 from tests.integration.fake_worker import MODEL, model_card
 from tests.processes import GatewayThread, RestartableRedis
@@ -120,7 +120,7 @@ async def test_follower_survives_a_redis_restart(restartable):
     client = make_redis(restartable.url)
     payload = JobPayload(id="job_restart", model=MODEL, kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
-    await submit(client, payload, "{}", {}, streamed=False)
+    await JobStore(client).submit(payload, "{}", {}, streamed=False)
     finals: list[Final] = []
 
     async def wait() -> None:
@@ -138,9 +138,7 @@ async def test_follower_survives_a_redis_restart(restartable):
     assert await other.hget(keys.job_key(payload.id), F.STATE) == "queued"  # kept by the AOF
     result = JobResult(text="done", finish_reason="stop", usage=Usage(prompt_tokens=2, completion_tokens=1,
                                                                       total_tokens=3))
-    await other.eval(FINISH_JOB, 3, *finish_keys(payload.id, payload.tenant),
-                     keys.events_channel(payload.id), "succeeded", F.RESULT, result.model_dump_json(),
-                     repr(time.time()), "done", 60, "", payload.id)
+    await JobStore(other).write([], [FinalWrite(JobRef.of(payload), "succeeded", result.model_dump_json())])
     await asyncio.wait_for(task, timeout=15)
     assert finals[0].state == "succeeded" and finals[0].result.text == "done"
     await other.aclose()

@@ -11,7 +11,6 @@ from gateway.app import create_app
 from gateway.context import GatewayContext
 from gateway.metrics import GatewayMetrics
 from gateway.warmup import START_TIMEOUT_S, warm_once
-from protocol import keys
 from tests.fakes import FakeEngine
 from tests.integration.fake_worker import model_card
 from worker.engine_loop import EngineLoop
@@ -26,8 +25,7 @@ async def _request_path_reads(ctx: GatewayContext, model: str) -> None:
     tenant = await ctx.auth.authenticate(None)
     assert await ctx.registry.prompt_builder(model) is not None
     assert await ctx.registry.serving(model)
-    await ctx.depth.depth(model, keys.LANES[0])
-    await ctx.admission.admit(tenant, "job_x", 10, None)
+    assert tenant is not None
 
 
 async def test_after_warm_up_a_request_reads_nothing_from_redis(redis_client, default_model_dir):
@@ -36,7 +34,7 @@ async def test_after_warm_up_a_request_reads_nothing_from_redis(redis_client, de
     cold = GatewayContext.build(redis_client, GatewayMetrics(), max_queue_depth=1000)
     before = await _commands(redis_client)
     await _request_path_reads(cold, card.name)
-    assert await _commands(redis_client) - before > 3  # cold: auth, tenant, workers, card, depth
+    assert await _commands(redis_client) - before > 3  # cold: auth, tenant, workers, card
 
     warm = GatewayContext.build(redis_client, GatewayMetrics(), max_queue_depth=1000)
     await warm_once(warm)

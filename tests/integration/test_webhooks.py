@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from arq import Retry
 from prometheus_client import REGISTRY
+from protocol.scripts import FINISH_JOB, finish_keys
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobResult, Usage, new_job_id
 from protocol.sampling import SamplingParams
-from protocol.scripts import FINISH_JOB, finish_keys
 from tests.fakes import submit_job
 from worker.webhooks import attempts as store
 from worker.webhooks.delivery import Deliverer, new_http_client

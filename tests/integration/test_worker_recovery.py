@@ -8,11 +8,11 @@ import json
 import time
 
 from prometheus_client import REGISTRY
+from protocol.scripts import START_JOB
 
 from protocol import job_record as f
 from protocol import keys
 from protocol.jobs import JobResult
-from protocol.scripts import START_JOB
 from tests.fakes import FakeEngine, expected_text, submit_job
 from tests.integration.test_worker_service import MODEL, final_state, payload, running, wait_until
 

@@ -10,13 +10,13 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from protocol.scripts import FINISH_JOB, finish_keys
 
 from protocol import job_record as f
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
 from protocol.jobs import JobPayload, JobResult, new_job_id
 from protocol.sampling import SamplingParams
-from protocol.scripts import FINISH_JOB, finish_keys
 from protocol.workers import ModelCard, WorkerHeartbeat
 from tests.fakes import FakeEngine, expected_text, submit_job
 from worker.service import WorkerService
