@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 from prometheus_client import REGISTRY
 
+from jobstore import JobStore
 from protocol import job_record as f
 from protocol import keys
 from protocol.jobs import JobPayload, new_job_id
@@ -49,7 +50,7 @@ async def test_second_final_write_is_dropped_and_counted(redis_client):
     after = REGISTRY.get_sample_value("tokenq_duplicate_final_writes_total", {"model": MODEL})
     assert after == before + 1
     h = await r.hgetall(keys.job_key(p.id))
-    assert h[f.RESULT] == "{}" and f.TEXT not in h  # untouched
+    assert h[f.RESULT] == "{}" and not await r.exists(keys.job_text_key(p.id))  # untouched
     assert await r.xlen(stream) == 0 and len(pub) == 0
 
 
@@ -58,13 +59,14 @@ async def test_intake_start_counts_attempts_and_keeps_seq(redis_client):
     r = redis_client
     p = payload([1, 2, 3])
     await submit_job(r, p, streamed=True)
-    await r.hset(keys.job_key(p.id), mapping={f.STATE: "running", f.ATTEMPTS: 1, f.SEQ: 5, f.TEXT: "old"})
+    await r.hset(keys.job_key(p.id), mapping={f.STATE: "running", f.ATTEMPTS: 1, f.SEQ: 5})
+    await r.set(keys.job_text_key(p.id), "old")
     async with started_intake(r, MODEL) as (intake, pub, _):
         assert await intake.poll() == 1
         job = pub.jobs[p.id]
         assert job.seq == 5 and job.streamed
-        h = await r.hgetall(keys.job_key(p.id))
-        assert h[f.ATTEMPTS] == "2" and h[f.TEXT] == "" and h[f.WORKER] == "host:1"
+        h = await JobStore(r).read(p.id)
+        assert h[f.ATTEMPTS] == "2" and f.TEXT not in h and h[f.WORKER] == "host:1"
 
 
 async def test_metrics_endpoint(redis_url, redis_client):
@@ -136,7 +138,7 @@ async def test_deltas_keep_non_ascii_text_exact(redis_client):
             got[m["channel"]] = parse_event(m["data"])
     await pubsub.aclose()
     for p, text in zip(jobs, texts, strict=True):
-        h = await r.hgetall(keys.job_key(p.id))
+        h = await JobStore(r).read(p.id)
         assert h[f.TEXT] == text and int(h[f.SEQ]) == 1 and f.FIRST_TOKEN_AT in h
         event = got[keys.events_channel(p.id)]
         assert isinstance(event, DeltaEvent) and event.text == text and event.offset == 0 and event.seq == 1
@@ -146,7 +148,6 @@ async def test_heartbeat_reports_queue_depth_over_every_tenant_stream(redis_clie
     """Autoscaling reads tokenq_queue_depth: the sum over tenants' streams per lane, not one stream."""
     from protocol.workers import ModelCard
     from worker.heartbeat import Heartbeat
-    from worker.intake import TenantStreams
 
     r = redis_client
     model = "depth-model"
@@ -157,9 +158,7 @@ async def test_heartbeat_reports_queue_depth_over_every_tenant_stream(redis_clie
                            lane=lane, sampling=SamplingParams(max_tokens=4))
             await submit_job(r, p)
     card = ModelCard(name=model, max_model_len=64, tokenizer_json="{}")
-    streams = TenantStreams(r, model)
-    await streams.refresh()
-    beat = Heartbeat(r, "w-depth", card, EngineLoop(FakeEngine()), capacity=8, streams=streams)
+    beat = Heartbeat(r, "w-depth", card, EngineLoop(FakeEngine()), capacity=8)
     await beat.beat()
     depth = await beat.observe_queue_depth()
     assert depth == {"interactive": 0, "default": 5, "batch": 4}
@@ -180,14 +179,14 @@ async def test_outputs_before_the_start_answer_wait_for_it(redis_client):
     assert pub.has(kept.id)
     await pub.publish([RequestOutput(kept.id, [1], "t1 "), RequestOutput(refused.id, [3], "t3 ")])
     for p in (kept, refused):
-        assert f.TEXT not in await r.hgetall(keys.job_key(p.id))  # held, not written
+        assert not await r.exists(keys.job_text_key(p.id))  # held, not written
     pub.unexpect(refused.id)
     pub.track(RunningJob(payload=kept, stream="s", entry_id="0-1", streamed=True, seq=0, started_at=time.time()))
     await pub.publish([RequestOutput(kept.id, [2], "t2 ", finished=True, finish_reason="stop",
                                      num_prompt_tokens=2, num_output_tokens=2)])
     h = await r.hgetall(keys.job_key(kept.id))
     assert h[f.STATE] == "succeeded" and '"text":"t1 t2 "' in h[f.RESULT].replace('": "', '":"')
-    assert f.TEXT not in await r.hgetall(keys.job_key(refused.id))
+    assert not await r.exists(keys.job_text_key(refused.id))
     assert not pub.has(refused.id)
 
 

@@ -42,16 +42,25 @@ def test_result_from_outputs():
     assert r.usage.model_dump() == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
                                     "cached_tokens": 2}
     assert [(lp.token, lp.top) for lp in r.logprobs] == [("<7>", [(7, "<7>", -0.1)]), ("<8>", [(8, "<8>", -0.2)])]
-    state, field, body = final_write(j)
-    assert state == "succeeded" and field == "result" and json.loads(body)["text"] == "ab"
+    final = final_write(j, now=2.0)
+    assert final.state == "succeeded" and not final.error_json and json.loads(final.result_json)["text"] == "ab"
 
 
 def test_error_output_becomes_failed_job():
     j = job()
     j.absorb(FailedOutput("job_1", [], "", finished=True, finish_reason="error", error="boom"), now=1.0)
-    state, field, body = final_write(j)
-    assert (state, field) == ("failed", "error")
-    assert json.loads(body) == {"type": "engine_error", "message": "boom"}
+    final = final_write(j, now=2.0)
+    assert final.state == "failed" and not final.result_json
+    assert json.loads(final.error_json) == {"type": "engine_error", "message": "boom"}
+
+
+def test_expired_job_keeps_its_partial_text():
+    j = job()
+    j.absorb(RequestOutput("job_1", [7], "part", num_prompt_tokens=3, num_output_tokens=1), now=1.0)
+    j.stop_state = "expired"
+    final = final_write(j, now=2.0)
+    assert final.state == "expired" and json.loads(final.result_json)["text"] == "part"
+    assert json.loads(final.error_json)["type"] == "deadline_exceeded"
 
 
 def test_usage_falls_back_to_counts_when_engine_reports_none():
