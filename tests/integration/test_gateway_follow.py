@@ -15,9 +15,23 @@ from protocol.jobs import JobResult, JobState, Usage
 JOB = "job_follow"
 
 
+def put(pipe, mapping: dict[str, str]) -> None:
+    """Write the job's hash fields, its text (a key of its own) when given."""
+    fields = dict(mapping)
+    if "text" in fields:
+        pipe.set(keys.job_text_key(JOB), fields.pop("text"))
+    pipe.hset(keys.job_key(JOB), mapping=fields)
+
+
+async def hset(r, mapping: dict[str, str]) -> None:
+    async with r.pipeline(transaction=True) as pipe:
+        put(pipe, mapping)
+        await pipe.execute()
+
+
 async def publish_delta(r, seq: int, offset: int, text: str, full: str) -> None:
     async with r.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.job_key(JOB), mapping={"text": full, "seq": str(seq)})
+        put(pipe, {"text": full, "seq": str(seq)})
         pipe.publish(keys.events_channel(JOB), DeltaEvent(seq=seq, offset=offset, text=text).model_dump_json())
         await pipe.execute()
 
@@ -25,8 +39,7 @@ async def publish_delta(r, seq: int, offset: int, text: str, full: str) -> None:
 async def finish(r, seq: int, text: str) -> None:
     result = JobResult(text=text, finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1,
                                                                     total_tokens=2))
-    await r.hset(keys.job_key(JOB), mapping={"state": "succeeded", "result": result.model_dump_json(),
-                                             "text": text, "seq": str(seq)})
+    await hset(r, {"state": "succeeded", "result": result.model_dump_json(), "text": text, "seq": str(seq)})
     await r.publish(keys.events_channel(JOB), StateEvent(seq=seq, state=JobState.succeeded,
                                                          result=result).model_dump_json())
 
@@ -48,7 +61,7 @@ def fast_recheck(monkeypatch):
 
 async def test_snapshot_then_events_then_gap_then_missed_final(redis_client):
     r = redis_client
-    await r.hset(keys.job_key(JOB), mapping={"state": "running", "text": "abc", "seq": "3", "streamed": "0"})
+    await hset(r, {"state": "running", "text": "abc", "seq": "3", "streamed": "0"})
     task = asyncio.create_task(collect(r, offset=1))
     for _ in range(100):  # follow has subscribed and set the flag
         if await r.hget(keys.job_key(JOB), "streamed") == "1":
@@ -58,10 +71,10 @@ async def test_snapshot_then_events_then_gap_then_missed_final(redis_client):
     await publish_delta(r, 3, 2, "c", "abc")  # old: already in the snapshot
     await publish_delta(r, 4, 3, "de", "abcde")
     # A lost message: the hash moves on, nothing is published; then a later delta shows the gap.
-    await r.hset(keys.job_key(JOB), mapping={"text": "abcdefg", "seq": "5"})
+    await hset(r, {"text": "abcdefg", "seq": "5"})
     await publish_delta(r, 6, 7, "h", "abcdefgh")
     await asyncio.sleep(0.3)
-    await r.hset(keys.job_key(JOB), mapping={"state": "succeeded", "text": "abcdefghi", "seq": "7",
+    await hset(r, {"state": "succeeded", "text": "abcdefghi", "seq": "7",
                                              "result": JobResult(text="abcdefghi", finish_reason="stop", usage=Usage(
                                                  prompt_tokens=1, completion_tokens=1, total_tokens=2)
                                              ).model_dump_json()})  # final event lost too
@@ -76,7 +89,7 @@ async def test_snapshot_then_events_then_gap_then_missed_final(redis_client):
 
 async def test_final_event_carries_the_tail(redis_client):
     r = redis_client
-    await r.hset(keys.job_key(JOB), mapping={"state": "queued", "seq": "0", "streamed": "0"})
+    await hset(r, {"state": "queued", "seq": "0", "streamed": "0"})
     task = asyncio.create_task(collect(r))
     await asyncio.sleep(0.05)
     await publish_delta(r, 1, 0, "he", "he")
@@ -87,7 +100,7 @@ async def test_final_event_carries_the_tail(redis_client):
 
 async def test_wait_final_without_deltas(redis_client):
     r = redis_client
-    await r.hset(keys.job_key(JOB), mapping={"state": "queued", "seq": "0", "streamed": "0"})
+    await hset(r, {"state": "queued", "seq": "0", "streamed": "0"})
     task = asyncio.create_task(jobs.wait_final(r, JOB))
     await asyncio.sleep(0.05)
     await finish(r, 1, "done")

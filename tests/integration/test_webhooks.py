@@ -1,4 +1,4 @@
-"""Webhook delivery end to end: jobs written as the gateway writes them, finished by the real FINISH_JOB
+"""Webhook delivery end to end: jobs written as the gateway writes them, finished by the real FINISH script
 script (which fills the outbox), the relay and arq worker in-process, and a local HTTP receiver that
 checks each signature with the Standard Webhooks reference verifier."""
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from arq import Retry
 from prometheus_client import REGISTRY
-from protocol.scripts import FINISH_JOB, finish_keys
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from jobstore import FinalWrite, JobRef, JobStore
 from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobResult, Usage, new_job_id
@@ -124,10 +124,9 @@ async def finish(redis, job_id: str, state: str = "succeeded", text: str = "hell
             prompt_tokens=2, completion_tokens=1, total_tokens=3)).model_dump_json()
     else:
         field, value = F.ERROR, JobError(type="engine_error", message="boom").model_dump_json()
-    tenant = await redis.hget(keys.job_key(job_id), F.TENANT)
-    first = await redis.eval(FINISH_JOB, 3, *finish_keys(job_id, tenant), keys.events_channel(job_id), state,
-                             field, value, repr(time.time()), text, F.RETENTION_SECONDS, "", job_id)
-    assert first == 1
+    ref = JobRef.of_record(job_id, await redis.hgetall(keys.job_key(job_id)))
+    final = FinalWrite(ref, state, value if field == F.RESULT else "", value if field == F.ERROR else "")
+    assert await JobStore(redis).write([], [final]) == [1]
 
 
 async def attempts_when_done(redis, job_id: str, timeout: float = 15.0) -> list[dict]:

@@ -8,8 +8,8 @@ import json
 import time
 
 from prometheus_client import REGISTRY
-from protocol.scripts import START_JOB
 
+from jobstore import JobStore
 from protocol import job_record as f
 from protocol import keys
 from protocol.jobs import JobResult
@@ -28,9 +28,7 @@ async def read_as_dead_worker(r, n: int) -> list[str]:
     """Deliver n entries to a consumer that then 'dies' (starts its jobs, never finishes them)."""
     await r.xgroup_create(STREAM, keys.GROUP, id="0", mkstream=True)
     [[_, entries]] = await r.xreadgroup(keys.GROUP, DEAD, {STREAM: ">"}, count=n)
-    start = r.register_script(START_JOB)
-    for _, fields in entries:
-        await start(keys=[keys.job_key(fields["job_id"])], args=[repr(time.time()), DEAD])
+    await JobStore(r).start([fields["job_id"] for _, fields in entries], time.time(), DEAD)
     return [eid for eid, _ in entries]
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
-from protocol.scripts import FINISH_JOB, finish_keys
 
+from jobstore import FinalWrite, JobRef, JobStore
 from protocol import job_record as f
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
@@ -43,7 +43,7 @@ async def wait_until(pred, timeout: float = 10.0, interval: float = 0.02):
 
 async def final_state(r, job_id: str, timeout: float = 10.0) -> dict:
     async def done():
-        h = await r.hgetall(keys.job_key(job_id))
+        h = await JobStore(r).read(job_id) or {}
         return h if h.get(f.STATE) in ("succeeded", "failed", "cancelled", "expired") else None
 
     return await wait_until(done, timeout)
@@ -129,7 +129,7 @@ async def test_job_succeeds_with_result(redis_url, redis_client):
     assert result.usage.total_tokens == 7 and result.logprobs is None
     assert h[f.ATTEMPTS] == "1" and h[f.WORKER] == "test-host:1"
     assert float(h[f.STARTED_AT]) <= float(h[f.FINISHED_AT])
-    assert h[f.TEXT] == result.text and int(h[f.SEQ]) == 1  # only the final event was published
+    assert f.TEXT not in h and int(h[f.SEQ]) == 1  # only the final event was published; the text is the result's
     ttl = await r.ttl(keys.job_key(p.id))
     assert 0 < ttl <= f.RETENTION_SECONDS
     stream = keys.jobs_stream(MODEL, "default", "default")
@@ -161,7 +161,7 @@ async def test_streamed_job_publishes_ordered_deltas(redis_url, redis_client):
 
 
 async def test_scripts_forgotten_by_redis_are_loaded_again(redis_url, redis_client):
-    """The worker sends its scripts by SHA1 alone (worker/lua.py): after Redis forgets them (a restart; here
+    """The worker sends its scripts by SHA1 alone (jobstore/runner.py): after Redis forgets them (a restart; here
     SCRIPT FLUSH, before the job and again while it streams), jobs still start, stream and finish."""
     r = redis_client
     prompt = list(range(100, 140))
@@ -184,7 +184,7 @@ async def test_scripts_forgotten_by_redis_are_loaded_again(redis_url, redis_clie
 
 async def test_pipelines_never_ask_script_exists(redis_url, redis_client, monkeypatch):
     """redis-py's pipelines ask SCRIPT EXISTS before each execute that holds a registered Script: a round
-    trip on every job start and first token. The worker's pipelines carry bare EVALSHAs (worker/lua.py)."""
+    trip on every job start and first token. The worker's pipelines carry bare EVALSHAs (jobstore/runner.py)."""
     from redis.asyncio.client import Pipeline
 
     from worker.pruning import Pruner
@@ -305,18 +305,19 @@ async def test_first_final_write_wins(redis_client):
     r = redis_client
     p = payload([1, 2])
     await submit_job(r, p)
-    finish = r.register_script(FINISH_JOB)
-    key, chan = keys.job_key(p.id), keys.events_channel(p.id)
+    store, ref = JobStore(r), JobRef.of(p)
+    key = keys.job_key(p.id)
     ok = JobResult(text="a", finish_reason="stop",
                    usage={"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}).model_dump_json()
-    fk = finish_keys(p.id, p.tenant)
-    assert await finish(keys=fk, args=[chan, "succeeded", "result", ok, "1.0", "a", 60, "", p.id]) == 1
+    assert await store.write([], [FinalWrite(ref, "succeeded", ok, "", 1.0)]) == [1]
     before = await r.hgetall(key)
     err = json.dumps({"type": "engine_error", "message": "late"})
-    assert await finish(keys=fk, args=[chan, "failed", "error", err, "2.0", "b", 60, "", p.id]) == 0
+    assert await store.write([], [FinalWrite(ref, "failed", "", err, 2.0)]) == [0]
     assert await r.hgetall(key) == before
-    assert before[f.STATE] == "succeeded" and before[f.SEQ] == "1" and before[f.TEXT] == "a"
+    assert before[f.STATE] == "succeeded" and before[f.SEQ] == "1"
     assert f.ERROR not in before
+    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"  # counted down once
+    assert await r.hgetall(keys.lane_depth_key(MODEL, p.lane)) == {}
 
 
 async def test_heartbeat_and_model_card(redis_url, redis_client):
