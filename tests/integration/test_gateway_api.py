@@ -147,7 +147,7 @@ async def test_unknown_job_404(client):
 
 async def test_models_and_readiness(client, redis_client, redis_url, default_model_dir):
     r = await client.get("/readyz")
-    assert r.status_code == 503 and "worker" in r.json()["reason"]
+    assert r.status_code == 200 and r.json()["workers"] == 0  # a gateway is ready without workers
     assert (await client.get("/v1/models")).json() == {"object": "list", "data": []}
     assert (await client.get("/healthz")).status_code == 200
     w = FakeWorker(redis_url, default_model_dir)
@@ -160,7 +160,10 @@ async def test_models_and_readiness(client, redis_client, redis_url, default_mod
         assert models["data"][0]["object"] == "model"
     finally:
         await w.stop()
-    assert (await client.get("/readyz")).status_code == 503
+    assert (await client.get("/readyz")).status_code == 200
+    models = (await client.get("/v1/models")).json()["data"]
+    assert [(m["id"], m["workers"]) for m in models] == [(MODEL, 0)]  # served before: still accepted
+    assert (await client.get(f"/v1/models/{MODEL}")).json()["workers"] == 0
 
 
 async def test_metrics_and_openapi(client, worker):
@@ -220,13 +223,32 @@ async def test_errors_enqueue_nothing(client, worker, redis_client):
     assert await redis_client.keys(keys.job_key("*")) == []
 
 
-async def test_known_model_without_worker_is_503(client, redis_url, default_model_dir, redis_client):
+async def test_known_model_without_worker_queues_and_waits(client, redis_url, default_model_dir, redis_client,
+                                                           monkeypatch):
+    """Workers restart and scale to zero: a model one has served is accepted and its jobs wait for the next
+    worker; a completion that a client waits for gives up after NO_WORKER_WAIT_S with a clear 504."""
+    from gateway import routes_openai
+
+    monkeypatch.setattr(routes_openai, "NO_WORKER_WAIT_S", 0.5)
     w = FakeWorker(redis_url, default_model_dir)
     await w.start()
     await w.stop()  # its card stays, its heartbeat is gone
-    assert_error(await client.post("/v1/chat/completions", json=CHAT), 503)
-    assert_error(await client.post("/v1/jobs", json=CHAT), 503)
-    assert await redis_client.keys(keys.job_key("*")) == []
+    job = await client.post("/v1/jobs", json=CHAT)
+    assert job.status_code == 202 and job.json()["status"] == "queued"
+    err = assert_error(await client.post("/v1/chat/completions", json=CHAT), 504)
+    assert err["code"] == "no_worker" and "0.5s" in err["message"]
+    w = FakeWorker(redis_url, default_model_dir)  # a worker comes back: the queued job runs
+    await w.start()
+    try:
+        for _ in range(200):
+            status = (await client.get(f"/v1/jobs/{job.json()['id']}")).json()["status"]
+            if status == "succeeded":
+                break
+            await asyncio.sleep(0.05)
+        assert status == "succeeded"
+    finally:
+        await w.stop()
+    assert_error(await client.post("/v1/jobs", json={**CHAT, "model": "never-served"}), 404)
 
 
 async def test_body_limit_uses_bytes_read_not_only_content_length(redis_url, redis_client):

@@ -216,7 +216,7 @@ async def test_idempotent_repeat(redis_url, redis_client, default_model_dir):
     assert sum([await redis_client.xlen(s) for s in await lane_streams(redis_client, MODEL, "default")]) == 1
 
 
-async def test_unknown_model_404_and_no_worker_503(redis_url, redis_client, default_model_dir):
+async def test_unknown_model_404_and_known_model_queued_without_worker(redis_url, redis_client, default_model_dir):
     async def scenario(c, r):
         return [await c.post("/v1/jobs", json={**PROMPT, "model": "no-such-model"}),
                 await c.post("/v1/jobs", json=PROMPT)]
@@ -225,7 +225,7 @@ async def test_unknown_model_404_and_no_worker_503(redis_url, redis_client, defa
     assert passed_on == 0
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert unknown.json()["error"]["param"] == "model"
-    assert dead.status_code == 503 and dead.json()["error"]["code"] == "no_worker"
+    assert dead.status_code == 202 and dead.json()["status"] == "queued"
 
 
 async def test_fast_path_is_counted_in_metrics_and_documented(redis_url, redis_client, default_model_dir):
