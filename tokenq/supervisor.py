@@ -4,6 +4,7 @@ first drained."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,15 +32,17 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> bool:
+    """Until the gateway at `url` (its /readyz) is ready and reports a live worker: a gateway is ready
+    without one (jobs wait in the queue), but the stack is up only once one serves."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             return False
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
+                if r.status == 200 and json.loads(r.read()).get("workers", 0) > 0:
                     return True
-        except OSError:
+        except (OSError, ValueError):
             pass
         time.sleep(0.3)
     return False

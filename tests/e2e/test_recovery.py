@@ -178,10 +178,11 @@ class Gateway:
             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     async def ready(self, client: httpx.AsyncClient) -> bool:
-        """Answering /readyz with 200 yet (Redis reachable, a live worker)? (Raises if it has exited.)"""
+        """Answering /readyz with 200 and a live worker yet? (Raises if it has exited.)"""
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
         try:
-            return (await client.get("/readyz", timeout=1)).status_code == 200
+            r = await client.get("/readyz", timeout=1)
+            return r.status_code == 200 and r.json().get("workers", 0) > 0
         except httpx.HTTPError:
             return False
 

@@ -33,7 +33,8 @@ def tokenq_up(default_model_dir, tmp_path_factory):
     while time.monotonic() < deadline:
         assert proc.poll() is None, (home / "up.log").read_text()
         try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+            r = httpx.get(f"{base}/readyz", timeout=1)
+            if r.status_code == 200 and r.json().get("workers", 0) > 0:
                 break
         except httpx.HTTPError:
             pass
