@@ -75,6 +75,6 @@ async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final
         async with asyncio.timeout(NO_WORKER_WAIT_S):
             return await wait_final(ctx.redis, payload.id)
     except TimeoutError:
-        if await ctx.canceller.cancel(JobRef.of(payload)) == JobState.queued.value:
+        if await ctx.store.cancel(JobRef.of(payload), only_queued=True) == JobState.queued.value:
             return None
     return await wait_final(ctx.redis, payload.id)  # it started meanwhile: its worker answers

@@ -247,7 +247,7 @@ return written
 """)
 
 # KEYS: FINISH_KEYS, 7 the job's stream. ARGV: job id, error JSON, finished_at, retention, control channel,
-# control message. Returns the state the job was in ('' when the hash is gone):
+# control message, '1' to cancel only a queued job. Returns the state the job was in ('' when gone):
 # queued: it ends `cancelled` now and its entry is dropped; running: `cancel_requested=1` and a control
 # message (its worker ends it `cancelled` with its text so far); final: nothing changes.
 CANCEL = Script(_FINISH_FN + _DROP_ENTRY_FN + f"""
@@ -257,7 +257,7 @@ if state == 'queued' then
   local entry = redis.call('HGET', KEYS[1], '{f.ENTRY_ID}')
   finish(job_keys(1), ARGV[1], 'cancelled', '', ARGV[2], ARGV[3], '', tonumber(ARGV[4]))
   drop_entry(KEYS[7], entry)
-elseif state == 'running' then
+elseif state == 'running' and ARGV[7] ~= '1' then
   redis.call('HSET', KEYS[1], '{f.CANCEL_REQUESTED}', '1')
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end

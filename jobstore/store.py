@@ -252,11 +252,12 @@ class JobStore:
 
     # -- cancel and expiry -------------------------------------------------------------------------------
 
-    async def cancel(self, ref: JobRef) -> str:
-        """Cancel a job; returns the state it was in ('' when it is gone)."""
+    async def cancel(self, ref: JobRef, only_queued: bool = False) -> str:
+        """Cancel a job (with `only_queued`, only if no worker has started it); returns the state it was in
+        ('' when it is gone)."""
         return await runner.run(self.redis, s.CANCEL, [*ref.finish_keys(), ref.stream],
                                 [ref.id, CANCELLED.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
-                                 keys.CONTROL_CHANNEL, json.dumps({"cancel": ref.id})])
+                                 keys.CONTROL_CHANNEL, json.dumps({"cancel": ref.id}), "1" if only_queued else "0"])
 
     async def expire(self, ref: JobRef, now: float | None = None, grace_s: float = EXPIRE_RUNNING_GRACE_S) -> str:
         """Apply the job's deadline: its state after ('' when gone)."""
