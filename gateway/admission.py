@@ -34,7 +34,7 @@ def limits_of(tenant: Tenant, max_depth: int) -> Limits:
     return Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_queued=tenant.max_queued, max_depth=max_depth)
 
 
-def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane: str) -> ApiError:
+def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane: str, max_depth: int) -> ApiError:
     retry_after = max(1, math.ceil(refused.wait_ms / 1000))
     used = refused.used
     if refused.limit == "rpm":
@@ -52,8 +52,8 @@ def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane:
         type_, code = "tokens", "rate_limit_exceeded"
     elif refused.limit == "queue_full":
         message = (f"the {lane!r} lane of model {model!r} is full ({used} jobs queued or running, max queue "
-                   f"depth {MAX_QUEUE_DEPTH_ENV}) and tenant {tenant.name!r} holds its fair share of it "
-                   f"({refused.value} jobs); try again later")
+                   f"depth {max_depth}) and tenant {tenant.name!r} holds its fair share of it ({refused.value} "
+                   f"jobs: the max depth shared by the tenants with jobs in the lane); try again later")
         type_, code = "queue_depth", "queue_full"
     else:
         message = (f"too many queued jobs (max_queued) for tenant {tenant.name!r}: limit "

@@ -43,7 +43,7 @@ async def enqueue(ctx: GatewayContext, tenant: Tenant,
                                            idempotency_key=idempotency_key)
     except Refused as refused:
         tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
-        raise limit_error(tenant, refused, tokens, payload.model, payload.lane) from None
+        raise limit_error(tenant, refused, tokens, payload.model, payload.lane, ctx.max_queue_depth) from None
     if submitted.repeat:
         return await _first_job(ctx, tenant.name, idempotency_key or "", submitted.job_id)
     bind_job(payload.id)

@@ -220,7 +220,7 @@ async def test_queue_depth_429_and_a_known_model_waits_without_worker(redis_url,
                 assert (await c.post("/v1/jobs", json=PROMPT)).status_code == 202
             r = await c.post("/v1/jobs", json=PROMPT)
             err = assert_error(r, 429)
-            assert err["code"] == "queue_full" and "fair share" in err["message"]
+            assert err["code"] == "queue_full" and "max queue depth 2" in err["message"]
             assert r.headers["Retry-After"] == "1"
             # Another lane is not full.
             assert (await c.post("/v1/jobs", json={**PROMPT, "priority": "batch"})).status_code == 202
