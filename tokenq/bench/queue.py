@@ -171,7 +171,8 @@ async def _cleanup(redis_url: str) -> None:
                     removed += await redis.delete(*batch)
                 await redis.delete(stream)
                 await redis.decrby(keys.tenant_queued_key(tenant), removed)
-            await redis.delete(keys.lane_tenants_key(BENCH_MODEL, lane))
+            await redis.delete(keys.lane_tenants_key(BENCH_MODEL, lane), keys.lane_depth_key(BENCH_MODEL, lane))
+        await redis.srem(keys.MODELS_SET, BENCH_MODEL)
         await redis.delete("bench:xadd")
     except Exception as e:  # noqa: BLE001 - best effort
         print(f"cleanup: {e!r}", file=sys.stderr)
