@@ -15,7 +15,7 @@ from jobstore import FinalWrite, JobRef, JobStore
 from protocol import job_record as f
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
-from protocol.jobs import JobPayload, JobResult, new_job_id
+from protocol.jobs import JobError, JobPayload, JobResult, new_job_id
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard, WorkerHeartbeat
 from tests.fakes import FakeEngine, expected_text, submit_job
@@ -501,3 +501,17 @@ async def test_deadlines_expire_queued_and_running_jobs(redis_url, redis_client)
     for h in (h_late, h_soon):
         assert h[f.STATE] == "expired" and json.loads(h[f.ERROR])["type"] == "deadline_exceeded"
     assert await r.xlen(keys.jobs_stream(MODEL, "default", "default")) == 0
+
+
+async def test_running_job_past_its_deadline_ends_expired_with_its_partial_text(redis_url, redis_client):
+    r = redis_client
+    p = payload(list(range(100, 400)), max_tokens=300).model_copy(update={"deadline": time.time() + 1.0})
+    await submit_job(r, p)
+    async with running(redis_url, FakeEngine(step_sleep=0.02)):
+        h = await final_state(r, p.id, timeout=20)
+    assert h[f.STATE] == "expired"
+    assert JobError.model_validate_json(h[f.ERROR]).type == "deadline_exceeded"
+    result = JobResult.model_validate_json(h[f.RESULT])
+    assert result.finish_reason == "abort" and 0 < len(result.token_ids) < 300
+    assert result.text == expected_text(list(range(100, 100 + len(result.token_ids))), 300)
+    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"
