@@ -91,7 +91,7 @@ def scaled_mm_ref(
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        return quantize_rows_triton(x)
+        return fp8_triton.quantize_rows_triton(x)
     return quantize_rows_ref(x)
 
 
@@ -99,13 +99,13 @@ def rms_norm_quant(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[QuantizedInput, torch.Tensor | None]:
     if use_triton(x):
-        return rms_norm_quant_triton(x, residual, weight, eps)
+        return fp8_triton.rms_norm_quant_triton(x, residual, weight, eps)
     return rms_norm_quant_ref(x, residual, weight, eps)
 
 
 def silu_and_mul_quant(x: torch.Tensor) -> QuantizedInput:
     if use_triton(x):
-        return silu_and_mul_quant_triton(x)
+        return fp8_triton.silu_and_mul_quant_triton(x)
     return silu_and_mul_quant_ref(x)
 
 
@@ -143,7 +143,7 @@ def fp8_linear(
     lead, k = q.shape[:-1], q.shape[-1]
     rows = q.numel() // k if k else 0
     if use_triton(q) and 0 < rows <= GEMV_MAX_ROWS:
-        return fp8_gemv_triton(x, weight, weight_scale, bias)
+        return fp8_triton.fp8_gemv_triton(x, weight, weight_scale, bias)
     if isinstance(x, QuantizedInput):
         xq, x_scale, dtype = x.q.reshape(-1, k), x.scale.reshape(-1, 1), x.dtype
     else:
@@ -152,10 +152,5 @@ def fp8_linear(
     return scaled_mm(xq, x_scale, weight, weight_scale, bias, dtype).view(*lead, weight.shape[0])
 
 
-if HAS_TRITON:  # after QuantizedInput and the constants, which the kernel module imports from here
-    from kernels.fp8_triton import (
-        fp8_gemv_triton,
-        quantize_rows_triton,
-        rms_norm_quant_triton,
-        silu_and_mul_quant_triton,
-    )
+if HAS_TRITON:  # a module reference, so either module may be imported first
+    import kernels.fp8_triton as fp8_triton
