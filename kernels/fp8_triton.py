@@ -174,8 +174,9 @@ def _fp8_gemv_kernel(
 
 
 def fp8_gemv_tiles(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): the 16-bit GEMV's output tiles, twice its K tile (an FP8 element is half the bytes)."""
-    return (8 if n <= 4096 else 4), min(2048, next_pow2(k))
+    """(BLOCK_N, BLOCK_K): the 16-bit GEMV's tiles (kernels/gemv.py), so the float32 accumulator tile takes
+    the registers it was measured with; FP8 tiles of their own are for a sweep on the GPU to find."""
+    return (8 if n <= 4096 else 4), min(1024, next_pow2(k))
 
 
 def fp8_gemv_triton(
