@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.activation import silu_and_mul_ref
+from kernels import gemv
 from kernels.dispatch import HAS_TRITON, use_triton
 from kernels.norm import rms_norm_ref
 
@@ -131,7 +132,8 @@ def scaled_mm(
     return y.to(out_dtype)
 
 
-# Rows of x up to which CUDA reads the weight with the GEMV instead of _scaled_mm.
+# Rows of x up to which CUDA reads the weight with the GEMV instead of _scaled_mm (TOKENQ_GEMV=cublas and
+# the benches' --gemv cublas turn it off, as they do the 16-bit GEMV).
 GEMV_MAX_ROWS = 1
 
 
@@ -142,7 +144,7 @@ def fp8_linear(
     q = x.q if isinstance(x, QuantizedInput) else x
     lead, k = q.shape[:-1], q.shape[-1]
     rows = q.numel() // k if k else 0
-    if use_triton(q) and 0 < rows <= GEMV_MAX_ROWS:
+    if gemv.ENABLED and use_triton(q) and 0 < rows <= GEMV_MAX_ROWS:
         return fp8_triton.fp8_gemv_triton(x, weight, weight_scale, bias)
     if isinstance(x, QuantizedInput):
         xq, x_scale, dtype = x.q.reshape(-1, k), x.scale.reshape(-1, 1), x.dtype
