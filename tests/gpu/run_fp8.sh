@@ -26,7 +26,7 @@ FP8=(--quantization fp8 --kv-cache-dtype fp8)
 LOAD=(--num-requests "$N" --min-prompt-len 64 --max-prompt-len 512 --output-len "$OUTPUT_LEN" --skip-peer)
 LAT=(--prompt-len 128 --output-len "$OUTPUT_LEN" --skip-peer)
 
-[ "${TESTS:-1}" = 1 ] && stage "gpu tests" 90 "$PY" -m pytest -q -p no:cacheprovider -rs \
+[ "${TESTS:-1}" = 1 ] && stage "gpu tests" 110 "$PY" -m pytest -q -p no:cacheprovider -rs \
   --junitxml="$OUT/gpu-tests-fp8.xml" tests/gpu/test_fp8_gpu.py
 stage "throughput $SHAPE bf16" 65 "$PY" -m tokenq.bench.throughput --model-shape "$SHAPE" "${LOAD[@]}" \
   --out "$OUT/bench-throughput-$SHAPE-bf16.json"
