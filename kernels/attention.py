@@ -3,6 +3,7 @@
 Layout: q [T, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]. Query head h reads KV head
 h // (Hq // Hkv), as in Hugging Face's repeat_kv. The cache must hold finite values everywhere (allocate it
 with zeros): padded positions are masked out of the softmax, but 0 * NaN would still poison the sum.
+An FP8 cache is read back times its scales (k_scale, v_scale: one-element float32 tensors).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import HAS_TRITON, use_triton
+from kernels.fp8 import FP8
+from kernels.kv_cache import from_cache
 
 if HAS_TRITON:
     from kernels.attention_triton import paged_attention_triton
@@ -25,6 +28,8 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """cache[block_tables] as [S, n_blocks * block_size, Hkv, D]; index_select measures ~2x faster than indexing."""
     S, n = block_tables.shape
     _, bs, h, d = cache.shape
+    if cache.dtype == FP8:  # torch's CPU index_select has no float8 kernel; the bytes are the same
+        return cache.view(torch.uint8).index_select(0, block_tables.reshape(-1)).view(FP8).view(S, n * bs, h, d)
     return cache.index_select(0, block_tables.reshape(-1)).view(S, n * bs, h, d)
 
 
@@ -36,14 +41,15 @@ def _decode_group(
     seq_lens: torch.Tensor,
     max_len: int,
     scale: float,
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
     """Decodes padded to a common length: q [S, Hq, D] -> [S, Hq, D]."""
     S, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     n_blocks = -(-max_len // bs)
     bt = block_tables[:, :n_blocks]
-    k = _gather(k_cache, bt).transpose(1, 2)  # [S, Hkv, L, D], a strided view
-    v = _gather(v_cache, bt).transpose(1, 2)
+    k = from_cache(_gather(k_cache, bt), q.dtype, kv_scales[0]).transpose(1, 2)  # [S, Hkv, L, D], strided
+    v = from_cache(_gather(v_cache, bt), q.dtype, kv_scales[1]).transpose(1, 2)
     mask = torch.arange(n_blocks * bs, device=q.device) < seq_lens[:, None]
     # The GQA group rides in the query dimension, so K/V are read once per KV head, never repeated.
     out = F.scaled_dot_product_attention(
@@ -59,14 +65,16 @@ _MAX_DECODE_GROUPS = 4
 
 
 def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
     """All decodes of the step: q [S, Hq, D] -> [S, Hq, D]."""
     S = q.shape[0]
     lens = meta.seq_lens_cpu[:S]
     n_groups = min(_MAX_DECODE_GROUPS, S // _MIN_DECODE_GROUP)
     if n_groups <= 1 or min(lens) * 2 > max(lens):
-        return _decode_group(q, k_cache, v_cache, meta.block_tables[:S], meta.seq_lens[:S], max(lens), scale)
+        return _decode_group(q, k_cache, v_cache, meta.block_tables[:S], meta.seq_lens[:S], max(lens), scale,
+                             kv_scales)
     order = sorted(range(S), key=lens.__getitem__)
     out = torch.empty_like(q)
     for g in range(n_groups):
@@ -80,6 +88,7 @@ def _decode(
             meta.seq_lens.index_select(0, idx),
             lens[rows[-1]],
             scale,
+            kv_scales,
         )
         out.index_copy_(0, idx, o)
     return out
@@ -94,6 +103,7 @@ def _prefill_one(
     scale: float,
     k_new: torch.Tensor | None,
     v_new: torch.Tensor | None,
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
     """One prefill chunk: q [Lq, Hq, D] at the last Lq positions of a seq_len context -> [Lq, Hq, D]."""
     lq = q.shape[0]
@@ -102,8 +112,8 @@ def _prefill_one(
     else:
         bs = k_cache.shape[1]
         bt = block_table[None, : -(-seq_len // bs)]
-        k = _gather(k_cache, bt)[0, :seq_len]
-        v = _gather(v_cache, bt)[0, :seq_len]
+        k = from_cache(_gather(k_cache, bt)[0, :seq_len], q.dtype, kv_scales[0])
+        v = from_cache(_gather(v_cache, bt)[0, :seq_len], q.dtype, kv_scales[1])
         # Query j sits at position seq_len - lq + j and sees keys 0..that position.
         rows = torch.arange(seq_len - lq, seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= rows[:, None]
@@ -129,18 +139,24 @@ def paged_attention_ref(
     scale: float,
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]. The step's own keys/values must already be in the cache.
 
     k, v [T, Hkv, D] (optional): the step's new keys/values, which let a prefill chunk that is its whole
-    context attend to them directly instead of gathering them back from the cache.
+    context attend to them directly instead of gathering them back from the cache (a 16-bit cache only: with
+    an FP8 cache every read sees the cached values, as the Triton kernel does).
     """
+    kv_scales = (k_scale, v_scale)
+    if k_cache.dtype == FP8:
+        k = v = None
     nd = meta.num_decodes
     if nd == meta.num_seqs:
-        return _decode(q, k_cache, v_cache, meta, scale)
+        return _decode(q, k_cache, v_cache, meta, scale, kv_scales)
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale, kv_scales)
     loc = meta.query_start_loc_cpu
     for i in range(nd, meta.num_seqs):
         a, b = loc[i], loc[i + 1]
@@ -153,6 +169,7 @@ def paged_attention_ref(
             scale,
             None if k is None else k[a:b],
             None if v is None else v[a:b],
+            kv_scales,
         )
     return out
 
@@ -165,8 +182,10 @@ def paged_attention(
     scale: float,
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton on CUDA (reads everything from the cache, so k and v are not needed), else the reference."""
     if use_triton(q):
-        return paged_attention_triton(q, k_cache, v_cache, meta, scale)
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k, v)
+        return paged_attention_triton(q, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k, v, k_scale, v_scale)

@@ -10,6 +10,9 @@ Split-K: with few programs for the SMs and long contexts, each sequence's contex
 equal partitions (sized on the device from seq_lens, so the grid depends only on host values); each
 writes a partial (max, sum, unnormalized output) and a second kernel merges them. num_splits is a runtime
 argument, so graphs captured for different batch sizes share one compiled kernel.
+
+An FP8 cache (KV_FP8) is widened to q's dtype on load; its key scale folds into the softmax scale and its
+value scale multiplies the accumulated output once, at the end.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    block_tables_ptr, seq_lens_ptr, qsl_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -59,7 +62,7 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CACHE_BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,6 +92,8 @@ def _paged_attention_kernel(
     dim_ok = dims < HEAD_DIM
     q_rows = (q_begin + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     last_key = cached + tok  # causal: the last key position each row may see
     kv_end = tl.minimum(seq_len, cached + q_off + BLOCK_Q)
@@ -113,6 +118,8 @@ def _paged_attention_kernel(
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k_rows = block * stride_kb + slot * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -122,9 +129,13 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = block * stride_vb + slot * stride_vt + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
     store_mask = row_ok[:, None] & dim_ok[None, :]
     if SPLIT:
         # Partials: acc [num_splits, T, H, HEAD_DIM], (max, sum) [num_splits, T, H, 2], all float32.
@@ -209,12 +220,14 @@ def paged_attention_triton(
     scale: float,
     num_splits: int | None = None,
     config: LaunchConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]; caches [num_blocks, block_size, Hkv, D] holding the step's keys already.
 
     Only host values (shapes, num_seqs, max_query_len, max_seq_len) size the launch, so a decode batch is
     CUDA-graph capturable when its metadata carries fixed maxima. num_splits=None picks by heuristic;
-    config overrides the tile shapes (benchmark sweeps).
+    config overrides the tile shapes (benchmark sweeps). k_scale, v_scale: an FP8 cache's scales (None: 1).
     """
     T, hq, d = q.shape
     _, cache_block, hkv, _ = k_cache.shape
@@ -235,9 +248,13 @@ def paged_attention_triton(
     else:
         part_acc = part_ml = out  # unused
     block_d = max(16, next_pow2(d))
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        k_scale = v_scale = torch.ones(1, dtype=torch.float32, device=q.device)
     _paged_attention_kernel[(tiles, hkv, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml,
         meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        k_scale if kv_fp8 else out, v_scale if kv_fp8 else out,
         scale * _LOG2E, num_seqs, T, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -248,7 +265,7 @@ def paged_attention_triton(
         HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

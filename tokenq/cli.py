@@ -23,6 +23,15 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (decode steps, lone prefills)")
     p.add_argument("--no-prefill-graphs", action="store_true",
                    help="CUDA graphs for decode steps only: a prefill chunk alone runs eagerly")
+    add_quantization_flags(p)
+
+
+def add_quantization_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: FP8 weights (a scale per output channel) and per-token FP8 activations; a 16/32-bit "
+                        "checkpoint is quantized while it loads (an FP8 checkpoint is read as FP8 without this)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8: the KV cache in e4m3 with a scale per layer, twice the tokens in the same memory")
 
 
 def engine_flags_argv(args: argparse.Namespace) -> list[str]:
@@ -34,6 +43,8 @@ def engine_flags_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
     argv += ["--no-prefix-caching"] if args.no_prefix_caching else []
     argv += ["--no-prefill-graphs"] if args.no_prefill_graphs else []
+    argv += ["--quantization", args.quantization] if args.quantization else []
+    argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
@@ -46,7 +57,8 @@ def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kep
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, dtype=dtype, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=True if args.enforce_eager else None,
-        prefill_graphs=not args.no_prefill_graphs,
+        prefill_graphs=not args.no_prefill_graphs, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -192,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(bsub)
     import importlib
 
-    for name in ("throughput", "latency", "prefix", "serve"):
+    for name in ("throughput", "latency", "prefix", "serve", "fp8_accuracy"):
         module = f"tokenq.bench.{name}"
         importlib.import_module(module).add_parser(bsub).set_defaults(func=cmd_bench_module, bench_module=module)
     bench.set_defaults(func=cmd_bench)

@@ -6,6 +6,7 @@
 # /tmp/site. JSON and logs go to $OUT.
 #
 #   bash tests/gpu/run_serve.sh           # SHAPE=tiny N=16 OUTPUT_LEN=16: a CPU dry run
+#   SERVE_FLAGS="--quantization fp8 --kv-cache-dtype fp8" bash tests/gpu/run_serve.sh   # engine flags of the serve stage
 set -u
 cd "$(dirname "$0")/../.."
 SHAPE="${SHAPE:-llama3-8b}"
@@ -30,7 +31,8 @@ fi
   --min-prompt-len 64 --max-prompt-len 128 --output-len 32 --low-load-requests 2 --out "$OUT/bench-serve-small.json"
 stage "serve $SHAPE" 360 "$PY" -m tokenq.bench.serve --model-shape "$SHAPE" --rate $RATES --num-requests "$N" \
   --min-prompt-len 64 --max-prompt-len 512 --output-len "$OUTPUT_LEN" --max-num-seqs 512 \
-  --max-num-batched-tokens 8192 --gateway-workers 4 --low-load-requests "${LOW:-48}" --out "$OUT/bench-serve.json"
+  --max-num-batched-tokens 8192 --gateway-workers 4 --low-load-requests "${LOW:-48}" ${SERVE_FLAGS:-} \
+  --out "$OUT/bench-serve.json"
 [ "${LATENCY:-1}" = 1 ] && stage "bench latency" 100 "$PY" -m tokenq.bench.latency --model-shape "$SHAPE" --out "$OUT/bench-latency.json"
 for f in /tmp/tokenq-bench-serve-*/*.log; do echo "--- $f"; tail -5 "$f"; done >"$OUT/stack-logs.txt" 2>&1
 echo "done in ${SECONDS}s" | tee -a "$LOG"

@@ -23,12 +23,12 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Three interpreter gaps of triton 3.6, patched in the child only (compiled kernels never meet them):
+# Interpreter gaps of triton 3.6, patched in the child only (compiled kernels never meet them):
 # numpy >= 2.4 refuses int() of a one-element array, which the interpreter does for loop bounds
 # (triton-lang/triton#9171, fixed upstream by squeezing); its tl.dot multiplies bfloat16 operands as the
 # uint16 words that store them, so they are widened to float32 first (exact: bf16 is a float32 prefix);
-# and it narrows float32 to bfloat16 by truncation where a GPU rounds to nearest, up to twice the error
-# per rounding, hence a looser bfloat16 tolerance here than on a GPU.
+# and it narrows float32 to bfloat16 by truncation and to float8 without the carry of a rounding, where a
+# GPU rounds to nearest, so those casts go through torch (the bfloat16 tolerance stays looser than a GPU's).
 INTERPRET = """
 import json
 
@@ -60,9 +60,50 @@ def _dot_bf16(self, a, b, d, *args):
 
 interp.InterpreterBuilder.create_dot = _dot_bf16
 
+# Its float32 -> e4m3 narrowing drops the carry of a rounding that crosses a power of two (124.5 becomes 64,
+# not 128), so casts to and from float8 go through torch, which rounds as a GPU does.
+import torch
+
+_fp_to_fp = interp.InterpreterBuilder.create_fp_to_fp
+_FP8 = {tl.float8e4nv: torch.float8_e4m3fn}
+
+
+def _as_float32(h):
+    if h.dtype == tl.bfloat16:
+        return (h.data.astype(np.uint32) << 16).view(np.float32)
+    return h.data.astype(np.float32)
+
+
+def _fp_to_fp_torch(self, src, dst_type, rounding_mode):
+    s, d = src.dtype.scalar, dst_type.scalar
+    if d in _FP8 and s in (tl.float32, tl.bfloat16, tl.float16):
+        data = torch.from_numpy(_as_float32(src)).to(_FP8[d]).view(torch.uint8).numpy()
+        return interp.TensorHandle(data, d)
+    if s in _FP8 and d == tl.float32:
+        data = torch.from_numpy(src.data.copy()).view(_FP8[s]).float().numpy()
+        return interp.TensorHandle(data, d)
+    return _fp_to_fp(self, src, dst_type, rounding_mode)
+
+
+interp.InterpreterBuilder.create_fp_to_fp = _fp_to_fp_torch
+_cast = interp.InterpreterBuilder.cast_impl
+
+
+# float32 -> bfloat16 rounded to nearest, as a GPU does: the FP8 kernels take their scale from such a
+# rounded row, and a truncated one would pick another scale than the reference.
+def _cast_rounding(self, src, dst_type):
+    if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+        data = torch.from_numpy(src.data.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+        return interp.TensorHandle(data.view(np.uint16), tl.bfloat16)
+    return _cast(self, src, dst_type)
+
+
+interp.InterpreterBuilder.cast_impl = _cast_rounding
+
+from tests.gpu.test_fp8_gpu import run_fp8_checks
 from tests.gpu.test_kernels_triton import run_checks
 
-print(json.dumps(run_checks("cpu", tiny=True, bf16_tolerance=3e-2)))
+print(json.dumps({**run_checks("cpu", tiny=True, bf16_tolerance=3e-2), **run_fp8_checks("cpu", tiny=True)}))
 """
 
 # Each launch is bound and specialized exactly as on a GPU (alignment, divisibility, constexprs), then
@@ -92,6 +133,8 @@ JITFunction.run = _compile_instead_of_launch
 
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.attention_triton import paged_attention_triton
+from kernels.fp8 import FP8, QuantizedInput
+from kernels.fp8_triton import fp8_gemv_triton, quantize_rows_triton, rms_norm_quant_triton, silu_and_mul_quant_triton
 from kernels.gemv import GemvConfig
 from kernels.gemv_triton import gemv_triton
 from kernels.kv_cache_triton import store_kv_triton
@@ -125,6 +168,24 @@ for dtype in (torch.bfloat16, torch.float32):
     kv = torch.randn(7, 2, 8, 128, dtype=dtype)
     cache = torch.zeros(2, 4, 16, 8, 128, dtype=dtype)
     store_kv_triton(kv[:, 0], kv[:, 1], cache[0], cache[1], torch.arange(7))
+    # FP8: the quantization kernels, the GEMV over FP8 weights, and the KV cache in e4m3.
+    x, w = torch.randn(5, 4096, dtype=dtype), torch.ones(4096, dtype=dtype)
+    quantize_rows_triton(torch.randn(3, 5000, dtype=dtype))
+    rms_norm_quant_triton(x, x, w, 1e-5)
+    rms_norm_quant_triton(x, None, w, 1e-5)
+    silu_and_mul_quant_triton(torch.randn(3, 2 * 1000, dtype=dtype))
+    w8, ws = torch.randn(4096, 4096).to(FP8), torch.ones(4096)
+    fp8_gemv_triton(torch.randn(1, 4096, dtype=dtype), w8, ws, None)
+    fp8_gemv_triton(QuantizedInput(torch.randn(1, 3001).to(FP8), torch.ones(1, 1), dtype), w8[:1001, :3001], ws,
+                    torch.randn(1001, dtype=dtype))
+    one = torch.ones(1)
+    cache8 = torch.zeros(2, 4, 16, 8, 128, dtype=FP8)
+    store_kv_triton(kv[:, 0], kv[:, 1], cache8[0], cache8[1], torch.arange(7), one, one)
+    for q_lens, ctx, hkv, group, d, splits in ATTENTION[:3]:
+        k_cache, v_cache, meta = make_step(q_lens, ctx, hkv, d, 16, dtype, "cpu")
+        q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype)
+        paged_attention_triton(q, k_cache.to(FP8), v_cache.to(FP8), meta, d**-0.5, num_splits=splits, k_scale=one,
+                               v_scale=one)
 keys = row_keys(torch.arange(3), torch.arange(3))
 gumbel_argmax_triton(torch.randn(3, 5000), torch.ones(3), torch.zeros(3, dtype=torch.bool), keys)
 print(json.dumps(sorted(set(compiled))))
@@ -168,7 +229,9 @@ def compiled(children) -> list[str]:
     return _last_json(children[1])
 
 
-@pytest.mark.parametrize("kernel", ["attention", "store_kv", "rms_norm", "rotary", "silu_and_mul", "gemv", "sampling"])
+@pytest.mark.parametrize("kernel", ["attention", "store_kv", "rms_norm", "rotary", "silu_and_mul", "gemv", "sampling",
+                                    "fp8_quantize_rows", "fp8_rms_norm_quant", "fp8_silu_and_mul_quant", "fp8_gemv",
+                                    "fp8_store_kv", "fp8_attention"])
 def test_kernel_under_interpreter(interpreted: dict[str, str | None], kernel: str) -> None:
     mine = {name: err for name, err in interpreted.items() if name.startswith(kernel)}
     assert mine, f"no checks ran for {kernel}"
@@ -180,4 +243,5 @@ def test_every_kernel_compiles_for_hopper(compiled: list[str]) -> None:
     assert compiled == sorted([
         "_gemv_kernel", "_gumbel_argmax_kernel", "_merge_splits_kernel", "_paged_attention_kernel", "_rms_norm_kernel",
         "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
+        "_fp8_gemv_kernel", "_quantize_rows_kernel", "_rms_norm_quant_kernel", "_silu_and_mul_quant_kernel",
     ])

@@ -17,7 +17,8 @@ from typing import Any
 
 def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
     """Flags of every random-weight benchmark; defaults differ per benchmark where the workload does."""
-    p.add_argument("--model-shape", default="llama3-8b", help="llama3-8b, small or tiny (CPU smoke test)")
+    p.add_argument("--model-shape", default="llama3-8b",
+                   help="llama3-8b, llama3-70b (with --quantization fp8 on one H200), small or tiny (CPU smoke test)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -32,6 +33,9 @@ def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_
     p.add_argument("--no-prefill-graphs", action="store_true", help="CUDA graphs for decode steps only")
     p.add_argument("--gemv", choices=["triton", "cublas"], default="triton",
                    help="matmuls at decode batch sizes: our Triton GEMV where it is faster, or always cuBLAS")
+    from tokenq.cli import add_quantization_flags
+
+    add_quantization_flags(p)
 
 
 def standalone(configure: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
@@ -70,11 +74,15 @@ def build_model(args: argparse.Namespace) -> Setup:
     from worker.models.random_weights import random_model, shape_config
 
     set_gemv_enabled(args.gemv == "triton")
+    if args.quantization and not getattr(args, "skip_peer", True):
+        print("--quantization: no transformers peer (it would run other weights); the 16-bit run of this "
+              "command is the reference")
+        args.skip_peer = True
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     config = shape_config(args.model_shape)
     t0 = time.perf_counter()
-    model, model_cfg = random_model(config, DTYPES[dtype], device, seed=args.seed)
+    model, model_cfg = random_model(config, DTYPES[dtype], device, seed=args.seed, quantization=args.quantization)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return Setup(args.model_shape, config, model, model_cfg, device, dtype, time.perf_counter() - t0)
@@ -93,6 +101,7 @@ def engine_config(args: argparse.Namespace, setup: Setup, max_model_len: int, kv
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or max_model_len, dtype=setup.dtype, device=setup.device,
         enforce_eager=True if args.enforce_eager else None, prefill_graphs=not args.no_prefill_graphs,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
     )
     return EngineConfig(**{**values, **overrides})
 

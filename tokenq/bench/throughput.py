@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
           f"on {setup.device} (built in {setup.seconds_to_build:.1f} s)")
 
     engine, startup = gc.make_engine(setup, cfg)
-    print(f"engine start-up {startup:.1f} s: {engine.runner.num_blocks} KV blocks of {cfg.block_size} tokens, "
+    print(f"engine start-up {startup:.1f} s: {engine.runner.num_blocks} KV blocks of {cfg.block_size} tokens "
+          f"({engine.runner.kv_dtype}), "
           f"CUDA graphs: {engine.runner.graphs is not None}")
     if engine.runner.memory_profile:
         print("KV cache sized by profiling: " + ", ".join(f"{k} {v:.2f}" for k, v in
@@ -85,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
                      "output_len": args.output_len, "seed": args.seed, "greedy": True, "ignore_eos": True,
                      "detokenize": False},
         "engine_config": vars(cfg) | {"num_kv_blocks": num_blocks},
+        "kv_cache_tokens": num_blocks * cfg.block_size,
         "engine_startup_s": startup, "kv_cache_profile": memory, "ours": ours, "graph_buckets": buckets,
     }
     rows = [["tokenq", ours["num_requests"], ours["output_tokens"], ours["seconds"], ours["output_tokens_per_s"],

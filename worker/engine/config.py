@@ -16,6 +16,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    quantization: str | None = None  # "fp8": W8A8 linear layers (a checkpoint in FP8 is read as FP8 anyway)
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": e4m3, twice the tokens in the same memory
     device: str = "cpu"
     # None: CUDA graphs for decode steps on CUDA, plain eager on CPU. False on a CPU runs the same padded
     # decode batches without capturing them (how the padding is tested without a GPU).

@@ -59,7 +59,8 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         model_path = Path(model_path)
-        model, model_cfg = load_model(model_path, DTYPES[config.dtype], torch.device(config.device))
+        model, model_cfg = load_model(model_path, DTYPES[config.dtype], torch.device(config.device),
+                                      quantization=config.quantization)
         tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
         self._setup(model, model_cfg, config, tokenizer, model_path)
 

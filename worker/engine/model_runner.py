@@ -49,6 +49,15 @@ class StepInputs:
     prefill_bucket: int | None = None  # the padded prefill chunk to replay, None for an eager step
 
 
+def kv_cache_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: the model's dtype, or e4m3 for kv_cache_dtype "fp8"."""
+    if cfg.kv_cache_dtype == "auto":
+        return dtype
+    if cfg.kv_cache_dtype == "fp8":
+        return torch.float8_e4m3fn
+    raise ValueError(f"kv_cache_dtype must be auto or fp8, got {cfg.kv_cache_dtype!r}")
+
+
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.tensor([], dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
@@ -106,6 +115,7 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.dtype = dtype
+        self.kv_dtype = kv_cache_dtype(cfg, dtype)
         self.device = device
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
@@ -125,7 +135,7 @@ class ModelRunner:
         self.scratch_block = self.num_blocks
         self.kv_cache = torch.zeros(
             model_cfg.num_hidden_layers, 2, self.num_blocks + 1, cfg.block_size,
-            model_cfg.num_key_value_heads, model_cfg.head_dim, dtype=dtype, device=device,
+            model_cfg.num_key_value_heads, model_cfg.head_dim, dtype=self.kv_dtype, device=device,
         )
         model.bind_kv_cache(self.kv_cache)
 
@@ -142,7 +152,7 @@ class ModelRunner:
     # ---- start-up ----------------------------------------------------------------------------------
 
     def _default_num_blocks(self) -> int:
-        per_block = kv_block_bytes(self.model_cfg, self.block_size, self.dtype)
+        per_block = kv_block_bytes(self.model_cfg, self.block_size, self.kv_dtype)
         if self.device.type == "cuda":
             return self._profile_num_blocks(per_block)
         return max(int(self.cfg.kv_cache_memory_gb * 2**30 // per_block), 1)
@@ -153,7 +163,7 @@ class ModelRunner:
         dev, cfg = self.device, self.model_cfg
         # Every dummy sequence writes the same few blocks: their values do not matter here.
         scratch = torch.zeros(cfg.num_hidden_layers, 2, self.max_blocks_per_seq, self.block_size,
-                              cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype, device=dev)
+                              cfg.num_key_value_heads, cfg.head_dim, dtype=self.kv_dtype, device=dev)
         self.model.bind_kv_cache(scratch)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
@@ -245,7 +255,7 @@ class ModelRunner:
         """Frees the KV cache and the graphs, keeping the model (which may serve another engine)."""
         cfg = self.model_cfg
         self.model.bind_kv_cache(torch.empty(cfg.num_hidden_layers, 2, 0, self.block_size,
-                                             cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype,
+                                             cfg.num_key_value_heads, cfg.head_dim, dtype=self.kv_dtype,
                                              device=self.device))
         self.graphs = None
         self.prefill_graphs = None

@@ -1,4 +1,5 @@
-"""SiLU-and-multiply over the fused gate/up projection."""
+"""SiLU-and-multiply over the fused gate/up projection; quantized to FP8 in the same kernel where the next
+layer takes FP8 input (quantize_output)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import torch
 from torch import nn
 
 from kernels.activation import silu_and_mul
+from kernels.fp8 import silu_and_mul_quant
 
 
 class SiluAndMul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quantize_output = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
+        return silu_and_mul_quant(x) if self.quantize_output else silu_and_mul(x)

@@ -1,14 +1,20 @@
 """Tensor-parallel linear layers. Each parameter carries a weight_loader that cuts this rank's shard
 out of the full checkpoint tensor, so tensor parallelism is a loading concern and forward stays one matmul
-(kernels.gemv.linear: F.linear, or our GEMV at decode batch sizes where it reads weights faster)."""
+(kernels.gemv.linear: F.linear, or our GEMV at decode batch sizes where it reads weights faster).
+
+A quantization method (worker/layers/quantization) owns the parameters and the forward: the layers here
+only say which rows of their output a loaded tensor fills, and every per-row tensor (weight, bias, the FP8
+row scales) is cut the same way. A row-parallel layer splits the weight's columns only; its per-row
+tensors stay whole on every rank.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kernels.gemv import linear
 from worker.distributed import all_reduce, tp_rank, tp_size
+from worker.layers.quantization import current_linear_method
 
 
 def _divide(n: int, d: int) -> int:
@@ -24,30 +30,39 @@ class _Linear(nn.Module):
         super().__init__()
         self.tp_dim = tp_dim
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.output_size = output_size
+        self.quant_method = current_linear_method()
+        self.quant_method.create_weights(self, input_size, output_size)
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
 
     def _shard(self, loaded: torch.Tensor, dim: int) -> torch.Tensor:
         return loaded.chunk(self.tp_size, dim)[self.tp_rank] if self.tp_size > 1 else loaded
 
+    def _rows(self, shard_id) -> tuple[int, int]:
+        """(first row, row count) of this rank's output that the checkpoint tensor `shard_id` fills."""
+        return 0, self.output_size
+
+    def _my_part(self, loaded: torch.Tensor, shard_id) -> torch.Tensor:
+        """This rank's rows of a loaded per-row tensor."""
+        return self._shard(loaded, 0) if self.tp_dim == 0 else loaded
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        if self.tp_dim is not None and loaded_weight.dim() > self.tp_dim:
-            loaded_weight = self._shard(loaded_weight, self.tp_dim)
-        _copy(param.data, loaded_weight)
+        offset, size = self._rows(shard_id)
+        if loaded_weight.numel() == 1 and param.dim() == 1:  # one scale for the whole tensor: every row's
+            part = loaded_weight.reshape(1).expand(size)
+        else:
+            part = self._my_part(loaded_weight, shard_id)
+            if self.tp_dim == 1 and param is self.weight:
+                part = self._shard(part, 1)
+        self.quant_method.load(self, param, offset, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"weight shape {tuple(src.shape)} does not fit parameter shape {tuple(dst.shape)}")
-    dst.copy_(src)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(_Linear):
@@ -69,10 +84,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        size = self.output_sizes[shard_id] // self.tp_size
-        _copy(param.data.narrow(0, offset, size), self._shard(loaded_weight, 0))
+    def _rows(self, shard_id) -> tuple[int, int]:
+        return sum(self.output_sizes[:shard_id]) // self.tp_size, self.output_sizes[shard_id] // self.tp_size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -95,17 +108,20 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (total_num_heads + 2 * self.num_kv_heads * n) * head_size
         super().__init__(hidden_size, out, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    def _rows(self, shard_id) -> tuple[int, int]:
         q_size, kv_size = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
         if shard_id == "q":
-            offset, size, idx = 0, q_size, self.tp_rank
-        elif shard_id == "k":
-            offset, size, idx = q_size, kv_size, self.tp_rank // self.kv_replicas
-        elif shard_id == "v":
-            offset, size, idx = q_size + kv_size, kv_size, self.tp_rank // self.kv_replicas
-        else:
-            raise ValueError(f"unknown qkv shard id {shard_id!r}")
-        _copy(param.data.narrow(0, offset, size), loaded_weight.narrow(0, idx * size, size))
+            return 0, q_size
+        if shard_id == "k":
+            return q_size, kv_size
+        if shard_id == "v":
+            return q_size + kv_size, kv_size
+        raise ValueError(f"unknown qkv shard id {shard_id!r}")
+
+    def _my_part(self, loaded: torch.Tensor, shard_id) -> torch.Tensor:
+        size = self._rows(shard_id)[1]
+        idx = self.tp_rank if shard_id == "q" else self.tp_rank // self.kv_replicas
+        return loaded.narrow(0, idx * size, size)
 
 
 class RowParallelLinear(_Linear):
@@ -114,12 +130,7 @@ class RowParallelLinear(_Linear):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__(_divide(input_size, tp_size()), output_size, bias, 1)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        if loaded_weight.dim() == 1:  # the bias is whole on every rank and added once, by rank 0
-            _copy(param.data, loaded_weight)
-        else:
-            _copy(param.data, self._shard(loaded_weight, 1))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        # The bias is whole on every rank and added once, by rank 0.
+        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y) if self.tp_size > 1 else y

@@ -56,6 +56,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], bias=cfg.mlp_bias)
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act_fn = SiluAndMul()
+        self.act_fn.quantize_output = self.down_proj.quant_method.takes_quantized_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -68,6 +69,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # A norm that feeds FP8 linears only quantizes its output in the same kernel.
+        self.input_layernorm.quantize_output = self.self_attn.qkv_proj.quant_method.takes_quantized_input
+        self.post_attention_layernorm.quantize_output = self.mlp.gate_up_proj.quant_method.takes_quantized_input
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -163,6 +167,6 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
                 param.data.copy_(tensor)
             loaded.add(name)
-        missing = set(params) - loaded
+        missing = {n for n in set(params) - loaded if not getattr(params[n], "optional_in_checkpoint", False)}
         if missing:
             raise ValueError(f"checkpoint lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")

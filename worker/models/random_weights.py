@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from kernels.fp8 import FP8
+from worker.layers.quantization import quantization as quantized
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
 from worker.models.llama import LlamaForCausalLM
 
@@ -43,17 +45,25 @@ def shape_config(shape: str, **overrides: Any) -> dict[str, Any]:
             **SHAPES[shape], **overrides}
 
 
+# Rows of a random FP8 weight made at a time in float32 (a bounded scratch, whatever the model's size).
+_FP8_CHUNK_ELEMENTS = 1 << 26
+
+
 @torch.no_grad()
 def random_model(config: dict[str, Any], dtype: torch.dtype, device: str | torch.device,
-                 seed: int = 0) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Our model with random weights, allocated and initialised on the device in `dtype`."""
+                 seed: int = 0, quantization: str | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Our model with random weights, allocated and initialised on the device in `dtype`. With
+    quantization="fp8" the linear layers' weights are made in FP8 directly, a few rows at a time, so a model
+    whose 16-bit weights would not fit the device (Llama-3-70B on one H200) never exists in 16 bits."""
     cfg = ModelConfig.from_dict(config)
     device = torch.device(device)
-    with torch.device(device):
+    with torch.device(device), quantized(quantization):
         model = LlamaForCausalLM(cfg, dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     for name, p in model.named_parameters():
+        if p.dtype == FP8 or getattr(p, "optional_in_checkpoint", False):
+            continue  # made with their FP8 weight, below
         if name.endswith("norm.weight"):
             p.uniform_(0.8, 1.2, generator=gen)  # not all ones, so a mixed-up norm shows in comparisons
         elif name.endswith(".bias"):
@@ -62,7 +72,19 @@ def random_model(config: dict[str, Any], dtype: torch.dtype, device: str | torch
             p.normal_(0.0, 1.0, generator=gen)
         else:
             p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+    for layer in model.modules():
+        if getattr(layer, "quant_method", None) is not None and layer.weight.dtype == FP8:
+            _random_fp8_weight(layer, gen)
     return model.eval(), cfg
+
+
+def _random_fp8_weight(layer: torch.nn.Module, gen: torch.Generator) -> None:
+    """N(0, 1/fan_in) rows made in float32 chunk by chunk and quantized into the layer as a checkpoint's are."""
+    n, k = layer.weight.shape
+    rows = max(1, _FP8_CHUNK_ELEMENTS // k)
+    for start in range(0, n, rows):
+        chunk = torch.empty(min(rows, n - start), k, device=layer.weight.device).normal_(0.0, k**-0.5, generator=gen)
+        layer.quant_method.load(layer, layer.weight, start, chunk)
 
 
 def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:

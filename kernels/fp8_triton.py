@@ -1,0 +1,204 @@
+"""Triton FP8 kernels: per-row (per-token) quantization, alone and fused into RMSNorm and SiLU-and-multiply,
+and the GEMV of one row against an FP8 weight (decode at batch 1, where the weight read is everything).
+
+Every kernel rounds where its reference in kernels/fp8.py rounds (the norm and the activation to the input
+dtype before the scale is taken), so both pick the same scale and almost always the same e4m3 codes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import next_pow2
+from kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
+
+_MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
+_FLOOR = tl.constexpr(MIN_AMAX)
+_CHUNK = 2048  # columns a program handles per pass of a long row
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, n_cols, BLOCK: tl.constexpr):
+    """Two passes over a row: its max |x|, then x / scale."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + start + cols, mask=start + cols < n_cols, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, 0), _FLOOR) / _MAX
+    tl.store(s_ptr + row, scale)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+        q = tl.clamp(x / scale, -_MAX, _MAX)
+        tl.store(q_ptr + row * stride_q + start + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (e4m3 [..., K], float32 scale [..., 1])."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    rows = x2.shape[0]
+    if rows and n:
+        block = min(_CHUNK, next_pow2(n))
+        _quantize_rows_kernel[(rows,)](x2, q, scale, x2.stride(0), n, n, BLOCK=block, num_warps=4)
+    return q, scale
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr,
+    stride_x, stride_r, stride_ro, n_cols, eps,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    """One row in registers: (x + residual), its RMSNorm rounded as the reference rounds, then quantized."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = ((xf * rstd).to(x.dtype).to(tl.float32) * w).to(x.dtype).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(y), 0), _FLOOR) / _MAX
+    tl.store(s_ptr + row, scale)
+    q = tl.clamp(y / scale, -_MAX, _MAX)
+    tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_quant_triton(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[QuantizedInput, torch.Tensor | None]:
+    """As kernels.fp8.rms_norm_quant_ref: (quantized norm of x (+ residual), x + residual or None)."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    r2 = _rows(residual) if residual is not None else x2
+    ro2 = res_out.view(-1, n) if res_out is not None else x2
+    if rows:
+        block = next_pow2(n)
+        _rms_norm_quant_kernel[(rows,)](
+            x2, r2, weight, q, scale, ro2, x2.stride(0), r2.stride(0), ro2.stride(0), n, eps,
+            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 512)),
+        )
+    return QuantizedInput(q, scale, x.dtype), res_out
+
+
+@triton.jit
+def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, n_cols, BLOCK: tl.constexpr):
+    """Two passes over gate and up: the max of silu(gate) * up, then the product / scale (recomputed)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    base = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        gate = tl.load(base + start + cols, mask=mask, other=0.0)
+        up = tl.load(base + n_cols + start + cols, mask=mask, other=0.0).to(tl.float32)
+        g = gate.to(tl.float32)
+        act = ((g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32) * up).to(gate.dtype).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(act))
+    scale = tl.maximum(tl.max(amax, 0), _FLOOR) / _MAX
+    tl.store(s_ptr + row, scale)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        gate = tl.load(base + start + cols, mask=mask, other=0.0)
+        up = tl.load(base + n_cols + start + cols, mask=mask, other=0.0).to(tl.float32)
+        g = gate.to(tl.float32)
+        act = ((g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32) * up).to(gate.dtype).to(tl.float32)
+        q = tl.clamp(act / scale, -_MAX, _MAX)
+        tl.store(q_ptr + row * n_cols + start + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_quant_triton(x: torch.Tensor) -> QuantizedInput:
+    """x [..., 2*I] (gate then up) -> silu(gate) * up quantized per row, [..., I]."""
+    n = x.shape[-1] // 2
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    q = torch.empty(*x.shape[:-1], n, dtype=FP8, device=x.device)
+    scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    if rows and n:
+        _silu_and_mul_quant_kernel[(rows,)](x2, q, scale, x2.stride(0), n, BLOCK=min(_CHUNK, next_pow2(n)),
+                                            num_warps=4)
+    return QuantizedInput(q, scale, x.dtype)
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """One row of x against BLOCK_N rows of the FP8 weight: products in float32, reduced over K once,
+    then the weight's row scales (and x's scale) applied to the sums."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_k
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_mask = (k + offs_k) < K
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1) * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_X_SCALE:
+        y = y * tl.load(xs_ptr)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def fp8_gemv_tiles(n: int, k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): the 16-bit GEMV's tiles (kernels/gemv.py), so the float32 accumulator tile takes
+    the registers it was measured with; FP8 tiles of their own are for a sweep on the GPU to find."""
+    return (8 if n <= 4096 else 4), min(1024, next_pow2(k))
+
+
+def fp8_gemv_triton(
+    x: torch.Tensor | QuantizedInput, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+    tiles: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """One row x [..., K] (16/32-bit or quantized) against weight [N, K] e4m3 with scales [N] -> [..., N]."""
+    quantized = isinstance(x, QuantizedInput)
+    xq = x.q if quantized else x
+    dtype = x.dtype
+    K, N = xq.shape[-1], weight.shape[0]
+    x1 = xq.reshape(-1)
+    if x1.numel() != K:
+        raise ValueError(f"fp8 gemv takes one row, got {x1.numel() // max(K, 1)}")
+    if weight.stride(-1) != 1:
+        raise ValueError("fp8 gemv needs a weight with unit stride along K")
+    y = torch.empty(*xq.shape[:-1], N, dtype=dtype, device=xq.device)
+    block_n, block_k = tiles or fp8_gemv_tiles(N, K)
+    xs = x.scale if quantized else weight_scale  # the weight's scales stand in for no x scale
+    _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
+        x1, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, N, K, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=K % block_k == 0 and N % block_n == 0,
+        HAS_X_SCALE=quantized, HAS_BIAS=bias is not None, num_warps=4, num_stages=2,
+    )
+    return y
