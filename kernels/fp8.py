@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul_ref
 from kernels import gemv
+from kernels.activation import silu_and_mul_ref
 from kernels.dispatch import HAS_TRITON, use_triton
 from kernels.norm import rms_norm_ref
 

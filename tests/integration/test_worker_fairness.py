@@ -76,6 +76,7 @@ async def test_small_tenant_is_not_starved_by_a_backlog(redis_url, redis_client)
             f"A still queued: {a_left}")
     print(seen)
     # Two tenants share the slots half and half, so B's jobs go at half their idle rate: twice the idle
-    # queue time, plus the one job B waits for before a first slot frees up.
-    assert busy <= 2 * idle + job_s, seen
+    # queue time, plus the one job B waits for before a first slot frees up. The factor 3 and the second
+    # job are slack for a busy machine; a worker that served A's backlog first would take 100 times longer.
+    assert busy <= 3 * idle + 2 * job_s, seen
     assert a_left > 1800, seen  # B was served long before A's backlog drained
