@@ -50,10 +50,27 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+_MAX_SHOWN_INPUT = 80  # characters of the client's value quoted back in a message
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the member of a union it tried ("list[int]", "function-after[...]", "str"): not a
+    field of the client's JSON."""
+    return isinstance(part, str) and ("[" in part or part in _SCALAR_TAGS)
+
+
 def field_path(loc: tuple | list) -> str | None:
-    """Pydantic's loc as a dotted path, without FastAPI's leading "body" ("messages.0.role")."""
-    parts = [str(p) for p in loc if p not in ("body",)]
+    """Pydantic's loc as a dotted path, without FastAPI's leading "body" and union member names
+    ("messages.0.role")."""
+    parts = [str(p) for p in loc if p not in ("body",) and not _is_union_tag(p)]
     return ".".join(parts) or None
+
+
+def most_telling(errors: list[dict]) -> dict:
+    """Of pydantic's errors, the one to report: a rule of ours (its message says what is wrong) before a
+    type mismatch against some other member of a union."""
+    return next((e for e in errors if e.get("type") == "value_error"), errors[0])
 
 
 def describe_validation_error(err: dict) -> tuple[str, str | None]:
@@ -66,8 +83,10 @@ def describe_validation_error(err: dict) -> tuple[str, str | None]:
     if param is None:
         return msg, None
     text = f"{param}: {msg}"
-    if "input" in err and err.get("type") not in ("missing",) and not isinstance(err["input"], dict | list):
-        text += f" (got {err['input']!r})"
+    if ("input" in err and err.get("type") not in ("missing",) and not isinstance(err["input"], dict | list)
+            and "(got " not in msg):
+        shown = repr(err["input"])
+        text += f" (got {shown if len(shown) <= _MAX_SHOWN_INPUT else shown[:_MAX_SHOWN_INPUT - 3] + '...'})"
     return text, param
 
 
@@ -81,7 +100,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     errors = list(exc.errors())
     if not errors:
         return error_response(400, "invalid request body")
-    message, param = describe_validation_error(errors[0])
+    message, param = describe_validation_error(most_telling(errors))
     return error_response(400, message, param)
 
 

@@ -9,20 +9,22 @@ from gateway.errors import ApiError
 from gateway.options import check_webhook, parse_deadline
 from gateway.prompts import TemplateRaised
 from gateway.registry import Registry
-from gateway.sampling import check_n, to_sampling
+from gateway.sampling import requested_logprobs, to_sampling
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
+from gateway.unsupported import check_unsupported
 from protocol.jobs import ChatMessage, JobKind, JobPayload, Lane, new_job_id
 
 
 async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionRequest | JobCreate,
                   lane: Lane, stream: bool, tenant: str = "default") -> JobPayload:
-    check_n(req)
+    check_unsupported(req)
     deadline = parse_deadline(req.deadline, req.ttl, time.time())
     webhook_url = check_webhook(getattr(req, "webhook_url", None))
     target = await registry.target(req.model)
     prompts = target.prompts
     messages: list[ChatMessage] | None = getattr(req, "messages", None)
     echo_prompt = None
+    prompt_logprobs = None
     kind: JobKind
     if messages is not None:
         kind, field = "chat", "messages"
@@ -35,9 +37,10 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
         text, ids = _completion_prompt(req.prompt, prompts)
         if getattr(req, "echo", False):
             echo_prompt = text if text is not None else prompts.decode(ids)
+            prompt_logprobs = requested_logprobs(req)  # echoed tokens carry logprobs as the output does
     if not ids:
         raise ApiError(400, f"{field}: the prompt is empty", param=field)
-    sampling = to_sampling(req, len(ids), target.max_model_len, field)
+    sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs)
     return JobPayload(id=new_job_id(), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
                       sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
                       deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.errors import ApiError, describe_validation_error
+from gateway.errors import ApiError, describe_validation_error, most_telling
 from gateway.schemas import SamplingFields
 from protocol.sampling import SamplingParams
 
@@ -34,13 +34,21 @@ def requested_logprobs(req: SamplingFields) -> int | None:
     return int(logprobs)
 
 
-def check_n(req: SamplingFields) -> None:
-    if req.n != 1:
-        raise ApiError(400, f"n: only n=1 is supported (got {req.n})", param="n")
+def check_vocabulary(req: SamplingFields, vocab_size: int) -> None:
+    """Token ids and top_k within the model's vocabulary: past it they index outside the logits."""
+    bad = next((t for t in req.stop_token_ids or () if t >= vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"stop_token_ids: token id {bad} is outside the vocabulary (ids are 0 to "
+                            f"{vocab_size - 1})", param="stop_token_ids")
+    if req.top_k is not None and req.top_k > vocab_size:
+        raise ApiError(400, f"top_k: must be at most the vocabulary size {vocab_size} (got {req.top_k})",
+                       param="top_k")
 
 
-def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, prompt_field: str) -> SamplingParams:
-    """Validated SamplingParams; max_tokens checked against (or defaulted to) what the context leaves."""
+def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, prompt_field: str,
+                vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """Validated SamplingParams; max_tokens checked against (or defaulted to) what the context leaves,
+    token ids and top_k against the vocabulary when its size is given."""
     room = max_model_len - prompt_tokens
     asked, max_field = requested_max_tokens(req)
     if asked is not None and asked >= 1 and prompt_tokens + asked > max_model_len:
@@ -49,18 +57,21 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
     if room <= 0:
         raise ApiError(400, f"prompt has {prompt_tokens} tokens, but the model's context is {max_model_len} "
                             "tokens: no room is left to generate", param=prompt_field)
+    if vocab_size is not None:
+        check_vocabulary(req, vocab_size)
     values: dict[str, Any] = {
         "max_tokens": asked if asked is not None else min(room, MAX_DEFAULT_TOKENS),
         "logprobs": requested_logprobs(req),
+        "prompt_logprobs": prompt_logprobs,
     }
     for name in _SAME_NAME:
         value = getattr(req, name)
         if value is not None:
             values[name] = value
     try:
-        return SamplingParams.model_validate(values)
+        sampling = SamplingParams.model_validate(values)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = most_telling(e.errors())
         message, param = describe_validation_error(err)
         if param == "max_tokens":
             message, param = message.replace("max_tokens", max_field, 1), max_field
@@ -69,3 +80,4 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
         if param is None:  # a cross-field rule; its message names the fields
             message = message.removeprefix("Value error, ")
         raise ApiError(400, message, param=param) from e
+    return sampling

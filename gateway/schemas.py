@@ -4,14 +4,21 @@ check shapes, and `sampling.py` maps them onto SamplingParams."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.jobs import ChatMessage, Lane
+from protocol.text import Text
 
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 MAX_WEBHOOK_URL_CHARS = 2048
+MAX_USER_CHARS = 256
+MAX_MODEL_CHARS = 256
+
+Prompt = Text | list[int] | list[Text] | list[list[int]]
 
 
 class StreamOptions(BaseModel):
@@ -19,19 +26,20 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """OpenAI's sampling fields and vLLM's extensions; None means "not given"."""
+    """OpenAI's sampling fields and vLLM's extensions; None means "not given". OpenAI's fields that tokenq
+    does not implement are declared too, so that gateway/unsupported.py can refuse them when set."""
 
     model_config = ConfigDict(extra="ignore")
 
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
+    n: int | None = Field(default=None, description="only 1 is supported")
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: str | None = None
+    user: Text | None = Field(default=None, max_length=MAX_USER_CHARS)
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -39,19 +47,37 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = None
+    # Not implemented: refused unless absent, null or their default (see gateway/unsupported.py).
+    tools: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
+    tool_choice: Any = Field(default=None, description='not supported: only "none" (or "auto" with no tools)')
+    functions: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
+    function_call: Any = Field(default=None, description='not supported: only "none" or "auto"')
+    response_format: Any = Field(default=None, description='not supported: only {"type": "text"}')
+    logit_bias: dict[str, Any] | None = Field(default=None, description="not supported: refused unless empty")
+    best_of: int | None = Field(default=None, description="not supported: only 1")
+    suffix: Any = Field(default=None, description="not supported: refused unless empty")
+    modalities: list[Any] | None = Field(default=None, description='not supported: only ["text"]')
+    audio: Any = Field(default=None, description="not supported: refused unless null")
+    prediction: Any = Field(default=None, description="not supported: refused unless null")
+    guided_json: Any = Field(default=None, description="not supported: refused unless null")
+    guided_regex: Any = Field(default=None, description="not supported: refused unless null")
+    guided_choice: Any = Field(default=None, description="not supported: refused unless null")
+    guided_grammar: Any = Field(default=None, description="not supported: refused unless null")
+    structured_outputs: Any = Field(default=None, description="not supported: refused unless null")
+    use_beam_search: Any = Field(default=None, description="not supported: refused unless false")
 
 
 class JobOptions(BaseModel):
     """tokenq's extensions on every submitting route (checked by gateway/options.py)."""
 
-    deadline: float | str | None = Field(default=None, description="epoch seconds or RFC 3339")
+    deadline: float | Text | None = Field(default=None, description="epoch seconds or RFC 3339")
     ttl: float | None = Field(default=None, description="seconds from now; the job's deadline")
     run_to_completion: bool = Field(default=False, description="a streaming client that disconnects "
                                                                "does not cancel the job")
 
 
 class ChatCompletionRequest(SamplingFields, JobOptions):
-    model: str
+    model: Text = Field(max_length=MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -62,8 +88,8 @@ class ChatCompletionRequest(SamplingFields, JobOptions):
 
 
 class CompletionRequest(SamplingFields, JobOptions):
-    model: str
-    prompt: str | list[int] | list[str] | list[list[int]]
+    model: Text = Field(max_length=MAX_MODEL_CHARS)
+    prompt: Prompt
     logprobs: int | None = None
     echo: bool = False
     stream: bool = False
@@ -74,17 +100,17 @@ class CompletionRequest(SamplingFields, JobOptions):
 class JobCreate(SamplingFields, JobOptions):
     """POST /v1/jobs: a chat (`messages`) or a completion (`prompt`), queued on a lane."""
 
-    model: str
+    model: Text = Field(max_length=MAX_MODEL_CHARS)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    prompt: str | list[int] | list[str] | list[list[int]] | None = None
+    prompt: Prompt | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
     echo: bool = False
     priority: Lane = "default"
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[Text, Text] = Field(default_factory=dict)
     stream: bool = False
-    webhook_url: str | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS)
+    webhook_url: Text | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> JobCreate:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol.sampling import SamplingParams
+from protocol.text import Text
 
 
 class JobState(enum.StrEnum):
@@ -36,18 +37,35 @@ def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex
 
 
+class ContentPart(BaseModel):
+    """One part of OpenAI's list-of-parts content. Only text is served: an image or audio part would be
+    dropped from the prompt without a word, so it is refused instead."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: Text = ""
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"only text content parts are supported (got {v[:40]!r})")
+        return v
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
-        """Content as plain text; OpenAI's list-of-parts form is joined (text parts only)."""
+        """Content as plain text; OpenAI's list-of-parts form is joined."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return "".join(p.text for p in self.content)
 
 
 class JobPayload(BaseModel):

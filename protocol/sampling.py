@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.text import Text
+
 MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256  # per stop string: the detokenizer holds back this much text while it could match
+MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; the gateway checks against the model's own size
+MAX_TOKENS = 1_000_000
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinities and NaN are refused: no bound below holds for them, and a NaN passes comparisons.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 or -1 means no top-k cut")
+    top_k: int = Field(default=0, ge=0, le=MAX_TOKEN_ID, description="0 or -1 means no top-k cut")
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
-    min_tokens: int = Field(default=0, ge=0)
+    stop: list[Text] = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
     ignore_eos: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # Logprobs of the prompt's own tokens (completions' echo): the top-n per position, None for none.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
@@ -49,6 +62,8 @@ class SamplingParams(BaseModel):
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop: stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop: stop strings are at most {MAX_STOP_CHARS} characters")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         return self

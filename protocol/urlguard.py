@@ -71,8 +71,18 @@ def is_public(addr: IPAddress) -> bool:
     return True
 
 
+def _bad_character(url: str) -> int | None:
+    """Index of the first control character or space: urlsplit strips CR, LF and TAB silently, so a URL
+    that passes here would not be the one an HTTP client later refuses or sends."""
+    return next((i for i, c in enumerate(url) if ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F), None)
+
+
 def _host(url: str) -> str:
     """The URL's host after the syntax checks (IPv6 literals without brackets)."""
+    bad = _bad_character(url)
+    if bad is not None:
+        raise UnsafeURL(f"webhook URL must not contain a control character or space ({url[bad]!r} at "
+                        f"character {bad})")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port

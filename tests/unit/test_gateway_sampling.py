@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import ApiError
-from gateway.sampling import MAX_DEFAULT_TOKENS, check_n, to_sampling
+from gateway.sampling import MAX_DEFAULT_TOKENS, to_sampling
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
+from gateway.unsupported import check_unsupported
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -55,9 +56,19 @@ def test_prompt_filling_the_context():
 
 
 def test_n_must_be_one():
-    check_n(chat(n=1))
+    check_unsupported(chat(n=1))
     with pytest.raises(ApiError):
-        check_n(chat(n=2))
+        check_unsupported(chat(n=2))
+
+
+def test_vocabulary_bounds_token_ids_and_top_k():
+    assert to_sampling(chat(stop_token_ids=[99], top_k=100), 10, 100, "messages", vocab_size=100).top_k == 100
+    with pytest.raises(ApiError) as e:
+        to_sampling(chat(stop_token_ids=[100]), 10, 100, "messages", vocab_size=100)
+    assert e.value.param == "stop_token_ids" and "0 to 99" in e.value.message
+    with pytest.raises(ApiError) as e:
+        to_sampling(chat(top_k=101), 10, 100, "messages", vocab_size=100)
+    assert e.value.param == "top_k" and "100" in e.value.message
 
 
 def test_job_create_needs_exactly_one_prompt():

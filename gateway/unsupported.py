@@ -1,0 +1,55 @@
+"""OpenAI's request fields that tokenq does not implement. A client that sets one expects its effect (a
+tool call, JSON output, a biased or best-of-n answer); answering without it would be a quiet wrong
+answer, so each is a 400 naming it. Absent, null and the field's own default are accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gateway.errors import ApiError
+from gateway.schemas import SamplingFields
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {} or v == ""
+
+
+def _tool_choice_ok(v: Any, req: SamplingFields) -> bool:
+    return v is None or v == "none" or (v == "auto" and not req.tools)
+
+
+# field -> (accepted when, what is accepted: for the message)
+_RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
+    "n": (lambda v, _: v is None or v == 1, "only n=1 is supported"),
+    "best_of": (lambda v, _: v is None or v == 1, "only best_of=1 is supported"),
+    "tools": (lambda v, _: _empty(v), "tool calling is not supported"),
+    "tool_choice": (_tool_choice_ok, 'tool calling is not supported; only "none" is accepted'),
+    "functions": (lambda v, _: _empty(v), "function calling is not supported"),
+    "function_call": (lambda v, _: v in (None, "none", "auto"), 'function calling is not supported; '
+                                                                'only "none" is accepted'),
+    "response_format": (lambda v, _: v is None or v == {"type": "text"},
+                        'structured output is not supported; only {"type": "text"} is accepted'),
+    "logit_bias": (lambda v, _: _empty(v), "logit_bias is not supported"),
+    "suffix": (lambda v, _: _empty(v), "suffix (insertion) is not supported"),
+    "modalities": (lambda v, _: v is None or v == ["text"], 'only the "text" modality is supported'),
+    "audio": (lambda v, _: v is None, "audio output is not supported"),
+    "prediction": (lambda v, _: v is None, "predicted outputs are not supported"),
+    "guided_json": (lambda v, _: v is None, "guided decoding is not supported"),
+    "guided_regex": (lambda v, _: v is None, "guided decoding is not supported"),
+    "guided_choice": (lambda v, _: v is None, "guided decoding is not supported"),
+    "guided_grammar": (lambda v, _: v is None, "guided decoding is not supported"),
+    "structured_outputs": (lambda v, _: v is None, "guided decoding is not supported"),
+    "use_beam_search": (lambda v, _: v in (None, False), "beam search is not supported"),
+}
+
+
+def check_unsupported(req: SamplingFields) -> None:
+    """400 naming the first field that is set to something tokenq would ignore."""
+    for name, (accepted, why) in _RULES.items():
+        value = getattr(req, name, None)
+        if not accepted(value, req):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ApiError(400, f"{name}: {why} (got {shown})", param=name, code="unsupported_field")
+

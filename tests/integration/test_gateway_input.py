@@ -1,0 +1,148 @@
+"""Bad input stays one client's problem: every field is bounded at the gateway, strings must be valid
+Unicode, and OpenAI fields tokenq does not implement are refused by name rather than ignored."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from protocol import keys
+from tests.asserts import assert_error
+from tests.integration.fake_worker import MODEL, FakeWorker
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+PROMPT = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+ROUTES = [("/v1/jobs", CHAT), ("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT)]
+
+
+@pytest.fixture
+async def client(redis_url, redis_client, default_model_dir):
+    app = create_app(redis_url)
+    worker = FakeWorker(redis_url, default_model_dir)
+    await worker.start()
+    try:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                                         timeout=30) as c:
+                yield c
+    finally:
+        await worker.stop()
+
+
+async def post_raw(client: httpx.AsyncClient, path: str, text: str) -> httpx.Response:
+    """A body written by hand: JSON that json.dumps would not write (NaN, lone surrogates)."""
+    return await client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+async def assert_nothing_queued(redis_client) -> None:
+    assert await redis_client.keys(keys.job_key("*")) == []
+
+
+@pytest.mark.parametrize("path, body", ROUTES)
+@pytest.mark.parametrize("fields, param, needle", [
+    ({"top_k": 1e20}, "top_k", "top_k"),
+    ({"top_k": 49153}, "top_k", "vocabulary size 49152"),
+    ({"stop_token_ids": [999999999], "min_tokens": 2}, "stop_token_ids", "outside the vocabulary"),
+    ({"stop_token_ids": [49152]}, "stop_token_ids", "0 to 49151"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids.0", "greater than or equal to 0"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids", "at most 64"),
+    ({"stop": ["x" * 257]}, None, "at most 256 characters"),
+    ({"seed": 2**64}, "seed", "less than or equal to"),
+    ({"min_tokens": 10**12, "max_tokens": 4}, "min_tokens", "less than or equal to 1000000"),
+    ({"user": "u" * 257}, "user", "at most 256"),
+])
+async def test_poison_values_are_400_naming_the_field(client, redis_client, path, body, fields, param, needle):
+    err = assert_error(await client.post(path, json={**body, **fields}), 400, param)
+    assert needle in err["message"], err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("path, body", ROUTES)
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "repetition_penalty", "min_p"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_numbers_are_400(client, redis_client, path, body, field, value):
+    text = json.dumps(body)[:-1] + f', "{field}": {value}}}'
+    err = assert_error(await post_raw(client, path, text), 400)
+    assert field in err["message"], err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("path, body, extra, param", [
+    ("/v1/completions", PROMPT, '"prompt": "a\\ud800b"', "prompt"),
+    ("/v1/completions", PROMPT, '"prompt": ["a\\udfffb"]', "prompt.0"),
+    ("/v1/completions", PROMPT, '"stop": "\\ud800"', "stop"),
+    ("/v1/chat/completions", CHAT, '"messages": [{"role": "user", "content": "\\ud83d"}]',
+     "messages.0.content"),
+    ("/v1/chat/completions", CHAT, '"messages": [{"role": "user", "content": [{"type": "text", '
+                                   '"text": "\\ud800"}]}]', "messages.0.content.0.text"),
+    ("/v1/chat/completions", CHAT, '"user": "\\ud800"', "user"),
+    ("/v1/jobs", CHAT, '"metadata": {"k": "\\ud800"}', "metadata.k"),
+    ("/v1/jobs", CHAT, '"webhook_url": "https://example.com/\\ud800"', "webhook_url"),
+    ("/v1/jobs", CHAT, '"model": "\\ud800"', "model"),
+])
+async def test_lone_surrogates_are_400_naming_the_field(client, redis_client, path, body, extra, param):
+    text = json.dumps(body)[:-1] + ", " + extra + "}"
+    err = assert_error(await post_raw(client, path, text), 400, param)
+    assert "surrogate" in err["message"] or "unicode" in err["message"], err["message"]
+    await assert_nothing_queued(redis_client)
+    metrics = (await client.get("/metrics")).text
+    assert 'status="500"' not in metrics
+
+
+@pytest.mark.parametrize("path, body", ROUTES)
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("functions", [{"name": "f"}]),
+    ("function_call", {"name": "f"}),
+    ("response_format", {"type": "json_object"}),
+    ("logit_bias", {"50256": -100}),
+    ("best_of", 3),
+    ("suffix", "the end"),
+    ("n", 2),
+    ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("guided_json", {"type": "object"}),
+])
+async def test_unsupported_fields_are_refused_by_name(client, redis_client, path, body, field, value):
+    err = assert_error(await client.post(path, json={**body, field: value}), 400, field)
+    assert err["code"] == "unsupported_field" and field in err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+])
+async def test_image_and_audio_parts_are_refused(client, redis_client, part):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, part]}]
+    for path in ("/v1/chat/completions", "/v1/jobs"):
+        err = assert_error(await client.post(path, json={**CHAT, "messages": messages}), 400,
+                           "messages.0.content.1.type")
+        assert part["type"] in err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+async def test_defaults_of_unsupported_fields_are_accepted(client):
+    defaults = {"n": 1, "tool_choice": "none", "tools": [], "response_format": {"type": "text"},
+                "logit_bias": {}, "functions": None, "parallel_tool_calls": False, "modalities": ["text"]}
+    r = await client.post("/v1/chat/completions", json={**CHAT, **defaults})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/completions", json={**PROMPT, "best_of": 1, "suffix": None, "n": None})
+    assert r.status_code == 200, r.text
+    parts = [{"type": "text", "text": "red "}, {"type": "text", "text": "green"}]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": parts}],
+                                                        "max_tokens": 64, "temperature": 0})
+    assert r.status_code == 200 and "red green" in r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("url", ["https://example.com/a\r\nX-Injected: 1", "https://exa\tmple.com/",
+                                 "https://example.com/\n", "https://example.com/a b", "https://example.com/\x00"])
+async def test_webhook_urls_with_control_characters_are_refused(client, redis_client, url):
+    err = assert_error(await client.post("/v1/jobs", json={**CHAT, "webhook_url": url}), 400, "webhook_url")
+    assert "control character or space" in err["message"]
+    await assert_nothing_queued(redis_client)
