@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass
 
 from protocol.sampling import SamplingParams
-from worker.engine.outputs import RequestOutput
+from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.logging import get_logger
 
 log = get_logger("engine_loop")
@@ -32,13 +32,6 @@ HANDOFF_WAIT_S = 0.002
 # most this long, before it does the job's Redis work (the start script, the next read); the round trips
 # then overlap the prefill on the GPU instead of the launch on the host.
 LAUNCH_WAIT_S = 0.003
-
-
-@dataclass
-class FailedOutput(RequestOutput):
-    """A request the engine could not run (a step or add_request raised): finish_reason is "error"."""
-
-    error: str = ""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_runner import ModelRunner
-from worker.engine.outputs import RequestOutput
+from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Sequence, SequenceStatus
@@ -31,6 +31,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class RequestTooLong(ValueError):
     pass
+
+
+class OutsideVocabulary(ValueError):
+    """A token id the model has no row for: the embedding or the sampler would index past its end."""
 
 
 @dataclass
@@ -105,6 +109,7 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise RequestTooLong(
                 f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
+        self._check_vocabulary(prompt_token_ids, sampling)
         seq = Sequence(request_id, list(prompt_token_ids), sampling, priority=priority, tenant=tenant,
                        cache_salt=tenant)
         detok = (IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, stop=sampling.stop)
@@ -113,6 +118,15 @@ class LLMEngine:
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_ids)
         self._requests[request_id] = _RequestState(seq, detok, generator, stop_ids)
         self.scheduler.add(seq)
+
+    def _check_vocabulary(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """The gateway bounds these already; here a request that got past it fails alone at add instead of
+        failing a whole step (on a GPU an index past the end is a device error that no step survives)."""
+        vocab = self.model_cfg.vocab_size
+        for field, ids in (("prompt", prompt_token_ids), ("stop_token_ids", sampling.stop_token_ids)):
+            if ids and not 0 <= min(ids) <= max(ids) < vocab:
+                bad = next(t for t in ids if not 0 <= t < vocab)
+                raise OutsideVocabulary(f"{field}: token id {bad} is outside the vocabulary (size {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
@@ -232,6 +246,11 @@ class LLMEngine:
                 seq.append_token(token)
             if not live:
                 continue
+            if i in samples.errors:
+                self.scheduler.finish(seq, "error")
+                del self._requests[seq.request_id]
+                outputs.append(self._failed(state, samples.errors[i]))
+                continue
             reason = self._finish_reason(state, token)
             delta, stopped = "", False
             if token not in state.stop_ids and state.detok is not None:
@@ -284,6 +303,14 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=logprobs,
         )
+
+    @staticmethod
+    def _failed(state: _RequestState, error: str) -> FailedOutput:
+        seq = state.seq
+        return FailedOutput(request_id=seq.request_id, new_token_ids=[], text_delta="", finished=True,
+                            finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
+                            num_output_tokens=seq.num_output_tokens, num_cached_tokens=seq.num_cached_tokens,
+                            error=error)
 
     # ---- offline use (benchmarks, tests) -----------------------------------------------------------
 

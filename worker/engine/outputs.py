@@ -18,7 +18,7 @@ class RequestOutput:
     new_token_ids: list[int]
     text_delta: str  # new, final-safe text (no broken UTF-8, no possible stop-string prefix)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
@@ -29,3 +29,11 @@ class RequestOutput:
     def urgent(self) -> bool:
         """A request's first token or its end: what a client waits on (time to first token, the finish)."""
         return self.finished or (bool(self.new_token_ids) and self.num_output_tokens == len(self.new_token_ids))
+
+
+@dataclass
+class FailedOutput(RequestOutput):
+    """A request the engine could not run (add_request, its sampling or a step raised): finish_reason is
+    "error" and `error` says why."""
+
+    error: str = ""

@@ -7,7 +7,7 @@ them, before penalties, min_tokens masking and temperature. They describe the mo
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,11 +37,16 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # per request when seed is set, else None
     stop_ids_until_min: list[set[int]]  # forbidden while len(output) < min_tokens, else empty
 
+    def row(self, i: int) -> SamplingBatch:
+        return SamplingBatch([self.params[i]], [self.output_token_ids[i]], [self.prompt_token_ids[i]],
+                             [self.generators[i]], [self.stop_ids_until_min[i]])
+
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why its sampling raised (its token is junk)
 
 
 class PendingSamples:
@@ -76,6 +81,20 @@ class PendingSamples:
         if not self._with_logprobs:
             return SamplerOutput(self._host.tolist(), [None] * len(self._params))
         return SamplerOutput(*_unpack_logprobs(self._host.tolist(), self._params, self._top_n))
+
+
+class ReadySamples(PendingSamples):
+    """Samples already on the host (rows sampled one by one after a batch raised)."""
+
+    def __init__(self, token_ids: Tensor, output: SamplerOutput) -> None:
+        self.token_ids = token_ids
+        self._output = output
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> SamplerOutput:
+        return self._output
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> Tensor:
@@ -166,7 +185,31 @@ class Sampler:
         return self.sample(logits, batch).result()
 
     def sample(self, logits: Tensor, batch: SamplingBatch) -> PendingSamples:
-        """Queues the sampling kernels and the copy of their result to the host; does not wait."""
+        """Queues the sampling kernels and the copy of their result to the host; does not wait. When the
+        batch raises on the host, its rows are sampled one by one, so that a request whose parameters
+        break sampling fails alone (SamplerOutput.errors) and the rest of the batch goes on."""
+        try:
+            return self._sample_batch(logits, batch)
+        except Exception:  # noqa: BLE001 - which row raised is found below, and reported per row
+            return self._sample_rows_apart(logits, batch)
+
+    def _sample_rows_apart(self, logits: Tensor, batch: SamplingBatch) -> ReadySamples:
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
+        errors: dict[int, str] = {}
+        for i in range(len(batch.params)):
+            try:
+                out = self._sample_batch(logits[i : i + 1], batch.row(i)).result()
+                token_ids.append(out.token_ids[0])
+                logprobs.append(out.logprobs[0])
+            except Exception as e:  # noqa: BLE001 - this request fails with the reason; others go on
+                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                token_ids.append(0)  # a valid id for the step already scheduled; the engine drops it
+                logprobs.append(None)
+        tokens = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
+        return ReadySamples(tokens, SamplerOutput(token_ids, logprobs, errors))
+
+    def _sample_batch(self, logits: Tensor, batch: SamplingBatch) -> PendingSamples:
         params = batch.params
         want_logprobs = any(p.logprobs is not None for p in params)
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
