@@ -88,6 +88,7 @@ def tenant_queued_key(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:queued"
 
 
-def webhook_endpoint_key(url_sha256: str) -> str:
-    """Set when an endpoint answered 410 Gone: deliveries to it are disabled."""
-    return f"{PREFIX}:webhook:disabled:{url_sha256}"
+def webhook_endpoint_key(tenant: str, url_sha256: str) -> str:
+    """Set (with an expiry) when an endpoint answered 410 Gone to this tenant's delivery: the tenant's
+    deliveries to it are skipped until then."""
+    return f"{PREFIX}:webhook:disabled:{tenant}:{url_sha256}"

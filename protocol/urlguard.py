@@ -19,7 +19,13 @@ from urllib.parse import urlsplit
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOW_ENV = "TOKENQ_WEBHOOK_ALLOW"
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the IPv4 is the low 32 bits
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible form, ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT's IPv4-translated form, ::ffff:0:a.b.c.d
+# Never public, whatever they embed: local-use NAT64 (RFC 8215) reaches a private IPv4 network by
+# definition, and site-local addresses (deprecated, RFC 3879) are the old private range, which Python
+# still calls global.
+_NEVER_PUBLIC_V6 = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
 
 
 class UnsafeURL(ValueError):
@@ -57,18 +63,30 @@ def allow_list(allow: str | None = None) -> AllowList:
     return AllowList(os.environ.get(ALLOW_ENV) if allow is None else allow)
 
 
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches when it embeds one (mapped, compatible, translated, NAT64,
+    6to4), else None. Teredo is left out: its range is not global, so it is refused as a whole."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr in _IPV4_COMPATIBLE or addr in _IPV4_TRANSLATED or addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
 def is_public(addr: IPAddress) -> bool:
-    """Globally routable unicast; an IPv6 address carrying an IPv4 one (mapped, 6to4, NAT64) must
-    carry a public one, since the packets end up there."""
-    if not addr.is_global or addr.is_multicast:
+    """Globally routable unicast. An IPv6 address that embeds an IPv4 one is judged by the IPv4 one,
+    since the packets end up there."""
+    if addr.is_multicast:
         return False
     if isinstance(addr, ipaddress.IPv6Address):
-        inner = addr.ipv4_mapped or addr.sixtofour
-        if inner is None and addr in _NAT64:
-            inner = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if any(addr in net for net in _NEVER_PUBLIC_V6):
+            return False
+        inner = embedded_ipv4(addr)
         if inner is not None:
             return is_public(inner)
-    return True
+    return addr.is_global
 
 
 def _bad_character(url: str) -> int | None:

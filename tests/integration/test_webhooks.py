@@ -197,19 +197,56 @@ async def test_retried_until_accepted_once_with_one_webhook_id(redis_url, redis_
     assert _count("delivered") - delivered_before == 2
 
 
-async def test_gone_disables_the_endpoint(redis_url, redis_client, secret) -> None:
+async def test_gone_disables_the_endpoint_for_its_tenant_for_a_while(redis_url, redis_client, secret) -> None:
+    policy = RetryPolicy(delays=FAST.delays, timeout_s=FAST.timeout_s, gone_disable_s=60)
     with Receiver(secret, flaky) as rx:
-        async with service(redis_url):
+        async with service(redis_url, policy=policy):
             first = await new_job(redis_client, rx.url("/gone"))
             await finish(redis_client, first)
             assert [(a["outcome"], a["status"]) for a in await attempts_when_done(redis_client, first)] == [
                 ("disabled", 410)]
-            assert await store.endpoint_disabled(redis_client, rx.url("/gone"))
+            assert await store.endpoint_disabled(redis_client, TENANT, rx.url("/gone"))
+            assert 0 < await redis_client.ttl(store.endpoint_key(TENANT, rx.url("/gone"))) <= 60
             second = await new_job(redis_client, rx.url("/gone"))
             await finish(redis_client, second)
             [skipped] = await attempts_when_done(redis_client, second)
+            # Another tenant's job to the same URL is still delivered (and learns its own 410).
+            other = await new_job(redis_client, rx.url("/gone"), tenant="other")
+            await finish(redis_client, other)
+            [tried] = await attempts_when_done(redis_client, other)
+            # Once the mark expires, the first tenant's deliveries go out again.
+            await redis_client.delete(store.endpoint_key(TENANT, rx.url("/gone")))
+            third = await new_job(redis_client, rx.url("/gone"))
+            await finish(redis_client, third)
+            [again] = await attempts_when_done(redis_client, third)
     assert skipped["outcome"] == "skipped" and skipped["status"] is None
-    assert len(rx.requests) == 1
+    assert (tried["outcome"], tried["status"]) == ("disabled", 410)
+    assert (again["outcome"], again["status"]) == ("disabled", 410)
+    assert len(rx.requests) == 3
+
+
+async def test_an_attempt_that_raises_is_recorded_as_failed(redis_url, redis_client, secret,
+                                                            monkeypatch) -> None:
+    async def broken(*args, **kwargs):
+        raise RuntimeError("cannot build the request")
+
+    monkeypatch.setattr(Deliverer, "_post", broken)
+    with Receiver(secret, flaky) as rx:
+        async with service(redis_url):
+            job = await new_job(redis_client, rx.url("/ok"))
+            await finish(redis_client, job)
+            [attempt] = await attempts_when_done(redis_client, job)
+    assert attempt["outcome"] == "failed" and "RuntimeError: cannot build the request" in attempt["error"]
+
+
+async def test_stored_url_with_a_line_break_is_refused_not_dropped(redis_url, redis_client, secret) -> None:
+    with Receiver(secret, flaky) as rx:
+        async with service(redis_url):
+            job = await new_job(redis_client, rx.url("/ok\r\nX-Injected: 1"))
+            await finish(redis_client, job)
+            [attempt] = await attempts_when_done(redis_client, job)
+    assert attempt["outcome"] == "refused" and "control character" in attempt["error"]
+    assert rx.requests == []
 
 
 async def test_redirect_is_not_followed(redis_url, redis_client, secret) -> None:

@@ -14,6 +14,10 @@ NON_PUBLIC = [
     "169.254.169.254", "0.0.0.0", "100.64.0.1", "100.127.255.254", "224.0.0.1", "255.255.255.255",
     "[::1]", "[::]", "[fc00::1]", "[fd12:3456::1]", "[fe80::1]", "[::ffff:127.0.0.1]", "[::ffff:10.0.0.1]",
     "[ff0e::1]", "[2002:7f00:1::1]", "[64:ff9b::7f00:1]",
+    # IPv6 forms that embed a private IPv4 address, and ranges that are never public
+    "[::7f00:1]", "[::127.0.0.1]", "[::a00:1]", "[::ffff:0:7f00:1]", "[::ffff:0:a9fe:a9fe]",
+    "[64:ff9b::a9fe:a9fe]", "[64:ff9b:1::808:808]", "[64:ff9b:1:ffff::1]", "[2002:a00:1::1]",
+    "[2002:a9fe:a9fe::1]", "[fec0::1]", "[fed0:1::2]", "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",
 ]
 
 
@@ -23,9 +27,18 @@ def test_non_public_literal_refused(host: str) -> None:
         check_webhook_url(f"http://{host}/hook", allow="")
 
 
-@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "[2606:4700:4700::1111]", "example.com"])
+@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "[2606:4700:4700::1111]", "example.com",
+                                  "[64:ff9b::808:808]", "[2002:808:808::1]", "[::ffff:8.8.8.8]"])
 def test_public_or_unresolved_host_accepted(host: str) -> None:
     check_webhook_url(f"https://{host}:8443/hook?x=1", allow="")
+
+
+@pytest.mark.parametrize("url", ["https://example.com/a\r\nHost: evil", "https://example.com/\t", "https://ex\nample.com/",
+                                 "https://example.com/a b", "https://example.com/\x7f", "https://example.com/\x85",
+                                 "\x00https://example.com/"])
+def test_control_characters_and_spaces_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="control character or space"):
+        check_webhook_url(url, allow="")
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/", "file:///etc/passwd", "gopher://x/", "example.com/x",

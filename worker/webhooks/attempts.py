@@ -34,14 +34,16 @@ def attempts_of(record: dict[str, str]) -> list[dict]:
     return json.loads(record.get(F.WEBHOOK_ATTEMPTS) or "[]")
 
 
-def endpoint_key(url: str) -> str:
-    return keys.webhook_endpoint_key(hashlib.sha256(url.encode()).hexdigest())
+def endpoint_key(tenant: str, url: str) -> str:
+    return keys.webhook_endpoint_key(tenant, hashlib.sha256(url.encode()).hexdigest())
 
 
-async def disable_endpoint(redis: aioredis.Redis, url: str) -> None:
-    """After a 410 Gone no more deliveries go to this URL (DEL the key to enable it again)."""
-    await redis.set(endpoint_key(url), repr(time.time()))
+async def disable_endpoint(redis: aioredis.Redis, tenant: str, url: str, for_s: float) -> None:
+    """After a 410 Gone this tenant's deliveries skip the URL for `for_s` seconds (DEL the key to enable it
+    sooner). Per tenant: one tenant's receiver saying Gone says nothing of another's use of the URL; with
+    an expiry: a URL that is gone today may be served again later."""
+    await redis.set(endpoint_key(tenant, url), repr(time.time()), ex=max(1, round(for_s)))
 
 
-async def endpoint_disabled(redis: aioredis.Redis, url: str) -> bool:
-    return bool(await redis.exists(endpoint_key(url)))
+async def endpoint_disabled(redis: aioredis.Redis, tenant: str, url: str) -> bool:
+    return bool(await redis.exists(endpoint_key(tenant, url)))

@@ -64,12 +64,12 @@ class Deliverer:
             DELIVERIES.labels("gone").inc()
             log.warning("webhook job record gone or without webhook_url; nothing to deliver")
             return "gone"
-        if await store.endpoint_disabled(self.redis, url):
+        tenant = record.get(F.TENANT) or "default"
+        if await store.endpoint_disabled(self.redis, tenant, url):
             return await self._end(job_id, log, store.Attempt("skipped", error="endpoint disabled (410 Gone)"))
         attempt_no = len(store.attempts_of(record)) + 1
         body = event_body(job_id, record)
-        headers = signed_headers(await tenant_secret(self.redis, record.get(F.TENANT) or "default"),
-                                 message_id(job_id), body)
+        headers = signed_headers(await tenant_secret(self.redis, tenant), message_id(job_id), body)
         try:
             addrs = await resolve_public(url, self.allow)
             answer = await self._post(url, addrs, headers, body)
@@ -79,10 +79,13 @@ class Deliverer:
             return await self._end(job_id, log, store.Attempt("refused", error=str(e)))
         except (httpx.TransportError, TimeoutError) as e:
             return await self._retry(job_id, log, attempt_no, None, f"{type(e).__name__}: {e}".rstrip(": "))
+        except Exception as e:  # noqa: BLE001 - a request that cannot even be built will not build later
+            log.exception("webhook attempt raised")
+            return await self._end(job_id, log, store.Attempt("failed", error=f"{type(e).__name__}: {e}"))
         if 200 <= answer.status < 300:
             return await self._end(job_id, log, store.Attempt("delivered", status=answer.status))
         if answer.status == 410:
-            await store.disable_endpoint(self.redis, url)
+            await store.disable_endpoint(self.redis, tenant, url, self.policy.gone_disable_s)
             return await self._end(job_id, log, store.Attempt("disabled", status=410, error="410 Gone"))
         if retryable(answer.status):
             return await self._retry(job_id, log, attempt_no, answer, f"HTTP {answer.status}")

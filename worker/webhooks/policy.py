@@ -6,9 +6,11 @@ from __future__ import annotations
 import email.utils
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DELAYS_ENV = "TOKENQ_WEBHOOK_RETRY_DELAYS"
+GONE_ENV = "TOKENQ_WEBHOOK_GONE_DISABLE_S"
+DEFAULT_GONE_DISABLE_S = 7 * 86400
 # 11 attempts over about 47 hours: a receiver that is down for a whole day still gets its events.
 DEFAULT_DELAYS: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 
@@ -17,12 +19,16 @@ DEFAULT_DELAYS: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 
 class RetryPolicy:
     delays: tuple[float, ...] = DEFAULT_DELAYS  # delays[n-1] follows failed attempt n
     timeout_s: float = 10.0  # per attempt: connect, send and the answer's headers
+    gone_disable_s: float = DEFAULT_GONE_DISABLE_S  # after a 410, the tenant's deliveries skip the URL this long
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
-        """`TOKENQ_WEBHOOK_RETRY_DELAYS` (comma-separated seconds) replaces the schedule, e.g. in tests."""
+        """`TOKENQ_WEBHOOK_RETRY_DELAYS` (comma-separated seconds) replaces the schedule, e.g. in tests;
+        `TOKENQ_WEBHOOK_GONE_DISABLE_S` how long a 410 disables a URL for its tenant."""
         spec = os.environ.get(DELAYS_ENV, "").strip()
-        return cls(tuple(float(x) for x in spec.split(",") if x.strip())) if spec else cls()
+        gone = os.environ.get(GONE_ENV, "").strip()
+        policy = cls(tuple(float(x) for x in spec.split(",") if x.strip())) if spec else cls()
+        return replace(policy, gone_disable_s=float(gone)) if gone else policy
 
     @property
     def max_attempts(self) -> int:
