@@ -17,6 +17,7 @@ from gateway.fastpath import FastSubmit, is_fast_submission
 from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.openapi import install_openapi
 from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
 from jobstore.expiry import sweep_forever
@@ -62,6 +63,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
+    install_openapi(app)
     # Added last = outermost: metrics see every answer, the 413s of the size limit included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -7,9 +7,11 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.context import Caller, GatewayContext, get_caller, get_ctx
 from gateway.errors import ApiError
+from gateway.logging import get_logger
 from protocol.workers import WorkerHeartbeat
 
 router = APIRouter()
+log = get_logger(__name__)
 
 
 def _model_card(name: str, workers: list[WorkerHeartbeat]) -> dict:
@@ -63,10 +65,13 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
+    """Anyone may ask, so the answer is a status and a short reason code: the Redis address and its
+    error text go to the log only."""
     try:
         await ctx.redis.ping()
     except Exception as e:  # any failure to reach Redis means: not ready
-        return JSONResponse({"status": "not ready", "reason": f"redis: {e}"}, status_code=503)
+        log.warning("not ready: redis unavailable", error=repr(e))
+        return JSONResponse({"status": "not ready", "reason": "redis_unavailable"}, status_code=503)
     # Not a worker: jobs of a model that workers have served wait in the queue while none is live.
     workers = await ctx.registry.live_workers()
     return JSONResponse({"status": "ready", "workers": len(workers),

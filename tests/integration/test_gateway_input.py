@@ -146,3 +146,27 @@ async def test_webhook_urls_with_control_characters_are_refused(client, redis_cl
     err = assert_error(await client.post("/v1/jobs", json={**CHAT, "webhook_url": url}), 400, "webhook_url")
     assert "control character or space" in err["message"]
     await assert_nothing_queued(redis_client)
+
+
+async def test_readiness_tells_no_address_or_error_text(redis_url):
+    app = create_app("redis://127.0.0.1:1/0")
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            r = await c.get("/readyz")
+    assert r.status_code == 503 and r.json() == {"status": "not ready", "reason": "redis_unavailable"}
+
+
+async def test_openapi_documents_400_errors_and_the_bearer_scheme(client):
+    spec = (await client.get("/openapi.json")).json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "an API key made with `tokenq keys create`"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert spec["components"]["schemas"]["ErrorResponse"]["required"] == ["error"]
+    for path in ("/v1/jobs", "/v1/completions", "/v1/chat/completions"):
+        post = spec["paths"][path]["post"]
+        assert "422" not in post["responses"]
+        assert post["responses"]["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"}
+        assert post["security"] == [{"bearerAuth": []}]
+    assert spec["paths"]["/healthz"]["get"]["security"] == []
+    assert "422" not in json.dumps(spec["paths"])
