@@ -81,7 +81,7 @@ class BlockManager:
         """Attach the longest cached prefix of seq to its block table; returns the cached token count."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         hit: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not seq.needs_prompt_logprobs:
             # At most (n - 1) // bs blocks: the last token must be computed so the model yields logits.
             max_blocks = (seq.num_tokens - 1) // self.block_size
             for h in self._hashes(seq, max_blocks)[:max_blocks]:

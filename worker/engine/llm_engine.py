@@ -49,7 +49,7 @@ class _InFlight:
 class _RequestState:
     """What the engine keeps per request beyond the scheduler's Sequence."""
 
-    __slots__ = ("seq", "detok", "generator", "stop_ids")
+    __slots__ = ("seq", "detok", "generator", "stop_ids", "prompt_logprobs_due")
 
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None, generator: torch.Generator | None,
                  stop_ids: set[int]) -> None:
@@ -57,6 +57,7 @@ class _RequestState:
         self.detok = detok
         self.generator = generator
         self.stop_ids = stop_ids
+        self.prompt_logprobs_due = seq.sampling.prompt_logprobs is not None  # sent with the first token
 
 
 class LLMEngine:
@@ -263,7 +264,11 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 del self._requests[seq.request_id]
             lp = samples.logprobs[i] if samples.logprobs else None
-            outputs.append(self._output(state, [token], delta, reason, [lp] if lp is not None else None))
+            out = self._output(state, [token], delta, reason, [lp] if lp is not None else None)
+            if state.prompt_logprobs_due:
+                out.prompt_logprobs = [None, *seq.prompt_logprobs]
+                state.prompt_logprobs_due = False
+            outputs.append(out)
         return outputs
 
     def _finish_reason(self, state: _RequestState, token: int) -> str | None:
@@ -329,6 +334,8 @@ class LLMEngine:
                 acc.text_delta += out.text_delta
                 if out.logprobs:
                     acc.logprobs = (acc.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    acc.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     acc.finished, acc.finish_reason = True, out.finish_reason
                     acc.num_prompt_tokens = out.num_prompt_tokens

@@ -29,6 +29,7 @@ from worker.engine.cuda_graphs import (
     graph_batch_sizes,
     prefill_token_buckets,
 )
+from worker.engine.prompt_logprobs import fill_prompt_logprobs, wants_prompt_logprobs
 from worker.engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingBatch
 from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from worker.engine.sequence import Sequence
@@ -384,6 +385,8 @@ class ModelRunner:
         else:
             with set_attention_metadata(inputs.meta):
                 hidden = self.model(inputs.input_ids, inputs.positions)
+        if wants_prompt_logprobs(sched.scheduled):
+            fill_prompt_logprobs(sched.scheduled, inputs.meta.query_start_loc_cpu, hidden, self.model.compute_logits)
         if not inputs.sampling_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])

@@ -23,6 +23,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] | None = None
+    # With the first output token of a request that asked for them: one per prompt token, the first None
+    # (nothing comes before it to predict it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     produced_at: float = 0.0  # wall time the step that made it ended (set by the engine loop; 0: unknown)
 
     @property

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from protocol.sampling import SamplingParams
+from worker.engine.outputs import TokenLogprobs
 
 
 class SequenceStatus(enum.Enum):
@@ -40,6 +41,9 @@ class Sequence:
     # next step can be scheduled before it is known: `pending` is its row in that step's samples, whose
     # device copy the next step reads its input id from. -1 when every token in token_ids is known.
     pending: int = -1
+    # With sampling.prompt_logprobs: the logprob of each prompt token after the first, filled by the runner
+    # as the prompt's prefill chunks run (a recompute after preemption does not add them twice).
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     # Tie-breaker for equal (priority, arrival): FIFO by submission order.
     order: int = field(default_factory=lambda: next(_arrival_counter))
 
@@ -61,6 +65,13 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and some are still to compute: its prefill must run on every prompt
+        position (a prefix-cache hit would skip them, and cached blocks keep no logits)."""
+        return (self.sampling.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1)
 
     @property
     def is_finished(self) -> bool:
