@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from jobstore import JobStore
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
-from protocol.jobs import JobError, JobResult, JobState
+from protocol.jobs import JobError, JobResult, JobState, TokenLogprob
 
 RECHECK_S = 2.0  # a waiter re-reads the hash this often, in case a pub/sub message was missed
 RECONNECT_FOR_S = 60.0  # a follower that lost Redis keeps trying this long before it gives up
@@ -32,6 +32,9 @@ async def read_job(redis: aioredis.Redis, job_id: str) -> dict[str, str] | None:
 class Delta:
     text: str
     offset: int  # where `text` starts in the job's whole output
+    # The logprob entries published with exactly this text, in order after the ones before; None when
+    # the text came from the hash (a snapshot or a missed delta), which keeps no logprobs.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def end(self) -> int:
@@ -139,7 +142,8 @@ async def _events(pubsub: PubSub, snap_seq: int, offset: int,
                 return  # we missed a delta: the hash has it
             end = event.offset + len(event.text)
             if end > offset:
-                yield Delta(event.text[offset - event.offset:], offset)
+                whole = offset == event.offset
+                yield Delta(event.text[offset - event.offset:], offset, event.logprobs if whole else None)
                 offset = end
         elif isinstance(event, StateEvent) and event.state.final:
             final = Final(event.state, event.result, event.error)

@@ -35,22 +35,53 @@ def chat_logprobs(logprobs: list[TokenLogprob]) -> dict[str, Any]:
     ]}
 
 
-def completion_logprobs(logprobs: list[TokenLogprob], start: int = 0) -> dict[str, Any]:
-    offsets, at = [], start
-    for lp in logprobs:
-        offsets.append(at)
-        at += len(lp.token)
-    return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{t: p for _, t, p in lp.top} for lp in logprobs],
-        "text_offset": offsets,
-    }
+class CompletionLogprobs:
+    """/v1/completions' `logprobs` object, entry by entry in order (a stream hands them over in pieces).
+
+    With echo the entries are the prompt's tokens, then the generated ones: prompt offsets count from the
+    start of the text, generated ones from the end of the echoed prompt, as OpenAI's and vLLM's do; the
+    prompt's first token has no logprob (null) and no alternatives (null)."""
+
+    def __init__(self, echo_chars: int = 0, prompt_entries: int = 0) -> None:
+        self._prompt_left = prompt_entries
+        self._prompt_at = 0
+        self._output_at = echo_chars
+
+    def format(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        offsets = []
+        for lp in entries:
+            if self._prompt_left > 0:
+                self._prompt_left -= 1
+                offsets.append(self._prompt_at)
+                self._prompt_at += len(lp.token)
+            else:
+                offsets.append(self._output_at)
+                self._output_at += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in entries],
+            "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [None if lp.logprob is None else {t: p for _, t, p in lp.top} for lp in entries],
+            "text_offset": offsets,
+        }
+
+
+def logprob_entries(result: JobResult) -> list[TokenLogprob]:
+    """Every entry a completion's `logprobs` covers: the echoed prompt's (when computed), then the output's."""
+    return [*(result.prompt_logprobs or ()), *(result.logprobs or ())]
+
+
+def echo_chars(payload: JobPayload) -> int:
+    return len(payload.echo_prompt) if payload.echo_prompt is not None else 0
+
+
+def completion_logprobs_of(result: JobResult, echo_chars: int) -> dict[str, Any]:
+    prompt = len(result.prompt_logprobs or ())
+    return CompletionLogprobs(echo_chars, prompt).format(logprob_entries(result))
 
 
 def result_object(kind: JobKind, job_id: str, model: str, created: int, result: JobResult,
-                  want_logprobs: bool) -> dict[str, Any]:
-    """The non-streaming OpenAI answer for a finished job."""
+                  want_logprobs: bool, echo_chars: int = 0) -> dict[str, Any]:
+    """The non-streaming OpenAI answer for a finished job; `echo_chars`: the echoed prompt's length."""
     if kind == "chat":
         choice: dict[str, Any] = {
             "index": 0,
@@ -63,7 +94,8 @@ def result_object(kind: JobKind, job_id: str, model: str, created: int, result: 
         choice = {
             "index": 0,
             "text": result.text,
-            "logprobs": completion_logprobs(result.logprobs) if want_logprobs and result.logprobs else None,
+            "logprobs": (completion_logprobs_of(result, echo_chars)
+                         if want_logprobs and logprob_entries(result) else None),
             "finish_reason": result.finish_reason,
         }
         obj = "text_completion"
@@ -72,18 +104,19 @@ def result_object(kind: JobKind, job_id: str, model: str, created: int, result: 
 
 
 def chunk(kind: JobKind, job_id: str, model: str, created: int, text: str | None = None,
-          finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-    """One streaming chunk with a single choice."""
+          finish_reason: str | None = None, role: bool = False,
+          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streaming chunk with a single choice; `logprobs` already in the route's shape."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": completion_id(kind, job_id), "object": obj, "created": created, "model": model,
             "choices": [choice]}
@@ -107,7 +140,8 @@ def job_object(job_id: str, record: dict[str, str]) -> dict[str, Any]:
     result = None
     if record.get(F.RESULT) and payload is not None:
         result = result_object(payload.kind, job_id, model, created, JobResult.model_validate_json(record[F.RESULT]),
-                               want_logprobs=payload.sampling.logprobs is not None)
+                               want_logprobs=payload.sampling.logprobs is not None,
+                               echo_chars=echo_chars(payload))
     error = JobError.model_validate_json(record[F.ERROR]).model_dump() if record.get(F.ERROR) else None
     return {
         "id": job_id,

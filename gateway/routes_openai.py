@@ -64,7 +64,8 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
         err = final_error(final)
         return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
     return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
-                                                want_logprobs=payload.sampling.logprobs is not None))
+                                                want_logprobs=payload.sampling.logprobs is not None,
+                                                echo_chars=responses.echo_chars(payload)))
 
 
 async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final | None:

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import responses
 from gateway.jobs import Delta, Final, follow, read_job
-from protocol.jobs import JobPayload, JobState
+from protocol.jobs import JobPayload, JobResult, JobState, TokenLogprob
 
 KEEPALIVE_S = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -59,12 +59,45 @@ class _KeepAlive:
         return False
 
 
+class _StreamLogprobs:
+    """The logprobs of a stream's chunks. Each delta from the publisher carries the entries that follow
+    the ones before it; a text that came without them (from the hash, after a missed message) stops that,
+    and the final chunk then carries every entry not sent yet, from the result. In order, none twice."""
+
+    def __init__(self, payload: JobPayload) -> None:
+        self.kind = payload.kind
+        self.sent = 0
+        self.in_order = True
+        prompt = len(payload.prompt_token_ids) if payload.sampling.prompt_logprobs is not None else 0
+        self.completion = responses.CompletionLogprobs(responses.echo_chars(payload), prompt)
+
+    def of_delta(self, delta: Delta) -> dict[str, Any] | None:
+        if delta.logprobs is None:
+            self.in_order = False
+        if not self.in_order or not delta.logprobs:
+            return None
+        self.sent += len(delta.logprobs)
+        return self._format(delta.logprobs)
+
+    def rest(self, result: JobResult) -> dict[str, Any] | None:
+        entries = responses.logprob_entries(result)[self.sent:]
+        self.sent += len(entries)
+        return self._format(entries) if entries else None
+
+    def _format(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        if self.kind == "chat":
+            return responses.chat_logprobs(entries)
+        return self.completion.format(entries)
+
+
 async def completion_events(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
                             on_abandon: Callable[[], None] | None = None,
                             mark: bool = False) -> AsyncIterator[str]:
-    """OpenAI streaming: chunks of text, a last chunk with finish_reason, maybe usage, then [DONE].
-    `on_abandon` is called when the stream stops before the job's end (the client disconnected)."""
+    """OpenAI streaming: chunks of text (with their logprobs when asked), a last chunk with finish_reason,
+    maybe usage, then [DONE]. `on_abandon` is called when the stream stops before the job's end (the
+    client disconnected)."""
     kind, job_id, model = payload.kind, payload.id, payload.model
+    logprobs = _StreamLogprobs(payload) if payload.sampling.logprobs is not None else None
     keepalive = _KeepAlive()
     ended = False
     try:
@@ -73,13 +106,15 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
         # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
         async for item in follow(redis, job_id, 0, want_deltas=True, mark=mark):
             if isinstance(item, Delta):
-                yield data(responses.chunk(kind, job_id, model, created, text=item.text))
+                yield data(responses.chunk(kind, job_id, model, created, text=item.text,
+                                           logprobs=logprobs.of_delta(item) if logprobs else None))
             elif isinstance(item, Final):
                 ended = True
                 if item.state == JobState.succeeded and item.result is not None:
                     yield data(responses.chunk(kind, job_id, model, created,
                                                text="" if kind != "chat" else None,
-                                               finish_reason=item.result.finish_reason))
+                                               finish_reason=item.result.finish_reason,
+                                               logprobs=logprobs.rest(item.result) if logprobs else None))
                     if include_usage:
                         yield data(responses.usage_chunk(kind, job_id, model, created, item.result.usage))
                 else:

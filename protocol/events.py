@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, TypeAdapter
 
-from protocol.jobs import JobError, JobResult, JobState
+from protocol.jobs import JobError, JobResult, JobState, TokenLogprob
 
 
 class DeltaEvent(BaseModel):
@@ -16,6 +16,9 @@ class DeltaEvent(BaseModel):
     offset: int  # character offset of `text` in the job's whole output
     text: str
     token_ids: list[int] = []
+    # With logprobs asked: the entries that follow the ones published before, in order (the echoed
+    # prompt's first); the final result holds them all.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class StateEvent(BaseModel):

@@ -96,7 +96,7 @@ class Usage(BaseModel):
 class TokenLogprob(BaseModel):
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token: nothing comes before it to predict it
     top: list[tuple[int, str, float]] = Field(default_factory=list)
 
 
@@ -106,6 +106,8 @@ class JobResult(BaseModel):
     usage: Usage
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    # With sampling.prompt_logprobs: one per prompt token, the first with logprob None.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class JobError(BaseModel):

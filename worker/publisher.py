@@ -64,6 +64,8 @@ class RunningJob:
     unpublished_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    unpublished_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     first_token_at: float | None = None
     first_token_written: bool = False
     num_prompt_tokens: int = 0
@@ -91,8 +93,13 @@ class RunningJob:
             self.token_ids.extend(out.new_token_ids)
             self.unpublished_ids.extend(out.new_token_ids)
         self.text += out.text_delta
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+            if self.payload.echo_prompt is not None:  # the echoed text's entries come first
+                self.unpublished_logprobs.extend(out.prompt_logprobs)
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
+            self.unpublished_logprobs.extend(out.logprobs)
         # Counts are cumulative in the engine; an error output may carry zeros, so keep the largest seen.
         self.num_prompt_tokens = max(self.num_prompt_tokens, out.num_prompt_tokens)
         self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
@@ -103,23 +110,31 @@ class RunningJob:
             if isinstance(out, FailedOutput):
                 self.error = out.error
 
-    def take_delta(self) -> DeltaEvent | None:
+    def take_delta(self, token_text: TokenText | None = None) -> DeltaEvent | None:
         """The next delta to publish (everything not yet published), or None when there is none."""
         if len(self.text) <= self.published_len:
             return None
         self.seq += 1
+        logprobs = None
+        if self.payload.sampling.logprobs is not None:
+            logprobs = to_protocol_logprobs(self.unpublished_logprobs, token_text, self.payload.prompt_token_ids[0])
+            self.unpublished_logprobs = []
         event = DeltaEvent(seq=self.seq, offset=self.published_len, text=self.text[self.published_len:],
-                           token_ids=self.unpublished_ids)
+                           token_ids=self.unpublished_ids, logprobs=logprobs)
         self.published_len = len(self.text)
         self.unpublished_ids = []
         return event
 
 
-def to_protocol_logprobs(items: list[TokenLogprobs], token_text: TokenText | None) -> list[TokenLogprob]:
+def to_protocol_logprobs(items: list[TokenLogprobs | None], token_text: TokenText | None,
+                         first_prompt_id: int = 0) -> list[TokenLogprob]:
+    """Protocol entries with token text; None (the prompt's first token, which nothing predicts) becomes
+    that token with logprob None."""
     text = token_text or (lambda _id: "")
     return [
-        TokenLogprob(token_id=lp.token_id, token=text(lp.token_id), logprob=lp.logprob,
-                     top=[(tid, text(tid), v) for tid, v in lp.top])
+        TokenLogprob(token_id=first_prompt_id, token=text(first_prompt_id), logprob=None) if lp is None
+        else TokenLogprob(token_id=lp.token_id, token=text(lp.token_id), logprob=lp.logprob,
+                          top=[(tid, text(tid), v) for tid, v in lp.top])
         for lp in items
     ]
 
@@ -127,9 +142,11 @@ def to_protocol_logprobs(items: list[TokenLogprobs], token_text: TokenText | Non
 def build_result(job: RunningJob, token_text: TokenText | None = None) -> JobResult:
     prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
     completion = job.num_output_tokens or len(job.token_ids)
-    logprobs = None
+    logprobs = prompt_logprobs = None
     if job.payload.sampling.logprobs is not None:
         logprobs = to_protocol_logprobs(job.logprobs, token_text)
+    if job.prompt_logprobs is not None:
+        prompt_logprobs = to_protocol_logprobs(job.prompt_logprobs, token_text, job.payload.prompt_token_ids[0])
     return JobResult(
         text=job.text,
         finish_reason=job.finish_reason or "stop",  # type: ignore[arg-type]
@@ -137,6 +154,7 @@ def build_result(job: RunningJob, token_text: TokenText | None = None) -> JobRes
                     cached_tokens=job.num_cached_tokens),
         token_ids=job.token_ids,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -331,7 +349,7 @@ class Publisher:
         for job in touched:
             if not job.streamed:
                 continue
-            delta = job.take_delta()
+            delta = job.take_delta(self.token_text)
             if delta is None:
                 continue
             first = ""

@@ -1,0 +1,92 @@
+"""/v1/completions with echo and logprobs, as OpenAI and vLLM answer it: the prompt's tokens carry their
+logprobs (the first one null) with text offsets from the start, the generated ones follow from the end of
+the prompt, and a stream carries the same logprobs in its chunks. Gateway, worker and the real engine on
+a tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from protocol.sampling import SamplingParams
+from worker.engine.config import EngineConfig
+from worker.engine.llm_engine import LLMEngine
+from worker.models.random_weights import write_random_model_dir
+from worker.service import WorkerService
+
+MODEL = "tiny"
+PROMPT = "t5 t6 t7 t8 t9 t10 t11"
+
+
+@pytest.fixture
+async def client(redis_url, redis_client, tmp_path):
+    path = write_random_model_dir("tiny", tmp_path / "tiny")
+    engine = LLMEngine(path, EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.05,
+                                          max_model_len=256))
+    service = WorkerService(redis_url, MODEL, engine, engine.model_card(MODEL), worker_id="tiny:1", block_ms=100)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    app = create_app(redis_url)
+    try:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                                         timeout=60) as c:
+                for _ in range(200):  # until the worker's heartbeat and card are in
+                    if (await c.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                c.engine = engine  # type: ignore[attr-defined]
+                yield c
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+BODY = {"model": MODEL, "prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0}
+
+
+async def test_echo_carries_prompt_logprobs_and_offsets_after_the_prompt(client):
+    r = await client.post("/v1/completions", json=BODY)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    prompt_ids = client.engine.tokenizer.encode(PROMPT).ids
+    n = len(prompt_ids)
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in lp["token_logprobs"][1:])
+    assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
+    # Offsets: the prompt's tokens from 0, the generated token right after the echoed prompt.
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert lp["text_offset"][n] == len(PROMPT)
+    assert choice["text"].startswith(PROMPT)
+    # The prompt's logprobs are the engine's: the same request to the engine directly agrees.
+    [ref] = client.engine.generate([prompt_ids], SamplingParams(max_tokens=1, temperature=0.0, logprobs=2,
+                                                                prompt_logprobs=2))
+    assert lp["token_logprobs"][1:n] == pytest.approx([e.logprob for e in ref.prompt_logprobs[1:]], abs=1e-5)
+    perplexity = math.exp(-sum(lp["token_logprobs"][1:n]) / (n - 1))
+    assert perplexity > 1
+
+
+async def test_stream_carries_the_same_logprobs(client):
+    plain = (await client.post("/v1/completions", json={**BODY, "max_tokens": 5})).json()["choices"][0]
+    entries: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    text = ""
+    async with client.stream("POST", "/v1/completions", json={**BODY, "max_tokens": 5, "stream": True}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            if choice["logprobs"] is not None:
+                for key in entries:
+                    entries[key] += choice["logprobs"][key]
+    assert text == plain["text"]
+    assert entries == plain["logprobs"]
+
