@@ -54,6 +54,9 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
     if asked is not None and asked >= 1 and prompt_tokens + asked > max_model_len:
         raise ApiError(400, f"prompt has {prompt_tokens} tokens and {max_field} is {asked}, but the model's "
                             f"context is {max_model_len} tokens", param=max_field)
+    if asked == 0 and prompt_logprobs is None:
+        raise ApiError(400, f"{max_field}: 0 is allowed only on /v1/completions with echo and logprobs "
+                            "(to score the prompt)", param=max_field)
     if room <= 0:
         raise ApiError(400, f"prompt has {prompt_tokens} tokens, but the model's context is {max_model_len} "
                             "tokens: no room is left to generate", param=prompt_field)

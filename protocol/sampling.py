@@ -22,7 +22,8 @@ class SamplingParams(BaseModel):
     # Infinities and NaN are refused: no bound below holds for them, and a NaN passes comparisons.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS)
+    # 0 only with prompt_logprobs (completions' echo): the prompt is scored and nothing is generated.
+    max_tokens: int = Field(default=256, ge=0, le=MAX_TOKENS)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=MAX_TOKEN_ID, description="0 or -1 means no top-k cut")
@@ -64,6 +65,8 @@ class SamplingParams(BaseModel):
             raise ValueError("stop: stop strings must not be empty")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop: stop strings are at most {MAX_STOP_CHARS} characters")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens: 0 is allowed only with echo and logprobs (to score the prompt)")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         return self

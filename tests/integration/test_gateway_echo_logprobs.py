@@ -90,3 +90,17 @@ async def test_stream_carries_the_same_logprobs(client):
     assert text == plain["text"]
     assert entries == plain["logprobs"]
 
+
+
+async def test_max_tokens_zero_scores_the_prompt(client):
+    r = await client.post("/v1/completions", json={**BODY, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice, n = body["choices"][0], len(client.engine.tokenizer.encode(PROMPT).ids)
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] == n
+    assert len(choice["logprobs"]["token_logprobs"]) == n and choice["logprobs"]["token_logprobs"][0] is None
+    with_one = (await client.post("/v1/completions", json=BODY)).json()["choices"][0]["logprobs"]
+    assert choice["logprobs"]["token_logprobs"] == with_one["token_logprobs"][:n]
+    r = await client.post("/v1/completions", json={**BODY, "max_tokens": 0, "echo": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -36,8 +36,9 @@ def test_default_max_tokens_is_the_rest_of_the_context_capped():
 @pytest.mark.parametrize("kw, param, needle", [
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"top_p": 0}, "top_p", "greater than 0"),
-    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+    ({"max_tokens": 0}, "max_tokens", "only on /v1/completions with echo and logprobs"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "only on /v1/completions with echo"),
+    ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs", "20"),
     ({"stop": [str(i) for i in range(9)]}, None, "at most 8"),
     ({"min_tokens": 5, "max_tokens": 2}, None, "min_tokens"),

@@ -88,3 +88,17 @@ def test_a_cached_prefix_is_recomputed_for_prompt_logprobs(hf_dir):
     [out] = engine.generate([PROMPTS[0]], ECHO)
     assert out.num_cached_tokens == 0
     assert_matches(hf, PROMPTS[0], out.prompt_logprobs)
+
+
+def test_max_tokens_zero_scores_the_prompt_and_generates_nothing(hf_dir):
+    path, hf = hf_dir
+    engine = engine_of(path, max_num_batched_tokens=8)
+    score_only = SamplingParams(max_tokens=0, prompt_logprobs=0, logprobs=0)
+    plain = SamplingParams(max_tokens=3, temperature=0.0)
+    outs = engine.generate([PROMPTS[0], PROMPTS[1]], [score_only, plain])
+    assert outs[0].new_token_ids == [] and outs[0].finish_reason == "length" and outs[0].num_output_tokens == 0
+    ref = hf_prompt_logprobs(hf, PROMPTS[0])
+    assert [lp.logprob for lp in outs[0].prompt_logprobs[1:]] == pytest.approx(
+        [ref[p - 1, PROMPTS[0][p]].item() for p in range(1, len(PROMPTS[0]))], abs=1e-4)
+    assert len(outs[1].new_token_ids) == 3
+    assert not engine.has_unfinished_requests()

@@ -252,6 +252,14 @@ class LLMEngine:
                 del self._requests[seq.request_id]
                 outputs.append(self._failed(state, samples.errors[i]))
                 continue
+            if seq.sampling.max_tokens == 0:  # the prompt only was asked for: its token is not one to keep
+                seq.token_ids.pop()
+                self.scheduler.finish(seq, "length")
+                del self._requests[seq.request_id]
+                out = self._output(state, [], "", "length")
+                out.prompt_logprobs = [None, *seq.prompt_logprobs]
+                outputs.append(out)
+                continue
             reason = self._finish_reason(state, token)
             delta, stopped = "", False
             if token not in state.stop_ids and state.detok is not None:
