@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import routes_health, routes_jobs, routes_openai
 from gateway.admission import max_queue_depth_from_env
 from gateway.context import GatewayContext
-from gateway.errors import install_error_handlers
+from gateway.errors import UnhandledErrors, install_error_handlers
 from gateway.fastpath import FastSubmit, is_fast_submission
 from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from gateway.logging import configure_logging
@@ -64,7 +64,8 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
     install_openapi(app)
-    # Added last = outermost: metrics see every answer, the 413s of the size limit included.
+    # Added last = outermost: metrics see every answer, the 413s of the size limit and the 500s included.
+    app.add_middleware(UnhandledErrors)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.fast_submit = FastSubmit(lambda s, r, se: FastAPI.__call__(app, s, r, se), lambda: app.state.ctx, metrics,

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.logging import get_logger
 from protocol.errors import error_json
@@ -127,8 +128,31 @@ async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     return exception_response(exc)
 
 
-async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
-    return exception_response(exc)
+class UnhandledErrors:
+    """Answers an exception that escaped every handler with the 500 JSON, once. Starlette's outermost
+    ServerErrorMiddleware would answer it too, but then re-raise it to the server, which logs the
+    traceback a second time; and here, inside the metrics middleware, the 500 is counted once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:  # half an answer is out: only the server can end the connection
+                raise
+            await exception_response(exc)(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -137,4 +161,3 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
-    app.add_exception_handler(Exception, _unhandled)

@@ -170,3 +170,16 @@ async def test_openapi_documents_400_errors_and_the_bearer_scheme(client):
         assert post["security"] == [{"bearerAuth": []}]
     assert spec["paths"]["/healthz"]["get"]["security"] == []
     assert "422" not in json.dumps(spec["paths"])
+
+
+async def test_an_unhandled_error_is_one_500_counted_once_and_not_raised_to_the_server(client, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("gateway.routes_jobs.read_job", broken)
+    # ASGITransport raises what escapes the app, as a server would log it a second time: nothing does.
+    r = await client.get("/v1/jobs/job_x")
+    err = assert_error(r, 500)
+    assert err["type"] == "server_error" and "boom" not in err["message"]
+    metrics = (await client.get("/metrics")).text
+    assert 'tokenq_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="500"} 1.0' in metrics
