@@ -23,11 +23,13 @@ MODEL = "tiny"
 PROMPT = "t5 t6 t7 t8 t9 t10 t11"
 
 
+CONFIG = EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.05, max_model_len=256)
+
+
 @pytest.fixture
 async def client(redis_url, redis_client, tmp_path):
     path = write_random_model_dir("tiny", tmp_path / "tiny")
-    engine = LLMEngine(path, EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.05,
-                                          max_model_len=256))
+    engine = LLMEngine(path, CONFIG)
     service = WorkerService(redis_url, MODEL, engine, engine.model_card(MODEL), worker_id="tiny:1", block_ms=100)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
@@ -41,6 +43,7 @@ async def client(redis_url, redis_client, tmp_path):
                         break
                     await asyncio.sleep(0.05)
                 c.engine = engine  # type: ignore[attr-defined]
+                c.model_dir = path  # type: ignore[attr-defined]
                 yield c
     finally:
         stop.set()
@@ -65,8 +68,9 @@ async def test_echo_carries_prompt_logprobs_and_offsets_after_the_prompt(client)
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
     assert lp["text_offset"][n] == len(PROMPT)
     assert choice["text"].startswith(PROMPT)
-    # The prompt's logprobs are the engine's: the same request to the engine directly agrees.
-    [ref] = client.engine.generate([prompt_ids], SamplingParams(max_tokens=1, temperature=0.0, logprobs=2,
+    # The prompt's logprobs are the engine's: the same request to an engine of the same weights agrees
+    # (another one: the worker's engine is driven by its own thread).
+    [ref] = LLMEngine(client.model_dir, CONFIG).generate([prompt_ids], SamplingParams(max_tokens=1, temperature=0.0, logprobs=2,
                                                                 prompt_logprobs=2))
     assert lp["token_logprobs"][1:n] == pytest.approx([e.logprob for e in ref.prompt_logprobs[1:]], abs=1e-5)
     perplexity = math.exp(-sum(lp["token_logprobs"][1:n]) / (n - 1))
