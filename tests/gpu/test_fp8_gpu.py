@@ -275,7 +275,9 @@ def test_fp8_decode_is_graph_capturable():
         cfg = EngineConfig(dtype="bfloat16", device=CUDA, max_model_len=512, max_num_seqs=8, num_kv_blocks=256,
                            max_num_batched_tokens=512, enforce_eager=eager, kv_cache_dtype="fp8")
         engine = LLMEngine.from_model(model, mcfg, cfg)
+        # Three decodes at once (torch._scaled_mm), then one alone (the FP8 GEMV).
         outs[eager] = [o.new_token_ids for o in engine.generate(prompts, params)]
+        outs[eager] += [o.new_token_ids for o in engine.generate(prompts[:1], params)]
         engine.runner.release()
     assert outs[True] == outs[False]
 
