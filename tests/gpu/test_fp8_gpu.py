@@ -183,11 +183,11 @@ def fp8_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
         t = str(dtype).removeprefix("torch.")
         if tiny:
             checks += [
-                (f"fp8_quantize_rows {t}", lambda dtype=dtype: check_quantize_rows(5, 3001, dtype, device)),
+                (f"fp8_quantize_rows {t}", lambda dtype=dtype: check_quantize_rows(5, 1001, dtype, device)),
                 (f"fp8_rms_norm_quant {t}", lambda dtype=dtype: check_rms_norm_quant(3, 100, dtype, device, False)),
                 (f"fp8_rms_norm_quant residual {t}",
                  lambda dtype=dtype: check_rms_norm_quant(4, 96, dtype, device, True)),
-                (f"fp8_silu_and_mul_quant {t}", lambda dtype=dtype: check_silu_and_mul_quant(3, 2500, dtype, device)),
+                (f"fp8_silu_and_mul_quant {t}", lambda dtype=dtype: check_silu_and_mul_quant(3, 700, dtype, device)),
                 (f"fp8_gemv {t}", lambda dtype=dtype: check_fp8_gemv(40, 300, dtype, device, False, True, (16, 64))),
                 (f"fp8_gemv quantized x {t}",
                  lambda dtype=dtype: check_fp8_gemv(64, 256, dtype, device, True, False, (8, 128))),
@@ -212,9 +212,10 @@ def fp8_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
             ]
     gqa = [(2, 4, 64), (3, 1, 32)] if tiny else [(8, 4, 128), (8, 1, 128), (2, 8, 64)]
     for i, kind in enumerate(["decode", "mixed", "long"]):
-        for hkv, group, d in gqa:
+        for j, (hkv, group, d) in enumerate(gqa):
             dtype = dtypes[i % 2] if tiny else torch.bfloat16
-            for splits in [1, 3] if tiny else [None, 1, 4]:
+            # The interpreter is slow: each (kind, GQA shape) once, split and unsplit taking turns.
+            for splits in [[1, 3][(i + j) % 2]] if tiny else [None, 1, 4]:
                 checks.append((f"fp8_attention {kind} hkv={hkv} group={group} d={d} splits={splits}",
                                lambda kind=kind, hkv=hkv, group=group, d=d, dtype=dtype, splits=splits:
                                check_attention_fp8(kind, hkv, group, d, 16, dtype, device, splits, tiny)))
@@ -274,7 +275,9 @@ def test_fp8_decode_is_graph_capturable():
         cfg = EngineConfig(dtype="bfloat16", device=CUDA, max_model_len=512, max_num_seqs=8, num_kv_blocks=256,
                            max_num_batched_tokens=512, enforce_eager=eager, kv_cache_dtype="fp8")
         engine = LLMEngine.from_model(model, mcfg, cfg)
+        # Three decodes at once (torch._scaled_mm), then one alone (the FP8 GEMV).
         outs[eager] = [o.new_token_ids for o in engine.generate(prompts, params)]
+        outs[eager] += [o.new_token_ids for o in engine.generate(prompts[:1], params)]
         engine.runner.release()
     assert outs[True] == outs[False]
 
