@@ -6,11 +6,11 @@ same counters and concurrent requests cannot pass a limit between a check and it
 from __future__ import annotations
 
 import math
-import os
 
 from gateway.auth import Tenant
 from gateway.errors import ApiError
 from jobstore import Limits, Refused
+from tokenq.settings import Settings
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 DEFAULT_MAX_QUEUE_DEPTH = 100_000
@@ -18,7 +18,7 @@ MAX_QUEUE_DEPTH_ENV = "TOKENQ_MAX_QUEUE_DEPTH"
 
 
 def max_queue_depth_from_env() -> int:
-    return int(os.environ.get(MAX_QUEUE_DEPTH_ENV) or DEFAULT_MAX_QUEUE_DEPTH)
+    return Settings.from_env().max_queue_depth
 
 
 def check_idempotency_key(value: str | None) -> str | None:

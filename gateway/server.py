@@ -14,6 +14,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
+from tokenq.settings import Settings
 
 WORKERS_ENV = "TOKENQ_GATEWAY_WORKERS"
 _REDIS_URL_ENV = "TOKENQ_GATEWAY_REDIS_URL"  # how `run` hands the URL to worker processes
@@ -57,7 +58,7 @@ class HttpProtocol(HttpToolsProtocol):
 
 
 def run(host: str, port: int, redis_url: str, workers: int | None = None) -> None:
-    workers = workers or int(os.environ.get(WORKERS_ENV) or 1)
+    workers = workers or Settings.from_env().gateway_workers
     options: dict[str, Any] = dict(host=host, port=port, log_level="info", access_log=False,
                                    timeout_graceful_shutdown=5, loop="uvloop", http=HttpProtocol)
     _exit_cleanly_after_shutdown()

@@ -21,7 +21,7 @@ if HAS_TRITON:
     from kernels.attention_triton import paged_attention_triton
 
 if TYPE_CHECKING:
-    from worker.layers.context import AttentionMetadata
+    from kernels.attention_metadata import AttentionMetadata
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import triton.language as tl
 from kernels.dispatch import next_pow2, sm_count
 
 if TYPE_CHECKING:
-    from worker.layers.context import AttentionMetadata
+    from kernels.attention_metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 # A finite start for the running max: a row whose first tiles are all masked must not compute inf - inf.

@@ -6,60 +6,7 @@ import argparse
 import sys
 
 from tokenq import settings
-
-
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, "
-                                                  "bfloat16 on CUDA)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache size on CPU")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="share of the GPU's memory for weights, activations and the KV cache")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (decode steps, lone prefills)")
-    p.add_argument("--no-prefill-graphs", action="store_true",
-                   help="CUDA graphs for decode steps only: a prefill chunk alone runs eagerly")
-    add_quantization_flags(p)
-
-
-def add_quantization_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantization", choices=["fp8"], default=None,
-                   help="fp8: FP8 weights (a scale per output channel) and per-token FP8 activations; a 16/32-bit "
-                        "checkpoint is quantized while it loads (an FP8 checkpoint is read as FP8 without this)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                   help="fp8: the KV cache in e4m3 with a scale per layer, twice the tokens in the same memory")
-
-
-def engine_flags_argv(args: argparse.Namespace) -> list[str]:
-    """The engine flags of args as a command line, for a `tokenq worker` child with the same settings."""
-    argv = ["--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
-            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--block-size", str(args.block_size),
-            "--kv-cache-gb", str(args.kv_cache_gb), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    argv += ["--dtype", args.dtype] if args.dtype else []
-    argv += ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
-    argv += ["--no-prefix-caching"] if args.no_prefix_caching else []
-    argv += ["--no-prefill-graphs"] if args.no_prefill_graphs else []
-    argv += ["--quantization", args.quantization] if args.quantization else []
-    argv += ["--kv-cache-dtype", args.kv_cache_dtype]
-    return argv + (["--enforce-eager"] if args.enforce_eager else [])
-
-
-def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kept lazy: torch is heavy)
-    from worker.engine.config import EngineConfig
-
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    return EngineConfig(
-        block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, dtype=dtype, device=args.device,
-        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=True if args.enforce_eager else None,
-        prefill_graphs=not args.no_prefill_graphs, quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
-    )
+from tokenq.engine_options import add_engine_flags, add_tensor_parallel_flag, engine_config_from
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -67,7 +14,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tokenq.supervisor import UpOptions, run_up
 
     resolve_model(args.model)  # fetch before the children start, with its progress shown here
-    worker_args = ["--device", args.device, "--kv-cache-gb", str(args.kv_cache_gb)]
+    worker_args = ["--device", args.device, "--kv-cache-gb", str(args.kv_cache_gb),
+                   "--tensor-parallel-size", str(args.tensor_parallel_size)]
     return run_up(UpOptions(redis_url=args.redis_url, model=args.model, host=args.host, port=args.port,
                             worker_args=worker_args))
 
@@ -81,15 +29,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from tokenq.model_store import resolve_model
-    from worker.engine.llm_engine import LLMEngine
+    from worker.engine_process import EngineSpec
     from worker.service import serve
 
     name, path = resolve_model(args.model)
     if args.served_name:
         name = args.served_name
-    engine = LLMEngine(path, engine_config_from(args))
-    serve(_require_redis(args), name, engine, engine.model_card(name), metrics_port=args.metrics_port)
-    return 0
+    # The engine runs in its own process; this one imports no torch and keeps to Redis.
+    spec = EngineSpec(str(path), engine_config_from(args), name)
+    return serve(_require_redis(args), name, spec, metrics_port=args.metrics_port)
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
@@ -149,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--device", default="cpu")
     up.add_argument("--kv-cache-gb", type=float, default=2.0)
+    add_tensor_parallel_flag(up)
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
@@ -196,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--max-prompt-len", type=int, default=256)
     eng.add_argument("--output-len", type=int, default=128)
     eng.add_argument("--seed", type=int, default=0)
+    eng.add_argument("--chat", action="store_true",
+                     help="equal-length chat prompts (the model's template) instead of random token ids")
+    eng.add_argument("--chat-words", type=int, default=24, help="words in each --chat user message")
     eng.add_argument("--skip-peer", action="store_true", help="run only our engine")
     eng.add_argument("--out", default="bench-engine.json")
     add_engine_flags(eng)
@@ -204,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(bsub)
     import importlib
 
-    for name in ("throughput", "latency", "prefix", "serve", "fp8_accuracy"):
+    for name in ("throughput", "latency", "prefix", "serve", "fp8_accuracy", "chat"):
         module = f"tokenq.bench.{name}"
         importlib.import_module(module).add_parser(bsub).set_defaults(func=cmd_bench_module, bench_module=module)
     bench.set_defaults(func=cmd_bench)

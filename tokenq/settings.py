@@ -1,21 +1,68 @@
-"""Options shared by every role; each has an environment variable so containers need no flags."""
+"""Options every role reads from its environment, in one place: each TOKENQ_* variable, its type and its
+default. A role reads them once when it starts (`Settings.from_env()`), never at import time, so tests
+and the supervisor can set the environment of a process before it starts.
+
+Kernels read TOKENQ_KERNELS and TOKENQ_GEMV themselves (kernels import nothing above them); the gateway's
+uvicorn workers receive their Redis URL through the environment from the gateway's launcher.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path  # TOKENQ_HOME: models and the embedded Redis's data
+    redis_url: str | None  # TOKENQ_REDIS_URL; None: `tokenq up` starts an embedded Redis
+    model: str  # TOKENQ_MODEL
+    log_level: str  # TOKENQ_LOG_LEVEL
+    drain_grace_s: float  # TOKENQ_DRAIN_GRACE_S: how long a stopping worker lets running jobs finish
+    lease_s: float  # TOKENQ_LEASE_S: a running entry idle this long is another worker's to claim
+    max_deliveries: int  # TOKENQ_MAX_DELIVERIES: deliveries before an entry is dead-lettered
+    max_queue_depth: int  # TOKENQ_MAX_QUEUE_DEPTH: queued jobs the gateway admits (0: no limit)
+    gateway_workers: int  # TOKENQ_GATEWAY_WORKERS: gateway processes on the one port
+    webhook_retry_delays: tuple[float, ...] | None  # TOKENQ_WEBHOOK_RETRY_DELAYS: comma-separated seconds
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        delays = (env.get("TOKENQ_WEBHOOK_RETRY_DELAYS") or "").strip()
+        return cls(
+            home=Path(env.get("TOKENQ_HOME") or Path.home() / ".tokenq").expanduser(),
+            redis_url=env.get("TOKENQ_REDIS_URL") or None,
+            model=env.get("TOKENQ_MODEL") or DEFAULT_MODEL,
+            log_level=env.get("TOKENQ_LOG_LEVEL") or "INFO",
+            drain_grace_s=_float(env, "TOKENQ_DRAIN_GRACE_S", 10.0),
+            lease_s=_float(env, "TOKENQ_LEASE_S", 30.0),
+            max_deliveries=int(_float(env, "TOKENQ_MAX_DELIVERIES", 3)),
+            max_queue_depth=int(_float(env, "TOKENQ_MAX_QUEUE_DEPTH", 100_000)),
+            gateway_workers=int(_float(env, "TOKENQ_GATEWAY_WORKERS", 1)),
+            webhook_retry_delays=tuple(float(x) for x in delays.split(",") if x.strip()) if delays else None,
+        )
+
+
 def tokenq_home() -> Path:
-    return Path(os.environ.get("TOKENQ_HOME", Path.home() / ".tokenq")).expanduser()
+    return Settings.from_env().home
 
 
 def redis_url() -> str | None:
     """None means: start an embedded Redis (only `tokenq up` does)."""
-    return os.environ.get("TOKENQ_REDIS_URL") or None
+    return Settings.from_env().redis_url
 
 
 def model_name() -> str:
-    return os.environ.get("TOKENQ_MODEL", DEFAULT_MODEL)
+    return Settings.from_env().model

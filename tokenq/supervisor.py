@@ -31,7 +31,7 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tokenq", *args], env=env)
 
 
-def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> bool:
+def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> bool:
     """Until the gateway at `url` (its /readyz) is ready and reports a live worker: a gateway is ready
     without one (jobs wait in the queue), but the stack is up only once one serves."""
     deadline = time.monotonic() + timeout
@@ -82,7 +82,7 @@ def run_up(opts: UpOptions) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     base = f"http://{opts.host}:{opts.port}"
-    if _wait_ready(f"{base}/readyz", children, timeout=600):
+    if wait_ready(f"{base}/readyz", children, timeout=600):
         print(f"\ntokenq is up at {base}  (model {opts.model}; Ctrl-C stops)\n"
               f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{opts.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",

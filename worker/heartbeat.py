@@ -12,14 +12,14 @@ from jobstore import JobStore
 from protocol import keys
 from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
 from worker import metrics
-from worker.engine_loop import EngineLoop
+from worker.engine_loop import EngineHandle
 from worker.logging import get_logger
 
 log = get_logger("heartbeat")
 
 
 class Heartbeat:
-    def __init__(self, redis: Redis, worker_id: str, card: ModelCard, engine_loop: EngineLoop,
+    def __init__(self, redis: Redis, worker_id: str, card: ModelCard, engine_loop: EngineHandle,
                  capacity: int, device: str = "cpu", interval: float = HEARTBEAT_INTERVAL_S,
                  ttl: int = HEARTBEAT_TTL_S) -> None:
         self.redis = redis

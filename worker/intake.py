@@ -30,7 +30,7 @@ from jobstore import JobStore, Started
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
 from worker import metrics
-from worker.engine_loop import EngineLoop
+from worker.engine_loop import EngineHandle
 from worker.logging import get_logger
 from worker.pruning import Pruner
 from worker.publisher import Publisher, RunningJob
@@ -108,7 +108,7 @@ class TenantStreams:
 
 
 class Intake:
-    def __init__(self, redis: Redis, engine_loop: EngineLoop, publisher: Publisher, model: str,
+    def __init__(self, redis: Redis, engine_loop: EngineHandle, publisher: Publisher, model: str,
                  consumer: str, max_model_len: int, block_ms: int = BLOCK_MS,
                  recovery: Recovery | None = None, pruner: Pruner | None = None) -> None:
         self.redis = redis
@@ -256,20 +256,14 @@ class Intake:
         if not valid:
             return
         # A new entry goes to the engine before its start script answers, so the prefill overlaps that
-        # round trip (it is on every job's time to first token); into an idle engine, the script waits
-        # until the prefill is launched (see engine_loop.LAUNCH_WAIT_S). The publisher holds the job's outputs
+        # round trip (it is on every job's time to first token). The publisher holds the job's outputs
         # until the answer; a job the script refuses is aborted again. (A cancelled job's entry is deleted
         # with it, so refusals are rare here; reclaimed entries, often of finished jobs, wait instead.)
         now = time.time()
-        launch = None
         if early:
-            # Into an idle engine, the next step is these jobs' prefill: let its launch have the GIL to itself.
-            launch = self.engine_loop.watch_launch() if self.engine_loop.idle else None
             for e, payload in valid:
                 self._run(e, payload)
         try:
-            if launch is not None:
-                await self.engine_loop.wait_launch(launch)
             results = await self._start_all([p for _, p in valid], now)
         except BaseException:  # the entries stay pending in the group: recovery hands them out again
             if early:

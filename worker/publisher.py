@@ -27,19 +27,12 @@ from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
-from worker.engine_loop import EngineLoop, FailedOutput
+from worker.engine_loop import EngineHandle, FailedOutput
 from worker.logging import get_logger
 
 log = get_logger("publisher")
 
 REFRESH_INTERVAL_S = 0.2
-# Publishing costs the asyncio thread tens of microseconds per running job, under the GIL that the engine
-# thread needs for its own host work: at a few hundred running jobs, flushing after every engine step
-# slowed decoding by a third. So flushes are spaced by this much per running job (capped): one job still
-# flushes every step, a batch of 500 every ~200 ms, and the publisher's share of the CPU stays bounded.
-# A batch with a job's first token or its end is not held back (Publisher._urgent).
-FLUSH_SPACING_PER_JOB_S = 0.0004
-FLUSH_SPACING_MAX_S = 0.2
 _FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 _FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
 # NoScriptError: Redis forgot the scripts again between the store's load and its second send; a new
@@ -178,7 +171,7 @@ def final_write(job: RunningJob, now: float, token_text: TokenText | None = None
 
 
 class Publisher:
-    def __init__(self, redis: Redis, engine_loop: EngineLoop, model: str,
+    def __init__(self, redis: Redis, engine_loop: EngineHandle, model: str,
                  token_text: TokenText | None = None, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
         self.redis = redis
         self.store = JobStore(redis)
@@ -194,7 +187,6 @@ class Publisher:
         self._starting: dict[str, list[RequestOutput]] = {}
         self._replay: list[RequestOutput] = []  # held outputs of jobs tracked since, published first
         self._last_refresh = 0.0
-        self._last_flush = 0.0
         self.stopped = False  # set before cancelling the task: a second way out of the loop
 
     def has(self, job_id: str) -> bool:
@@ -231,10 +223,10 @@ class Publisher:
         return len(self.jobs)
 
     async def run(self) -> None:
-        """Consume output batches until cancelled."""
+        """Consume output batches until cancelled. Batches that arrive while a write is in flight are merged
+        into the next one: the slower Redis is, the fewer and larger the writes."""
         queue = self.engine_loop.outputs
-        assert queue is not None, "start the engine loop first"
-        self.engine_loop.wait_for_written = True  # urgent batches: the engine thread waits for our write
+        assert queue is not None, "start the engine first"
         while not self.stopped:
             batch: list[RequestOutput] = []
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
@@ -242,48 +234,15 @@ class Publisher:
                     batch = await queue.get()
             except TimeoutError:
                 pass
-            if batch and not self._urgent(batch):
-                await self._hold(queue, batch)
-            while not queue.empty():  # fell behind, or spaced: merge, one round trip for all
+            while not queue.empty():  # fell behind: merge, one round trip for all
                 batch.extend(queue.get_nowait())
             try:
                 if batch or self._replay:
-                    self._last_flush = time.monotonic()
-                    try:
-                        await self.publish(batch)
-                    finally:
-                        self.engine_loop.written()
+                    await self.publish(batch)
                 if self.jobs and time.monotonic() - self._last_refresh >= self.refresh_interval:
                     await self.refresh()
             except Exception as e:  # one bad batch must not stop the worker's results from flowing
                 log.exception("publishing failed", error=repr(e))
-
-    def _spacing(self) -> float:
-        return min(FLUSH_SPACING_MAX_S, FLUSH_SPACING_PER_JOB_S * len(self.jobs))
-
-    async def _hold(self, queue: asyncio.Queue[list[RequestOutput]], batch: list[RequestOutput]) -> None:
-        """Collect outputs into batch until the flush spacing has passed or an urgent output arrives."""
-        deadline = self._last_flush + self._spacing()
-        while not self.stopped and (wait := deadline - time.monotonic()) > 0:
-            try:
-                async with asyncio.timeout(wait):
-                    more = await queue.get()
-            except TimeoutError:
-                return
-            batch.extend(more)
-            if self._urgent(more):
-                return
-
-    def _urgent(self, batch: list[RequestOutput]) -> bool:
-        """A job's first token or its end goes out at once: spacing only delays the middle of streams,
-        where a client sees bigger chunks rather than a later start or finish."""
-        for out in batch:
-            if out.finished:
-                return True
-            job = self.jobs.get(out.request_id)
-            if job is not None and job.first_token_at is None and out.new_token_ids:
-                return True
-        return False
 
     async def _retrying(self, fn, *args):
         """fn's result, retried with backoff while Redis is unreachable (a restart, a network blip), so that

@@ -11,7 +11,6 @@ and its job fails: a job that kills every worker that runs it must not go round 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from redis.asyncio import Redis
 from jobstore import FinalWrite, JobRef, JobStore
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
+from tokenq.settings import Settings
 from worker import metrics
 from worker.logging import get_logger
 from worker.publisher import Publisher, RunningJob
@@ -31,11 +31,6 @@ LEASE_S = 30.0
 MAX_DELIVERIES = 3
 DEAD_MAXLEN = 100_000
 RELEASED_IDLE_MS = 365 * 24 * 3600 * 1000  # a handed-back entry looks idle past any worker's lease
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return float(raw) if raw else default
-
 
 @dataclass(frozen=True)
 class Claimed:
@@ -51,9 +46,9 @@ class Recovery:
         self.redis = redis
         self.model = model
         self.consumer = consumer
-        self.lease_s = lease_s if lease_s is not None else _env_float("TOKENQ_LEASE_S", LEASE_S)
-        self.max_deliveries = (max_deliveries if max_deliveries is not None
-                               else int(_env_float("TOKENQ_MAX_DELIVERIES", MAX_DELIVERIES)))
+        settings = Settings.from_env()
+        self.lease_s = lease_s if lease_s is not None else settings.lease_s
+        self.max_deliveries = max_deliveries if max_deliveries is not None else settings.max_deliveries
         self.sweep_s = min(max(self.lease_s / 4, 0.1), 5.0)
         self._next_sweep = 0.0
         self.store = JobStore(redis)

@@ -1,4 +1,8 @@
-"""One worker process: heartbeat + intake + engine loop + publisher around one engine.
+"""One worker process: heartbeat + intake + publisher + recovery around one engine.
+
+The engine runs in its own process (`EngineSpec` -> engine_process.EngineProcess), or, for an engine object
+built in this process (test doubles), in a thread (engine_loop.EngineLoop). If the engine dies, the
+worker drains what it can, hands its running jobs back and exits non-zero.
 
 `WorkerService.run()` serves until its stop event is set; `serve()` adds logging and SIGINT/SIGTERM.
 On stop (drain) the worker pulls no more jobs, gives running ones a grace (`TOKENQ_DRAIN_GRACE_S`) to
@@ -13,7 +17,6 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 from collections.abc import Coroutine
 from functools import lru_cache
 from typing import Any
@@ -25,7 +28,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.workers import ModelCard
-from worker.engine_loop import EngineLoop
+from tokenq.settings import Settings
+from worker.engine_loop import EngineHandle, EngineLoop
+from worker.engine_process import EngineProcess, EngineSpec
 from worker.heartbeat import Heartbeat
 from worker.intake import Intake
 from worker.logging import configure_logging, get_logger
@@ -40,8 +45,8 @@ GRACE_S = 10.0
 
 
 def drain_grace_s() -> float:
-    """How long a stopping worker lets running jobs finish: TOKENQ_DRAIN_GRACE_S, else GRACE_S."""
-    return float(os.environ.get("TOKENQ_DRAIN_GRACE_S") or GRACE_S)
+    """How long a stopping worker lets running jobs finish (TOKENQ_DRAIN_GRACE_S)."""
+    return Settings.from_env().drain_grace_s
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -88,7 +93,8 @@ def _engine_capacity(engine) -> int:
 
 
 class WorkerService:
-    def __init__(self, redis_url: str, model_name: str, engine, card: ModelCard, worker_id: str | None = None,
+    def __init__(self, redis_url: str, model_name: str, engine, card: ModelCard | None,
+                 worker_id: str | None = None,
                  metrics_port: int | None = None, *, grace_s: float | None = None,
                  token_text: TokenText | None = None, block_ms: int = 500, lease_s: float | None = None,
                  max_deliveries: int | None = None) -> None:
@@ -104,28 +110,40 @@ class WorkerService:
         self.lease_s = lease_s  # None: TOKENQ_LEASE_S (see recovery.py)
         self.max_deliveries = max_deliveries
         self.skip_grace = asyncio.Event()  # a second signal: exit without waiting for running jobs
-        self.engine_loop: EngineLoop | None = None
+        self.engine_loop: EngineHandle | None = None
         self.publisher: Publisher | None = None
         self.recovery: Recovery | None = None
+        self.engine_failed = False  # the engine died under us: the process exits non-zero
+
+    async def _start_engine(self) -> tuple[EngineHandle, ModelCard, int, int, str]:
+        """The engine's handle, card, max_model_len, capacity and device."""
+        if isinstance(self.engine, EngineSpec):
+            handle = EngineProcess(self.engine)
+            info = await handle.start()
+            return handle, self.card or info.card, info.max_model_len, info.max_num_seqs, info.device
+        assert self.card is not None, "an engine object needs its model card"
+        loop = EngineLoop(self.engine, name=self.model_name)
+        loop.start()
+        return (loop, self.card, self.engine.max_model_len, _engine_capacity(self.engine),
+                str(getattr(self.engine, "device", "cpu")))
 
     async def run(self, stop_event: asyncio.Event | None = None) -> None:
         stop_event = stop_event or asyncio.Event()
         if self.metrics_port:
             start_metrics_server(self.metrics_port)
+        engine_loop, card, max_model_len, capacity, device = await self._start_engine()
+        self.engine_loop, self.card = engine_loop, card
         if self.token_text is None:
-            self.token_text = await asyncio.to_thread(token_text_from, self.engine, self.card)
+            in_process = None if isinstance(self.engine, EngineSpec) else self.engine
+            self.token_text = await asyncio.to_thread(token_text_from, in_process, card)
         redis = redis_client(self.redis_url)
-        engine_loop = self.engine_loop = EngineLoop(self.engine, name=self.model_name)
         publisher = self.publisher = Publisher(redis, engine_loop, self.model_name, token_text=self.token_text)
         recovery = self.recovery = Recovery(redis, self.model_name, self.worker_id, lease_s=self.lease_s,
                                             max_deliveries=self.max_deliveries)
         intake = Intake(redis, engine_loop, publisher, self.model_name, self.worker_id,
-                        max_model_len=self.engine.max_model_len, block_ms=self.block_ms, recovery=recovery,
+                        max_model_len=max_model_len, block_ms=self.block_ms, recovery=recovery,
                         pruner=Pruner(redis, self.model_name))
-        heartbeat = Heartbeat(redis, self.worker_id, self.card, engine_loop,
-                              capacity=_engine_capacity(self.engine),
-                              device=str(getattr(self.engine, "device", "cpu")))
-        engine_loop.start()
+        heartbeat = Heartbeat(redis, self.worker_id, card, engine_loop, capacity=capacity, device=device)
         log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
         tasks: list[asyncio.Task] = []
         try:
@@ -145,6 +163,7 @@ class WorkerService:
                 if t in tasks and not t.cancelled() and t.exception() is not None:
                     log.error("worker task crashed", task=t.get_name(), error=repr(t.exception()))
             if dead_wait in done:
+                self.engine_failed = True
                 log.error("engine died; exiting", error=engine_loop.error)
 
             # Drain: stop pulling, let what runs finish (the publisher keeps writing results and the leases
@@ -160,7 +179,7 @@ class WorkerService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.to_thread(engine_loop.stop)
+            await engine_loop.close()
             await self._hand_back(recovery, publisher)
             try:
                 await heartbeat.stop()
@@ -169,7 +188,7 @@ class WorkerService:
             await redis.aclose()
             log.info("worker stopped", worker=self.worker_id)
 
-    async def _grace(self, publisher: Publisher, publisher_task: asyncio.Task, engine_loop: EngineLoop) -> None:
+    async def _grace(self, publisher: Publisher, publisher_task: asyncio.Task, engine_loop: EngineHandle) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace_s
         while (publisher.busy and loop.time() < deadline and not publisher_task.done()
@@ -191,21 +210,15 @@ class WorkerService:
                         jobs=sorted(j.id for j in left), error=repr(e))
 
 
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-def serve(redis_url: str, model_name: str, engine, card: ModelCard, metrics_port: int | None = None,
-          worker_id: str | None = None, grace_s: float | None = None) -> None:
-    """Run a worker until SIGINT/SIGTERM: drain (a second signal skips the grace for running jobs)."""
-    configure_logging(os.environ.get("TOKENQ_LOG_LEVEL", "INFO"))
-    # The engine thread and the asyncio thread (intake, publisher) share the GIL. When the engine thread
-    # comes back from a CUDA sync while the publisher is busy, it waits for the interpreter to force a
-    # switch: 5 ms by default, longer than some whole decode steps. A short interval keeps the GPU fed.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+def serve(redis_url: str, model_name: str, engine, card: ModelCard | None = None, metrics_port: int | None = None,
+          worker_id: str | None = None, grace_s: float | None = None) -> int:
+    """Run a worker until SIGINT/SIGTERM: drain (a second signal skips the grace for running jobs). Returns
+    the exit status: 1 when the engine died."""
+    configure_logging(Settings.from_env().log_level)
+    service = WorkerService(redis_url, model_name, engine, card, worker_id=worker_id, metrics_port=metrics_port,
+                            grace_s=grace_s)
 
     async def main() -> None:
-        service = WorkerService(redis_url, model_name, engine, card, worker_id=worker_id,
-                                metrics_port=metrics_port, grace_s=grace_s)
         stop = asyncio.Event()
 
         def on_signal() -> None:
@@ -219,6 +232,7 @@ def serve(redis_url: str, model_name: str, engine, card: ModelCard, metrics_port
         await service.run(stop)
 
     run_event_loop(main())
+    return 1 if service.engine_failed else 0
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:

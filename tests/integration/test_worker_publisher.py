@@ -241,52 +241,9 @@ async def test_intake_aborts_a_job_whose_start_is_refused(redis_client):
         assert await r.xlen(keys.jobs_stream(MODEL, "default", "default")) == 0  # acknowledged and deleted
 
 
-async def test_intake_starts_a_job_on_an_idle_engine_after_its_first_step_is_launched(redis_client, monkeypatch):
-    """Into an idle engine, the job's start script (a Redis round trip, and Python on the worker's event
-    loop) waits until the engine thread has launched the job's first step; into a busy one it does not."""
-    from worker import engine_loop as engine_loop_module
-
-    monkeypatch.setattr(engine_loop_module, "LAUNCH_WAIT_S", 5.0)  # the step's own time decides here
-    r = redis_client
-    jobs = [JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 9)),
-                       sampling=SamplingParams(max_tokens=8)) for _ in range(2)]
-    engine = FakeEngine(step_sleep=0.05)
-    steps_done: list[float] = []
-    step = engine.step
-    
-    def timed_step():
-        outputs = step()
-        steps_done.append(time.monotonic())
-        return outputs
-
-    engine.step = timed_step
-    async with started_intake(r, MODEL, engine) as (intake, _, _):
-        starts: list[tuple[float, int]] = []
-        start_all = intake._start_all
-
-        async def recorded_start(payloads, now):
-            starts.append((time.monotonic(), len(steps_done)))
-            return await start_all(payloads, now)
-
-        intake._start_all = recorded_start
-        await submit_job(r, jobs[0])
-        await asyncio.sleep(0.01)
-        assert intake.engine_loop.idle
-        assert await intake.poll() == 1
-        assert starts[0][1] >= 1  # the first step had returned before the start script went out
-        await submit_job(r, jobs[1])
-        assert not intake.engine_loop.idle  # busy with the first job (8 steps of 50 ms): no wait
-        polled = time.monotonic()
-        assert await intake.poll() == 1
-        assert starts[1][0] - polled < 0.04 and intake.publisher.has(jobs[1].id)
-
-
-async def test_intake_cancelled_while_waiting_for_the_launch_withdraws_the_job(redis_client, monkeypatch):
-    """A worker stopping while intake waits for the prefill's launch: the job leaves the engine and the
-    publisher, its start script never ran, and its entry stays pending for recovery."""
-    from worker import engine_loop as engine_loop_module
-
-    monkeypatch.setattr(engine_loop_module, "LAUNCH_WAIT_S", 5.0)
+async def test_intake_cancelled_before_the_start_script_answers_withdraws_the_job(redis_client):
+    """A worker stopping while the job's start script is in flight (the job already in the engine): the job
+    leaves the engine and the publisher, its start never took effect, and its entry stays pending."""
     r = redis_client
     p = JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 9)),
                    sampling=SamplingParams(max_tokens=8))
@@ -296,6 +253,10 @@ async def test_intake_cancelled_while_waiting_for_the_launch_withdraws_the_job(r
     abort = engine.abort_request
     engine.abort_request = lambda rid: (aborted.append(rid), abort(rid))[1]
     async with started_intake(r, MODEL, engine) as (intake, pub, _):
+        async def slow_start(payloads, now):  # Redis slow to answer: the cancellation comes first
+            await asyncio.sleep(5)
+
+        intake._start_all = slow_start
         await asyncio.sleep(0.01)
         poll = asyncio.create_task(intake.poll())
         await asyncio.sleep(0.1)

@@ -33,7 +33,7 @@ def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_
     p.add_argument("--no-prefill-graphs", action="store_true", help="CUDA graphs for decode steps only")
     p.add_argument("--gemv", choices=["triton", "cublas"], default="triton",
                    help="matmuls at decode batch sizes: our Triton GEMV where it is faster, or always cuBLAS")
-    from tokenq.cli import add_quantization_flags
+    from tokenq.engine_options import add_quantization_flags
 
     add_quantization_flags(p)
 
@@ -130,6 +130,9 @@ def free_engine(engine) -> None:
     """Drop an engine's KV cache and graphs (the model stays), so the next engine or peer gets the memory."""
     import torch
 
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()  # its other tensor-parallel ranks, if any
     engine.runner.release()
     del engine
     gc.collect()

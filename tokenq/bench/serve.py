@@ -45,7 +45,7 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenq import settings
-    from tokenq.cli import add_engine_flags
+    from tokenq.engine_options import add_engine_flags
 
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--model-shape", default=None,
@@ -196,10 +196,10 @@ def _run_phase(base: str, model: str, prompts: list[list[int]], output_len: int,
 # ---- the server side ----------------------------------------------------------------------------------
 
 
-def _start_stack(args: argparse.Namespace, model_path: Path, workdir: Path):
-    from tokenq.cli import engine_flags_argv
+def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path):
     from tokenq.embedded_redis import EmbeddedRedis, free_port
-    from tokenq.supervisor import _wait_ready
+    from tokenq.engine_options import engine_flags_argv
+    from tokenq.supervisor import wait_ready
 
     redis = None if args.redis_url else EmbeddedRedis(workdir / "redis").start()
     url = args.redis_url or redis.url
@@ -214,13 +214,13 @@ def _start_stack(args: argparse.Namespace, model_path: Path, workdir: Path):
                          stdout=subprocess.DEVNULL, stderr=open(workdir / "gateway.log", "wb")),
     ]
     base = f"http://127.0.0.1:{port}"
-    if not _wait_ready(f"{base}/readyz", procs, timeout=900):
-        _stop_stack(procs, redis)
+    if not wait_ready(f"{base}/readyz", procs, timeout=900):
+        stop_stack(procs, redis)
         raise RuntimeError(f"the stack did not become ready; logs in {workdir}")
     return base, procs, redis
 
 
-def _stop_stack(procs: list[subprocess.Popen], redis) -> None:
+def stop_stack(procs: list[subprocess.Popen], redis) -> None:
     stop_children(procs)
     if redis is not None:
         redis.stop()
@@ -231,7 +231,7 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
     """The same engine in this process, no HTTP, no Redis: the low-load requests one at a time with the
     pause before each, then again back to back, then the loaded requests all at once (None: skipped)."""
     from protocol.sampling import SamplingParams
-    from tokenq.cli import engine_config_from
+    from tokenq.engine_options import engine_config_from
     from worker.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(path, engine_config_from(args))
@@ -297,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{n} requests a phase at {args.rate} req/s (Poisson), prompts of {lo}-{hi} tokens, {args.output_len} "
           f"new tokens each; model {name} on {args.device}; {client_procs} client processes")
 
-    base, procs, redis = _start_stack(args, path, workdir)
+    base, procs, redis = start_stack(args, path, workdir)
     try:
         trace: list[dict] = []
         low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace,
@@ -306,7 +306,7 @@ def main(args: argparse.Namespace) -> int:
         hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
         served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
     finally:
-        _stop_stack(procs, redis)
+        stop_stack(procs, redis)
     top = max(range(len(phases)), key=lambda k: phases[k][0])
     direct_t, back_to_back_t, offline = _offline(path, args, low, None if args.skip_offline else phases[top][1])
 

@@ -19,11 +19,18 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": W8A8 linear layers (a checkpoint in FP8 is read as FP8 anyway)
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": e4m3, twice the tokens in the same memory
     device: str = "cpu"
+    tensor_parallel_size: int = 1  # ranks, one process (and one GPU) each; rank 0 is the engine's own
     # None: CUDA graphs for decode steps on CUDA, plain eager on CPU. False on a CPU runs the same padded
     # decode batches without capturing them (how the padding is tested without a GPU).
     enforce_eager: bool | None = None
     # With decode graphs, also graphs for a step that is one prefill chunk alone (a lone request's prefill).
     prefill_graphs: bool = True
+
+    def rank_device(self, rank: int) -> str:
+        """The device of a rank: cuda:<rank> among the visible GPUs under tensor parallelism."""
+        if self.tensor_parallel_size > 1 and self.device.startswith("cuda"):
+            return f"cuda:{rank}"
+        return self.device
 
     def use_decode_graphs(self) -> bool:
         if self.enforce_eager is None:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import bisect
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from worker.layers.context import AttentionMetadata, set_attention_metadata
+from kernels.attention_metadata import AttentionMetadata
+from worker.layers.context import set_attention_metadata
 
 MAX_GRAPH_BATCH = 512
 # Past this many tokens a prefill's GPU time dwarfs its launches, and a graph's activations would hold
@@ -108,10 +110,11 @@ class _BucketedGraphs:
         """The buffers must hold a harmless padded step (the runner fills them)."""
         self.graphs = _capture(self.sizes, self._forward)
 
-    def keep_fastest(self, repeats: int = 3) -> dict[int, float]:
+    def keep_fastest(self, repeats: int = 3,
+                     combine: Callable[[list[float]], list[float]] | None = None) -> dict[int, float]:
         """Times every captured graph (ms, median of `repeats` replays, CUDA events, one sync for all) and
         drops the buckets a larger one beats (see `fastest_buckets`); returns the times. The buffers must
-        hold a harmless padded step, as for `capture`."""
+        hold a harmless padded step, as for `capture`. `combine` makes the times agree over ranks."""
         events: dict[int, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
         for size, graph in self.graphs.items():
             graph.replay()  # warm: the first replay after capture also uploads the graph
@@ -125,6 +128,8 @@ class _BucketedGraphs:
             events[size] = pairs
         torch.cuda.synchronize()
         self.times = {size: statistics.median(a.elapsed_time(b) for a, b in pairs) for size, pairs in events.items()}
+        if combine is not None:
+            self.times = dict(zip(self.times, combine(list(self.times.values())), strict=True))
         self.sizes = fastest_buckets(self.times)
         self.graphs = {size: self.graphs[size] for size in self.sizes}
         return self.times

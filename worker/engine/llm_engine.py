@@ -4,7 +4,6 @@ schedule → prepare inputs → model → sample → append tokens, detokenize, 
 from __future__ import annotations
 
 import gc
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,18 @@ from protocol.workers import ModelCard
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.distributed import destroy_tensor_parallel
+from worker.engine.dtypes import DTYPES
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
+from worker.models.card import model_card
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RequestTooLong(ValueError):
@@ -64,17 +65,24 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         model_path = Path(model_path)
-        model, model_cfg = load_model(model_path, DTYPES[config.dtype], torch.device(config.device),
-                                      quantization=config.quantization)
+        self.tp_group = TensorParallelGroup(model_path, config) if config.tensor_parallel_size > 1 else None
+        device = torch.device(config.rank_device(0))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        model, model_cfg = load_model(model_path, DTYPES[config.dtype], device, quantization=config.quantization)
         tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
         self._setup(model, model_cfg, config, tokenizer, model_path)
+        self.runner.linked = self.tp_group is not None  # from now on each step goes to the other ranks
 
     @classmethod
     def from_model(cls, model: LlamaForCausalLM, model_cfg: ModelConfig, config: EngineConfig,
                    tokenizer: Tokenizer | None = None) -> LLMEngine:
         """An engine around a model already on its device (random weights for benchmarks and tests).
         Without a tokenizer outputs carry token ids only, no text, and stop strings are not checked."""
+        if config.tensor_parallel_size > 1:
+            raise ValueError("tensor parallelism needs a model directory (every rank loads its own shard)")
         engine = cls.__new__(cls)
+        engine.tp_group = None
         engine._setup(model, model_cfg, config, tokenizer, None)
         return engine
 
@@ -84,11 +92,10 @@ class LLMEngine:
         self.model_path = model_path
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
-        self.device = torch.device(config.device)
+        self.device = torch.device(config.rank_device(0))
         self.dtype = DTYPES[config.dtype]
         self.eos_ids = set(model_cfg.eos_token_ids)
-        self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings,
-                                 model_cfg.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(config, model_cfg)
         self.runner = ModelRunner(model, model_cfg, config, self.dtype, self.device, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -100,6 +107,19 @@ class LLMEngine:
         # GC from rescanning it every few steps (tens of ms a full pass at 512 sequences), as vLLM does.
         gc.collect()
         gc.freeze()
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks (a no-op on one rank)."""
+        if self.tp_group is None:
+            return
+        self.runner.stop_followers()
+        self.tp_group.join()
+        self.tp_group = None
+        destroy_tensor_parallel()
+
+    @property
+    def ranks_alive(self) -> bool:
+        return self.tp_group is None or self.tp_group.alive()
 
     # ---- requests in -------------------------------------------------------------------------------
 
@@ -160,23 +180,7 @@ class LLMEngine:
     def model_card(self, name: str) -> ModelCard:
         if self.model_path is None:
             raise ValueError("an engine built from a model object has no model directory to describe")
-        tok_cfg_path = self.model_path / "tokenizer_config.json"
-        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
-        template_file = self.model_path / "chat_template.jinja"
-        template = template_file.read_text() if template_file.exists() else tok_cfg.get("chat_template")
-
-        def token_text(v: object) -> str | None:
-            return v.get("content") if isinstance(v, dict) else v  # type: ignore[return-value]
-
-        return ModelCard(
-            name=name,
-            max_model_len=self.max_model_len,
-            tokenizer_json=(self.model_path / "tokenizer.json").read_text(),
-            chat_template=template,
-            bos_token=token_text(tok_cfg.get("bos_token")),
-            eos_token=token_text(tok_cfg.get("eos_token")),
-            add_bos_token=bool(tok_cfg.get("add_bos_token", False)),
-        )
+        return model_card(self.model_path, name, self.max_model_len)
 
     # ---- one step ----------------------------------------------------------------------------------
 

@@ -29,10 +29,12 @@ from worker.engine.cuda_graphs import (
     graph_batch_sizes,
     prefill_token_buckets,
 )
+from worker.engine.distributed import agree, head_shard, tp_rank, tp_size
 from worker.engine.prompt_logprobs import fill_prompt_logprobs, wants_prompt_logprobs
 from worker.engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingBatch
 from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from worker.engine.sequence import Sequence
+from worker.engine.step_link import StepHeader, receive_step, send_step, send_stop
 from worker.layers.context import AttentionMetadata, set_attention_metadata
 from worker.models.config import ModelConfig
 
@@ -59,9 +61,14 @@ def kv_cache_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"kv_cache_dtype must be auto or fp8, got {cfg.kv_cache_dtype!r}")
 
 
+def local_kv_heads(cfg: ModelConfig) -> int:
+    """KV heads this rank holds (its share of the model's, or one replica)."""
+    return head_shard(cfg.num_attention_heads, cfg.num_key_value_heads, tp_size(), tp_rank()).num_kv_heads
+
+
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return 2 * cfg.num_hidden_layers * block_size * local_kv_heads(cfg) * cfg.head_dim * elem
 
 
 class _Buffer:
@@ -130,13 +137,18 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.memory_profile: dict[str, float] | None = None  # what sized the KV cache, when profiled
+        self.num_kv_heads = local_kv_heads(model_cfg)
+        # Under tensor parallelism rank 0 sends each step to the other ranks (see step_link), once start-up
+        # (which every rank runs alike) is over.
+        self.linked = False
 
-        self.num_blocks = cfg.num_kv_blocks or self._default_num_blocks()
+        # Every rank must hold the same blocks: the smallest count any rank has room for.
+        self.num_blocks = int(agree([cfg.num_kv_blocks or self._default_num_blocks()])[0])
         # One block more than the block manager hands out: padding rows of a graph batch write there.
         self.scratch_block = self.num_blocks
         self.kv_cache = torch.zeros(
             model_cfg.num_hidden_layers, 2, self.num_blocks + 1, cfg.block_size,
-            model_cfg.num_key_value_heads, model_cfg.head_dim, dtype=self.kv_dtype, device=device,
+            self.num_kv_heads, model_cfg.head_dim, dtype=self.kv_dtype, device=device,
         )
         model.bind_kv_cache(self.kv_cache)
 
@@ -164,7 +176,7 @@ class ModelRunner:
         dev, cfg = self.device, self.model_cfg
         # Every dummy sequence writes the same few blocks: their values do not matter here.
         scratch = torch.zeros(cfg.num_hidden_layers, 2, self.max_blocks_per_seq, self.block_size,
-                              cfg.num_key_value_heads, cfg.head_dim, dtype=self.kv_dtype, device=dev)
+                              self.num_kv_heads, cfg.head_dim, dtype=self.kv_dtype, device=dev)
         self.model.bind_kv_cache(scratch)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
@@ -244,10 +256,11 @@ class ModelRunner:
         return {name: graphs.times for name, graphs in self.graph_sets.items() if graphs.times}
 
     def _keep_fastest_buckets(self) -> None:
-        """Drops the graph buckets that a larger bucket replays faster than (the buffers hold padding)."""
+        """Drops the graph buckets that a larger bucket replays faster than (the buffers hold padding). Every
+        rank replays the same graphs and decides on the slowest rank's times, so all keep the same buckets."""
         for name, graphs in self.graph_sets.items():
             t0 = time.perf_counter()
-            times = graphs.keep_fastest()
+            times = graphs.keep_fastest(combine=lambda values: agree(values, "max"))
             dropped = sorted(set(times) - set(graphs.sizes))
             log.info("timed %d %s graphs in %.1f s; dropped %s, slower than a larger bucket", len(times), name,
                      time.perf_counter() - t0, ", ".join(f"{s} ({times[s]:.2f} ms)" for s in dropped) or "none")
@@ -256,7 +269,7 @@ class ModelRunner:
         """Frees the KV cache and the graphs, keeping the model (which may serve another engine)."""
         cfg = self.model_cfg
         self.model.bind_kv_cache(torch.empty(cfg.num_hidden_layers, 2, 0, self.block_size,
-                                             cfg.num_key_value_heads, cfg.head_dim, dtype=self.kv_dtype,
+                                             self.num_kv_heads, cfg.head_dim, dtype=self.kv_dtype,
                                              device=self.device))
         self.graphs = None
         self.prefill_graphs = None
@@ -352,8 +365,54 @@ class ModelRunner:
             if previous is None:
                 raise RuntimeError("a sequence waits for a sampled token but no step is in flight")
             self._carry_tokens(inputs.input_ids, previous, dst, pending[dst])
+        if self.linked:
+            header = StepHeader(1, T, S, n_tok, n_seq, num_samples, graph_batch or 0, prefill_bucket or 0,
+                                meta.max_query_len, meta.max_seq_len, num_decodes, max(1, int(lens.max())))
+            send_step(header, x, x.input_ids.dev[:n_tok])
         x.mark_copied()
         return inputs
+
+    def _received_inputs(self, h: StepHeader) -> StepInputs:
+        """Ranks other than 0: the step rank 0 sent, from the buffers step_link filled, uploaded alike."""
+        x = self.buffers
+        T, S, n_tok, n_seq = h.num_tokens, h.num_seqs, h.padded_tokens, h.padded_seqs
+        meta = AttentionMetadata(
+            slot_mapping=x.slot_mapping.upload(n_tok),
+            query_start_loc=x.query_start_loc.upload(n_seq + 1)[: S + 1],
+            seq_lens=x.seq_lens.upload(n_seq)[:S],
+            block_tables=x.block_tables.upload(n_seq)[:S],
+            max_query_len=h.max_query_len,
+            max_seq_len=h.max_seq_len,
+            num_decodes=h.num_decodes,
+            query_start_loc_cpu=x.query_start_loc.np[: S + 1].tolist(),
+            seq_lens_cpu=x.seq_lens.np[:S].tolist(),
+        )
+        inputs = StepInputs(
+            input_ids=x.input_ids.dev[:T],
+            positions=x.positions.upload(n_tok)[:T],
+            meta=meta,
+            logits_indices=x.logits_indices.upload(h.num_samples),
+            sampling_seqs=[],
+            graph_batch=h.graph_batch or None,
+            prefill_bucket=h.prefill_bucket or None,
+        )
+        x.mark_copied()
+        return inputs
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks other than 0: run every step rank 0 sends, until it stops."""
+        while (header := receive_step(self.buffers)) is not None:
+            inputs = self._received_inputs(header)
+            hidden = self._forward(inputs)
+            if header.num_samples:  # the LM head gathers the vocabulary over every rank
+                self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def stop_followers(self) -> None:
+        """Rank 0: the other ranks leave `follow`."""
+        if self.linked:
+            self.linked = False
+            send_stop()
 
     def _carry_tokens(self, input_ids: torch.Tensor, previous: torch.Tensor, dst: np.ndarray,
                       src: np.ndarray) -> None:
@@ -376,21 +435,23 @@ class ModelRunner:
         """Queues one step on the device without waiting for it; returns the sequences that sample and
         their samples to come (in the same order). `previous` is the step still in flight, if any."""
         inputs = self.prepare(sched, previous.token_ids if previous is not None else None)
-        if inputs.graph_batch is not None:
-            assert self.graphs is not None
-            hidden = self.graphs.run(inputs.graph_batch)
-        elif inputs.prefill_bucket is not None:
-            assert self.prefill_graphs is not None
-            hidden = self.prefill_graphs.run(inputs.prefill_bucket, inputs.meta)
-        else:
-            with set_attention_metadata(inputs.meta):
-                hidden = self.model(inputs.input_ids, inputs.positions)
+        hidden = self._forward(inputs)
         if wants_prompt_logprobs(sched.scheduled):
             fill_prompt_logprobs(sched.scheduled, inputs.meta.query_start_loc_cpu, hidden, self.model.compute_logits)
         if not inputs.sampling_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return inputs.sampling_seqs, self.sampler.sample(logits, batch_for(inputs.sampling_seqs))
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if inputs.graph_batch is not None:
+            assert self.graphs is not None
+            return self.graphs.run(inputs.graph_batch)
+        if inputs.prefill_bucket is not None:
+            assert self.prefill_graphs is not None
+            return self.prefill_graphs.run(inputs.prefill_bucket, inputs.meta)
+        with set_attention_metadata(inputs.meta):
+            return self.model(inputs.input_ids, inputs.positions)
 
     def execute(
         self, sched: SchedulerOutput, batch_for: Callable[[list[Sequence]], SamplingBatch]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.gemv import linear
-from worker.distributed import all_gather, all_reduce, tp_rank, tp_size
+from worker.engine.distributed import all_gather, all_reduce, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):

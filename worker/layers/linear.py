@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.distributed import all_reduce, tp_rank, tp_size
+from worker.engine.distributed import all_reduce, head_shard, tp_rank, tp_size
 from worker.layers.quantization import current_linear_method
 
 
@@ -51,6 +51,10 @@ class _Linear(nn.Module):
         """This rank's rows of a loaded per-row tensor."""
         return self._shard(loaded, 0) if self.tp_dim == 0 else loaded
 
+    def _my_columns(self, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's input columns of a loaded weight (row-parallel layers)."""
+        return self._shard(loaded, 1)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         offset, size = self._rows(shard_id)
         if loaded_weight.numel() == 1 and param.dim() == 1:  # one scale for the whole tensor: every row's
@@ -58,7 +62,7 @@ class _Linear(nn.Module):
         else:
             part = self._my_part(loaded_weight, shard_id)
             if self.tp_dim == 1 and param is self.weight:
-                part = self._shard(part, 1)
+                part = self._my_columns(part)
         self.quant_method.load(self, param, offset, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +93,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused: weight [(Hq + 2*Hkv) * D, hidden] per rank; shard ids "q", "k", "v"."""
+    """q, k and v projections fused: weight [(Hq + 2*Hkv) * D, hidden] of this rank's heads; shard ids "q",
+    "k", "v". Heads split as distributed.head_shard says (KV heads replicated where ranks outnumber them)."""
 
     def __init__(
         self,
@@ -99,14 +104,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_kv_heads: int,
         bias: bool = False,
     ):
-        n = tp_size()
         self.head_size = head_size
-        self.num_heads = _divide(total_num_heads, n)
-        # With more ranks than KV heads each rank keeps a replica of one KV head.
-        self.num_kv_heads = max(1, total_num_kv_heads // n)
-        self.kv_replicas = max(1, n // total_num_kv_heads)
-        out = (total_num_heads + 2 * self.num_kv_heads * n) * head_size
-        super().__init__(hidden_size, out, bias)
+        self.shard = head_shard(total_num_heads, total_num_kv_heads, tp_size(), tp_rank())
+        self.num_heads = self.shard.num_heads
+        self.num_kv_heads = self.shard.num_kv_heads
+        _Linear.__init__(self, hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_size, bias, 0)
 
     def _rows(self, shard_id) -> tuple[int, int]:
         q_size, kv_size = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
@@ -120,15 +122,24 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def _my_part(self, loaded: torch.Tensor, shard_id) -> torch.Tensor:
         size = self._rows(shard_id)[1]
-        idx = self.tp_rank if shard_id == "q" else self.tp_rank // self.kv_replicas
-        return loaded.narrow(0, idx * size, size)
+        start = (self.shard.q_start if shard_id == "q" else self.shard.kv_start) * self.head_size
+        return loaded.narrow(0, start, size)
 
 
 class RowParallelLinear(_Linear):
-    """Splits the input features across ranks; the partial outputs are summed with all_reduce."""
+    """Splits the input features across ranks; the partial outputs are summed with all_reduce. `input_shard`
+    (start, size) takes an uneven slice (attention heads that do not divide evenly), else an equal one."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(_divide(input_size, tp_size()), output_size, bias, 1)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 input_shard: tuple[int, int] | None = None):
+        if input_shard is None:
+            size = _divide(input_size, tp_size())
+            input_shard = (tp_rank() * size, size)
+        self.input_start, self.input_local = input_shard
+        super().__init__(self.input_local, output_size, bias, 1)
+
+    def _my_columns(self, loaded: torch.Tensor) -> torch.Tensor:
+        return loaded.narrow(1, self.input_start, self.input_local)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is whole on every rank and added once, by rank 0.

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker.models.registry import architecture_of
+
 # A config.json key that marks a directory whose weights are made at load time (seeded random values)
 # instead of read from *.safetensors; see worker.models.random_weights.write_random_model_dir.
 RANDOM_INIT_KEY = "tokenq_random_init"
 
-# model_type -> the architecture name Hugging Face gives it; all run on our LlamaForCausalLM.
-SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @dataclass
@@ -52,13 +52,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, c: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
         model_type = c.get("model_type")
-        architectures = c.get("architectures") or ([SUPPORTED[model_type]] if model_type in SUPPORTED else [])
-        known = set(SUPPORTED.values())
-        if model_type not in SUPPORTED or not any(a in known for a in architectures):
-            raise ValueError(
-                f"unsupported model: model_type={model_type!r}, architectures={architectures!r}; "
-                f"supported: {', '.join(sorted(known))}"
-            )
+        architectures = [architecture_of(model_type, c.get("architectures"))]
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} (only silu)")

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from worker.distributed import tp_size
+from worker.engine.distributed import head_shard, tp_size
 from worker.layers.activation import SiluAndMul
 from worker.layers.attention import Attention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -37,7 +37,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads, bias=cfg.qkv_bias
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias)
+        shard = self.qkv_proj.shard
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias,
+                                        input_shard=(shard.q_start * d, shard.num_heads * d))
         self.q_size = self.qkv_proj.num_heads * d
         self.kv_size = self.qkv_proj.num_kv_heads * d
         self.rotary_emb = RotaryEmbedding(d, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
@@ -115,8 +117,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
-        if cfg.num_key_value_heads % tp_size() and tp_size() % cfg.num_key_value_heads:
-            raise ValueError(f"{cfg.num_key_value_heads} KV heads cannot be split over {tp_size()} ranks")
+        head_shard(cfg.num_attention_heads, cfg.num_key_value_heads, tp_size(), 0)  # raises if they cannot split
         with _default_dtype(dtype):  # parameters are created directly in the target dtype
             self.model = LlamaModel(cfg)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from kernels.fp8 import FP8
 from worker.layers.quantization import quantization as quantized
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
-from worker.models.llama import LlamaForCausalLM
 from worker.models.random_weights import random_model
+from worker.models.registry import CausalLM, model_class
 
 log = logging.getLogger("tokenq.loader")
 
@@ -109,7 +109,7 @@ def set_kv_scales(model: torch.nn.Module, kv_scales: dict[str, torch.Tensor]) ->
 def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     quantization: str | None = None,
-) -> tuple[LlamaForCausalLM, ModelConfig]:
+) -> tuple[CausalLM, ModelConfig]:
     """quantization: "fp8" quantizes a 16/32-bit checkpoint while it loads; a checkpoint in FP8 is read as FP8
     whether or not it is asked for."""
     config = json.loads((Path(path) / "config.json").read_text())
@@ -122,7 +122,7 @@ def load_model(
                          "apply to it")
     cfg = ModelConfig.from_dir(path)
     with torch.device(device), quantized(declared or quantization):
-        model = LlamaForCausalLM(cfg, dtype)
+        model = model_class(cfg)(cfg, dtype)
     kv_scales: dict[str, torch.Tensor] = {}
     block_scaled = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
     model.load_weights(_checkpoint_tensors(iter_safetensors(path), kv_scales, block_scaled))

@@ -9,12 +9,14 @@ The init keeps activations and logits of order one at any depth (embedding ~ N(0
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kernels.fp8 import FP8
+from worker.engine.distributed import single_rank, tp_size
 from worker.layers.quantization import quantization as quantized
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
 from worker.models.llama import LlamaForCausalLM
@@ -54,28 +56,57 @@ def random_model(config: dict[str, Any], dtype: torch.dtype, device: str | torch
                  seed: int = 0, quantization: str | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Our model with random weights, allocated and initialised on the device in `dtype`. With
     quantization="fp8" the linear layers' weights are made in FP8 directly, a few rows at a time, so a model
-    whose 16-bit weights would not fit the device (Llama-3-70B on one H200) never exists in 16 bits."""
+    whose 16-bit weights would not fit the device (Llama-3-70B on one H200) never exists in 16 bits. Under
+    tensor parallelism each weight is drawn whole (the same values as on one rank) and this rank's shard
+    kept."""
     cfg = ModelConfig.from_dict(config)
     device = torch.device(device)
-    with torch.device(device), quantized(quantization):
-        model = LlamaForCausalLM(cfg, dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    if tp_size() > 1:
+        return _random_sharded(cfg, dtype, device, gen, quantization), cfg
+    with torch.device(device), quantized(quantization):
+        model = LlamaForCausalLM(cfg, dtype)
     for name, p in model.named_parameters():
         if p.dtype == FP8 or getattr(p, "optional_in_checkpoint", False):
             continue  # made with their FP8 weight, below
-        if name.endswith("norm.weight"):
-            p.uniform_(0.8, 1.2, generator=gen)  # not all ones, so a mixed-up norm shows in comparisons
-        elif name.endswith(".bias"):
-            p.normal_(0.0, 0.02, generator=gen)
-        elif "embed_tokens" in name:
-            p.normal_(0.0, 1.0, generator=gen)
-        else:
-            p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+        _init(name, p, gen)
     for layer in model.modules():
         if getattr(layer, "quant_method", None) is not None and layer.weight.dtype == FP8:
             _random_fp8_weight(layer, gen)
     return model.eval(), cfg
+
+
+def _random_sharded(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
+                    quantization: str | None) -> LlamaForCausalLM:
+    """This rank's shard of the weights one rank would draw: each drawn whole, in the same order, and cut by
+    the layers' weight loaders (which quantize it, for FP8)."""
+    with torch.device("meta"), single_rank():
+        whole = LlamaForCausalLM(cfg, dtype)
+    with torch.device(device), quantized(quantization):
+        model = LlamaForCausalLM(cfg, dtype)
+
+    def drawn():
+        for name, p in whole.named_parameters():
+            if getattr(p, "optional_in_checkpoint", False):
+                continue
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            _init(name, t, gen)
+            yield name, t
+
+    model.load_weights(hf_names(cfg, drawn()))
+    return model.eval()
+
+
+def _init(name: str, p: torch.Tensor, gen: torch.Generator) -> None:
+    if name.endswith("norm.weight"):
+        p.uniform_(0.8, 1.2, generator=gen)  # not all ones, so a mixed-up norm shows in comparisons
+    elif name.endswith(".bias"):
+        p.normal_(0.0, 0.02, generator=gen)
+    elif "embed_tokens" in name:
+        p.normal_(0.0, 1.0, generator=gen)
+    else:
+        p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
 
 
 def _random_fp8_weight(layer: torch.nn.Module, gen: torch.Generator) -> None:
@@ -90,24 +121,26 @@ def _random_fp8_weight(layer: torch.nn.Module, gen: torch.Generator) -> None:
 def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """Our weights under Hugging Face's names, as views: the fused q/k/v and gate/up rows are contiguous
     slices, so nothing is copied."""
-    cfg = model.cfg
+    out = dict(hf_names(model.cfg, ((n, p.detach()) for n, p in model.named_parameters())))
+    if model.cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def hf_names(cfg: ModelConfig, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Whole (one-rank) tensors under our fused names -> the same under Hugging Face's names (views)."""
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
     inter = cfg.intermediate_size
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        t = p.detach()
+    for name, t in named:
         if ".qkv_proj." in name:
             for part, lo, hi in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
-                out[name.replace("qkv_proj", part)] = t[lo:hi]
+                yield name.replace("qkv_proj", part), t[lo:hi]
         elif ".gate_up_proj." in name:
-            out[name.replace("gate_up_proj", "gate_proj")] = t[:inter]
-            out[name.replace("gate_up_proj", "up_proj")] = t[inter:]
+            yield name.replace("gate_up_proj", "gate_proj"), t[:inter]
+            yield name.replace("gate_up_proj", "up_proj"), t[inter:]
         else:
-            out[name] = t
-    if cfg.tie_word_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
+            yield name, t
 
 
 def hf_peer(model: LlamaForCausalLM, config: dict[str, Any], attn_implementation: str = "sdpa"):

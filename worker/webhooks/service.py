@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -17,6 +16,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Function, Worker, func
 
 from protocol import keys
+from tokenq.settings import Settings
 from worker.logging import get_logger
 from worker.webhooks.delivery import CTX_KEY, FUNCTION, Deliverer, deliver_webhook, new_http_client
 from worker.webhooks.policy import RetryPolicy
@@ -98,7 +98,7 @@ async def _drain(worker: Worker) -> None:
 
 
 async def _startup(ctx: dict) -> None:
-    url = os.environ["TOKENQ_REDIS_URL"]
+    url = Settings.from_env().redis_url or "redis://localhost:6379"
     policy = RetryPolicy.from_env()
     ctx[CTX_KEY] = Deliverer(aioredis.from_url(url, decode_responses=True), new_http_client(), policy)
 
@@ -114,7 +114,7 @@ class WorkerSettings:
 
     functions = [_function(RetryPolicy.from_env())]
     queue_name = QUEUE
-    redis_settings = RedisSettings.from_dsn(os.environ.get("TOKENQ_REDIS_URL", "redis://localhost:6379"))
+    redis_settings = RedisSettings.from_dsn(Settings.from_env().redis_url or "redis://localhost:6379")
     job_serializer = _dumps
     job_deserializer = json.loads
     keep_result = KEEP_RESULT_S
@@ -130,7 +130,7 @@ def run_webhooks(redis_url: str, metrics_port: int | None = None) -> int:
 
     from worker.logging import configure_logging
 
-    configure_logging(os.environ.get("TOKENQ_LOG_LEVEL", "INFO"))
+    configure_logging(Settings.from_env().log_level)
     if metrics_port is not None:
         start_http_server(metrics_port)
 

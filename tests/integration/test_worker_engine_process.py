@@ -1,0 +1,109 @@
+"""The worker with its engine in a process of its own (the served path), on the CPU: jobs run through it,
+a dead engine process makes the worker exit non-zero with its jobs left for recovery, and tensor
+parallelism over two gloo ranks gives the same greedy tokens as one rank."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from protocol import job_record as f
+from protocol import keys
+from protocol.events import DeltaEvent
+from protocol.jobs import JobPayload, JobResult, new_job_id
+from protocol.sampling import SamplingParams
+from tests.fakes import submit_job
+from tests.integration.test_worker_service import Collector, final_state, wait_until
+from worker.service import WorkerService
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from worker.models.random_weights import write_random_model_dir
+
+    return write_random_model_dir("tiny", tmp_path_factory.mktemp("tiny"))
+
+
+def spec(path, name: str = "m", tp: int = 1, **config):
+    from worker.engine.config import EngineConfig
+    from worker.engine_process import EngineSpec
+
+    cfg = EngineConfig(num_kv_blocks=config.pop("num_kv_blocks", 128), max_model_len=512,
+                       tensor_parallel_size=tp, **config)
+    return EngineSpec(str(path), cfg, name)
+
+
+async def run_jobs(redis_url, redis_client, engine_spec, jobs: list[JobPayload], worker_id: str,
+                   timeout: float = 300) -> list[JobResult]:
+    for p in jobs:
+        await submit_job(redis_client, p, streamed=p.stream)
+    service = WorkerService(redis_url, engine_spec.served_name, engine_spec, None, worker_id=worker_id,
+                            block_ms=100)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        hashes = [await final_state(redis_client, p.id, timeout=timeout) for p in jobs]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    assert not service.engine_failed
+    return [JobResult.model_validate_json(h[f.RESULT]) for h in hashes]
+
+
+def greedy_jobs(model: str, prompts: list[list[int]], max_tokens: int) -> list[JobPayload]:
+    return [JobPayload(id=new_job_id(), model=model, kind="completion", prompt_token_ids=p,
+                       sampling=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+            for p in prompts]
+
+
+async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_model_dir):
+    ids = [5, 17, 99, 3]
+    jobs = [JobPayload(id=new_job_id(), model="m", kind="completion", prompt_token_ids=ids, stream=s,
+                       sampling=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1))
+            for s in (True, False)]
+    async with Collector(redis_client, jobs[0].id) as c:
+        results = await run_jobs(redis_url, redis_client, spec(tiny_model_dir), jobs, "proc:1")
+        await c.wait_final()
+    assert results[0].token_ids == results[1].token_ids and len(results[0].token_ids) == 10
+    assert results[0].text.split()[0].startswith("t") and results[0].logprobs and results[0].logprobs[0].token
+    assert "".join(d.text for d in c.events if isinstance(d, DeltaEvent)) == results[0].text
+
+
+async def test_dead_engine_process_fails_over_and_worker_exits_non_zero(redis_url, redis_client, tiny_model_dir):
+    job = greedy_jobs("m", [[1, 2, 3]], max_tokens=400)[0]
+    await submit_job(redis_client, job)
+    service = WorkerService(redis_url, "m", spec(tiny_model_dir, max_num_seqs=4), None, worker_id="dies:1",
+                            block_ms=100, grace_s=1.0)
+    task = asyncio.create_task(service.run(asyncio.Event()))
+
+    async def running():
+        state = await redis_client.hget(keys.job_key(job.id), f.STATE)
+        return state == "running" and service.engine_loop is not None and service.engine_loop.pid
+
+    pid = await wait_until(running, 120)
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.wait_for(task, 60)  # the worker does not hang
+    assert service.engine_failed
+    # Not final, handed back (or left to its lease): another worker reruns it.
+    assert await redis_client.hget(keys.job_key(job.id), f.STATE) in ("queued", "running")
+    pending = await redis_client.xpending(keys.jobs_stream("m", job.lane, job.tenant), keys.GROUP)
+    assert pending["pending"] == 1  # left in the group, claimable by another worker
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+async def test_tensor_parallel_two_ranks_equal_one(redis_url, redis_client, tiny_model_dir, which, request):
+    path = tiny_model_dir if which == "tiny" else request.getfixturevalue("default_model_dir")
+    prompts = [[(11 * i + j) % 300 + 2 for j in range(4 + 3 * i)] for i in range(4)]
+    out = {}
+    for tp in (1, 2):
+        jobs = greedy_jobs("m", prompts, max_tokens=16)
+        out[tp] = [r.token_ids for r in await run_jobs(redis_url, redis_client, spec(path, tp=tp), jobs,
+                                                          f"tp{tp}:1")]
+    assert all(len(t) == 16 for t in out[1])
+    assert out[2] == out[1]

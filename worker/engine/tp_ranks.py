@@ -1,0 +1,82 @@
+"""Ranks 1..N-1 of a tensor-parallel engine: started by rank 0, one process each, each following rank 0's
+steps (step_link) on its own device with its own shard of the model, KV cache and CUDA graphs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from worker.engine.config import EngineConfig
+from worker.engine.distributed import init_tensor_parallel
+from worker.engine.dtypes import DTYPES
+from worker.engine.model_runner import ModelRunner
+from worker.models.config import ModelConfig
+from worker.models.loader import load_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_max_model_len(config: EngineConfig, model_cfg: ModelConfig) -> int:
+    return min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+
+
+class TensorParallelGroup:
+    """Rank 0's handle on the other ranks: starts them, joins the group with them, stops them."""
+
+    def __init__(self, model_path: Path, config: EngineConfig) -> None:
+        self.size = config.tensor_parallel_size
+        port = free_port()
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked into a child
+        self.procs = [ctx.Process(target=_rank_main, args=(rank, port, str(model_path), config),
+                                  name=f"tokenq-tp-rank{rank}", daemon=True) for rank in range(1, self.size)]
+        for proc in self.procs:
+            proc.start()
+        init_tensor_parallel(0, self.size, port, torch.device(config.rank_device(0)))
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def join(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+
+
+def exit_with_parent() -> None:
+    """A rank (or the engine process) whose parent is gone exits: nothing else would ever stop it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig) -> None:
+    # A Ctrl-C reaches the whole process group; stopping is rank 0's to order (after the worker's drain).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent()
+    device = torch.device(config.rank_device(rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_tensor_parallel(rank, config.tensor_parallel_size, port, device)
+    model, model_cfg = load_model(model_path, DTYPES[config.dtype], device, quantization=config.quantization)
+    runner = ModelRunner(model, model_cfg, config, DTYPES[config.dtype], device,
+                         resolve_max_model_len(config, model_cfg))
+    runner.follow()

@@ -1,0 +1,270 @@
+"""The engine in its own process (rank 0 of its tensor-parallel group), driven over a pipe.
+
+The worker process sends commands (add, abort, stop) and receives one message per engine step: the step's
+outputs and the engine's snapshot (admissible requests, stats). Messages are plain tuples, pickled, framed
+as multiprocessing's Connection frames them, over a socket pair: no third-party codec, and for the sizes a
+step carries (a few hundred outputs) encoding costs microseconds per output. The worker reads and writes
+them with asyncio streams; the engine process polls its blocking Connection between steps and blocks on
+it when idle.
+
+An engine process that dies (a crash, a lost tensor-parallel rank, OOM) closes the pipe: the worker sees
+end-of-file, marks the handle dead and exits non-zero; its running jobs' leases lapse (or are handed back)
+and other workers rerun them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import socket
+import struct
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from protocol.sampling import SamplingParams
+from protocol.workers import ModelCard
+from worker.engine.outputs import RequestOutput, TokenLogprobs
+from worker.engine_loop import EngineDriver, EngineHandle, FailedOutput, _Abort, _Add
+from worker.logging import get_logger
+
+log = get_logger("engine_process")
+
+STATS_INTERVAL_S = 0.5  # an engine with nothing new to say still refreshes the heartbeat's stats this often
+_ADD, _ABORT, _STOP = "add", "abort", "stop"
+_READY, _FAILED, _OUT = "ready", "failed", "out"
+
+
+@dataclass
+class EngineSpec:
+    """What the engine process builds its engine from (picklable: it crosses to a spawned process)."""
+
+    model_path: str
+    config: Any  # worker.engine.config.EngineConfig (kept lazy: the worker process imports no torch)
+    served_name: str
+
+
+@dataclass
+class EngineInfo:
+    """What the engine reports once it is ready."""
+
+    card: ModelCard
+    max_model_len: int
+    max_num_seqs: int
+    device: str
+    admissible: int
+
+
+# ---- encoding: RequestOutput <-> plain tuples ----------------------------------------------------------
+
+def _lps(items):
+    return [(lp.token_id, lp.logprob, lp.top) if lp is not None else None for lp in items] if items is not None else None
+
+
+def _from_lps(rows):
+    return [TokenLogprobs(*r) if r is not None else None for r in rows] if rows is not None else None
+
+
+def encode_outputs(outputs: list[RequestOutput]) -> list[tuple]:
+    return [(o.request_id, o.new_token_ids, o.text_delta, o.finished, o.finish_reason, o.num_prompt_tokens,
+             o.num_output_tokens, o.num_cached_tokens, _lps(o.logprobs), _lps(o.prompt_logprobs), o.produced_at,
+             o.error if isinstance(o, FailedOutput) else None) for o in outputs]
+
+
+def decode_outputs(rows: list[tuple]) -> list[RequestOutput]:
+    outputs: list[RequestOutput] = []
+    for rid, ids, text, finished, reason, n_prompt, n_out, n_cached, lps, prompt_lps, at, error in rows:
+        fields = dict(finished=finished, finish_reason=reason, num_prompt_tokens=n_prompt, num_output_tokens=n_out,
+                      num_cached_tokens=n_cached, logprobs=_from_lps(lps), prompt_logprobs=_from_lps(prompt_lps),
+                      produced_at=at)
+        if error is not None:
+            outputs.append(FailedOutput(rid, ids, text, **fields, error=error))
+        else:
+            outputs.append(RequestOutput(rid, ids, text, **fields))
+    return outputs
+
+
+def encode_sampling(sp: SamplingParams) -> dict:
+    return sp.model_dump()
+
+
+# ---- the worker's side ---------------------------------------------------------------------------------
+
+class EngineProcess(EngineHandle):
+    def __init__(self, spec: EngineSpec) -> None:
+        super().__init__(spec.served_name)
+        self.spec = spec
+        self.info: EngineInfo | None = None
+        self._proc: mp.process.BaseProcess | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task | None = None
+        self._ready: asyncio.Future[EngineInfo] | None = None
+
+    async def start(self) -> EngineInfo:
+        """Starts the engine process and waits until its engine is built (weights, KV cache, graphs)."""
+        self._open(0)
+        assert self._loop is not None
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked; the child imports only what it needs
+        parent, child = ctx.Pipe(duplex=True)  # a socket pair; the child keeps the blocking Connection
+        self._proc = ctx.Process(target=engine_main, args=(child, self.spec), name=f"tokenq-engine-{self.name}")
+        self._proc.start()
+        child.close()
+        # This side reads and writes the same frames through asyncio's streams: an event loop (uvloop) puts
+        # the socket in non-blocking mode, where Connection.recv could stop mid-message.
+        sock = socket.socket(fileno=os.dup(parent.fileno()))
+        parent.close()
+        reader, self._writer = await asyncio.open_connection(sock=sock)
+        self._ready = self._loop.create_future()
+        self._read_task = asyncio.create_task(self._read(reader), name="engine-reader")
+        try:
+            self.info = await self._ready
+        except BaseException:
+            await self.close()
+            raise
+        self._admissible = self.info.admissible
+        return self.info
+
+    def add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+            priority: int = 1, tenant: str = "default") -> None:
+        self._pending_adds += 1
+        self._send((_ADD, request_id, prompt_token_ids, encode_sampling(sampling), priority, tenant))
+
+    def abort(self, request_id: str) -> None:
+        self._send((_ABORT, request_id))
+
+    def _send(self, msg: tuple) -> None:
+        """Queues one frame (Connection's: a 4-byte big-endian length, then the pickle); never blocks."""
+        if self._writer is None or self._writer.is_closing() or (self.dead is not None and self.dead.is_set()):
+            return
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(struct.pack("!i", len(data)) + data)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (size,) = struct.unpack("!i", await reader.readexactly(4))
+                if size == -1:  # Connection's frame for a message over 2 GiB
+                    (size,) = struct.unpack("!Q", await reader.readexactly(8))
+                self._handle(pickle.loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            code = await asyncio.to_thread(self._exitcode)
+            self._lost(f"engine process exited (code {code}): {e!r}")
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == _OUT:
+            _, rows, admissible, adds_applied, stats = msg
+            self._received(decode_outputs(rows), admissible, adds_applied, stats)
+        elif kind == _READY:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(msg[1])
+        elif kind == _FAILED:
+            self._lost(f"engine failed: {msg[1]}")
+
+    def _exitcode(self) -> int | None:
+        if self._proc is None:
+            return None
+        self._proc.join(timeout=1.0)
+        return self._proc.exitcode
+
+    def _lost(self, error: str) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RuntimeError(error))
+        if self.dead is not None and not self.dead.is_set():
+            log.critical("engine process lost", error=error)
+            self._died(error)
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Asks the engine process to stop (it stops its other ranks) and waits for it; kills it after
+        `timeout`. Requests still in the engine are dropped with it."""
+        if self._read_task is not None:
+            self._read_task.cancel()
+        writer, proc = self._writer, self._proc
+        if writer is not None and not writer.is_closing():
+            self._send((_STOP,))
+            try:
+                await asyncio.wait_for(writer.drain(), 5.0)
+            except (ConnectionError, OSError, TimeoutError):
+                pass
+        if proc is not None:
+            await asyncio.to_thread(_join_or_kill, proc, timeout)
+        if writer is not None:
+            writer.close()
+        self._writer = None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive() and not (self.dead and self.dead.is_set())
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+
+def _join_or_kill(proc: mp.process.BaseProcess, timeout: float) -> None:
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5.0)
+
+
+# ---- the engine process --------------------------------------------------------------------------------
+
+def engine_main(conn: Connection, spec: EngineSpec) -> None:
+    """The engine process: build the engine, report ready, then serve commands and steps until told to stop
+    or the worker is gone. SIGINT and SIGTERM are the worker's to act on (it drains, then stops us)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from worker.engine.llm_engine import LLMEngine
+    from worker.engine.tp_ranks import exit_with_parent
+
+    exit_with_parent()
+    try:
+        engine = LLMEngine(spec.model_path, spec.config)
+        info = EngineInfo(card=engine.model_card(spec.served_name), max_model_len=engine.max_model_len,
+                          max_num_seqs=engine.config.max_num_seqs, device=str(engine.device),
+                          admissible=engine.num_admissible())
+    except BaseException as e:
+        conn.send((_FAILED, f"{e!r}\n{traceback.format_exc()}"))
+        raise
+    conn.send((_READY, info))
+    try:
+        serve_commands(conn, engine)
+    finally:
+        engine.close()
+
+
+def serve_commands(conn: Connection, engine) -> None:
+    driver = EngineDriver(engine)
+    last_admissible, last_report = -1, 0.0
+    while True:
+        if not engine.has_unfinished_requests() and not conn.poll(STATS_INTERVAL_S):
+            continue  # idle: block on the pipe, never spin
+        commands: list[_Add | _Abort] = []
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == _ADD:
+                    _, rid, ids, sampling, priority, tenant = msg
+                    commands.append(_Add(rid, ids, SamplingParams.model_validate(sampling), priority, tenant))
+                elif msg[0] == _ABORT:
+                    commands.append(_Abort(msg[1]))
+                else:
+                    return
+        except EOFError:  # the worker is gone
+            return
+        outputs = driver.apply(commands)
+        if engine.has_unfinished_requests():
+            outputs.extend(driver.step())
+        adds = sum(isinstance(c, _Add) for c in commands)
+        now = time.monotonic()
+        admissible = engine.num_admissible()
+        if outputs or adds or admissible != last_admissible or now - last_report >= STATS_INTERVAL_S:
+            _, stats = driver.snapshot()
+            last_admissible, last_report = admissible, now
+            conn.send((_OUT, encode_outputs(outputs), admissible, adds, stats))
