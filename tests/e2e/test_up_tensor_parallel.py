@@ -57,10 +57,11 @@ def served_tokens(default_model_dir, home, tp: int) -> list[list[str]]:
             while True:
                 assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, "never ready:\n" + log_path.read_text()
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                try:  # ready, and its worker has registered the model
+                    models = httpx.get(f"{base}/v1/models", timeout=1)
+                    if models.status_code == 200 and MODEL in {m["id"] for m in models.json()["data"]}:
                         break
-                except httpx.HTTPError:
+                except (httpx.HTTPError, ValueError, KeyError):
                     pass
                 time.sleep(0.5)
             with ThreadPoolExecutor(8) as pool:
