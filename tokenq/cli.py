@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from tokenq import settings
 
@@ -82,12 +83,16 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from tokenq.model_store import resolve_model
     from worker.engine.llm_engine import LLMEngine
+    from worker.logging import get_logger
     from worker.service import serve
 
     name, path = resolve_model(args.model)
     if args.served_name:
         name = args.served_name
+    started = time.monotonic()
     engine = LLMEngine(path, engine_config_from(args))
+    get_logger("worker").info("model loaded", model=name, path=str(path), device=args.device,
+                              seconds=round(time.monotonic() - started, 2))
     serve(_require_redis(args), name, engine, engine.model_card(name), metrics_port=args.metrics_port)
     return 0
 

@@ -87,6 +87,16 @@ def _engine_capacity(engine) -> int:
     return engine.num_admissible()
 
 
+def kv_cache_size(engine) -> dict:
+    """Blocks, block size and the tokens they hold, for the start-up log line (what the engine reports)."""
+    try:
+        blocks = int(engine.stats().get("num_blocks", 0))
+    except Exception:
+        blocks = 0
+    block_size = int(getattr(getattr(engine, "config", None), "block_size", 0) or 0)
+    return {"blocks": blocks, "block_size": block_size, "tokens": blocks * block_size}
+
+
 class WorkerService:
     def __init__(self, redis_url: str, model_name: str, engine, card: ModelCard, worker_id: str | None = None,
                  metrics_port: int | None = None, *, grace_s: float | None = None,
@@ -125,6 +135,7 @@ class WorkerService:
         heartbeat = Heartbeat(redis, self.worker_id, self.card, engine_loop,
                               capacity=_engine_capacity(self.engine),
                               device=str(getattr(self.engine, "device", "cpu")))
+        log.info("kv cache", model=self.model_name, **kv_cache_size(self.engine))
         engine_loop.start()
         log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
         tasks: list[asyncio.Task] = []
