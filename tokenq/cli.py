@@ -1,4 +1,4 @@
-"""The one command, `tokenq`: up, gateway, worker, webhooks, keys, bench, models. Flags default from TOKENQ_* variables."""
+"""The one command, `tokenq`: up, gateway, worker, webhooks, keys, status, bench, models. Flags default from TOKENQ_* variables."""
 
 from __future__ import annotations
 
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenq.keys import add_parser as add_keys_parser
 
     add_keys_parser(sub, settings.redis_url())
+    from tokenq.status import add_parser as add_status_parser
+
+    add_status_parser(sub, settings.redis_url())
 
     models = sub.add_parser("models", help="list or pull models into TOKENQ_HOME/models")
     msub = models.add_subparsers(dest="models_cmd")
