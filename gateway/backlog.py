@@ -41,11 +41,12 @@ async def lanes(redis: aioredis.Redis) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-async def read_backlog(redis: aioredis.Redis, now: float | None = None) -> list[StreamBacklog]:
-    """One entry per tenant stream of every lane (a decode_responses client)."""
+async def read_backlog(redis: aioredis.Redis, now: float | None = None,
+                       known_lanes: list[tuple[str, str]] | None = None) -> list[StreamBacklog]:
+    """One entry per tenant stream of every lane (a decode_responses client); known_lanes saves the SCAN."""
     now = time.time() if now is None else now
     streams: list[tuple[str, str, str, str]] = []
-    for model, lane in await lanes(redis):
+    for model, lane in known_lanes if known_lanes is not None else await lanes(redis):
         for tenant in sorted(await redis.smembers(keys.lane_tenants_key(model, lane))):
             streams.append((model, lane, tenant, keys.jobs_stream(model, lane, tenant)))
     if not streams:

@@ -23,7 +23,10 @@ from gateway.backlog import lanes, read_backlog
 from gateway.flight import TtlCache
 from gateway.metrics_peers import PeerMetrics
 
-BACKLOG_CACHE_S = 2.0  # several Prometheus servers (or gateways' replicas) scraping cost one read
+BACKLOG_CACHE_S = 2.0  # several Prometheus servers scraping cost one read
+# Finding the lanes SCANs the keyspace, so it is done at most this often: a model's first lane shows up
+# in the metrics within that time, and later jobs on it at once.
+LANES_CACHE_S = 30.0
 
 
 class GatewayMetrics:
@@ -52,6 +55,7 @@ class GatewayMetrics:
                                   "(0 for a model with queued jobs and no worker)", ["model"],
                                   registry=self.registry)
         self._backlog_cache = TtlCache(max_entries=1)
+        self._lanes_cache = TtlCache(max_entries=1)
 
     async def observe_backlog(self, redis, registry) -> None:
         """Set the lane and worker gauges from Redis (at most once per BACKLOG_CACHE_S)."""
@@ -59,7 +63,8 @@ class GatewayMetrics:
 
     async def _read_backlog(self, redis, registry) -> bool:
         now = time.time()
-        rows = await read_backlog(redis, now)
+        known = await self._lanes_cache.get("lanes", lambda: lanes(redis), LANES_CACHE_S)
+        rows = await read_backlog(redis, now, known)
         workers = await registry.live_workers()
         for gauge in (self.waiting, self.running, self.oldest, self.live_workers):
             gauge.clear()  # a tenant stream or a model that is gone leaves no stale series
@@ -67,7 +72,7 @@ class GatewayMetrics:
             self.waiting.labels(r.model, r.lane, r.tenant).set(r.waiting)
             self.running.labels(r.model, r.lane, r.tenant).set(r.running)
             self.oldest.labels(r.model, r.lane, r.tenant).set(r.oldest_waiting_s)
-        models = {m for m, _ in await lanes(redis)} | {w.model for w in workers}
+        models = {m for m, _ in known} | {w.model for w in workers}
         for model in models:
             self.live_workers.labels(model).set(sum(w.model == model for w in workers))
         return True
