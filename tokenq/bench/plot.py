@@ -30,38 +30,40 @@ def timeline(requests: list[list[float]], bin_s: float = BIN_S) -> tuple[list[fl
     return [(i + 0.5) * bin_s for i in range(len(bins))], [b / bin_s for b in bins]
 
 
-def _load(phase: dict) -> float:
-    """The x of a phase: the offered rate, or the achieved request rate for an all-at-once (inf) phase."""
-    return phase["rate"] if math.isfinite(phase["rate"]) else phase["requests_per_s"]
-
-
 def plot_serve(result: dict, path: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    phases = sorted(result["phases"], key=_load)
+    phases = sorted(result["phases"], key=lambda p: p["rate"])
+    # Poisson phases go on the load axis; an all-at-once (inf) phase has no offered rate: a dashed line.
+    poisson = [p for p in phases if math.isfinite(p["rate"])]
+    burst = [p for p in phases if not math.isfinite(p["rate"])]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    x = [_load(p) for p in phases]
+    x = [p["rate"] for p in poisson]
     for ax, key, title in ((axes[0], "ttft_ms", "time to first token"), (axes[1], "e2e_ms", "end-to-end latency")):
-        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
-            ys = [p[key].get(q) for p in phases]
-            if all(y is not None for y in ys):
-                ax.plot(x, ys, style, label=f"{q}")
+        series = [(key, q, style, q) for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:"))]
         if key == "ttft_ms":
-            ys = [p["tpot_ms"].get("p50") for p in phases]
-            if all(y is not None for y in ys):
-                ax.plot(x, ys, "x-", label="TPOT p50")
+            series.append(("tpot_ms", "p50", "x-", "TPOT p50"))
+        for field, q, style, label in series:
+            ys = [p[field].get(q) for p in poisson]
+            if ys and all(y is not None for y in ys):
+                line = ax.plot(x, ys, style, label=label)[0]
+                for p in burst:
+                    if p[field].get(q) is not None:
+                        ax.axhline(p[field][q], color=line.get_color(), linestyle="--", alpha=0.5,
+                                   label=f"{label}, all at once")
         ax.set(title=title, xlabel="offered load (requests/s)", ylabel="ms")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     ax = axes[2]
     for p in phases:
         xs, ys = timeline(p.get("requests", []))
         if xs:
-            ax.plot(xs, ys, label=f"{p['rate']:g} req/s ({p['output_tokens_per_s']:.0f} tok/s overall)")
+            rate = f"{p['rate']:g} req/s" if math.isfinite(p["rate"]) else "all at once"
+            ax.plot(xs, ys, label=f"{rate} ({p['output_tokens_per_s']:.0f} tok/s overall)")
     ax.set(title="output throughput over time", xlabel="seconds into the phase", ylabel="tokens/s")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
