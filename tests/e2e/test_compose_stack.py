@@ -127,7 +127,11 @@ def stack(default_model_dir, tmp_path_factory):
             s.start(name)
         s.base = f"http://127.0.0.1:{s.ports['gateway--port']}"
         _wait("gateway health", lambda: httpx.get(f"{s.base}/healthz", timeout=2).status_code == 200, s)
-        _wait("a live worker", lambda: httpx.get(f"{s.base}/readyz", timeout=2).status_code == 200, s)
+        key = re.search(r"api key:\s+(\S+)", s.init_out["keys"]).group(1)
+        auth = {"Authorization": f"Bearer {key}"}
+        # Readiness does not wait for workers (jobs may queue without one): the model's listing does.
+        _wait("a live worker", lambda: any(m["id"] == MODEL for m in httpx.get(
+            f"{s.base}/v1/models", headers=auth, timeout=2).json().get("data", [])), s)
         yield s
     finally:
         codes = {name: stop_process(p) for name, p in s.procs.items()}
