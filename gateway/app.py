@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from gateway import routes_health, routes_jobs, routes_openai
+from gateway.access_log import access_log_on, logged
 from gateway.admission import max_queue_depth_from_env
 from gateway.context import GatewayContext
 from gateway.errors import UnhandledErrors, install_error_handlers
@@ -27,8 +28,15 @@ class GatewayApp(FastAPI):
     """FastAPI, with the submitting routes answered first by gateway/fastpath.py."""
 
     fast_submit: FastSubmit | None = None
+    access_log: bool = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.access_log and scope["type"] == "http":
+            await logged(self._dispatch, scope, receive, send)
+        else:
+            await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fast_submit is not None and is_fast_submission(scope):
             await self.fast_submit(scope, receive, send)
         else:
@@ -68,6 +76,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.add_middleware(UnhandledErrors)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.access_log = access_log_on()
     app.fast_submit = FastSubmit(lambda s, r, se: FastAPI.__call__(app, s, r, se), lambda: app.state.ctx, metrics,
                                  max_body_bytes)
     return app

@@ -80,4 +80,4 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(ctx: GatewayContext = Depends(get_ctx)) -> Response:
-    return ctx.metrics.render()
+    return await ctx.metrics.scrape(ctx.redis, ctx.registry)

@@ -18,6 +18,9 @@ class WorkerHeartbeat(BaseModel):
     running: int = 0
     waiting: int = 0
     device: str = "cpu"
+    kv_usage: float = 0.0  # share of KV-cache blocks in use
+    tokens_per_s: float = 0.0  # output tokens per second, recent (worker/throughput.py)
+    generation_tokens: float = 0.0  # output tokens since the worker started
     at: float = Field(default_factory=time.time)
 
 

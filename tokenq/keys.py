@@ -8,7 +8,7 @@ import datetime as dt
 
 import redis.asyncio as aioredis
 
-from gateway.apikeys import create_key, list_keys, revoke_key
+from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key
 
 
 def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
     create.add_argument("--rpm", type=int, default=None, help="requests per minute (0: no limit)")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute, prompt + max_tokens")
     create.add_argument("--max-queued", type=int, default=None, help="jobs queued or running at once")
+    create.add_argument("--if-none", action="store_true",
+                        help="create it only when no key exists yet (a deployment's init step: runs every start)")
     ksub.add_parser("list", help="every key's id, tenant and the tenant's limits")
     revoke = ksub.add_parser("revoke", help="revoke a key, given the key or its id (8+ characters)")
     revoke.add_argument("key")
@@ -38,6 +40,9 @@ async def _run(args: argparse.Namespace) -> int:
     redis = aioredis.from_url(args.redis_url, decode_responses=True)
     try:
         if args.keys_cmd == "create":
+            if args.if_none and await redis.scard(API_KEYS_SET) > 0:
+                print("API keys exist already; none created (auth is on)")
+                return 0
             limits = {"rpm": args.rpm, "tpm": args.tpm, "max_queued": args.max_queued}
             try:
                 created = await create_key(redis, args.tenant, limits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.metrics_peers import PEERS_ENV
 from tokenq.embedded_redis import EmbeddedRedis
 from tokenq.settings import tokenq_home
 
@@ -25,6 +27,12 @@ class UpOptions:
     host: str
     port: int
     worker_args: list[str]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -68,9 +76,14 @@ def run_up(opts: UpOptions) -> int:
         url = redis.url
         print(f"embedded Redis on {url} (append-only file in {redis.data_dir})", flush=True)
     env = {**os.environ, "TOKENQ_REDIS_URL": url, "TOKENQ_MODEL": opts.model}
-    worker = _spawn(["worker", "--model", opts.model, *opts.worker_args], env)
-    gateway = _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)], env)
-    webhooks = _spawn(["webhooks"], env)
+    # The worker and the webhook service serve metrics on ports of their own; the gateway's /metrics
+    # shows theirs too (gateway/metrics_peers.py), so one scrape sees every role.
+    worker_port, webhooks_port = free_port(), free_port()
+    gateway_env = {**env, PEERS_ENV: f"worker=http://127.0.0.1:{worker_port}/metrics,"
+                                     f"webhooks=http://127.0.0.1:{webhooks_port}/metrics"}
+    worker = _spawn(["worker", "--model", opts.model, "--metrics-port", str(worker_port), *opts.worker_args], env)
+    gateway = _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)], gateway_env)
+    webhooks = _spawn(["webhooks", "--metrics-port", str(webhooks_port)], env)
     children = [worker, gateway, webhooks]
 
     stopping = False

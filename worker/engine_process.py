@@ -58,6 +58,8 @@ class EngineInfo:
     max_num_seqs: int
     device: str
     admissible: int
+    kv_blocks: int = 0
+    block_size: int = 0
 
 
 # ---- encoding: RequestOutput <-> plain tuples ----------------------------------------------------------
@@ -234,7 +236,8 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
         engine = LLMEngine(spec.model_path, spec.config)
         info = EngineInfo(card=engine.model_card(spec.served_name), max_model_len=engine.max_model_len,
                           max_num_seqs=engine.config.max_num_seqs, device=str(engine.device),
-                          admissible=engine.num_admissible())
+                          admissible=engine.num_admissible(), kv_blocks=len(engine.block_manager.blocks),
+                          block_size=engine.config.block_size)
     except BaseException as e:
         conn.send((_FAILED, f"{e!r}\n{traceback.format_exc()}"))
         raise

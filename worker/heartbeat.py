@@ -14,6 +14,7 @@ from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, W
 from worker import metrics
 from worker.engine_loop import EngineHandle
 from worker.logging import get_logger
+from worker.throughput import Throughput
 
 log = get_logger("heartbeat")
 
@@ -31,13 +32,17 @@ class Heartbeat:
         self.interval = interval
         self.ttl = ttl
         self.store = JobStore(redis)
+        self.throughput = Throughput(card.name)
 
-    def heartbeat(self) -> WorkerHeartbeat:
-        stats = self.engine_loop.stats()
+    def heartbeat(self, stats: dict | None = None, rates: dict[str, float] | None = None) -> WorkerHeartbeat:
+        stats = self.engine_loop.stats() if stats is None else stats
+        rates = self.throughput.sample() if rates is None else rates
         return WorkerHeartbeat(worker_id=self.worker_id, model=self.card.name,
                                max_model_len=self.card.max_model_len, capacity=self.capacity,
                                running=int(stats.get("running", 0)), waiting=int(stats.get("waiting", 0)),
-                               device=self.device)
+                               device=self.device, kv_usage=float(stats.get("kv_usage", 0.0)),
+                               tokens_per_s=rates["generation_tokens_per_s"],
+                               generation_tokens=rates["generation_tokens"])
 
     async def start(self) -> None:
         """Publish the model card, then the first heartbeat (so the gateway never lists a model without
@@ -52,8 +57,11 @@ class Heartbeat:
                                        keys.MODEL_CARD_DIGEST_FIELD: hashlib.sha256(raw.encode()).hexdigest()})
 
     async def beat(self) -> None:
-        hb = self.heartbeat()
-        metrics.observe_engine_stats(self.card.name, self.engine_loop.stats())
+        stats = self.engine_loop.stats()
+        rates = self.throughput.sample()
+        hb = self.heartbeat(stats, rates)
+        metrics.observe_engine_stats(self.card.name, stats)
+        self.throughput.maybe_log(rates, stats)
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(keys.worker_key(self.worker_id), hb.model_dump_json(), ex=self.ttl)
         pipe.sadd(keys.WORKERS_SET, self.worker_id)

@@ -285,7 +285,7 @@ class Intake:
                 self._run(e, payload)
             self.publisher.track(job)
             metrics.REQUESTS_STARTED.labels(self.model, e.lane).inc()
-            metrics.QUEUE_TIME.labels(self.model, e.lane).observe(max(0.0, now - payload.enqueued_at))
+            metrics.QUEUE_TIME.labels(self.model, e.lane, payload.tenant).observe(max(0.0, now - payload.enqueued_at))
             log.debug("job started", job_id=payload.id, lane=e.lane, streamed=job.streamed)
         if drop:
             await self.store.ack(drop)

@@ -1,4 +1,7 @@
-"""Prometheus metrics of one worker process, in the vLLM spirit: requests, latencies, tokens, engine load."""
+"""Prometheus metrics of one worker process, in the vLLM spirit: requests, latencies, tokens, engine load.
+
+docs/metrics.md says what each one means and which alerts read it; the Grafana dashboard's test checks
+that every name it queries is defined here or in the gateway's or webhook service's metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+_LENGTH_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 REQUESTS_STARTED = Counter(
     "tokenq_worker_requests_started_total", "Jobs handed to the engine.", ["model", "lane"]
@@ -35,7 +39,19 @@ ENGINE_ERRORS = Counter(
 )
 QUEUE_TIME = Histogram(
     "tokenq_worker_queue_time_seconds", "From enqueue at the gateway to start on this worker.",
+    ["model", "lane", "tenant"], buckets=_LATENCY_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "tokenq_worker_e2e_request_latency_seconds", "From enqueue at the gateway to the job's final write.",
     ["model", "lane"], buckets=_LATENCY_BUCKETS,
+)
+PROMPT_LENGTH = Histogram(
+    "tokenq_worker_request_prompt_tokens", "Prompt length of each finished job, in tokens.", ["model"],
+    buckets=_LENGTH_BUCKETS,
+)
+GENERATION_LENGTH = Histogram(
+    "tokenq_worker_request_generation_tokens", "Output length of each finished job, in tokens.", ["model"],
+    buckets=_LENGTH_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "tokenq_worker_time_to_first_token_seconds", "From enqueue at the gateway to the first output token.",
@@ -43,7 +59,7 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 TIME_PER_OUTPUT_TOKEN = Histogram(
     "tokenq_worker_time_per_output_token_seconds", "Decode time per output token after the first.",
-    ["model"], buckets=_TPOT_BUCKETS,
+    ["model", "lane"], buckets=_TPOT_BUCKETS,
 )
 PROMPT_TOKENS = Counter("tokenq_worker_prompt_tokens_total", "Prompt tokens processed.", ["model"])
 CACHED_PROMPT_TOKENS = Counter(
@@ -57,16 +73,46 @@ QUEUE_DEPTH = Gauge(
 RUNNING = Gauge("tokenq_worker_running_requests", "Requests the engine is running.", ["model"])
 WAITING = Gauge("tokenq_worker_waiting_requests", "Requests waiting inside the engine.", ["model"])
 KV_USAGE = Gauge("tokenq_worker_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1).", ["model"])
-PREFIX_HIT_RATE = Gauge(
-    "tokenq_worker_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache.", ["model"]
+# The engine keeps lifetime totals; they become counters here by their increments, so that rate() over
+# any window gives the recent hit rate (a lifetime ratio hides a cache that stopped hitting).
+PREFIX_CACHE_QUERIES = Counter(
+    "tokenq_worker_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", ["model"]
 )
+PREFIX_CACHE_HITS = Counter(
+    "tokenq_worker_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", ["model"]
+)
+PREEMPTIONS = Counter(
+    "tokenq_worker_preemptions_total", "Sequences preempted (recomputed later) because KV blocks ran out.",
+    ["model"],
+)
+KV_BLOCKS = Gauge("tokenq_worker_kv_cache_blocks", "KV-cache blocks the engine holds in all.", ["model"])
+
+_ENGINE_TOTALS = {"prefix_queries_tokens": PREFIX_CACHE_QUERIES, "prefix_hit_tokens": PREFIX_CACHE_HITS,
+                  "num_preemptions": PREEMPTIONS}
+_last_totals: dict[tuple[str, str], float] = {}
 
 
 def observe_engine_stats(model: str, stats: dict) -> None:
     RUNNING.labels(model).set(stats.get("running", 0))
     WAITING.labels(model).set(stats.get("waiting", 0))
     KV_USAGE.labels(model).set(stats.get("kv_usage", 0.0))
-    PREFIX_HIT_RATE.labels(model).set(stats.get("prefix_hit_rate", 0.0))
+    if "num_blocks" in stats:
+        KV_BLOCKS.labels(model).set(stats["num_blocks"])
+    for field, counter in _ENGINE_TOTALS.items():
+        if field not in stats:
+            continue
+        total = float(stats[field])
+        # A smaller total means a new engine (restarted): count its total from zero.
+        last = _last_totals.get((model, field), 0.0)
+        counter.labels(model).inc(max(0.0, total - last) if total >= last else total)
+        _last_totals[(model, field)] = total
+
+
+def observe_finished(model: str, lane: str, enqueued_at: float, prompt_tokens: int, output_tokens: int,
+                     now: float) -> None:
+    E2E_LATENCY.labels(model, lane).observe(max(0.0, now - enqueued_at))
+    PROMPT_LENGTH.labels(model).observe(prompt_tokens)
+    GENERATION_LENGTH.labels(model).observe(output_tokens)
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:

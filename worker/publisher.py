@@ -350,12 +350,14 @@ class Publisher:
     def _observe_finished(self, job: RunningJob, now: float) -> None:
         m = self.model
         metrics.REQUESTS_FINISHED.labels(m, job.finish_reason or "stop").inc()
-        metrics.PROMPT_TOKENS.labels(m).inc(job.num_prompt_tokens or len(job.payload.prompt_token_ids))
+        n_prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
+        metrics.PROMPT_TOKENS.labels(m).inc(n_prompt)
         metrics.CACHED_PROMPT_TOKENS.labels(m).inc(job.num_cached_tokens)
         n_out = job.num_output_tokens or len(job.token_ids)
         metrics.GENERATION_TOKENS.labels(m).inc(n_out)
+        metrics.observe_finished(m, job.lane, job.payload.enqueued_at, n_prompt, n_out, now)
         if job.first_token_at is not None and n_out > 1:
-            metrics.TIME_PER_OUTPUT_TOKEN.labels(m).observe((now - job.first_token_at) / (n_out - 1))
+            metrics.TIME_PER_OUTPUT_TOKEN.labels(m, job.lane).observe((now - job.first_token_at) / (n_out - 1))
 
     async def refresh(self) -> None:
         """Re-read `streamed`, `state` and `cancel_requested` of running jobs (one pipelined HMGET each);

@@ -92,6 +92,16 @@ def _engine_capacity(engine) -> int:
     return engine.num_admissible()
 
 
+def kv_cache_size(engine) -> dict:
+    """Blocks, block size and the tokens they hold, for the start-up log line (what the engine reports)."""
+    try:
+        blocks = int(engine.stats().get("num_blocks", 0))
+    except Exception:
+        blocks = 0
+    block_size = int(getattr(getattr(engine, "config", None), "block_size", 0) or 0)
+    return {"blocks": blocks, "block_size": block_size, "tokens": blocks * block_size}
+
+
 class WorkerService:
     def __init__(self, redis_url: str, model_name: str, engine, card: ModelCard | None,
                  worker_id: str | None = None,
@@ -114,14 +124,18 @@ class WorkerService:
         self.publisher: Publisher | None = None
         self.recovery: Recovery | None = None
         self.engine_failed = False  # the engine died under us: the process exits non-zero
+        self.kv_cache: dict = {}  # blocks, block size and tokens, as the engine reports them at start
 
     async def _start_engine(self) -> tuple[EngineHandle, ModelCard, int, int, str]:
         """The engine's handle, card, max_model_len, capacity and device."""
         if isinstance(self.engine, EngineSpec):
             handle = EngineProcess(self.engine)
             info = await handle.start()
+            self.kv_cache = {"blocks": info.kv_blocks, "block_size": info.block_size,
+                             "tokens": info.kv_blocks * info.block_size}
             return handle, self.card or info.card, info.max_model_len, info.max_num_seqs, info.device
         assert self.card is not None, "an engine object needs its model card"
+        self.kv_cache = kv_cache_size(self.engine)
         loop = EngineLoop(self.engine, name=self.model_name)
         loop.start()
         return (loop, self.card, self.engine.max_model_len, _engine_capacity(self.engine),
@@ -144,6 +158,7 @@ class WorkerService:
                         max_model_len=max_model_len, block_ms=self.block_ms, recovery=recovery,
                         pruner=Pruner(redis, self.model_name))
         heartbeat = Heartbeat(redis, self.worker_id, card, engine_loop, capacity=capacity, device=device)
+        log.info("kv cache", model=self.model_name, **self.kv_cache)
         log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
         tasks: list[asyncio.Task] = []
         try:

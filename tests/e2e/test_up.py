@@ -102,6 +102,19 @@ def test_unknown_model_is_404_with_openai_error(tokenq_up):
     assert "error" in r.json() and "nope" in json.dumps(r.json())
 
 
+def test_one_scrape_shows_every_role(tokenq_up):
+    base, _, _ = tokenq_up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{base}/metrics").text
+        if 'role="worker"' in text and 'role="webhooks"' in text:
+            break
+        time.sleep(0.5)
+    assert "tokenq_gateway_requests_total" in text and "tokenq_live_workers" in text
+    assert 'tokenq_worker_kv_cache_usage_ratio{model="smollm2-135m-instruct",role="worker"}' in text
+    assert 'role="webhooks"' in text
+
+
 def test_ctrl_c_stops_every_child(tokenq_up):
     _, proc, home = tokenq_up
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -111,3 +124,4 @@ def test_ctrl_c_stops_every_child(tokenq_up):
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert (home / "redis" / "appendonlydir").exists() or list((home / "redis").glob("*.aof"))
+

@@ -1,25 +1,31 @@
-"""The alert rules and the autoscaling trigger query metrics by name: every name they use must be one
-that the worker or the gateway exports, or the alert never fires and the scaler never scales."""
+"""The alert rules, the autoscaling trigger and the Grafana dashboard query metrics by name: every name
+they use must be one that the worker, the webhook service or the gateway exports, or the alert never
+fires, the scaler never scales and the panel stays empty."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import yaml
 from prometheus_client import REGISTRY
 
 import worker.metrics  # noqa: F401  (registers the worker's metrics)
+import worker.webhooks.metrics  # noqa: F401  (and the webhook service's)
 from gateway.metrics import GatewayMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = [ROOT / "deploy/prometheus/rules.yaml", ROOT / "deploy/k8s/worker.yaml"]
-
+DASHBOARD = ROOT / "deploy/grafana/dashboards/tokenq.json"
+RULES = ROOT / "deploy/prometheus/rules.yaml"
+SCALER = ROOT / "deploy/k8s/base/scaledobject.yaml"
 
 SUFFIXES = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
             "summary": ["_sum", "_count", ""]}
+METRIC = re.compile(r"\btokenq_[a-z0-9_]+\b")
 
 
-def _exported() -> set[str]:
+def exported() -> set[str]:
     """Series names as Prometheus scrapes them, including those of labelled metrics with no sample yet."""
     names: set[str] = set()
     for registry in (REGISTRY, GatewayMetrics().registry):
@@ -28,9 +34,66 @@ def _exported() -> set[str]:
     return names
 
 
-def test_deploy_files_query_only_exported_metrics():
-    used = {name for f in FILES for name in re.findall(r"\btokenq_[a-z_]+\b", f.read_text())}
-    used -= {"tokenq_worker", "tokenq_jobs"}  # not metrics: a deployment name, a key prefix in a comment
-    assert {"tokenq_queue_depth", "tokenq_worker_running_requests"} <= used
-    missing = sorted(n for n in used if n not in _exported())
-    assert not missing, f"metrics queried in deploy/ that nothing exports: {missing}"
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every panel, rows' nested panels and variables included."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+
+    def walk(panels: list[dict]) -> None:
+        for panel in panels:
+            walk(panel.get("panels", []))
+            out.extend((panel["title"], t["expr"]) for t in panel.get("targets", []))
+
+    walk(dash["panels"])
+    out.extend((f"variable {v['name']}", v["definition"]) for v in dash["templating"]["list"])
+    return out
+
+
+def rule_queries() -> list[tuple[str, str]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [(r["alert"], r["expr"]) for g in groups for r in g["rules"]]
+
+
+def scaler_queries() -> list[tuple[str, str]]:
+    obj = yaml.safe_load(SCALER.read_text())
+    return [("keda", t["metadata"]["query"]) for t in obj["spec"]["triggers"] if t["type"] == "prometheus"]
+
+
+def _missing(queries: list[tuple[str, str]]) -> list[str]:
+    names = exported()
+    return sorted({f"{where}: {m}" for where, expr in queries for m in METRIC.findall(expr) if m not in names})
+
+
+def test_every_dashboard_panel_queries_only_exported_metrics():
+    queries = dashboard_queries()
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+    assert panels and all(p.get("targets") for p in panels), "a panel without a query"
+    assert not _missing(queries), f"dashboard queries metrics that nothing exports: {_missing(queries)}"
+
+
+def test_dashboard_covers_the_serving_metrics():
+    used = {m for _, expr in dashboard_queries() for m in METRIC.findall(expr)}
+    for name in ("tokenq_worker_time_to_first_token_seconds_bucket", "tokenq_worker_time_per_output_token_seconds_bucket",
+                 "tokenq_worker_e2e_request_latency_seconds_bucket", "tokenq_worker_queue_time_seconds_bucket",
+                 "tokenq_worker_kv_cache_usage_ratio", "tokenq_worker_preemptions_total",
+                 "tokenq_worker_prefix_cache_hits_total", "tokenq_worker_prefix_cache_queries_total",
+                 "tokenq_webhook_deliveries_total", "tokenq_gateway_cache_hits_total", "tokenq_queue_waiting_jobs"):
+        assert name in used, name
+
+
+def test_alerts_and_scaler_query_only_exported_metrics():
+    queries = rule_queries() + scaler_queries()
+    assert not _missing(queries), f"deploy/ queries metrics that nothing exports: {_missing(queries)}"
+
+
+def test_the_check_catches_a_misspelled_metric():
+    assert _missing([("x", "sum(tokenq_worker_kv_cache_usage)")]) == ["x: tokenq_worker_kv_cache_usage"]
+
+
+def test_no_worker_alert_and_scaler_read_the_gateways_backlog():
+    """Both must work with zero workers, so neither may depend on a series only workers export."""
+    worker_only = {n for n in exported() if n.startswith("tokenq_worker_")} | {"tokenq_queue_depth"}
+    no_workers = dict(rule_queries())["TokenqNoWorkers"]
+    for where, expr in [("TokenqNoWorkers", no_workers), *scaler_queries()]:
+        assert not set(METRIC.findall(expr)) & worker_only, where
+    assert "unless" in no_workers  # absent worker series must not silence it (`and ... == 0` would)

@@ -66,6 +66,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-serve.json")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw latency against load and throughput over time (needs the plot extra)")
     add_engine_flags(p)
     p.set_defaults(device="auto")
     return p
@@ -263,6 +265,13 @@ def _summary(timings: list[gc.Timing], wall: float) -> dict:
             "e2e_ms": gc.stats([t.e2e for t in timings])}
 
 
+def _relative(timings: list[gc.Timing], wall: float) -> list[list[float]]:
+    """Each request's [first token, done] in seconds from the phase's start, and its output tokens: what
+    the throughput-over-time plot bins."""
+    t0 = max(t.done for t in timings) - wall
+    return [[round(t.first - t0, 4), round(t.done - t0, 4), len(t.tokens)] for t in timings]
+
+
 def _model_path(args: argparse.Namespace, workdir: Path) -> tuple[str, Path]:
     from tokenq.model_store import resolve_model
 
@@ -321,7 +330,7 @@ def main(args: argparse.Namespace) -> int:
                      "low_load_pause_ms": args.low_load_pause_ms,
                      "client_procs": client_procs, "gateway_workers": args.gateway_workers,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
-        "phases": [{"rate": rate, **_summary(t, wall)} for rate, t, wall in served],
+        "phases": [{"rate": rate, **_summary(t, wall), "requests": _relative(t, wall)} for rate, t, wall in served],
         "low_load_gateway": gateway_low, "low_load_direct": direct, "low_load_direct_back_to_back": back_to_back,
         "offline": offline,
         "ttft_overhead_ms_p50": gateway_low["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
@@ -367,6 +376,10 @@ def main(args: argparse.Namespace) -> int:
     if offline:
         print(f"served/offline output tok/s at rate {top_phase['rate']:g}: {result['served_over_offline']:.3f}")
     write_json(args.out, result)
+    if args.plot:
+        from tokenq.bench.plot import plot_serve
+
+        print(f"plot: {plot_serve(result, args.plot)}")
     return 0 if result["all_lengths_ok"] else 1
 
 

@@ -175,6 +175,11 @@ class LLMEngine:
             "waiting": self.scheduler.num_waiting,
             "kv_usage": bm.usage,
             "prefix_hit_rate": (bm.prefix_hit_tokens / queried) if queried else 0.0,
+            # Lifetime totals: the worker turns them into counters (worker/metrics.py).
+            "prefix_queries_tokens": queried,
+            "prefix_hit_tokens": bm.prefix_hit_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_blocks": len(bm.blocks),
         }
 
     def model_card(self, name: str) -> ModelCard:

@@ -51,6 +51,7 @@ class Scheduler:
         self._waiting: list[tuple[tuple[int, float, int], Sequence]] = []  # heap by sort_key
         self._running: list[Sequence] = []  # sorted by sort_key: best first, preemption victim last
         self._seqs: dict[str, Sequence] = {}
+        self.num_preemptions = 0  # lifetime total, for the preemptions counter
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         heapq.heappush(self._waiting, (seq.sort_key, seq))
 
     # -- the step ---------------------------------------------------------------------------------

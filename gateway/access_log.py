@@ -1,0 +1,44 @@
+"""One log line per HTTP request (method, path, status, duration, bytes sent, client), written when the
+answer ends, streams included; on by default, TOKENQ_ACCESS_LOG=0 turns it off."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.logging import get_logger
+
+ACCESS_LOG_ENV = "TOKENQ_ACCESS_LOG"
+_log = get_logger("access")
+
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def access_log_on() -> bool:
+    return os.environ.get(ACCESS_LOG_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+async def logged(app: App, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run app on one HTTP request and log it (the query string is left out: it may carry secrets)."""
+    start = time.perf_counter()
+    status = 0
+    sent = 0
+
+    async def send_wrapper(message: Message) -> None:
+        nonlocal status, sent
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            sent += len(message.get("body", b""))
+        await send(message)
+
+    try:
+        await app(scope, receive, send_wrapper)
+    finally:
+        client = scope.get("client")
+        _log.info("request", method=scope["method"], path=scope["path"], status=status or 500,
+                  ms=round((time.perf_counter() - start) * 1000, 2), bytes=sent,
+                  client=client[0] if client else None)

@@ -1,0 +1,107 @@
+"""The backlog read from Redis alone: what waits and runs per lane and tenant, the gateway's gauges with no
+worker at all (what wakes a pool scaled to zero and fires TokenqNoWorkers), and `tokenq status`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from prometheus_client import generate_latest
+
+from gateway.backlog import read_backlog
+from gateway.metrics import GatewayMetrics
+from gateway.registry import Registry
+from protocol import keys
+from protocol.workers import WorkerHeartbeat
+from tokenq.cli import build_parser
+from tokenq.status import render, snapshot
+
+MODEL = "m1"
+
+
+async def _queue(redis, lane: str, tenant: str, n: int) -> str:
+    """n entries on the tenant's stream, noted on the lane, as submit leaves them."""
+    stream = keys.jobs_stream(MODEL, lane, tenant)
+    for i in range(n):
+        await redis.xadd(stream, {"job_id": f"{tenant}-{i}", "payload": "{}"})
+    await redis.sadd(keys.lane_tenants_key(MODEL, lane), tenant)
+    return stream
+
+
+async def _take(redis, stream: str, n: int) -> None:
+    """A worker reads n entries (pending, not acknowledged)."""
+    await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    await redis.xreadgroup(keys.GROUP, "w1", {stream: ">"}, count=n)
+
+
+async def _beat(redis, worker_id: str = "host:1") -> None:
+    hb = WorkerHeartbeat(worker_id=worker_id, model=MODEL, max_model_len=2048, capacity=8, running=1,
+                         kv_usage=0.25, tokens_per_s=42.0, generation_tokens=1000)
+    await redis.set(keys.worker_key(worker_id), hb.model_dump_json(), ex=10)
+    await redis.sadd(keys.WORKERS_SET, worker_id)
+
+
+async def test_backlog_counts_waiting_and_running_per_tenant(redis_client):
+    stream = await _queue(redis_client, "default", "a", 3)
+    await _take(redis_client, stream, 1)
+    await _queue(redis_client, "batch", "b", 1)  # no group yet: no worker ever read this lane
+    rows = {(r.lane, r.tenant): r for r in await read_backlog(redis_client, now=time.time() + 5)}
+    a, b = rows[("default", "a")], rows[("batch", "b")]
+    assert (a.waiting, a.running, b.waiting, b.running) == (2, 1, 1, 0)
+    assert a.oldest_waiting_s >= 5 and b.oldest_waiting_s >= 5
+    await _take(redis_client, keys.jobs_stream(MODEL, "batch", "b"), 1)
+    rows = {(r.lane, r.tenant): r for r in await read_backlog(redis_client)}
+    assert rows[("batch", "b")].waiting == 0 and rows[("batch", "b")].oldest_waiting_s == 0.0
+
+
+async def test_gateway_exports_the_backlog_with_no_worker(redis_client):
+    await _queue(redis_client, "interactive", "a", 2)
+    metrics = GatewayMetrics()
+    await metrics.observe_backlog(redis_client, Registry(redis_client))
+    text = generate_latest(metrics.registry).decode()
+    assert f'tokenq_queue_waiting_jobs{{lane="interactive",model="{MODEL}",tenant="a"}} 2.0' in text
+    assert f'tokenq_live_workers{{model="{MODEL}"}} 0.0' in text  # present, and zero: the alert can fire
+
+
+async def test_gateway_scrape_serves_the_backlog(redis_client):
+    await _queue(redis_client, "default", "a", 1)
+    await _beat(redis_client)
+    response = await GatewayMetrics().scrape(redis_client, Registry(redis_client))
+    text = response.body.decode()
+    assert f'tokenq_live_workers{{model="{MODEL}"}} 1.0' in text
+    assert "tokenq_queue_oldest_waiting_seconds" in text
+
+
+async def test_status_snapshot_and_view(redis_client):
+    from rich.console import Console
+
+    stream = await _queue(redis_client, "default", "a", 3)
+    await _take(redis_client, stream, 1)
+    await _queue(redis_client, "default", "b", 1)
+    await _beat(redis_client)
+    snap = await snapshot(redis_client)
+    assert snap.lanes == [{"model": MODEL, "lane": "default", "waiting": 3, "running": 1,
+                           "oldest_waiting_s": pytest.approx(snap.lanes[0]["oldest_waiting_s"]), "tenants": 2}]
+    assert snap.tokens_per_s == 42.0
+    console = Console(record=True, width=160)
+    console.print(render(snap))
+    text = console.export_text()
+    for expected in ("Lanes", "Tenants", "Workers (1 live, 42.0 output tokens/s in all)", "host:1", "1/8", "25%"):
+        assert expected in text, expected
+
+
+def test_status_json_from_the_command_line(redis_url, capsys):
+    import redis
+
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        r.flushdb()
+        r.xadd(keys.jobs_stream(MODEL, "batch", "t"), {"job_id": "j", "payload": "{}"})
+        r.sadd(keys.lane_tenants_key(MODEL, "batch"), "t")
+    args = build_parser().parse_args(["status", "--redis-url", redis_url, "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lanes"][0]["waiting"] == 1 and out["workers"] == []
+    args = build_parser().parse_args(["status", "--redis-url", redis_url])
+    assert args.func(args) == 0
+    assert "no live worker" in capsys.readouterr().out

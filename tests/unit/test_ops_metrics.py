@@ -1,0 +1,130 @@
+"""The operator-facing pieces that need no services: engine totals become counters, throughput from the
+worker's counters, the access log line, the peers' metrics merged into one scrape, the serve plot."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from gateway.access_log import logged
+from gateway.metrics_peers import PeerMetrics, parse_peers
+from worker import metrics
+from worker.throughput import Throughput
+
+
+def _value(name: str, model: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model": model}) or 0.0
+
+
+def test_engine_totals_become_counters_and_survive_an_engine_restart():
+    model = "totals-test"
+    metrics.observe_engine_stats(model, {"prefix_queries_tokens": 100, "prefix_hit_tokens": 40, "num_preemptions": 2})
+    metrics.observe_engine_stats(model, {"prefix_queries_tokens": 150, "prefix_hit_tokens": 40, "num_preemptions": 3})
+    assert _value("tokenq_worker_prefix_cache_queries_total", model) == 150
+    assert _value("tokenq_worker_prefix_cache_hits_total", model) == 40
+    assert _value("tokenq_worker_preemptions_total", model) == 3
+    metrics.observe_engine_stats(model, {"prefix_queries_tokens": 10, "prefix_hit_tokens": 5, "num_preemptions": 0})
+    assert _value("tokenq_worker_prefix_cache_queries_total", model) == 160  # a new engine counts from zero
+    assert _value("tokenq_worker_prefix_cache_hits_total", model) == 45
+
+
+def test_throughput_is_the_rate_of_the_generation_counter():
+    model = "throughput-test"
+    meter = Throughput(model, log_every_s=5.0)
+    assert meter.sample(now=100.0)["generation_tokens_per_s"] == 0.0
+    metrics.GENERATION_TOKENS.labels(model).inc(50)
+    metrics.PROMPT_TOKENS.labels(model).inc(200)
+    rates = meter.sample(now=102.0)
+    assert rates["generation_tokens_per_s"] == pytest.approx(25.0)
+    assert rates["prompt_tokens_per_s"] == pytest.approx(100.0)
+    assert rates["generation_tokens"] == 50
+    with capture_logs() as logs:
+        assert not meter.maybe_log(rates, {"running": 1}, now=meter._last_log + 1)
+        assert meter.maybe_log(rates, {"running": 1, "kv_usage": 0.5}, now=meter._last_log + 6)
+    assert logs[0]["event"] == "throughput" and logs[0]["generation_tokens_per_s"] == 25.0
+
+
+def test_access_log_line_per_request():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"key=secret",
+             "client": ("10.0.0.7", 5555)}
+    with capture_logs() as logs:
+        asyncio.run(logged(app, scope, None, send))
+    assert len(sent) == 2
+    (line,) = logs
+    assert line["event"] == "request" and line["status"] == 202 and line["bytes"] == 5
+    assert line["path"] == "/v1/jobs" and line["client"] == "10.0.0.7" and "secret" not in str(line)
+
+
+def _serve(text: bytes) -> tuple[ThreadingHTTPServer, str]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/metrics"
+
+
+def test_peers_metrics_merge_into_one_valid_exposition():
+    registry = CollectorRegistry()
+    Counter("shared_events", "in both peers", ["kind"], registry=registry).labels("x").inc(3)
+    text = generate_latest(registry)
+    a, url_a = _serve(text)
+    b, url_b = _serve(text)
+    try:
+        peers = PeerMetrics(parse_peers(f"worker={url_a}, webhooks={url_b}, gone=http://127.0.0.1:1/metrics"))
+        out = asyncio.run(peers.render()).decode()
+    finally:
+        a.shutdown()
+        b.shutdown()
+    families = [f for f in text_string_to_metric_families(out) if f.name == "shared_events"]
+    assert len(families) == 1, out  # one family, two roles: a valid exposition for Prometheus
+    roles = {s.labels["role"]: s.value for s in families[0].samples if s.name == "shared_events_total"}
+    assert roles == {"worker": 3.0, "webhooks": 3.0}
+
+
+def test_peers_spec_errors_name_the_variable():
+    with pytest.raises(ValueError, match="TOKENQ_METRICS_PEERS"):
+        parse_peers("worker")
+
+
+def test_serve_plot_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tokenq.bench.plot import plot_serve, timeline
+
+    xs, ys = timeline([[0.0, 2.0, 20], [1.0, 2.0, 10]])
+    assert xs == [0.5, 1.5, 2.5] and ys == pytest.approx([10.0, 20.0, 0.0])  # 20 over 0-2 s, 10 over 1-2 s
+    phase = {"ttft_ms": {"p50": 10, "p90": 20, "p99": 30}, "e2e_ms": {"p50": 100, "p90": 150, "p99": 200},
+             "tpot_ms": {"p50": 5}, "output_tokens_per_s": 30, "requests_per_s": 2}
+    result = {"model": "m", "device": "cpu", "phases": [
+        {**phase, "rate": 1.0, "requests": [[0.0, 2.0, 20]]},
+        {**phase, "rate": float("inf"), "requests": [[0.1, 1.0, 10]]}]}
+    out = plot_serve(result, tmp_path / "serve.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_serve_takes_plot():
+    from tokenq.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "serve", "--plot", "x.png"])
+    assert args.plot == "x.png"

@@ -1,0 +1,128 @@
+"""`tokenq status`: what the queue and the workers are doing, from Redis alone (no gateway, no Prometheus):
+lanes and tenants (jobs waiting and running, age of the oldest waiting one), workers (model, running,
+KV-cache use, tokens per second) and the pool's recent throughput. `--watch` redraws it; `--json` prints
+one snapshot for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import redis.asyncio as aioredis
+
+from gateway.backlog import StreamBacklog, read_backlog
+from gateway.registry import Registry
+from protocol.workers import WorkerHeartbeat
+
+
+@dataclass
+class Snapshot:
+    at: float
+    streams: list[StreamBacklog]
+    workers: list[WorkerHeartbeat]
+    lanes: list[dict] = field(default_factory=list)  # per (model, lane), summed over tenants
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(w.tokens_per_s for w in self.workers)
+
+    def to_json(self) -> dict:
+        return {"at": self.at, "lanes": self.lanes, "tenants": [asdict(s) for s in self.streams],
+                "workers": [w.model_dump() for w in self.workers], "tokens_per_s": self.tokens_per_s}
+
+
+def _by_lane(streams: list[StreamBacklog]) -> list[dict]:
+    lanes: dict[tuple[str, str], dict] = {}
+    for s in streams:
+        row = lanes.setdefault((s.model, s.lane), {"model": s.model, "lane": s.lane, "waiting": 0, "running": 0,
+                                                   "oldest_waiting_s": 0.0, "tenants": 0})
+        row["waiting"] += s.waiting
+        row["running"] += s.running
+        row["oldest_waiting_s"] = max(row["oldest_waiting_s"], s.oldest_waiting_s)
+        row["tenants"] += 1
+    return list(lanes.values())
+
+
+async def snapshot(redis: aioredis.Redis) -> Snapshot:
+    now = time.time()
+    streams = await read_backlog(redis, now)
+    workers = sorted(await Registry(redis).live_workers(), key=lambda w: (w.model, w.worker_id))
+    return Snapshot(now, streams, workers, _by_lane(streams))
+
+
+def _age(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(snap: Snapshot):  # -> rich renderable (rich is imported here only: --json needs none of it)
+    from rich.console import Group
+    from rich.table import Table
+
+    lanes = Table(title="Lanes", title_justify="left", expand=True)
+    for col in ("model", "lane", "tenants", "waiting", "running", "oldest waiting"):
+        lanes.add_column(col, justify="right" if col not in ("model", "lane") else "left")
+    for row in snap.lanes:
+        lanes.add_row(row["model"], row["lane"], str(row["tenants"]), str(row["waiting"]), str(row["running"]),
+                      _age(row["oldest_waiting_s"]))
+    tenants = Table(title="Tenants", title_justify="left", expand=True)
+    for col in ("tenant", "model", "lane", "waiting", "running", "oldest waiting"):
+        tenants.add_column(col, justify="right" if col in ("waiting", "running", "oldest waiting") else "left")
+    for s in sorted(snap.streams, key=lambda s: (-s.waiting, s.tenant)):
+        tenants.add_row(s.tenant, s.model, s.lane, str(s.waiting), str(s.running), _age(s.oldest_waiting_s))
+    title = (f"Workers ({len(snap.workers)} live, {snap.tokens_per_s:.1f} output tokens/s in all)" if snap.workers
+             else "Workers: no live worker (queued jobs wait until one starts)")
+    workers = Table(title=title, title_justify="left", expand=True)
+    for col in ("worker", "model", "device", "running", "waiting", "KV use", "tokens/s", "tokens", "beat"):
+        workers.add_column(col, justify="left" if col in ("worker", "model", "device") else "right")
+    for w in snap.workers:
+        workers.add_row(w.worker_id, w.model, w.device, f"{w.running}/{w.capacity}", str(w.waiting),
+                        f"{w.kv_usage:.0%}", f"{w.tokens_per_s:.1f}", f"{w.generation_tokens:.0f}",
+                        _age(snap.at - w.at) if snap.at > w.at else "now")
+    return Group(lanes, tenants, workers)
+
+
+def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
+    p = sub.add_parser("status", help="lanes, tenants, workers and throughput, read from Redis")
+    p.add_argument("--redis-url", default=redis_url)
+    p.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="redraw every SECONDS")
+    p.add_argument("--json", action="store_true", help="print one snapshot as JSON")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not args.redis_url:
+        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    redis = aioredis.from_url(args.redis_url, decode_responses=True)
+    try:
+        if args.json:
+            print(json.dumps((await snapshot(redis)).to_json(), indent=2))
+            return 0
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console()
+        if args.watch is None:
+            console.print(render(await snapshot(redis)))
+            return 0
+        with Live(render(await snapshot(redis)), console=console, screen=False, auto_refresh=False) as live:
+            try:
+                while True:
+                    await asyncio.sleep(args.watch)
+                    live.update(render(await snapshot(redis)), refresh=True)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                return 0
+    finally:
+        await redis.aclose()
