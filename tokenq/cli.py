@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from tokenq import settings
 from tokenq.engine_options import add_engine_flags, add_tensor_parallel_flag, engine_config_from
@@ -30,29 +29,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from tokenq.model_store import resolve_model
-<<<<<<< HEAD
     from worker.engine_process import EngineSpec
-=======
-    from worker.engine.llm_engine import LLMEngine
-    from worker.logging import get_logger
->>>>>>> h15-deploy
     from worker.service import serve
 
     name, path = resolve_model(args.model)
     if args.served_name:
         name = args.served_name
-<<<<<<< HEAD
     # The engine runs in its own process; this one imports no torch and keeps to Redis.
     spec = EngineSpec(str(path), engine_config_from(args), name)
     return serve(_require_redis(args), name, spec, metrics_port=args.metrics_port)
-=======
-    started = time.monotonic()
-    engine = LLMEngine(path, engine_config_from(args))
-    get_logger("worker").info("model loaded", model=name, path=str(path), device=args.device,
-                              seconds=round(time.monotonic() - started, 2))
-    serve(_require_redis(args), name, engine, engine.model_card(name), metrics_port=args.metrics_port)
-    return 0
->>>>>>> h15-deploy
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:

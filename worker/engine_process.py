@@ -233,7 +233,10 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
         # leave them a core rather than oversubscribe them with the engine's compute threads.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
     try:
+        started = time.monotonic()
         engine = LLMEngine(spec.model_path, spec.config)
+        log.info("model loaded", model=spec.served_name, path=spec.model_path, device=str(engine.device),
+                 seconds=round(time.monotonic() - started, 2))
         info = EngineInfo(card=engine.model_card(spec.served_name), max_model_len=engine.max_model_len,
                           max_num_seqs=engine.config.max_num_seqs, device=str(engine.device),
                           admissible=engine.num_admissible(), kv_blocks=len(engine.block_manager.blocks),
