@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.apikeys import create_key, list_keys, revoke_key
 
@@ -31,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
 def cmd_keys(args: argparse.Namespace) -> int:
     if not args.redis_url:
         raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
-    return asyncio.run(_run(args))
+    try:
+        return asyncio.run(_run(args))
+    except RedisConnectionError as e:
+        raise SystemExit(f"error: cannot reach Redis at {args.redis_url} ({e}); is `tokenq up` running?") from None
 
 
 async def _run(args: argparse.Namespace) -> int:
