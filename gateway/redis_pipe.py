@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
+from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
@@ -154,7 +154,8 @@ def _checked(reply: Any) -> Any:
     """The reply, or its error raised as redis-py would raise it (LOADING is retried, as a ConnectionError)."""
     if isinstance(reply, ResponseError):
         code = str(reply).partition(" ")[0]
-        raise {"LOADING": BusyLoadingError, "NOSCRIPT": NoScriptError}.get(code, ResponseError)(str(reply))
+        raise {"LOADING": BusyLoadingError, "NOSCRIPT": NoScriptError, "OOM": OutOfMemoryError}.get(
+            code, ResponseError)(str(reply))
     return reply
 
 

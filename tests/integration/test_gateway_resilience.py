@@ -143,3 +143,28 @@ async def test_follower_survives_a_redis_restart(restartable):
     assert finals[0].state == "succeeded" and finals[0].result.text == "done"
     await other.aclose()
     await client.aclose()
+
+
+def test_redis_out_of_memory_is_503_and_not_ready(restartable, default_model_dir):
+    r = redis.Redis.from_url(restartable.url, decode_responses=True)
+    register_idle_worker(r, default_model_dir)
+    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 4}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    with GatewayThread(restartable.url) as base, httpx.Client(base_url=base, timeout=30) as c:
+        assert c.get("/readyz").status_code == 200
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1")  # far below what it uses: every write is refused with OOM
+        try:
+            for path, sent in (("/v1/jobs", body), ("/v1/completions", body), ("/v1/chat/completions", chat),
+                               ("/v1/completions", {**body, "stream": True})):
+                resp = c.post(path, json=sent)
+                assert resp.status_code == 503, resp.text
+                error = resp.json()["error"]
+                assert error["type"] == "server_overloaded" and error["code"] == "redis_oom", error
+                assert "out of memory" in error["message"]
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["reason"] == "redis_oom"
+        finally:
+            r.config_set("maxmemory", "0")
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/jobs", json=body).status_code == 202
