@@ -43,7 +43,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One shared client (and pool) for the process; pub/sub readers take their own connections from it.
+        # One shared client (and pool) for the process; every job follower shares the event hub's connection.
         redis = make_redis(redis_url)
         app.state.ctx = GatewayContext.build(redis, metrics, depth)
         await warm_before_serving(app.state.ctx)
@@ -55,6 +55,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await app.state.ctx.hub.aclose()
             await app.state.ctx.pipe.aclose()
             await redis.aclose()
 
