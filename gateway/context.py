@@ -29,8 +29,9 @@ class GatewayContext:
     hub: EventHub  # every follower of a job (waiting or streaming) on one pub/sub connection
 
     @classmethod
-    def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int) -> GatewayContext:
-        pipe = RedisPipe(redis)
+    def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int,
+              library_path: bool = False) -> GatewayContext:
+        pipe = RedisPipe(redis, library=library_path)
         store = JobStore(redis, scripts=pipe)
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
                    auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,
