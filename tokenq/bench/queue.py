@@ -73,7 +73,7 @@ def cmd_bench_queue(args: argparse.Namespace) -> int:
             gateway = subprocess.Popen([sys.executable, "-m", "tokenq", "gateway", "--redis-url", redis_url,
                                         "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                                        stderr=open(workdir / f"gateway-{path}.log", "wb"))
-            wait_for_port(port, timeout=30)
+            wait_for_port(port, timeout=120)  # a loaded machine starts two gateway processes slowly
             base = f"http://127.0.0.1:{port}"
             runs += [{**_run_clients(base, args, int(c), gateway.pid, redis_pid), "path": path}
                      for c in str(args.concurrency).split(",")]
