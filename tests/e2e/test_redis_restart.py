@@ -4,6 +4,7 @@ while their redis-server is killed and started again, and both do their work aft
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,8 @@ async def test_worker_and_deliverer_survive_a_redis_restart(default_model_dir, t
         codes = [stop_process(p) for p in (worker, webhooks)]
         server.stop()
     assert codes == [0, 0], "\n".join(p.read_text()[-3000:] for p in logs)
+    # One warning per loop for the one outage, not one per retry.
+    for log in logs:
+        warned = [json.loads(line)["loop"] for line in log.read_text().splitlines()
+                  if "redis unreachable" in line and line.startswith("{")]
+        assert warned and len(warned) == len(set(warned)), (log.name, warned)
