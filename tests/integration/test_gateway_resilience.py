@@ -112,24 +112,28 @@ def test_redis_restart_503_then_recovery(restartable, default_model_dir):
         assert c.get("/readyz").status_code == 200
 
 
-async def test_follower_survives_a_redis_restart(restartable):
+@pytest.mark.parametrize("followers", [1, 3])
+async def test_follower_survives_a_redis_restart(restartable, followers):
+    """One follower on a hub of its own; or three on the gateway's shared hub (one pub/sub connection)."""
     import redis.asyncio as aioredis
 
+    from gateway.event_hub import EventHub
     from gateway.redis_client import make_redis
 
     client = make_redis(restartable.url)
+    hub = EventHub(client) if followers > 1 else None
     payload = JobPayload(id="job_restart", model=MODEL, kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
     await JobStore(client).submit(payload, "{}", {}, streamed=False)
     finals: list[Final] = []
 
     async def wait() -> None:
-        async for item in follow(client, payload.id, want_deltas=False):
+        async for item in follow(client, payload.id, want_deltas=False, hub=hub):
             if isinstance(item, Final):
                 finals.append(item)
                 return
 
-    task = asyncio.create_task(wait())
+    tasks = [asyncio.create_task(wait()) for _ in range(followers)]
     await asyncio.sleep(0.3)
     await asyncio.to_thread(restartable.stop)
     await asyncio.sleep(2.0)  # longer than the client's own retries: follow must subscribe again itself
@@ -139,8 +143,12 @@ async def test_follower_survives_a_redis_restart(restartable):
     result = JobResult(text="done", finish_reason="stop", usage=Usage(prompt_tokens=2, completion_tokens=1,
                                                                       total_tokens=3))
     await JobStore(other).write([], [FinalWrite(JobRef.of(payload), "succeeded", result.model_dump_json())])
-    await asyncio.wait_for(task, timeout=15)
-    assert finals[0].state == "succeeded" and finals[0].result.text == "done"
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=15)
+    assert len(finals) == followers
+    assert all(f.state == "succeeded" and f.result.text == "done" for f in finals)
+    if hub is not None:
+        assert hub.channels == 0
+        await hub.aclose()
     await other.aclose()
     await client.aclose()
 
