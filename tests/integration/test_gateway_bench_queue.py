@@ -25,5 +25,5 @@ def test_bench_queue_counts_only_what_landed(tmp_path):
     assert result["settings"]["gateway_workers"] == 2
     assert [(run["path"], run["concurrency"], run["accepted"], run["errors"]) for run in result["gateway"]] == [
         ("hand-written", 1, 60, 0), ("hand-written", 4, 60, 0), ("library", 1, 60, 0), ("library", 4, 60, 0)]
-    assert "hand-written path x" in result["paths"]["verdict"] and "verdict" not in proc.stderr
+    assert "hand-written path: x" in result["paths"]["verdict"] and "verdict" not in proc.stderr
     assert all(run["gateway_cpu_us_per_job"] > 0 and run["p50_ms"] > 0 for run in result["gateway"])

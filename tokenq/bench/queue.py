@@ -408,17 +408,26 @@ def _report(args: argparse.Namespace, runs: list[dict], queued: int, expected: i
 
 
 def _path_verdicts(runs: list[dict], target: float) -> dict[str, str]:
-    """Per path, its best rate against the target, and whether the hand-written path is what meets it."""
-    best = {}
+    """Per path, its best rate against the target; then whether the hand-written pieces are what meets it.
+    On a machine too loaded for either path to meet it, the gateway CPU per job still compares them."""
+    best: dict[str, dict] = {}
     for gw in runs:
-        best[gw["path"]] = max(best.get(gw["path"], 0.0), gw["jobs_per_s"])
-    out = {path: f"{path}: best {rate:.0f} jobs/s, target {target:.0f}: {'met' if rate >= target else 'NOT met'}"
-           for path, rate in best.items()}
+        if gw["jobs_per_s"] >= best.get(gw["path"], {}).get("jobs_per_s", -1.0):
+            best[gw["path"]] = gw
+    out = {path: f"{path}: best {gw['jobs_per_s']:.0f} jobs/s at {gw['gateway_cpu_us_per_job']:.0f} us of gateway "
+                 f"CPU per job; target {target:.0f}: {'met' if gw['jobs_per_s'] >= target else 'NOT met'}"
+           for path, gw in best.items()}
     if "hand-written" in best and "library" in best:
-        ratio = best["hand-written"] / max(best["library"], 1e-9)
-        keep = best["library"] < target <= best["hand-written"]
-        out["verdict"] = (f"hand-written path x{ratio:.2f} the library path: "
-                          + ("the library misses the target and the hand-written path meets it, so "
-                             "gateway/fastpath.py and gateway/redis_pipe.py stay" if keep else
-                             "the hand-written pieces are not what decides the target on this machine"))
+        hand, lib = best["hand-written"], best["library"]
+        rate = hand["jobs_per_s"] / max(lib["jobs_per_s"], 1e-9)
+        cpu = lib["gateway_cpu_us_per_job"] / max(hand["gateway_cpu_us_per_job"], 1e-9)
+        head = f"hand-written path: x{rate:.2f} the library path's rate, x{cpu:.2f} less gateway CPU per job: "
+        if lib["jobs_per_s"] >= target:
+            tail = "the library path meets the target too, so gateway/fastpath.py and gateway/redis_pipe.py can go"
+        elif hand["jobs_per_s"] >= target:
+            tail = "only the hand-written path meets the target, so gateway/fastpath.py and gateway/redis_pipe.py stay"
+        else:
+            tail = (f"neither meets the target on this machine (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+                    "CPUs); the CPU per job decides")
+        out["verdict"] = head + tail
     return out
