@@ -126,7 +126,7 @@ def exception_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, ApiError):
         return exc.response()
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        log.warning("redis unavailable", error=repr(exc))
+        log.debug("redis unavailable", error=repr(exc))  # the outage itself is logged once (warmup.keep_warm)
         return error_response(503, "the job store (Redis) is unavailable; try again later",
                               code="redis_unavailable")
     if is_redis_oom(exc):
