@@ -90,9 +90,11 @@ class EventHub:
                 await self._pubsub.subscribe(channel)
             except BaseException:
                 self._forget(channel, sub)
-                self._pending[channel].remove(confirmed)
-                if not self._pending[channel]:
-                    del self._pending[channel]
+                pending = self._pending.get(channel, [])
+                if confirmed in pending:
+                    pending.remove(confirmed)
+                if not pending:
+                    self._pending.pop(channel, None)
                 raise
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.create_task(self._read(self._pubsub), name="event-hub")
