@@ -15,8 +15,12 @@ import redis.asyncio as aioredis
 
 from protocol import keys
 
-# Set of the digests of every live key: auth is on while it is not empty.
+# Set of the digests of every live key.
 API_KEYS_SET = f"{keys.PREFIX}:apikeys"
+# "on" from the first key on, "off" only when an operator turns auth off (`tokenq keys auth off`): revoking
+# the last key, or losing the key set, does not turn auth off.
+AUTH_FLAG = f"{keys.PREFIX}:auth"
+AUTH_ON, AUTH_OFF = "on", "off"
 KEY_PREFIX = "tq_"
 LIMIT_FIELDS = ("rpm", "tpm", "max_queued")
 WEBHOOK_SECRET = "webhook_secret"
@@ -57,6 +61,7 @@ async def create_key(redis: aioredis.Redis, tenant: str, limits: dict[str, int |
             pipe.hset(keys.tenant_key(tenant), mapping=settings)
         pipe.hset(keys.api_key_key(digest), mapping={"tenant": tenant, "created_at": repr(time.time())})
         pipe.sadd(API_KEYS_SET, digest)
+        pipe.set(AUTH_FLAG, AUTH_ON)
         pipe.hget(keys.tenant_key(tenant), WEBHOOK_SECRET)
         *_, secret = await pipe.execute()
     return CreatedKey(api_key, digest, tenant, secret)
@@ -96,3 +101,13 @@ async def revoke_key(redis: aioredis.Redis, key_or_id: str) -> list[str]:
         pipe.srem(API_KEYS_SET, digest)
         deleted, removed = await pipe.execute()
     return [digest] if deleted or removed else []
+
+
+async def set_auth(redis: aioredis.Redis, on: bool) -> None:
+    """The operator's switch: auth stays as set here whatever keys come and go (a new key turns it on)."""
+    await redis.set(AUTH_FLAG, AUTH_ON if on else AUTH_OFF)
+
+
+async def auth_state(redis: aioredis.Redis) -> str | None:
+    """"on", "off", or None when no key was ever made (nor the switch used)."""
+    return await redis.get(AUTH_FLAG)

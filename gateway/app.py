@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,14 @@ from gateway.openapi import install_openapi
 from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
 from jobstore.expiry import sweep_forever
+
+# The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and gateway/redis_pipe.py:
+# `tokenq bench queue` runs both to show what the hand-written pieces buy.
+LIBRARY_PATH_ENV = "TOKENQ_GATEWAY_LIBRARY_PATH"
+
+
+def library_path_from_env() -> bool:
+    return os.environ.get(LIBRARY_PATH_ENV, "") in ("1", "true", "yes")
 
 
 class GatewayApp(FastAPI):
@@ -44,16 +53,17 @@ class GatewayApp(FastAPI):
 
 
 def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_queue_depth: int | None = None) -> GatewayApp:
+               max_queue_depth: int | None = None, library_path: bool | None = None) -> GatewayApp:
     configure_logging()
+    library = library_path_from_env() if library_path is None else library_path
     metrics = GatewayMetrics()
     depth = max_queue_depth_from_env() if max_queue_depth is None else max_queue_depth
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One shared client (and pool) for the process; pub/sub readers take their own connections from it.
+        # One shared client (and pool) for the process; every job follower shares the event hub's connection.
         redis = make_redis(redis_url)
-        app.state.ctx = GatewayContext.build(redis, metrics, depth)
+        app.state.ctx = GatewayContext.build(redis, metrics, depth, library_path=library)
         await warm_before_serving(app.state.ctx)
         background = [asyncio.create_task(keep_warm(app.state.ctx)),
                       asyncio.create_task(sweep_forever(app.state.ctx.store))]  # jobs past their deadline
@@ -63,6 +73,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await app.state.ctx.hub.aclose()
             await app.state.ctx.pipe.aclose()
             await redis.aclose()
 
@@ -77,6 +88,8 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.access_log = access_log_on()
+    if library:
+        return app
     app.fast_submit = FastSubmit(lambda s, r, se: FastAPI.__call__(app, s, r, se), lambda: app.state.ctx, metrics,
                                  max_body_bytes)
     return app

@@ -1,16 +1,20 @@
 """Who is calling: `Authorization: Bearer <key>` → a tenant and its limits.
 
-Auth is on while at least one API key exists. Every answer from Redis (keys exist, key → tenant,
+Auth fails closed. It is on once a key has been made (a flag in Redis), and stays on when the last key is
+revoked or the keys vanish from Redis; only an operator turns it off (`tokenq keys auth off`, the flag set
+to "off"). A gateway that has seen auth on keeps it on while Redis holds neither the flag nor a key (a
+flushed or replaced Redis), and `TOKENQ_REQUIRE_AUTH=1` keeps it on whatever Redis holds. Every answer from Redis (keys exist, key → tenant,
 tenant → limits) is trusted for `CACHE_S`, so the hot path costs no Redis round trip and a revoked key
 or a changed limit takes effect within that time on every gateway process."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from gateway.apikeys import API_KEYS_SET, LIMIT_FIELDS, key_digest
+from gateway.apikeys import API_KEYS_SET, AUTH_FLAG, AUTH_OFF, AUTH_ON, LIMIT_FIELDS, key_digest
 from gateway.errors import ApiError
 from gateway.flight import TtlCache
 from protocol import keys
@@ -20,6 +24,11 @@ CACHE_S = 1.0
 # to this much longer, while a background read renews it.
 LIMITS_STALE_S = 5.0
 DEFAULT_TENANT = "default"
+REQUIRE_AUTH_ENV = "TOKENQ_REQUIRE_AUTH"
+
+
+def require_auth_from_env() -> bool:
+    return os.environ.get(REQUIRE_AUTH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -53,17 +62,28 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, redis: aioredis.Redis, cache_s: float = CACHE_S, stale_s: float = LIMITS_STALE_S) -> None:
+    def __init__(self, redis: aioredis.Redis, cache_s: float = CACHE_S, stale_s: float = LIMITS_STALE_S,
+                 require: bool | None = None) -> None:
         self.redis = redis
         self.cache_s = cache_s
         self.stale_s = stale_s
+        self.require = require_auth_from_env() if require is None else require
+        self.seen_on = False  # this process has seen auth on: a Redis that forgot it does not turn it off
         self._cache = TtlCache()
 
     async def auth_on(self) -> bool:
-        return await self._cache.get(API_KEYS_SET, self._any_key, self.cache_s)
+        if self.require:
+            return True
+        return await self._cache.get(AUTH_FLAG, self._read_auth, self.cache_s)
 
-    async def _any_key(self) -> bool:
-        return await self.redis.scard(API_KEYS_SET) > 0
+    async def _read_auth(self) -> bool:
+        flag = await self.redis.get(AUTH_FLAG)
+        if flag == AUTH_OFF:
+            self.seen_on = False
+            return False
+        if flag == AUTH_ON or await self.redis.exists(API_KEYS_SET):
+            self.seen_on = True
+        return self.seen_on
 
     async def tenant_of_key(self, api_key: str) -> str | None:
         key = keys.api_key_key(key_digest(api_key))

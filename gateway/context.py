@@ -9,6 +9,7 @@ from fastapi import Request
 
 from gateway.auth import Authenticator, Tenant
 from gateway.cancel import Canceller
+from gateway.event_hub import EventHub
 from gateway.metrics import GatewayMetrics
 from gateway.redis_pipe import RedisPipe
 from gateway.registry import Registry
@@ -25,13 +26,16 @@ class GatewayContext:
     auth: Authenticator
     canceller: Canceller
     max_queue_depth: int  # per model and lane, shared fairly by the tenants with jobs in it (0: none)
+    hub: EventHub  # every follower of a job (waiting or streaming) on one pub/sub connection
 
     @classmethod
-    def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int) -> GatewayContext:
-        pipe = RedisPipe(redis)
+    def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int,
+              library_path: bool = False) -> GatewayContext:
+        pipe = RedisPipe(redis, library=library_path)
         store = JobStore(redis, scripts=pipe)
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
-                   auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth)
+                   auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,
+                   hub=EventHub(redis))
 
 
 async def get_ctx(request: Request) -> GatewayContext:

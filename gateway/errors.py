@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +27,14 @@ _TYPES = {
     500: "server_error",
     503: "service_unavailable",
 }
+OOM_RETRY_AFTER_S = 5
+
+
+def is_redis_oom(exc: BaseException) -> bool:
+    """Redis refused a write: maxmemory is reached and nothing can be evicted (a script's write refused
+    mid-run comes back as a plain error whose text says so)."""
+    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and "OOM command not allowed"
+                                                 in str(exc))
 
 
 class ApiError(Exception):
@@ -117,9 +126,14 @@ def exception_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, ApiError):
         return exc.response()
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        log.warning("redis unavailable", error=repr(exc))
+        log.debug("redis unavailable", error=repr(exc))  # the outage itself is logged once (warmup.keep_warm)
         return error_response(503, "the job store (Redis) is unavailable; try again later",
                               code="redis_unavailable")
+    if is_redis_oom(exc):
+        log.warning("redis out of memory", error=repr(exc))
+        return error_response(503, "the job store (Redis) is out of memory and refuses new work; try again "
+                                   "later", type_="server_overloaded", code="redis_oom",
+                              headers={"Retry-After": str(OOM_RETRY_AFTER_S)})
     log.exception("unhandled error", error=repr(exc))
     return error_response(500, "internal server error", type_="server_error")
 
@@ -161,3 +175,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(ResponseError, _redis_down)  # a Redis out of memory: 503

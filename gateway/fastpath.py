@@ -28,6 +28,7 @@ from gateway.errors import error_response, exception_response
 from gateway.limits import replaying
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
+from gateway.waiting import WaitingResponse
 
 JOBS_PATH = "/v1/jobs"
 SCHEMAS: dict[str, type[BaseModel]] = {JOBS_PATH: JobCreate, "/v1/completions": CompletionRequest,
@@ -137,8 +138,14 @@ class FastSubmit:
 
     async def _answer(self, response: Response, scope: Scope, receive: Receive, send: Send,
                       start: float) -> int:
-        self._latency[scope["path"]].observe(time.perf_counter() - start)
+        """Latency as MetricsMiddleware takes it: to the answer's start (a waiting completion answers at
+        the job's end)."""
+        waits = isinstance(response, WaitingResponse)
+        if not waits:
+            self._latency[scope["path"]].observe(time.perf_counter() - start)
         await response(scope, receive, send)
+        if waits:
+            self._latency[scope["path"]].observe(time.perf_counter() - start)
         return response.status_code
 
     async def _pass_on(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> int:

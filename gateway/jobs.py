@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.event_hub import EventHub, Subscription
 from jobstore import JobStore
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
@@ -52,34 +51,38 @@ Idle = None  # yielded when nothing happened for RECHECK_S (lets SSE writers sen
 
 
 async def follow(redis: aioredis.Redis, job_id: str, offset: int = 0, want_deltas: bool = True,
-                 mark: bool = True) -> AsyncIterator[Delta | Final | None]:
+                 mark: bool = True, hub: EventHub | None = None) -> AsyncIterator[Delta | Final | None]:
     """A job's output from character `offset` on, then its Final; no text lost or repeated.
 
-    Subscribes first, then (if want_deltas and mark) sets `streamed`, then reads the hash snapshot: anything
-    published after the snapshot reaches the subscription, and anything before it is in the snapshot.
-    When the connection to Redis is lost it subscribes again and resumes from a fresh snapshot, for up to
-    RECONNECT_FOR_S; then the error goes to the caller."""
+    Joins the job's channel on `hub` (the gateway's one pub/sub connection; without one, a hub of its own
+    for this call) first, then (if want_deltas and mark) sets `streamed`, then reads the hash snapshot:
+    anything published after the snapshot reaches the subscription, and anything before it is in the
+    snapshot. When the connection to Redis is lost it joins again and resumes from a fresh snapshot, for up
+    to RECONNECT_FOR_S; then the error goes to the caller."""
+    own_hub = hub is None
+    hub = hub or EventHub(redis)
     cursor = _Cursor(offset)
     lost_at: float | None = None
     backoff = 0.05
-    while True:
-        pubsub = redis.pubsub()
-        try:
-            async for item in _follow_once(redis, pubsub, job_id, cursor, want_deltas, mark):
-                lost_at, backoff = None, 0.05
-                yield item
-                if isinstance(item, Final):
-                    return
-        except (RedisConnectionError, RedisTimeoutError):
-            now = time.monotonic()
-            lost_at = lost_at or now
-            if now - lost_at > RECONNECT_FOR_S:
-                raise
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 1.0)
+    try:
+        while True:
+            try:
+                async with hub.join(keys.events_channel(job_id)) as sub:
+                    async for item in _follow_once(redis, sub, job_id, cursor, want_deltas, mark):
+                        lost_at, backoff = None, 0.05
+                        yield item
+                        if isinstance(item, Final):
+                            return
+            except (RedisConnectionError, RedisTimeoutError, TimeoutError):
+                now = time.monotonic()
+                lost_at = lost_at or now
+                if now - lost_at > RECONNECT_FOR_S:
+                    raise
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+    finally:
+        if own_hub:
+            await hub.aclose()
 
 
 @dataclass
@@ -88,10 +91,9 @@ class _Cursor:
     snap_seq: int = -1  # events up to this sequence number are in a snapshot already read
 
 
-async def _follow_once(redis: aioredis.Redis, pubsub: PubSub, job_id: str, cursor: _Cursor,
+async def _follow_once(redis: aioredis.Redis, sub: Subscription, job_id: str, cursor: _Cursor,
                        want_deltas: bool, mark: bool) -> AsyncIterator[Delta | Final | None]:
     store = JobStore(redis)
-    await _subscribe(pubsub, keys.events_channel(job_id))
     if want_deltas and mark:
         await store.mark_streamed(job_id)
     while True:
@@ -114,7 +116,7 @@ async def _follow_once(redis: aioredis.Redis, pubsub: PubSub, job_id: str, curso
                 yield tail
             yield final
             return
-        async for item in _events(pubsub, cursor.snap_seq, cursor.offset, want_deltas):
+        async for item in _events(sub, cursor.snap_seq, cursor.offset, want_deltas):
             if isinstance(item, Delta):
                 cursor.offset = item.end
             yield item
@@ -123,16 +125,14 @@ async def _follow_once(redis: aioredis.Redis, pubsub: PubSub, job_id: str, curso
         # _events returned: silence or a gap; go round and re-read the snapshot.
 
 
-async def _events(pubsub: PubSub, snap_seq: int, offset: int,
+async def _events(sub: Subscription, snap_seq: int, offset: int,
                   want_deltas: bool) -> AsyncIterator[Delta | Final | None]:
     while True:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=RECHECK_S)
-        if message is None:
+        data = await sub.get(timeout=RECHECK_S)
+        if data is None:
             yield Idle
             return
-        if message.get("type") != "message":
-            continue
-        event = parse_event(message["data"])
+        event = parse_event(data)
         if event.seq <= snap_seq:
             continue  # already in the snapshot
         if isinstance(event, DeltaEvent):
@@ -154,17 +154,6 @@ async def _events(pubsub: PubSub, snap_seq: int, offset: int,
             return
 
 
-async def _subscribe(pubsub: PubSub, channel: str) -> None:
-    """SUBSCRIBE and wait for Redis to confirm, so the subscription is live before the hash is read."""
-    await pubsub.subscribe(channel)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        message = await pubsub.get_message(timeout=1.0)
-        if message and message.get("type") == "subscribe":
-            return
-    raise TimeoutError(f"Redis did not confirm SUBSCRIBE {channel}")
-
-
 def _tail(final: Final, offset: int) -> Delta | None:
     """Text of the result that no delta carried (a job nobody streamed until late, or a lost message)."""
     if final.result is not None and len(final.result.text) > offset:
@@ -176,8 +165,8 @@ def _parse(model: type, raw: str | None):
     return model.model_validate_json(raw) if raw else None
 
 
-async def wait_final(redis: aioredis.Redis, job_id: str) -> Final:
-    async for item in follow(redis, job_id, want_deltas=False):
+async def wait_final(redis: aioredis.Redis, job_id: str, hub: EventHub | None = None) -> Final:
+    async for item in follow(redis, job_id, want_deltas=False, hub=hub):
         if isinstance(item, Final):
             return item
     raise RuntimeError("follow ended without a final state")

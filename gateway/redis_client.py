@@ -1,9 +1,15 @@
 """The gateway's Redis client: retries with backoff, so that a Redis restart costs a few slow requests
-instead of failed ones; once the retries are spent the request gets a 503 (see errors.py), never a 500."""
+instead of failed ones; once the retries are spent the request gets a 503 (see errors.py), never a 500.
+
+Its pool is bounded: past MAX_CONNECTIONS a command waits for a free connection (up to POOL_WAIT_S, then
+a 503), so a burst of requests cannot take a connection each and run Redis into `maxclients`. Submissions
+share one pipelined connection (redis_pipe.py) and every job follower one pub/sub connection
+(event_hub.py), so the pool serves only the other reads."""
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -11,12 +17,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 RETRIES = 4  # about 0.05 + 0.1 + 0.2 + 0.4 s of back-off before a request gives up
 CONNECT_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 12
+POOL_WAIT_S = 5.0
 
 
 def make_redis(url: str) -> aioredis.Redis:
-    return aioredis.from_url(
-        url, decode_responses=True, health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, decode_responses=True,
+        health_check_interval=30, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True,
     )
+    return aioredis.Redis.from_pool(pool)

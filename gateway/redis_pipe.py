@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
+from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
@@ -85,9 +85,10 @@ class RedisPipe:
     """`execute(*args)` and `evalsha(script, keys, args)` over the shared connection. For a Redis reached
     in a way this does not speak (TLS, a Unix socket) it passes the commands to the redis-py client."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, library: bool = False) -> None:
+        """`library`: pass every command to the redis-py client (what `tokenq bench queue` compares)."""
         pool = redis.connection_pool
-        self._fallback = redis if pool.connection_class is not Connection else None
+        self._fallback = redis if library or pool.connection_class is not Connection else None
         kw = pool.connection_kwargs
         self._address = (kw.get("host", "localhost"), int(kw.get("port", 6379)))
         self._setup: list[tuple[Arg, ...]] = []  # sent first on every new connection
@@ -154,7 +155,8 @@ def _checked(reply: Any) -> Any:
     """The reply, or its error raised as redis-py would raise it (LOADING is retried, as a ConnectionError)."""
     if isinstance(reply, ResponseError):
         code = str(reply).partition(" ")[0]
-        raise {"LOADING": BusyLoadingError, "NOSCRIPT": NoScriptError}.get(code, ResponseError)(str(reply))
+        raise {"LOADING": BusyLoadingError, "NOSCRIPT": NoScriptError, "OOM": OutOfMemoryError}.get(
+            code, ResponseError)(str(reply))
     return reply
 
 

@@ -6,12 +6,14 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from gateway.context import Caller, GatewayContext, get_caller, get_ctx
-from gateway.errors import ApiError
+from gateway.errors import ApiError, is_redis_oom
 from gateway.logging import get_logger
+from protocol import keys
 from protocol.workers import WorkerHeartbeat
 
 router = APIRouter()
 log = get_logger(__name__)
+READY_PROBE = f"{keys.PREFIX}:gateway:ready-probe"
 
 
 def _model_card(name: str, workers: list[WorkerHeartbeat]) -> dict:
@@ -68,8 +70,12 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
     """Anyone may ask, so the answer is a status and a short reason code: the Redis address and its
     error text go to the log only."""
     try:
-        await ctx.redis.ping()
+        # A write, not a PING: a Redis at maxmemory answers PING and refuses every job.
+        await ctx.redis.set(READY_PROBE, "1", ex=60)
     except Exception as e:  # any failure to reach Redis means: not ready
+        if is_redis_oom(e):  # maxmemory reached: jobs are refused until memory is freed
+            log.warning("not ready: redis out of memory", error=repr(e))
+            return JSONResponse({"status": "not ready", "reason": "redis_oom"}, status_code=503)
         log.warning("not ready: redis unavailable", error=repr(e))
         return JSONResponse({"status": "not ready", "reason": "redis_unavailable"}, status_code=503)
     # Not a worker: jobs of a model that workers have served wait in the queue while none is live.

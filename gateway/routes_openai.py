@@ -16,6 +16,7 @@ from gateway.errors import error_response
 from gateway.jobs import Final, wait_final
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.sse import completion_events, final_error, sse_response
+from gateway.waiting import WaitingResponse
 from jobstore import JobRef
 from protocol.jobs import JobPayload, JobState
 
@@ -43,39 +44,45 @@ async def completions(body: CompletionRequest, caller: Caller = Depends(get_call
 
 async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest,
                  idempotency_key: str | None) -> Response:
-    """Enqueue the job and answer: an SSE stream, or the completion once the job is final. The FastAPI
-    routes and gateway/fastpath.py both answer with this (the key already checked)."""
+    """Enqueue the job and answer: an SSE stream, or a response that sends the completion once the job is
+    final. Either way a client that disconnects first cancels the job (unless `run_to_completion`). The
+    FastAPI routes and gateway/fastpath.py both answer with this (the key already checked)."""
     job = await enqueue(ctx, tenant, body, body.priority, body.stream, {}, idempotency_key)
     payload, created = job.payload, int(job.created_at)
+    on_abandon = None
+    if not job.repeat and not payload.run_to_completion:  # a client that leaves cancels its job
+        def on_abandon() -> None:
+            ctx.canceller.cancel_detached(JobRef.of(payload))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        on_abandon = None
-        if not job.repeat and not payload.run_to_completion:
-            def on_abandon() -> None:
-                ctx.canceller.cancel_detached(JobRef.of(payload))
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
-                                              mark=job.repeat))
-    final = await _wait(ctx, payload, job.repeat)
-    if final is None:
-        return error_response(504, f"no worker serving model `{payload.model}` started this job within "
-                                   f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later",
-                              type_="no_worker", code="no_worker")
-    if final.state != JobState.succeeded or final.result is None:
-        err = final_error(final)
-        return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
-    return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
-                                                want_logprobs=payload.sampling.logprobs is not None,
-                                                echo_chars=responses.echo_chars(payload)))
+                                              mark=job.repeat, hub=ctx.hub))
+
+    async def final_answer() -> Response:
+        final = await _wait(ctx, payload, job.repeat)
+        if final is None:
+            return error_response(504, f"no worker serving model `{payload.model}` started this job within "
+                                       f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later",
+                                  type_="no_worker", code="no_worker")
+        if final.state != JobState.succeeded or final.result is None:
+            err = final_error(final)
+            return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
+        return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created,
+                                                    final.result,
+                                                    want_logprobs=payload.sampling.logprobs is not None,
+                                                    echo_chars=responses.echo_chars(payload)))
+
+    return WaitingResponse(final_answer, on_abandon)
 
 
 async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final | None:
     """The job's Final; None when no worker was live at submission and none started it in time."""
     if repeat or await ctx.registry.serving(payload.model):
-        return await wait_final(ctx.redis, payload.id)
+        return await wait_final(ctx.redis, payload.id, ctx.hub)
     try:
         async with asyncio.timeout(NO_WORKER_WAIT_S):
-            return await wait_final(ctx.redis, payload.id)
+            return await wait_final(ctx.redis, payload.id, ctx.hub)
     except TimeoutError:
         if await ctx.store.cancel(JobRef.of(payload), only_queued=True) == JobState.queued.value:
             return None
-    return await wait_final(ctx.redis, payload.id)  # it started meanwhile: its worker answers
+    return await wait_final(ctx.redis, payload.id, ctx.hub)  # it started meanwhile: its worker answers

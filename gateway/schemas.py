@@ -72,8 +72,8 @@ class JobOptions(BaseModel):
 
     deadline: float | Text | None = Field(default=None, description="epoch seconds or RFC 3339")
     ttl: float | None = Field(default=None, description="seconds from now; the job's deadline")
-    run_to_completion: bool = Field(default=False, description="a streaming client that disconnects "
-                                                               "does not cancel the job")
+    run_to_completion: bool = Field(default=False, description="a client that disconnects before "
+                                                               "the end does not cancel the job")
 
 
 class ChatCompletionRequest(SamplingFields, JobOptions):

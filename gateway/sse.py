@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway import responses
+from gateway.event_hub import EventHub
 from gateway.jobs import Delta, Final, follow, read_job
 from protocol.jobs import JobPayload, JobResult, JobState, TokenLogprob
 
@@ -92,7 +93,7 @@ class _StreamLogprobs:
 
 async def completion_events(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
                             on_abandon: Callable[[], None] | None = None,
-                            mark: bool = False) -> AsyncIterator[str]:
+                            mark: bool = False, hub: EventHub | None = None) -> AsyncIterator[str]:
     """OpenAI streaming: chunks of text (with their logprobs when asked), a last chunk with finish_reason,
     maybe usage, then [DONE]. `on_abandon` is called when the stream stops before the job's end (the
     client disconnected)."""
@@ -104,7 +105,7 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
         if kind == "chat":
             yield data(responses.chunk(kind, job_id, model, created, text="", role=True))
         # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
-        async for item in follow(redis, job_id, 0, want_deltas=True, mark=mark):
+        async for item in follow(redis, job_id, 0, want_deltas=True, mark=mark, hub=hub):
             if isinstance(item, Delta):
                 yield data(responses.chunk(kind, job_id, model, created, text=item.text,
                                            logprobs=logprobs.of_delta(item) if logprobs else None))
@@ -135,11 +136,12 @@ def final_error(final: Final) -> dict[str, Any]:
             "param": None, "code": None}
 
 
-async def job_events(redis: aioredis.Redis, job_id: str, offset: int) -> AsyncIterator[str]:
+async def job_events(redis: aioredis.Redis, job_id: str, offset: int,
+                     hub: EventHub | None = None) -> AsyncIterator[str]:
     """tokenq's job events: `delta` events whose id is the character offset at their end (so that
     Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
     keepalive = _KeepAlive()
-    async for item in follow(redis, job_id, offset, want_deltas=True):
+    async for item in follow(redis, job_id, offset, want_deltas=True, hub=hub):
         if isinstance(item, Delta):
             offset = item.end
             body = json.dumps({"text": item.text, "offset": item.offset}, ensure_ascii=False)

@@ -24,6 +24,7 @@ import anyio
 from gateway.auth import DEFAULT_TENANT
 from gateway.context import GatewayContext
 from gateway.logging import get_logger
+from protocol.outage import REDIS_DOWN, Outage
 
 log = get_logger(__name__)
 
@@ -55,11 +56,15 @@ async def warm_before_serving(ctx: GatewayContext, timeout_s: float = START_TIME
 
 
 async def keep_warm(ctx: GatewayContext, every_s: float = WARM_S) -> None:
-    """`warm_once` every `every_s` (the first after one wait), until cancelled; Redis trouble is the request
-    path's to report."""
+    """`warm_once` every `every_s` (the first after one wait), until cancelled. A Redis outage is logged
+    here, once when it starts and once when it ends (requests meanwhile get 503s, logged at debug)."""
+    outage = Outage(log, "gateway")
     while True:
         await asyncio.sleep(every_s)
         try:
             await warm_once(ctx)
-        except Exception as e:  # noqa: BLE001 - Redis away, a bad card: a request will say so
+            outage.restored()
+        except REDIS_DOWN as e:
+            outage.lost(e)
+        except Exception as e:  # noqa: BLE001 - a bad card: a request will say so
             log.debug("warm-up failed", error=repr(e))

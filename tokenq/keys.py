@@ -1,4 +1,5 @@
-"""`tokenq keys create|list|revoke`: API keys and tenant limits (storage in gateway/apikeys.py)."""
+"""`tokenq keys create|list|revoke|auth`: API keys, tenant limits and the auth switch (storage in
+gateway/apikeys.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import asyncio
 import datetime as dt
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key
+from gateway.apikeys import API_KEYS_SET, auth_state, create_key, list_keys, revoke_key, set_auth
 
 
 def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
-    keys = sub.add_parser("keys", help="create, list or revoke API keys (auth is on once one exists)")
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (auth is on from the first key until "
+                                       "`tokenq keys auth off`)")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
     create = ksub.add_parser("create", help="a new key for a tenant; prints it once, with the tenant's "
                                             "webhook secret")
@@ -25,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
     ksub.add_parser("list", help="every key's id, tenant and the tenant's limits")
     revoke = ksub.add_parser("revoke", help="revoke a key, given the key or its id (8+ characters)")
     revoke.add_argument("key")
-    for p in (create, ksub.choices["list"], revoke):
+    auth = ksub.add_parser("auth", help="show auth's state, or turn it on or off (it stays as set: revoking "
+                                        "the last key does not turn it off)")
+    auth.add_argument("switch", nargs="?", choices=["on", "off"])
+    for p in (create, ksub.choices["list"], revoke, auth):
         p.add_argument("--redis-url", default=redis_url)
     keys.set_defaults(func=cmd_keys)
 
@@ -33,7 +39,10 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
 def cmd_keys(args: argparse.Namespace) -> int:
     if not args.redis_url:
         raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
-    return asyncio.run(_run(args))
+    try:
+        return asyncio.run(_run(args))
+    except RedisConnectionError as e:
+        raise SystemExit(f"error: cannot reach Redis at {args.redis_url} ({e}); is `tokenq up` running?") from None
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -61,6 +70,14 @@ async def _run(args: argparse.Namespace) -> int:
                 created = dt.datetime.fromtimestamp(float(r["created_at"] or 0), dt.UTC).strftime("%Y-%m-%d %H:%M")
                 print(f"{r['id'][:12]}\t{r['tenant']}\t{created}\t{r['rpm'] or '-'}\t{r['tpm'] or '-'}\t"
                       f"{r['max_queued'] or '-'}")
+            return 0
+        if args.keys_cmd == "auth":
+            if args.switch is not None:
+                await set_auth(redis, args.switch == "on")
+            state = await auth_state(redis) or "off (no key was ever made)"
+            print(f"auth: {state}")
+            if state == "off":
+                print("every caller is the `default` tenant (unless a gateway runs with TOKENQ_REQUIRE_AUTH=1)")
             return 0
         try:
             revoked = await revoke_key(redis, args.key)

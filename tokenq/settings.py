@@ -59,9 +59,30 @@ def tokenq_home() -> Path:
     return Settings.from_env().home
 
 
+def embedded_redis_dir() -> Path:
+    """Where `tokenq up`'s embedded Redis keeps its append-only file and its recorded address."""
+    return tokenq_home() / "redis"
+
+
+def embedded_redis_address_file() -> Path:
+    return embedded_redis_dir() / "address"
+
+
+def explicit_redis_url() -> str | None:
+    """TOKENQ_REDIS_URL; None tells `tokenq up` to start its embedded Redis."""
+    return os.environ.get("TOKENQ_REDIS_URL") or None
+
+
 def redis_url() -> str | None:
-    """None means: start an embedded Redis (only `tokenq up` does)."""
-    return Settings.from_env().redis_url
+    """TOKENQ_REDIS_URL, else the address `tokenq up` recorded for its embedded Redis under TOKENQ_HOME
+    (so `tokenq keys` and a second worker find it by themselves), else None."""
+    explicit = explicit_redis_url()
+    if explicit:
+        return explicit
+    try:
+        return embedded_redis_address_file().read_text().strip() or None
+    except OSError:
+        return None
 
 
 def model_name() -> str:

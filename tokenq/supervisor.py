@@ -1,6 +1,7 @@
 """`tokenq up`: every role on one machine. Redis (embedded unless a URL is given), one worker, the
-gateway and the webhook service as child processes; Ctrl-C or SIGTERM stops every child cleanly, workers
-first drained."""
+gateway and the webhook service as child processes. A child that exits is started again after an
+exponential back-off (a crash of one role is not the end of the stack); only Ctrl-C or SIGTERM stops
+them all, cleanly, workers drained first. One `tokenq up` per TOKENQ_HOME (tokenq/home_lock.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.metrics_peers import PEERS_ENV
 from tokenq.embedded_redis import EmbeddedRedis
-from tokenq.settings import tokenq_home
+from tokenq.home_lock import HomeLock, HomeLocked
+from tokenq.settings import embedded_redis_dir, tokenq_home
+
+RESTART_BASE_S = 1.0
+RESTART_CAP_S = 60.0
+STABLE_S = 60.0  # a child that ran this long before it exited starts over at the base back-off
 
 
 @dataclass
@@ -27,25 +33,62 @@ class UpOptions:
     host: str
     port: int
     worker_args: list[str]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker_metrics_port: int
+    webhooks_metrics_port: int
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tokenq", *args], env=env)
 
 
-def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> bool:
+class Child:
+    """One role: `start()` runs it; `watch()` notices its exit and starts it again once its back-off has
+    passed (doubling from RESTART_BASE_S up to RESTART_CAP_S while it keeps dying young)."""
+
+    def __init__(self, name: str, start: Callable[[], subprocess.Popen]) -> None:
+        self.name = name
+        self._start = start
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+        self.delay = RESTART_BASE_S
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        try:
+            self.proc = self._start()
+        except Exception as e:  # noqa: BLE001 - e.g. the embedded Redis did not come up: try again later
+            print(f"could not start {self.name}: {e}", file=sys.stderr, flush=True)
+            self.proc = None
+            self._schedule(time.monotonic(), "failed to start")
+
+    def watch(self) -> None:
+        now = time.monotonic()
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.restarts += 1
+                self.start()
+            return
+        if self.proc is not None and self.proc.poll() is not None:
+            if now - self.started_at >= STABLE_S:
+                self.delay = RESTART_BASE_S
+            self._schedule(now, f"exited with {self.proc.returncode}")
+
+    def _schedule(self, now: float, why: str) -> None:
+        print(f"{self.name} {why}; starting it again in {self.delay:.0f}s", file=sys.stderr, flush=True)
+        self.restart_at = now + self.delay
+        self.delay = min(self.delay * 2, RESTART_CAP_S)
+
+
+def _wait_ready(url: str, timeout: float, stopping: Callable[[], bool], children: Sequence[Child]) -> bool:
     """Until the gateway at `url` (its /readyz) is ready and reports a live worker: a gateway is ready
     without one (jobs wait in the queue), but the stack is up only once one serves."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            return False
+    while time.monotonic() < deadline and not stopping():
+        for child in children:
+            child.watch()
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200 and json.loads(r.read()).get("workers", 0) > 0:
@@ -56,35 +99,72 @@ def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> bool:
     return False
 
 
-def stop_children(procs: Sequence[subprocess.Popen], timeout: float = 30.0) -> None:
+def stop_children(procs: Sequence[subprocess.Popen | None], timeout: float = 30.0) -> None:
     """SIGTERM them all (each drains in parallel), then wait for each; SIGKILL one past the timeout."""
-    for p in procs:
+    live = [p for p in procs if p is not None]
+    for p in live:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    for p in procs:
+    for p in live:
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
 
 
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
 def run_up(opts: UpOptions) -> int:
+    base = f"http://{opts.host}:{opts.port}"
+    lock = HomeLock(tokenq_home())
+    try:
+        lock.acquire(base)
+    except HomeLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        for what, port in (("the gateway", opts.port), ("worker metrics", opts.worker_metrics_port),
+                           ("webhook metrics", opts.webhooks_metrics_port)):
+            if _port_taken(opts.host, port):
+                print(f"error: port {port} ({what}) is taken on {opts.host}; choose another", file=sys.stderr)
+                return 1
+        return _run(opts, base)
+    finally:
+        lock.release()
+
+
+def _run(opts: UpOptions, base: str) -> int:
+    children: list[Child] = []
     redis: EmbeddedRedis | None = None
     url = opts.redis_url
     if url is None:
-        redis = EmbeddedRedis(tokenq_home() / "redis").start()
+        redis = EmbeddedRedis(embedded_redis_dir())
+        redis_child = Child("embedded Redis", lambda: redis.start().proc)  # type: ignore[union-attr, return-value]
+        redis_child.start()
+        if redis_child.proc is None:
+            return 1
+        children.append(redis_child)
         url = redis.url
-        print(f"embedded Redis on {url} (append-only file in {redis.data_dir})", flush=True)
+        print(f"embedded Redis on {url} (append-only file in {redis.data_dir}; other tokenq commands on this "
+              f"TOKENQ_HOME find it by themselves)", flush=True)
     env = {**os.environ, "TOKENQ_REDIS_URL": url, "TOKENQ_MODEL": opts.model}
-    # The worker and the webhook service serve metrics on ports of their own; the gateway's /metrics
-    # shows theirs too (gateway/metrics_peers.py), so one scrape sees every role.
-    worker_port, webhooks_port = free_port(), free_port()
-    gateway_env = {**env, PEERS_ENV: f"worker=http://127.0.0.1:{worker_port}/metrics,"
-                                     f"webhooks=http://127.0.0.1:{webhooks_port}/metrics"}
-    worker = _spawn(["worker", "--model", opts.model, "--metrics-port", str(worker_port), *opts.worker_args], env)
-    gateway = _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)], gateway_env)
-    webhooks = _spawn(["webhooks", "--metrics-port", str(webhooks_port)], env)
-    children = [worker, gateway, webhooks]
+    worker = Child("worker", lambda: _spawn(["worker", "--model", opts.model, "--metrics-port",
+                                             str(opts.worker_metrics_port), *opts.worker_args], env))
+    # The gateway's /metrics shows the worker's and the deliverer's too (gateway/metrics_peers.py), so one
+    # scrape sees every role.
+    gateway_env = {**env, PEERS_ENV: f"worker=http://127.0.0.1:{opts.worker_metrics_port}/metrics,"
+                                     f"webhooks=http://127.0.0.1:{opts.webhooks_metrics_port}/metrics"}
+    gateway = Child("gateway", lambda: _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)],
+                                              gateway_env))
+    webhooks = Child("webhook deliverer", lambda: _spawn(
+        ["webhooks", "--metrics-port", str(opts.webhooks_metrics_port)], env))
+    roles = [worker, gateway, webhooks]
+    for child in roles:
+        child.start()
+    children += roles
 
     stopping = False
 
@@ -94,26 +174,24 @@ def run_up(opts: UpOptions) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    base = f"http://{opts.host}:{opts.port}"
-    if wait_ready(f"{base}/readyz", children, timeout=600):
-        print(f"\ntokenq is up at {base}  (model {opts.model}; Ctrl-C stops)\n"
-              f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"    -d '{{\"model\": \"{opts.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
-              flush=True)
-    code = 0
     try:
+        if _wait_ready(f"{base}/readyz", 600, lambda: stopping, children):
+            host = opts.host
+            print(f"\ntokenq is up at {base}  (model {opts.model}; Ctrl-C stops)\n"
+                  f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                  f"    -d '{{\"model\": \"{opts.model}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+                  f"\"Hello!\"}}]}}'\n"
+                  f"  metrics: gateway {base}/metrics, worker http://{host}:{opts.worker_metrics_port}/metrics, "
+                  f"webhooks http://{host}:{opts.webhooks_metrics_port}/metrics\n", flush=True)
         while not stopping:
-            dead = [p for p in children if p.poll() is not None]
-            if dead:
-                code = dead[0].returncode or 1
-                print(f"a child process exited with {dead[0].returncode}; stopping", file=sys.stderr)
-                break
+            for child in children:
+                child.watch()
             time.sleep(0.2)
     finally:
         # Gateway first (no new jobs), then the worker drains, then webhooks (it relays the jobs the drain
         # finished and lets attempts in flight end), then Redis writes its append-only file.
         for group in ((gateway, worker), (webhooks,)):
-            stop_children(group)
+            stop_children([c.proc for c in group])
         if redis is not None:
             redis.stop()
-    return code
+    return 0

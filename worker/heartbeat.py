@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from jobstore import JobStore
 from protocol import keys
+from protocol.outage import REDIS_DOWN, Outage
 from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
 from worker import metrics
 from worker.engine_loop import EngineHandle
@@ -82,11 +83,15 @@ class Heartbeat:
         return depth
 
     async def run(self) -> None:
-        """Beat every interval until cancelled; a missed beat is logged, not fatal."""
+        """Beat every interval until cancelled; a missed beat is logged (once per Redis outage), not fatal."""
+        outage = Outage(log, "heartbeat")
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.beat()
+                outage.restored()
+            except REDIS_DOWN as e:
+                outage.lost(e)
             except Exception as e:
                 log.warning("heartbeat failed", error=repr(e))
 

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from jobstore import JobStore, Started
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
+from protocol.outage import Outage
 from worker import metrics
 from worker.engine_loop import EngineHandle
 from worker.logging import get_logger
@@ -129,10 +130,13 @@ class Intake:
         await self.streams.refresh()
 
     async def run(self) -> None:
-        """Pull until cancelled; Redis trouble is logged and retried, never fatal."""
+        """Pull until cancelled; Redis trouble is logged (once per outage) and retried with back-off, never
+        fatal."""
+        outage = Outage(log, "intake", cap_s=2.0)
         while not self.stopped:
             try:
                 await self.poll()
+                outage.restored()
             except ResponseError as e:
                 # A stream deleted under us (pruned, or by hand), while we read or blocked on it.
                 if any(m in str(e) for m in ("NOGROUP", "no such key", "no longer exists")):
@@ -141,8 +145,7 @@ class Intake:
                 log.error("intake failed", error=repr(e))
                 await asyncio.sleep(1.0)
             except _RETRYABLE as e:
-                log.warning("redis unavailable", error=repr(e))
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(outage.lost(e))
 
     async def poll(self) -> int:
         """One round: reclaim stale entries when due, then read lanes in order, tenants round-robin, up to

@@ -25,6 +25,7 @@ from protocol import job_record as f
 from protocol import keys
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
+from protocol.outage import Outage
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import EngineHandle, FailedOutput
@@ -247,18 +248,17 @@ class Publisher:
     async def _retrying(self, fn, *args):
         """fn's result, retried with backoff while Redis is unreachable (a restart, a network blip), so that
         a job that ran meanwhile still gets its final write; None once stopped (entries stay pending)."""
-        delay, attempt = 0.1, 0
+        outage = Outage(log, "publisher", cap_s=2.0)
         while True:
             try:
-                return await fn(*args)
+                result = await fn(*args)
+                outage.restored()
+                return result
             except _RETRYABLE as e:
-                attempt += 1
                 if self.stopped:
                     log.error("redis unavailable and stopping: giving up on this write (entries stay pending)")
                     return None
-                log.warning("redis unavailable, retrying", error=repr(e), attempt=attempt)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(outage.lost(e))
 
     async def publish(self, outputs: list[RequestOutput]) -> None:
         if self._replay:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from jobstore import FinalWrite, JobRef, JobStore
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
+from protocol.outage import REDIS_DOWN, Outage
 from tokenq.settings import Settings
 from worker import metrics
 from worker.logging import get_logger
@@ -114,12 +115,17 @@ class Recovery:
 
     async def run_keep_alive(self, publisher: Publisher) -> None:
         """Every lease/3 until cancelled: keep our entries; stop running jobs another worker took over."""
+        outage = Outage(log, "lease refresh")
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 running = list(publisher.jobs.values())
                 lost = set(await self.keep_alive([*running, *publisher.finishing.values()]))
-            except Exception as e:  # Redis away: the lease may lapse, and someone else reruns the job
+                outage.restored()
+            except REDIS_DOWN as e:  # Redis away: the lease may lapse, and someone else reruns the job
+                outage.lost(e)
+                continue
+            except Exception as e:
                 log.warning("lease refresh failed", error=repr(e))
                 continue
             for job in running:

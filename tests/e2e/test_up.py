@@ -16,17 +16,39 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
+UP_PORTS: dict[str, int] = {}
+
+
+def _env(home) -> dict[str, str]:
+    env = {**os.environ, "TOKENQ_HOME": str(home)}
+    env.pop("TOKENQ_REDIS_URL", None)
+    return env
+
+
+def _children(proc: subprocess.Popen) -> dict[int, str]:
+    """pid -> command line of each child of `tokenq up`."""
+    pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    out = {}
+    for pid in pids:
+        try:
+            out[int(pid)] = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+        except OSError:
+            pass
+    return out
+
 
 @pytest.fixture(scope="module")
 def tokenq_up(default_model_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     (home / "models").mkdir()
     (home / "models" / default_model_dir.name).symlink_to(default_model_dir)
-    port = free_port()
+    port, worker_metrics, webhooks_metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "TOKENQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("TOKENQ_REDIS_URL", None)
     log = open(home / "up.log", "w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port), "--max-num-seqs", "3",
+                             "--kv-cache-gb", "0.25", "--worker-metrics-port", str(worker_metrics),
+                             "--webhooks-metrics-port", str(webhooks_metrics)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -42,6 +64,7 @@ def tokenq_up(default_model_dir, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("tokenq up never became ready:\n" + (home / "up.log").read_text())
+    UP_PORTS.update(worker=worker_metrics, webhooks=webhooks_metrics)
     yield base, proc, home
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -113,6 +136,49 @@ def test_one_scrape_shows_every_role(tokenq_up):
     assert "tokenq_gateway_requests_total" in text and "tokenq_live_workers" in text
     assert 'tokenq_worker_kv_cache_usage_ratio{model="smollm2-135m-instruct",role="worker"}' in text
     assert 'role="webhooks"' in text
+def test_worker_gets_the_engine_options(tokenq_up):
+    _, proc, _ = tokenq_up
+    [worker] = [c for c in _children(proc).values() if " worker " in c]
+    assert "--max-num-seqs 3" in worker and "--kv-cache-gb 0.25" in worker
+
+
+def test_other_commands_find_the_embedded_redis(tokenq_up):
+    _, _, home = tokenq_up
+    listed = subprocess.run([sys.executable, "-m", "tokenq", "keys", "list"], env=_env(home), capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("id\ttenant")
+
+
+def test_a_second_up_on_the_same_home_is_refused(tokenq_up):
+    base, _, home = tokenq_up
+    second = subprocess.run([sys.executable, "-m", "tokenq", "up", "--port", str(free_port())], env=_env(home),
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1
+    assert "already running" in second.stderr and base in second.stderr
+    assert "embedded Redis" not in second.stdout  # refused before it started anything
+    assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+
+
+def test_worker_and_webhook_metrics_are_served(tokenq_up):
+    worker = httpx.get(f"http://127.0.0.1:{UP_PORTS['worker']}/metrics", timeout=10).text
+    webhooks = httpx.get(f"http://127.0.0.1:{UP_PORTS['webhooks']}/metrics", timeout=10).text
+    assert "tokenq_worker" in worker
+    assert "tokenq_webhook" in webhooks
+
+
+def test_a_child_that_dies_is_started_again(tokenq_up):
+    base, proc, home = tokenq_up
+    [(old, _)] = [(pid, c) for pid, c in _children(proc).items() if " webhooks " in c]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    new = []
+    while time.monotonic() < deadline and not new:
+        new = [pid for pid, c in _children(proc).items() if " webhooks " in c and pid != old]
+        time.sleep(0.2)
+    assert new, (home / "up.log").read_text()[-3000:]
+    assert proc.poll() is None
+    assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
 
 
 def test_ctrl_c_stops_every_child(tokenq_up):

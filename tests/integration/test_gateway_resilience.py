@@ -112,24 +112,28 @@ def test_redis_restart_503_then_recovery(restartable, default_model_dir):
         assert c.get("/readyz").status_code == 200
 
 
-async def test_follower_survives_a_redis_restart(restartable):
+@pytest.mark.parametrize("followers", [1, 3])
+async def test_follower_survives_a_redis_restart(restartable, followers):
+    """One follower on a hub of its own; or three on the gateway's shared hub (one pub/sub connection)."""
     import redis.asyncio as aioredis
 
+    from gateway.event_hub import EventHub
     from gateway.redis_client import make_redis
 
     client = make_redis(restartable.url)
+    hub = EventHub(client) if followers > 1 else None
     payload = JobPayload(id="job_restart", model=MODEL, kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
     await JobStore(client).submit(payload, "{}", {}, streamed=False)
     finals: list[Final] = []
 
     async def wait() -> None:
-        async for item in follow(client, payload.id, want_deltas=False):
+        async for item in follow(client, payload.id, want_deltas=False, hub=hub):
             if isinstance(item, Final):
                 finals.append(item)
                 return
 
-    task = asyncio.create_task(wait())
+    tasks = [asyncio.create_task(wait()) for _ in range(followers)]
     await asyncio.sleep(0.3)
     await asyncio.to_thread(restartable.stop)
     await asyncio.sleep(2.0)  # longer than the client's own retries: follow must subscribe again itself
@@ -139,7 +143,36 @@ async def test_follower_survives_a_redis_restart(restartable):
     result = JobResult(text="done", finish_reason="stop", usage=Usage(prompt_tokens=2, completion_tokens=1,
                                                                       total_tokens=3))
     await JobStore(other).write([], [FinalWrite(JobRef.of(payload), "succeeded", result.model_dump_json())])
-    await asyncio.wait_for(task, timeout=15)
-    assert finals[0].state == "succeeded" and finals[0].result.text == "done"
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=15)
+    assert len(finals) == followers
+    assert all(f.state == "succeeded" and f.result.text == "done" for f in finals)
+    if hub is not None:
+        assert hub.channels == 0
+        await hub.aclose()
     await other.aclose()
     await client.aclose()
+
+
+def test_redis_out_of_memory_is_503_and_not_ready(restartable, default_model_dir):
+    r = redis.Redis.from_url(restartable.url, decode_responses=True)
+    register_idle_worker(r, default_model_dir)
+    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 4}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    with GatewayThread(restartable.url) as base, httpx.Client(base_url=base, timeout=30) as c:
+        assert c.get("/readyz").status_code == 200
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1")  # far below what it uses: every write is refused with OOM
+        try:
+            for path, sent in (("/v1/jobs", body), ("/v1/completions", body), ("/v1/chat/completions", chat),
+                               ("/v1/completions", {**body, "stream": True})):
+                resp = c.post(path, json=sent)
+                assert resp.status_code == 503, resp.text
+                error = resp.json()["error"]
+                assert error["type"] == "server_overloaded" and error["code"] == "redis_oom", error
+                assert "out of memory" in error["message"]
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["reason"] == "redis_oom"
+        finally:
+            r.config_set("maxmemory", "0")
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/jobs", json=body).status_code == 202

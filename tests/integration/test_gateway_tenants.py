@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key
+from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key, set_auth
 from gateway.app import create_app
 from protocol import job_record as F
 from protocol import keys
@@ -27,15 +27,22 @@ IDLE_WORKER = "test:idle-worker"
 PROMPT = {"model": MODEL, "prompt": "one two three", "max_tokens": 8}
 
 
-@pytest.fixture
-async def idle_worker(redis_client, default_model_dir):
-    """A worker that looks alive and serves MODEL but takes nothing off the streams."""
-    card = model_card(default_model_dir, 2048)
+async def idle_worker_again(redis_client) -> None:
+    from tokenq.model_store import ensure_model
+    from tokenq.settings import DEFAULT_MODEL
+
+    card = model_card(ensure_model(DEFAULT_MODEL), 2048)
     beat = WorkerHeartbeat(worker_id=IDLE_WORKER, model=MODEL, max_model_len=2048, capacity=8)
     await redis_client.hset(keys.model_card_key(MODEL), "card", card.model_dump_json())
     await redis_client.set(keys.worker_key(IDLE_WORKER), beat.model_dump_json(), ex=600)
     await redis_client.sadd(keys.WORKERS_SET, IDLE_WORKER)
     await redis_client.sadd(keys.MODELS_SET, MODEL)
+
+
+@pytest.fixture
+async def idle_worker(redis_client, default_model_dir):
+    """A worker that looks alive and serves MODEL but takes nothing off the streams."""
+    await idle_worker_again(redis_client)
     yield
     await redis_client.delete(keys.worker_key(IDLE_WORKER))
 
@@ -103,9 +110,34 @@ async def test_keys_turn_auth_on(client, idle_worker, redis_client):
     assert await revoke_key(redis_client, created.digest[:12]) == [created.digest]
     assert_error(await client.post("/v1/jobs", json=PROMPT, headers=bearer(created.api_key)), 401)
     assert [row["tenant"] for row in await list_keys(redis_client)] == ["other"]
-    # The last key gone: auth is off again.
+    # The last key gone: auth stays on (fails closed) until an operator turns it off.
     await revoke_key(redis_client, spare.api_key)
+    assert_error(await client.post("/v1/jobs", json=PROMPT), 401)
+    await set_auth(redis_client, False)
     assert (await client.post("/v1/jobs", json=PROMPT)).status_code == 202
+
+
+async def test_auth_stays_on_when_redis_loses_the_keys(client, idle_worker, redis_client):
+    created = await create_key(redis_client, "acme", {})
+    assert (await client.post("/v1/jobs", json=PROMPT, headers=bearer(created.api_key))).status_code == 202
+    await redis_client.flushdb()  # the key set and the flag are gone (a replaced or flushed Redis)
+    await idle_worker_again(redis_client)
+    assert_error(await client.post("/v1/jobs", json=PROMPT), 401)
+    assert_error(await client.post("/v1/jobs", json=PROMPT, headers=bearer(created.api_key)), 401)
+
+
+async def test_require_auth_forces_it_on(redis_url, redis_client, idle_worker, monkeypatch):
+    monkeypatch.setenv("TOKENQ_REQUIRE_AUTH", "1")
+    app = create_app(redis_url)
+    async with app.router.lifespan_context(app), make_client(app) as client:
+        await set_auth(redis_client, False)
+        assert await redis_client.scard(API_KEYS_SET) == 0
+        assert_error(await client.post("/v1/jobs", json=PROMPT), 401)
+        created = await create_key(redis_client, "acme", {})
+        await set_auth(redis_client, False)
+        app.state.ctx.auth.cache_s = 0
+        r = await client.post("/v1/jobs", json=PROMPT, headers=bearer(created.api_key))
+        assert r.status_code == 202, r.text
 
 
 async def test_webhook_secret_is_kept_and_keys_list(redis_client):
@@ -146,6 +178,13 @@ def test_cli_keys(redis_url, capsys):
     assert done.value.code == 0
     assert sync.scard(API_KEYS_SET) == 0
     assert sync.hget(keys.tenant_key("cli-t"), "webhook_secret") == secret
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["keys", "auth", "--redis-url", redis_url])
+    assert "auth: on" in capsys.readouterr().out  # no key left, and still on
+    with pytest.raises(SystemExit) as done:
+        main(["keys", "auth", "off", "--redis-url", redis_url])
+    assert done.value.code == 0 and "auth: off" in capsys.readouterr().out
 
 
 async def test_jobs_of_other_tenants_are_not_found(client, idle_worker, redis_client):

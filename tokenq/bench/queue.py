@@ -8,7 +8,13 @@ one at a time and pipelined.
 Honest counting: only 202 answers count as accepted, latency is timed per request by the client, and at
 the end the entries on the lane's streams (XLEN) must equal every job accepted (warm-ups included), else
 the run fails. The defaults (2 gateway processes, 1/32/64 clients) are the settings the target is quoted
-at: 3,000 jobs/s with client, Redis and gateway on one 2-core machine."""
+at: 3,000 jobs/s with client, Redis and gateway on one 2-core machine.
+
+Two submission paths, one after the other on the same Redis (`--paths`): `hand-written` is the gateway as
+it ships (gateway/fastpath.py ahead of FastAPI, gateway/redis_pipe.py instead of redis-py on the submit
+path); `library` is FastAPI and redis-py alone (TOKENQ_GATEWAY_LIBRARY_PATH=1). The hand-written pieces
+stay only while this comparison shows the library path short of the target and theirs meeting it; the
+report prints both and says which path meets the target."""
 
 from __future__ import annotations
 
@@ -40,6 +46,9 @@ def add_queue_parser(bsub: argparse._SubParsersAction) -> None:
     q.add_argument("--client", choices=["raw", "httpx"], default="raw",
                    help="load generator: a minimal HTTP/1.1 client (default) or httpx")
     q.add_argument("--xadd-ops", type=int, default=20000)
+    q.add_argument("--paths", default="hand-written,library",
+                   help="submission paths to run: hand-written (as shipped), library (FastAPI + redis-py alone)")
+    q.add_argument("--target", type=float, default=3000.0, help="jobs/s the gateway must accept")
     q.add_argument("--out", default="bench-queue.json")
     q.set_defaults(func=cmd_bench_queue)
 
@@ -50,24 +59,33 @@ def cmd_bench_queue(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-queue-"))
     redis_server = None if args.redis_url else EmbeddedRedis(workdir / "redis").start()
     redis_url = args.redis_url or redis_server.url
-    port = free_port()
-    env = {**os.environ, "TOKENQ_MAX_QUEUE_DEPTH": "0", "PYTHONUNBUFFERED": "1",
-           "TOKENQ_GATEWAY_WORKERS": str(args.gateway_workers)}
-    gateway = subprocess.Popen([sys.executable, "-m", "tokenq", "gateway", "--redis-url", redis_url,
-                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=open(workdir / "gateway.log", "wb"))
+    runs: list[dict] = []
+    gateway: subprocess.Popen | None = None
     try:
         asyncio.run(_cleanup(redis_url))  # what an earlier, interrupted run left would spoil the XLEN check
         asyncio.run(_register_fake_worker(redis_url))
-        wait_for_port(port, timeout=30)
-        base = f"http://127.0.0.1:{port}"
         redis_pid = redis_server.proc.pid if redis_server is not None and redis_server.proc else None
-        runs = [_run_clients(base, args, int(c), gateway.pid, redis_pid) for c in str(args.concurrency).split(",")]
+        for path in args.paths.split(","):
+            port = free_port()
+            env = {**os.environ, "TOKENQ_MAX_QUEUE_DEPTH": "0", "PYTHONUNBUFFERED": "1",
+                   "TOKENQ_GATEWAY_WORKERS": str(args.gateway_workers),
+                   "TOKENQ_GATEWAY_LIBRARY_PATH": "1" if path == "library" else ""}
+            gateway = subprocess.Popen([sys.executable, "-m", "tokenq", "gateway", "--redis-url", redis_url,
+                                        "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                       stderr=open(workdir / f"gateway-{path}.log", "wb"))
+            wait_for_port(port, timeout=120)  # a loaded machine starts two gateway processes slowly
+            base = f"http://127.0.0.1:{port}"
+            runs += [{**_run_clients(base, args, int(c), gateway.pid, redis_pid), "path": path}
+                     for c in str(args.concurrency).split(",")]
+            gateway.terminate()
+            gateway.wait(timeout=10)
+            gateway = None
         queued = asyncio.run(_queued(redis_url))
         xadd = asyncio.run(_xadd_rates(redis_url, args.xadd_ops, len(_job_body())))
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=10)
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=10)
         asyncio.run(_cleanup(redis_url))
         if redis_server is not None:
             redis_server.stop()
@@ -357,7 +375,7 @@ def _report(args: argparse.Namespace, runs: list[dict], queued: int, expected: i
             xadd: dict[str, float]) -> None:
     from tokenq.bench.report import machine_info, print_table, write_json
 
-    rows = [[f"gateway x{gw['gateway_workers']}, POST /v1/jobs, c={gw['concurrency']}", gw["jobs_per_s"],
+    rows = [[f"{gw['path']}: gateway x{gw['gateway_workers']}, POST /v1/jobs, c={gw['concurrency']}", gw["jobs_per_s"],
              f"{gw['p50_ms']:.2f}", f"{gw['p99_ms']:.2f}", f"{gw['gateway_cpu_us_per_job']:.0f}",
              "" if gw["redis_cpu_us_per_job"] is None else f"{gw['redis_cpu_us_per_job']:.0f}", gw["errors"],
              f"{gw['loadavg_1m']:.1f}"] for gw in runs]
@@ -374,12 +392,42 @@ def _report(args: argparse.Namespace, runs: list[dict], queued: int, expected: i
     for gw in runs:
         if gw["first_error"]:
             print(f"first error (c={gw['concurrency']}): {gw['first_error']}")
+    verdicts = _path_verdicts(runs, args.target)
+    for line in verdicts.values():
+        print(line)
     load = os.getloadavg()
     print(f"load average (1 min) at the end: {load[0]:.1f} on {os.cpu_count()} CPUs")
     write_json(args.out, {"machine": {**machine_info(), "loadavg_1m": load[0]}, "gateway": runs,
                           "queued_entries": queued, "accepted_total": expected,
                           "xlen_check": {"xlen": queued, "accepted": expected, "ok": queued == expected},
-                          "xadd": xadd,
+                          "xadd": xadd, "target_jobs_per_s": args.target, "paths": verdicts,
                           "settings": {"requests": args.requests, "warmup": args.warmup,
                                        "concurrency": args.concurrency, "client_procs": args.client_procs,
-                                       "client": args.client, "gateway_workers": args.gateway_workers}})
+                                       "client": args.client, "gateway_workers": args.gateway_workers,
+                                       "paths": args.paths}})
+
+
+def _path_verdicts(runs: list[dict], target: float) -> dict[str, str]:
+    """Per path, its best rate against the target; then whether the hand-written pieces are what meets it.
+    On a machine too loaded for either path to meet it, the gateway CPU per job still compares them."""
+    best: dict[str, dict] = {}
+    for gw in runs:
+        if gw["jobs_per_s"] >= best.get(gw["path"], {}).get("jobs_per_s", -1.0):
+            best[gw["path"]] = gw
+    out = {path: f"{path}: best {gw['jobs_per_s']:.0f} jobs/s at {gw['gateway_cpu_us_per_job']:.0f} us of gateway "
+                 f"CPU per job; target {target:.0f}: {'met' if gw['jobs_per_s'] >= target else 'NOT met'}"
+           for path, gw in best.items()}
+    if "hand-written" in best and "library" in best:
+        hand, lib = best["hand-written"], best["library"]
+        rate = hand["jobs_per_s"] / max(lib["jobs_per_s"], 1e-9)
+        cpu = lib["gateway_cpu_us_per_job"] / max(hand["gateway_cpu_us_per_job"], 1e-9)
+        head = f"hand-written path: x{rate:.2f} the library path's rate, x{cpu:.2f} less gateway CPU per job: "
+        if lib["jobs_per_s"] >= target:
+            tail = "the library path meets the target too, so gateway/fastpath.py and gateway/redis_pipe.py can go"
+        elif hand["jobs_per_s"] >= target:
+            tail = "only the hand-written path meets the target, so gateway/fastpath.py and gateway/redis_pipe.py stay"
+        else:
+            tail = (f"neither meets the target on this machine (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+                    "CPUs); the CPU per job decides")
+        out["verdict"] = head + tail
+    return out

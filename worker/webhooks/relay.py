@@ -13,11 +13,10 @@ import socket
 
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import keys
+from protocol.outage import REDIS_DOWN, Outage
 from worker.logging import get_logger
 from worker.webhooks.delivery import FUNCTION
 from worker.webhooks.metrics import RELAYED
@@ -80,14 +79,18 @@ class Relay:
             await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure_group()
+        outage = Outage(_log, "webhook relay")
+        grouped = False
         while not stop.is_set():
             try:
+                if not grouped:
+                    await self.ensure_group()
+                    grouped = True
                 await self.run_once()
-            except (OSError, RedisConnectionError, RedisTimeoutError) as e:  # Redis away: try again shortly
-                _log.warning("relay read failed", error=str(e))
-                await asyncio.sleep(1.0)
-            except ResponseError as e:  # the stream or group was deleted under us
+                outage.restored()
+            except REDIS_DOWN as e:  # Redis away: try again after a back-off
+                await asyncio.sleep(outage.lost(e))
+            except ResponseError as e:  # the stream or group was deleted under us (a Redis without its data)
                 if "NOGROUP" not in str(e):
                     raise
-                await self.ensure_group()
+                grouped = False

@@ -16,6 +16,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Function, Worker, func
 
 from protocol import keys
+from protocol.outage import REDIS_DOWN, Outage
 from tokenq.settings import Settings
 from worker.logging import get_logger
 from worker.webhooks.delivery import CTX_KEY, FUNCTION, Deliverer, deliver_webhook, new_http_client
@@ -60,11 +61,10 @@ class WebhookService:
         pool = await arq_pool(self.redis_url)
         http = new_http_client()
         deliverer = Deliverer(redis, http, self.policy, self.allow)
-        worker = Worker([_function(self.policy)], queue_name=QUEUE, redis_pool=pool, handle_signals=False,
-                        ctx={CTX_KEY: deliverer}, poll_delay=self.poll_delay, keep_result=KEEP_RESULT_S,
-                        job_serializer=_dumps, job_deserializer=json.loads)
+        workers: list[Worker] = []
         relay = Relay(redis, pool, self.policy, QUEUE, block_ms=self.block_ms)
-        tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(worker.async_run())]
+        tasks = [asyncio.create_task(relay.run(stop)),
+                 asyncio.create_task(self._deliver(pool, deliverer, stop, workers))]
         stopped = asyncio.create_task(stop.wait())
         _log.info("webhook service started", queue=QUEUE, delays=self.policy.delays)
         try:
@@ -78,12 +78,36 @@ class WebhookService:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await _drain(worker)
-            await pool.delete(worker.health_check_key)
+            for worker in workers:
+                await _drain(worker)
+            with contextlib.suppress(*REDIS_DOWN):
+                await pool.delete(QUEUE + ":health-check")
             await pool.aclose()
             await http.aclose()
             await redis.aclose()
             _log.info("webhook service stopped")
+
+    def _worker(self, pool: ArqRedis, deliverer: Deliverer) -> Worker:
+        return Worker([_function(self.policy)], queue_name=QUEUE, redis_pool=pool, handle_signals=False,
+                      ctx={CTX_KEY: deliverer}, poll_delay=self.poll_delay, keep_result=KEEP_RESULT_S,
+                      job_serializer=_dumps, job_deserializer=json.loads)
+
+    async def _deliver(self, pool: ArqRedis, deliverer: Deliverer, stop: asyncio.Event,
+                       workers: list[Worker]) -> None:
+        """arq's polling loop ends at the first Redis error; after an outage a fresh arq worker takes over
+        (a fresh one: the old one's job counter may hold slots of jobs it could not start). Attempts the
+        old one has in flight run on and are drained at stop."""
+        outage = Outage(_log, "webhook delivery")
+        while not stop.is_set():
+            try:
+                if outage.ongoing:
+                    await pool.ping()
+                    outage.restored()
+                worker = self._worker(pool, deliverer)
+                workers[:] = [w for w in workers if any(not t.done() for t in w.tasks.values())] + [worker]
+                await worker.async_run()
+            except REDIS_DOWN as e:
+                await asyncio.sleep(outage.lost(e))
 
 
 async def _drain(worker: Worker) -> None:

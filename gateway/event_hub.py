@@ -1,0 +1,177 @@
+"""One pub/sub connection per gateway process for every job it follows. Each follower joins its job's
+channel here; the hub subscribes to a channel on its first follower and unsubscribes after its last, and
+one reader task fans each message out to the followers' queues. Waiting requests then cost Redis no
+connection of their own: a few hundred waiting or streaming clients are one Redis client, not hundreds
+(a Redis at `maxclients` would stop the whole gateway).
+
+A follower still needs its subscription to be live before it reads the job's snapshot: `join` returns
+once Redis has confirmed a SUBSCRIBE of this channel. When the
+connection is lost, every follower gets the error and joins again (jobs.follow re-reads the snapshot)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway.logging import get_logger
+
+SUBSCRIBE_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 1.0
+log = get_logger(__name__)
+
+
+class Subscription:
+    """One follower's view of a channel: its messages, in order."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str | BaseException] = asyncio.Queue()
+
+    async def get(self, timeout: float) -> str | None:
+        """The next message's data, or None after `timeout` seconds of silence. Raises ConnectionError when
+        the hub's connection was lost (what was published meanwhile is gone: re-read the snapshot)."""
+        try:
+            item = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return None
+        if isinstance(item, BaseException):
+            raise RedisConnectionError(f"pub/sub connection lost: {item!r}") from item
+        return item
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class EventHub:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task | None = None
+        self._followers: dict[str, set[Subscription]] = {}
+        self._live: dict[str, asyncio.Future] = {}  # channel -> confirmation of its current SUBSCRIBE
+        self._pending: dict[str, list[asyncio.Future]] = {}  # SUBSCRIBEs sent and not yet confirmed
+        self._lock = asyncio.Lock()  # one SUBSCRIBE or UNSUBSCRIBE written at a time
+        self._unsubscribing: set[asyncio.Task] = set()
+
+    @property
+    def channels(self) -> int:
+        return len(self._followers)
+
+    @contextlib.asynccontextmanager
+    async def join(self, channel: str) -> AsyncIterator[Subscription]:
+        """Follow `channel` for the `async with` block; the subscription is live on entry."""
+        sub = Subscription()
+        confirmed = await self._add(channel, sub)
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
+            yield sub
+        finally:
+            await self._remove(channel, sub)
+
+    async def _add(self, channel: str, sub: Subscription) -> asyncio.Future:
+        async with self._lock:
+            followers = self._followers.setdefault(channel, set())
+            followers.add(sub)
+            if channel in self._live:
+                return self._live[channel]
+            confirmed = asyncio.get_running_loop().create_future()
+            confirmed.add_done_callback(_retrieve)  # a follower that gave up is not told: no "never retrieved"
+            self._live[channel] = confirmed
+            self._pending.setdefault(channel, []).append(confirmed)
+            try:
+                if self._pubsub is None:
+                    self._pubsub = self.redis.pubsub()
+                await self._pubsub.subscribe(channel)
+            except BaseException:
+                self._forget(channel, sub)
+                pending = self._pending.get(channel, [])
+                if confirmed in pending:
+                    pending.remove(confirmed)
+                if not pending:
+                    self._pending.pop(channel, None)
+                raise
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read(self._pubsub), name="event-hub")
+            return confirmed
+
+    async def _remove(self, channel: str, sub: Subscription) -> None:
+        """Forget the follower at once (its task may be being cancelled); UNSUBSCRIBE in the background
+        after the channel's last one, unless another follower has joined it meanwhile."""
+        if self._forget(channel, sub):
+            task = asyncio.create_task(self._unsubscribe(channel))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        async with self._lock:
+            if channel in self._followers or self._pubsub is None:
+                return
+            with contextlib.suppress(Exception):  # a lost connection drops the subscription anyway
+                await self._pubsub.unsubscribe(channel)
+
+    def _forget(self, channel: str, sub: Subscription) -> bool:
+        """Drop one follower; True when it was the channel's last."""
+        followers = self._followers.get(channel)
+        if followers is None or sub not in followers:
+            return False
+        followers.discard(sub)
+        if followers:
+            return False
+        del self._followers[channel]
+        self._live.pop(channel, None)
+        return True
+
+    async def _read(self, pubsub: PubSub) -> None:
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every follower is told and joins again
+                await self._lost(pubsub, e)
+                return
+            if message is None:
+                continue
+            kind, channel = message.get("type"), message.get("channel")
+            if kind == "message":
+                for sub in self._followers.get(channel, ()):
+                    sub.queue.put_nowait(message["data"])
+            elif kind == "subscribe":  # the channel is live: every SUBSCRIBE of it sent so far is done
+                for future in self._pending.pop(channel, ()):
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _lost(self, pubsub: PubSub, error: BaseException) -> None:
+        log.warning("event hub lost its pub/sub connection; followers re-subscribe", error=repr(error),
+                    channels=len(self._followers))
+        async with self._lock:
+            if self._pubsub is pubsub:
+                self._pubsub = None
+            for followers in self._followers.values():
+                for sub in followers:
+                    sub.queue.put_nowait(error)
+            for pending in self._pending.values():
+                for future in pending:
+                    if not future.done():
+                        future.set_exception(RedisConnectionError(f"pub/sub connection lost: {error!r}"))
+            self._followers.clear()
+            self._live.clear()
+            self._pending.clear()
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*self._unsubscribing, return_exceptions=True)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None

@@ -1,0 +1,46 @@
+"""A lost Redis, as every long-running process handles it: one warning when the outage starts, one
+line when it ends, and an exponential back-off between attempts in between (a restart of Redis is a
+pause, not a crash, and a log that repeats every retry hides everything else)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# What an unreachable, restarting or still-loading Redis raises (BusyLoadingError is a ConnectionError).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+
+
+class Outage:
+    """`lost(error)` on each failure returns how long to wait before the next attempt; `restored()` on
+    the first success after it. `log` is a structlog logger; `what` names the loop in both lines."""
+
+    def __init__(self, log: Any, what: str, base_s: float = 0.1, cap_s: float = 5.0) -> None:
+        self.log = log
+        self.what = what
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.since: float | None = None
+        self._delay = base_s
+
+    @property
+    def ongoing(self) -> bool:
+        return self.since is not None
+
+    def lost(self, error: BaseException) -> float:
+        if self.since is None:
+            self.since = time.monotonic()
+            self._delay = self.base_s
+            self.log.warning("redis unreachable; retrying with back-off", loop=self.what, error=repr(error))
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.cap_s)
+        return delay
+
+    def restored(self) -> None:
+        if self.since is not None:
+            self.log.info("redis reachable again", loop=self.what, down_s=round(time.monotonic() - self.since, 1))
+            self.since = None

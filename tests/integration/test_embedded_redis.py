@@ -1,0 +1,71 @@
+"""`tokenq up`'s embedded Redis keeps one address per TOKENQ_HOME, recorded where the other commands
+read it, and takes over from a redis-server of the same home left behind by a killed `tokenq up`."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import redis
+
+from tokenq import settings
+from tokenq.embedded_redis import EmbeddedRedis
+from tokenq.home_lock import HomeLock, HomeLocked
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENQ_HOME", str(tmp_path))
+    monkeypatch.delenv("TOKENQ_REDIS_URL", raising=False)
+    return tmp_path
+
+
+def test_same_address_at_every_start_and_found_by_settings(home):
+    first = EmbeddedRedis(settings.embedded_redis_dir()).start()
+    try:
+        url = first.url
+        redis.Redis.from_url(url).set("kept", "1")
+        assert settings.redis_url() == url
+    finally:
+        first.stop()
+    second = EmbeddedRedis(settings.embedded_redis_dir()).start()
+    try:
+        assert second.url == url
+        assert redis.Redis.from_url(url).get("kept") == b"1"  # the same append-only file
+    finally:
+        second.stop()
+
+
+def test_an_orphan_of_the_same_home_is_stopped_and_replaced(home):
+    orphan = EmbeddedRedis(settings.embedded_redis_dir()).start()
+    url = orphan.url
+    redis.Redis.from_url(url).set("kept", "1")
+    fresh = EmbeddedRedis(settings.embedded_redis_dir()).start()  # the orphan still runs: as after kill -9
+    try:
+        assert fresh.url == url
+        assert orphan.proc is not None and orphan.proc.wait(timeout=10) is not None
+        assert redis.Redis.from_url(url).get("kept") == b"1"
+    finally:
+        fresh.stop()
+        orphan.stop()
+
+
+def test_explicit_url_wins(home, monkeypatch):
+    monkeypatch.setenv("TOKENQ_REDIS_URL", "redis://elsewhere:1/0")
+    assert settings.redis_url() == "redis://elsewhere:1/0"
+
+
+def test_one_up_per_home(home):
+    lock = HomeLock(home)
+    lock.acquire("http://127.0.0.1:1")
+    try:
+        # Another process (the lock is per open file, so another process is the honest check).
+        probe = subprocess.run(
+            ["python3", "-c", "import fcntl,sys; f=open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX|fcntl.LOCK_NB)",
+             str(home / "up.lock")], capture_output=True, text=True)
+        assert probe.returncode != 0 and "BlockingIOError" in probe.stderr
+        with pytest.raises(HomeLocked, match="already running.*http://127.0.0.1:1"):
+            HomeLock(home).acquire("http://127.0.0.1:2")
+    finally:
+        lock.release()
+    HomeLock(home).acquire("http://127.0.0.1:3")
