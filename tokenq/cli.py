@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from tokenq import settings
-from tokenq.engine_options import add_engine_flags, engine_config_from
+from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
 
 
 def cmd_up(args: argparse.Namespace) -> int:
