@@ -46,6 +46,12 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return run_webhooks(_require_redis(args), metrics_port=args.metrics_port)
 
 
+def cmd_batches(args: argparse.Namespace) -> int:
+    from batches.service import run_batches
+
+    return run_batches(_require_redis(args))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from tokenq.model_store import KNOWN_MODELS, is_model_dir, models_dir, pull_model
 
@@ -118,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("--redis-url", default=settings.redis_url())
     wh.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     wh.set_defaults(func=cmd_webhooks)
+
+    bf = sub.add_parser("batches", help="feed batches (/v1/batches) into the batch lane, write their results")
+    bf.add_argument("--redis-url", default=settings.redis_url())
+    bf.set_defaults(func=cmd_batches)
+
+    from batches.cli import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
 
     from tokenq.keys import add_parser as add_keys_parser
 

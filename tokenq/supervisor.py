@@ -1,5 +1,5 @@
 """`tokenq up`: every role on one machine. Redis (embedded unless a URL is given), one worker, the
-gateway and the webhook service as child processes; Ctrl-C or SIGTERM stops every child cleanly, workers
+gateway, the webhook service and the batch feeder as child processes; Ctrl-C or SIGTERM stops every child cleanly, workers
 first drained."""
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def run_up(opts: UpOptions) -> int:
     worker = _spawn(["worker", "--model", opts.model, *opts.worker_args], env)
     gateway = _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)], env)
     webhooks = _spawn(["webhooks"], env)
-    children = [worker, gateway, webhooks]
+    batches = _spawn(["batches"], env)
+    children = [worker, gateway, webhooks, batches]
 
     stopping = False
 
@@ -99,7 +100,7 @@ def run_up(opts: UpOptions) -> int:
     finally:
         # Gateway first (no new jobs), then the worker drains, then webhooks (it relays the jobs the drain
         # finished and lets attempts in flight end), then Redis writes its append-only file.
-        for group in ((gateway, worker), (webhooks,)):
+        for group in ((gateway, worker, batches), (webhooks,)):
             stop_children(group)
         if redis is not None:
             redis.stop()
