@@ -71,6 +71,16 @@ def wait_until(pred, timeout: float, what: str, logs: list[Path]) -> None:
         time.sleep(0.1)
 
 
+def running_jobs(r: redis.Redis) -> dict[str, str]:
+    """Job key -> the worker running it."""
+    job_keys = list(r.scan_iter("tokenq:job:job_*", count=1000))
+    with r.pipeline(transaction=False) as pipe:
+        for k in job_keys:
+            pipe.hmget(k, [f.STATE, f.WORKER])
+        rows = pipe.execute()
+    return {k: worker for k, (state, worker) in zip(job_keys, rows, strict=True) if state == "running"}
+
+
 def test_worker_killed_and_redis_restarted_mid_batch(tmp_path):
     model_dir = write_random_model_dir("tiny", tmp_path / "tiny")
     red = RestartableRedis(tmp_path)
@@ -93,15 +103,12 @@ def test_worker_killed_and_redis_restarted_mid_batch(tmp_path):
                 return counts.completed + counts.failed
 
             wait_until(lambda: done_count() >= N_LINES // 4, 300, "a quarter of the lines", logs)
-            victim = workers[0]
+            running = running_jobs(r)
+            victim = max(workers, key=lambda w: sum(worker == w.id for worker in running.values()))
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait()
             # What the dead worker was running: jobs it started and, being dead, never finished.
-            job_keys = list(r.scan_iter("tokenq:job:job_*", count=1000))
-            with r.pipeline(transaction=False) as pipe:
-                for k in job_keys:
-                    pipe.hmget(k, [f.STATE, f.WORKER])
-                on_victim = [k for k, v in zip(job_keys, pipe.execute(), strict=True) if v == ["running", victim.id]]
+            on_victim = [k for k, worker in running_jobs(r).items() if worker == victim.id]
             in_flight = len(on_victim)
             wait_until(lambda: done_count() >= N_LINES // 2, 300, "half of the lines", logs)
             red.kill()
