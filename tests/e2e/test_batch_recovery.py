@@ -89,7 +89,7 @@ def test_worker_killed_and_redis_restarted_mid_batch(tmp_path):
     workers = [Worker(red.url, model_dir, tmp_path / f"worker{i}.log") for i in range(2)]
     feeder = Feeder(red.url, tmp_path / "feeder.log")
     logs = [w.log for w in workers] + [feeder.log]
-    lines = completion_lines(N_LINES, MODEL, max_tokens=8, words=24, temperature=0.7)
+    lines = completion_lines(N_LINES, MODEL, max_tokens=24, words=24, temperature=0.7)
     try:
         wait_until(lambda: all(r.exists(keys.worker_key(w.id)) for w in workers), 180, "workers", logs)
         with GatewayThread(red.url) as base:
@@ -103,8 +103,12 @@ def test_worker_killed_and_redis_restarted_mid_batch(tmp_path):
                 return counts.completed + counts.failed
 
             wait_until(lambda: done_count() >= N_LINES // 4, 300, "a quarter of the lines", logs)
-            running = running_jobs(r)
-            victim = max(workers, key=lambda w: sum(worker == w.id for worker in running.values()))
+            def busiest() -> tuple[int, Worker]:
+                running = list(running_jobs(r).values())
+                return max((running.count(w.id), i) for i, w in enumerate(workers))
+
+            wait_until(lambda: busiest()[0] >= 4, 60, "a worker running several lines", logs)
+            victim = workers[busiest()[1]]
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait()
             # What the dead worker was running: jobs it started and, being dead, never finished.
