@@ -202,3 +202,44 @@ def test_a_feeder_killed_mid_batch_is_replaced_and_each_line_lands_once(client, 
     assert not err
     assert_each_once([line["custom_id"] for line in lines], out, err)
     assert len({json.dumps(o["response"]["body"]["choices"]) for o in out}) == 80
+
+
+def test_files_and_batches_belong_to_their_tenant_and_count_against_its_quota(redis_url, monkeypatch):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.apikeys import create_key
+
+    redis.Redis.from_url(redis_url).flushdb()
+
+    async def keys() -> tuple[str, str]:
+        r = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            return (await create_key(r, "acme", {})).api_key, (await create_key(r, "other", {})).api_key
+        finally:
+            await r.aclose()
+
+    acme_key, other_key = asyncio.run(keys())
+    lines = chat_lines(3, MODEL)
+    monkeypatch.setenv("TOKENQ_FILES_QUOTA_BYTES", str(len(jsonl(lines)) * 2))
+    with GatewayThread(redis_url) as url:
+        acme = openai.OpenAI(base_url=f"{url}/v1", api_key=acme_key, max_retries=0)
+        other = openai.OpenAI(base_url=f"{url}/v1", api_key=other_key, max_retries=0)
+        f = upload(acme, lines)
+        batch = acme.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        for call in (lambda: other.files.retrieve(f.id), lambda: other.files.content(f.id),
+                     lambda: other.files.delete(f.id), lambda: other.batches.retrieve(batch.id),
+                     lambda: other.batches.cancel(batch.id),
+                     lambda: other.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                  completion_window="24h")):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert other.files.list().data == [] and other.batches.list().data == []
+        upload(acme, lines)
+        with pytest.raises(openai.BadRequestError) as e:
+            upload(acme, lines)
+        assert "quota" in e.value.message
+        assert upload(other, lines).status == "processed"  # the quota is per tenant
+        acme.files.delete(f.id)
+        assert upload(acme, lines).status == "processed"  # deleting gave the bytes back

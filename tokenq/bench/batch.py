@@ -50,6 +50,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pause-ms", type=float, default=200.0, help="between interactive requests")
     p.add_argument("--window", type=int, default=None, help="the feeder's window (TOKENQ_BATCH_WINDOW; "
                                                             "default: twice --max-num-seqs)")
+    p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the one port")
     p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-batch.json")
