@@ -20,12 +20,14 @@ import json
 import time
 from typing import Any
 
+from redis.asyncio.client import PubSub
+
 from batches import keys as K
 from batches import results as R
 from batches.files import LineWriter, read_lines
 from batches.lines import BatchLine, LineError, parse_line
 from batches.settings import BatchSettings
-from batches.store import FINAL_STATUSES
+from batches.store import FINAL_STATUSES, batch_webhook_url
 from batches.submit import RetryLater, SubmitContext, line_job_id, submit_line
 from gateway.errors import ApiError
 from gateway.logging import get_logger
@@ -38,6 +40,7 @@ from protocol.jobs import JobError, JobPayload, JobResult, JobState
 
 log = get_logger(__name__)
 CHUNK = 1000  # lines per Redis command when walking a whole batch
+MIN_STEP_S = 0.02  # a burst of lines ending is collected in one step, not one step each
 
 RENEW = Script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -49,6 +52,17 @@ RELEASE = Script("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.cal
 SET_FIELDS = Script("""
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+""")
+# KEYS: 1 batch hash, 2 lease, 3 the webhook outbox. ARGV: 1 owner, 2 '1' when the batch has a webhook, 3 the
+# batch id, then field/value pairs, the final status among them. The end and its webhook in one step: no
+# crash can end a batch and lose its webhook.
+FINISH = Script("""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ARGV[2] == '1' then
+  redis.call('XADD', KEYS[3], '*', 'batch_id', ARGV[3], 'state', redis.call('HGET', KEYS[1], 'status'))
+end
 return 1
 """)
 # KEYS: 1 batch hash, 2 lease, 3 in-flight, 4 copies, 5 dedup. ARGV: 1 owner, 2 the cursor as read, 3 the
@@ -96,7 +110,10 @@ class BatchFeeder:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work the batch until it is final, the lease is lost, or `stop`."""
+        pubsub = self.redis.pubsub()
         try:
+            # Each line's final state is published on its job's channel: a step follows at once.
+            await pubsub.psubscribe(keys.events_channel(f"job_{self.batch_id.removeprefix('batch_')}_*"))
             while not stop.is_set():
                 if not await self._renew():
                     return
@@ -105,11 +122,23 @@ class BatchFeeder:
                         return
                 except LeaseLost:
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.poll_s)
+                await self._wait(pubsub, stop)
         finally:
             with contextlib.suppress(Exception):
                 await eval_script(self.redis, RELEASE, [K.lease_key(self.batch_id)], [self.owner])
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _wait(self, pubsub: PubSub, stop: asyncio.Event) -> None:
+        """Until a line's job publishes its end, or poll_s passes; steps come at most every MIN_STEP_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.poll_s
+        await asyncio.sleep(MIN_STEP_S)
+        while not stop.is_set() and (left := deadline - loop.time()) > 0:
+            if await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 0.5)) is not None:
+                while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0) is not None:
+                    pass  # the rest of a burst: one step collects them all
+                return
 
     async def _renew(self) -> bool:
         ms = int(self.settings.lease_s * 1000)
@@ -118,6 +147,14 @@ class BatchFeeder:
     async def _set(self, **fields: Any) -> None:
         args = [self.owner, *(x for kv in fields.items() for x in (kv[0], str(kv[1])))]
         if not await eval_script(self.redis, SET_FIELDS, [self.key, K.lease_key(self.batch_id)], args):
+            raise LeaseLost(self.batch_id)
+
+    async def _finish(self, b: dict[str, str], **fields: Any) -> None:
+        """Set the batch's final status (with the other fields) and queue its webhook, if it has one."""
+        hook = "1" if await batch_webhook_url(self.redis, b) else "0"
+        args = [self.owner, hook, self.batch_id, *(x for kv in fields.items() for x in (kv[0], str(kv[1])))]
+        if not await eval_script(self.redis, FINISH, [self.key, K.lease_key(self.batch_id), keys.WEBHOOK_OUTBOX],
+                                 args):
             raise LeaseLost(self.batch_id)
 
     async def step(self) -> bool:
@@ -152,7 +189,7 @@ class BatchFeeder:
     async def _start(self, b: dict[str, str]) -> bool:
         if not await self.redis.exists(K.file_key(b["input_file_id"])):
             now = repr(time.time())
-            await self._set(status="failed", failed_at=now, errors=json.dumps([{
+            await self._finish(b, status="failed", failed_at=now, errors=json.dumps([{
                 "code": "input_file_missing", "line": None, "param": "input_file_id",
                 "message": f"input file {b['input_file_id']} was deleted before the batch started"}]))
             await self._retire()
@@ -236,9 +273,10 @@ class BatchFeeder:
         tenant = await self.ctx.auth.tenant(b["tenant"])
         deadline = float(b["expires_at"])
         records = []
-        for line, item in lines:
-            if isinstance(item, str | bytes | None):
-                item = _parse(item, line)
+        items = [(line, _parse(item, line) if isinstance(item, str | bytes | None) else item) for line, item in lines]
+        # Resubmitted lines too go in prompt order (a refill's already are; the sort is stable).
+        items.sort(key=lambda p: p[1].prompt_key() if isinstance(p[1], BatchLine) else "")
+        for line, item in items:
             job_id = line_job_id(self.batch_id, line)
             if isinstance(item, LineError):
                 (custom_id,) = await self._custom_ids(b, [line])
@@ -313,7 +351,7 @@ class BatchFeeder:
             if writer.lines:
                 await writer.commit(b["tenant"], f"{self.batch_id}_{name}.jsonl", "batch_output")
                 fields["output_file_id" if name == "output" else "error_file_id"] = writer.file_id
-        await self._set(**fields)
+        await self._finish(b, **fields)
         await self._retire()
         log.info("batch ended", batch_id=self.batch_id, status=ending, completed=b.get("completed"),
                  failed=b.get("failed"))

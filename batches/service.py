@@ -17,7 +17,6 @@ from gateway.logging import configure_logging, get_logger
 from gateway.redis_client import make_redis
 
 log = get_logger("batches")
-SCAN_S = 1.0  # how often the active batches are looked for ones without a feeder
 
 
 class FeederService:
@@ -50,7 +49,7 @@ class FeederService:
                             log.error("batch feeder failed; the batch is taken up again",
                                       batch_id=batch_id, error=repr(task.exception()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), SCAN_S)
+                    await asyncio.wait_for(stop.wait(), self.settings.poll_s)
         finally:
             stop.set()
             await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -14,7 +14,9 @@ from batches import keys as K
 from batches.files import read_file
 from batches.lines import ENDPOINTS
 from gateway.errors import ApiError
+from gateway.options import check_webhook
 from gateway.schemas import MAX_METADATA_KEY_CHARS, MAX_METADATA_KEYS, MAX_METADATA_VALUE_CHARS
+from protocol import keys
 
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
             "cancelled")
@@ -52,6 +54,15 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
     return metadata
 
 
+TENANT_WEBHOOK_FIELD = "webhook_url"  # of tokenq:tenant:{name}: where its batches report when they end
+
+
+async def batch_webhook_url(redis: aioredis.Redis, b: dict[str, str]) -> str | None:
+    """`metadata.webhook_url` of the batch, else the tenant's configured one, else None."""
+    metadata = json.loads(b.get("metadata") or "{}")
+    return metadata.get("webhook_url") or await redis.hget(keys.tenant_key(b["tenant"]), TENANT_WEBHOOK_FIELD)
+
+
 async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, endpoint: str,
                        completion_window: str, metadata: dict[str, Any] | None,
                        retention_s: int) -> dict[str, str]:
@@ -62,6 +73,7 @@ async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, e
         raise ApiError(400, f"endpoint: one of {', '.join(ENDPOINTS)} (got {endpoint!r})", param="endpoint")
     window_s = window_seconds(completion_window)
     metadata = check_metadata(metadata)
+    check_webhook(metadata.get("webhook_url"))
     meta = await read_file(redis, input_file_id, tenant)
     if meta.get("purpose") != "batch":
         raise ApiError(400, f"input_file_id: {input_file_id} has purpose {meta.get('purpose')!r}, not 'batch'",
@@ -85,6 +97,8 @@ async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, e
             pipe.sadd(K.ACTIVE_BATCHES, batch_id)
         else:
             pipe.expire(K.batch_key(batch_id), retention_s)
+            if await batch_webhook_url(redis, record):
+                pipe.xadd(keys.WEBHOOK_OUTBOX, {"batch_id": batch_id, "state": "failed"})
         await pipe.execute()
     return record
 
