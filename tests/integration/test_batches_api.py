@@ -243,3 +243,35 @@ def test_files_and_batches_belong_to_their_tenant_and_count_against_its_quota(re
         assert upload(other, lines).status == "processed"  # the quota is per tenant
         acme.files.delete(f.id)
         assert upload(acme, lines).status == "processed"  # deleting gave the bytes back
+
+
+def test_cli_submit_wait_status_results(base_url, worker, redis_url, tmp_path, capsys):
+    from tokenq.cli import build_parser
+
+    lines = chat_lines(5, MODEL)
+    lines[2]["body"]["messages"][0]["content"] = "FAIL_ME"
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl(lines))
+
+    def run(*argv: str) -> int:
+        args = build_parser().parse_args(["batch", "--url", base_url, *argv])
+        try:
+            return args.func(args)
+        except SystemExit as e:  # the CLI's own errors
+            return e.code
+
+    with ThreadedFeeder(redis_url):
+        assert run("submit", str(path), "--wait") == 0
+    batch_id = capsys.readouterr().out.strip().splitlines()[-1]
+    out = [json.loads(x) for x in (tmp_path / "in.output.jsonl").read_text().splitlines()]
+    err = [json.loads(x) for x in (tmp_path / "in.errors.jsonl").read_text().splitlines()]
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    assert [e["custom_id"] for e in err] == ["req-2"]
+    assert run("status", batch_id) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "completed"
+    assert run("results", batch_id, "-o", str(tmp_path / "again.jsonl")) == 0
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "in.output.jsonl").read_text()
+    assert (tmp_path / "again.errors.jsonl").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(lines[:1]) + b"{oops\n")
+    assert "line 2" in str(run("submit", str(bad)))
