@@ -275,3 +275,45 @@ def test_cli_submit_wait_status_results(base_url, worker, redis_url, tmp_path, c
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(jsonl(lines[:1]) + b"{oops\n")
     assert "line 2" in str(run("submit", str(bad)))
+
+
+def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
+    """A line over the tenant's rate limit waits (it is not failed) and runs once the limit allows."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.apikeys import create_key
+    from protocol import keys
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushdb()
+
+    async def key() -> str:
+        ar = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            return (await create_key(ar, "acme", {"rpm": 4})).api_key
+        finally:
+            await ar.aclose()
+
+    api_key = asyncio.run(key())
+    lines = completion_lines(10, MODEL, max_tokens=3)
+    with GatewayThread(redis_url) as url, ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.02, capacity=8), \
+            ThreadedFeeder(redis_url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        deadline = time.monotonic() + 30
+        while client.batches.retrieve(batch.id).request_counts.completed < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2.5)  # past the feeder's retries
+        paced = client.batches.retrieve(batch.id)
+        jobs = len(r.keys(f"tokenq:job:job_{batch.id.removeprefix('batch_')}_*"))
+        r.hdel(keys.tenant_key("acme"), "rpm")
+        batch = wait_batch(client, batch.id, timeout=60)
+        out, err = result_lines(client, batch)
+    assert (paced.status, paced.request_counts.completed, paced.request_counts.failed, jobs) == (
+        "in_progress", 4, 0, 4)
+    assert batch.status == "completed" and batch.request_counts.completed == 10
+    assert_each_once([line["custom_id"] for line in lines], out, err)
