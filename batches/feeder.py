@@ -31,8 +31,10 @@ from batches.store import FINAL_STATUSES, batch_webhook_url
 from batches.submit import RetryLater, SubmitContext, line_job_id, submit_line
 from gateway.errors import ApiError
 from gateway.logging import get_logger
-from gateway.redis_pipe import Script, eval_script
 from gateway.responses import result_object
+from jobstore import JobRef
+from jobstore.runner import run as eval_script
+from jobstore.scripts import Script
 from protocol import job_record as F
 from protocol import keys
 from protocol.errors import error_json
@@ -315,7 +317,7 @@ class BatchFeeder:
             for job_id in inflight.values():
                 model = await self.redis.hget(keys.job_key(job_id), F.MODEL)
                 if model:
-                    await self.ctx.canceller.cancel(job_id, b["tenant"], model, "batch")
+                    await self.ctx.store.cancel(JobRef(job_id, b["tenant"], model, "batch"))
             log.info("batch stopping", batch_id=self.batch_id, ending=ending, not_fed=total - cursor,
                      in_flight=len(inflight))
         since = float(b.get("cancelling_at") or b["expires_at"])

@@ -8,7 +8,7 @@ import json
 import uuid
 from typing import Any
 
-from gateway.redis_pipe import Script
+from jobstore.scripts import Script
 
 OUTPUT, ERROR = "o", "e"  # the prefix of a stored result: which file its line goes to
 

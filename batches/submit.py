@@ -1,5 +1,5 @@
-"""One batch line as a job in the batch lane, through the gateway's own submission steps (prepare, the
-tenant's admission, submit), so a line obeys every rule an interactive request does."""
+"""One batch line as a job in the batch lane, through the gateway's own submission steps (prepare, then
+jobstore's submit with the tenant's limits), so a line obeys every rule an interactive request does."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from batches.lines import BatchLine
-from gateway.admission import Admission
+from gateway.admission import limit_error, limits_of, max_queue_depth_from_env
 from gateway.auth import Authenticator, Tenant
-from gateway.cancel import Canceller
 from gateway.errors import ApiError
-from gateway.jobs import submit
 from gateway.prepare import prepare
 from gateway.registry import Registry
 from gateway.schemas import dump_request
+from jobstore import JobStore, Refused
 
 # Answers that say "not now" rather than "never": the line is offered again later.
 RETRY_STATUSES = frozenset({429, 503})
@@ -32,13 +31,13 @@ class SubmitContext:
 
     redis: aioredis.Redis
     registry: Registry
-    admission: Admission
+    store: JobStore
     auth: Authenticator
-    canceller: Canceller
+    max_queue_depth: int
 
     @classmethod
     def build(cls, redis: aioredis.Redis) -> SubmitContext:
-        return cls(redis, Registry(redis), Admission(redis), Authenticator(redis), Canceller(redis))
+        return cls(redis, Registry(redis), JobStore(redis), Authenticator(redis), max_queue_depth_from_env())
 
 
 class RetryLater(Exception):
@@ -60,12 +59,15 @@ async def submit_line(ctx: SubmitContext, tenant: Tenant, batch_id: str, index: 
         given = payload.deadline
         payload = payload.model_copy(update={"id": job_id,
                                              "deadline": deadline if given is None else min(given, deadline)})
-        tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
-        await ctx.admission.admit(tenant, job_id, tokens, None)
+        metadata = {"batch_id": batch_id, "custom_id": line.custom_id}
+        try:
+            await ctx.store.submit(payload, dump_request(body), metadata, streamed=False,
+                                   limits=limits_of(tenant, ctx.max_queue_depth))
+        except Refused as refused:
+            tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
+            raise limit_error(tenant, refused, tokens, payload.model, payload.lane, ctx.max_queue_depth) from None
     except ApiError as e:
         if e.status in RETRY_STATUSES:
             raise RetryLater(e) from e
         raise
-    metadata = {"batch_id": batch_id, "custom_id": line.custom_id}
-    await submit(ctx.redis, payload, dump_request(body), metadata, streamed=False)
     return job_id
