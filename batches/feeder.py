@@ -303,21 +303,25 @@ class BatchFeeder:
         """Cancelled or past its window: no more lines are fed, those not fed yet end as errors, and the jobs
         queued or running are cancelled. An expired batch ends its in-flight lines now; a cancelled one
         lets them report (most end `cancelled` at once) for up to cancel_grace_s."""
+        ending = b.get("ending") or ending  # the first reason to stop is the batch's end
         code, message = _NOT_RUN[JobState(ending)]
         if not b.get("ending"):
             await self._set(ending=ending)
-            cursor, total = int(b["cursor"]), int(b["total"])
+        cursor, total = int(b["cursor"]), int(b["total"])
+        if cursor < total:  # (again after a feeder died half way through this)
             for start in range(cursor, total, CHUNK):
                 lines = list(range(start, min(total, start + CHUNK)))
                 custom_ids = await self._custom_ids(b, lines)
                 await self._record([(line, R.not_run(c or "", code, message))
                                     for line, c in zip(lines, custom_ids, strict=True)])
             await self._set(cursor=total)
+        if not b.get("stopped"):
             inflight = await self.redis.hgetall(K.inflight_key(self.batch_id))
             for job_id in inflight.values():
                 model = await self.redis.hget(keys.job_key(job_id), F.MODEL)
                 if model:
                     await self.ctx.store.cancel(JobRef(job_id, b["tenant"], model, "batch"))
+            await self._set(stopped="1")
             log.info("batch stopping", batch_id=self.batch_id, ending=ending, not_fed=total - cursor,
                      in_flight=len(inflight))
         since = float(b.get("cancelling_at") or b["expires_at"])

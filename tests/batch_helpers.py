@@ -66,7 +66,7 @@ def assert_each_once(custom_ids: list[str], out: list[dict], err: list[dict]) ->
 
 
 def fast_settings(**changes) -> BatchSettings:
-    return replace(BatchSettings(), poll_s=0.05, lease_s=1.0, cancel_grace_s=2.0, **changes)
+    return replace(BatchSettings(), **{"poll_s": 0.05, "lease_s": 1.0, "cancel_grace_s": 2.0, **changes})
 
 
 class ThreadedFeeder:

@@ -152,10 +152,12 @@ def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redi
     assert len(set(text.values())) == 40
 
 
-def test_cancel(client, redis_url, default_model_dir):
+@pytest.mark.parametrize("window", [4, 64])  # lines still to feed; every line fed already
+def test_cancel(client, redis_url, default_model_dir, window):
+    """Lines not fed and queued jobs end `batch_cancelled` at once (no waiting out the grace period)."""
     lines = chat_lines(40, MODEL, max_tokens=20, words=20)
     with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.05, capacity=2), \
-            ThreadedFeeder(redis_url, fast_settings(window=4, refill=1)):
+            ThreadedFeeder(redis_url, fast_settings(window=window, refill=1, cancel_grace_s=600)):
         batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
                                       completion_window="24h")
         wait_batch(client, batch.id, until=("in_progress",))
