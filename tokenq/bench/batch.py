@@ -124,7 +124,7 @@ def _interactive(base: str, model: str, prompts: list[list[int]], output_len: in
 
 def main(args: argparse.Namespace) -> int:
     from tokenq.bench.report import machine_info, print_table, write_json
-    from tokenq.bench.serve import _model_path, _offline_all, _start_stack, _stop_stack
+    from tokenq.bench.serve import _model_path, _offline_all, start_stack, stop_stack
     from worker.models.config import ModelConfig
 
     args.device = gc.resolve_device(args.device)
@@ -141,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
           f"{name} on {args.device}; feeder window {window}")
 
     os.environ["TOKENQ_BATCH_WINDOW"] = str(window)
-    base, procs, redis = _start_stack(args, path, workdir)
+    base, procs, redis = start_stack(args, path, workdir)
     feeder = subprocess.Popen([sys.executable, "-m", "tokenq", "batches"],
                               env={**os.environ, "TOKENQ_REDIS_URL": args.redis_url or redis.url},
                               stdout=subprocess.DEVNULL, stderr=open(workdir / "batches.log", "wb"))
@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
             started.set()
             side.join()
     finally:
-        _stop_stack(procs, redis)
+        stop_stack(procs, redis)
     offline = None if args.skip_offline else _offline_all(path, args, prompts)
 
     idle_p50 = gc.stats([t.ttft for t in idle]).get("p50")
