@@ -7,6 +7,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import error_response
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Routes that stream their body and enforce their own, larger limit (file uploads: batches/settings.py).
+STREAMED_PATHS = frozenset({"/v1/files"})
 
 
 class BodySizeLimitMiddleware:
@@ -18,7 +20,8 @@ class BodySizeLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if (scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE")
+                or scope.get("path") in STREAMED_PATHS):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

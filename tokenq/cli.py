@@ -46,6 +46,12 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return run_webhooks(_require_redis(args), metrics_port=args.metrics_port)
 
 
+def cmd_batches(args: argparse.Namespace) -> int:
+    from batches.service import run_batches
+
+    return run_batches(_require_redis(args))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from tokenq.model_store import KNOWN_MODELS, is_model_dir, models_dir, pull_model
 
@@ -122,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     wh.set_defaults(func=cmd_webhooks)
 
+    bf = sub.add_parser("batches", help="feed batches (/v1/batches) into the batch lane, write their results")
+    bf.add_argument("--redis-url", default=settings.redis_url())
+    bf.set_defaults(func=cmd_batches)
+
+    from batches.cli import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
+
     from tokenq.keys import add_parser as add_keys_parser
 
     add_keys_parser(sub, settings.redis_url())
@@ -162,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(bsub)
     import importlib
 
-    for name in ("throughput", "latency", "prefix", "serve", "fp8_accuracy", "chat"):
+    for name in ("throughput", "latency", "prefix", "serve", "fp8_accuracy", "chat", "batch"):
         module = f"tokenq.bench.{name}"
         importlib.import_module(module).add_parser(bsub).set_defaults(func=cmd_bench_module, bench_module=module)
     bench.set_defaults(func=cmd_bench)

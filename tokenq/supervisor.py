@@ -1,5 +1,5 @@
 """`tokenq up`: every role on one machine. Redis (embedded unless a URL is given), one worker, the
-gateway and the webhook service as child processes. A child that exits is started again after an
+gateway, the webhook service and the batch feeder as child processes. A child that exits is started again after an
 exponential back-off (a crash of one role is not the end of the stack); only Ctrl-C or SIGTERM stops
 them all, cleanly, workers drained first. One `tokenq up` per TOKENQ_HOME (tokenq/home_lock.py)."""
 
@@ -161,7 +161,8 @@ def _run(opts: UpOptions, base: str) -> int:
                                               gateway_env))
     webhooks = Child("webhook deliverer", lambda: _spawn(
         ["webhooks", "--metrics-port", str(opts.webhooks_metrics_port)], env))
-    roles = [worker, gateway, webhooks]
+    batches = Child("batch feeder", lambda: _spawn(["batches"], env))
+    roles = [worker, gateway, webhooks, batches]
     for child in roles:
         child.start()
     children += roles
@@ -190,7 +191,7 @@ def _run(opts: UpOptions, base: str) -> int:
     finally:
         # Gateway first (no new jobs), then the worker drains, then webhooks (it relays the jobs the drain
         # finished and lets attempts in flight end), then Redis writes its append-only file.
-        for group in ((gateway, worker), (webhooks,)):
+        for group in ((gateway, worker, batches), (webhooks,)):
             stop_children([c.proc for c in group])
         if redis is not None:
             redis.stop()

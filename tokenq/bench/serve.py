@@ -256,6 +256,21 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
     return direct[args.low_load_pause_ms], direct[0.0], offline
 
 
+def _offline_all(path: Path, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """The same engine in this process, every prompt at once: the offline output tokens/s."""
+    from protocol.sampling import SamplingParams
+    from tokenq.cli import engine_config_from
+    from worker.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(path, engine_config_from(args))
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    gc.warm_up(engine, engine.model_cfg.vocab_size, args.min_prompt_len)
+    gc.sync(args.device)
+    timings, wall = gc.run_timed(engine, prompts, params, tag="offline")
+    gc.free_engine(engine)
+    return {**_summary(timings, wall), "all_lengths_ok": all(len(t.tokens) == args.output_len for t in timings)}
+
+
 def _summary(timings: list[gc.Timing], wall: float) -> dict:
     tokens = sum(len(t.tokens) for t in timings)
     return {"num_requests": len(timings), "seconds": wall, "output_tokens": tokens,

@@ -1,4 +1,4 @@
-"""What delivery leaves in Redis: each attempt on the job hash, and endpoints disabled by a 410."""
+"""What delivery leaves in Redis: each attempt on the job's (or batch's) hash, and endpoints disabled by a 410."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 
-from jobstore import JobStore
+from jobstore import JobStore, runner
+from jobstore.scripts import APPEND_WEBHOOK_ATTEMPT
 from protocol import job_record as F
 from protocol import keys
+from worker.webhooks.subjects import is_batch, subject_key
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,10 @@ class Attempt:
 async def record_attempt(redis: aioredis.Redis, job_id: str, attempt: Attempt) -> bool:
     entry = asdict(attempt)
     entry["at"] = attempt.at or time.time()
-    # Appended atomically, and only while the job exists (an expired job is not recreated without its TTL).
+    # Appended atomically, and only while the job (or batch) exists (an expired one is not recreated
+    # without its TTL). A batch's hash takes the same script.
+    if is_batch(job_id):
+        return bool(await runner.run(redis, APPEND_WEBHOOK_ATTEMPT, [subject_key(job_id)], [json.dumps(entry)]))
     return await JobStore(redis).record_webhook_attempt(job_id, json.dumps(entry))
 
 

@@ -1,4 +1,4 @@
-"""One delivery attempt of a job's webhook (the arq function `deliver_webhook`).
+"""One delivery attempt of a job's or a batch's webhook (the arq function `deliver_webhook`).
 
 Before every attempt the host is resolved and every address checked (protocol/urlguard.py); the request
 then goes to a checked address itself, with the original name only in the Host header and TLS SNI (and
@@ -19,14 +19,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from structlog.typing import FilteringBoundLogger as Logger
 
-from protocol import job_record as F
-from protocol import keys
 from protocol.urlguard import HostNotFound, IPAddress, UnsafeURL, resolve_public
 from worker.logging import get_logger
 from worker.webhooks import attempts as store
-from worker.webhooks.event import event_body, message_id, signed_headers, tenant_secret
+from worker.webhooks.event import message_id, signed_headers, tenant_secret
 from worker.webhooks.metrics import DELIVERIES
 from worker.webhooks.policy import RetryPolicy, parse_retry_after, retryable
+from worker.webhooks.subjects import load_subject
 
 FUNCTION = "deliver_webhook"
 CTX_KEY = "webhooks"  # the Deliverer in arq's ctx
@@ -58,17 +57,17 @@ class Deliverer:
     async def deliver(self, job_id: str) -> str:
         """One attempt; returns the outcome, or raises arq's Retry when another attempt is scheduled."""
         log = get_logger("webhooks", job_id=job_id)
-        record = await self.redis.hgetall(keys.job_key(job_id))
-        url = record.get(F.WEBHOOK_URL)
-        if not record or not url:
+        subject = await load_subject(self.redis, job_id)
+        url = subject.url if subject else None
+        if subject is None or not url:
             DELIVERIES.labels("gone").inc()
-            log.warning("webhook job record gone or without webhook_url; nothing to deliver")
+            log.warning("webhook record gone or without webhook_url; nothing to deliver")
             return "gone"
-        tenant = record.get(F.TENANT) or "default"
+        tenant = subject.tenant
         if await store.endpoint_disabled(self.redis, tenant, url):
             return await self._end(job_id, log, store.Attempt("skipped", error="endpoint disabled (410 Gone)"))
-        attempt_no = len(store.attempts_of(record)) + 1
-        body = event_body(job_id, record)
+        attempt_no = len(store.attempts_of(subject.record)) + 1
+        body = subject.body
         headers = signed_headers(await tenant_secret(self.redis, tenant), message_id(job_id), body)
         try:
             addrs = await resolve_public(url, self.allow)
@@ -134,7 +133,7 @@ class Deliverer:
 
 
 async def deliver_webhook(ctx: dict, job_id: str) -> str:
-    """The arq job: one attempt at delivering job `job_id`'s final state."""
+    """The arq job: one attempt at delivering the final state of job (or batch) `job_id`."""
     deliverer: Deliverer = ctx[CTX_KEY]
     try:
         return await deliverer.deliver(job_id)

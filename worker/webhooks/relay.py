@@ -1,4 +1,5 @@
-"""The outbox relay: each entry FINISH_JOB put on `keys.WEBHOOK_OUTBOX` becomes one arq delivery job.
+"""The outbox relay: each entry FINISH_JOB (or a batch's end) put on `keys.WEBHOOK_OUTBOX` becomes one arq
+delivery job.
 
 Read with a consumer group, so an entry is removed only after its job is enqueued; entries a crashed
 relay had read are claimed back after CLAIM_IDLE_MS. The arq job id `webhook:{job_id}` makes a second
@@ -64,7 +65,7 @@ class Relay:
         return len(entries)
 
     async def _relay(self, entry_id: str, fields: dict[str, str] | None) -> None:
-        job_id = (fields or {}).get("job_id")
+        job_id = (fields or {}).get("job_id") or (fields or {}).get("batch_id")
         if job_id:
             # Expiry covers the whole retry schedule; arq's default (a day) would drop late retries.
             job = await self.arq.enqueue_job(FUNCTION, job_id, _job_id=arq_job_id(job_id),

@@ -1,0 +1,132 @@
+"""`tokenq batch submit|status|results`: the Batch API from a shell, over HTTP like any client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser("batch", help="submit a JSONL file as a batch, follow it, fetch its results")
+    batch.add_argument("--url", default=os.environ.get("TOKENQ_URL", "http://127.0.0.1:8000"),
+                       help="the gateway (default $TOKENQ_URL or http://127.0.0.1:8000)")
+    batch.add_argument("--api-key", default=os.environ.get("TOKENQ_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    bsub = batch.add_subparsers(dest="batch_cmd", required=True)
+    submit = bsub.add_parser("submit", help="upload FILE.jsonl and create a batch from it")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--endpoint", default=None, help="default: the url of the file's first line")
+    submit.add_argument("--completion-window", default="24h")
+    submit.add_argument("--wait", action="store_true", help="show progress until the batch ends, then "
+                                                            "download its results")
+    submit.add_argument("--output", "-o", type=Path, default=None, help="with --wait: where the output "
+                        "file goes (default FILE.output.jsonl; errors beside it as FILE.errors.jsonl)")
+    status = bsub.add_parser("status", help="print a batch as JSON")
+    status.add_argument("id")
+    results = bsub.add_parser("results", help="download a batch's output (and error) file")
+    results.add_argument("id")
+    results.add_argument("--output", "-o", type=Path, required=True)
+    results.add_argument("--errors", type=Path, default=None, help="default: OUTPUT with .errors.jsonl")
+    batch.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=args.url, headers=headers, timeout=600) as client:
+        if args.batch_cmd == "submit":
+            return _submit(client, args)
+        if args.batch_cmd == "status":
+            print(json.dumps(_get(client, f"/v1/batches/{args.id}"), indent=2))
+            return 0
+        batch = _get(client, f"/v1/batches/{args.id}")
+        _download(client, batch, args.output, args.errors or _beside(args.output, "errors"))
+        return 0
+
+
+def _submit(client: httpx.Client, args: argparse.Namespace) -> int:
+    endpoint = args.endpoint or _first_url(args.file)
+    with args.file.open("rb") as f:
+        uploaded = _ok(client.post("/v1/files", data={"purpose": "batch"},
+                                   files={"file": (args.file.name, f, "application/jsonl")}))
+    batch = _ok(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint,
+                                                  "completion_window": args.completion_window}))
+    print(f"batch {batch['id']} ({batch['request_counts']['total'] or '?'} requests, file {uploaded['id']})",
+          file=sys.stderr)
+    if not args.wait:
+        print(batch["id"])
+        return 0
+    batch = _follow(client, batch)
+    output = args.output or args.file.with_suffix(".output.jsonl")
+    _download(client, batch, output, _beside(output, "errors"))
+    print(batch["id"])
+    return 0 if batch["status"] == "completed" else 1
+
+
+def _follow(client: httpx.Client, batch: dict) -> dict:
+    """Poll until the batch ends, with a progress bar of lines done and failed, lines/s and ETA."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=batch["request_counts"]["total"] or None, unit="line", desc=batch["status"])
+    while batch["status"] not in FINAL:
+        time.sleep(1.0)
+        batch = _get(client, f"/v1/batches/{batch['id']}")
+        counts = batch["request_counts"]
+        bar.total = counts["total"]
+        bar.set_description(batch["status"])
+        bar.set_postfix(failed=counts["failed"])
+        bar.update(counts["completed"] + counts["failed"] - bar.n)
+    bar.close()
+    counts = batch["request_counts"]
+    print(f"batch {batch['id']} {batch['status']}: {counts['completed']} completed, {counts['failed']} failed "
+          f"of {counts['total']}", file=sys.stderr)
+    return batch
+
+
+def _download(client: httpx.Client, batch: dict, output: Path, errors: Path) -> None:
+    for file_id, path in ((batch.get("output_file_id"), output), (batch.get("error_file_id"), errors)):
+        if not file_id:
+            continue
+        with client.stream("GET", f"/v1/files/{file_id}/content") as r, path.open("wb") as f:
+            if r.status_code != 200:
+                r.read()
+                _ok(r)
+            for chunk in r.iter_bytes():
+                f.write(chunk)
+        print(f"{path}  ({file_id})", file=sys.stderr)
+
+
+def _first_url(path: Path) -> str:
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return json.loads(raw)["url"]
+                except (ValueError, KeyError, TypeError):
+                    break
+    sys.exit(f"error: {path}: the first line has no url; pass --endpoint")
+
+
+def _beside(path: Path, kind: str) -> Path:
+    name = path.name.removesuffix(".jsonl").removesuffix(".output")
+    return path.with_name(f"{name}.{kind}.jsonl")
+
+
+def _get(client: httpx.Client, url: str) -> dict:
+    return _ok(client.get(url))
+
+
+def _ok(r: httpx.Response) -> dict:
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        sys.exit(f"error: {r.request.method} {r.request.url.path}: {r.status_code}: {message}")
+    return r.json()

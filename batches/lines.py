@@ -1,0 +1,121 @@
+"""One line of a batch input file: `{"custom_id", "method", "url", "body"}`, checked as the route of its
+`url` would check the body. Errors name the line's number (from 1), as OpenAI's do."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import describe_validation_error
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
+MAX_CUSTOM_ID_CHARS = 512
+
+
+class LineError(ValueError):
+    """A bad line; the message starts with its number."""
+
+    def __init__(self, number: int, message: str) -> None:
+        super().__init__(f"line {number}: {message}")
+        self.number = number
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str = Field(min_length=1, max_length=MAX_CUSTOM_ID_CHARS)
+    method: Literal["POST"]
+    url: Literal["/v1/chat/completions", "/v1/completions"]
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    custom_id: str
+    url: str
+    body: dict[str, Any]  # as the client wrote it (the output's copy of a line keys on it)
+
+    def request(self) -> ChatCompletionRequest | CompletionRequest:
+        """The body as the route's request model (already checked by parse_line)."""
+        return ENDPOINTS[self.url].model_validate(self.body)
+
+    def prompt_key(self) -> str:
+        """Sorts lines so that those sharing a prompt prefix are fed next to each other."""
+        prompt = self.body.get("messages", self.body.get("prompt"))
+        return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+
+    def dedup_digest(self) -> str | None:
+        """Identical deterministic requests (greedy, or a fixed seed) give identical answers: one digest."""
+        if self.body.get("temperature") != 0 and self.body.get("seed") is None:
+            return None
+        canonical = json.dumps([self.url, self.body], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def parse_line(text: str | bytes, number: int) -> BatchLine:
+    """The line checked in full (envelope and body), or LineError."""
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LineError(number, f"not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise LineError(number, "must be a JSON object with custom_id, method, url and body")
+    try:
+        env = _Envelope.model_validate(raw)
+    except ValidationError as e:
+        message, _ = describe_validation_error(e.errors()[0])
+        raise LineError(number, message) from e
+    try:
+        request = ENDPOINTS[env.url].model_validate(env.body)
+    except ValidationError as e:
+        message, _ = describe_validation_error(e.errors()[0])
+        raise LineError(number, f"body.{message}") from e
+    if request.stream:
+        raise LineError(number, "body.stream: a batch request cannot stream (got true)")
+    return BatchLine(env.custom_id, env.url, env.body)
+
+
+class LineSplitter:
+    """Bytes in any chunking -> whole lines (without the newline), never holding more than one line."""
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.number = 0  # lines seen, blank ones included: error messages count as an editor does
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) for each line completed by `data`; blank lines are skipped."""
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._pending += data[start:]
+                if len(self._pending) > self.max_line_bytes:
+                    raise LineError(self.number + 1, f"longer than the limit of {self.max_line_bytes} bytes")
+                return
+            self._pending += data[start:end]
+            start = end + 1
+            yield from self._line()
+
+    def close(self) -> Iterator[tuple[int, bytes]]:
+        """The last line, when the data did not end with a newline."""
+        if self._pending:
+            yield from self._line()
+
+    def _line(self) -> Iterator[tuple[int, bytes]]:
+        self.number += 1
+        line = bytes(self._pending).rstrip(b"\r")
+        self._pending.clear()
+        if len(line) > self.max_line_bytes:
+            raise LineError(self.number, f"longer than the limit of {self.max_line_bytes} bytes")
+        if line.strip():
+            yield self.number, line

@@ -1,0 +1,71 @@
+"""`tokenq batches`: the feeders. Any number of these processes may run; each batch is fed by the one that
+holds its lease, and a batch whose feeder died is taken over once its lease lapses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+
+from batches import keys as K
+from batches.feeder import BatchFeeder
+from batches.settings import BatchSettings
+from batches.submit import SubmitContext
+from gateway.logging import configure_logging, get_logger
+from gateway.redis_client import make_redis
+
+log = get_logger("batches")
+
+
+class FeederService:
+    def __init__(self, redis_url: str, settings: BatchSettings | None = None, owner: str | None = None) -> None:
+        self.redis_url = redis_url
+        self.settings = settings or BatchSettings.from_env()
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        redis = make_redis(self.redis_url)
+        ctx = SubmitContext.build(redis)
+        tasks: dict[str, asyncio.Task] = {}
+        lease_ms = int(self.settings.lease_s * 1000)
+        log.info("batch feeder started", owner=self.owner, window=self.settings.window)
+        try:
+            while not stop.is_set():
+                try:
+                    for batch_id in await redis.smembers(K.ACTIVE_BATCHES):
+                        if batch_id in tasks:
+                            continue
+                        if await redis.set(K.lease_key(batch_id), self.owner, nx=True, px=lease_ms):
+                            feeder = BatchFeeder(ctx, self.settings, self.owner, batch_id)
+                            tasks[batch_id] = asyncio.create_task(feeder.run(stop))
+                except Exception as e:  # Redis away: the feeders wait too; look again later
+                    log.warning("could not scan the active batches", error=repr(e))
+                for batch_id, task in list(tasks.items()):
+                    if task.done():
+                        del tasks[batch_id]
+                        if not task.cancelled() and task.exception() is not None:
+                            log.error("batch feeder failed; the batch is taken up again",
+                                      batch_id=batch_id, error=repr(task.exception()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.poll_s)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await redis.aclose()
+            log.info("batch feeder stopped", owner=self.owner)
+
+
+def run_batches(redis_url: str) -> int:
+    configure_logging()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await FeederService(redis_url).run(stop)
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,168 @@
+"""Batch records: creation (checked against its input file), the OpenAI Batch object, listing, cancel."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from batches import keys as K
+from batches.files import read_file
+from batches.lines import ENDPOINTS
+from gateway.errors import ApiError
+from gateway.options import check_webhook
+from gateway.schemas import MAX_METADATA_KEY_CHARS, MAX_METADATA_KEYS, MAX_METADATA_VALUE_CHARS
+from protocol import keys
+
+STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
+            "cancelled")
+FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+_TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
+          "expired_at", "cancelling_at", "cancelled_at")
+_WINDOW = re.compile(r"^(\d+)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S = 86400  # OpenAI's only window, 24h, is also the longest
+
+
+def new_batch_id() -> str:
+    return "batch_" + uuid.uuid4().hex
+
+
+def window_seconds(window: str) -> int:
+    """'24h' (OpenAI's), or a shorter window such as '30m' or '90s' (tokenq's extension)."""
+    m = _WINDOW.match(window or "")
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)] if m else 0
+    if not 0 < seconds <= MAX_WINDOW_S:
+        raise ApiError(400, f"completion_window: '24h', or a shorter window like '30m' or '90s' "
+                            f"(got {window!r})", param="completion_window")
+    return seconds
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
+    metadata = metadata or {}
+    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_KEYS:
+        raise ApiError(400, f"metadata: an object of at most {MAX_METADATA_KEYS} keys", param="metadata")
+    for key, value in metadata.items():
+        if not isinstance(value, str) or len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise ApiError(400, f"metadata: keys of at most {MAX_METADATA_KEY_CHARS} characters and string "
+                                f"values of at most {MAX_METADATA_VALUE_CHARS} (key {key[:80]!r})",
+                           param="metadata")
+    return metadata
+
+
+TENANT_WEBHOOK_FIELD = "webhook_url"  # of tokenq:tenant:{name}: where its batches report when they end
+
+
+async def batch_webhook_url(redis: aioredis.Redis, b: dict[str, str]) -> str | None:
+    """`metadata.webhook_url` of the batch, else the tenant's configured one, else None."""
+    metadata = json.loads(b.get("metadata") or "{}")
+    return metadata.get("webhook_url") or await redis.hget(keys.tenant_key(b["tenant"]), TENANT_WEBHOOK_FIELD)
+
+
+async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, endpoint: str,
+                       completion_window: str, metadata: dict[str, Any] | None,
+                       retention_s: int) -> dict[str, str]:
+    """The new batch's fields. A file whose lines call another endpoint makes a `failed` batch whose
+    errors name the line, as OpenAI's validation does; otherwise it is `validating` until a feeder
+    takes it."""
+    if endpoint not in ENDPOINTS:
+        raise ApiError(400, f"endpoint: one of {', '.join(ENDPOINTS)} (got {endpoint!r})", param="endpoint")
+    window_s = window_seconds(completion_window)
+    metadata = check_metadata(metadata)
+    check_webhook(metadata.get("webhook_url"))
+    meta = await read_file(redis, input_file_id, tenant)
+    if meta.get("purpose") != "batch":
+        raise ApiError(400, f"input_file_id: {input_file_id} has purpose {meta.get('purpose')!r}, not 'batch'",
+                       param="input_file_id")
+    now = time.time()
+    batch_id = new_batch_id()
+    record = {"id": batch_id, "tenant": tenant, "endpoint": endpoint, "input_file_id": input_file_id,
+              "completion_window": completion_window, "status": "validating", "created_at": repr(now),
+              "expires_at": repr(now + window_s), "total": meta["lines"], "completed": "0", "failed": "0",
+              "cursor": "0", "metadata": json.dumps(metadata)}
+    wrong = {url: line for url, line in json.loads(meta.get("urls") or "{}").items() if url != endpoint}
+    if wrong:
+        url, line = min(wrong.items(), key=lambda item: item[1])
+        record.update(status="failed", failed_at=repr(now), total="0", errors=json.dumps([{
+            "code": "mismatched_endpoint", "line": line, "param": "url",
+            "message": f"line {line}: url {url!r} differs from the batch's endpoint {endpoint!r}"}]))
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(K.batch_key(batch_id), mapping=record)
+        pipe.zadd(K.tenant_batches_key(tenant), {batch_id: now})
+        if record["status"] == "validating":
+            pipe.sadd(K.ACTIVE_BATCHES, batch_id)
+        else:
+            pipe.expire(K.batch_key(batch_id), retention_s)
+            if await batch_webhook_url(redis, record):
+                pipe.xadd(keys.WEBHOOK_OUTBOX, {"batch_id": batch_id, "state": "failed"})
+        await pipe.execute()
+    return record
+
+
+def batch_object(b: dict[str, str]) -> dict[str, Any]:
+    """OpenAI's Batch object."""
+    errors = json.loads(b["errors"]) if b.get("errors") else None
+    obj: dict[str, Any] = {
+        "id": b["id"], "object": "batch", "endpoint": b["endpoint"],
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "input_file_id": b["input_file_id"], "completion_window": b["completion_window"],
+        "status": b["status"], "output_file_id": b.get("output_file_id") or None,
+        "error_file_id": b.get("error_file_id") or None,
+        "request_counts": {"total": int(b.get("total") or 0), "completed": int(b.get("completed") or 0),
+                           "failed": int(b.get("failed") or 0)},
+        "metadata": json.loads(b["metadata"]) if b.get("metadata") else None,
+    }
+    for name in _TIMES:
+        obj[name] = int(float(b[name])) if b.get(name) else None
+    return obj
+
+
+async def read_batch(redis: aioredis.Redis, batch_id: str, tenant: str) -> dict[str, str]:
+    b = await redis.hgetall(K.batch_key(batch_id))
+    if not b or b.get("tenant") != tenant:
+        raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+    return b
+
+
+# KEYS[1] batch hash. ARGV[1] now. A batch that has not started finishing becomes `cancelling`; the
+# feeder stops its lines and ends it `cancelled`. Returns the status after.
+CANCEL_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'validating' or status == 'in_progress' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
+  return 'cancelling'
+end
+return status or ''
+"""
+
+
+async def cancel_batch(redis: aioredis.Redis, batch_id: str, tenant: str) -> dict[str, str]:
+    await read_batch(redis, batch_id, tenant)
+    await redis.eval(CANCEL_LUA, 1, K.batch_key(batch_id), repr(time.time()))
+    return await read_batch(redis, batch_id, tenant)
+
+
+async def list_batches(redis: aioredis.Redis, tenant: str, limit: int,
+                       after: str | None) -> tuple[list[dict[str, str]], bool]:
+    ids = await redis.zrevrange(K.tenant_batches_key(tenant), 0, -1)
+    if after is not None and after in ids:
+        ids = ids[ids.index(after) + 1:]
+    page: list[dict[str, str]] = []
+    for start in range(0, len(ids), 100):
+        async with redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids[start:start + 100]:
+                pipe.hgetall(K.batch_key(batch_id))
+            records = await pipe.execute()
+        gone = [i for i, b in zip(ids[start:start + 100], records, strict=True) if not b]
+        if gone:
+            await redis.zrem(K.tenant_batches_key(tenant), *gone)
+        for b in records:
+            if b:
+                if len(page) == limit:
+                    return page, True
+                page.append(b)
+    return page, False

@@ -1,0 +1,73 @@
+"""One batch line as a job in the batch lane, through the gateway's own submission steps (prepare, then
+jobstore's submit with the tenant's limits), so a line obeys every rule an interactive request does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from batches.lines import BatchLine
+from gateway.admission import limit_error, limits_of, max_queue_depth_from_env
+from gateway.auth import Authenticator, Tenant
+from gateway.errors import ApiError
+from gateway.prepare import prepare
+from gateway.registry import Registry
+from gateway.schemas import dump_request
+from jobstore import JobStore, Refused
+
+# Answers that say "not now" rather than "never": the line is offered again later.
+RETRY_STATUSES = frozenset({429, 503})
+
+
+def line_job_id(batch_id: str, line: int) -> str:
+    """The job of a line has a fixed id: submitting it twice (a feeder restarted) adds it once."""
+    return f"job_{batch_id.removeprefix('batch_')}_{line}"
+
+
+@dataclass
+class SubmitContext:
+    """What submitting lines needs, built once per feeder process."""
+
+    redis: aioredis.Redis
+    registry: Registry
+    store: JobStore
+    auth: Authenticator
+    max_queue_depth: int
+
+    @classmethod
+    def build(cls, redis: aioredis.Redis) -> SubmitContext:
+        return cls(redis, Registry(redis), JobStore(redis), Authenticator(redis), max_queue_depth_from_env())
+
+
+class RetryLater(Exception):
+    """Admission or the model said 'not now' (a tenant limit, no worker yet)."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def submit_line(ctx: SubmitContext, tenant: Tenant, batch_id: str, index: int, line: BatchLine,
+                      deadline: float) -> str:
+    """Queue the line's job; its id. ApiError for a request that can never run, RetryLater for one that
+    cannot run yet."""
+    body = line.request()
+    job_id = line_job_id(batch_id, index)
+    try:
+        payload = await prepare(ctx.registry, body, "batch", False, tenant.name)
+        given = payload.deadline
+        payload = payload.model_copy(update={"id": job_id,
+                                             "deadline": deadline if given is None else min(given, deadline)})
+        metadata = {"batch_id": batch_id, "custom_id": line.custom_id}
+        try:
+            await ctx.store.submit(payload, dump_request(body), metadata, streamed=False,
+                                   limits=limits_of(tenant, ctx.max_queue_depth))
+        except Refused as refused:
+            tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
+            raise limit_error(tenant, refused, tokens, payload.model, payload.lane, ctx.max_queue_depth) from None
+    except ApiError as e:
+        if e.status in RETRY_STATUSES:
+            raise RetryLater(e) from e
+        raise
+    return job_id

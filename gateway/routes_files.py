@@ -1,0 +1,84 @@
+"""OpenAI's Files API for batch input and output: POST/GET /v1/files, GET/DELETE /v1/files/{id},
+GET /v1/files/{id}/content. Files belong to the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from batches.files import (
+    PURPOSES,
+    BatchFileUpload,
+    delete_file,
+    file_object,
+    iter_content,
+    list_files,
+    read_file,
+)
+from batches.settings import BatchSettings
+from gateway.context import Caller, get_caller
+from gateway.errors import ApiError
+from gateway.upload import stream_form
+
+router = APIRouter()
+
+
+def batch_settings(request: Request) -> BatchSettings:
+    settings = getattr(request.app.state, "batch_settings", None)
+    if settings is None:
+        settings = request.app.state.batch_settings = BatchSettings.from_env()
+    return settings
+
+
+@router.post("/v1/files")
+async def create_file(request: Request, caller: Caller = Depends(get_caller),
+                      settings: BatchSettings = Depends(batch_settings)) -> dict:
+    """Streams the `file` part into Redis line by line, each line checked as it arrives."""
+    redis = caller.ctx.redis
+    upload = BatchFileUpload(redis, settings, caller.tenant.name)
+    try:
+        form = await stream_form(request.headers.get("content-type"), request.stream(), upload.write)
+        purpose = form.fields.get("purpose")
+        if purpose != "batch":
+            raise ApiError(400, f"purpose: only 'batch' files can be uploaded (got {purpose!r})", param="purpose")
+        if form.filename is None:
+            raise ApiError(400, "file: the form has no `file` part", param="file")
+        meta = await upload.finish(form.filename, redis)
+    except BaseException:
+        await upload.writer.discard()
+        raise
+    return file_object(meta)
+
+
+@router.get("/v1/files")
+async def get_files(caller: Caller = Depends(get_caller), purpose: str | None = None,
+                    limit: int = Query(default=10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc",
+                    after: str | None = None) -> dict:
+    if purpose is not None and purpose not in PURPOSES:
+        raise ApiError(400, f"purpose: one of {', '.join(PURPOSES)} (got {purpose!r})", param="purpose")
+    page, more = await list_files(caller.ctx.redis, caller.tenant.name, purpose, limit, order, after)
+    data = [file_object(m) for m in page]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(file_id: str, caller: Caller = Depends(get_caller)) -> dict:
+    return file_object(await read_file(caller.ctx.redis, file_id, caller.tenant.name))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def get_file_content(file_id: str, caller: Caller = Depends(get_caller)) -> StreamingResponse:
+    meta = await read_file(caller.ctx.redis, file_id, caller.tenant.name)
+    return StreamingResponse(iter_content(caller.ctx.redis, file_id, int(meta["lines"])),
+                             media_type="application/jsonl",
+                             headers={"Content-Disposition": f'attachment; filename="{meta["filename"]}"'})
+
+
+@router.delete("/v1/files/{file_id}")
+async def remove_file(file_id: str, caller: Caller = Depends(get_caller)) -> dict:
+    meta = await read_file(caller.ctx.redis, file_id, caller.tenant.name)
+    await delete_file(caller.ctx.redis, meta)
+    return {"id": file_id, "object": "file", "deleted": True}

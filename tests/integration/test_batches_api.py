@@ -1,0 +1,321 @@
+"""The Batch API end to end with the official openai client: a real gateway (uvicorn), the fake worker,
+and the feeder on a thread."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+import redis
+
+from batches import keys as K
+from tests.batch_helpers import (
+    ThreadedFeeder,
+    assert_each_once,
+    chat_lines,
+    completion_lines,
+    fast_settings,
+    jsonl,
+    result_lines,
+    upload,
+    wait_batch,
+)
+from tests.integration.fake_worker import MODEL, ThreadedFakeWorker
+from tests.processes import GatewayThread
+
+
+@pytest.fixture
+def base_url(redis_url):
+    redis.Redis.from_url(redis_url).flushdb()
+    with GatewayThread(redis_url) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def worker(base_url, redis_url, default_model_dir):
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005, capacity=16) as w:
+        yield w
+
+
+def test_openai_client_round_trip(client, worker, redis_url):
+    lines = chat_lines(12, MODEL)
+    lines[5]["body"]["messages"][0]["content"] = "please FAIL_ME now"
+    with ThreadedFeeder(redis_url):
+        f = upload(client, lines)
+        assert f.purpose == "batch" and f.status == "processed" and f.bytes == len(jsonl(lines))
+        assert client.files.retrieve(f.id).filename == "in.jsonl"
+        assert client.files.content(f.id).text == jsonl(lines).decode()
+        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h", metadata={"run": "test"})
+        assert batch.status == "validating" and batch.metadata == {"run": "test"}
+        batch = wait_batch(client, batch.id)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == 12
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (11, 1)
+    assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+    out, err = result_lines(client, batch)
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    by_id = {line["custom_id"]: line for line in out}
+    first = by_id["req-0"]
+    assert first["error"] is None and first["response"]["status_code"] == 200
+    assert first["response"]["body"]["object"] == "chat.completion"
+    assert first["response"]["body"]["choices"][0]["message"]["content"]
+    assert first["response"]["request_id"].startswith("job_")
+    assert [e["custom_id"] for e in err] == ["req-5"] and err[0]["response"]["status_code"] == 500
+    assert [b.id for b in client.batches.list()] == [batch.id]
+    ids = {x.id for x in client.files.list()}
+    assert {f.id, batch.output_file_id, batch.error_file_id} <= ids
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+    assert client.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+
+
+@pytest.mark.parametrize(("content", "line", "words"), [
+    (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
+     b'"messages": [{"role": "user", "content": "hi"}]}}\n\n{not json}\n', 3, "not valid JSON"),
+    (jsonl(chat_lines(2, MODEL)) + jsonl(chat_lines(1, MODEL)), 3, "custom_id 'req-0' is used by an earlier line"),
+    (b'{"custom_id": "a", "method": "GET", "url": "/v1/chat/completions", "body": {}}\n', 1, "method"),
+    (b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}\n', 1, "url"),
+    (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}\n', 1,
+     "body.messages"),
+    (b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "x", '
+     b'"stream": true}}\n', 1, "body.stream"),
+])
+def test_bad_lines_are_refused_by_number(client, content, line, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        upload(client, content)
+    assert f"line {line}:" in e.value.message and words in e.value.message, e.value.message
+    assert client.files.list().data == []
+
+
+def test_upload_limits(redis_url, monkeypatch):
+    redis.Redis.from_url(redis_url).flushdb()
+    monkeypatch.setenv("TOKENQ_BATCH_MAX_LINES", "3")
+    monkeypatch.setenv("TOKENQ_BATCH_MAX_FILE_BYTES", "2000")
+    with GatewayThread(redis_url) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            upload(client, chat_lines(4, MODEL))
+        assert "line 4: a batch file holds at most 3 requests" in e.value.message
+        with pytest.raises(openai.APIStatusError) as e:
+            upload(client, chat_lines(3, MODEL, words=300))
+        assert e.value.status_code == 413 and "limit of 2000 bytes" in e.value.message
+        with pytest.raises(openai.BadRequestError) as e:
+            client.files.create(file=("x.jsonl", jsonl(chat_lines(1, MODEL))), purpose="fine-tune")
+        assert "purpose" in e.value.message
+        assert upload(client, chat_lines(3, MODEL)).status == "processed"
+    assert not [k for k in redis.Redis.from_url(redis_url).keys("tokenq:file:*:lines")
+                if redis.Redis.from_url(redis_url).ttl(k) < 3600]
+
+
+def test_endpoint_mismatch_fails_the_batch_naming_the_line(client):
+    lines = chat_lines(3, MODEL)
+    f = upload(client, lines)
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    assert batch.status == "failed" and batch.errors.data[0].line == 1
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redis_url, default_model_dir):
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    lines = completion_lines(60, MODEL, temperature=0)
+    for line in lines[40:]:  # 20 lines with the body of line 0
+        line["body"] = dict(lines[0]["body"])
+    depth = []
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.01, capacity=4), \
+            ThreadedFeeder(redis_url, fast_settings(window=8, refill=2)):
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        while client.batches.retrieve(batch.id).status not in ("completed", "failed"):
+            depth.append(r.hlen(K.inflight_key(batch.id)) + r.hlen(K.copies_key(batch.id)))
+            time.sleep(0.02)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 60
+    assert max(depth) <= 8 and max(depth) >= 4
+    jobs = r.keys(f"tokenq:job:job_{batch.id.removeprefix('batch_')}_*")
+    assert len(jobs) == 40  # the 20 copies of line 0 ran as line 0's one job
+    out, err = result_lines(client, batch)
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    text = {o["custom_id"]: o["response"]["body"]["choices"][0]["text"] for o in out}
+    assert all(text[f"req-{i}"] == text["req-0"] for i in range(40, 60))
+    assert len(set(text.values())) == 40
+
+
+@pytest.mark.parametrize("window", [4, 64])  # lines still to feed; every line fed already
+def test_cancel(client, redis_url, default_model_dir, window):
+    """Lines not fed and queued jobs end `batch_cancelled` at once (no waiting out the grace period)."""
+    lines = chat_lines(40, MODEL, max_tokens=20, words=20)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.05, capacity=2), \
+            ThreadedFeeder(redis_url, fast_settings(window=window, refill=1, cancel_grace_s=600)):
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        wait_batch(client, batch.id, until=("in_progress",))
+        time.sleep(1.0)
+        cancelling = client.batches.cancel(batch.id)
+        assert cancelling.status == "cancelling" and cancelling.cancelling_at
+        batch = wait_batch(client, batch.id)
+    assert batch.status == "cancelled" and batch.cancelled_at
+    out, err = result_lines(client, batch)
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    assert len(err) > 30 and {e["error"]["code"] for e in err if e["error"]} == {"batch_cancelled"}
+    assert client.batches.cancel(batch.id).status == "cancelled"
+
+
+def test_expiry(client, redis_url, default_model_dir):
+    lines = chat_lines(40, MODEL, max_tokens=20, words=20)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.05, capacity=2), \
+            ThreadedFeeder(redis_url, fast_settings(window=4, refill=1)):
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                      completion_window="2s")
+        batch = wait_batch(client, batch.id)
+    assert batch.status == "expired" and batch.expired_at
+    out, err = result_lines(client, batch)
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    assert len(err) > 30 and {e["error"]["code"] for e in err} == {"batch_expired"}
+    assert batch.request_counts.failed == len(err) and batch.request_counts.completed == len(out)
+
+
+def test_a_feeder_killed_mid_batch_is_replaced_and_each_line_lands_once(client, redis_url, default_model_dir):
+    lines = completion_lines(80, MODEL, max_tokens=3)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.01, capacity=8):
+        with ThreadedFeeder(redis_url, fast_settings(window=16, refill=4), owner="first") as first:
+            batch = client.batches.create(input_file_id=upload(client, lines).id,
+                                          endpoint="/v1/completions", completion_window="24h")
+            deadline = time.monotonic() + 60
+            while client.batches.retrieve(batch.id).request_counts.completed < 20:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            first.stop(abrupt=True)
+        with ThreadedFeeder(redis_url, fast_settings(window=16, refill=4), owner="second"):
+            batch = wait_batch(client, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 80
+    out, err = result_lines(client, batch)
+    assert not err
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    assert len({json.dumps(o["response"]["body"]["choices"]) for o in out}) == 80
+
+
+def test_files_and_batches_belong_to_their_tenant_and_count_against_its_quota(redis_url, monkeypatch):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.apikeys import create_key
+
+    redis.Redis.from_url(redis_url).flushdb()
+
+    async def keys() -> tuple[str, str]:
+        r = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            return (await create_key(r, "acme", {})).api_key, (await create_key(r, "other", {})).api_key
+        finally:
+            await r.aclose()
+
+    acme_key, other_key = asyncio.run(keys())
+    lines = chat_lines(3, MODEL)
+    monkeypatch.setenv("TOKENQ_FILES_QUOTA_BYTES", str(len(jsonl(lines)) * 2))
+    with GatewayThread(redis_url) as url:
+        acme = openai.OpenAI(base_url=f"{url}/v1", api_key=acme_key, max_retries=0)
+        other = openai.OpenAI(base_url=f"{url}/v1", api_key=other_key, max_retries=0)
+        f = upload(acme, lines)
+        batch = acme.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        for call in (lambda: other.files.retrieve(f.id), lambda: other.files.content(f.id),
+                     lambda: other.files.delete(f.id), lambda: other.batches.retrieve(batch.id),
+                     lambda: other.batches.cancel(batch.id),
+                     lambda: other.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                  completion_window="24h")):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert other.files.list().data == [] and other.batches.list().data == []
+        upload(acme, lines)
+        with pytest.raises(openai.BadRequestError) as e:
+            upload(acme, lines)
+        assert "quota" in e.value.message
+        assert upload(other, lines).status == "processed"  # the quota is per tenant
+        acme.files.delete(f.id)
+        assert upload(acme, lines).status == "processed"  # deleting gave the bytes back
+
+
+def test_cli_submit_wait_status_results(base_url, worker, redis_url, tmp_path, capsys):
+    from tokenq.cli import build_parser
+
+    lines = chat_lines(5, MODEL)
+    lines[2]["body"]["messages"][0]["content"] = "FAIL_ME"
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl(lines))
+
+    def run(*argv: str) -> int:
+        args = build_parser().parse_args(["batch", "--url", base_url, *argv])
+        try:
+            return args.func(args)
+        except SystemExit as e:  # the CLI's own errors
+            return e.code
+
+    with ThreadedFeeder(redis_url):
+        assert run("submit", str(path), "--wait") == 0
+    batch_id = capsys.readouterr().out.strip().splitlines()[-1]
+    out = [json.loads(x) for x in (tmp_path / "in.output.jsonl").read_text().splitlines()]
+    err = [json.loads(x) for x in (tmp_path / "in.errors.jsonl").read_text().splitlines()]
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    assert [e["custom_id"] for e in err] == ["req-2"]
+    assert run("status", batch_id) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "completed"
+    assert run("results", batch_id, "-o", str(tmp_path / "again.jsonl")) == 0
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "in.output.jsonl").read_text()
+    assert (tmp_path / "again.errors.jsonl").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(lines[:1]) + b"{oops\n")
+    assert "line 2" in str(run("submit", str(bad)))
+
+
+def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
+    """A line over the tenant's rate limit waits (it is not failed) and runs once the limit allows."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.apikeys import create_key
+    from protocol import keys
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushdb()
+
+    async def key() -> str:
+        ar = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            return (await create_key(ar, "acme", {"rpm": 4})).api_key
+        finally:
+            await ar.aclose()
+
+    api_key = asyncio.run(key())
+    lines = completion_lines(10, MODEL, max_tokens=3)
+    with GatewayThread(redis_url) as url, ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.02, capacity=8), \
+            ThreadedFeeder(redis_url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        deadline = time.monotonic() + 30
+        while client.batches.retrieve(batch.id).request_counts.completed < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2.5)  # past the feeder's retries
+        paced = client.batches.retrieve(batch.id)
+        jobs = len(r.keys(f"tokenq:job:job_{batch.id.removeprefix('batch_')}_*"))
+        r.hdel(keys.tenant_key("acme"), "rpm")
+        batch = wait_batch(client, batch.id, timeout=60)
+        out, err = result_lines(client, batch)
+    assert (paced.status, paced.request_counts.completed, paced.request_counts.failed, jobs) == (
+        "in_progress", 4, 0, 4)
+    assert batch.status == "completed" and batch.request_counts.completed == 10
+    assert_each_once([line["custom_id"] for line in lines], out, err)

@@ -1,0 +1,67 @@
+"""Batch input lines: splitting a stream in any chunking, checking a line, the feed order and dedup keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batches.lines import LineError, LineSplitter, parse_line
+from batches.store import window_seconds
+from gateway.errors import ApiError
+
+
+def _line(custom_id: str = "a", **body) -> bytes:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": body}).encode()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 10_000])
+def test_splitter_gives_the_same_lines_in_any_chunking(size):
+    data = b"one\r\ntwo\n\n  \nthree"
+    splitter = LineSplitter(max_line_bytes=100)
+    got = [x for i in range(0, len(data), size) for x in splitter.feed(data[i:i + size])]
+    got += list(splitter.close())
+    assert got == [(1, b"one"), (2, b"two"), (5, b"three")]
+
+
+def test_splitter_refuses_a_long_line_before_holding_it():
+    splitter = LineSplitter(max_line_bytes=10)
+    assert list(splitter.feed(b"short\n")) == [(1, b"short")]
+    with pytest.raises(LineError, match="line 2: longer than the limit of 10 bytes"):
+        list(splitter.feed(b"x" * 11))
+
+
+def test_parse_line_checks_the_body_as_the_route_does():
+    assert parse_line(_line("x"), 1).custom_id == "x"
+    with pytest.raises(LineError, match=r"line 4: body\.temperature"):
+        parse_line(_line(temperature="hot"), 4)
+    with pytest.raises(LineError, match="line 2: custom_id"):
+        parse_line(_line(""), 2)
+    with pytest.raises(LineError, match="line 9: must be a JSON object"):
+        parse_line(b"[1, 2]", 9)
+
+
+def test_only_deterministic_identical_lines_share_a_digest():
+    greedy = parse_line(_line("a", temperature=0), 1).dedup_digest()
+    assert greedy is not None
+    assert parse_line(_line("b", temperature=0), 2).dedup_digest() == greedy  # custom_id is not part of it
+    assert parse_line(_line("c", temperature=0, max_tokens=5), 3).dedup_digest() != greedy
+    assert parse_line(_line("d", seed=7), 4).dedup_digest() is not None
+    assert parse_line(_line("e"), 5).dedup_digest() is None
+    assert parse_line(_line("f", temperature=0.8), 6).dedup_digest() is None
+
+
+def test_prompt_key_orders_shared_prefixes_together():
+    lines = [parse_line(_line(str(i), messages=[{"role": "user", "content": c}]), i + 1)
+             for i, c in enumerate(["b tail", "a one", "b head", "a two"])]
+    order = [line.custom_id for line in sorted(lines, key=lambda x: x.prompt_key())]
+    assert order == ["1", "3", "2", "0"]
+
+
+def test_completion_window():
+    assert window_seconds("24h") == 86400 and window_seconds("90s") == 90 and window_seconds("30m") == 1800
+    for bad in ("25h", "0s", "1w", "", "h"):
+        with pytest.raises(ApiError, match="completion_window"):
+            window_seconds(bad)
