@@ -82,19 +82,36 @@ class Child:
         self.delay = min(self.delay * 2, RESTART_CAP_S)
 
 
+def serving(url: str) -> bool:
+    """The gateway at `url` (its /readyz) is ready and reports a live worker: a gateway is ready without one
+    (jobs wait in the queue), but the stack is up only once one serves."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200 and json.loads(r.read()).get("workers", 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def wait_ready(url: str, procs: Sequence[subprocess.Popen], timeout: float) -> bool:
+    """Until the stack at `url` serves; False at once if one of procs exits (the benches' stacks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        if serving(url):
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def _wait_ready(url: str, timeout: float, stopping: Callable[[], bool], children: Sequence[Child]) -> bool:
-    """Until the gateway at `url` (its /readyz) is ready and reports a live worker: a gateway is ready
-    without one (jobs wait in the queue), but the stack is up only once one serves."""
+    """Until the stack at `url` serves, starting again any child that exits meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stopping():
         for child in children:
             child.watch()
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200 and json.loads(r.read()).get("workers", 0) > 0:
-                    return True
-        except (OSError, ValueError):
-            pass
+        if serving(url):
+            return True
         time.sleep(0.3)
     return False
 
