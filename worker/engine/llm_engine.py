@@ -67,7 +67,7 @@ class LLMEngine:
         model_path = Path(model_path)
         self.tp_group = TensorParallelGroup(model_path, config) if config.tensor_parallel_size > 1 else None
         device = torch.device(config.rank_device(0))
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:  # a TP rank's own GPU; plain "cuda" is the current one
             torch.cuda.set_device(device)
         model, model_cfg = load_model(model_path, DTYPES[config.dtype], device, quantization=config.quantization)
         tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
