@@ -12,6 +12,7 @@ from gateway.cancel import Canceller
 from gateway.metrics import GatewayMetrics
 from gateway.redis_pipe import RedisPipe
 from gateway.registry import Registry
+from gateway.response_cache import ResponseCache
 from jobstore import JobStore
 
 
@@ -25,13 +26,15 @@ class GatewayContext:
     auth: Authenticator
     canceller: Canceller
     max_queue_depth: int  # per model and lane, shared fairly by the tenants with jobs in it (0: none)
+    cache: ResponseCache
 
     @classmethod
     def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int) -> GatewayContext:
         pipe = RedisPipe(redis)
         store = JobStore(redis, scripts=pipe)
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
-                   auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth)
+                   auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,
+                   cache=ResponseCache(redis, metrics.cache_lookups, metrics.cache_hits))
 
 
 async def get_ctx(request: Request) -> GatewayContext:
