@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[worker,embedded,dev]"
+	$(BIN)/pip install -q -e ".[worker,embedded,cache,dev]"
 	touch $@
 
 install: $(VENV)/.installed

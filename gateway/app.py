@@ -74,6 +74,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await app.state.ctx.hub.aclose()
+            await app.state.ctx.cache.aclose()
             await app.state.ctx.pipe.aclose()
             await redis.aclose()
 

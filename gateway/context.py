@@ -13,6 +13,7 @@ from gateway.event_hub import EventHub
 from gateway.metrics import GatewayMetrics
 from gateway.redis_pipe import RedisPipe
 from gateway.registry import Registry
+from gateway.response_cache import ResponseCache
 from jobstore import JobStore
 
 
@@ -27,6 +28,7 @@ class GatewayContext:
     canceller: Canceller
     max_queue_depth: int  # per model and lane, shared fairly by the tenants with jobs in it (0: none)
     hub: EventHub  # every follower of a job (waiting or streaming) on one pub/sub connection
+    cache: ResponseCache
 
     @classmethod
     def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int,
@@ -35,7 +37,8 @@ class GatewayContext:
         store = JobStore(redis, scripts=pipe)
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
                    auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,
-                   hub=EventHub(redis))
+                   hub=EventHub(redis),
+                   cache=ResponseCache(redis, metrics.cache_lookups, metrics.cache_hits))
 
 
 async def get_ctx(request: Request) -> GatewayContext:

@@ -1,6 +1,6 @@
-"""The submission path every submitting route shares: prepare the job, then admit and write it in one
-jobstore script (limits, the lane's fair share, Idempotency-Key). A repeated Idempotency-Key gives the
-first job."""
+"""The submission path every submitting route shares: prepare the job, look it up in the response cache
+(a hit is written as a succeeded job and never queued), then admit and write it in one jobstore script
+(limits, the lane's fair share, Idempotency-Key). A repeated Idempotency-Key gives the first job."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from gateway.errors import ApiError
 from gateway.jobs import read_job
 from gateway.logging import bind_job, get_logger
 from gateway.prepare import prepare
+from gateway.response_cache import Hit, write_hit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate, dump_request
 from jobstore import Refused
 from protocol import job_record as F
@@ -26,17 +27,28 @@ log = get_logger(__name__)
 class Enqueued:
     payload: JobPayload
     created_at: float
-    record: dict[str, str] | None = None  # the first job's hash, when this request was a repeat
+    record: dict[str, str] | None = None  # the first job's hash (a repeat), or the hit's (cache)
+    cache: str | None = None  # "exact" or "semantic": answered from the response cache
 
     @property
     def repeat(self) -> bool:
-        return self.record is not None
+        return self.record is not None and self.cache is None
 
 
 async def enqueue(ctx: GatewayContext, tenant: Tenant,
                   body: ChatCompletionRequest | CompletionRequest | JobCreate, lane: Lane, stream: bool,
                   metadata: dict[str, str], idempotency_key: str | None) -> Enqueued:
+    decision = await ctx.cache.decide(tenant.name, body.cache)
     payload = await prepare(ctx.registry, body, lane, stream, tenant.name)
+    lookup = None
+    digest = ctx.registry.card_digest(payload.model)
+    if decision is not None and digest is not None:
+        lookup = await ctx.cache.lookup(decision, payload, digest, body)
+        if lookup is not None and lookup.hit is not None:
+            return await _cached(ctx, tenant, body, payload, metadata, lookup.hit, idempotency_key)
+    if lookup is not None:
+        payload.cache_fill = True
+        await ctx.cache.expect(payload.id, lookup)
     try:
         submitted = await ctx.store.submit(payload, dump_request(body), metadata, streamed=stream,
                                            limits=limits_of(tenant, ctx.max_queue_depth),
@@ -51,6 +63,15 @@ async def enqueue(ctx: GatewayContext, tenant: Tenant,
     log.debug("job enqueued", model=payload.model, lane=payload.lane, kind=payload.kind,
               prompt_tokens=len(payload.prompt_token_ids), stream=stream, tenant=tenant.name)
     return Enqueued(payload, submitted.created_at)
+
+
+async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest | JobCreate,
+                  payload: JobPayload, metadata: dict[str, str], hit: Hit, idempotency_key: str | None) -> Enqueued:
+    """A hit generates nothing and takes no queue place: it is not admitted against the tenant's limits."""
+    bind_job(payload.id)
+    record = await write_hit(ctx.redis, payload, dump_request(body), metadata, hit, idempotency_key)
+    log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
+    return Enqueued(payload, float(record[F.CREATED_AT]), record, cache=hit.kind)
 
 
 async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, job_id: str) -> Enqueued:
@@ -73,6 +94,9 @@ def job_created_body(job: Enqueued, metadata: dict[str, Any]) -> dict[str, Any]:
     status = job.record.get(F.STATE, "queued") if job.record is not None else "queued"
     if job.record is not None and job.record.get(F.METADATA):
         metadata = json.loads(job.record[F.METADATA])
-    return {"id": payload.id, "object": "job", "status": status, "model": payload.model, "kind": payload.kind,
+    body = {"id": payload.id, "object": "job", "status": status, "model": payload.model, "kind": payload.kind,
             "priority": payload.lane, "created_at": int(job.created_at), "metadata": metadata,
             "prompt_tokens": len(payload.prompt_token_ids)}
+    if job.cache:
+        body["cache"] = job.cache
+    return body

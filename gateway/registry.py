@@ -100,6 +100,11 @@ class Registry:
         self._cards[model] = _CachedCard(digest, builder, now)
         return builder
 
+    def card_digest(self, model: str) -> str | None:
+        """The sha256 of the card `prompt_builder` last returned for `model` (the response cache keys on it)."""
+        cached = self._cards.get(model)
+        return cached.digest if cached is not None else None
+
     async def serving(self, model: str) -> list[WorkerHeartbeat]:
         """Live workers of `model` for a submission: a non-empty answer is reused for LIVE_RECHECK_S, then
         for LIVE_STALE_S more while a background read renews it (a job queued for a worker that died

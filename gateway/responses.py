@@ -157,4 +157,5 @@ def job_object(job_id: str, record: dict[str, str]) -> dict[str, Any]:
         "metadata": json.loads(record[F.METADATA]) if record.get(F.METADATA) else {},
         "result": result,
         "error": error,
+        "cache": record.get(F.CACHE),
     }

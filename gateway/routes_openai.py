@@ -14,11 +14,13 @@ from gateway.context import Caller, GatewayContext, get_caller
 from gateway.enqueue import enqueue
 from gateway.errors import error_response
 from gateway.jobs import Final, wait_final
+from gateway.response_cache import HEADER
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.sse import completion_events, final_error, sse_response
 from gateway.waiting import WaitingResponse
 from jobstore import JobRef
-from protocol.jobs import JobPayload, JobState
+from protocol import job_record as F
+from protocol.jobs import JobPayload, JobResult, JobState
 
 router = APIRouter()
 # A completion (a client holding its connection open) submitted while no worker of its model is live waits
@@ -49,30 +51,38 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     FastAPI routes and gateway/fastpath.py both answer with this (the key already checked)."""
     job = await enqueue(ctx, tenant, body, body.priority, body.stream, {}, idempotency_key)
     payload, created = job.payload, int(job.created_at)
+    headers = {HEADER: job.cache} if job.cache else None
     on_abandon = None
-    if not job.repeat and not payload.run_to_completion:  # a client that leaves cancels its job
+    if not job.repeat and not job.cache and not payload.run_to_completion:  # a client that leaves cancels its job
         def on_abandon() -> None:
             ctx.canceller.cancel_detached(JobRef.of(payload))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
-                                              mark=job.repeat, hub=ctx.hub))
+                                              mark=job.repeat, hub=ctx.hub), headers)
+    if job.cache and job.record is not None:  # a hit: the answer is in hand
+        hit = Final(JobState.succeeded, JobResult.model_validate_json(job.record[F.RESULT]), None)
+        return _final_response(payload, created, hit, headers)
 
     async def final_answer() -> Response:
-        final = await _wait(ctx, payload, job.repeat)
-        if final is None:
-            return error_response(504, f"no worker serving model `{payload.model}` started this job within "
-                                       f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later",
-                                  type_="no_worker", code="no_worker")
-        if final.state != JobState.succeeded or final.result is None:
-            err = final_error(final)
-            return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
-        return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created,
-                                                    final.result,
-                                                    want_logprobs=payload.sampling.logprobs is not None,
-                                                    echo_chars=responses.echo_chars(payload)))
+        return _final_response(payload, created, await _wait(ctx, payload, job.repeat))
 
     return WaitingResponse(final_answer, on_abandon)
+
+
+def _final_response(payload: JobPayload, created: int, final: Final | None,
+                    headers: dict[str, str] | None = None) -> Response:
+    if final is None:
+        return error_response(504, f"no worker serving model `{payload.model}` started this job within "
+                                   f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later",
+                              type_="no_worker", code="no_worker")
+    if final.state != JobState.succeeded or final.result is None:
+        err = final_error(final)
+        return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
+    return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
+                                                want_logprobs=payload.sampling.logprobs is not None,
+                                                echo_chars=responses.echo_chars(payload)),
+                        headers=headers)
 
 
 async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final | None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from protocol.jobs import ChatMessage, Lane
 from protocol.text import Text
+from respcache.policy import CacheOption
 
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_CHARS = 64
@@ -74,6 +75,8 @@ class JobOptions(BaseModel):
     ttl: float | None = Field(default=None, description="seconds from now; the job's deadline")
     run_to_completion: bool = Field(default=False, description="a client that disconnects before "
                                                                "the end does not cancel the job")
+    cache: CacheOption | None = Field(default=None, description="response cache: mode exact, semantic or off "
+                                                                "(default: the tenant's), threshold")
 
 
 class ChatCompletionRequest(SamplingFields, JobOptions):

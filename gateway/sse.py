@@ -40,8 +40,8 @@ class SSEResponse(StreamingResponse):
             group.cancel_scope.cancel()
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return SSEResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
+    return SSEResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
 
 
 def data(obj: Any) -> str:

@@ -84,6 +84,7 @@ class JobPayload(BaseModel):
     deadline: float | None = None  # epoch seconds; past it a queued job expires and a running one stops
     webhook_url: str | None = None  # where the final state is delivered (signed, retried)
     run_to_completion: bool = False  # a streaming client that disconnects does not cancel the job
+    cache_fill: bool = False  # on success the worker fills the response cache (respcache.store.fill)
 
 
 class Usage(BaseModel):

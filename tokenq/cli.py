@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(bsub)
     import importlib
 
-    for name in ("throughput", "latency", "prefix", "serve", "fp8_accuracy", "chat", "batch"):
+    for name in ("throughput", "latency", "prefix", "serve", "fp8_accuracy", "chat", "batch", "cache"):
         module = f"tokenq.bench.{name}"
         importlib.import_module(module).add_parser(bsub).set_defaults(func=cmd_bench_module, bench_module=module)
     bench.set_defaults(func=cmd_bench)

@@ -11,6 +11,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.apikeys import API_KEYS_SET, auth_state, create_key, list_keys, revoke_key, set_auth
+from protocol.keys import tenant_key
+from respcache import policy
 
 
 def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
@@ -25,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
     create.add_argument("--max-queued", type=int, default=None, help="jobs queued or running at once")
     create.add_argument("--if-none", action="store_true",
                         help="create it only when no key exists yet (a deployment's init step: runs every start)")
+    create.add_argument("--cache-mode", choices=["exact", "semantic", "off"], default=None,
+                        help="the tenant's default response cache mode (docs/caching.md)")
+    create.add_argument("--cache-threshold", type=float, default=None, help="semantic hit threshold (0 to 1)")
+    create.add_argument("--cache-ttl", type=int, default=None, help="seconds a cached answer lives")
+    create.add_argument("--cache-max-entries", type=int, default=None, help="cached answers kept for the tenant")
     ksub.add_parser("list", help="every key's id, tenant and the tenant's limits")
     revoke = ksub.add_parser("revoke", help="revoke a key, given the key or its id (8+ characters)")
     revoke.add_argument("key")
@@ -57,6 +64,11 @@ async def _run(args: argparse.Namespace) -> int:
                 created = await create_key(redis, args.tenant, limits)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
+            cache = {field: str(value) for field, value in zip(
+                policy.FIELDS, (args.cache_mode, args.cache_threshold, args.cache_ttl, args.cache_max_entries),
+                strict=True) if value is not None}
+            if cache:
+                await redis.hset(tenant_key(args.tenant), mapping=cache)
             print(f"api key:        {created.api_key}")
             print(f"key id:         {created.digest[:12]}")
             print(f"tenant:         {created.tenant}")

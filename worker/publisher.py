@@ -26,6 +26,7 @@ from protocol import keys
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
 from protocol.outage import Outage
+from respcache import store as respcache_store
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import EngineHandle, FailedOutput
@@ -326,7 +327,8 @@ class Publisher:
             return True
 
         acks: list[RunningJob] = []
-        for (job, _), written in zip(finals, results, strict=True):
+        fills: list[tuple[str, str]] = []
+        for (job, fw), written in zip(finals, results, strict=True):
             jlog = log.bind(job_id=job.id)
             if isinstance(written, Exception):
                 # Leave the entry pending: another worker reruns it after the lease.
@@ -340,8 +342,21 @@ class Publisher:
             else:
                 self._observe_finished(job, now)
                 jlog.info("job finished", finish_reason=job.finish_reason, tokens=len(job.token_ids))
+                if job.payload.cache_fill and fw.state == JobState.succeeded.value:
+                    fills.append((job.id, fw.result_json))
             acks.append(job)
+        if fills:
+            await self._fill_cache(fills)
         return not acks or await self._retrying(self._ack, acks) is not None
+
+    async def _fill_cache(self, fills: list[tuple[str, str]]) -> None:
+        """Succeeded jobs that missed the response cache become its entries; a failure here costs only a
+        later hit, never the job."""
+        for job_id, result_json in fills:
+            try:
+                await respcache_store.fill(self.redis, job_id, result_json)
+            except Exception as e:  # noqa: BLE001
+                log.warning("response cache fill failed", job_id=job_id, error=repr(e))
 
     async def _ack(self, jobs: list[RunningJob]) -> bool:
         await self.store.ack((job.stream, job.entry_id) for job in jobs)

@@ -1,0 +1,157 @@
+"""The gateway's side of the response caches (respcache/): decide whether a request uses them, look it
+up before it is queued, and on a hit write the job as already succeeded, so that every route (the
+completion, its stream, GET /v1/jobs/{id}, the job's events, its webhook) answers it as any other final
+job. On a miss the job is queued as usual, with a pending record that the worker turns into an entry
+once the job succeeds (respcache.store.fill)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from gateway.flight import TtlCache
+from protocol import job_record as F
+from protocol import keys as protocol_keys
+from protocol.jobs import JobPayload, JobResult, JobState, Usage
+from respcache import policy, scope, store
+
+if TYPE_CHECKING:
+    from respcache.semantic import SemanticCache
+
+POLICY_CACHE_S = 1.0
+POLICY_STALE_S = 5.0
+HEADER = "x-tokenq-cache"
+
+
+@dataclass(frozen=True)
+class Hit:
+    kind: str  # "exact" or "semantic"
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class Lookup:
+    hit: Hit | None
+    pending: dict[str, Any]  # what the worker writes into the cache once the job succeeds
+
+
+class ResponseCache:
+    def __init__(self, redis: aioredis.Redis, lookups: Counter, hits: Counter) -> None:
+        self.redis = redis
+        self.lookups, self.hits = lookups, hits  # labels: kind (exact, semantic)
+        self._semantic: SemanticCache | None = None
+        self._policies = TtlCache()
+
+    @property
+    def semantic(self) -> SemanticCache:
+        """Created on first use: it imports numpy and, once started, loads the model (the `cache` extra);
+        a gateway whose tenants use only the exact cache never does."""
+        if self._semantic is None:
+            from respcache.semantic import SemanticCache
+
+            self._semantic = SemanticCache(self.redis)
+        return self._semantic
+
+    async def policy(self, tenant: str) -> policy.TenantCachePolicy:
+        async def read() -> policy.TenantCachePolicy:
+            values = await self.redis.hmget(protocol_keys.tenant_key(tenant), list(policy.FIELDS))
+            return policy.TenantCachePolicy.from_fields(values)
+
+        return await self._policies.get(("cache", tenant), read, POLICY_CACHE_S, POLICY_STALE_S)
+
+    async def decide(self, tenant: str, option: policy.CacheOption | None) -> policy.Decision | None:
+        """The request's cache use before its prompt is rendered (determinism is checked on the payload)."""
+        if option is not None and option.mode == "off":
+            return None
+        return policy.decide(await self.policy(tenant), option, deterministic=True)
+
+    async def lookup(self, decision: policy.Decision, payload: JobPayload, card_digest: str,
+                     body: Any) -> Lookup | None:
+        """None when the answer is not determined by the request (so nothing is cached)."""
+        if not scope.deterministic(payload):
+            return None
+        tenant = payload.tenant
+        exact_id = scope.exact_id(payload, card_digest)
+        entry = await store.read_entry(self.redis, tenant, exact_id)
+        if entry is not None:
+            self._count("exact", hit=True)
+            return Lookup(Hit("exact", _for(payload, entry.result)), {})
+        self._count("exact", hit=False)
+        pending: dict[str, Any] = {"tenant": tenant, "kind": payload.kind, "model": payload.model,
+                                   "exact": exact_id, "semantic": None, "ttl": decision.ttl_s,
+                                   "max": decision.max_entries}
+        if decision.mode != "semantic":
+            return Lookup(None, pending)
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        key = scope.semantic_key(payload, card_digest, getattr(body, "messages", None),
+                                 getattr(body, "prompt", None), asked)
+        from respcache.index import encode_vector
+        from respcache.semantic import LOAD_WAIT_S
+
+        if key is None or not await self.semantic.ready(LOAD_WAIT_S):
+            self._count("semantic", hit=False)
+            return Lookup(None, pending)
+        vector, match = await self.semantic.best(tenant, key.scope, key.text)
+        if match is not None and match.probability >= decision.threshold:
+            entry = await store.read_entry(self.redis, tenant, match.entry_id)
+            if entry is not None and entry.scope == key.scope:
+                self._count("semantic", hit=True)
+                return Lookup(Hit("semantic", _for(payload, entry.result)), {})
+            if entry is None:
+                self.semantic.forget(tenant, match.entry_id)
+        self._count("semantic", hit=False)
+        pending["semantic"] = {"id": key.entry_id, "scope": key.scope, "text": key.text,
+                               "vec": encode_vector(vector)}
+        return Lookup(None, pending)
+
+    def _count(self, kind: str, hit: bool) -> None:
+        self.lookups.labels(kind).inc()
+        if hit:
+            self.hits.labels(kind).inc()
+
+    async def expect(self, job_id: str, lookup: Lookup) -> None:
+        """Before the job is queued (a fast job could otherwise finish first)."""
+        await store.write_pending(self.redis, job_id, lookup.pending)
+
+    async def aclose(self) -> None:
+        if self._semantic is not None:
+            await self._semantic.aclose()
+
+
+def _for(payload: JobPayload, result: JobResult) -> JobResult:
+    """The cached answer as this request's: its own prompt, every prompt token counted as cached."""
+    prompt = len(payload.prompt_token_ids)
+    usage = Usage(prompt_tokens=prompt, completion_tokens=result.usage.completion_tokens,
+                  total_tokens=prompt + result.usage.completion_tokens, cached_tokens=prompt)
+    return result.model_copy(update={"usage": usage})
+
+
+async def write_hit(redis: aioredis.Redis, payload: JobPayload, request_json: str, metadata: dict[str, str],
+                    hit: Hit, idempotency_key: str | None) -> dict[str, str]:
+    """The job of a hit, written already succeeded (never queued); its webhook, if any, goes to the outbox
+    as a finished job's does. Returns the job hash."""
+    now = repr(time.time())
+    record = {
+        F.STATE: JobState.succeeded.value, F.TENANT: payload.tenant, F.MODEL: payload.model,
+        F.LANE: payload.lane, F.REQUEST: request_json, F.METADATA: json.dumps(metadata),
+        F.PAYLOAD: payload.model_dump_json(), F.RESULT: hit.result.model_dump_json(), F.TEXT: hit.result.text,
+        F.CREATED_AT: now, F.STARTED_AT: now, F.FINISHED_AT: now, F.SEQ: "0", F.ATTEMPTS: "0",
+        F.STREAMED: "0", F.CACHE: hit.kind,
+    }
+    if idempotency_key is not None:
+        record[F.IDEMPOTENCY_KEY] = idempotency_key
+    if payload.webhook_url:
+        record[F.WEBHOOK_URL] = payload.webhook_url
+    job_key = protocol_keys.job_key(payload.id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(job_key, mapping=record)
+        pipe.expire(job_key, F.RETENTION_SECONDS)
+        if payload.webhook_url:
+            pipe.xadd(protocol_keys.WEBHOOK_OUTBOX, {"job_id": payload.id, "state": JobState.succeeded.value})
+        await pipe.execute()
+    return record

