@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; on the project's machines this exact version installs from local disk.
 TORCH ?= torch==2.13.0
 
-.PHONY: install model up test lint wheelhouse clean
+.PHONY: install model up test lint wheelhouse clean deploy-tools
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -22,9 +22,16 @@ model: install
 up: model
 	$(BIN)/tokenq up
 
-test: model
+test: model deploy-tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not gpu"
+
+# The deploy tests render the Kubernetes manifests with kubectl and parse the compose file with
+# docker-compose, both Debian packages; where they cannot be installed those two checks skip.
+deploy-tools:
+	@command -v kubectl >/dev/null && command -v docker-compose >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq kubectl docker-compose) >/dev/null 2>&1; } || true
 
 lint: install
 	$(BIN)/ruff check .
