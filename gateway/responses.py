@@ -159,3 +159,9 @@ def job_object(job_id: str, record: dict[str, str]) -> dict[str, Any]:
         "error": error,
         "cache": record.get(F.CACHE),
     }
+
+
+def list_page(data: list[dict], has_more: bool) -> dict:
+    """OpenAI's cursor page (files, batches): the objects, the first and last ids, whether more follow."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from batches.settings import BatchSettings
 from batches.store import batch_object, cancel_batch, create_batch, list_batches, read_batch
 from gateway.context import Caller, get_caller
+from gateway.responses import list_page
 from gateway.routes_files import batch_settings
 
 router = APIRouter()
@@ -35,9 +36,7 @@ async def post_batch(body: BatchCreate, caller: Caller = Depends(get_caller),
 async def get_batches(caller: Caller = Depends(get_caller), limit: int = Query(default=20, ge=1, le=100),
                       after: str | None = None) -> dict:
     page, more = await list_batches(caller.ctx.redis, caller.tenant.name, limit, after)
-    data = [batch_object(b) for b in page]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": more}
+    return list_page([batch_object(b) for b in page], more)
 
 
 @router.get("/v1/batches/{batch_id}")

@@ -20,6 +20,7 @@ from batches.files import (
 from batches.settings import BatchSettings
 from gateway.context import Caller, get_caller
 from gateway.errors import ApiError
+from gateway.responses import list_page
 from gateway.upload import stream_form
 
 router = APIRouter()
@@ -59,9 +60,7 @@ async def get_files(caller: Caller = Depends(get_caller), purpose: str | None = 
     if purpose is not None and purpose not in PURPOSES:
         raise ApiError(400, f"purpose: one of {', '.join(PURPOSES)} (got {purpose!r})", param="purpose")
     page, more = await list_files(caller.ctx.redis, caller.tenant.name, purpose, limit, order, after)
-    data = [file_object(m) for m in page]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": more}
+    return list_page([file_object(m) for m in page], more)
 
 
 @router.get("/v1/files/{file_id}")
