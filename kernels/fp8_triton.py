@@ -102,6 +102,15 @@ def rms_norm_quant_triton(
 
 
 @triton.jit
+def _silu_and_mul_tile(base, offs, n_cols, mask):
+    """silu(gate) * up for one tile of a row, rounded to the input dtype as the reference rounds it."""
+    gate = tl.load(base + offs, mask=mask, other=0.0)
+    up = tl.load(base + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    g = gate.to(tl.float32)
+    return ((g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32) * up).to(gate.dtype).to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, n_cols, BLOCK: tl.constexpr):
     """Two passes over gate and up: the max of silu(gate) * up, then the product / scale (recomputed)."""
     row = tl.program_id(0).to(tl.int64)
@@ -110,19 +119,13 @@ def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, n_cols, BLOCK: tl.
     amax = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
-        gate = tl.load(base + start + cols, mask=mask, other=0.0)
-        up = tl.load(base + n_cols + start + cols, mask=mask, other=0.0).to(tl.float32)
-        g = gate.to(tl.float32)
-        act = ((g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32) * up).to(gate.dtype).to(tl.float32)
+        act = _silu_and_mul_tile(base, start + cols, n_cols, mask)
         amax = tl.maximum(amax, tl.abs(act))
     scale = tl.maximum(tl.max(amax, 0), _FLOOR) / _MAX
     tl.store(s_ptr + row, scale)
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
-        gate = tl.load(base + start + cols, mask=mask, other=0.0)
-        up = tl.load(base + n_cols + start + cols, mask=mask, other=0.0).to(tl.float32)
-        g = gate.to(tl.float32)
-        act = ((g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32) * up).to(gate.dtype).to(tl.float32)
+        act = _silu_and_mul_tile(base, start + cols, n_cols, mask)
         q = tl.clamp(act / scale, -_MAX, _MAX)
         tl.store(q_ptr + row * n_cols + start + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
