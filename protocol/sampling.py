@@ -6,6 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.guided import GuidedSpec
 from protocol.text import Text
 
 MAX_STOP_STRINGS = 8
@@ -39,6 +40,8 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    # Structured outputs: a grammar every generated token keeps (see protocol/guided.py).
+    guided: GuidedSpec | None = None
 
     @property
     def has_penalties(self) -> bool:
