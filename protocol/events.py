@@ -13,7 +13,8 @@ from protocol.jobs import JobError, JobResult, JobState, TokenLogprob
 class DeltaEvent(BaseModel):
     type: Literal["delta"] = "delta"
     seq: int  # increases by one per published delta of this job
-    offset: int  # character offset of `text` in the job's whole output
+    offset: int  # character offset of `text` in its choice's whole output
+    index: int = 0  # the choice (0 to n - 1)
     text: str
     token_ids: list[int] = []
     # With logprobs asked: the entries that follow the ones published before, in order (the echoed

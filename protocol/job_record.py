@@ -5,6 +5,8 @@ from __future__ import annotations
 # The text streamed so far lives in its own string, keys.job_text_key (deltas APPEND to it); jobstore's
 # reads put it under TEXT in the record they return.
 TEXT = "text"
+# With n > 1 that string is a log of every choice's text (protocol/choice_text.py) and the hash says n:
+CHOICES = "choices"
 # Every value in the hash is a string; JSON fields hold pydantic models' JSON.
 STATE = "state"
 TENANT = "tenant"

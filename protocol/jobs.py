@@ -86,6 +86,11 @@ class JobPayload(BaseModel):
     run_to_completion: bool = False  # a streaming client that disconnects does not cancel the job
     cache_fill: bool = False  # on success the worker fills the response cache (respcache.store.fill)
 
+    @property
+    def cost_tokens(self) -> int:
+        """Tokens the job may take (its tokens-per-minute cost): the prompt, max_tokens per sequence."""
+        return len(self.prompt_token_ids) + self.sampling.num_sequences * self.sampling.max_tokens
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -101,7 +106,23 @@ class TokenLogprob(BaseModel):
     top: list[tuple[int, str, float]] = Field(default_factory=list)
 
 
+StopReason = str | int | None  # vLLM's: the stop string or stop token id that ended a choice; None for EOS, length
+
+
+class Choice(BaseModel):
+    """One of a job's n samples of its prompt."""
+
+    index: int = 0
+    text: str
+    finish_reason: FinishReason
+    stop_reason: StopReason = None
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+
 class JobResult(BaseModel):
+    """The first choice's fields, the job's usage (every choice's tokens) and, with n > 1, every choice."""
+
     text: str
     finish_reason: FinishReason
     usage: Usage
@@ -109,6 +130,15 @@ class JobResult(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     # With sampling.prompt_logprobs: one per prompt token, the first with logprob None.
     prompt_logprobs: list[TokenLogprob] | None = None
+    stop_reason: StopReason = None
+    # With n > 1: every choice, index 0 to n - 1; the fields above repeat choice 0 for readers of one.
+    choices: list[Choice] | None = None
+
+    def all_choices(self) -> list[Choice]:
+        if self.choices:
+            return self.choices
+        return [Choice(text=self.text, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+                       token_ids=self.token_ids, logprobs=self.logprobs)]
 
 
 class JobError(BaseModel):

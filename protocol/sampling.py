@@ -15,8 +15,12 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; the gateway checks against the model's own size
 MAX_TOKENS = 1_000_000
+MAX_N = 16  # choices (and best_of sequences) of one request: they share the prompt's KV blocks
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_BIAS = 100.0
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
 
 
 class SamplingParams(BaseModel):
@@ -40,6 +44,13 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    # Several samples of one prompt (one job): best_of sequences are generated, the n of highest
+    # cumulative logprob returned (best_of None: n and n).
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    # OpenAI's logit_bias: added to these tokens' logits before penalties, temperature and the cuts.
+    logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
     # Structured outputs: a grammar every generated token keeps (see protocol/guided.py).
     guided: GuidedSpec | None = None
 
@@ -70,9 +81,18 @@ class SamplingParams(BaseModel):
             raise ValueError(f"stop: stop strings are at most {MAX_STOP_CHARS} characters")
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             raise ValueError("max_tokens: 0 is allowed only with echo and logprobs (to score the prompt)")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.max_tokens == 0 and self.num_sequences > 1:
+            raise ValueError("n: with max_tokens 0 (scoring the prompt) n and best_of must be 1")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         return self
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine generates for this request: best_of, else n."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

@@ -153,7 +153,7 @@ class EngineDriver:
         now = time.time()
         for out in outputs:
             out.produced_at = now
-            if out.finished:
+            if out.request_finished:
                 self.live.discard(out.request_id)
         return outputs
 

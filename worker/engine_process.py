@@ -75,15 +75,17 @@ def _from_lps(rows):
 def encode_outputs(outputs: list[RequestOutput]) -> list[tuple]:
     return [(o.request_id, o.new_token_ids, o.text_delta, o.finished, o.finish_reason, o.num_prompt_tokens,
              o.num_output_tokens, o.num_cached_tokens, _lps(o.logprobs), _lps(o.prompt_logprobs), o.produced_at,
-             o.error if isinstance(o, FailedOutput) else None) for o in outputs]
+             o.index, o.stop_reason, o.choices_left, o.error if isinstance(o, FailedOutput) else None)
+            for o in outputs]
 
 
 def decode_outputs(rows: list[tuple]) -> list[RequestOutput]:
     outputs: list[RequestOutput] = []
-    for rid, ids, text, finished, reason, n_prompt, n_out, n_cached, lps, prompt_lps, at, error in rows:
+    for (rid, ids, text, finished, reason, n_prompt, n_out, n_cached, lps, prompt_lps, at, index, stop_reason,
+         choices_left, error) in rows:
         fields = dict(finished=finished, finish_reason=reason, num_prompt_tokens=n_prompt, num_output_tokens=n_out,
                       num_cached_tokens=n_cached, logprobs=_from_lps(lps), prompt_logprobs=_from_lps(prompt_lps),
-                      produced_at=at)
+                      produced_at=at, index=index, stop_reason=stop_reason, choices_left=choices_left)
         if error is not None:
             outputs.append(FailedOutput(rid, ids, text, **fields, error=error))
         else:

@@ -123,6 +123,22 @@ class BlockManager:
                 self._cached[hashes[i]] = block.block_id
         state.num_registered = num_full
 
+    def share_prompt(self, parent: Sequence, child: Sequence) -> int:
+        """Attach the parent's full prompt blocks to a child of the same prompt (another choice), their
+        reference counts raised: the child computes only the rest. The last prompt token stays to compute,
+        so that the child gets logits of its own to sample from. Returns the shared token count."""
+        assert not child.block_table and child.num_computed_tokens == 0
+        num = min((child.num_prompt_tokens - 1) // self.block_size,
+                  parent.num_computed_tokens // self.block_size, len(parent.block_table))
+        shared = parent.block_table[:num]
+        for block_id in shared:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(shared)
+        child.num_computed_tokens = child.num_cached_tokens = num * self.block_size
+        # Those blocks are registered already (or deliberately not): the child's own start after them.
+        self._seq_state[child.request_id] = _SeqHashes(num_registered=num)
+        return num * self.block_size
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached digest (e.g. after new weights); blocks in use stay allocated."""
         for block in self.blocks:

@@ -27,10 +27,12 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         stop: list[str],
         skip_special_tokens: bool = True,
+        include_stop: bool = False,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._stop = list(stop)
+        self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the match stays in the text
         context = list(prompt_token_ids[-CONTEXT_TOKENS:])
         if self._decode(context).endswith(REPLACEMENT):
             # The prompt ends mid-character: its output begins with stray continuation bytes, which
@@ -100,10 +102,10 @@ class IncrementalDetokenizer:
             if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
                 best = (i + len(s), i, s)
         if best is not None:
-            _, start, s = best
+            end, start, s = best
             self.stopped, self.matched_stop = True, s
             self._pending = ""
-            return self._emit(text[:start])
+            return self._emit(text[: end if self._include_stop else start])
         hold = self._stop_prefix_len(text)
         self._pending = text[len(text) - hold :] if hold else ""
         return self._emit(text[: len(text) - hold])

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard
 from worker.engine.block_manager import BlockManager
+from worker.engine.choices import ChoiceGroup, sequence_params
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.distributed import destroy_tensor_parallel
@@ -48,17 +49,21 @@ class _InFlight:
 
 
 class _RequestState:
-    """What the engine keeps per request beyond the scheduler's Sequence."""
+    """What the engine keeps per sequence beyond the scheduler's Sequence. A request with n > 1 has one
+    sequence per choice: `seq.request_id` is then the sequence's own id, `request_id` the request's."""
 
-    __slots__ = ("seq", "detok", "generator", "stop_ids", "prompt_logprobs_due")
+    __slots__ = ("seq", "detok", "generator", "stop_ids", "prompt_logprobs_due", "request_id", "index", "group")
 
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None, generator: torch.Generator | None,
-                 stop_ids: set[int]) -> None:
+                 stop_ids: set[int], request_id: str, index: int = 0) -> None:
         self.seq = seq
         self.detok = detok
         self.generator = generator
         self.stop_ids = stop_ids
         self.prompt_logprobs_due = seq.sampling.prompt_logprobs is not None  # sent with the first token
+        self.request_id = request_id
+        self.index = index
+        self.group: ChoiceGroup | None = None
 
 
 class LLMEngine:
@@ -100,7 +105,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, _RequestState] = {}  # by sequence id
+        self._groups: dict[str, ChoiceGroup] = {}  # requests with several sequences, by request id
+        self._forking: dict[str, ChoiceGroup] = {}  # those whose other sequences wait for the first's prompt
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._in_flight: _InFlight | None = None
         # What start-up built (modules, blocks) lives as long as the engine: freezing it keeps the cyclic
@@ -131,30 +138,72 @@ class LLMEngine:
             raise RequestTooLong(
                 f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
         self._check_vocabulary(prompt_token_ids, sampling)
-        seq = Sequence(request_id, list(prompt_token_ids), sampling, priority=priority, tenant=tenant,
+        if request_id in self._requests or request_id in self._groups:
+            raise ValueError(f"duplicate request id {request_id}")
+        states = [self._new_sequence(request_id, i, prompt_token_ids, sampling, priority, tenant)
+                  for i in range(sampling.num_sequences)]
+        if len(states) > 1:
+            group = ChoiceGroup(request_id, sampling, [st.seq for st in states])
+            for st in states:
+                st.group = group
+            self._groups[request_id] = self._forking[request_id] = group
+        for st in states:
+            self._requests[st.seq.request_id] = st
+        self.scheduler.add(states[0].seq)
+
+    def _new_sequence(self, request_id: str, index: int, prompt_token_ids: list[int], sampling: SamplingParams,
+                      priority: int, tenant: str) -> _RequestState:
+        sampling = sequence_params(sampling, index)
+        seq_id = request_id if index == 0 else f"{request_id}#{index}"
+        seq = Sequence(seq_id, list(prompt_token_ids), sampling, priority=priority, tenant=tenant,
                        cache_salt=tenant)
-        detok = (IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, stop=sampling.stop)
+        detok = (IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, stop=sampling.stop,
+                                        include_stop=sampling.include_stop_str_in_output)
                  if self.tokenizer is not None else None)
         generator = make_generator(sampling.seed, self.device) if sampling.seed is not None else None
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_ids)
-        self._requests[request_id] = _RequestState(seq, detok, generator, stop_ids)
-        self.scheduler.add(seq)
+        return _RequestState(seq, detok, generator, stop_ids, request_id, index)
+
+    def _fork_ready(self) -> None:
+        """Starts the other sequences of each request whose first has its prompt computed: they share its
+        full prompt blocks (the step that computes them is queued on the device ahead of theirs)."""
+        for request_id, group in list(self._forking.items()):
+            if not group.ready_to_fork():
+                continue
+            for seq in group.unforked:
+                self.block_manager.share_prompt(group.sequences[0], seq)
+                self.scheduler.add(seq)
+            group.unforked = []
+            del self._forking[request_id]
 
     def _check_vocabulary(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
         """The gateway bounds these already; here a request that got past it fails alone at add instead of
         failing a whole step (on a GPU an index past the end is a device error that no step survives)."""
         vocab = self.model_cfg.vocab_size
-        for field, ids in (("prompt", prompt_token_ids), ("stop_token_ids", sampling.stop_token_ids)):
+        for field, ids in (("prompt", prompt_token_ids), ("stop_token_ids", sampling.stop_token_ids),
+                           ("logit_bias", list(sampling.logit_bias or ()))):
             if ids and not 0 <= min(ids) <= max(ids) < vocab:
                 bad = next(t for t in ids if not 0 <= t < vocab)
                 raise OutsideVocabulary(f"{field}: token id {bad} is outside the vocabulary (size {vocab})")
 
     def abort_request(self, request_id: str) -> None:
-        state = self._requests.pop(request_id, None)
-        if state is None:
-            return
-        self.scheduler.abort(request_id)
-        self._pending.append(self._output(state, [], "", "abort"))
+        """Ends the request, every choice of it, with one "abort" output."""
+        if (state := self._drop_request(request_id)) is not None:
+            self._pending.append(self._output(state, [], "", "abort"))
+
+    def _drop_request(self, request_id: str, but: Sequence | None = None) -> _RequestState | None:
+        """Removes every sequence of the request (`but` is finished already); one of their states, None when
+        none was left."""
+        group = self._groups.pop(request_id, None)
+        self._forking.pop(request_id, None)
+        seq_ids = [s.request_id for s in group.sequences] if group is not None else [request_id]
+        found = None
+        for seq_id in seq_ids:
+            state = self._requests.pop(seq_id, None)
+            if state is not None and state.seq is not but:
+                self.scheduler.abort(seq_id)
+            found = found or state
+        return found
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished()
@@ -210,8 +259,9 @@ class LLMEngine:
             previous = None
         sched = self.scheduler.schedule()
         for seq in sched.rejected:
-            state = self._requests.pop(seq.request_id, None)
+            state = self._requests.get(seq.request_id)
             if state is not None:
+                self._drop_request(state.request_id, but=seq)
                 outputs.append(self._output(state, [], "", "error"))
         launched = None
         if sched.scheduled:
@@ -221,6 +271,8 @@ class LLMEngine:
         if launched is not None:
             # After step N's tokens are in place: newly full blocks are hashed from real tokens.
             self.scheduler.update_after_step(sched)
+            if self._forking:
+                self._fork_ready()
             seqs, samples = launched
             if samples is not None:
                 self._in_flight = _InFlight(seqs, samples, any(s.num_output_tokens == 0 for s in seqs))
@@ -256,9 +308,9 @@ class LLMEngine:
                 seq.append_token(token)
             if not live:
                 continue
-            if i in samples.errors:
+            if i in samples.errors:  # fails the request, every choice of it
                 self.scheduler.finish(seq, "error")
-                del self._requests[seq.request_id]
+                self._drop_request(state.request_id, but=seq)
                 outputs.append(self._failed(state, samples.errors[i]))
                 continue
             if seq.sampling.max_tokens == 0:  # the prompt only was asked for: its token is not one to keep
@@ -270,23 +322,36 @@ class LLMEngine:
                 outputs.append(out)
                 continue
             reason = self._finish_reason(state, token)
+            stop_reason = self._stop_token(seq, token) if reason == "stop" else None
             delta, stopped = "", False
-            if token not in state.stop_ids and state.detok is not None:
+            if state.detok is not None and (token not in state.stop_ids or seq.sampling.include_stop_str_in_output):
                 delta, stopped = state.detok.update([token])
-                if stopped:
-                    reason = "stop"
+                if stopped and reason != "stop":
+                    reason, stop_reason = "stop", state.detok.matched_stop
             if reason is not None:
                 if not stopped and state.detok is not None:
                     delta += state.detok.flush()  # release text held back for a stop string that never came
                 self.scheduler.finish(seq, reason)
                 del self._requests[seq.request_id]
             lp = samples.logprobs[i] if samples.logprobs else None
-            out = self._output(state, [token], delta, reason, [lp] if lp is not None else None)
+            out = self._output(state, [token], delta, reason, [lp] if lp is not None else None, stop_reason)
             if state.prompt_logprobs_due:
                 out.prompt_logprobs = [None, *seq.prompt_logprobs]
                 state.prompt_logprobs_due = False
-            outputs.append(out)
+            if state.group is None:
+                outputs.append(out)
+            else:
+                outputs += state.group.collect(out)
+                if not state.group.running:
+                    del self._groups[state.request_id]
         return outputs
+
+    def _stop_token(self, seq: Sequence, token: int) -> int | None:
+        """vLLM's stop_reason for a stop token: the id when it is one of stop_token_ids (EOS itself: None)."""
+        sampling = seq.sampling
+        if token in sampling.stop_token_ids and (sampling.ignore_eos or token not in self.eos_ids):
+            return token
+        return None
 
     def _finish_reason(self, state: _RequestState, token: int) -> str | None:
         seq = state.seq
@@ -312,10 +377,12 @@ class LLMEngine:
 
     @staticmethod
     def _output(state: _RequestState, tokens: list[int], delta: str, reason: str | None,
-                logprobs: list | None = None) -> RequestOutput:
+                logprobs: list | None = None, stop_reason: str | int | None = None) -> RequestOutput:
         seq = state.seq
         return RequestOutput(
-            request_id=seq.request_id,
+            request_id=state.request_id,
+            index=state.index,
+            stop_reason=stop_reason,
             new_token_ids=tokens,
             text_delta=delta,
             finished=reason is not None,
@@ -329,7 +396,7 @@ class LLMEngine:
     @staticmethod
     def _failed(state: _RequestState, error: str) -> FailedOutput:
         seq = state.seq
-        return FailedOutput(request_id=seq.request_id, new_token_ids=[], text_delta="", finished=True,
+        return FailedOutput(request_id=state.request_id, index=state.index, new_token_ids=[], text_delta="", finished=True,
                             finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
                             num_output_tokens=seq.num_output_tokens, num_cached_tokens=seq.num_cached_tokens,
                             error=error)
@@ -338,24 +405,20 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]
                  ) -> list[RequestOutput]:
-        """Runs prompts to completion; returns one aggregated output per prompt, in order."""
+        """Runs prompts to completion; returns one aggregated output per prompt (its first choice), in order."""
+        return [choices[0] for choices in self.generate_choices(prompts, sampling)]
+
+    def generate_choices(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]
+                         ) -> list[list[RequestOutput]]:
+        """Runs prompts to completion; per prompt, one aggregated output per choice, by index."""
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        results: dict[str, RequestOutput] = {}
+        results: dict[tuple[str, int], RequestOutput] = {}
         base = f"gen-{time.monotonic_ns()}-"
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
             self.add_request(base + str(i), p, sp)
         while self.has_unfinished_requests():
             for out in self.step():
-                acc = results.setdefault(out.request_id, RequestOutput(out.request_id, [], ""))
-                acc.new_token_ids.extend(out.new_token_ids)
-                acc.text_delta += out.text_delta
-                if out.logprobs:
-                    acc.logprobs = (acc.logprobs or []) + out.logprobs
-                if out.prompt_logprobs is not None:
-                    acc.prompt_logprobs = out.prompt_logprobs
-                if out.finished:
-                    acc.finished, acc.finish_reason = True, out.finish_reason
-                    acc.num_prompt_tokens = out.num_prompt_tokens
-                    acc.num_output_tokens = out.num_output_tokens
-                    acc.num_cached_tokens = out.num_cached_tokens
-        return [results[base + str(i)] for i in range(len(prompts))]
+                acc = results.setdefault((out.request_id, out.index), RequestOutput(out.request_id, [], "", index=out.index))
+                acc.extend(out)
+        return [[results[base + str(i), k] for k in range(sp.n) if (base + str(i), k) in results]
+                for i, sp in enumerate(params)]

@@ -1,4 +1,4 @@
-"""Sampling on the device: penalties, min_tokens, greedy/temperature/top-k/top-p/min-p, seeds, logprobs.
+"""Sampling on the device: logit bias, penalties, min_tokens, greedy/temperature/top-k/top-p/min-p, seeds, logprobs.
 
 Logprobs follow vLLM v1's default "raw_logprobs": the log-softmax of the logits as the model produced
 them, before penalties, min_tokens masking and temperature. They describe the model, not the sampler.
@@ -130,6 +130,22 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch, rows: list[int]) -> No
     logits[idx] = sub
 
 
+def apply_logit_bias(logits: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+    """In place: each given row's bias added to its tokens' logits (OpenAI's logit_bias), one upload."""
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    biases: list[float] = []
+    for i in rows:
+        bias = params[i].logit_bias or {}
+        row_ids += [i] * len(bias)
+        token_ids += bias.keys()
+        biases += bias.values()
+    device = logits.device
+    index = torch.tensor([row_ids, token_ids], device=device)
+    logits.index_put_((index[0], index[1]), torch.tensor(biases, device=device, dtype=logits.dtype),
+                      accumulate=True)
+
+
 def apply_min_tokens(logits: Tensor, batch: SamplingBatch) -> None:
     """Forbid eos and stop token ids on rows that have not yet produced min_tokens."""
     pairs = [(i, t) for i, ids in enumerate(batch.stop_ids_until_min) for t in ids]
@@ -213,14 +229,17 @@ class Sampler:
         params = batch.params
         want_logprobs = any(p.logprobs is not None for p in params)
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
         masking = any(batch.stop_ids_until_min)
         random_rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
 
-        if not (want_logprobs or penalized or masking or random_rows):
+        if not (want_logprobs or penalized or biased or masking or random_rows):
             return PendingSamples(logits.argmax(dim=1), params)
 
         raw_logprobs = torch.log_softmax(logits, dim=1) if want_logprobs else None
         logits = logits.clone()  # the runner's logits stay untouched
+        if biased:  # before the penalties, as vLLM
+            apply_logit_bias(logits, params, biased)
         if penalized:
             apply_penalties(logits, batch, penalized)
         if masking:
