@@ -44,10 +44,10 @@ def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane:
     elif refused.limit == "tpm":
         if tokens > tenant.tpm:
             message = (f"request too large for tokens per minute (tpm) of tenant {tenant.name!r}: "
-                       f"limit {tenant.tpm}, requested {tokens} (prompt + max_tokens)")
+                       f"limit {tenant.tpm}, requested {tokens} (prompt + max_tokens per choice)")
         else:
             message = (f"rate limit reached for tokens per minute (tpm) of tenant {tenant.name!r}: "
-                       f"limit {tenant.tpm}, used {used}, requested {tokens} (prompt + max_tokens); "
+                       f"limit {tenant.tpm}, used {used}, requested {tokens} (prompt + max_tokens per choice); "
                        f"try again in {retry_after}s")
         type_, code = "tokens", "rate_limit_exceeded"
     elif refused.limit == "queue_full":

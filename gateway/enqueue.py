@@ -54,7 +54,7 @@ async def enqueue(ctx: GatewayContext, tenant: Tenant,
                                            limits=limits_of(tenant, ctx.max_queue_depth),
                                            idempotency_key=idempotency_key)
     except Refused as refused:
-        tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
+        tokens = payload.cost_tokens
         raise limit_error(tenant, refused, tokens, payload.model, payload.lane, ctx.max_queue_depth) from None
     if submitted.repeat:
         return await _first_job(ctx, tenant.name, idempotency_key or "", submitted.job_id)

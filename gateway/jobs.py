@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,10 +30,11 @@ async def read_job(redis: aioredis.Redis, job_id: str) -> dict[str, str] | None:
 @dataclass(frozen=True)
 class Delta:
     text: str
-    offset: int  # where `text` starts in the job's whole output
+    offset: int  # where `text` starts in its choice's whole output
     # The logprob entries published with exactly this text, in order after the ones before; None when
     # the text came from the hash (a snapshot or a missed delta), which keeps no logprobs.
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice
 
     @property
     def end(self) -> int:
@@ -50,9 +51,10 @@ class Final:
 Idle = None  # yielded when nothing happened for RECHECK_S (lets SSE writers send a keep-alive)
 
 
-async def follow(redis: aioredis.Redis, job_id: str, offset: int = 0, want_deltas: bool = True,
+async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int] = 0, want_deltas: bool = True,
                  mark: bool = True, hub: EventHub | None = None) -> AsyncIterator[Delta | Final | None]:
-    """A job's output from character `offset` on, then its Final; no text lost or repeated.
+    """A job's output from character `offset` on (one per choice for a job of several), then its Final;
+    no text lost or repeated.
 
     Joins the job's channel on `hub` (the gateway's one pub/sub connection; without one, a hub of its own
     for this call) first, then (if want_deltas and mark) sets `streamed`, then reads the hash snapshot:
@@ -61,7 +63,7 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int = 0, want_delta
     to RECONNECT_FOR_S; then the error goes to the caller."""
     own_hub = hub is None
     hub = hub or EventHub(redis)
-    cursor = _Cursor(offset)
+    cursor = _Cursor([offset] if isinstance(offset, int) else list(offset))
     lost_at: float | None = None
     backoff = 0.05
     try:
@@ -87,8 +89,15 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int = 0, want_delta
 
 @dataclass
 class _Cursor:
-    offset: int  # characters of text already given to the reader
+    offsets: list[int] = field(default_factory=list)  # per choice: characters already given to the reader
     snap_seq: int = -1  # events up to this sequence number are in a snapshot already read
+
+    def at(self, index: int) -> int:
+        return self.offsets[index] if index < len(self.offsets) else 0
+
+    def advance(self, delta: Delta) -> None:
+        self.offsets += [0] * (delta.index + 1 - len(self.offsets))
+        self.offsets[delta.index] = delta.end
 
 
 async def _follow_once(redis: aioredis.Redis, sub: Subscription, job_id: str, cursor: _Cursor,
@@ -98,35 +107,36 @@ async def _follow_once(redis: aioredis.Redis, sub: Subscription, job_id: str, cu
         await store.mark_streamed(job_id)
     while True:
         # Snapshot: on entry, and again after silence or a gap in the deltas.
-        state, text, seq, result, error = await store.snapshot(job_id)
+        state, texts, seq, result, error = await store.snapshot(job_id)
         cursor.snap_seq = max(cursor.snap_seq, seq)
-        if want_deltas and text and len(text) > cursor.offset:
-            delta = Delta(text[cursor.offset:], cursor.offset)
-            cursor.offset = delta.end
-            yield delta
+        for index, text in enumerate(texts if want_deltas else ()):
+            if len(text) > cursor.at(index):
+                delta = Delta(text[cursor.at(index):], cursor.at(index), index=index)
+                cursor.advance(delta)
+                yield delta
         if state is None:
             yield Final(JobState.expired, None, JobError(type="not_found", message="job record is gone"))
             return
         job_state = JobState(state)
         if job_state.final:
             final = Final(job_state, _parse(JobResult, result), _parse(JobError, error))
-            tail = _tail(final, cursor.offset) if want_deltas else None
-            if tail:
-                cursor.offset = tail.end
+            for tail in _tails(final, cursor) if want_deltas else ():
+                cursor.advance(tail)
                 yield tail
             yield final
             return
-        async for item in _events(sub, cursor.snap_seq, cursor.offset, want_deltas):
+        async for item in _events(sub, cursor.snap_seq, list(cursor.offsets), want_deltas):
             if isinstance(item, Delta):
-                cursor.offset = item.end
+                cursor.advance(item)
             yield item
             if isinstance(item, Final):
                 return
         # _events returned: silence or a gap; go round and re-read the snapshot.
 
 
-async def _events(sub: Subscription, snap_seq: int, offset: int,
+async def _events(sub: Subscription, snap_seq: int, offsets: list[int],
                   want_deltas: bool) -> AsyncIterator[Delta | Final | None]:
+    cursor = _Cursor(offsets)
     while True:
         data = await sub.get(timeout=RECHECK_S)
         if data is None:
@@ -138,27 +148,30 @@ async def _events(sub: Subscription, snap_seq: int, offset: int,
         if isinstance(event, DeltaEvent):
             if not want_deltas:
                 continue
+            offset = cursor.at(event.index)
             if event.offset > offset:
                 return  # we missed a delta: the hash has it
             end = event.offset + len(event.text)
             if end > offset:
                 whole = offset == event.offset
-                yield Delta(event.text[offset - event.offset:], offset, event.logprobs if whole else None)
-                offset = end
+                delta = Delta(event.text[offset - event.offset:], offset, event.logprobs if whole else None,
+                              event.index)
+                cursor.advance(delta)
+                yield delta
         elif isinstance(event, StateEvent) and event.state.final:
             final = Final(event.state, event.result, event.error)
-            tail = _tail(final, offset) if want_deltas else None
-            if tail:
+            for tail in _tails(final, cursor) if want_deltas else ():
                 yield tail
             yield final
             return
 
 
-def _tail(final: Final, offset: int) -> Delta | None:
+def _tails(final: Final, cursor: _Cursor) -> list[Delta]:
     """Text of the result that no delta carried (a job nobody streamed until late, or a lost message)."""
-    if final.result is not None and len(final.result.text) > offset:
-        return Delta(final.result.text[offset:], offset)
-    return None
+    if final.result is None:
+        return []
+    return [Delta(c.text[cursor.at(c.index):], cursor.at(c.index), index=c.index)
+            for c in final.result.all_choices() if len(c.text) > cursor.at(c.index)]
 
 
 def _parse(model: type, raw: str | None):

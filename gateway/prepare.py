@@ -9,7 +9,7 @@ from gateway.errors import ApiError
 from gateway.options import check_webhook, parse_deadline
 from gateway.prompts import TemplateRaised
 from gateway.registry import Registry
-from gateway.sampling import requested_logprobs, to_sampling
+from gateway.sampling import check_streaming, requested_logprobs, to_sampling
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
 from gateway.unsupported import check_unsupported
 from protocol.jobs import ChatMessage, JobKind, JobPayload, Lane, new_job_id
@@ -41,6 +41,7 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     if not ids:
         raise ApiError(400, f"{field}: the prompt is empty", param=field)
     sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs)
+    check_streaming(sampling, stream)
     return JobPayload(id=new_job_id(), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
                       sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
                       deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion)

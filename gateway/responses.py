@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from protocol import job_record as F
-from protocol.jobs import JobError, JobKind, JobPayload, JobResult, TokenLogprob, Usage
+from protocol.jobs import Choice, JobError, JobKind, JobPayload, JobResult, TokenLogprob, Usage
 
 
 def completion_id(kind: JobKind, job_id: str) -> str:
@@ -65,59 +65,70 @@ class CompletionLogprobs:
         }
 
 
-def logprob_entries(result: JobResult) -> list[TokenLogprob]:
-    """Every entry a completion's `logprobs` covers: the echoed prompt's (when computed), then the output's."""
-    return [*(result.prompt_logprobs or ()), *(result.logprobs or ())]
+def logprob_entries(result: JobResult, choice: Choice | None = None) -> list[TokenLogprob]:
+    """Every entry a completion's `logprobs` covers: the echoed prompt's (when computed), then the output's
+    (of `choice`, the first by default)."""
+    logprobs = result.logprobs if choice is None else choice.logprobs
+    return [*(result.prompt_logprobs or ()), *(logprobs or ())]
 
 
 def echo_chars(payload: JobPayload) -> int:
     return len(payload.echo_prompt) if payload.echo_prompt is not None else 0
 
 
-def completion_logprobs_of(result: JobResult, echo_chars: int) -> dict[str, Any]:
+def completion_logprobs_of(result: JobResult, echo_chars: int, choice: Choice | None = None) -> dict[str, Any]:
     prompt = len(result.prompt_logprobs or ())
-    return CompletionLogprobs(echo_chars, prompt).format(logprob_entries(result))
+    return CompletionLogprobs(echo_chars, prompt).format(logprob_entries(result, choice))
 
 
 def result_object(kind: JobKind, job_id: str, model: str, created: int, result: JobResult,
                   want_logprobs: bool, echo_chars: int = 0) -> dict[str, Any]:
-    """The non-streaming OpenAI answer for a finished job; `echo_chars`: the echoed prompt's length."""
+    """The non-streaming OpenAI answer for a finished job, every choice of it; `echo_chars`: the echoed
+    prompt's length."""
+    choices = [_choice(kind, result, c, want_logprobs, echo_chars) for c in result.all_choices()]
+    return {"id": completion_id(kind, job_id), "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": created, "model": model, "choices": choices, "usage": usage_json(result.usage)}
+
+
+def _choice(kind: JobKind, result: JobResult, c: Choice, want_logprobs: bool, echo_chars: int) -> dict[str, Any]:
     if kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": result.text},
-            "logprobs": chat_logprobs(result.logprobs) if want_logprobs and result.logprobs else None,
-            "finish_reason": result.finish_reason,
+        return {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.logprobs) if want_logprobs and c.logprobs else None,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
         }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": result.text,
-            "logprobs": (completion_logprobs_of(result, echo_chars)
-                         if want_logprobs and logprob_entries(result) else None),
-            "finish_reason": result.finish_reason,
-        }
-        obj = "text_completion"
-    return {"id": completion_id(kind, job_id), "object": obj, "created": created, "model": model,
-            "choices": [choice], "usage": usage_json(result.usage)}
+    return {
+        "index": c.index,
+        "text": c.text,
+        "logprobs": (completion_logprobs_of(result, echo_chars, c)
+                     if want_logprobs and logprob_entries(result, c) else None),
+        "finish_reason": c.finish_reason,
+        "stop_reason": c.stop_reason,
+    }
 
 
 def chunk(kind: JobKind, job_id: str, model: str, created: int, text: str | None = None,
           finish_reason: str | None = None, role: bool = False,
-          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One streaming chunk with a single choice; `logprobs` already in the route's shape."""
+          logprobs: dict[str, Any] | None = None, index: int = 0,
+          stop_reason: str | int | None = None) -> dict[str, Any]:
+    """One streaming chunk with a single choice; `logprobs` already in the route's shape. The chunk that
+    ends a choice (finish_reason set) carries its stop_reason too."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
     return {"id": completion_id(kind, job_id), "object": obj, "created": created, "model": model,
             "choices": [choice]}
 

@@ -13,7 +13,7 @@ from gateway.errors import ApiError
 from gateway.jobs import read_job
 from gateway.response_cache import HEADER
 from gateway.schemas import JobCreate
-from gateway.sse import job_events, sse_response
+from gateway.sse import job_events, parse_event_id, sse_response
 from jobstore import JobRef
 from protocol import job_record as F
 from protocol.keys import job_key
@@ -51,16 +51,14 @@ async def get_job_events(job_id: str, caller: Caller = Depends(get_caller),
                          last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
                          after: str | None = Query(default=None, alias="last_event_id")) -> Response:
     raw = last_event_id if last_event_id is not None else after
-    try:
-        offset = int(raw) if raw not in (None, "") else 0
-    except ValueError:
-        offset = -1
-    if offset < 0:
-        raise ApiError(400, f"Last-Event-ID must be a character offset (got {raw!r})", param="Last-Event-ID")
+    offsets = parse_event_id(raw) if raw not in (None, "") else [0]
+    if offsets is None:
+        raise ApiError(400, f"Last-Event-ID must be a character offset, or one per choice separated by commas "
+                            f"(got {raw!r})", param="Last-Event-ID")
     redis = caller.ctx.redis
     if await redis.hget(job_key(job_id), F.TENANT) != caller.tenant.name:
         raise _not_found(job_id)
-    return sse_response(job_events(redis, job_id, offset, caller.ctx.hub))
+    return sse_response(job_events(redis, job_id, offsets, caller.ctx.hub))
 
 
 async def _owned(caller: Caller, job_id: str) -> dict[str, str]:

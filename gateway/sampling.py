@@ -13,7 +13,8 @@ from protocol.sampling import SamplingParams
 MAX_DEFAULT_TOKENS = 4096  # max_tokens when the client gives none: the rest of the context, up to this
 
 _SAME_NAME = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-              "min_tokens", "ignore_eos", "stop_token_ids", "repetition_penalty", "stop")
+              "min_tokens", "ignore_eos", "stop_token_ids", "repetition_penalty", "stop", "n", "best_of",
+              "logit_bias", "include_stop_str_in_output")
 
 
 def requested_max_tokens(req: SamplingFields) -> tuple[int | None, str]:
@@ -40,6 +41,10 @@ def check_vocabulary(req: SamplingFields, vocab_size: int) -> None:
     if bad is not None:
         raise ApiError(400, f"stop_token_ids: token id {bad} is outside the vocabulary (ids are 0 to "
                             f"{vocab_size - 1})", param="stop_token_ids")
+    bad_key = next((k for k in req.logit_bias or () if k.isdigit() and int(k) >= vocab_size), None)
+    if bad_key is not None:
+        raise ApiError(400, f"logit_bias: token id {bad_key} is outside the vocabulary (ids are 0 to "
+                            f"{vocab_size - 1})", param=f"logit_bias.{bad_key}")
     if req.top_k is not None and req.top_k > vocab_size:
         raise ApiError(400, f"top_k: must be at most the vocabulary size {vocab_size} (got {req.top_k})",
                        param="top_k")
@@ -84,3 +89,10 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
             message = message.removeprefix("Value error, ")
         raise ApiError(400, message, param=param) from e
     return sampling
+
+
+def check_streaming(sampling: SamplingParams, stream: bool) -> None:
+    """best_of > n picks its choices at the end: nothing can be streamed before (OpenAI's 400 too)."""
+    if stream and sampling.best_of is not None and sampling.best_of > sampling.n:
+        raise ApiError(400, f"best_of: streaming is not supported when best_of ({sampling.best_of}) is greater "
+                            f"than n ({sampling.n}): the best choices are known only at the end", param="best_of")

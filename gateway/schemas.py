@@ -35,7 +35,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = Field(default=None, description="only 1 is supported")
+    n: int | None = Field(default=None, description="choices: 1 to 16")
     stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
@@ -48,14 +48,17 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = None
+    include_stop_str_in_output: bool | None = None
+    best_of: int | None = Field(default=None, description="sequences generated, the n of highest cumulative "
+                                                          "logprob returned: n to 16 (completions only)")
+    logit_bias: dict[str, Any] | None = Field(default=None, description="token id -> bias in [-100, 100], "
+                                                                       "at most 300")
     # Not implemented: refused unless absent, null or their default (see gateway/unsupported.py).
     tools: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
     tool_choice: Any = Field(default=None, description='not supported: only "none" (or "auto" with no tools)')
     functions: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
     function_call: Any = Field(default=None, description='not supported: only "none" or "auto"')
     response_format: Any = Field(default=None, description='not supported: only {"type": "text"}')
-    logit_bias: dict[str, Any] | None = Field(default=None, description="not supported: refused unless empty")
-    best_of: int | None = Field(default=None, description="not supported: only 1")
     suffix: Any = Field(default=None, description="not supported: refused unless empty")
     modalities: list[Any] | None = Field(default=None, description='not supported: only ["text"]')
     audio: Any = Field(default=None, description="not supported: refused unless null")

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import responses
 from gateway.event_hub import EventHub
 from gateway.jobs import Delta, Final, follow, read_job
-from protocol.jobs import JobPayload, JobResult, JobState, TokenLogprob
+from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
 
 KEEPALIVE_S = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -80,8 +80,8 @@ class _StreamLogprobs:
         self.sent += len(delta.logprobs)
         return self._format(delta.logprobs)
 
-    def rest(self, result: JobResult) -> dict[str, Any] | None:
-        entries = responses.logprob_entries(result)[self.sent:]
+    def rest(self, result: JobResult, choice: Choice) -> dict[str, Any] | None:
+        entries = responses.logprob_entries(result, choice)[self.sent:]
         self.sent += len(entries)
         return self._format(entries) if entries else None
 
@@ -94,28 +94,32 @@ class _StreamLogprobs:
 async def completion_events(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
                             on_abandon: Callable[[], None] | None = None,
                             mark: bool = False, hub: EventHub | None = None) -> AsyncIterator[str]:
-    """OpenAI streaming: chunks of text (with their logprobs when asked), a last chunk with finish_reason,
-    maybe usage, then [DONE]. `on_abandon` is called when the stream stops before the job's end (the
-    client disconnected)."""
+    """OpenAI streaming: chunks of text (with their logprobs when asked), each of one choice (its index), a
+    last chunk per choice with its finish_reason, maybe usage, then [DONE]. `on_abandon` is called when the
+    stream stops before the job's end (the client disconnected)."""
     kind, job_id, model = payload.kind, payload.id, payload.model
-    logprobs = _StreamLogprobs(payload) if payload.sampling.logprobs is not None else None
+    n = payload.sampling.n
+    logprobs = ([_StreamLogprobs(payload) for _ in range(n)] if payload.sampling.logprobs is not None
+                else None)
     keepalive = _KeepAlive()
     ended = False
     try:
         if kind == "chat":
-            yield data(responses.chunk(kind, job_id, model, created, text="", role=True))
+            for index in range(n):
+                yield data(responses.chunk(kind, job_id, model, created, text="", role=True, index=index))
         # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
-        async for item in follow(redis, job_id, 0, want_deltas=True, mark=mark, hub=hub):
+        async for item in follow(redis, job_id, [0] * n, want_deltas=True, mark=mark, hub=hub):
             if isinstance(item, Delta):
-                yield data(responses.chunk(kind, job_id, model, created, text=item.text,
-                                           logprobs=logprobs.of_delta(item) if logprobs else None))
+                yield data(responses.chunk(kind, job_id, model, created, text=item.text, index=item.index,
+                                           logprobs=logprobs[item.index].of_delta(item) if logprobs else None))
             elif isinstance(item, Final):
                 ended = True
                 if item.state == JobState.succeeded and item.result is not None:
-                    yield data(responses.chunk(kind, job_id, model, created,
-                                               text="" if kind != "chat" else None,
-                                               finish_reason=item.result.finish_reason,
-                                               logprobs=logprobs.rest(item.result) if logprobs else None))
+                    for c in item.result.all_choices():
+                        yield data(responses.chunk(
+                            kind, job_id, model, created, text="" if kind != "chat" else None, index=c.index,
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                            logprobs=logprobs[c.index].rest(item.result, c) if logprobs else None))
                     if include_usage:
                         yield data(responses.usage_chunk(kind, job_id, model, created, item.result.usage))
                 else:
@@ -136,21 +140,38 @@ def final_error(final: Final) -> dict[str, Any]:
             "param": None, "code": None}
 
 
-async def job_events(redis: aioredis.Redis, job_id: str, offset: int,
+def event_id(offsets: list[int]) -> str:
+    """The SSE id that resumes a job's events (Last-Event-ID): the character offset its text reached; for a
+    job of several choices each choice's, comma-separated."""
+    return ",".join(map(str, offsets))
+
+
+def parse_event_id(raw: str) -> list[int] | None:
+    """Offsets from a Last-Event-ID (see event_id); None when it is not one."""
+    try:
+        offsets = [int(part) for part in raw.split(",")]
+    except ValueError:
+        return None
+    return offsets if all(o >= 0 for o in offsets) else None
+
+
+async def job_events(redis: aioredis.Redis, job_id: str, offsets: list[int],
                      hub: EventHub | None = None) -> AsyncIterator[str]:
-    """tokenq's job events: `delta` events whose id is the character offset at their end (so that
-    Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
+    """tokenq's job events: `delta` events (with their choice's index) whose id is the offset reached (so
+    that Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
     keepalive = _KeepAlive()
-    async for item in follow(redis, job_id, offset, want_deltas=True, hub=hub):
+    offsets = list(offsets)
+    async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub):
         if isinstance(item, Delta):
-            offset = item.end
-            body = json.dumps({"text": item.text, "offset": item.offset}, ensure_ascii=False)
-            yield f"id: {item.end}\nevent: delta\ndata: {body}\n\n"
+            offsets += [0] * (item.index + 1 - len(offsets))
+            offsets[item.index] = item.end
+            body = json.dumps({"text": item.text, "offset": item.offset, "index": item.index}, ensure_ascii=False)
+            yield f"id: {event_id(offsets)}\nevent: delta\ndata: {body}\n\n"
         elif isinstance(item, Final):
             record = await read_job(redis, job_id)
             job = responses.job_object(job_id, record) if record else {"id": job_id, "status": item.state.value}
             name = "done" if item.state == JobState.succeeded else item.state.value
-            yield f"id: {offset}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
+            yield f"id: {event_id(offsets)}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
             return
         elif keepalive.due():
             yield ": keep-alive\n\n"

@@ -289,8 +289,23 @@ if state == 'running' and now >= deadline + tonumber(ARGV[3]) then
   local payload = cjson.decode(redis.call('HGET', KEYS[1], '{f.PAYLOAD}') or '{{}}')
   local prompt = 0
   if type(payload['prompt_token_ids']) == 'table' then prompt = #payload['prompt_token_ids'] end
-  local result = cjson.encode({{text = redis.call('GET', KEYS[2]) or '', finish_reason = 'abort',
-    usage = {{prompt_tokens = prompt, completion_tokens = 0, total_tokens = prompt, cached_tokens = 0}}}})
+  local result = {{text = redis.call('GET', KEYS[2]) or '', finish_reason = 'abort',
+    usage = {{prompt_tokens = prompt, completion_tokens = 0, total_tokens = prompt, cached_tokens = 0}}}}
+  local n = tonumber(redis.call('HGET', KEYS[1], '{f.CHOICES}') or '1')
+  if n > 1 then  -- the text is a log of [index, text] lines (protocol/choice_text.py)
+    local parts = {{}}
+    for i = 1, n do parts[i] = {{}} end
+    for line in string.gmatch(result.text, '[^\\n]+') do
+      local rec = cjson.decode(line)
+      table.insert(parts[rec[1] + 1], rec[2])
+    end
+    result.choices = {{}}
+    for i = 1, n do
+      result.choices[i] = {{index = i - 1, text = table.concat(parts[i]), finish_reason = 'abort'}}
+    end
+    result.text = result.choices[1].text
+  end
+  result = cjson.encode(result)
   finish(job_keys(1), ARGV[1], 'expired', result, ARGV[6], ARGV[2], '', tonumber(ARGV[4]))
   return 'expired'
 end

@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 from jobstore import runner
 from jobstore import scripts as s
 from jobstore.runner import ScriptClient
+from protocol import choice_text, keys
 from protocol import job_record as F
-from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
 
 IDEMPOTENCY_TTL_S = 86400
@@ -141,6 +141,8 @@ class JobStore:
             record[F.IDEMPOTENCY_KEY] = idempotency_key
         if payload.webhook_url:
             record[F.WEBHOOK_URL] = payload.webhook_url
+        if payload.sampling.n > 1:
+            record[F.CHOICES] = str(payload.sampling.n)
         ref = JobRef.of(payload)
         reply = await runner.run(
             self._scripts, s.SUBMIT,
@@ -150,7 +152,7 @@ class JobStore:
              keys.tenant_queued_key(tenant), ref.stream, keys.lane_tenants_key(payload.model, payload.lane),
              keys.lane_depth_key(payload.model, payload.lane), keys.DEADLINES],
             [payload.id, "1" if idempotency_key is not None else "0", IDEMPOTENCY_TTL_S, limits.rpm, limits.tpm,
-             len(payload.prompt_token_ids) + payload.sampling.max_tokens, limits.max_queued, repr(into / RATE_WINDOW_S),
+             payload.cost_tokens, limits.max_queued, repr(into / RATE_WINDOW_S),
              RATE_WINDOW_S, limits.max_depth, tenant, payload.model_dump_json(),
              repr(payload.deadline) if payload.deadline is not None else "",
              *(item for pair in record.items() for item in pair)])
@@ -179,13 +181,13 @@ class JobStore:
             record[F.TEXT] = text
         return record
 
-    async def snapshot(self, job_id: str) -> tuple[str | None, str, int, str | None, str | None]:
-        """(state, text, seq, result JSON, error JSON), read at one instant."""
+    async def snapshot(self, job_id: str) -> tuple[str | None, list[str], int, str | None, str | None]:
+        """(state, each choice's text, seq, result JSON, error JSON), read at one instant."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hmget(keys.job_key(job_id), [F.STATE, F.SEQ, F.RESULT, F.ERROR])
+        pipe.hmget(keys.job_key(job_id), [F.STATE, F.SEQ, F.RESULT, F.ERROR, F.CHOICES])
         pipe.get(keys.job_text_key(job_id))
-        (state, seq, result, error), text = await pipe.execute()
-        return state, text or "", int(seq or 0), result, error
+        (state, seq, result, error, choices), text = await pipe.execute()
+        return state, choice_text.split(text or "", int(choices or 1)), int(seq or 0), result, error
 
     async def read_current(self, job_id: str, now: float | None = None) -> dict[str, str] | None:
         """As `read`, with a deadline that has passed applied first (the job then reads `expired`)."""

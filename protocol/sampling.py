@@ -71,6 +71,11 @@ class SamplingParams(BaseModel):
             return []
         return [v] if isinstance(v, str) else v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_empty_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        return v or None  # {} biases nothing: one spelling, one response-cache key
+
     @model_validator(mode="after")
     def _check(self) -> SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS:

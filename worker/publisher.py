@@ -21,10 +21,10 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
+from protocol import choice_text, keys
 from protocol import job_record as f
-from protocol import keys
 from protocol.events import DeltaEvent
-from protocol.jobs import FINAL_STATES, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
+from protocol.jobs import FINAL_STATES, Choice, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
 from protocol.outage import Outage
 from respcache import store as respcache_store
 from worker import metrics
@@ -45,6 +45,22 @@ TokenText = Callable[[int], str]
 
 
 @dataclass(eq=False)
+class ChoiceOutput:
+    """One choice of a running job: its output so far and what of it is not published yet."""
+
+    index: int
+    text: str = ""  # everything so far (the echoed prompt first, when asked)
+    published_len: int = 0  # characters of `text` already in the hash and on the channel
+    unpublished_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    unpublished_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    num_output_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass(eq=False)
 class RunningJob:
     """What the worker keeps about a job between its start and its final write."""
 
@@ -54,24 +70,19 @@ class RunningJob:
     streamed: bool
     seq: int  # the hash's `seq`: last published event
     started_at: float
-    text: str = ""  # everything so far (the echoed prompt first, when asked)
-    published_len: int = 0  # characters of `text` already in the hash and on the channel
-    unpublished_ids: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    choices: list[ChoiceOutput] = field(default_factory=list)  # n of them, by index
     prompt_logprobs: list[TokenLogprobs | None] | None = None
-    unpublished_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     first_token_at: float | None = None
     first_token_written: bool = False
     num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
     num_cached_tokens: int = 0
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # the job's: its last output's ("error" fails it)
     error: str = ""
     stop_state: str | None = None  # "cancelled" or "expired" when the worker stopped it early
 
     def __post_init__(self) -> None:
-        self.text = self.payload.echo_prompt or ""
+        echo = self.payload.echo_prompt or ""
+        self.choices = [ChoiceOutput(i, text=echo) for i in range(self.payload.sampling.n)]
 
     @property
     def id(self) -> str:
@@ -81,44 +92,57 @@ class RunningJob:
     def lane(self) -> str:
         return self.payload.lane
 
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(c.num_output_tokens or len(c.token_ids) for c in self.choices)
+
     def absorb(self, out: RequestOutput, now: float) -> None:
+        choice = self.choices[out.index]
         if out.new_token_ids:
             if self.first_token_at is None:
                 self.first_token_at = out.produced_at or now  # the engine's clock, when it has one
-            self.token_ids.extend(out.new_token_ids)
-            self.unpublished_ids.extend(out.new_token_ids)
-        self.text += out.text_delta
+            choice.token_ids.extend(out.new_token_ids)
+            choice.unpublished_ids.extend(out.new_token_ids)
+        choice.text += out.text_delta
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
-            if self.payload.echo_prompt is not None:  # the echoed text's entries come first
-                self.unpublished_logprobs.extend(out.prompt_logprobs)
+            if self.payload.echo_prompt is not None:  # the echoed text's entries come first, in every choice
+                for c in self.choices:
+                    c.unpublished_logprobs[:0] = out.prompt_logprobs
         if out.logprobs:
-            self.logprobs.extend(out.logprobs)
-            self.unpublished_logprobs.extend(out.logprobs)
+            choice.logprobs.extend(out.logprobs)
+            choice.unpublished_logprobs.extend(out.logprobs)
         # Counts are cumulative in the engine; an error output may carry zeros, so keep the largest seen.
         self.num_prompt_tokens = max(self.num_prompt_tokens, out.num_prompt_tokens)
-        self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
+        choice.num_output_tokens = max(choice.num_output_tokens, out.num_output_tokens)
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.finished:
             reason = out.finish_reason or "stop"
-            self.finish_reason = reason if reason in _FINISH_REASONS else "stop"
+            choice.finish_reason = reason if reason in _FINISH_REASONS else "stop"
+            choice.stop_reason = out.stop_reason
+            if out.request_finished:
+                self.finish_reason = choice.finish_reason
             if isinstance(out, FailedOutput):
-                self.error = out.error
+                self.finish_reason, self.error = "error", out.error
 
-    def take_delta(self, token_text: TokenText | None = None) -> DeltaEvent | None:
-        """The next delta to publish (everything not yet published), or None when there is none."""
-        if len(self.text) <= self.published_len:
-            return None
-        self.seq += 1
-        logprobs = None
-        if self.payload.sampling.logprobs is not None:
-            logprobs = to_protocol_logprobs(self.unpublished_logprobs, token_text, self.payload.prompt_token_ids[0])
-            self.unpublished_logprobs = []
-        event = DeltaEvent(seq=self.seq, offset=self.published_len, text=self.text[self.published_len:],
-                           token_ids=self.unpublished_ids, logprobs=logprobs)
-        self.published_len = len(self.text)
-        self.unpublished_ids = []
-        return event
+    def take_deltas(self, token_text: TokenText | None = None) -> list[DeltaEvent]:
+        """The next deltas to publish (everything not yet published), one per choice with new text."""
+        events = []
+        for choice in self.choices:
+            if len(choice.text) <= choice.published_len:
+                continue
+            self.seq += 1
+            logprobs = None
+            if self.payload.sampling.logprobs is not None:
+                logprobs = to_protocol_logprobs(choice.unpublished_logprobs, token_text,
+                                                self.payload.prompt_token_ids[0])
+                choice.unpublished_logprobs = []
+            events.append(DeltaEvent(seq=self.seq, offset=choice.published_len, index=choice.index,
+                                     text=choice.text[choice.published_len:], token_ids=choice.unpublished_ids,
+                                     logprobs=logprobs))
+            choice.published_len = len(choice.text)
+            choice.unpublished_ids = []
+        return events
 
 
 def to_protocol_logprobs(items: list[TokenLogprobs | None], token_text: TokenText | None,
@@ -135,21 +159,29 @@ def to_protocol_logprobs(items: list[TokenLogprobs | None], token_text: TokenTex
 
 
 def build_result(job: RunningJob, token_text: TokenText | None = None) -> JobResult:
+    """The job's result: its first choice's fields, every choice when it has several; usage counts them all."""
     prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
-    completion = job.num_output_tokens or len(job.token_ids)
-    logprobs = prompt_logprobs = None
-    if job.payload.sampling.logprobs is not None:
-        logprobs = to_protocol_logprobs(job.logprobs, token_text)
+    completion = job.num_output_tokens
+    prompt_logprobs = None
     if job.prompt_logprobs is not None:
         prompt_logprobs = to_protocol_logprobs(job.prompt_logprobs, token_text, job.payload.prompt_token_ids[0])
+    want_logprobs = job.payload.sampling.logprobs is not None
+    # A choice the job's end cut short (cancelled, expired) ends as the job did.
+    choices = [Choice(index=c.index, text=c.text, finish_reason=c.finish_reason or job.finish_reason or "stop",
+                      stop_reason=c.stop_reason, token_ids=c.token_ids,
+                      logprobs=to_protocol_logprobs(c.logprobs, token_text) if want_logprobs else None)
+               for c in job.choices]
+    first = choices[0]
     return JobResult(
-        text=job.text,
-        finish_reason=job.finish_reason or "stop",  # type: ignore[arg-type]
+        text=first.text,
+        finish_reason=first.finish_reason,
+        stop_reason=first.stop_reason,
         usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                     cached_tokens=job.num_cached_tokens),
-        token_ids=job.token_ids,
-        logprobs=logprobs,
+        token_ids=first.token_ids,
+        logprobs=first.logprobs,
         prompt_logprobs=prompt_logprobs,
+        choices=choices if len(choices) > 1 else None,
     )
 
 
@@ -279,7 +311,7 @@ class Publisher:
                 metrics.TIME_TO_FIRST_TOKEN.labels(self.model, job.lane).observe(
                     max(0.0, job.first_token_at - job.payload.enqueued_at))
             touched[job.id] = job
-            if out.finished:
+            if out.request_finished:
                 finishing.append(job)
                 del self.jobs[job.id]
         await self._flush(list(touched.values()), finishing, now)
@@ -309,14 +341,14 @@ class Publisher:
         for job in touched:
             if not job.streamed:
                 continue
-            delta = job.take_delta(self.token_text)
-            if delta is None:
-                continue
-            first = ""
-            if job.first_token_at is not None and not job.first_token_written:
-                first = repr(job.first_token_at)
-                job.first_token_written = True
-            deltas.append(DeltaWrite(job.id, delta.text, delta.seq, delta.model_dump_json(), first))
+            n = len(job.choices)
+            for delta in job.take_deltas(self.token_text):
+                first = ""
+                if job.first_token_at is not None and not job.first_token_written:
+                    first = repr(job.first_token_at)
+                    job.first_token_written = True
+                deltas.append(DeltaWrite(job.id, choice_text.stored(delta.index, delta.text, n), delta.seq,
+                                         delta.model_dump_json(), first))
         finals = [(job, final_write(job, now, self.token_text)) for job in finishing]
         if not deltas and not finals:
             return True
@@ -341,7 +373,7 @@ class Publisher:
                 jlog.info("job was already final; result dropped")
             else:
                 self._observe_finished(job, now)
-                jlog.info("job finished", finish_reason=job.finish_reason, tokens=len(job.token_ids))
+                jlog.info("job finished", finish_reason=job.finish_reason, tokens=job.num_output_tokens)
                 if job.payload.cache_fill and fw.state == JobState.succeeded.value:
                     fills.append((job.id, fw.result_json))
             acks.append(job)
@@ -368,7 +400,7 @@ class Publisher:
         n_prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
         metrics.PROMPT_TOKENS.labels(m).inc(n_prompt)
         metrics.CACHED_PROMPT_TOKENS.labels(m).inc(job.num_cached_tokens)
-        n_out = job.num_output_tokens or len(job.token_ids)
+        n_out = job.num_output_tokens
         metrics.GENERATION_TOKENS.labels(m).inc(n_out)
         metrics.observe_finished(m, job.lane, job.payload.enqueued_at, n_prompt, n_out, now)
         if job.first_token_at is not None and n_out > 1:

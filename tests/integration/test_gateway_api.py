@@ -189,8 +189,8 @@ async def test_errors_enqueue_nothing(client, worker, redis_client):
     err = assert_error(await client.post("/v1/chat/completions", json={**CHAT, "temperature": 5}), 400,
                        "temperature")
     assert "temperature" in err["message"] and "2" in err["message"]
-    assert_error(await client.post("/v1/chat/completions", json={**CHAT, "n": 2}), 400, "n")
-    assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2}), 400, "n")
+    assert_error(await client.post("/v1/chat/completions", json={**CHAT, "n": 17}), 400, "n")
+    assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "n": 0}), 400, "n")
     assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]}), 400,
                  "prompt")
     long_prompt = "hello " * 3000

@@ -100,7 +100,7 @@ def test_job_events_after_the_end(base_url, worker):
         with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "2"}) as r:
             events = list(sse_events(r))
     assert [(i, e) for i, e, _ in events] == [("8", "delta"), ("8", "done")]
-    assert json.loads(events[0][2]) == {"text": "q r s ", "offset": 2}
+    assert json.loads(events[0][2]) == {"text": "q r s ", "offset": 2, "index": 0}
 
 
 def test_openai_client(base_url, worker):

@@ -100,10 +100,7 @@ async def test_lone_surrogates_are_400_naming_the_field(client, redis_client, pa
     ("functions", [{"name": "f"}]),
     ("function_call", {"name": "f"}),
     ("response_format", {"type": "json_object"}),
-    ("logit_bias", {"50256": -100}),
-    ("best_of", 3),
     ("suffix", "the end"),
-    ("n", 2),
     ("modalities", ["text", "audio"]),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("guided_json", {"type": "object"}),
@@ -124,6 +121,32 @@ async def test_image_and_audio_parts_are_refused(client, redis_client, part):
         err = assert_error(await client.post(path, json={**CHAT, "messages": messages}), 400,
                            "messages.0.content.1.type")
         assert part["type"] in err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("path, body", ROUTES[:2])
+async def test_best_of_is_refused_for_a_chat(client, redis_client, path, body):
+    err = assert_error(await client.post(path, json={**body, "n": 2, "best_of": 3}), 400, "best_of")
+    assert err["code"] == "unsupported_field" and "completions" in err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("body, param, needle", [
+    ({"n": 17}, "n", "less than or equal to 16"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
+    ({"best_of": 17}, "best_of", "less than or equal to 16"),
+    ({"n": 3, "best_of": 2}, None, "best_of (2) must be at least n (3)"),
+    ({"best_of": 3, "stream": True}, "best_of", "streaming is not supported"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias.5", "greater than or equal to -100"),
+    ({"logit_bias": {"five": 1}}, "logit_bias.five.[key]", "valid integer"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "300"),
+    ({"logit_bias": {"49152": 1}}, "logit_bias.49152", "outside the vocabulary"),
+])
+async def test_choice_and_bias_bounds_name_the_field(client, redis_client, body, param, needle):
+    r = await client.post("/v1/completions", json={**PROMPT, **body})
+    err = assert_error(r, 400, param)
+    assert needle in err["message"], err["message"]
     await assert_nothing_queued(redis_client)
 
 

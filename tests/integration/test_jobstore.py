@@ -40,7 +40,7 @@ async def test_deltas_append_and_a_retried_flush_is_not_appended_twice(redis_cli
     await store.write([delta(p.id, 3, 9, "ld")], [])
     record = await store.read(p.id)
     assert record[F.TEXT] == "hello world" and record[F.SEQ] == "3"
-    assert await store.snapshot(p.id) == ("running", "hello world", 3, None, None)
+    assert await store.snapshot(p.id) == ("running", ["hello world"], 3, None, None)
 
 
 async def test_writes_to_a_missing_job_create_nothing(redis_client):

@@ -239,6 +239,17 @@ def test_later_starting_shorter_stop_completes_first():
     assert detok.update(ids) == ("xab", True)
 
 
+def test_include_stop_keeps_the_matched_string_and_cuts_after_it():
+    tok, ids = byte_tokens("x", "ab", "cd", "ef")
+    detok = IncrementalDetokenizer(tok, [], stop=["bc"], include_stop=True)
+    assert detok.update([0]) == ("x", False)
+    assert detok.update([1]) == ("a", False)  # "b" could begin "bc"
+    assert detok.update([2]) == ("bc", True)  # the stop string stays; the "d" after it does not
+    assert detok.output_text == "xabc" and detok.matched_stop == "bc"
+    detok = IncrementalDetokenizer(tok, [], stop=["bc"])
+    assert "".join(run(detok, ids)) == "xa"  # the default cuts before it
+
+
 def test_stops_ending_together_cut_at_the_earliest_start():
     tok, ids = byte_tokens("a", "bc")
     detok = IncrementalDetokenizer(tok, [], stop=["c", "bc"])

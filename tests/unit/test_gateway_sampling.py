@@ -56,10 +56,42 @@ def test_prompt_filling_the_context():
     assert e.value.param == "messages" and "100 tokens" in e.value.message
 
 
-def test_n_must_be_one():
-    check_unsupported(chat(n=1))
-    with pytest.raises(ApiError):
-        check_unsupported(chat(n=2))
+def test_choices_bias_and_stop_fields_map_onto_sampling_params():
+    s = to_sampling(CompletionRequest(model="m", prompt="x", n=3, best_of=5, logit_bias={"7": -100, "9": 2.5},
+                                      include_stop_str_in_output=True), 1, 100, "prompt", vocab_size=100)
+    assert (s.n, s.best_of, s.num_sequences, s.include_stop_str_in_output) == (3, 5, 5, True)
+    assert s.logit_bias == {7: -100.0, 9: 2.5}
+    assert to_sampling(chat(n=16, logit_bias={}), 10, 100, "messages").logit_bias is None
+    check_unsupported(chat(n=4, best_of=4))
+    check_unsupported(CompletionRequest(model="m", prompt="x", n=2, best_of=4))
+    with pytest.raises(ApiError) as e:
+        check_unsupported(chat(n=2, best_of=4))
+    assert e.value.param == "best_of"
+
+
+@pytest.mark.parametrize("kw, param, needle", [
+    ({"n": 17}, "n", "16"),
+    ({"best_of": 0}, "best_of", "greater than or equal to 1"),
+    ({"n": 4, "best_of": 3}, None, "best_of (3) must be at least n (4)"),
+    ({"logit_bias": {"3": 100.5}}, "logit_bias.3", "100"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias.-1", "greater than or equal to 0"),
+    ({"logit_bias": {"100": 1}}, "logit_bias.100", "outside the vocabulary (ids are 0 to 99)"),
+])
+def test_choice_and_bias_bounds_name_the_field(kw, param, needle):
+    with pytest.raises(ApiError) as e:
+        to_sampling(CompletionRequest(model="m", prompt="x", **kw), 1, 100, "prompt", vocab_size=100)
+    assert e.value.status == 400 and e.value.param == param and needle in e.value.message, e.value.message
+
+
+def test_best_of_above_n_cannot_stream():
+    from gateway.sampling import check_streaming
+
+    sampling = to_sampling(CompletionRequest(model="m", prompt="x", n=2, best_of=3), 1, 100, "prompt")
+    check_streaming(sampling, stream=False)
+    check_streaming(to_sampling(CompletionRequest(model="m", prompt="x", n=3, best_of=3), 1, 100, "prompt"), True)
+    with pytest.raises(ApiError) as e:
+        check_streaming(sampling, stream=True)
+    assert e.value.param == "best_of" and "streaming" in e.value.message
 
 
 def test_vocabulary_bounds_token_ids_and_top_k():

@@ -187,6 +187,36 @@ def test_penalties_apply_per_row_and_steer_greedy():
     assert Sampler()(logits, batch).token_ids == [1, 0, 1]
 
 
+def test_logit_bias_steers_greedy_and_sampled_rows_and_leaves_others(logits):
+    target = int(logits[0].argmin())
+    params = [SamplingParams(temperature=0.0, logit_bias={target: 100.0}),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, seed=3, logit_bias={target: 100.0}),
+              SamplingParams(temperature=0.0, logit_bias={int(logits[3].argmax()): -100.0}),
+              SamplingParams(temperature=0.0, logprobs=0, logit_bias={target: 100.0})]
+    sub = logits[:5].clone()
+    spread = float(sub.max() - sub.min())
+    assert spread < 100  # the bias outweighs any gap between these logits
+    out = Sampler()(sub, make_batch(params, generators=seeded(params)))
+    assert out.token_ids[0] == target and out.token_ids[2] == target and out.token_ids[4] == target
+    assert out.token_ids[1] == int(logits[1].argmax())  # the row without bias is untouched
+    assert out.token_ids[3] == int(logits[3].topk(2).indices[1])  # the best token pushed down
+    # Logprobs stay the model's, before the bias.
+    assert out.logprobs[4].logprob == pytest.approx(float(torch.log_softmax(logits[4], 0)[target]), abs=1e-5)
+    assert torch.equal(sub, logits[:5])  # the runner's logits are untouched
+
+
+def test_a_batch_without_bias_takes_the_plain_argmax_path(logits, monkeypatch):
+    from worker.engine import sampler
+
+    def boom(*_):
+        raise AssertionError("apply_logit_bias called without any bias")
+
+    monkeypatch.setattr(sampler, "apply_logit_bias", boom)
+    params = [SamplingParams(temperature=0.0)] * len(logits)
+    assert Sampler()(logits, make_batch(params)).token_ids == logits.argmax(dim=1).tolist()
+
+
 def test_logprobs_are_raw_log_softmax_with_sorted_top_n(logits):
     params = [
         SamplingParams(temperature=1.0, logprobs=5),

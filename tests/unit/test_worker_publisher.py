@@ -21,11 +21,11 @@ def job(**sampling) -> RunningJob:
 def test_deltas_cover_the_text_once_with_increasing_seq():
     j = job()
     j.absorb(RequestOutput("job_1", [7], "Hel"), now=1.0)
-    d1 = j.take_delta()
+    [d1] = j.take_deltas()
     j.absorb(RequestOutput("job_1", [8], ""), now=2.0)  # held back by the detokenizer
-    assert j.take_delta() is None
+    assert j.take_deltas() == []
     j.absorb(RequestOutput("job_1", [9], "lo"), now=3.0)
-    d2 = j.take_delta()
+    [d2] = j.take_deltas()
     assert (d1.seq, d1.offset, d1.text, d1.token_ids) == (5, 0, "Hel", [7])
     assert (d2.seq, d2.offset, d2.text, d2.token_ids) == (6, 3, "lo", [8, 9])
     assert j.first_token_at == 1.0 and j.seq == 6
@@ -70,6 +70,35 @@ def test_usage_falls_back_to_counts_when_engine_reports_none():
     assert r.finish_reason == "stop"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 2)
     assert r.logprobs is None
+
+
+def test_choices_have_their_own_deltas_and_the_job_ends_with_the_last():
+    j = job(n=3)
+    j.absorb(RequestOutput("job_1", [7], "a", num_output_tokens=1), now=1.0)
+    j.absorb(RequestOutput("job_1", [8], "xy", index=2, num_output_tokens=1), now=1.0)
+    d = j.take_deltas()
+    assert [(e.index, e.offset, e.text, e.seq) for e in d] == [(0, 0, "a", 5), (2, 0, "xy", 6)]
+    j.absorb(RequestOutput("job_1", [9], "b", index=2, finished=True, finish_reason="stop", stop_reason="!",
+                           num_output_tokens=2, choices_left=2), now=2.0)
+    assert j.finish_reason is None  # two choices still run
+    assert [(e.index, e.offset, e.text) for e in j.take_deltas()] == [(2, 2, "b")]
+    j.absorb(RequestOutput("job_1", [], "", index=1, finished=True, finish_reason="length", num_output_tokens=0,
+                           choices_left=1), now=3.0)
+    j.absorb(RequestOutput("job_1", [4], "c", finished=True, finish_reason="stop", num_output_tokens=2), now=3.0)
+    r = build_result(j)
+    assert [(c.index, c.text, c.finish_reason, c.stop_reason) for c in r.all_choices()] == [
+        (0, "ac", "stop", None), (1, "", "length", None), (2, "xyb", "stop", "!")]
+    assert (r.text, r.finish_reason, r.token_ids) == ("ac", "stop", [7, 4])
+    assert r.usage.completion_tokens == 4
+
+
+def test_a_cancelled_job_ends_its_unfinished_choices_as_aborted():
+    j = job(n=2)
+    j.absorb(RequestOutput("job_1", [7], "a", index=1, finished=True, finish_reason="length", choices_left=1),
+             now=1.0)
+    j.stop_state, j.finish_reason = "cancelled", "abort"
+    r = json.loads(final_write(j, now=2.0).result_json)
+    assert [(c["index"], c["finish_reason"]) for c in r["choices"]] == [(0, "abort"), (1, "length")]
 
 
 def test_logprob_tokens_are_empty_without_a_tokenizer():
