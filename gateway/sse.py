@@ -80,7 +80,7 @@ class _StreamLogprobs:
         self.sent += len(delta.logprobs)
         return self._format(delta.logprobs)
 
-    def rest(self, result: JobResult, choice: Choice) -> dict[str, Any] | None:
+    def rest(self, result: JobResult, choice: Choice | None = None) -> dict[str, Any] | None:
         entries = responses.logprob_entries(result, choice)[self.sent:]
         self.sent += len(entries)
         return self._format(entries) if entries else None

@@ -23,13 +23,16 @@ class _Req:
     priority: int
     tenant: str
     order: int
-    output: list[int] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)  # choice 0's
+    others: dict[int, list[int]] = field(default_factory=dict)  # n > 1: the other running choices' outputs
 
 
 class FakeEngine:
     """Echoes the prompt back, one token per step, as text "t{id} ", until the prompt ends ("stop") or
-    max_tokens ("length"). At most `capacity` requests at once, all running; `fail_at_step` makes that
-    step raise once. An aborted request finishes with "abort" on the next step."""
+    max_tokens ("length"); choice i of a request with n > 1 echoes each id plus i. A token in
+    stop_token_ids ends its choice ("stop", stop_reason the id). At most `capacity` requests at once, all
+    running; `fail_at_step` makes that step raise once. An aborted request finishes with "abort" on the
+    next step."""
 
     def __init__(self, capacity: int = 4, step_sleep: float = 0.002, max_model_len: int = 2048,
                  fail_at_step: int | None = None, cached_tokens: int = 0) -> None:
@@ -50,7 +53,7 @@ class FakeEngine:
             raise ValueError(f"duplicate request {request_id}")
         self._order += 1
         self.requests[request_id] = _Req(request_id, list(prompt_token_ids), sampling, priority, tenant,
-                                         self._order)
+                                         self._order, others={i: [] for i in range(1, sampling.n)})
         self.added.append((request_id, priority))
 
     def abort_request(self, request_id: str) -> None:
@@ -76,24 +79,39 @@ class FakeEngine:
         outs = [RequestOutput(rid, [], "", finished=True, finish_reason="abort") for rid in self.aborted]
         self.aborted = []
         for req in sorted(self.requests.values(), key=lambda r: (r.priority, r.order)):
-            tok = req.prompt_token_ids[len(req.output)]
-            req.output.append(tok)
-            n = len(req.output)
-            reason = None
-            if n >= req.sampling.max_tokens:
-                reason = "length"
-            elif n >= len(req.prompt_token_ids):
-                reason = "stop"
-            lps = None
-            if req.sampling.logprobs is not None:
-                lps = [TokenLogprobs(tok, -0.5, [(tok, -0.5), (tok + 1, -1.5)][: req.sampling.logprobs])]
-            outs.append(RequestOutput(req.request_id, [tok], f"t{tok} ", finished=reason is not None,
-                                      finish_reason=reason, num_prompt_tokens=len(req.prompt_token_ids),
-                                      num_output_tokens=n, num_cached_tokens=self.cached_tokens,
-                                      logprobs=lps))
-            if reason is not None:
+            for index, output in [(0, req.output), *req.others.items()]:
+                if index == 0 and req.output is None:
+                    continue
+                out = self._next(req, index, output)
+                if out.finished:
+                    if index == 0:
+                        req.output = None  # type: ignore[assignment]
+                    else:
+                        del req.others[index]
+                    out.choices_left = len(req.others) + (req.output is not None)
+                outs.append(out)
+            if req.output is None and not req.others:
                 del self.requests[req.request_id]
         return outs
+
+    def _next(self, req: _Req, index: int, output: list[int]) -> RequestOutput:
+        tok = req.prompt_token_ids[len(output)] + index
+        output.append(tok)
+        n = len(output)
+        reason = stop_reason = None
+        if tok in req.sampling.stop_token_ids:
+            reason, stop_reason = "stop", tok
+        elif n >= req.sampling.max_tokens:
+            reason = "length"
+        elif n >= len(req.prompt_token_ids):
+            reason = "stop"
+        lps = None
+        if req.sampling.logprobs is not None:
+            lps = [TokenLogprobs(tok, -0.5, [(tok, -0.5), (tok + 1, -1.5)][: req.sampling.logprobs])]
+        return RequestOutput(req.request_id, [tok], f"t{tok} ", finished=reason is not None, finish_reason=reason,
+                             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=n,
+                             num_cached_tokens=self.cached_tokens, logprobs=lps, index=index,
+                             stop_reason=stop_reason)
 
 
 def expected_text(prompt_token_ids: list[int], max_tokens: int) -> str:

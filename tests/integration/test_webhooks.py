@@ -189,7 +189,7 @@ async def test_retried_until_accepted_once_with_one_webhook_id(redis_url, redis_
                                                                     ("delivered", 200)]
         assert all(a["next_retry_at"] > a["at"] for a in runs[job][:2])
     ok_event = next(a["event"] for a in rx.accepted if a["event"]["data"]["id"] == ok)
-    assert ok_event["data"]["result"] == {"text": "hello", "finish_reason": "stop"}
+    assert ok_event["data"]["result"] == {"text": "hello", "finish_reason": "stop", "stop_reason": None}
     assert ok_event["data"]["usage"]["total_tokens"] == 3
     bad_event = next(a["event"] for a in rx.accepted if a["event"]["data"]["id"] == bad)
     assert bad_event["data"]["error"] == {"type": "engine_error", "message": "boom"}

@@ -9,7 +9,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from protocol import job_record as F
-from protocol.jobs import JobError, JobResult, Usage
+from protocol.jobs import Choice, JobError, JobResult, Usage
 from worker.webhooks.event import event_body, message_id, new_secret, signed_headers
 
 
@@ -27,9 +27,20 @@ def test_succeeded_event() -> None:
     assert event["data"] == {
         "id": "job_1", "state": "succeeded", "model": "m", "metadata": {"k": "v"},
         "created_at": 1700000000, "finished_at": 1700000003,
-        "result": {"text": "hi", "finish_reason": "stop"},
+        "result": {"text": "hi", "finish_reason": "stop", "stop_reason": None},
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cached_tokens": 0},
     }
+
+
+def test_an_event_of_several_choices_carries_each() -> None:
+    choices = [Choice(index=0, text="a", finish_reason="stop", stop_reason="\n", token_ids=[1]),
+               Choice(index=1, text="b", finish_reason="length", token_ids=[2])]
+    result = JobResult(text="a", finish_reason="stop", stop_reason="\n", choices=choices,
+                       usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
+    event = json.loads(event_body("job_1", _record(**{F.RESULT: result.model_dump_json()})))
+    assert event["data"]["result"] == {"text": "a", "finish_reason": "stop", "stop_reason": "\n", "choices": [
+        {"index": 0, "text": "a", "finish_reason": "stop", "stop_reason": "\n"},
+        {"index": 1, "text": "b", "finish_reason": "length", "stop_reason": None}]}
 
 
 def test_failed_event_and_stable_body() -> None:

@@ -48,7 +48,11 @@ def event_body(job_id: str, record: dict[str, str]) -> str:
     }
     if record.get(F.RESULT):
         result = JobResult.model_validate_json(record[F.RESULT])
-        data["result"] = {"text": result.text, "finish_reason": result.finish_reason}
+        data["result"] = {"text": result.text, "finish_reason": result.finish_reason,
+                          "stop_reason": result.stop_reason}
+        if result.choices:  # n > 1: every choice (the fields above are the first's)
+            data["result"]["choices"] = [c.model_dump(include={"index", "text", "finish_reason", "stop_reason"})
+                                         for c in result.choices]
         data["usage"] = result.usage.model_dump()
     if record.get(F.ERROR):
         data["error"] = JobError.model_validate_json(record[F.ERROR]).model_dump()
