@@ -33,7 +33,8 @@ class EngineHandle:
         self.dead: asyncio.Event | None = None  # set when the engine stops for good on an error
         self.error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending_adds = 0  # adds sent, not yet counted by the engine's last num_admissible()
+        # Sequences of the adds sent (n per request), not yet counted by the engine's last num_admissible().
+        self._pending_adds = 0
         self._admissible = 0
         self._stats: dict = dict(IDLE_STATS)
 
@@ -91,6 +92,11 @@ class _Add:
     sampling: SamplingParams
     priority: int
     tenant: str
+
+
+def sequences_added(commands: list) -> int:
+    """Sequences the adds among `commands` take (the engine admits sequences: a request runs n of them)."""
+    return sum(c.sampling.num_sequences for c in commands if isinstance(c, _Add))
 
 
 @dataclass
@@ -195,7 +201,7 @@ class EngineLoop(EngineHandle):
             priority: int = 1, tenant: str = "default") -> None:
         with self._cond:
             self._inbox.append(_Add(request_id, prompt_token_ids, sampling, priority, tenant))
-            self._pending_adds += 1
+            self._pending_adds += sampling.num_sequences
             self._cond.notify()
 
     def abort(self, request_id: str) -> None:
@@ -247,7 +253,7 @@ class EngineLoop(EngineHandle):
             if engine.has_unfinished_requests():
                 outputs.extend(self.driver.step())
             admissible, stats = self.driver.snapshot()
-            adds = sum(isinstance(c, _Add) for c in commands)
+            adds = sequences_added(commands)
             if outputs or adds or admissible != last_admissible:  # a prefill chunk alone wakes nobody
                 last_admissible = admissible
                 if not self._call(self._received, outputs, admissible, adds, stats):

@@ -30,7 +30,7 @@ from typing import Any
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard
 from worker.engine.outputs import RequestOutput, TokenLogprobs
-from worker.engine_loop import EngineDriver, EngineHandle, FailedOutput, _Abort, _Add
+from worker.engine_loop import EngineDriver, EngineHandle, FailedOutput, _Abort, _Add, sequences_added
 from worker.logging import get_logger
 
 log = get_logger("engine_process")
@@ -135,7 +135,7 @@ class EngineProcess(EngineHandle):
 
     def add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
             priority: int = 1, tenant: str = "default") -> None:
-        self._pending_adds += 1
+        self._pending_adds += sampling.num_sequences
         self._send((_ADD, request_id, prompt_token_ids, encode_sampling(sampling), priority, tenant))
 
     def abort(self, request_id: str) -> None:
@@ -275,7 +275,7 @@ def serve_commands(conn: Connection, engine) -> None:
         outputs = driver.apply(commands)
         if engine.has_unfinished_requests():
             outputs.extend(driver.step())
-        adds = sum(isinstance(c, _Add) for c in commands)
+        adds = sequences_added(commands)
         now = time.monotonic()
         admissible = engine.num_admissible()
         if outputs or adds or admissible != last_admissible or now - last_report >= STATS_INTERVAL_S:

@@ -396,8 +396,8 @@ class LLMEngine:
     @staticmethod
     def _failed(state: _RequestState, error: str) -> FailedOutput:
         seq = state.seq
-        return FailedOutput(request_id=state.request_id, index=state.index, new_token_ids=[], text_delta="", finished=True,
-                            finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
+        return FailedOutput(request_id=state.request_id, index=state.index, new_token_ids=[], text_delta="",
+                            finished=True, finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
                             num_output_tokens=seq.num_output_tokens, num_cached_tokens=seq.num_cached_tokens,
                             error=error)
 
@@ -418,7 +418,7 @@ class LLMEngine:
             self.add_request(base + str(i), p, sp)
         while self.has_unfinished_requests():
             for out in self.step():
-                acc = results.setdefault((out.request_id, out.index), RequestOutput(out.request_id, [], "", index=out.index))
-                acc.extend(out)
+                key = (out.request_id, out.index)
+                results.setdefault(key, RequestOutput(out.request_id, [], "", index=out.index)).extend(out)
         return [[results[base + str(i), k] for k in range(sp.n) if (base + str(i), k) in results]
                 for i, sp in enumerate(params)]
