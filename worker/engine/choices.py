@@ -39,6 +39,8 @@ def sequence_params(sampling: SamplingParams, index: int) -> SamplingParams:
 
 @dataclass(eq=False)
 class ChoiceGroup:
+    """The sequences of one request of several choices, and what they hand out."""
+
     request_id: str
     sampling: SamplingParams  # the client's
     sequences: list[Sequence]  # by index; the first is scheduled at once, the others once its prompt is in
