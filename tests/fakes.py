@@ -60,7 +60,8 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self.aborted)
 
-    def num_admissible(self) -> int:
+    def num_admissible(self, priority: int = 2) -> int:
+        """Free slots, whatever the priority (this engine never preempts)."""
         return max(0, self.capacity - len(self.requests))
 
     def stats(self) -> dict:

@@ -1,7 +1,10 @@
 """Pulls jobs from the model's tenant streams into the engine, never more than the engine can admit.
 
 Each (model, lane) has one stream per tenant, so a tenant's backlog cannot starve the others. Lanes are
-read highest first; within a lane, tenants round-robin: one non-blocking `XREADGROUP ... COUNT 1` over the
+read highest first, each up to the engine's room for its priority: a better lane's room counts the worse
+work it may preempt, so while batch lines fill every slot intake still pulls an interactive job as soon as
+the engine's next step reports (without blocking on the interactive streams alone, which would leave a
+slot that frees for the batch lane empty until the block ends). Within a lane, tenants round-robin: one non-blocking `XREADGROUP ... COUNT 1` over the
 tenant streams (starting after the tenant served last, at most as many streams as there is room), repeated
 while room is left and some stream still gave an entry. When nothing came, intake waits for new entries
 with a blocking `XREAD` over every tenant stream from the group's last-delivered id (not a blocking
@@ -150,13 +153,13 @@ class Intake:
     async def poll(self) -> int:
         """One round: reclaim stale entries when due, then read lanes in order, tenants round-robin, up to
         what the engine admits; wait when there is nothing."""
-        room = self.engine_loop.num_admissible()
-        if room <= 0:
+        if self._room(keys.LANES[0]) <= 0:  # the best lane has the most room: none for any lane
             await self._wait_for_capacity()
             return 0
         await self.streams.refresh()
         read = 0
-        if self.recovery is not None and self.recovery.seconds_to_sweep() <= 0:
+        room = self._room(keys.LANES[-1])  # reclaimed entries may be of any lane
+        if room > 0 and self.recovery is not None and self.recovery.seconds_to_sweep() <= 0:
             claimed = await self.recovery.claim(self.streams.all(), room)
             read += len(claimed)
             await self._admit([Entry(self.streams.lane_of.get(c.stream, "default"), c.stream, c.entry_id,
@@ -167,12 +170,17 @@ class Intake:
                 self.streams.reset()
                 await self.streams.refresh()
         for lane in keys.LANES:
-            if read >= room:
-                break
-            read += await self._read_lane(lane, room - read)
+            if (lane_room := self._room(lane)) > 0:
+                read += await self._read_lane(lane, lane_room)
         if read == 0:
-            read = await self._wait_for_entries(room)
+            if (room := self._room(keys.LANES[-1])) > 0:
+                read = await self._wait_for_entries(room)
+            else:  # room for better lanes only: look at them again after the engine's next step
+                await self._wait_for_capacity(keys.LANES[-1])
         return read
+
+    def _room(self, lane: str) -> int:
+        return self.engine_loop.num_admissible(keys.LANE_PRIORITY[lane])
 
     async def _read_lane(self, lane: str, room: int) -> int:
         """Up to `room` entries of one lane, one per tenant per round, starting after the last served; the
@@ -205,11 +213,12 @@ class Intake:
             order = [s for s in order if s in gave]  # the next round: only tenants that still had some
         return read
 
-    async def _wait_for_capacity(self) -> None:
+    async def _wait_for_capacity(self, lane: str = keys.LANES[0]) -> None:
+        """Until the engine reports again (every step while it runs) or `lane` has room."""
         event = self.engine_loop.capacity_changed
         assert event is not None
         event.clear()
-        if self.engine_loop.num_admissible() > 0:
+        if self._room(lane) > 0:
             return
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
             async with asyncio.timeout(self.block_ms / 1000):
