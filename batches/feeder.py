@@ -205,7 +205,8 @@ class BatchFeeder:
     async def _record(self, records: list[tuple[int, tuple[str, str]]]) -> None:
         ks = [K.results_key(self.batch_id), self.key, K.inflight_key(self.batch_id), K.copies_key(self.batch_id)]
         for start in range(0, len(records), CHUNK):
-            args = [x for line, (kind, text) in records[start:start + CHUNK] for x in (line, kind, text)]
+            args = [x for line, (kind, text) in records[start:start + CHUNK]
+                    for x in (line, kind, text, *R.usage_of(kind, text))]
             await eval_script(self.redis, R.RECORD, ks, args)
 
     async def _custom_ids(self, b: dict[str, str], lines: list[int]) -> list[str | None]:

@@ -69,6 +69,16 @@ def test_openai_client_round_trip(client, worker, redis_url):
     assert first["response"]["body"]["choices"][0]["message"]["content"]
     assert first["response"]["request_id"].startswith("job_")
     assert [e["custom_id"] for e in err] == ["req-5"] and err[0]["response"]["status_code"] == 500
+    # Each output line's body carries its usage; the batch's usage is their sum (the failed line adds none).
+    usages = [line["response"]["body"]["usage"] for line in out]
+    assert all(u["prompt_tokens"] > 0 and u["completion_tokens"] > 0
+               and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    assert batch.usage is not None
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages)
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages)
+    assert batch.usage.input_tokens_details.cached_tokens == sum(
+        u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
     assert [b.id for b in client.batches.list()] == [batch.id]
     ids = {x.id for x in client.files.list()}
     assert {f.id, batch.output_file_id, batch.error_file_id} <= ids
@@ -150,6 +160,9 @@ def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redi
     text = {o["custom_id"]: o["response"]["body"]["choices"][0]["text"] for o in out}
     assert all(text[f"req-{i}"] == text["req-0"] for i in range(40, 60))
     assert len(set(text.values())) == 40
+    # A copy's line reports the usage of the line it copies, and counts in the batch's usage like it.
+    completion = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out)
+    assert batch.usage.output_tokens == completion > 0
 
 
 @pytest.mark.parametrize("window", [4, 64])  # lines still to feed; every line fed already
