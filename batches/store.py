@@ -95,6 +95,7 @@ async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, e
         pipe.zadd(K.tenant_batches_key(tenant), {batch_id: now})
         if record["status"] == "validating":
             pipe.sadd(K.ACTIVE_BATCHES, batch_id)
+            pipe.publish(K.NEW_BATCHES, batch_id)
         else:
             pipe.expire(K.batch_key(batch_id), retention_s)
             if await batch_webhook_url(redis, record):

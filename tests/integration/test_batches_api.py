@@ -12,6 +12,7 @@ import redis
 
 from batches import keys as K
 from tests.batch_helpers import (
+    FINAL,
     ThreadedFeeder,
     assert_each_once,
     chat_lines,
@@ -197,6 +198,32 @@ def test_expiry(client, redis_url, default_model_dir):
     assert_each_once([line["custom_id"] for line in lines], out, err)
     assert len(err) > 30 and {e["error"]["code"] for e in err} == {"batch_expired"}
     assert batch.request_counts.failed == len(err) and batch.request_counts.completed == len(out)
+
+
+def test_a_window_smaller_than_the_refill_still_feeds(client, redis_url, default_model_dir):
+    lines = completion_lines(10, MODEL, max_tokens=2)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005, capacity=4), \
+            ThreadedFeeder(redis_url, fast_settings(window=3, refill=64)):
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        batch = wait_batch(client, batch.id, timeout=60)
+    assert batch.status == "completed" and batch.request_counts.completed == 10
+
+
+def test_a_new_batch_wakes_an_idle_feeder(client, redis_url, default_model_dir):
+    """The feeder scans for batches only every poll (30 s here); a new batch is announced and taken at once."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005, capacity=4), \
+            ThreadedFeeder(redis_url, fast_settings(poll_s=30.0)):
+        deadline = time.monotonic() + 30
+        while r.pubsub_numsub(K.NEW_BATCHES)[0][1] < 1:  # the feeder has made its first scan and listens
+            assert time.monotonic() < deadline, "the feeder never subscribed to new batches"
+            time.sleep(0.02)
+        batch = client.batches.create(input_file_id=upload(client, completion_lines(2, MODEL)).id,
+                                      endpoint="/v1/completions", completion_window="24h")
+        # Generous next to the poll's 30 s: a feeder that waited for its scan would miss it by far.
+        batch = wait_batch(client, batch.id, timeout=10, until=("in_progress", *FINAL))
+    assert batch.status in ("in_progress", "completed")
 
 
 def test_a_feeder_killed_mid_batch_is_replaced_and_each_line_lands_once(client, redis_url, default_model_dir):
