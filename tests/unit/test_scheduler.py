@@ -313,3 +313,20 @@ def test_mixed_priorities_under_tight_slots_and_blocks() -> None:
     assert all(s.finish_reason == "length" and s.num_output_tokens == 6 for s in seqs)
     assert bm.num_free_blocks == 24
     assert sum(s.num_preemptions for s in seqs if s.priority == 2) > 0
+
+
+def test_batch_prefill_chunks_leave_budget_to_a_waiting_interactive_seq() -> None:
+    """A long batch prompt is prefilled in chunks; an interactive seq that arrives meanwhile gets its whole
+    prefill into the next step (the batch chunk shrinks), not a step later; decodes are never held back."""
+    sched, bm = make(num_blocks=64, budget=16, max_num_seqs=4)
+    decoding = add(sched, 2, priority=2, first_token=0)
+    step(sched, bm, max_output=50)
+    long = add(sched, 60, priority=2, first_token=100)
+    out = step(sched, bm, max_output=50)
+    assert plan(out) == [(decoding.request_id, 1), (long.request_id, 15)]
+    urgent = add(sched, 10, priority=0, first_token=300)
+    out = step(sched, bm, max_output=50)
+    assert plan(out) == [(decoding.request_id, 1), (long.request_id, 5), (urgent.request_id, 10)]
+    assert urgent.num_output_tokens == 1 and out.preempted == []
+    out = step(sched, bm, max_output=50)
+    assert plan(out) == [(urgent.request_id, 1), (decoding.request_id, 1), (long.request_id, 14)]

@@ -117,10 +117,10 @@ def _wait_feeder(redis_url: str, feeder: subprocess.Popen, timeout: float = 300)
         r.close()
 
 
-def _phases(redis_url: str, batch: dict, n: int) -> dict[str, float]:
+def _phases(redis_url: str, batch: dict, n: int, window: int) -> dict[str, float]:
     """Where the batch's time went, in seconds from its creation (the batch's and its line jobs' own
-    timestamps in Redis): the feeder's pick-up, the engine's first and last line, the files written, and
-    the poll that saw it end. `engine_s` (first line started to last line done) is the part that the
+    timestamps in Redis): the feeder's pick-up, its first window of lines queued, the engine's first and
+    last line, the files written, and the poll that saw it end. `engine_s` (first line started to last line done) is the part that the
     offline engine's time compares with; the rest is the fixed cost of the Batch API path."""
     import redis as sync_redis
 
@@ -133,15 +133,17 @@ def _phases(redis_url: str, batch: dict, n: int) -> dict[str, float]:
         hexid = batch["id"].removeprefix("batch_")
         pipe = r.pipeline(transaction=False)
         for i in range(n):
-            pipe.hmget(f"tokenq:job:job_{hexid}_{i}", [F.STARTED_AT, F.FIRST_TOKEN_AT, F.FINISHED_AT])
-        rows = [[float(x) for x in row if x] for row in pipe.execute()]
+            pipe.hmget(f"tokenq:job:job_{hexid}_{i}", [F.CREATED_AT, F.STARTED_AT, F.FINISHED_AT])
+        rows = [[float(x) if x else None for x in row] for row in pipe.execute()]
     finally:
         r.close()
     t0 = float(b["created_at"])
-    started = [row[0] for row in rows if row]
-    finished = [row[-1] for row in rows if len(row) == 3]
+    created = sorted(row[0] for row in rows if row[0] is not None)
+    started = [row[1] for row in rows if row[1] is not None]
+    finished = [row[2] for row in rows if row[2] is not None]
     end = float(b.get("completed_at") or b.get("failed_at") or b.get("expired_at") or b.get("cancelled_at") or t0)
     out = {"in_progress": float(b.get("in_progress_at") or t0) - t0,
+           "first_window_queued": (created[:window] or [t0])[-1] - t0,
            "first_line_started": min(started, default=t0) - t0, "last_line_started": max(started, default=t0) - t0,
            "last_line_done": max(finished, default=t0) - t0, "finalizing": float(b.get("finalizing_at") or t0) - t0,
            "ended": end - t0, "seen": batch["seen_at"] - t0}
@@ -214,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
             ended.set()
             started.set()
             side.join()
-        phases = _phases(args.redis_url or redis.url, batch, n)
+        phases = _phases(args.redis_url or redis.url, batch, n, window)
     finally:
         stop_stack(procs, redis)
     offline = None if args.skip_offline else _offline_all(path, args, prompts)

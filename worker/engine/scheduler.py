@@ -127,12 +127,16 @@ class Scheduler:
         preempted: list[Sequence] = []
         rejected: list[Sequence] = []
 
-        # Running seqs first, best first: they already hold blocks, and finishing them frees blocks.
+        # Running seqs first, best first: they already hold blocks, and finishing them frees blocks. Their
+        # prefill chunks leave what better waiting seqs need, so a batch prompt never pushes an interactive
+        # prefill to a later step (decodes, one token each, are never held back).
+        reserve = self._reserve_for_better()
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new <= 0:  # waiting for its sampled token to be appended
+            left = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(left, budget - reserve.get(seq.priority, 0) if left > 1 else budget)
+            if num_new <= 0:  # waiting for its sampled token to be appended, or its chunk yields
                 i += 1
                 continue
             while not bm.allocate_slots(seq, num_new):
@@ -192,6 +196,17 @@ class Scheduler:
             num_batched_tokens=sum(s.num_new_tokens for s in items),
             rejected=rejected,
         )
+
+    def _reserve_for_better(self) -> dict[int, int]:
+        """For each running priority, the tokens that waiting seqs of a better priority need (at most): what
+        running prefill chunks of that priority leave them. Empty when nothing better waits."""
+        best = self.best_waiting_priority()
+        if best is None or not self._running or best >= self._running[-1].priority:
+            return {}
+        need: dict[int, int] = {}
+        for _, seq in self._waiting:
+            need[seq.priority] = need.get(seq.priority, 0) + seq.num_tokens - seq.num_computed_tokens
+        return {p: sum(n for q, n in need.items() if q < p) for p in {s.priority for s in self._running}}
 
     def _evict_worst(self, scheduled: dict[str, ScheduledSeq], preempted: list[Sequence]) -> int:
         """Preempt the worst running seq (lowest priority, newest), even one scheduled this step; returns
