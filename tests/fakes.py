@@ -123,8 +123,8 @@ async def started_intake(redis, model: str, engine: FakeEngine | None = None, co
     engine_loop.start()
     try:
         publisher = Publisher(redis, engine_loop, model)
-        intake = Intake(redis, engine_loop, publisher, model, consumer, max_model_len=64, block_ms=50,
-                        **intake_options)
+        intake = Intake(redis, engine_loop, publisher, model, consumer, max_model_len=64,
+                        **{"block_ms": 50, **intake_options})
         await intake.ensure_groups()
         yield intake, publisher, engine
     finally:

@@ -2,9 +2,10 @@
 
 Each (model, lane) has one stream per tenant, so a tenant's backlog cannot starve the others. Lanes are
 read highest first, each up to the engine's room for its priority: a better lane's room counts the worse
-work it may preempt, so while batch lines fill every slot intake still pulls an interactive job as soon as
-the engine's next step reports (without blocking on the interactive streams alone, which would leave a
-slot that frees for the batch lane empty until the block ends). Within a lane, tenants round-robin: one non-blocking `XREADGROUP ... COUNT 1` over the
+work it may preempt. While the worst lane has no room (batch lines fill every slot) a second loop blocks
+on the better lanes' streams alone, so an interactive job is pulled the moment it is queued; the main
+loop meanwhile waits for the engine's room, not on Redis, so a slot that frees is refilled at once. Within
+a lane, tenants round-robin: one non-blocking `XREADGROUP ... COUNT 1` over the
 tenant streams (starting after the tenant served last, at most as many streams as there is room), repeated
 while room is left and some stream still gave an entry. When nothing came, intake waits for new entries
 with a blocking `XREAD` over every tenant stream from the group's last-delivered id (not a blocking
@@ -21,6 +22,7 @@ import asyncio
 import bisect
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -135,10 +137,13 @@ class Intake:
     async def run(self) -> None:
         """Pull until cancelled; Redis trouble is logged (once per outage) and retried with back-off, never
         fatal."""
-        outage = Outage(log, "intake", cap_s=2.0)
+        await asyncio.gather(self._serve("intake", self.poll), self._serve("intake-better-lanes", self.listen))
+
+    async def _serve(self, name: str, poll) -> None:
+        outage = Outage(log, name, cap_s=2.0)
         while not self.stopped:
             try:
-                await self.poll()
+                await poll()
                 outage.restored()
             except ResponseError as e:
                 # A stream deleted under us (pruned, or by hand), while we read or blocked on it.
@@ -152,14 +157,13 @@ class Intake:
 
     async def poll(self) -> int:
         """One round: reclaim stale entries when due, then read lanes in order, tenants round-robin, up to
-        what the engine admits; wait when there is nothing."""
-        if self._room(keys.LANES[0]) <= 0:  # the best lane has the most room: none for any lane
-            await self._wait_for_capacity()
+        what the engine admits; wait when there is nothing. Room for better lanes alone is `listen`'s."""
+        if (room := self._room(keys.LANES[-1])) <= 0:
+            await self._wait_for_capacity(lambda: self._room(keys.LANES[-1]) > 0)
             return 0
         await self.streams.refresh()
         read = 0
-        room = self._room(keys.LANES[-1])  # reclaimed entries may be of any lane
-        if room > 0 and self.recovery is not None and self.recovery.seconds_to_sweep() <= 0:
+        if self.recovery is not None and self.recovery.seconds_to_sweep() <= 0:
             claimed = await self.recovery.claim(self.streams.all(), room)
             read += len(claimed)
             await self._admit([Entry(self.streams.lane_of.get(c.stream, "default"), c.stream, c.entry_id,
@@ -172,12 +176,32 @@ class Intake:
         for lane in keys.LANES:
             if (lane_room := self._room(lane)) > 0:
                 read += await self._read_lane(lane, lane_room)
-        if read == 0:
-            if (room := self._room(keys.LANES[-1])) > 0:
-                read = await self._wait_for_entries(room)
-            else:  # room for better lanes only: look at them again after the engine's next step
-                await self._wait_for_capacity(keys.LANES[-1])
+        if read == 0 and (room := self._room(keys.LANES[-1])) > 0:
+            read = await self._wait_for_entries(room)
         return read
+
+    async def listen(self) -> int:
+        """While the worst lane has no room and a better one has (batch lines fill the engine), block on the
+        better lanes' streams and admit what comes; otherwise wait for the engine's next report."""
+        def mine() -> bool:
+            return self._room(keys.LANES[-1]) <= 0 < self._room(keys.LANES[0])
+
+        if not mine():
+            await self._wait_for_capacity(mine)
+            return 0
+        await self.streams.refresh()
+        better = keys.LANES[:-1]
+        streams = [s for lane in better if self._room(lane) > 0 for s in self.streams.by_lane[lane]]
+        if not streams:  # no tenant has used these lanes yet: look again (its set's size) after a step
+            await self._wait_for_capacity(lambda: False)
+            return 0
+        share = max(1, self._room(better[0]) // len(streams))
+        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in streams}, count=share,
+                                           block=self._wait_ms())
+        entries = self._entries(resp)
+        if entries:
+            await self._admit(entries)
+        return len(entries)
 
     def _room(self, lane: str) -> int:
         return self.engine_loop.num_admissible(keys.LANE_PRIORITY[lane])
@@ -213,12 +237,12 @@ class Intake:
             order = [s for s in order if s in gave]  # the next round: only tenants that still had some
         return read
 
-    async def _wait_for_capacity(self, lane: str = keys.LANES[0]) -> None:
-        """Until the engine reports again (every step while it runs) or `lane` has room."""
+    async def _wait_for_capacity(self, ready: Callable[[], bool]) -> None:
+        """Until the engine reports again (every step while it runs; block_ms at most), unless `ready()` now."""
         event = self.engine_loop.capacity_changed
         assert event is not None
         event.clear()
-        if self._room(lane) > 0:
+        if ready():
             return
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
             async with asyncio.timeout(self.block_ms / 1000):

@@ -11,8 +11,8 @@ import pytest
 from protocol import job_record as f
 from protocol.jobs import JobPayload, JobResult, new_job_id
 from protocol.sampling import SamplingParams
-from tests.fakes import submit_job
-from tests.integration.test_worker_service import final_state, wait_until
+from tests.fakes import FakeEngine, started_intake, submit_job
+from tests.integration.test_worker_service import MODEL, final_state, payload, wait_until
 from worker.service import WorkerService
 
 pytest.importorskip("torch")
@@ -84,3 +84,42 @@ async def test_interactive_job_starts_while_batch_fills_every_slot(redis_url, re
         assert len(JobResult.model_validate_json(h[f.RESULT]).token_ids) == BATCH_TOKENS
     print(f"interactive first token {waited} engine steps after submission; "
           f"{engine.scheduler.num_preemptions} preemptions")
+
+
+class _FullOfBatch(FakeEngine):
+    """Room for better lanes only, as an engine whose slots all hold batch lines reports it."""
+
+    def num_admissible(self, priority: int = 2) -> int:
+        return 0 if priority == 2 else max(0, 2 - len(self.requests))
+
+
+async def test_interactive_job_is_pulled_without_waiting_for_an_engine_step(redis_client):
+    """The engine reports nothing (it runs nothing here) and the main loop waits for its room for a long
+    block_ms: the better-lanes loop still takes an interactive job the moment it is queued, and leaves the
+    batch lane's entries in Redis."""
+    r = redis_client
+    batch_job = payload([1, 2, 3], lane="batch")
+    await submit_job(r, batch_job)
+    # Known lanes first: the interactive tenant's stream exists, as it does once a tenant has used it.
+    await submit_job(r, payload([9], lane="interactive", max_tokens=1))
+    async with started_intake(r, MODEL, _FullOfBatch(step_sleep=0.001), block_ms=30_000) as (intake, _, engine):
+        task = asyncio.create_task(intake.run())
+        try:
+            await wait_until(lambda: _count(engine, 0), timeout=10)
+            urgent = payload([5, 6], lane="interactive", max_tokens=1)
+            await submit_job(r, urgent)
+            # Generous next to block_ms (30 s): a loop that waited for the engine's report would miss it.
+            await wait_until(lambda: _has(engine, urgent.id), timeout=10)
+            assert all(rid != batch_job.id for rid, _ in engine.added)
+        finally:
+            intake.stopped = True
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _count(engine: FakeEngine, priority: int) -> bool:
+    return any(p == priority for _, p in engine.added)
+
+
+async def _has(engine: FakeEngine, job_id: str) -> bool:
+    return any(rid == job_id for rid, _ in engine.added)
