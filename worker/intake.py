@@ -2,18 +2,20 @@
 
 Each (model, lane) has one stream per tenant, so a tenant's backlog cannot starve the others. Lanes are
 read highest first, each up to the engine's room for its priority: a better lane's room counts the worse
-work it may preempt. While the worst lane has no room (batch lines fill every slot) a second loop blocks
-on the better lanes' streams alone, so an interactive job is pulled the moment it is queued; the main
-loop meanwhile waits for the engine's room, not on Redis, so a slot that frees is refilled at once. Within
-a lane, tenants round-robin: one non-blocking `XREADGROUP ... COUNT 1` over the
-tenant streams (starting after the tenant served last, at most as many streams as there is room), repeated
-while room is left and some stream still gave an entry. When nothing came, intake waits for new entries
-with a blocking `XREAD` over every tenant stream from the group's last-delivered id (not a blocking
-`XREADGROUP`: that may return an entry per stream, more than the engine can take, and skip the lane
-order). Tenants are discovered from the lanes' tenant sets: their sizes are checked every round (sets
-only grow), the members re-read every second. Entries of dead workers come in through `Recovery`, on the
-same admission path and budget. Whatever the engine cannot admit stays in Redis, visible to other workers
-and to autoscalers.
+work it may preempt. Within a lane, tenants round-robin: non-blocking `XREADGROUP`s over the tenant
+streams (starting after the tenant served last, an equal share of the room each), repeated while room is
+left and some stream still gave an entry. When nothing came, intake blocks in `XREADGROUP` on every
+tenant stream: the group hands each entry to one blocked worker, with the wake-up.
+
+While the worst lane has no room (batch lines fill every slot) a second loop blocks on the better lanes'
+streams alone, so an interactive job is pulled the moment it is queued; the main loop meanwhile waits for
+the engine's room, not on Redis, so a slot that frees is refilled at once.
+
+Tenants are discovered from the lanes' tenant sets: their sizes are checked every round (sets only grow),
+the members re-read every second; the blocking reads also watch the model's new-tenants stream, whose
+entry (a tenant's first job on a lane) ends the block so that the new stream is read at once. Entries of
+dead workers come in through `Recovery`, on the same admission path and budget. Whatever the engine
+cannot admit stays in Redis, visible to other workers and to autoscalers.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class TenantStreams:
         self._sizes: list[int] = []
         self._grouped: set[str] = set()
         self._refreshed = float("-inf")
+        self.new_tenants = keys.new_tenants_stream(model)
 
     def all(self) -> list[str]:
         return [s for lane in keys.LANES for s in self.by_lane[lane]]
@@ -98,8 +101,12 @@ class TenantStreams:
         for lane, tenants in zip(keys.LANES, members, strict=True):
             self.by_lane[lane] = sorted(keys.jobs_stream(self.model, lane, t) for t in tenants)
             self.lane_of.update((s, lane) for s in self.by_lane[lane])
-        await self._ensure_groups([s for s in self.all() if s not in self._grouped])
+        await self._ensure_groups([s for s in [*self.all(), self.new_tenants] if s not in self._grouped])
         self._refreshed = time.monotonic()
+
+    def changed(self) -> None:
+        """A tenant has a new stream: the next refresh re-reads the sets."""
+        self._refreshed = float("-inf")
 
     async def _ensure_groups(self, streams: list[str]) -> None:
         if not streams:
@@ -192,16 +199,24 @@ class Intake:
         await self.streams.refresh()
         better = keys.LANES[:-1]
         streams = [s for lane in better if self._room(lane) > 0 for s in self.streams.by_lane[lane]]
-        if not streams:  # no tenant has used these lanes yet: look again (its set's size) after a step
-            await self._wait_for_capacity(lambda: False)
-            return 0
-        share = max(1, self._room(better[0]) // len(streams))
-        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in streams}, count=share,
-                                           block=self._wait_ms())
-        entries = self._entries(resp)
+        share = max(1, self._room(better[0]) // max(1, len(streams)))  # none: wait for a new tenant
+        entries = await self._block_on(streams, share)
         if entries:
             await self._admit(entries)
         return len(entries)
+
+    async def _block_on(self, streams: list[str], count: int) -> list[Entry]:
+        """A blocking XREADGROUP on `streams` and the new-tenants stream; the entries of `streams` (a new
+        tenant's is acknowledged and makes the next refresh re-read the tenant sets)."""
+        new = self.streams.new_tenants
+        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {**{s: ">" for s in streams}, new: ">"},
+                                           count=count, block=self._wait_ms())
+        entries = self._entries([(stream, batch) for stream, batch in resp or [] if stream != new])
+        woken = [eid for stream, batch in resp or [] if stream == new for eid, _ in batch]
+        if woken:
+            self.streams.changed()
+            await self.redis.xack(new, keys.GROUP, *woken)
+        return entries
 
     def _room(self, lane: str) -> int:
         return self.engine_loop.num_admissible(keys.LANE_PRIORITY[lane])
@@ -262,14 +277,8 @@ class Intake:
         group hands each entry to one blocked worker (not a wake-up of all of them and a race), and the
         entry comes with the wake-up rather than one more round trip later: this is the idle worker's time
         to first token. Lanes need no order here: they were all empty when the read began."""
-        streams = self.streams.all()
-        if not streams:
-            await asyncio.sleep(self._wait_ms() / 1000)
-            return 0
-        share = max(1, room // len(streams))
-        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in streams}, count=share,
-                                           block=self._wait_ms())
-        entries = self._entries(resp)
+        streams = self.streams.all()  # none yet: the new-tenants stream alone brings the first
+        entries = await self._block_on(streams, max(1, room // max(1, len(streams))))
         if entries:
             await self._admit(entries)
         return len(entries)

@@ -123,3 +123,25 @@ async def _count(engine: FakeEngine, priority: int) -> bool:
 
 async def _has(engine: FakeEngine, job_id: str) -> bool:
     return any(rid == job_id for rid, _ in engine.added)
+
+
+async def test_a_new_tenant_stream_ends_a_blocked_read(redis_client):
+    """A worker blocked on the streams it knows (for 30 s here) reads a new tenant's first job at
+    once: submit announces the new stream and the blocking read watches for that."""
+    r = redis_client
+    await submit_job(r, payload([9], max_tokens=1).model_copy(update={"tenant": "known"}))
+    async with started_intake(r, MODEL, FakeEngine(step_sleep=0.001), block_ms=30_000) as (intake, _, engine):
+        intake.streams.refresh_s = 30.0  # nor its periodic re-read of the tenant sets
+        task = asyncio.create_task(intake.run())
+        try:
+            await wait_until(lambda: _count(engine, 1), timeout=10)
+            newcomer = payload([5, 6], max_tokens=1).model_copy(update={"tenant": "newcomer"})
+            await submit_job(r, newcomer)
+            # Generous next to block_ms (30 s): a read that knew only the old stream would miss it.
+            await wait_until(lambda: _has(engine, newcomer.id), timeout=10)
+            await submit_job(r, payload([7], max_tokens=1).model_copy(update={"tenant": "newcomer"}))
+        finally:
+            intake.stopped = True
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert await r.xlen(f"tokenq:lanes:{MODEL}:new-tenants") == 2  # each tenant's first job, not every job
