@@ -205,7 +205,8 @@ class BatchFeeder:
     async def _record(self, records: list[tuple[int, tuple[str, str]]]) -> None:
         ks = [K.results_key(self.batch_id), self.key, K.inflight_key(self.batch_id), K.copies_key(self.batch_id)]
         for start in range(0, len(records), CHUNK):
-            args = [x for line, (kind, text) in records[start:start + CHUNK] for x in (line, kind, text)]
+            args = [x for line, (kind, text) in records[start:start + CHUNK]
+                    for x in (line, kind, text, *R.usage_of(kind, text))]
             await eval_script(self.redis, R.RECORD, ks, args)
 
     async def _custom_ids(self, b: dict[str, str], lines: list[int]) -> list[str | None]:
@@ -253,7 +254,10 @@ class BatchFeeder:
     async def _refill(self, b: dict[str, str], busy: int) -> None:
         cursor, total = int(b["cursor"]), int(b["total"])
         n = min(self.settings.window - busy, total - cursor)
-        if n <= 0 or (n < self.settings.refill and n < total - cursor) or time.time() < self.retry_at:
+        # A refill waits for `refill` free places (sorted as a group, for the prefix cache), never for more
+        # than the window has: a window below `refill` would otherwise never be refilled at all.
+        smallest = min(self.settings.refill, self.settings.window)
+        if n <= 0 or (n < smallest and n < total - cursor) or time.time() < self.retry_at:
             return
         texts = await read_lines(self.redis, b["input_file_id"], range(cursor, cursor + n))
         parsed = [(cursor + i, _parse(t, cursor + i)) for i, t in enumerate(texts)]

@@ -97,7 +97,7 @@ end
 # ARGV: 1 job id, 2 '1' when an idempotency key was given, 3 its TTL, 4 rpm, 5 tpm, 6 tokens of this job,
 # 7 max_queued, 8 fraction of this minute gone, 9 window seconds, 10 the lane's max depth (0: none for
 # all of these limits), 11 tenant, 12 payload JSON, 13 deadline or '', then the hash's other fields and values.
-# Returns {1, entry id} when admitted and written; {0, first job id} for a repeated key; {2, limit, wait ms,
+# Returns {1, entry id, 1 when the tenant is new to the lane else 0} when admitted and written; {0, first job id} for a repeated key; {2, limit, wait ms,
 # used, limit value} when refused; {3, entry id} when this very job exists already (a retry after a lost
 # reply, which must not queue it twice).
 # Fair share: when the lane holds max depth jobs or more, a tenant is still admitted while it holds fewer
@@ -163,7 +163,7 @@ if tpm > 0 then
 end
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
 local id = redis.call('XADD', KEYS[8], '*', 'job_id', ARGV[1], 'payload', ARGV[12])
-redis.call('SADD', KEYS[9], tenant)
+local added = redis.call('SADD', KEYS[9], tenant)
 redis.call('HSET', KEYS[1], '{f.ENTRY_ID}', id, '{f.PAYLOAD}', ARGV[12], unpack(ARGV, 14))
 redis.call('INCR', KEYS[7])
 redis.call('HINCRBY', KEYS[10], tenant, 1)
@@ -171,7 +171,7 @@ if ARGV[13] ~= '' then
   redis.call('HSET', KEYS[1], '{f.DEADLINE}', ARGV[13])
   redis.call('ZADD', KEYS[11], ARGV[13], ARGV[1])
 end
-return {{1, id}}
+return {{1, id, added}}
 """)
 
 # KEYS[1] idempotency key. ARGV[1] the job id it must still map to.

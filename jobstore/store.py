@@ -19,6 +19,7 @@ from protocol.jobs import JobError, JobPayload, JobState
 
 IDEMPOTENCY_TTL_S = 86400
 RATE_WINDOW_S = 60
+NEW_TENANTS_MAXLEN = 100  # a wake-up is read at once or not at all; the stream keeps only the latest
 EXPIRE_RUNNING_GRACE_S = 0.5  # a running job's worker gets this long past the deadline to write it itself
 DEADLINE_EXCEEDED_QUEUED = JobError(type="deadline_exceeded", message="the job expired before it started")
 DEADLINE_EXCEEDED_RUNNING = JobError(type="deadline_exceeded", message="the job ran past its deadline")
@@ -159,6 +160,9 @@ class JobStore:
             raise Refused(reply[1], int(reply[2]), int(reply[3]), int(reply[4]))
         if code == 0 and reply[1] != payload.id:
             return Submitted(reply[1], now, repeat=True)
+        if code == 1 and int(reply[2]):  # a new stream: wake a worker blocked on the streams it knows
+            await self.redis.xadd(keys.new_tenants_stream(payload.model), {"lane": payload.lane, "tenant": tenant},
+                                  maxlen=NEW_TENANTS_MAXLEN, approximate=True)
         return Submitted(payload.id, now)
 
     async def release_idempotency_key(self, tenant: str, key: str, job_id: str) -> None:

@@ -32,6 +32,13 @@ def lane_tenants_key(model: str, lane: str) -> str:
     return f"{PREFIX}:lane:{model}:{lane}:tenants"
 
 
+def new_tenants_stream(model: str) -> str:
+    """Stream: an entry when a tenant's first job opens a new stream on one of the model's lanes, read by
+    the workers' blocking reads beside the lanes, so that a worker blocked on the streams it knows looks
+    for the new one at once instead of at its next periodic refresh."""
+    return f"{PREFIX}:lanes:{model}:new-tenants"
+
+
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 

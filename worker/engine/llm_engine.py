@@ -22,7 +22,7 @@ from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
-from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
 from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
 from worker.models.card import model_card
 from worker.models.config import ModelConfig
@@ -159,13 +159,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished()
 
-    def num_admissible(self) -> int:
-        """How many more requests intake may pull now: none while some still wait for blocks or slots."""
-        if self.scheduler.num_waiting > 0:
+    def num_admissible(self, priority: int = WORST_PRIORITY) -> int:
+        """How many more requests of `priority` (0 best) intake may pull now: the free sequence slots, plus up
+        to `priority_headroom` running seqs of a worse priority, each of which a new one would preempt.
+        None while a request of this priority or a better one still waits for blocks or a slot."""
+        waiting = self.scheduler.best_waiting_priority()
+        if waiting is not None and waiting <= priority:
             return 0
+        free = max(self.config.max_num_seqs - self.scheduler.num_running, 0)
         if self.block_manager.num_free_blocks < 0.05 * self.block_manager.num_blocks:
-            return 0
-        return max(self.config.max_num_seqs - self.scheduler.num_running, 0)
+            free = 0
+        return free + min(self.scheduler.num_running_worse_than(priority), self.config.priority_headroom)
 
     def stats(self) -> dict:
         bm = self.block_manager
