@@ -28,11 +28,12 @@ from batches.files import LineWriter, read_lines
 from batches.lines import BatchLine, LineError, parse_line
 from batches.settings import BatchSettings
 from batches.store import FINAL_STATUSES, batch_webhook_url
-from batches.submit import RetryLater, SubmitContext, line_job_id, submit_line
+from batches.submit import RetryLater, SubmitContext, line_job_id, line_model, submit_line
 from gateway.errors import ApiError
 from gateway.logging import get_logger
 from gateway.responses import result_object
 from jobstore import JobRef
+from jobstore.connect import is_cluster
 from jobstore.runner import run as eval_script
 from jobstore.scripts import Script
 from protocol import job_record as F
@@ -112,10 +113,12 @@ class BatchFeeder:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work the batch until it is final, the lease is lost, or `stop`."""
-        pubsub = self.redis.pubsub()
+        # Each line's final state is published on its job's channel: a step follows at once. A cluster has
+        # no pattern over shard channels: there the feeder looks every poll_s.
+        pubsub = None if is_cluster(self.redis) else self.redis.pubsub()
         try:
-            # Each line's final state is published on its job's channel: a step follows at once.
-            await pubsub.psubscribe(keys.events_channel(f"job_{self.batch_id.removeprefix('batch_')}_*"))
+            if pubsub is not None:
+                await pubsub.psubscribe(keys.events_pattern(f"{self.batch_id.removeprefix('batch_')}_*"))
             while not stop.is_set():
                 if not await self._renew():
                     return
@@ -128,14 +131,19 @@ class BatchFeeder:
         finally:
             with contextlib.suppress(Exception):
                 await eval_script(self.redis, RELEASE, [K.lease_key(self.batch_id)], [self.owner])
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
-    async def _wait(self, pubsub: PubSub, stop: asyncio.Event) -> None:
+    async def _wait(self, pubsub: PubSub | None, stop: asyncio.Event) -> None:
         """Until a line's job publishes its end, or poll_s passes; steps come at most every MIN_STEP_S."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.poll_s
         await asyncio.sleep(MIN_STEP_S)
+        if pubsub is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(deadline - loop.time(), 0))
+            return
         while not stop.is_set() and (left := deadline - loop.time()) > 0:
             if await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 0.5)) is not None:
                 while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0) is not None:
@@ -261,7 +269,7 @@ class BatchFeeder:
         args = [self.owner, str(cursor), str(cursor + n)]
         for line, item in parsed:
             digest = item.dedup_digest() if isinstance(item, BatchLine) else None
-            args += [line, line_job_id(self.batch_id, line), digest or ""]
+            args += [line, line_job_id(self.batch_id, line, line_model(item)), digest or ""]
         ks = [self.key, K.lease_key(self.batch_id), K.inflight_key(self.batch_id), K.copies_key(self.batch_id),
               K.dedup_key(self.batch_id)]
         copied = await eval_script(self.redis, FEED, ks, args)
@@ -279,7 +287,7 @@ class BatchFeeder:
         # Resubmitted lines too go in prompt order (a refill's already are; the sort is stable).
         items.sort(key=lambda p: p[1].prompt_key() if isinstance(p[1], BatchLine) else "")
         for line, item in items:
-            job_id = line_job_id(self.batch_id, line)
+            job_id = line_job_id(self.batch_id, line, line_model(item))
             if isinstance(item, LineError):
                 (custom_id,) = await self._custom_ids(b, [line])
                 records.append((line, R.refused(custom_id or "", job_id, 400,

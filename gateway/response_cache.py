@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from gateway.flight import TtlCache
+from jobstore.connect import pipeline
 from protocol import job_record as F
 from protocol import keys as protocol_keys
 from protocol.jobs import JobPayload, JobResult, JobState, Usage
@@ -148,10 +149,11 @@ async def write_hit(redis: aioredis.Redis, payload: JobPayload, request_json: st
     if payload.webhook_url:
         record[F.WEBHOOK_URL] = payload.webhook_url
     job_key = protocol_keys.job_key(payload.id)
-    async with redis.pipeline(transaction=True) as pipe:
+    async with pipeline(redis) as pipe:  # one slot: the job's and its model's outbox share a tag
         pipe.hset(job_key, mapping=record)
         pipe.expire(job_key, F.RETENTION_SECONDS)
         if payload.webhook_url:
-            pipe.xadd(protocol_keys.WEBHOOK_OUTBOX, {"job_id": payload.id, "state": JobState.succeeded.value})
+            pipe.xadd(protocol_keys.webhook_outbox(payload.model),
+                      {"job_id": payload.id, "state": JobState.succeeded.value})
         await pipe.execute()
     return record

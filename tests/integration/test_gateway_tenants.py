@@ -242,12 +242,12 @@ async def test_refused_requests_do_not_use_up_the_limit(client, idle_worker, red
 async def test_max_queued_and_cancel_frees_a_slot(client, idle_worker, redis_client):
     key = (await create_key(redis_client, "q", {"max_queued": 2})).api_key
     ids = [(await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).json()["id"] for _ in range(2)]
-    assert await redis_client.get(keys.tenant_queued_key("q")) == "2"
+    assert await redis_client.get(keys.tenant_queued_key("q", MODEL)) == "2"
     r = await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))
     err = assert_error(r, 429)
     assert "max_queued" in err["message"] and r.headers["Retry-After"] == "1"
     assert (await client.delete(f"/v1/jobs/{ids[0]}", headers=bearer(key))).json()["status"] == "cancelled"
-    assert await redis_client.get(keys.tenant_queued_key("q")) == "1"
+    assert await redis_client.get(keys.tenant_queued_key("q", MODEL)) == "1"
     assert (await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).status_code == 202
 
 
@@ -301,7 +301,7 @@ async def test_max_queued_holds_under_100_concurrent_submissions(redis_url, redi
                                          for _ in range(100)))
     codes = sorted(a.status_code for a in answers)
     assert codes.count(202) == 20 and codes.count(429) == 80
-    assert await redis_client.get(keys.tenant_queued_key("burst")) == "20"
+    assert await redis_client.get(keys.tenant_queued_key("burst", MODEL)) == "20"
     assert await redis_client.xlen(keys.jobs_stream(MODEL, "default", "burst")) == 20
 
 
@@ -324,8 +324,8 @@ async def test_idempotent_job_submission(client, idle_worker, redis_client):
     assert again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
     assert await queued_entries(redis_client) == 1
-    assert await redis_client.get(keys.idem_key("default", "order-17")) == first.json()["id"]
-    assert 86000 < await redis_client.ttl(keys.idem_key("default", "order-17")) <= 86400
+    assert await redis_client.get(keys.idem_key("default", "order-17", MODEL)) == first.json()["id"]
+    assert 86000 < await redis_client.ttl(keys.idem_key("default", "order-17", MODEL)) <= 86400
     assert await redis_client.hget(keys.job_key(first.json()["id"]), F.IDEMPOTENCY_KEY) == "order-17"
     # Another key, or the same key of another tenant, is another job.
     other = await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "order-18"})
@@ -348,7 +348,7 @@ async def test_concurrent_repeats_make_one_job(client, idle_worker, redis_client
 
 async def test_repeat_without_its_job_releases_the_key(client, idle_worker, redis_client):
     """A key whose job is gone (evicted) is released, so the client's retry goes through."""
-    await redis_client.set(keys.idem_key("default", "lost"), "job_never_written", ex=100)
+    await redis_client.set(keys.idem_key("default", "lost", MODEL), "job_never_written", ex=100)
     err = assert_error(await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "lost"}), 409)
     assert err["code"] == "idempotency_key_in_use"
     r = await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "lost"})
@@ -392,7 +392,7 @@ async def test_cancel_a_queued_job(client, idle_worker, redis_client):
     job = r.json()
     assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["finished_at"]
     assert await redis_client.xlen(stream) == 0
-    assert await redis_client.get(keys.tenant_queued_key("default")) == "0"
+    assert await redis_client.get(keys.tenant_queued_key("default", MODEL)) == "0"
     assert 0 < await redis_client.ttl(keys.job_key(job_id)) <= F.RETENTION_SECONDS
     events = []
     for _ in range(20):
@@ -413,7 +413,7 @@ async def test_cancel_a_running_job_asks_its_worker(client, idle_worker, redis_c
     job_id = (await client.post("/v1/jobs", json=PROMPT)).json()["id"]
     await redis_client.hset(keys.job_key(job_id), F.STATE, "running")  # as a worker's START does
     pubsub = redis_client.pubsub()
-    await pubsub.subscribe(keys.CONTROL_CHANNEL)
+    await pubsub.subscribe(keys.control_channel(MODEL))
     await pubsub.get_message(timeout=1)
     r = await client.delete(f"/v1/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["status"] == "running"
@@ -472,7 +472,7 @@ async def test_webhook_url_is_checked(client, idle_worker, redis_client, monkeyp
     assert JobPayload.model_validate_json(record[F.PAYLOAD]).webhook_url == "http://127.0.0.1:9/hook"
     # Its cancel goes through the shared finish, which puts the job on the webhook outbox.
     await client.delete(f"/v1/jobs/{r.json()['id']}")
-    outbox = await redis_client.xrange(keys.WEBHOOK_OUTBOX)
+    outbox = await redis_client.xrange(keys.webhook_outbox(MODEL))
     assert [e[1] for e in outbox] == [{"job_id": r.json()["id"], "state": "cancelled"}]
 
 
@@ -484,7 +484,7 @@ async def test_sliding_window_and_retry_after(redis_client):
     limits = Limits(rpm=2)
 
     def job(n: int) -> JobPayload:
-        return JobPayload(id=f"job_w{n}", model=MODEL, kind="completion", prompt_token_ids=[1], tenant="w",
+        return JobPayload(id=keys.new_job_id(MODEL, f"w{n}"), model=MODEL, kind="completion", prompt_token_ids=[1], tenant="w",
                           sampling=SamplingParams(max_tokens=1))
 
     t0 = 1_000_000 * 60 + 30.0  # half way through a minute

@@ -45,7 +45,7 @@ async def test_waiters_share_one_connection_and_a_disconnect_cancels(redis_url, 
     gateway = GatewayThread(redis_url)
     with gateway as base:
         def subscribed() -> int:
-            return len(r.pubsub_channels(keys.events_channel("*")))
+            return len(r.pubsub_channels(keys.events_pattern("*")))
 
         limits = httpx.Limits(max_connections=WAITERS + 10)
         async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as c:

@@ -27,7 +27,7 @@ CARD = ModelCard(name=MODEL, max_model_len=2048, tokenizer_json="", chat_templat
 
 def payload(prompt: list[int], lane: str = "default", max_tokens: int = 256, stream: bool = False,
             **sampling) -> JobPayload:
-    return JobPayload(id=new_job_id(), model=MODEL, kind="completion", lane=lane, prompt_token_ids=prompt,
+    return JobPayload(id=new_job_id(MODEL), model=MODEL, kind="completion", lane=lane, prompt_token_ids=prompt,
                       sampling=SamplingParams(max_tokens=max_tokens, **sampling), stream=stream)
 
 
@@ -316,7 +316,7 @@ async def test_first_final_write_wins(redis_client):
     assert await r.hgetall(key) == before
     assert before[f.STATE] == "succeeded" and before[f.SEQ] == "1"
     assert f.ERROR not in before
-    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"  # counted down once
+    assert await r.get(keys.tenant_queued_key(p.tenant, MODEL)) == "0"  # counted down once
     assert await r.hgetall(keys.lane_depth_key(MODEL, p.lane)) == {}
 
 
@@ -370,7 +370,7 @@ async def test_running_jobs_finish_within_grace(redis_url, redis_client):
 
 async def test_malformed_entry_fails_job_and_intake_goes_on(redis_url, redis_client):
     r = redis_client
-    bad_id = new_job_id()
+    bad_id = new_job_id(MODEL)
     await r.hset(keys.job_key(bad_id), mapping={f.STATE: "queued", f.SEQ: 0, f.ATTEMPTS: 0})
     stream = keys.jobs_stream(MODEL, "default", "default")
     await r.xadd(stream, {"job_id": bad_id, "payload": "{not json"})
@@ -514,4 +514,4 @@ async def test_running_job_past_its_deadline_ends_expired_with_its_partial_text(
     result = JobResult.model_validate_json(h[f.RESULT])
     assert result.finish_reason == "abort" and 0 < len(result.token_ids) < 300
     assert result.text == expected_text(list(range(100, 100 + len(result.token_ids))), 300)
-    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"
+    assert await r.get(keys.tenant_queued_key(p.tenant, MODEL)) == "0"

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Function, Worker, func
 
+from jobstore.connect import is_cluster_url
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage
 from tokenq.settings import Settings
@@ -57,6 +58,9 @@ class WebhookService:
         self.block_ms = block_ms
 
     async def run(self, stop: asyncio.Event) -> None:
+        if is_cluster_url(self.redis_url):  # arq speaks to one Redis node only (docs/redis-cluster.md)
+            raise ValueError("the webhook deliverer needs a single-node Redis: arq does not support Redis "
+                             "Cluster, so webhooks are not delivered on a cluster yet")
         redis = aioredis.from_url(self.redis_url, decode_responses=True)
         pool = await arq_pool(self.redis_url)
         http = new_http_client()
