@@ -103,9 +103,14 @@ def events_channel(job_id: str) -> str:
     return _job(job_id) + EVENTS_SUFFIX
 
 
+def job_keys_pattern(unique: str = "*") -> str:
+    """A SCAN pattern over the keys of the jobs of any shard whose id ends in `unique` (a glob)."""
+    return f"{PREFIX}:{{*}}:job:job_*_{unique}"
+
+
 def events_pattern(unique: str) -> str:
     """A PSUBSCRIBE pattern over the events of the jobs of any shard whose id ends in `unique` (a glob)."""
-    return f"{PREFIX}:{{*}}:job:job_*_{unique}{EVENTS_SUFFIX}"
+    return job_keys_pattern(unique) + EVENTS_SUFFIX
 
 
 def worker_key(worker_id: str) -> str:

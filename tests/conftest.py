@@ -30,7 +30,13 @@ def redis_server_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(single_redis_url: str) -> str:
+    return single_redis_url
+
+
+@pytest.fixture(scope="session")
+def single_redis_url() -> Iterator[str]:
+    """One redis-server for the whole session (tests flush it)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="tokenq-redis-")
     proc = _start_redis([], port, workdir)
@@ -110,7 +116,7 @@ def _cluster_ok(cli: str, port: int) -> bool:
 @pytest.fixture(params=["single", "cluster"])
 def store_redis_url(request: pytest.FixtureRequest) -> str:
     """The queue's tests run twice: on one redis-server, and on the three-node cluster."""
-    return request.getfixturevalue("redis_url" if request.param == "single" else "redis_cluster_url")
+    return request.getfixturevalue("single_redis_url" if request.param == "single" else "redis_cluster_url")
 
 
 @pytest.fixture
@@ -125,6 +131,12 @@ async def store_client(store_redis_url: str):
         await client.flushdb()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def on_both_redis(store_redis_url: str, store_client):
+    """For a module whose `redis_url` and `redis_client` fixtures take these: it runs on both."""
+    return store_redis_url, store_client
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

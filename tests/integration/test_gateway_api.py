@@ -220,7 +220,7 @@ async def test_errors_enqueue_nothing(client, worker, redis_client):
     assert_error(await client.post("/v1/jobs", json={**CHAT, "min_tokens": 9, "max_tokens": 3}), 400)
     assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}), 400, "prompt")
     assert await stream_lengths(redis_client) == {lane: 0 for lane in keys.LANES}
-    assert await redis_client.keys(keys.job_key("*")) == []
+    assert await redis_client.keys(keys.job_keys_pattern()) == []
 
 
 async def test_known_model_without_worker_queues_and_waits(client, redis_url, default_model_dir, redis_client,

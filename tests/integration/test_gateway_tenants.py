@@ -372,7 +372,7 @@ async def test_idempotent_completion_returns_the_first_result(client, redis_url,
         assert {c["id"] for c in chunks} == {first.json()["id"]}
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         assert text == first.json()["choices"][0]["message"]["content"]
-        assert len(await redis_client.keys(keys.job_key("*"))) == 1
+        assert len(await redis_client.keys(keys.job_keys_pattern())) == 1
     finally:
         await worker.stop()
 

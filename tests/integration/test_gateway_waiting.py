@@ -31,7 +31,7 @@ async def until(check, timeout: float, what: str) -> None:
 
 
 def job_states(r: redis.Redis) -> dict[str, str]:
-    ids = [k.removeprefix(keys.job_key("")) for k in r.scan_iter(keys.job_key("*"), count=1000)]
+    ids = [k.split(":job:", 1)[1] for k in r.scan_iter(keys.job_keys_pattern(), count=1000)]
     ids = [i for i in ids if ":" not in i]
     return {i: r.hget(keys.job_key(i), F.STATE) for i in ids}
 

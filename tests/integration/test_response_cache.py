@@ -57,7 +57,7 @@ async def stop_workers(redis) -> None:
 
 
 async def queued(redis) -> int:
-    return sum([await redis.xlen(s) async for s in redis.scan_iter(match=f"{keys.PREFIX}:jobs:*")])
+    return sum([await redis.xlen(s) async for s in redis.scan_iter(match=f"{keys.PREFIX}:*:jobs:*")])
 
 
 def lookups(text: str, kind: str, result: str) -> float:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import pytest
 from prometheus_client import REGISTRY
 
 from jobstore import JobStore
@@ -17,6 +18,17 @@ from tests.fakes import FakeEngine, expected_text, submit_job
 from tests.integration.test_worker_service import MODEL, final_state, payload, running, wait_until
 
 STREAM = keys.jobs_stream(MODEL, "default", "default")
+
+
+@pytest.fixture
+def redis_url(on_both_redis) -> str:
+    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
+    return on_both_redis[0]
+
+
+@pytest.fixture
+def redis_client(on_both_redis):
+    return on_both_redis[1]
 DEAD = "dead-host:1"
 
 
@@ -83,7 +95,7 @@ async def test_running_entries_keep_their_lease(redis_url, redis_client):
     await submit_job(r, p)
     lease_ms = 600
     async with running(redis_url, FakeEngine(step_sleep=0.01), lease_s=lease_ms / 1000):
-        await wait_until(lambda: r.hget(keys.job_key(p.id), f.STATE), timeout=5)
+        await wait_until(lambda: _state_is(r, p.id, "running"), timeout=5)
         idles = []
         while await r.hget(keys.job_key(p.id), f.STATE) == "running":
             [entry] = await r.xpending_range(STREAM, keys.GROUP, "-", "+", 1) or [None]
