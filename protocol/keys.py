@@ -50,8 +50,8 @@ def _queue(model: str) -> str:
 
 
 def _job(job_id: str) -> str:
-    tag = job_shard(job_id)
-    return f"{PREFIX}:{{{tag}}}:job:{job_id}" if tag is not None else f"{PREFIX}:job:{job_id}"
+    """A job's keys share one tag: its shard, or (an id without one: a job that cannot exist) the id."""
+    return f"{PREFIX}:{{{job_shard(job_id) or job_id}}}:job:{job_id}"
 
 
 def deadlines_key(model: str) -> str:

@@ -1,4 +1,5 @@
-"""The gateway against a real Redis and the fake worker, through httpx's ASGI transport."""
+"""The gateway against a real Redis and the fake worker, through httpx's ASGI transport: each test on one
+redis-server and on a three-node cluster (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ from protocol import keys
 from tests.asserts import assert_error
 from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker
+
+
+@pytest.fixture
+def redis_url(on_both_redis) -> str:
+    return on_both_redis[0]
+
+
+@pytest.fixture
+def redis_client(on_both_redis):
+    return on_both_redis[1]
 
 
 @pytest.fixture
