@@ -33,7 +33,6 @@ from gateway.errors import ApiError
 from gateway.logging import get_logger
 from gateway.responses import result_object
 from jobstore import JobRef
-from jobstore.connect import is_cluster
 from jobstore.runner import run as eval_script
 from jobstore.scripts import Script
 from protocol import job_record as F
@@ -113,12 +112,10 @@ class BatchFeeder:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work the batch until it is final, the lease is lost, or `stop`."""
-        # Each line's final state is published on its job's channel: a step follows at once. A cluster has
-        # no pattern over shard channels: there the feeder looks every poll_s.
-        pubsub = None if is_cluster(self.redis) else self.redis.pubsub()
+        pubsub = self.redis.pubsub()
         try:
-            if pubsub is not None:
-                await pubsub.psubscribe(keys.events_pattern(f"{self.batch_id.removeprefix('batch_')}_*"))
+            # Each line's final state is published on its job's channel: a step follows at once.
+            await pubsub.psubscribe(keys.events_pattern(f"{self.batch_id.removeprefix('batch_')}_*"))
             while not stop.is_set():
                 if not await self._renew():
                     return
@@ -131,19 +128,14 @@ class BatchFeeder:
         finally:
             with contextlib.suppress(Exception):
                 await eval_script(self.redis, RELEASE, [K.lease_key(self.batch_id)], [self.owner])
-            if pubsub is not None:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
-    async def _wait(self, pubsub: PubSub | None, stop: asyncio.Event) -> None:
+    async def _wait(self, pubsub: PubSub, stop: asyncio.Event) -> None:
         """Until a line's job publishes its end, or poll_s passes; steps come at most every MIN_STEP_S."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.poll_s
         await asyncio.sleep(MIN_STEP_S)
-        if pubsub is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(deadline - loop.time(), 0))
-            return
         while not stop.is_set() and (left := deadline - loop.time()) > 0:
             if await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 0.5)) is not None:
                 while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0) is not None:

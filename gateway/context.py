@@ -8,6 +8,7 @@ from fastapi import Request
 
 from gateway.auth import Authenticator, Tenant
 from gateway.cancel import Canceller
+from gateway.errors import ApiError
 from gateway.event_hub import Hub, event_hub
 from gateway.metrics import GatewayMetrics
 from gateway.redis_pipe import RedisPipe
@@ -43,6 +44,13 @@ class GatewayContext:
 
 async def get_ctx(request: Request) -> GatewayContext:
     return request.app.state.ctx
+
+
+async def single_node_only(request: Request) -> None:
+    """Files and batches keep keys that are not laid out for a Redis Cluster yet: a 501 there."""
+    if is_cluster(request.app.state.ctx.redis):
+        raise ApiError(501, "files and batches need a single-node Redis; this gateway runs on a Redis Cluster",
+                       code="not_on_cluster")
 
 
 @dataclass(frozen=True)

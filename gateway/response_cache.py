@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from gateway.flight import TtlCache
-from jobstore.connect import pipeline
+from jobstore.connect import is_cluster, pipeline
 from protocol import job_record as F
 from protocol import keys as protocol_keys
 from protocol.jobs import JobPayload, JobResult, JobState, Usage
@@ -44,6 +44,8 @@ class Lookup:
 class ResponseCache:
     def __init__(self, redis: aioredis.Redis, lookups: Counter, hits: Counter) -> None:
         self.redis = redis
+        # Its keys are not laid out for a Redis Cluster yet (one semantic log for every tenant): off there.
+        self.available = not is_cluster(redis)
         self.lookups, self.hits = lookups, hits  # labels: kind (exact, semantic)
         self._semantic: SemanticCache | None = None
         self._policies = TtlCache()
@@ -67,7 +69,7 @@ class ResponseCache:
 
     async def decide(self, tenant: str, option: policy.CacheOption | None) -> policy.Decision | None:
         """The request's cache use before its prompt is rendered (determinism is checked on the payload)."""
-        if option is not None and option.mode == "off":
+        if not self.available or (option is not None and option.mode == "off"):
             return None
         return policy.decide(await self.policy(tenant), option, deterministic=True)
 

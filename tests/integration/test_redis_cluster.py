@@ -1,0 +1,81 @@
+"""What only a Redis Cluster shows: job events travel on shard channels (SPUBLISH to SSUBSCRIBE, one
+connection a node), models' queues spread over the nodes, and what is not laid out for a cluster yet says
+so instead of failing later."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.event_hub import ShardedEventHub, event_hub
+from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
+from jobstore.connect import connect
+from protocol import keys
+from protocol.events import DeltaEvent, StateEvent, parse_event
+from protocol.jobs import JobPayload, new_job_id
+from protocol.sampling import SamplingParams
+from worker.webhooks.service import WebhookService
+
+
+@pytest.fixture
+async def cluster(redis_cluster_url):
+    client = connect(redis_cluster_url)
+    await client.flushdb(target_nodes=client.PRIMARIES)
+    yield client
+    await client.aclose()
+
+
+def job(model: str) -> JobPayload:
+    return JobPayload(id=new_job_id(model), model=model, kind="completion", prompt_token_ids=[1, 2],
+                      sampling=SamplingParams(max_tokens=2))
+
+
+async def test_events_travel_on_shard_channels(cluster):
+    store = JobStore(cluster)
+    p = job("m-events")
+    ref = JobRef.of(p)
+    await store.submit(p, "{}", {}, streamed=True)
+    await store.start([p.id], time.time(), "w")
+    hub = event_hub(cluster)
+    assert isinstance(hub, ShardedEventHub)
+    channel = keys.events_channel(p.id)
+    node = cluster.get_node_from_key(channel)
+    try:
+        async with hub.join(channel) as sub:
+            shard_channels = await cluster.execute_command("PUBSUB SHARDCHANNELS", target_nodes=node)
+            assert channel in shard_channels
+            assert await cluster.execute_command("PUBSUB CHANNELS", target_nodes=cluster.PRIMARIES) == []
+            delta = DeltaEvent(seq=1, offset=0, text="hi").model_dump_json()
+            assert await store.write([DeltaWrite(p.id, "hi", 1, delta)], [FinalWrite(ref, "succeeded")]) == [1]
+            got = [parse_event(await sub.get(5.0)), parse_event(await sub.get(5.0))]
+    finally:
+        await hub.aclose()
+    assert isinstance(got[0], DeltaEvent) and got[0].text == "hi"
+    assert isinstance(got[1], StateEvent) and got[1].state.value == "succeeded" and got[1].seq == 2
+
+
+async def test_models_queues_spread_over_the_nodes(cluster):
+    store = JobStore(cluster)
+    nodes = set()
+    for i in range(12):
+        p = job(f"model-{i}")
+        await store.submit(p, "{}", {}, streamed=False)
+        nodes.add(cluster.get_node_from_key(JobRef.of(p).stream).name)
+        assert (await store.read(p.id))["state"] == "queued"
+    assert len(nodes) == 3
+
+
+async def test_what_is_single_node_only_says_so(redis_cluster_url, cluster):
+    app = create_app(redis_cluster_url)
+    async with app.router.lifespan_context(app):
+        assert not app.state.ctx.cache.available
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            for path in ("/v1/files", "/v1/batches"):
+                r = await c.get(path)
+                assert r.status_code == 501 and r.json()["error"]["code"] == "not_on_cluster"
+    with pytest.raises(ValueError, match="arq does not support Redis Cluster"):
+        await WebhookService(redis_cluster_url).run(asyncio.Event())
