@@ -51,14 +51,14 @@ class Subscription:
 
 @dataclass(frozen=True)
 class _Kinds:
-    subscribe: str
-    unsubscribe: str
-    confirmed: str  # the reply's type that confirms a subscribe
+    """The types of the replies a hub reads: a subscription confirmed, a message."""
+
+    confirmed: str
     message: str
 
 
-_PLAIN = _Kinds("SUBSCRIBE", "UNSUBSCRIBE", "subscribe", "message")
-_SHARDED = _Kinds("SSUBSCRIBE", "SUNSUBSCRIBE", "ssubscribe", "smessage")
+_PLAIN = _Kinds("subscribe", "message")
+_SHARDED = _Kinds("ssubscribe", "smessage")
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -108,7 +108,10 @@ class EventHub:
             try:
                 if self._pubsub is None:
                     self._pubsub = self.redis.pubsub()
-                await self._pubsub.execute_command(self._kinds.subscribe, channel)
+                if self._kinds is _SHARDED:  # redis-py 5's asyncio PubSub has no ssubscribe()
+                    await self._pubsub.execute_command("SSUBSCRIBE", channel)
+                else:
+                    await self._pubsub.subscribe(channel)
             except BaseException:
                 self._forget(channel, sub)
                 pending = self._pending.get(channel, [])
@@ -134,7 +137,10 @@ class EventHub:
             if channel in self._followers or self._pubsub is None:
                 return
             with contextlib.suppress(Exception):  # a lost connection drops the subscription anyway
-                await self._pubsub.execute_command(self._kinds.unsubscribe, channel)
+                if self._kinds is _SHARDED:
+                    await self._pubsub.execute_command("SUNSUBSCRIBE", channel)
+                else:
+                    await self._pubsub.unsubscribe(channel)
 
     def _forget(self, channel: str, sub: Subscription) -> bool:
         """Drop one follower; True when it was the channel's last."""

@@ -1,4 +1,4 @@
-"""Field names of the job hash `tokenq:job:{id}`, the source of truth for a job's state."""
+"""Field names of the job hash `keys.job_key(id)`, the source of truth for a job's state."""
 
 from __future__ import annotations
 

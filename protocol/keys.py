@@ -8,6 +8,7 @@ carries its shard (`job_<shard>_<hex>`), so the id alone names the slot of the j
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 PREFIX = "tokenq"
@@ -27,6 +28,7 @@ MODELS_SET = f"{PREFIX}:models"
 WEBHOOK_OUTBOX = f"{PREFIX}:webhooks:outbox"
 
 
+@functools.lru_cache(maxsize=4096)
 def shard(model: str) -> str:
     """The hash tag of `model`'s queue: a short digest, so that a job id can carry it."""
     return hashlib.sha1(model.encode()).hexdigest()[:SHARD_HEX]
