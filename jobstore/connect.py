@@ -38,6 +38,13 @@ def connect(url: str, max_connections: int | None = None, **options: Any) -> Any
     return aioredis.from_url(url, decode_responses=True, **options)
 
 
+async def mget(redis: AnyRedis, names: list[str]) -> list[str | None]:
+    """MGET of keys that may lie in different slots (on a cluster: one MGET per slot, not atomic)."""
+    if is_cluster(redis):
+        return await redis.mget_nonatomic(names)
+    return await redis.mget(names)
+
+
 def pipeline(redis: AnyRedis, transaction: bool = True) -> Pipeline | ClusterPipeline:
     """A pipeline that is a MULTI on a single node; on a cluster its commands are sent together, not
     atomically (use it where a MULTI only saves round trips, or where each key's own command suffices)."""

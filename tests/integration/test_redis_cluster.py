@@ -79,3 +79,33 @@ async def test_what_is_single_node_only_says_so(redis_cluster_url, cluster):
                 assert r.status_code == 501 and r.json()["error"]["code"] == "not_on_cluster"
     with pytest.raises(ValueError, match="arq does not support Redis Cluster"):
         await WebhookService(redis_cluster_url).run(asyncio.Event())
+
+
+async def test_workers_on_every_node_are_listed(cluster):
+    """Heartbeats lie in many slots: reading them all is one MGET per slot."""
+    from gateway.registry import Registry
+    from protocol.workers import WorkerHeartbeat
+
+    ids = [f"host-{i}:1" for i in range(8)]
+    assert len({cluster.get_node_from_key(keys.worker_key(i)).name for i in ids}) > 1
+    for i in ids:
+        beat = WorkerHeartbeat(worker_id=i, model="m", max_model_len=64, capacity=1)
+        await cluster.set(keys.worker_key(i), beat.model_dump_json(), ex=60)
+        await cluster.sadd(keys.WORKERS_SET, i)
+    assert sorted(w.worker_id for w in await Registry(cluster).live_workers()) == ids
+
+
+async def test_api_keys_work_on_a_cluster(redis_cluster_url, cluster):
+    from gateway.apikeys import create_key, revoke_key
+
+    created = await create_key(cluster, "acme", {"rpm": 5})
+    app = create_app(redis_cluster_url)
+    async with app.router.lifespan_context(app):
+        app.state.ctx.auth.cache_s = app.state.ctx.auth.stale_s = 0
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            assert (await c.get("/v1/models")).status_code == 401
+            ok = await c.get("/v1/models", headers={"authorization": f"Bearer {created.api_key}"})
+            assert ok.status_code == 200
+            assert await revoke_key(cluster, created.api_key) == [created.digest]
+            gone = await c.get("/v1/models", headers={"authorization": f"Bearer {created.api_key}"})
+            assert gone.status_code == 401
