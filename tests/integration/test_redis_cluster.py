@@ -109,3 +109,42 @@ async def test_api_keys_work_on_a_cluster(redis_cluster_url, cluster):
             assert await revoke_key(cluster, created.api_key) == [created.digest]
             gone = await c.get("/v1/models", headers={"authorization": f"Bearer {created.api_key}"})
             assert gone.status_code == 401
+
+
+async def test_webhooks_are_delivered_with_arq_on_a_single_node(redis_cluster_url, cluster, single_redis_url):
+    """The job store on the cluster (outboxes, jobs, attempts), arq's queue on a single-node Redis."""
+    import redis.asyncio as aioredis
+
+    from tests.integration.test_webhooks import (
+        ALLOW,
+        FAST,
+        TENANT,
+        Receiver,
+        attempts_when_done,
+        finish,
+        new_job,
+    )
+    from worker.webhooks.event import SECRET_FIELD, new_secret
+
+    queue = aioredis.from_url(single_redis_url)
+    await queue.flushdb()
+    await queue.aclose()
+    secret = new_secret()
+    await cluster.hset(keys.tenant_key(TENANT), SECRET_FIELD, secret)
+    service = WebhookService(redis_cluster_url, policy=FAST, allow=ALLOW, poll_delay=0.05, block_ms=100,
+                             queue_url=single_redis_url)
+    stop = asyncio.Event()
+    with Receiver(secret, lambda path, n: (200, {})) as rx:
+        task = asyncio.create_task(service.run(stop))
+        try:
+            jobs = [await new_job(cluster, rx.url("/hook")) for _ in range(2)]
+            for job_id in jobs:
+                await finish(cluster, job_id)
+            runs = [await attempts_when_done(cluster, job_id) for job_id in jobs]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    assert [[a["outcome"] for a in run] for run in runs] == [["delivered"], ["delivered"]]
+    assert sorted(a["event"]["data"]["id"] for a in rx.accepted) == sorted(jobs)
+    outbox = keys.webhook_outbox("fake-model")
+    assert await cluster.xlen(outbox) == 0

@@ -13,10 +13,10 @@ import asyncio
 import os
 import socket
 
-import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
+from jobstore.connect import AnyRedis, is_cluster, pipeline
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage
 from worker.logging import get_logger
@@ -26,6 +26,7 @@ from worker.webhooks.policy import RetryPolicy
 
 GROUP = "webhooks"
 CLAIM_IDLE_MS = 30_000
+CLUSTER_POLL_S = 0.2
 _log = get_logger("webhooks.relay")
 
 
@@ -34,7 +35,7 @@ def arq_job_id(job_id: str) -> str:
 
 
 class Relay:
-    def __init__(self, redis: aioredis.Redis, arq: ArqRedis, policy: RetryPolicy, queue: str,
+    def __init__(self, redis: AnyRedis, arq: ArqRedis, policy: RetryPolicy, queue: str,
                  consumer: str | None = None, block_ms: int = 1000, count: int = 100) -> None:
         self.redis = redis  # decode_responses=True
         self.arq = arq
@@ -69,13 +70,26 @@ class Relay:
             _, claimed, *_ = await self.redis.xautoclaim(outbox, GROUP, self.consumer, min_idle_time=CLAIM_IDLE_MS,
                                                          start_id="0-0", count=self.count)
             entries += [(outbox, entry_id, fields) for entry_id, fields in claimed]
-        if not entries:
+        if not entries and is_cluster(self.redis):
+            entries = await self._read_each()
+        elif not entries:
             read = await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(self.outboxes, ">"),
                                                count=self.count, block=self.block_ms)
             entries = [(outbox, entry_id, fields) for outbox, got in read or [] for entry_id, fields in got]
         for outbox, entry_id, fields in entries:
             await self._relay(outbox, entry_id, fields)
         return len(entries)
+
+    async def _read_each(self) -> list[tuple[str, str, dict[str, str] | None]]:
+        """On a cluster the outboxes lie in different slots, so no one read blocks on them all: each is read
+        without blocking, and an empty round waits CLUSTER_POLL_S."""
+        entries = []
+        for outbox in self.outboxes:
+            read = await self.redis.xreadgroup(GROUP, self.consumer, {outbox: ">"}, count=self.count)
+            entries += [(outbox, entry_id, fields) for _, got in read or [] for entry_id, fields in got]
+        if not entries:
+            await asyncio.sleep(min(self.block_ms / 1000, CLUSTER_POLL_S))
+        return entries
 
     async def _relay(self, outbox: str, entry_id: str, fields: dict[str, str] | None) -> None:
         job_id = (fields or {}).get("job_id") or (fields or {}).get("batch_id")
@@ -87,7 +101,7 @@ class Relay:
             _log.info("webhook queued", job_id=job_id, state=fields.get("state"), duplicate=job is None)
         else:
             _log.warning("malformed outbox entry dropped", entry_id=entry_id, fields=fields)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self.redis) as pipe:
             pipe.xack(outbox, GROUP, entry_id)
             pipe.xdel(outbox, entry_id)
             await pipe.execute()
