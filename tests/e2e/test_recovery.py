@@ -101,7 +101,7 @@ async def test_killed_worker_jobs_are_rerun_by_the_other(redis_url, redis_client
     try:
         for w in workers:
             await wait_for(lambda w=w: w.ready(r), 120, "worker start", logs)
-        await pubsub.psubscribe("tokenq:job:*:events")
+        await pubsub.psubscribe(keys.events_pattern("*"))
 
         async def count_finals() -> None:
             async for msg in pubsub.listen():
