@@ -24,11 +24,11 @@ POOL_WAIT_S = 5.0
 
 
 def make_redis(url: str) -> AnyRedis:
-    """The gateway's client; for a cluster's URL (jobstore/connect.py) redis-py's cluster client, with
-    MAX_CONNECTIONS a node (it retries on a lost node and follows MOVED itself)."""
+    """The gateway's client; for a cluster's URL (jobstore/connect.py) redis-py's cluster client, with at most
+    MAX_CONNECTIONS commands in flight (it retries on a lost node and follows MOVED itself)."""
     if is_cluster_url(url):
-        return connect(url, max_connections=MAX_CONNECTIONS, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                       socket_keepalive=True)
+        return connect(url, max_connections=MAX_CONNECTIONS, wait_s=POOL_WAIT_S,
+                       socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True)
     pool = BlockingConnectionPool.from_url(
         url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, decode_responses=True,
         health_check_interval=30, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),

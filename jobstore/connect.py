@@ -8,11 +8,15 @@ per node) and the job store sends its scripts one by one (jobstore/runner.py).""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 AnyRedis = aioredis.Redis | RedisCluster
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -26,13 +30,56 @@ def is_cluster(redis: Any) -> bool:
     return isinstance(redis, RedisCluster)
 
 
-def connect(url: str, max_connections: int | None = None, **options: Any) -> AnyRedis:
-    """A client with decode_responses=True; `options` go to each connection (timeouts, retry, keepalive)."""
+class BoundedCluster(RedisCluster):
+    """A cluster client with at most `limit` commands (or pipelines) in flight, each waiting up to `wait_s`
+    for its turn: as a single node's BlockingConnectionPool does. redis-py's cluster client would raise
+    MaxConnectionsError at once past its per-node limit; with at most `limit` in flight, no node needs more
+    than `limit` connections."""
+
+    def __init__(self, *args: Any, limit: int, wait_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, max_connections=limit, **kwargs)
+        self._room = asyncio.Semaphore(limit)
+        self._wait_s = wait_s
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._room.acquire()
+        except TimeoutError:
+            raise RedisConnectionError(f"no free Redis Cluster connection within {self._wait_s} s") from None
+        try:
+            yield
+        finally:
+            self._room.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.turn():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)  # raises as redis-py does
+        return _BoundedPipeline(self)
+
+
+class _BoundedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        async with self._client.turn():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+def connect(url: str, max_connections: int | None = None, wait_s: float | None = None,
+            **options: Any) -> AnyRedis:
+    """A client with decode_responses=True; `options` go to each connection (timeouts, retry, keepalive).
+    On a cluster, `max_connections` bounds the commands in flight (each waits up to `wait_s` for its turn)."""
     scheme, _, rest = url.partition("://")
     if scheme in CLUSTER_SCHEMES:
-        extra = {"max_connections": max_connections} if max_connections else {}
-        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", decode_responses=True, **extra,
-                                     **options)
+        address = f"{CLUSTER_SCHEMES[scheme]}://{rest}"
+        if max_connections:
+            return BoundedCluster.from_url(address, decode_responses=True, limit=max_connections,
+                                           wait_s=wait_s or 5.0, **options)
+        return RedisCluster.from_url(address, decode_responses=True, **options)
     if max_connections:
         options["max_connections"] = max_connections
     return aioredis.from_url(url, decode_responses=True, **options)

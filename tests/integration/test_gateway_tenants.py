@@ -14,6 +14,8 @@ import pytest
 
 from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key, set_auth
 from gateway.app import create_app
+from gateway.event_hub import event_hub
+from jobstore.connect import is_cluster_url
 from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobPayload
@@ -49,6 +51,17 @@ async def idle_worker(redis_client, default_model_dir):
 
 def make_client(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
+
+
+@pytest.fixture
+def redis_url(on_both_redis) -> str:
+    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
+    return on_both_redis[0]
+
+
+@pytest.fixture
+def redis_client(on_both_redis):
+    return on_both_redis[1]
 
 
 @pytest.fixture
@@ -159,8 +172,14 @@ def test_cli_keys(redis_url, capsys):
 
     from tokenq.cli import main
 
-    sync = redis.Redis.from_url(redis_url, decode_responses=True)
-    sync.flushdb()
+    if is_cluster_url(redis_url):
+        from redis.cluster import RedisCluster
+
+        sync = RedisCluster.from_url(redis_url.replace("+cluster", ""), decode_responses=True)
+        sync.flushdb(target_nodes=sync.PRIMARIES)
+    else:
+        sync = redis.Redis.from_url(redis_url, decode_responses=True)
+        sync.flushdb()
 
     with pytest.raises(SystemExit) as done:
         main(["keys", "create", "--tenant", "cli-t", "--rpm", "7", "--redis-url", redis_url])
@@ -385,23 +404,18 @@ async def test_cancel_a_queued_job(client, idle_worker, redis_client):
     stream = keys.jobs_stream(MODEL, "default", "default")
     entry_id = await redis_client.hget(keys.job_key(job_id), F.ENTRY_ID)
     assert [e[0] for e in await redis_client.xrange(stream)] == [entry_id]
-    pubsub = redis_client.pubsub()
-    await pubsub.subscribe(keys.events_channel(job_id))
-    r = await client.delete(f"/v1/jobs/{job_id}")
-    assert r.status_code == 200, r.text
-    job = r.json()
-    assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["finished_at"]
-    assert await redis_client.xlen(stream) == 0
-    assert await redis_client.get(keys.tenant_queued_key("default", MODEL)) == "0"
-    assert 0 < await redis_client.ttl(keys.job_key(job_id)) <= F.RETENTION_SECONDS
-    events = []
-    for _ in range(20):
-        m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-        if m:
-            events.append(json.loads(m["data"]))
-            break
-    await pubsub.aclose()
-    assert events and events[0]["state"] == "cancelled"
+    hub = event_hub(redis_client)  # SUBSCRIBE, or SSUBSCRIBE on a cluster
+    async with hub.join(keys.events_channel(job_id)) as sub:
+        r = await client.delete(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["finished_at"]
+        assert await redis_client.xlen(stream) == 0
+        assert await redis_client.get(keys.tenant_queued_key("default", MODEL)) == "0"
+        assert 0 < await redis_client.ttl(keys.job_key(job_id)) <= F.RETENTION_SECONDS
+        event = await sub.get(2.0)
+    await hub.aclose()
+    assert event and json.loads(event)["state"] == "cancelled"
     # Final already: unchanged, still 200.
     again = await client.delete(f"/v1/jobs/{job_id}")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
@@ -412,15 +426,14 @@ async def test_cancel_a_queued_job(client, idle_worker, redis_client):
 async def test_cancel_a_running_job_asks_its_worker(client, idle_worker, redis_client):
     job_id = (await client.post("/v1/jobs", json=PROMPT)).json()["id"]
     await redis_client.hset(keys.job_key(job_id), F.STATE, "running")  # as a worker's START does
-    pubsub = redis_client.pubsub()
-    await pubsub.subscribe(keys.control_channel(MODEL))
-    await pubsub.get_message(timeout=1)
-    r = await client.delete(f"/v1/jobs/{job_id}")
-    assert r.status_code == 200 and r.json()["status"] == "running"
-    assert await redis_client.hget(keys.job_key(job_id), F.CANCEL_REQUESTED) == "1"
-    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
-    await pubsub.aclose()
-    assert message and json.loads(message["data"]) == {"cancel": job_id}
+    hub = event_hub(redis_client)
+    async with hub.join(keys.control_channel(MODEL)) as sub:
+        r = await client.delete(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200 and r.json()["status"] == "running"
+        assert await redis_client.hget(keys.job_key(job_id), F.CANCEL_REQUESTED) == "1"
+        message = await sub.get(2.0)
+    await hub.aclose()
+    assert message and json.loads(message) == {"cancel": job_id}
     # The entry stays for the worker to acknowledge when it ends the job.
     assert await queued_entries(redis_client) == 1
 
