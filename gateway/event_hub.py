@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -49,18 +48,6 @@ class Subscription:
         return item
 
 
-@dataclass(frozen=True)
-class _Kinds:
-    """The types of the replies a hub reads: a subscription confirmed, a message."""
-
-    confirmed: str
-    message: str
-
-
-_PLAIN = _Kinds("subscribe", "message")
-_SHARDED = _Kinds("ssubscribe", "smessage")
-
-
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -71,7 +58,9 @@ class EventHub:
 
     def __init__(self, redis: aioredis.Redis, sharded: bool = False) -> None:
         self.redis = redis
-        self._kinds = _SHARDED if sharded else _PLAIN
+        self.sharded = sharded
+        # The types of the replies that confirm a subscription and that carry a message.
+        self._confirmed, self._message = ("ssubscribe", "smessage") if sharded else ("subscribe", "message")
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task | None = None
         self._followers: dict[str, set[Subscription]] = {}
@@ -108,7 +97,7 @@ class EventHub:
             try:
                 if self._pubsub is None:
                     self._pubsub = self.redis.pubsub()
-                if self._kinds is _SHARDED:  # redis-py 5's asyncio PubSub has no ssubscribe()
+                if self.sharded:  # redis-py 5's asyncio PubSub has no ssubscribe()
                     await self._pubsub.execute_command("SSUBSCRIBE", channel)
                 else:
                     await self._pubsub.subscribe(channel)
@@ -137,7 +126,7 @@ class EventHub:
             if channel in self._followers or self._pubsub is None:
                 return
             with contextlib.suppress(Exception):  # a lost connection drops the subscription anyway
-                if self._kinds is _SHARDED:
+                if self.sharded:
                     await self._pubsub.execute_command("SUNSUBSCRIBE", channel)
                 else:
                     await self._pubsub.unsubscribe(channel)
@@ -166,10 +155,10 @@ class EventHub:
             if message is None:
                 continue
             kind, channel = message.get("type"), message.get("channel")
-            if kind == self._kinds.message:
+            if kind == self._message:
                 for sub in self._followers.get(channel, ()):
                     sub.queue.put_nowait(message["data"])
-            elif kind == self._kinds.confirmed:  # the channel is live: every SUBSCRIBE of it sent so far is done
+            elif kind == self._confirmed:  # the channel is live: every SUBSCRIBE of it sent so far is done
                 for future in self._pending.pop(channel, ()):
                     if not future.done():
                         future.set_result(None)
