@@ -17,6 +17,7 @@ from batches.settings import BatchSettings
 from batches.submit import SubmitContext
 from gateway.logging import configure_logging, get_logger
 from gateway.redis_client import make_redis
+from jobstore.connect import is_cluster_url
 
 log = get_logger("batches")
 
@@ -28,6 +29,9 @@ class FeederService:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
+        if is_cluster_url(self.redis_url):
+            raise ValueError("batches need a single-node Redis: their keys are not laid out for a Redis Cluster "
+                             "yet (docs/redis-cluster.md)")
         redis = make_redis(self.redis_url)
         ctx = SubmitContext.build(redis)
         tasks: dict[str, asyncio.Task] = {}

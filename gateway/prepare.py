@@ -41,7 +41,7 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     if not ids:
         raise ApiError(400, f"{field}: the prompt is empty", param=field)
     sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs)
-    return JobPayload(id=new_job_id(), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
+    return JobPayload(id=new_job_id(req.model), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
                       sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
                       deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion)
 

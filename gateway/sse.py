@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway import responses
-from gateway.event_hub import EventHub
+from gateway.event_hub import Hub
 from gateway.jobs import Delta, Final, follow, read_job
 from protocol.jobs import JobPayload, JobResult, JobState, TokenLogprob
 
@@ -93,7 +93,7 @@ class _StreamLogprobs:
 
 async def completion_events(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
                             on_abandon: Callable[[], None] | None = None,
-                            mark: bool = False, hub: EventHub | None = None) -> AsyncIterator[str]:
+                            mark: bool = False, hub: Hub | None = None) -> AsyncIterator[str]:
     """OpenAI streaming: chunks of text (with their logprobs when asked), a last chunk with finish_reason,
     maybe usage, then [DONE]. `on_abandon` is called when the stream stops before the job's end (the
     client disconnected)."""
@@ -137,7 +137,7 @@ def final_error(final: Final) -> dict[str, Any]:
 
 
 async def job_events(redis: aioredis.Redis, job_id: str, offset: int,
-                     hub: EventHub | None = None) -> AsyncIterator[str]:
+                     hub: Hub | None = None) -> AsyncIterator[str]:
     """tokenq's job events: `delta` events whose id is the character offset at their end (so that
     Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
     keepalive = _KeepAlive()

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol import keys
 from protocol.sampling import SamplingParams
 from protocol.text import Text
 
@@ -33,8 +34,9 @@ JobKind = Literal["chat", "completion"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
-def new_job_id() -> str:
-    return "job_" + uuid.uuid4().hex
+def new_job_id(model: str) -> str:
+    """A fresh id for a job of `model`: it carries the model's shard (protocol/keys.py)."""
+    return keys.new_job_id(model, uuid.uuid4().hex)
 
 
 class ContentPart(BaseModel):

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from tokenizers import Tokenizer
 
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
+from jobstore.connect import connect
 from protocol import job_record as F
 from protocol import keys
 from protocol.events import DeltaEvent
@@ -47,7 +48,7 @@ class FakeWorker:
         self._grouped: set[str] = set()
 
     async def start(self) -> None:
-        self.redis = aioredis.from_url(self.redis_url, decode_responses=True)
+        self.redis = connect(self.redis_url)
         self.store = JobStore(self.redis)
         await self.redis.hset(keys.model_card_key(MODEL), "card", self.card.model_dump_json())
         await self.redis.sadd(keys.MODELS_SET, MODEL)

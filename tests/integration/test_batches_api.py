@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from batches import keys as K
+from protocol import keys
 from tests.batch_helpers import (
     FINAL,
     ThreadedFeeder,
@@ -154,7 +155,7 @@ def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redi
         batch = client.batches.retrieve(batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 60
     assert max(depth) <= 8 and max(depth) >= 4
-    jobs = r.keys(f"tokenq:job:job_{batch.id.removeprefix('batch_')}_*")
+    jobs = r.keys(keys.job_keys_pattern(f"{batch.id.removeprefix('batch_')}_*"))
     assert len(jobs) == 40  # the 20 copies of line 0 ran as line 0's one job
     out, err = result_lines(client, batch)
     assert_each_once([line["custom_id"] for line in lines], out, err)
@@ -326,7 +327,6 @@ def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
     import redis.asyncio as aioredis
 
     from gateway.apikeys import create_key
-    from protocol import keys
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     r.flushdb()
@@ -351,7 +351,7 @@ def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
             time.sleep(0.05)
         time.sleep(2.5)  # past the feeder's retries
         paced = client.batches.retrieve(batch.id)
-        jobs = len(r.keys(f"tokenq:job:job_{batch.id.removeprefix('batch_')}_*"))
+        jobs = len(r.keys(keys.job_keys_pattern(f"{batch.id.removeprefix('batch_')}_*")))
         r.hdel(keys.tenant_key("acme"), "rpm")
         batch = wait_batch(client, batch.id, timeout=60)
         out, err = result_lines(client, batch)

@@ -38,7 +38,7 @@ async def post_raw(client: httpx.AsyncClient, path: str, text: str) -> httpx.Res
 
 
 async def assert_nothing_queued(redis_client) -> None:
-    assert await redis_client.keys(keys.job_key("*")) == []
+    assert await redis_client.keys(keys.job_keys_pattern()) == []
 
 
 @pytest.mark.parametrize("path, body", ROUTES)

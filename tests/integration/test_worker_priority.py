@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from protocol import job_record as f
+from protocol import keys
 from protocol.jobs import JobPayload, JobResult, new_job_id
 from protocol.sampling import SamplingParams
 from tests.fakes import FakeEngine, started_intake, submit_job
@@ -144,4 +145,4 @@ async def test_a_new_tenant_stream_ends_a_blocked_read(redis_client):
             intake.stopped = True
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    assert await r.xlen(f"tokenq:lanes:{MODEL}:new-tenants") == 2  # each tenant's first job, not every job
+    assert await r.xlen(keys.new_tenants_stream(MODEL)) == 2  # each tenant's first job, not every job
