@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def _job(lane: str, prompt: list[int], max_tokens: int) -> JobPayload:
-    return JobPayload(id=new_job_id(), model="m", kind="completion", prompt_token_ids=prompt, lane=lane,
+    return JobPayload(id=new_job_id("m"), model="m", kind="completion", prompt_token_ids=prompt, lane=lane,
                       sampling=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
 
 
