@@ -32,12 +32,13 @@ class GrammarError(ValueError):
 
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> xgr.TokenizerInfo:
     """The vocabulary as xgrammar reads it. `vocab_size` is the model's (its logits' width), which may pass
-    the tokenizer's own: ids without a token are never allowed."""
+    the tokenizer's own: ids without a token are never allowed. Without stop ids (a random-weight model)
+    xgrammar finds the vocabulary's own end-of-text tokens."""
     encoded = [tokenizer.id_to_token(i) or "" for i in range(tokenizer.get_vocab_size())]
     # How tokens spell bytes (byte-level, byte-fallback, raw) is read from tokenizer.json, as xgrammar's
     # own from_huggingface does.
     meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.to_str())
-    return xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size, stop_token_ids=sorted(stop_ids),
+    return xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size, stop_token_ids=sorted(stop_ids) or None,
                              add_prefix_space=meta["add_prefix_space"])
 
 
