@@ -27,7 +27,8 @@ def toy_info() -> xgr.TokenizerInfo:
 
 def allowed(decoding: GuidedDecoding, state) -> set[int]:
     logits = torch.zeros(1, len(TOY))
-    apply_token_bitmask(logits, [0], decoding.mask([state], torch.device("cpu")))
+    mask, rows = decoding.mask([state], [0], torch.device("cpu"))
+    apply_token_bitmask(logits, rows, mask)
     return {i for i in range(len(TOY)) if logits[0, i] == 0}
 
 
@@ -62,7 +63,8 @@ def test_mask_touches_only_the_constrained_rows():
     state = d.start(GuidedSpec(choice=["yes", "no"]))
     logits = torch.randn(3, len(TOY))
     before = logits.clone()
-    apply_token_bitmask(logits, [1], d.mask([state], torch.device("cpu")))
+    mask, rows = d.mask([state], [1], torch.device("cpu"))
+    apply_token_bitmask(logits, rows, mask)
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     keep = logits[1] > -float("inf")
     assert keep.nonzero().flatten().tolist() == [4, 5]
@@ -100,8 +102,9 @@ def test_sampler_masks_guided_rows_and_samples_the_rest_as_before():
     logits[:, 0] = 10.0  # "a" is everyone's favourite
     n = 2
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=1)]
+    mask, rows = d.mask([state], [1], torch.device("cpu"))
     batch = SamplingBatch(params, [[]] * n, [[]] * n, [None] * n, [set()] * n,
-                          guided_rows=[1], guided_mask=d.mask([state], torch.device("cpu")))
+                          guided_rows=[1], guided_mask=mask, guided_index=rows)
     out = Sampler()(logits, batch)
     assert out.token_ids == [0, 5]
     assert batch.row(1).guided_rows == [0] and batch.row(0).guided_rows == []

@@ -136,6 +136,7 @@ class GuidedDecoding:
         self._cache: GrammarCache | None = None
         self._batch = xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
         self._host_mask: torch.Tensor | None = None
+        self._host_rows = torch.empty(0, dtype=torch.int64)
         self._copied: torch.cuda.Event | None = None  # the last copy out of the host buffer
 
     @property
@@ -148,33 +149,41 @@ class GuidedDecoding:
         """A matcher for a new request; GrammarError when the constraint does not compile."""
         return GuidedState(self.cache.get(spec))
 
-    def mask(self, states: list[GuidedState], device: torch.device) -> torch.Tensor:
-        """[len(states), ceil(vocab / 32)] int32 on `device`: the tokens each matcher allows next. Filled by
-        xgrammar's threads (the GIL released) while the step's forward runs on the GPU."""
+    def mask(self, states: list[GuidedState], rows: list[int], device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens each matcher allows next, [len(states), ceil(vocab / 32)] int32, and the logits rows
+        they are for, both on `device`. Filled by xgrammar's threads (the GIL released) while the step's
+        forward runs on the GPU, and copied from pinned memory without waiting for it."""
         n = len(states)
         if self._copied is not None:
-            self._copied.synchronize()  # the device has read the last step's mask out of the buffer
-        host = self._host_buffer(n, device)[:n]
-        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], host)
+            self._copied.synchronize()  # the device has read the last step's mask out of the buffers
+        host, host_rows = self._host_buffers(n, device)
+        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], host[:n])
+        host_rows[:n] = torch.as_tensor(rows, dtype=torch.int64)
         if device.type != "cuda":
-            return host
-        mask = host.to(device, non_blocking=True)
+            return host[:n], host_rows[:n]
+        mask, idx = host[:n].to(device, non_blocking=True), host_rows[:n].to(device, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        return mask
+        return mask, idx
 
-    def _host_buffer(self, n: int, device: torch.device) -> torch.Tensor:
-        """One pinned buffer, grown to the largest constrained batch seen."""
+    def _host_buffers(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pinned buffers for the mask and its rows, grown to the largest constrained batch seen."""
         if self._host_mask is None or self._host_mask.shape[0] < n:
-            rows = max(n, 2 * (self._host_mask.shape[0] if self._host_mask is not None else 8))
-            shape = xgr.get_bitmask_shape(rows, self.vocab_size)
-            self._host_mask = torch.empty(shape, dtype=xgr.bitmask_dtype, pin_memory=device.type == "cuda")
-        return self._host_mask
+            size = max(n, 2 * (self._host_mask.shape[0] if self._host_mask is not None else 8))
+            pin = device.type == "cuda"
+            self._host_mask = torch.empty(xgr.get_bitmask_shape(size, self.vocab_size), dtype=xgr.bitmask_dtype,
+                                          pin_memory=pin)
+            self._host_rows = torch.empty(size, dtype=torch.int64, pin_memory=pin)
+        return self._host_mask, self._host_rows
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """In place: logits[rows[j]] keep only the tokens bit-set in bitmask[j]; other rows are untouched."""
-    idx = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, idx)
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: logits[rows[j]] keep only the tokens bit-set in bitmask[j]; other rows are untouched.
+    `rows` is on the logits' device (no copy that would wait for the forward)."""
+    if len(rows) == logits.shape[0]:  # every row constrained: rows are 0..n-1 (the engine's order)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
+        return
+    sub = logits.index_select(0, rows)
     xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=logits.shape[1])
-    logits.index_copy_(0, idx, sub)
+    logits.index_copy_(0, rows, sub)

@@ -362,7 +362,8 @@ class LLMEngine:
                 live.append((i, state))
         if live:
             batch.guided_rows = [i for i, _ in live]
-            batch.guided_mask = self.guided.mask([st for _, st in live], self.device)
+            batch.guided_mask, batch.guided_index = self.guided.mask([st for _, st in live], batch.guided_rows,
+                                                                     self.device)
 
     @staticmethod
     def _output(state: _RequestState, tokens: list[int], delta: str, reason: str | None,

@@ -40,9 +40,10 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # per request when seed is set, else None
     stop_ids_until_min: list[set[int]]  # forbidden while len(output) < min_tokens, else empty
     # Guided decoding: the rows a grammar constrains, the bitmask of their allowed tokens on the device
-    # (row j of the mask for guided_rows[j]); see worker/engine/guided.py.
+    # (row j of the mask for guided_rows[j]) and those rows on the device; see worker/engine/guided.py.
     guided_rows: list[int] = field(default_factory=list)
     guided_mask: Tensor | None = None
+    guided_index: Tensor | None = None
 
     def row(self, i: int) -> SamplingBatch:
         one = SamplingBatch([self.params[i]], [self.output_token_ids[i]], [self.prompt_token_ids[i]],
@@ -51,6 +52,7 @@ class SamplingBatch:
             assert self.guided_mask is not None
             j = self.guided_rows.index(i)
             one.guided_rows, one.guided_mask = [0], self.guided_mask[j : j + 1]
+            one.guided_index = torch.zeros(1, dtype=torch.int64, device=self.guided_mask.device)
         return one
 
 
@@ -238,8 +240,8 @@ class Sampler:
         if masking:
             apply_min_tokens(logits, batch)
         if batch.guided_rows:
-            assert batch.guided_mask is not None
-            apply_token_bitmask(logits, batch.guided_rows, batch.guided_mask)
+            assert batch.guided_mask is not None and batch.guided_index is not None
+            apply_token_bitmask(logits, batch.guided_index, batch.guided_mask)
 
         tokens = logits.argmax(dim=1)  # greedy rows: exactly torch.argmax, as HF greedy search
         if random_rows:
