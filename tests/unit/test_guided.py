@@ -16,8 +16,8 @@ from protocol.sampling import SamplingParams  # noqa: E402
 from worker.engine.guided import GrammarCache, GrammarError, GuidedDecoding, apply_token_bitmask  # noqa: E402
 from worker.engine.sampler import Sampler, SamplingBatch  # noqa: E402
 
-# A toy vocabulary: single characters, a few words, and an end-of-text token (id 9).
-TOY = ["a", "b", "c", "ab", "yes", "no", "{", "}", '"', "</s>"]
+# A toy vocabulary: single characters, a few words, an end-of-text token (id 9), a control character.
+TOY = ["a", "b", "c", "ab", "yes", "no", "{", "}", '"', "</s>", "\x01"]
 EOS = 9
 
 
@@ -42,6 +42,14 @@ def test_mask_follows_the_grammar_and_allows_the_stop_only_where_it_may_end():
     assert allowed(d, state) == {1, 2, EOS}  # more b, a c, or the end
     state.advance([0, 1, EOS], lambda: -1)
     assert state.terminated and not state.wants_mask and state.error is None
+
+
+@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "string", "maxLength": 4}])
+def test_json_strings_never_take_a_raw_control_character(schema):
+    d = GuidedDecoding(toy_info, len(TOY))
+    state = d.start(GuidedSpec(json_schema=schema))
+    state.advance([8], lambda: -1)  # the opening quote
+    assert {0, 1, 8} <= allowed(d, state) and 10 not in allowed(d, state)
 
 
 def test_a_token_outside_the_grammar_is_an_error_of_that_request():

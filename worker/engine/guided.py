@@ -72,19 +72,27 @@ class GrammarCache:
 
     def _compile(self, spec: GuidedSpec) -> xgr.CompiledGrammar:
         c = self._compiler
-        if spec.json_schema is not None:
-            return c.compile_json_schema(json.dumps(spec.json_schema), any_whitespace=False,
-                                         separators=JSON_SEPARATORS, strict_mode=True)
-        if spec.json_object:
-            schema = {"type": "object", "additionalProperties": True}
-            return c.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=JSON_SEPARATORS,
-                                         strict_mode=False)
+        if spec.json_schema is not None or spec.json_object:
+            schema = spec.json_schema if spec.json_schema is not None else {"type": "object"}
+            grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False,
+                                                   separators=JSON_SEPARATORS, strict_mode=spec.json_schema is not None)
+            return c.compile_grammar(_no_control_characters(str(grammar)))
         if spec.regex is not None:
             return c.compile_regex(spec.regex)
         if spec.choice is not None:
             return c.compile_grammar("root ::= " + " | ".join(_ebnf_literal(s) for s in spec.choice))
         assert spec.grammar is not None
         return c.compile_grammar(spec.grammar)
+
+
+# xgrammar writes the characters of a length-bounded string (maxLength) as any but quote, backslash and
+# newline, so a control character could pass, which JSON forbids; its unbounded strings exclude them.
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def _no_control_characters(ebnf: str) -> str:
+    return ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
 
 
 def _field(spec: GuidedSpec) -> str:
