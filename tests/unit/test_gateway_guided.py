@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gateway.errors import ApiError
@@ -91,3 +93,16 @@ def test_the_exact_cache_key_tells_constraints_apart():
             key(GuidedSpec(choice=["a", "b"])), key(GuidedSpec(choice=["b", "a"]))}
     assert len(keys) == 5
     assert key(GuidedSpec(json_schema=SCHEMA)) == key(GuidedSpec(json_schema=dict(reversed(SCHEMA.items()))))
+
+
+def test_batch_lines_carry_the_constraint_to_the_same_mapping():
+    from batches.lines import parse_line
+
+    body = {"model": "m", "messages": MSG, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}
+    line = parse_line(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": body}), 1)
+    assert requested_guided(line.request()) == GuidedSpec(json_schema=SCHEMA)
+    other = parse_line(json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+                                   "body": {**body, "response_format": {"type": "json_object"}}}), 2)
+    assert line.dedup_digest() != other.dedup_digest()  # identical-request dedup tells them apart
