@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tests.e2e.test_up import tokenq_up  # noqa: F401 - the fixture: a stack of this module's own
 
@@ -21,9 +21,9 @@ MODEL = "smollm2-135m-instruct"
 
 
 class City(BaseModel):
-    name: str
-    country: str
-    population_millions: int
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+    population_millions: int = Field(ge=0, le=100)
     is_capital: bool
 
 
@@ -35,7 +35,7 @@ def test_openai_client_parse_with_a_pydantic_model(tokenq_up):  # noqa: F811
     parse = client.chat.completions.parse if hasattr(client.chat.completions, "parse") \
         else client.beta.chat.completions.parse
     reply = parse(model=MODEL, messages=[{"role": "user", "content": "Describe Paris as JSON."}],
-                  response_format=City, max_tokens=96, temperature=0)
+                  response_format=City, max_tokens=200, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "stop", choice
     city = choice.message.parsed
@@ -80,7 +80,7 @@ def test_jobs_take_the_spec_and_bad_constraints_are_400(tokenq_up):  # noqa: F81
             break
         time.sleep(0.2)
     assert job["status"] == "succeeded", job
-    assert json.loads(job["result"]["text"])["answer"] in ("red", "green", "blue")
+    assert json.loads(job["result"]["choices"][0]["text"])["answer"] in ("red", "green", "blue")
 
     bad = httpx.post(f"{base}/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
