@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from protocol.guided import GuidedSpec
 
 MAX_CACHED_GRAMMARS = 256
+THREADED_FILL_ROWS = 128
 JSON_SEPARATORS = (", ", ": ")
 
 
@@ -142,7 +143,9 @@ class GuidedDecoding:
         self._make_info = info
         self.vocab_size = vocab_size
         self._cache: GrammarCache | None = None
-        self._batch = xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
+        # Threads pay off on large batches only: below that one thread fills faster than it hands out work.
+        self._one_thread = xgr.BatchGrammarMatcher(max_threads=1)
+        self._threads = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
         self._host_mask: torch.Tensor | None = None
         self._host_rows = torch.empty(0, dtype=torch.int64)
         self._copied: torch.cuda.Event | None = None  # the last copy out of the host buffer
@@ -166,7 +169,8 @@ class GuidedDecoding:
         if self._copied is not None:
             self._copied.synchronize()  # the device has read the last step's mask out of the buffers
         host, host_rows = self._host_buffers(n, device)
-        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], host[:n])
+        filler = self._threads if n >= THREADED_FILL_ROWS else self._one_thread
+        filler.batch_fill_next_token_bitmask([s.matcher for s in states], host[:n])
         host_rows[:n] = torch.as_tensor(rows, dtype=torch.int64)
         if device.type != "cuda":
             return host[:n], host_rows[:n]
