@@ -10,9 +10,9 @@ SHAPE="${SHAPE:-llama3-8b}"
 LOG_NAME=run_guided.log
 source tests/gpu/stages.sh
 use_wheelhouse "pydantic, xgrammar, jsonschema"
-stage "guided gpu test" 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/gpu/test_guided_gpu.py
+stage "guided gpu test" 90 "$PY" -m pytest -q -p no:cacheprovider -rs tests/gpu/test_guided_gpu.py
 for f in 0 0.1 1; do
-  stage "bench throughput guided $f" 150 "$PY" -m tokenq.bench.throughput --model-shape "$SHAPE" --skip-peer \
+  stage "bench throughput guided $f" 160 "$PY" -m tokenq.bench.throughput --model-shape "$SHAPE" --skip-peer \
     --guided-fraction "$f" --out "$OUT/bench-throughput-guided-$f.json"
 done
 echo "done in ${SECONDS}s; files in $OUT:" | tee -a "$LOG"
