@@ -3,9 +3,11 @@ Everything that can make a request invalid is found here, before anything is enq
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from gateway.errors import ApiError
+from gateway.guided import requested_guided, wants_guided
 from gateway.options import check_webhook, parse_deadline
 from gateway.prompts import TemplateRaised
 from gateway.registry import Registry
@@ -40,7 +42,10 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
             prompt_logprobs = requested_logprobs(req)  # echoed tokens carry logprobs as the output does
     if not ids:
         raise ApiError(400, f"{field}: the prompt is empty", param=field)
-    sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs)
+    # Schema checks may take a while on a large schema: off the event loop.
+    guided = await asyncio.to_thread(requested_guided, req) if wants_guided(req) else None
+    sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs,
+                           guided)
     return JobPayload(id=new_job_id(req.model), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
                       sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
                       deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion)

@@ -1,5 +1,5 @@
 """OpenAI's request fields that tokenq does not implement. A client that sets one expects its effect (a
-tool call, JSON output, a biased or best-of-n answer); answering without it would be a quiet wrong
+tool call, a biased or best-of-n answer); answering without it would be a quiet wrong
 answer, so each is a 400 naming it. Absent, null and the field's own default are accepted."""
 
 from __future__ import annotations
@@ -28,18 +28,11 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "functions": (lambda v, _: _empty(v), "function calling is not supported"),
     "function_call": (lambda v, _: v in (None, "none", "auto"), 'function calling is not supported; '
                                                                 'only "none" is accepted'),
-    "response_format": (lambda v, _: v is None or v == {"type": "text"},
-                        'structured output is not supported; only {"type": "text"} is accepted'),
     "logit_bias": (lambda v, _: _empty(v), "logit_bias is not supported"),
     "suffix": (lambda v, _: _empty(v), "suffix (insertion) is not supported"),
     "modalities": (lambda v, _: v is None or v == ["text"], 'only the "text" modality is supported'),
     "audio": (lambda v, _: v is None, "audio output is not supported"),
     "prediction": (lambda v, _: v is None, "predicted outputs are not supported"),
-    "guided_json": (lambda v, _: v is None, "guided decoding is not supported"),
-    "guided_regex": (lambda v, _: v is None, "guided decoding is not supported"),
-    "guided_choice": (lambda v, _: v is None, "guided decoding is not supported"),
-    "guided_grammar": (lambda v, _: v is None, "guided decoding is not supported"),
-    "structured_outputs": (lambda v, _: v is None, "guided decoding is not supported"),
     "use_beam_search": (lambda v, _: v in (None, False), "beam search is not supported"),
 }
 
