@@ -9,11 +9,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ApiError
 from protocol.guided import GuidedSpec
-from protocol.text import Text
+from protocol.text import Text, encodable
 from protocol.tools import MAX_TOOLS, ToolParsing
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -32,6 +32,13 @@ class FunctionDef(BaseModel):
     strict: bool | None = Field(default=None, description="accepted; arguments are constrained to the "
                                                           "schema under tool_choice required or a named one")
 
+    @field_validator("parameters")
+    @classmethod
+    def _unicode(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            encodable(json.dumps(v, ensure_ascii=False))  # a lone surrogate anywhere in it is a 400
+        return v
+
 
 class ToolDef(BaseModel):
     type: Literal["function"]
@@ -39,7 +46,7 @@ class ToolDef(BaseModel):
 
 
 class NamedFunction(BaseModel):
-    name: str
+    name: Text
 
 
 class NamedToolChoice(BaseModel):

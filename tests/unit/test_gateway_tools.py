@@ -306,3 +306,10 @@ def test_streamed_tool_call_chunks_accumulate_with_the_openai_client():
     parsed = ChatCompletion.model_validate(body).choices[0]
     assert parsed.finish_reason == "tool_calls" and parsed.message.content == "Checking."
     assert [c.model_dump() for c in parsed.message.tool_calls] == [c.model_dump() for c in result.tool_calls]
+
+
+def test_lone_surrogates_in_parameters_are_refused():
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"description": "\ud800"}}}}}
+    with pytest.raises(ValidationError, match="lone surrogate"):
+        _chat(tools=[bad])
