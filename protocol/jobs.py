@@ -141,8 +141,8 @@ class JobResult(BaseModel):
 
     def with_tool_calls(self, spec: ToolParsing | None) -> JobResult:
         """This result with the calls its text holds; finish_reason "tool_calls" when the output ended by
-        itself or at max_tokens (the calls are whole either way), as vLLM reports it."""
-        parsed = parse_tool_calls(self.text, spec) if spec is not None else None
+        itself or at max_tokens (then a half-written last call is left out: the calls given are whole)."""
+        parsed = parse_tool_calls(self.text, spec, cut=self.finish_reason == "length") if spec is not None else None
         if parsed is None:
             return self
         reason = "tool_calls" if self.finish_reason in ("stop", "length") else self.finish_reason

@@ -59,25 +59,30 @@ def content_before(text: str) -> str:
     return (text if at < 0 else text[:at]).rstrip()
 
 
-def parse_tool_calls(text: str, spec: ToolParsing) -> ParsedTools | None:
-    """The calls in `text`, or None when it holds no well-formed call of an offered function."""
+def parse_tool_calls(text: str, spec: ToolParsing, cut: bool = False) -> ParsedTools | None:
+    """The calls in `text`, or None when it holds no well-formed call of an offered function. `cut`: the
+    output stopped at max_tokens, so its last call may be half-written: the whole calls before it count."""
     if spec.form == "json":
-        calls = _calls_of(_loads(text.strip()), spec.names)
+        value = _loads(text.strip())
+        if value is None and cut:
+            value = _whole_items(text.strip())
+        calls = _calls_of(value, spec.names)
         content = None
     else:
         if TAG_OPEN not in text:
             return None
-        calls = _tagged(text, spec.names)
+        calls = _tagged(text, spec.names, cut)
         content = content_before(text) or None
     if not calls:
         return None
     return ParsedTools(content, calls if spec.parallel else calls[:1])
 
 
-def _tagged(text: str, names: list[str]) -> list[ToolCall] | None:
-    """Every block must parse, or none counts. An unclosed last block is accepted when its JSON is whole (a
-    model that stops at its end-of-turn token before the closing tag); text between and after the blocks
-    is not content (OpenAI's content is what comes before the calls)."""
+def _tagged(text: str, names: list[str], cut: bool = False) -> list[ToolCall] | None:
+    """Every block must parse, or none counts (but a cut output's unclosed last block is left out). An
+    unclosed last block is accepted when its JSON is whole (a model that stops at its end-of-turn token
+    before the closing tag); text between and after the blocks is not content (OpenAI's content is what
+    comes before the calls)."""
     calls: list[ToolCall] = []
     at = text.find(TAG_OPEN)
     while at >= 0:
@@ -86,10 +91,30 @@ def _tagged(text: str, names: list[str]) -> list[ToolCall] | None:
         block = text[start:] if end < 0 else text[start:end]
         found = _calls_of(_loads(block.strip()), names)
         if not found:
-            return None
+            return (calls or None) if cut and end < 0 else None
         calls += found
         at = -1 if end < 0 else text.find(TAG_OPEN, end + len(TAG_CLOSE))
     return calls
+
+
+def _whole_items(text: str) -> list[Any] | None:
+    """The complete items at the start of a JSON array cut short (None when there are none)."""
+    if not text.startswith("["):
+        return None
+    decoder, items, at = json.JSONDecoder(), [], 1
+    while True:
+        while at < len(text) and text[at] in " \t\n\r":
+            at += 1
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return items or None
+        items.append(item)
+        while at < len(text) and text[at] in " \t\n\r":
+            at += 1
+        if at >= len(text) or text[at] != ",":
+            return items or None
+        at += 1
 
 
 def _loads(text: str) -> Any:

@@ -95,3 +95,22 @@ def test_job_result_with_tool_calls():
     plain = _result("no calls here").with_tool_calls(TAGGED)
     assert plain.tool_calls is None and plain.finish_reason == "stop"
     assert _result(text).with_tool_calls(None).tool_calls is None
+
+
+def test_a_cut_output_keeps_its_whole_calls():
+    """max_tokens stopped a constrained array (or a tagged block) mid-call: the whole calls before it count,
+    and only then: the same text that ended by itself is not calls."""
+    cut_array = ('[{"name": "get_weather", "arguments": {"city": "Oslo"}}, \n'
+                 '{"name": "get_time", "arguments": {"tz": "CET"}}, {"name": "get_w')
+    assert parse_tool_calls(cut_array, JSON) is None
+    parsed = parse_tool_calls(cut_array, JSON, cut=True)
+    assert [c.function.name for c in parsed.calls] == ["get_weather", "get_time"]
+    assert parse_tool_calls('[{"name": "get_wea', JSON, cut=True) is None
+    assert parse_tool_calls('{"name": "get_weather", "arguments": {"ci', JSON, cut=True) is None
+    cut_tagged = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n'
+                  '<tool_call>{"name": "get_weather", "argu')
+    assert parse_tool_calls(cut_tagged, TAGGED) is None
+    assert [c.function.name for c in parse_tool_calls(cut_tagged, TAGGED, cut=True).calls] == ["get_time"]
+    result = _result(cut_array, "length").with_tool_calls(JSON)
+    assert result.finish_reason == "tool_calls" and len(result.tool_calls) == 2
+    assert _result(cut_array, "stop").with_tool_calls(JSON).tool_calls is None
