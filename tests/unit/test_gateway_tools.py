@@ -313,3 +313,20 @@ def test_lone_surrogates_in_parameters_are_refused():
         "type": "object", "properties": {"x": {"description": "\ud800"}}}}}
     with pytest.raises(ValidationError, match="lone surrogate"):
         _chat(tools=[bad])
+
+
+def test_cache_keys_hold_what_the_output_is_parsed_for():
+    from protocol.jobs import JobPayload
+    from protocol.sampling import SamplingParams
+    from respcache.scope import exact_id, semantic_key
+
+    plain = JobPayload(id="j", model="m", kind="chat", prompt_token_ids=[1, 2], sampling=SamplingParams())
+    tools = plain.model_copy(update={"tools": ToolParsing(names=["f"])})
+    one = plain.model_copy(update={"tools": ToolParsing(names=["f"], parallel=False)})
+    assert len({exact_id(plain, "d"), exact_id(tools, "d"), exact_id(one, "d")}) == 3
+    question = [ChatMessage(role="user", content="weather?")]
+    assert semantic_key(plain, "d", question, None, None) is not None
+    assert semantic_key(tools, "d", question, None, None) is None
+    answered = [*question, ChatMessage(role="assistant", tool_calls=[{"id": "c", "function": {"name": "f"}}]),
+                ChatMessage(role="tool", tool_call_id="c", content="21"), ChatMessage(role="user", content="so?")]
+    assert semantic_key(plain, "d", answered, None, None) is None
