@@ -60,14 +60,17 @@ def call_block(call: MessageToolCall) -> str:
 def fallback_messages(messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """Plain role/content messages carrying the tools, calls and results in the Hermes format."""
     out: list[dict[str, Any]] = []
+    results_turn = False  # the last message out is a user turn of tool results
     for m in messages:
         if m.role == "tool":
             block = f"<tool_response>\n{m.text()}\n</tool_response>"
-            if out and out[-1].get("_tool_results"):
+            if results_turn:
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "_tool_results": True})
+                out.append({"role": "user", "content": block})
+            results_turn = True
             continue
+        results_turn = False
         d: dict[str, Any] = {"role": m.role, "content": m.text()}
         if m.name is not None:
             d["name"] = m.name
@@ -75,8 +78,6 @@ def fallback_messages(messages: list[ChatMessage], tools: list[dict[str, Any]] |
             d["content"] = "\n".join([*([d["content"]] if d["content"] else []),
                                       *(call_block(c) for c in m.tool_calls)])
         out.append(d)
-    for d in out:
-        d.pop("_tool_results", None)
     if tools:
         block = tools_block(tools)
         if out and out[0]["role"] in ("system", "developer"):
