@@ -79,13 +79,21 @@ def completion_logprobs_of(result: JobResult, echo_chars: int) -> dict[str, Any]
     return CompletionLogprobs(echo_chars, prompt).format(logprob_entries(result))
 
 
+def chat_message(result: JobResult) -> dict[str, Any]:
+    """The assistant's message: its text, or the calls it made and the text before them."""
+    if not result.tool_calls:
+        return {"role": "assistant", "content": result.text}
+    return {"role": "assistant", "content": result.content,
+            "tool_calls": [c.model_dump() for c in result.tool_calls]}
+
+
 def result_object(kind: JobKind, job_id: str, model: str, created: int, result: JobResult,
                   want_logprobs: bool, echo_chars: int = 0) -> dict[str, Any]:
     """The non-streaming OpenAI answer for a finished job; `echo_chars`: the echoed prompt's length."""
     if kind == "chat":
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": result.text},
+            "message": chat_message(result),
             "logprobs": chat_logprobs(result.logprobs) if want_logprobs and result.logprobs else None,
             "finish_reason": result.finish_reason,
         }
@@ -105,14 +113,17 @@ def result_object(kind: JobKind, job_id: str, model: str, created: int, result: 
 
 def chunk(kind: JobKind, job_id: str, model: str, created: int, text: str | None = None,
           finish_reason: str | None = None, role: bool = False,
-          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One streaming chunk with a single choice; `logprobs` already in the route's shape."""
+          logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One streaming chunk with a single choice; `logprobs` already in the route's shape, `tool_calls`
+    (chat) the delta's call fragments."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_calls is not None:
+            delta["tool_calls"] = tool_calls
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:

@@ -8,9 +8,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.tools import ToolChoice, ToolDef
 from protocol.guided import GuidedSpec
 from protocol.jobs import ChatMessage, Lane
 from protocol.text import Text
+from protocol.tools import MAX_TOOLS
 from respcache.policy import CacheOption
 
 MAX_METADATA_KEYS = 16
@@ -58,11 +60,15 @@ class SamplingFields(BaseModel):
     guided_grammar: str | None = Field(default=None, description="vLLM: an EBNF (GBNF) grammar")
     structured_outputs: Any = Field(default=None, description="vLLM: {json | regex | choice | grammar | "
                                                               "json_object}")
+    # Tool calling (chat only; checked by gateway/tools.py).
+    tools: list[ToolDef] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(default=None, description='"none", "auto" (the default with tools), '
+                                                                     '"required" or {"type": "function", '
+                                                                     '"function": {"name": ...}}')
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call (default true)")
     # Not implemented: refused unless absent, null or their default (see gateway/unsupported.py).
-    tools: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
-    tool_choice: Any = Field(default=None, description='not supported: only "none" (or "auto" with no tools)')
-    functions: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
-    function_call: Any = Field(default=None, description='not supported: only "none" or "auto"')
+    functions: list[Any] | None = Field(default=None, description="deprecated: use tools; refused unless empty")
+    function_call: Any = Field(default=None, description='deprecated: use tool_choice; only "none" or "auto"')
     logit_bias: dict[str, Any] | None = Field(default=None, description="not supported: refused unless empty")
     best_of: int | None = Field(default=None, description="not supported: only 1")
     suffix: Any = Field(default=None, description="not supported: refused unless empty")

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import responses
 from gateway.event_hub import Hub
 from gateway.jobs import Delta, Final, follow, read_job
+from gateway.tool_stream import ToolStream, call_deltas
 from protocol.jobs import JobPayload, JobResult, JobState, TokenLogprob
 
 KEEPALIVE_S = 15.0
@@ -99,6 +100,7 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
     client disconnected)."""
     kind, job_id, model = payload.kind, payload.id, payload.model
     logprobs = _StreamLogprobs(payload) if payload.sampling.logprobs is not None else None
+    tools = ToolStream(payload.tools) if payload.tools is not None and kind == "chat" else None
     keepalive = _KeepAlive()
     ended = False
     try:
@@ -107,11 +109,21 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
         # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
         async for item in follow(redis, job_id, 0, want_deltas=True, mark=mark, hub=hub):
             if isinstance(item, Delta):
-                yield data(responses.chunk(kind, job_id, model, created, text=item.text,
+                text = item.text
+                if tools is not None:
+                    text = tools.feed(text)
+                    if tools.held and logprobs is not None:
+                        logprobs.in_order = False  # text held back: the final chunk carries the logprobs
+                    if not text:
+                        continue
+                yield data(responses.chunk(kind, job_id, model, created, text=text,
                                            logprobs=logprobs.of_delta(item) if logprobs else None))
             elif isinstance(item, Final):
                 ended = True
                 if item.state == JobState.succeeded and item.result is not None:
+                    if tools is not None:
+                        for piece in _tool_chunks(tools, item.result, job_id, model, created):
+                            yield data(piece)
                     yield data(responses.chunk(kind, job_id, model, created,
                                                text="" if kind != "chat" else None,
                                                finish_reason=item.result.finish_reason,
@@ -127,6 +139,16 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
     finally:
         if not ended and on_abandon is not None:
             on_abandon()
+
+
+def _tool_chunks(tools: ToolStream, result: JobResult, job_id: str, model: str,
+                 created: int) -> list[dict[str, Any]]:
+    """What a chat offered tools sends before its last chunk: the held text as content, or the calls."""
+    rest = tools.rest(result)
+    if rest:
+        return [responses.chunk("chat", job_id, model, created, text=rest)]
+    return [responses.chunk("chat", job_id, model, created, tool_calls=delta)
+            for delta in call_deltas(result.tool_calls or [])]
 
 
 def final_error(final: Final) -> dict[str, Any]:

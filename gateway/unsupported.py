@@ -1,5 +1,5 @@
 """OpenAI's request fields that tokenq does not implement. A client that sets one expects its effect (a
-tool call, a biased or best-of-n answer); answering without it would be a quiet wrong
+function call, a biased or best-of-n answer); answering without it would be a quiet wrong
 answer, so each is a 400 naming it. Absent, null and the field's own default are accepted."""
 
 from __future__ import annotations
@@ -15,19 +15,13 @@ def _empty(v: Any) -> bool:
     return v is None or v == [] or v == {} or v == ""
 
 
-def _tool_choice_ok(v: Any, req: SamplingFields) -> bool:
-    return v is None or v == "none" or (v == "auto" and not req.tools)
-
-
 # field -> (accepted when, what is accepted: for the message)
 _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "n": (lambda v, _: v is None or v == 1, "only n=1 is supported"),
     "best_of": (lambda v, _: v is None or v == 1, "only best_of=1 is supported"),
-    "tools": (lambda v, _: _empty(v), "tool calling is not supported"),
-    "tool_choice": (_tool_choice_ok, 'tool calling is not supported; only "none" is accepted'),
-    "functions": (lambda v, _: _empty(v), "function calling is not supported"),
-    "function_call": (lambda v, _: v in (None, "none", "auto"), 'function calling is not supported; '
-                                                                'only "none" is accepted'),
+    "functions": (lambda v, _: _empty(v), "deprecated by OpenAI and not served; use `tools`"),
+    "function_call": (lambda v, _: v in (None, "none", "auto"), "deprecated by OpenAI and not served; use "
+                                                                "`tool_choice`"),
     "logit_bias": (lambda v, _: _empty(v), "logit_bias is not supported"),
     "suffix": (lambda v, _: _empty(v), "suffix (insertion) is not supported"),
     "modalities": (lambda v, _: v is None or v == ["text"], 'only the "text" modality is supported'),

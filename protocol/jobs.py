@@ -7,11 +7,12 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol import keys
 from protocol.sampling import SamplingParams
 from protocol.text import Text
+from protocol.tools import ToolCall, ToolParsing, parse_tool_calls
 
 
 class JobState(enum.StrEnum):
@@ -31,7 +32,7 @@ FINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelle
 
 Lane = Literal["interactive", "default", "batch"]
 JobKind = Literal["chat", "completion"]
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
 def new_job_id(model: str) -> str:
@@ -56,10 +57,33 @@ class ContentPart(BaseModel):
         return v
 
 
+class MessageFunction(BaseModel):
+    name: Text = Field(max_length=64)
+    arguments: Text = "{}"
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message the client sends back: OpenAI's shape, `arguments` a JSON string."""
+
+    id: Text = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: MessageFunction
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=128)  # assistant messages
+    tool_call_id: Text | None = Field(default=None, max_length=256)  # tool messages: the call answered
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages carry them (this one is {self.role!r})")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        return self
 
     def text(self) -> str:
         """Content as plain text; OpenAI's list-of-parts form is joined."""
@@ -87,6 +111,7 @@ class JobPayload(BaseModel):
     webhook_url: str | None = None  # where the final state is delivered (signed, retried)
     run_to_completion: bool = False  # a streaming client that disconnects does not cancel the job
     cache_fill: bool = False  # on success the worker fills the response cache (respcache.store.fill)
+    tools: ToolParsing | None = None  # a chat offered tools: the worker parses its output for calls
 
 
 class Usage(BaseModel):
@@ -111,6 +136,20 @@ class JobResult(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     # With sampling.prompt_logprobs: one per prompt token, the first with logprob None.
     prompt_logprobs: list[TokenLogprob] | None = None
+    # With payload.tools and calls parsed from `text`: the calls, and the message content (the text before
+    # them, None when none). `text` stays the raw output (logprob offsets count on it).
+    tool_calls: list[ToolCall] | None = None
+    content: str | None = None
+
+    def with_tool_calls(self, spec: ToolParsing | None) -> JobResult:
+        """This result with the calls its text holds; finish_reason "tool_calls" when the output ended by
+        itself or at max_tokens (then a half-written last call is left out: the calls given are whole)."""
+        parsed = parse_tool_calls(self.text, spec, cut=self.finish_reason == "length") if spec is not None else None
+        if parsed is None:
+            return self
+        reason = "tool_calls" if self.finish_reason in ("stop", "length") else self.finish_reason
+        return self.model_copy(update={"tool_calls": parsed.calls, "content": parsed.content,
+                                       "finish_reason": reason})
 
 
 class JobError(BaseModel):

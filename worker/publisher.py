@@ -150,7 +150,7 @@ def build_result(job: RunningJob, token_text: TokenText | None = None) -> JobRes
         token_ids=job.token_ids,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-    )
+    ).with_tool_calls(job.payload.tools)
 
 
 def final_write(job: RunningJob, now: float, token_text: TokenText | None = None) -> FinalWrite:

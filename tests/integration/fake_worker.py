@@ -1,7 +1,8 @@
 """A small fake worker that speaks docs/redis-protocol.md exactly, so the gateway is tested without torch.
 
-Every write goes through jobstore, as the real worker's do. It "generates" by echoing the words of the decoded prompt, one word per step; a prompt containing
-FAIL_ME ends in a failed job."""
+Every write goes through jobstore, as the real worker's do. It "generates" by echoing the words of the decoded prompt, one word per step (or what `reply` says for
+it); a prompt containing FAIL_ME ends in a failed job. Calls are parsed from the text as the real worker
+parses them (JobResult.with_tool_calls)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -36,8 +38,9 @@ def model_card(model_dir: Path, max_model_len: int) -> ModelCard:
 
 class FakeWorker:
     def __init__(self, redis_url: str, model_dir: Path, step_s: float = 0.01, max_model_len: int = 2048,
-                 capacity: int = 8) -> None:
+                 capacity: int = 8, reply: Callable[[str], str] | None = None) -> None:
         self.redis_url = redis_url
+        self.reply = reply  # given: the output for a decoded prompt, sent 5 characters a step
         self.card = model_card(Path(model_dir), max_model_len)
         self.tokenizer = Tokenizer.from_str(self.card.tokenizer_json)
         self.step_s = step_s
@@ -120,6 +123,9 @@ class FakeWorker:
         prompt = self.tokenizer.decode(payload.prompt_token_ids, skip_special_tokens=True)
         words = prompt.split()[: payload.sampling.max_tokens]
         pieces = ([payload.echo_prompt] if payload.echo_prompt else []) + [w + " " for w in words]
+        if self.reply is not None:
+            out = self.reply(prompt)
+            pieces = words = [out[i:i + 5] for i in range(0, len(out), 5)]
         text, streamed, checked = "", False, 0.0
         for piece in pieces:
             await asyncio.sleep(self.step_s)
@@ -137,10 +143,11 @@ class FakeWorker:
             final = FinalWrite(ref, "failed", error_json=error, finished_at=time.time())
         else:
             n = len(words)
-            finish = "length" if len(prompt.split()) > payload.sampling.max_tokens else "stop"
+            finish = "length" if len(prompt.split()) > payload.sampling.max_tokens and not self.reply else "stop"
             usage = Usage(prompt_tokens=len(payload.prompt_token_ids), completion_tokens=n,
                           total_tokens=len(payload.prompt_token_ids) + n)
-            result = JobResult(text=text, finish_reason=finish, usage=usage).model_dump_json()
+            result = JobResult(text=text, finish_reason=finish, usage=usage).with_tool_calls(payload.tools)
+            result = result.model_dump_json()
             final = FinalWrite(ref, "succeeded", result_json=result, finished_at=time.time())
         await self.store.write([], [final])
         await self._ack(stream, entry_id)

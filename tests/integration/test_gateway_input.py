@@ -94,9 +94,6 @@ async def test_lone_surrogates_are_400_naming_the_field(client, redis_client, pa
 
 @pytest.mark.parametrize("path, body", ROUTES)
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "required"),
-    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ("functions", [{"name": "f"}]),
     ("function_call", {"name": "f"}),
     ("logit_bias", {"50256": -100}),

@@ -49,6 +49,9 @@ def event_body(job_id: str, record: dict[str, str]) -> str:
     if record.get(F.RESULT):
         result = JobResult.model_validate_json(record[F.RESULT])
         data["result"] = {"text": result.text, "finish_reason": result.finish_reason}
+        if result.tool_calls:
+            data["result"]["content"] = result.content
+            data["result"]["tool_calls"] = [c.model_dump() for c in result.tool_calls]
         data["usage"] = result.usage.model_dump()
     if record.get(F.ERROR):
         data["error"] = JobError.model_validate_json(record[F.ERROR]).model_dump()
