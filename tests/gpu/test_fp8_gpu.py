@@ -28,6 +28,7 @@ from kernels.fp8 import (
     silu_and_mul_quant_ref,
 )
 from kernels.kv_cache import store_kv_ref
+from tests.asserts import assert_agree_until_near_tie
 from tests.gpu.test_kernels_triton import TOLERANCE, assert_close, attention_case, make_step, rel_err
 
 # Share of e4m3 codes that may differ by a rounding of the division.
@@ -264,26 +265,10 @@ def test_fp8_linear(rows, n, k, dtype):
     check_fp8_linear(rows, n, k, dtype, CUDA)
 
 
-def assert_agree_until_near_tie(name: str, eager, graphed, margin: float = 0.1, logprob_tol: float = 0.1) -> None:
-    """Greedy tokens of a graph replay and of the eager run agree, each chosen token with about the same
-    logprob, up to a step where the eager run's two best tokens were within `margin` of each other: the
-    graph pads the batch and sizes the attention split for max_model_len, so its sums round differently,
-    and FP8 requantizes each layer's activations, which can turn a last-bit difference into a code. A flip
-    between near-tied tokens is that; a wrong kernel, a stale buffer or a lost scale moves logprobs by far
-    more than `logprob_tol` and diverges where one token clearly leads."""
-    for i, (e, g) in enumerate(zip(eager.logprobs, graphed.logprobs, strict=True)):
-        if e.token_id != g.token_id:
-            gap = e.top[0][1] - e.top[1][1]
-            print(f"{name}: graph and eager diverge at token {i}; the eager run's best led by {gap:.4f}")
-            assert gap < margin, f"{name}: diverged at token {i} where the eager run's best led by {gap:.3f}"
-            return
-        assert abs(e.logprob - g.logprob) < logprob_tol, (
-            f"{name}: token {i} logprob {g.logprob:.4f} in the graph, {e.logprob:.4f} eagerly")
-
-
 def test_fp8_decode_is_graph_capturable():
     """A decode step of an FP8 model (fused norm quantization, the GEMV, _scaled_mm, the FP8 KV cache)
-    replays in a CUDA graph as it runs eagerly (see assert_agree_until_near_tie)."""
+    replays in a CUDA graph as it runs eagerly, up to a near tie (the graph pads the batch and sizes the
+    attention split for max_model_len, and FP8 requantizes each layer's activations)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
     from protocol.sampling import SamplingParams
