@@ -174,7 +174,13 @@ def main() -> None:
         rights.append(right)
     duplicates = sum(fd[3] for fd in folds)
     threshold, precision, recall = choose_threshold(np.concatenate(bests), np.concatenate(rights), duplicates)
-    print(f"{len(tune)} tune pairs; out of fold at {threshold:.3f}: precision {precision:.3f}, recall {recall:.3f}")
+    best, right = np.concatenate(bests), np.concatenate(rights)
+    print(f"{len(tune)} tune pairs, {duplicates} duplicates; out of fold:")
+    for at in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        hits = best >= at
+        print(f"  p >= {at:.2f}: precision {right[hits].sum() / max(hits.sum(), 1):.3f}, "
+              f"recall {right[hits].sum() / max(duplicates, 1):.3f}")
+    print(f"  chosen {threshold:.3f}: precision {precision:.3f}, recall {recall:.3f}")
     verifier = fit(np.concatenate([fd[0] for fd in folds]), np.concatenate([fd[1] for fd in folds]), args.hidden)
     verifier.threshold = round(threshold, 3)
     verifier.save(args.out)

@@ -95,7 +95,7 @@ class Verifier:
         arrays = {f"{n}{i}": a.astype(np.float32) for i, (w, b) in enumerate(self.layers)
                   for n, a in (("w", w), ("b", b))}
         np.savez_compressed(path, mean=self.mean.astype(np.float32), scale=self.scale.astype(np.float32),
-                            threshold=np.float32(self.threshold), **arrays)
+                            threshold=np.float64(self.threshold), **arrays)
 
     def logit(self, x: np.ndarray) -> np.ndarray:
         h = (x - self.mean) / self.scale
