@@ -154,7 +154,10 @@ def test_shipped_verifier_rejects_a_question_that_differs_in_a_number():
         q, c = embedder.embed([query, cached])
         return float(verifier.probability(features(q, c[None, :], query, [cached]))[0])
 
-    assert probability("How do I lose 10 kg in a month?", "How do I lose 20 kg in a month?") < policy.DEFAULT_THRESHOLD
-    assert probability("What is the capital of France?", "What is the capital of Germany?") < policy.DEFAULT_THRESHOLD
+    question = "How do I lose 10 kg in a month?"
+    reworded = probability(question, "How can I lose 10 kg in a month?")
+    other_number = probability(question, "How do I lose 20 kg in a month?")
+    assert other_number < 0.5 < reworded
+    assert probability("What is the capital of France?", "What is the capital of Germany?") < 0.5
     assert probability("How can I lose weight fast?", "What is the fastest way to lose weight?") > \
         probability("How can I lose weight fast?", "How can I gain weight fast?")
