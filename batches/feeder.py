@@ -28,7 +28,7 @@ from batches.files import LineWriter, read_lines
 from batches.lines import BatchLine, LineError, parse_line
 from batches.settings import BatchSettings
 from batches.store import FINAL_STATUSES, batch_webhook_url
-from batches.submit import RetryLater, SubmitContext, line_job_id, submit_line
+from batches.submit import RetryLater, SubmitContext, line_job_id, line_model, submit_line
 from gateway.errors import ApiError
 from gateway.logging import get_logger
 from gateway.responses import result_object
@@ -115,7 +115,7 @@ class BatchFeeder:
         pubsub = self.redis.pubsub()
         try:
             # Each line's final state is published on its job's channel: a step follows at once.
-            await pubsub.psubscribe(keys.events_channel(f"job_{self.batch_id.removeprefix('batch_')}_*"))
+            await pubsub.psubscribe(keys.events_pattern(f"{self.batch_id.removeprefix('batch_')}_*"))
             while not stop.is_set():
                 if not await self._renew():
                     return
@@ -205,7 +205,8 @@ class BatchFeeder:
     async def _record(self, records: list[tuple[int, tuple[str, str]]]) -> None:
         ks = [K.results_key(self.batch_id), self.key, K.inflight_key(self.batch_id), K.copies_key(self.batch_id)]
         for start in range(0, len(records), CHUNK):
-            args = [x for line, (kind, text) in records[start:start + CHUNK] for x in (line, kind, text)]
+            args = [x for line, (kind, text) in records[start:start + CHUNK]
+                    for x in (line, kind, text, *R.usage_of(kind, text))]
             await eval_script(self.redis, R.RECORD, ks, args)
 
     async def _custom_ids(self, b: dict[str, str], lines: list[int]) -> list[str | None]:
@@ -253,7 +254,10 @@ class BatchFeeder:
     async def _refill(self, b: dict[str, str], busy: int) -> None:
         cursor, total = int(b["cursor"]), int(b["total"])
         n = min(self.settings.window - busy, total - cursor)
-        if n <= 0 or (n < self.settings.refill and n < total - cursor) or time.time() < self.retry_at:
+        # A refill waits for `refill` free places (sorted as a group, for the prefix cache), never for more
+        # than the window has: a window below `refill` would otherwise never be refilled at all.
+        smallest = min(self.settings.refill, self.settings.window)
+        if n <= 0 or (n < smallest and n < total - cursor) or time.time() < self.retry_at:
             return
         texts = await read_lines(self.redis, b["input_file_id"], range(cursor, cursor + n))
         parsed = [(cursor + i, _parse(t, cursor + i)) for i, t in enumerate(texts)]
@@ -261,7 +265,7 @@ class BatchFeeder:
         args = [self.owner, str(cursor), str(cursor + n)]
         for line, item in parsed:
             digest = item.dedup_digest() if isinstance(item, BatchLine) else None
-            args += [line, line_job_id(self.batch_id, line), digest or ""]
+            args += [line, line_job_id(self.batch_id, line, line_model(item)), digest or ""]
         ks = [self.key, K.lease_key(self.batch_id), K.inflight_key(self.batch_id), K.copies_key(self.batch_id),
               K.dedup_key(self.batch_id)]
         copied = await eval_script(self.redis, FEED, ks, args)
@@ -279,7 +283,7 @@ class BatchFeeder:
         # Resubmitted lines too go in prompt order (a refill's already are; the sort is stable).
         items.sort(key=lambda p: p[1].prompt_key() if isinstance(p[1], BatchLine) else "")
         for line, item in items:
-            job_id = line_job_id(self.batch_id, line)
+            job_id = line_job_id(self.batch_id, line, line_model(item))
             if isinstance(item, LineError):
                 (custom_id,) = await self._custom_ids(b, [line])
                 records.append((line, R.refused(custom_id or "", job_id, 400,

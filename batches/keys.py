@@ -5,6 +5,9 @@ from __future__ import annotations
 from protocol.keys import PREFIX
 
 ACTIVE_BATCHES = f"{PREFIX}:batches:active"  # set of batch ids a feeder still has work on
+# Pub/sub channel: a batch id is published when the batch is created, so an idle feeder takes it at once
+# (at-most-once is enough: feeders scan ACTIVE_BATCHES every poll anyway).
+NEW_BATCHES = f"{PREFIX}:batches:new"
 
 
 def file_key(file_id: str) -> str:

@@ -9,12 +9,15 @@ import os
 import signal
 import socket
 
+from redis.asyncio.client import PubSub
+
 from batches import keys as K
 from batches.feeder import BatchFeeder
 from batches.settings import BatchSettings
 from batches.submit import SubmitContext
 from gateway.logging import configure_logging, get_logger
 from gateway.redis_client import make_redis
+from jobstore.connect import is_cluster_url
 
 log = get_logger("batches")
 
@@ -26,13 +29,20 @@ class FeederService:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
+        if is_cluster_url(self.redis_url):
+            raise ValueError("batches need a single-node Redis: their keys are not laid out for a Redis Cluster "
+                             "yet (docs/redis-cluster.md)")
         redis = make_redis(self.redis_url)
         ctx = SubmitContext.build(redis)
         tasks: dict[str, asyncio.Task] = {}
         lease_ms = int(self.settings.lease_s * 1000)
+        pubsub = redis.pubsub()
         log.info("batch feeder started", owner=self.owner, window=self.settings.window)
         try:
             while not stop.is_set():
+                if not pubsub.subscribed:
+                    with contextlib.suppress(Exception):  # Redis away: the scan below says so
+                        await pubsub.subscribe(K.NEW_BATCHES)
                 try:
                     for batch_id in await redis.smembers(K.ACTIVE_BATCHES):
                         if batch_id in tasks:
@@ -48,13 +58,30 @@ class FeederService:
                         if not task.cancelled() and task.exception() is not None:
                             log.error("batch feeder failed; the batch is taken up again",
                                       batch_id=batch_id, error=repr(task.exception()))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.poll_s)
+                await self._wait(pubsub, stop)
         finally:
             stop.set()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
             await redis.aclose()
             log.info("batch feeder stopped", owner=self.owner)
+
+
+    async def _wait(self, pubsub: PubSub, stop: asyncio.Event) -> None:
+        """Until a batch is created (its id on NEW_BATCHES), `stop`, or poll_s passes."""
+        waits = [asyncio.ensure_future(stop.wait())]
+        if pubsub.subscribed:
+            waits.append(asyncio.ensure_future(
+                pubsub.get_message(ignore_subscribe_messages=True, timeout=self.settings.poll_s)))
+        try:
+            done, _ = await asyncio.wait(waits, timeout=self.settings.poll_s, return_when=asyncio.FIRST_COMPLETED)
+            if any(not t.cancelled() and t.exception() is not None for t in done):
+                # Redis away: wait out the poll (the next scan logs it) rather than spin on the error.
+                await asyncio.wait(waits[:1], timeout=self.settings.poll_s)
+        finally:
+            for t in waits:
+                t.cancel()
 
 
 def run_batches(redis_url: str) -> int:

@@ -95,6 +95,7 @@ async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, e
         pipe.zadd(K.tenant_batches_key(tenant), {batch_id: now})
         if record["status"] == "validating":
             pipe.sadd(K.ACTIVE_BATCHES, batch_id)
+            pipe.publish(K.NEW_BATCHES, batch_id)
         else:
             pipe.expire(K.batch_key(batch_id), retention_s)
             if await batch_webhook_url(redis, record):
@@ -115,10 +116,19 @@ def batch_object(b: dict[str, str]) -> dict[str, Any]:
         "request_counts": {"total": int(b.get("total") or 0), "completed": int(b.get("completed") or 0),
                            "failed": int(b.get("failed") or 0)},
         "metadata": json.loads(b["metadata"]) if b.get("metadata") else None,
+        "usage": _usage(b),
     }
     for name in _TIMES:
         obj[name] = int(float(b[name])) if b.get(name) else None
     return obj
+
+
+def _usage(b: dict[str, str]) -> dict[str, Any]:
+    """OpenAI's BatchUsage: the tokens of the lines done so far (output lines only; no reasoning tokens)."""
+    prompt, output = int(b.get("input_tokens") or 0), int(b.get("output_tokens") or 0)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": int(b.get("cached_tokens") or 0)},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + output}
 
 
 async def read_batch(redis: aioredis.Redis, batch_id: str, tenant: str) -> dict[str, str]:

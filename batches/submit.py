@@ -15,14 +15,21 @@ from gateway.prepare import prepare
 from gateway.registry import Registry
 from gateway.schemas import dump_request
 from jobstore import JobStore, Refused
+from protocol import keys
 
 # Answers that say "not now" rather than "never": the line is offered again later.
 RETRY_STATUSES = frozenset({429, 503})
 
 
-def line_job_id(batch_id: str, line: int) -> str:
-    """The job of a line has a fixed id: submitting it twice (a feeder restarted) adds it once."""
-    return f"job_{batch_id.removeprefix('batch_')}_{line}"
+def line_job_id(batch_id: str, line: int, model: str) -> str:
+    """The job of a line has a fixed id: submitting it twice (a feeder restarted) adds it once. It carries
+    the shard of the line's model, as every job id does."""
+    return keys.new_job_id(model, f"{batch_id.removeprefix('batch_')}_{line}")
+
+
+def line_model(item: object) -> str:
+    """The model a parsed line names ('' for a line that did not parse: it never becomes a job)."""
+    return item.request().model if isinstance(item, BatchLine) else ""
 
 
 @dataclass
@@ -53,7 +60,7 @@ async def submit_line(ctx: SubmitContext, tenant: Tenant, batch_id: str, index: 
     """Queue the line's job; its id. ApiError for a request that can never run, RetryLater for one that
     cannot run yet."""
     body = line.request()
-    job_id = line_job_id(batch_id, index)
+    job_id = line_job_id(batch_id, index, line_model(line))
     try:
         payload = await prepare(ctx.registry, body, "batch", False, tenant.name)
         given = payload.deadline

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from jobstore.connect import pipeline
 from protocol import keys
 
 # Set of the digests of every live key.
@@ -55,7 +56,7 @@ async def create_key(redis: aioredis.Redis, tenant: str, limits: dict[str, int |
     digest = key_digest(api_key)
     settings = {name: str(value) for name, value in limits.items() if name in LIMIT_FIELDS and value is not None}
     candidate = new_webhook_secret()
-    async with redis.pipeline(transaction=True) as pipe:
+    async with pipeline(redis) as pipe:  # on a cluster not atomic: a partial create fails closed
         pipe.hsetnx(keys.tenant_key(tenant), WEBHOOK_SECRET, candidate)
         if settings:
             pipe.hset(keys.tenant_key(tenant), mapping=settings)
@@ -96,7 +97,7 @@ async def revoke_key(redis: aioredis.Redis, key_or_id: str) -> list[str]:
             raise ValueError(f"{key_or_id!r} matches {len(matches)} keys; give more of the id")
         return []
     digest = matches[0]
-    async with redis.pipeline(transaction=True) as pipe:
+    async with pipeline(redis) as pipe:  # on a cluster not atomic: a partial create fails closed
         pipe.delete(keys.api_key_key(digest))
         pipe.srem(API_KEYS_SET, digest)
         deleted, removed = await pipe.execute()

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from protocol import keys
 
-_LANE_SET_PREFIX = f"{keys.PREFIX}:lane:"
+_LANE_SETS = f"{keys.PREFIX}:{{*}}:lane:*:tenants"  # keys.lane_tenants_key of every model and lane
 _LANE_SET_SUFFIX = ":tenants"
 
 
@@ -34,8 +34,8 @@ def _entry_time(entry_id: str) -> float:
 async def lanes(redis: aioredis.Redis) -> list[tuple[str, str]]:
     """Every (model, lane) a job was ever queued on: the lanes' tenant sets that submit maintains."""
     found = set()
-    async for key in redis.scan_iter(match=f"{_LANE_SET_PREFIX}*{_LANE_SET_SUFFIX}", count=1000):
-        model, _, lane = key[len(_LANE_SET_PREFIX):-len(_LANE_SET_SUFFIX)].rpartition(":")
+    async for key in redis.scan_iter(match=_LANE_SETS, count=1000):
+        model, _, lane = key.partition(":lane:")[2].removesuffix(_LANE_SET_SUFFIX).rpartition(":")
         if model and lane in keys.LANES:
             found.add((model, lane))
     return sorted(found)

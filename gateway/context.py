@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from fastapi import Request
 
 from gateway.auth import Authenticator, Tenant
 from gateway.cancel import Canceller
-from gateway.event_hub import EventHub
+from gateway.errors import ApiError
+from gateway.event_hub import Hub, event_hub
 from gateway.metrics import GatewayMetrics
 from gateway.redis_pipe import RedisPipe
 from gateway.registry import Registry
 from gateway.response_cache import ResponseCache
 from jobstore import JobStore
+from jobstore.connect import AnyRedis, is_cluster
 
 
 @dataclass
 class GatewayContext:
-    redis: aioredis.Redis
+    redis: AnyRedis
     pipe: RedisPipe  # the submission script's connection: one shared, pipelined connection
     store: JobStore
     registry: Registry
@@ -27,22 +28,29 @@ class GatewayContext:
     auth: Authenticator
     canceller: Canceller
     max_queue_depth: int  # per model and lane, shared fairly by the tenants with jobs in it (0: none)
-    hub: EventHub  # every follower of a job (waiting or streaming) on one pub/sub connection
+    hub: Hub  # every follower of a job (waiting or streaming) on one pub/sub connection
     cache: ResponseCache
 
     @classmethod
-    def build(cls, redis: aioredis.Redis, metrics: GatewayMetrics, max_queue_depth: int,
+    def build(cls, redis: AnyRedis, metrics: GatewayMetrics, max_queue_depth: int,
               library_path: bool = False) -> GatewayContext:
         pipe = RedisPipe(redis, library=library_path)
-        store = JobStore(redis, scripts=pipe)
+        store = JobStore(redis, scripts=None if is_cluster(redis) else pipe)
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
                    auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,
-                   hub=EventHub(redis),
+                   hub=event_hub(redis),
                    cache=ResponseCache(redis, metrics.cache_lookups, metrics.cache_hits))
 
 
 async def get_ctx(request: Request) -> GatewayContext:
     return request.app.state.ctx
+
+
+async def single_node_only(request: Request) -> None:
+    """Files and batches keep keys that are not laid out for a Redis Cluster yet: a 501 there."""
+    if is_cluster(request.app.state.ctx.redis):
+        raise ApiError(501, "files and batches need a single-node Redis; this gateway runs on a Redis Cluster",
+                       code="not_on_cluster")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ async def enqueue(ctx: GatewayContext, tenant: Tenant,
         tokens = payload.cost_tokens
         raise limit_error(tenant, refused, tokens, payload.model, payload.lane, ctx.max_queue_depth) from None
     if submitted.repeat:
-        return await _first_job(ctx, tenant.name, idempotency_key or "", submitted.job_id)
+        return await _first_job(ctx, tenant.name, idempotency_key or "", payload.model, submitted.job_id)
     bind_job(payload.id)
     ctx.metrics.jobs_enqueued.labels(payload.model, payload.lane).inc()
     log.debug("job enqueued", model=payload.model, lane=payload.lane, kind=payload.kind,
@@ -74,7 +74,7 @@ async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReque
     return Enqueued(payload, float(record[F.CREATED_AT]), record, cache=hit.kind)
 
 
-async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, job_id: str) -> Enqueued:
+async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, model: str, job_id: str) -> Enqueued:
     """The job a repeated key maps to (written in the same script that bound the key). If it is gone
     (evicted), the key is released so that the client's next retry goes through."""
     bind_job(job_id)
@@ -83,7 +83,7 @@ async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, job
         log.info("idempotent repeat", first_job=job_id)
         payload = JobPayload.model_validate_json(record[F.PAYLOAD])
         return Enqueued(payload, float(record.get(F.CREATED_AT) or 0), record)
-    await ctx.store.release_idempotency_key(tenant, idempotency_key, job_id)
+    await ctx.store.release_idempotency_key(tenant, idempotency_key, model, job_id)
     raise ApiError(409, "the job this Idempotency-Key was used for is gone; retry the request",
                    param="Idempotency-Key", code="idempotency_key_in_use")
 

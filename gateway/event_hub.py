@@ -6,7 +6,11 @@ connection of their own: a few hundred waiting or streaming clients are one Redi
 
 A follower still needs its subscription to be live before it reads the job's snapshot: `join` returns
 once Redis has confirmed a SUBSCRIBE of this channel. When the
-connection is lost, every follower gets the error and joins again (jobs.follow re-reads the snapshot)."""
+connection is lost, every follower gets the error and joins again (jobs.follow re-reads the snapshot).
+
+On a Redis Cluster the jobs' channels are shard channels (SPUBLISH): `ShardedEventHub` keeps one hub per
+node, each on one SSUBSCRIBE connection to that node, and sends each channel to the hub of its slot's node.
+A slot that moves ends its node's subscriptions (SUNSUBSCRIBE from the server): followers join again."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.logging import get_logger
@@ -49,8 +54,13 @@ def _retrieve(future: asyncio.Future) -> None:
 
 
 class EventHub:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    """`sharded`: subscribe with SSUBSCRIBE (a cluster node's shard channels) instead of SUBSCRIBE."""
+
+    def __init__(self, redis: aioredis.Redis, sharded: bool = False) -> None:
         self.redis = redis
+        self.sharded = sharded
+        # The types of the replies that confirm a subscription and that carry a message.
+        self._confirmed, self._message = ("ssubscribe", "smessage") if sharded else ("subscribe", "message")
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task | None = None
         self._followers: dict[str, set[Subscription]] = {}
@@ -87,7 +97,10 @@ class EventHub:
             try:
                 if self._pubsub is None:
                     self._pubsub = self.redis.pubsub()
-                await self._pubsub.subscribe(channel)
+                if self.sharded:  # redis-py 5's asyncio PubSub has no ssubscribe()
+                    await self._pubsub.execute_command("SSUBSCRIBE", channel)
+                else:
+                    await self._pubsub.subscribe(channel)
             except BaseException:
                 self._forget(channel, sub)
                 pending = self._pending.get(channel, [])
@@ -113,7 +126,10 @@ class EventHub:
             if channel in self._followers or self._pubsub is None:
                 return
             with contextlib.suppress(Exception):  # a lost connection drops the subscription anyway
-                await self._pubsub.unsubscribe(channel)
+                if self.sharded:
+                    await self._pubsub.execute_command("SUNSUBSCRIBE", channel)
+                else:
+                    await self._pubsub.unsubscribe(channel)
 
     def _forget(self, channel: str, sub: Subscription) -> bool:
         """Drop one follower; True when it was the channel's last."""
@@ -139,13 +155,16 @@ class EventHub:
             if message is None:
                 continue
             kind, channel = message.get("type"), message.get("channel")
-            if kind == "message":
+            if kind == self._message:
                 for sub in self._followers.get(channel, ()):
                     sub.queue.put_nowait(message["data"])
-            elif kind == "subscribe":  # the channel is live: every SUBSCRIBE of it sent so far is done
+            elif kind == self._confirmed:  # the channel is live: every SUBSCRIBE of it sent so far is done
                 for future in self._pending.pop(channel, ()):
                     if not future.done():
                         future.set_result(None)
+            elif kind == "sunsubscribe" and channel in self._followers:  # the server dropped it: slot moved
+                await self._lost(pubsub, RedisConnectionError(f"shard channel {channel} moved"))
+                return
 
     async def _lost(self, pubsub: PubSub, error: BaseException) -> None:
         log.warning("event hub lost its pub/sub connection; followers re-subscribe", error=repr(error),
@@ -175,3 +194,46 @@ class EventHub:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
             self._pubsub = None
+
+
+class ShardedEventHub:
+    """One EventHub a cluster node, each on SSUBSCRIBE; `join` picks the node that owns the channel's slot."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        self._hubs: dict[str, EventHub] = {}
+
+    @property
+    def channels(self) -> int:
+        return sum(hub.channels for hub in self._hubs.values())
+
+    def join(self, channel: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        return self._hub(channel).join(channel)
+
+    def _hub(self, channel: str) -> EventHub:
+        node = self.cluster.get_node_from_key(channel)
+        hub = self._hubs.get(node.name)
+        if hub is None:
+            kwargs = {k: v for k, v in node.connection_kwargs.items() if k in _NODE_KWARGS}
+            client = aioredis.Redis(host=node.host, port=node.port, decode_responses=True, **kwargs)
+            hub = self._hubs[node.name] = EventHub(client, sharded=True)
+        return hub
+
+    async def aclose(self) -> None:
+        for hub in self._hubs.values():
+            await hub.aclose()
+            await hub.redis.aclose()
+        self._hubs.clear()
+
+
+# What a node's pub/sub connection takes over from the cluster client's connections.
+_NODE_KWARGS = frozenset({"username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+                          "ssl_cert_reqs", "socket_connect_timeout", "socket_keepalive"})
+
+
+Hub = EventHub | ShardedEventHub
+
+
+def event_hub(redis: aioredis.Redis | RedisCluster) -> Hub:
+    """The hub for this client: sharded on a cluster, one plain pub/sub connection on a single node."""
+    return ShardedEventHub(redis) if isinstance(redis, RedisCluster) else EventHub(redis)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.event_hub import EventHub, Subscription
+from gateway.event_hub import Hub, Subscription, event_hub
 from jobstore import JobStore
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
@@ -52,7 +52,7 @@ Idle = None  # yielded when nothing happened for RECHECK_S (lets SSE writers sen
 
 
 async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int] = 0, want_deltas: bool = True,
-                 mark: bool = True, hub: EventHub | None = None) -> AsyncIterator[Delta | Final | None]:
+                 mark: bool = True, hub: Hub | None = None) -> AsyncIterator[Delta | Final | None]:
     """A job's output from character `offset` on (one per choice for a job of several), then its Final;
     no text lost or repeated.
 
@@ -62,7 +62,7 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
     snapshot. When the connection to Redis is lost it joins again and resumes from a fresh snapshot, for up
     to RECONNECT_FOR_S; then the error goes to the caller."""
     own_hub = hub is None
-    hub = hub or EventHub(redis)
+    hub = hub or event_hub(redis)
     cursor = _Cursor([offset] if isinstance(offset, int) else list(offset))
     lost_at: float | None = None
     backoff = 0.05
@@ -178,7 +178,7 @@ def _parse(model: type, raw: str | None):
     return model.model_validate_json(raw) if raw else None
 
 
-async def wait_final(redis: aioredis.Redis, job_id: str, hub: EventHub | None = None) -> Final:
+async def wait_final(redis: aioredis.Redis, job_id: str, hub: Hub | None = None) -> Final:
     async for item in follow(redis, job_id, want_deltas=False, hub=hub):
         if isinstance(item, Final):
             return item

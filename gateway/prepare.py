@@ -3,14 +3,17 @@ Everything that can make a request invalid is found here, before anything is enq
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from gateway.errors import ApiError
+from gateway.guided import requested_guided, wants_guided
 from gateway.options import check_webhook, parse_deadline
 from gateway.prompts import TemplateRaised
 from gateway.registry import Registry
 from gateway.sampling import check_streaming, requested_logprobs, to_sampling
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
+from gateway.tools import plan_tools
 from gateway.unsupported import check_unsupported
 from protocol.jobs import ChatMessage, JobKind, JobPayload, Lane, new_job_id
 
@@ -23,13 +26,14 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     target = await registry.target(req.model)
     prompts = target.prompts
     messages: list[ChatMessage] | None = getattr(req, "messages", None)
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat=messages is not None)
     echo_prompt = None
     prompt_logprobs = None
     kind: JobKind
     if messages is not None:
         kind, field = "chat", "messages"
         try:
-            ids = prompts.encode_chat(messages)
+            ids = prompts.encode_chat(messages, tools.tools if tools else None)
         except TemplateRaised as e:
             raise ApiError(400, f"messages: {e}", param="messages") from e
     else:
@@ -40,11 +44,21 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
             prompt_logprobs = requested_logprobs(req)  # echoed tokens carry logprobs as the output does
     if not ids:
         raise ApiError(400, f"{field}: the prompt is empty", param=field)
-    sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs)
+    # Schema checks may take a while on a large schema: off the event loop.
+    guided = await asyncio.to_thread(requested_guided, req) if wants_guided(req) else None
+    sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs,
+                           guided)
     check_streaming(sampling, stream)
-    return JobPayload(id=new_job_id(), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
+    if tools is not None and tools.guided is not None:
+        if sampling.guided is not None:
+            raise ApiError(400, 'tool_choice: "required" or a named function constrains the output to the '
+                                "call; it cannot be combined with response_format or guided decoding",
+                           param="tool_choice")
+        sampling = sampling.model_copy(update={"guided": tools.guided})
+    return JobPayload(id=new_job_id(req.model), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
                       sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
-                      deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion)
+                      deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion,
+                      tools=tools.parsing if tools else None)
 
 
 def _completion_prompt(prompt, prompts) -> tuple[str | None, list[int]]:

@@ -9,11 +9,12 @@ import json
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from gateway.tool_prompt import fallback_messages, native_message
 from protocol.jobs import ChatMessage
 from protocol.workers import ModelCard
 
@@ -55,24 +56,36 @@ class PromptBuilder:
         self.tokenizer = Tokenizer.from_str(card.tokenizer_json)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.template = _ENV.from_string(card.chat_template) if card.chat_template else None
+        # A template that reads `tools` renders tools and tool messages itself; others get gateway/tool_prompt's
+        # fallback format.
+        self.native_tools = bool(card.chat_template) and "tools" in meta.find_undeclared_variables(
+            _ENV.parse(card.chat_template))
         self.bos_id = self.tokenizer.token_to_id(card.bos_token) if card.bos_token else None
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text; `tools` (OpenAI's shape) are offered to the model."""
         if self.template is None:
             raise TemplateRaised(f"model {self.card.name} has no chat template; use /v1/completions")
-        dicts = [_message_dict(m) for m in messages]
+        extra: dict[str, Any] = {}
+        if self.native_tools:
+            dicts = [native_message(m) for m in messages]
+            if tools:
+                extra["tools"] = tools
+        else:
+            dicts = fallback_messages(messages, tools)
         try:
             return self.template.render(messages=dicts, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.card.bos_token or "",
-                                        eos_token=self.card.eos_token or "")
+                                        eos_token=self.card.eos_token or "", **extra)
         except TemplateRaised:
             raise
         except TemplateError as e:
             raise TemplateRaised(f"chat template failed: {e}") from e
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         # The template writes any BOS itself, so no special tokens are added (as transformers does).
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.tokenizer.encode(self.render_chat(messages, tools=tools), add_special_tokens=False).ids
 
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
@@ -83,9 +96,3 @@ class PromptBuilder:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-
-def _message_dict(message: ChatMessage) -> dict[str, Any]:
-    d: dict[str, Any] = {"role": message.role, "content": message.text()}
-    if message.name is not None:
-        d["name"] = message.name
-    return d

@@ -15,13 +15,20 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from jobstore.connect import AnyRedis, connect, is_cluster_url
+
 RETRIES = 4  # about 0.05 + 0.1 + 0.2 + 0.4 s of back-off before a request gives up
 CONNECT_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 12
 POOL_WAIT_S = 5.0
 
 
-def make_redis(url: str) -> aioredis.Redis:
+def make_redis(url: str) -> AnyRedis:
+    """The gateway's client; for a cluster's URL (jobstore/connect.py) redis-py's cluster client, with at most
+    MAX_CONNECTIONS commands in flight (it retries on a lost node and follows MOVED itself)."""
+    if is_cluster_url(url):
+        return connect(url, max_connections=MAX_CONNECTIONS, wait_s=POOL_WAIT_S,
+                       socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True)
     pool = BlockingConnectionPool.from_url(
         url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, decode_responses=True,
         health_check_interval=30, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),

@@ -25,6 +25,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
+from jobstore.connect import AnyRedis, is_cluster
 from jobstore.scripts import Script
 
 Arg = str | bytes | int | float
@@ -85,11 +86,11 @@ class RedisPipe:
     """`execute(*args)` and `evalsha(script, keys, args)` over the shared connection. For a Redis reached
     in a way this does not speak (TLS, a Unix socket) it passes the commands to the redis-py client."""
 
-    def __init__(self, redis: aioredis.Redis, library: bool = False) -> None:
-        """`library`: pass every command to the redis-py client (what `tokenq bench queue` compares)."""
-        pool = redis.connection_pool
-        self._fallback = redis if library or pool.connection_class is not Connection else None
-        kw = pool.connection_kwargs
+    def __init__(self, redis: AnyRedis, library: bool = False) -> None:
+        """`library`: pass every command to the redis-py client (what `tokenq bench queue` compares). A
+        cluster's commands too go through redis-py's client, which routes each to its slot's node."""
+        self._fallback = redis if library or is_cluster(redis) or not _speaks(redis) else None
+        kw = redis.connection_pool.connection_kwargs if self._fallback is None else {}
         self._address = (kw.get("host", "localhost"), int(kw.get("port", 6379)))
         self._setup: list[tuple[Arg, ...]] = []  # sent first on every new connection
         if kw.get("password"):
@@ -149,6 +150,11 @@ class RedisPipe:
                 proto._fail(RedisConnectionError(f"Redis refused {args[0]}: {reply}"))
                 raise proto.lost or reply
         return proto
+
+
+def _speaks(redis: aioredis.Redis) -> bool:
+    """Whether this connection reaches Redis as a plain TCP connection (no TLS, no Unix socket)."""
+    return redis.connection_pool.connection_class is Connection
 
 
 def _checked(reply: Any) -> Any:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from gateway.errors import ApiError
 from gateway.flight import SingleFlight
 from gateway.prompts import PromptBuilder
+from jobstore.connect import mget
 from protocol import keys
 from protocol.workers import ModelCard, WorkerHeartbeat
 
@@ -53,7 +54,7 @@ class Registry:
         ids = sorted(await self.redis.smembers(keys.WORKERS_SET))
         if not ids:
             return []
-        raws = await self.redis.mget([keys.worker_key(i) for i in ids])
+        raws = await mget(self.redis, [keys.worker_key(i) for i in ids])
         workers = []
         for raw in raws:
             if raw is None:  # heartbeat expired: the worker is gone

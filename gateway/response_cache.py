@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from gateway.flight import TtlCache
+from jobstore.connect import is_cluster, pipeline
 from protocol import job_record as F
 from protocol import keys as protocol_keys
 from protocol.jobs import JobPayload, JobResult, JobState, Usage
@@ -43,6 +44,8 @@ class Lookup:
 class ResponseCache:
     def __init__(self, redis: aioredis.Redis, lookups: Counter, hits: Counter) -> None:
         self.redis = redis
+        # Its keys are not laid out for a Redis Cluster yet (one semantic log for every tenant): off there.
+        self.available = not is_cluster(redis)
         self.lookups, self.hits = lookups, hits  # labels: kind (exact, semantic)
         self._semantic: SemanticCache | None = None
         self._policies = TtlCache()
@@ -66,7 +69,7 @@ class ResponseCache:
 
     async def decide(self, tenant: str, option: policy.CacheOption | None) -> policy.Decision | None:
         """The request's cache use before its prompt is rendered (determinism is checked on the payload)."""
-        if option is not None and option.mode == "off":
+        if not self.available or (option is not None and option.mode == "off"):
             return None
         return policy.decide(await self.policy(tenant), option, deterministic=True)
 
@@ -148,10 +151,11 @@ async def write_hit(redis: aioredis.Redis, payload: JobPayload, request_json: st
     if payload.webhook_url:
         record[F.WEBHOOK_URL] = payload.webhook_url
     job_key = protocol_keys.job_key(payload.id)
-    async with redis.pipeline(transaction=True) as pipe:
+    async with pipeline(redis) as pipe:  # one slot: the job's and its model's outbox share a tag
         pipe.hset(job_key, mapping=record)
         pipe.expire(job_key, F.RETENTION_SECONDS)
         if payload.webhook_url:
-            pipe.xadd(protocol_keys.WEBHOOK_OUTBOX, {"job_id": payload.id, "state": JobState.succeeded.value})
+            pipe.xadd(protocol_keys.webhook_outbox(payload.model),
+                      {"job_id": payload.id, "state": JobState.succeeded.value})
         await pipe.execute()
     return record

@@ -81,6 +81,14 @@ def completion_logprobs_of(result: JobResult, echo_chars: int, choice: Choice | 
     return CompletionLogprobs(echo_chars, prompt).format(logprob_entries(result, choice))
 
 
+def chat_message(choice: Choice) -> dict[str, Any]:
+    """A choice's assistant message: its text, or the calls it made and the text before them."""
+    if not choice.tool_calls:
+        return {"role": "assistant", "content": choice.text}
+    return {"role": "assistant", "content": choice.content,
+            "tool_calls": [c.model_dump() for c in choice.tool_calls]}
+
+
 def result_object(kind: JobKind, job_id: str, model: str, created: int, result: JobResult,
                   want_logprobs: bool, echo_chars: int = 0) -> dict[str, Any]:
     """The non-streaming OpenAI answer for a finished job, every choice of it; `echo_chars`: the echoed
@@ -94,7 +102,7 @@ def _choice(kind: JobKind, result: JobResult, c: Choice, want_logprobs: bool, ec
     if kind == "chat":
         return {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": chat_message(c),
             "logprobs": chat_logprobs(c.logprobs) if want_logprobs and c.logprobs else None,
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
@@ -112,15 +120,19 @@ def _choice(kind: JobKind, result: JobResult, c: Choice, want_logprobs: bool, ec
 def chunk(kind: JobKind, job_id: str, model: str, created: int, text: str | None = None,
           finish_reason: str | None = None, role: bool = False,
           logprobs: dict[str, Any] | None = None, index: int = 0,
-          stop_reason: str | int | None = None) -> dict[str, Any]:
-    """One streaming chunk with a single choice; `logprobs` already in the route's shape. The chunk that
-    ends a choice (finish_reason set) carries its stop_reason too."""
+          stop_reason: str | int | None = None,
+          tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One streaming chunk with a single choice; `logprobs` already in the route's shape, `tool_calls`
+    (chat) the delta's call fragments. The chunk that ends a choice (finish_reason set) carries its
+    stop_reason too."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_calls is not None:
+            delta["tool_calls"] = tool_calls
         choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": finish_reason}
         obj = "chat.completion.chunk"

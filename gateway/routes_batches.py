@@ -10,11 +10,11 @@ from pydantic import BaseModel
 
 from batches.settings import BatchSettings
 from batches.store import batch_object, cancel_batch, create_batch, list_batches, read_batch
-from gateway.context import Caller, get_caller
+from gateway.context import Caller, get_caller, single_node_only
 from gateway.responses import list_page
 from gateway.routes_files import batch_settings
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(single_node_only)])
 
 
 class BatchCreate(BaseModel):

@@ -18,12 +18,12 @@ from batches.files import (
     read_file,
 )
 from batches.settings import BatchSettings
-from gateway.context import Caller, get_caller
+from gateway.context import Caller, get_caller, single_node_only
 from gateway.errors import ApiError
 from gateway.responses import list_page
 from gateway.upload import stream_form
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(single_node_only)])
 
 
 def batch_settings(request: Request) -> BatchSettings:

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from gateway.errors import ApiError, describe_validation_error, most_telling
 from gateway.schemas import SamplingFields
+from protocol.guided import GuidedSpec
 from protocol.sampling import SamplingParams
 
 MAX_DEFAULT_TOKENS = 4096  # max_tokens when the client gives none: the rest of the context, up to this
@@ -51,9 +52,11 @@ def check_vocabulary(req: SamplingFields, vocab_size: int) -> None:
 
 
 def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, prompt_field: str,
-                vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+                vocab_size: int | None = None, prompt_logprobs: int | None = None,
+                guided: GuidedSpec | None = None) -> SamplingParams:
     """Validated SamplingParams; max_tokens checked against (or defaulted to) what the context leaves,
-    token ids and top_k against the vocabulary when its size is given."""
+    token ids and top_k against the vocabulary when its size is given. `guided` comes checked from
+    gateway/guided.py."""
     room = max_model_len - prompt_tokens
     asked, max_field = requested_max_tokens(req)
     if asked is not None and asked >= 1 and prompt_tokens + asked > max_model_len:
@@ -71,6 +74,7 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
         "max_tokens": asked if asked is not None else min(room, MAX_DEFAULT_TOKENS),
         "logprobs": requested_logprobs(req),
         "prompt_logprobs": prompt_logprobs,
+        "guided": guided,
     }
     for name in _SAME_NAME:
         value = getattr(req, name)

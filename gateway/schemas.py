@@ -8,8 +8,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.tools import ToolChoice, ToolDef
+from protocol.guided import GuidedSpec
 from protocol.jobs import ChatMessage, Lane
 from protocol.text import Text
+from protocol.tools import MAX_TOOLS
 from respcache.policy import CacheOption
 
 MAX_METADATA_KEYS = 16
@@ -53,21 +56,28 @@ class SamplingFields(BaseModel):
                                                           "logprob returned: n to 16 (completions only)")
     logit_bias: dict[str, Any] | None = Field(default=None, description="token id -> bias in [-100, 100], "
                                                                        "at most 300")
+    # Structured outputs: at most one of these (mapped by gateway/guided.py).
+    response_format: Any = Field(default=None, description='{"type": "text" | "json_object" | "json_schema", '
+                                                           '"json_schema": {"name", "schema", "strict"}}')
+    guided_json: Any = Field(default=None, description="vLLM: a JSON Schema (object or JSON text)")
+    guided_regex: str | None = Field(default=None, description="vLLM: a regular expression")
+    guided_choice: list[str] | None = Field(default=None, description="vLLM: one of these strings")
+    guided_grammar: str | None = Field(default=None, description="vLLM: an EBNF (GBNF) grammar")
+    structured_outputs: Any = Field(default=None, description="vLLM: {json | regex | choice | grammar | "
+                                                              "json_object}")
+    # Tool calling (chat only; checked by gateway/tools.py).
+    tools: list[ToolDef] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(default=None, description='"none", "auto" (the default with tools), '
+                                                                     '"required" or {"type": "function", '
+                                                                     '"function": {"name": ...}}')
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call (default true)")
     # Not implemented: refused unless absent, null or their default (see gateway/unsupported.py).
-    tools: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
-    tool_choice: Any = Field(default=None, description='not supported: only "none" (or "auto" with no tools)')
-    functions: list[Any] | None = Field(default=None, description="not supported: refused unless empty")
-    function_call: Any = Field(default=None, description='not supported: only "none" or "auto"')
-    response_format: Any = Field(default=None, description='not supported: only {"type": "text"}')
+    functions: list[Any] | None = Field(default=None, description="deprecated: use tools; refused unless empty")
+    function_call: Any = Field(default=None, description='deprecated: use tool_choice; only "none" or "auto"')
     suffix: Any = Field(default=None, description="not supported: refused unless empty")
     modalities: list[Any] | None = Field(default=None, description='not supported: only ["text"]')
     audio: Any = Field(default=None, description="not supported: refused unless null")
     prediction: Any = Field(default=None, description="not supported: refused unless null")
-    guided_json: Any = Field(default=None, description="not supported: refused unless null")
-    guided_regex: Any = Field(default=None, description="not supported: refused unless null")
-    guided_choice: Any = Field(default=None, description="not supported: refused unless null")
-    guided_grammar: Any = Field(default=None, description="not supported: refused unless null")
-    structured_outputs: Any = Field(default=None, description="not supported: refused unless null")
     use_beam_search: Any = Field(default=None, description="not supported: refused unless false")
 
 
@@ -117,6 +127,8 @@ class JobCreate(SamplingFields, JobOptions):
     metadata: dict[Text, Text] = Field(default_factory=dict)
     stream: bool = False
     webhook_url: Text | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS)
+    guided: GuidedSpec | None = Field(default=None, description="the output constraint as the engine takes it "
+                                                                "(instead of response_format or guided_*)")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> JobCreate:

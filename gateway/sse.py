@@ -13,8 +13,9 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway import responses
-from gateway.event_hub import EventHub
+from gateway.event_hub import Hub
 from gateway.jobs import Delta, Final, follow, read_job
+from gateway.tool_stream import ToolStream, call_deltas
 from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
 
 KEEPALIVE_S = 15.0
@@ -93,14 +94,17 @@ class _StreamLogprobs:
 
 async def completion_events(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
                             on_abandon: Callable[[], None] | None = None,
-                            mark: bool = False, hub: EventHub | None = None) -> AsyncIterator[str]:
+                            mark: bool = False, hub: Hub | None = None) -> AsyncIterator[str]:
     """OpenAI streaming: chunks of text (with their logprobs when asked), each of one choice (its index), a
-    last chunk per choice with its finish_reason, maybe usage, then [DONE]. `on_abandon` is called when the
+    last chunk per choice with its finish_reason, maybe usage, then [DONE]. A chat offered tools holds
+    back each choice's text that may be a call (gateway/tool_stream.py). `on_abandon` is called when the
     stream stops before the job's end (the client disconnected)."""
     kind, job_id, model = payload.kind, payload.id, payload.model
     n = payload.sampling.n
     logprobs = ([_StreamLogprobs(payload) for _ in range(n)] if payload.sampling.logprobs is not None
                 else None)
+    tools = ([ToolStream(payload.tools) for _ in range(n)] if payload.tools is not None and kind == "chat"
+             else None)
     keepalive = _KeepAlive()
     ended = False
     try:
@@ -110,12 +114,22 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
         # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
         async for item in follow(redis, job_id, [0] * n, want_deltas=True, mark=mark, hub=hub):
             if isinstance(item, Delta):
-                yield data(responses.chunk(kind, job_id, model, created, text=item.text, index=item.index,
+                text = item.text
+                if tools is not None:
+                    text = tools[item.index].feed(text)
+                    if tools[item.index].held and logprobs is not None:
+                        logprobs[item.index].in_order = False  # text held back: the final chunk carries them
+                    if not text:
+                        continue
+                yield data(responses.chunk(kind, job_id, model, created, text=text, index=item.index,
                                            logprobs=logprobs[item.index].of_delta(item) if logprobs else None))
             elif isinstance(item, Final):
                 ended = True
                 if item.state == JobState.succeeded and item.result is not None:
                     for c in item.result.all_choices():
+                        if tools is not None:
+                            for piece in _tool_chunks(tools[c.index], c, job_id, model, created):
+                                yield data(piece)
                         yield data(responses.chunk(
                             kind, job_id, model, created, text="" if kind != "chat" else None, index=c.index,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -131,6 +145,17 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
     finally:
         if not ended and on_abandon is not None:
             on_abandon()
+
+
+def _tool_chunks(tools: ToolStream, choice: Choice, job_id: str, model: str,
+                 created: int) -> list[dict[str, Any]]:
+    """What a choice of a chat offered tools sends before its last chunk: the held text as content, or the
+    calls."""
+    rest = tools.rest(choice)
+    if rest:
+        return [responses.chunk("chat", job_id, model, created, text=rest, index=choice.index)]
+    return [responses.chunk("chat", job_id, model, created, tool_calls=delta, index=choice.index)
+            for delta in call_deltas(choice.tool_calls or [])]
 
 
 def final_error(final: Final) -> dict[str, Any]:
@@ -156,7 +181,7 @@ def parse_event_id(raw: str) -> list[int] | None:
 
 
 async def job_events(redis: aioredis.Redis, job_id: str, offsets: list[int],
-                     hub: EventHub | None = None) -> AsyncIterator[str]:
+                     hub: Hub | None = None) -> AsyncIterator[str]:
     """tokenq's job events: `delta` events (with their choice's index) whose id is the offset reached (so
     that Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
     keepalive = _KeepAlive()

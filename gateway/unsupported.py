@@ -1,6 +1,6 @@
 """OpenAI's request fields that tokenq does not implement (or not on every route). A client that sets one
-expects its effect (a tool call, JSON output, a best-of-n chat answer); answering without it would be a
-quiet wrong answer, so each is a 400 naming it. Absent, null and the field's own default are accepted."""
+expects its effect (a function call, a best-of-n chat answer); answering without it would be a quiet
+wrong answer, so each is a 400 naming it. Absent, null and the field's own default are accepted."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ def _empty(v: Any) -> bool:
     return v is None or v == [] or v == {} or v == ""
 
 
-def _tool_choice_ok(v: Any, req: SamplingFields) -> bool:
-    return v is None or v == "none" or (v == "auto" and not req.tools)
-
-
 def _best_of_ok(v: Any, req: SamplingFields) -> bool:
     """best_of is a completion's (a prompt); a chat accepts only best_of equal to n."""
     return v is None or getattr(req, "messages", None) is None or v == (req.n or 1)
@@ -27,22 +23,13 @@ def _best_of_ok(v: Any, req: SamplingFields) -> bool:
 # field -> (accepted when, what is accepted: for the message)
 _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "best_of": (_best_of_ok, "best_of is served for completions (a prompt) only; a chat accepts only n"),
-    "tools": (lambda v, _: _empty(v), "tool calling is not supported"),
-    "tool_choice": (_tool_choice_ok, 'tool calling is not supported; only "none" is accepted'),
-    "functions": (lambda v, _: _empty(v), "function calling is not supported"),
-    "function_call": (lambda v, _: v in (None, "none", "auto"), 'function calling is not supported; '
-                                                                'only "none" is accepted'),
-    "response_format": (lambda v, _: v is None or v == {"type": "text"},
-                        'structured output is not supported; only {"type": "text"} is accepted'),
+    "functions": (lambda v, _: _empty(v), "deprecated by OpenAI and not served; use `tools`"),
+    "function_call": (lambda v, _: v in (None, "none", "auto"), "deprecated by OpenAI and not served; use "
+                                                                "`tool_choice`"),
     "suffix": (lambda v, _: _empty(v), "suffix (insertion) is not supported"),
     "modalities": (lambda v, _: v is None or v == ["text"], 'only the "text" modality is supported'),
     "audio": (lambda v, _: v is None, "audio output is not supported"),
     "prediction": (lambda v, _: v is None, "predicted outputs are not supported"),
-    "guided_json": (lambda v, _: v is None, "guided decoding is not supported"),
-    "guided_regex": (lambda v, _: v is None, "guided decoding is not supported"),
-    "guided_choice": (lambda v, _: v is None, "guided decoding is not supported"),
-    "guided_grammar": (lambda v, _: v is None, "guided decoding is not supported"),
-    "structured_outputs": (lambda v, _: v is None, "guided decoding is not supported"),
     "use_beam_search": (lambda v, _: v in (None, False), "beam search is not supported"),
 }
 

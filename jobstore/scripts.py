@@ -7,7 +7,10 @@ Rules that hold in every script:
   lane's counters go down, the deadline leaves the sweep's set, a webhook goes on the outbox, the final
   StateEvent is published) happens inside that write, through the one `finish` function below;
 - admission (limits, the lane's fair share, Idempotency-Key) and the writes of a new job are one script,
-  so concurrent requests cannot pass a limit between a check and its increment.
+  so concurrent requests cannot pass a limit between a check and its increment;
+- a script touches only the keys it is given in KEYS, and the keys of one call all carry one model's hash
+  tag (protocol/keys.py), so on a Redis Cluster every call runs on one node, in one slot. Channels a
+  script publishes on carry the same tag (SPUBLISH on a cluster: `Script.sharded`).
 """
 
 from __future__ import annotations
@@ -20,18 +23,24 @@ from protocol.jobs import FINAL_STATES
 
 
 class Script:
-    """A Lua script as clients send it: by its SHA1 (EVALSHA), with the source for when Redis lacks it."""
+    """A Lua script as clients send it: by its SHA1 (EVALSHA), with the source for when Redis lacks it.
+    `sharded` is the same script for a Redis Cluster: it publishes with SPUBLISH, whose channel (the job's,
+    tagged as its keys are) stays on the node of the script's slot."""
 
     def __init__(self, lua: str) -> None:
         self.lua = lua
         self.sha = hashlib.sha1(lua.encode()).hexdigest()
         ALL.append(self)
+        sharded = lua.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+        self.sharded = Script(sharded) if sharded != lua else self
 
 
 ALL: list[Script] = []  # every script: loaded together after a NOSCRIPT, so none is present alone
 
-# The events channel of the job id held by a Lua variable, spelled by protocol/keys.py.
-_LUA_CHANNEL = "'" + keys.events_channel("' .. job_id .. '") + "'"
+# The events channel of the job whose hash key a Lua variable holds (protocol/keys.events_channel).
+def _lua_channel(job_hash: str) -> str:
+    return f"{job_hash} .. '{keys.EVENTS_SUFFIX}'"
+
 
 _FINAL = "{" + ", ".join(f"['{s.value}'] = true" for s in sorted(FINAL_STATES, key=lambda s: s.value)) + "}"
 
@@ -73,7 +82,7 @@ local function finish(k, job_id, state, result, err, finished_at, first_token_at
   if hook and hook ~= '' then
     redis.call('XADD', k[5], '*', 'job_id', job_id, 'state', state)
   end
-  redis.call('PUBLISH', {_LUA_CHANNEL}, event .. '}}')
+  redis.call('PUBLISH', {_lua_channel('k[1]')}, event .. '}}')
   return 1
 end
 local function job_keys(first)
@@ -97,7 +106,7 @@ end
 # ARGV: 1 job id, 2 '1' when an idempotency key was given, 3 its TTL, 4 rpm, 5 tpm, 6 tokens of this job,
 # 7 max_queued, 8 fraction of this minute gone, 9 window seconds, 10 the lane's max depth (0: none for
 # all of these limits), 11 tenant, 12 payload JSON, 13 deadline or '', then the hash's other fields and values.
-# Returns {1, entry id} when admitted and written; {0, first job id} for a repeated key; {2, limit, wait ms,
+# Returns {1, entry id, 1 when the tenant is new to the lane else 0} when admitted and written; {0, first job id} for a repeated key; {2, limit, wait ms,
 # used, limit value} when refused; {3, entry id} when this very job exists already (a retry after a lost
 # reply, which must not queue it twice).
 # Fair share: when the lane holds max depth jobs or more, a tenant is still admitted while it holds fewer
@@ -163,7 +172,7 @@ if tpm > 0 then
 end
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
 local id = redis.call('XADD', KEYS[8], '*', 'job_id', ARGV[1], 'payload', ARGV[12])
-redis.call('SADD', KEYS[9], tenant)
+local added = redis.call('SADD', KEYS[9], tenant)
 redis.call('HSET', KEYS[1], '{f.ENTRY_ID}', id, '{f.PAYLOAD}', ARGV[12], unpack(ARGV, 14))
 redis.call('INCR', KEYS[7])
 redis.call('HINCRBY', KEYS[10], tenant, 1)
@@ -171,8 +180,15 @@ if ARGV[13] ~= '' then
   redis.call('HSET', KEYS[1], '{f.DEADLINE}', ARGV[13])
   redis.call('ZADD', KEYS[11], ARGV[13], ARGV[1])
 end
-return {{1, id}}
+return {{1, id, added}}
 """)
+
+# KEYS: 1 job hash, 2 its text. Returns {the hash as HGETALL gives it, the text or false}: read at one
+# instant where no MULTI can be had (a cluster).
+READ = Script("return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]) or false}")
+
+# KEYS: 1 job hash, 2 its text; ARGV: the fields. Returns {their values, the text or false}.
+SNAPSHOT = Script("return {redis.call('HMGET', KEYS[1], unpack(ARGV)), redis.call('GET', KEYS[2]) or false}")
 
 # KEYS[1] idempotency key. ARGV[1] the job id it must still map to.
 RELEASE_IDEMPOTENCY_KEY = Script(
@@ -221,11 +237,10 @@ for i, r in ipairs(rows) do
   local job, text = KEYS[2 * i - 1], KEYS[2 * i]
   local state = redis.call('HGET', job, '{f.STATE}')
   if state and not final[state] and tonumber(redis.call('HGET', job, '{f.SEQ}') or '0') < r[3] then
-    local job_id = r[1]
     redis.call('APPEND', text, r[2])
     redis.call('HSET', job, '{f.SEQ}', r[3])
     if r[5] ~= '' then redis.call('HSET', job, '{f.FIRST_TOKEN_AT}', r[5]) end
-    redis.call('PUBLISH', {_LUA_CHANNEL}, r[4])
+    redis.call('PUBLISH', {_lua_channel('job')}, r[4])
     n = n + 1
   end
 end

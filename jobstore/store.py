@@ -8,10 +8,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from jobstore import runner
 from jobstore import scripts as s
+from jobstore.connect import AnyRedis, is_cluster
 from jobstore.runner import ScriptClient
 from protocol import choice_text, keys
 from protocol import job_record as F
@@ -19,6 +18,7 @@ from protocol.jobs import JobError, JobPayload, JobState
 
 IDEMPOTENCY_TTL_S = 86400
 RATE_WINDOW_S = 60
+NEW_TENANTS_MAXLEN = 100  # a wake-up is read at once or not at all; the stream keeps only the latest
 EXPIRE_RUNNING_GRACE_S = 0.5  # a running job's worker gets this long past the deadline to write it itself
 DEADLINE_EXCEEDED_QUEUED = JobError(type="deadline_exceeded", message="the job expired before it started")
 DEADLINE_EXCEEDED_RUNNING = JobError(type="deadline_exceeded", message="the job ran past its deadline")
@@ -47,9 +47,10 @@ class JobRef:
         return keys.jobs_stream(self.model, self.lane, self.tenant)
 
     def finish_keys(self) -> list[str]:
-        """The keys a final write touches, in the order of scripts.FINISH_KEYS."""
-        return [keys.job_key(self.id), keys.job_text_key(self.id), keys.tenant_queued_key(self.tenant),
-                keys.lane_depth_key(self.model, self.lane), keys.WEBHOOK_OUTBOX, keys.DEADLINES]
+        """The keys a final write touches, in the order of scripts.FINISH_KEYS (one slot: the model's)."""
+        return [keys.job_key(self.id), keys.job_text_key(self.id), keys.tenant_queued_key(self.tenant, self.model),
+                keys.lane_depth_key(self.model, self.lane), keys.webhook_outbox(self.model),
+                keys.deadlines_key(self.model)]
 
 
 @dataclass(frozen=True)
@@ -110,17 +111,14 @@ class FinalWrite:
                 self.first_token_at, F.RETENTION_SECONDS]
 
 
-def counter_key(tenant: str, limit: str, minute: int) -> str:
-    return f"{keys.tenant_key(tenant)}:{limit}:{minute}"
-
-
 class JobStore:
     """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the submission
     script instead (the gateway's shared pipelined connection)."""
 
-    def __init__(self, redis: Redis, scripts: ScriptClient | None = None) -> None:
+    def __init__(self, redis: AnyRedis, scripts: ScriptClient | None = None) -> None:
         self.redis = redis
-        self._scripts: Redis | ScriptClient = scripts if scripts is not None else redis
+        self.cluster = is_cluster(redis)
+        self._scripts: AnyRedis | ScriptClient = scripts if scripts is not None else redis
 
     # -- submission --------------------------------------------------------------------------------------
 
@@ -144,13 +142,20 @@ class JobStore:
         if payload.sampling.n > 1:
             record[F.CHOICES] = str(payload.sampling.n)
         ref = JobRef.of(payload)
+        model = payload.model
+        if keys.job_shard(payload.id) != keys.shard(model):
+            raise ValueError(f"job id {payload.id!r} does not carry the shard of model {model!r}")
+
+        def counter(limit: str, minute: int) -> str:
+            return keys.tenant_counter_key(tenant, model, limit, minute)
+
         reply = await runner.run(
             self._scripts, s.SUBMIT,
-            [keys.job_key(payload.id), keys.idem_key(tenant, idempotency_key or ""),
-             counter_key(tenant, "rpm", int(minute)), counter_key(tenant, "rpm", int(minute) - 1),
-             counter_key(tenant, "tpm", int(minute)), counter_key(tenant, "tpm", int(minute) - 1),
-             keys.tenant_queued_key(tenant), ref.stream, keys.lane_tenants_key(payload.model, payload.lane),
-             keys.lane_depth_key(payload.model, payload.lane), keys.DEADLINES],
+            [keys.job_key(payload.id), keys.idem_key(tenant, idempotency_key or "", model),
+             counter("rpm", int(minute)), counter("rpm", int(minute) - 1),
+             counter("tpm", int(minute)), counter("tpm", int(minute) - 1),
+             keys.tenant_queued_key(tenant, model), ref.stream, keys.lane_tenants_key(model, payload.lane),
+             keys.lane_depth_key(model, payload.lane), keys.deadlines_key(model)],
             [payload.id, "1" if idempotency_key is not None else "0", IDEMPOTENCY_TTL_S, limits.rpm, limits.tpm,
              payload.cost_tokens, limits.max_queued, repr(into / RATE_WINDOW_S),
              RATE_WINDOW_S, limits.max_depth, tenant, payload.model_dump_json(),
@@ -161,20 +166,27 @@ class JobStore:
             raise Refused(reply[1], int(reply[2]), int(reply[3]), int(reply[4]))
         if code == 0 and reply[1] != payload.id:
             return Submitted(reply[1], now, repeat=True)
+        if code == 1 and int(reply[2]):  # a new stream: wake a worker blocked on the streams it knows
+            await self.redis.xadd(keys.new_tenants_stream(payload.model), {"lane": payload.lane, "tenant": tenant},
+                                  maxlen=NEW_TENANTS_MAXLEN, approximate=True)
         return Submitted(payload.id, now)
 
-    async def release_idempotency_key(self, tenant: str, key: str, job_id: str) -> None:
+    async def release_idempotency_key(self, tenant: str, key: str, model: str, job_id: str) -> None:
         """Unbind a key that still maps to `job_id` (whose job is gone), so that a retry goes through."""
-        await runner.run(self.redis, s.RELEASE_IDEMPOTENCY_KEY, [keys.idem_key(tenant, key)], [job_id])
+        await runner.run(self.redis, s.RELEASE_IDEMPOTENCY_KEY, [keys.idem_key(tenant, key, model)], [job_id])
 
     # -- reads -------------------------------------------------------------------------------------------
 
     async def read(self, job_id: str) -> dict[str, str] | None:
         """The job's hash with its streamed text under F.TEXT (one MULTI), or None when it is gone."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hgetall(keys.job_key(job_id))
-        pipe.get(keys.job_text_key(job_id))
-        record, text = await pipe.execute()
+        if self.cluster:  # no MULTI on a cluster: one script reads both keys (one slot) at one instant
+            flat, text = await runner.run(self.redis, s.READ, [keys.job_key(job_id), keys.job_text_key(job_id)], [])
+            record = dict(zip(flat[::2], flat[1::2], strict=True))
+        else:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(keys.job_key(job_id))
+            pipe.get(keys.job_text_key(job_id))
+            record, text = await pipe.execute()
         if not record:
             return None
         if text:
@@ -183,10 +195,16 @@ class JobStore:
 
     async def snapshot(self, job_id: str) -> tuple[str | None, list[str], int, str | None, str | None]:
         """(state, each choice's text, seq, result JSON, error JSON), read at one instant."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hmget(keys.job_key(job_id), [F.STATE, F.SEQ, F.RESULT, F.ERROR, F.CHOICES])
-        pipe.get(keys.job_text_key(job_id))
-        (state, seq, result, error, choices), text = await pipe.execute()
+        fields = [F.STATE, F.SEQ, F.RESULT, F.ERROR, F.CHOICES]
+        if self.cluster:
+            values, text = await runner.run(self.redis, s.SNAPSHOT,
+                                            [keys.job_key(job_id), keys.job_text_key(job_id)], fields)
+            state, seq, result, error, choices = (v or None for v in values)  # Lua's nil arrives as False
+        else:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hmget(keys.job_key(job_id), fields)
+            pipe.get(keys.job_text_key(job_id))
+            (state, seq, result, error, choices), text = await pipe.execute()
         return state, choice_text.split(text or "", int(choices or 1)), int(seq or 0), result, error
 
     async def read_current(self, job_id: str, now: float | None = None) -> dict[str, str] | None:
@@ -235,6 +253,8 @@ class JobStore:
             for final in finals:
                 runner.queue(pipe, s.FINISH, final.ref.finish_keys(), final.args())
 
+        # A cluster sends them one by one, deltas first: each script is atomic and all share one slot
+        # (one worker's jobs are one model's).
         replies = await runner.pipeline(self.redis, fill, transaction=True, raise_on_error=False)
         return replies[1 if rows else 0:]
 
@@ -259,7 +279,8 @@ class JobStore:
         ('' when it is gone)."""
         return await runner.run(self.redis, s.CANCEL, [*ref.finish_keys(), ref.stream],
                                 [ref.id, CANCELLED.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
-                                 keys.CONTROL_CHANNEL, json.dumps({"cancel": ref.id}), "1" if only_queued else "0"])
+                                 keys.control_channel(ref.model), json.dumps({"cancel": ref.id}),
+                                 "1" if only_queued else "0"])
 
     async def expire(self, ref: JobRef, now: float | None = None, grace_s: float = EXPIRE_RUNNING_GRACE_S) -> str:
         """Apply the job's deadline: its state after ('' when gone)."""
@@ -271,9 +292,17 @@ class JobStore:
 
     async def expire_due(self, now: float | None = None, limit: int = 500,
                          grace_s: float = EXPIRE_RUNNING_GRACE_S) -> int:
-        """One pass of the expiry sweep over the deadlines set; returns how many jobs it expired."""
+        """One pass of the expiry sweep over every known model's deadlines set; returns how many jobs it
+        expired (at most `limit` a model)."""
         now = time.time() if now is None else now
-        due = await self.redis.zrangebyscore(keys.DEADLINES, "-inf", repr(now), start=0, num=limit)
+        expired = 0
+        for model in sorted(await self.known_models()):
+            expired += await self._expire_due(model, now, limit, grace_s)
+        return expired
+
+    async def _expire_due(self, model: str, now: float, limit: int, grace_s: float) -> int:
+        deadlines = keys.deadlines_key(model)
+        due = await self.redis.zrangebyscore(deadlines, "-inf", repr(now), start=0, num=limit)
         if not due:
             return 0
         pipe = self.redis.pipeline(transaction=False)
@@ -287,7 +316,7 @@ class JobStore:
             else:
                 refs.append(JobRef(job_id, tenant, model or "", lane or "default"))
         if gone:
-            await self.redis.zrem(keys.DEADLINES, *gone)
+            await self.redis.zrem(deadlines, *gone)
         expired = 0
         for ref in refs:
             if await self.expire(ref, now, grace_s) == JobState.expired.value:
@@ -319,7 +348,7 @@ class JobStore:
                           max_len: int) -> int:
         """Fail the job (first final write only), record it on the dead-letter stream, drop the entry."""
         return int(await runner.run(self.redis, s.DEAD_LETTER,
-                                    [*final.ref.finish_keys(), stream, keys.DEAD_STREAM],
+                                    [*final.ref.finish_keys(), stream, keys.dead_stream(final.ref.model)],
                                     [*final.args(), entry_id, deliveries, reason, max_len]))
 
     async def prune_streams(self, lane_set: str, tenants: Sequence[str], streams: Sequence[str],

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from kernels.dispatch import next_pow2
 from kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
+from kernels.gemv import GemvConfig
 
 _MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
 _FLOOR = tl.constexpr(MIN_AMAX)
@@ -176,15 +177,16 @@ def _fp8_gemv_kernel(
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def fp8_gemv_tiles(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): the 16-bit GEMV's tiles (kernels/gemv.py), so the float32 accumulator tile takes
-    the registers it was measured with; FP8 tiles of their own are for a sweep on the GPU to find."""
-    return (8 if n <= 4096 else 4), min(1024, next_pow2(k))
+def fp8_gemv_tiles(n: int, k: int) -> GemvConfig:
+    """The FP8 GEMV's tiles: the 16-bit GEMV's (kernels/gemv.py), so the float32 accumulator tile takes the
+    registers it was measured with, until a sweep of FP8 tiles on the GPU (tests/gpu/bench_gemv.py --fp8)
+    finds better ones."""
+    return GemvConfig(block_n=8 if n <= 4096 else 4, block_k=min(1024, next_pow2(k)), num_warps=4, num_stages=2)
 
 
 def fp8_gemv_triton(
     x: torch.Tensor | QuantizedInput, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-    tiles: tuple[int, int] | None = None,
+    tiles: GemvConfig | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One row x [..., K] (16/32-bit or quantized) against weight [N, K] e4m3 with scales [N] -> [..., N]."""
     quantized = isinstance(x, QuantizedInput)
@@ -197,11 +199,12 @@ def fp8_gemv_triton(
     if weight.stride(-1) != 1:
         raise ValueError("fp8 gemv needs a weight with unit stride along K")
     y = torch.empty(*xq.shape[:-1], N, dtype=dtype, device=xq.device)
-    block_n, block_k = tiles or fp8_gemv_tiles(N, K)
+    cfg = fp8_gemv_tiles(N, K) if tiles is None else GemvConfig(*tiles)
+    block_n, block_k = cfg.block_n, cfg.block_k
     xs = x.scale if quantized else weight_scale  # the weight's scales stand in for no x scale
     _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
         x1, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, N, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN=K % block_k == 0 and N % block_n == 0,
-        HAS_X_SCALE=quantized, HAS_BIAS=bias is not None, num_warps=4, num_stages=2,
+        HAS_X_SCALE=quantized, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

@@ -1,4 +1,4 @@
-"""Field names of the job hash `tokenq:job:{id}`, the source of truth for a job's state."""
+"""Field names of the job hash `keys.job_key(id)`, the source of truth for a job's state."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ CANCEL_REQUESTED = "cancel_requested"  # "1": the worker running it aborts it an
 IDEMPOTENCY_KEY = "idempotency_key"
 WEBHOOK_URL = "webhook_url"
 WEBHOOK_ATTEMPTS = "webhook_attempts"  # JSON list of delivery attempts (time, status or error)
-DEADLINE = "deadline"  # epoch seconds, when the job has one (also its score in keys.DEADLINES)
+DEADLINE = "deadline"  # epoch seconds, when the job has one (also its score in keys.deadlines_key(model))
 CACHE = "cache"  # "exact" or "semantic": answered from the response cache, never queued
 ENTRY_ID = "entry_id"  # the job's stream entry id, so a cancel of a queued job can acknowledge it
 

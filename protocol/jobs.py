@@ -7,10 +7,12 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol import keys
 from protocol.sampling import SamplingParams
 from protocol.text import Text
+from protocol.tools import ToolCall, ToolParsing, parse_tool_calls
 
 
 class JobState(enum.StrEnum):
@@ -30,11 +32,12 @@ FINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelle
 
 Lane = Literal["interactive", "default", "batch"]
 JobKind = Literal["chat", "completion"]
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
-def new_job_id() -> str:
-    return "job_" + uuid.uuid4().hex
+def new_job_id(model: str) -> str:
+    """A fresh id for a job of `model`: it carries the model's shard (protocol/keys.py)."""
+    return keys.new_job_id(model, uuid.uuid4().hex)
 
 
 class ContentPart(BaseModel):
@@ -54,10 +57,33 @@ class ContentPart(BaseModel):
         return v
 
 
+class MessageFunction(BaseModel):
+    name: Text = Field(max_length=64)
+    arguments: Text = "{}"
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message the client sends back: OpenAI's shape, `arguments` a JSON string."""
+
+    id: Text = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: MessageFunction
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=128)  # assistant messages
+    tool_call_id: Text | None = Field(default=None, max_length=256)  # tool messages: the call answered
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages carry them (this one is {self.role!r})")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        return self
 
     def text(self) -> str:
         """Content as plain text; OpenAI's list-of-parts form is joined."""
@@ -85,6 +111,7 @@ class JobPayload(BaseModel):
     webhook_url: str | None = None  # where the final state is delivered (signed, retried)
     run_to_completion: bool = False  # a streaming client that disconnects does not cancel the job
     cache_fill: bool = False  # on success the worker fills the response cache (respcache.store.fill)
+    tools: ToolParsing | None = None  # a chat offered tools: the worker parses its output for calls
 
     @property
     def cost_tokens(self) -> int:
@@ -118,6 +145,22 @@ class Choice(BaseModel):
     stop_reason: StopReason = None
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None  # as JobResult's, for this choice's text
+    content: str | None = None
+
+    def with_tool_calls(self, spec: ToolParsing | None) -> Choice:
+        update = _tool_update(self.text, self.finish_reason, spec)
+        return self.model_copy(update=update) if update else self
+
+
+def _tool_update(text: str, finish_reason: FinishReason, spec: ToolParsing | None) -> dict | None:
+    """The calls `text` holds as fields to set; finish_reason "tool_calls" when the output ended by itself
+    or at max_tokens (then a half-written last call is left out: the calls given are whole)."""
+    parsed = parse_tool_calls(text, spec, cut=finish_reason == "length") if spec is not None else None
+    if parsed is None:
+        return None
+    reason = "tool_calls" if finish_reason in ("stop", "length") else finish_reason
+    return {"tool_calls": parsed.calls, "content": parsed.content, "finish_reason": reason}
 
 
 class JobResult(BaseModel):
@@ -133,12 +176,30 @@ class JobResult(BaseModel):
     stop_reason: StopReason = None
     # With n > 1: every choice, index 0 to n - 1; the fields above repeat choice 0 for readers of one.
     choices: list[Choice] | None = None
+    # With payload.tools and calls parsed from `text`: the calls, and the message content (the text before
+    # them, None when none). `text` stays the raw output (logprob offsets count on it).
+    tool_calls: list[ToolCall] | None = None
+    content: str | None = None
 
     def all_choices(self) -> list[Choice]:
         if self.choices:
             return self.choices
         return [Choice(text=self.text, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                       token_ids=self.token_ids, logprobs=self.logprobs)]
+                       token_ids=self.token_ids, logprobs=self.logprobs, tool_calls=self.tool_calls,
+                       content=self.content)]
+
+    def with_tool_calls(self, spec: ToolParsing | None) -> JobResult:
+        """This result with the calls its text holds (see _tool_update); with several choices each with its
+        own, and the fields above those of choice 0 (the same calls, their ids included)."""
+        if spec is None:
+            return self
+        if not self.choices:
+            update = _tool_update(self.text, self.finish_reason, spec)
+            return self.model_copy(update=update) if update else self
+        choices = [c.with_tool_calls(spec) for c in self.choices]
+        first = choices[0]
+        return self.model_copy(update={"choices": choices, "tool_calls": first.tool_calls, "content": first.content,
+                                       "finish_reason": first.finish_reason})
 
 
 class JobError(BaseModel):

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 
-def _encodable(value: str) -> str:
+def encodable(value: str) -> str:
     if not value.isascii():
         try:
             value.encode("utf-8")
@@ -18,4 +18,4 @@ def _encodable(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_encodable)]
+Text = Annotated[str, AfterValidator(encodable)]

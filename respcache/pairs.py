@@ -24,9 +24,9 @@ def load_pairs(path: Path | str) -> list[Pair]:
         return [Pair(r["text_a"], r["text_b"], int(r["label"])) for r in map(json.loads, f) if r]
 
 
-def split(pairs: list[Pair], held_out_percent: int = HELD_OUT_PERCENT) -> tuple[list[Pair], list[Pair]]:
-    """(tune, held_out), disjoint by question; which side a group of linked pairs takes is a hash of its
-    first question, so the split is the same on every machine."""
+def groups(pairs: list[Pair]) -> list[str]:
+    """Each pair's group: the least question linked to it through shared questions (pairs that share a
+    question, directly or through others, are one group)."""
     parent: dict[str, str] = {}
 
     def root(x: str) -> str:
@@ -40,8 +40,18 @@ def split(pairs: list[Pair], held_out_percent: int = HELD_OUT_PERCENT) -> tuple[
         ra, rb = root(p.text_a), root(p.text_b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
+    return [root(p.text_a) for p in pairs]
+
+
+def bucket(group: str, salt: str = "") -> int:
+    """0..99 from a group's name, the same on every machine."""
+    return int(hashlib.sha256((salt + group).encode()).hexdigest()[:8], 16) % 100
+
+
+def split(pairs: list[Pair], held_out_percent: int = HELD_OUT_PERCENT) -> tuple[list[Pair], list[Pair]]:
+    """(tune, held_out), disjoint by question; which side a group of linked pairs takes is a hash of its
+    first question, so the split is the same on every machine."""
     tune, held_out = [], []
-    for p in pairs:
-        h = int(hashlib.sha256(root(p.text_a).encode()).hexdigest()[:8], 16) % 100
-        (held_out if h < held_out_percent else tune).append(p)
+    for p, g in zip(pairs, groups(pairs), strict=True):
+        (held_out if bucket(g) < held_out_percent else tune).append(p)
     return tune, held_out

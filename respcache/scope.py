@@ -22,8 +22,11 @@ def deterministic(payload: JobPayload) -> bool:
 
 
 def exact_id(payload: JobPayload, card_digest: str) -> str:
-    return "x:" + _digest([payload.model, card_digest, payload.kind, payload.prompt_token_ids,
-                           payload.sampling.model_dump(mode="json"), payload.echo_prompt])
+    parts = [payload.model, card_digest, payload.kind, payload.prompt_token_ids,
+             payload.sampling.model_dump(mode="json"), payload.echo_prompt]
+    if payload.tools is not None:  # what the output is parsed for (parallel_tool_calls is not in the prompt)
+        parts.append(payload.tools.model_dump(mode="json"))
+    return "x:" + _digest(parts)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessa
     length, which a paraphrase changes."""
     if payload.echo_prompt is not None:
         return None  # the answer repeats the prompt: a paraphrase's answer would repeat another one
+    if payload.tools is not None or (messages and any(m.tool_calls or m.role == "tool" for m in messages)):
+        return None  # the answer depends on the tools and the calls' results, which the scope does not hold
     if messages is not None:
         last = messages[-1]
         if last.role != "user" or not last.text().strip():

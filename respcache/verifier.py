@@ -1,76 +1,113 @@
-"""The semantic cache's second opinion: a logistic regression on a question and its nearest cached
-question, which says whether both ask the same thing. Cosine similarity alone confuses questions that
-share their words but differ in one that matters (a number, a name, "not"); the verifier sees the two
-embeddings side by side (their product and difference) and the words themselves. Trained by
-`python -m respcache.train` on the tune split of the Quora pairs; its weights ship beside this file."""
+"""The semantic cache's second opinion: a small network on a question and each of its nearest cached
+questions, which says whether the two ask the same thing. Cosine similarity alone confuses questions that
+share their words but differ in one that matters (a number, a name, "not"), and cannot tell a lone near
+neighbour from one among several as near; the verifier sees the cosine, how it stands against the other
+candidates', and the words themselves. (The two embeddings side by side, their product and difference,
+over-fit the few thousand tune pairs and were dropped.) Trained by `python -m respcache.train` on the tune split of the Quora pairs, in the setting a
+lookup meets (every tune question cached, each paraphrase against its nearest entries); its weights ship
+beside this file and load with numpy alone."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
 WEIGHTS = Path(__file__).with_name("verifier.npz")
 _WORD = re.compile(r"[a-z0-9]+")
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
-_NEGATIONS = frozenset({"not", "no", "never", "without", "dont", "don", "doesn", "isn", "can't", "cannot", "nt"})
-_QUESTION_WORDS = ("what", "why", "how", "when", "where", "which", "who", "is", "can", "should", "do", "does")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# A capitalised word not opening a sentence: a name, a place, a product.
+_NAME = re.compile(r"(?<!^)(?<![.?!] )\b[A-Z][A-Za-z0-9]+")
+_STOP = frozenset(
+    "a an the of to in on for is are was were be been do does did i you we they he she it my your our their me "
+    "what how why when where which who whom can could should would will shall may might must and or if that this "
+    "these those with about as at by from into than then there so some any".split())
+_NEGATIONS = frozenset({"not", "no", "never", "without", "dont", "don", "doesn", "isn", "cannot", "nt", "cant",
+                        "won", "didn", "aren", "wasn"})
+_QUESTION_WORDS = ("what", "why", "how", "when", "where", "which", "who", "is", "can", "should", "do", "does",
+                   "are")
 
 
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def _first_question_word(words: list[str]) -> str:
-    return next((w for w in words if w in _QUESTION_WORDS), "")
+def _jaccard(a: set, b: set) -> float:
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
 
 
 def text_features(a: str, b: str) -> list[float]:
     """Surface features of a pair of texts, symmetric in a and b."""
-    wa, wb = _words(a), _words(b)
+    la, lb = a.lower(), b.lower()
+    wa, wb = _WORD.findall(la), _WORD.findall(lb)
     sa, sb = set(wa), set(wb)
-    union = sa | sb
-    jaccard = len(sa & sb) / len(union) if union else 1.0
-    la, lb = max(len(wa), 1), max(len(wb), 1)
+    ca, cb = sa - _STOP, sb - _STOP
+    only_a, only_b = len(ca - cb), len(cb - ca)
     na, nb = set(_NUMBER.findall(a)), set(_NUMBER.findall(b))
+    ea, eb = {x.lower() for x in _NAME.findall(a)}, {x.lower() for x in _NAME.findall(b)}
+    qa = next((w for w in wa if w in _QUESTION_WORDS), "")
+    qb = next((w for w in wb if w in _QUESTION_WORDS), "")
     return [
-        jaccard,
-        min(la, lb) / max(la, lb),
-        float(na != nb),
+        _jaccard(sa, sb),
+        _jaccard(ca, cb),
+        _jaccard(set(pairwise(wa)), set(pairwise(wb))),
+        min(only_a, only_b), max(only_a, only_b), float(only_a == 0 or only_b == 0),
+        float(na != nb), float(bool(na) != bool(nb)), len(na ^ nb),
+        len(ea ^ eb), float(ea != eb),
+        min(len(wa), len(wb)) / max(len(wa), len(wb), 1),
+        abs(len(wa) - len(wb)),
+        float(qa == qb),
         float(bool(sa & _NEGATIONS) != bool(sb & _NEGATIONS)),
-        float(_first_question_word(wa) == _first_question_word(wb)),
-        len(sa ^ sb) / (la + lb),
-        float(a.strip().lower() == b.strip().lower()),
+        float(la.strip() == lb.strip()),
+        difflib.SequenceMatcher(None, la, lb).ratio(),
     ]
 
 
 def features(q_vec: np.ndarray, c_vecs: np.ndarray, q_text: str, c_texts: list[str]) -> np.ndarray:
-    """(n, F) features of the question against n candidates (unit vectors)."""
+    """(n, F) features of the question against its n nearest candidates (unit vectors, nearest first)."""
     cos = c_vecs @ q_vec
-    rows = [np.concatenate([q_vec * c, np.abs(q_vec - c), [s, s * s], text_features(q_text, t)])
-            for c, s, t in zip(c_vecs, cos, c_texts, strict=True)]
+    top, second = float(cos[0]), float(cos[1]) if len(cos) > 1 else 0.0
+    rows = []
+    for k, (s, t) in enumerate(zip(cos, c_texts, strict=True)):
+        rival = max((float(x) for j, x in enumerate(cos) if j != k), default=0.0)
+        context = [s, s * s, top, second, s - top, s - rival, float(k == 0), float(k)]
+        rows.append(context + text_features(q_text, t))
     return np.asarray(rows, dtype=np.float32)
 
 
 class Verifier:
-    def __init__(self, weights: np.ndarray, bias: float, mean: np.ndarray, scale: np.ndarray) -> None:
-        self.weights, self.bias, self.mean, self.scale = weights, bias, mean, scale
+    """Standardised features through ReLU layers to one logit; no hidden layer is a logistic regression."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]], mean: np.ndarray, scale: np.ndarray,
+                 threshold: float) -> None:
+        self.layers, self.mean, self.scale = layers, mean, scale
+        self.threshold = threshold  # the match probability chosen on the tune split (policy.DEFAULT_THRESHOLD)
 
     @classmethod
     def load(cls, path: Path = WEIGHTS) -> Verifier:
         data = np.load(path)
-        return cls(data["weights"], float(data["bias"]), data["mean"], data["scale"])
+        count = sum(1 for k in data.files if k.startswith("w"))
+        return cls([(data[f"w{i}"], data[f"b{i}"]) for i in range(count)], data["mean"], data["scale"],
+                   float(data["threshold"]))
 
     def save(self, path: Path = WEIGHTS) -> None:
-        np.savez_compressed(path, weights=self.weights.astype(np.float32), bias=np.float32(self.bias),
-                            mean=self.mean.astype(np.float32), scale=self.scale.astype(np.float32))
+        arrays = {f"{n}{i}": a.astype(np.float32) for i, (w, b) in enumerate(self.layers)
+                  for n, a in (("w", w), ("b", b))}
+        np.savez_compressed(path, mean=self.mean.astype(np.float32), scale=self.scale.astype(np.float32),
+                            threshold=np.float64(self.threshold), **arrays)
+
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        h = (x - self.mean) / self.scale
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < len(self.layers) - 1:
+                h = np.maximum(h, 0.0)
+        return h[:, 0]
 
     def probability(self, x: np.ndarray) -> np.ndarray:
         """The probability that each row's pair asks the same question."""
-        z = ((x - self.mean) / self.scale) @ self.weights + self.bias
-        return 1.0 / (1.0 + np.exp(-z))
+        return 1.0 / (1.0 + np.exp(-self.logit(x)))
 
 
 @lru_cache(maxsize=1)

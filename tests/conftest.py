@@ -30,24 +30,16 @@ def redis_server_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(single_redis_url: str) -> str:
+    return single_redis_url
+
+
+@pytest.fixture(scope="session")
+def single_redis_url() -> Iterator[str]:
+    """One redis-server for the whole session (tests flush it)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="tokenq-redis-")
-    proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("redis-server did not start")
+    proc = _start_redis([], port, workdir)
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
@@ -63,6 +55,88 @@ async def redis_client(redis_url: str):
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+def _start_redis(args: list[str], port: int, workdir: str) -> subprocess.Popen:
+    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+CLUSTER_NODES = 3
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A three-node Redis Cluster (no replicas) of redis-server processes on free ports, made with
+    `redis-cli --cluster create`; its URL names one node (jobstore/connect.py)."""
+    cli = shutil.which("redis-cli")
+    if cli is None or shutil.which("redis-server") is None:
+        pytest.skip("the Redis Cluster tests need redis-server and redis-cli on PATH")
+    root = tempfile.mkdtemp(prefix="tokenq-cluster-")
+    ports = [free_port() for _ in range(CLUSTER_NODES)]
+    procs = []
+    try:
+        for port in ports:
+            workdir = os.path.join(root, str(port))
+            os.mkdir(workdir)
+            procs.append(_start_redis(["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                                       "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"],
+                                      port, workdir))
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas",
+                        "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.time() + 30
+        while not all(_cluster_ok(cli, port) for port in ports):
+            if time.time() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _cluster_ok(cli: str, port: int) -> bool:
+    info = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10)
+    return "cluster_state:ok" in info.stdout
+
+
+@pytest.fixture(params=["single", "cluster"])
+def store_redis_url(request: pytest.FixtureRequest) -> str:
+    """The queue's tests run twice: on one redis-server, and on the three-node cluster."""
+    return request.getfixturevalue("single_redis_url" if request.param == "single" else "redis_cluster_url")
+
+
+@pytest.fixture
+async def store_client(store_redis_url: str):
+    """A fresh client (a cluster client on the cluster) on flushed data."""
+    from jobstore.connect import connect, is_cluster
+
+    client = connect(store_redis_url)
+    if is_cluster(client):
+        await client.flushdb(target_nodes=client.PRIMARIES)
+    else:
+        await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def on_both_redis(store_redis_url: str, store_client):
+    """For a module whose `redis_url` and `redis_client` fixtures take these: it runs on both."""
+    return store_redis_url, store_client
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -63,7 +63,8 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self.aborted)
 
-    def num_admissible(self) -> int:
+    def num_admissible(self, priority: int = 2) -> int:
+        """Free slots, whatever the priority (this engine never preempts)."""
         return max(0, self.capacity - len(self.requests))
 
     def stats(self) -> dict:
@@ -140,8 +141,8 @@ async def started_intake(redis, model: str, engine: FakeEngine | None = None, co
     engine_loop.start()
     try:
         publisher = Publisher(redis, engine_loop, model)
-        intake = Intake(redis, engine_loop, publisher, model, consumer, max_model_len=64, block_ms=50,
-                        **intake_options)
+        intake = Intake(redis, engine_loop, publisher, model, consumer, max_model_len=64,
+                        **{"block_ms": 50, **intake_options})
         await intake.ensure_groups()
         yield intake, publisher, engine
     finally:

@@ -7,10 +7,10 @@ import argparse
 import asyncio
 import datetime as dt
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.apikeys import API_KEYS_SET, auth_state, create_key, list_keys, revoke_key, set_auth
+from jobstore.connect import connect
 from protocol.keys import tenant_key
 from respcache import policy
 
@@ -53,7 +53,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    redis = aioredis.from_url(args.redis_url, decode_responses=True)
+    redis = connect(args.redis_url)
     try:
         if args.keys_cmd == "create":
             if args.if_none and await redis.scard(API_KEYS_SET) > 0:

@@ -36,6 +36,9 @@ class Settings:
     max_queue_depth: int  # TOKENQ_MAX_QUEUE_DEPTH: queued jobs the gateway admits (0: no limit)
     gateway_workers: int  # TOKENQ_GATEWAY_WORKERS: gateway processes on the one port
     webhook_retry_delays: tuple[float, ...] | None  # TOKENQ_WEBHOOK_RETRY_DELAYS: comma-separated seconds
+    # TOKENQ_WEBHOOK_QUEUE_URL: a single-node Redis for arq's delivery queue when TOKENQ_REDIS_URL is a cluster
+    # (arq speaks to one node); None: TOKENQ_REDIS_URL's.
+    webhook_queue_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -52,6 +55,7 @@ class Settings:
             max_queue_depth=int(_float(env, "TOKENQ_MAX_QUEUE_DEPTH", 100_000)),
             gateway_workers=int(_float(env, "TOKENQ_GATEWAY_WORKERS", 1)),
             webhook_retry_delays=tuple(float(x) for x in delays.split(",") if x.strip()) if delays else None,
+            webhook_queue_url=env.get("TOKENQ_WEBHOOK_QUEUE_URL") or None,
         )
 
 

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from gateway.backlog import StreamBacklog, read_backlog
 from gateway.registry import Registry
+from jobstore.connect import connect
 from protocol.workers import WorkerHeartbeat
 
 
@@ -105,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    redis = aioredis.from_url(args.redis_url, decode_responses=True)
+    redis = connect(args.redis_url)
     try:
         if args.json:
             print(json.dumps((await snapshot(redis)).to_json(), indent=2))

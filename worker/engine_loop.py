@@ -14,6 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from protocol import keys
 from protocol.sampling import SamplingParams
 from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.logging import get_logger
@@ -21,6 +22,15 @@ from worker.logging import get_logger
 log = get_logger("engine_loop")
 
 IDLE_STATS = {"running": 0, "waiting": 0, "kv_usage": 0.0, "prefix_hit_rate": 0.0}
+PRIORITIES = tuple(sorted(keys.LANE_PRIORITY.values()))  # best first
+WORST = PRIORITIES[-1]
+Admissible = tuple[int, ...]  # what the engine admits of each priority, indexed by priority
+
+
+def admissible_of(engine) -> Admissible:
+    """The engine's room for each priority: a better priority has at least the room of a worse one (it
+    may preempt them), so intake keeps pulling interactive jobs while batch work fills the engine."""
+    return tuple(engine.num_admissible(p) for p in PRIORITIES)
 
 
 class EngineHandle:
@@ -35,17 +45,17 @@ class EngineHandle:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Sequences of the adds sent (n per request), not yet counted by the engine's last num_admissible().
         self._pending_adds = 0
-        self._admissible = 0
+        self._admissible: Admissible = (0,) * len(PRIORITIES)
         self._stats: dict = dict(IDLE_STATS)
 
-    def _open(self, admissible: int) -> None:
+    def _open(self, admissible: Admissible) -> None:
         self._loop = asyncio.get_running_loop()
         self.outputs = asyncio.Queue()
         self.capacity_changed = asyncio.Event()
         self.dead = asyncio.Event()
         self._admissible = admissible
 
-    def _received(self, outputs: list[RequestOutput], admissible: int, adds_applied: int,
+    def _received(self, outputs: list[RequestOutput], admissible: Admissible, adds_applied: int,
                   stats: dict | None) -> None:
         """On the asyncio loop: one report of the engine (a step's outputs and its snapshot)."""
         assert self.outputs is not None and self.capacity_changed is not None
@@ -62,9 +72,10 @@ class EngineHandle:
         if self.dead is not None:
             self.dead.set()
 
-    def num_admissible(self) -> int:
-        """What intake may still pull: the engine's last answer less the adds it has not seen yet."""
-        return max(0, self._admissible - self._pending_adds)
+    def num_admissible(self, priority: int = WORST) -> int:
+        """What intake may still pull of `priority` (a lane's): the engine's last answer less the adds it has
+        not seen yet (of any priority: an add takes a slot whatever its lane)."""
+        return max(0, self._admissible[priority] - self._pending_adds)
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -163,12 +174,12 @@ class EngineDriver:
                 self.live.discard(out.request_id)
         return outputs
 
-    def snapshot(self) -> tuple[int, dict]:
+    def snapshot(self) -> tuple[Admissible, dict]:
         try:
-            return self.engine.num_admissible(), self.engine.stats()
+            return admissible_of(self.engine), self.engine.stats()
         except Exception as e:
             log.warning("engine stats failed", error=repr(e))
-            return 0, dict(IDLE_STATS)
+            return (0,) * len(PRIORITIES), dict(IDLE_STATS)
 
 
 class EngineLoop(EngineHandle):
@@ -193,7 +204,7 @@ class EngineLoop(EngineHandle):
 
     def start(self) -> None:
         """Start the engine thread; call from inside the running asyncio loop that consumes outputs."""
-        self._open(self.engine.num_admissible())
+        self._open(admissible_of(self.engine))
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
         self._thread.start()
 
@@ -241,7 +252,7 @@ class EngineLoop(EngineHandle):
 
     def _serve(self) -> None:
         engine = self.engine
-        last_admissible = -1
+        last_admissible: Admissible = ()
         while True:
             with self._cond:
                 while not self._stopping and not self._inbox and not engine.has_unfinished_requests():

@@ -30,7 +30,17 @@ from typing import Any
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard
 from worker.engine.outputs import RequestOutput, TokenLogprobs
-from worker.engine_loop import EngineDriver, EngineHandle, FailedOutput, _Abort, _Add, sequences_added
+from worker.engine_loop import (
+    PRIORITIES,
+    Admissible,
+    EngineDriver,
+    EngineHandle,
+    FailedOutput,
+    _Abort,
+    _Add,
+    admissible_of,
+    sequences_added,
+)
 from worker.logging import get_logger
 
 log = get_logger("engine_process")
@@ -57,7 +67,7 @@ class EngineInfo:
     max_model_len: int
     max_num_seqs: int
     device: str
-    admissible: int
+    admissible: Admissible
     kv_blocks: int = 0
     block_size: int = 0
 
@@ -111,7 +121,7 @@ class EngineProcess(EngineHandle):
 
     async def start(self) -> EngineInfo:
         """Starts the engine process and waits until its engine is built (weights, KV cache, graphs)."""
-        self._open(0)
+        self._open((0,) * len(PRIORITIES))
         assert self._loop is not None
         ctx = mp.get_context("spawn")  # CUDA cannot be forked; the child imports only what it needs
         parent, child = ctx.Pipe(duplex=True)  # a socket pair; the child keeps the blocking Connection
@@ -241,7 +251,7 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
                  seconds=round(time.monotonic() - started, 2))
         info = EngineInfo(card=engine.model_card(spec.served_name), max_model_len=engine.max_model_len,
                           max_num_seqs=engine.config.max_num_seqs, device=str(engine.device),
-                          admissible=engine.num_admissible(), kv_blocks=len(engine.block_manager.blocks),
+                          admissible=admissible_of(engine), kv_blocks=len(engine.block_manager.blocks),
                           block_size=engine.config.block_size)
     except BaseException as e:
         conn.send((_FAILED, f"{e!r}\n{traceback.format_exc()}"))
@@ -255,7 +265,8 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
 
 def serve_commands(conn: Connection, engine) -> None:
     driver = EngineDriver(engine)
-    last_admissible, last_report = -1, 0.0
+    last_admissible: Admissible = ()
+    last_report = 0.0
     while True:
         if not engine.has_unfinished_requests() and not conn.poll(STATS_INTERVAL_S):
             continue  # idle: block on the pipe, never spin
@@ -277,7 +288,7 @@ def serve_commands(conn: Connection, engine) -> None:
             outputs.extend(driver.step())
         adds = sequences_added(commands)
         now = time.monotonic()
-        admissible = engine.num_admissible()
+        admissible = admissible_of(engine)
         if outputs or adds or admissible != last_admissible or now - last_report >= STATS_INTERVAL_S:
             _, stats = driver.snapshot()
             last_admissible, last_report = admissible, now

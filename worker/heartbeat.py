@@ -9,6 +9,7 @@ import hashlib
 from redis.asyncio import Redis
 
 from jobstore import JobStore
+from jobstore.connect import pipeline
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage
 from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
@@ -63,7 +64,7 @@ class Heartbeat:
         hb = self.heartbeat(stats, rates)
         metrics.observe_engine_stats(self.card.name, stats)
         self.throughput.maybe_log(rates, stats)
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = pipeline(self.redis)
         pipe.set(keys.worker_key(self.worker_id), hb.model_dump_json(), ex=self.ttl)
         pipe.sadd(keys.WORKERS_SET, self.worker_id)
         pipe.sadd(keys.MODELS_SET, self.card.name)  # remembered: its jobs are accepted while no worker is live
@@ -96,7 +97,7 @@ class Heartbeat:
                 log.warning("heartbeat failed", error=repr(e))
 
     async def stop(self) -> None:
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = pipeline(self.redis)
         pipe.delete(keys.worker_key(self.worker_id))
         pipe.srem(keys.WORKERS_SET, self.worker_id)
         await pipe.execute()

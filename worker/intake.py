@@ -1,15 +1,21 @@
 """Pulls jobs from the model's tenant streams into the engine, never more than the engine can admit.
 
 Each (model, lane) has one stream per tenant, so a tenant's backlog cannot starve the others. Lanes are
-read highest first; within a lane, tenants round-robin: one non-blocking `XREADGROUP ... COUNT 1` over the
-tenant streams (starting after the tenant served last, at most as many streams as there is room), repeated
-while room is left and some stream still gave an entry. When nothing came, intake waits for new entries
-with a blocking `XREAD` over every tenant stream from the group's last-delivered id (not a blocking
-`XREADGROUP`: that may return an entry per stream, more than the engine can take, and skip the lane
-order). Tenants are discovered from the lanes' tenant sets: their sizes are checked every round (sets
-only grow), the members re-read every second. Entries of dead workers come in through `Recovery`, on the
-same admission path and budget. Whatever the engine cannot admit stays in Redis, visible to other workers
-and to autoscalers.
+read highest first, each up to the engine's room for its priority: a better lane's room counts the worse
+work it may preempt. Within a lane, tenants round-robin: non-blocking `XREADGROUP`s over the tenant
+streams (starting after the tenant served last, an equal share of the room each), repeated while room is
+left and some stream still gave an entry. When nothing came, intake blocks in `XREADGROUP` on every
+tenant stream: the group hands each entry to one blocked worker, with the wake-up.
+
+While the worst lane has no room (batch lines fill every slot) a second loop blocks on the better lanes'
+streams alone, so an interactive job is pulled the moment it is queued; the main loop meanwhile waits for
+the engine's room, not on Redis, so a slot that frees is refilled at once.
+
+Tenants are discovered from the lanes' tenant sets: their sizes are checked every round (sets only grow),
+the members re-read every second; the blocking reads also watch the model's new-tenants stream, whose
+entry (a tenant's first job on a lane) ends the block so that the new stream is read at once. Entries of
+dead workers come in through `Recovery`, on the same admission path and budget. Whatever the engine
+cannot admit stays in Redis, visible to other workers and to autoscalers.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import bisect
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -64,6 +71,7 @@ class TenantStreams:
         self._sizes: list[int] = []
         self._grouped: set[str] = set()
         self._refreshed = float("-inf")
+        self.new_tenants = keys.new_tenants_stream(model)
 
     def all(self) -> list[str]:
         return [s for lane in keys.LANES for s in self.by_lane[lane]]
@@ -93,8 +101,12 @@ class TenantStreams:
         for lane, tenants in zip(keys.LANES, members, strict=True):
             self.by_lane[lane] = sorted(keys.jobs_stream(self.model, lane, t) for t in tenants)
             self.lane_of.update((s, lane) for s in self.by_lane[lane])
-        await self._ensure_groups([s for s in self.all() if s not in self._grouped])
+        await self._ensure_groups([s for s in [*self.all(), self.new_tenants] if s not in self._grouped])
         self._refreshed = time.monotonic()
+
+    def changed(self) -> None:
+        """A tenant has a new stream: the next refresh re-reads the sets."""
+        self._refreshed = float("-inf")
 
     async def _ensure_groups(self, streams: list[str]) -> None:
         if not streams:
@@ -132,10 +144,13 @@ class Intake:
     async def run(self) -> None:
         """Pull until cancelled; Redis trouble is logged (once per outage) and retried with back-off, never
         fatal."""
-        outage = Outage(log, "intake", cap_s=2.0)
+        await asyncio.gather(self._serve("intake", self.poll), self._serve("intake-better-lanes", self.listen))
+
+    async def _serve(self, name: str, poll) -> None:
+        outage = Outage(log, name, cap_s=2.0)
         while not self.stopped:
             try:
-                await self.poll()
+                await poll()
                 outage.restored()
             except ResponseError as e:
                 # A stream deleted under us (pruned, or by hand), while we read or blocked on it.
@@ -149,10 +164,9 @@ class Intake:
 
     async def poll(self) -> int:
         """One round: reclaim stale entries when due, then read lanes in order, tenants round-robin, up to
-        what the engine admits; wait when there is nothing."""
-        room = self.engine_loop.num_admissible()
-        if room <= 0:
-            await self._wait_for_capacity()
+        what the engine admits; wait when there is nothing. Room for better lanes alone is `listen`'s."""
+        if (room := self._room(keys.LANES[-1])) <= 0:
+            await self._wait_for_capacity(lambda: self._room(keys.LANES[-1]) > 0)
             return 0
         await self.streams.refresh()
         read = 0
@@ -167,12 +181,45 @@ class Intake:
                 self.streams.reset()
                 await self.streams.refresh()
         for lane in keys.LANES:
-            if read >= room:
-                break
-            read += await self._read_lane(lane, room - read)
-        if read == 0:
+            if (lane_room := self._room(lane)) > 0:
+                read += await self._read_lane(lane, lane_room)
+        if read == 0 and (room := self._room(keys.LANES[-1])) > 0:
             read = await self._wait_for_entries(room)
         return read
+
+    async def listen(self) -> int:
+        """While the worst lane has no room and a better one has (batch lines fill the engine), block on the
+        better lanes' streams and admit what comes; otherwise wait for the engine's next report."""
+        def mine() -> bool:
+            return self._room(keys.LANES[-1]) <= 0 < self._room(keys.LANES[0])
+
+        if not mine():
+            await self._wait_for_capacity(mine)
+            return 0
+        await self.streams.refresh()
+        better = keys.LANES[:-1]
+        streams = [s for lane in better if self._room(lane) > 0 for s in self.streams.by_lane[lane]]
+        share = max(1, self._room(better[0]) // max(1, len(streams)))  # none: wait for a new tenant
+        entries = await self._block_on(streams, share)
+        if entries:
+            await self._admit(entries)
+        return len(entries)
+
+    async def _block_on(self, streams: list[str], count: int) -> list[Entry]:
+        """A blocking XREADGROUP on `streams` and the new-tenants stream; the entries of `streams` (a new
+        tenant's is acknowledged and makes the next refresh re-read the tenant sets)."""
+        new = self.streams.new_tenants
+        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {**{s: ">" for s in streams}, new: ">"},
+                                           count=count, block=self._wait_ms())
+        entries = self._entries([(stream, batch) for stream, batch in resp or [] if stream != new])
+        woken = [eid for stream, batch in resp or [] if stream == new for eid, _ in batch]
+        if woken:
+            self.streams.changed()
+            await self.redis.xack(new, keys.GROUP, *woken)
+        return entries
+
+    def _room(self, lane: str) -> int:
+        return self.engine_loop.num_admissible(keys.LANE_PRIORITY[lane])
 
     async def _read_lane(self, lane: str, room: int) -> int:
         """Up to `room` entries of one lane, one per tenant per round, starting after the last served; the
@@ -205,11 +252,12 @@ class Intake:
             order = [s for s in order if s in gave]  # the next round: only tenants that still had some
         return read
 
-    async def _wait_for_capacity(self) -> None:
+    async def _wait_for_capacity(self, ready: Callable[[], bool]) -> None:
+        """Until the engine reports again (every step while it runs; block_ms at most), unless `ready()` now."""
         event = self.engine_loop.capacity_changed
         assert event is not None
         event.clear()
-        if self.engine_loop.num_admissible() > 0:
+        if ready():
             return
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
             async with asyncio.timeout(self.block_ms / 1000):
@@ -229,14 +277,8 @@ class Intake:
         group hands each entry to one blocked worker (not a wake-up of all of them and a race), and the
         entry comes with the wake-up rather than one more round trip later: this is the idle worker's time
         to first token. Lanes need no order here: they were all empty when the read began."""
-        streams = self.streams.all()
-        if not streams:
-            await asyncio.sleep(self._wait_ms() / 1000)
-            return 0
-        share = max(1, room // len(streams))
-        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in streams}, count=share,
-                                           block=self._wait_ms())
-        entries = self._entries(resp)
+        streams = self.streams.all()  # none yet: the new-tenants stream alone brings the first
+        entries = await self._block_on(streams, max(1, room // max(1, len(streams))))
         if entries:
             await self._admit(entries)
         return len(entries)

@@ -25,7 +25,7 @@ RECLAIMED = Counter(
     "tokenq_worker_reclaimed_entries_total", "Stream entries claimed from a worker whose lease lapsed.", ["model"],
 )
 DEAD_LETTERED = Counter(
-    "tokenq_worker_dead_lettered_total", "Entries moved to tokenq:dead after too many deliveries (job failed).",
+    "tokenq_worker_dead_lettered_total", "Entries moved to their model's dead-letter stream after too many deliveries (job failed).",
     ["model"],
 )
 RELEASED = Counter(

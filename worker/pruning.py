@@ -12,6 +12,7 @@ import time
 from redis.asyncio import Redis
 
 from jobstore import JobStore
+from jobstore.connect import mget
 from protocol import keys
 from worker.logging import get_logger
 
@@ -38,7 +39,7 @@ class Pruner:
         self._next = time.monotonic() + self.every_s
         live = set(await self.redis.smembers(keys.WORKERS_SET))
         if live:  # a worker in the set whose heartbeat key expired is gone
-            beats = await self.redis.mget([keys.worker_key(w) for w in sorted(live)])
+            beats = await mget(self.redis, [keys.worker_key(w) for w in sorted(live)])
             live = {w for w, beat in zip(sorted(live), beats, strict=True) if beat is not None}
         streams_removed = consumers_removed = 0
         for lane in keys.LANES:  # a few round trips a lane, whatever the number of tenants

@@ -182,7 +182,7 @@ def build_result(job: RunningJob, token_text: TokenText | None = None) -> JobRes
         logprobs=first.logprobs,
         prompt_logprobs=prompt_logprobs,
         choices=choices if len(choices) > 1 else None,
-    )
+    ).with_tool_calls(job.payload.tools)
 
 
 def final_write(job: RunningJob, now: float, token_text: TokenText | None = None) -> FinalWrite:

@@ -4,7 +4,7 @@ An entry read by a worker stays pending on that worker's consumer until it is ac
 time is its lease: a live worker re-claims its running entries to itself every lease/3 (`XCLAIM JUSTID`,
 which resets the idle time without counting a delivery), so only entries of a worker that died or
 stalled grow idle past the lease. Any worker with room `XAUTOCLAIM`s those (never more than its engine
-admits) and runs them again. An entry delivered more than `max_deliveries` times goes to `tokenq:dead`
+admits) and runs them again. An entry delivered more than `max_deliveries` times goes to its model's dead-letter stream
 and its job fails: a job that kills every worker that runs it must not go round forever.
 """
 

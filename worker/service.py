@@ -27,6 +27,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from jobstore.connect import AnyRedis, connect, is_cluster_url
 from protocol.workers import ModelCard
 from tokenq.settings import Settings
 from worker.engine_loop import EngineHandle, EngineLoop
@@ -49,9 +50,12 @@ def drain_grace_s() -> float:
     return Settings.from_env().drain_grace_s
 
 
-def redis_client(url: str) -> aioredis.Redis:
+def redis_client(url: str) -> AnyRedis:
     """A client that reconnects by itself: each command is retried with exponential backoff (capped at 2 s)
-    on connection errors and timeouts before the caller's own retry loop sees the error."""
+    on connection errors and timeouts before the caller's own retry loop sees the error. A cluster's URL
+    (jobstore/connect.py) gives redis-py's cluster client, which retries on a lost node itself."""
+    if is_cluster_url(url):
+        return connect(url, socket_connect_timeout=5, socket_keepalive=True)
     return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=5,
                              retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
                              retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=15)

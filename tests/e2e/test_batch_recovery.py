@@ -73,7 +73,7 @@ def wait_until(pred, timeout: float, what: str, logs: list[Path]) -> None:
 
 def running_jobs(r: redis.Redis) -> dict[str, str]:
     """Job key -> the worker running it."""
-    job_keys = list(r.scan_iter("tokenq:job:job_*", count=1000))
+    job_keys = list(r.scan_iter(keys.job_keys_pattern(), count=1000))
     with r.pipeline(transaction=False) as pipe:
         for k in job_keys:
             pipe.hmget(k, [f.STATE, f.WORKER])

@@ -67,7 +67,7 @@ class Worker:
 
 def jobs_for(model_dir: Path, n: int, max_tokens: int) -> list[JobPayload]:
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return [JobPayload(id=new_job_id(), model=MODEL, kind="completion",
+    return [JobPayload(id=new_job_id(MODEL), model=MODEL, kind="completion",
                        prompt_token_ids=tok.encode(f"Story number {i}: once upon a time, in a land far away").ids,
                        sampling=SamplingParams(max_tokens=max_tokens, temperature=0)) for i in range(n)]
 
@@ -101,7 +101,7 @@ async def test_killed_worker_jobs_are_rerun_by_the_other(redis_url, redis_client
     try:
         for w in workers:
             await wait_for(lambda w=w: w.ready(r), 120, "worker start", logs)
-        await pubsub.psubscribe("tokenq:job:*:events")
+        await pubsub.psubscribe(keys.events_pattern("*"))
 
         async def count_finals() -> None:
             async for msg in pubsub.listen():
@@ -154,7 +154,7 @@ async def test_killed_worker_jobs_are_rerun_by_the_other(redis_url, redis_client
         assert survivor.metric("tokenq_worker_reclaimed_entries_total") >= len(in_flight)
         stream = keys.jobs_stream(MODEL, "default", "default")
         assert await r.xlen(stream) == 0 and (await r.xpending(stream, keys.GROUP))["pending"] == 0
-        assert await r.xlen(keys.DEAD_STREAM) == 0
+        assert await r.xlen(keys.dead_stream(MODEL)) == 0
         # Rerun once the lease lapsed, not at the next lease after that; the bounds are loose so that a busy
         # 2-core machine passes (the recovery time itself is a figure for a benchmark, not a test).
         assert rerun_after - killed_wall <= 2 * LEASE_S + 10

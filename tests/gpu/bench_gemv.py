@@ -1,6 +1,10 @@
 """The Llama-3-8B decode matmuls at small batch: cuBLAS (F.linear) against our Triton GEMV, per tile shape.
 
     python tests/gpu/bench_gemv.py [--rows 1 2 4] [--out FILE.json] [--quick]
+    python tests/gpu/bench_gemv.py --fp8 [--out FILE.json]   # e4m3 weights: torch._scaled_mm vs our FP8 GEMV
+
+With --fp8 the weights are e4m3 with a scale per output feature, x is one row quantized per token (as a
+decode step at batch 1 feeds it), the peer is torch._scaled_mm and the LM head (16-bit) is left out.
 
 Each variant runs inside a CUDA graph (as a decode step does) over enough distinct weight copies that
 the weights never sit in L2, so a call reads its whole weight from HBM. Time per call is the median
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from kernels.fp8 import fp8_gemv_ref, quantize_rows_ref, scaled_mm  # noqa: E402
+from kernels.fp8_triton import fp8_gemv_tiles, fp8_gemv_triton  # noqa: E402
 from kernels.gemv import GemvConfig, gemv_config  # noqa: E402
 from kernels.gemv_triton import gemv_triton  # noqa: E402
 
@@ -79,14 +85,79 @@ def candidates(rows: int, quick: bool) -> list[GemvConfig]:
     return [GemvConfig(bn, bk, w, s) for bn, bk, w, s in itertools.product(block_ns, block_ks, warps, stages)]
 
 
+def fp8_candidates() -> list[GemvConfig]:
+    return [GemvConfig(bn, bk, w, s) for bn, bk, w, s in
+            itertools.product([2, 4, 8, 16], [1024, 2048, 4096], [4, 8], [1, 3])]
+
+
+def sweep_fp8(shapes: list[str]) -> dict:
+    """One row against e4m3 weights: torch._scaled_mm, the default FP8 tiles and every candidate."""
+    from kernels.fp8 import QuantizedInput
+
+    results, step = [], [0.0, 0.0, 0.0]
+    for name in shapes:
+        if name == "lm_head":
+            continue
+        n, k, per_step = SHAPES[name]
+        nbytes = n * k
+        copies = max(2, math.ceil(600e6 / nbytes))
+        weights = []
+        for _ in range(copies):
+            w, ws = quantize_rows_ref(torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02)
+            weights.append((w, ws.reshape(-1)))
+        xq, xs = quantize_rows_ref(torch.randn(1, k, device="cuda", dtype=DTYPE))
+        x = QuantizedInput(xq, xs, DTYPE)
+        ref = fp8_gemv_ref(x, *weights[0], None).float()
+        peer = time_graph(lambda x, w: scaled_mm(x.q, x.scale.reshape(-1, 1), w[0], w[1], None, DTYPE), weights, x)
+        default = fp8_gemv_tiles(n, k)
+        row = {"shape": name, "n": n, "k": k, "rows": 1, "scaled_mm_us": peer, "variants": []}
+        best = None
+        for cfg in dict.fromkeys([default] + fp8_candidates()):
+            try:
+                err = rel_err(fp8_gemv_triton(x, *weights[0], None, cfg), ref)
+                if err >= 1e-2:
+                    row["variants"].append({"cfg": cfg._asdict(), "error": f"rel err {err:.3g}"})
+                    continue
+                us = time_graph(lambda x, w, cfg=cfg: fp8_gemv_triton(x, w[0], w[1], None, cfg), weights, x)
+            except Exception as e:  # a config that does not compile is a result, not a crash
+                row["variants"].append({"cfg": cfg._asdict(), "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            row["variants"].append({"cfg": cfg._asdict(), "us": us, "rel_err": err})
+            if cfg == default:
+                row["default_us"] = us
+            if best is None or us < best[1]:
+                best = (cfg, us)
+        row["best"] = {"cfg": best[0]._asdict(), "us": best[1]} if best else None
+        results.append(row)
+        d = row.get("default_us", float("nan"))
+        print(f"{name:13s} fp8: _scaled_mm {peer:7.1f} us {gbs(nbytes, peer):6.0f} GB/s | default {d:7.1f} us "
+              f"{gbs(nbytes, d):6.0f} GB/s" + (f" | best {best[1]:7.1f} us {gbs(nbytes, best[1]):6.0f} GB/s "
+                                               f"{tuple(best[0])}" if best else ""))
+        step[0] += per_step * peer
+        step[1] += per_step * d
+        step[2] += per_step * min(peer, best[1] if best else peer)
+        del weights
+        torch.cuda.empty_cache()
+    print(f"\none decode step's FP8 matmuls (32 layers), ms: _scaled_mm {step[0] / 1e3:.3f} | default tiles "
+          f"{step[1] / 1e3:.3f} | best per shape {step[2] / 1e3:.3f}")
+    return {"results": results, "step_ms": {"scaled_mm": step[0] / 1e3, "default": step[1] / 1e3,
+                                            "best": step[2] / 1e3}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="e4m3 weights: torch._scaled_mm vs the FP8 GEMV")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.fp8:
+        report = sweep_fp8(args.shapes)
+        if args.out:
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), **report}, indent=1))
+        return
     results: list[dict] = []
     step = {}  # rows -> [cublas us, default us, best us] summed over one decode step
     for name in args.shapes:

@@ -21,7 +21,6 @@ import torch
 from kernels.fp8 import (
     FP8,
     QuantizedInput,
-    dequantize_rows,
     fp8_gemv_ref,
     quantize_rows_ref,
     rms_norm_quant_ref,
@@ -29,15 +28,25 @@ from kernels.fp8 import (
     silu_and_mul_quant_ref,
 )
 from kernels.kv_cache import store_kv_ref
+from tests.asserts import assert_agree_until_near_tie
 from tests.gpu.test_kernels_triton import TOLERANCE, assert_close, attention_case, make_step, rel_err
 
 # Share of e4m3 codes that may differ by a rounding of the division.
 MAX_CODE_MISMATCH = 0.01
-ONE_CODE = 2.0**-3  # e4m3's relative step: 3 mantissa bits
+
+
+def code_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """Each e4m3 value's place on the number line: adjacent representable values are one apart (the sign
+    bit aside, e4m3's bit patterns count up with the magnitude, subnormals included)."""
+    bits = q.view(torch.uint8).to(torch.int16)
+    magnitude = bits & 0x7F
+    return torch.where(bits >= 0x80, -magnitude, magnitude)
 
 
 def assert_same_quantization(name: str, got: tuple[torch.Tensor, torch.Tensor],
                              want: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Same scales, and every code at most one representable value from the reference's. Counted in codes,
+    not relative error: below e4m3's normal range (2^-6 of the scale) one code is more than 1/8 of a value."""
     (q, s), (q_ref, s_ref) = got, want
     assert q.dtype == FP8 and q.shape == q_ref.shape, f"{name}: {q.dtype} {tuple(q.shape)}"
     assert s.shape == s_ref.shape, f"{name}: scale shape {tuple(s.shape)} != {tuple(s_ref.shape)}"
@@ -45,9 +54,8 @@ def assert_same_quantization(name: str, got: tuple[torch.Tensor, torch.Tensor],
     assert scale_err < 1e-5, f"{name}: scales differ by {scale_err:.3g}"
     mismatch = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
     assert mismatch <= MAX_CODE_MISMATCH, f"{name}: {mismatch:.2%} of the e4m3 codes differ"
-    a, b = dequantize_rows(q, s), dequantize_rows(q_ref, s_ref)
-    worst = ((a - b).abs() / b.abs().clamp_min(s_ref * 2**-9)).max().item()
-    assert worst <= ONE_CODE * 1.01, f"{name}: an element moved {worst:.3g} (more than one e4m3 code)"
+    worst = (code_ordinal(q) - code_ordinal(q_ref)).abs().max().item()
+    assert worst <= 1, f"{name}: an element moved {worst} e4m3 codes (more than one)"
     return mismatch
 
 
@@ -259,7 +267,8 @@ def test_fp8_linear(rows, n, k, dtype):
 
 def test_fp8_decode_is_graph_capturable():
     """A decode step of an FP8 model (fused norm quantization, the GEMV, _scaled_mm, the FP8 KV cache)
-    replays in a CUDA graph as it runs eagerly."""
+    replays in a CUDA graph as it runs eagerly, up to a near tie (the graph pads the batch and sizes the
+    attention split for max_model_len, and FP8 requantizes each layer's activations)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
     from protocol.sampling import SamplingParams
@@ -269,17 +278,18 @@ def test_fp8_decode_is_graph_capturable():
 
     model, mcfg = random_model(shape_config("small"), torch.bfloat16, CUDA, seed=3, quantization="fp8")
     prompts = [list(range(5, 5 + n)) for n in (7, 30, 129)]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     outs = {}
     for eager in (True, False):
         cfg = EngineConfig(dtype="bfloat16", device=CUDA, max_model_len=512, max_num_seqs=8, num_kv_blocks=256,
                            max_num_batched_tokens=512, enforce_eager=eager, kv_cache_dtype="fp8")
         engine = LLMEngine.from_model(model, mcfg, cfg)
         # Three decodes at once (torch._scaled_mm), then one alone (the FP8 GEMV).
-        outs[eager] = [o.new_token_ids for o in engine.generate(prompts, params)]
-        outs[eager] += [o.new_token_ids for o in engine.generate(prompts[:1], params)]
+        outs[eager] = engine.generate(prompts, params) + engine.generate(prompts[:1], params)
         engine.runner.release()
-    assert outs[True] == outs[False]
+    for i, (e, g) in enumerate(zip(outs[True], outs[False], strict=True)):
+        assert len(e.new_token_ids) == len(g.new_token_ids) == 24
+        assert_agree_until_near_tie(f"request {i}", e, g)
 
 
 def _teacher_forced_logits(model, mcfg, tokens: list[list[int]], kv_dtype: torch.dtype) -> torch.Tensor:

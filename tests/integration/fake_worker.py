@@ -1,7 +1,8 @@
 """A small fake worker that speaks docs/redis-protocol.md exactly, so the gateway is tested without torch.
 
-Every write goes through jobstore, as the real worker's do. It "generates" by echoing the words of the decoded prompt, one word per step; a prompt containing
-FAIL_ME ends in a failed job."""
+Every write goes through jobstore, as the real worker's do. It "generates" by echoing the words of the decoded prompt, one word per step (or what `reply` says for
+it; each of n choices its own); a prompt containing FAIL_ME ends in a failed job. Calls are parsed from the text as the real worker
+parses them (JobResult.with_tool_calls)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
 from tokenizers import Tokenizer
 
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
+from jobstore.connect import connect
+from protocol import choice_text, keys
 from protocol import job_record as F
-from protocol import keys
 from protocol.events import DeltaEvent
-from protocol.jobs import JobError, JobPayload, JobResult, Usage
+from protocol.jobs import Choice, JobError, JobPayload, JobResult, Usage
 from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
 
 MODEL = "smollm2-135m-instruct"
@@ -35,8 +38,9 @@ def model_card(model_dir: Path, max_model_len: int) -> ModelCard:
 
 class FakeWorker:
     def __init__(self, redis_url: str, model_dir: Path, step_s: float = 0.01, max_model_len: int = 2048,
-                 capacity: int = 8) -> None:
+                 capacity: int = 8, reply: Callable[[str], str] | None = None) -> None:
         self.redis_url = redis_url
+        self.reply = reply  # given: the output for a decoded prompt, sent 5 characters a step
         self.card = model_card(Path(model_dir), max_model_len)
         self.tokenizer = Tokenizer.from_str(self.card.tokenizer_json)
         self.step_s = step_s
@@ -47,7 +51,7 @@ class FakeWorker:
         self._grouped: set[str] = set()
 
     async def start(self) -> None:
-        self.redis = aioredis.from_url(self.redis_url, decode_responses=True)
+        self.redis = connect(self.redis_url)
         self.store = JobStore(self.redis)
         await self.redis.hset(keys.model_card_key(MODEL), "card", self.card.model_dump_json())
         await self.redis.sadd(keys.MODELS_SET, MODEL)
@@ -117,29 +121,42 @@ class FakeWorker:
             return
         seq = started.seq
         prompt = self.tokenizer.decode(payload.prompt_token_ids, skip_special_tokens=True)
+        n = payload.sampling.n
         words = prompt.split()[: payload.sampling.max_tokens]
-        pieces = ([payload.echo_prompt] if payload.echo_prompt else []) + [w + " " for w in words]
-        text, streamed, checked = "", False, 0.0
-        for piece in pieces:
+        echo = ([payload.echo_prompt] if payload.echo_prompt else []) + [w + " " for w in words]
+        # Each choice asks `reply` on its own (a reply may differ per call), else echoes the prompt.
+        outs = [self.reply(prompt) for _ in range(n)] if self.reply is not None else None
+        pieces = ([[out[i:i + 5] for i in range(0, len(out), 5)] for out in outs] if outs is not None
+                  else [echo] * n)
+        texts, streamed, checked = [""] * n, False, 0.0
+        for step in range(max(len(p) for p in pieces)):
             await asyncio.sleep(self.step_s)
             if time.monotonic() - checked > 0.2 or not streamed:  # re-read the flag now and then
                 streamed = await self.redis.hget(key, F.STREAMED) == "1"
                 checked = time.monotonic()
-            offset, text = len(text), text + piece
-            if streamed:
-                seq += 1
-                event = DeltaEvent(seq=seq, offset=offset, text=piece)
-                await self.store.write([DeltaWrite(payload.id, piece, seq, event.model_dump_json())], [])
+            for index, choice_pieces in enumerate(pieces):
+                if step >= len(choice_pieces):
+                    continue
+                piece = choice_pieces[step]
+                offset, texts[index] = len(texts[index]), texts[index] + piece
+                if streamed:
+                    seq += 1
+                    event = DeltaEvent(seq=seq, offset=offset, index=index, text=piece)
+                    await self.store.write([DeltaWrite(payload.id, choice_text.stored(index, piece, n), seq,
+                                                       event.model_dump_json())], [])
         ref = JobRef.of(payload)
         if "FAIL_ME" in prompt:
             error = JobError(type="engine_error", message="the fake worker was asked to fail").model_dump_json()
             final = FinalWrite(ref, "failed", error_json=error, finished_at=time.time())
         else:
-            n = len(words)
-            finish = "length" if len(prompt.split()) > payload.sampling.max_tokens else "stop"
-            usage = Usage(prompt_tokens=len(payload.prompt_token_ids), completion_tokens=n,
-                          total_tokens=len(payload.prompt_token_ids) + n)
-            result = JobResult(text=text, finish_reason=finish, usage=usage).model_dump_json()
+            finish = "length" if len(prompt.split()) > payload.sampling.max_tokens and not self.reply else "stop"
+            choices = [Choice(index=i, text=t, finish_reason=finish) for i, t in enumerate(texts)]
+            tokens = n * len(words) if outs is None else sum(len(p) for p in pieces)  # a piece a token
+            usage = Usage(prompt_tokens=len(payload.prompt_token_ids), completion_tokens=tokens,
+                          total_tokens=len(payload.prompt_token_ids) + tokens)
+            result = JobResult(text=texts[0], finish_reason=finish, usage=usage,
+                               choices=choices if n > 1 else None).with_tool_calls(payload.tools)
+            result = result.model_dump_json()
             final = FinalWrite(ref, "succeeded", result_json=result, finished_at=time.time())
         await self.store.write([], [final])
         await self._ack(stream, entry_id)

@@ -11,7 +11,9 @@ import pytest
 import redis
 
 from batches import keys as K
+from protocol import keys
 from tests.batch_helpers import (
+    FINAL,
     ThreadedFeeder,
     assert_each_once,
     chat_lines,
@@ -69,6 +71,16 @@ def test_openai_client_round_trip(client, worker, redis_url):
     assert first["response"]["body"]["choices"][0]["message"]["content"]
     assert first["response"]["request_id"].startswith("job_")
     assert [e["custom_id"] for e in err] == ["req-5"] and err[0]["response"]["status_code"] == 500
+    # Each output line's body carries its usage; the batch's usage is their sum (the failed line adds none).
+    usages = [line["response"]["body"]["usage"] for line in out]
+    assert all(u["prompt_tokens"] > 0 and u["completion_tokens"] > 0
+               and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    assert batch.usage is not None
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages)
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages)
+    assert batch.usage.input_tokens_details.cached_tokens == sum(
+        u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
     assert [b.id for b in client.batches.list()] == [batch.id]
     ids = {x.id for x in client.files.list()}
     assert {f.id, batch.output_file_id, batch.error_file_id} <= ids
@@ -143,13 +155,16 @@ def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redi
         batch = client.batches.retrieve(batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 60
     assert max(depth) <= 8 and max(depth) >= 4
-    jobs = r.keys(f"tokenq:job:job_{batch.id.removeprefix('batch_')}_*")
+    jobs = r.keys(keys.job_keys_pattern(f"{batch.id.removeprefix('batch_')}_*"))
     assert len(jobs) == 40  # the 20 copies of line 0 ran as line 0's one job
     out, err = result_lines(client, batch)
     assert_each_once([line["custom_id"] for line in lines], out, err)
     text = {o["custom_id"]: o["response"]["body"]["choices"][0]["text"] for o in out}
     assert all(text[f"req-{i}"] == text["req-0"] for i in range(40, 60))
     assert len(set(text.values())) == 40
+    # A copy's line reports the usage of the line it copies, and counts in the batch's usage like it.
+    completion = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out)
+    assert batch.usage.output_tokens == completion > 0
 
 
 @pytest.mark.parametrize("window", [4, 64])  # lines still to feed; every line fed already
@@ -184,6 +199,32 @@ def test_expiry(client, redis_url, default_model_dir):
     assert_each_once([line["custom_id"] for line in lines], out, err)
     assert len(err) > 30 and {e["error"]["code"] for e in err} == {"batch_expired"}
     assert batch.request_counts.failed == len(err) and batch.request_counts.completed == len(out)
+
+
+def test_a_window_smaller_than_the_refill_still_feeds(client, redis_url, default_model_dir):
+    lines = completion_lines(10, MODEL, max_tokens=2)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005, capacity=4), \
+            ThreadedFeeder(redis_url, fast_settings(window=3, refill=64)):
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        batch = wait_batch(client, batch.id, timeout=60)
+    assert batch.status == "completed" and batch.request_counts.completed == 10
+
+
+def test_a_new_batch_wakes_an_idle_feeder(client, redis_url, default_model_dir):
+    """The feeder scans for batches only every poll (30 s here); a new batch is announced and taken at once."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005, capacity=4), \
+            ThreadedFeeder(redis_url, fast_settings(poll_s=30.0)):
+        deadline = time.monotonic() + 30
+        while r.pubsub_numsub(K.NEW_BATCHES)[0][1] < 1:  # the feeder has made its first scan and listens
+            assert time.monotonic() < deadline, "the feeder never subscribed to new batches"
+            time.sleep(0.02)
+        batch = client.batches.create(input_file_id=upload(client, completion_lines(2, MODEL)).id,
+                                      endpoint="/v1/completions", completion_window="24h")
+        # Generous next to the poll's 30 s: a feeder that waited for its scan would miss it by far.
+        batch = wait_batch(client, batch.id, timeout=10, until=("in_progress", *FINAL))
+    assert batch.status in ("in_progress", "completed")
 
 
 def test_a_feeder_killed_mid_batch_is_replaced_and_each_line_lands_once(client, redis_url, default_model_dir):
@@ -286,7 +327,6 @@ def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
     import redis.asyncio as aioredis
 
     from gateway.apikeys import create_key
-    from protocol import keys
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     r.flushdb()
@@ -311,7 +351,7 @@ def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
             time.sleep(0.05)
         time.sleep(2.5)  # past the feeder's retries
         paced = client.batches.retrieve(batch.id)
-        jobs = len(r.keys(f"tokenq:job:job_{batch.id.removeprefix('batch_')}_*"))
+        jobs = len(r.keys(keys.job_keys_pattern(f"{batch.id.removeprefix('batch_')}_*")))
         r.hdel(keys.tenant_key("acme"), "rpm")
         batch = wait_batch(client, batch.id, timeout=60)
         out, err = result_lines(client, batch)

@@ -1,4 +1,5 @@
-"""The gateway against a real Redis and the fake worker, through httpx's ASGI transport."""
+"""The gateway against a real Redis and the fake worker, through httpx's ASGI transport: each test on one
+redis-server and on a three-node cluster (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ from protocol import keys
 from tests.asserts import assert_error
 from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker
+
+
+@pytest.fixture
+def redis_url(on_both_redis) -> str:
+    return on_both_redis[0]
+
+
+@pytest.fixture
+def redis_client(on_both_redis):
+    return on_both_redis[1]
 
 
 @pytest.fixture
@@ -220,7 +231,7 @@ async def test_errors_enqueue_nothing(client, worker, redis_client):
     assert_error(await client.post("/v1/jobs", json={**CHAT, "min_tokens": 9, "max_tokens": 3}), 400)
     assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}), 400, "prompt")
     assert await stream_lengths(redis_client) == {lane: 0 for lane in keys.LANES}
-    assert await redis_client.keys(keys.job_key("*")) == []
+    assert await redis_client.keys(keys.job_keys_pattern()) == []
 
 
 async def test_known_model_without_worker_queues_and_waits(client, redis_url, default_model_dir, redis_client,

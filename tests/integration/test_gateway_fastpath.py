@@ -134,7 +134,7 @@ async def test_accepted_job_body_and_record(redis_url, redis_client, default_mod
     assert fields["job_id"] == body["id"] and fields["payload"] == record[F.PAYLOAD]
     assert record[F.ENTRY_ID] == entry_id and record[F.STATE] == "queued"
     assert json.loads(record[F.REQUEST]) == {**PROMPT, "metadata": {"k": "v"}, "priority": "batch"}
-    assert await redis_client.get(keys.tenant_queued_key("default")) == "1"
+    assert await redis_client.get(keys.tenant_queued_key("default", MODEL)) == "1"
 
 
 async def test_bad_bodies_are_400s_naming_the_field(redis_url, redis_client, default_model_dir):

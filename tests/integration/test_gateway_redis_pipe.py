@@ -97,14 +97,14 @@ async def test_redis_away_is_a_connection_error_after_the_retries():
 
 
 async def test_submit_twice_queues_once(pipe, redis_client):
-    payload = JobPayload(id="job_twice", model="m", kind="completion", prompt_token_ids=[1, 2],
+    payload = JobPayload(id=keys.new_job_id("m", "twice"), model="m", kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
     store = JobStore(redis_client, scripts=pipe)
     await store.submit(payload, '{"prompt": [1, 2]}', {}, streamed=False)
     await store.submit(payload, '{"prompt": [1, 2]}', {}, streamed=False)
     stream = keys.jobs_stream("m", payload.lane, payload.tenant)
     [(entry_id, _)] = await redis_client.xrange(stream)
-    assert await redis_client.get(keys.tenant_queued_key(payload.tenant)) == "1"
+    assert await redis_client.get(keys.tenant_queued_key(payload.tenant, "m")) == "1"
     assert await redis_client.hget(keys.job_key(payload.id), "entry_id") == entry_id
 
 
@@ -116,10 +116,11 @@ async def test_admission_retried_for_the_same_job_admits_it(pipe, redis_client):
                           sampling=SamplingParams(max_tokens=1))
 
     limits = Limits(rpm=100)
-    first = await store.submit(job("job_a"), "{}", {}, False, limits, "key-1")
-    again = await store.submit(job("job_a"), "{}", {}, False, limits, "key-1")  # its own key: a retry
-    other = await store.submit(job("job_b"), "{}", {}, False, limits, "key-1")  # another request: a repeat
-    assert (first.job_id, first.repeat) == ("job_a", False)
-    assert (again.job_id, again.repeat) == ("job_a", False)
-    assert (other.job_id, other.repeat) == ("job_a", True)
+    a, b = keys.new_job_id("m", "a"), keys.new_job_id("m", "b")
+    first = await store.submit(job(a), "{}", {}, False, limits, "key-1")
+    again = await store.submit(job(a), "{}", {}, False, limits, "key-1")  # its own key: a retry
+    other = await store.submit(job(b), "{}", {}, False, limits, "key-1")  # another request: a repeat
+    assert (first.job_id, first.repeat) == (a, False)
+    assert (again.job_id, again.repeat) == (a, False)
+    assert (other.job_id, other.repeat) == (a, True)
     assert await redis_client.xlen(keys.jobs_stream("m", "default", "t")) == 1

@@ -122,7 +122,7 @@ async def test_follower_survives_a_redis_restart(restartable, followers):
 
     client = make_redis(restartable.url)
     hub = EventHub(client) if followers > 1 else None
-    payload = JobPayload(id="job_restart", model=MODEL, kind="completion", prompt_token_ids=[1, 2],
+    payload = JobPayload(id=keys.new_job_id(MODEL, "restart"), model=MODEL, kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=2))
     await JobStore(client).submit(payload, "{}", {}, streamed=False)
     finals: list[Final] = []

@@ -14,6 +14,8 @@ import pytest
 
 from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key, set_auth
 from gateway.app import create_app
+from gateway.event_hub import event_hub
+from jobstore.connect import is_cluster_url
 from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobPayload
@@ -49,6 +51,17 @@ async def idle_worker(redis_client, default_model_dir):
 
 def make_client(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
+
+
+@pytest.fixture
+def redis_url(on_both_redis) -> str:
+    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
+    return on_both_redis[0]
+
+
+@pytest.fixture
+def redis_client(on_both_redis):
+    return on_both_redis[1]
 
 
 @pytest.fixture
@@ -159,8 +172,14 @@ def test_cli_keys(redis_url, capsys):
 
     from tokenq.cli import main
 
-    sync = redis.Redis.from_url(redis_url, decode_responses=True)
-    sync.flushdb()
+    if is_cluster_url(redis_url):
+        from redis.cluster import RedisCluster
+
+        sync = RedisCluster.from_url(redis_url.replace("+cluster", ""), decode_responses=True)
+        sync.flushdb(target_nodes=sync.PRIMARIES)
+    else:
+        sync = redis.Redis.from_url(redis_url, decode_responses=True)
+        sync.flushdb()
 
     with pytest.raises(SystemExit) as done:
         main(["keys", "create", "--tenant", "cli-t", "--rpm", "7", "--redis-url", redis_url])
@@ -242,12 +261,12 @@ async def test_refused_requests_do_not_use_up_the_limit(client, idle_worker, red
 async def test_max_queued_and_cancel_frees_a_slot(client, idle_worker, redis_client):
     key = (await create_key(redis_client, "q", {"max_queued": 2})).api_key
     ids = [(await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).json()["id"] for _ in range(2)]
-    assert await redis_client.get(keys.tenant_queued_key("q")) == "2"
+    assert await redis_client.get(keys.tenant_queued_key("q", MODEL)) == "2"
     r = await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))
     err = assert_error(r, 429)
     assert "max_queued" in err["message"] and r.headers["Retry-After"] == "1"
     assert (await client.delete(f"/v1/jobs/{ids[0]}", headers=bearer(key))).json()["status"] == "cancelled"
-    assert await redis_client.get(keys.tenant_queued_key("q")) == "1"
+    assert await redis_client.get(keys.tenant_queued_key("q", MODEL)) == "1"
     assert (await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).status_code == 202
 
 
@@ -301,7 +320,7 @@ async def test_max_queued_holds_under_100_concurrent_submissions(redis_url, redi
                                          for _ in range(100)))
     codes = sorted(a.status_code for a in answers)
     assert codes.count(202) == 20 and codes.count(429) == 80
-    assert await redis_client.get(keys.tenant_queued_key("burst")) == "20"
+    assert await redis_client.get(keys.tenant_queued_key("burst", MODEL)) == "20"
     assert await redis_client.xlen(keys.jobs_stream(MODEL, "default", "burst")) == 20
 
 
@@ -324,8 +343,8 @@ async def test_idempotent_job_submission(client, idle_worker, redis_client):
     assert again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
     assert await queued_entries(redis_client) == 1
-    assert await redis_client.get(keys.idem_key("default", "order-17")) == first.json()["id"]
-    assert 86000 < await redis_client.ttl(keys.idem_key("default", "order-17")) <= 86400
+    assert await redis_client.get(keys.idem_key("default", "order-17", MODEL)) == first.json()["id"]
+    assert 86000 < await redis_client.ttl(keys.idem_key("default", "order-17", MODEL)) <= 86400
     assert await redis_client.hget(keys.job_key(first.json()["id"]), F.IDEMPOTENCY_KEY) == "order-17"
     # Another key, or the same key of another tenant, is another job.
     other = await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "order-18"})
@@ -348,7 +367,7 @@ async def test_concurrent_repeats_make_one_job(client, idle_worker, redis_client
 
 async def test_repeat_without_its_job_releases_the_key(client, idle_worker, redis_client):
     """A key whose job is gone (evicted) is released, so the client's retry goes through."""
-    await redis_client.set(keys.idem_key("default", "lost"), "job_never_written", ex=100)
+    await redis_client.set(keys.idem_key("default", "lost", MODEL), "job_never_written", ex=100)
     err = assert_error(await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "lost"}), 409)
     assert err["code"] == "idempotency_key_in_use"
     r = await client.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "lost"})
@@ -372,7 +391,7 @@ async def test_idempotent_completion_returns_the_first_result(client, redis_url,
         assert {c["id"] for c in chunks} == {first.json()["id"]}
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         assert text == first.json()["choices"][0]["message"]["content"]
-        assert len(await redis_client.keys(keys.job_key("*"))) == 1
+        assert len(await redis_client.keys(keys.job_keys_pattern())) == 1
     finally:
         await worker.stop()
 
@@ -385,23 +404,18 @@ async def test_cancel_a_queued_job(client, idle_worker, redis_client):
     stream = keys.jobs_stream(MODEL, "default", "default")
     entry_id = await redis_client.hget(keys.job_key(job_id), F.ENTRY_ID)
     assert [e[0] for e in await redis_client.xrange(stream)] == [entry_id]
-    pubsub = redis_client.pubsub()
-    await pubsub.subscribe(keys.events_channel(job_id))
-    r = await client.delete(f"/v1/jobs/{job_id}")
-    assert r.status_code == 200, r.text
-    job = r.json()
-    assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["finished_at"]
-    assert await redis_client.xlen(stream) == 0
-    assert await redis_client.get(keys.tenant_queued_key("default")) == "0"
-    assert 0 < await redis_client.ttl(keys.job_key(job_id)) <= F.RETENTION_SECONDS
-    events = []
-    for _ in range(20):
-        m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-        if m:
-            events.append(json.loads(m["data"]))
-            break
-    await pubsub.aclose()
-    assert events and events[0]["state"] == "cancelled"
+    hub = event_hub(redis_client)  # SUBSCRIBE, or SSUBSCRIBE on a cluster
+    async with hub.join(keys.events_channel(job_id)) as sub:
+        r = await client.delete(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["finished_at"]
+        assert await redis_client.xlen(stream) == 0
+        assert await redis_client.get(keys.tenant_queued_key("default", MODEL)) == "0"
+        assert 0 < await redis_client.ttl(keys.job_key(job_id)) <= F.RETENTION_SECONDS
+        event = await sub.get(2.0)
+    await hub.aclose()
+    assert event and json.loads(event)["state"] == "cancelled"
     # Final already: unchanged, still 200.
     again = await client.delete(f"/v1/jobs/{job_id}")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
@@ -412,15 +426,14 @@ async def test_cancel_a_queued_job(client, idle_worker, redis_client):
 async def test_cancel_a_running_job_asks_its_worker(client, idle_worker, redis_client):
     job_id = (await client.post("/v1/jobs", json=PROMPT)).json()["id"]
     await redis_client.hset(keys.job_key(job_id), F.STATE, "running")  # as a worker's START does
-    pubsub = redis_client.pubsub()
-    await pubsub.subscribe(keys.CONTROL_CHANNEL)
-    await pubsub.get_message(timeout=1)
-    r = await client.delete(f"/v1/jobs/{job_id}")
-    assert r.status_code == 200 and r.json()["status"] == "running"
-    assert await redis_client.hget(keys.job_key(job_id), F.CANCEL_REQUESTED) == "1"
-    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
-    await pubsub.aclose()
-    assert message and json.loads(message["data"]) == {"cancel": job_id}
+    hub = event_hub(redis_client)
+    async with hub.join(keys.control_channel(MODEL)) as sub:
+        r = await client.delete(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200 and r.json()["status"] == "running"
+        assert await redis_client.hget(keys.job_key(job_id), F.CANCEL_REQUESTED) == "1"
+        message = await sub.get(2.0)
+    await hub.aclose()
+    assert message and json.loads(message) == {"cancel": job_id}
     # The entry stays for the worker to acknowledge when it ends the job.
     assert await queued_entries(redis_client) == 1
 
@@ -472,7 +485,7 @@ async def test_webhook_url_is_checked(client, idle_worker, redis_client, monkeyp
     assert JobPayload.model_validate_json(record[F.PAYLOAD]).webhook_url == "http://127.0.0.1:9/hook"
     # Its cancel goes through the shared finish, which puts the job on the webhook outbox.
     await client.delete(f"/v1/jobs/{r.json()['id']}")
-    outbox = await redis_client.xrange(keys.WEBHOOK_OUTBOX)
+    outbox = await redis_client.xrange(keys.webhook_outbox(MODEL))
     assert [e[1] for e in outbox] == [{"job_id": r.json()["id"], "state": "cancelled"}]
 
 
@@ -484,7 +497,7 @@ async def test_sliding_window_and_retry_after(redis_client):
     limits = Limits(rpm=2)
 
     def job(n: int) -> JobPayload:
-        return JobPayload(id=f"job_w{n}", model=MODEL, kind="completion", prompt_token_ids=[1], tenant="w",
+        return JobPayload(id=keys.new_job_id(MODEL, f"w{n}"), model=MODEL, kind="completion", prompt_token_ids=[1], tenant="w",
                           sampling=SamplingParams(max_tokens=1))
 
     t0 = 1_000_000 * 60 + 30.0  # half way through a minute

@@ -31,7 +31,7 @@ async def until(check, timeout: float, what: str) -> None:
 
 
 def job_states(r: redis.Redis) -> dict[str, str]:
-    ids = [k.removeprefix(keys.job_key("")) for k in r.scan_iter(keys.job_key("*"), count=1000)]
+    ids = [k.split(":job:", 1)[1] for k in r.scan_iter(keys.job_keys_pattern(), count=1000)]
     ids = [i for i in ids if ":" not in i]
     return {i: r.hget(keys.job_key(i), F.STATE) for i in ids}
 
@@ -45,7 +45,7 @@ async def test_waiters_share_one_connection_and_a_disconnect_cancels(redis_url, 
     gateway = GatewayThread(redis_url)
     with gateway as base:
         def subscribed() -> int:
-            return len(r.pubsub_channels(keys.events_channel("*")))
+            return len(r.pubsub_channels(keys.events_pattern("*")))
 
         limits = httpx.Limits(max_connections=WAITERS + 10)
         async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as c:

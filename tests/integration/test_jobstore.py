@@ -1,5 +1,6 @@
-"""jobstore against a real Redis: appended deltas, writes to missing jobs, deadlines applied on read and by
-the sweep, and the lane counters that admission and the depth gauge share."""
+"""jobstore against a real Redis, a single node and a three-node cluster alike: appended deltas, writes to
+missing jobs, deadlines applied on read and by the sweep, and the lane counters that admission and the
+depth gauge share."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import time
 
 import httpx
+import pytest
 
 from gateway.app import create_app
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore, Limits, Refused, Started
@@ -16,12 +18,18 @@ from protocol import keys
 from protocol.events import DeltaEvent
 from protocol.jobs import JobPayload, JobResult, Usage, new_job_id
 from protocol.sampling import SamplingParams
-from tests.integration.test_gateway_tenants import MODEL, PROMPT, idle_worker  # noqa: F401 (a fixture)
+from tests.integration.test_gateway_tenants import MODEL, PROMPT, idle_worker_again
+
+
+@pytest.fixture
+async def idle_worker(store_client, default_model_dir):
+    """A worker that looks alive and serves MODEL (so its deadlines are swept) but takes nothing."""
+    await idle_worker_again(store_client)
 
 
 def payload(tenant: str = "t", deadline: float | None = None, webhook: str | None = None,
             lane: str = "default") -> JobPayload:
-    return JobPayload(id=new_job_id(), model=MODEL, kind="completion", prompt_token_ids=[1, 2, 3], tenant=tenant,
+    return JobPayload(id=new_job_id(MODEL), model=MODEL, kind="completion", prompt_token_ids=[1, 2, 3], tenant=tenant,
                       lane=lane, sampling=SamplingParams(max_tokens=4), deadline=deadline, webhook_url=webhook)
 
 
@@ -29,8 +37,8 @@ def delta(job_id: str, seq: int, offset: int, text: str) -> DeltaWrite:
     return DeltaWrite(job_id, text, seq, DeltaEvent(seq=seq, offset=offset, text=text).model_dump_json())
 
 
-async def test_deltas_append_and_a_retried_flush_is_not_appended_twice(redis_client):
-    store = JobStore(redis_client)
+async def test_deltas_append_and_a_retried_flush_is_not_appended_twice(store_client):
+    store = JobStore(store_client)
     p = payload()
     await store.submit(p, "{}", {}, streamed=True)
     await store.start([p.id], time.time(), "w")
@@ -43,9 +51,9 @@ async def test_deltas_append_and_a_retried_flush_is_not_appended_twice(redis_cli
     assert await store.snapshot(p.id) == ("running", ["hello world"], 3, None, None)
 
 
-async def test_writes_to_a_missing_job_create_nothing(redis_client):
+async def test_writes_to_a_missing_job_create_nothing(store_client):
     """A job hash that expired or was evicted is not recreated (without its tenant) by a late write."""
-    store = JobStore(redis_client)
+    store = JobStore(store_client)
     p = payload()
     ref = JobRef.of(p)
     result = JobResult(text="late", finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1,
@@ -56,28 +64,29 @@ async def test_writes_to_a_missing_job_create_nothing(redis_client):
     assert await store.cancel(ref) == ""
     assert await store.expire(ref, time.time() + 100) == ""
     assert not await store.record_webhook_attempt(p.id, json.dumps({"outcome": "delivered"}))
-    assert await redis_client.keys(f"{keys.PREFIX}:job:*") == []
-    assert await redis_client.get(keys.tenant_queued_key(p.tenant)) is None
+    assert await store_client.keys(f"{keys.PREFIX}:*job:*") == []
+    assert await store_client.get(keys.tenant_queued_key(p.tenant, MODEL)) is None
 
 
-async def test_a_queued_job_past_its_deadline_reads_expired_without_a_worker(redis_client):
-    store = JobStore(redis_client)
+async def test_a_queued_job_past_its_deadline_reads_expired_without_a_worker(store_client):
+    store = JobStore(store_client)
     now = time.time()
     p = payload(deadline=now + 1, webhook="https://example.com/hook")
     await store.submit(p, "{}", {}, streamed=False, limits=Limits(max_depth=10), now=now)
     assert (await store.read_current(p.id, now=now + 0.5))[F.STATE] == "queued"
     record = await store.read_current(p.id, now=now + 1.5)
     assert record[F.STATE] == "expired" and json.loads(record[F.ERROR])["type"] == "deadline_exceeded"
-    assert await redis_client.xlen(JobRef.of(p).stream) == 0  # its entry is gone with it
-    assert await redis_client.get(keys.tenant_queued_key(p.tenant)) == "0"
-    assert await redis_client.hgetall(keys.lane_depth_key(MODEL, "default")) == {}
-    assert await redis_client.zcard(keys.DEADLINES) == 0
-    [(_, fields)] = await redis_client.xrange(keys.WEBHOOK_OUTBOX)
+    assert await store_client.xlen(JobRef.of(p).stream) == 0  # its entry is gone with it
+    assert await store_client.get(keys.tenant_queued_key(p.tenant, MODEL)) == "0"
+    assert await store_client.hgetall(keys.lane_depth_key(MODEL, "default")) == {}
+    assert await store_client.zcard(keys.deadlines_key(MODEL)) == 0
+    [(_, fields)] = await store_client.xrange(keys.webhook_outbox(MODEL))
     assert fields == {"job_id": p.id, "state": "expired"}
 
 
-async def test_the_sweep_expires_due_jobs_and_a_running_one_keeps_its_text(redis_client):
-    store = JobStore(redis_client)
+async def test_the_sweep_expires_due_jobs_and_a_running_one_keeps_its_text(store_client):
+    await store_client.sadd(keys.MODELS_SET, MODEL)  # the sweep looks at the models a worker has served
+    store = JobStore(store_client)
     now = time.time()
     queued, running, later = payload(deadline=now + 1), payload(deadline=now + 1), payload(deadline=now + 60)
     for p in (queued, running, later):
@@ -94,8 +103,8 @@ async def test_the_sweep_expires_due_jobs_and_a_running_one_keeps_its_text(redis
     assert await store.depth(MODEL) == {"interactive": 0, "default": 1, "batch": 0}
 
 
-async def test_a_late_delta_after_the_final_write_is_dropped(redis_client):
-    store = JobStore(redis_client)
+async def test_a_late_delta_after_the_final_write_is_dropped(store_client):
+    store = JobStore(store_client)
     p = payload()
     await store.submit(p, "{}", {}, streamed=True)
     await store.start([p.id], time.time(), "w")
@@ -104,8 +113,8 @@ async def test_a_late_delta_after_the_final_write_is_dropped(redis_client):
     assert (await store.read(p.id))[F.TEXT] == "a"
 
 
-async def test_fair_share_lets_a_second_tenant_into_a_full_lane(redis_client):
-    store = JobStore(redis_client)
+async def test_fair_share_lets_a_second_tenant_into_a_full_lane(store_client):
+    store = JobStore(store_client)
     limits = Limits(max_depth=4)
     for _ in range(4):
         await store.submit(payload("big"), "{}", {}, False, limits)
@@ -124,10 +133,10 @@ async def test_fair_share_lets_a_second_tenant_into_a_full_lane(redis_client):
     await store.submit(payload("big", lane="batch"), "{}", {}, False, limits)  # other lanes are apart
 
 
-async def test_gateway_reads_and_sweeps_expired_jobs(redis_url, redis_client, idle_worker):  # noqa: F811
+async def test_gateway_reads_and_sweeps_expired_jobs(store_redis_url, store_client, idle_worker):
     """With no worker consuming: GET shows `expired` right past the deadline, and the gateway's sweep ends
     a job that nobody reads (so its webhook fires and counters go down)."""
-    app = create_app(redis_url)
+    app = create_app(store_redis_url)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
             read = (await c.post("/v1/jobs", json={**PROMPT, "ttl": 0.3})).json()["id"]
@@ -135,8 +144,8 @@ async def test_gateway_reads_and_sweeps_expired_jobs(redis_url, redis_client, id
             await asyncio.sleep(0.5)
             assert (await c.get(f"/v1/jobs/{read}")).json()["status"] == "expired"
             for _ in range(100):
-                if await redis_client.hget(keys.job_key(unread), F.STATE) == "expired":
+                if await store_client.hget(keys.job_key(unread), F.STATE) == "expired":
                     break
                 await asyncio.sleep(0.1)
-            assert await redis_client.hget(keys.job_key(unread), F.STATE) == "expired"
-    assert await redis_client.get(keys.tenant_queued_key("default")) == "0"
+            assert await store_client.hget(keys.job_key(unread), F.STATE) == "expired"
+    assert await store_client.get(keys.tenant_queued_key("default", MODEL)) == "0"

@@ -57,7 +57,7 @@ async def stop_workers(redis) -> None:
 
 
 async def queued(redis) -> int:
-    return sum([await redis.xlen(s) async for s in redis.scan_iter(match=f"{keys.PREFIX}:jobs:*")])
+    return sum([await redis.xlen(s) async for s in redis.scan_iter(match=f"{keys.PREFIX}:*:jobs:*")])
 
 
 def lookups(text: str, kind: str, result: str) -> float:
@@ -110,7 +110,7 @@ async def test_a_hit_with_a_webhook_goes_to_the_outbox(client, idle_worker, redi
     await finish(redis_client, r.json()["id"], " done")
     r = await client.post("/v1/jobs", json={**EXACT, "webhook_url": "https://example.com/hook"})
     assert r.headers["x-tokenq-cache"] == "exact"
-    [[_, entries]] = await redis_client.xread({keys.WEBHOOK_OUTBOX: "0"})
+    [[_, entries]] = await redis_client.xread({keys.webhook_outbox(MODEL): "0"})
     assert [e[1] for e in entries] == [{"job_id": r.json()["id"], "state": "succeeded"}]
 
 

@@ -42,6 +42,12 @@ async def _beat(redis, worker_id: str = "host:1") -> None:
     await redis.sadd(keys.WORKERS_SET, worker_id)
 
 
+@pytest.fixture
+def redis_client(on_both_redis):
+    """The backlog tests run on one redis-server and on a three-node cluster (tests/conftest.py)."""
+    return on_both_redis[1]
+
+
 async def test_backlog_counts_waiting_and_running_per_tenant(redis_client):
     stream = await _queue(redis_client, "default", "a", 3)
     await _take(redis_client, stream, 1)

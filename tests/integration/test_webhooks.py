@@ -110,8 +110,9 @@ def flaky(path: str, n: int) -> tuple[int, dict[str, str]]:
 
 async def new_job(redis, url: str, tenant: str = TENANT) -> str:
     """A queued job as the gateway writes it, naming a webhook."""
-    payload = JobPayload(id=new_job_id(), model="fake-model", kind="completion", prompt_token_ids=[1, 2],
+    payload = JobPayload(id=new_job_id("fake-model"), model="fake-model", kind="completion", prompt_token_ids=[1, 2],
                          sampling=SamplingParams(max_tokens=4), tenant=tenant, webhook_url=url)
+    await redis.sadd(keys.MODELS_SET, payload.model)  # a worker has served it: the relay reads its outbox
     await submit_job(redis, payload)
     await redis.hset(keys.job_key(payload.id), F.WEBHOOK_URL, url)
     return payload.id

@@ -60,6 +60,7 @@ async def test_a_running_job_of_several_choices_expires_with_each_choice_text(re
     now = time.time()
     p = svc.payload(PROMPT, max_tokens=3, n=2)
     p.deadline = now + 1
+    await redis_client.sadd(keys.MODELS_SET, p.model)  # the sweep looks at the models a worker has served
     await store.submit(p, "{}", {}, streamed=True, now=now)
     await store.start([p.id], now, "w")
     rows = [(0, "alpha\n"), (1, "beta \u2028"), (0, " gamma")]

@@ -57,14 +57,14 @@ async def run_jobs(redis_url, redis_client, engine_spec, jobs: list[JobPayload],
 
 
 def greedy_jobs(model: str, prompts: list[list[int]], max_tokens: int) -> list[JobPayload]:
-    return [JobPayload(id=new_job_id(), model=model, kind="completion", prompt_token_ids=p,
+    return [JobPayload(id=new_job_id(model), model=model, kind="completion", prompt_token_ids=p,
                        sampling=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
             for p in prompts]
 
 
 async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_model_dir):
     ids = [5, 17, 99, 3]
-    jobs = [JobPayload(id=new_job_id(), model="m", kind="completion", prompt_token_ids=ids, stream=s,
+    jobs = [JobPayload(id=new_job_id("m"), model="m", kind="completion", prompt_token_ids=ids, stream=s,
                        sampling=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1))
             for s in (True, False)]
     async with Collector(redis_client, jobs[0].id) as c:

@@ -16,7 +16,7 @@ LANE_SET = keys.lane_tenants_key(MODEL, "default")
 
 
 def payload(tenant: str) -> JobPayload:
-    return JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=[1, 2], tenant=tenant,
+    return JobPayload(id=new_job_id(MODEL), model=MODEL, kind="chat", prompt_token_ids=[1, 2], tenant=tenant,
                       sampling=SamplingParams(max_tokens=2))
 
 

@@ -29,7 +29,7 @@ MODEL = "pub-model"
 
 
 def payload(prompt: list[int]) -> JobPayload:
-    return JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=prompt,
+    return JobPayload(id=new_job_id(MODEL), model=MODEL, kind="chat", prompt_token_ids=prompt,
                       sampling=SamplingParams(max_tokens=4))
 
 
@@ -154,7 +154,7 @@ async def test_heartbeat_reports_queue_depth_over_every_tenant_stream(redis_clie
     plan = [("default", "acme", 3), ("default", "globex", 2), ("batch", "acme", 4)]
     for lane, tenant, n in plan:
         for _ in range(n):
-            p = JobPayload(id=new_job_id(), model=model, kind="chat", prompt_token_ids=[1], tenant=tenant,
+            p = JobPayload(id=new_job_id(model), model=model, kind="chat", prompt_token_ids=[1], tenant=tenant,
                            lane=lane, sampling=SamplingParams(max_tokens=4))
             await submit_job(r, p)
     card = ModelCard(name=model, max_model_len=64, tokenizer_json="{}")
@@ -196,7 +196,7 @@ async def test_intake_withdraws_jobs_whose_start_script_fails(redis_client):
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     r = redis_client
-    p = JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 40)),
+    p = JobPayload(id=new_job_id(MODEL), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 40)),
                    sampling=SamplingParams(max_tokens=1000))
     await submit_job(r, p)
     engine = FakeEngine()
@@ -223,7 +223,7 @@ async def test_intake_withdraws_jobs_whose_start_script_fails(redis_client):
 async def test_intake_aborts_a_job_whose_start_is_refused(redis_client):
     """A job cancelled while queued: the engine got it before the start script said so, and drops it."""
     r = redis_client
-    p = JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 40)),
+    p = JobPayload(id=new_job_id(MODEL), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 40)),
                    sampling=SamplingParams(max_tokens=1000))  # runs ~80 ms in the fake engine: still there
     await submit_job(r, p)
     await r.hset(keys.job_key(p.id), f.STATE, "cancelled")
@@ -245,7 +245,7 @@ async def test_intake_cancelled_before_the_start_script_answers_withdraws_the_jo
     """A worker stopping while the job's start script is in flight (the job already in the engine): the job
     leaves the engine and the publisher, its start never took effect, and its entry stays pending."""
     r = redis_client
-    p = JobPayload(id=new_job_id(), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 9)),
+    p = JobPayload(id=new_job_id(MODEL), model=MODEL, kind="chat", prompt_token_ids=list(range(1, 9)),
                    sampling=SamplingParams(max_tokens=8))
     await submit_job(r, p)
     engine = FakeEngine(step_sleep=0.5)  # the first step (the "launch") outlasts the cancellation

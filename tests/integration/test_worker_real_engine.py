@@ -25,7 +25,7 @@ async def test_real_engine_streamed_and_plain_jobs(redis_url, redis_client, defa
     engine = LLMEngine(default_model_dir, EngineConfig(num_kv_blocks=256, max_model_len=512))
     card = engine.model_card("smol")
     ids = engine.tokenizer.encode("The capital of France is").ids
-    jobs = [JobPayload(id=new_job_id(), model="smol", kind="completion", prompt_token_ids=ids, stream=s,
+    jobs = [JobPayload(id=new_job_id("smol"), model="smol", kind="completion", prompt_token_ids=ids, stream=s,
                        sampling=SamplingParams(max_tokens=12, temperature=0, logprobs=1)) for s in (True, False)]
     async with Collector(redis_client, jobs[0].id) as c:
         for p in jobs:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import pytest
 from prometheus_client import REGISTRY
 
 from jobstore import JobStore
@@ -17,6 +18,17 @@ from tests.fakes import FakeEngine, expected_text, submit_job
 from tests.integration.test_worker_service import MODEL, final_state, payload, running, wait_until
 
 STREAM = keys.jobs_stream(MODEL, "default", "default")
+
+
+@pytest.fixture
+def redis_url(on_both_redis) -> str:
+    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
+    return on_both_redis[0]
+
+
+@pytest.fixture
+def redis_client(on_both_redis):
+    return on_both_redis[1]
 DEAD = "dead-host:1"
 
 
@@ -51,7 +63,7 @@ async def test_dead_workers_entries_are_rerun_after_the_lease(redis_url, redis_c
     assert float(h[f.STARTED_AT]) - died_at >= 1.0  # not before the lease lapsed
     assert metric("tokenq_worker_reclaimed_entries_total") == before + 1
     assert await r.xlen(STREAM) == 0 and (await r.xpending(STREAM, keys.GROUP))["pending"] == 0
-    assert await r.xlen(keys.DEAD_STREAM) == 0
+    assert await r.xlen(keys.dead_stream(MODEL)) == 0
     assert entry_id
 
 
@@ -83,7 +95,7 @@ async def test_running_entries_keep_their_lease(redis_url, redis_client):
     await submit_job(r, p)
     lease_ms = 600
     async with running(redis_url, FakeEngine(step_sleep=0.01), lease_s=lease_ms / 1000):
-        await wait_until(lambda: r.hget(keys.job_key(p.id), f.STATE), timeout=5)
+        await wait_until(lambda: _state_is(r, p.id, "running"), timeout=5)
         idles = []
         while await r.hget(keys.job_key(p.id), f.STATE) == "running":
             [entry] = await r.xpending_range(STREAM, keys.GROUP, "-", "+", 1) or [None]
@@ -130,13 +142,13 @@ async def test_delivery_limit_dead_letters_and_fails_the_job(redis_url, redis_cl
     assert h[f.STATE] == "failed"
     err = json.loads(h[f.ERROR])
     assert err["type"] == "max_deliveries_exceeded" and "delivered 4 times" in err["message"]
-    [(_, dead)] = await r.xrange(keys.DEAD_STREAM)
+    [(_, dead)] = await r.xrange(keys.dead_stream(MODEL))
     assert dead == {"job_id": p.id, "stream": STREAM, "entry_id": entry_id, "deliveries": "4",
                     "reason": err["message"]}
     assert engine.added == []
     assert await r.xlen(STREAM) == 0 and (await r.xpending(STREAM, keys.GROUP))["pending"] == 0
     assert metric("tokenq_worker_dead_lettered_total") == before + 1
-    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"
+    assert await r.get(keys.tenant_queued_key(p.tenant, MODEL)) == "0"
 
 
 async def test_stale_entry_of_a_final_job_is_dropped_and_counted(redis_url, redis_client):
@@ -155,7 +167,7 @@ async def test_stale_entry_of_a_final_job_is_dropped_and_counted(redis_url, redi
     async with running(redis_url, engine, lease_s=0.5, max_deliveries=3):
         await wait_until(lambda: _xlen_is(r, STREAM, 0), timeout=5)
     assert engine.added == []
-    assert await r.xlen(keys.DEAD_STREAM) == 0
+    assert await r.xlen(keys.dead_stream(MODEL)) == 0
     assert metric("tokenq_duplicate_final_writes_total") == before + 1  # the dead-letter's failed write
     for p in (ran, limit):
         h = await r.hgetall(keys.job_key(p.id))

@@ -9,9 +9,10 @@ import json
 import time
 
 import pytest
-import redis.asyncio as aioredis
 
+from gateway.event_hub import event_hub
 from jobstore import FinalWrite, JobRef, JobStore
+from jobstore.connect import connect
 from protocol import job_record as f
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
@@ -25,9 +26,20 @@ MODEL = "fake-model"
 CARD = ModelCard(name=MODEL, max_model_len=2048, tokenizer_json="", chat_template="{{ messages }}")
 
 
+@pytest.fixture
+def redis_url(on_both_redis) -> str:
+    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
+    return on_both_redis[0]
+
+
+@pytest.fixture
+def redis_client(on_both_redis):
+    return on_both_redis[1]
+
+
 def payload(prompt: list[int], lane: str = "default", max_tokens: int = 256, stream: bool = False,
             **sampling) -> JobPayload:
-    return JobPayload(id=new_job_id(), model=MODEL, kind="completion", lane=lane, prompt_token_ids=prompt,
+    return JobPayload(id=new_job_id(MODEL), model=MODEL, kind="completion", lane=lane, prompt_token_ids=prompt,
                       sampling=SamplingParams(max_tokens=max_tokens, **sampling), stream=stream)
 
 
@@ -57,7 +69,7 @@ async def running(redis_url: str, engine: FakeEngine, worker_id: str = "test-hos
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
-        probe = aioredis.from_url(redis_url, decode_responses=True)
+        probe = connect(redis_url)
         try:  # ready once it heartbeats (groups exist by then)
             await wait_until(lambda: probe.exists(keys.worker_key(worker_id)))
         finally:
@@ -79,23 +91,25 @@ async def running(redis_url: str, engine: FakeEngine, worker_id: str = "test-hos
 
 
 class Collector:
-    """Subscribes to a job's channel before anything runs and keeps every event."""
+    """Subscribes to a job's channel before anything runs and keeps every event (through the gateway's
+    event hub: a shard channel on a cluster)."""
 
     def __init__(self, r, job_id: str) -> None:
-        self.pubsub = r.pubsub()
-        self.channel = keys.events_channel(job_id)
+        self.hub = event_hub(r)
+        self.joined = self.hub.join(keys.events_channel(job_id))
         self.events: list = []
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> Collector:
-        await self.pubsub.subscribe(self.channel)
-        self._task = asyncio.create_task(self._read())
+        sub = await self.joined.__aenter__()
+        self._task = asyncio.create_task(self._read(sub))
         return self
 
-    async def _read(self) -> None:
-        async for msg in self.pubsub.listen():
-            if msg["type"] == "message":
-                self.events.append(parse_event(msg["data"]))
+    async def _read(self, sub) -> None:
+        while True:
+            data = await sub.get(1.0)
+            if data is not None:
+                self.events.append(parse_event(data))
 
     async def wait_final(self, timeout: float = 10.0) -> StateEvent:
         async def final():
@@ -107,7 +121,8 @@ class Collector:
         assert self._task is not None
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        await self.pubsub.aclose()
+        await self.joined.__aexit__(None, None, None)
+        await self.hub.aclose()
 
     @property
     def deltas(self) -> list[DeltaEvent]:
@@ -273,6 +288,15 @@ async def test_interactive_lane_runs_first(redis_url, redis_client):
     assert [prio for _, prio in engine.added] == [0, 0, 0, 2, 2, 2]
 
 
+# Pending entries, the group's lag and the stream's length, read at one instant (a cluster has no MULTI).
+_QUEUE_VIEW = """
+local lag = false
+local group = redis.call('XINFO', 'GROUPS', KEYS[1])[1]
+for i = 1, #group, 2 do if group[i] == 'lag' then lag = group[i + 1] end end
+return {redis.call('XPENDING', KEYS[1], ARGV[1])[1], lag, redis.call('XLEN', KEYS[1])}
+"""
+
+
 async def test_intake_reads_no_more_than_admissible(redis_url, redis_client):
     r = redis_client
     capacity = 2
@@ -283,15 +307,9 @@ async def test_intake_reads_no_more_than_admissible(redis_url, redis_client):
     async with running(redis_url, FakeEngine(capacity=capacity, step_sleep=0.01)):
         seen_max = 0
         for _ in range(40):
-            pipe = r.pipeline(transaction=True)  # one consistent view
-            pipe.xpending(stream, keys.GROUP)
-            pipe.xinfo_groups(stream)
-            pipe.xlen(stream)
-            xpending, groups, xlen = await pipe.execute()
-            pending = xpending["pending"]
+            pending, lag, xlen = await r.eval(_QUEUE_VIEW, 1, stream, keys.GROUP)  # one consistent view
             seen_max = max(seen_max, pending)
             assert pending <= capacity
-            lag = groups[0].get("lag")
             if lag is not None:  # the rest stays in the stream, undelivered
                 assert lag + pending == xlen
             await asyncio.sleep(0.02)
@@ -316,7 +334,7 @@ async def test_first_final_write_wins(redis_client):
     assert await r.hgetall(key) == before
     assert before[f.STATE] == "succeeded" and before[f.SEQ] == "1"
     assert f.ERROR not in before
-    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"  # counted down once
+    assert await r.get(keys.tenant_queued_key(p.tenant, MODEL)) == "0"  # counted down once
     assert await r.hgetall(keys.lane_depth_key(MODEL, p.lane)) == {}
 
 
@@ -370,7 +388,7 @@ async def test_running_jobs_finish_within_grace(redis_url, redis_client):
 
 async def test_malformed_entry_fails_job_and_intake_goes_on(redis_url, redis_client):
     r = redis_client
-    bad_id = new_job_id()
+    bad_id = new_job_id(MODEL)
     await r.hset(keys.job_key(bad_id), mapping={f.STATE: "queued", f.SEQ: 0, f.ATTEMPTS: 0})
     stream = keys.jobs_stream(MODEL, "default", "default")
     await r.xadd(stream, {"job_id": bad_id, "payload": "{not json"})
@@ -514,4 +532,4 @@ async def test_running_job_past_its_deadline_ends_expired_with_its_partial_text(
     result = JobResult.model_validate_json(h[f.RESULT])
     assert result.finish_reason == "abort" and 0 < len(result.token_ids) < 300
     assert result.text == expected_text(list(range(100, 100 + len(result.token_ids))), 300)
-    assert await r.get(keys.tenant_queued_key(p.tenant)) == "0"
+    assert await r.get(keys.tenant_queued_key(p.tenant, MODEL)) == "0"

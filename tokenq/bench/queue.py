@@ -188,7 +188,7 @@ async def _cleanup(redis_url: str) -> None:
                 async for batch in _stream_job_keys(redis, stream):
                     removed += await redis.delete(*batch)
                 await redis.delete(stream)
-                await redis.decrby(keys.tenant_queued_key(tenant), removed)
+                await redis.decrby(keys.tenant_queued_key(tenant, BENCH_MODEL), removed)
             await redis.delete(keys.lane_tenants_key(BENCH_MODEL, lane), keys.lane_depth_key(BENCH_MODEL, lane))
         await redis.srem(keys.MODELS_SET, BENCH_MODEL)
         await redis.delete("bench:xadd")

@@ -4,6 +4,10 @@
 Every request has a prompt of uniform random length and random tokens and generates exactly --output-len
 tokens greedily (no EOS). The peer is slow, so it may run on the first --peer-num-requests requests only;
 ours then runs on that same subset too, and the like-for-like ratio is the one on the subset.
+
+With --guided-fraction f, that fraction of the requests is constrained by a JSON schema (tokenq/bench/guided.py)
+and may end early, where its grammar ends; the same requests then run again unconstrained with the lengths
+the constrained run gave, and the ratio of the two rates is the constraint's cost.
 """
 
 from __future__ import annotations
@@ -27,25 +31,50 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--peer-num-requests", type=int, default=None,
                    help="run the peer on the first N requests only (default: all)")
+    p.add_argument("--guided-fraction", type=float, default=0.0,
+                   help="constrain this fraction of the requests by a JSON schema (0 to 1; default 0)")
     p.add_argument("--out", default="bench-throughput.json")
     gc.add_flags(p, max_num_seqs=512, max_num_batched_tokens=8192)
     return p
 
 
-def _run_ours(engine, prompts: list[list[int]], output_len: int, device: str) -> dict:
+def _params(output_len: int | list[int], guided: list[bool] | None = None) -> list:
+    """Greedy, no EOS, output_len tokens each (or each its own); the `guided` rows under the JSON schema."""
+    from protocol.guided import GuidedSpec
     from protocol.sampling import SamplingParams
+    from tokenq.bench.guided import EXTRACTION_SCHEMA
 
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    lens = output_len if isinstance(output_len, list) else None
+    spec = GuidedSpec(json_schema=EXTRACTION_SCHEMA)
+    n = len(lens) if lens is not None else len(guided or [])
+    return [SamplingParams(max_tokens=lens[i] if lens is not None else output_len, temperature=0.0, ignore_eos=True,
+                           guided=spec if guided and guided[i] else None) for i in range(n)]
+
+
+def _run_ours(engine, prompts: list[list[int]], output_len: int, device: str,
+              params: list | None = None) -> dict:
+    params = params or _params(output_len, [False] * len(prompts))
+    # Each run starts cold: a rerun of the same prompts would otherwise skip their prefill in the prefix cache.
+    engine.block_manager.reset_prefix_cache()
     gc.sync(device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     seconds = time.perf_counter() - t0
     lengths = [len(o.new_token_ids) for o in outs]
     prompt_tokens = sum(len(p) for p in prompts)
-    return {"num_requests": len(prompts), "seconds": seconds, "prompt_tokens": prompt_tokens,
-            "output_tokens": sum(lengths), "output_tokens_per_s": sum(lengths) / seconds,
-            "total_tokens_per_s": (sum(lengths) + prompt_tokens) / seconds,
-            "all_lengths_ok": all(n == output_len for n in lengths)}
+    free = [n for n, p in zip(lengths, params, strict=True) if p.guided is None]
+    constrained = [(n, o.finish_reason) for n, o, p in zip(lengths, outs, params, strict=True) if p.guided]
+    out = {"num_requests": len(prompts), "seconds": seconds, "prompt_tokens": prompt_tokens,
+           "output_tokens": sum(lengths), "output_tokens_per_s": sum(lengths) / seconds,
+           "total_tokens_per_s": (sum(lengths) + prompt_tokens) / seconds,
+           "all_lengths_ok": all(n == p.max_tokens for n, p in zip(lengths, params, strict=True)
+                                 if p.guided is None) and all(r in ("stop", "length") for _, r in constrained),
+           "lengths": lengths}
+    if constrained:
+        out["constrained"] = {"requests": len(constrained), "output_tokens": sum(n for n, _ in constrained),
+                              "ended_by_grammar": sum(r == "stop" for _, r in constrained),
+                              "unconstrained_output_tokens": sum(free)}
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -72,7 +101,21 @@ def main(args: argparse.Namespace) -> int:
                                                            engine.runner.memory_profile.items()))
     buckets = gc.graph_buckets(engine)
     gc.warm_up(engine, vocab, min(args.max_prompt_len, 64))
-    ours = _run_ours(engine, prompts, args.output_len, setup.device)
+    guided = None
+    if args.guided_fraction > 0:
+        guided = _prepare_guided(engine, vocab, args)
+        rows = guided["rows"]
+        ours = _run_ours(engine, prompts, args.output_len, setup.device, _params(args.output_len, rows))
+        # The same requests unconstrained, each as long as its constrained run: the cost of the masks alone.
+        same = _run_ours(engine, prompts, args.output_len, setup.device, _params(ours["lengths"]))
+        guided.update(unconstrained_same_lengths=same,
+                      output_tokens_per_s_ratio=ours["output_tokens_per_s"] / same["output_tokens_per_s"])
+        print(f"guided: {sum(rows)} of {len(rows)} requests under a JSON schema ({guided['compile_s'] * 1e3:.0f} ms "
+              f"to compile); {ours['constrained']['ended_by_grammar']} ended where the grammar ended; output "
+              f"tok/s {ours['output_tokens_per_s']:.0f} vs {same['output_tokens_per_s']:.0f} unconstrained "
+              f"with the same lengths: {100 * (1 - guided['output_tokens_per_s_ratio']):.1f}% lost")
+    else:
+        ours = _run_ours(engine, prompts, args.output_len, setup.device)
     ours_subset = None
     if not args.skip_peer and peer_n < len(prompts):
         ours_subset = _run_ours(engine, prompts[:peer_n], args.output_len, setup.device)
@@ -89,8 +132,19 @@ def main(args: argparse.Namespace) -> int:
         "kv_cache_tokens": num_blocks * cfg.block_size,
         "engine_startup_s": startup, "kv_cache_profile": memory, "ours": ours, "graph_buckets": buckets,
     }
-    rows = [["tokenq", ours["num_requests"], ours["output_tokens"], ours["seconds"], ours["output_tokens_per_s"],
+    if guided is not None:
+        result["workload"]["guided_fraction"] = args.guided_fraction
+        result["guided"] = {k: v for k, v in guided.items() if k != "rows"}
+    label = f"tokenq ({args.guided_fraction:g} guided)" if guided is not None else "tokenq"
+    rows = [[label, ours["num_requests"], ours["output_tokens"], ours["seconds"], ours["output_tokens_per_s"],
              ours["total_tokens_per_s"]]]
+    if guided is not None:
+        same = guided["unconstrained_same_lengths"]
+        rows.append(["tokenq (none guided, same lengths)", same["num_requests"], same["output_tokens"],
+                     same["seconds"], same["output_tokens_per_s"], same["total_tokens_per_s"]])
+    for run in (ours, ours_subset, guided and guided["unconstrained_same_lengths"]):
+        if run:
+            run.pop("lengths", None)  # per request: used above, too long for the report
     if ours_subset is not None:
         result["ours_on_peer_subset"] = ours_subset
         rows.append(["tokenq (peer's subset)", peer_n, ours_subset["output_tokens"], ours_subset["seconds"],
@@ -120,6 +174,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"peer seconds leave out its set-up and warm-up ({result['peer']['call_seconds']:.1f} s with them)")
     write_json(args.out, result)
     return 0 if ours["all_lengths_ok"] and result.get("peer", {}).get("all_lengths_ok", True) else 1
+
+
+def _prepare_guided(engine, vocab: int, args: argparse.Namespace) -> dict:
+    """Gives a tokenizer-less engine the synthetic vocabulary and compiles the schema before the clock runs."""
+    from protocol.guided import GuidedSpec
+    from tokenq.bench.guided import EXTRACTION_SCHEMA, constrained_rows, synthetic_guided_decoding
+
+    if engine.guided is None:
+        engine.guided = synthetic_guided_decoding(vocab, args.seed)
+    t0 = time.perf_counter()
+    engine.guided.cache.get(GuidedSpec(json_schema=EXTRACTION_SCHEMA))
+    return {"rows": constrained_rows(args.num_requests, args.guided_fraction), "schema": EXTRACTION_SCHEMA,
+            "compile_s": time.perf_counter() - t0}
 
 
 if __name__ == "__main__":  # without the tokenq CLI (and the service packages it imports)

@@ -13,6 +13,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use, KV cache included
     max_num_seqs: int = 256  # sequences the scheduler may run at once
     max_num_batched_tokens: int = 2048  # the one token budget of a step: decodes + prefill chunks
+    # Requests of a better priority that intake may pull at once while worse ones fill every slot (each
+    # preempts one of them): an interactive request starts at once however much batch work runs.
+    priority_headroom: int = 8
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"

@@ -19,11 +19,12 @@ from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.distributed import destroy_tensor_parallel
 from worker.engine.dtypes import DTYPES
+from worker.engine.guided import GuidedDecoding, GuidedState, tokenizer_info
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
-from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
 from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
 from worker.models.card import model_card
 from worker.models.config import ModelConfig
@@ -52,14 +53,16 @@ class _RequestState:
     """What the engine keeps per sequence beyond the scheduler's Sequence. A request with n > 1 has one
     sequence per choice: `seq.request_id` is then the sequence's own id, `request_id` the request's."""
 
-    __slots__ = ("seq", "detok", "generator", "stop_ids", "prompt_logprobs_due", "request_id", "index", "group")
+    __slots__ = ("seq", "detok", "generator", "stop_ids", "prompt_logprobs_due", "request_id", "index", "group",
+                 "guided")
 
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None, generator: torch.Generator | None,
-                 stop_ids: set[int], request_id: str, index: int = 0) -> None:
+                 stop_ids: set[int], request_id: str, index: int = 0, guided: GuidedState | None = None) -> None:
         self.seq = seq
         self.detok = detok
         self.generator = generator
         self.stop_ids = stop_ids
+        self.guided = guided
         self.prompt_logprobs_due = seq.sampling.prompt_logprobs is not None  # sent with the first token
         self.request_id = request_id
         self.index = index
@@ -110,6 +113,11 @@ class LLMEngine:
         self._forking: dict[str, ChoiceGroup] = {}  # those whose other sequences wait for the first's prompt
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._in_flight: _InFlight | None = None
+        # Step N's samples while step N+1 is launched: guided rows of N+1 need N's tokens for their masks.
+        self._launching_after: PendingSamples | None = None
+        vocab = model_cfg.vocab_size
+        self.guided = (GuidedDecoding(lambda: tokenizer_info(tokenizer, vocab, self.eos_ids), vocab)
+                       if tokenizer is not None else None)
         # What start-up built (modules, blocks) lives as long as the engine: freezing it keeps the cyclic
         # GC from rescanning it every few steps (tens of ms a full pass at 512 sequences), as vLLM does.
         gc.collect()
@@ -162,7 +170,9 @@ class LLMEngine:
                  if self.tokenizer is not None else None)
         generator = make_generator(sampling.seed, self.device) if sampling.seed is not None else None
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_ids)
-        return _RequestState(seq, detok, generator, stop_ids, request_id, index)
+        # Each choice has its own matcher: choices sample apart, so each walks the grammar on its own.
+        guided = self._start_guided(sampling)
+        return _RequestState(seq, detok, generator, stop_ids, request_id, index, guided)
 
     def _fork_ready(self) -> None:
         """Starts the other sequences of each request whose first has its prompt computed: they share its
@@ -175,6 +185,14 @@ class LLMEngine:
                 self.scheduler.add(seq)
             group.unforked = []
             del self._forking[request_id]
+
+    def _start_guided(self, sampling: SamplingParams) -> GuidedState | None:
+        """The request's grammar matcher; a constraint that does not compile fails this request alone."""
+        if sampling.guided is None:
+            return None
+        if self.guided is None:
+            raise ValueError("guided decoding needs the model's tokenizer")
+        return self.guided.start(sampling.guided)
 
     def _check_vocabulary(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
         """The gateway bounds these already; here a request that got past it fails alone at add instead of
@@ -208,13 +226,19 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished()
 
-    def num_admissible(self) -> int:
-        """How many more requests intake may pull now: none while some still wait for blocks or slots."""
-        if self.scheduler.num_waiting > 0:
+    def num_admissible(self, priority: int = WORST_PRIORITY) -> int:
+        """How many more sequences of `priority` (0 best) intake may pull now: the free sequence slots, plus up
+        to `priority_headroom` running seqs of a worse priority, each of which a new one would preempt.
+        None while a request of this priority or a better one still waits for blocks or a slot."""
+        waiting = self.scheduler.best_waiting_priority()
+        if waiting is not None and waiting <= priority:
             return 0
+        # Sequences count, not requests: a request's other choices, not yet forked, hold their slots too.
+        unforked = sum(len(group.unforked) for group in self._forking.values())
+        free = max(self.config.max_num_seqs - self.scheduler.num_running - unforked, 0)
         if self.block_manager.num_free_blocks < 0.05 * self.block_manager.num_blocks:
-            return 0
-        return max(self.config.max_num_seqs - self.scheduler.num_running, 0)
+            free = 0
+        return free + min(self.scheduler.num_running_worse_than(priority), self.config.priority_headroom)
 
     def stats(self) -> dict:
         bm = self.block_manager
@@ -265,7 +289,11 @@ class LLMEngine:
                 outputs.append(self._output(state, [], "", "error"))
         launched = None
         if sched.scheduled:
-            launched = self.runner.launch(sched, self._sampling_batch, previous.samples if previous else None)
+            self._launching_after = previous.samples if previous else None
+            try:
+                launched = self.runner.launch(sched, self._sampling_batch, self._launching_after)
+            finally:
+                self._launching_after = None
         if previous is not None:
             outputs += self._finish_step(previous)  # waits for step N while N+1 runs
         if launched is not None:
@@ -308,10 +336,14 @@ class LLMEngine:
                 seq.append_token(token)
             if not live:
                 continue
-            if i in samples.errors:  # fails the request, every choice of it
+            error = samples.errors.get(i)
+            if error is None and state.guided is not None:
+                state.guided.advance(seq.output_token_ids, lambda token=token: token)
+                error = state.guided.error
+            if error is not None:  # fails the request, every choice of it
                 self.scheduler.finish(seq, "error")
                 self._drop_request(state.request_id, but=seq)
-                outputs.append(self._failed(state, samples.errors[i]))
+                outputs.append(self._failed(state, error))
                 continue
             if seq.sampling.max_tokens == 0:  # the prompt only was asked for: its token is not one to keep
                 seq.token_ids.pop()
@@ -357,23 +389,54 @@ class LLMEngine:
         seq = state.seq
         if token in state.stop_ids:  # the sampler forbids these until min_tokens is reached
             return "stop"
+        if state.guided is not None and state.guided.terminated:  # a stop token the grammar ended on
+            return "stop"
         if self._at_length_limit(seq):
             return "length"
         return None
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """Called by the runner once the step's forward is queued: host work here overlaps the GPU's."""
         states = [self._requests[s.request_id] for s in seqs]
-        return SamplingBatch(
+        batch = SamplingBatch(
             params=[s.sampling for s in seqs],
             # Only penalties read the output so far; copying every sequence's output each step is waste.
             output_token_ids=[s.output_token_ids if s.sampling.has_penalties else [] for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
             generators=[st.generator for st in states],
+            # A grammar decides where guided output ends: min_tokens would forbid the stop it allows.
             stop_ids_until_min=[
-                st.stop_ids if s.num_output_tokens < s.sampling.min_tokens else set()
+                st.stop_ids if s.num_output_tokens < s.sampling.min_tokens and st.guided is None else set()
                 for s, st in zip(seqs, states, strict=True)
             ],
         )
+        guided = [(i, st) for i, st in enumerate(states) if st.guided is not None]
+        if guided:
+            self._guided_masks(batch, [(i, seqs[i], st.guided) for i, st in guided])
+        return batch
+
+    def _guided_masks(self, batch: SamplingBatch, rows: list[tuple[int, Sequence, GuidedState]]) -> None:
+        """Brings each matcher up to the sequence's last token (step N's, read from its samples when still a
+        stand-in), then fills the allowed tokens of the rows it constrains."""
+        assert self.guided is not None
+        carried: list[int] | None = None
+
+        def pending_of(seq: Sequence) -> int:
+            nonlocal carried
+            if carried is None:
+                assert self._launching_after is not None, "a stand-in token without a step in flight"
+                carried = self._launching_after.result().token_ids
+            return carried[seq.pending]
+
+        live = []
+        for i, seq, state in rows:
+            state.advance(seq.output_token_ids, lambda seq=seq: pending_of(seq))
+            if state.wants_mask:  # an ended or broken matcher's row is dropped when its step finishes
+                live.append((i, state))
+        if live:
+            batch.guided_rows = [i for i, _ in live]
+            batch.guided_mask, batch.guided_index = self.guided.mask([st for _, st in live], batch.guided_rows,
+                                                                     self.device)
 
     @staticmethod
     def _output(state: _RequestState, tokens: list[int], delta: str, reason: str | None,

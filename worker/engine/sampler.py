@@ -1,7 +1,9 @@
-"""Sampling on the device: logit bias, penalties, min_tokens, greedy/temperature/top-k/top-p/min-p, seeds, logprobs.
+"""Sampling on the device: logit bias, penalties, min_tokens, grammar masks, greedy/temperature/top-k/top-p/
+min-p, seeds, logprobs.
 
 Logprobs follow vLLM v1's default "raw_logprobs": the log-softmax of the logits as the model produced
-them, before penalties, min_tokens masking and temperature. They describe the model, not the sampler.
+them, before penalties, min_tokens and grammar masking and temperature. They describe the model, not the
+sampler.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from protocol.sampling import SamplingParams
+from worker.engine.guided import apply_token_bitmask
 from worker.engine.outputs import TokenLogprobs
 
 # As vLLM: a temperature this small is greedy; dividing by it would overflow the logits.
@@ -36,10 +39,21 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]  # with the output: repetition penalty
     generators: list[torch.Generator | None]  # per request when seed is set, else None
     stop_ids_until_min: list[set[int]]  # forbidden while len(output) < min_tokens, else empty
+    # Guided decoding: the rows a grammar constrains, the bitmask of their allowed tokens on the device
+    # (row j of the mask for guided_rows[j]) and those rows on the device; see worker/engine/guided.py.
+    guided_rows: list[int] = field(default_factory=list)
+    guided_mask: Tensor | None = None
+    guided_index: Tensor | None = None
 
     def row(self, i: int) -> SamplingBatch:
-        return SamplingBatch([self.params[i]], [self.output_token_ids[i]], [self.prompt_token_ids[i]],
-                             [self.generators[i]], [self.stop_ids_until_min[i]])
+        one = SamplingBatch([self.params[i]], [self.output_token_ids[i]], [self.prompt_token_ids[i]],
+                            [self.generators[i]], [self.stop_ids_until_min[i]])
+        if i in self.guided_rows:
+            assert self.guided_mask is not None
+            j = self.guided_rows.index(i)
+            one.guided_rows, one.guided_mask = [0], self.guided_mask[j : j + 1]
+            one.guided_index = torch.zeros(1, dtype=torch.int64, device=self.guided_mask.device)
+        return one
 
 
 @dataclass
@@ -233,7 +247,7 @@ class Sampler:
         masking = any(batch.stop_ids_until_min)
         random_rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
 
-        if not (want_logprobs or penalized or biased or masking or random_rows):
+        if not (want_logprobs or penalized or biased or masking or random_rows or batch.guided_rows):
             return PendingSamples(logits.argmax(dim=1), params)
 
         raw_logprobs = torch.log_softmax(logits, dim=1) if want_logprobs else None
@@ -244,6 +258,9 @@ class Sampler:
             apply_penalties(logits, batch, penalized)
         if masking:
             apply_min_tokens(logits, batch)
+        if batch.guided_rows:
+            assert batch.guided_mask is not None and batch.guided_index is not None
+            apply_token_bitmask(logits, batch.guided_index, batch.guided_mask)
 
         tokens = logits.argmax(dim=1)  # greedy rows: exactly torch.argmax, as HF greedy search
         if random_rows:

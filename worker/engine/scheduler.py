@@ -1,4 +1,9 @@
-"""Picks each step's work under one token budget shared by decodes and chunked prefills (vLLM v1 style)."""
+"""Picks each step's work under one token budget shared by decodes and chunked prefills (vLLM v1 style).
+
+Order is (priority, arrival). A waiting seq that finds no free block or sequence slot preempts (by
+recompute) the worst running seq of a worse priority, so an interactive request never waits for a batch
+line to finish; the same priority never preempts, so a lane with work of one priority alone runs as if
+there were no preemption at all."""
 
 from __future__ import annotations
 
@@ -95,6 +100,14 @@ class Scheduler:
         self.block_manager.free(seq)
         self._seqs.pop(seq.request_id, None)
 
+    def best_waiting_priority(self) -> int | None:
+        """The priority of the best waiting seq (the heap's top), or None when none waits."""
+        return self._waiting[0][1].priority if self._waiting else None
+
+    def num_running_worse_than(self, priority: int) -> int:
+        """Running seqs a waiting seq of `priority` may preempt."""
+        return len(self._running) - bisect.bisect_right(self._running, priority, key=lambda s: s.priority)
+
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute: drop the KV, keep the tokens; the seq re-prefills prompt + output later."""
         self._running.remove(seq)
@@ -114,12 +127,16 @@ class Scheduler:
         preempted: list[Sequence] = []
         rejected: list[Sequence] = []
 
-        # Running seqs first, best first: they already hold blocks, and finishing them frees blocks.
+        # Running seqs first, best first: they already hold blocks, and finishing them frees blocks. Their
+        # prefill chunks leave what better waiting seqs need, so a batch prompt never pushes an interactive
+        # prefill to a later step (decodes, one token each, are never held back).
+        reserve = self._reserve_for_better()
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new <= 0:  # waiting for its sampled token to be appended
+            left = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(left, budget - reserve.get(seq.priority, 0) if left > 1 else budget)
+            if num_new <= 0:  # waiting for its sampled token to be appended, or its chunk yields
                 i += 1
                 continue
             while not bm.allocate_slots(seq, num_new):
@@ -134,10 +151,10 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Then waiting seqs, best first, while there is budget and a sequence slot. After a preemption
-        # blocks are scarce, so admit nothing new unless the step would otherwise be empty.
+        # Then waiting seqs, best first, while there is budget. After a preemption for blocks they are
+        # scarce, so admit nothing new unless the step would otherwise be empty.
         admit = not preempted or not scheduled
-        while admit and self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+        while admit and self._waiting and budget > 0:
             seq = self._waiting[0][1]
             if seq in preempted:  # just evicted for a better seq: taking it back now would thrash
                 break
@@ -146,17 +163,19 @@ class Scheduler:
                 self.finish(seq, "error")
                 rejected.append(seq)
                 continue
+            if len(self._running) >= self.config.max_num_seqs:
+                # Every slot is taken: a better seq takes the worst running seq's slot (an interactive
+                # request does not wait for a batch line to finish); an equal or worse one waits.
+                if self._running[-1].priority <= seq.priority:
+                    break
+                budget += self._evict_worst(scheduled, preempted)
             if not seq.block_table and seq.num_computed_tokens == 0:
                 bm.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             admitted = bm.allocate_slots(seq, num_new)
             while not admitted and self._running and self._running[-1].priority > seq.priority:
-                # Priority beats seniority: evict the worst running seq, even one scheduled this step.
-                victim = self._running[-1]
-                if (gone := scheduled.pop(victim.request_id, None)) is not None:
-                    budget += gone.num_new_tokens
-                self._preempt(victim)
-                preempted.append(victim)
+                # Priority beats seniority for blocks too.
+                budget += self._evict_worst(scheduled, preempted)
                 admitted = bm.allocate_slots(seq, num_new)
             if not admitted:
                 bm.free(seq)  # undo the prefix-cache hit; it is looked up again next step
@@ -177,6 +196,26 @@ class Scheduler:
             num_batched_tokens=sum(s.num_new_tokens for s in items),
             rejected=rejected,
         )
+
+    def _reserve_for_better(self) -> dict[int, int]:
+        """For each running priority, the tokens that waiting seqs of a better priority need (at most): what
+        running prefill chunks of that priority leave them. Empty when nothing better waits."""
+        best = self.best_waiting_priority()
+        if best is None or not self._running or best >= self._running[-1].priority:
+            return {}
+        need: dict[int, int] = {}
+        for _, seq in self._waiting:
+            need[seq.priority] = need.get(seq.priority, 0) + seq.num_tokens - seq.num_computed_tokens
+        return {p: sum(n for q, n in need.items() if q < p) for p in {s.priority for s in self._running}}
+
+    def _evict_worst(self, scheduled: dict[str, ScheduledSeq], preempted: list[Sequence]) -> int:
+        """Preempt the worst running seq (lowest priority, newest), even one scheduled this step; returns
+        the tokens of this step's budget it gives back."""
+        victim = self._running[-1]
+        gone = scheduled.pop(victim.request_id, None)
+        self._preempt(victim)
+        preempted.append(victim)
+        return gone.num_new_tokens if gone is not None else 0
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Record the KV the step computed and publish newly full blocks to the prefix cache."""

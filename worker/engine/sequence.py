@@ -18,6 +18,7 @@ class SequenceStatus(enum.Enum):
 
 
 _arrival_counter = itertools.count()
+WORST_PRIORITY = 2  # priorities are the lanes' (protocol.keys.LANE_PRIORITY): 0 interactive, 1 default, 2 batch
 
 
 @dataclass(eq=False)

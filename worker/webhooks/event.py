@@ -17,7 +17,7 @@ from standardwebhooks import Webhook
 
 from protocol import job_record as F
 from protocol import keys
-from protocol.jobs import JobError, JobResult
+from protocol.jobs import Choice, JobError, JobResult
 
 SECRET_FIELD = "webhook_secret"
 
@@ -35,6 +35,14 @@ def _iso(value: str | None) -> str:
     return when.isoformat().replace("+00:00", "Z")
 
 
+def _choice(c: Choice) -> dict[str, Any]:
+    body = c.model_dump(include={"index", "text", "finish_reason", "stop_reason"})
+    if c.tool_calls:
+        body["content"] = c.content
+        body["tool_calls"] = [call.model_dump() for call in c.tool_calls]
+    return body
+
+
 def event_body(job_id: str, record: dict[str, str]) -> str:
     """`{"type": "job.<state>", "timestamp", "data": {...}}` as compact JSON."""
     state = record.get(F.STATE, "")
@@ -50,9 +58,11 @@ def event_body(job_id: str, record: dict[str, str]) -> str:
         result = JobResult.model_validate_json(record[F.RESULT])
         data["result"] = {"text": result.text, "finish_reason": result.finish_reason,
                           "stop_reason": result.stop_reason}
+        if result.tool_calls:
+            data["result"]["content"] = result.content
+            data["result"]["tool_calls"] = [c.model_dump() for c in result.tool_calls]
         if result.choices:  # n > 1: every choice (the fields above are the first's)
-            data["result"]["choices"] = [c.model_dump(include={"index", "text", "finish_reason", "stop_reason"})
-                                         for c in result.choices]
+            data["result"]["choices"] = [_choice(c) for c in result.choices]
         data["usage"] = result.usage.model_dump()
     if record.get(F.ERROR):
         data["error"] = JobError.model_validate_json(record[F.ERROR]).model_dump()

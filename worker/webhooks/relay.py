@@ -1,5 +1,6 @@
-"""The outbox relay: each entry FINISH_JOB (or a batch's end) put on `keys.WEBHOOK_OUTBOX` becomes one arq
-delivery job.
+"""The outbox relay: each entry a job's first final write (on its model's `keys.webhook_outbox`) or a
+batch's end (on `keys.WEBHOOK_OUTBOX`) put on an outbox becomes one arq delivery job. The relay reads every
+outbox at once: the batches' and one per model a worker has served.
 
 Read with a consumer group, so an entry is removed only after its job is enqueued; entries a crashed
 relay had read are claimed back after CLAIM_IDLE_MS. The arq job id `webhook:{job_id}` makes a second
@@ -12,10 +13,10 @@ import asyncio
 import os
 import socket
 
-import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
+from jobstore.connect import AnyRedis, is_cluster, pipeline
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage
 from worker.logging import get_logger
@@ -25,6 +26,7 @@ from worker.webhooks.policy import RetryPolicy
 
 GROUP = "webhooks"
 CLAIM_IDLE_MS = 30_000
+CLUSTER_POLL_S = 0.2
 _log = get_logger("webhooks.relay")
 
 
@@ -33,7 +35,7 @@ def arq_job_id(job_id: str) -> str:
 
 
 class Relay:
-    def __init__(self, redis: aioredis.Redis, arq: ArqRedis, policy: RetryPolicy, queue: str,
+    def __init__(self, redis: AnyRedis, arq: ArqRedis, policy: RetryPolicy, queue: str,
                  consumer: str | None = None, block_ms: int = 1000, count: int = 100) -> None:
         self.redis = redis  # decode_responses=True
         self.arq = arq
@@ -43,28 +45,53 @@ class Relay:
         self.block_ms = block_ms
         self.count = count
 
-    async def ensure_group(self) -> None:
+        self.outboxes: list[str] = []  # those with our group on them
+
+    async def ensure_group(self, outbox: str = keys.WEBHOOK_OUTBOX) -> None:
         try:  # from the stream's start: entries written before any relay ran are delivered too
-            await self.redis.xgroup_create(keys.WEBHOOK_OUTBOX, GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(outbox, GROUP, id="0", mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
 
+    async def _refresh(self) -> None:
+        """Take on the outbox of each model a worker has served since the last look."""
+        models = await self.redis.smembers(keys.MODELS_SET)
+        for outbox in [keys.WEBHOOK_OUTBOX, *(keys.webhook_outbox(m) for m in sorted(models))]:
+            if outbox not in self.outboxes:
+                await self.ensure_group(outbox)
+                self.outboxes.append(outbox)
+
     async def run_once(self) -> int:
         """Relay claimed-back entries, then new ones (waiting up to block_ms); returns how many."""
-        _, claimed, *_ = await self.redis.xautoclaim(keys.WEBHOOK_OUTBOX, GROUP, self.consumer,
-                                                     min_idle_time=CLAIM_IDLE_MS, start_id="0-0",
-                                                     count=self.count)
-        entries = list(claimed)
-        if not entries:
-            read = await self.redis.xreadgroup(GROUP, self.consumer, {keys.WEBHOOK_OUTBOX: ">"},
+        await self._refresh()
+        entries: list[tuple[str, str, dict[str, str] | None]] = []
+        for outbox in self.outboxes:
+            _, claimed, *_ = await self.redis.xautoclaim(outbox, GROUP, self.consumer, min_idle_time=CLAIM_IDLE_MS,
+                                                         start_id="0-0", count=self.count)
+            entries += [(outbox, entry_id, fields) for entry_id, fields in claimed]
+        if not entries and is_cluster(self.redis):
+            entries = await self._read_each()
+        elif not entries:
+            read = await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(self.outboxes, ">"),
                                                count=self.count, block=self.block_ms)
-            entries = read[0][1] if read else []
-        for entry_id, fields in entries:
-            await self._relay(entry_id, fields)
+            entries = [(outbox, entry_id, fields) for outbox, got in read or [] for entry_id, fields in got]
+        for outbox, entry_id, fields in entries:
+            await self._relay(outbox, entry_id, fields)
         return len(entries)
 
-    async def _relay(self, entry_id: str, fields: dict[str, str] | None) -> None:
+    async def _read_each(self) -> list[tuple[str, str, dict[str, str] | None]]:
+        """On a cluster the outboxes lie in different slots, so no one read blocks on them all: each is read
+        without blocking, and an empty round waits CLUSTER_POLL_S."""
+        entries = []
+        for outbox in self.outboxes:
+            read = await self.redis.xreadgroup(GROUP, self.consumer, {outbox: ">"}, count=self.count)
+            entries += [(outbox, entry_id, fields) for _, got in read or [] for entry_id, fields in got]
+        if not entries:
+            await asyncio.sleep(min(self.block_ms / 1000, CLUSTER_POLL_S))
+        return entries
+
+    async def _relay(self, outbox: str, entry_id: str, fields: dict[str, str] | None) -> None:
         job_id = (fields or {}).get("job_id") or (fields or {}).get("batch_id")
         if job_id:
             # Expiry covers the whole retry schedule; arq's default (a day) would drop late retries.
@@ -74,19 +101,15 @@ class Relay:
             _log.info("webhook queued", job_id=job_id, state=fields.get("state"), duplicate=job is None)
         else:
             _log.warning("malformed outbox entry dropped", entry_id=entry_id, fields=fields)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(keys.WEBHOOK_OUTBOX, GROUP, entry_id)
-            pipe.xdel(keys.WEBHOOK_OUTBOX, entry_id)
+        async with pipeline(self.redis) as pipe:
+            pipe.xack(outbox, GROUP, entry_id)
+            pipe.xdel(outbox, entry_id)
             await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
         outage = Outage(_log, "webhook relay")
-        grouped = False
         while not stop.is_set():
             try:
-                if not grouped:
-                    await self.ensure_group()
-                    grouped = True
                 await self.run_once()
                 outage.restored()
             except REDIS_DOWN as e:  # Redis away: try again after a back-off
@@ -94,4 +117,4 @@ class Relay:
             except ResponseError as e:  # the stream or group was deleted under us (a Redis without its data)
                 if "NOGROUP" not in str(e):
                     raise
-                grouped = False
+                self.outboxes.clear()

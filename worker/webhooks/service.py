@@ -1,5 +1,8 @@
 """`tokenq webhooks`: the outbox relay and the arq delivery worker in one process.
 
+arq speaks to one Redis node. On a Redis Cluster the job store stays on the cluster (outboxes, job hashes,
+attempts) and arq's delivery queue lives on a single-node Redis of its own, TOKENQ_WEBHOOK_QUEUE_URL.
+
 `WorkerSettings` also lets arq's own CLI run the delivery worker alone
 (`arq worker.webhooks.service.WorkerSettings`, with TOKENQ_REDIS_URL set); the relay must then run
 somewhere else, e.g. in `tokenq webhooks`."""
@@ -11,10 +14,10 @@ import contextlib
 import json
 from typing import Any
 
-import redis.asyncio as aioredis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Function, Worker, func
 
+from jobstore.connect import connect, is_cluster_url
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage
 from tokenq.settings import Settings
@@ -49,16 +52,20 @@ class WebhookService:
     """Relay and delivery worker sharing one Redis; `run` until `stop` is set."""
 
     def __init__(self, redis_url: str, policy: RetryPolicy | None = None, allow: str | None = None,
-                 poll_delay: float = 0.5, block_ms: int = 1000) -> None:
+                 poll_delay: float = 0.5, block_ms: int = 1000, queue_url: str | None = None) -> None:
         self.redis_url = redis_url
+        self.queue_url = queue_url or Settings.from_env().webhook_queue_url or redis_url
         self.policy = policy or RetryPolicy.from_env()
         self.allow = allow
         self.poll_delay = poll_delay
         self.block_ms = block_ms
 
     async def run(self, stop: asyncio.Event) -> None:
-        redis = aioredis.from_url(self.redis_url, decode_responses=True)
-        pool = await arq_pool(self.redis_url)
+        if is_cluster_url(self.queue_url):  # arq speaks to one Redis node only (docs/redis-cluster.md)
+            raise ValueError("arq does not support Redis Cluster: set TOKENQ_WEBHOOK_QUEUE_URL to a single-node "
+                             "Redis for the webhook delivery queue")
+        redis = connect(self.redis_url)
+        pool = await arq_pool(self.queue_url)
         http = new_http_client()
         deliverer = Deliverer(redis, http, self.policy, self.allow)
         workers: list[Worker] = []
@@ -124,7 +131,7 @@ async def _drain(worker: Worker) -> None:
 async def _startup(ctx: dict) -> None:
     url = Settings.from_env().redis_url or "redis://localhost:6379"
     policy = RetryPolicy.from_env()
-    ctx[CTX_KEY] = Deliverer(aioredis.from_url(url, decode_responses=True), new_http_client(), policy)
+    ctx[CTX_KEY] = Deliverer(connect(url), new_http_client(), policy)
 
 
 async def _shutdown(ctx: dict) -> None:

@@ -1,0 +1,116 @@
+"""Tool calls parsed from generated text (protocol/tools.py) and their place in a job's result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protocol.jobs import JobResult, Usage
+from protocol.tools import ToolParsing, content_before, parse_tool_calls
+
+TAGGED = ToolParsing(names=["get_weather", "get_time"], form="tagged")
+JSON = ToolParsing(names=["get_weather", "get_time"], form="json")
+
+
+def _args(call) -> dict:
+    return json.loads(call.function.arguments)
+
+
+def test_one_tagged_call_with_text_before():
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    parsed = parse_tool_calls(text, TAGGED)
+    assert parsed is not None and parsed.content == "Let me check."
+    [call] = parsed.calls
+    assert call.type == "function" and call.function.name == "get_weather" and _args(call) == {"city": "Paris"}
+    assert call.id.startswith("call_") and len(call.id) > 10
+
+
+def test_several_tagged_calls_no_content_and_unclosed_last_block():
+    text = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "parameters": {"tz": "CET"}}\n')  # stopped before the close tag
+    parsed = parse_tool_calls(text, TAGGED)
+    assert parsed is not None and parsed.content is None
+    assert [c.function.name for c in parsed.calls] == ["get_weather", "get_time"]
+    assert _args(parsed.calls[1]) == {"tz": "CET"}
+    assert len({c.id for c in parsed.calls}) == 2
+
+
+def test_parallel_false_keeps_the_first_call():
+    text = ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    parsed = parse_tool_calls(text, TAGGED.model_copy(update={"parallel": False}))
+    assert [c.function.name for c in parsed.calls] == ["get_weather"]
+
+
+def test_arguments_given_as_a_json_string_are_normalized():
+    text = '<tool_call>{"name": "get_time", "arguments": "{\\"tz\\": \\"UTC\\"}"}</tool_call>'
+    [call] = parse_tool_calls(text, TAGGED).calls
+    assert _args(call) == {"tz": "UTC"}
+
+
+@pytest.mark.parametrize("text", [
+    "Just an answer, no tools needed.",
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Par',  # cut off mid-JSON
+    '<tool_call>{"name": "launch_rockets", "arguments": {}}</tool_call>',  # not an offered function
+    '<tool_call>{"name": "get_weather", "arguments": [1, 2]}</tool_call>',  # arguments not an object
+    '<tool_call>not json</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call><tool_call>oops</tool_call>',  # one bad block
+    '{"name": "get_weather", "arguments": {"city": "Paris"}}',  # bare JSON is not a call in the tagged form
+])
+def test_malformed_or_absent_calls_are_plain_content(text):
+    assert parse_tool_calls(text, TAGGED) is None
+
+
+def test_json_form_object_and_array():
+    one = parse_tool_calls('  {"name": "get_weather", "arguments": {"city": "Rome"}} ', JSON)
+    assert one.content is None and [c.function.name for c in one.calls] == ["get_weather"]
+    many = parse_tool_calls('[{"name": "get_weather", "arguments": {"city": "Rome"}},'
+                            ' {"name": "get_time", "arguments": {}}]', JSON)
+    assert [c.function.name for c in many.calls] == ["get_weather", "get_time"]
+    assert parse_tool_calls("[]", JSON) is None
+    assert parse_tool_calls('{"name": "get_weather"', JSON) is None
+    assert parse_tool_calls("Sure! Here is the weather.", JSON) is None
+
+
+def test_content_before_is_right_trimmed_text_before_the_tag():
+    assert content_before("Hi there \n\n<tool_call>{}") == "Hi there"
+    assert content_before("no tag  ") == "no tag"
+
+
+def _result(text: str, reason: str = "stop") -> JobResult:
+    return JobResult(text=text, finish_reason=reason, usage=Usage(prompt_tokens=1, completion_tokens=1,
+                                                                   total_tokens=2))
+
+
+def test_job_result_with_tool_calls():
+    text = 'ok <tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    got = _result(text).with_tool_calls(TAGGED)
+    assert got.finish_reason == "tool_calls" and got.content == "ok" and got.text == text
+    assert got.tool_calls[0].function.arguments == "{}"
+    # The stored result round-trips (webhooks and /v1/jobs read it back from the job hash).
+    assert JobResult.model_validate_json(got.model_dump_json()) == got
+    assert _result(text, "abort").with_tool_calls(TAGGED).finish_reason == "abort"
+    assert _result(text, "length").with_tool_calls(TAGGED).finish_reason == "tool_calls"
+    plain = _result("no calls here").with_tool_calls(TAGGED)
+    assert plain.tool_calls is None and plain.finish_reason == "stop"
+    assert _result(text).with_tool_calls(None).tool_calls is None
+
+
+def test_a_cut_output_keeps_its_whole_calls():
+    """max_tokens stopped a constrained array (or a tagged block) mid-call: the whole calls before it count,
+    and only then: the same text that ended by itself is not calls."""
+    cut_array = ('[{"name": "get_weather", "arguments": {"city": "Oslo"}}, \n'
+                 '{"name": "get_time", "arguments": {"tz": "CET"}}, {"name": "get_w')
+    assert parse_tool_calls(cut_array, JSON) is None
+    parsed = parse_tool_calls(cut_array, JSON, cut=True)
+    assert [c.function.name for c in parsed.calls] == ["get_weather", "get_time"]
+    assert parse_tool_calls('[{"name": "get_wea', JSON, cut=True) is None
+    assert parse_tool_calls('{"name": "get_weather", "arguments": {"ci', JSON, cut=True) is None
+    cut_tagged = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n'
+                  '<tool_call>{"name": "get_weather", "argu')
+    assert parse_tool_calls(cut_tagged, TAGGED) is None
+    assert [c.function.name for c in parse_tool_calls(cut_tagged, TAGGED, cut=True).calls] == ["get_time"]
+    result = _result(cut_array, "length").with_tool_calls(JSON)
+    assert result.finish_reason == "tool_calls" and len(result.tool_calls) == 2
+    assert _result(cut_array, "stop").with_tool_calls(JSON).tool_calls is None
