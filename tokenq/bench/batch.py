@@ -117,7 +117,7 @@ def _wait_feeder(redis_url: str, feeder: subprocess.Popen, timeout: float = 300)
         r.close()
 
 
-def _phases(redis_url: str, batch: dict, n: int, window: int) -> dict[str, float]:
+def _phases(redis_url: str, batch: dict, model: str, n: int, window: int) -> dict[str, float]:
     """Where the batch's time went, in seconds from its creation (the batch's and its line jobs' own
     timestamps in Redis): the feeder's pick-up, its first window of lines queued, the engine's first and
     last line, the files written, and the poll that saw it end. `engine_s` (first line started to last line done) is the part that the
@@ -125,15 +125,16 @@ def _phases(redis_url: str, batch: dict, n: int, window: int) -> dict[str, float
     import redis as sync_redis
 
     from batches import keys as K
+    from batches.submit import line_job_id
     from protocol import job_record as F
+    from protocol import keys
 
     r = sync_redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         b = r.hgetall(K.batch_key(batch["id"]))
-        hexid = batch["id"].removeprefix("batch_")
         pipe = r.pipeline(transaction=False)
         for i in range(n):
-            pipe.hmget(f"tokenq:job:job_{hexid}_{i}", [F.CREATED_AT, F.STARTED_AT, F.FINISHED_AT])
+            pipe.hmget(keys.job_key(line_job_id(batch["id"], i, model)), [F.CREATED_AT, F.STARTED_AT, F.FINISHED_AT])
         rows = [[float(x) if x else None for x in row] for row in pipe.execute()]
     finally:
         r.close()
@@ -216,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
             ended.set()
             started.set()
             side.join()
-        phases = _phases(args.redis_url or redis.url, batch, n, window)
+        phases = _phases(args.redis_url or redis.url, batch, name, n, window)
     finally:
         stop_stack(procs, redis)
     offline = None if args.skip_offline else _offline_all(path, args, prompts)
