@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import gemv
-from kernels.activation import silu_and_mul_ref
+from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.dispatch import HAS_TRITON, use_triton
 from kernels.norm import rms_norm_ref
 
@@ -104,8 +104,13 @@ def rms_norm_quant(
     return rms_norm_quant_ref(x, residual, weight, eps)
 
 
-def silu_and_mul_quant(x: torch.Tensor) -> QuantizedInput:
+def silu_and_mul_quant(x: torch.Tensor) -> QuantizedInput | torch.Tensor:
+    """SiLU(gate) * up, quantized per row for the FP8 matmul that reads it. At rows the FP8 GEMV takes (it
+    multiplies 16-bit x itself) the product stays 16-bit: the fused kernel runs one program a row, and at
+    one row its two passes over 14,336 columns took longer than the down projection's weight read."""
     if use_triton(x):
+        if _takes_gemv(x):
+            return silu_and_mul(x)
         return fp8_triton.silu_and_mul_quant_triton(x)
     return silu_and_mul_quant_ref(x)
 
@@ -137,14 +142,19 @@ def scaled_mm(
 GEMV_MAX_ROWS = 1
 
 
+def _takes_gemv(x: torch.Tensor) -> bool:
+    """Whether an FP8 linear over x's rows reads its weight with the GEMV (see fp8_linear)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return gemv.ENABLED and 0 < rows <= GEMV_MAX_ROWS and use_triton(x)
+
+
 def fp8_linear(
     x: torch.Tensor | QuantizedInput, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x [..., K] (16/32-bit, or already quantized), weight [N, K] e4m3, weight_scale [N] float32 -> [..., N]."""
     q = x.q if isinstance(x, QuantizedInput) else x
     lead, k = q.shape[:-1], q.shape[-1]
-    rows = q.numel() // k if k else 0
-    if gemv.ENABLED and use_triton(q) and 0 < rows <= GEMV_MAX_ROWS:
+    if _takes_gemv(q):
         return fp8_triton.fp8_gemv_triton(x, weight, weight_scale, bias)
     if isinstance(x, QuantizedInput):
         xq, x_scale, dtype = x.q.reshape(-1, k), x.scale.reshape(-1, 1), x.dtype
