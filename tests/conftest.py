@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -30,8 +31,9 @@ def redis_server_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url(single_redis_url: str) -> str:
-    return single_redis_url
+def redis_url(redis_kind: str, request: pytest.FixtureRequest) -> str:
+    """One redis-server; in a module marked `both_redis`, the three-node cluster too (see redis_kind)."""
+    return request.getfixturevalue("single_redis_url" if redis_kind == "single" else "redis_cluster_url")
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +50,9 @@ def single_redis_url() -> Iterator[str]:
 
 @pytest.fixture
 async def redis_client(redis_url: str):
-    """A fresh asyncio client on a flushed database."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(redis_url, decode_responses=True)
-    await client.flushdb()
-    yield client
-    await client.aclose()
+    """A fresh client (a cluster client on the cluster) on flushed data."""
+    async with _fresh_client(redis_url) as client:
+        yield client
 
 
 def _start_redis(args: list[str], port: int, workdir: str) -> subprocess.Popen:
@@ -113,30 +111,43 @@ def _cluster_ok(cli: str, port: int) -> bool:
     return "cluster_state:ok" in info.stdout
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test of a module marked `both_redis` that takes Redis runs twice: on one redis-server and on
+    the three-node cluster."""
+    if metafunc.definition.get_closest_marker("both_redis") and "redis_kind" in metafunc.fixturenames:
+        metafunc.parametrize("redis_kind", ["single", "cluster"], indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "single")
+
+
 @pytest.fixture(params=["single", "cluster"])
 def store_redis_url(request: pytest.FixtureRequest) -> str:
-    """The queue's tests run twice: on one redis-server, and on the three-node cluster."""
+    """The job store's own tests run twice: on one redis-server, and on the three-node cluster."""
     return request.getfixturevalue("single_redis_url" if request.param == "single" else "redis_cluster_url")
 
 
 @pytest.fixture
 async def store_client(store_redis_url: str):
-    """A fresh client (a cluster client on the cluster) on flushed data."""
+    async with _fresh_client(store_redis_url) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def _fresh_client(url: str):
     from jobstore.connect import connect, is_cluster
 
-    client = connect(store_redis_url)
+    client = connect(url)
     if is_cluster(client):
         await client.flushdb(target_nodes=client.PRIMARIES)
     else:
         await client.flushdb()
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def on_both_redis(store_redis_url: str, store_client):
-    """For a module whose `redis_url` and `redis_client` fixtures take these: it runs on both."""
-    return store_redis_url, store_client
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

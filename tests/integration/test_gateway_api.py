@@ -16,15 +16,8 @@ from tests.asserts import assert_error
 from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker
 
-
-@pytest.fixture
-def redis_url(on_both_redis) -> str:
-    return on_both_redis[0]
-
-
-@pytest.fixture
-def redis_client(on_both_redis):
-    return on_both_redis[1]
+# Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py).
+pytestmark = pytest.mark.both_redis
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ from tests.asserts import assert_error
 from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker, model_card
 
+# Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py).
+pytestmark = pytest.mark.both_redis
+
 IDLE_WORKER = "test:idle-worker"
 PROMPT = {"model": MODEL, "prompt": "one two three", "max_tokens": 8}
 
@@ -51,17 +54,6 @@ async def idle_worker(redis_client, default_model_dir):
 
 def make_client(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
-
-
-@pytest.fixture
-def redis_url(on_both_redis) -> str:
-    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
-    return on_both_redis[0]
-
-
-@pytest.fixture
-def redis_client(on_both_redis):
-    return on_both_redis[1]
 
 
 @pytest.fixture

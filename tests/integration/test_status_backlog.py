@@ -42,12 +42,7 @@ async def _beat(redis, worker_id: str = "host:1") -> None:
     await redis.sadd(keys.WORKERS_SET, worker_id)
 
 
-@pytest.fixture
-def redis_client(on_both_redis):
-    """The backlog tests run on one redis-server and on a three-node cluster (tests/conftest.py)."""
-    return on_both_redis[1]
-
-
+@pytest.mark.both_redis  # one redis-server and a three-node cluster (tests/conftest.py)
 async def test_backlog_counts_waiting_and_running_per_tenant(redis_client):
     stream = await _queue(redis_client, "default", "a", 3)
     await _take(redis_client, stream, 1)
@@ -61,6 +56,7 @@ async def test_backlog_counts_waiting_and_running_per_tenant(redis_client):
     assert rows[("batch", "b")].waiting == 0 and rows[("batch", "b")].oldest_waiting_s == 0.0
 
 
+@pytest.mark.both_redis  # one redis-server and a three-node cluster (tests/conftest.py)
 async def test_gateway_exports_the_backlog_with_no_worker(redis_client):
     await _queue(redis_client, "interactive", "a", 2)
     metrics = GatewayMetrics()
@@ -70,6 +66,7 @@ async def test_gateway_exports_the_backlog_with_no_worker(redis_client):
     assert f'tokenq_live_workers{{model="{MODEL}"}} 0.0' in text  # present, and zero: the alert can fire
 
 
+@pytest.mark.both_redis  # one redis-server and a three-node cluster (tests/conftest.py)
 async def test_gateway_scrape_serves_the_backlog(redis_client):
     await _queue(redis_client, "default", "a", 1)
     await _beat(redis_client)
@@ -79,6 +76,7 @@ async def test_gateway_scrape_serves_the_backlog(redis_client):
     assert "tokenq_queue_oldest_waiting_seconds" in text
 
 
+@pytest.mark.both_redis  # one redis-server and a three-node cluster (tests/conftest.py)
 async def test_status_snapshot_and_view(redis_client):
     from rich.console import Console
 

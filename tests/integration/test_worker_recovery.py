@@ -17,18 +17,12 @@ from protocol.jobs import JobResult
 from tests.fakes import FakeEngine, expected_text, submit_job
 from tests.integration.test_worker_service import MODEL, final_state, payload, running, wait_until
 
+# Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py).
+pytestmark = pytest.mark.both_redis
+
 STREAM = keys.jobs_stream(MODEL, "default", "default")
 
 
-@pytest.fixture
-def redis_url(on_both_redis) -> str:
-    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
-    return on_both_redis[0]
-
-
-@pytest.fixture
-def redis_client(on_both_redis):
-    return on_both_redis[1]
 DEAD = "dead-host:1"
 
 

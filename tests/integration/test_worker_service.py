@@ -22,19 +22,11 @@ from protocol.workers import ModelCard, WorkerHeartbeat
 from tests.fakes import FakeEngine, expected_text, submit_job
 from worker.service import WorkerService
 
+# Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py).
+pytestmark = pytest.mark.both_redis
+
 MODEL = "fake-model"
 CARD = ModelCard(name=MODEL, max_model_len=2048, tokenizer_json="", chat_template="{{ messages }}")
-
-
-@pytest.fixture
-def redis_url(on_both_redis) -> str:
-    """Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py)."""
-    return on_both_redis[0]
-
-
-@pytest.fixture
-def redis_client(on_both_redis):
-    return on_both_redis[1]
 
 
 def payload(prompt: list[int], lane: str = "default", max_tokens: int = 256, stream: bool = False,
