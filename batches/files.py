@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from batches import keys as K
 from batches.lines import LineError, LineSplitter, parse_line
+from batches.pages import read_page
 from batches.settings import BatchSettings
 from gateway.errors import ApiError
 
@@ -197,17 +198,6 @@ async def list_files(redis: aioredis.Redis, tenant: str, purpose: str | None, li
     """A page of the tenant's files (newest first unless order='asc') and whether more follow."""
     index = K.tenant_files_key(tenant)
     ids = await (redis.zrange(index, 0, -1) if order == "asc" else redis.zrevrange(index, 0, -1))
-    if after is not None and after in ids:
-        ids = ids[ids.index(after) + 1:]
-    page: list[dict[str, str]] = []
-    for start in range(0, len(ids), 100):
-        async with redis.pipeline(transaction=False) as pipe:
-            for file_id in ids[start:start + 100]:
-                pipe.hgetall(K.file_key(file_id))
-            metas = await pipe.execute()
-        for meta in metas:
-            if meta and (purpose is None or meta.get("purpose") == purpose):
-                if len(page) == limit:
-                    return page, True
-                page.append(meta)
-    return page, False
+    page, more, _ = await read_page(redis, ids, after, K.file_key, limit,
+                                    keep=lambda meta: purpose is None or meta.get("purpose") == purpose)
+    return page, more

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from batches import keys as K
 from batches.files import read_file
 from batches.lines import ENDPOINTS
+from batches.pages import read_page
 from gateway.errors import ApiError
 from gateway.options import check_webhook
 from gateway.schemas import MAX_METADATA_KEY_CHARS, MAX_METADATA_KEYS, MAX_METADATA_VALUE_CHARS
@@ -159,20 +160,7 @@ async def cancel_batch(redis: aioredis.Redis, batch_id: str, tenant: str) -> dic
 async def list_batches(redis: aioredis.Redis, tenant: str, limit: int,
                        after: str | None) -> tuple[list[dict[str, str]], bool]:
     ids = await redis.zrevrange(K.tenant_batches_key(tenant), 0, -1)
-    if after is not None and after in ids:
-        ids = ids[ids.index(after) + 1:]
-    page: list[dict[str, str]] = []
-    for start in range(0, len(ids), 100):
-        async with redis.pipeline(transaction=False) as pipe:
-            for batch_id in ids[start:start + 100]:
-                pipe.hgetall(K.batch_key(batch_id))
-            records = await pipe.execute()
-        gone = [i for i, b in zip(ids[start:start + 100], records, strict=True) if not b]
-        if gone:
-            await redis.zrem(K.tenant_batches_key(tenant), *gone)
-        for b in records:
-            if b:
-                if len(page) == limit:
-                    return page, True
-                page.append(b)
-    return page, False
+    page, more, gone = await read_page(redis, ids, after, K.batch_key, limit)
+    if gone:
+        await redis.zrem(K.tenant_batches_key(tenant), *gone)
+    return page, more
