@@ -275,3 +275,34 @@ def paged_attention_triton(
             num_warps=4,
         )
     return out
+
+
+def variant_query_lengths(group: int, dtype: torch.dtype) -> dict[int, int]:
+    """A query length for each tile height (BLOCK_Q) that `launch_config` picks for this GQA group."""
+    return {launch_config(q, group, dtype).block_q: q for q in (1, 2, 4, 8, 16, 32, 64)}
+
+
+def compile_step_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype) -> int:
+    """Compiles every query-tile height (BLOCK_Q) of the kernel, split and unsplit, on a dummy sequence over
+    the real cache's first blocks (read only). Graph capture compiles only the shapes it captures; an eager
+    step with a short prefill (a preempted sequence's recompute after a prefix hit, a chunk's tail) would
+    otherwise compile its variant mid-serving and stall every running sequence for about half a second.
+    Returns the launches made."""
+    from kernels.attention_metadata import AttentionMetadata
+
+    _, cache_block, hkv, d = k_cache.shape
+    device, group = k_cache.device, num_heads // hkv
+    launches = 0
+    for q_len in variant_query_lengths(group, dtype).values():
+        ctx = 4 * cache_block + q_len
+        i32 = dict(dtype=torch.int32, device=device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(q_len, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor([0, q_len], **i32), seq_lens=torch.tensor([ctx], **i32),
+            block_tables=torch.zeros(1, -(-ctx // cache_block), **i32), max_query_len=q_len, max_seq_len=ctx,
+            num_decodes=int(q_len == 1), query_start_loc_cpu=[0, q_len], seq_lens_cpu=[ctx])
+        q = torch.randn(q_len, num_heads, d, dtype=dtype, device=device)
+        for splits in (1, 2):
+            paged_attention_triton(q, k_cache, v_cache, meta, d ** -0.5, num_splits=splits)
+            launches += 1
+    return launches

@@ -89,16 +89,29 @@ def test_decodes_and_chunked_prefill_share_the_budget() -> None:
     assert plan(out) == [(short.request_id, 1), (long.request_id, 1)]
 
 
-def test_decodes_come_first_even_behind_a_better_prefill() -> None:
+def test_a_better_arrival_gets_a_step_of_its_own_then_decodes_come_first() -> None:
     sched, bm = make(budget=10)
     f = add(sched, 3, priority=1)
     step(sched, bm, max_output=100)
     e = add(sched, 12, priority=0)
-    assert plan(step(sched, bm, max_output=100)) == [(f.request_id, 1), (e.request_id, 9)]
-    # e now runs ahead of f, but f's decode is still laid out first.
+    assert plan(step(sched, bm, max_output=100)) == [(e.request_id, 10)]  # f sits this one step out
+    # e now runs ahead of f, but f's decode is laid out first.
     out = step(sched, bm, max_output=100)
-    assert plan(out) == [(f.request_id, 1), (e.request_id, 3)]
+    assert plan(out) == [(f.request_id, 1), (e.request_id, 2)]
     assert [s.is_decode for s in out.scheduled] == [True, False]
+
+
+def test_arrivals_every_step_cannot_starve_worse_work() -> None:
+    """A better arrival in every step gets its own step at most every other step: the batch seq still
+    decodes in every second step."""
+    sched, bm = make(budget=64, max_num_seqs=64)
+    batch = add(sched, 3, priority=2)
+    step(sched, bm, max_output=100)
+    ran = []
+    for i in range(8):
+        add(sched, 2, priority=0, first_token=100 + 10 * i)
+        ran.append(batch in {s.seq for s in step(sched, bm, max_output=100).scheduled})
+    assert ran == [False, True] * 4
 
 
 def test_priority_beats_arrival() -> None:
@@ -248,7 +261,7 @@ def test_better_priority_takes_a_full_sequence_slot() -> None:
     urgent = add(sched, BS, priority=0, first_token=200)
     out = step(sched, bm, max_output=6)
     assert out.preempted == [new]
-    assert plan(out) == [(old.request_id, 1), (urgent.request_id, BS)]
+    assert plan(out) == [(urgent.request_id, BS)]  # the urgent seq's own step: old sits it out
     assert new.status is SequenceStatus.WAITING and new.num_output_tokens == 1
     # The preempted batch seq takes no slot back, from the interactive seq nor from its batch peer...
     while old.status is SequenceStatus.RUNNING:
@@ -284,7 +297,8 @@ def test_slot_preemption_takes_worst_priority_first() -> None:
     urgent = [add(sched, BS, priority=0, first_token=300 + 10 * i) for i in range(2)]
     out = step(sched, bm, max_output=20)
     assert out.preempted == [batch_new, batch_old]  # the newest batch seq first, the default one kept
-    assert {s.seq for s in out.scheduled} == {default, *urgent}
+    assert {s.seq for s in out.scheduled} == set(urgent)  # their own step: the default seq sits it out
+    assert default in {s.seq for s in step(sched, bm, max_output=20).scheduled}
 
 
 def test_waiting_priority_and_preemptible_counts() -> None:
@@ -316,8 +330,9 @@ def test_mixed_priorities_under_tight_slots_and_blocks() -> None:
 
 
 def test_batch_prefill_chunks_leave_budget_to_a_waiting_interactive_seq() -> None:
-    """A long batch prompt is prefilled in chunks; an interactive seq that arrives meanwhile gets its whole
-    prefill into the next step (the batch chunk shrinks), not a step later; decodes are never held back."""
+    """A long batch prompt is prefilled in chunks. An interactive seq that arrives meanwhile gets a step of
+    its own; a second one, arriving just after, gets its whole prefill into the next ordinary step (the
+    batch chunk shrinks), not a step later; decodes are never held back in an ordinary step."""
     sched, bm = make(num_blocks=64, budget=16, max_num_seqs=4)
     decoding = add(sched, 2, priority=2, first_token=0)
     step(sched, bm, max_output=50)
@@ -326,7 +341,21 @@ def test_batch_prefill_chunks_leave_budget_to_a_waiting_interactive_seq() -> Non
     assert plan(out) == [(decoding.request_id, 1), (long.request_id, 15)]
     urgent = add(sched, 10, priority=0, first_token=300)
     out = step(sched, bm, max_output=50)
-    assert plan(out) == [(decoding.request_id, 1), (long.request_id, 5), (urgent.request_id, 10)]
-    assert urgent.num_output_tokens == 1 and out.preempted == []
+    assert plan(out) == [(urgent.request_id, 10)]
+    second = add(sched, 10, priority=0, first_token=400)
     out = step(sched, bm, max_output=50)
-    assert plan(out) == [(urgent.request_id, 1), (decoding.request_id, 1), (long.request_id, 14)]
+    assert plan(out) == [(urgent.request_id, 1), (decoding.request_id, 1), (long.request_id, 4),
+                         (second.request_id, 10)]
+    assert urgent.num_output_tokens == 2 and second.num_output_tokens == 1 and out.preempted == []
+    out = step(sched, bm, max_output=50)
+    assert plan(out) == [(urgent.request_id, 1), (second.request_id, 1), (decoding.request_id, 1),
+                         (long.request_id, 13)]
+
+
+def test_an_arrival_that_cannot_run_does_not_stop_the_others() -> None:
+    sched, bm = make(num_blocks=8, budget=64)
+    batch = add(sched, 3, priority=2)
+    step(sched, bm, max_output=100)
+    too_long = add(sched, 9 * BS, priority=0, first_token=100)  # more than the whole cache
+    out = step(sched, bm, max_output=100)
+    assert out.rejected == [too_long] and plan(out) == [(batch.request_id, 1)]

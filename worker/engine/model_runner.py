@@ -20,6 +20,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from kernels.dispatch import use_triton
 from protocol.sampling import SamplingParams
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import (
@@ -161,6 +162,8 @@ class ModelRunner:
                                                     model_cfg.hidden_size, dtype, device)
             if device.type == "cuda":
                 self._capture_graphs()
+        if use_triton(self.kv_cache):
+            self._compile_attention_variants()
 
     # ---- start-up ----------------------------------------------------------------------------------
 
@@ -220,6 +223,14 @@ class ModelRunner:
             seq.block_table = list(range(-(-length // self.block_size)))
             items.append(ScheduledSeq(seq, length))
         return SchedulerOutput(scheduled=items, preempted=[], num_batched_tokens=total)
+
+    def _compile_attention_variants(self) -> None:
+        from kernels.attention_triton import compile_step_variants
+
+        t0 = time.perf_counter()
+        num_heads = self.num_kv_heads * (self.model_cfg.num_attention_heads // self.model_cfg.num_key_value_heads)
+        launches = compile_step_variants(self.kv_cache[0, 0], self.kv_cache[0, 1], num_heads, self.dtype)
+        log.info("compiled %d attention variants for eager steps in %.1f s", launches, time.perf_counter() - t0)
 
     def _capture_graphs(self) -> None:
         assert self.graphs is not None

@@ -3,7 +3,9 @@
 Order is (priority, arrival). A waiting seq that finds no free block or sequence slot preempts (by
 recompute) the worst running seq of a worse priority, so an interactive request never waits for a batch
 line to finish; the same priority never preempts, so a lane with work of one priority alone runs as if
-there were no preemption at all."""
+there were no preemption at all. A seq that arrives with a better priority than running work gets a step
+of its own (the worse work sits that one step out), so its first token does not wait behind a full batch
+step; never two such steps in a row, so a stream of arrivals cannot starve the worse work."""
 
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class Scheduler:
         self._running: list[Sequence] = []  # sorted by sort_key: best first, preemption victim last
         self._seqs: dict[str, Sequence] = {}
         self.num_preemptions = 0  # lifetime total, for the preemptions counter
+        self._cut_last_step = False  # the last step was a better arrival's own
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -121,6 +124,24 @@ class Scheduler:
     # -- the step ---------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        cutoff = None if self._cut_last_step else self._better_arrival()
+        out = self._schedule(cutoff)
+        if cutoff is not None and not out.scheduled:  # the arrival cannot be admitted: run the others
+            first, out = out, self._schedule(None)
+            out.preempted[:0], out.rejected[:0] = first.preempted, first.rejected
+            cutoff = None
+        self._cut_last_step = cutoff is not None
+        return out
+
+    def _better_arrival(self) -> int | None:
+        """The best waiting priority when it is better than some running seq's, else None."""
+        best = self.best_waiting_priority()
+        if best is None or not self._running or best >= self._running[-1].priority:
+            return None
+        return best
+
+    def _schedule(self, cutoff: int | None) -> SchedulerOutput:
+        """One step's work; with `cutoff`, only seqs of that priority or better."""
         bm = self.block_manager
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledSeq] = {}  # insertion order: running first, then admitted
@@ -134,6 +155,8 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
+            if cutoff is not None and seq.priority > cutoff:
+                break  # sorted: the rest is worse too
             left = seq.num_tokens - seq.num_computed_tokens
             num_new = min(left, budget - reserve.get(seq.priority, 0) if left > 1 else budget)
             if num_new <= 0:  # waiting for its sampled token to be appended, or its chunk yields
@@ -156,6 +179,8 @@ class Scheduler:
         admit = not preempted or not scheduled
         while admit and self._waiting and budget > 0:
             seq = self._waiting[0][1]
+            if cutoff is not None and seq.priority > cutoff:
+                break
             if seq in preempted:  # just evicted for a better seq: taking it back now would thrash
                 break
             if bm.blocks_needed(seq.num_tokens) > bm.num_blocks:
