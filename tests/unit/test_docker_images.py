@@ -97,9 +97,15 @@ def test_every_copy_source_is_in_the_context_and_every_package_is_copied(dockerf
     copied = {p.name for p in (tmp_path / "src").iterdir() if (p / "__init__.py").exists()}
     assert copied == project_packages(), f"{dockerfile} leaves out {project_packages() - copied}"
     runtime = parsed[-1]
-    users = [i.args for i in runtime.instructions if i.keyword == "USER"]
-    assert users and users[-1] not in ("0", "root"), f"{dockerfile}: the runtime stage runs as root"
+    assert len(parsed) == 2, f"{dockerfile}: a build stage and a runtime stage that copies only the venv"
+    assert [i.args for i in runtime.instructions if i.keyword == "USER"][-1:] == ["10001"], f"{dockerfile}: user"
     assert [i for i in runtime.instructions if i.keyword == "CMD"], f"{dockerfile}: no CMD"
+
+
+def test_the_cuda_image_builds_on_a_runtime_base_with_the_gpu_extra():
+    parsed = stages("Dockerfile.cuda")
+    assert all("-runtime-" in s.base for s in parsed), "a CUDA runtime base, not devel"
+    assert {"worker", "gpu"} <= set(install_target(parsed[0])[1].split(","))
 
 
 def install_target(stage) -> tuple[str, str]:
