@@ -6,6 +6,7 @@ themselves: test_docker_images.py."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +19,13 @@ from tokenq.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 INIT_STEPS = {"models", "keys"}
+
+
+def up_roles() -> set[str]:
+    """The roles `tokenq up` runs (tokenq/supervisor.py spawns each as `tokenq ROLE ...`)."""
+    roles = set(re.findall(r'_spawn\(\s*\[\s*"(\w+)"', (ROOT / "tokenq/supervisor.py").read_text()))
+    assert {"gateway", "worker", "webhooks"} <= roles, roles
+    return roles
 
 
 def compose() -> dict:
@@ -48,7 +56,7 @@ def test_compose_config_accepts_it(profile):
 
 def test_every_tokenq_command_is_one_the_cli_accepts():
     tokenq = {name: s for name, s in services().items() if s.get("command", [""])[0] == "tokenq"}
-    assert set(tokenq) >= {"gateway", "worker", "worker-gpu", "webhooks", *INIT_STEPS}
+    assert set(tokenq) >= {"worker-gpu", *up_roles(), *INIT_STEPS}, "a role `tokenq up` runs is missing"
     for service in tokenq.values():
         build_parser().parse_args(service["command"][1:])  # exits (fails) on an unknown flag
         assert service["environment"]["TOKENQ_REDIS_URL"].startswith("redis://redis:")
@@ -91,7 +99,7 @@ def test_keys_are_required():
     assert svcs["gateway"]["environment"]["TOKENQ_REQUIRE_AUTH"] == "1"
 
 
-def test_model_pulled_once_onto_the_volume_workers_share():
+def test_model_pulled_once_onto_the_volume_workers_share(monkeypatch):
     svcs = services()
     assert svcs["models"]["command"] == ["tokenq", "models", "pull"]
     store = "models:/var/lib/tokenq/models"
@@ -99,6 +107,9 @@ def test_model_pulled_once_onto_the_volume_workers_share():
         assert store in svcs[name]["volumes"], name
     for name in ("worker", "worker-gpu"):
         assert svcs[name]["depends_on"]["models"]["condition"] == "service_completed_successfully"
+    # The init step pulls the model the workers serve: `models pull` without a name reads TOKENQ_MODEL.
+    monkeypatch.setenv("TOKENQ_MODEL", "another-model")
+    assert build_parser().parse_args(svcs["models"]["command"][1:]).name == "another-model"
 
 
 def test_gpu_profile_reserves_gpus_and_runs_cuda():
@@ -107,6 +118,7 @@ def test_gpu_profile_reserves_gpus_and_runs_cuda():
     assert gpu["command"][gpu["command"].index("--device") + 1] == "cuda"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert gpu["shm_size"] == "8gb"  # as the Kubernetes worker's /dev/shm
     assert gpu["build"]["dockerfile"] == "Dockerfile.cuda" and (ROOT / "Dockerfile.cuda").exists()
 
 

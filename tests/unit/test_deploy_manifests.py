@@ -194,8 +194,26 @@ def test_gpu_workers_request_gpus_drain_and_scale_from_zero():
     assert refs == {secret}
 
 
+def test_every_role_tokenq_up_runs_has_a_deployment():
+    from tests.unit.test_compose_file import up_roles
+
+    args = {c["args"][1] for d in render("base") if d["kind"] == "Deployment"
+            for c in d["spec"]["template"]["spec"]["containers"]}
+    assert up_roles() <= args, f"no Deployment runs {up_roles() - args}"
+
+
+def test_keda_owns_the_worker_replicas_and_scales_the_configured_model():
+    docs = render("base")
+    # A replicas field would be applied again on every `kubectl apply`, draining KEDA's workers.
+    assert "replicas" not in by_kind(docs, "Deployment", "tokenq-worker")["spec"]
+    model = by_kind(docs, "ConfigMap", "tokenq")["data"]["TOKENQ_MODEL"]
+    query = by_kind(docs, "ScaledObject", "tokenq-worker")["spec"]["triggers"][0]["metadata"]["query"]
+    assert set(re.findall(r'model="([^"]+)"', query)) == {model}
+
+
 def test_cpu_overlay_runs_cpu_workers_without_gpus():
     docs = render("overlays/cpu")
+    assert by_kind(docs, "Deployment", "tokenq-worker")["spec"]["replicas"] == 1  # no KEDA there
     main = by_kind(docs, "Deployment", "tokenq-worker")["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in main["resources"]["limits"]
     assert main["args"][main["args"].index("--device") + 1] == "cpu"
