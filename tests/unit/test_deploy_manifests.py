@@ -207,8 +207,12 @@ def test_keda_owns_the_worker_replicas_and_scales_the_configured_model():
     # A replicas field would be applied again on every `kubectl apply`, draining KEDA's workers.
     assert "replicas" not in by_kind(docs, "Deployment", "tokenq-worker")["spec"]
     model = by_kind(docs, "ConfigMap", "tokenq")["data"]["TOKENQ_MODEL"]
-    query = by_kind(docs, "ScaledObject", "tokenq-worker")["spec"]["triggers"][0]["metadata"]["query"]
-    assert set(re.findall(r'model="([^"]+)"', query)) == {model}
+    scaler = by_kind(docs, "ScaledObject", "tokenq-worker")["spec"]
+    assert set(re.findall(r'model="([^"]+)"', scaler["triggers"][0]["metadata"]["query"])) == {model}
+    # The first worker publishes the model card (jobs queue only for a model some worker has served):
+    # KEDA must not scale it away before its startup probe gives up on it.
+    probe = by_kind(docs, "Deployment", "tokenq-worker")["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert scaler["initialCooldownPeriod"] >= probe["periodSeconds"] * probe["failureThreshold"]
 
 
 def test_cpu_overlay_runs_cpu_workers_without_gpus():
