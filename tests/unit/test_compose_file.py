@@ -92,6 +92,16 @@ def test_long_running_services_restart_and_init_steps_do_not():
         assert service.get("restart") == ("no" if name in INIT_STEPS else "unless-stopped"), name
 
 
+def test_only_the_gateway_is_published_beyond_this_host_and_workers_drain_before_the_kill():
+    for name, service in services().items():
+        for port in service.get("ports", []):
+            assert name == "gateway" or port.startswith("127.0.0.1:"), f"{name} publishes {port} to every address"
+    for name in ("worker", "worker-gpu"):
+        service = services()[name]
+        grace = float(service["stop_grace_period"].removesuffix("s"))
+        assert grace > float(service["environment"]["TOKENQ_DRAIN_GRACE_S"]), name
+
+
 def test_keys_are_required():
     svcs = services()
     assert svcs["keys"]["command"][1:4] == ["keys", "create", "--tenant"] and "--if-none" in svcs["keys"]["command"]
