@@ -100,7 +100,7 @@ def context_files(root: Path) -> dict[str, int]:
 @dataclass(frozen=True)
 class Instruction:
     keyword: str  # upper case: FROM, RUN, COPY, ...
-    args: str  # the rest of the (continued) line, variables not expanded
+    args: str  # the rest of the (continued) line, after COPY's and ADD's flags; variables not expanded
     flags: dict[str, str] = field(default_factory=dict)  # --from=build, --chown=... (COPY and ADD)
     words: list[str] = field(default_factory=list)  # the JSON array or the whitespace-split arguments
 
