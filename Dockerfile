@@ -9,12 +9,18 @@ ENV PATH=/opt/tokenq/bin:$PATH
 # torch's CPU wheels first: the default index would bring the CUDA build and its libraries (gigabytes).
 RUN pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./src/
+# One COPY a package (a COPY of several directories would merge their contents): every package that
+# pyproject.toml's packages.find includes, which tests/unit/test_docker_images.py checks.
 COPY protocol ./src/protocol
+COPY jobstore ./src/jobstore
 COPY gateway ./src/gateway
 COPY worker ./src/worker
 COPY kernels ./src/kernels
+COPY batches ./src/batches
+COPY respcache ./src/respcache
 COPY tokenq ./src/tokenq
-RUN pip install "./src[worker]" && rm -rf ./src
+# The gateway runs from this image too, so it carries the semantic response cache (`cache`).
+RUN pip install "./src[worker,cache]" && rm -rf ./src
 
 FROM python:3.12-slim
 RUN useradd --uid 10001 --create-home --home-dir /home/tokenq tokenq \

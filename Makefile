@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; on the project's machines this exact version installs from local disk.
 TORCH ?= torch==2.13.0
 
-.PHONY: install model up test lint wheelhouse clean deploy-tools
+.PHONY: install model up test lint wheelhouse clean deploy-tools prometheus-rule
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -26,12 +26,29 @@ test: model deploy-tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not gpu"
 
-# The deploy tests render the Kubernetes manifests with kubectl and parse the compose file with
-# docker-compose, both Debian packages; where they cannot be installed those two checks skip.
+# The deploy tests render the Kubernetes manifests with kubectl, parse the compose file with docker-compose
+# and check the alert rules with promtool, all from Debian packages; where they cannot be installed those
+# checks skip. promtool is taken out of the prometheus package alone: installing that would start a server.
 deploy-tools:
 	@command -v kubectl >/dev/null && command -v docker-compose >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    (apt-get update -qq && apt-get install -y -qq kubectl docker-compose) >/dev/null 2>&1; } || true
+	@command -v promtool >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && tmp=$$(mktemp -d) && \
+	    (cd $$tmp && apt-get download -qq prometheus && \
+	     dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > /usr/local/bin/promtool && \
+	     chmod +x /usr/local/bin/promtool) >/dev/null 2>&1; rm -rf $$tmp; } || true
+
+# The Prometheus operator's copy of the alert rules: deploy/prometheus/rules.yaml is the one to edit
+# (compose's Prometheus loads it as it is); tests/unit/test_deploy_manifests.py checks the two agree.
+RULE := deploy/k8s/components/monitoring/prometheusrule.yaml
+prometheus-rule: $(RULE)
+$(RULE): deploy/prometheus/rules.yaml
+	{ echo "# Generated from deploy/prometheus/rules.yaml by \`make prometheus-rule\`: edit that file, then run it."; \
+	  echo "# The label is what kube-prometheus-stack's Prometheus selects rules by: set it to your release's name."; \
+	  echo "apiVersion: monitoring.coreos.com/v1"; echo "kind: PrometheusRule"; \
+	  echo "metadata: {name: tokenq, labels: {release: kube-prometheus-stack}}"; echo "spec:"; \
+	  sed 's/^./  &/' $<; } > $@
 
 lint: install
 	$(BIN)/ruff check .

@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list or pull models into TOKENQ_HOME/models")
     msub = models.add_subparsers(dest="models_cmd")
     pull = msub.add_parser("pull", help="fetch and convert a model")
-    pull.add_argument("name", nargs="?", default=settings.DEFAULT_MODEL)
+    pull.add_argument("name", nargs="?", default=settings.model_name(), help="default: TOKENQ_MODEL, the model "
+                      "the workers of a deployment serve")
     pull.add_argument("--force", action="store_true", help="fetch and convert again")
     msub.add_parser("list")
     rnd = msub.add_parser("random", help="a directory that serves a named shape with seeded random weights "

@@ -123,7 +123,7 @@ def stack(default_model_dir, tmp_path_factory):
     try:
         s.init_out = {name: s.run_init(name) for name in ("models", "keys")}
         s.keys_again = s.run_init("keys")
-        for name in ("gateway", "worker", "webhooks"):
+        for name in ("gateway", "worker", "webhooks", "batches"):
             s.start(name)
         s.base = f"http://127.0.0.1:{s.ports['gateway--port']}"
         _wait("gateway health", lambda: httpx.get(f"{s.base}/healthz", timeout=2).status_code == 200, s)

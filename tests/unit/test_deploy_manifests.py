@@ -1,11 +1,13 @@
 """The Kubernetes manifests as an operator applies them: each kustomization renders (`kubectl kustomize`,
-skipped where kubectl is missing; the base's files are validated on their own either way), every
-resource passes the Kubernetes schema strictly (kubernetes-validate), and what the deployment needs is
-there: GPUs requested, --device cuda, probes, drain time, disruption budgets, scaling from zero, and
-commands the CLI accepts."""
+skipped where kubectl is missing; the base's and the monitoring component's files are validated on their
+own either way), every resource passes the Kubernetes schema strictly (kubernetes-validate; the KEDA and
+Prometheus-operator objects, whose CRDs it does not know, field by field here), and what the deployment
+needs is there: GPUs requested, --device cuda, probes, drain time, disruption budgets, scaling from zero,
+the alerts compose's Prometheus loads, and commands the CLI accepts."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +20,10 @@ from tokenq.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy/k8s"
-KUSTOMIZATIONS = ["base", "overlays/cpu", "overlays/external-redis"]
+KUSTOMIZATIONS = ["base", "overlays/cpu", "overlays/external-redis", "overlays/prometheus-operator"]
+MONITORING = K8S / "components/monitoring"
+RULES = ROOT / "deploy/prometheus/rules.yaml"
+DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")  # Prometheus's duration
 K8S_VERSION = "1.30.0"
 
 
@@ -30,19 +35,50 @@ def render(kustomization: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
-def base_files() -> list[dict]:
+def files_of(folder: Path) -> list[dict]:
     docs = []
-    for path in sorted((K8S / "base").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         if path.name != "kustomization.yaml":
             docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
 def validate(doc: dict) -> None:
-    if doc["kind"] == "ScaledObject":
-        check_scaled_object(doc)
+    checks = {"ScaledObject": check_scaled_object, "PrometheusRule": check_prometheus_rule,
+              "PodMonitor": check_pod_monitor}
+    if doc["kind"] in checks:
+        checks[doc["kind"]](doc)
         return
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def check_prometheus_rule(doc: dict) -> None:
+    """The operator's PrometheusRule CRD: groups of named rules, each an alert or a recording rule with a
+    PromQL string, durations in Prometheus's syntax, string labels and annotations."""
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["metadata"]["name"]
+    assert set(doc["spec"]) == {"groups"}
+    names = [g["name"] for g in doc["spec"]["groups"]]
+    assert len(names) == len(set(names)), "group names are unique"
+    for group in doc["spec"]["groups"]:
+        assert set(group) <= {"name", "interval", "rules", "limit", "partial_response_strategy"}, set(group)
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+            assert ("alert" in rule) != ("record" in rule), rule
+            assert isinstance(rule["expr"], str) and rule["expr"].strip()
+            for key in ("for", "keep_firing_for"):
+                assert key not in rule or DURATION.match(rule[key]), rule[key]
+            for key in ("labels", "annotations"):
+                assert all(isinstance(v, str) for v in rule.get(key, {}).values()), rule[key]
+
+
+def check_pod_monitor(doc: dict) -> None:
+    """The operator's PodMonitor CRD: a pod selector and endpoints by container port name."""
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["metadata"]["name"]
+    assert set(doc["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+    assert set(doc["spec"]["selector"]) <= {"matchLabels", "matchExpressions"}
+    for endpoint in doc["spec"]["podMetricsEndpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"}
+        assert endpoint["port"] and endpoint["path"].startswith("/")
 
 
 def check_scaled_object(doc: dict) -> None:
@@ -75,12 +111,45 @@ def test_the_validator_rejects_a_misspelled_field():
         validate(bad)
 
 
-def test_base_files_validate_without_kustomize():
-    docs = base_files()
+def test_base_and_component_files_validate_without_kustomize():
+    docs = files_of(K8S / "base") + files_of(MONITORING)
     assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget",
-                                         "PersistentVolumeClaim", "ScaledObject"}
+                                         "PersistentVolumeClaim", "ScaledObject", "PrometheusRule", "PodMonitor"}
     for doc in docs:
         validate(doc)
+
+
+def test_the_crd_checks_reject_what_the_operator_would():
+    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "x"},
+            "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "up == 0", "for": "5 minutes"}]}]}}
+    with pytest.raises(AssertionError):
+        validate(rule)
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "x"},
+               "spec": {"selector": {}, "podMetricsEndpoints": [{"prot": "metrics", "path": "/metrics"}]}}
+    with pytest.raises(AssertionError):
+        validate(monitor)
+
+
+def test_the_prometheus_rule_carries_the_alerts_compose_loads():
+    """One source: deploy/prometheus/rules.yaml; `make prometheus-rule` writes the operator's copy."""
+    rule = by_kind(files_of(MONITORING), "PrometheusRule", "tokenq")
+    assert rule["spec"] == yaml.safe_load(RULES.read_text()), "run `make prometheus-rule`"
+
+
+def test_prometheus_operator_overlay_monitors_every_role():
+    docs = render("overlays/prometheus-operator")
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"tokenq"}
+    monitor = by_kind(docs, "PodMonitor", "tokenq")["spec"]
+    ports = {e["port"] for e in monitor["podMetricsEndpoints"]}
+    selected = set(monitor["selector"]["matchExpressions"][0]["values"])
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        named = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        annotated = deployment["spec"]["template"]["metadata"].get("annotations", {}).get("prometheus.io/scrape")
+        # What the annotations ask a plain Prometheus to scrape, the PodMonitor scrapes under the operator.
+        assert (labels["app"] in selected and bool(named & ports)) == (annotated == "true"), labels["app"]
+    trigger = by_kind(docs, "ScaledObject", "tokenq-worker")["spec"]["triggers"][0]["metadata"]
+    assert trigger["serverAddress"].startswith("http://prometheus-operated.")
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -125,8 +194,30 @@ def test_gpu_workers_request_gpus_drain_and_scale_from_zero():
     assert refs == {secret}
 
 
+def test_every_role_tokenq_up_runs_has_a_deployment():
+    from tests.unit.test_compose_file import up_roles
+
+    args = {c["args"][1] for d in render("base") if d["kind"] == "Deployment"
+            for c in d["spec"]["template"]["spec"]["containers"]}
+    assert up_roles() <= args, f"no Deployment runs {up_roles() - args}"
+
+
+def test_keda_owns_the_worker_replicas_and_scales_the_configured_model():
+    docs = render("base")
+    # A replicas field would be applied again on every `kubectl apply`, draining KEDA's workers.
+    assert "replicas" not in by_kind(docs, "Deployment", "tokenq-worker")["spec"]
+    model = by_kind(docs, "ConfigMap", "tokenq")["data"]["TOKENQ_MODEL"]
+    scaler = by_kind(docs, "ScaledObject", "tokenq-worker")["spec"]
+    assert set(re.findall(r'model="([^"]+)"', scaler["triggers"][0]["metadata"]["query"])) == {model}
+    # The first worker publishes the model card (jobs queue only for a model some worker has served):
+    # KEDA must not scale it away before its startup probe gives up on it.
+    probe = by_kind(docs, "Deployment", "tokenq-worker")["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert scaler["initialCooldownPeriod"] >= probe["periodSeconds"] * probe["failureThreshold"]
+
+
 def test_cpu_overlay_runs_cpu_workers_without_gpus():
     docs = render("overlays/cpu")
+    assert by_kind(docs, "Deployment", "tokenq-worker")["spec"]["replicas"] == 1  # no KEDA there
     main = by_kind(docs, "Deployment", "tokenq-worker")["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in main["resources"]["limits"]
     assert main["args"][main["args"].index("--device") + 1] == "cpu"

@@ -1,13 +1,18 @@
 """The alert rules, the autoscaling trigger and the Grafana dashboard query metrics by name: every name
 they use must be one that the worker, the webhook service or the gateway exports, or the alert never
-fires, the scaler never scales and the panel stays empty."""
+fires, the scaler never scales and the panel stays empty. Where promtool is installed (`make deploy-tools`),
+the rules, the operator's copy of them and compose's Prometheus config pass its checks, and the alerts
+fire as deploy/prometheus/rules_test.yaml says they do."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client import REGISTRY
 
@@ -19,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/tokenq.json"
 RULES = ROOT / "deploy/prometheus/rules.yaml"
 SCALER = ROOT / "deploy/k8s/base/scaledobject.yaml"
+OPERATOR_RULE = ROOT / "deploy/k8s/components/monitoring/prometheusrule.yaml"
 
 SUFFIXES = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
             "summary": ["_sum", "_count", ""]}
@@ -49,9 +55,13 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
-def rule_queries() -> list[tuple[str, str]]:
-    groups = yaml.safe_load(RULES.read_text())["groups"]
+def rule_queries(groups: list[dict] | None = None) -> list[tuple[str, str]]:
+    groups = groups if groups is not None else yaml.safe_load(RULES.read_text())["groups"]
     return [(r["alert"], r["expr"]) for g in groups for r in g["rules"]]
+
+
+def operator_rule_queries() -> list[tuple[str, str]]:
+    return rule_queries(yaml.safe_load(OPERATOR_RULE.read_text())["spec"]["groups"])
 
 
 def scaler_queries() -> list[tuple[str, str]]:
@@ -82,7 +92,7 @@ def test_dashboard_covers_the_serving_metrics():
 
 
 def test_alerts_and_scaler_query_only_exported_metrics():
-    queries = rule_queries() + scaler_queries()
+    queries = rule_queries() + operator_rule_queries() + scaler_queries()
     assert not _missing(queries), f"deploy/ queries metrics that nothing exports: {_missing(queries)}"
 
 
@@ -97,3 +107,33 @@ def test_no_worker_alert_and_scaler_read_the_gateways_backlog():
     for where, expr in [("TokenqNoWorkers", no_workers), *scaler_queries()]:
         assert not set(METRIC.findall(expr)) & worker_only, where
     assert "unless" in no_workers  # absent worker series must not silence it (`and ... == 0` would)
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> str:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (make deploy-tools)")
+    done = subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_promtool_accepts_the_rules_and_the_operators_copy(tmp_path):
+    spec = tmp_path / "operator-rules.yaml"
+    spec.write_text(yaml.safe_dump(yaml.safe_load(OPERATOR_RULE.read_text())["spec"]))
+    out = promtool("check", "rules", str(RULES), str(spec))
+    assert out.count(f"SUCCESS: {len(rule_queries())} rules found") == 2
+
+
+def test_promtool_accepts_composes_prometheus_config(tmp_path):
+    """The config names the rules where compose mounts them (/etc/prometheus): here, beside a copy."""
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/rules.yaml"]
+    config["rule_files"] = ["rules.yaml"]
+    (tmp_path / "rules.yaml").write_text(RULES.read_text())
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+
+
+def test_the_alerts_fire_when_their_tests_say():
+    """Among them: TokenqNoWorkers fires with no worker series at all (scaled to zero)."""
+    promtool("test", "rules", "deploy/prometheus/rules_test.yaml")
