@@ -1,5 +1,5 @@
 """Response cache pieces without services: the tenant policy and the request's option, the keys, the
-numpy embedder against sentence-transformers, the pairs split."""
+embedder (onnxruntime) against sentence-transformers, the pairs split."""
 
 from __future__ import annotations
 
@@ -68,11 +68,13 @@ def test_split_is_disjoint_by_question():
     assert not {t for p in tune for t in (p.text_a, p.text_b)} & {t for p in held for t in (p.text_a, p.text_b)}
 
 
-def test_numpy_embedder_matches_sentence_transformers():
+def test_embedder_matches_sentence_transformers():
     st = pytest.importorskip("sentence_transformers")
     from respcache.embedder import Embedder, model_dir
 
-    texts = ["How do I get my focus back?", "Is 3 a prime number, and why is 1 not one?"]
+    # Texts of different lengths in one batch: the short ones are padded, and the padding must not count.
+    texts = ["How do I get my focus back?", "Is 3 a prime number, and why is 1 not one?", "Hi",
+             "What are the best ways to learn a new language quickly as an adult with a full-time job? " * 3]
     ours = Embedder.load().embed(texts)
     theirs = st.SentenceTransformer(str(model_dir()), device="cpu").encode(texts, normalize_embeddings=True)
     assert np.abs(ours - theirs).max() < 1e-4
