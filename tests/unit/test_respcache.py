@@ -163,3 +163,17 @@ def test_shipped_verifier_rejects_a_question_that_differs_in_a_number():
     assert probability("What is the capital of France?", "What is the capital of Germany?") < 0.5
     assert probability("How can I lose weight fast?", "What is the fastest way to lose weight?") > \
         probability("How can I lose weight fast?", "How can I gain weight fast?")
+
+
+def test_the_embedder_loads_after_the_index_has_loaded_usearch():
+    """onnxruntime crashed on import in a process that had loaded usearch first (respcache/index.py)."""
+    pytest.importorskip("usearch")
+    pytest.importorskip("onnxruntime")
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom respcache.index import VectorIndex\n"
+            "VectorIndex().add('t', 's:1', 'scope', np.ones(384, np.float32) / 384 ** 0.5, 'x', 1.0)\n"
+            "import onnxruntime\nprint('loaded')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
