@@ -3,6 +3,8 @@ embedder (onnxruntime) against sentence-transformers, the pairs split."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -81,8 +83,15 @@ def test_embedder_matches_sentence_transformers():
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
+def needs(module: str) -> None:
+    """Skip without `module`, without loading it (loading usearch before onnxruntime crashes the process:
+    respcache/index.py loads them in the order that works)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+
+
 def test_vector_index_is_per_tenant_and_scope_and_drops_removed_and_expired():
-    pytest.importorskip("usearch")
+    needs("usearch")
     from respcache.index import VectorIndex, decode_vector, encode_vector
 
     rng = np.random.default_rng(0)
@@ -167,8 +176,8 @@ def test_shipped_verifier_rejects_a_question_that_differs_in_a_number():
 
 def test_the_embedder_loads_after_the_index_has_loaded_usearch():
     """onnxruntime crashed on import in a process that had loaded usearch first (respcache/index.py)."""
-    pytest.importorskip("usearch")
-    pytest.importorskip("onnxruntime")
+    needs("usearch")
+    needs("onnxruntime")
     import subprocess
     import sys
 
