@@ -6,6 +6,7 @@ answers, so an index that lags can miss, never answer with an entry that is gone
 from __future__ import annotations
 
 import base64
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +30,20 @@ class Candidate:
     expires_at: float
 
 
+def _usearch_index():
+    """usearch's Index class, with onnxruntime loaded first: onnxruntime (1.24 to 1.31 seen) crashes while
+    it loads once usearch's module is in the process, and the embedder loads it later; the other way
+    round both work."""
+    with contextlib.suppress(ImportError):
+        import onnxruntime  # noqa: F401
+    from usearch.index import Index
+
+    return Index
+
+
 class _Scope:
     def __init__(self) -> None:
-        from usearch.index import Index
-
+        Index = _usearch_index()  # noqa: N806 - a class
         self.index = Index(ndim=DIM, metric="ip", dtype="f16", expansion_add=64)
         self.rows: dict[int, Candidate] = {}
 

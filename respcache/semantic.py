@@ -1,5 +1,5 @@
 """The semantic side of the response cache in one gateway process: embed the question, find the nearest
-entries of its tenant and scope, let the verifier judge the best one. The embedder (numpy, no torch) and
+entries of its tenant and scope, let the verifier judge the best one. The embedder (onnxruntime, no torch) and
 the index run on one worker thread, so the event loop never waits on them; both load on first use.
 
 Every gateway keeps its index in step with Redis: at start it reads every semantic entry, then it tails
@@ -114,8 +114,8 @@ class SemanticCache:
         from respcache.embedder import Embedder
         from respcache.verifier import default_verifier
 
-        # One BLAS thread: a sentence is small, and threads that spin waiting for each other on a busy
-        # machine cost more than they save.
+        # One BLAS thread for the verifier's small products (the embedder keeps to one thread of its own):
+        # threads that spin waiting for each other on a busy machine cost more than they save.
         threadpool_limits(1)
         self._embedder = Embedder.load()
         self._verifier = default_verifier()

@@ -1,7 +1,9 @@
 """Response cache pieces without services: the tenant policy and the request's option, the keys, the
-numpy embedder against sentence-transformers, the pairs split."""
+embedder (onnxruntime) against sentence-transformers, the pairs split."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -68,19 +70,28 @@ def test_split_is_disjoint_by_question():
     assert not {t for p in tune for t in (p.text_a, p.text_b)} & {t for p in held for t in (p.text_a, p.text_b)}
 
 
-def test_numpy_embedder_matches_sentence_transformers():
+def test_embedder_matches_sentence_transformers():
     st = pytest.importorskip("sentence_transformers")
     from respcache.embedder import Embedder, model_dir
 
-    texts = ["How do I get my focus back?", "Is 3 a prime number, and why is 1 not one?"]
+    # Texts of different lengths in one batch: the short ones are padded, and the padding must not count.
+    texts = ["How do I get my focus back?", "Is 3 a prime number, and why is 1 not one?", "Hi",
+             "What are the best ways to learn a new language quickly as an adult with a full-time job? " * 3]
     ours = Embedder.load().embed(texts)
     theirs = st.SentenceTransformer(str(model_dir()), device="cpu").encode(texts, normalize_embeddings=True)
     assert np.abs(ours - theirs).max() < 1e-4
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
+def needs(module: str) -> None:
+    """Skip without `module`, without loading it (loading usearch before onnxruntime crashes the process:
+    respcache/index.py loads them in the order that works)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+
+
 def test_vector_index_is_per_tenant_and_scope_and_drops_removed_and_expired():
-    pytest.importorskip("usearch")
+    needs("usearch")
     from respcache.index import VectorIndex, decode_vector, encode_vector
 
     rng = np.random.default_rng(0)
@@ -161,3 +172,17 @@ def test_shipped_verifier_rejects_a_question_that_differs_in_a_number():
     assert probability("What is the capital of France?", "What is the capital of Germany?") < 0.5
     assert probability("How can I lose weight fast?", "What is the fastest way to lose weight?") > \
         probability("How can I lose weight fast?", "How can I gain weight fast?")
+
+
+def test_the_embedder_loads_after_the_index_has_loaded_usearch():
+    """onnxruntime crashed on import in a process that had loaded usearch first (respcache/index.py)."""
+    needs("usearch")
+    needs("onnxruntime")
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom respcache.index import VectorIndex\n"
+            "VectorIndex().add('t', 's:1', 'scope', np.ones(384, np.float32) / 384 ** 0.5, 'x', 1.0)\n"
+            "import onnxruntime\nprint('loaded')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
