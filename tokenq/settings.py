@@ -2,8 +2,9 @@
 default. A role reads them once when it starts (`Settings.from_env()`), never at import time, so tests
 and the supervisor can set the environment of a process before it starts.
 
-Kernels read TOKENQ_KERNELS and TOKENQ_GEMV themselves (kernels import nothing above them); the gateway's
-uvicorn workers receive their Redis URL through the environment from the gateway's launcher.
+The kernel choices (TOKENQ_KERNELS, TOKENQ_GEMV) travel in the engine's config to each process that runs
+the model, which sets them in kernels/ (kernels import nothing above them); the gateway's uvicorn workers
+receive their Redis URL through the environment from the gateway's launcher.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Settings:
     # TOKENQ_WEBHOOK_QUEUE_URL: a single-node Redis for arq's delivery queue when TOKENQ_REDIS_URL is a cluster
     # (arq speaks to one node); None: TOKENQ_REDIS_URL's.
     webhook_queue_url: str | None = None
+    kernels: str = "triton"  # TOKENQ_KERNELS=torch: the torch references instead of every Triton kernel
+    gemv: str = "triton"  # TOKENQ_GEMV=cublas: one-row matmuls on cuBLAS instead of our GEMV
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -56,6 +59,8 @@ class Settings:
             gateway_workers=int(_float(env, "TOKENQ_GATEWAY_WORKERS", 1)),
             webhook_retry_delays=tuple(float(x) for x in delays.split(",") if x.strip()) if delays else None,
             webhook_queue_url=env.get("TOKENQ_WEBHOOK_QUEUE_URL") or None,
+            kernels="torch" if (env.get("TOKENQ_KERNELS") or "").lower() == "torch" else "triton",
+            gemv="cublas" if (env.get("TOKENQ_GEMV") or "").lower() == "cublas" else "triton",
         )
 
 

@@ -16,6 +16,7 @@ import torch
 from worker.engine.config import EngineConfig
 from worker.engine.distributed import init_tensor_parallel
 from worker.engine.dtypes import DTYPES
+from worker.engine.kernel_choice import select_kernels
 from worker.engine.model_runner import ModelRunner
 from worker.models.config import ModelConfig
 from worker.models.loader import load_model
@@ -75,6 +76,7 @@ def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig) -> N
     device = torch.device(config.rank_device(rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    select_kernels(config)
     init_tensor_parallel(rank, config.tensor_parallel_size, port, device)
     model, model_cfg = load_model(model_path, DTYPES[config.dtype], device, quantization=config.quantization)
     runner = ModelRunner(model, model_cfg, config, DTYPES[config.dtype], device,
