@@ -193,3 +193,22 @@ def test_two_ranks_equal_one(two_ranks, name):
     got = torch.from_numpy(two[name])
     assert one[name].shape == got.shape
     torch.testing.assert_close(got, one[name].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_on_a_cpu_share_its_cores(monkeypatch):
+    from worker.engine.config import EngineConfig
+    from worker.engine.tp_ranks import share_cores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(16)
+        monkeypatch.setattr("os.cpu_count", lambda: 17)
+        share_cores(EngineConfig(tensor_parallel_size=1))  # one rank keeps what it has
+        assert torch.get_num_threads() == 16
+        share_cores(EngineConfig(tensor_parallel_size=2))  # one core left over, the rest halved
+        assert torch.get_num_threads() == 8
+        monkeypatch.setattr("os.cpu_count", lambda: 2)
+        share_cores(EngineConfig(tensor_parallel_size=2))  # never below one thread
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

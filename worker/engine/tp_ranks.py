@@ -56,6 +56,16 @@ class TensorParallelGroup:
                 proc.terminate()
 
 
+def share_cores(config: EngineConfig) -> None:
+    """On a CPU the ranks compute at once: each takes an equal share of the cores less one (left to rank 0's
+    host work and the worker beside it). Compute threads that outnumber the cores wait on each other's time
+    slices, and every collective then waits for the slowest rank."""
+    if config.device.startswith("cuda") or config.tensor_parallel_size == 1:
+        return
+    share = ((os.cpu_count() or 1) - 1) // config.tensor_parallel_size
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), share)))
+
+
 def exit_with_parent() -> None:
     """A rank (or the engine process) whose parent is gone exits: nothing else would ever stop it."""
     parent = os.getppid()
@@ -77,6 +87,7 @@ def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig) -> N
     if device.type == "cuda":
         torch.cuda.set_device(device)
     select_kernels(config)
+    share_cores(config)
     init_tensor_parallel(rank, config.tensor_parallel_size, port, device)
     model, model_cfg = load_model(model_path, DTYPES[config.dtype], device, quantization=config.quantization)
     runner = ModelRunner(model, model_cfg, config, DTYPES[config.dtype], device,
