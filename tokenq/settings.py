@@ -17,12 +17,17 @@ from pathlib import Path
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _optional_float(env: Mapping[str, str], name: str) -> float | None:
     raw = env.get(name)
     try:
-        return float(raw) if raw else default
+        return float(raw) if raw else None
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _optional_float(env, name)
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class Settings:
     webhook_queue_url: str | None = None
     kernels: str = "triton"  # TOKENQ_KERNELS=torch: the torch references instead of every Triton kernel
     gemv: str = "triton"  # TOKENQ_GEMV=cublas: one-row matmuls on cuBLAS instead of our GEMV
+    throughput_log_s: float = 30.0  # TOKENQ_THROUGHPUT_LOG_S: a worker's throughput line this often (0: never)
+    # TOKENQ_WEBHOOK_GONE_DISABLE_S: how long a 410 disables a tenant's URL; None: the retry policy's default
+    webhook_gone_disable_s: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -61,6 +69,8 @@ class Settings:
             webhook_queue_url=env.get("TOKENQ_WEBHOOK_QUEUE_URL") or None,
             kernels="torch" if (env.get("TOKENQ_KERNELS") or "").lower() == "torch" else "triton",
             gemv="cublas" if (env.get("TOKENQ_GEMV") or "").lower() == "cublas" else "triton",
+            throughput_log_s=_float(env, "TOKENQ_THROUGHPUT_LOG_S", 30.0),
+            webhook_gone_disable_s=_optional_float(env, "TOKENQ_WEBHOOK_GONE_DISABLE_S"),
         )
 
 

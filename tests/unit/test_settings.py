@@ -21,6 +21,9 @@ def test_values_from_environment():
                            "TOKENQ_WEBHOOK_RETRY_DELAYS": "0.1, 0.2", "TOKENQ_MAX_QUEUE_DEPTH": "0"})
     assert (s.lease_s, s.max_deliveries, s.redis_url, s.max_queue_depth) == (2.5, 7, "redis://x", 0)
     assert s.webhook_retry_delays == (0.1, 0.2)
+    assert (Settings.from_env({}).throughput_log_s, Settings.from_env({}).webhook_gone_disable_s) == (30.0, None)
+    s = Settings.from_env({"TOKENQ_THROUGHPUT_LOG_S": "0", "TOKENQ_WEBHOOK_GONE_DISABLE_S": "60"})
+    assert (s.throughput_log_s, s.webhook_gone_disable_s) == (0.0, 60.0)
 
 
 def test_a_bad_number_names_the_variable():
