@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+METRICS_PEERS_ENV = "TOKENQ_METRICS_PEERS"  # set by `tokenq up` for its gateway
+_YES = ("1", "true", "yes", "on")
 
 
 def _optional_float(env: Mapping[str, str], name: str) -> float | None:
@@ -50,6 +52,11 @@ class Settings:
     throughput_log_s: float = 30.0  # TOKENQ_THROUGHPUT_LOG_S: a worker's throughput line this often (0: never)
     # TOKENQ_WEBHOOK_GONE_DISABLE_S: how long a 410 disables a tenant's URL; None: the retry policy's default
     webhook_gone_disable_s: float | None = None
+    require_auth: bool = False  # TOKENQ_REQUIRE_AUTH: the gateway has auth on whatever Redis holds
+    access_log: bool = True  # TOKENQ_ACCESS_LOG=0: no gateway line per request
+    # TOKENQ_GATEWAY_LIBRARY_PATH: submissions through FastAPI and redis-py alone (`tokenq bench queue`)
+    gateway_library_path: bool = False
+    metrics_peers: str = ""  # TOKENQ_METRICS_PEERS: role=url,... whose metrics the gateway's /metrics adds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +78,10 @@ class Settings:
             gemv="cublas" if (env.get("TOKENQ_GEMV") or "").lower() == "cublas" else "triton",
             throughput_log_s=_float(env, "TOKENQ_THROUGHPUT_LOG_S", 30.0),
             webhook_gone_disable_s=_optional_float(env, "TOKENQ_WEBHOOK_GONE_DISABLE_S"),
+            require_auth=(env.get("TOKENQ_REQUIRE_AUTH") or "").strip().lower() in _YES,
+            access_log=(env.get("TOKENQ_ACCESS_LOG") or "1").strip().lower() not in ("0", "false", "no", "off"),
+            gateway_library_path=(env.get("TOKENQ_GATEWAY_LIBRARY_PATH") or "") in ("1", "true", "yes"),
+            metrics_peers=env.get(METRICS_PEERS_ENV) or "",
         )
 
 
