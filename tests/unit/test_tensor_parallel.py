@@ -13,6 +13,7 @@ import torch.multiprocessing as tmp  # noqa: E402
 from kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from worker.engine import distributed  # noqa: E402
+from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.distributed import head_shard  # noqa: E402
 
 WORLD = 2
@@ -212,3 +213,22 @@ def test_ranks_on_a_cpu_share_its_cores(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+class OtherRankOnCuda(EngineConfig):
+    """Rank 0 on the CPU, rank 1 on a GPU (at module level: the config is pickled to the spawned rank)."""
+
+    def rank_device(self, rank: int) -> str:
+        return "cpu" if rank == 0 else "cuda:1"
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_fails_before_joining_is_an_error_not_a_hang(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where the other rank's CUDA device cannot be set")
+    from worker.engine import tp_ranks
+
+    # Rank 1 fails on torch.cuda.set_device(cuda:1), before the rendezvous that rank 0 would wait in forever.
+    with pytest.raises(RuntimeError, match="tokenq-tp-rank1 exited .* before joining"):
+        tp_ranks.TensorParallelGroup(tmp_path, OtherRankOnCuda(tensor_parallel_size=2))
+    assert distributed.tp_size() == 1  # rank 0 never joined

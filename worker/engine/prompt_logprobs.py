@@ -37,10 +37,11 @@ def plan_prompt_logprobs(items: list[ScheduledSeq], query_start: list[int]) -> l
     """The head's slices for the step's requests that ask for prompt logprobs; `query_start` is the step's
     row offset of each item (items in the step's order)."""
     slices = []
-    for i, (item, row0) in enumerate(zip(items, query_start, strict=False)):
+    for i, item in enumerate(items):  # runs every step: the common case costs one attribute test a seq
         seq = item.seq
-        if not seq.needs_prompt_logprobs:
+        if seq.sampling.prompt_logprobs is None or not seq.needs_prompt_logprobs:
             continue
+        row0 = query_start[i]
         start = seq.num_computed_tokens  # position of the item's first row
         # Positions whose next token is a prompt token and whose logprob is not known yet.
         first = max(start, len(seq.prompt_logprobs))
