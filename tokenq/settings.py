@@ -100,7 +100,7 @@ def embedded_redis_address_file() -> Path:
 
 def explicit_redis_url() -> str | None:
     """TOKENQ_REDIS_URL; None tells `tokenq up` to start its embedded Redis."""
-    return os.environ.get("TOKENQ_REDIS_URL") or None
+    return Settings.from_env().redis_url
 
 
 def redis_url() -> str | None:
