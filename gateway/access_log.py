@@ -1,9 +1,8 @@
 """One log line per HTTP request (method, path, status, duration, bytes sent, client), written when the
-answer ends, streams included; on by default, TOKENQ_ACCESS_LOG=0 turns it off."""
+answer ends, streams included; on by default, TOKENQ_ACCESS_LOG=0 turns it off (Settings.access_log)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -11,14 +10,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.logging import get_logger
 
-ACCESS_LOG_ENV = "TOKENQ_ACCESS_LOG"
 _log = get_logger("access")
 
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def access_log_on() -> bool:
-    return os.environ.get(ACCESS_LOG_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 async def logged(app: App, scope: Scope, receive: Receive, send: Send) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +10,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from gateway import routes_batches, routes_files, routes_health, routes_jobs, routes_openai
-from gateway.access_log import access_log_on, logged
+from gateway.access_log import logged
 from gateway.admission import max_queue_depth_from_env
 from gateway.context import GatewayContext
 from gateway.errors import UnhandledErrors, install_error_handlers
@@ -23,14 +22,7 @@ from gateway.openapi import install_openapi
 from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
 from jobstore.expiry import sweep_forever
-
-# The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and gateway/redis_pipe.py:
-# `tokenq bench queue` runs both to show what the hand-written pieces buy.
-LIBRARY_PATH_ENV = "TOKENQ_GATEWAY_LIBRARY_PATH"
-
-
-def library_path_from_env() -> bool:
-    return os.environ.get(LIBRARY_PATH_ENV, "") in ("1", "true", "yes")
+from tokenq.settings import Settings
 
 
 class GatewayApp(FastAPI):
@@ -55,7 +47,10 @@ class GatewayApp(FastAPI):
 def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_queue_depth: int | None = None, library_path: bool | None = None) -> GatewayApp:
     configure_logging()
-    library = library_path_from_env() if library_path is None else library_path
+    settings = Settings.from_env()
+    # The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and gateway/redis_pipe.py:
+    # `tokenq bench queue` runs both to show what the hand-written pieces buy.
+    library = settings.gateway_library_path if library_path is None else library_path
     metrics = GatewayMetrics()
     depth = max_queue_depth_from_env() if max_queue_depth is None else max_queue_depth
 
@@ -90,7 +85,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.add_middleware(UnhandledErrors)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.access_log = access_log_on()
+    app.access_log = settings.access_log
     if library:
         return app
     app.fast_submit = FastSubmit(lambda s, r, se: FastAPI.__call__(app, s, r, se), lambda: app.state.ctx, metrics,

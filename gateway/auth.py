@@ -9,7 +9,6 @@ or a changed limit takes effect within that time on every gateway process."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -18,19 +17,13 @@ from gateway.apikeys import API_KEYS_SET, AUTH_FLAG, AUTH_OFF, AUTH_ON, LIMIT_FI
 from gateway.errors import ApiError
 from gateway.flight import TtlCache
 from protocol import keys
+from tokenq.settings import Settings
 
 CACHE_S = 1.0
 # Limits (not keys: a revoked key must stop at once) may lag: past CACHE_S the last read still answers, up
 # to this much longer, while a background read renews it.
 LIMITS_STALE_S = 5.0
 DEFAULT_TENANT = "default"
-REQUIRE_AUTH_ENV = "TOKENQ_REQUIRE_AUTH"
-
-
-def require_auth_from_env() -> bool:
-    return os.environ.get(REQUIRE_AUTH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class Tenant:
     """A tenant and its limits; 0 means no limit."""
@@ -67,7 +60,7 @@ class Authenticator:
         self.redis = redis
         self.cache_s = cache_s
         self.stale_s = stale_s
-        self.require = require_auth_from_env() if require is None else require
+        self.require = Settings.from_env().require_auth if require is None else require
         self.seen_on = False  # this process has seen auth on: a Redis that forgot it does not turn it off
         self._cache = TtlCache()
 

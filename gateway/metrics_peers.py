@@ -5,14 +5,13 @@ label, so two processes' `process_*` series stay apart."""
 
 from __future__ import annotations
 
-import os
-
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-PEERS_ENV = "TOKENQ_METRICS_PEERS"
+from tokenq.settings import METRICS_PEERS_ENV, Settings
+
 TIMEOUT_S = 2.0
 
 
@@ -22,7 +21,7 @@ def parse_peers(spec: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         role, sep, url = item.partition("=")
         if not sep or not role or not url:
-            raise ValueError(f"{PEERS_ENV}: expected role=url, got {item!r}")
+            raise ValueError(f"{METRICS_PEERS_ENV}: expected role=url, got {item!r}")
         peers[role.strip()] = url.strip()
     return peers
 
@@ -41,7 +40,7 @@ class PeerMetrics:
 
     @classmethod
     def from_env(cls) -> PeerMetrics:
-        return cls(parse_peers(os.environ.get(PEERS_ENV, "")))
+        return cls(parse_peers(Settings.from_env().metrics_peers))
 
     async def render(self) -> bytes:
         """The peers' series in one exposition, labelled by role; a peer that does not answer is left out."""

@@ -1,12 +1,12 @@
 """Linear layers at small batch: our Triton GEMV where it beats cuBLAS, F.linear everywhere else.
 
 The reference is F.linear itself. Which shapes go to Triton, and with which tiles, comes from
-`tests/gpu/bench_gemv.py` on an H200 (docs/BENCHMARKS.md); TOKENQ_GEMV=cublas turns the kernel off.
+`tests/gpu/bench_gemv.py` on an H200 (docs/BENCHMARKS.md); the engine turns the kernel off from its config
+(TOKENQ_GEMV=cublas), the benches from their --gemv flag.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -24,12 +24,12 @@ class GemvConfig(NamedTuple):
     num_stages: int = 2
 
 
-ENABLED = os.environ.get("TOKENQ_GEMV", "").lower() != "cublas"
+ENABLED = True
 MAX_ROWS = 1  # rows of x up to which the Triton kernel may run
 
 
 def set_gemv_enabled(enabled: bool) -> None:
-    """For A/B runs in one process (the benches' --gemv flag)."""
+    """Our GEMV on (default) or off (cuBLAS) for this process: the engine's config, the benches' --gemv flag."""
     global ENABLED
     ENABLED = enabled
 

@@ -53,7 +53,16 @@ def engine_flags_argv(args: argparse.Namespace) -> list[str]:
     return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
+def kernel_choices() -> dict[str, str]:
+    """EngineConfig's kernel fields (kernels, gemv) from the environment (TOKENQ_KERNELS, TOKENQ_GEMV)."""
+    from tokenq.settings import Settings
+
+    settings = Settings.from_env()
+    return {"kernels": settings.kernels, "gemv": settings.gemv}
+
+
 def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kept lazy: torch is heavy)
+    """The engine's config from the flags, and its kernel choices from the environment."""
     from worker.engine.config import EngineConfig
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -64,4 +73,5 @@ def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kep
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=True if args.enforce_eager else None,
         prefill_graphs=not args.no_prefill_graphs, quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+        **kernel_choices(),
     )

@@ -2,8 +2,9 @@
 default. A role reads them once when it starts (`Settings.from_env()`), never at import time, so tests
 and the supervisor can set the environment of a process before it starts.
 
-Kernels read TOKENQ_KERNELS and TOKENQ_GEMV themselves (kernels import nothing above them); the gateway's
-uvicorn workers receive their Redis URL through the environment from the gateway's launcher.
+The kernel choices (TOKENQ_KERNELS, TOKENQ_GEMV) travel in the engine's config to each process that runs
+the model, which sets them in kernels/ (kernels import nothing above them); the gateway's uvicorn workers
+receive their Redis URL through the environment from the gateway's launcher.
 """
 
 from __future__ import annotations
@@ -14,14 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+METRICS_PEERS_ENV = "TOKENQ_METRICS_PEERS"  # set by `tokenq up` for its gateway
+_YES = ("1", "true", "yes", "on")
+
+
+def _optional_float(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name)
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+    value = _optional_float(env, name)
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,16 @@ class Settings:
     # TOKENQ_WEBHOOK_QUEUE_URL: a single-node Redis for arq's delivery queue when TOKENQ_REDIS_URL is a cluster
     # (arq speaks to one node); None: TOKENQ_REDIS_URL's.
     webhook_queue_url: str | None = None
+    kernels: str = "triton"  # TOKENQ_KERNELS=torch: the torch references instead of every Triton kernel
+    gemv: str = "triton"  # TOKENQ_GEMV=cublas: one-row matmuls on cuBLAS instead of our GEMV
+    throughput_log_s: float = 30.0  # TOKENQ_THROUGHPUT_LOG_S: a worker's throughput line this often (0: never)
+    # TOKENQ_WEBHOOK_GONE_DISABLE_S: how long a 410 disables a tenant's URL; None: the retry policy's default
+    webhook_gone_disable_s: float | None = None
+    require_auth: bool = False  # TOKENQ_REQUIRE_AUTH: the gateway has auth on whatever Redis holds
+    access_log: bool = True  # TOKENQ_ACCESS_LOG=0: no gateway line per request
+    # TOKENQ_GATEWAY_LIBRARY_PATH: submissions through FastAPI and redis-py alone (`tokenq bench queue`)
+    gateway_library_path: bool = False
+    metrics_peers: str = ""  # TOKENQ_METRICS_PEERS: role=url,... whose metrics the gateway's /metrics adds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -56,6 +74,14 @@ class Settings:
             gateway_workers=int(_float(env, "TOKENQ_GATEWAY_WORKERS", 1)),
             webhook_retry_delays=tuple(float(x) for x in delays.split(",") if x.strip()) if delays else None,
             webhook_queue_url=env.get("TOKENQ_WEBHOOK_QUEUE_URL") or None,
+            kernels="torch" if (env.get("TOKENQ_KERNELS") or "").lower() == "torch" else "triton",
+            gemv="cublas" if (env.get("TOKENQ_GEMV") or "").lower() == "cublas" else "triton",
+            throughput_log_s=_float(env, "TOKENQ_THROUGHPUT_LOG_S", 30.0),
+            webhook_gone_disable_s=_optional_float(env, "TOKENQ_WEBHOOK_GONE_DISABLE_S"),
+            require_auth=(env.get("TOKENQ_REQUIRE_AUTH") or "").strip().lower() in _YES,
+            access_log=(env.get("TOKENQ_ACCESS_LOG") or "1").strip().lower() not in ("0", "false", "no", "off"),
+            gateway_library_path=(env.get("TOKENQ_GATEWAY_LIBRARY_PATH") or "") in ("1", "true", "yes"),
+            metrics_peers=env.get(METRICS_PEERS_ENV) or "",
         )
 
 
@@ -74,7 +100,7 @@ def embedded_redis_address_file() -> Path:
 
 def explicit_redis_url() -> str | None:
     """TOKENQ_REDIS_URL; None tells `tokenq up` to start its embedded Redis."""
-    return os.environ.get("TOKENQ_REDIS_URL") or None
+    return Settings.from_env().redis_url
 
 
 def redis_url() -> str | None:

@@ -16,10 +16,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.metrics_peers import PEERS_ENV
 from tokenq.embedded_redis import EmbeddedRedis
 from tokenq.home_lock import HomeLock, HomeLocked
-from tokenq.settings import embedded_redis_dir, tokenq_home
+from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, tokenq_home
 
 RESTART_BASE_S = 1.0
 RESTART_CAP_S = 60.0
@@ -172,7 +171,7 @@ def _run(opts: UpOptions, base: str) -> int:
                                              str(opts.worker_metrics_port), *opts.worker_args], env))
     # The gateway's /metrics shows the worker's and the deliverer's too (gateway/metrics_peers.py), so one
     # scrape sees every role.
-    gateway_env = {**env, PEERS_ENV: f"worker=http://127.0.0.1:{opts.worker_metrics_port}/metrics,"
+    gateway_env = {**env, METRICS_PEERS_ENV: f"worker=http://127.0.0.1:{opts.worker_metrics_port}/metrics,"
                                      f"webhooks=http://127.0.0.1:{opts.webhooks_metrics_port}/metrics"}
     gateway = Child("gateway", lambda: _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)],
                                               gateway_env))

@@ -3,31 +3,24 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
 from prometheus_client import REGISTRY
 
+from tokenq.settings import Settings
 from worker.logging import get_logger
 
 WINDOW_S = 10.0  # rates are averaged over this long, so a 2 s heartbeat does not jump with each finish
-LOG_INTERVAL_ENV = "TOKENQ_THROUGHPUT_LOG_S"
-DEFAULT_LOG_INTERVAL_S = 30.0
 _SERIES = {"prompt": "tokenq_worker_prompt_tokens_total", "generation": "tokenq_worker_generation_tokens_total"}
 
 log = get_logger("throughput")
 
 
-def log_interval_s() -> float:
-    """TOKENQ_THROUGHPUT_LOG_S (0 turns the line off), else DEFAULT_LOG_INTERVAL_S."""
-    return float(os.environ.get(LOG_INTERVAL_ENV) or DEFAULT_LOG_INTERVAL_S)
-
-
 class Throughput:
     def __init__(self, model: str, log_every_s: float | None = None) -> None:
         self.model = model
-        self.log_every_s = log_interval_s() if log_every_s is None else log_every_s
+        self.log_every_s = Settings.from_env().throughput_log_s if log_every_s is None else log_every_s
         self._samples: deque[tuple[float, dict[str, float]]] = deque()
         self._last_log = time.monotonic()
 

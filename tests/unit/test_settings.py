@@ -21,6 +21,9 @@ def test_values_from_environment():
                            "TOKENQ_WEBHOOK_RETRY_DELAYS": "0.1, 0.2", "TOKENQ_MAX_QUEUE_DEPTH": "0"})
     assert (s.lease_s, s.max_deliveries, s.redis_url, s.max_queue_depth) == (2.5, 7, "redis://x", 0)
     assert s.webhook_retry_delays == (0.1, 0.2)
+    assert (Settings.from_env({}).throughput_log_s, Settings.from_env({}).webhook_gone_disable_s) == (30.0, None)
+    s = Settings.from_env({"TOKENQ_THROUGHPUT_LOG_S": "0", "TOKENQ_WEBHOOK_GONE_DISABLE_S": "60"})
+    assert (s.throughput_log_s, s.webhook_gone_disable_s) == (0.0, 60.0)
 
 
 def test_a_bad_number_names_the_variable():
@@ -37,3 +40,52 @@ def test_roles_read_the_environment_when_they_start(monkeypatch):
 
     monkeypatch.setenv("TOKENQ_LEASE_S", "4")
     assert Recovery(_Redis(), "m", "c").lease_s == 4.0
+
+
+def test_kernel_choices_come_from_the_environment():
+    assert (Settings.from_env({}).kernels, Settings.from_env({}).gemv) == ("triton", "triton")
+    s = Settings.from_env({"TOKENQ_KERNELS": "Torch", "TOKENQ_GEMV": "cublas"})
+    assert (s.kernels, s.gemv) == ("torch", "cublas")
+
+
+def test_the_engine_config_carries_the_kernel_choices(monkeypatch):
+    import argparse
+
+    from tokenq.engine_options import add_engine_flags, engine_config_from
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    assert (engine_config_from(parser.parse_args([])).kernels, engine_config_from(parser.parse_args([])).gemv) == (
+        "triton", "triton")
+    monkeypatch.setenv("TOKENQ_KERNELS", "torch")
+    monkeypatch.setenv("TOKENQ_GEMV", "cublas")
+    cfg = engine_config_from(parser.parse_args([]))
+    assert (cfg.kernels, cfg.gemv) == ("torch", "cublas")
+
+
+def test_an_engine_process_sets_its_kernels_from_its_config(monkeypatch):
+    pytest.importorskip("torch")
+    from kernels import dispatch, gemv
+    from worker.engine.config import EngineConfig
+    from worker.engine.kernel_choice import select_kernels
+
+    monkeypatch.setattr(dispatch, "_triton_on", dispatch.HAS_TRITON)  # put back afterwards
+    monkeypatch.setattr(gemv, "ENABLED", True)
+    cuda = type("FakeCuda", (), {"is_cuda": True})()
+    select_kernels(EngineConfig(kernels="torch", gemv="cublas"))
+    assert not dispatch.use_triton(cuda) and not gemv.ENABLED
+    select_kernels(EngineConfig())
+    assert dispatch.use_triton(cuda) == dispatch.HAS_TRITON and gemv.ENABLED
+    with pytest.raises(ValueError, match="kernels"):
+        EngineConfig(kernels="cuda")
+
+
+def test_engine_model_and_kernel_code_read_no_environment():
+    """Options reach the engine through its config; kernels import nothing above them."""
+    root = Path(__file__).resolve().parents[2]
+    for folder in ("kernels", "worker/engine", "worker/layers", "worker/models"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "os.environ" not in text and "getenv" not in text, path
+            if folder == "kernels":
+                assert not any(f"{kw} {top}" in text for kw in ("from", "import") for top in ("worker", "tokenq")), path

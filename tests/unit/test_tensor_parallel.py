@@ -5,6 +5,8 @@ included."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -13,6 +15,7 @@ import torch.multiprocessing as tmp  # noqa: E402
 from kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from worker.engine import distributed  # noqa: E402
+from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.distributed import head_shard  # noqa: E402
 
 WORLD = 2
@@ -193,3 +196,61 @@ def test_two_ranks_equal_one(two_ranks, name):
     got = torch.from_numpy(two[name])
     assert one[name].shape == got.shape
     torch.testing.assert_close(got, one[name].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_on_a_cpu_share_its_cores(monkeypatch):
+    from worker.engine.config import EngineConfig
+    from worker.engine.tp_ranks import share_cores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(16)
+        monkeypatch.setattr("os.cpu_count", lambda: 17)
+        share_cores(EngineConfig(tensor_parallel_size=1))  # one rank keeps what it has
+        assert torch.get_num_threads() == 16
+        share_cores(EngineConfig(tensor_parallel_size=2))  # one core left over, the rest halved
+        assert torch.get_num_threads() == 8
+        monkeypatch.setattr("os.cpu_count", lambda: 2)
+        share_cores(EngineConfig(tensor_parallel_size=2))  # never below one thread
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+class OtherRankOnCuda(EngineConfig):
+    """Rank 0 on the CPU, rank 1 on a GPU (at module level: the config is pickled to the spawned rank)."""
+
+    def rank_device(self, rank: int) -> str:
+        return "cpu" if rank == 0 else "cuda:1"
+
+
+def _start_group(path: str, results) -> None:
+    from worker.engine import tp_ranks
+
+    try:
+        tp_ranks.TensorParallelGroup(path, OtherRankOnCuda(tensor_parallel_size=2))
+        results.put("joined")
+    except RuntimeError as e:
+        results.put(str(e))
+
+
+def test_a_rank_that_fails_before_joining_is_an_error_not_a_hang(tmp_path):
+    import queue
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where the other rank's CUDA device cannot be set")
+    # Rank 0 runs in a child of its own: a rendezvous that hangs cannot be interrupted in this process.
+    ctx = tmp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_start_group, args=(str(tmp_path), results))
+    proc.start()
+    try:
+        # Rank 1 fails on torch.cuda.set_device(cuda:1), before the rendezvous that rank 0 would wait in.
+        message = results.get(timeout=90)
+    except queue.Empty:
+        pytest.fail("rank 0 still waits for a rank that failed before joining")
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert re.search("tokenq-tp-rank1 exited .* before joining", message), message

@@ -31,6 +31,8 @@ def test_schedule_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert RetryPolicy.from_env().delays == (0.1, 0.5)
     monkeypatch.delenv("TOKENQ_WEBHOOK_RETRY_DELAYS")
     assert RetryPolicy.from_env().delays == DEFAULT_DELAYS
+    monkeypatch.setenv("TOKENQ_WEBHOOK_GONE_DISABLE_S", "60")
+    assert RetryPolicy.from_env().gone_disable_s == 60
 
 
 def test_parse_retry_after() -> None:

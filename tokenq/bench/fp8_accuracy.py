@@ -95,11 +95,13 @@ def prompts_from(token_ids: list[int], num: int, length: int) -> list[list[int]]
 
 def greedy_continuations(path, mode: Mode, prompts: list[list[int]], new_tokens: int, device: str) -> list[list[int]]:
     from protocol.sampling import SamplingParams
+    from tokenq.engine_options import kernel_choices
     from worker.engine.config import EngineConfig
     from worker.engine.llm_engine import LLMEngine
 
     cfg = EngineConfig(device=device, dtype="float32", quantization=mode.quantization,
-                       kv_cache_dtype=mode.kv_cache_dtype, kv_cache_memory_gb=0.25, enable_prefix_caching=False)
+                       kv_cache_dtype=mode.kv_cache_dtype, kv_cache_memory_gb=0.25, enable_prefix_caching=False,
+                       **kernel_choices())
     engine = LLMEngine(path, cfg)
     outs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
     return [list(o.new_token_ids) for o in outs]
@@ -122,9 +124,13 @@ def main(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     from tokenq.bench.report import machine_info, print_table, write_json
+    from tokenq.engine_options import kernel_choices
     from tokenq.model_store import resolve_model
+    from worker.engine.config import EngineConfig
+    from worker.engine.kernel_choice import select_kernels
     from worker.models.loader import load_model
 
+    select_kernels(EngineConfig(**kernel_choices()))  # the perplexity runs load models outside an engine
     name, path = resolve_model(args.model)
     ids = Tokenizer.from_file(str(Path(path) / "tokenizer.json")).encode(Path(args.text).read_text()).ids
     print(f"{name}: {len(ids)} tokens of {Path(args.text).name}, windows of {args.window} in chunks of "

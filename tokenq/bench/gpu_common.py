@@ -69,11 +69,12 @@ def resolve_device(name: str) -> str:
 def build_model(args: argparse.Namespace) -> Setup:
     import torch
 
-    from kernels.gemv import set_gemv_enabled
+    from worker.engine.config import EngineConfig
+    from worker.engine.kernel_choice import select_kernels
     from worker.engine.llm_engine import DTYPES
     from worker.models.random_weights import random_model, shape_config
 
-    set_gemv_enabled(args.gemv == "triton")
+    select_kernels(EngineConfig(**kernel_options(args)))  # before the model is built: FP8 quantizes it
     if args.quantization and not getattr(args, "skip_peer", True):
         print("--quantization: no transformers peer (it would run other weights); the 16-bit run of this "
               "command is the reference")
@@ -86,6 +87,13 @@ def build_model(args: argparse.Namespace) -> Setup:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return Setup(args.model_shape, config, model, model_cfg, device, dtype, time.perf_counter() - t0)
+
+
+def kernel_options(args: argparse.Namespace) -> dict[str, str]:
+    """The kernels from the environment (TOKENQ_KERNELS); the GEMV from --gemv, for A/B runs."""
+    from tokenq.engine_options import kernel_choices
+
+    return {**kernel_choices(), "gemv": args.gemv}
 
 
 def engine_config(args: argparse.Namespace, setup: Setup, max_model_len: int, kv_tokens: int, **overrides: Any):
@@ -101,7 +109,7 @@ def engine_config(args: argparse.Namespace, setup: Setup, max_model_len: int, kv
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or max_model_len, dtype=setup.dtype, device=setup.device,
         enforce_eager=True if args.enforce_eager else None, prefill_graphs=not args.no_prefill_graphs,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, **kernel_options(args),
     )
     return EngineConfig(**{**values, **overrides})
 

@@ -28,6 +28,16 @@ class EngineConfig:
     enforce_eager: bool | None = None
     # With decode graphs, also graphs for a step that is one prefill chunk alone (a lone request's prefill).
     prefill_graphs: bool = True
+    # "triton": our Triton kernels on CUDA (where triton imports); "torch": the torch references everywhere.
+    kernels: str = "triton"
+    # "triton": our GEMV for one-row matmuls on CUDA; "cublas": F.linear for them too.
+    gemv: str = "triton"
+
+    def __post_init__(self) -> None:
+        if self.kernels not in ("triton", "torch"):
+            raise ValueError(f"kernels must be triton or torch, got {self.kernels!r}")
+        if self.gemv not in ("triton", "cublas"):
+            raise ValueError(f"gemv must be triton or cublas, got {self.gemv!r}")
 
     def rank_device(self, rank: int) -> str:
         """The device of a rank: cuda:<rank> among the visible GPUs under tensor parallelism."""

@@ -20,12 +20,13 @@ from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.distributed import destroy_tensor_parallel
 from worker.engine.dtypes import DTYPES
 from worker.engine.guided import GuidedDecoding, GuidedState, tokenizer_info
+from worker.engine.kernel_choice import select_kernels
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
-from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
+from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len, share_cores
 from worker.models.card import model_card
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
@@ -73,6 +74,8 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         model_path = Path(model_path)
+        select_kernels(config)
+        share_cores(config)
         self.tp_group = TensorParallelGroup(model_path, config) if config.tensor_parallel_size > 1 else None
         device = torch.device(config.rank_device(0))
         if device.type == "cuda" and device.index is not None:  # a TP rank's own GPU; plain "cuda" is the current one
@@ -89,6 +92,7 @@ class LLMEngine:
         Without a tokenizer outputs carry token ids only, no text, and stop strings are not checked."""
         if config.tensor_parallel_size > 1:
             raise ValueError("tensor parallelism needs a model directory (every rank loads its own shard)")
+        select_kernels(config)  # the model's own weights are already loaded (and quantized) by the caller
         engine = cls.__new__(cls)
         engine.tp_group = None
         engine._setup(model, model_cfg, config, tokenizer, None)

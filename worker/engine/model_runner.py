@@ -31,7 +31,13 @@ from worker.engine.cuda_graphs import (
     prefill_token_buckets,
 )
 from worker.engine.distributed import agree, head_shard, tp_rank, tp_size
-from worker.engine.prompt_logprobs import fill_prompt_logprobs, wants_prompt_logprobs
+from worker.engine.prompt_logprobs import (
+    PromptSlice,
+    fill_prompt_logprobs,
+    plan_prompt_logprobs,
+    run_head_on,
+    slice_rows,
+)
 from worker.engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingBatch
 from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from worker.engine.sequence import Sequence
@@ -51,6 +57,8 @@ class StepInputs:
     sampling_seqs: list[Sequence]
     graph_batch: int | None = None  # the padded decode batch to replay, None for an eager step
     prefill_bucket: int | None = None  # the padded prefill chunk to replay, None for an eager step
+    prompt_slices: list[PromptSlice] | None = None  # rank 0: the head's prompt-logprob slices, if any
+    prompt_rows: np.ndarray | None = None  # other ranks: the rows of rank 0's prompt-logprob slices
 
 
 def kv_cache_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
@@ -369,6 +377,7 @@ class ModelRunner:
             sampling_seqs=[s for s, keep in zip(seqs, samples.tolist(), strict=True) if keep],
             graph_batch=graph_batch,
             prefill_bucket=prefill_bucket,
+            prompt_slices=plan_prompt_logprobs(items, meta.query_start_loc_cpu),
         )
         pending = np.fromiter((s.pending for s in seqs[:num_decodes]), np.int64, num_decodes)
         dst = np.flatnonzero(pending >= 0)
@@ -378,12 +387,13 @@ class ModelRunner:
             self._carry_tokens(inputs.input_ids, previous, dst, pending[dst])
         if self.linked:
             header = StepHeader(1, T, S, n_tok, n_seq, num_samples, graph_batch or 0, prefill_bucket or 0,
-                                meta.max_query_len, meta.max_seq_len, num_decodes, max(1, int(lens.max())))
-            send_step(header, x, x.input_ids.dev[:n_tok])
+                                meta.max_query_len, meta.max_seq_len, num_decodes, max(1, int(lens.max())),
+                                len(inputs.prompt_slices))
+            send_step(header, x, x.input_ids.dev[:n_tok], slice_rows(inputs.prompt_slices))
         x.mark_copied()
         return inputs
 
-    def _received_inputs(self, h: StepHeader) -> StepInputs:
+    def _received_inputs(self, h: StepHeader, prompt_rows: np.ndarray) -> StepInputs:
         """Ranks other than 0: the step rank 0 sent, from the buffers step_link filled, uploaded alike."""
         x = self.buffers
         T, S, n_tok, n_seq = h.num_tokens, h.num_seqs, h.padded_tokens, h.padded_seqs
@@ -406,6 +416,7 @@ class ModelRunner:
             sampling_seqs=[],
             graph_batch=h.graph_batch or None,
             prefill_bucket=h.prefill_bucket or None,
+            prompt_rows=prompt_rows,
         )
         x.mark_copied()
         return inputs
@@ -413,10 +424,13 @@ class ModelRunner:
     @torch.inference_mode()
     def follow(self) -> None:
         """Ranks other than 0: run every step rank 0 sends, until it stops."""
-        while (header := receive_step(self.buffers)) is not None:
-            inputs = self._received_inputs(header)
+        while (step := receive_step(self.buffers)) is not None:
+            header, prompt_rows = step
+            inputs = self._received_inputs(header, prompt_rows)
             hidden = self._forward(inputs)
-            if header.num_samples:  # the LM head gathers the vocabulary over every rank
+            # The LM head gathers the vocabulary over every rank: run it where rank 0 does, in its order.
+            run_head_on(prompt_rows, hidden, self.model.compute_logits)
+            if header.num_samples:
                 self.model.compute_logits(hidden[inputs.logits_indices])
 
     def stop_followers(self) -> None:
@@ -447,8 +461,8 @@ class ModelRunner:
         their samples to come (in the same order). `previous` is the step still in flight, if any."""
         inputs = self.prepare(sched, previous.token_ids if previous is not None else None)
         hidden = self._forward(inputs)
-        if wants_prompt_logprobs(sched.scheduled):
-            fill_prompt_logprobs(sched.scheduled, inputs.meta.query_start_loc_cpu, hidden, self.model.compute_logits)
+        if inputs.prompt_slices:
+            fill_prompt_logprobs(sched.scheduled, inputs.prompt_slices, hidden, self.model.compute_logits)
         if not inputs.sampling_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])

@@ -4,6 +4,7 @@ steps (step_link) on its own device with its own shard of the model, KV cache an
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import torch
 from worker.engine.config import EngineConfig
 from worker.engine.distributed import init_tensor_parallel
 from worker.engine.dtypes import DTYPES
+from worker.engine.kernel_choice import select_kernels
 from worker.engine.model_runner import ModelRunner
 from worker.models.config import ModelConfig
 from worker.models.loader import load_model
@@ -38,11 +40,32 @@ class TensorParallelGroup:
         self.size = config.tensor_parallel_size
         port = free_port()
         ctx = mp.get_context("spawn")  # CUDA cannot be forked into a child
-        self.procs = [ctx.Process(target=_rank_main, args=(rank, port, str(model_path), config),
-                                  name=f"tokenq-tp-rank{rank}", daemon=True) for rank in range(1, self.size)]
+        pipes = [ctx.Pipe(duplex=False) for _ in range(1, self.size)]
+        self.procs = [ctx.Process(target=_rank_main, args=(rank, port, str(model_path), config, send),
+                                  name=f"tokenq-tp-rank{rank}", daemon=True)
+                      for rank, (_, send) in enumerate(pipes, start=1)]
         for proc in self.procs:
             proc.start()
+        for _, send in pipes:
+            send.close()  # each child holds its own end: end-of-file here once it is gone
+        self._await_joining([recv for recv, _ in pipes])
         init_tensor_parallel(0, self.size, port, torch.device(config.rank_device(0)))
+
+    def _await_joining(self, pipes: list[mp.connection.Connection]) -> None:
+        """Waits until every other rank is about to join the group. The group's rendezvous waits for a rank
+        that never comes for as long as the idle timeout, so a rank that fails first (its device, an
+        import) is an error here instead of a hang."""
+        waiting = dict(zip(pipes, self.procs, strict=True))
+        while waiting:
+            for conn in mp.connection.wait(list(waiting)):
+                proc = waiting.pop(conn)
+                try:
+                    conn.recv()
+                except EOFError:
+                    proc.join(5.0)
+                    self.join(0.0)
+                    raise RuntimeError(f"{proc.name} exited (code {proc.exitcode}) before joining the "
+                                       "tensor-parallel group; its error is above") from None
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
@@ -53,6 +76,16 @@ class TensorParallelGroup:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.terminate()
+
+
+def share_cores(config: EngineConfig) -> None:
+    """On a CPU the ranks compute at once: each takes an equal share of the cores less one (left to rank 0's
+    host work and the worker beside it). Compute threads that outnumber the cores wait on each other's time
+    slices, and every collective then waits for the slowest rank."""
+    if config.device.startswith("cuda") or config.tensor_parallel_size == 1:
+        return
+    share = ((os.cpu_count() or 1) - 1) // config.tensor_parallel_size
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), share)))
 
 
 def exit_with_parent() -> None:
@@ -67,7 +100,7 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig) -> None:
+def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig, joining: mp.connection.Connection) -> None:
     # A Ctrl-C reaches the whole process group; stopping is rank 0's to order (after the worker's drain).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -75,6 +108,10 @@ def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig) -> N
     device = torch.device(config.rank_device(rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    select_kernels(config)
+    share_cores(config)
+    joining.send(rank)
+    joining.close()
     init_tensor_parallel(rank, config.tensor_parallel_size, port, device)
     model, model_cfg = load_model(model_path, DTYPES[config.dtype], device, quantization=config.quantization)
     runner = ModelRunner(model, model_cfg, config, DTYPES[config.dtype], device,

@@ -4,12 +4,11 @@ receiver's Retry-After, and which answers are worth retrying at all."""
 from __future__ import annotations
 
 import email.utils
-import os
 import time
 from dataclasses import dataclass, replace
 
-DELAYS_ENV = "TOKENQ_WEBHOOK_RETRY_DELAYS"
-GONE_ENV = "TOKENQ_WEBHOOK_GONE_DISABLE_S"
+from tokenq.settings import Settings
+
 DEFAULT_GONE_DISABLE_S = 7 * 86400
 # 11 attempts over about 47 hours: a receiver that is down for a whole day still gets its events.
 DEFAULT_DELAYS: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
@@ -25,10 +24,10 @@ class RetryPolicy:
     def from_env(cls) -> RetryPolicy:
         """`TOKENQ_WEBHOOK_RETRY_DELAYS` (comma-separated seconds) replaces the schedule, e.g. in tests;
         `TOKENQ_WEBHOOK_GONE_DISABLE_S` how long a 410 disables a URL for its tenant."""
-        spec = os.environ.get(DELAYS_ENV, "").strip()
-        gone = os.environ.get(GONE_ENV, "").strip()
-        policy = cls(tuple(float(x) for x in spec.split(",") if x.strip())) if spec else cls()
-        return replace(policy, gone_disable_s=float(gone)) if gone else policy
+        settings = Settings.from_env()
+        policy = cls(settings.webhook_retry_delays) if settings.webhook_retry_delays is not None else cls()
+        gone = settings.webhook_gone_disable_s
+        return replace(policy, gone_disable_s=gone) if gone is not None else policy
 
     @property
     def max_attempts(self) -> int:
