@@ -24,7 +24,7 @@ from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
 from jobstore.expiry import sweep_forever
 
-# The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and gateway/redis_pipe.py:
+# The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and jobstore/pipe.py:
 # `tokenq bench queue` runs both to show what the hand-written pieces buy.
 LIBRARY_PATH_ENV = "TOKENQ_GATEWAY_LIBRARY_PATH"
 

@@ -115,8 +115,9 @@ class FinalWrite:
 
 
 class JobStore:
-    """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the submission
-    script instead (the gateway's shared pipelined connection)."""
+    """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the hot single
+    script calls instead, the submission's and a step's deltas' (a process's shared pipelined connection,
+    jobstore/pipe.py)."""
 
     def __init__(self, redis: AnyRedis, scripts: ScriptClient | None = None) -> None:
         self.redis = redis
@@ -254,7 +255,7 @@ class JobStore:
             # EVALSHA, not MULTI/EVALSHA/EXEC through a pipeline, on each token's way to its reader.
             if rows:
                 with contextlib.suppress(ResponseError):  # as in the MULTI: a failed append is not raised
-                    await runner.run(self.redis, s.APPEND_DELTAS, delta_keys, [rows_json])
+                    await runner.run(self._scripts, s.APPEND_DELTAS, delta_keys, [rows_json])
             return []
 
         def fill(pipe) -> None:
