@@ -48,7 +48,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_queue_depth: int | None = None, library_path: bool | None = None) -> GatewayApp:
     configure_logging()
     settings = Settings.from_env()
-    # The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and gateway/redis_pipe.py:
+    # The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and jobstore/pipe.py:
     # `tokenq bench queue` runs both to show what the hand-written pieces buy.
     library = settings.gateway_library_path if library_path is None else library_path
     metrics = GatewayMetrics()

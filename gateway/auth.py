@@ -69,6 +69,13 @@ class Authenticator:
             return True
         return await self._cache.get(AUTH_FLAG, self._read_auth, self.cache_s)
 
+    async def renew_auth_on(self) -> bool:
+        """`auth_on`, read now: the gateway's warm-up calls it more often than CACHE_S, so that no request
+        waits for this read (the flag has no stale window: it must not lag)."""
+        if self.require:
+            return True
+        return await self._cache.renew(AUTH_FLAG, self._read_auth)
+
     async def _read_auth(self) -> bool:
         flag = await self.redis.get(AUTH_FLAG)
         if flag == AUTH_OFF:

@@ -11,11 +11,12 @@ from gateway.cancel import Canceller
 from gateway.errors import ApiError
 from gateway.event_hub import Hub, event_hub
 from gateway.metrics import GatewayMetrics
-from gateway.redis_pipe import RedisPipe
+from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
 from gateway.registry import Registry
 from gateway.response_cache import ResponseCache
 from jobstore import JobStore
 from jobstore.connect import AnyRedis, is_cluster
+from jobstore.pipe import RedisPipe
 
 
 @dataclass
@@ -34,7 +35,7 @@ class GatewayContext:
     @classmethod
     def build(cls, redis: AnyRedis, metrics: GatewayMetrics, max_queue_depth: int,
               library_path: bool = False) -> GatewayContext:
-        pipe = RedisPipe(redis, library=library_path)
+        pipe = RedisPipe(redis, RETRIES, CONNECT_TIMEOUT_S, library=library_path)
         store = JobStore(redis, scripts=None if is_cluster(redis) else pipe)
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
                    auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,

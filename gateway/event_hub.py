@@ -38,11 +38,17 @@ class Subscription:
 
     async def get(self, timeout: float) -> str | None:
         """The next message's data, or None after `timeout` seconds of silence. Raises ConnectionError when
-        the hub's connection was lost (what was published meanwhile is gone: re-read the snapshot)."""
-        try:
-            item = await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            return None
+        the hub's connection was lost (what was published meanwhile is gone: re-read the snapshot).
+        asyncio.timeout, not wait_for: on 3.11 wait_for runs the get in a task of its own, one more task and
+        loop turn between a message and the stream it goes to."""
+        if self.queue.empty():
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await self.queue.get()
+            except TimeoutError:
+                return None
+        else:
+            item = self.queue.get_nowait()
         if isinstance(item, BaseException):
             raise RedisConnectionError(f"pub/sub connection lost: {item!r}") from item
         return item

@@ -82,6 +82,14 @@ class TtlCache:
         self._store(key, value, now)
         return value
 
+    async def renew(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
+        """A read of `key` now (or the one in flight), kept: for a caller that keeps an entry from expiring
+        where a request would otherwise wait for its read."""
+        now = _now()
+        value = await self._flight.run(key, fetch)
+        self._store(key, value, now)
+        return value
+
     def _store(self, key: Hashable, value: Any, read_at: float) -> None:
         if len(self._values) >= self.max_entries:
             self._values.clear()

@@ -3,7 +3,7 @@ instead of failed ones; once the retries are spent the request gets a 503 (see e
 
 Its pool is bounded: past MAX_CONNECTIONS a command waits for a free connection (up to POOL_WAIT_S, then
 a 503), so a burst of requests cannot take a connection each and run Redis into `maxclients`. Submissions
-share one pipelined connection (redis_pipe.py) and every job follower one pub/sub connection
+share one pipelined connection (jobstore/pipe.py) and every job follower one pub/sub connection
 (event_hub.py), so the pool serves only the other reads."""
 
 from __future__ import annotations

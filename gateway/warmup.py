@@ -11,6 +11,8 @@ would otherwise do on first use or after a quiet spell:
 
 The gateway runs `warm_before_serving` before it takes requests, then `keep_warm` every WARM_S, less than
 the caches' stale windows, so a request finds each answer cached and at most a background read renews it.
+Whether auth is on has no stale window (it must not lag): the warm-up reads it anew each time, and WARM_S is
+less than auth's CACHE_S, so a request never waits for that read either.
 Warming before serving also means no request joins a warm-up read that was sent before the request's
 caller changed something (created an API key, say) and so answers with the older state."""
 
@@ -28,14 +30,14 @@ from protocol.outage import REDIS_DOWN, Outage
 
 log = get_logger(__name__)
 
-WARM_S = 2.0
+WARM_S = 0.8
 START_TIMEOUT_S = 5.0
 
 
 async def warm_once(ctx: GatewayContext) -> None:
     async with anyio.create_task_group():
         pass
-    if not await ctx.auth.auth_on():
+    if not await ctx.auth.renew_auth_on():
         await ctx.auth.tenant(DEFAULT_TENANT)
     read_at = time.monotonic()
     models = await ctx.registry.models()

@@ -3,7 +3,7 @@
 A redis-py pipeline holding a registered Script first asks Redis SCRIPT EXISTS for it: one more round trip
 on every execute. Here a pipeline carries a bare EVALSHA; a Redis that has not seen the scripts (fresh, or
 restarted) answers NOSCRIPT, and `pipeline` then loads every script at once and sends the pipeline again.
-The gateway's shared auto-pipelined connection (gateway/redis_pipe.py) has its own `evalsha(script, keys,
+A process's shared auto-pipelined connection (jobstore/pipe.py) has its own `evalsha(script, keys,
 args)`; `run` uses it when given one.
 
 On a Redis Cluster each script goes to the node of its keys' slot (every key of one call shares a hash
@@ -26,7 +26,7 @@ Arg = str | bytes | int | float
 
 
 class ScriptClient(Protocol):
-    """A client with its own way of sending a script (gateway/redis_pipe.RedisPipe)."""
+    """A client with its own way of sending a script (jobstore/pipe.RedisPipe)."""
 
     async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any: ...
 

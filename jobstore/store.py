@@ -3,10 +3,13 @@ Every write to a job goes through here; callers never name a script or a key lis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from redis.exceptions import ResponseError
 
 from jobstore import runner
 from jobstore import scripts as s
@@ -112,8 +115,9 @@ class FinalWrite:
 
 
 class JobStore:
-    """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the submission
-    script instead (the gateway's shared pipelined connection)."""
+    """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the hot single
+    script calls instead, the submission's and a step's deltas' (a process's shared pipelined connection,
+    jobstore/pipe.py)."""
 
     def __init__(self, redis: AnyRedis, scripts: ScriptClient | None = None) -> None:
         self.redis = redis
@@ -241,15 +245,22 @@ class JobStore:
         return [Started(int(r[0]), r[1] == "1", int(r[2])) if int(r[0]) == 1 else Started(int(r[0])) for r in rows]
 
     async def write(self, deltas: Sequence[DeltaWrite], finals: Sequence[FinalWrite]) -> list:
-        """One MULTI: the deltas (appended, one script call for all), then the final writes. Returns each
-        final write's answer (1 first, 0 already final, -1 gone) or its error."""
+        """One MULTI: the deltas (appended, one script call for all), then the final writes (deltas alone: the
+        one script call). Returns each final write's answer (1 first, 0 already final, -1 gone) or its error."""
         rows = [[d.job_id, d.text, d.seq, d.event_json, d.first_token_at] for d in deltas]
         delta_keys = [k for d in deltas for k in (keys.job_key(d.job_id), keys.job_text_key(d.job_id))]
+        rows_json = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+        if not finals and not self.cluster:
+            # Deltas alone (every step of a stream but its last) are one script, atomic by itself: a bare
+            # EVALSHA, not MULTI/EVALSHA/EXEC through a pipeline, on each token's way to its reader.
+            if rows:
+                with contextlib.suppress(ResponseError):  # as in the MULTI: a failed append is not raised
+                    await runner.run(self._scripts, s.APPEND_DELTAS, delta_keys, [rows_json])
+            return []
 
         def fill(pipe) -> None:
             if rows:
-                runner.queue(pipe, s.APPEND_DELTAS, delta_keys,
-                             [json.dumps(rows, ensure_ascii=False, separators=(",", ":"))])
+                runner.queue(pipe, s.APPEND_DELTAS, delta_keys, [rows_json])
             for final in finals:
                 runner.queue(pipe, s.FINISH, final.ref.finish_keys(), final.args())
 

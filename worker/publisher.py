@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
+from jobstore.runner import ScriptClient
 from protocol import choice_text, keys
 from protocol import job_record as f
 from protocol.events import DeltaEvent
@@ -206,9 +207,11 @@ def final_write(job: RunningJob, now: float, token_text: TokenText | None = None
 
 class Publisher:
     def __init__(self, redis: Redis, engine_loop: EngineHandle, model: str,
-                 token_text: TokenText | None = None, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
+                 token_text: TokenText | None = None, refresh_interval: float = REFRESH_INTERVAL_S,
+                 scripts: ScriptClient | None = None) -> None:
+        """`scripts`: the connection a step's deltas go out on (jobstore/pipe.py); default `redis`."""
         self.redis = redis
-        self.store = JobStore(redis)
+        self.store = JobStore(redis, scripts)
         self.engine_loop = engine_loop
         self.model = model
         self.token_text = token_text

@@ -27,7 +27,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from jobstore.connect import AnyRedis, connect, is_cluster_url
+from jobstore.connect import AnyRedis, connect, is_cluster, is_cluster_url
+from jobstore.pipe import RedisPipe
 from protocol.workers import ModelCard
 from tokenq.settings import Settings
 from worker.engine_loop import EngineHandle, EngineLoop
@@ -43,6 +44,8 @@ from worker.recovery import Recovery
 log = get_logger("service")
 
 GRACE_S = 10.0
+RETRIES = 5
+CONNECT_TIMEOUT_S = 5.0
 
 
 def drain_grace_s() -> float:
@@ -55,9 +58,9 @@ def redis_client(url: str) -> AnyRedis:
     on connection errors and timeouts before the caller's own retry loop sees the error. A cluster's URL
     (jobstore/connect.py) gives redis-py's cluster client, which retries on a lost node itself."""
     if is_cluster_url(url):
-        return connect(url, socket_connect_timeout=5, socket_keepalive=True)
-    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=5,
-                             retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+        return connect(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True)
+    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                             retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=RETRIES),
                              retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=15)
 
 
@@ -155,7 +158,11 @@ class WorkerService:
             in_process = None if isinstance(self.engine, EngineSpec) else self.engine
             self.token_text = await asyncio.to_thread(token_text_from, in_process, card)
         redis = redis_client(self.redis_url)
-        publisher = self.publisher = Publisher(redis, engine_loop, self.model_name, token_text=self.token_text)
+        # Each step's deltas go out on one shared pipelined connection: a token's way to its reader costs the
+        # worker a fraction of a redis-py command's CPU.
+        pipe = RedisPipe(redis, RETRIES, CONNECT_TIMEOUT_S)
+        publisher = self.publisher = Publisher(redis, engine_loop, self.model_name, token_text=self.token_text,
+                                               scripts=None if is_cluster(redis) else pipe)
         recovery = self.recovery = Recovery(redis, self.model_name, self.worker_id, lease_s=self.lease_s,
                                             max_deliveries=self.max_deliveries)
         intake = Intake(redis, engine_loop, publisher, self.model_name, self.worker_id,
@@ -204,6 +211,7 @@ class WorkerService:
                 await heartbeat.stop()
             except Exception as e:
                 log.warning("could not remove heartbeat", error=repr(e))
+            await pipe.aclose()
             await redis.aclose()
             log.info("worker stopped", worker=self.worker_id)
 

@@ -1,4 +1,4 @@
-"""gateway/redis_pipe.py against a real Redis: replies matched to their commands under concurrency, scripts
+"""jobstore/pipe.py against a real Redis: replies matched to their commands under concurrency, scripts
 reloaded after NOSCRIPT, a killed connection replaced, Redis away as redis-py's ConnectionError, and the
 submission scripts safe to run twice (what a retry after a lost reply does)."""
 
@@ -13,8 +13,9 @@ from redis.asyncio.connection import Connection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from gateway.redis_pipe import RedisPipe
+from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
 from jobstore import JobStore, Limits
+from jobstore.pipe import RedisPipe
 from jobstore.scripts import Script
 from protocol import keys
 from protocol.jobs import JobPayload
@@ -25,7 +26,7 @@ from tests.conftest import free_port
 @pytest.fixture
 async def pipe(redis_url, redis_client):
     client = aioredis.from_url(redis_url, decode_responses=True)
-    p = RedisPipe(client)
+    p = RedisPipe(client, RETRIES, CONNECT_TIMEOUT_S)
     yield p
     await p.aclose()
     await client.aclose()
@@ -57,7 +58,7 @@ async def test_other_connection_kinds_go_through_redis_py(redis_url, redis_clien
 
     client = aioredis.Redis(connection_pool=ConnectionPool.from_url(redis_url, connection_class=Other,
                                                                     decode_responses=True))
-    p = RedisPipe(client)
+    p = RedisPipe(client, RETRIES, CONNECT_TIMEOUT_S)
     script = Script("return 'via ' .. ARGV[1]")
     assert await p.evalsha(script, [], ["redis-py"]) == "via redis-py"
     await redis_client.script_flush()
@@ -77,7 +78,7 @@ async def test_killed_connection_is_replaced(pipe, redis_client):
 
 async def test_selects_the_urls_database(redis_url, redis_client):
     client = aioredis.from_url(redis_url.rsplit("/", 1)[0] + "/3", decode_responses=True)
-    p = RedisPipe(client)
+    p = RedisPipe(client, RETRIES, CONNECT_TIMEOUT_S)
     await p.execute("SET", "in-db-3", "yes")
     assert await redis_client.get("in-db-3") is None
     assert await client.get("in-db-3") == "yes"
@@ -88,7 +89,7 @@ async def test_selects_the_urls_database(redis_url, redis_client):
 
 async def test_redis_away_is_a_connection_error_after_the_retries():
     client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-    p = RedisPipe(client)
+    p = RedisPipe(client, RETRIES, CONNECT_TIMEOUT_S)
     start = time.monotonic()
     with pytest.raises(RedisConnectionError):
         await p.execute("PING")

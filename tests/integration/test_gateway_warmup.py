@@ -8,9 +8,10 @@ import sys
 import time
 
 from gateway.app import create_app
+from gateway.auth import CACHE_S
 from gateway.context import GatewayContext
 from gateway.metrics import GatewayMetrics
-from gateway.warmup import START_TIMEOUT_S, warm_once
+from gateway.warmup import START_TIMEOUT_S, WARM_S, warm_once
 from tests.fakes import FakeEngine
 from tests.integration.fake_worker import model_card
 from worker.engine_loop import EngineLoop
@@ -45,13 +46,40 @@ async def test_after_warm_up_a_request_reads_nothing_from_redis(redis_client, de
     assert await _commands(redis_client) - before == 0
 
 
+
+async def test_a_request_between_warm_ups_never_waits_for_the_auth_flag(redis_client, monkeypatch):
+    """Whether auth is on is cached CACHE_S with no stale window: each warm-up reads it anew, so a request
+    just before the next warm-up still finds it cached (a warm-up that kept a young entry would let it
+    expire in between, and that request would wait for two Redis reads)."""
+    assert WARM_S < CACHE_S
+    ctx = GatewayContext.build(redis_client, GatewayMetrics(), max_queue_depth=1000)
+    reads: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr("gateway.flight._now", lambda: clock[0])
+    read_auth = ctx.auth._read_auth
+
+    async def counted() -> bool:
+        reads.append(clock[0])
+        return await read_auth()
+
+    monkeypatch.setattr(ctx.auth, "_read_auth", counted)
+    for warm_up in range(4):
+        await warm_once(ctx)
+        assert len(reads) == warm_up + 1
+        clock[0] += WARM_S * 0.99  # the last moment before the next warm-up
+        await ctx.auth.authenticate(None)
+        assert len(reads) == warm_up + 1  # the request read nothing
+        clock[0] += WARM_S * 0.01
+    await ctx.pipe.aclose()
+
+
 def test_warm_up_imports_anyios_backend():
     code = """
 import asyncio, sys
 from gateway import warmup
 
 class Down:
-    async def auth_on(self):
+    async def renew_auth_on(self):
         raise ConnectionError("redis is down")
 
 assert "anyio._backends._asyncio" not in sys.modules

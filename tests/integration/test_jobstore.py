@@ -13,6 +13,7 @@ import pytest
 
 from gateway.app import create_app
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore, Limits, Refused, Started
+from jobstore.pipe import RedisPipe
 from protocol import job_record as F
 from protocol import keys
 from protocol.events import DeltaEvent
@@ -37,8 +38,11 @@ def delta(job_id: str, seq: int, offset: int, text: str) -> DeltaWrite:
     return DeltaWrite(job_id, text, seq, DeltaEvent(seq=seq, offset=offset, text=text).model_dump_json())
 
 
-async def test_deltas_append_and_a_retried_flush_is_not_appended_twice(store_client):
-    store = JobStore(store_client)
+@pytest.mark.parametrize("via_pipe", [False, True])
+async def test_deltas_append_and_a_retried_flush_is_not_appended_twice(store_client, via_pipe):
+    """The same through redis-py and through the worker's shared pipelined connection."""
+    pipe = RedisPipe(store_client, 1, 1.0) if via_pipe else None
+    store = JobStore(store_client, pipe)
     p = payload()
     await store.submit(p, "{}", {}, streamed=True)
     await store.start([p.id], time.time(), "w")
@@ -49,6 +53,36 @@ async def test_deltas_append_and_a_retried_flush_is_not_appended_twice(store_cli
     record = await store.read(p.id)
     assert record[F.TEXT] == "hello world" and record[F.SEQ] == "3"
     assert await store.snapshot(p.id) == ("running", ["hello world"], 3, None, None)
+    if pipe is not None:
+        await pipe.aclose()
+
+
+async def test_deltas_alone_are_published_in_order_then_the_final(redis_client):
+    """A step's deltas alone go out as one script (no MULTI), through the pipe; the deltas and final write
+    of the last step together still go out in one MULTI, after them."""
+    pipe = RedisPipe(redis_client, 1, 1.0)
+    store = JobStore(redis_client, pipe)
+    p = payload()
+    await store.submit(p, "{}", {}, streamed=True)
+    await store.start([p.id], time.time(), "w")
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(keys.events_channel(p.id))
+    await store.write([delta(p.id, 1, 0, "a")], [])
+    await store.write([delta(p.id, 2, 1, "b")], [])
+    result = JobResult(text="abc", finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=3,
+                                                                     total_tokens=6)).model_dump_json()
+    assert await store.write([delta(p.id, 3, 2, "c")], [FinalWrite(JobRef.of(p), "succeeded", result)]) == [1]
+    seen: list[str] = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 4 and time.monotonic() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if message is not None:
+            event = json.loads(message["data"])
+            seen.append(event.get("text") or event["state"])
+    assert seen == ["a", "b", "c", "succeeded"]
+    assert (await store.read(p.id))[F.SEQ] == "4"
+    await pubsub.aclose()
+    await pipe.aclose()
 
 
 async def test_writes_to_a_missing_job_create_nothing(store_client):

@@ -11,7 +11,7 @@ the run fails. The defaults (2 gateway processes, 1/32/64 clients) are the setti
 at: 3,000 jobs/s with client, Redis and gateway on one 2-core machine.
 
 Two submission paths, one after the other on the same Redis (`--paths`): `hand-written` is the gateway as
-it ships (gateway/fastpath.py ahead of FastAPI, gateway/redis_pipe.py instead of redis-py on the submit
+it ships (gateway/fastpath.py ahead of FastAPI, jobstore/pipe.py instead of redis-py on the submit
 path); `library` is FastAPI and redis-py alone (TOKENQ_GATEWAY_LIBRARY_PATH=1). The hand-written pieces
 stay only while this comparison shows the library path short of the target and theirs meeting it; the
 report prints both and says which path meets the target."""
@@ -423,9 +423,9 @@ def _path_verdicts(runs: list[dict], target: float) -> dict[str, str]:
         cpu = lib["gateway_cpu_us_per_job"] / max(hand["gateway_cpu_us_per_job"], 1e-9)
         head = f"hand-written path: x{rate:.2f} the library path's rate, x{cpu:.2f} less gateway CPU per job: "
         if lib["jobs_per_s"] >= target:
-            tail = "the library path meets the target too, so gateway/fastpath.py and gateway/redis_pipe.py can go"
+            tail = "the library path meets the target too, so gateway/fastpath.py and jobstore/pipe.py can go"
         elif hand["jobs_per_s"] >= target:
-            tail = "only the hand-written path meets the target, so gateway/fastpath.py and gateway/redis_pipe.py stay"
+            tail = "only the hand-written path meets the target, so gateway/fastpath.py and jobstore/pipe.py stay"
         else:
             tail = (f"neither meets the target on this machine (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
                     "CPUs); the CPU per job decides")

@@ -1,12 +1,14 @@
-"""One Redis connection that the submission path shares (auto-pipelining): the commands issued in one
-event-loop iteration go out in one write, and their replies come back in order. redis-py spends ~110 µs of
-CPU per command here (pool checkout, retry wrapper, packing in Python); this costs ~15 µs, and concurrent
-submissions are written to Redis together (group commit) instead of one system call each.
+"""One Redis connection shared by a process's hot script calls (auto-pipelining): the gateway's submissions
+and the worker's stream deltas. The commands issued in one event-loop iteration go out in one write, and
+their replies come back in order. redis-py spends ~110 µs of CPU per command (pool checkout, retry wrapper,
+packing in Python); this costs ~15 µs, and concurrent calls are written to Redis together (group commit)
+instead of one system call each.
 
-Errors behave as with the gateway's redis-py client (gateway/redis_client.py): a lost connection is
-retried with the same back-off, then raises redis's ConnectionError (a 503). A command whose reply was lost
-may have run, so a retry can run it twice, as redis-py's retries can: the submit script then adds nothing,
-and admission takes its own Idempotency-Key for an admission (a rate counter may be charged twice)."""
+Errors behave as with the caller's redis-py client (its retries and connect timeout are passed in): a lost
+connection is retried with back-off, then raises redis's ConnectionError (the gateway's 503). A command
+whose reply was lost may have run, so a retry can run it twice, as redis-py's retries can: the submit
+script then adds nothing, and admission takes its own Idempotency-Key for an admission (a rate counter may
+be charged twice); the delta script skips a delta whose seq the job has already."""
 
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
 from jobstore.connect import AnyRedis, is_cluster
 from jobstore.scripts import Script
 
@@ -86,7 +87,7 @@ class RedisPipe:
     """`execute(*args)` and `evalsha(script, keys, args)` over the shared connection. For a Redis reached
     in a way this does not speak (TLS, a Unix socket) it passes the commands to the redis-py client."""
 
-    def __init__(self, redis: AnyRedis, library: bool = False) -> None:
+    def __init__(self, redis: AnyRedis, retries: int, connect_timeout_s: float, library: bool = False) -> None:
         """`library`: pass every command to the redis-py client (what `tokenq bench queue` compares). A
         cluster's commands too go through redis-py's client, which routes each to its slot's node."""
         self._fallback = redis if library or is_cluster(redis) or not _speaks(redis) else None
@@ -97,7 +98,8 @@ class RedisPipe:
             self._setup.append(("AUTH", *([kw["username"]] if kw.get("username") else []), kw["password"]))
         if kw.get("db"):
             self._setup.append(("SELECT", kw["db"]))
-        self._retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES)
+        self._retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
+        self._connect_timeout_s = connect_timeout_s
         self._proto: _Protocol | None = None
         self._lock = asyncio.Lock()
 
@@ -138,7 +140,7 @@ class RedisPipe:
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(loop.create_connection(_Protocol, *self._address),
-                                              CONNECT_TIMEOUT_S)
+                                              self._connect_timeout_s)
         except (TimeoutError, OSError) as e:
             raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {e!r}") from e
         sock = proto.transport.get_extra_info("socket") if proto.transport else None
