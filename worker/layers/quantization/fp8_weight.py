@@ -42,17 +42,16 @@ def _best_scale(
     w: torch.Tensor, col_weight: torch.Tensor | None, ratios: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     amax = w.abs().amax(-1, keepdim=True).clamp_min(MIN_AMAX)
-    best_q = best_s = best_err = None
+    best_s = best_err = None
     for r in ratios:
         s = amax * r / FP8_MAX
-        q = (w / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        d = (q.float() * s - w).square_()
-        q = q.view(torch.uint8)  # torch.where over bytes, which every device takes
-        err = (d if col_weight is None else d.mul_(col_weight)).sum(-1, keepdim=True)
+        x = w / s
+        q = (x.clamp_(-FP8_MAX, FP8_MAX) if r < 1 else x).to(FP8).float()
+        d = q.sub_(w / s if r < 1 else x).square_()  # the error in units of the scale, then counted in s^2
+        err = (d.sum(-1, keepdim=True) if col_weight is None else (d @ col_weight)[:, None]) * s.square()
         if best_err is None:
-            best_q, best_s, best_err = q, s, err
-            continue
-        better = err < best_err  # ties keep the earlier candidate
-        best_q = torch.where(better, q, best_q)
-        best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
-    return best_q.view(FP8), best_s
+            best_s, best_err = s, err
+        else:  # ties keep the earlier candidate
+            better = err < best_err
+            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
+    return (w / best_s).clamp_(-FP8_MAX, FP8_MAX).to(FP8), best_s
