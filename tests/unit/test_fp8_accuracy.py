@@ -13,7 +13,8 @@ import torch
 
 from tokenq.bench.fp8_accuracy import TEXT, perplexity
 
-pytestmark = pytest.mark.slow
+# Two loads of the real model (the FP8 one picks every weight row's scale) and three passes over the text.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
