@@ -19,6 +19,7 @@ from kernels.fp8 import (
     scaled_mm_ref,
 )
 from worker.layers.quantization import quantization
+from worker.layers.quantization.fp8_weight import quantize_weight_rows
 from worker.models.random_weights import hf_state_dict, random_model, shape_config
 
 
@@ -105,7 +106,7 @@ def test_fp8_scales_shard_with_their_weight_rows(monkeypatch, rank):
         w = torch.randn(24, 32)
         gate_up.weight.weight_loader(gate_up.weight, w, sid)
         mine = slice(sid * 12, sid * 12 + 12)
-        assert torch.equal(gate_up.weight_scale[mine], quantize_rows_ref(w.chunk(2)[rank])[1].view(-1))
+        assert torch.equal(gate_up.weight_scale[mine], quantize_weight_rows(w.chunk(2)[rank])[1].view(-1))
     w = torch.randn(32, 24)
     wq, ws = quantize_rows_ref(w)
     down.weight.weight_loader(down.weight, wq, None)
@@ -171,18 +172,23 @@ def float_checkpoint(tmp_path_factory):
 
 
 def _write_fp8_checkpoint(float_dir, out_dir, fmt: str) -> None:
-    """The float checkpoint in compressed-tensors FP8_DYNAMIC (weight + weight_scale per row) or Hugging
-    Face fp8 (weight + weight_scale_inv per 32x32 block) form; the LM head and embeddings stay as they are."""
+    """The float checkpoint in compressed-tensors FP8_DYNAMIC (weight + weight_scale per row: the codes and
+    scales online quantization of it makes) or Hugging Face fp8 (weight + weight_scale_inv per 32x32 block)
+    form; the LM head and embeddings stay as they are."""
     from safetensors.torch import load_file
+
+    from worker.models.loader import load_model
 
     tensors = load_file(str(float_dir / "model.safetensors"))
     out = {}
+    if fmt == "compressed-tensors":
+        online, _ = load_model(float_dir, torch.float32, "cpu", quantization="fp8")
+        tensors = hf_state_dict(online)
     for name, t in tensors.items():
         if not name.endswith("proj.weight"):
-            out[name] = t
+            out[name] = t.contiguous()
         elif fmt == "compressed-tensors":
-            q, s = quantize_rows_ref(t)
-            out[name], out[f"{name}_scale"] = q, s  # scale [N, 1]
+            out[name], out[f"{name}_scale"] = t.contiguous(), tensors[f"{name}_scale"][:, None].contiguous()
         else:
             n, k = t.shape
             blocks = t.view(n // 32, 32, k // 32, 32)
@@ -217,8 +223,8 @@ def test_online_fp8_tracks_float32(float_checkpoint):
 
 
 def test_compressed_tensors_checkpoint_loads_as_its_own_fp8(float_checkpoint, tmp_path):
-    """Read as FP8 without being asked, the stored codes and scales kept: the very model that online
-    quantization of the float checkpoint makes (per-row scales are the same rule)."""
+    """Read as FP8 without being asked, the stored codes and scales kept: written from the model online
+    quantization of the float checkpoint makes, it loads back as that very model."""
     from worker.models.loader import load_model
 
     path, _, _ = float_checkpoint

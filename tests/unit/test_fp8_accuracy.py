@@ -13,7 +13,8 @@ import torch
 
 from tokenq.bench.fp8_accuracy import TEXT, perplexity
 
-pytestmark = pytest.mark.slow
+# Two loads of the real model (the FP8 one picks every weight row's scale) and three passes over the text.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,9 @@ def scores(default_model_dir) -> dict[str, float]:
             "fp8+kv": perplexity(fp8, ids, "fp8")}
 
 
-# The target is missed today (+2.8% on the whole text; docs/BENCHMARKS.md): strict, so that the day it is met
-# this test fails until the marker goes.
-@pytest.mark.xfail(strict=True, reason="FP8 weights and activations give +2.8% perplexity; issue 12's target is 2%")
 def test_fp8_weights_and_activations_within_2_percent(scores):
+    """Met by the weight rows' scales picked at load (quantization/fp8_weight.py); with max|row| / 448 alone
+    the text scores +2.6%."""
     assert scores["fp8"] != scores["float32"], "FP8 changed nothing: the quantized path did not run"
     assert abs(scores["fp8"] / scores["float32"] - 1) <= 0.02, scores
 

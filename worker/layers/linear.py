@@ -31,6 +31,9 @@ class _Linear(nn.Module):
         self.tp_dim = tp_dim
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.output_size = output_size
+        # The per-channel gain of this layer's input where the model knows it (the weight of the norm in front),
+        # read when a quantization method picks the scales of weights it quantizes while they load.
+        self.input_gain: torch.Tensor | None = None
         self.quant_method = current_linear_method()
         self.quant_method.create_weights(self, input_size, output_size)
         if bias:

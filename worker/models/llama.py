@@ -74,6 +74,11 @@ class LlamaDecoderLayer(nn.Module):
         # A norm that feeds FP8 linears only quantizes its output in the same kernel.
         self.input_layernorm.quantize_output = self.self_attn.qkv_proj.quant_method.takes_quantized_input
         self.post_attention_layernorm.quantize_output = self.mlp.gate_up_proj.quant_method.takes_quantized_input
+        # The norms' weights are the gains of qkv's and gate/up's input channels, which FP8 quantization weighs
+        # each column's rounding error by (quantization/fp8_weight.py). A plain tensor sharing the parameter's
+        # storage, so the linear does not register the norm's weight as its own; loading copies into it in place.
+        self.self_attn.qkv_proj.input_gain = self.input_layernorm.weight.data
+        self.mlp.gate_up_proj.input_gain = self.post_attention_layernorm.weight.data
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None

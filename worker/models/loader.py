@@ -29,14 +29,18 @@ log = logging.getLogger("tokenq.loader")
 
 
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of every *.safetensors file in path, read one at a time."""
+    """Every tensor of every *.safetensors file in path, read one at a time: the one-dimensional ones (norm
+    weights, biases, scales) first, so a linear layer quantized as it loads meets the weight of the norm that
+    feeds it already in place (quantization/fp8_weight.py)."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():
-                yield name, st.get_tensor(name)
+    for vectors in (True, False):
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    if (len(st.get_slice(name).get_shape()) <= 1) == vectors:
+                        yield name, st.get_tensor(name)
 
 
 def checkpoint_quantization(config: dict[str, Any]) -> str | None:

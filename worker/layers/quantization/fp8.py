@@ -1,7 +1,9 @@
 """FP8 W8A8: e4m3 weights with a float32 scale per output row, activations quantized per token at run time.
 
 A 16/32-bit checkpoint is quantized row by row as its tensors are loaded (the full-precision weights never
-sit on the device whole); an FP8 checkpoint's weights and `weight_scale` rows are copied as they are.
+sit on the device whole), each row's scale picked by fp8_weight.quantize_weight_rows with the gain of the
+norm that feeds the layer where there is one (`layer.input_gain`); an FP8 checkpoint's weights and
+`weight_scale` rows are copied as they are.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import FP8, QuantizedInput, fp8_linear, quantize_rows
+from kernels.fp8 import FP8, QuantizedInput, fp8_linear
 from worker.layers.quantization.base import LinearMethod, copy_rows
+from worker.layers.quantization.fp8_weight import quantize_weight_rows
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -25,7 +28,7 @@ class Fp8LinearMethod(LinearMethod):
 
     def load(self, layer: nn.Module, param: nn.Parameter, offset: int, loaded: torch.Tensor) -> None:
         if param is layer.weight and loaded.dtype != FP8:
-            q, scale = quantize_rows(loaded.to(param.device))
+            q, scale = quantize_weight_rows(loaded.to(param.device), layer.input_gain)
             copy_rows(param, offset, q)
             copy_rows(layer.weight_scale, offset, scale.view(-1))
         elif param is layer.weight_scale:
