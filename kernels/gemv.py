@@ -33,6 +33,7 @@ MAX_ROWS = 1  # rows of x up to which the Triton kernel may run
 # elements) measured no gain. Its sums run in another order: logits differ from F.linear's by ~1e-6 relative.
 CPU_ONEDNN_MIN_WEIGHT = 1 << 24
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_onednn_linear = torch.ops.mkldnn._linear_pointwise if _ONEDNN else None
 
 
 def set_gemv_enabled(enabled: bool) -> None:
@@ -66,7 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return gemv_triton(x, weight, bias, cfg)
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.numel() >= CPU_ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
