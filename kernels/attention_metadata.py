@@ -4,7 +4,7 @@ It lives here, beside the kernels that read it, so that kernels import nothing f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,9 @@ class AttentionMetadata:
     # Host copies, so reference kernels can plan without a device sync.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # What the reference kernels derive from the step on a CPU once and reuse in every layer (gather indices,
+    # masks), rather than rebuild per layer. Never filled for CUDA tensors: a captured graph must recompute.
+    ref_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -3,6 +3,7 @@ with the tiles the H200 sweep chose; everything else, and every CPU tensor, stay
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kernels import gemv
@@ -26,6 +27,24 @@ def test_several_rows_and_small_weights_stay_on_cublas():
 def test_cpu_tensors_use_f_linear_whatever_the_shape():
     x, w, b = torch.randn(1, 64), torch.randn(4096, 64), torch.randn(4096)
     assert torch.equal(linear(x, w, b), linear_ref(x, w, b))
+
+
+def test_cpu_lm_head_sized_weight_goes_to_onednn(monkeypatch):
+    """An LM head's weight on a CPU runs in oneDNN's matmul (same products, summed in another order); the
+    decoder layers' weights stay on F.linear, bit for bit."""
+    if not gemv._ONEDNN:
+        pytest.skip("torch built without oneDNN")
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(gemv, "_onednn_linear", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(32, 576)
+    head = torch.randn(gemv.CPU_ONEDNN_MIN_WEIGHT // 576 + 1, 576)
+    with torch.inference_mode():
+        y = linear(x, head)
+        assert len(calls) == 1
+        torch.testing.assert_close(y, linear_ref(x, head), rtol=1e-5, atol=1e-4)
+        layer = torch.randn(3072, 576)
+        assert torch.equal(linear(x, layer), linear_ref(x, layer)) and len(calls) == 1
 
 
 def test_switch_turns_the_kernel_off(monkeypatch):

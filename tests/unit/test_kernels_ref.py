@@ -102,6 +102,24 @@ def test_paged_attention_matches_naive(q_lens, ctx_lens, hkv, group, d, use_new_
     _close(paged_attention(q, k_cache, v_cache, meta, scale, **kw), out, 1e-7)
 
 
+@pytest.mark.parametrize("q_lens,ctx_lens", [CASES[0], CASES[2], CASES[4]])
+def test_decode_plan_is_built_once_per_step_and_serves_every_layer(q_lens, ctx_lens):
+    """Two layers (different caches) read one step's metadata: the second reuses the first's gather plan and
+    still attends over its own cache."""
+    bs, hkv, d = 16, 3, 64
+    num_blocks = sum(-(-n // bs) for n in ctx_lens) + 3
+    k0, v0, _, _, meta = _step(q_lens, ctx_lens, hkv, d, bs, num_blocks)
+    k1, v1 = torch.randn_like(k0), torch.randn_like(v0)
+    q = torch.randn(sum(q_lens), hkv * 3, d)
+    out0 = paged_attention_ref(q, k0, v0, meta, 0.125)
+    assert len(meta.ref_cache) == 1
+    plans = next(iter(meta.ref_cache.values()))
+    out1 = paged_attention_ref(q, k1, v1, meta, 0.125)
+    assert next(iter(meta.ref_cache.values())) is plans
+    _close(out0, _naive_attention(q, k0, v0, meta, 0.125))
+    _close(out1, _naive_attention(q, k1, v1, meta, 0.125))
+
+
 def test_store_kv_writes_exactly_the_slots():
     nb, bs, h, d = 11, 3, 2, 5
     k_cache, v_cache = torch.randn(nb, bs, h, d), torch.randn(nb, bs, h, d)
