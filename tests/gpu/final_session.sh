@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Final checks of this session on one H200: GPU tests, latency bf16/fp8, serve bf16 (low-load TTFT + saturation).
+# One H200 call of about 6.5 minutes (each stage under its own limit): the runner and FP8 GPU tests, bf16 and FP8 latency, FP8 offline throughput, and `bench serve` in bf16 (lone requests for the TTFT the queue path adds, then saturation against the offline engine). The service packages install from .whl/ (`make wheelhouse`); JSON and the log go to $OUT.
 set -u
 LOG_NAME=final.log
 source tests/gpu/stages.sh
