@@ -303,6 +303,13 @@ def test_fp8_kv_store_and_attention_references():
     # k and v are passed too, but an FP8 cache is always read back: the output sees the quantized values.
     got = paged_attention_ref(q, kc, vc, meta, d**-0.5, k, v, ks, vs)
     assert not got.isnan().any()
+    # Exactly the attention of the e4m3-rounded keys and values: what is stored is what is read back.
+    kq = (k / ks).clamp(-448, 448).to(FP8).float() * ks
+    vq = (v / vs).clamp(-448, 448).to(FP8).float() * vs
+    float_cache = [torch.zeros(3, bs, hkv, d) for _ in range(2)]
+    assert rel_err(got, paged_attention_ref(q, *float_cache, meta, d**-0.5, kq, vq)) < 1e-6
+    # And near the float32 attention (with the clamped key): e4m3's 3 mantissa bits cost a few percent in
+    # norm (at most 5.2% over 300 seeds of these inputs).
     k[0, 0, 0] = 448 * 0.05
-    exact = paged_attention_ref(q, *(torch.zeros(3, bs, hkv, d) for _ in range(2)), meta, d**-0.5, k, v)
-    assert rel_err(got, exact) < 0.1
+    exact = paged_attention_ref(q, *float_cache, meta, d**-0.5, k, v)
+    assert ((got - exact).norm() / exact.norm()).item() < 0.1
