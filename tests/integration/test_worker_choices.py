@@ -86,8 +86,12 @@ async def test_cancel_stops_every_choice_and_keeps_their_text(redis_url, redis_c
         await svc.wait_until(lambda: r.get(keys.job_text_key(p.id)))
         await JobStore(r).cancel(JobRef.of(p))
         h = await svc.final_state(r, p.id)
+
+        async def aborted() -> bool:  # every choice with it; the abort reaches the engine at its next step,
+            return p.id not in engine.requests  # which the final write does not wait for
+
+        await svc.wait_until(aborted, timeout=5.0)
     assert h[f.STATE] == "cancelled"
     result = JobResult.model_validate_json(h[f.RESULT])
     assert [c.finish_reason for c in result.all_choices()] == ["abort", "abort"]
     assert all(c.text for c in result.all_choices())
-    assert p.id not in engine.requests  # aborted in the engine, every choice with it
