@@ -1,8 +1,8 @@
 """One Redis connection shared by a process's hot script calls (auto-pipelining): the gateway's submissions
 and the worker's stream deltas. The commands issued in one event-loop iteration go out in one write, and
-their replies come back in order. redis-py spends ~110 µs of CPU per command (pool checkout, retry wrapper,
-packing in Python); this costs ~15 µs, and concurrent calls are written to Redis together (group commit)
-instead of one system call each.
+their replies come back in order. It skips what makes a redis-py command cost CPU (pool checkout, retry
+wrapper, packing in Python), and concurrent calls are written to Redis together (group commit) instead of
+one system call each.
 
 Errors behave as with the caller's redis-py client (its retries and connect timeout are passed in): a lost
 connection is retried with back-off, then raises redis's ConnectionError (the gateway's 503). A command

@@ -97,12 +97,13 @@ def _decode(
 ) -> torch.Tensor:
     """All decodes of the step: q [S, Hq, D] -> [S, Hq, D]."""
     S = q.shape[0]
-    key = ("decode", S, k_cache.shape[1])
-    plans = meta.ref_cache.get(key) if q.device.type == "cpu" else None
-    if plans is None:
+    if q.device.type == "cpu":  # the same plan for every layer of the step
+        key = ("decode", S, k_cache.shape[1])
+        plans = meta.ref_cache.get(key)
+        if plans is None:
+            plans = meta.ref_cache[key] = _decode_plans(meta, S, k_cache.shape[1])
+    else:
         plans = _decode_plans(meta, S, k_cache.shape[1])
-        if q.device.type == "cpu":
-            meta.ref_cache[key] = plans
     if len(plans) == 1:
         return _decode_group(q, k_cache, v_cache, plans[0][1], scale, kv_scales)
     out = torch.empty_like(q)

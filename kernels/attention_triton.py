@@ -286,16 +286,16 @@ def compile_step_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_head
     """Compiles every query-tile height (BLOCK_Q) of the kernel, split and unsplit, on a dummy sequence over
     the real cache's first blocks (read only). Graph capture compiles only the shapes it captures; an eager
     step with a short prefill (a preempted sequence's recompute after a prefix hit, a chunk's tail) would
-    otherwise compile its variant mid-serving and stall every running sequence for about half a second.
-    Returns the launches made."""
+    otherwise compile its variant mid-serving, and a compile takes many steps' time while every running
+    sequence waits. Returns the launches made."""
     from kernels.attention_metadata import AttentionMetadata
 
     _, cache_block, hkv, d = k_cache.shape
     device, group = k_cache.device, num_heads // hkv
+    i32 = dict(dtype=torch.int32, device=device)
     launches = 0
     for q_len in variant_query_lengths(group, dtype).values():
         ctx = 4 * cache_block + q_len
-        i32 = dict(dtype=torch.int32, device=device)
         meta = AttentionMetadata(
             slot_mapping=torch.zeros(q_len, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor([0, q_len], **i32), seq_lens=torch.tensor([ctx], **i32),

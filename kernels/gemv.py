@@ -27,10 +27,10 @@ class GemvConfig(NamedTuple):
 
 ENABLED = True
 MAX_ROWS = 1  # rows of x up to which the Triton kernel may run
-# On a CPU, float32 products with a weight of at least this many elements go to oneDNN's matmul: the LM head
-# of SmolLM2-135M (49,152 x 576) at 32 rows measured 1.3-1.7x faster there than in MKL's sgemm behind
-# F.linear (2-core AMD EPYC, AVX2, 1 and 2 threads, 2026-12-03); the decoder layers' weights (under 2M
-# elements) measured no gain. Its sums run in another order: logits differ from F.linear's by ~1e-6 relative.
+# On a CPU, float32 products with a weight of at least this many elements (an LM head) go to oneDNN's matmul,
+# which runs a wide weight's product faster than MKL's sgemm behind F.linear; the decoder layers' smaller
+# weights gain nothing there (docs/BENCHMARKS.md). Its sums run in another order, so the logits differ from
+# F.linear's in the last bits.
 CPU_ONEDNN_MIN_WEIGHT = 1 << 24
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _onednn_linear = torch.ops.mkldnn._linear_pointwise if _ONEDNN else None

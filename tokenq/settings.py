@@ -17,6 +17,7 @@ from pathlib import Path
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METRICS_PEERS_ENV = "TOKENQ_METRICS_PEERS"  # set by `tokenq up` for its gateway
 _YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off")
 
 
 def _optional_float(env: Mapping[str, str], name: str) -> float | None:
@@ -25,6 +26,12 @@ def _optional_float(env: Mapping[str, str], name: str) -> float | None:
         return float(raw) if raw else None
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A yes/no variable: 1, true, yes, on (any case) or 0, false, no, off; anything else: `default`."""
+    raw = (env.get(name) or "").strip().lower()
+    return True if raw in _YES else False if raw in _NO else default
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -78,9 +85,9 @@ class Settings:
             gemv="cublas" if (env.get("TOKENQ_GEMV") or "").lower() == "cublas" else "triton",
             throughput_log_s=_float(env, "TOKENQ_THROUGHPUT_LOG_S", 30.0),
             webhook_gone_disable_s=_optional_float(env, "TOKENQ_WEBHOOK_GONE_DISABLE_S"),
-            require_auth=(env.get("TOKENQ_REQUIRE_AUTH") or "").strip().lower() in _YES,
-            access_log=(env.get("TOKENQ_ACCESS_LOG") or "1").strip().lower() not in ("0", "false", "no", "off"),
-            gateway_library_path=(env.get("TOKENQ_GATEWAY_LIBRARY_PATH") or "") in ("1", "true", "yes"),
+            require_auth=_flag(env, "TOKENQ_REQUIRE_AUTH", False),
+            access_log=_flag(env, "TOKENQ_ACCESS_LOG", True),
+            gateway_library_path=_flag(env, "TOKENQ_GATEWAY_LIBRARY_PATH", False),
             metrics_peers=env.get(METRICS_PEERS_ENV) or "",
         )
 

@@ -234,16 +234,15 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     or the worker is gone. SIGINT and SIGTERM are the worker's to act on (it drains, then stops us)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import torch
 
     from worker.engine.llm_engine import LLMEngine
-    from worker.engine.tp_ranks import exit_with_parent
+    from worker.engine.tp_ranks import exit_with_parent, leave_a_core
 
     exit_with_parent()
     if not str(spec.config.device).startswith("cuda"):
         # On a CPU the worker (and often the gateway and Redis) run beside the engine now, not inside it:
         # leave them a core rather than oversubscribe them with the engine's compute threads.
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
+        leave_a_core(1)
     try:
         started = time.monotonic()
         engine = LLMEngine(spec.model_path, spec.config)

@@ -75,6 +75,11 @@ def local_kv_heads(cfg: ModelConfig) -> int:
     return head_shard(cfg.num_attention_heads, cfg.num_key_value_heads, tp_size(), tp_rank()).num_kv_heads
 
 
+def local_heads(cfg: ModelConfig) -> int:
+    """Query heads this rank holds (those of its KV heads, or its part of a replicated KV head's group)."""
+    return head_shard(cfg.num_attention_heads, cfg.num_key_value_heads, tp_size(), tp_rank()).num_heads
+
+
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.tensor([], dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * local_kv_heads(cfg) * cfg.head_dim * elem
@@ -236,8 +241,8 @@ class ModelRunner:
         from kernels.attention_triton import compile_step_variants
 
         t0 = time.perf_counter()
-        num_heads = self.num_kv_heads * (self.model_cfg.num_attention_heads // self.model_cfg.num_key_value_heads)
-        launches = compile_step_variants(self.kv_cache[0, 0], self.kv_cache[0, 1], num_heads, self.dtype)
+        launches = compile_step_variants(self.kv_cache[0, 0], self.kv_cache[0, 1], local_heads(self.model_cfg),
+                                         self.dtype)
         log.info("compiled %d attention variants for eager steps in %.1f s", launches, time.perf_counter() - t0)
 
     def _capture_graphs(self) -> None:

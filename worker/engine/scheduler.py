@@ -225,8 +225,7 @@ class Scheduler:
     def _reserve_for_better(self) -> dict[int, int]:
         """For each running priority, the tokens that waiting seqs of a better priority need (at most): what
         running prefill chunks of that priority leave them. Empty when nothing better waits."""
-        best = self.best_waiting_priority()
-        if best is None or not self._running or best >= self._running[-1].priority:
+        if self._better_arrival() is None:
             return {}
         need: dict[int, int] = {}
         for _, seq in self._waiting:

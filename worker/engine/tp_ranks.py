@@ -79,12 +79,18 @@ class TensorParallelGroup:
 
 
 def share_cores(config: EngineConfig) -> None:
-    """On a CPU the ranks compute at once: each takes an equal share of the cores less one (left to rank 0's
-    host work and the worker beside it). Compute threads that outnumber the cores wait on each other's time
-    slices, and every collective then waits for the slowest rank."""
+    """On a CPU the ranks compute at once: each takes an equal share of the cores less one (`leave_a_core`).
+    Compute threads that outnumber the cores wait on each other's time slices, and every collective then
+    waits for the slowest rank."""
     if config.device.startswith("cuda") or config.tensor_parallel_size == 1:
         return
-    share = ((os.cpu_count() or 1) - 1) // config.tensor_parallel_size
+    leave_a_core(config.tensor_parallel_size)
+
+
+def leave_a_core(ranks: int) -> None:
+    """This process's compute threads: an equal share, among `ranks` processes computing at once, of the
+    cores less one (left to rank 0's host work and the worker beside it), never more than it has now."""
+    share = ((os.cpu_count() or 1) - 1) // ranks
     torch.set_num_threads(max(1, min(torch.get_num_threads(), share)))
 
 
