@@ -66,7 +66,10 @@ def test_fp8_linear_is_close_to_the_float_product():
     wq, ws = quantize_rows_ref(w)
     y = fp8_linear(x, wq, ws.view(-1), None)
     assert y.dtype == torch.float32 and y.shape == (37, 96)
-    assert rel_err(y, x @ w.T) < 0.05
+    xq, xs = quantize_rows_ref(x)
+    assert rel_err(y, (xq.float() * xs) @ (wq.float() * ws).T) < 1e-6  # exactly the e4m3 operands' product
+    exact = x @ w.T  # and near the float one: at most 3.9% in norm over 500 seeds of these inputs
+    assert ((y - exact).norm() / exact.norm()).item() < 0.05
     pre = QuantizedInput(*quantize_rows_ref(x), torch.float32)
     assert torch.equal(fp8_linear(pre, wq, ws.view(-1), None), y)  # quantized upstream: the same product
 
