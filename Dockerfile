@@ -15,7 +15,7 @@ COPY protocol ./src/protocol
 COPY jobstore ./src/jobstore
 COPY gateway ./src/gateway
 COPY worker ./src/worker
-COPY kernels ./src/kernels
+COPY tokenq_kernels ./src/tokenq_kernels
 COPY batches ./src/batches
 COPY respcache ./src/respcache
 COPY tokenq ./src/tokenq

@@ -3,7 +3,7 @@ default. A role reads them once when it starts (`Settings.from_env()`), never at
 and the supervisor can set the environment of a process before it starts.
 
 The kernel choices (TOKENQ_KERNELS, TOKENQ_GEMV) travel in the engine's config to each process that runs
-the model, which sets them in kernels/ (kernels import nothing above them); the gateway's uvicorn workers
+the model, which sets them in tokenq_kernels/ (kernels import nothing above them); the gateway's uvicorn workers
 receive their Redis URL through the environment from the gateway's launcher.
 """
 

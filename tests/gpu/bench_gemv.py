@@ -10,7 +10,7 @@ Each variant runs inside a CUDA graph (as a decode step does) over enough distin
 the weights never sit in L2, so a call reads its whole weight from HBM. Time per call is the median
 of 20 replays (CUDA events) over the copies. Every Triton variant is first checked against F.linear on
 fresh random inputs (bf16 relative error under 1e-2); a failing one is reported and not timed.
-Prints, per shape and row count, cuBLAS, the default tiles of kernels.gemv, and the best tiles found,
+Prints, per shape and row count, cuBLAS, the default tiles of tokenq_kernels.gemv, and the best tiles found,
 with the bandwidth each reaches, and the sum over one decode step (32 layers + LM head).
 """
 
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels.fp8 import fp8_gemv_ref, quantize_rows_ref, scaled_mm  # noqa: E402
-from kernels.fp8_triton import fp8_gemv_tiles, fp8_gemv_triton  # noqa: E402
-from kernels.gemv import GemvConfig, gemv_config  # noqa: E402
-from kernels.gemv_triton import gemv_triton  # noqa: E402
+from tokenq_kernels.fp8 import fp8_gemv_ref, quantize_rows_ref, scaled_mm  # noqa: E402
+from tokenq_kernels.fp8_triton import fp8_gemv_tiles, fp8_gemv_triton  # noqa: E402
+from tokenq_kernels.gemv import GemvConfig, gemv_config  # noqa: E402
+from tokenq_kernels.gemv_triton import gemv_triton  # noqa: E402
 
 SHAPES = {  # name: (N, K, calls per decode step)
     "qkv_proj": (6144, 4096, 32),
@@ -92,7 +92,7 @@ def fp8_candidates() -> list[GemvConfig]:
 
 def sweep_fp8(shapes: list[str]) -> dict:
     """One row against e4m3 weights: torch._scaled_mm, the default FP8 tiles and every candidate."""
-    from kernels.fp8 import QuantizedInput
+    from tokenq_kernels.fp8 import QuantizedInput
 
     results, step = [], [0.0, 0.0, 0.0]
     for name in shapes:
@@ -204,7 +204,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     print("\none decode step's matmuls (32 layers + LM head), ms:")
     for rows, (c, d, b) in step.items():
-        print(f"  rows={rows}: cuBLAS {c / 1e3:.3f} | kernels.gemv defaults {d / 1e3:.3f} | best per shape {b / 1e3:.3f}")
+        print(f"  rows={rows}: cuBLAS {c / 1e3:.3f} | tokenq_kernels.gemv defaults {d / 1e3:.3f} | best per shape {b / 1e3:.3f}")
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results,
                                         "step_ms": {r: [v / 1e3 for v in s] for r, s in step.items()}}, indent=1))

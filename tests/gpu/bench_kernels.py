@@ -70,9 +70,9 @@ def decode_step(batch: int, ctx: int):
 
 
 def bench_decode(runs: int, flush: torch.Tensor) -> None:
-    from kernels.attention import paged_attention_ref
-    from kernels.attention_triton import choose_num_splits, paged_attention_triton
-    from kernels.dispatch import sm_count
+    from tokenq_kernels.attention import paged_attention_ref
+    from tokenq_kernels.attention_triton import choose_num_splits, paged_attention_triton
+    from tokenq_kernels.dispatch import sm_count
 
     print(f"\ndecode attention, Llama-3-8B layer (Hq={HQ}, Hkv={HKV}, D={D}, {DTYPE}, block {BLOCK}), "
           f"{torch.cuda.get_device_name()}")
@@ -97,9 +97,9 @@ def bench_decode(runs: int, flush: torch.Tensor) -> None:
 
 
 def bench_prefill(runs: int, flush: torch.Tensor) -> None:
-    from kernels.attention import paged_attention_ref
-    from kernels.attention_triton import paged_attention_triton
     from tests.gpu.test_kernels_triton import make_step
+    from tokenq_kernels.attention import paged_attention_ref
+    from tokenq_kernels.attention_triton import paged_attention_triton
 
     print("\nprefill attention (causal), same layer shape")
     print(f"{'seqs x new (cached)':>22} | {'triton ms':>9} {'TFLOP/s':>8} | {'torch ms':>9} {'TFLOP/s':>8}")
@@ -117,16 +117,16 @@ def bench_prefill(runs: int, flush: torch.Tensor) -> None:
 
 
 def bench_small(runs: int, flush: torch.Tensor) -> None:
-    from kernels.activation import silu_and_mul_ref
-    from kernels.activation_triton import silu_and_mul_triton
-    from kernels.kv_cache import store_kv_ref
-    from kernels.kv_cache_triton import store_kv_triton
-    from kernels.norm import fused_add_rms_norm_ref
-    from kernels.norm_triton import fused_add_rms_norm_triton
-    from kernels.rotary import rotary_ref
-    from kernels.rotary_triton import rotary_triton
-    from kernels.sampling import GREEDY_BELOW, gumbel_argmax_ref, row_keys
-    from kernels.sampling_triton import gumbel_argmax_triton
+    from tokenq_kernels.activation import silu_and_mul_ref
+    from tokenq_kernels.activation_triton import silu_and_mul_triton
+    from tokenq_kernels.kv_cache import store_kv_ref
+    from tokenq_kernels.kv_cache_triton import store_kv_triton
+    from tokenq_kernels.norm import fused_add_rms_norm_ref
+    from tokenq_kernels.norm_triton import fused_add_rms_norm_triton
+    from tokenq_kernels.rotary import rotary_ref
+    from tokenq_kernels.rotary_triton import rotary_triton
+    from tokenq_kernels.sampling import GREEDY_BELOW, gumbel_argmax_ref, row_keys
+    from tokenq_kernels.sampling_triton import gumbel_argmax_triton
 
     T, hidden, inter, vocab = 256, 4096, 14336, 128256
     x = torch.randn(T, hidden, dtype=DTYPE, device="cuda")
@@ -163,7 +163,7 @@ def bench_small(runs: int, flush: torch.Tensor) -> None:
 
 
 def sweep_decode(runs: int, flush: torch.Tensor) -> None:
-    from kernels.attention_triton import launch_config, paged_attention_triton
+    from tokenq_kernels.attention_triton import launch_config, paged_attention_triton
 
     print("\nsweep: decode tile shapes (ms, median); the default is marked *")
     base = launch_config(1, HQ // HKV, DTYPE)

@@ -18,7 +18,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels.fp8 import (
+from tests.asserts import assert_agree_until_near_tie
+from tests.gpu.test_kernels_triton import TOLERANCE, assert_close, attention_case, make_step, rel_err
+from tokenq_kernels.fp8 import (
     FP8,
     QuantizedInput,
     fp8_gemv_ref,
@@ -27,9 +29,7 @@ from kernels.fp8 import (
     scaled_mm_ref,
     silu_and_mul_quant_ref,
 )
-from kernels.kv_cache import store_kv_ref
-from tests.asserts import assert_agree_until_near_tie
-from tests.gpu.test_kernels_triton import TOLERANCE, assert_close, attention_case, make_step, rel_err
+from tokenq_kernels.kv_cache import store_kv_ref
 
 # Share of e4m3 codes that may differ by a rounding of the division.
 MAX_CODE_MISMATCH = 0.01
@@ -63,7 +63,7 @@ def assert_same_quantization(name: str, got: tuple[torch.Tensor, torch.Tensor],
 
 
 def check_quantize_rows(rows: int, n: int, dtype: torch.dtype, device: str) -> float:
-    from kernels.fp8_triton import quantize_rows_triton
+    from tokenq_kernels.fp8_triton import quantize_rows_triton
 
     x = torch.randn(rows, n, device=device).mul(torch.rand(rows, 1, device=device) * 10).to(dtype)
     x[0] = 0  # a row of zeros: a floor scale, zeros, no NaN
@@ -73,7 +73,7 @@ def check_quantize_rows(rows: int, n: int, dtype: torch.dtype, device: str) -> f
 
 
 def check_rms_norm_quant(rows: int, n: int, dtype: torch.dtype, device: str, residual: bool) -> float:
-    from kernels.fp8_triton import rms_norm_quant_triton
+    from tokenq_kernels.fp8_triton import rms_norm_quant_triton
 
     x = torch.randn(rows, n, dtype=dtype, device=device) * 3
     res = torch.randn(rows, n, dtype=dtype, device=device) if residual else None
@@ -87,7 +87,7 @@ def check_rms_norm_quant(rows: int, n: int, dtype: torch.dtype, device: str, res
 
 
 def check_silu_and_mul_quant(rows: int, inter: int, dtype: torch.dtype, device: str) -> float:
-    from kernels.fp8_triton import silu_and_mul_quant_triton
+    from tokenq_kernels.fp8_triton import silu_and_mul_quant_triton
 
     x = torch.randn(rows, 2 * inter, dtype=dtype, device=device) * 2
     got, want = silu_and_mul_quant_triton(x), silu_and_mul_quant_ref(x)
@@ -105,7 +105,7 @@ def _fp8_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor
 
 def check_fp8_gemv(n: int, k: int, dtype: torch.dtype, device: str, quantized_x: bool, bias: bool,
                    tiles: tuple[int, int] | None = None) -> float:
-    from kernels.fp8_triton import fp8_gemv_triton
+    from tokenq_kernels.fp8_triton import fp8_gemv_triton
 
     w, ws = _fp8_weight(n, k, device)
     x = torch.randn(1, k, dtype=dtype, device=device)
@@ -119,7 +119,7 @@ def check_fp8_gemv(n: int, k: int, dtype: torch.dtype, device: str, quantized_x:
 def check_fp8_linear(rows: int, n: int, k: int, dtype: torch.dtype, device: str) -> float:
     """The dispatcher (the GEMV at one row, torch._scaled_mm above) against the float32 product of the same
     quantized operands; torch._scaled_mm rounds to bfloat16, so bfloat16's tolerance."""
-    from kernels.fp8 import fp8_linear
+    from tokenq_kernels.fp8 import fp8_linear
 
     w, ws = _fp8_weight(n, k, device)
     x = torch.randn(rows, k, dtype=dtype, device=device)
@@ -138,7 +138,7 @@ def check_fp8_linear(rows: int, n: int, k: int, dtype: torch.dtype, device: str)
 
 
 def check_store_kv_fp8(T: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, device: str) -> float:
-    from kernels.kv_cache_triton import store_kv_triton
+    from tokenq_kernels.kv_cache_triton import store_kv_triton
 
     num_blocks = -(-T // block_size) + 3
     k_cache = torch.zeros(num_blocks, block_size, hkv, d, dtype=FP8, device=device)
@@ -165,8 +165,8 @@ def check_attention_fp8(kind: str, hkv: int, group: int, d: int, block_size: int
                         device: str, num_splits: int | None, tiny: bool) -> float:
     """Triton attention over an FP8 cache against the reference over the same cache (read back times its
     scales), in float32."""
-    from kernels.attention import paged_attention_ref
-    from kernels.attention_triton import paged_attention_triton
+    from tokenq_kernels.attention import paged_attention_ref
+    from tokenq_kernels.attention_triton import paged_attention_triton
 
     q_lens, ctx = attention_case(kind, block_size, tiny)
     k16, v16, meta = make_step(q_lens, ctx, hkv, d, block_size, dtype, device)

@@ -18,13 +18,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul_ref
-from kernels.attention import paged_attention_ref
-from kernels.gemv import GemvConfig, gemv_config, linear_ref
-from kernels.kv_cache import store_kv_ref
-from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import rotary_ref
-from kernels.sampling import GREEDY_BELOW, gumbel_argmax_ref, row_keys, sample
+from tokenq_kernels.activation import silu_and_mul_ref
+from tokenq_kernels.attention import paged_attention_ref
+from tokenq_kernels.gemv import GemvConfig, gemv_config, linear_ref
+from tokenq_kernels.kv_cache import store_kv_ref
+from tokenq_kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+from tokenq_kernels.rotary import rotary_ref
+from tokenq_kernels.sampling import GREEDY_BELOW, gumbel_argmax_ref, row_keys, sample
 from worker.layers.context import AttentionMetadata
 from worker.layers.rotary import RotaryEmbedding
 
@@ -111,7 +111,7 @@ def check_attention(
     device: str,
     num_splits: int | None,
 ) -> float:
-    from kernels.attention_triton import paged_attention_triton
+    from tokenq_kernels.attention_triton import paged_attention_triton
 
     k_cache, v_cache, meta = make_step(q_lens, ctx_lens, hkv, d, block_size, dtype, device)
     hq = hkv * group
@@ -150,7 +150,7 @@ def attention_case(kind: str, block_size: int, tiny: bool) -> tuple[list[int], l
 
 
 def check_store_kv(T: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, device: str) -> float:
-    from kernels.kv_cache_triton import store_kv_triton
+    from tokenq_kernels.kv_cache_triton import store_kv_triton
 
     num_blocks = -(-T // block_size) + 3
     kv = torch.randn(2, 2, num_blocks, block_size, hkv, d, dtype=dtype, device=device)
@@ -171,7 +171,7 @@ def check_store_kv(T: int, hkv: int, d: int, block_size: int, dtype: torch.dtype
 
 
 def check_rms_norm(rows: int, n: int, dtype: torch.dtype, device: str) -> float:
-    from kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
+    from tokenq_kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
 
     x = torch.randn(rows, n, dtype=dtype, device=device) * 3
     res = torch.randn(rows, n, dtype=dtype, device=device)
@@ -185,7 +185,7 @@ def check_rms_norm(rows: int, n: int, dtype: torch.dtype, device: str) -> float:
 
 
 def check_rotary(T: int, hq: int, hkv: int, d: int, dtype: torch.dtype, device: str) -> float:
-    from kernels.rotary_triton import rotary_triton
+    from tokenq_kernels.rotary_triton import rotary_triton
 
     rope = RotaryEmbedding(d, 20000, 500000.0, LLAMA3_SCALING)
     cache = rope.cos_sin_cache.to(device=device, dtype=dtype)  # the model builds it in its own dtype
@@ -200,7 +200,7 @@ def check_rotary(T: int, hq: int, hkv: int, d: int, dtype: torch.dtype, device: 
 
 
 def check_silu_and_mul(rows: int, inter: int, dtype: torch.dtype, device: str) -> float:
-    from kernels.activation_triton import silu_and_mul_triton
+    from tokenq_kernels.activation_triton import silu_and_mul_triton
 
     x = torch.randn(rows, 2 * inter, dtype=dtype, device=device) * 2
     return assert_close("silu_and_mul", silu_and_mul_triton(x), silu_and_mul_ref(x), dtype)
@@ -213,7 +213,7 @@ def check_gemv(rows: int, n: int, k: int, dtype: torch.dtype, device: str, bias:
                cfg: GemvConfig | None = None) -> float:
     """Against F.linear in float32 on the same inputs; cfg None: the dispatcher's tiles for this shape
     (or a default, where it would send the shape to cuBLAS)."""
-    from kernels.gemv_triton import gemv_triton
+    from tokenq_kernels.gemv_triton import gemv_triton
 
     x = torch.randn(rows, k, dtype=dtype, device=device)
     w = torch.randn(n, k, dtype=dtype, device=device) * k**-0.5
@@ -228,7 +228,7 @@ def check_gemv(rows: int, n: int, k: int, dtype: torch.dtype, device: str, bias:
 
 def check_sampling_matches_ref(B: int, V: int, device: str) -> float:
     """The same keys give the same tokens in the kernel and the reference (the noise is one hash)."""
-    from kernels.sampling_triton import gumbel_argmax_triton
+    from tokenq_kernels.sampling_triton import gumbel_argmax_triton
 
     logits = torch.randn(B, V, device=device) * 3
     temperature = torch.rand(B, device=device) * 1.5 + 0.1
@@ -401,7 +401,7 @@ def test_paged_attention_other_block_sizes(block_size, kind, num_splits):
 
 
 def test_paged_attention_dispatcher_picks_triton_and_matches():
-    from kernels.attention import paged_attention
+    from tokenq_kernels.attention import paged_attention
 
     k_cache, v_cache, meta = make_step([1, 1, 1, 20], [35, 17, 300, 20], 8, 128, 16, torch.bfloat16, "cuda")
     q = torch.randn(23, 32, 128, dtype=torch.bfloat16, device="cuda")
@@ -414,7 +414,7 @@ def test_paged_attention_dispatcher_picks_triton_and_matches():
 def test_decode_attention_is_graph_capturable(batch):
     """Captured once with fixed maxima (as worker/engine/cuda_graphs.py does), replayed over new lengths,
     block tables and queries written into the same buffers."""
-    from kernels.attention_triton import paged_attention_triton
+    from tokenq_kernels.attention_triton import paged_attention_triton
 
     hkv, group, d, bs, max_len = 8, 4, 128, 16, 4096
     k_cache, v_cache, meta = make_step([1] * batch, [max_len] * batch, hkv, d, bs, torch.bfloat16, "cuda")

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.attention_triton import launch_config, variant_query_lengths  # noqa: E402
+from tokenq_kernels.attention_triton import launch_config, variant_query_lengths  # noqa: E402
 
 
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 7, 8, 16])

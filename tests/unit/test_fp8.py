@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kernels.fp8 import (
+from tokenq_kernels.fp8 import (
     FP8,
     QuantizedInput,
     dequantize_rows,
@@ -287,8 +287,8 @@ def test_fp8_kv_cache_holds_twice_the_blocks_in_the_same_memory():
 def test_fp8_kv_store_and_attention_references():
     """Keys and values stored in e4m3 (divided by their scales, clamped) and read back times the scales
     give nearly the attention of a float32 cache."""
-    from kernels.attention import paged_attention_ref
-    from kernels.kv_cache import store_kv_ref
+    from tokenq_kernels.attention import paged_attention_ref
+    from tokenq_kernels.kv_cache import store_kv_ref
     from worker.layers.context import AttentionMetadata
 
     T, hkv, d, bs = 21, 2, 32, 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kernels.fp8 import FP8, dequantize_rows, quantize_rows_ref
+from tokenq_kernels.fp8 import FP8, dequantize_rows, quantize_rows_ref
 from worker.layers.quantization.fp8_weight import quantize_weight_rows
 
 

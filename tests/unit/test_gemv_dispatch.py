@@ -1,4 +1,4 @@
-"""Which matmuls go to our Triton GEMV (kernels/gemv.py), without a GPU: one row and a large weight only,
+"""Which matmuls go to our Triton GEMV (tokenq_kernels/gemv.py), without a GPU: one row and a large weight only,
 with the tiles the H200 sweep chose; everything else, and every CPU tensor, stays on F.linear."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import gemv
-from kernels.gemv import GemvConfig, gemv_config, linear, linear_ref
+from tokenq_kernels import gemv
+from tokenq_kernels.gemv import GemvConfig, gemv_config, linear, linear_ref
 
 
 def test_one_row_of_a_decode_sized_weight_gets_triton_tiles():

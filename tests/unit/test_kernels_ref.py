@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul_ref
-from kernels.attention import paged_attention, paged_attention_ref
-from kernels.kv_cache import store_kv, store_kv_ref
-from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import rotary_ref
+from tokenq_kernels.activation import silu_and_mul_ref
+from tokenq_kernels.attention import paged_attention, paged_attention_ref
+from tokenq_kernels.kv_cache import store_kv, store_kv_ref
+from tokenq_kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+from tokenq_kernels.rotary import rotary_ref
 from worker.layers.context import AttentionMetadata
 from worker.layers.rotary import RotaryEmbedding
 

@@ -139,17 +139,17 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
 
 JITFunction.run = _compile_instead_of_launch
 
-from kernels.activation_triton import silu_and_mul_triton
-from kernels.attention_triton import paged_attention_triton
-from kernels.fp8 import FP8, QuantizedInput
-from kernels.fp8_triton import fp8_gemv_triton, quantize_rows_triton, rms_norm_quant_triton, silu_and_mul_quant_triton
-from kernels.gemv import GemvConfig
-from kernels.gemv_triton import gemv_triton
-from kernels.kv_cache_triton import store_kv_triton
-from kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
-from kernels.rotary_triton import rotary_triton
-from kernels.sampling import row_keys
-from kernels.sampling_triton import gumbel_argmax_triton
+from tokenq_kernels.activation_triton import silu_and_mul_triton
+from tokenq_kernels.attention_triton import paged_attention_triton
+from tokenq_kernels.fp8 import FP8, QuantizedInput
+from tokenq_kernels.fp8_triton import fp8_gemv_triton, quantize_rows_triton, rms_norm_quant_triton, silu_and_mul_quant_triton
+from tokenq_kernels.gemv import GemvConfig
+from tokenq_kernels.gemv_triton import gemv_triton
+from tokenq_kernels.kv_cache_triton import store_kv_triton
+from tokenq_kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
+from tokenq_kernels.rotary_triton import rotary_triton
+from tokenq_kernels.sampling import row_keys
+from tokenq_kernels.sampling_triton import gumbel_argmax_triton
 from tests.gpu.test_kernels_triton import make_step
 
 ATTENTION = [

@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.multiprocessing as tmp  # noqa: E402
 
-from kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tokenq_kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from worker.engine import distributed  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.distributed import head_shard  # noqa: E402

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_metadata import AttentionMetadata
+from tokenq_kernels.attention_metadata import AttentionMetadata
 from worker.layers.context import set_attention_metadata
 
 MAX_GRAPH_BATCH = 512

@@ -3,8 +3,8 @@ model (rank 0 and each other rank), before its model loads, since loading may ru
 
 from __future__ import annotations
 
-from kernels.dispatch import set_triton_enabled
-from kernels.gemv import set_gemv_enabled
+from tokenq_kernels.dispatch import set_triton_enabled
+from tokenq_kernels.gemv import set_gemv_enabled
 from worker.engine.config import EngineConfig
 
 

@@ -20,8 +20,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from kernels.dispatch import use_triton
 from protocol.sampling import SamplingParams
+from tokenq_kernels.dispatch import use_triton
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import (
     DecodeGraphs,
@@ -238,7 +238,7 @@ class ModelRunner:
         return SchedulerOutput(scheduled=items, preempted=[], num_batched_tokens=total)
 
     def _compile_attention_variants(self) -> None:
-        from kernels.attention_triton import compile_step_variants
+        from tokenq_kernels.attention_triton import compile_step_variants
 
         t0 = time.perf_counter()
         launches = compile_step_variants(self.kv_cache[0, 0], self.kv_cache[0, 1], local_heads(self.model_cfg),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.activation import silu_and_mul
-from kernels.fp8 import silu_and_mul_quant
+from tokenq_kernels.activation import silu_and_mul
+from tokenq_kernels.fp8 import silu_and_mul_quant
 
 
 class SiluAndMul(nn.Module):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import paged_attention
-from kernels.kv_cache import store_kv
+from tokenq_kernels.attention import paged_attention
+from tokenq_kernels.kv_cache import store_kv
 from worker.layers.context import get_attention_metadata
 
 

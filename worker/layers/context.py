@@ -1,4 +1,4 @@
-"""The step's attention metadata (kernels.attention_metadata), set once by the model runner and read by every
+"""The step's attention metadata (tokenq_kernels.attention_metadata), set once by the model runner and read by every
 attention layer (one small context object instead of threading it through each call, as nano-vllm does)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kernels.attention_metadata import AttentionMetadata
+from tokenq_kernels.attention_metadata import AttentionMetadata
 
 __all__ = ["AttentionMetadata", "get_attention_metadata", "set_attention_metadata"]
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gemv import linear
+from tokenq_kernels.gemv import linear
 from worker.engine.distributed import all_gather, all_reduce, tp_rank, tp_size
 
 

@@ -1,6 +1,6 @@
 """Tensor-parallel linear layers. Each parameter carries a weight_loader that cuts this rank's shard
 out of the full checkpoint tensor, so tensor parallelism is a loading concern and forward stays one matmul
-(kernels.gemv.linear: F.linear, or our GEMV at decode batch sizes where it reads weights faster).
+(tokenq_kernels.gemv.linear: F.linear, or our GEMV at decode batch sizes where it reads weights faster).
 
 A quantization method (worker/layers/quantization) owns the parameters and the forward: the layers here
 only say which rows of their output a loaded tensor fills, and every per-row tensor (weight, bias, the FP8

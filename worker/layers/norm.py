@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import rms_norm_quant
-from kernels.norm import fused_add_rms_norm, rms_norm
+from tokenq_kernels.fp8 import rms_norm_quant
+from tokenq_kernels.norm import fused_add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without residual: norm(x). With it: (norm(x + residual), x + residual). The norm is a
-        kernels.fp8.QuantizedInput when quantize_output is set."""
+        tokenq_kernels.fp8.QuantizedInput when quantize_output is set."""
         if self.quantize_output:
             normed, new_residual = rms_norm_quant(x, residual, self.weight, self.eps)
             return normed if residual is None else (normed, new_residual)

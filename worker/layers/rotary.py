@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from kernels.rotary import rotary
+from tokenq_kernels.rotary import rotary
 
 
 def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kernels.fp8 import FP8
+from tokenq_kernels.fp8 import FP8
 from worker.layers.quantization import quantization as quantized
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
 from worker.models.random_weights import random_model

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kernels.fp8 import FP8
+from tokenq_kernels.fp8 import FP8
 from worker.engine.distributed import single_rank, tp_size
 from worker.layers.quantization import quantization as quantized
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig

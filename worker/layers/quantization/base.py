@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.gemv import linear
+from tokenq_kernels.gemv import linear
 
 
 def copy_rows(param: nn.Parameter, offset: int, loaded: torch.Tensor) -> None:
@@ -19,7 +19,7 @@ def copy_rows(param: nn.Parameter, offset: int, loaded: torch.Tensor) -> None:
 
 class LinearMethod:
     name = "none"
-    # The layer's forward takes an activation already quantized (kernels.fp8.QuantizedInput), so the op that
+    # The layer's forward takes an activation already quantized (tokenq_kernels.fp8.QuantizedInput), so the op that
     # produces it (RMSNorm, SiLU-and-multiply) may quantize it in the same kernel.
     takes_quantized_input = False
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import FP8, QuantizedInput, fp8_linear
+from tokenq_kernels.fp8 import FP8, QuantizedInput, fp8_linear
 from worker.layers.quantization.base import LinearMethod, copy_rows
 from worker.layers.quantization.fp8_weight import quantize_weight_rows
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fp8 import FP8, FP8_MAX, MIN_AMAX
+from tokenq_kernels.fp8 import FP8, FP8_MAX, MIN_AMAX
 
 # Candidate scales as ratios to max|row| / 448: an octave in 16 steps (the e4m3 grid repeats at every power of
 # two, so one octave holds every alignment of it) and two steps below, which clip the row's largest values.

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
-    from kernels.sampling_triton import gumbel_argmax_triton
+    from tokenq_kernels.sampling_triton import gumbel_argmax_triton
 
 # As vLLM: a temperature this small is greedy; dividing by it would overflow the logits.
 GREEDY_BELOW = 1e-5

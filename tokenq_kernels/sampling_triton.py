@@ -2,7 +2,7 @@
 
 Grid (rows, vocabulary chunks) so that a small batch still fills the GPU; each program writes its best
 (score, token) and a torch argmax over the few chunks picks the winner (the first chunk on ties, so the
-first index wins as in torch.argmax). The noise is bit-for-bit the hash of kernels.sampling.
+first index wins as in torch.argmax). The noise is bit-for-bit the hash of tokenq_kernels.sampling.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import sm_count
+from tokenq_kernels.dispatch import sm_count
 
 _BLOCK = 1024
 _MIN_CHUNK = 8192
@@ -63,7 +63,7 @@ def _gumbel_argmax_kernel(
 def gumbel_argmax_triton(
     logits: torch.Tensor, inv_temperature: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor
 ) -> torch.Tensor:
-    """Same contract as kernels.sampling.gumbel_argmax_ref: token ids [B] int64."""
+    """Same contract as tokenq_kernels.sampling.gumbel_argmax_ref: token ids [B] int64."""
     B, V = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()

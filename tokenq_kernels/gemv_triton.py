@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv import GemvConfig
+from tokenq_kernels.gemv import GemvConfig
 
 
 @triton.jit

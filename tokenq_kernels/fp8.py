@@ -4,7 +4,7 @@ channel) and a scale per activation row (token), computed at run time, so no cal
 A row is quantized as q = clamp(x / s, -448, 448) in e4m3 with s = max|x| / 448, and read back as q * s.
 The product y = (xq * sx) @ (wq * sw).T = (xq @ wq.T) * sx * sw.T is what `torch._scaled_mm` computes with
 row-wise scales (on CUDA and on the CPU). A decode row of one token is the weight read alone, so at batch 1
-CUDA takes our Triton GEMV over the FP8 weight instead (kernels/fp8_triton.py).
+CUDA takes our Triton GEMV over the FP8 weight instead (tokenq_kernels/fp8_triton.py).
 
 The quantization may be fused into the op that produces the activation (RMSNorm, SiLU-and-multiply): those
 return a QuantizedInput, which the FP8 linear takes as it is.
@@ -17,10 +17,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import gemv
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.dispatch import HAS_TRITON, use_triton
-from kernels.norm import rms_norm_ref
+from tokenq_kernels import gemv
+from tokenq_kernels.activation import silu_and_mul, silu_and_mul_ref
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.norm import rms_norm_ref
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -165,4 +165,4 @@ def fp8_linear(
 
 
 if HAS_TRITON:  # a module reference, so either module may be imported first
-    import kernels.fp8_triton as fp8_triton
+    import tokenq_kernels.fp8_triton as fp8_triton

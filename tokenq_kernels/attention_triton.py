@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import next_pow2, sm_count
+from tokenq_kernels.dispatch import next_pow2, sm_count
 
 if TYPE_CHECKING:
-    from kernels.attention_metadata import AttentionMetadata
+    from tokenq_kernels.attention_metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 # A finite start for the running max: a row whose first tiles are all masked must not compute inf - inf.
@@ -288,7 +288,7 @@ def compile_step_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_head
     step with a short prefill (a preempted sequence's recompute after a prefix hit, a chunk's tail) would
     otherwise compile its variant mid-serving, and a compile takes many steps' time while every running
     sequence waits. Returns the launches made."""
-    from kernels.attention_metadata import AttentionMetadata
+    from tokenq_kernels.attention_metadata import AttentionMetadata
 
     _, cache_block, hkv, d = k_cache.shape
     device, group = k_cache.device, num_heads // hkv

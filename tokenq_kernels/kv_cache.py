@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import HAS_TRITON, use_triton
-from kernels.fp8 import FP8, FP8_MAX
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.fp8 import FP8, FP8_MAX
 
 if HAS_TRITON:
-    from kernels.kv_cache_triton import store_kv_triton
+    from tokenq_kernels.kv_cache_triton import store_kv_triton
 
 
 def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
-    from kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
+    from tokenq_kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
-    from kernels.rotary_triton import rotary_triton
+    from tokenq_kernels.rotary_triton import rotary_triton
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

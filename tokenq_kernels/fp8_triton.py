@@ -1,7 +1,7 @@
 """Triton FP8 kernels: per-row (per-token) quantization, alone and fused into RMSNorm and SiLU-and-multiply,
 and the GEMV of one row against an FP8 weight (decode at batch 1, where the weight read is everything).
 
-Every kernel rounds where its reference in kernels/fp8.py rounds (the norm and the activation to the input
+Every kernel rounds where its reference in tokenq_kernels/fp8.py rounds (the norm and the activation to the input
 dtype before the scale is taken), so both pick the same scale and almost always the same e4m3 codes.
 """
 
@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import next_pow2
-from kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
-from kernels.gemv import GemvConfig
+from tokenq_kernels.dispatch import next_pow2
+from tokenq_kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
+from tokenq_kernels.gemv import GemvConfig
 
 _MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
 _FLOOR = tl.constexpr(MIN_AMAX)
@@ -84,7 +84,7 @@ def _rms_norm_quant_kernel(
 def rms_norm_quant_triton(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[QuantizedInput, torch.Tensor | None]:
-    """As kernels.fp8.rms_norm_quant_ref: (quantized norm of x (+ residual), x + residual or None)."""
+    """As tokenq_kernels.fp8.rms_norm_quant_ref: (quantized norm of x (+ residual), x + residual or None)."""
     n = x.shape[-1]
     x2 = _rows(x)
     rows = x2.shape[0]
@@ -178,7 +178,7 @@ def _fp8_gemv_kernel(
 
 
 def fp8_gemv_tiles(n: int, k: int) -> GemvConfig:
-    """The FP8 GEMV's tiles: the 16-bit GEMV's (kernels/gemv.py), so the float32 accumulator tile takes the
+    """The FP8 GEMV's tiles: the 16-bit GEMV's (tokenq_kernels/gemv.py), so the float32 accumulator tile takes the
     registers it was measured with, until a sweep of FP8 tiles on the GPU (tests/gpu/bench_gemv.py --fp8)
     finds better ones."""
     return GemvConfig(block_n=8 if n <= 4096 else 4, block_k=min(1024, next_pow2(k)), num_warps=4, num_stages=2)

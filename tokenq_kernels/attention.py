@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import HAS_TRITON, use_triton
-from kernels.fp8 import FP8
-from kernels.kv_cache import from_cache
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.fp8 import FP8
+from tokenq_kernels.kv_cache import from_cache
 
 if HAS_TRITON:
-    from kernels.attention_triton import paged_attention_triton
+    from tokenq_kernels.attention_triton import paged_attention_triton
 
 if TYPE_CHECKING:
-    from kernels.attention_metadata import AttentionMetadata
+    from tokenq_kernels.attention_metadata import AttentionMetadata
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

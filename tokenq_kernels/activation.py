@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
-    from kernels.activation_triton import silu_and_mul_triton
+    from tokenq_kernels.activation_triton import silu_and_mul_triton
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

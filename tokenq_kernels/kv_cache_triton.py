@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import next_pow2
-from kernels.fp8 import FP8, FP8_MAX
+from tokenq_kernels.dispatch import next_pow2
+from tokenq_kernels.fp8 import FP8, FP8_MAX
 
 _MAX = tl.constexpr(FP8_MAX)
 

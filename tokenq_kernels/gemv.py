@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import HAS_TRITON, use_triton
+from tokenq_kernels.dispatch import HAS_TRITON, use_triton
 
 
 class GemvConfig(NamedTuple):
@@ -72,4 +72,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 if HAS_TRITON:  # after GemvConfig, which the kernel module imports from here
-    from kernels.gemv_triton import gemv_triton
+    from tokenq_kernels.gemv_triton import gemv_triton
