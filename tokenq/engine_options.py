@@ -21,6 +21,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (decode steps, lone prefills)")
     p.add_argument("--no-prefill-graphs", action="store_true",
                    help="CUDA graphs for decode steps only: a prefill chunk alone runs eagerly")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="compute threads of the engine (of each rank) on a CPU (default: every core, or "
+                        "OMP_NUM_THREADS; with --tensor-parallel-size N, each rank an equal share less one)")
     add_quantization_flags(p)
     add_tensor_parallel_flag(p)
 
@@ -50,6 +53,7 @@ def engine_flags_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--quantization", args.quantization] if args.quantization else []
     argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    argv += ["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []
     return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
@@ -73,5 +77,5 @@ def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kep
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=True if args.enforce_eager else None,
         prefill_graphs=not args.no_prefill_graphs, quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-        **kernel_choices(),
+        cpu_threads=args.cpu_threads, **kernel_choices(),
     )

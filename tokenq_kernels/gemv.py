@@ -1,5 +1,5 @@
-"""Linear layers at small batch: our Triton GEMV where it beats cuBLAS, oneDNN's matmul for the largest
-weights on a CPU, F.linear everywhere else.
+"""Linear layers at small batch: our Triton GEMV where it beats cuBLAS, oneDNN's matmul on a CPU (but for
+one row of a small weight), F.linear everywhere else.
 
 The reference is F.linear itself. Which shapes go to Triton, and with which tiles, comes from
 `tests/gpu/bench_gemv.py` on an H200 (docs/BENCHMARKS.md); the engine turns the kernel off from its config
@@ -27,10 +27,10 @@ class GemvConfig(NamedTuple):
 
 ENABLED = True
 MAX_ROWS = 1  # rows of x up to which the Triton kernel may run
-# On a CPU, float32 products with a weight of at least this many elements (an LM head) go to oneDNN's matmul,
-# which runs a wide weight's product faster than MKL's sgemm behind F.linear; the decoder layers' smaller
-# weights gain nothing there (docs/BENCHMARKS.md). Its sums run in another order, so the logits differ from
-# F.linear's in the last bits.
+# On a CPU, float32 products of several rows (a decode batch, a prefill chunk), and any product with a weight
+# of at least this many elements (an LM head), go to oneDNN's matmul, which runs them faster than MKL's sgemm
+# behind F.linear; one row of a decoder layer's weight stays on F.linear, which is as fast there
+# (docs/BENCHMARKS.md). oneDNN sums in another order, so results differ from F.linear's in the last bits.
 CPU_ONEDNN_MIN_WEIGHT = 1 << 24
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _onednn_linear = torch.ops.mkldnn._linear_pointwise if _ONEDNN else None
@@ -66,7 +66,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if cfg is not None:
             return gemv_triton(x, weight, bias, cfg)
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and weight.numel() >= CPU_ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()):
+            and (x.numel() > x.shape[-1] or weight.numel() >= CPU_ONEDNN_MIN_WEIGHT)
+            and not torch.is_grad_enabled()):
         return _onednn_linear(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

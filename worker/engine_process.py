@@ -125,6 +125,12 @@ class EngineProcess(EngineHandle):
         assert self._loop is not None
         ctx = mp.get_context("spawn")  # CUDA cannot be forked; the child imports only what it needs
         parent, child = ctx.Pipe(duplex=True)  # a socket pair; the child keeps the blocking Connection
+        if not str(self.spec.config.device).startswith("cuda"):
+            # A CPU engine's OpenMP threads sleep between parallel regions instead of spinning (unless the
+            # user chose otherwise): they share the cores with the worker, the gateway and Redis, and spinning
+            # threads that outnumber free cores stall each other (docs/BENCHMARKS.md). The child (and its
+            # ranks) inherit it; OpenMP reads it once, when torch loads.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self._proc = ctx.Process(target=engine_main, args=(child, self.spec), name=f"tokenq-engine-{self.name}")
         self._proc.start()
         child.close()
@@ -236,13 +242,9 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     from worker.engine.llm_engine import LLMEngine
-    from worker.engine.tp_ranks import exit_with_parent, leave_a_core
+    from worker.engine.tp_ranks import exit_with_parent
 
     exit_with_parent()
-    if not str(spec.config.device).startswith("cuda"):
-        # On a CPU the worker (and often the gateway and Redis) run beside the engine now, not inside it:
-        # leave them a core rather than oversubscribe them with the engine's compute threads.
-        leave_a_core(1)
     try:
         started = time.monotonic()
         engine = LLMEngine(spec.model_path, spec.config)

@@ -62,7 +62,8 @@ def greedy_jobs(model: str, prompts: list[list[int]], max_tokens: int) -> list[J
             for p in prompts]
 
 
-async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_model_dir):
+async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # put back afterwards
     ids = [5, 17, 99, 3]
     jobs = [JobPayload(id=new_job_id("m"), model="m", kind="completion", prompt_token_ids=ids, stream=s,
                        sampling=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1))
@@ -73,6 +74,7 @@ async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_mode
     assert results[0].token_ids == results[1].token_ids and len(results[0].token_ids) == 10
     assert results[0].text.split()[0].startswith("t") and results[0].logprobs and results[0].logprobs[0].token
     assert "".join(d.text for d in c.events if isinstance(d, DeltaEvent)) == results[0].text
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # what the CPU engine process was started with
 
 
 async def test_dead_engine_process_fails_over_and_worker_exits_non_zero(redis_url, redis_client, tiny_model_dir):

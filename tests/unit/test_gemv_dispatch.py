@@ -1,5 +1,6 @@
 """Which matmuls go to our Triton GEMV (tokenq_kernels/gemv.py), without a GPU: one row and a large weight only,
-with the tiles the H200 sweep chose; everything else, and every CPU tensor, stays on F.linear."""
+with the tiles the H200 sweep chose; everything else stays on F.linear, but
+for a CPU's float32 products, which go to oneDNN where it is faster."""
 
 from __future__ import annotations
 
@@ -24,27 +25,32 @@ def test_several_rows_and_small_weights_stay_on_cublas():
     assert gemv_config(1, 576, 576) is None  # SmolLM2-135M: too small to have been measured
 
 
-def test_cpu_tensors_use_f_linear_whatever_the_shape():
+def test_one_cpu_row_of_a_small_weight_uses_f_linear():
     x, w, b = torch.randn(1, 64), torch.randn(4096, 64), torch.randn(4096)
-    assert torch.equal(linear(x, w, b), linear_ref(x, w, b))
+    with torch.inference_mode():
+        assert torch.equal(linear(x, w, b), linear_ref(x, w, b))
 
 
-def test_cpu_lm_head_sized_weight_goes_to_onednn(monkeypatch):
-    """An LM head's weight on a CPU runs in oneDNN's matmul (same products, summed in another order); the
-    decoder layers' weights stay on F.linear, bit for bit."""
+def test_cpu_rows_and_lm_heads_go_to_onednn(monkeypatch):
+    """On a CPU, several rows of any weight and one row of an LM head's weight run in oneDNN's matmul (same
+    products, summed in another order); one row of a decoder layer's weight stays on F.linear, bit for bit."""
     if not gemv._ONEDNN:
         pytest.skip("torch built without oneDNN")
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(gemv, "_onednn_linear", lambda *a: calls.append(a) or real(*a))
-    x = torch.randn(32, 576)
+    layer, bias = torch.randn(3072, 576), torch.randn(3072)
     head = torch.randn(gemv.CPU_ONEDNN_MIN_WEIGHT // 576 + 1, 576)
     with torch.inference_mode():
-        y = linear(x, head)
-        assert len(calls) == 1
-        torch.testing.assert_close(y, linear_ref(x, head), rtol=1e-5, atol=1e-4)
-        layer = torch.randn(3072, 576)
-        assert torch.equal(linear(x, layer), linear_ref(x, layer)) and len(calls) == 1
+        for x, w, b in ((torch.randn(32, 576), head, None), (torch.randn(1, 576), head, None),
+                        (torch.randn(32, 576), layer, bias), (torch.randn(2, 5, 576), layer, bias)):
+            before = len(calls)
+            y = linear(x, w, b)
+            assert len(calls) == before + 1 and y.shape == (*x.shape[:-1], w.shape[0])
+            torch.testing.assert_close(y, linear_ref(x, w, b), rtol=1e-5, atol=1e-4)
+        one_row = torch.randn(1, 576)
+        assert torch.equal(linear(one_row, layer, bias), linear_ref(one_row, layer, bias))
+        assert len(calls) == 4
 
 
 def test_switch_turns_the_kernel_off(monkeypatch):

@@ -64,6 +64,22 @@ def test_the_engine_config_carries_the_kernel_choices(monkeypatch):
     assert (cfg.kernels, cfg.gemv) == ("torch", "cublas")
 
 
+def test_cpu_threads_reach_the_engine_config_and_a_child_worker():
+    import argparse
+
+    from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    default = parser.parse_args([])
+    assert engine_config_from(default).cpu_threads is None and "--cpu-threads" not in engine_flags_argv(default)
+    args = parser.parse_args(["--cpu-threads", "3"])
+    assert engine_config_from(args).cpu_threads == 3
+    assert engine_config_from(parser.parse_args(engine_flags_argv(args))).cpu_threads == 3
+    with pytest.raises(ValueError, match="cpu_threads must be at least 1"):
+        engine_config_from(parser.parse_args(["--cpu-threads", "-1"]))
+
+
 def test_an_engine_process_sets_its_kernels_from_its_config(monkeypatch):
     pytest.importorskip("torch")
     from tokenq_kernels import dispatch, gemv

@@ -213,6 +213,10 @@ def test_ranks_on_a_cpu_share_its_cores(monkeypatch):
         monkeypatch.setattr("os.cpu_count", lambda: 2)
         share_cores(EngineConfig(tensor_parallel_size=2))  # never below one thread
         assert torch.get_num_threads() == 1
+        share_cores(EngineConfig(tensor_parallel_size=2, cpu_threads=3))  # the option wins, for each rank
+        assert torch.get_num_threads() == 3
+        share_cores(EngineConfig(device="cuda", cpu_threads=2))  # a GPU rank leaves its threads alone
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 

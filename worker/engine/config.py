@@ -32,12 +32,17 @@ class EngineConfig:
     kernels: str = "triton"
     # "triton": our GEMV for one-row matmuls on CUDA; "cublas": F.linear for them too.
     gemv: str = "triton"
+    # A CPU rank's compute threads. None: torch's default (every core, or OMP_NUM_THREADS) for one rank, an
+    # equal share of the cores less one for each of several.
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.kernels not in ("triton", "torch"):
             raise ValueError(f"kernels must be triton or torch, got {self.kernels!r}")
         if self.gemv not in ("triton", "cublas"):
             raise ValueError(f"gemv must be triton or cublas, got {self.gemv!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 
     def rank_device(self, rank: int) -> str:
         """The device of a rank: cuda:<rank> among the visible GPUs under tensor parallelism."""

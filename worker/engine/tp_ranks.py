@@ -79,17 +79,21 @@ class TensorParallelGroup:
 
 
 def share_cores(config: EngineConfig) -> None:
-    """On a CPU the ranks compute at once: each takes an equal share of the cores less one (`leave_a_core`).
-    Compute threads that outnumber the cores wait on each other's time slices, and every collective then
-    waits for the slowest rank."""
-    if config.device.startswith("cuda") or config.tensor_parallel_size == 1:
+    """A CPU rank's compute threads: `cpu_threads` where set; else one rank keeps torch's default (every
+    core, or OMP_NUM_THREADS), and several, which compute at once, each take an equal share of the cores
+    less one (`leave_a_core`): compute threads that outnumber the cores wait on each other's time slices,
+    and every collective then waits for the slowest rank."""
+    if config.device.startswith("cuda"):
         return
-    leave_a_core(config.tensor_parallel_size)
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    elif config.tensor_parallel_size > 1:
+        leave_a_core(config.tensor_parallel_size)
 
 
 def leave_a_core(ranks: int) -> None:
     """This process's compute threads: an equal share, among `ranks` processes computing at once, of the
-    cores less one (left to rank 0's host work and the worker beside it), never more than it has now."""
+    cores less one (left to rank 0's host work), never more than it has now."""
     share = ((os.cpu_count() or 1) - 1) // ranks
     torch.set_num_threads(max(1, min(torch.get_num_threads(), share)))
 
