@@ -200,7 +200,7 @@ def test_two_ranks_equal_one(two_ranks, name):
 
 def test_ranks_on_a_cpu_share_its_cores(monkeypatch):
     from worker.engine.config import EngineConfig
-    from worker.engine.tp_ranks import share_cores
+    from worker.engine.cpu_rank import share_cores
 
     before = torch.get_num_threads()
     try:

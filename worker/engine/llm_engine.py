@@ -16,6 +16,7 @@ from protocol.workers import ModelCard
 from worker.engine.block_manager import BlockManager
 from worker.engine.choices import ChoiceGroup, sequence_params
 from worker.engine.config import EngineConfig
+from worker.engine.cpu_rank import setup_cpu_rank
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.distributed import destroy_tensor_parallel
 from worker.engine.dtypes import DTYPES
@@ -26,7 +27,7 @@ from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
-from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len, share_cores
+from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
 from worker.models.card import model_card
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
@@ -75,7 +76,7 @@ class LLMEngine:
         config = config or EngineConfig()
         model_path = Path(model_path)
         select_kernels(config)
-        share_cores(config)
+        setup_cpu_rank(config)
         self.tp_group = TensorParallelGroup(model_path, config) if config.tensor_parallel_size > 1 else None
         device = torch.device(config.rank_device(0))
         if device.type == "cuda" and device.index is not None:  # a TP rank's own GPU; plain "cuda" is the current one

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from worker.engine.config import EngineConfig
+from worker.engine.cpu_rank import setup_cpu_rank
 from worker.engine.distributed import init_tensor_parallel
 from worker.engine.dtypes import DTYPES
 from worker.engine.kernel_choice import select_kernels
@@ -78,26 +79,6 @@ class TensorParallelGroup:
                 proc.terminate()
 
 
-def share_cores(config: EngineConfig) -> None:
-    """A CPU rank's compute threads: `cpu_threads` where set; else one rank keeps torch's default (every
-    core, or OMP_NUM_THREADS), and several, which compute at once, each take an equal share of the cores
-    less one (`leave_a_core`): compute threads that outnumber the cores wait on each other's time slices,
-    and every collective then waits for the slowest rank."""
-    if config.device.startswith("cuda"):
-        return
-    if config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
-    elif config.tensor_parallel_size > 1:
-        leave_a_core(config.tensor_parallel_size)
-
-
-def leave_a_core(ranks: int) -> None:
-    """This process's compute threads: an equal share, among `ranks` processes computing at once, of the
-    cores less one (left to rank 0's host work), never more than it has now."""
-    share = ((os.cpu_count() or 1) - 1) // ranks
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), share)))
-
-
 def exit_with_parent() -> None:
     """A rank (or the engine process) whose parent is gone exits: nothing else would ever stop it."""
     parent = os.getppid()
@@ -119,7 +100,7 @@ def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig, join
     if device.type == "cuda":
         torch.cuda.set_device(device)
     select_kernels(config)
-    share_cores(config)
+    setup_cpu_rank(config)
     joining.send(rank)
     joining.close()
     init_tensor_parallel(rank, config.tensor_parallel_size, port, device)
