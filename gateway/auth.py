@@ -24,6 +24,8 @@ CACHE_S = 1.0
 # to this much longer, while a background read renews it.
 LIMITS_STALE_S = 5.0
 DEFAULT_TENANT = "default"
+
+
 @dataclass(frozen=True)
 class Tenant:
     """A tenant and its limits; 0 means no limit."""

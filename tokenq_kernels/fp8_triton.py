@@ -14,6 +14,7 @@ import triton.language as tl
 from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
 from tokenq_kernels.gemv import GemvConfig
+from tokenq_kernels.norm_triton import rms_norm_row
 
 _MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
 _FLOOR = tl.constexpr(MIN_AMAX)
@@ -66,15 +67,9 @@ def _rms_norm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = ((xf * rstd).to(x.dtype).to(tl.float32) * w).to(x.dtype).to(tl.float32)
+    normed, w = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, n_cols, eps,
+                             cols, mask, HAS_RESIDUAL)
+    y = (normed.to(tl.float32) * w).to(normed.dtype).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(y), 0), _FLOOR) / _MAX
     tl.store(s_ptr + row, scale)
     q = tl.clamp(y / scale, -_MAX, _MAX)
