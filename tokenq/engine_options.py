@@ -24,6 +24,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="compute threads of the engine (of each rank) on a CPU (default: every core, or "
                         "OMP_NUM_THREADS; with --tensor-parallel-size N, each rank an equal share less one)")
+    p.add_argument("--latency-guard-s", type=float, default=1.0,
+                   help="while requests of several priorities run, and this many seconds after, launch each step "
+                        "only after the last one ends and keep batch prefill chunks short, so an interactive "
+                        "arrival waits for one short step (default 1; 0 turns it off)")
+    p.add_argument("--guarded-prefill-tokens", type=int, default=512,
+                   help="prefill tokens a step gives worse-priority work while the latency guard holds")
     add_quantization_flags(p)
     add_tensor_parallel_flag(p)
 
@@ -54,6 +60,8 @@ def engine_flags_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     argv += ["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []
+    argv += ["--latency-guard-s", str(args.latency_guard_s), "--guarded-prefill-tokens",
+             str(args.guarded_prefill_tokens)]
     return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
@@ -77,5 +85,6 @@ def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kep
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=True if args.enforce_eager else None,
         prefill_graphs=not args.no_prefill_graphs, quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-        cpu_threads=args.cpu_threads, **kernel_choices(),
+        cpu_threads=args.cpu_threads, latency_guard_s=args.latency_guard_s,
+        guarded_prefill_tokens=args.guarded_prefill_tokens, **kernel_choices(),
     )

@@ -120,3 +120,49 @@ def test_prefix_digests_come_from_real_tokens(tiny):
     second = _run(engine, [again], [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)])[0][0]
     assert engine.block_manager.prefix_hit_tokens - hits == (len(again) - 1) // 8 * 8
     assert second == first[30:40]
+
+
+def test_latency_guard_launches_after_the_step_ends_so_an_arrival_joins_the_next(tiny, monkeypatch):
+    """As on a GPU, every launched step is still running when the host looks. While batch and interactive work
+    share the engine, a call finds the step in flight, waits for it and launches nothing: an interactive
+    request added right after gets the next launch, its own step, instead of waiting behind a batch step
+    queued already. The tokens are those of an engine that waits for every step."""
+    from worker.engine.sampler import PendingSamples
+
+    monkeypatch.setattr(PendingSamples, "done", lambda self: getattr(self, "waited", False))
+    monkeypatch.setattr(PendingSamples, "wait", lambda self: setattr(self, "waited", True))
+    prompts = _prompts(6, 4)
+    params = [SamplingParams(max_tokens=40 if i < 4 else 6, temperature=0.0, ignore_eos=True)
+              for i in range(len(prompts))]
+    engine = _engine(tiny, True, latency_guard_s=3600.0)
+    launched: list[set[str]] = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, *a: (launched.append({s.seq.request_id for s in sched.scheduled}),
+                                              launch(sched, *a))[1]
+    outputs: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+    for i in range(4):
+        engine.add_request(f"b{i}", prompts[i], params[i], priority=2)
+    for _ in range(3):
+        step()
+    engine.add_request("u0", prompts[4], params[4], priority=0)  # arms the guard
+    while "u0" in engine._requests:
+        step()
+    assert engine._in_flight is not None and launched[-1] - {"u0"}, "no batch step in flight"
+    n = len(launched)
+    step()  # waits for the batch step in flight, launches nothing
+    assert len(launched) == n and engine._in_flight is not None
+    engine.add_request("u1", prompts[5], params[5], priority=0)
+    step()
+    assert launched[-1] == {"u1"}  # the arrival's own step, launched next
+    while engine.has_unfinished_requests():
+        step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+    plain = _engine(tiny, False, latency_guard_s=0.0)
+    expected = _run(plain, prompts, params)
+    assert [outputs[rid] for rid in ("b0", "b1", "b2", "b3", "u0", "u1")] == [t for t, _, _ in expected]

@@ -80,6 +80,24 @@ def test_cpu_threads_reach_the_engine_config_and_a_child_worker():
         engine_config_from(parser.parse_args(["--cpu-threads", "-1"]))
 
 
+def test_latency_guard_flags_reach_the_engine_config_and_a_child_worker():
+    import argparse
+
+    from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    default = engine_config_from(parser.parse_args([]))
+    assert (default.latency_guard_s, default.guarded_prefill_tokens) == (1.0, 512)
+    args = parser.parse_args(["--latency-guard-s", "0", "--guarded-prefill-tokens", "256"])
+    child = engine_config_from(parser.parse_args(engine_flags_argv(args)))
+    assert (child.latency_guard_s, child.guarded_prefill_tokens) == (0.0, 256)
+    with pytest.raises(ValueError, match="latency_guard_s must be at least 0"):
+        engine_config_from(parser.parse_args(["--latency-guard-s", "-1"]))
+    with pytest.raises(ValueError, match="guarded_prefill_tokens must be at least 1"):
+        engine_config_from(parser.parse_args(["--guarded-prefill-tokens", "0"]))
+
+
 def test_an_engine_process_sets_its_kernels_from_its_config(monkeypatch):
     pytest.importorskip("torch")
     from tokenq_kernels import dispatch, gemv

@@ -16,6 +16,13 @@ class EngineConfig:
     # Requests of a better priority that intake may pull at once while worse ones fill every slot (each
     # preempts one of them): an interactive request starts at once however much batch work runs.
     priority_headroom: int = 8
+    # The latency guard: while requests of several priorities are in the engine, and for this many seconds
+    # after, better-priority arrivals are likely, so each step is launched only once the one before it has
+    # ended on the device (an arrival then waits for the step in flight alone, not also for one queued behind
+    # it), and worse-priority prefill chunks share `guarded_prefill_tokens` a step (so no step is long).
+    # 0 turns the guard off.
+    latency_guard_s: float = 1.0
+    guarded_prefill_tokens: int = 512
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
@@ -41,6 +48,10 @@ class EngineConfig:
             raise ValueError(f"kernels must be triton or torch, got {self.kernels!r}")
         if self.gemv not in ("triton", "cublas"):
             raise ValueError(f"gemv must be triton or cublas, got {self.gemv!r}")
+        if self.latency_guard_s < 0:
+            raise ValueError(f"latency_guard_s must be at least 0, got {self.latency_guard_s}")
+        if self.guarded_prefill_tokens < 1:
+            raise ValueError(f"guarded_prefill_tokens must be at least 1, got {self.guarded_prefill_tokens}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 

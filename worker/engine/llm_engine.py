@@ -276,13 +276,21 @@ class LLMEngine:
         token (`Sequence.pending`), which N+1 reads from N's samples on the device. The cost: a sequence
         that N finishes with a stop token was also scheduled in N+1, whose token for it is dropped.
         Exceptions: batches with penalties wait for N first, and so does a step N that carries first
-        tokens and has already finished (its outputs return at once; the next call launches N+1)."""
+        tokens and has already finished (its outputs return at once; the next call launches N+1). Under the
+        scheduler's latency guard, a call that finds N still running waits for the device and returns with N
+        in flight and N+1 not launched: what the caller adds meanwhile (a better-priority arrival) joins N+1
+        instead of waiting behind it."""
         outputs, self._pending = self._pending, []
         previous, self._in_flight = self._in_flight, None
         if previous is not None and previous.first_tokens and previous.samples.done():
             # The GPU is idle already, so there is nothing to overlap: hand first tokens out now rather
             # than after the next launch (time to first token). The next call launches the next step.
             return outputs + self._finish_step(previous)
+        if (previous is not None and not previous.samples.done() and self.scheduler.latency_guarded()
+                and self.scheduler.better_arrival() is None):
+            previous.samples.wait()
+            self._in_flight = previous
+            return outputs
         if previous is not None and not self._may_overlap(previous):
             outputs += self._finish_step(previous)
             previous = None

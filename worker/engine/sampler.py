@@ -89,9 +89,13 @@ class PendingSamples:
         """True when the samples are on the host: `result()` would not wait."""
         return self._ready is None or self._ready.query()
 
-    def result(self) -> SamplerOutput:
+    def wait(self) -> None:
+        """Blocks until the samples are on the host, without reading them."""
         if self._ready is not None:
             self._ready.synchronize()
+
+    def result(self) -> SamplerOutput:
+        self.wait()
         if not self._with_logprobs:
             return SamplerOutput(self._host.tolist(), [None] * len(self._params))
         return SamplerOutput(*_unpack_logprobs(self._host.tolist(), self._params, self._top_n))
@@ -106,6 +110,9 @@ class ReadySamples(PendingSamples):
 
     def done(self) -> bool:
         return True
+
+    def wait(self) -> None:
+        pass
 
     def result(self) -> SamplerOutput:
         return self._output

@@ -5,17 +5,24 @@ recompute) the worst running seq of a worse priority, so an interactive request 
 line to finish; the same priority never preempts, so a lane with work of one priority alone runs as if
 there were no preemption at all. A seq that arrives with a better priority than running work gets a step
 of its own (the worse work sits that one step out), so its first token does not wait behind a full batch
-step; never two such steps in a row, so a stream of arrivals cannot starve the worse work."""
+step; never two such steps in a row, so a stream of arrivals cannot starve the worse work.
+
+While work of several priorities is in the engine, and for `latency_guard_s` after, the latency guard holds:
+the engine launches a step only once the one before it has ended on the device (llm_engine), and prefill
+chunks of a worse priority than the guard's share `guarded_prefill_tokens` a step, so the step an arrival
+waits for is short."""
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
-from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
 
 
 @dataclass
@@ -52,14 +59,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self.block_manager = block_manager
         self._waiting: list[tuple[tuple[int, float, int], Sequence]] = []  # heap by sort_key
         self._running: list[Sequence] = []  # sorted by sort_key: best first, preemption victim last
         self._seqs: dict[str, Sequence] = {}
         self.num_preemptions = 0  # lifetime total, for the preemptions counter
         self._cut_last_step = False  # the last step was a better arrival's own
+        self._guard_until = float("-inf")  # the latency guard holds until then (by `clock`)
+        self._guard_priority = WORST_PRIORITY  # the best priority seen while it was armed
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -107,6 +118,19 @@ class Scheduler:
         """The priority of the best waiting seq (the heap's top), or None when none waits."""
         return self._waiting[0][1].priority if self._waiting else None
 
+    def latency_guarded(self) -> bool:
+        """True while seqs of several priorities are in the engine (a waiting one better than the worst running
+        one counts), and for `latency_guard_s` after: more better-priority arrivals are likely then."""
+        now = self.clock()
+        if self.config.latency_guard_s > 0 and self._running:
+            best = self._running[0].priority
+            if self._waiting:
+                best = min(best, self._waiting[0][1].priority)
+            if best < self._running[-1].priority:
+                self._guard_until = now + self.config.latency_guard_s
+                self._guard_priority = best
+        return now < self._guard_until
+
     def num_running_worse_than(self, priority: int) -> int:
         """Running seqs a waiting seq of `priority` may preempt."""
         return len(self._running) - bisect.bisect_right(self._running, priority, key=lambda s: s.priority)
@@ -124,26 +148,32 @@ class Scheduler:
     # -- the step ---------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        cutoff = None if self._cut_last_step else self._better_arrival()
-        out = self._schedule(cutoff)
+        cutoff = None if self._cut_last_step else self.better_arrival()
+        chunk_cap = self.config.guarded_prefill_tokens if self.latency_guarded() else None
+        out = self._schedule(cutoff, chunk_cap)
         if cutoff is not None and not out.scheduled:  # the arrival cannot be admitted: run the others
-            first, out = out, self._schedule(None)
+            first, out = out, self._schedule(None, chunk_cap)
             out.preempted[:0], out.rejected[:0] = first.preempted, first.rejected
             cutoff = None
         self._cut_last_step = cutoff is not None
         return out
 
-    def _better_arrival(self) -> int | None:
+    def better_arrival(self) -> int | None:
         """The best waiting priority when it is better than some running seq's, else None."""
         best = self.best_waiting_priority()
         if best is None or not self._running or best >= self._running[-1].priority:
             return None
         return best
 
-    def _schedule(self, cutoff: int | None) -> SchedulerOutput:
-        """One step's work; with `cutoff`, only seqs of that priority or better."""
+    def _schedule(self, cutoff: int | None, chunk_cap: int | None = None) -> SchedulerOutput:
+        """One step's work; with `cutoff`, only seqs of that priority or better; with `chunk_cap`, prefill
+        chunks of seqs worse than the latency guard's priority take at most that many tokens together."""
         bm = self.block_manager
         budget = self.config.max_num_batched_tokens
+        capped_left = chunk_cap if chunk_cap is not None else budget
+
+        def capped(seq: Sequence) -> bool:
+            return chunk_cap is not None and seq.priority > self._guard_priority
         scheduled: dict[str, ScheduledSeq] = {}  # insertion order: running first, then admitted
         preempted: list[Sequence] = []
         rejected: list[Sequence] = []
@@ -159,6 +189,8 @@ class Scheduler:
                 break  # sorted: the rest is worse too
             left = seq.num_tokens - seq.num_computed_tokens
             num_new = min(left, budget - reserve.get(seq.priority, 0) if left > 1 else budget)
+            if left > 1 and capped(seq):
+                num_new = min(num_new, capped_left)
             if num_new <= 0:  # waiting for its sampled token to be appended, or its chunk yields
                 i += 1
                 continue
@@ -172,6 +204,8 @@ class Scheduler:
             else:
                 scheduled[seq.request_id] = ScheduledSeq(seq, num_new)
                 budget -= num_new
+                if left > 1 and capped(seq):
+                    capped_left -= num_new
                 i += 1
 
         # Then waiting seqs, best first, while there is budget. After a preemption for blocks they are
@@ -182,6 +216,8 @@ class Scheduler:
             if cutoff is not None and seq.priority > cutoff:
                 break
             if seq in preempted:  # just evicted for a better seq: taking it back now would thrash
+                break
+            if capped(seq) and capped_left <= 0:  # the heap is sorted: the rest are capped too
                 break
             if bm.blocks_needed(seq.num_tokens) > bm.num_blocks:
                 # Could never fit even in an empty cache: waiting would block the queue forever.
@@ -197,6 +233,8 @@ class Scheduler:
             if not seq.block_table and seq.num_computed_tokens == 0:
                 bm.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if capped(seq):
+                num_new = min(num_new, capped_left)
             admitted = bm.allocate_slots(seq, num_new)
             while not admitted and self._running and self._running[-1].priority > seq.priority:
                 # Priority beats seniority for blocks too.
@@ -210,6 +248,8 @@ class Scheduler:
             bisect.insort(self._running, seq, key=lambda s: s.sort_key)
             scheduled[seq.request_id] = ScheduledSeq(seq, num_new)
             budget -= num_new
+            if capped(seq):
+                capped_left -= num_new
 
         # The runner lays out decodes first, so they form one contiguous (CUDA-graph friendly) batch.
         items = list(scheduled.values())
@@ -225,7 +265,7 @@ class Scheduler:
     def _reserve_for_better(self) -> dict[int, int]:
         """For each running priority, the tokens that waiting seqs of a better priority need (at most): what
         running prefill chunks of that priority leave them. Empty when nothing better waits."""
-        if self._better_arrival() is None:
+        if self.better_arrival() is None:
             return {}
         need: dict[int, int] = {}
         for _, seq in self._waiting:
