@@ -28,7 +28,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="while requests of several priorities run, and this many seconds after, launch each step "
                         "only after the last one ends and keep batch prefill chunks short, so an interactive "
                         "arrival waits for one short step (default 1; 0 turns it off)")
-    p.add_argument("--guarded-prefill-tokens", type=int, default=512,
+    p.add_argument("--guarded-prefill-tokens", type=int, default=1024,
                    help="prefill tokens a step gives worse-priority work while the latency guard holds")
     add_quantization_flags(p)
     add_tensor_parallel_flag(p)

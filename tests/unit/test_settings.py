@@ -88,7 +88,7 @@ def test_latency_guard_flags_reach_the_engine_config_and_a_child_worker():
     parser = argparse.ArgumentParser()
     add_engine_flags(parser)
     default = engine_config_from(parser.parse_args([]))
-    assert (default.latency_guard_s, default.guarded_prefill_tokens) == (1.0, 512)
+    assert (default.latency_guard_s, default.guarded_prefill_tokens) == (1.0, 1024)
     args = parser.parse_args(["--latency-guard-s", "0", "--guarded-prefill-tokens", "256"])
     child = engine_config_from(parser.parse_args(engine_flags_argv(args)))
     assert (child.latency_guard_s, child.guarded_prefill_tokens) == (0.0, 256)

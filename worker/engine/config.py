@@ -22,7 +22,7 @@ class EngineConfig:
     # it), and worse-priority prefill chunks share `guarded_prefill_tokens` a step (so no step is long).
     # 0 turns the guard off.
     latency_guard_s: float = 1.0
-    guarded_prefill_tokens: int = 512
+    guarded_prefill_tokens: int = 1024
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
