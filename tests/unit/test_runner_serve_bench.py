@@ -37,6 +37,8 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
         statistics.median(g - d for g, d in zip(each["gateway"], each["direct_back_to_back"], strict=True)))
     workload = r["workload"]  # the served low-load requests each waited the pause first
     assert r["low_load_gateway"]["seconds"] >= workload["low_load_requests"] * workload["low_load_pause_ms"] / 1000
+    # The client against a server that answers at once: a floor under every served TTFT above.
+    assert 0 < r["client_floor_ttft_ms"]["p50"] < r["low_load_gateway"]["ttft_ms"]["p50"]
     hops = r["low_load_ttft_hops_ms_p50"]  # one wall clock: each hop of a lone request takes some time
     assert list(hops) == ["send_to_created", "created_to_started", "started_to_first_token",
                           "first_token_to_client"]

@@ -287,6 +287,33 @@ def _relative(timings: list[gc.Timing], wall: float) -> list[list[float]]:
     return [[round(t.first - t0, 4), round(t.done - t0, 4), len(t.tokens)] for t in timings]
 
 
+def _client_floor(prompts: list[list[int]], pause_s: float) -> list[gc.Timing]:
+    """The same lone streamed requests against a server that answers at once (null_server): the client's and
+    HTTP's own part of a time to first token."""
+    import socket
+
+    from tokenq.embedded_redis import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tokenq.bench.null_server:app", "--port", str(port),
+                             "--loop", "uvloop", "--http", "httptools", "--log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the null server did not start") from None
+                time.sleep(0.05)
+        return asyncio.run(_drive(f"http://127.0.0.1:{port}", "null", prompts, 1, None, pause_s=pause_s,
+                                  warm=prompts[:1]))
+    finally:
+        stop_children([proc])
+
+
 def _model_path(args: argparse.Namespace, workdir: Path) -> tuple[str, Path]:
     from tokenq.model_store import resolve_model
 
@@ -331,6 +358,7 @@ def main(args: argparse.Namespace) -> int:
         served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
     finally:
         stop_stack(procs, redis)
+    floor_t = _client_floor(low, args.low_load_pause_ms / 1000)
     top = max(range(len(phases)), key=lambda k: phases[k][0])
     direct_t, back_to_back_t, offline = _offline(path, args, low, None if args.skip_offline else phases[top][1])
 
@@ -358,6 +386,8 @@ def main(args: argparse.Namespace) -> int:
         # The same prompts in the same order on both paths: request i against request i.
         "low_load_ttft_ms_each": {"gateway": [t.ttft * 1e3 for t in low_t], "direct": [t.ttft * 1e3 for t in direct_t],
                                   "direct_back_to_back": [t.ttft * 1e3 for t in back_to_back_t]},
+        # The same client and requests against a server that answers at once: the client's and HTTP's own part.
+        "client_floor_ttft_ms": gc.stats([t.ttft for t in floor_t]),
         "low_load_ttft_hops_ms_p50": hops,
         "low_load_ttft_hops_ms_each": hops_each,
         # The worker's engine against the same engine in-process, prompt by prompt: started to first token
@@ -384,6 +414,8 @@ def main(args: argparse.Namespace) -> int:
           f"{result['ttft_overhead_ms_paired_p50']:.2f} ms as the median of each prompt's difference; "
           f"{args.low_load_pause_ms:g} ms idle before each request; against the direct engine back to back "
           f"{result['ttft_overhead_ms_paired_p50_vs_back_to_back']:.2f} ms)")
+    print(f"the same client against a server that answers at once (null_server): TTFT p50 "
+          f"{result['client_floor_ttft_ms']['p50']:.2f} ms (the client's and HTTP's own part of the figures above)")
     if hops:
         print("lone requests, medians: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in hops.items()))
         print(f"the worker's engine reaches the first token {result['engine_extra_ms_paired_p50']:.2f} ms after "
