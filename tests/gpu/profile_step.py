@@ -1,7 +1,7 @@
-"""Where one decode step's time goes (batch 1, Llama-3-8B-shaped random bf16 model): the GPU time of the
-captured forward alone, of the LM head and sampling, and the host time of each engine stage.
+"""Where one decode step's time goes (batch 1 by default, Llama-3-8B-shaped random bf16 model): the GPU time
+of the captured forward alone, of the LM head and sampling, and the host time of each engine stage.
 
-    python tests/gpu/profile_step.py [--model-shape llama3-8b] [--steps 100]
+    python tests/gpu/profile_step.py [--model-shape llama3-8b] [--steps 100] [--batch 256]
 """
 
 from __future__ import annotations
@@ -42,15 +42,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     gc.add_flags(p, max_num_seqs=8, max_num_batched_tokens=2048)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     args = p.parse_args()
+    args.max_num_seqs = max(args.max_num_seqs, args.batch)
     setup = gc.build_model(args)
     vocab = setup.model_cfg.vocab_size
-    cfg = gc.engine_config(args, setup, 512, 512)
+    cfg = gc.engine_config(args, setup, 512, 512 * args.batch)
     engine, _ = gc.make_engine(setup, cfg)
     gc.warm_up(engine, vocab, 128, num=1, new_tokens=16)
-    prompt = gc.random_prompts(1, 128, 128, vocab, 0)[0]
-    engine.add_request("p", prompt, SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True))
-    engine.step()  # prefill
+    params = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(gc.random_prompts(args.batch, 128, 128, vocab, 0)):
+        engine.add_request(f"p{i}", prompt, params)
+    while engine.scheduler.num_waiting or any(s.num_output_tokens == 0 for s in engine.scheduler._running):
+        engine.step()  # prefill
     host: dict[str, list[float]] = {}
     runner = engine.runner
     engine.scheduler.schedule = _timed(host, "schedule", engine.scheduler.schedule)
@@ -65,11 +69,11 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.step()
         walls.append((time.perf_counter() - t0) * 1e3)
-    b = runner.graphs.bucket(1)
+    b = runner.graphs.bucket(args.batch)
     graph_ms = _gpu_ms(lambda: runner.graphs.graphs[b].replay())
-    hidden = runner.graphs.hidden[:1]
+    hidden = runner.graphs.hidden[:args.batch]
     head_ms = _gpu_ms(lambda: runner.model.compute_logits(hidden).argmax(-1))
-    print(f"decode step at batch 1, {setup.shape}, {torch.cuda.get_device_name()}")
+    print(f"decode step at batch {args.batch} (graph bucket {b}), {setup.shape}, {torch.cuda.get_device_name()}")
     print(f"  engine.step wall (median of {args.steps}):       {statistics.median(walls):7.3f} ms")
     print(f"  GPU: captured forward, replay alone:            {graph_ms:7.3f} ms")
     print(f"  GPU: LM head + argmax:                          {head_ms:7.3f} ms")
