@@ -174,6 +174,7 @@ class Scheduler:
 
         def capped(seq: Sequence) -> bool:
             return chunk_cap is not None and seq.priority > self._guard_priority
+
         scheduled: dict[str, ScheduledSeq] = {}  # insertion order: running first, then admitted
         preempted: list[Sequence] = []
         rejected: list[Sequence] = []
