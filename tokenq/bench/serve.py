@@ -290,24 +290,14 @@ def _relative(timings: list[gc.Timing], wall: float) -> list[list[float]]:
 def _client_floor(prompts: list[list[int]], pause_s: float) -> list[gc.Timing]:
     """The same lone streamed requests against a server that answers at once (null_server): the client's and
     HTTP's own part of a time to first token."""
-    import socket
-
-    from tokenq.embedded_redis import free_port
+    from tokenq.embedded_redis import free_port, wait_for_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tokenq.bench.null_server:app", "--port", str(port),
                              "--loop", "uvloop", "--http", "httptools", "--log-level", "error"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the null server did not start") from None
-                time.sleep(0.05)
+        wait_for_port(port, 60)
         return asyncio.run(_drive(f"http://127.0.0.1:{port}", "null", prompts, 1, None, pause_s=pause_s,
                                   warm=prompts[:1]))
     finally:

@@ -189,8 +189,9 @@ class Scheduler:
             if cutoff is not None and seq.priority > cutoff:
                 break  # sorted: the rest is worse too
             left = seq.num_tokens - seq.num_computed_tokens
+            chunk_capped = left > 1 and capped(seq)
             num_new = min(left, budget - reserve.get(seq.priority, 0) if left > 1 else budget)
-            if left > 1 and capped(seq):
+            if chunk_capped:
                 num_new = min(num_new, capped_left)
             if num_new <= 0:  # waiting for its sampled token to be appended, or its chunk yields
                 i += 1
@@ -205,7 +206,7 @@ class Scheduler:
             else:
                 scheduled[seq.request_id] = ScheduledSeq(seq, num_new)
                 budget -= num_new
-                if left > 1 and capped(seq):
+                if chunk_capped:
                     capped_left -= num_new
                 i += 1
 
@@ -218,7 +219,8 @@ class Scheduler:
                 break
             if seq in preempted:  # just evicted for a better seq: taking it back now would thrash
                 break
-            if capped(seq) and capped_left <= 0:  # the heap is sorted: the rest are capped too
+            chunk_capped = capped(seq)
+            if chunk_capped and capped_left <= 0:  # the heap is sorted: the rest are capped too
                 break
             if bm.blocks_needed(seq.num_tokens) > bm.num_blocks:
                 # Could never fit even in an empty cache: waiting would block the queue forever.
@@ -234,7 +236,7 @@ class Scheduler:
             if not seq.block_table and seq.num_computed_tokens == 0:
                 bm.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if capped(seq):
+            if chunk_capped:
                 num_new = min(num_new, capped_left)
             admitted = bm.allocate_slots(seq, num_new)
             while not admitted and self._running and self._running[-1].priority > seq.priority:
@@ -249,7 +251,7 @@ class Scheduler:
             bisect.insort(self._running, seq, key=lambda s: s.sort_key)
             scheduled[seq.request_id] = ScheduledSeq(seq, num_new)
             budget -= num_new
-            if capped(seq):
+            if chunk_capped:
                 capped_left -= num_new
 
         # The runner lays out decodes first, so they form one contiguous (CUDA-graph friendly) batch.
