@@ -13,6 +13,7 @@ trained on every fold."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from itertools import pairwise
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from respcache.pairs import Pair, bucket, groups, load_pairs, split
-from respcache.verifier import WEIGHTS, Verifier, features
+from respcache.verifier import CROSS_CANDIDATES, CROSS_FLOOR, WEIGHTS, Verifier, features, with_cross
 
 CANDIDATES = 4  # the lookup verifies this many nearest entries (respcache/semantic.py uses the same)
 FOLDS = 4
@@ -61,15 +62,24 @@ def nearest(matrix: np.ndarray, queries: np.ndarray, count: int = CANDIDATES) ->
     return out
 
 
-def lookup_rows(pairs: list[Pair], vec: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, labels, query index) of each text_b against its nearest text_a of `pairs`."""
+def lookup_rows(pairs: list[Pair], vec: dict[str, np.ndarray], cross: dict[tuple[str, str], float] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, query index) of each text_b against its nearest text_a of `pairs`. With `cross`
+    (the cross-encoder's logit of each (text_b, text_a) row), as the lookup judges: only the nearest
+    CROSS_CANDIDATES at or above CROSS_FLOOR, each with its logit."""
     entries = sorted({p.text_a for p in pairs})
     matrix = np.stack([vec[t] for t in entries])
     xs, ys, qs = [], [], []
     for n, (p, top) in enumerate(zip(pairs, nearest(matrix, np.stack([vec[p.text_b] for p in pairs])),
                                      strict=True)):
         texts = [entries[i] for i in top]
-        xs.append(features(vec[p.text_b], matrix[top], p.text_b, texts))
+        x = features(vec[p.text_b], matrix[top], p.text_b, texts)
+        if cross is not None:
+            judged = [t for t, s in zip(texts[:CROSS_CANDIDATES], x[:, 0], strict=False) if s >= CROSS_FLOOR]
+            if not judged:
+                continue
+            x, texts = with_cross(x, [cross[p.text_b, t] for t in judged]), judged
+        xs.append(x)
         ys.extend(float(p.label == 1 and t == p.text_a) for t in texts)
         qs.extend([n] * len(texts))
     return np.concatenate(xs), np.asarray(ys, dtype=np.float32), np.asarray(qs)
@@ -142,13 +152,22 @@ def choose_threshold(best: np.ndarray, right: np.ndarray, duplicates: int,
     return float(best[order][i]), float(precision[i]), float(correct[i] / max(duplicates, 1))
 
 
-def fold_rows(tune: list[Pair], vec: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+def fold_rows(tune: list[Pair], vec: dict[str, np.ndarray], cross: dict[tuple[str, str], float] | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
     fold_of = [bucket(g, "fold") % FOLDS for g in groups(tune)]
     out = []
     for f in range(FOLDS):
         part = [p for p, k in zip(tune, fold_of, strict=True) if k == f]
-        out.append((*lookup_rows(part, vec), sum(p.label for p in part)))
+        out.append((*lookup_rows(part, vec, cross), sum(p.label for p in part)))
     return out
+
+
+def load_cross(logits: Path) -> dict[tuple[str, str], float]:
+    """The cross-encoder's out-of-fold logit of each tune lookup row (respcache/train_cross.py: `logits` and
+    the rows.json beside the data it was trained on)."""
+    rows = json.loads((logits.parent.parent / "rows.json").read_text())
+    values = np.load(logits)
+    return {(r["q"], r["c"]): float(v) for r, v in zip(rows, values, strict=True) if r["fold"] >= 0}
 
 
 def main() -> None:
@@ -157,6 +176,8 @@ def main() -> None:
     ap.add_argument("--embeddings-cache", type=Path, default=None, help=".npz to keep embeddings in")
     ap.add_argument("--limit", type=int, default=None, help="train on this many tune pairs (a seeded sample)")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden units (0: logistic regression)")
+    ap.add_argument("--cross-logits", type=Path, default=None,
+                    help="the cross-encoder's out-of-fold logits (respcache/train_cross.py train's logits.npy)")
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     args = ap.parse_args()
     tune, _ = split(load_pairs(args.pairs))
@@ -164,7 +185,7 @@ def main() -> None:
         random.Random(0).shuffle(tune)
         tune = tune[:args.limit]
     vec = embed_all([t for p in tune for t in (p.text_a, p.text_b)], args.embeddings_cache)
-    folds = fold_rows(tune, vec)
+    folds = fold_rows(tune, vec, load_cross(args.cross_logits) if args.cross_logits else None)
     bests, rights = [], []
     for f, (x, y, q, _) in enumerate(folds):
         others = [folds[g] for g in range(FOLDS) if g != f]
