@@ -1,0 +1,78 @@
+"""Where the standard throughput load's wall time goes, by kind of step: steps that carry prefill tokens
+against decode-only steps (by batch size), on the random model `tokenq bench throughput` runs:
+
+    python tests/gpu/step_kinds.py --model-shape llama3-8b [--quantization fp8 --kv-cache-dtype fp8]
+
+The engine launches a step before it reads the last one's tokens, so in steady state the wall time between
+two `step()` returns is one step's GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from protocol.sampling import SamplingParams  # noqa: E402
+from tokenq.bench import gpu_common as gc  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    gc.add_flags(p, max_num_seqs=512, max_num_batched_tokens=8192)
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--min-prompt-len", type=int, default=64)
+    p.add_argument("--max-prompt-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    args = p.parse_args()
+    setup = gc.build_model(args)
+    vocab = setup.model_cfg.vocab_size
+    prompts = gc.random_prompts(args.num_requests, args.min_prompt_len, args.max_prompt_len, vocab, args.seed)
+    cfg = gc.engine_config(args, setup, args.max_prompt_len + args.output_len,
+                           sum(map(len, prompts)) + len(prompts) * args.output_len)
+    engine, _ = gc.make_engine(setup, cfg)
+    gc.warm_up(engine, vocab, 128, num=4, new_tokens=8)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    scheduled: dict[str, int] = {}
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule(*a, **k):
+        out = schedule(*a, **k)
+        scheduled.update(tokens=out.num_batched_tokens, seqs=len(out.scheduled))
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    steps: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    t0 = prev = time.perf_counter()
+    while engine.has_unfinished_requests():
+        scheduled.clear()
+        engine.step()
+        now = time.perf_counter()
+        tokens, seqs = scheduled.get("tokens", 0), scheduled.get("seqs", 0)
+        kind = "no launch" if not seqs else ("decode-only" if tokens == seqs else "with prefill")
+        steps[kind].append((now - prev, tokens, seqs))
+        prev = now
+    wall = time.perf_counter() - t0
+    total = args.num_requests * args.output_len
+    print(f"{total / wall:,.0f} output tok/s: {wall:.3f} s in {sum(map(len, steps.values()))} steps")
+    for kind, rows in steps.items():
+        print(f"  {kind:12s} {len(rows):4d} steps, {sum(r[0] for r in rows):6.3f} s, median "
+              f"{statistics.median(r[0] for r in rows) * 1e3:7.2f} ms, median {statistics.median(r[2] for r in rows):.0f} "
+              f"sequences, {sum(r[1] for r in rows)} tokens")
+    top = args.max_num_seqs
+    for lo, hi in ((top - 12, top + 1), (top // 2, top - 12), (1, top // 2)):
+        times = [r[0] for r in steps["decode-only"] if lo <= r[2] < hi]
+        if times:
+            print(f"  decode-only at {lo}-{hi - 1} sequences: {len(times)} steps, median "
+                  f"{statistics.median(times) * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
