@@ -13,7 +13,6 @@ timed (CUDA events, median of many, L2 flushed before each):
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.gpu.bench_kernels import timeit as _timeit  # noqa: E402
 from tests.gpu.test_kernels_triton import make_step  # noqa: E402
 from tokenq_kernels.activation_triton import silu_and_mul_triton  # noqa: E402
 from tokenq_kernels.attention import paged_attention_ref  # noqa: E402
@@ -31,22 +31,8 @@ from tokenq_kernels.fp8_triton import quantize_rows_triton, silu_and_mul_quant_t
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 INTERMEDIATE = 14336
+RUNS = 100
 TILES = [(64, 3, 2), (64, 3, 4), (128, 3, 2), (128, 3, 4), (128, 4, 4), (256, 2, 4)]
-
-
-def timeit(fn, flush: torch.Tensor, runs: int = 100) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(runs):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def bench_silu(flush: torch.Tensor) -> None:
@@ -56,9 +42,9 @@ def bench_silu(flush: torch.Tensor) -> None:
         x = torch.randn(rows, 2 * INTERMEDIATE, dtype=torch.bfloat16, device="cuda")
         got, want = silu_and_mul_quant_triton(x), silu_and_mul_quant_ref(x)
         same = torch.equal(got.scale, want.scale) and (got.q.float() != want.q.float()).float().mean().item() < 1e-3
-        fused = timeit(lambda x=x: silu_and_mul_quant_triton(x), flush)
-        plain = timeit(lambda x=x: silu_and_mul_triton(x), flush)
-        two = timeit(lambda x=x: quantize_rows_triton(silu_and_mul_triton(x)), flush)
+        fused = _timeit(lambda x=x: silu_and_mul_quant_triton(x), RUNS, flush)
+        plain = _timeit(lambda x=x: silu_and_mul_triton(x), RUNS, flush)
+        two = _timeit(lambda x=x: quantize_rows_triton(silu_and_mul_triton(x)), RUNS, flush)
         print(f"{rows:>5} | {fused:>7.4f} {'same' if same else 'DIFFER':>6} | {plain:>10.4f} | {two:>19.4f}")
 
 
@@ -87,12 +73,12 @@ def attention_row(batch: int, ctx: int, default, flush: torch.Tensor) -> str:
     fp8 = partial(paged_attention_triton, q, k8, v8, meta, scale, k_scale=ks, v_scale=vs)
     ref = paged_attention_ref(q, k8, v8, meta, scale, k_scale=ks, v_scale=vs)
     err = ((fp8().float() - ref.float()).norm() / ref.float().norm()).item()
-    t_bf16 = timeit(partial(paged_attention_triton, q, kb, vb, meta, scale), flush)
-    t_fp8 = timeit(fp8, flush)
+    t_bf16 = _timeit(partial(paged_attention_triton, q, kb, vb, meta, scale), RUNS, flush)
+    t_fp8 = _timeit(fp8, RUNS, flush)
     sweep = []
     for bn, st, nw in TILES:
         cfg = dataclasses.replace(default, block_n=bn, num_stages=st, num_warps=nw)
-        sweep.append(f"{bn},{st},{nw}: {timeit(partial(fp8, config=cfg), flush):.4f}")
+        sweep.append(f"{bn},{st},{nw}: {_timeit(partial(fp8, config=cfg), RUNS, flush):.4f}")
     gb = 2 * batch * ctx * HKV * D / 1e9
     return (f"batch {batch:>3} ctx {ctx:>4}: bf16 cache {t_bf16:.4f} | FP8 {t_fp8:.4f} ({gb / t_fp8 * 1e3:.0f} GB/s, "
             f"{t_bf16 / t_fp8:.2f}x bf16, rel. err {err:.1e}) | sweep {'; '.join(sweep)}")
