@@ -1,6 +1,6 @@
 """The semantic side of the response cache in one gateway process: embed the question, find the nearest
-entries of its tenant and scope, read the question against the nearest with the cross-encoder, and let the
-verifier judge. The embedder and cross-encoder (onnxruntime, no torch) and the index run on one worker thread, so the event loop never waits on them; both load on first use.
+entries of its tenant and scope, let the verifier judge the best one. The embedder (onnxruntime, no torch) and
+the index run on one worker thread, so the event loop never waits on them; both load on first use.
 
 Every gateway keeps its index in step with Redis: at start it reads every semantic entry, then it tails
 LOG_STREAM, on which each write and eviction is announced, so an entry written through one gateway is
@@ -24,7 +24,7 @@ from respcache.index import VectorIndex, decode_vector
 
 log = structlog.get_logger(__name__)
 
-CANDIDATES = 4  # nearest entries whose cosines the verifier weighs (respcache/train.py sees as many)
+CANDIDATES = 4  # nearest entries the verifier judges (respcache/train.py trains on as many)
 LOAD_WAIT_S = 10.0  # how long a lookup waits for the model to load; past it, a miss
 TAIL_BLOCK_MS = 1000
 _LOAD_BATCH = 500
@@ -44,7 +44,6 @@ class SemanticCache:
         self._index = VectorIndex()
         self._embedder = None
         self._verifier = None
-        self._cross = None
         self._loading: asyncio.Task | None = None
         self._tail: asyncio.Task | None = None
         self._failed = False
@@ -112,7 +111,6 @@ class SemanticCache:
     def _load_models(self) -> None:
         from threadpoolctl import threadpool_limits
 
-        from respcache.cross import default_cross_encoder
         from respcache.embedder import Embedder
         from respcache.verifier import default_verifier
 
@@ -121,7 +119,6 @@ class SemanticCache:
         threadpool_limits(1)
         self._embedder = Embedder.load()
         self._verifier = default_verifier()
-        self._cross = default_cross_encoder()
 
     def _add_loaded(self, rows: list[tuple[str, str, dict, float]]) -> None:
         for tenant, entry_id, data, expires_at in rows:
@@ -162,19 +159,15 @@ class SemanticCache:
         return (await self._call(self.embed_sync, [text]))[0]
 
     def _best(self, tenant: str, scope: str, text: str, vector: np.ndarray | None) -> tuple[np.ndarray, Match | None]:
-        from respcache.verifier import CROSS_CANDIDATES, CROSS_FLOOR, features, with_cross
+        from respcache.verifier import features
 
         if vector is None:
             vector = self._embedder.embed([text])[0]
         found = self._index.nearest(tenant, scope, vector, CANDIDATES, time.time())
         if not found:
             return vector, None
-        rows = features(vector, np.stack([c.vector for c in found]), text, [c.text for c in found])
-        judged = int((rows[:CROSS_CANDIDATES, 0] >= CROSS_FLOOR).sum())  # nearest first: a prefix passes
-        if not judged:  # too far for a hit: no cross-encoder pass
-            return vector, Match(found[0].entry_id, 0.0, found[0].text)
-        logits = self._cross.logits(text, [c.text for c in found[:judged]])
-        probs = self._verifier.probability(with_cross(rows, logits))
+        probs = self._verifier.probability(features(vector, np.stack([c.vector for c in found]), text,
+                                                    [c.text for c in found]))
         i = int(np.argmax(probs))
         return vector, Match(found[i].entry_id, float(probs[i]), found[i].text)
 

@@ -21,12 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from respcache.pairs import Pair, bucket, groups, load_pairs, split
-from respcache.verifier import CROSS_CANDIDATES, CROSS_FLOOR, WEIGHTS, Verifier, features, with_cross
+from respcache.verifier import WEIGHTS, Verifier, features
 
 CANDIDATES = 4  # the lookup verifies this many nearest entries (respcache/semantic.py uses the same)
 FOLDS = 4
 TARGET_PRECISION = 0.96  # above the 0.95 target: a threshold chosen on one set meets a little less on another
 HIDDEN = 32
+# With --cross-logits (respcache/train_cross.py, an experiment the lookup does not run): only the nearest
+# CROSS_CANDIDATES entries whose cosine reaches CROSS_FLOOR are judged, each with the cross-encoder's logit
+# as one more feature. A pair is about twice as long as a question: one pass is all a lookup could afford.
+CROSS_CANDIDATES = 1
+CROSS_FLOOR = 0.75
 
 
 def embed_all(texts: list[str], cache: Path | None = None) -> dict[str, np.ndarray]:
@@ -78,7 +83,8 @@ def lookup_rows(pairs: list[Pair], vec: dict[str, np.ndarray], cross: dict[tuple
             judged = [t for t, s in zip(texts[:CROSS_CANDIDATES], x[:, 0], strict=False) if s >= CROSS_FLOOR]
             if not judged:
                 continue
-            x, texts = with_cross(x, [cross[p.text_b, t] for t in judged]), judged
+            logits = np.asarray([cross[p.text_b, t] for t in judged], np.float32)
+            x, texts = np.hstack([x[:len(judged)], logits[:, None]]), judged
         xs.append(x)
         ys.extend(float(p.label == 1 and t == p.text_a) for t in texts)
         qs.extend([n] * len(texts))

@@ -18,11 +18,6 @@ from pathlib import Path
 import numpy as np
 
 WEIGHTS = Path(__file__).with_name("verifier.npz")
-# The cross-encoder (respcache/cross.py) judges the nearest CROSS_CANDIDATES entries whose cosine reaches
-# CROSS_FLOOR, and only those can hit: a pass costs about what the question's embedding does, and a lookup
-# whose nearest entry is far spends none.
-CROSS_CANDIDATES = 1
-CROSS_FLOOR = 0.75
 _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # A capitalised word not opening a sentence: a name, a place, a product.
@@ -67,11 +62,6 @@ def text_features(a: str, b: str) -> list[float]:
         float(la.strip() == lb.strip()),
         difflib.SequenceMatcher(None, la, lb).ratio(),
     ]
-
-
-def with_cross(rows: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """The first len(logits) candidates' features with the cross-encoder's logit on each beside them."""
-    return np.hstack([rows[:len(logits)], np.asarray(logits, np.float32)[:, None]])
 
 
 def features(q_vec: np.ndarray, c_vecs: np.ndarray, q_text: str, c_texts: list[str]) -> np.ndarray:
