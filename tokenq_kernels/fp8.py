@@ -106,8 +106,8 @@ def rms_norm_quant(
 
 def silu_and_mul_quant(x: torch.Tensor) -> QuantizedInput | torch.Tensor:
     """SiLU(gate) * up, quantized per row for the FP8 matmul that reads it. At rows the FP8 GEMV takes (it
-    multiplies 16-bit x itself) the product stays 16-bit: the fused kernel runs one program a row, which at
-    one row leaves the GPU nearly idle for two passes over the whole row."""
+    multiplies 16-bit x itself) the product stays 16-bit: its quantization would be work the GEMV does not need,
+    on one program over one row (the plain SiLU spreads a row over many)."""
     if use_triton(x):
         if _takes_gemv(x):
             return silu_and_mul(x)
