@@ -45,6 +45,7 @@ from worker.logging import get_logger
 
 log = get_logger("engine_process")
 
+REPORT_SEND_STAT = "report_send_seconds"  # lifetime total (see serve_commands)
 STATS_INTERVAL_S = 0.5  # an engine with nothing new to say still refreshes the heartbeat's stats this often
 _ADD, _ABORT, _STOP = "add", "abort", "stop"
 _READY, _FAILED, _OUT = "ready", "failed", "out"
@@ -268,6 +269,10 @@ def serve_commands(conn: Connection, engine) -> None:
     driver = EngineDriver(engine)
     last_admissible: Admissible = ()
     last_report = 0.0
+    # Time spent handing reports to the worker: a send blocks once the worker reads so far behind that the
+    # pipe is full, and meanwhile no step is launched. Reported (as of the report before) in the stats, where
+    # the worker turns it into a counter.
+    report_send_s = 0.0
     while True:
         if not engine.has_unfinished_requests() and not conn.poll(STATS_INTERVAL_S):
             continue  # idle: block on the pipe, never spin
@@ -292,5 +297,9 @@ def serve_commands(conn: Connection, engine) -> None:
         admissible = admissible_of(engine)
         if outputs or adds or admissible != last_admissible or now - last_report >= STATS_INTERVAL_S:
             _, stats = driver.snapshot()
+            stats[REPORT_SEND_STAT] = report_send_s
             last_admissible, last_report = admissible, now
-            conn.send((_OUT, encode_outputs(outputs), admissible, adds, stats))
+            message = (_OUT, encode_outputs(outputs), admissible, adds, stats)
+            sent = time.perf_counter()
+            conn.send(message)
+            report_send_s += time.perf_counter() - sent

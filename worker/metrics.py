@@ -86,9 +86,14 @@ PREEMPTIONS = Counter(
     ["model"],
 )
 KV_BLOCKS = Gauge("tokenq_worker_kv_cache_blocks", "KV-cache blocks the engine holds in all.", ["model"])
+ENGINE_REPORT_SEND = Counter(
+    "tokenq_worker_engine_report_send_seconds", "Seconds the engine process spent handing its step reports to "
+    "the worker process. It grows fast only when the worker reads behind and the pipe is full, and while a "
+    "report waits no step is launched: the worker's Redis side is then what limits throughput.", ["model"],
+)
 
 _ENGINE_TOTALS = {"prefix_queries_tokens": PREFIX_CACHE_QUERIES, "prefix_hit_tokens": PREFIX_CACHE_HITS,
-                  "num_preemptions": PREEMPTIONS}
+                  "num_preemptions": PREEMPTIONS, "report_send_seconds": ENGINE_REPORT_SEND}
 _last_totals: dict[tuple[str, str], float] = {}
 
 
@@ -99,12 +104,13 @@ def observe_engine_stats(model: str, stats: dict) -> None:
     if "num_blocks" in stats:
         KV_BLOCKS.labels(model).set(stats["num_blocks"])
     for field, counter in _ENGINE_TOTALS.items():
+        child = counter.labels(model)  # exported from the first beat, at 0 until the engine reports one
         if field not in stats:
             continue
         total = float(stats[field])
         # A smaller total means a new engine (restarted): count its total from zero.
         last = _last_totals.get((model, field), 0.0)
-        counter.labels(model).inc(max(0.0, total - last) if total >= last else total)
+        child.inc(max(0.0, total - last) if total >= last else total)
         _last_totals[(model, field)] = total
 
 

@@ -128,3 +128,10 @@ def test_bench_serve_takes_plot():
 
     args = build_parser().parse_args(["bench", "serve", "--plot", "x.png"])
     assert args.plot == "x.png"
+
+
+def test_engine_report_send_time_becomes_a_counter():
+    model = "report-send-test"
+    metrics.observe_engine_stats(model, {"report_send_seconds": 0.25})
+    metrics.observe_engine_stats(model, {"report_send_seconds": 1.5})
+    assert _value("tokenq_worker_engine_report_send_seconds_total", model) == pytest.approx(1.5)

@@ -22,6 +22,9 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
     assert [p["rate"] for p in r["phases"]] == rates
     for phase in r["phases"]:
         assert phase["num_requests"] == n and phase["output_tokens"] == n * output_len
+        # Read from the worker's metrics: the engine process's blocked sends, a part of the phase at most.
+        assert isinstance(phase["engine_report_send_s"], float)
+        assert 0 <= phase["engine_report_send_s"] < phase["seconds"]
     parts = [*r["phases"], r["low_load_gateway"], r["low_load_direct"], r["low_load_direct_back_to_back"],
              r["offline"]]
     for part in parts:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenq.bench import gpu_common as gc
@@ -198,7 +199,7 @@ def _run_phase(base: str, model: str, prompts: list[list[int]], output_len: int,
 # ---- the server side ----------------------------------------------------------------------------------
 
 
-def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path):
+def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path, worker_metrics_port: int | None = None):
     from tokenq.embedded_redis import EmbeddedRedis, free_port
     from tokenq.engine_options import engine_flags_argv
     from tokenq.supervisor import wait_ready
@@ -210,7 +211,8 @@ def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path):
            "TOKENQ_GATEWAY_WORKERS": str(args.gateway_workers)}
     procs = [
         subprocess.Popen([sys.executable, "-m", "tokenq", "worker", "--model", str(model_path),
-                          *engine_flags_argv(args)], env=env,
+                          *engine_flags_argv(args),
+                          *(["--metrics-port", str(worker_metrics_port)] if worker_metrics_port else [])], env=env,
                          stdout=subprocess.DEVNULL, stderr=open(workdir / "worker.log", "wb")),
         subprocess.Popen([sys.executable, "-m", "tokenq", "gateway", "--port", str(port)], env=env,
                          stdout=subprocess.DEVNULL, stderr=open(workdir / "gateway.log", "wb")),
@@ -220,6 +222,32 @@ def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path):
         stop_stack(procs, redis)
         raise RuntimeError(f"the stack did not become ready; logs in {workdir}")
     return base, procs, redis
+
+
+REPORT_SEND_METRIC = "tokenq_worker_engine_report_send_seconds_total"
+
+
+def _metric_total(url: str, name: str) -> float | None:
+    """The sum of a metric's samples on a Prometheus endpoint; None when it has none."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+    return sum(values) if values else None
+
+
+def _report_send_during(url: str, phase: Callable[[], tuple[list[gc.Timing], float]]
+                        ) -> tuple[list[gc.Timing], float, float | None]:
+    """Runs a phase; returns its timings, its wall time and the seconds the worker's engine process spent
+    blocked handing it reports (read from the worker's metrics, which heartbeats refresh; None if absent)."""
+    from protocol.workers import HEARTBEAT_INTERVAL_S
+
+    before = _metric_total(url, REPORT_SEND_METRIC)
+    timings, wall = phase()
+    time.sleep(HEARTBEAT_INTERVAL_S + 0.5)
+    after = _metric_total(url, REPORT_SEND_METRIC)
+    return timings, wall, None if before is None or after is None else after - before
 
 
 def stop_stack(procs: list[subprocess.Popen], redis) -> None:
@@ -338,14 +366,20 @@ def main(args: argparse.Namespace) -> int:
     print(f"{n} requests a phase at {args.rate} req/s (Poisson), prompts of {lo}-{hi} tokens, {args.output_len} "
           f"new tokens each; model {name} on {args.device}; {client_procs} client processes")
 
-    base, procs, redis = start_stack(args, path, workdir)
+    from tokenq.embedded_redis import free_port
+
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    base, procs, redis = start_stack(args, path, workdir, worker_metrics_port=metrics_port)
     try:
         trace: list[dict] = []
         low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace,
                                    pause_s=args.low_load_pause_ms / 1000, warm=warm))
         low_wall = low_t[-1].done - low_t[0].added + args.low_load_pause_ms / 1000  # the pauses included
         hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
-        served = [(rate, *_run_phase(base, name, p, args.output_len, a, client_procs)) for rate, p, a in phases]
+        served = [(rate, *_report_send_during(
+            metrics_url, lambda p=p, a=a: _run_phase(base, name, p, args.output_len, a, client_procs)))
+            for rate, p, a in phases]
     finally:
         stop_stack(procs, redis)
     floor_t = _client_floor(low, args.low_load_pause_ms / 1000)
@@ -363,7 +397,10 @@ def main(args: argparse.Namespace) -> int:
                      "low_load_pause_ms": args.low_load_pause_ms,
                      "client_procs": client_procs, "gateway_workers": args.gateway_workers,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
-        "phases": [{"rate": rate, **_summary(t, wall), "requests": _relative(t, wall)} for rate, t, wall in served],
+        # engine_report_send_s: how long the engine process waited on the worker to take its reports (no step
+        # launches meanwhile): the worker's side limiting the phase, when it is a sizeable part of `seconds`.
+        "phases": [{"rate": rate, **_summary(t, wall), "engine_report_send_s": send, "requests": _relative(t, wall)}
+                   for rate, t, wall, send in served],
         "low_load_gateway": gateway_low, "low_load_direct": direct, "low_load_direct_back_to_back": back_to_back,
         "offline": offline,
         "ttft_overhead_ms_p50": gateway_low["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
@@ -389,7 +426,7 @@ def main(args: argparse.Namespace) -> int:
     top_phase = result["phases"][top]
     if offline:
         result["served_over_offline"] = top_phase["output_tokens_per_s"] / offline["output_tokens_per_s"]
-    every = low_t + direct_t + back_to_back_t + [t for _, ts, _ in served for t in ts]
+    every = low_t + direct_t + back_to_back_t + [t for _, ts, _, _ in served for t in ts]
     result["all_lengths_ok"] = all(len(t.tokens) == args.output_len for t in every) and (
         offline is None or offline["all_lengths_ok"])
 
@@ -410,6 +447,9 @@ def main(args: argparse.Namespace) -> int:
         print("lone requests, medians: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms" for k, v in hops.items()))
         print(f"the worker's engine reaches the first token {result['engine_extra_ms_paired_p50']:.2f} ms after "
               "the direct engine (median of each prompt's difference)")
+    for p in (p for p in result["phases"] if p["engine_report_send_s"] is not None):
+        print(f"rate {p['rate']:g}/s: the engine process waited {p['engine_report_send_s']:.3f} s of the phase's "
+              f"{p['seconds']:.2f} s for the worker to take its reports")
     if offline:
         print(f"served/offline output tok/s at rate {top_phase['rate']:g}: {result['served_over_offline']:.3f}")
     write_json(args.out, result)
