@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from worker.engine_process import REPORT_SEND_STAT
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 _LENGTH_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -93,7 +95,7 @@ ENGINE_REPORT_SEND = Counter(
 )
 
 _ENGINE_TOTALS = {"prefix_queries_tokens": PREFIX_CACHE_QUERIES, "prefix_hit_tokens": PREFIX_CACHE_HITS,
-                  "num_preemptions": PREEMPTIONS, "report_send_seconds": ENGINE_REPORT_SEND}
+                  "num_preemptions": PREEMPTIONS, REPORT_SEND_STAT: ENGINE_REPORT_SEND}
 _last_totals: dict[tuple[str, str], float] = {}
 
 

@@ -28,6 +28,7 @@ from tokenq_kernels.attention import paged_attention_ref  # noqa: E402
 from tokenq_kernels.attention_triton import launch_config, paged_attention_triton  # noqa: E402
 from tokenq_kernels.fp8 import FP8, FP8_MAX, silu_and_mul_quant_ref  # noqa: E402
 from tokenq_kernels.fp8_triton import quantize_rows_triton, silu_and_mul_quant_triton  # noqa: E402
+from tokenq_kernels.kv_cache import to_cache_dtype  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 INTERMEDIATE = 14336
@@ -53,8 +54,7 @@ def fp8_step(batch: int, ctx: int):
     k_cache, v_cache, meta = make_step([1] * batch, [ctx] * batch, HKV, D, BLOCK, torch.bfloat16, "cuda")
     ks = (k_cache.float().abs().amax() / FP8_MAX).reshape(1)
     vs = (v_cache.float().abs().amax() / FP8_MAX).reshape(1)
-    k8 = (k_cache.float() / ks).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    v8 = (v_cache.float() / vs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    k8, v8 = to_cache_dtype(k_cache, FP8, ks), to_cache_dtype(v_cache, FP8, vs)
     q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
     return q, (k_cache, v_cache), (k8, v8, ks, vs), meta
 
