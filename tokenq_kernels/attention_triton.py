@@ -4,7 +4,9 @@ Grid: (query tiles, KV heads, splits). A program takes BLOCK_Q query tokens of o
 whole GQA group of one KV head, so each K/V tile is loaded once for all the query heads that share it.
 Tiles are numbered per sequence from query_start_loc (tile_start(i) = query_start_loc[i] // BLOCK_Q + i),
 which bounds their count by T // BLOCK_Q + num_seqs without reading anything back from the device; a
-decode-only step (BLOCK_Q = 1) has exactly one tile per sequence.
+decode-only step (BLOCK_Q = 1) has exactly one tile per sequence. A decode-only step over an FP8 cache runs
+a kernel of its own with the scores transposed (keys x heads), which an H200 runs faster there; over a
+16-bit cache it ran slower than this layout (docs/BENCHMARKS.md).
 
 Split-K: with few programs for the SMs and long contexts, each sequence's context is cut into num_splits
 equal partitions (sized on the device from seq_lens, so the grid depends only on host values); each
@@ -156,6 +158,92 @@ def _paged_attention_kernel(
         tl.store(out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
+@triton.jit(do_not_specialize=["num_tokens", "num_splits", "stride_bt"])
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    block_tables_ptr, seq_lens_ptr, qsl_ptr, k_scale_ptr, v_scale_ptr,
+    qk_scale, num_tokens, num_splits,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_F16: tl.constexpr,
+):
+    """A decode-only step over an FP8 cache: program (sequence, KV head, split) takes the one query token's GQA
+    group.
+
+    Scores are computed transposed, keys x heads (k @ q^T): the key tile is the left operand, which the
+    tensor cores take from registers, so a widened FP8 tile goes there without a trip through shared
+    memory, and the softmax runs down the key axis."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_begin = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) == q_begin:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP
+    head = kv_head * GROUP + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q_rows = q_begin.to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if KV_F16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    q_t = tl.trans(q)  # [BLOCK_D, BLOCK_M]
+    if SPLIT:
+        part = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        kv_lo = split * part
+        kv_hi = tl.minimum(seq_len, kv_lo + part)
+    else:
+        kv_lo = 0
+        kv_hi = seq_len
+
+    m_i = tl.full([1, BLOCK_M], _NEG_BIG, tl.float32)  # per head, along the key axis
+    l_i = tl.zeros([1, BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    keys = tl.arange(0, BLOCK_N)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos = start + keys
+        key_ok = pos < kv_hi
+        block = tl.load(table + pos // CACHE_BLOCK, mask=key_ok, other=0).to(tl.int64)
+        slot = pos % CACHE_BLOCK
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k_rows = block * stride_kb + slot * stride_kt + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = k.to(q.dtype)  # float16 under KV_F16
+        s = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        s = tl.where(key_ok[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0)[None, :])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)[None, :]
+        v_rows = block * stride_vb + slot * stride_vt + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = v.to(q.dtype)
+        acc = acc * tl.trans(alpha) + tl.dot(tl.trans(p.to(v.dtype)), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc * tl.load(v_scale_ptr)
+    store_mask = row_ok[:, None] & dim_ok[None, :]
+    if SPLIT:
+        ml_rows = (split * num_tokens + q_begin).to(tl.int64) * NUM_HEADS + head
+        tl.store(part_acc_ptr + ml_rows[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
+        tl.store(part_ml_ptr + ml_rows * 2, tl.max(m_i, 0), mask=row_ok)
+        tl.store(part_ml_ptr + ml_rows * 2 + 1, tl.sum(l_i, 0), mask=row_ok)
+    else:
+        l_t = tl.trans(l_i)
+        out = acc / tl.where(l_t > 0, l_t, 1.0)  # a context of no tokens (graph padding) gives zeros
+        o_rows = q_begin.to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
 @triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_splits, stride_ot, stride_oh,
@@ -197,7 +285,7 @@ def launch_config(max_query_len: int, group: int, dtype: torch.dtype, kv_fp8: bo
     an FP8 cache run two warps a program: its tiles are half the bytes, and on an H200 more programs of
     fewer warps beat four warps a program at every batch of 64 or more sequences we timed."""
     group_p = next_pow2(group)
-    # BLOCK_Q = 1 means "decode-only" to the kernel, so a step with longer queries takes at least 2.
+    # BLOCK_Q = 1 means "decode-only" to the kernels, so a step with longer queries takes at least 2.
     block_q = 1 if max_query_len == 1 else min(next_pow2(max_query_len), max(2, 64 // group_p))
     block_m = max(16, block_q * group_p)  # tl.dot needs at least 16 rows
     if dtype.itemsize <= 2:
@@ -260,24 +348,22 @@ def paged_attention_triton(
     block_d = max(16, next_pow2(d))
     if kv_fp8 and (k_scale is None or v_scale is None):
         k_scale = v_scale = torch.ones(1, dtype=torch.float32, device=q.device)
-    _paged_attention_kernel[(tiles, hkv, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml,
-        meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        k_scale if kv_fp8 else out, v_scale if kv_fp8 else out,
-        scale * _LOG2E, num_seqs, T, num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        meta.block_tables.stride(0),
-        NUM_HEADS=hq, GROUP=group, GROUP_P=next_pow2(group),
-        HEAD_DIM=d, BLOCK_D=block_d,
-        BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv_fp8,
-        KV_F16=kv_fp8 and q.dtype.itemsize == 2,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    pointers = (q, k_cache, v_cache, out, part_acc, part_ml, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                k_scale if kv_fp8 else out, v_scale if kv_fp8 else out)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+               meta.block_tables.stride(0))
+    common = dict(NUM_HEADS=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  KV_F16=kv_fp8 and q.dtype.itemsize == 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.block_q == 1 and kv_fp8:
+        _paged_decode_kernel[(tiles, hkv, num_splits)](
+            *pointers, scale * _LOG2E, T, num_splits, *strides, **common)
+    else:
+        _paged_attention_kernel[(tiles, hkv, num_splits)](
+            *pointers, scale * _LOG2E, num_seqs, T, num_splits, *strides,
+            GROUP_P=next_pow2(group), BLOCK_Q=cfg.block_q, KV_FP8=kv_fp8, **common)
     if num_splits > 1:
         _merge_splits_kernel[(T, hq)](
             part_acc, part_ml, out, T, num_splits, out.stride(0), out.stride(1),

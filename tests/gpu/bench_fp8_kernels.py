@@ -33,7 +33,7 @@ from tokenq_kernels.kv_cache import to_cache_dtype  # noqa: E402
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 INTERMEDIATE = 14336
 RUNS = 100
-TILES = [(64, 3, 2), (64, 3, 4), (128, 3, 2), (128, 3, 4), (128, 4, 4), (256, 2, 4)]
+TILES = [(32, 3, 1), (32, 4, 1), (32, 3, 2), (32, 4, 2), (64, 3, 2), (64, 4, 2), (64, 3, 4), (128, 3, 4)]
 
 
 def bench_silu(flush: torch.Tensor) -> None:
@@ -75,13 +75,16 @@ def attention_row(batch: int, ctx: int, default, flush: torch.Tensor) -> str:
     err = ((fp8().float() - ref.float()).norm() / ref.float().norm()).item()
     t_bf16 = _timeit(partial(paged_attention_triton, q, kb, vb, meta, scale), RUNS, flush)
     t_fp8 = _timeit(fp8, RUNS, flush)
-    sweep = []
+    sweep, sweep_bf16 = [], []
+    bf16 = partial(paged_attention_triton, q, kb, vb, meta, scale)
     for bn, st, nw in TILES:
         cfg = dataclasses.replace(default, block_n=bn, num_stages=st, num_warps=nw)
         sweep.append(f"{bn},{st},{nw}: {_timeit(partial(fp8, config=cfg), RUNS, flush):.4f}")
+        sweep_bf16.append(f"{bn},{st},{nw}: {_timeit(partial(bf16, config=cfg), RUNS, flush):.4f}")
     gb = 2 * batch * ctx * HKV * D / 1e9
-    return (f"batch {batch:>3} ctx {ctx:>4}: bf16 cache {t_bf16:.4f} | FP8 {t_fp8:.4f} ({gb / t_fp8 * 1e3:.0f} GB/s, "
-            f"{t_bf16 / t_fp8:.2f}x bf16, rel. err {err:.1e}) | sweep {'; '.join(sweep)}")
+    return (f"batch {batch:>3} ctx {ctx:>4}: bf16 cache {t_bf16:.4f} ({2 * gb / t_bf16 * 1e3:.0f} GB/s) | FP8 "
+            f"{t_fp8:.4f} ({gb / t_fp8 * 1e3:.0f} GB/s, {t_bf16 / t_fp8:.2f}x bf16, rel. err {err:.1e})\n"
+            f"    FP8 sweep (BLOCK_N, stages, warps) {'; '.join(sweep)}\n    bf16 sweep {'; '.join(sweep_bf16)}")
 
 
 def main() -> int:

@@ -250,7 +250,8 @@ def test_kernel_under_interpreter(interpreted: dict[str, str | None], kernel: st
 
 def test_every_kernel_compiles_for_hopper(compiled: list[str]) -> None:
     assert compiled == sorted([
-        "_gemv_kernel", "_gumbel_argmax_kernel", "_merge_splits_kernel", "_paged_attention_kernel", "_rms_norm_kernel",
+        "_gemv_kernel", "_gumbel_argmax_kernel", "_merge_splits_kernel", "_paged_attention_kernel", "_paged_decode_kernel",
+        "_rms_norm_kernel",
         "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
         "_fp8_gemv_kernel", "_quantize_rows_kernel", "_rms_norm_quant_kernel", "_silu_and_mul_quant_kernel",
     ])
