@@ -4,9 +4,9 @@ Grid: (query tiles, KV heads, splits). A program takes BLOCK_Q query tokens of o
 whole GQA group of one KV head, so each K/V tile is loaded once for all the query heads that share it.
 Tiles are numbered per sequence from query_start_loc (tile_start(i) = query_start_loc[i] // BLOCK_Q + i),
 which bounds their count by T // BLOCK_Q + num_seqs without reading anything back from the device; a
-decode-only step (BLOCK_Q = 1) has exactly one tile per sequence. Over an FP8 cache the decodes, in any
-step, run a kernel of their own with the scores transposed (keys x heads), which an H200 runs faster
-there; over a 16-bit cache it ran slower than this layout (docs/BENCHMARKS.md).
+decode-only step (BLOCK_Q = 1) has exactly one tile per sequence. A decode-only step over an FP8 cache runs
+a kernel of its own with the scores transposed (keys x heads), which an H200 runs faster there; over a
+16-bit cache it ran slower than this layout (docs/BENCHMARKS.md).
 
 Split-K: with few programs for the SMs and long contexts, each sequence's context is cut into num_splits
 equal partitions (sized on the device from seq_lens, so the grid depends only on host values); each
@@ -54,11 +54,11 @@ def _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 # Launch integers that vary step to step are not specialized (on == 1, on divisibility by 16), so one
 # compiled kernel serves every batch.
-@triton.jit(do_not_specialize=["tile_base", "num_seqs", "num_tokens", "num_splits", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_tables_ptr, seq_lens_ptr, qsl_ptr, k_scale_ptr, v_scale_ptr,
-    qk_scale, tile_base, num_seqs, num_tokens, num_splits,
+    qk_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -70,7 +70,7 @@ def _paged_attention_kernel(
     CACHE_BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
     KV_F16: tl.constexpr,
 ):
-    tile = tl.program_id(0) + tile_base  # tile_base: the tiles of sequences another kernel takes
+    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -280,31 +280,22 @@ class LaunchConfig:
     num_stages: int
 
 
-def launch_config(
-    max_query_len: int, group: int, dtype: torch.dtype, kv_fp8: bool = False, many_programs: bool = False
-) -> LaunchConfig:
+def launch_config(max_query_len: int, group: int, dtype: torch.dtype, kv_fp8: bool = False) -> LaunchConfig:
     """Decodes take one token per tile (rows = the GQA group); prefill tiles aim at 64 rows. Decodes over
-    an FP8 cache run fewer warps a program: its tiles are half the bytes, and on an H200 more programs of
-    fewer warps beat four warps a program at every batch we timed: two warps over 64-key tiles, and one warp
-    over 32-key tiles where the step has many programs (at least 8 a multiprocessor: 256 sequences and more
-    at Llama-3-8B's 8 KV heads), which is slower at 64 sequences."""
+    an FP8 cache run two warps a program: its tiles are half the bytes, and on an H200 more programs of
+    fewer warps beat four warps a program at every batch of 64 or more sequences we timed."""
     group_p = next_pow2(group)
     # BLOCK_Q = 1 means "decode-only" to the kernels, so a step with longer queries takes at least 2.
     block_q = 1 if max_query_len == 1 else min(next_pow2(max_query_len), max(2, 64 // group_p))
     block_m = max(16, block_q * group_p)  # tl.dot needs at least 16 rows
     if dtype.itemsize <= 2:
-        if kv_fp8 and block_q == 1:
-            if many_programs:
-                return LaunchConfig(block_q, block_m, block_n=32, num_warps=1, num_stages=3)
-            return LaunchConfig(block_q, block_m, block_n=64, num_warps=2, num_stages=3)
-        return LaunchConfig(block_q, block_m, block_n=64, num_warps=4, num_stages=3)
+        warps = 2 if kv_fp8 and block_q == 1 else 4
+        return LaunchConfig(block_q, block_m, block_n=64, num_warps=warps, num_stages=3)
     # float32 (tests, CPU-sized models): IEEE dots run on FMA units, so narrower key tiles and more warps
     # keep the accumulators in registers (ptxas, sm_90: no spills).
     return LaunchConfig(block_q, block_m, block_n=32 if block_q == 1 else 16, num_warps=8, num_stages=2)
 
 
-# Decode programs a multiprocessor from which decodes over an FP8 cache take one warp over 32-key tiles.
-DECODE_PROGRAMS_PER_SM = 8
 # Below this many context tokens per partition, the merge costs more than the extra parallelism gains.
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
@@ -343,11 +334,7 @@ def paged_attention_triton(
         raise ValueError("paged attention needs block table rows contiguous")
     group = hq // hkv
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
-    # Over an FP8 cache the step's decodes (its first num_decodes sequences) take the decode kernel, also in
-    # a step that carries prefill; the general kernel takes the tiles from the first other sequence on.
-    decodes = meta.num_decodes if kv_fp8 else 0
-    many = decodes * hkv >= DECODE_PROGRAMS_PER_SM * sm_count(q.device)
-    cfg = config or launch_config(meta.max_query_len, group, q.dtype, kv_fp8, many)
+    cfg = config or launch_config(meta.max_query_len, group, q.dtype, kv_fp8)
     num_seqs = meta.num_seqs
     tiles = num_seqs if cfg.block_q == 1 else T // cfg.block_q + num_seqs
     if num_splits is None:
@@ -366,20 +353,17 @@ def paged_attention_triton(
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
                meta.block_tables.stride(0))
-    common = dict(NUM_HEADS=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, CACHE_BLOCK=cache_block,
-                  SPLIT=num_splits > 1, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  KV_F16=kv_fp8 and q.dtype.itemsize == 2)
-    if decodes:
-        dec = cfg if cfg.block_q == 1 else launch_config(1, group, q.dtype, kv_fp8, many)
-        _paged_decode_kernel[(decodes, hkv, num_splits)](
-            *pointers, scale * _LOG2E, T, num_splits, *strides, BLOCK_M=dec.block_m, BLOCK_N=dec.block_n,
-            num_warps=dec.num_warps, num_stages=dec.num_stages, **common)
-    if decodes < num_seqs:
-        tile_base = decodes // cfg.block_q + decodes  # tile_start(decodes): query_start_loc[decodes] == decodes
-        _paged_attention_kernel[(tiles - tile_base, hkv, num_splits)](
-            *pointers, scale * _LOG2E, tile_base, num_seqs, T, num_splits, *strides,
-            GROUP_P=next_pow2(group), BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, KV_FP8=kv_fp8,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    common = dict(NUM_HEADS=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  KV_F16=kv_fp8 and q.dtype.itemsize == 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.block_q == 1 and kv_fp8:
+        _paged_decode_kernel[(tiles, hkv, num_splits)](
+            *pointers, scale * _LOG2E, T, num_splits, *strides, **common)
+    else:
+        _paged_attention_kernel[(tiles, hkv, num_splits)](
+            *pointers, scale * _LOG2E, num_seqs, T, num_splits, *strides,
+            GROUP_P=next_pow2(group), BLOCK_Q=cfg.block_q, KV_FP8=kv_fp8, **common)
     if num_splits > 1:
         _merge_splits_kernel[(T, hq)](
             part_acc, part_ml, out, T, num_splits, out.stride(0), out.stride(1),
@@ -416,9 +400,5 @@ def compile_step_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_head
         q = torch.randn(q_len, num_heads, d, dtype=dtype, device=device)
         for splits in (1, 2):
             paged_attention_triton(q, k_cache, v_cache, meta, d ** -0.5, num_splits=splits)
-            launches += 1
-        if q_len == 1 and k_cache.dtype == torch.float8_e4m3fn:  # the tiles of a step with many decodes
-            many = launch_config(1, group, dtype, kv_fp8=True, many_programs=True)
-            paged_attention_triton(q, k_cache, v_cache, meta, d ** -0.5, num_splits=1, config=many)
             launches += 1
     return launches

@@ -181,18 +181,6 @@ def check_attention_fp8(kind: str, hkv: int, group: int, d: int, block_size: int
     return assert_close(f"attention fp8 kv {kind} q={q_lens} ctx={ctx} splits={num_splits}", out, ref, dtype)
 
 
-def check_attention_fp8_many_programs(kind: str, device: str, tiny: bool) -> float:
-    """The decode tiles a step with many decodes takes (one warp, 32-key tiles), forced on a small step."""
-    from tokenq_kernels import attention_triton
-
-    saved = attention_triton.DECODE_PROGRAMS_PER_SM
-    attention_triton.DECODE_PROGRAMS_PER_SM = 0
-    try:
-        return check_attention_fp8(kind, 2, 4, 64, 16, torch.bfloat16, device, None, tiny)
-    finally:
-        attention_triton.DECODE_PROGRAMS_PER_SM = saved
-
-
 # ---- everything, for the interpreter test ------------------------------------------------------------
 
 
@@ -246,9 +234,6 @@ def fp8_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
                 checks.append((f"fp8_attention {kind} hkv={hkv} group={group} d={d} splits={splits}",
                                lambda kind=kind, hkv=hkv, group=group, d=d, dtype=dtype, splits=splits:
                                check_attention_fp8(kind, hkv, group, d, 16, dtype, device, splits, tiny)))
-    for kind in ["decode", "mixed"]:  # the tiles of a step with many decodes, whatever its size
-        checks.append((f"fp8_attention {kind} many-programs tiles",
-                       lambda kind=kind: check_attention_fp8_many_programs(kind, device, tiny)))
     return checks
 
 
