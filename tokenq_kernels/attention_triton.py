@@ -175,9 +175,9 @@ def _paged_decode_kernel(
     """A decode-only step over an FP8 cache: program (sequence, KV head, split) takes the one query token's GQA
     group.
 
-    Scores are computed transposed, keys x heads (k @ q^T): the key tile is the left operand, which the
-    tensor cores take from registers, so a widened FP8 tile goes there without a trip through shared
-    memory, and the softmax runs down the key axis."""
+    Scores are computed transposed, keys x heads (k @ q^T), and the softmax runs down the key axis: the
+    widened key tile is then the left operand of the product, the one the tensor cores read from registers.
+    Over an FP8 cache this ran faster on an H200 than the general kernel's q @ k^T; over a bf16 cache, slower."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
