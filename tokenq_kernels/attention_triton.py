@@ -52,6 +52,35 @@ def _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo
 
 
+@triton.jit
+def _partition(kv_end, seq_len, split, num_splits, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """The keys [lo, hi) this program reads: under split-K, its part of the context cut into num_splits equal,
+    tile-aligned partitions; otherwise all of [0, kv_end)."""
+    lo = 0
+    hi = kv_end
+    if SPLIT:
+        part = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * part
+        hi = tl.minimum(kv_end, lo + part)
+    return lo, hi
+
+
+@triton.jit
+def _cache_slots(table, start, keys, kv_hi, CACHE_BLOCK: tl.constexpr):
+    """Key positions start + keys: which are below kv_hi, and each one's block id and slot in the paged cache."""
+    pos = start + keys
+    key_ok = pos < kv_hi
+    block = tl.load(table + pos // CACHE_BLOCK, mask=key_ok, other=0).to(tl.int64)
+    return pos, key_ok, block, pos % CACHE_BLOCK
+
+
+@triton.jit
+def _load_cache_tile(cache_ptr, block, slot, head, stride_b, stride_t, stride_h, dims, mask):
+    """The [keys, BLOCK_D] tile of one KV head at (block, slot) of a cache laid out [blocks, slots, heads, D]."""
+    rows = block * stride_b + slot * stride_t + head * stride_h
+    return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=mask, other=0.0)
+
+
 # Launch integers that vary step to step are not specialized (on == 1, on divisibility by 16), so one
 # compiled kernel serves every batch.
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "num_splits", "stride_bt"])
@@ -105,13 +134,7 @@ def _paged_attention_kernel(
 
     last_key = cached + tok  # causal: the last key position each row may see
     kv_end = tl.minimum(seq_len, cached + q_off + BLOCK_Q)
-    if SPLIT:
-        part = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        kv_lo = split * part
-        kv_hi = tl.minimum(kv_end, kv_lo + part)
-    else:
-        kv_lo = 0
-        kv_hi = kv_end
+    kv_lo, kv_hi = _partition(kv_end, seq_len, split, num_splits, BLOCK_N, SPLIT)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -119,13 +142,9 @@ def _paged_attention_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     keys = tl.arange(0, BLOCK_N)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        pos = start + keys
-        key_ok = pos < kv_hi
-        block = tl.load(table + pos // CACHE_BLOCK, mask=key_ok, other=0).to(tl.int64)
-        slot = pos % CACHE_BLOCK
+        pos, key_ok, block, slot = _cache_slots(table, start, keys, kv_hi, CACHE_BLOCK)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k_rows = block * stride_kb + slot * stride_kt + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = _load_cache_tile(k_cache_ptr, block, slot, kv_head, stride_kb, stride_kt, stride_kh, dims, kv_mask)
         if KV_FP8:
             k = k.to(q.dtype)  # float16 under KV_F16
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -135,8 +154,7 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = block * stride_vb + slot * stride_vt + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = _load_cache_tile(v_cache_ptr, block, slot, kv_head, stride_vb, stride_vt, stride_vh, dims, kv_mask)
         if KV_FP8:
             v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -196,13 +214,7 @@ def _paged_decode_kernel(
     if KV_F16:
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     q_t = tl.trans(q)  # [BLOCK_D, BLOCK_M]
-    if SPLIT:
-        part = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        kv_lo = split * part
-        kv_hi = tl.minimum(seq_len, kv_lo + part)
-    else:
-        kv_lo = 0
-        kv_hi = seq_len
+    kv_lo, kv_hi = _partition(seq_len, seq_len, split, num_splits, BLOCK_N, SPLIT)
 
     m_i = tl.full([1, BLOCK_M], _NEG_BIG, tl.float32)  # per head, along the key axis
     l_i = tl.zeros([1, BLOCK_M], tl.float32)
@@ -210,13 +222,9 @@ def _paged_decode_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     keys = tl.arange(0, BLOCK_N)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        pos = start + keys
-        key_ok = pos < kv_hi
-        block = tl.load(table + pos // CACHE_BLOCK, mask=key_ok, other=0).to(tl.int64)
-        slot = pos % CACHE_BLOCK
+        pos, key_ok, block, slot = _cache_slots(table, start, keys, kv_hi, CACHE_BLOCK)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k_rows = block * stride_kb + slot * stride_kt + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = _load_cache_tile(k_cache_ptr, block, slot, kv_head, stride_kb, stride_kt, stride_kh, dims, kv_mask)
         k = k.to(q.dtype)  # float16 under KV_F16
         s = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         s = tl.where(key_ok[:, None], s, float("-inf"))
@@ -224,8 +232,7 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
         l_i = l_i * alpha + tl.sum(p, 0)[None, :]
-        v_rows = block * stride_vb + slot * stride_vt + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = _load_cache_tile(v_cache_ptr, block, slot, kv_head, stride_vb, stride_vt, stride_vh, dims, kv_mask)
         v = v.to(q.dtype)
         acc = acc * tl.trans(alpha) + tl.dot(tl.trans(p.to(v.dtype)), v, input_precision=DOT_PRECISION)
         m_i = m_new
