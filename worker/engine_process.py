@@ -5,7 +5,8 @@ outputs and the engine's snapshot (admissible requests, stats). Messages are pla
 as multiprocessing's Connection frames them, over a socket pair: no third-party codec, and for the sizes a
 step carries (a few hundred outputs) encoding costs microseconds per output. The worker reads and writes
 them with asyncio streams; the engine process polls its blocking Connection between steps and blocks on
-it when idle.
+it when idle, and its reports go out without blocking a step (ReportSender): a worker a few steps behind
+costs the engine nothing, up to a bound.
 
 An engine process that dies (a crash, a lost tensor-parallel rank, OOM) closes the pipe: the worker sees
 end-of-file, marks the handle dead and exits non-zero; its running jobs' leases lapse (or are handed back)
@@ -18,6 +19,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -265,16 +267,81 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
         engine.close()
 
 
-def serve_commands(conn: Connection, engine) -> None:
+class ReportSender:
+    """The engine's reports to the worker, framed as Connection frames them, sent without blocking a step:
+    what the socket does not take at once waits here and goes out as the worker reads, between steps. A
+    worker that falls behind for a few steps (its Redis writes) then costs no step; only past `limit` unsent
+    bytes does a report wait for it (backpressure), and that wait is `blocked_s`."""
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))  # MSG_DONTWAIT per call: conn stays blocking
+        self._pending = bytearray()
+        self._limit = limit
+        self.blocked_s = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def send(self, message: tuple) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        header = struct.pack("!i", len(data)) if len(data) <= 0x7FFFFFFF else struct.pack("!iQ", -1, len(data))
+        self._pending += header
+        self._pending += data
+        self.flush()
+        if len(self._pending) > self._limit:
+            started = time.perf_counter()
+            self.flush(wait=True)
+            self.blocked_s += time.perf_counter() - started
+
+    def flush(self, wait: bool = False) -> None:
+        """Sends what the socket takes now (all of it, waiting for the worker, with wait)."""
+        if wait:
+            self._sock.sendall(self._pending)
+            self._pending.clear()
+            return
+        while self._pending:
+            try:
+                sent = self._sock.send(self._pending, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            del self._pending[:sent]
+
+    def wait_idle(self, conn: Connection, timeout: float) -> bool:
+        """An idle engine's wait: until a command arrives (True) or `timeout` passes (False), sending what
+        is pending meanwhile."""
+        while self._pending:
+            readable, writable, _ = select.select([conn], [self._sock], [], timeout)
+            if readable:
+                return True
+            if not writable:
+                return False
+            self.flush()
+        return conn.poll(timeout)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+REPORT_BUFFER_BYTES = 64 << 20  # reports the worker has not taken, before the engine waits for it
+
+
+def serve_commands(conn: Connection, engine, report_buffer_bytes: int = REPORT_BUFFER_BYTES) -> None:
+    sender = ReportSender(conn, report_buffer_bytes)
+    try:
+        _serve(conn, engine, sender)
+    finally:
+        sender.close()
+
+
+def _serve(conn: Connection, engine, sender: ReportSender) -> None:
     driver = EngineDriver(engine)
     last_admissible: Admissible = ()
     last_report = 0.0
-    # Time spent handing reports to the worker: a send blocks once the worker reads so far behind that the
-    # pipe is full, and meanwhile no step is launched. Reported (as of the report before) in the stats, where
-    # the worker turns it into a counter.
-    report_send_s = 0.0
     while True:
-        if not engine.has_unfinished_requests() and not conn.poll(STATS_INTERVAL_S):
+        if sender.pending:
+            sender.flush()
+        if not engine.has_unfinished_requests() and not sender.wait_idle(conn, STATS_INTERVAL_S):
             continue  # idle: block on the pipe, never spin
         commands: list[_Add | _Abort] = []
         try:
@@ -286,6 +353,7 @@ def serve_commands(conn: Connection, engine) -> None:
                 elif msg[0] == _ABORT:
                     commands.append(_Abort(msg[1]))
                 else:
+                    sender.flush(wait=True)  # told to stop: the last reports still go out
                     return
         except EOFError:  # the worker is gone
             return
@@ -297,9 +365,8 @@ def serve_commands(conn: Connection, engine) -> None:
         admissible = admissible_of(engine)
         if outputs or adds or admissible != last_admissible or now - last_report >= STATS_INTERVAL_S:
             _, stats = driver.snapshot()
-            stats[REPORT_SEND_STAT] = report_send_s
+            # The time steps waited for the worker to take reports (as of the report before), a lifetime total
+            # the worker turns into a counter.
+            stats[REPORT_SEND_STAT] = sender.blocked_s
             last_admissible, last_report = admissible, now
-            message = (_OUT, encode_outputs(outputs), admissible, adds, stats)
-            sent = time.perf_counter()
-            conn.send(message)
-            report_send_s += time.perf_counter() - sent
+            sender.send((_OUT, encode_outputs(outputs), admissible, adds, stats))

@@ -1,6 +1,7 @@
 """The engine process's command loop (worker/engine_process.serve_commands) over a real pipe, with an engine
-double that always has work: a worker that stops reading makes the engine's sends block, and the time they
-block is reported in the stats."""
+double that always has work: a worker that stops reading costs no step while the unsent reports fit the
+engine's buffer, every report still arrives, in order; past the buffer the engine waits, and the time it
+waits is reported in the stats."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ PAYLOAD = "x" * 20_000  # a report far bigger than a real step's, so the pipe fi
 class BusyEngine:
     """Always one request running; every step reports a big text delta."""
 
-    def __init__(self) -> None:
+    def __init__(self, step_s: float = 0.0) -> None:
         self.steps = 0
+        self.step_s = step_s
 
     def has_unfinished_requests(self) -> bool:
         return True
 
     def step(self) -> list[RequestOutput]:
+        time.sleep(self.step_s)
         self.steps += 1
         return [RequestOutput("job-1", [1], PAYLOAD, num_output_tokens=self.steps)]
 
@@ -38,7 +41,8 @@ class BusyEngine:
 def test_blocked_sends_are_reported_in_the_stats():
     worker_end, engine_end = mp.Pipe(duplex=True)
     engine = BusyEngine()
-    loop = threading.Thread(target=serve_commands, args=(engine_end, engine), daemon=True)
+    # No buffer of the engine's own: a report waits as soon as the socket holds no more.
+    loop = threading.Thread(target=serve_commands, args=(engine_end, engine, 0), daemon=True)
     loop.start()
     stall_s = 0.6
     time.sleep(stall_s)  # the worker reads nothing: the pipe fills and the engine's send blocks
@@ -59,3 +63,26 @@ def test_blocked_sends_are_reported_in_the_stats():
     # Most of the stall was spent blocked in a send, and nothing stepped meanwhile beyond what the pipe held.
     assert reports[-1] >= stall_s / 2
     assert steps_while_stalled < 200
+
+
+def test_a_worker_behind_costs_no_step_and_loses_no_report():
+    worker_end, engine_end = mp.Pipe(duplex=True)
+    engine = BusyEngine(step_s=0.002)
+    loop = threading.Thread(target=serve_commands, args=(engine_end, engine), daemon=True)
+    loop.start()
+    time.sleep(0.5)  # the worker reads nothing: far more reports than the socket holds
+    steps_while_stalled = engine.steps
+    seen: list[int] = []
+    blocked: list[float] = []
+    while len(seen) < steps_while_stalled + 5:
+        msg = worker_end.recv()
+        seen += [row[6] for row in msg[1]]  # num_output_tokens: the step that made it
+        blocked.append(msg[4][REPORT_SEND_STAT])
+    worker_end.send((_STOP,))
+    loop.join(10)
+    assert not loop.is_alive()
+    # The engine kept stepping (the socket holds about 10 of these reports) and never waited...
+    assert steps_while_stalled > 50
+    assert max(blocked) == 0.0
+    # ...and every step's output arrived once, in order.
+    assert seen == list(range(1, len(seen) + 1))
