@@ -16,6 +16,7 @@ and other workers rerun them.
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -291,21 +292,24 @@ class ReportSender:
         self.flush()
         if len(self._pending) > self._limit:
             started = time.perf_counter()
-            self.flush(wait=True)
+            self.flush(wait_s=math.inf)
             self.blocked_s += time.perf_counter() - started
 
-    def flush(self, wait: bool = False) -> None:
-        """Sends what the socket takes now (all of it, waiting for the worker, with wait)."""
-        if wait:
-            self._sock.sendall(self._pending)
-            self._pending.clear()
-            return
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Sends what the socket takes now; with wait_s, waits up to that long for the worker to take the rest.
+        Whether nothing is left. (The fd stays blocking, for conn: each send says MSG_DONTWAIT instead.)"""
+        deadline = time.monotonic() + wait_s
         while self._pending:
             try:
                 sent = self._sock.send(self._pending, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                select.select([], [self._sock], [], None if left == math.inf else left)
+                continue
             del self._pending[:sent]
+        return True
 
     def wait_idle(self, conn: Connection, timeout: float) -> bool:
         """An idle engine's wait: until a command arrives (True) or `timeout` passes (False), sending what
@@ -324,6 +328,7 @@ class ReportSender:
 
 
 REPORT_BUFFER_BYTES = 64 << 20  # reports the worker has not taken, before the engine waits for it
+STOP_FLUSH_S = 5.0  # told to stop, the engine waits this long at most for the worker to take the last reports
 
 
 def serve_commands(conn: Connection, engine, report_buffer_bytes: int = REPORT_BUFFER_BYTES) -> None:
@@ -353,7 +358,7 @@ def _serve(conn: Connection, engine, sender: ReportSender) -> None:
                 elif msg[0] == _ABORT:
                     commands.append(_Abort(msg[1]))
                 else:
-                    sender.flush(wait=True)  # told to stop: the last reports still go out
+                    sender.flush(wait_s=STOP_FLUSH_S)  # told to stop: the last reports still go out
                     return
         except EOFError:  # the worker is gone
             return

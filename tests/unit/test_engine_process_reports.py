@@ -9,6 +9,7 @@ import multiprocessing as mp
 import threading
 import time
 
+from worker import engine_process
 from worker.engine.outputs import RequestOutput
 from worker.engine_loop import PRIORITIES
 from worker.engine_process import _OUT, _STOP, REPORT_SEND_STAT, serve_commands
@@ -38,6 +39,17 @@ class BusyEngine:
         return {"running": 1, "waiting": 0, "kv_usage": 0.0}
 
 
+def stop(worker_end, loop: threading.Thread) -> None:
+    """Tells the loop to stop and reads on until it has, as the worker's reader does: its last reports may
+    still be on their way."""
+    worker_end.send((_STOP,))
+    deadline = time.monotonic() + 20
+    while loop.is_alive() and time.monotonic() < deadline:
+        if worker_end.poll(0.05):
+            worker_end.recv()
+    assert not loop.is_alive()
+
+
 def test_blocked_sends_are_reported_in_the_stats():
     worker_end, engine_end = mp.Pipe(duplex=True)
     engine = BusyEngine()
@@ -55,9 +67,7 @@ def test_blocked_sends_are_reported_in_the_stats():
         reports.append(msg[4][REPORT_SEND_STAT])
         if len(reports) > steps_while_stalled + 2:
             break
-    worker_end.send((_STOP,))
-    loop.join(10)
-    assert not loop.is_alive()
+    stop(worker_end, loop)
     assert reports == sorted(reports)  # a lifetime total
     assert reports[0] == 0.0
     # Most of the stall was spent blocked in a send, and nothing stepped meanwhile beyond what the pipe held.
@@ -78,11 +88,21 @@ def test_a_worker_behind_costs_no_step_and_loses_no_report():
         msg = worker_end.recv()
         seen += [row[6] for row in msg[1]]  # num_output_tokens: the step that made it
         blocked.append(msg[4][REPORT_SEND_STAT])
-    worker_end.send((_STOP,))
-    loop.join(10)
-    assert not loop.is_alive()
+    stop(worker_end, loop)
     # The engine kept stepping (the socket holds about 10 of these reports) and never waited...
     assert steps_while_stalled > 50
     assert max(blocked) == 0.0
     # ...and every step's output arrived once, in order.
     assert seen == list(range(1, len(seen) + 1))
+
+
+def test_a_stop_waits_for_a_worker_that_reads_no_more_only_so_long(monkeypatch):
+    monkeypatch.setattr(engine_process, "STOP_FLUSH_S", 0.3)
+    worker_end, engine_end = mp.Pipe(duplex=True)
+    engine = BusyEngine(step_s=0.001)
+    loop = threading.Thread(target=serve_commands, args=(engine_end, engine), daemon=True)
+    loop.start()
+    time.sleep(0.3)  # unread reports pile up past what the socket holds
+    worker_end.send((_STOP,))
+    loop.join(5)
+    assert not loop.is_alive()
