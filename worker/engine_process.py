@@ -111,6 +111,14 @@ def encode_sampling(sp: SamplingParams) -> dict:
     return sp.model_dump()
 
 
+def frame(message: tuple) -> bytes:
+    """One message as Connection frames it, so either end may read it with Connection.recv: a 4-byte
+    big-endian length (or -1 and an 8-byte one, past 2 GiB), then the pickle."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    size = struct.pack("!i", len(data)) if len(data) <= 0x7FFFFFFF else struct.pack("!iQ", -1, len(data))
+    return size + data
+
+
 # ---- the worker's side ---------------------------------------------------------------------------------
 
 class EngineProcess(EngineHandle):
@@ -162,11 +170,10 @@ class EngineProcess(EngineHandle):
         self._send((_ABORT, request_id))
 
     def _send(self, msg: tuple) -> None:
-        """Queues one frame (Connection's: a 4-byte big-endian length, then the pickle); never blocks."""
+        """Queues one frame; never blocks."""
         if self._writer is None or self._writer.is_closing() or (self.dead is not None and self.dead.is_set()):
             return
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(struct.pack("!i", len(data)) + data)
+        self._writer.write(frame(msg))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -285,19 +292,16 @@ class ReportSender:
         return bool(self._pending)
 
     def send(self, message: tuple) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        header = struct.pack("!i", len(data)) if len(data) <= 0x7FFFFFFF else struct.pack("!iQ", -1, len(data))
-        self._pending += header
-        self._pending += data
+        self._pending += frame(message)
         self.flush()
         if len(self._pending) > self._limit:
             started = time.perf_counter()
             self.flush(wait_s=math.inf)
             self.blocked_s += time.perf_counter() - started
 
-    def flush(self, wait_s: float = 0.0) -> bool:
+    def flush(self, wait_s: float = 0.0) -> None:
         """Sends what the socket takes now; with wait_s, waits up to that long for the worker to take the rest.
-        Whether nothing is left. (The fd stays blocking, for conn: each send says MSG_DONTWAIT instead.)"""
+        (The fd stays blocking, for conn: each send says MSG_DONTWAIT instead.)"""
         deadline = time.monotonic() + wait_s
         while self._pending:
             try:
@@ -305,11 +309,10 @@ class ReportSender:
             except BlockingIOError:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return False
+                    return
                 select.select([], [self._sock], [], None if left == math.inf else left)
                 continue
             del self._pending[:sent]
-        return True
 
     def wait_idle(self, conn: Connection, timeout: float) -> bool:
         """An idle engine's wait: until a command arrives (True) or `timeout` passes (False), sending what
