@@ -45,7 +45,7 @@ def _decode_kernel(
     stride_ot, stride_oh, stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_BLOCK: tl.constexpr, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, BITS: tl.constexpr,
-    QK_FP8: tl.constexpr,
+    QK_FP8: tl.constexpr, PV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -106,17 +106,22 @@ def _decode_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)[:, None]
         v = tl.load(v_ptr + (block * stride_vb + slot * stride_vt + kvh * stride_vh)[:, None] + dims[None, :],
                     mask=key_ok[:, None], other=0.0)
-        v = _widen(v, BITS)
-        p16 = p.to(tl.float16)
-        if SWAP_PV:  # acc transposed: [D, BLOCK_M]
-            pT = p16 if SWAP_QK else tl.trans(p16)
-            aT = alpha if SWAP_QK else tl.trans(alpha)
-            acc = acc * aT + tl.dot(tl.trans(v), pT)
+        if PV_FP8:  # p x 256 in e4m3 against the stored value tile (transposed scores only)
+            acc = acc * tl.trans(alpha) + tl.dot(tl.trans((p * 256.0).to(tl.float8e4nv)), v)
         else:
-            pn = tl.trans(p16) if SWAP_QK else p16
-            an = tl.trans(alpha) if SWAP_QK else alpha
-            acc = acc * an + tl.dot(pn, v)
+            v = _widen(v, BITS)
+            p16 = p.to(tl.float16)
+            if SWAP_PV:  # acc transposed: [D, BLOCK_M]
+                pT = p16 if SWAP_QK else tl.trans(p16)
+                aT = alpha if SWAP_QK else tl.trans(alpha)
+                acc = acc * aT + tl.dot(tl.trans(v), pT)
+            else:
+                pn = tl.trans(p16) if SWAP_QK else p16
+                an = tl.trans(alpha) if SWAP_QK else alpha
+                acc = acc * an + tl.dot(pn, v)
         m_i = m_new
+    if PV_FP8:
+        out_scale = out_scale / 256.0
     if SWAP_PV:
         lT = tl.trans(l_i) if not SWAP_QK else l_i
         out = tl.trans(acc / tl.where(lT > 0, lT, 1.0)) * out_scale
@@ -127,7 +132,8 @@ def _decode_kernel(
     tl.store(out_ptr + o, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def decode_variant(q, k8, v8, meta, scale, ks, vs, swap_qk, swap_pv, bits, block_n, warps, stages, qk_fp8=False):
+def decode_variant(q, k8, v8, meta, scale, ks, vs, swap_qk, swap_pv, bits, block_n, warps, stages, qk_fp8=False,
+                   pv_fp8=False):
     T, hq, d = q.shape
     cache_block, hkv = k8.shape[1], k8.shape[2]
     out = torch.empty_like(q)
@@ -136,26 +142,32 @@ def decode_variant(q, k8, v8, meta, scale, ks, vs, swap_qk, swap_pv, bits, block
         q.stride(0), q.stride(1), k8.stride(0), k8.stride(1), k8.stride(2),
         v8.stride(0), v8.stride(1), v8.stride(2), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         GROUP=hq // hkv, BLOCK_M=16, D=d, BLOCK_N=block_n, CACHE_BLOCK=cache_block,
-        SWAP_QK=swap_qk, SWAP_PV=swap_pv, BITS=bits, QK_FP8=qk_fp8, num_warps=warps, num_stages=stages,
+        SWAP_QK=swap_qk, SWAP_PV=swap_pv, BITS=bits, QK_FP8=qk_fp8, PV_FP8=pv_fp8, num_warps=warps, num_stages=stages,
     )
     return out
 
 
-def variants():
-    for block_n, warps, stages in [(64, 2, 3), (32, 1, 3), (64, 4, 3), (128, 4, 3)]:  # FP8 q @ the stored keys
-        yield True, False, False, block_n, warps, stages, True
+def variants(fp8_products_only: bool = False):
+    for block_n, warps, stages in [(64, 2, 3), (32, 1, 3), (64, 4, 3), (128, 4, 3), (64, 2, 4), (128, 2, 3)]:
+        yield True, False, False, block_n, warps, stages, True, False  # FP8 q @ the stored keys
+        yield True, False, False, block_n, warps, stages, True, True  # and FP8 p @ the stored values
+        yield True, False, False, block_n, warps, stages, False, True
+    yield True, False, False, 64, 2, 3, False, False  # the shipped decode kernel's shape
+    if fp8_products_only:
+        return
     for swap_qk in (False, True):
         for swap_pv in (False, True):
             for bits in (False, True):
                 for block_n, warps, stages in [(64, 2, 3), (64, 4, 3), (128, 4, 3), (32, 1, 4), (64, 1, 3),
                                                (128, 4, 2), (64, 2, 4)]:
-                    yield swap_qk, swap_pv, bits, block_n, warps, stages, False
+                    yield swap_qk, swap_pv, bits, block_n, warps, stages, False, False
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu-target", choices=["fp8", "bf16", "swap"], default=None)
     ap.add_argument("--shapes", default="512x420,256x512,64x1024")
+    ap.add_argument("--fp8-products-only", action="store_true", help="only the variants with FP8 products")
     args = ap.parse_args()
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     scale = D**-0.5
@@ -182,7 +194,7 @@ def main() -> int:
         print(f"\nbatch {batch} ctx {ctx}: product bf16 cache {t_bf16:.4f} ms ({2 * gb / t_bf16 * 1e3:.0f} GB/s), "
               f"product FP8 {t_fp8:.4f} ms ({gb / t_fp8 * 1e3:.0f} GB/s)")
         rows = []
-        for v in variants():
+        for v in variants(args.fp8_products_only):
             try:
                 fn = partial(decode_variant, q, k8, v8, meta, scale, ks, vs, *v)
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
@@ -192,9 +204,9 @@ def main() -> int:
                 print("  failed", v, type(exc).__name__, str(exc).splitlines()[0][:120])
             rows.append((t, v, err))
         rows.sort(key=lambda r: (r[0] != r[0], r[0]))
-        print("  swap_qk swap_pv bits  block_n warps stages qk_fp8 |   ms    GB/s  vs FP8 product  rel.err")
+        print("  swap_qk swap_pv bits  block_n warps stages qk_fp8 pv_fp8 |   ms    GB/s  vs FP8 product  rel.err")
         for t, v, err in rows:
-            print(f"  {v[0]!s:>7} {v[1]!s:>7} {v[2]!s:>5} {v[3]:>8} {v[4]:>5} {v[5]:>6} {v[6]!s:>6} | {t:.4f} "
+            print(f"  {v[0]!s:>7} {v[1]!s:>7} {v[2]!s:>5} {v[3]:>8} {v[4]:>5} {v[5]:>6} {v[6]!s:>6} {v[7]!s:>6} | {t:.4f} "
                   f"{gb / t * 1e3:>6.0f}  {t_fp8 / t:>6.2f}x  {err:.1e}")
     return 0
 

@@ -1,7 +1,10 @@
 """Where the standard throughput load's wall time goes, by kind of step: steps that carry prefill tokens
 against decode-only steps (by batch size), on the random model `tokenq bench throughput` runs:
 
-    python tests/gpu/step_kinds.py --model-shape llama3-8b [--quantization fp8 --kv-cache-dtype fp8]
+    python tests/gpu/step_kinds.py --model-shape llama3-8b [--quantization fp8 --kv-cache-dtype fp8] [--kernels]
+
+With --kernels the run is repeated under torch.profiler and the GPU time of the whole load is summed by
+kernel name (the profiler slows the host, so the first run's step times are the ones to quote).
 
 The engine launches a step before it reads the last one's tokens, so in steady state the wall time between
 two `step()` returns is one step's GPU time.
@@ -29,6 +32,7 @@ def main() -> None:
     p.add_argument("--min-prompt-len", type=int, default=64)
     p.add_argument("--max-prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--kernels", action="store_true", help="also sum the load's GPU time by kernel name")
     args = p.parse_args()
     setup = gc.build_model(args)
     vocab = setup.model_cfg.vocab_size
@@ -38,6 +42,30 @@ def main() -> None:
     engine, _ = gc.make_engine(setup, cfg)
     gc.warm_up(engine, vocab, 128, num=4, new_tokens=8)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    _step_times(engine, prompts, params, args)
+    if args.kernels:
+        _kernel_totals(engine, prompts, params)
+
+
+def _kernel_totals(engine, prompts: list[list[int]], params: SamplingParams) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"k{i}", prompt, params)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished_requests():
+            engine.step()
+    totals: dict[str, list[float]] = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA":
+            totals[ev.key[:90]] = [ev.self_device_time_total / 1e3, ev.count]
+    whole = sum(r[0] for r in totals.values())
+    print(f"\nGPU time of the load by kernel (sum {whole / 1e3:.3f} s):")
+    for name, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"  {ms / 1e3:7.3f} s {100 * ms / whole:5.1f}%  {n:7d}x  {name}")
+
+
+def _step_times(engine, prompts: list[list[int]], params: SamplingParams, args: argparse.Namespace) -> None:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     scheduled: dict[str, int] = {}

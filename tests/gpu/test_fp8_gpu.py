@@ -324,7 +324,7 @@ def _teacher_forced_logits(model, mcfg, tokens: list[list[int]], kv_dtype: torch
     ids = torch.tensor([x for t in tokens for x in t], device=CUDA)
     pos = torch.cat([torch.arange(n, device=CUDA) for n in lens])
     with torch.inference_mode(), set_attention_metadata(meta):
-        return model.compute_logits(model(ids, pos))
+        return model.compute_logits(model(ids, pos)).float()
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])

@@ -116,7 +116,7 @@ def test_teacher_forced_bf16_logits_match_transformers(small_bf16):
             seq.num_computed_tokens = start
             x = runner.prepare(SchedulerOutput([ScheduledSeq(seq, 128)], [], 128))
             with set_attention_metadata(x.meta):
-                chunks.append(model.compute_logits(model(x.input_ids, x.positions)))
+                chunks.append(model.compute_logits(model(x.input_ids, x.positions)).float())
         ours = torch.cat(chunks)
         hf = hf_peer(model, cfg)
         ref = hf(torch.tensor([tokens], device=CUDA)).logits[0].float()

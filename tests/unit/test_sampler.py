@@ -240,3 +240,19 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top_n(logits):
         assert all(math.isclose(v, float(expected[i, t]), abs_tol=1e-5) for t, v in lp.top)
     assert out.logprobs[1].top == []
     assert out.logprobs[1].token_id == int(rows[1].argmax())
+
+
+def test_bf16_logits_sample_as_their_float32_copy(logits):
+    """The model hands the sampler logits in its own dtype: greedy rows take the argmax as they are (ties
+    in bf16 go to the first index, as in the float32 copy), and every other path widens first."""
+    half = logits.to(torch.bfloat16)
+    half[0, 7] = half[0, 3] = half[0].max() + 1  # a tie only bf16 rounding makes
+    wide = half.float()
+    greedy = [SamplingParams(temperature=0.0)] * len(half)
+    assert Sampler()(half, make_batch(greedy)).token_ids == wide.argmax(dim=1).tolist()
+    assert Sampler()(half, make_batch(greedy)).token_ids[0] == 3
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(seed=5, temperature=0.8)] * 4
+    a = Sampler()(half, make_batch(params, generators=seeded(params)))
+    b = Sampler()(wide, make_batch(params, generators=seeded(params)))
+    assert a.token_ids == b.token_ids
+    assert [lp.logprob for lp in a.logprobs[::2]] == [lp.logprob for lp in b.logprobs[::2]]

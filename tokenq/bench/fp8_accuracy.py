@@ -80,7 +80,7 @@ def perplexity(model, token_ids: list[int], kv_cache_dtype: str, window: int = 5
                     query_start_loc_cpu=[0, b - a], seq_lens_cpu=[b])
                 with set_attention_metadata(meta):
                     hidden = model(torch.tensor(ids[a:b], device=device), torch.arange(a, b, device=device))
-                logits = model.compute_logits(hidden)
+                logits = model.compute_logits(hidden).float()
                 targets = torch.tensor(ids[a + 1 : b + 1], device=device)
                 nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
                 count += b - a

@@ -68,7 +68,7 @@ def fill_prompt_logprobs(items: list[ScheduledSeq], slices: list[PromptSlice], h
     for s in slices:
         seq = items[s.item].seq
         top_n = seq.sampling.prompt_logprobs or 0
-        logprobs = torch.log_softmax(compute_logits(hidden[s.row : s.row + s.hi - s.lo]), dim=-1)
+        logprobs = torch.log_softmax(compute_logits(hidden[s.row : s.row + s.hi - s.lo]).float(), dim=-1)
         targets = torch.tensor(seq.prompt_token_ids[s.lo + 1 : s.hi + 1], device=logprobs.device)
         chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
         vals, ids = logprobs.topk(top_n, dim=1)

@@ -255,10 +255,10 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
 
         if not (want_logprobs or penalized or biased or masking or random_rows or batch.guided_rows):
-            return PendingSamples(logits.argmax(dim=1), params)
+            return PendingSamples(logits.argmax(dim=1), params)  # the same index in any dtype
 
+        logits = logits.to(torch.float32, copy=True)  # the runner's logits stay untouched
         raw_logprobs = torch.log_softmax(logits, dim=1) if want_logprobs else None
-        logits = logits.clone()  # the runner's logits stay untouched
         if biased:  # before the penalties, as vLLM
             apply_logit_bias(logits, params, biased)
         if penalized:

@@ -136,8 +136,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (usually each sequence's last token) -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+        """hidden [N, hidden] (usually each sequence's last token) -> logits [N, vocab] in the head's dtype:
+        a greedy argmax needs no float32 copy of a large batch's logits; what computes with them widens."""
+        return self.lm_head(hidden)
 
     def bind_kv_cache(self, kv: torch.Tensor) -> None:
         """kv: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; each layer gets views of it."""
