@@ -73,6 +73,13 @@ def _tile_blocks(table, start, keys, kv_hi, CACHE_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _cache_slots(table, start, keys, kv_hi, CACHE_BLOCK: tl.constexpr):
+    """Key positions start + keys: which are below kv_hi, and each one's block id and slot in the paged cache."""
+    pos = start + keys
+    return pos, pos < kv_hi, _tile_blocks(table, start, keys, kv_hi, CACHE_BLOCK), pos % CACHE_BLOCK
+
+
+@triton.jit
 def _load_cache_tile(cache_ptr, block, slot, head, stride_b, stride_t, stride_h, dims, mask):
     """The [keys, BLOCK_D] tile of one KV head at (block, slot) of a cache laid out [blocks, slots, heads, D]."""
     rows = block * stride_b + slot * stride_t + head * stride_h
@@ -139,12 +146,8 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     keys = tl.arange(0, BLOCK_N)
-    next_block = _tile_blocks(table, kv_lo, keys, kv_hi, CACHE_BLOCK)  # one tile ahead, as in the decode kernel
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        pos = start + keys
-        key_ok = pos < kv_hi
-        block, slot = next_block, pos % CACHE_BLOCK
-        next_block = _tile_blocks(table, start + BLOCK_N, keys, kv_hi, CACHE_BLOCK)
+        pos, key_ok, block, slot = _cache_slots(table, start, keys, kv_hi, CACHE_BLOCK)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k = _load_cache_tile(k_cache_ptr, block, slot, kv_head, stride_kb, stride_kt, stride_kh, dims, kv_mask)
         if KV_FP8:
