@@ -52,7 +52,7 @@ def _kernel_totals(engine, prompts: list[list[int]], params: SamplingParams) -> 
 
     for i, prompt in enumerate(prompts):
         engine.add_request(f"k{i}", prompt, params)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         while engine.has_unfinished_requests():
             engine.step()
     totals: dict[str, list[float]] = {}
