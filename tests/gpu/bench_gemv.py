@@ -90,24 +90,29 @@ def fp8_candidates() -> list[GemvConfig]:
             itertools.product([2, 4, 8, 16], [1024, 2048, 4096], [4, 8], [1, 3])]
 
 
-def sweep_fp8(shapes: list[str]) -> dict:
-    """One row against e4m3 weights: torch._scaled_mm, the default FP8 tiles and every candidate."""
+def fp8_problem(n: int, k: int):
+    """e4m3 weights [n, k] with row scales, in enough copies that they never sit in L2 together; one row x
+    quantized per token; and the reference product for the first copy."""
     from tokenq_kernels.fp8 import QuantizedInput
 
+    weights = []
+    for _ in range(max(2, math.ceil(600e6 / (n * k)))):
+        w, ws = quantize_rows_ref(torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02)
+        weights.append((w, ws.reshape(-1)))
+    xq, xs = quantize_rows_ref(torch.randn(1, k, device="cuda", dtype=DTYPE))
+    x = QuantizedInput(xq, xs, DTYPE)
+    return weights, x, fp8_gemv_ref(x, *weights[0], None).float()
+
+
+def sweep_fp8(shapes: list[str]) -> dict:
+    """One row against e4m3 weights: torch._scaled_mm, the default FP8 tiles and every candidate."""
     results, step = [], [0.0, 0.0, 0.0]
     for name in shapes:
         if name == "lm_head":
             continue
         n, k, per_step = SHAPES[name]
         nbytes = n * k
-        copies = max(2, math.ceil(600e6 / nbytes))
-        weights = []
-        for _ in range(copies):
-            w, ws = quantize_rows_ref(torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02)
-            weights.append((w, ws.reshape(-1)))
-        xq, xs = quantize_rows_ref(torch.randn(1, k, device="cuda", dtype=DTYPE))
-        x = QuantizedInput(xq, xs, DTYPE)
-        ref = fp8_gemv_ref(x, *weights[0], None).float()
+        weights, x, ref = fp8_problem(n, k)
         peer = time_graph(lambda x, w: scaled_mm(x.q, x.scale.reshape(-1, 1), w[0], w[1], None, DTYPE), weights, x)
         default = fp8_gemv_tiles(n, k)
         row = {"shape": name, "n": n, "k": k, "rows": 1, "scaled_mm_us": peer, "variants": []}

@@ -27,8 +27,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.gpu.bench_gemv import DTYPE, SHAPES, gbs, rel_err, time_graph  # noqa: E402
-from tokenq_kernels.fp8 import QuantizedInput, fp8_gemv_ref, quantize_rows_ref  # noqa: E402
+from tests.gpu.bench_gemv import SHAPES, fp8_problem, gbs, rel_err, time_graph  # noqa: E402
+from tokenq_kernels.fp8 import QuantizedInput  # noqa: E402
 from tokenq_kernels.fp8_triton import fp8_gemv_triton  # noqa: E402
 
 
@@ -89,14 +89,7 @@ def main() -> int:
     total = {"shipped": 0.0, "best": 0.0}
     for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         n, k, per_step = SHAPES[name]
-        copies = max(2, math.ceil(600e6 / (n * k)))
-        weights = []
-        for _ in range(copies):
-            w, ws = quantize_rows_ref(torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02)
-            weights.append((w, ws.reshape(-1)))
-        xq, xs = quantize_rows_ref(torch.randn(1, k, device="cuda", dtype=DTYPE))
-        x = QuantizedInput(xq, xs, DTYPE)
-        ref = fp8_gemv_ref(x, *weights[0], None).float()
+        weights, x, ref = fp8_problem(n, k)
         shipped = time_graph(lambda x, w: fp8_gemv_triton(x, w[0], w[1], None), weights, x)
         rows = []
         for v in variants(k):
