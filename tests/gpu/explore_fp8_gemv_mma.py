@@ -3,8 +3,9 @@ at batch 1 on the Llama-3-8B shapes:
 
     python tests/gpu/explore_fp8_gemv_mma.py
 
-The shipped GEMV widens every e4m3 weight to float32 and multiplies on the CUDA cores; it reads at about
-3.3 TB/s where the 16-bit GEMV reaches 4.5. Here the quantized activation row is repeated to the 16 rows a
+The shipped GEMV widens every e4m3 weight to float32 and multiplies on the CUDA cores, so it issues several
+instructions a weight byte and stays under the bandwidth the 16-bit GEMV reaches (docs/BENCHMARKS.md). Here
+the quantized activation row is repeated to the 16 rows a
 tensor-core product needs and the weight tile enters an FP8 product as stored: no per-element widening.
 SWAP puts the weight tile on the left (weight rows x 16), else on the right (16 x weight rows). Compiled for
 sm_90, only SWAP with 64-row tiles and 4 warps becomes an FP8 wgmma; the others are mma.sync on float16,
