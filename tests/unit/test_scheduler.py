@@ -86,7 +86,7 @@ def test_decodes_and_chunked_prefill_share_the_budget() -> None:
     assert plan(out) == [(short.request_id, 1), (long.request_id, 4)]
     assert out.scheduled[1].samples and long.num_output_tokens == 1
     out = step(sched, bm, max_output=100)
-    assert plan(out) == [(short.request_id, 1), (long.request_id, 1)]
+    assert plan(out) == [(long.request_id, 1), (short.request_id, 1)]  # decodes: longest context first
 
 
 def test_a_better_arrival_gets_a_step_of_its_own_then_decodes_come_first() -> None:

@@ -254,9 +254,11 @@ class Scheduler:
             if chunk_capped:
                 capped_left -= num_new
 
-        # The runner lays out decodes first, so they form one contiguous (CUDA-graph friendly) batch.
+        # The runner lays out decodes first, so they form one contiguous (CUDA-graph friendly) batch, and
+        # longest context first: attention runs a program per decode in batch order, so the step then ends
+        # on short sequences rather than on a few long ones while the other SMs idle.
         items = list(scheduled.values())
-        decodes = [s for s in items if s.is_decode]
+        decodes = sorted((s for s in items if s.is_decode), key=lambda s: -s.seq.num_tokens)
         prefills = [s for s in items if not s.is_decode]
         return SchedulerOutput(
             scheduled=decodes + prefills,
