@@ -18,6 +18,7 @@ from tokenq_kernels.norm_triton import rms_norm_row
 
 _MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
 _FLOOR = tl.constexpr(MIN_AMAX)
+_CODE_SCALE = tl.constexpr(1.0 / 512)  # a quantized x's e4m3 codes in float16 products (see _fp8_gemv_kernel)
 _CHUNK = 2048  # columns a program handles per pass of a long row
 
 
@@ -161,17 +162,26 @@ def silu_and_mul_quant_triton(x: torch.Tensor) -> QuantizedInput:
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-    HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr, F16_PRODUCTS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """One row of x against BLOCK_N rows of the FP8 weight: products in float32, reduced over K once,
-    then the weight's row scales (and x's scale) applied to the sums."""
+    """One row of x against BLOCK_N rows of the FP8 weight, reduced over K once, then the weight's row scales
+    (and x's scale) applied to the sums.
+
+    An x in 16 or 32 bits multiplies in float32. A quantized x with a 16-bit output multiplies in float16
+    (F16_PRODUCTS), about half the instructions a weight byte, with roundings below the output's own: x's e4m3
+    codes are scaled by 1/512 (a power of two, so exact), a product of two e4m3 values has at most 8 significant
+    bits (exact in float16), and each run of GROUP products is summed in float16 (at most GROUP * 448 * 448 / 512
+    in magnitude, far inside its range) before it joins the float32 sum."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_k
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if F16_PRODUCTS:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN:
             w = tl.load(w_ptrs)
@@ -180,21 +190,33 @@ def _fp8_gemv_kernel(
             k_mask = (k + offs_k) < K
             w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if F16_PRODUCTS:
+            x16 = (x.to(tl.float16) * _CODE_SCALE).to(tl.float16)
+            p = w.to(tl.float16) * x16[None, :]
+            acc += tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2).to(tl.float32)
+        else:
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1) * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_X_SCALE:
-        y = y * tl.load(xs_ptr)
+        y = y * (tl.load(xs_ptr) / _CODE_SCALE if F16_PRODUCTS else tl.load(xs_ptr))
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def fp8_gemv_tiles(n: int, k: int) -> GemvConfig:
-    """The FP8 GEMV's tiles: the 16-bit GEMV's (tokenq_kernels/gemv.py), so the float32 accumulator tile takes the
-    registers it was measured with, until a sweep of FP8 tiles on the GPU (tests/gpu/bench_gemv.py --fp8)
-    finds better ones."""
+_GROUP = 8  # products a quantized x's GEMV sums in float16
+
+
+def fp8_gemv_tiles(n: int, k: int, f16_products: bool = False) -> GemvConfig:
+    """The FP8 GEMV's tiles. Products in float32 take the 16-bit GEMV's (tokenq_kernels/gemv.py), whose
+    float32 tile they were measured with; products in float16 need fewer registers and take narrower tiles and
+    longer runs of K, as the H200 sweep put first (tests/gpu/bench_gemv.py --fp8)."""
+    if f16_products:
+        wide = n > 4096
+        return GemvConfig(block_n=8 if wide else 4, block_k=min(1024 if wide else 2048, next_pow2(k)), num_warps=4,
+                          num_stages=1)
     return GemvConfig(block_n=8 if n <= 4096 else 4, block_k=min(1024, next_pow2(k)), num_warps=4, num_stages=2)
 
 
@@ -213,12 +235,13 @@ def fp8_gemv_triton(
     if weight.stride(-1) != 1:
         raise ValueError("fp8 gemv needs a weight with unit stride along K")
     y = torch.empty(*xq.shape[:-1], N, dtype=dtype, device=xq.device)
-    cfg = fp8_gemv_tiles(N, K) if tiles is None else GemvConfig(*tiles)
+    f16_products = quantized and dtype.itemsize == 2
+    cfg = fp8_gemv_tiles(N, K, f16_products) if tiles is None else GemvConfig(*tiles)
     block_n, block_k = cfg.block_n, cfg.block_k
     xs = x.scale if quantized else weight_scale  # the weight's scales stand in for no x scale
     _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
         x1, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, N, K, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=K % block_k == 0 and N % block_n == 0,
-        HAS_X_SCALE=quantized, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUP=min(_GROUP, block_k), EVEN=K % block_k == 0 and N % block_n == 0,
+        HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

@@ -114,7 +114,7 @@ def sweep_fp8(shapes: list[str]) -> dict:
         nbytes = n * k
         weights, x, ref = fp8_problem(n, k)
         peer = time_graph(lambda x, w: scaled_mm(x.q, x.scale.reshape(-1, 1), w[0], w[1], None, DTYPE), weights, x)
-        default = fp8_gemv_tiles(n, k)
+        default = fp8_gemv_tiles(n, k, f16_products=True)
         row = {"shape": name, "n": n, "k": k, "rows": 1, "scaled_mm_us": peer, "variants": []}
         best = None
         for cfg in dict.fromkeys([default] + fp8_candidates()):
