@@ -53,9 +53,12 @@ def _kernel_totals(engine, prompts: list[list[int]], params: SamplingParams) -> 
 
     for i, prompt in enumerate(prompts):
         engine.add_request(f"k{i}", prompt, params)
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         while engine.has_unfinished_requests():
             engine.step()
+    wall = time.perf_counter() - t0
+    _idle_gaps(prof, wall)
     totals: dict[str, list[float]] = {}
     for ev in prof.key_averages():
         if ev.device_type.name == "CUDA":
@@ -64,6 +67,25 @@ def _kernel_totals(engine, prompts: list[list[int]], params: SamplingParams) -> 
     print(f"\nGPU time of the load by kernel (sum {whole / 1e3:.3f} s):")
     for name, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"  {ms / 1e3:7.3f} s {100 * ms / whole:5.1f}%  {n:7d}x  {name}")
+
+
+def _idle_gaps(prof, wall: float) -> None:
+    """Where the GPU waits: the time between one kernel's end and the next one's start, over the profiled load.
+    The profiler slows the host (the wall time printed shows by how much), so a gap here can be the profiler's:
+    the first run's step times say what an unprofiled run does."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    if not spans:
+        return
+    gaps, end = [], spans[0][1]
+    for a, b in spans[1:]:
+        if a > end:
+            gaps.append((a - end, end - spans[0][0]))
+        end = max(end, b)
+    idle = sum(g for g, _ in gaps) / 1e6
+    print(f"\nprofiled load: {wall:.3f} s wall, GPU busy {(end - spans[0][0]) / 1e6 - idle:.3f} s from its first "
+          f"kernel to its last, idle {idle:.3f} s between kernels ({sum(g > 50 for g, _ in gaps)} gaps over 50 us)")
+    for size, at in sorted(gaps, reverse=True)[:12]:
+        print(f"  {size / 1e3:7.2f} ms idle at {at / 1e6:6.3f} s")
 
 
 def _step_times(engine, prompts: list[list[int]], params: SamplingParams, args: argparse.Namespace) -> None:
