@@ -8,7 +8,6 @@ before the wait (weights never depend on the kernel before):
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.gpu.bench_gemv import SHAPES, rel_err  # noqa: E402
+from tests.gpu.bench_gemv import SHAPES, rel_err, time_graph  # noqa: E402
 from tokenq_kernels.fp8 import QuantizedInput, fp8_gemv_ref, quantize_rows_ref  # noqa: E402
 from tokenq_kernels.fp8_triton import fp8_gemv_tiles, fp8_gemv_triton  # noqa: E402
 
@@ -77,47 +76,23 @@ def main() -> int:
           for k in (4096, 14336)}
     nbytes = sum(w.numel() for layer in layers for w, _, _ in layer)
 
-    def step(kind: str) -> None:
-        for layer in layers:
-            for w, ws, y in layer:
-                x = xs[w.shape[1]]
-                if kind == "shipped":
-                    y.copy_(fp8_gemv_triton(x, w, ws, None))
-                else:
-                    gemv_pdl(x, w, ws, y, kind == "pdl+prefetch")
+    entries = [entry for layer in layers for entry in layer]
 
-    def check(kind: str) -> float:
-        step(kind)
-        w, ws, y = layers[3][2]
-        return rel_err(y, fp8_gemv_ref(xs[4096], w, ws, None).float())
+    def launch(kind: str, entry) -> None:
+        w, ws, y = entry
+        if kind == "shipped":
+            fp8_gemv_triton(xs[w.shape[1]], w, ws, None)
+        else:
+            gemv_pdl(xs[w.shape[1]], w, ws, y, kind == "pdl+prefetch")
 
-    def shipped_no_copy() -> None:
-        for layer in layers:
-            for w, ws, _ in layer:
-                fp8_gemv_triton(xs[w.shape[1]], w, ws, None)
-
-    results = {}
+    w, ws, y = layers[3][2]
     for kind in ("shipped", "pdl", "pdl+prefetch", "shipped"):
-        err = check(kind) if kind != "shipped" else 0.0
-        fn = shipped_no_copy if kind == "shipped" else (lambda kind=kind: step(kind))
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        times = []
-        for _ in range(30):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        ms = statistics.median(times)
-        results.setdefault(kind, []).append(ms)
-        print(f"{kind:14s} {ms:.3f} ms for 128 GEMVs ({nbytes / ms / 1e9:.2f} TB/s)  rel err {err:.1e}")
-        del graph
+        err = 0.0
+        if kind != "shipped":
+            launch(kind, (w, ws, y))
+            err = rel_err(y, fp8_gemv_ref(xs[4096], w, ws, None).float())
+        ms = time_graph(lambda _, entry, kind=kind: launch(kind, entry), entries, None) * len(entries) / 1e3
+        print(f"{kind:14s} {ms:.3f} ms for {len(entries)} GEMVs ({nbytes / ms / 1e9:.2f} TB/s)  rel err {err:.1e}")
     return 0
 
 
