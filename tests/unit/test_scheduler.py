@@ -53,6 +53,8 @@ def step(sched: Scheduler, bm: BlockManager, max_output: int, token: int = 0) ->
     assert len(sched._running) <= sched.config.max_num_seqs
     decode_flags = [s.is_decode for s in out.scheduled]
     assert decode_flags == sorted(decode_flags, reverse=True)  # decodes first
+    decode_lens = [s.seq.num_tokens for s in out.scheduled if s.is_decode]
+    assert decode_lens == sorted(decode_lens, reverse=True)  # longest context first
     sched.update_after_step(out)
     check_invariants(sched, bm)
     for s in out.scheduled:
