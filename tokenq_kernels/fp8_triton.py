@@ -242,6 +242,7 @@ def fp8_gemv_triton(
     _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
         x1, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, N, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP=min(_GROUP, block_k), EVEN=K % block_k == 0 and N % block_n == 0,
-        HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
