@@ -200,7 +200,10 @@ def _fp8_gemv_kernel(
         x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1) * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_X_SCALE:
-        y = y * (tl.load(xs_ptr) / _CODE_SCALE if F16_PRODUCTS else tl.load(xs_ptr))
+        x_scale = tl.load(xs_ptr)
+        if F16_PRODUCTS:
+            x_scale = x_scale / _CODE_SCALE
+        y = y * x_scale
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)

@@ -49,9 +49,11 @@ def bench_silu(flush: torch.Tensor) -> None:
         print(f"{rows:>5} | {fused:>7.4f} {'same' if same else 'DIFFER':>6} | {plain:>10.4f} | {two:>19.4f}")
 
 
-def fp8_step(batch: int, ctx: int):
-    """A decode step over a bf16 cache and the same cache quantized to e4m3 with one scale each for K, V."""
-    k_cache, v_cache, meta = make_step([1] * batch, [ctx] * batch, HKV, D, BLOCK, torch.bfloat16, "cuda")
+def fp8_step(batch: int, ctx: int | list[int]):
+    """A decode step over a bf16 cache and the same cache quantized to e4m3 with one scale each for K, V; ctx is
+    every sequence's context, or each one's."""
+    lengths = [ctx] * batch if isinstance(ctx, int) else ctx
+    k_cache, v_cache, meta = make_step([1] * batch, lengths, HKV, D, BLOCK, torch.bfloat16, "cuda")
     ks = (k_cache.float().abs().amax() / FP8_MAX).reshape(1)
     vs = (v_cache.float().abs().amax() / FP8_MAX).reshape(1)
     k8, v8 = to_cache_dtype(k_cache, FP8, ks), to_cache_dtype(v_cache, FP8, vs)

@@ -17,21 +17,10 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.gpu.bench_fp8_kernels import HKV, HQ, D  # noqa: E402
+from tests.gpu.bench_fp8_kernels import HKV, D, fp8_step  # noqa: E402
 from tests.gpu.bench_kernels import timeit  # noqa: E402
-from tests.gpu.test_kernels_triton import make_step  # noqa: E402
 from tokenq_kernels.attention import paged_attention_ref  # noqa: E402
 from tokenq_kernels.attention_triton import paged_attention_triton  # noqa: E402
-from tokenq_kernels.fp8 import FP8, FP8_MAX  # noqa: E402
-from tokenq_kernels.kv_cache import to_cache_dtype  # noqa: E402
-
-
-def fp8_batch(lengths: list[int]):
-    k, v, meta = make_step([1] * len(lengths), lengths, HKV, D, 16, torch.bfloat16, "cuda")
-    ks = (k.float().abs().amax() / FP8_MAX).reshape(1)
-    vs = (v.float().abs().amax() / FP8_MAX).reshape(1)
-    q = torch.randn(len(lengths), HQ, D, dtype=torch.bfloat16, device="cuda")
-    return q, to_cache_dtype(k, FP8, ks), to_cache_dtype(v, FP8, vs), ks, vs, meta
 
 
 def main() -> int:
@@ -49,7 +38,7 @@ def main() -> int:
               f"{gb * 1e3:.0f} MB of keys and values")
         base = None
         for name, lengths in orders.items():
-            q, k8, v8, ks, vs, meta = fp8_batch(lengths)
+            q, _, (k8, v8, ks, vs), meta = fp8_step(len(lengths), lengths)
             ref = paged_attention_ref(q, k8, v8, meta, D**-0.5, k_scale=ks, v_scale=vs).float()
             for splits in (None, 2):
                 fn = partial(paged_attention_triton, q, k8, v8, meta, D**-0.5, num_splits=splits, k_scale=ks,

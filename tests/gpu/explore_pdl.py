@@ -20,9 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.gpu.bench_gemv import SHAPES, rel_err, time_graph  # noqa: E402
 from tokenq_kernels.fp8 import QuantizedInput, fp8_gemv_ref, quantize_rows_ref  # noqa: E402
-from tokenq_kernels.fp8_triton import fp8_gemv_tiles, fp8_gemv_triton  # noqa: E402
-
-_CODE_SCALE = tl.constexpr(1.0 / 512)
+from tokenq_kernels.fp8_triton import _CODE_SCALE, _GROUP, fp8_gemv_tiles, fp8_gemv_triton  # noqa: E402
 
 
 @triton.jit
@@ -58,7 +56,7 @@ def gemv_pdl(x: QuantizedInput, w: torch.Tensor, ws: torch.Tensor, y: torch.Tens
     n, k = w.shape
     cfg = fp8_gemv_tiles(n, k, True)
     _gemv[(n // cfg.block_n,)](x.q, x.scale, w, ws, y, k, w.stride(0), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                               GROUP=8, PREFETCH=prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                               GROUP=_GROUP, PREFETCH=prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                launch_pdl=True)
 
 
