@@ -47,6 +47,12 @@ async def until(pred, timeout: float, what: str, logs: list[Path]):
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
+async def _warned_loops(log: Path) -> list[str]:
+    """The loops that logged the start of an outage, one entry per warning."""
+    return [json.loads(line)["loop"] for line in log.read_text().splitlines()
+            if "redis unreachable" in line and line.startswith("{")]
+
+
 async def test_worker_and_deliverer_survive_a_redis_restart(default_model_dir, tmp_path):
     server = RestartableRedis(tmp_path)
     server.start()
@@ -60,7 +66,10 @@ async def test_worker_and_deliverer_survive_a_redis_restart(default_model_dir, t
         await until(lambda: r.keys("*health-check*"), 60, "the deliverer's health check", logs)
 
         server.kill()
-        await asyncio.sleep(3.0)  # both notice: their reads fail for a while
+        # Both notice once the client's own retries (worker/service.py) run out; how soon depends on the
+        # machine's load, so wait for the warnings rather than a fixed time.
+        for log in logs:
+            await until(lambda log=log: _warned_loops(log), 60, f"an outage warning in {log.name}", logs)
         assert worker.poll() is None and webhooks.poll() is None, "\n".join(p.read_text()[-3000:] for p in logs)
         server.start()
         await asyncio.sleep(2.0)
@@ -95,6 +104,5 @@ async def test_worker_and_deliverer_survive_a_redis_restart(default_model_dir, t
     assert codes == [0, 0], "\n".join(p.read_text()[-3000:] for p in logs)
     # One warning per loop for the one outage, not one per retry.
     for log in logs:
-        warned = [json.loads(line)["loop"] for line in log.read_text().splitlines()
-                  if "redis unreachable" in line and line.startswith("{")]
+        warned = await _warned_loops(log)
         assert warned and len(warned) == len(set(warned)), (log.name, warned)
