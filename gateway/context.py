@@ -40,7 +40,8 @@ class GatewayContext:
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
                    auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,
                    hub=event_hub(redis),
-                   cache=ResponseCache(redis, metrics.cache_lookups, metrics.cache_hits))
+                   cache=ResponseCache(redis, metrics.cache_lookups, metrics.cache_hits, metrics.semantic_entries,
+                                         metrics.semantic_loading))
 
 
 async def get_ctx(request: Request) -> GatewayContext:

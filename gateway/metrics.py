@@ -45,6 +45,10 @@ class GatewayMetrics:
                                      ["kind"], registry=self.registry)
         self.cache_hits = Counter("tokenq_gateway_cache_hits", "response-cache hits by kind (answered without "
                                   "queueing)", ["kind"], registry=self.registry)
+        self.semantic_entries = Gauge("tokenq_gateway_semantic_index_entries", "semantic entries in this "
+                                      "gateway's vector index", registry=self.registry)
+        self.semantic_loading = Gauge("tokenq_gateway_semantic_index_loading", "1 while this gateway's vector "
+                                      "index loads the entries Redis held at its start", registry=self.registry)
         self.waiting = Gauge("tokenq_queue_waiting_jobs", "jobs on a lane that no worker has taken yet",
                              ["model", "lane", "tenant"], registry=self.registry)
         self.running = Gauge("tokenq_queue_running_jobs", "jobs a worker has taken and not yet finished",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from gateway.flight import TtlCache
 from jobstore.connect import is_cluster, pipeline
@@ -42,13 +42,19 @@ class Lookup:
 
 
 class ResponseCache:
-    def __init__(self, redis: aioredis.Redis, lookups: Counter, hits: Counter) -> None:
+    def __init__(self, redis: aioredis.Redis, lookups: Counter, hits: Counter,
+                 index_entries: Gauge | None = None, index_loading: Gauge | None = None) -> None:
+        """`index_entries` and `index_loading` read the semantic index at each scrape (0 until it exists)."""
         self.redis = redis
         # Its keys are not laid out for a Redis Cluster yet (one semantic log for every tenant): off there.
         self.available = not is_cluster(redis)
         self.lookups, self.hits = lookups, hits  # labels: kind (exact, semantic)
         self._semantic: SemanticCache | None = None
         self._policies = TtlCache()
+        if index_entries is not None:
+            index_entries.set_function(lambda: len(self._semantic) if self._semantic is not None else 0)
+        if index_loading is not None:
+            index_loading.set_function(lambda: float(self._semantic is not None and self._semantic.loading))
 
     @property
     def semantic(self) -> SemanticCache:

@@ -27,7 +27,10 @@ log = structlog.get_logger(__name__)
 CANDIDATES = 4  # nearest entries the verifier judges (respcache/train.py trains on as many)
 LOAD_WAIT_S = 10.0  # how long a lookup waits for the model to load; past it, a miss
 TAIL_BLOCK_MS = 1000
-_LOAD_BATCH = 500
+_LOAD_BATCH = 500  # entries read from Redis in one MGET while loading
+# Entries added to the index in one call on the worker thread while loading: a lookup queued behind that
+# call waits for it, so a start with many entries must not hold the thread for long at a time.
+_ADD_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class SemanticCache:
             log.error("semantic cache unavailable", error=repr(task.exception()))
         return False
 
+    @property
+    def loading(self) -> bool:
+        """Whether the entries Redis held at start are still going into the index (lookups answer from what
+        it has so far)."""
+        return self._loading is not None and not self._loading.done()
+
     async def loaded(self) -> None:
         """Until every entry in Redis at start is in the index and the log is being tailed."""
         await asyncio.shield(self.start())
@@ -100,7 +109,8 @@ class SemanticCache:
                 raws = await self.redis.mget([keys.entry_key(tenant, e) for e in batch])
                 expiries = await self._expiries(tenant, batch)
                 rows = [(tenant, e, json.loads(r), ttl) for e, r, ttl in zip(batch, raws, expiries, strict=True) if r]
-                await self._call(self._add_loaded, rows)
+                for j in range(0, len(rows), _ADD_CHUNK):
+                    await self._call(self._add_loaded, rows[j:j + _ADD_CHUNK])
                 loaded += len(rows)
         return loaded
 

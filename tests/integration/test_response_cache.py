@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import numpy as np
 import pytest
 
 from gateway.apikeys import create_key
@@ -263,3 +264,37 @@ async def test_semantic_entries_are_tenant_scoped(client, app, idle_worker, redi
     assert "x-tokenq-cache" not in r.headers
     r = await client.post("/v1/jobs", json=chat(PARAPHRASE), headers=bearer(acme.api_key))
     assert r.headers.get("x-tokenq-cache") == "semantic"
+
+
+async def test_a_start_loads_the_index_in_small_steps_and_the_gauges_show_it(redis_client):
+    pytest.importorskip("usearch")
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    from gateway.response_cache import ResponseCache
+    from respcache import semantic
+    from respcache.embedder import DIM
+    from respcache.index import encode_vector
+
+    rng = np.random.default_rng(0)
+    count = 3 * semantic._ADD_CHUNK + 5
+    for i in range(count):
+        v = rng.normal(size=DIM).astype(np.float32)
+        b64 = encode_vector(v / np.linalg.norm(v))
+        await store.store(redis_client, "t", f"s:{i}", store.entry_json(_result(str(i)), "chat", "m", f"q{i}", "sc", b64),
+                          ttl_s=60, max_entries=10 ** 6, scope="sc", vector_b64=b64, text=f"q{i}")
+    reg = CollectorRegistry()
+    entries, loading = Gauge("entries", "", registry=reg), Gauge("loading", "", registry=reg)
+    cache = ResponseCache(redis_client, Counter("lookups", "", ["kind"], registry=reg),
+                          Counter("hits", "", ["kind"], registry=reg), entries, loading)
+    assert reg.get_sample_value("entries") == 0 and reg.get_sample_value("loading") == 0
+    sem = cache.semantic
+    steps: list[int] = []
+    add = sem._add_loaded
+    sem._add_loaded = lambda rows: (steps.append(len(rows)), add(rows))[1]  # type: ignore[method-assign]
+    sem._loading = asyncio.ensure_future(sem._load_entries())  # the entries' part of a start, no model
+    assert reg.get_sample_value("loading") == 1
+    assert await sem._loading == count
+    # A lookup queued behind the load waits for one step at most, never for a whole MGET's worth.
+    assert sum(steps) == count and max(steps) <= semantic._ADD_CHUNK
+    assert reg.get_sample_value("entries") == count and reg.get_sample_value("loading") == 0
+    await sem.aclose()

@@ -186,3 +186,24 @@ def test_the_embedder_loads_after_the_index_has_loaded_usearch():
             "import onnxruntime\nprint('loaded')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_bench_names_why_each_false_hit_is_false():
+    from tokenq.bench.cache import FALSE_KINDS, hit_kind
+
+    duplicate, distinct = Pair("How do I sleep?", "How can I sleep?", 1), Pair("Is tea good?", "Is tea bad?", 0)
+    assert hit_kind(duplicate, "How do I sleep?") == "correct"
+    assert hit_kind(duplicate, "How to sleep well?") == "paraphrase"
+    assert hit_kind(distinct, "Is tea good?") == "own"
+    assert hit_kind(distinct, "Is coffee bad?") == "other"
+    assert set(FALSE_KINDS) == {"own", "paraphrase", "other"}
+
+
+def test_the_bench_reports_how_often_alike_pairs_are_labelled_duplicates():
+    from tokenq.bench.cache import label_check
+
+    pairs = [Pair("a b", "a c", 1), Pair("a d", "a e", 0), Pair("x", "x", 0), Pair("far", "away", 1)]
+    bands = label_check(pairs, [0.98, 0.99, 1.0, 0.2])
+    top = bands[0]
+    assert (top["cosine_from"], top["pairs"], top["duplicate_share"]) == (0.97, 2, 0.5)  # identical texts left out
+    assert all(b["pairs"] == 0 and b["duplicate_share"] is None for b in bands[1:])
