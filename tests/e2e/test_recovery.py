@@ -137,7 +137,12 @@ async def test_killed_worker_jobs_are_rerun_by_the_other(redis_url, redis_client
 
         await wait_for(all_final, 60, "every job to end", logs)
         took = time.monotonic() - killed_at
-        await asyncio.sleep(0.3)  # let the last final events arrive
+        async def every_final_heard() -> bool:
+            return all(keys.events_channel(p.id) in finals for p in jobs)
+
+        # Each job's final event, then a moment more in which a duplicate would show.
+        await wait_for(every_final_heard, 30, "every job's final event", logs)
+        await asyncio.sleep(0.3)
         counter.cancel()
         await asyncio.gather(counter, return_exceptions=True)
         final = await hashes(r, jobs)
