@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from gateway import routes_batches, routes_files, routes_health, routes_jobs, routes_openai
+from gateway import routes_batches, routes_cache, routes_files, routes_health, routes_jobs, routes_openai
 from gateway.access_log import logged
 from gateway.admission import max_queue_depth_from_env
 from gateway.context import GatewayContext
@@ -79,6 +79,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.include_router(routes_jobs.router)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
+    app.include_router(routes_cache.router)
     app.include_router(routes_health.router)
     install_openapi(app)
     # Added last = outermost: metrics see every answer, the 413s of the size limit and the 500s included.

@@ -27,7 +27,6 @@ from gateway.enqueue import enqueue, job_created_body
 from gateway.errors import error_response, exception_response
 from gateway.limits import replaying
 from gateway.metrics import GatewayMetrics
-from gateway.response_cache import HEADER
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
 from gateway.waiting import WaitingResponse
 
@@ -104,8 +103,7 @@ class FastSubmit:
         except Exception as e:  # noqa: BLE001 - answered as FastAPI's exception handlers answer it
             return await self._answer(exception_response(e), scope, receive, send, start)
         headers = [(b"idempotent-replayed", b"true")] if enqueued.repeat else []
-        if enqueued.cache:
-            headers.append((HEADER.encode(), enqueued.cache.encode()))
+        headers += [(name.encode(), value.encode()) for name, value in enqueued.cache_headers.items()]
         headers += [(b"content-length", str(len(content)).encode()), (b"content-type", _JSON)]
         self._latency[JOBS_PATH].observe(time.perf_counter() - start)
         await send({"type": "http.response.start", "status": 202, "headers": headers})

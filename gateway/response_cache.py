@@ -27,12 +27,21 @@ if TYPE_CHECKING:
 POLICY_CACHE_S = 1.0
 POLICY_STALE_S = 5.0
 HEADER = "x-tokenq-cache"
+ENTRY_HEADER = "x-tokenq-cache-entry"
+
+
+def hit_headers(kind: str | None, entry_id: str | None) -> dict[str, str]:
+    """A hit's response headers: which cache answered, and with which entry; none for a miss."""
+    if not kind:
+        return {}
+    return {HEADER: kind, ENTRY_HEADER: entry_id} if entry_id else {HEADER: kind}
 
 
 @dataclass(frozen=True)
 class Hit:
     kind: str  # "exact" or "semantic"
     result: JobResult
+    entry_id: str  # the entry that answered, so that a client can remove a wrong answer
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,7 @@ class ResponseCache:
         entry = await store.read_entry(self.redis, tenant, exact_id)
         if entry is not None:
             self._count("exact", hit=True)
-            return Lookup(Hit("exact", _for(payload, entry.result)), {})
+            return Lookup(Hit("exact", _for(payload, entry.result), exact_id), {})
         self._count("exact", hit=False)
         pending: dict[str, Any] = {"tenant": tenant, "kind": payload.kind, "model": payload.model,
                                    "exact": exact_id, "semantic": None, "ttl": decision.ttl_s,
@@ -110,7 +119,7 @@ class ResponseCache:
             entry = await store.read_entry(self.redis, tenant, match.entry_id)
             if entry is not None and entry.scope == key.scope:
                 self._count("semantic", hit=True)
-                return Lookup(Hit("semantic", _for(payload, entry.result)), {})
+                return Lookup(Hit("semantic", _for(payload, entry.result), match.entry_id), {})
             if entry is None:
                 self.semantic.forget(tenant, match.entry_id)
         self._count("semantic", hit=False)
@@ -150,7 +159,7 @@ async def write_hit(redis: aioredis.Redis, payload: JobPayload, request_json: st
         F.LANE: payload.lane, F.REQUEST: request_json, F.METADATA: json.dumps(metadata),
         F.PAYLOAD: payload.model_dump_json(), F.RESULT: hit.result.model_dump_json(), F.TEXT: hit.result.text,
         F.CREATED_AT: now, F.STARTED_AT: now, F.FINISHED_AT: now, F.SEQ: "0", F.ATTEMPTS: "0",
-        F.STREAMED: "0", F.CACHE: hit.kind,
+        F.STREAMED: "0", F.CACHE: hit.kind, F.CACHE_ENTRY: hit.entry_id,
     }
     if idempotency_key is not None:
         record[F.IDEMPOTENCY_KEY] = idempotency_key

@@ -181,6 +181,7 @@ def job_object(job_id: str, record: dict[str, str]) -> dict[str, Any]:
         "result": result,
         "error": error,
         "cache": record.get(F.CACHE),
+        "cache_entry": record.get(F.CACHE_ENTRY),
     }
 
 

@@ -11,7 +11,6 @@ from gateway.context import Caller, get_caller
 from gateway.enqueue import enqueue, job_created_body
 from gateway.errors import ApiError
 from gateway.jobs import read_job
-from gateway.response_cache import HEADER
 from gateway.schemas import JobCreate
 from gateway.sse import job_events, parse_event_id, sse_response
 from jobstore import JobRef
@@ -26,7 +25,7 @@ async def create_job(body: JobCreate, caller: Caller = Depends(get_caller),
                      idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Response:
     job = await enqueue(caller.ctx, caller.tenant, body, body.priority, body.stream, body.metadata,
                         check_idempotency_key(idempotency_key))
-    headers = {"Idempotent-Replayed": "true"} if job.repeat else {HEADER: job.cache} if job.cache else None
+    headers = {"Idempotent-Replayed": "true"} if job.repeat else job.cache_headers or None
     return JSONResponse(status_code=202, content=job_created_body(job, body.metadata), headers=headers)
 
 

@@ -14,7 +14,6 @@ from gateway.context import Caller, GatewayContext, get_caller
 from gateway.enqueue import enqueue
 from gateway.errors import error_response
 from gateway.jobs import Final, wait_final
-from gateway.response_cache import HEADER
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.sse import completion_events, final_error, sse_response
 from gateway.waiting import WaitingResponse
@@ -51,7 +50,7 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     FastAPI routes and gateway/fastpath.py both answer with this (the key already checked)."""
     job = await enqueue(ctx, tenant, body, body.priority, body.stream, {}, idempotency_key)
     payload, created = job.payload, int(job.created_at)
-    headers = {HEADER: job.cache} if job.cache else None
+    headers = job.cache_headers or None
     on_abandon = None
     if not job.repeat and not job.cache and not payload.run_to_completion:  # a client that leaves cancels its job
         def on_abandon() -> None:

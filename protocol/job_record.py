@@ -31,6 +31,7 @@ WEBHOOK_URL = "webhook_url"
 WEBHOOK_ATTEMPTS = "webhook_attempts"  # JSON list of delivery attempts (time, status or error)
 DEADLINE = "deadline"  # epoch seconds, when the job has one (also its score in keys.deadlines_key(model))
 CACHE = "cache"  # "exact" or "semantic": answered from the response cache, never queued
+CACHE_ENTRY = "cache_entry"  # the response-cache entry that answered it (DELETE /v1/cache/entries/{id})
 ENTRY_ID = "entry_id"  # the job's stream entry id, so a cancel of a queued job can acknowledge it
 
 RETENTION_SECONDS = 7 * 24 * 3600  # a final job's hash expires after this

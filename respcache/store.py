@@ -52,6 +52,25 @@ return 1
 """)
 
 
+# KEYS: 1 the tenant's entry set, 2 the log stream. ARGV: 1 tenant, 2 entry key prefix, 3 log maxlen, 4... ids.
+# Returns how many of the ids the tenant held.
+REMOVE = Script("""
+local removed = 0
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    removed = removed + 1
+    redis.call('DEL', ARGV[2] .. id)
+    if string.sub(id, 1, 2) == 's:' then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'op', 'del', 'tenant', ARGV[1], 'id', id)
+    end
+  end
+end
+return removed
+""")
+PURGE_BATCH = 1000  # ids a purge removes per script call, so that Redis is never held for long
+
+
 @dataclass(frozen=True)
 class Entry:
     """A cached answer as a hit reads it."""
@@ -113,3 +132,20 @@ async def fill(redis: aioredis.Redis, job_id: str, result_json: str) -> int:
                     keys.pending_key(job_id), sem["scope"], sem["vec"], sem["text"])
         written += 1
     return written
+
+
+async def remove(redis: aioredis.Redis, tenant: str, entry_ids: list[str]) -> int:
+    """Removes these entries of the tenant (every gateway's index drops the semantic ones); returns how many
+    it held."""
+    if not entry_ids:
+        return 0
+    return int(await run(redis, REMOVE, [keys.index_key(tenant), keys.LOG_STREAM],
+                         [tenant, keys.entry_key(tenant, ""), keys.LOG_MAXLEN, *entry_ids]))
+
+
+async def purge(redis: aioredis.Redis, tenant: str) -> int:
+    """Removes every entry of the tenant, PURGE_BATCH at a time; returns how many."""
+    total = 0
+    while ids := await redis.zrange(keys.index_key(tenant), 0, PURGE_BATCH - 1):
+        total += await remove(redis, tenant, ids)
+    return total

@@ -106,6 +106,56 @@ async def test_exact_hit_on_every_route_without_a_worker(client, idle_worker, re
     assert lookups(metrics, "exact", "hit") == 3 and lookups(metrics, "exact", "miss") == 1
 
 
+async def test_a_hit_names_its_entry_and_the_tenant_can_remove_it(client, idle_worker, redis_client):
+    r = await client.post("/v1/jobs", json=EXACT)
+    await finish(redis_client, r.json()["id"], " stale")
+    r = await client.post("/v1/completions", json=EXACT)
+    entry = r.headers["x-tokenq-cache-entry"]
+    assert r.headers["x-tokenq-cache"] == "exact" and entry.startswith("x:")
+    r = await client.post("/v1/jobs", json=EXACT)
+    assert r.json()["cache_entry"] == entry
+    assert (await client.get(f"/v1/jobs/{r.json()['id']}")).json()["cache_entry"] == entry
+
+    r = await client.delete(f"/v1/cache/entries/{entry}")
+    assert r.status_code == 200 and r.json() == {"id": entry, "object": "cache.entry.deleted", "deleted": True}
+    r = await client.post("/v1/jobs", json=EXACT)  # a miss now: queued for a worker
+    assert "x-tokenq-cache" not in r.headers and r.json()["status"] == "queued"
+    assert await queued(redis_client) == 2
+    assert (await client.delete(f"/v1/cache/entries/{entry}")).status_code == 404
+    r = await client.delete("/v1/cache/entries/not-an-id")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "entry_id"
+
+
+async def test_a_purge_removes_the_callers_entries_only(client, idle_worker, redis_client):
+    acme = await create_key(redis_client, "acme", {})
+    for i in range(3):
+        await store.store(redis_client, "acme", f"s:{i:064x}", store.entry_json(_result(str(i)), "chat", "m"),
+                          ttl_s=60, max_entries=10, scope="sc", vector_b64="AAAA", text=f"q{i}")
+    await store.store(redis_client, "acme", f"x:{9:064x}", store.entry_json(_result("x"), "chat", "m"), ttl_s=60,
+                      max_entries=10)
+    await store.store(redis_client, "other", f"x:{9:064x}", store.entry_json(_result("o"), "chat", "m"),
+                      ttl_s=60, max_entries=10)
+    r = await client.delete("/v1/cache", headers=bearer(acme.api_key))
+    assert r.status_code == 200 and r.json() == {"object": "cache.purged", "deleted": 4}
+    assert await redis_client.zcard(cache_keys.index_key("acme")) == 0
+    assert await store.read_entry(redis_client, "acme", f"x:{9:064x}") is None
+    assert (await store.read_entry(redis_client, "other", f"x:{9:064x}")).result.text == "o"
+    # Every gateway's semantic index hears of the semantic ones.
+    log = [fields for _, fields in await redis_client.xrange(cache_keys.LOG_STREAM)]
+    assert sorted(e["id"] for e in log if e["tenant"] == "acme" and e["op"] == "del") == [
+        f"s:{i:064x}" for i in range(3)]
+    assert (await client.delete("/v1/cache", headers=bearer(acme.api_key))).json()["deleted"] == 0
+
+
+async def test_a_purge_goes_in_batches(redis_client, monkeypatch):
+    monkeypatch.setattr(store, "PURGE_BATCH", 2)
+    for i in range(5):
+        await store.store(redis_client, "t", f"x:{i:064x}", store.entry_json(_result(str(i)), "chat", "m"),
+                          ttl_s=60, max_entries=10)
+    assert await store.purge(redis_client, "t") == 5
+    assert await redis_client.zcard(cache_keys.index_key("t")) == 0
+
+
 async def test_a_hit_with_a_webhook_goes_to_the_outbox(client, idle_worker, redis_client):
     r = await client.post("/v1/jobs", json=EXACT)
     await finish(redis_client, r.json()["id"], " done")
