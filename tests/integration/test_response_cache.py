@@ -288,6 +288,8 @@ async def test_semantic_entry_written_through_one_gateway_is_found_through_anoth
             await asyncio.sleep(0.05)
         assert r.headers.get("x-tokenq-cache") == "semantic", "not found through the other gateway in 1 s"
         assert r.json()["choices"][0]["message"]["content"] == " Meditate."
+        entry = r.headers["x-tokenq-cache-entry"]
+        assert entry.startswith("s:")
         # Another system prompt is another scope; an unrelated question is no hit.
         r = await b.post("/v1/jobs", json=chat(PARAPHRASE, system="Answer at length."))
         assert "x-tokenq-cache" not in r.headers
@@ -295,6 +297,14 @@ async def test_semantic_entry_written_through_one_gateway_is_found_through_anoth
         assert "x-tokenq-cache" not in r.headers
         metrics = (await b.get("/metrics")).text
         assert lookups(metrics, "semantic", "hit") == 1 and lookups(metrics, "semantic", "miss") >= 2
+        # Removed through one gateway, the entry leaves the other's index too (it follows the log).
+        assert (await a.delete(f"/v1/cache/entries/{entry}")).status_code == 200
+        removed = time.monotonic()
+        while len(two.state.ctx.cache.semantic) and time.monotonic() - removed < 1.0:
+            await asyncio.sleep(0.05)
+        assert len(two.state.ctx.cache.semantic) == 0, "still in the other gateway's index after 1 s"
+        r = await b.post("/v1/jobs", json=chat(PARAPHRASE))
+        assert "x-tokenq-cache" not in r.headers
 
 
 @pytest.mark.slow
