@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenq.keys import add_parser as add_keys_parser
 
     add_keys_parser(sub, settings.redis_url())
+    from tokenq.cache import add_parser as add_cache_parser
+
+    add_cache_parser(sub, settings.redis_url())
     from tokenq.status import add_parser as add_status_parser
 
     add_status_parser(sub, settings.redis_url())

@@ -358,3 +358,33 @@ async def test_a_start_loads_the_index_in_small_steps_and_the_gauges_show_it(red
     assert sum(steps) == count and max(steps) <= semantic._ADD_CHUNK
     assert reg.get_sample_value("entries") == count and reg.get_sample_value("loading") == 0
     await sem.aclose()
+
+
+def test_an_operator_removes_a_tenants_entries_from_the_cli(redis_url, capsys):
+    import redis as sync_redis
+    import redis.asyncio as aioredis
+
+    from tokenq.cli import main
+
+    async def seed() -> None:
+        r = aioredis.from_url(redis_url, decode_responses=True)
+        await r.flushdb()
+        for tenant, i in (("acme", 1), ("acme", 2), ("other", 1)):
+            await store.store(r, tenant, f"x:{i:064x}", store.entry_json(_result(tenant), "chat", "m"), ttl_s=60,
+                              max_entries=10)
+        await r.aclose()
+
+    def cli(*argv: str) -> int:
+        with pytest.raises(SystemExit) as done:
+            main(["cache", *argv, "--redis-url", redis_url])
+        return done.value.code
+
+    asyncio.run(seed())
+    assert cli("remove", "--tenant", "acme", f"x:{1:064x}", f"x:{7:064x}") == 1  # one of two held
+    assert "removed 1 of 2" in capsys.readouterr().out
+    assert cli("purge", "--tenant", "acme") == 0
+    assert "removed 1 entries of tenant 'acme'" in capsys.readouterr().out
+    r = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    assert r.zcard(cache_keys.index_key("acme")) == 0
+    assert r.exists(cache_keys.entry_key("other", f"x:{1:064x}")) == 1
+    r.close()

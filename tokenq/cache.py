@@ -1,0 +1,49 @@
+"""`tokenq cache purge|remove`: an operator's way to drop a tenant's response-cache entries without its API
+key (a tenant uses DELETE /v1/cache and /v1/cache/entries/{id}; both act through respcache/store.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from jobstore.connect import connect, is_cluster_url
+from respcache import store
+
+
+def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
+    cache = sub.add_parser("cache", help="remove a tenant's response-cache entries (docs/caching.md)")
+    csub = cache.add_subparsers(dest="cache_cmd", required=True)
+    purge = csub.add_parser("purge", help="remove every entry of a tenant")
+    purge.add_argument("--tenant", required=True)
+    remove = csub.add_parser("remove", help="remove entries of a tenant by id (a hit's x-tokenq-cache-entry)")
+    remove.add_argument("--tenant", required=True)
+    remove.add_argument("entry_ids", nargs="+", metavar="ENTRY_ID")
+    for p in (purge, remove):
+        p.add_argument("--redis-url", default=redis_url)
+    cache.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    if not args.redis_url:
+        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
+    if is_cluster_url(args.redis_url):
+        raise SystemExit("error: the response cache needs a single-node Redis")
+    try:
+        return asyncio.run(_run(args))
+    except RedisConnectionError as e:
+        raise SystemExit(f"error: cannot reach Redis at {args.redis_url} ({e}); is `tokenq up` running?") from None
+
+
+async def _run(args: argparse.Namespace) -> int:
+    redis = connect(args.redis_url)
+    try:
+        if args.cache_cmd == "purge":
+            print(f"removed {await store.purge(redis, args.tenant)} entries of tenant {args.tenant!r}")
+            return 0
+        removed = await store.remove(redis, args.tenant, args.entry_ids)
+        print(f"removed {removed} of {len(args.entry_ids)} entries of tenant {args.tenant!r}")
+        return 0 if removed == len(args.entry_ids) else 1
+    finally:
+        await redis.aclose()
