@@ -207,3 +207,12 @@ def test_the_bench_reports_how_often_alike_pairs_are_labelled_duplicates():
     top = bands[0]
     assert (top["cosine_from"], top["pairs"], top["duplicate_share"]) == (0.97, 2, 0.5)  # identical texts left out
     assert all(b["pairs"] == 0 and b["duplicate_share"] is None for b in bands[1:])
+
+
+def test_the_bench_reports_how_often_pairs_of_the_same_words_are_labelled_duplicates():
+    from tokenq.bench.cache import same_words_check
+
+    pairs = [Pair("How do I sleep?", "how do i sleep", 1), Pair("Is tea good?", "is tea good!", 0),
+             Pair("x", "x", 0), Pair("How do I sleep?", "How can I sleep?", 1)]
+    assert same_words_check(pairs) == {"pairs": 2, "duplicate_share": 0.5}
+    assert same_words_check([]) == {"pairs": 0, "duplicate_share": None}

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -153,7 +154,8 @@ async def _precision(redis, pairs, vec, threshold: float) -> dict:
     return {**{k: at_default[k] for k in ("precision", "recall", "hit_rate")},
             "verifier_table": [row(probs, texts, x) for x in THRESHOLDS],
             "cosine_table": [row(cos_scores, cos_texts, x) for x in COSINES],
-            "label_check": label_check(pairs, [float(vec[p.text_a] @ vec[p.text_b]) for p in pairs])}
+            "label_check": label_check(pairs, [float(vec[p.text_a] @ vec[p.text_b]) for p in pairs]),
+            "label_check_same_words": same_words_check(pairs)}
 
 
 def label_check(pairs: list, own_cosines: list[float]) -> list[dict]:
@@ -166,6 +168,17 @@ def label_check(pairs: list, own_cosines: list[float]) -> list[dict]:
         bands.append({"cosine_from": low, "cosine_to": high, "pairs": len(inside),
                       "duplicate_share": sum(p.label for p in inside) / len(inside) if inside else None})
     return bands
+
+
+_WORDS = re.compile(r"[a-z0-9]+")
+
+
+def same_words_check(pairs: list) -> dict:
+    """How often the labels call a pair a duplicate when its two questions are the same words, case and
+    punctuation aside (identical texts left out)."""
+    same = [p for p in pairs if p.text_a != p.text_b
+            and _WORDS.findall(p.text_a.lower()) == _WORDS.findall(p.text_b.lower())]
+    return {"pairs": len(same), "duplicate_share": sum(p.label for p in same) / len(same) if same else None}
 
 
 LABEL_BANDS = ((0.97, 1.01), (0.95, 0.97), (0.9, 0.95), (0.85, 0.9))
@@ -342,6 +355,9 @@ def _print(r: dict) -> None:
     for band in r["label_check"]:
         print(f"  cosine {band['cosine_from']:.2f}-{min(band['cosine_to'], 1.0):.2f}: {band['pairs']:>5} pairs, "
               f"{_fmt(band['duplicate_share'])} labelled duplicate")
+    same = r["label_check_same_words"]
+    print(f"  the same words, case and punctuation aside: {same['pairs']:>5} pairs, {_fmt(same['duplicate_share'])} "
+          "labelled duplicate")
     print(f"\nat the default threshold: precision {_fmt(r['precision'])}, recall {r['recall']:.3f}, "
           f"hit rate {r['hit_rate']:.3f}")
     if "entries" in r:
