@@ -29,6 +29,13 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 COSINES = (0.85, 0.9, 0.93, 0.95, 0.97)
 TENANT = "bench-cache"
 SCOPE = "bench-scope"
+# Bands of a pair's own cosine for the label check, and the words a same-words check compares.
+LABEL_BANDS = ((0.97, 1.01), (0.95, 0.97), (0.9, 0.95), (0.85, 0.9))
+_WORDS = re.compile(r"[a-z0-9]+")
+# Why a false hit is false: the query's own question, which Quora labels not a duplicate (`own`); another
+# entry, for a query Quora labels a duplicate of its own question (`paraphrase`: often a third wording of
+# the same question, which the metric counts false); another entry for a non-duplicate (`other`).
+FALSE_KINDS = ("own", "paraphrase", "other")
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -159,8 +166,8 @@ async def _precision(redis, pairs, vec, threshold: float) -> dict:
 
 
 def label_check(pairs: list, own_cosines: list[float]) -> list[dict]:
-    """How often the labels call a pair a duplicate, by how alike its two questions are: the share at the
-    top band bounds the precision any cache can reach on these labels at the recall that band holds."""
+    """How often the labels call a pair a duplicate, by how alike its two questions are: the precision a
+    cache would score on a band if it answered every pair in it."""
     bands = []
     for low, high in LABEL_BANDS:
         inside = [p for p, c in zip(pairs, own_cosines, strict=True)
@@ -168,9 +175,6 @@ def label_check(pairs: list, own_cosines: list[float]) -> list[dict]:
         bands.append({"cosine_from": low, "cosine_to": high, "pairs": len(inside),
                       "duplicate_share": sum(p.label for p in inside) / len(inside) if inside else None})
     return bands
-
-
-_WORDS = re.compile(r"[a-z0-9]+")
 
 
 def same_words_check(pairs: list) -> dict:
@@ -181,11 +185,6 @@ def same_words_check(pairs: list) -> dict:
     return {"pairs": len(same), "duplicate_share": sum(p.label for p in same) / len(same) if same else None}
 
 
-LABEL_BANDS = ((0.97, 1.01), (0.95, 0.97), (0.9, 0.95), (0.85, 0.9))
-# Why a false hit is false: the query's own question, which Quora labels not a duplicate (`own`); another
-# entry, for a query Quora labels a duplicate of its own question (`paraphrase`: often a third wording of
-# the same question, which the metric counts false); another entry for a non-duplicate (`other`).
-FALSE_KINDS = ("own", "paraphrase", "other")
 
 
 def hit_kind(pair, text: str) -> str:
