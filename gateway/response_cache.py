@@ -19,6 +19,7 @@ from jobstore.connect import is_cluster, pipeline
 from protocol import job_record as F
 from protocol import keys as protocol_keys
 from protocol.jobs import JobPayload, JobResult, JobState, Usage
+from respcache import keys as cache_keys
 from respcache import policy, scope, store
 
 if TYPE_CHECKING:
@@ -74,6 +75,17 @@ class ResponseCache:
 
             self._semantic = SemanticCache(self.redis)
         return self._semantic
+
+    async def preload(self) -> bool:
+        """Starts loading the semantic cache (its model, then its index) in the background once Redis holds
+        semantic entries, so that the first semantic request after a start does not wait for the load;
+        True once started. The gateway's warm-up calls it."""
+        if self._semantic is not None:
+            return True
+        if not self.available or not await self.redis.exists(cache_keys.LOG_STREAM):
+            return False
+        self.semantic.start()
+        return True
 
     async def policy(self, tenant: str) -> policy.TenantCachePolicy:
         async def read() -> policy.TenantCachePolicy:

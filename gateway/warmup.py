@@ -7,7 +7,9 @@ would otherwise do on first use or after a quiet spell:
 - the reads that the request path caches (whether auth is on, the default tenant's limits, the live
   workers), which a request after a quiet minute would otherwise wait for, as the
   first request of a process did (~1.4 ms in all on that CPU);
-- the submission path's Redis connection.
+- the submission path's Redis connection;
+- the semantic cache's model and index, once Redis holds semantic entries (seconds of loading that the
+  first semantic request of the process would otherwise wait for).
 
 The gateway runs `warm_before_serving` before it takes requests, then `keep_warm` every WARM_S, less than
 the caches' stale windows, so a request finds each answer cached and at most a background read renews it.
@@ -45,6 +47,7 @@ async def warm_once(ctx: GatewayContext) -> None:
     for model in models:
         await ctx.registry.prompt_builder(model)
     await ctx.pipe.execute("PING")
+    await ctx.cache.preload()
 
 
 async def warm_before_serving(ctx: GatewayContext, timeout_s: float = START_TIMEOUT_S) -> None:

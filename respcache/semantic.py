@@ -49,7 +49,6 @@ class SemanticCache:
         self._verifier = None
         self._loading: asyncio.Task | None = None
         self._tail: asyncio.Task | None = None
-        self._failed = False
         self._models = asyncio.Event()
 
     async def _call(self, fn, *args):
@@ -59,7 +58,13 @@ class SemanticCache:
         """Load the model and the index, then tail the log (once; later calls return the same task)."""
         if self._loading is None:
             self._loading = asyncio.create_task(self._load())
+            self._loading.add_done_callback(self._report)
         return self._loading
+
+    def _report(self, task: asyncio.Task) -> None:
+        """A failed load is logged once, whether or not a lookup was waiting for it; lookups then miss."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("semantic cache unavailable", error=repr(task.exception()))
 
     async def ready(self, timeout: float | None = None) -> bool:
         """Whether lookups can run: the model is loaded (entries may still be loading into the index, which
@@ -70,12 +75,7 @@ class SemanticCache:
             waiter = asyncio.ensure_future(self._models.wait())
             await asyncio.wait({task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-        if self._models.is_set():
-            return True
-        if task.done() and task.exception() is not None and not self._failed:
-            self._failed = True
-            log.error("semantic cache unavailable", error=repr(task.exception()))
-        return False
+        return self._models.is_set()
 
     @property
     def loading(self) -> bool:

@@ -388,3 +388,41 @@ def test_an_operator_removes_a_tenants_entries_from_the_cli(redis_url, capsys):
     assert r.zcard(cache_keys.index_key("acme")) == 0
     assert r.exists(cache_keys.entry_key("other", f"x:{1:064x}")) == 1
     r.close()
+
+
+async def test_the_warm_up_preloads_the_semantic_cache_once_redis_holds_semantic_entries(redis_client, monkeypatch):
+    from prometheus_client import CollectorRegistry, Counter
+    from structlog.testing import capture_logs
+
+    from gateway.response_cache import ResponseCache
+    from respcache.semantic import SemanticCache
+
+    started: list[SemanticCache] = []
+
+    async def load(self: SemanticCache) -> None:  # what a start loads, without the model
+        started.append(self)
+
+    monkeypatch.setattr(SemanticCache, "_load", load)
+    reg = CollectorRegistry()
+    cache = ResponseCache(redis_client, Counter("lookups", "", ["kind"], registry=reg),
+                          Counter("hits", "", ["kind"], registry=reg))
+    assert not await cache.preload() and cache._semantic is None  # no semantic entry: nothing to load
+    await store.store(redis_client, "t", f"s:{1:064x}", store.entry_json(_result("a"), "chat", "m", "q", "sc"),
+                      ttl_s=60, max_entries=10, scope="sc", vector_b64="AAAA", text="q")
+    assert await cache.preload() and await cache.preload()
+    await asyncio.sleep(0)
+    assert len(started) == 1  # started once, however often the warm-up asks
+    await cache.aclose()
+
+    async def fail(self: SemanticCache) -> None:
+        raise ImportError("the semantic cache needs the embedding model")
+
+    monkeypatch.setattr(SemanticCache, "_load", fail)
+    broken = SemanticCache(redis_client)
+    with capture_logs() as logs:
+        broken.start()
+        await asyncio.sleep(0.01)
+    # Logged once although no lookup waited for it; a lookup then misses at once.
+    assert [e["event"] for e in logs] == ["semantic cache unavailable"]
+    assert not await broken.ready(timeout=5)
+    await broken.aclose()
