@@ -4,12 +4,10 @@ key (a tenant uses DELETE /v1/cache and /v1/cache/entries/{id}; both act through
 from __future__ import annotations
 
 import argparse
-import asyncio
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-
-from jobstore.connect import connect, is_cluster_url
+from jobstore.connect import AnyRedis, is_cluster_url
 from respcache import store
+from tokenq.redis_command import run_with_redis
 
 
 def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
@@ -26,24 +24,15 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    if not args.redis_url:
-        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
-    if is_cluster_url(args.redis_url):
+    if args.redis_url and is_cluster_url(args.redis_url):
         raise SystemExit("error: the response cache needs a single-node Redis")
-    try:
-        return asyncio.run(_run(args))
-    except RedisConnectionError as e:
-        raise SystemExit(f"error: cannot reach Redis at {args.redis_url} ({e}); is `tokenq up` running?") from None
+    return run_with_redis(args.redis_url, lambda redis: _run(redis, args))
 
 
-async def _run(args: argparse.Namespace) -> int:
-    redis = connect(args.redis_url)
-    try:
-        if args.cache_cmd == "purge":
-            print(f"removed {await store.purge(redis, args.tenant)} entries of tenant {args.tenant!r}")
-            return 0
-        removed = await store.remove(redis, args.tenant, args.entry_ids)
-        print(f"removed {removed} of {len(args.entry_ids)} entries of tenant {args.tenant!r}")
-        return 0 if removed == len(args.entry_ids) else 1
-    finally:
-        await redis.aclose()
+async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
+    if args.cache_cmd == "purge":
+        print(f"removed {await store.purge(redis, args.tenant)} entries of tenant {args.tenant!r}")
+        return 0
+    removed = await store.remove(redis, args.tenant, args.entry_ids)
+    print(f"removed {removed} of {len(args.entry_ids)} entries of tenant {args.tenant!r}")
+    return 0 if removed == len(args.entry_ids) else 1

@@ -4,15 +4,13 @@ gateway/apikeys.py)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-
 from gateway.apikeys import API_KEYS_SET, auth_state, create_key, list_keys, revoke_key, set_auth
-from jobstore.connect import connect
+from jobstore.connect import AnyRedis
 from protocol.keys import tenant_key
 from respcache import policy
+from tokenq.redis_command import run_with_redis
 
 
 def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
@@ -44,61 +42,52 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    if not args.redis_url:
-        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
-    try:
-        return asyncio.run(_run(args))
-    except RedisConnectionError as e:
-        raise SystemExit(f"error: cannot reach Redis at {args.redis_url} ({e}); is `tokenq up` running?") from None
+    return run_with_redis(args.redis_url, lambda redis: _run(redis, args))
 
 
-async def _run(args: argparse.Namespace) -> int:
-    redis = connect(args.redis_url)
-    try:
-        if args.keys_cmd == "create":
-            if args.if_none and await redis.scard(API_KEYS_SET) > 0:
-                print("API keys exist already; none created (auth is on)")
-                return 0
-            limits = {"rpm": args.rpm, "tpm": args.tpm, "max_queued": args.max_queued}
-            try:
-                created = await create_key(redis, args.tenant, limits)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
-            cache = {field: str(value) for field, value in zip(
-                policy.FIELDS, (args.cache_mode, args.cache_threshold, args.cache_ttl, args.cache_max_entries),
-                strict=True) if value is not None}
-            if cache:
-                await redis.hset(tenant_key(args.tenant), mapping=cache)
-            print(f"api key:        {created.api_key}")
-            print(f"key id:         {created.digest[:12]}")
-            print(f"tenant:         {created.tenant}")
-            print(f"webhook secret: {created.webhook_secret}")
-            print("The key is shown only now; Redis keeps only its SHA-256.")
+async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
+    if args.keys_cmd == "create":
+        if args.if_none and await redis.scard(API_KEYS_SET) > 0:
+            print("API keys exist already; none created (auth is on)")
             return 0
-        if args.keys_cmd == "list":
-            rows = await list_keys(redis)
-            print("id\ttenant\tcreated\trpm\ttpm\tmax_queued")
-            for r in rows:
-                created = dt.datetime.fromtimestamp(float(r["created_at"] or 0), dt.UTC).strftime("%Y-%m-%d %H:%M")
-                print(f"{r['id'][:12]}\t{r['tenant']}\t{created}\t{r['rpm'] or '-'}\t{r['tpm'] or '-'}\t"
-                      f"{r['max_queued'] or '-'}")
-            return 0
-        if args.keys_cmd == "auth":
-            if args.switch is not None:
-                await set_auth(redis, args.switch == "on")
-            state = await auth_state(redis) or "off (no key was ever made)"
-            print(f"auth: {state}")
-            if state == "off":
-                print("every caller is the `default` tenant (unless a gateway runs with TOKENQ_REQUIRE_AUTH=1)")
-            return 0
+        limits = {"rpm": args.rpm, "tpm": args.tpm, "max_queued": args.max_queued}
         try:
-            revoked = await revoke_key(redis, args.key)
+            created = await create_key(redis, args.tenant, limits)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        if not revoked:
-            print("no such key")
-            return 1
-        print(f"revoked {revoked[0][:12]}")
+        cache = {field: str(value) for field, value in zip(
+            policy.FIELDS, (args.cache_mode, args.cache_threshold, args.cache_ttl, args.cache_max_entries),
+            strict=True) if value is not None}
+        if cache:
+            await redis.hset(tenant_key(args.tenant), mapping=cache)
+        print(f"api key:        {created.api_key}")
+        print(f"key id:         {created.digest[:12]}")
+        print(f"tenant:         {created.tenant}")
+        print(f"webhook secret: {created.webhook_secret}")
+        print("The key is shown only now; Redis keeps only its SHA-256.")
         return 0
-    finally:
-        await redis.aclose()
+    if args.keys_cmd == "list":
+        rows = await list_keys(redis)
+        print("id\ttenant\tcreated\trpm\ttpm\tmax_queued")
+        for r in rows:
+            created = dt.datetime.fromtimestamp(float(r["created_at"] or 0), dt.UTC).strftime("%Y-%m-%d %H:%M")
+            print(f"{r['id'][:12]}\t{r['tenant']}\t{created}\t{r['rpm'] or '-'}\t{r['tpm'] or '-'}\t"
+                  f"{r['max_queued'] or '-'}")
+        return 0
+    if args.keys_cmd == "auth":
+        if args.switch is not None:
+            await set_auth(redis, args.switch == "on")
+        state = await auth_state(redis) or "off (no key was ever made)"
+        print(f"auth: {state}")
+        if state == "off":
+            print("every caller is the `default` tenant (unless a gateway runs with TOKENQ_REQUIRE_AUTH=1)")
+        return 0
+    try:
+        revoked = await revoke_key(redis, args.key)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not revoked:
+        print("no such key")
+        return 1
+    print(f"revoked {revoked[0][:12]}")
+    return 0

@@ -15,8 +15,9 @@ import redis.asyncio as aioredis
 
 from gateway.backlog import StreamBacklog, read_backlog
 from gateway.registry import Registry
-from jobstore.connect import connect
+from jobstore.connect import AnyRedis
 from protocol.workers import WorkerHeartbeat
+from tokenq.redis_command import run_with_redis
 
 
 @dataclass
@@ -100,30 +101,24 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if not args.redis_url:
-        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
-    return asyncio.run(_run(args))
+    return run_with_redis(args.redis_url, lambda redis: _run(redis, args))
 
 
-async def _run(args: argparse.Namespace) -> int:
-    redis = connect(args.redis_url)
-    try:
-        if args.json:
-            print(json.dumps((await snapshot(redis)).to_json(), indent=2))
+async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps((await snapshot(redis)).to_json(), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    if args.watch is None:
+        console.print(render(await snapshot(redis)))
+        return 0
+    with Live(render(await snapshot(redis)), console=console, screen=False, auto_refresh=False) as live:
+        try:
+            while True:
+                await asyncio.sleep(args.watch)
+                live.update(render(await snapshot(redis)), refresh=True)
+        except (KeyboardInterrupt, asyncio.CancelledError):
             return 0
-        from rich.console import Console
-        from rich.live import Live
-
-        console = Console()
-        if args.watch is None:
-            console.print(render(await snapshot(redis)))
-            return 0
-        with Live(render(await snapshot(redis)), console=console, screen=False, auto_refresh=False) as live:
-            try:
-                while True:
-                    await asyncio.sleep(args.watch)
-                    live.update(render(await snapshot(redis)), refresh=True)
-            except (KeyboardInterrupt, asyncio.CancelledError):
-                return 0
-    finally:
-        await redis.aclose()
