@@ -49,9 +49,11 @@ async def get_ctx(request: Request) -> GatewayContext:
 
 
 async def single_node_only(request: Request) -> None:
-    """Files and batches keep keys that are not laid out for a Redis Cluster yet: a 501 there."""
+    """Files, batches and the response cache keep keys that are not laid out for a Redis Cluster yet: a 501
+    there."""
     if is_cluster(request.app.state.ctx.redis):
-        raise ApiError(501, "files and batches need a single-node Redis; this gateway runs on a Redis Cluster",
+        raise ApiError(501, "files, batches and the response cache need a single-node Redis; this gateway runs on "
+                            "a Redis Cluster",
                        code="not_on_cluster")
 
 

@@ -15,7 +15,7 @@ from gateway.errors import ApiError
 from gateway.jobs import read_job
 from gateway.logging import bind_job, get_logger
 from gateway.prepare import prepare
-from gateway.response_cache import Hit, hit_headers, write_hit
+from gateway.response_cache import ENTRY_HEADER, HEADER, Hit, write_hit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate, dump_request
 from jobstore import Refused
 from protocol import job_record as F
@@ -28,12 +28,17 @@ class Enqueued:
     payload: JobPayload
     created_at: float
     record: dict[str, str] | None = None  # the first job's hash (a repeat), or the hit's (cache)
-    cache: str | None = None  # "exact" or "semantic": answered from the response cache
-    cache_entry: str | None = None  # the entry that answered
+    hit: Hit | None = None  # answered from the response cache
+
+    @property
+    def cache(self) -> str | None:
+        """"exact" or "semantic" for a hit."""
+        return self.hit.kind if self.hit is not None else None
 
     @property
     def cache_headers(self) -> dict[str, str]:
-        return hit_headers(self.cache, self.cache_entry)
+        """A hit's response headers: which cache answered, and with which entry."""
+        return {HEADER: self.hit.kind, ENTRY_HEADER: self.hit.entry_id} if self.hit is not None else {}
 
     @property
     def repeat(self) -> bool:
@@ -76,7 +81,7 @@ async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReque
     bind_job(payload.id)
     record = await write_hit(ctx.redis, payload, dump_request(body), metadata, hit, idempotency_key)
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
-    return Enqueued(payload, float(record[F.CREATED_AT]), record, cache=hit.kind, cache_entry=hit.entry_id)
+    return Enqueued(payload, float(record[F.CREATED_AT]), record, hit=hit)
 
 
 async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, model: str, job_id: str) -> Enqueued:
@@ -102,7 +107,7 @@ def job_created_body(job: Enqueued, metadata: dict[str, Any]) -> dict[str, Any]:
     body = {"id": payload.id, "object": "job", "status": status, "model": payload.model, "kind": payload.kind,
             "priority": payload.lane, "created_at": int(job.created_at), "metadata": metadata,
             "prompt_tokens": len(payload.prompt_token_ids)}
-    if job.cache:
-        body["cache"] = job.cache
-        body["cache_entry"] = job.cache_entry
+    if job.hit is not None:
+        body["cache"] = job.hit.kind
+        body["cache_entry"] = job.hit.entry_id
     return body

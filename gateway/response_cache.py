@@ -31,13 +31,6 @@ HEADER = "x-tokenq-cache"
 ENTRY_HEADER = "x-tokenq-cache-entry"
 
 
-def hit_headers(kind: str | None, entry_id: str | None) -> dict[str, str]:
-    """A hit's response headers: which cache answered, and with which entry; none for a miss."""
-    if not kind:
-        return {}
-    return {HEADER: kind, ENTRY_HEADER: entry_id} if entry_id else {HEADER: kind}
-
-
 @dataclass(frozen=True)
 class Hit:
     kind: str  # "exact" or "semantic"

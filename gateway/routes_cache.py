@@ -9,23 +9,16 @@ import re
 
 from fastapi import APIRouter, Depends
 
-from gateway.context import Caller, get_caller
+from gateway.context import Caller, get_caller, single_node_only
 from gateway.errors import ApiError
 from respcache import store
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(single_node_only)])
 _ENTRY_ID = re.compile(r"[xs]:[0-9a-f]{64}")
-
-
-def _available(caller: Caller) -> None:
-    if not caller.ctx.cache.available:
-        raise ApiError(501, "the response cache needs a single-node Redis; this gateway runs on a Redis Cluster",
-                       code="not_on_cluster")
 
 
 @router.delete("/v1/cache/entries/{entry_id}")
 async def delete_entry(entry_id: str, caller: Caller = Depends(get_caller)) -> dict:
-    _available(caller)
     if not _ENTRY_ID.fullmatch(entry_id):
         raise ApiError(400, f"entry_id must be 'x:' or 's:' and 64 hex digits, as a hit's x-tokenq-cache-entry "
                             f"header gives it (got {entry_id!r})", param="entry_id")
@@ -37,5 +30,4 @@ async def delete_entry(entry_id: str, caller: Caller = Depends(get_caller)) -> d
 
 @router.delete("/v1/cache")
 async def purge(caller: Caller = Depends(get_caller)) -> dict:
-    _available(caller)
     return {"object": "cache.purged", "deleted": await store.purge(caller.ctx.redis, caller.tenant.name)}

@@ -21,15 +21,20 @@ from respcache import keys
 
 PENDING_TTL_S = 7 * 24 * 3600  # as long as a job may wait in a lane and still be filled in
 
+# Every removal of a semantic entry is announced on the log, so that every gateway's index drops it.
+_ANNOUNCE_REMOVAL = """
+local function announce_removal(log, maxlen, tenant, id)
+  if string.sub(id, 1, 2) == 's:' then
+    redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'op', 'del', 'tenant', tenant, 'id', id)
+  end
+end
+local function removed(id) announce_removal(KEYS[%d], ARGV[%d], ARGV[%d], id) end
+"""  # formatted with each script's positions of the log key, its maxlen and the tenant
+
 # KEYS: 1 entry, 2 the tenant's entry set, 3 the log stream, 4 the pending record (deleted).
 # ARGV: 1 entry id, 2 entry JSON, 3 ttl s, 4 expires at, 5 now, 6 max entries, 7 tenant, 8 entry key
 # prefix, 9 log maxlen, 10 scope ('' for exact), 11 vector (base64, '' for exact), 12 question text.
-STORE = Script("""
-local function removed(id)
-  if string.sub(id, 1, 2) == 's:' then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 'op', 'del', 'tenant', ARGV[7], 'id', id)
-  end
-end
+STORE = Script(_ANNOUNCE_REMOVAL % (3, 9, 7) + """
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])) do removed(id) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
@@ -54,19 +59,17 @@ return 1
 
 # KEYS: 1 the tenant's entry set, 2 the log stream. ARGV: 1 tenant, 2 entry key prefix, 3 log maxlen, 4... ids.
 # Returns how many of the ids the tenant held.
-REMOVE = Script("""
-local removed = 0
+REMOVE = Script(_ANNOUNCE_REMOVAL % (2, 3, 1) + """
+local count = 0
 for i = 4, #ARGV do
   local id = ARGV[i]
   if redis.call('ZREM', KEYS[1], id) == 1 then
-    removed = removed + 1
+    count = count + 1
     redis.call('DEL', ARGV[2] .. id)
-    if string.sub(id, 1, 2) == 's:' then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'op', 'del', 'tenant', ARGV[1], 'id', id)
-    end
+    removed(id)
   end
 end
-return removed
+return count
 """)
 PURGE_BATCH = 1000  # ids a purge removes per script call, so that Redis is never held for long
 

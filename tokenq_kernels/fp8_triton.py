@@ -19,6 +19,7 @@ from tokenq_kernels.norm_triton import rms_norm_row
 _MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
 _FLOOR = tl.constexpr(MIN_AMAX)
 _CODE_SCALE = tl.constexpr(1.0 / 512)  # a quantized x's e4m3 codes in float16 products (see _fp8_gemv_kernel)
+_GROUP = 8  # products a quantized x's GEMV sums in float16
 _CHUNK = 2048  # columns a program handles per pass of a long row
 
 
@@ -207,9 +208,6 @@ def _fp8_gemv_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-
-
-_GROUP = 8  # products a quantized x's GEMV sums in float16
 
 
 def fp8_gemv_tiles(n: int, k: int, f16_products: bool = False) -> GemvConfig:
