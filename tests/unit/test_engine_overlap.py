@@ -166,3 +166,20 @@ def test_latency_guard_launches_after_the_step_ends_so_an_arrival_joins_the_next
     plain = _engine(tiny, False, latency_guard_s=0.0)
     expected = _run(plain, prompts, params)
     assert [outputs[rid] for rid in ("b0", "b1", "b2", "b3", "u0", "u1")] == [t for t, _, _ in expected]
+
+
+def test_launch_totals_count_the_steps_and_tokens_launched(tiny):
+    """The engine's step counters (exported by the worker, compared by `bench serve`): prompts of 60 and 80
+    tokens under a 128-token budget take two prompt steps (the second one the rest of the long prompt beside
+    the short one's first decode), then decodes only."""
+    engine = _engine(tiny, overlap=True)
+    prompts = [list(range(1, 61)), list(range(1, 81))]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    assert engine.stats()["launched_steps"] == 0
+    _run(engine, prompts, [params, params])
+    totals = engine.launched.totals()
+    assert totals["prefill_steps"] == 2
+    # Every prompt token once, and each output token but the last is fed back once.
+    assert totals["step_tokens"] == 60 + 80 + 2 * (5 - 1)
+    assert totals["steps"] == totals["prefill_steps"] + 4  # the long prompt's 4 decodes after its last chunk
+    assert engine.stats()["launched_steps"] == totals["steps"]

@@ -34,6 +34,15 @@ def test_engine_totals_become_counters_and_survive_an_engine_restart():
     assert _value("tokenq_worker_prefix_cache_hits_total", model) == 45
 
 
+def test_engine_step_totals_become_counters():
+    model = "steps-test"
+    metrics.observe_engine_stats(model, {"launched_steps": 10, "launched_prefill_steps": 2, "launched_step_tokens": 900})
+    metrics.observe_engine_stats(model, {"launched_steps": 25, "launched_prefill_steps": 3, "launched_step_tokens": 960})
+    assert _value("tokenq_worker_engine_steps_total", model) == 25
+    assert _value("tokenq_worker_engine_prefill_steps_total", model) == 3
+    assert _value("tokenq_worker_engine_step_tokens_total", model) == 960
+
+
 def test_throughput_is_the_rate_of_the_generation_counter():
     model = "throughput-test"
     meter = Throughput(model, log_every_s=5.0)

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-pytest.importorskip("httpx")
+pytest.importorskip("aiohttp")
 pytest.importorskip("transformers")
 
 from tokenq.bench import serve  # noqa: E402
@@ -25,12 +25,17 @@ def _check(r: dict, n: int, output_len: int, rates: list[float]) -> None:
         # Read from the worker's metrics: the engine process's blocked sends, a part of the phase at most.
         assert isinstance(phase["engine_report_send_s"], float)
         assert 0 <= phase["engine_report_send_s"] < phase["seconds"]
+        # What the engine launched for the phase: every prompt token and every output token but each last.
+        prompts = phase["step_tokens"] - n * (output_len - 1)
+        assert prompts >= n * r["workload"]["min_prompt_len"], phase
+        assert phase["steps"] >= output_len and 1 <= phase["prefill_steps"] <= phase["steps"]
     parts = [*r["phases"], r["low_load_gateway"], r["low_load_direct"], r["low_load_direct_back_to_back"],
              r["offline"]]
     for part in parts:
         assert part["ttft_ms"]["p50"] > 0 and part["e2e_ms"]["p99"] >= part["e2e_ms"]["p50"]
     assert r["offline"]["output_tokens"] == n * output_len
     top = max(r["phases"], key=lambda p: p["rate"])
+    assert r["offline"]["step_tokens"] == top["step_tokens"]  # the same requests: the same tokens computed
     assert r["served_over_offline"] == pytest.approx(top["output_tokens_per_s"] / r["offline"]["output_tokens_per_s"])
     assert "ttft_overhead_ms_p50" in r
     each = r["low_load_ttft_ms_each"]

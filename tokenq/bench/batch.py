@@ -155,13 +155,11 @@ def _phases(redis_url: str, batch: dict, model: str, n: int, window: int) -> dic
 def _interactive(base: str, model: str, prompts: list[list[int]], output_len: int, pause_s: float,
                  while_set: threading.Event | None = None, until: threading.Event | None = None) -> list[gc.Timing]:
     """Lone streamed requests; with `until`, only those sent before it is set count (the batch still ran)."""
-    from tokenq.bench.serve import _stream_one
+    from tokenq.bench.serve import _stream_one, client_session
 
     async def go() -> list[gc.Timing]:
-        import httpx
-
         timings = []
-        async with httpx.AsyncClient(timeout=600) as client:
+        async with client_session() as client:
             await _stream_one(client, base, model, prompts[0], output_len)  # the connection, untimed
             for p in prompts[1:]:
                 await asyncio.sleep(pause_s)

@@ -77,10 +77,20 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # ---- the client side ----------------------------------------------------------------------------------
 
 
-async def _stream_one(client, base: str, model: str, prompt: list[int], output_len: int,
+def client_session(connections: int = 1):
+    """The benches' streaming HTTP client: aiohttp, whose C parser leaves less of the client's own time in a
+    measured time to first token than httpx (docs/BENCHMARKS.md has both clients' floors)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections + 1),
+                                 timeout=aiohttp.ClientTimeout(total=600))
+
+
+async def _stream_one(session, base: str, model: str, prompt: list[int], output_len: int,
                       trace: list[dict] | None = None) -> gc.Timing:
-    """One streamed completion. With `trace`, appends its job id and the wall-clock times of sending and
-    of the first text, to set against the timestamps the gateway and worker wrote on the job."""
+    """One streamed completion over `session` (`client_session`). With `trace`, appends its job id and the
+    wall-clock times of sending and of the first text, to set against the timestamps the gateway and worker
+    wrote on the job."""
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     sent_wall = time.time()
@@ -89,13 +99,13 @@ async def _stream_one(client, base: str, model: str, prompt: list[int], output_l
     first_wall = None
     job_id = None
     completion_tokens = 0
-    async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with session.post(f"{base}/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:300]!r}")
+        async for raw in r.content:
+            if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(raw[6:])
             now = time.monotonic()
             job_id = job_id or "job_" + chunk["id"].removeprefix("cmpl-")
             if any(c.get("text") for c in chunk.get("choices", [])):
@@ -148,10 +158,7 @@ async def _drive(base: str, model: str, prompts: list[list[int]], output_len: in
     """Requests one at a time (arrivals None), each `pause_s` after the one before ended, or each at t0 +
     its arrival offset (monotonic clock). `warm` go first, untimed, on the same connection (a client that
     keeps its connection, as a service's HTTP client does, pays for opening it once)."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with client_session(len(prompts)) as client:
         for p in warm:
             await _stream_one(client, base, model, p, output_len)
         if arrivals is None:
@@ -224,30 +231,43 @@ def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path, worke
     return base, procs, redis
 
 
-REPORT_SEND_METRIC = "tokenq_worker_engine_report_send_seconds_total"
+# The worker's engine totals a phase reads before and after: the seconds the engine process waited for the
+# worker to take its reports, and the steps it launched (JSON name: metric).
+ENGINE_TOTALS = {"engine_report_send_s": "tokenq_worker_engine_report_send_seconds_total",
+                 "steps": "tokenq_worker_engine_steps_total",
+                 "prefill_steps": "tokenq_worker_engine_prefill_steps_total",
+                 "step_tokens": "tokenq_worker_engine_step_tokens_total"}
 
 
-def _metric_total(url: str, name: str) -> float | None:
-    """The sum of a metric's samples on a Prometheus endpoint; None when it has none."""
+def _metric_totals(url: str, names: list[str]) -> dict[str, float | None]:
+    """The sum of each metric's samples on a Prometheus endpoint; None for one it has none of."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url, timeout=10).text
-    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
-    return sum(values) if values else None
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    return {name: found.get(name) for name in names}
 
 
-def _report_send_during(url: str, phase: Callable[[], tuple[list[gc.Timing], float]]
-                        ) -> tuple[list[gc.Timing], float, float | None]:
-    """Runs a phase; returns its timings, its wall time and the seconds the worker's engine process spent
-    blocked handing it reports (read from the worker's metrics, which heartbeats refresh; None if absent)."""
+def _engine_totals_during(url: str, phase: Callable[[], tuple[list[gc.Timing], float]]
+                          ) -> tuple[list[gc.Timing], float, dict[str, float | None]]:
+    """Runs a phase; returns its timings, its wall time and what the worker's engine totals grew by (read
+    from the worker's metrics, which heartbeats refresh; None where absent)."""
     from protocol.workers import HEARTBEAT_INTERVAL_S
 
-    before = _metric_total(url, REPORT_SEND_METRIC)
+    names = list(ENGINE_TOTALS.values())
+    time.sleep(HEARTBEAT_INTERVAL_S + 0.5)  # what came before the phase is in the metrics
+    before = _metric_totals(url, names)
     timings, wall = phase()
     time.sleep(HEARTBEAT_INTERVAL_S + 0.5)
-    after = _metric_total(url, REPORT_SEND_METRIC)
-    return timings, wall, None if before is None or after is None else after - before
+    after = _metric_totals(url, names)
+    grew = {key: None if before[m] is None or after[m] is None else after[m] - before[m]
+            for key, m in ENGINE_TOTALS.items()}
+    return timings, wall, grew
 
 
 def stop_stack(procs: list[subprocess.Popen], redis) -> None:
@@ -277,8 +297,10 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
     offline = None
     if loaded is not None:
         gc.sync(args.device)
+        before = engine.launched.totals()
         timings, wall = gc.run_timed(engine, loaded, params, tag="offline")
-        offline = {**_summary(timings, wall),
+        launched = {k: v - before[k] for k, v in engine.launched.totals().items()}
+        offline = {**_summary(timings, wall), **launched,
                    "all_lengths_ok": all(len(t.tokens) == args.output_len for t in timings)}
     gc.free_engine(engine)
     return direct[args.low_load_pause_ms], direct[0.0], offline
@@ -287,7 +309,7 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
 def _offline_all(path: Path, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     """The same engine in this process, every prompt at once: the offline output tokens/s."""
     from protocol.sampling import SamplingParams
-    from tokenq.cli import engine_config_from
+    from tokenq.engine_options import engine_config_from
     from worker.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(path, engine_config_from(args))
@@ -377,7 +399,7 @@ def main(args: argparse.Namespace) -> int:
                                    pause_s=args.low_load_pause_ms / 1000, warm=warm))
         low_wall = low_t[-1].done - low_t[0].added + args.low_load_pause_ms / 1000  # the pauses included
         hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
-        served = [(rate, *_report_send_during(
+        served = [(rate, *_engine_totals_during(
             metrics_url, lambda p=p, a=a: _run_phase(base, name, p, args.output_len, a, client_procs)))
             for rate, p, a in phases]
     finally:
@@ -399,8 +421,9 @@ def main(args: argparse.Namespace) -> int:
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
         # engine_report_send_s: how long the engine process waited on the worker to take its reports (no step
         # launches meanwhile): the worker's side limiting the phase, when it is a sizeable part of `seconds`.
-        "phases": [{"rate": rate, **_summary(t, wall), "engine_report_send_s": send, "requests": _relative(t, wall)}
-                   for rate, t, wall, send in served],
+        # steps, prefill_steps, step_tokens: what the engine launched for the phase (the offline run has its own).
+        "phases": [{"rate": rate, **_summary(t, wall), **grew, "requests": _relative(t, wall)}
+                   for rate, t, wall, grew in served],
         "low_load_gateway": gateway_low, "low_load_direct": direct, "low_load_direct_back_to_back": back_to_back,
         "offline": offline,
         "ttft_overhead_ms_p50": gateway_low["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
@@ -452,12 +475,21 @@ def main(args: argparse.Namespace) -> int:
               f"{p['seconds']:.2f} s for the worker to take its reports")
     if offline:
         print(f"served/offline output tok/s at rate {top_phase['rate']:g}: {result['served_over_offline']:.3f}")
+        if top_phase.get("steps"):
+            print("steps launched, served against offline: " + ", ".join(
+                f"{_steps_line(run)} {label}" for label, run in (("served", top_phase), ("offline", offline))))
     write_json(args.out, result)
     if args.plot:
         from tokenq.bench.plot import plot_serve
 
         print(f"plot: {plot_serve(result, args.plot)}")
     return 0 if result["all_lengths_ok"] else 1
+
+
+def _steps_line(run: dict) -> str:
+    """A run's launched steps and the wall time per step (its seconds over its steps)."""
+    return (f"{run['steps']:.0f} ({run['prefill_steps']:.0f} with prefill, {run['step_tokens']:.0f} tokens, "
+            f"{run['seconds'] / run['steps'] * 1e3:.2f} ms a step)")
 
 
 def _row(s: dict) -> list[float]:

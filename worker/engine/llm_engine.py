@@ -22,6 +22,7 @@ from worker.engine.distributed import destroy_tensor_parallel
 from worker.engine.dtypes import DTYPES
 from worker.engine.guided import GuidedDecoding, GuidedState, tokenizer_info
 from worker.engine.kernel_choice import select_kernels
+from worker.engine.launch_totals import LaunchTotals
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import FailedOutput, RequestOutput
 from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
@@ -118,6 +119,7 @@ class LLMEngine:
         self._forking: dict[str, ChoiceGroup] = {}  # those whose other sequences wait for the first's prompt
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._in_flight: _InFlight | None = None
+        self.launched = LaunchTotals()
         # Step N's samples while step N+1 is launched: guided rows of N+1 need N's tokens for their masks.
         self._launching_after: PendingSamples | None = None
         vocab = model_cfg.vocab_size
@@ -258,6 +260,7 @@ class LLMEngine:
             "prefix_hit_tokens": bm.prefix_hit_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_blocks": len(bm.blocks),
+            **self.launched.as_stats(),
         }
 
     def model_card(self, name: str) -> ModelCard:
@@ -307,6 +310,7 @@ class LLMEngine:
                 launched = self.runner.launch(sched, self._sampling_batch, self._launching_after)
             finally:
                 self._launching_after = None
+            self.launched.count(sched)
         if previous is not None:
             outputs += self._finish_step(previous)  # waits for step N while N+1 runs
         if launched is not None:
