@@ -74,8 +74,10 @@ def test_serve_bench_random_shape_two_phases(tmp_path):
     args = serve.configure(argparse.ArgumentParser()).parse_args(
         ["--model-shape", "tiny", "--device", "cpu", "--rate", "50", "inf", "--num-requests", "8",
          "--min-prompt-len", "8", "--max-prompt-len", "40", "--output-len", "5", "--low-load-requests", "2",
-         "--kv-cache-gb", "0.05", "--client-procs", "2", "--out", str(out)])
+         "--low-load-output-len", "3", "--kv-cache-gb", "0.05", "--client-procs", "2", "--out", str(out)])
     assert serve.main(args) == 0
     r = json.loads(out.read_text())
     _check(r, 8, 5, [50.0, float("inf")])
     assert r["model"] == "random-tiny" and r["offline"]["num_requests"] == 8
+    for part in ("low_load_gateway", "low_load_direct", "low_load_direct_back_to_back"):  # 3 tokens each
+        assert r[part]["output_tokens"] == 2 * 3, part

@@ -60,6 +60,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--low-load-requests", type=int, default=48,
                    help="sequential requests, both paths (the medians of fewer vary more from run to run)")
+    p.add_argument("--low-load-output-len", type=int, default=None,
+                   help="new tokens of each low-load request, both paths (default: --output-len); they measure TTFT")
     p.add_argument("--low-load-pause-ms", type=float, default=20.0,
                    help="idle time before each low-load request, both paths")
     p.add_argument("--client-procs", type=int, default=None, help="default: half the CPUs, 1 to 8")
@@ -286,12 +288,13 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
 
     engine = LLMEngine(path, engine_config_from(args))
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    low_params = params.model_copy(update={"max_tokens": _low_load_output_len(args)})
     gc.warm_up(engine, engine.model_cfg.vocab_size, args.min_prompt_len)
     direct: dict[float, list[gc.Timing]] = {args.low_load_pause_ms: [], 0.0: []}
     for pause_ms, timings in direct.items():
         for i, p in enumerate(low):
             time.sleep(pause_ms / 1000)
-            (t,), _ = gc.run_timed(engine, [p], params, tag=f"direct{i}")
+            (t,), _ = gc.run_timed(engine, [p], low_params, tag=f"direct{i}")
             engine.block_manager.reset_prefix_cache()
             timings.append(t)
     offline = None
@@ -395,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
     base, procs, redis = start_stack(args, path, workdir, worker_metrics_port=metrics_port)
     try:
         trace: list[dict] = []
-        low_t = asyncio.run(_drive(base, name, low, args.output_len, None, trace=trace,
+        low_t = asyncio.run(_drive(base, name, low, _low_load_output_len(args), None, trace=trace,
                                    pause_s=args.low_load_pause_ms / 1000, warm=warm))
         low_wall = low_t[-1].done - low_t[0].added + args.low_load_pause_ms / 1000  # the pauses included
         hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
@@ -416,6 +419,7 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "workload": {"rates": args.rate, "num_requests": n, "min_prompt_len": lo, "max_prompt_len": hi,
                      "output_len": args.output_len, "low_load_requests": n_low, "seed": args.seed,
+                     "low_load_output_len": _low_load_output_len(args),
                      "low_load_pause_ms": args.low_load_pause_ms,
                      "client_procs": client_procs, "gateway_workers": args.gateway_workers,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
@@ -449,8 +453,9 @@ def main(args: argparse.Namespace) -> int:
     top_phase = result["phases"][top]
     if offline:
         result["served_over_offline"] = top_phase["output_tokens_per_s"] / offline["output_tokens_per_s"]
-    every = low_t + direct_t + back_to_back_t + [t for _, ts, _, _ in served for t in ts]
-    result["all_lengths_ok"] = all(len(t.tokens) == args.output_len for t in every) and (
+    low_len = _low_load_output_len(args)
+    result["all_lengths_ok"] = all(len(t.tokens) == low_len for t in low_t + direct_t + back_to_back_t) and all(
+        len(t.tokens) == args.output_len for _, ts, _, _ in served for t in ts) and (
         offline is None or offline["all_lengths_ok"])
 
     rows = [[f"rate {p['rate']:g}/s via gateway", *_row(p)] for p in result["phases"]]
@@ -484,6 +489,10 @@ def main(args: argparse.Namespace) -> int:
 
         print(f"plot: {plot_serve(result, args.plot)}")
     return 0 if result["all_lengths_ok"] else 1
+
+
+def _low_load_output_len(args: argparse.Namespace) -> int:
+    return args.low_load_output_len or args.output_len
 
 
 def _steps_line(run: dict) -> str:
