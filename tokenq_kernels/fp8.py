@@ -115,6 +115,13 @@ def silu_and_mul_quant(x: torch.Tensor) -> QuantizedInput | torch.Tensor:
     return silu_and_mul_quant_ref(x)
 
 
+# CUDA's FP8 tensor-core products accumulate in fewer bits than float32; cuBLAS's default adds the partial sums
+# into float32 every few steps of K, fast accumulation only at the end. Fast is faster on an H200 and its error
+# grows with K: up to this K (the 8B's qkv, o and gate_up) it stays within bfloat16's tolerance, above it (the
+# down projection's 14,336) it did not, and it gained little there (docs/BENCHMARKS.md).
+FAST_ACCUM_MAX_K = 8192
+
+
 def _scaled_mm_fits(n: int, k: int) -> bool:
     """torch._scaled_mm needs both matrix dimensions of the weight in multiples of 16."""
     return n % 16 == 0 and k % 16 == 0
@@ -131,7 +138,7 @@ def scaled_mm(
         return scaled_mm_ref(xq, x_scale, weight, weight_scale, bias, out_dtype)
     mm_dtype = torch.bfloat16 if xq.is_cuda else out_dtype
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale.float(), scale_b=weight_scale.float().view(1, n),
-                         out_dtype=mm_dtype)
+                         out_dtype=mm_dtype, use_fast_accum=xq.is_cuda and k <= FAST_ACCUM_MAX_K)
     if bias is not None:
         y = y + bias.to(mm_dtype)
     return y.to(out_dtype)

@@ -296,7 +296,10 @@ def test_fp8_decode_is_graph_capturable():
         engine.runner.release()
     for i, (e, g) in enumerate(zip(outs[True], outs[False], strict=True)):
         assert len(e.new_token_ids) == len(g.new_token_ids) == 24
-        assert_agree_until_near_tie(f"request {i}", e, g)
+        # The graph's padded batch runs _scaled_mm at another M, whose fast-accumulated partial sums round
+        # otherwise (tokenq_kernels/fp8.py, FAST_ACCUM_MAX_K): a chosen token's logprob moved by up to 0.11 on an
+        # H200; a wrong kernel, a stale buffer or a lost scale moves it by far more.
+        assert_agree_until_near_tie(f"request {i}", e, g, logprob_tol=0.25)
 
 
 def _teacher_forced_logits(model, mcfg, tokens: list[list[int]], kv_dtype: torch.dtype) -> torch.Tensor:
