@@ -117,9 +117,10 @@ def silu_and_mul_quant(x: torch.Tensor) -> QuantizedInput | torch.Tensor:
 
 # CUDA's FP8 tensor-core products accumulate in fewer bits than float32; cuBLAS's default adds the partial sums
 # into float32 every few steps of K, fast accumulation only at the end. Fast is faster on an H200 and its error
-# grows with K: up to this K (the 8B's qkv, o and gate_up) it stays within bfloat16's tolerance, above it (the
-# down projection's 14,336) it did not, and it gained little there (docs/BENCHMARKS.md).
-FAST_ACCUM_MAX_K = 8192
+# grows with K: at K = 4,096 (the 8B's qkv, o and gate_up) it stays within bfloat16's tolerance, at 14,336 (the
+# 8B's down projection) it did not, and it gained little there; K between them was not measured, so it stays
+# exact (docs/BENCHMARKS.md).
+FAST_ACCUM_MAX_K = 4096
 
 
 def _scaled_mm_fits(n: int, k: int) -> bool:
