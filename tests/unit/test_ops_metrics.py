@@ -24,23 +24,23 @@ def _value(name: str, model: str) -> float:
 
 def test_engine_totals_become_counters_and_survive_an_engine_restart():
     model = "totals-test"
-    metrics.observe_engine_stats(model, {"prefix_queries_tokens": 100, "prefix_hit_tokens": 40, "num_preemptions": 2})
-    metrics.observe_engine_stats(model, {"prefix_queries_tokens": 150, "prefix_hit_tokens": 40, "num_preemptions": 3})
+
+    def totals(queried: int, hits: int, preempted: int, steps: int, prefill_steps: int, tokens: int) -> dict:
+        return {"prefix_queries_tokens": queried, "prefix_hit_tokens": hits, "num_preemptions": preempted,
+                "launched_steps": steps, "launched_prefill_steps": prefill_steps, "launched_step_tokens": tokens}
+
+    metrics.observe_engine_stats(model, totals(100, 40, 2, 10, 2, 900))
+    metrics.observe_engine_stats(model, totals(150, 40, 3, 25, 3, 960))
     assert _value("tokenq_worker_prefix_cache_queries_total", model) == 150
     assert _value("tokenq_worker_prefix_cache_hits_total", model) == 40
     assert _value("tokenq_worker_preemptions_total", model) == 3
-    metrics.observe_engine_stats(model, {"prefix_queries_tokens": 10, "prefix_hit_tokens": 5, "num_preemptions": 0})
-    assert _value("tokenq_worker_prefix_cache_queries_total", model) == 160  # a new engine counts from zero
-    assert _value("tokenq_worker_prefix_cache_hits_total", model) == 45
-
-
-def test_engine_step_totals_become_counters():
-    model = "steps-test"
-    metrics.observe_engine_stats(model, {"launched_steps": 10, "launched_prefill_steps": 2, "launched_step_tokens": 900})
-    metrics.observe_engine_stats(model, {"launched_steps": 25, "launched_prefill_steps": 3, "launched_step_tokens": 960})
     assert _value("tokenq_worker_engine_steps_total", model) == 25
     assert _value("tokenq_worker_engine_prefill_steps_total", model) == 3
     assert _value("tokenq_worker_engine_step_tokens_total", model) == 960
+    metrics.observe_engine_stats(model, totals(10, 5, 0, 4, 1, 100))
+    assert _value("tokenq_worker_prefix_cache_queries_total", model) == 160  # a new engine counts from zero
+    assert _value("tokenq_worker_prefix_cache_hits_total", model) == 45
+    assert _value("tokenq_worker_engine_steps_total", model) == 29
 
 
 def test_throughput_is_the_rate_of_the_generation_counter():
