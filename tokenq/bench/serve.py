@@ -82,7 +82,10 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def client_session(connections: int = 1):
     """The benches' streaming HTTP client: aiohttp, whose C parser leaves less of the client's own time in a
     measured time to first token than httpx (docs/BENCHMARKS.md has both clients' floors)."""
-    import aiohttp
+    try:
+        import aiohttp
+    except ImportError as e:
+        raise ImportError("the bench's client needs aiohttp: pip install 'tokenq[bench]'") from e
 
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections + 1),
                                  timeout=aiohttp.ClientTimeout(total=600))
