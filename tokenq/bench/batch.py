@@ -36,7 +36,7 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenq import settings
-    from tokenq.cli import add_engine_flags
+    from tokenq.engine_options import add_engine_flags
 
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--model-shape", default=None,
