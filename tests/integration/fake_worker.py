@@ -129,6 +129,7 @@ class FakeWorker:
         pieces = ([[out[i:i + 5] for i in range(0, len(out), 5)] for out in outs] if outs is not None
                   else [echo] * n)
         texts, streamed, checked = [""] * n, False, 0.0
+        published = [0] * n  # per choice: characters written as deltas
         for step in range(max(len(p) for p in pieces)):
             await asyncio.sleep(self.step_s)
             if time.monotonic() - checked > 0.2 or not streamed:  # re-read the flag now and then
@@ -137,12 +138,13 @@ class FakeWorker:
             for index, choice_pieces in enumerate(pieces):
                 if step >= len(choice_pieces):
                     continue
-                piece = choice_pieces[step]
-                offset, texts[index] = len(texts[index]), texts[index] + piece
-                if streamed:
+                texts[index] += choice_pieces[step]
+                if streamed:  # as the real worker: a job streamed late first gets all its text so far
                     seq += 1
-                    event = DeltaEvent(seq=seq, offset=offset, index=index, text=piece)
-                    await self.store.write([DeltaWrite(payload.id, choice_text.stored(index, piece, n), seq,
+                    offset, new = published[index], texts[index][published[index]:]
+                    published[index] = len(texts[index])
+                    event = DeltaEvent(seq=seq, offset=offset, index=index, text=new)
+                    await self.store.write([DeltaWrite(payload.id, choice_text.stored(index, new, n), seq,
                                                        event.model_dump_json())], [])
         ref = JobRef.of(payload)
         if "FAIL_ME" in prompt:

@@ -90,6 +90,25 @@ def test_job_events_resume_with_last_event_id(base_url, worker):
     assert "".join(d["text"] for _, d in first + second) == expected
 
 
+def test_job_events_asked_for_late_carry_the_text_from_its_start(base_url, worker):
+    """The events of a job that has produced text before anyone streamed it: the worker sends what it has so
+    far as its first delta, and the deltas join into the final text (the resume test above races with this
+    when its GET comes after the worker's first step)."""
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        job = c.post("/v1/jobs", json={"model": MODEL, "prompt": words(30), "max_tokens": 100}).json()
+        time.sleep(0.3)  # several steps of 0.03 s, unstreamed
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+            deltas, final = [], None
+            for _, event, data in sse_events(r):
+                if event == "done":
+                    final = json.loads(data)
+                    break
+                deltas.append(json.loads(data))
+    assert final is not None and final["status"] == "succeeded"
+    assert deltas[0]["offset"] == 0 and deltas[0]["text"].startswith("t0 t1 ")
+    assert "".join(d["text"] for d in deltas) == final["result"]["choices"][0]["text"] == words(30) + " "
+
+
 def test_job_events_after_the_end(base_url, worker):
     with httpx.Client(base_url=base_url, timeout=30) as c:
         job = c.post("/v1/jobs", json={"model": MODEL, "prompt": "p q r s"}).json()
