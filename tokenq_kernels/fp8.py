@@ -116,10 +116,9 @@ def silu_and_mul_quant(x: torch.Tensor) -> QuantizedInput | torch.Tensor:
 
 
 # CUDA's FP8 tensor-core products accumulate in fewer bits than float32; cuBLAS's default adds the partial sums
-# into float32 every few steps of K, fast accumulation only at the end. Fast is faster on an H200 and its error
-# grows with K: at K = 4,096 (the 8B's qkv, o and gate_up) it stays within bfloat16's tolerance, at 14,336 (the
-# 8B's down projection) it did not, and it gained little there; K between them was not measured, so it stays
-# exact (docs/BENCHMARKS.md).
+# into float32 every few steps of K, fast accumulation only at the end. Fast is faster, and its error grows with
+# K: it is used up to the K at which it was measured within bfloat16's tolerance (docs/BENCHMARKS.md and
+# docs/fp8.md have the figures); longer sums stay exact.
 FAST_ACCUM_MAX_K = 4096
 
 

@@ -297,8 +297,9 @@ def test_fp8_decode_is_graph_capturable():
     for i, (e, g) in enumerate(zip(outs[True], outs[False], strict=True)):
         assert len(e.new_token_ids) == len(g.new_token_ids) == 24
         # The graph's padded batch runs _scaled_mm at another M, whose fast-accumulated partial sums round
-        # otherwise (tokenq_kernels/fp8.py, FAST_ACCUM_MAX_K): a chosen token's logprob moved by up to 0.11 on an
-        # H200; a wrong kernel, a stale buffer or a lost scale moves it by far more.
+        # otherwise (tokenq_kernels/fp8.py, FAST_ACCUM_MAX_K), so a chosen token's logprob drifts more than
+        # under exact sums (docs/BENCHMARKS.md); a wrong kernel, a stale buffer or a lost scale moves it by far
+        # more than this bound.
         assert_agree_until_near_tie(f"request {i}", e, g, logprob_tol=0.25)
 
 

@@ -185,8 +185,6 @@ def same_words_check(pairs: list) -> dict:
     return {"pairs": len(same), "duplicate_share": sum(p.label for p in same) / len(same) if same else None}
 
 
-
-
 def hit_kind(pair, text: str) -> str:
     """`correct`, or which of FALSE_KINDS a hit on the entry `text` is, for the query `pair.text_b`."""
     if text == pair.text_a:
@@ -326,9 +324,10 @@ async def _end_to_end(url: str, redis, pairs, n: int, workdir: Path) -> dict:
 
 async def _index_loading(client) -> bool:
     """Whether the gateway's semantic index is still loading, from its /metrics page."""
-    page = (await client.get("/metrics")).text
-    return any(line.split()[-1] != "0.0" for line in page.splitlines()
-               if line.startswith("tokenq_gateway_semantic_index_loading "))
+    from tokenq.bench.report import metric_totals
+
+    name = "tokenq_gateway_semantic_index_loading"
+    return bool(metric_totals((await client.get("/metrics")).text, [name])[name])
 
 
 def _fmt(precision: float | None) -> str:

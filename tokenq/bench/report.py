@@ -48,3 +48,15 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
 def write_json(path: str, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {path}")
+
+
+def metric_totals(page: str, names: list[str]) -> dict[str, float | None]:
+    """The sum of each metric's samples on a Prometheus text page; None for one the page lacks."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name in names:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    return {name: found.get(name) for name in names}

@@ -245,17 +245,12 @@ ENGINE_TOTALS = {"engine_report_send_s": "tokenq_worker_engine_report_send_secon
 
 
 def _metric_totals(url: str, names: list[str]) -> dict[str, float | None]:
-    """The sum of each metric's samples on a Prometheus endpoint; None for one it has none of."""
+    """The totals of these metrics on a Prometheus endpoint (report.metric_totals)."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url, timeout=10).text
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in names:
-                found[sample.name] = found.get(sample.name, 0.0) + sample.value
-    return {name: found.get(name) for name in names}
+    from tokenq.bench.report import metric_totals
+
+    return metric_totals(httpx.get(url, timeout=10).text, names)
 
 
 def _engine_totals_during(url: str, phase: Callable[[], tuple[list[gc.Timing], float]]

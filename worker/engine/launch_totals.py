@@ -18,9 +18,10 @@ class LaunchTotals:
     step_tokens: int = 0  # prompt and output tokens the steps computed
 
     def count(self, sched: SchedulerOutput) -> None:
+        """One launched step (`sched.scheduled` is not empty)."""
         self.steps += 1
         self.step_tokens += sched.num_batched_tokens
-        if not all(s.is_decode for s in sched.scheduled):
+        if not sched.scheduled[-1].is_decode:  # decodes come first: a prompt chunk, if any, is last
             self.prefill_steps += 1
 
     def totals(self) -> dict[str, int]:
