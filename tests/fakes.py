@@ -144,7 +144,10 @@ async def started_intake(redis, model: str, engine: FakeEngine | None = None, co
         intake = Intake(redis, engine_loop, publisher, model, consumer, max_model_len=64,
                         **{"block_ms": 50, **intake_options})
         await intake.ensure_groups()
-        yield intake, publisher, engine
+        try:
+            yield intake, publisher, engine
+        finally:
+            await intake.aclose()
     finally:
         engine_loop.stop()
 

@@ -16,6 +16,12 @@ the members re-read every second; the blocking reads also watch the model's new-
 entry (a tenant's first job on a lane) ends the block so that the new stream is read at once. Entries of
 dead workers come in through `Recovery`, on the same admission path and budget. Whatever the engine
 cannot admit stays in Redis, visible to other workers and to autoscalers.
+
+Each loop's blocking reads go out on a connection of its own (a blocked connection holds every command
+behind it) through jobstore/pipe.py rather than redis-py: the entry that ends the block is an idle worker's
+time to first token, and redis-py's command path and reply parsing were a measurable part of it
+(docs/BENCHMARKS.md). A loop cancelled while blocked closes its connection, so that Redis hands no entry to
+a read nobody waits for.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore import JobStore, Started
+from jobstore.connect import is_cluster
+from jobstore.pipe import RedisPipe
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
 from protocol.outage import Outage
@@ -48,6 +56,8 @@ log = get_logger("intake")
 
 BLOCK_MS = 500
 REFRESH_S = 1.0
+RETRIES = 5
+CONNECT_TIMEOUT_S = 5.0
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -136,10 +146,17 @@ class Intake:
         self.pruner = pruner
         self.streams = TenantStreams(redis, model)
         self._last: dict[str, str] = {}  # lane -> the tenant stream served last (round-robin cursor)
+        # The blocking reads' connections, one per loop (none on a cluster: redis-py routes its reads).
+        self._blocking: dict[str, RedisPipe] = {} if is_cluster(redis) else {
+            name: RedisPipe(redis, RETRIES, CONNECT_TIMEOUT_S) for name in ("intake", "intake-better-lanes")}
         self.stopped = False  # set before cancelling the task: a second way out of the loop
 
     async def ensure_groups(self) -> None:
         await self.streams.refresh()
+
+    async def aclose(self) -> None:
+        for conn in self._blocking.values():
+            await conn.aclose()
 
     async def run(self) -> None:
         """Pull until cancelled; Redis trouble is logged (once per outage) and retried with back-off, never
@@ -200,17 +217,27 @@ class Intake:
         better = keys.LANES[:-1]
         streams = [s for lane in better if self._room(lane) > 0 for s in self.streams.by_lane[lane]]
         share = max(1, self._room(better[0]) // max(1, len(streams)))  # none: wait for a new tenant
-        entries = await self._block_on(streams, share)
+        entries = await self._block_on(streams, share, "intake-better-lanes")
         if entries:
             await self._admit(entries)
         return len(entries)
 
-    async def _block_on(self, streams: list[str], count: int) -> list[Entry]:
-        """A blocking XREADGROUP on `streams` and the new-tenants stream; the entries of `streams` (a new
-        tenant's is acknowledged and makes the next refresh re-read the tenant sets)."""
+    async def _block_on(self, streams: list[str], count: int, loop: str) -> list[Entry]:
+        """A blocking XREADGROUP on `streams` and the new-tenants stream, on `loop`'s connection; the entries
+        of `streams` (a new tenant's is acknowledged and makes the next refresh re-read the tenant sets)."""
         new = self.streams.new_tenants
-        resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {**{s: ">" for s in streams}, new: ">"},
-                                           count=count, block=self._wait_ms())
+        names = [*streams, new]
+        conn = self._blocking.get(loop)
+        if conn is None:
+            resp = await self.redis.xreadgroup(keys.GROUP, self.consumer, {s: ">" for s in names}, count=count,
+                                               block=self._wait_ms())
+        else:
+            try:
+                resp = await conn.execute("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count,
+                                          "BLOCK", self._wait_ms(), "STREAMS", *names, *(">" for _ in names))
+            except asyncio.CancelledError:
+                await conn.aclose()
+                raise
         entries = self._entries([(stream, batch) for stream, batch in resp or [] if stream != new])
         woken = [eid for stream, batch in resp or [] if stream == new for eid, _ in batch]
         if woken:
@@ -278,7 +305,7 @@ class Intake:
         entry comes with the wake-up rather than one more round trip later: this is the idle worker's time
         to first token. Lanes need no order here: they were all empty when the read began."""
         streams = self.streams.all()  # none yet: the new-tenants stream alone brings the first
-        entries = await self._block_on(streams, max(1, room // max(1, len(streams))))
+        entries = await self._block_on(streams, max(1, room // max(1, len(streams))), "intake")
         if entries:
             await self._admit(entries)
         return len(entries)
@@ -286,8 +313,8 @@ class Intake:
     def _entries(self, resp) -> list[Entry]:
         """The entries of an XREADGROUP reply, each with its stream's lane."""
         lane_of = self.streams.lane_of
-        return [Entry(lane_of.get(stream, "default"), stream, eid, fields or {}) for stream, batch in resp or []
-                for eid, fields in batch]
+        return [Entry(lane_of.get(stream, "default"), stream, eid, entry_fields(fields))
+                for stream, batch in resp or [] for eid, fields in batch]
 
     async def _admit(self, entries: list[Entry], early: bool = True) -> None:
         valid: list[tuple[Entry, JobPayload]] = []
@@ -391,3 +418,13 @@ class Intake:
             return (f"prompt has {len(payload.prompt_token_ids)} tokens; "
                     f"max_model_len is {self.max_model_len}")
         return None
+
+
+def entry_fields(fields: dict[str, str] | list[str] | None) -> dict[str, str]:
+    """A stream entry's fields: redis-py's reply has them as a dict, the raw one (jobstore/pipe.py) as a flat
+    list of names and values; None for an entry deleted while it was pending."""
+    if not fields:
+        return {}
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2], strict=True))

@@ -211,6 +211,7 @@ class WorkerService:
                 await heartbeat.stop()
             except Exception as e:
                 log.warning("could not remove heartbeat", error=repr(e))
+            await intake.aclose()
             await pipe.aclose()
             await redis.aclose()
             log.info("worker stopped", worker=self.worker_id)

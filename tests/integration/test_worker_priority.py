@@ -146,3 +146,37 @@ async def test_a_new_tenant_stream_ends_a_blocked_read(redis_client):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     assert await r.xlen(keys.new_tenants_stream(MODEL)) == 2  # each tenant's first job, not every job
+
+
+async def test_a_cancelled_blocked_read_takes_no_entry(redis_client):
+    """An intake cancelled while it blocks in XREADGROUP (a stopping worker) closes that read's connection:
+    a job queued afterwards stays undelivered in the group, for the next worker to read at once, instead of
+    going pending to a consumer that will never run it (until its lease)."""
+    r = redis_client
+    await submit_job(r, payload([9], max_tokens=1))
+    async with started_intake(r, MODEL, FakeEngine(step_sleep=0.001), block_ms=30_000) as (intake, _, engine):
+        intake.streams.refresh_s = 30.0  # nor does a re-read of the tenant sets end it sooner
+        task = asyncio.create_task(intake.run())
+        try:
+            await wait_until(lambda: _count(engine, 1), timeout=10)
+            await wait_until(lambda: _blocked_reads(r), timeout=10)
+        finally:
+            intake.stopped = True
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await wait_until(lambda: _no_blocked_reads(r), timeout=5)  # the read's own block lasts 30 s
+        late = payload([5, 6], max_tokens=1)
+        await submit_job(r, late)
+        stream = keys.jobs_stream(MODEL, late.lane, late.tenant)
+        pending = await r.xpending(stream, keys.GROUP)
+        assert pending["pending"] == 1  # the first job's entry only (the fake engine does not finish it here)
+        [[_, [(_, fields)]]] = await r.xreadgroup(keys.GROUP, "host:2", {stream: ">"}, count=1)
+        assert fields["job_id"] == late.id
+
+
+async def _blocked_reads(r) -> bool:
+    return any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in await r.client_list())
+
+
+async def _no_blocked_reads(r) -> bool:
+    return not await _blocked_reads(r)
