@@ -1,8 +1,13 @@
 """One pub/sub connection per gateway process for every job it follows. Each follower joins its job's
 channel here; the hub subscribes to a channel on its first follower and unsubscribes after its last, and
-one reader task fans each message out to the followers' queues. Waiting requests then cost Redis no
-connection of their own: a few hundred waiting or streaming clients are one Redis client, not hundreds
-(a Redis at `maxclients` would stop the whole gateway).
+each message goes out to the followers' queues. Waiting requests then cost Redis no connection of their
+own: a few hundred waiting or streaming clients are one Redis client, not hundreds (a Redis at
+`maxclients` would stop the whole gateway).
+
+The connection is the hub's own (jobstore/pipe.py's protocol): a message is handed to its followers as it
+is parsed, with no reader task and no redis-py command path between Redis and a streamed token, which
+cost a measurable part of a first token's way to the client (docs/BENCHMARKS.md). Where that connection
+cannot be had (TLS, a Unix socket) the hub reads redis-py's PubSub in a task of its own instead.
 
 A follower still needs its subscription to be live before it reads the job's snapshot: `join` returns
 once Redis has confirmed a SUBSCRIBE of this channel. When the
@@ -16,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.logging import get_logger
+from jobstore.pipe import Endpoint, RespProtocol
 
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
@@ -59,6 +67,38 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
+class _Subscriber(RespProtocol):
+    """The hub's connection: past its setup (AUTH, SELECT), every reply is a push (a confirmation or a
+    message), handed to `on_push` as it is parsed; `on_lost` hears of its end once."""
+
+    def __init__(self, on_push: Callable[[_Subscriber, Any], None],
+                 on_lost: Callable[[_Subscriber, BaseException], None]) -> None:
+        super().__init__()
+        self.on_push = on_push
+        self.on_lost = on_lost
+
+    def reply(self, reply: Any) -> None:
+        if self.waiting:
+            super().reply(reply)
+        else:
+            self.on_push(self, reply)
+
+    def _fail(self, error: RedisConnectionError) -> None:
+        first = self.lost is None
+        super()._fail(error)
+        if first:
+            self.on_lost(self, self.lost or error)
+
+    def write(self, *args: str) -> None:
+        if self.lost is not None:
+            raise self.lost
+        assert self.transport is not None
+        self.transport.write(hiredis.pack_command(args))
+
+
+HubConnection = _Subscriber | PubSub
+
+
 class EventHub:
     """`sharded`: subscribe with SSUBSCRIBE (a cluster node's shard channels) instead of SUBSCRIBE."""
 
@@ -67,13 +107,15 @@ class EventHub:
         self.sharded = sharded
         # The types of the replies that confirm a subscription and that carry a message.
         self._confirmed, self._message = ("ssubscribe", "smessage") if sharded else ("subscribe", "message")
-        self._pubsub: PubSub | None = None
+        self._endpoint = Endpoint.of(redis)  # None: redis-py's PubSub and a reader task
+        self._conn: HubConnection | None = None
         self._reader: asyncio.Task | None = None
         self._followers: dict[str, set[Subscription]] = {}
         self._live: dict[str, asyncio.Future] = {}  # channel -> confirmation of its current SUBSCRIBE
         self._pending: dict[str, list[asyncio.Future]] = {}  # SUBSCRIBEs sent and not yet confirmed
         self._lock = asyncio.Lock()  # one SUBSCRIBE or UNSUBSCRIBE written at a time
         self._unsubscribing: set[asyncio.Task] = set()
+        self._losing: set[asyncio.Task] = set()
 
     @property
     def channels(self) -> int:
@@ -101,12 +143,7 @@ class EventHub:
             self._live[channel] = confirmed
             self._pending.setdefault(channel, []).append(confirmed)
             try:
-                if self._pubsub is None:
-                    self._pubsub = self.redis.pubsub()
-                if self.sharded:  # redis-py 5's asyncio PubSub has no ssubscribe()
-                    await self._pubsub.execute_command("SSUBSCRIBE", channel)
-                else:
-                    await self._pubsub.subscribe(channel)
+                await self._subscribe(channel)
             except BaseException:
                 self._forget(channel, sub)
                 pending = self._pending.get(channel, [])
@@ -115,9 +152,25 @@ class EventHub:
                 if not pending:
                     self._pending.pop(channel, None)
                 raise
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read(self._pubsub), name="event-hub")
             return confirmed
+
+    async def _subscribe(self, channel: str) -> None:
+        if self._endpoint is not None:
+            if self._conn is None:
+                self._conn = await self._endpoint.open(lambda: _Subscriber(self._on_push, self._on_lost),
+                                                       SUBSCRIBE_TIMEOUT_S)
+            assert isinstance(self._conn, _Subscriber)
+            self._conn.write("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channel)
+            return
+        if self._conn is None:
+            self._conn = self.redis.pubsub()
+        assert isinstance(self._conn, PubSub)
+        if self.sharded:  # redis-py 5's asyncio PubSub has no ssubscribe()
+            await self._conn.execute_command("SSUBSCRIBE", channel)
+        else:
+            await self._conn.subscribe(channel)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read(self._conn), name="event-hub")
 
     async def _remove(self, channel: str, sub: Subscription) -> None:
         """Forget the follower at once (its task may be being cancelled); UNSUBSCRIBE in the background
@@ -129,13 +182,17 @@ class EventHub:
 
     async def _unsubscribe(self, channel: str) -> None:
         async with self._lock:
-            if channel in self._followers or self._pubsub is None:
+            conn = self._conn
+            if channel in self._followers or conn is None:
                 return
             with contextlib.suppress(Exception):  # a lost connection drops the subscription anyway
-                if self.sharded:
-                    await self._pubsub.execute_command("SUNSUBSCRIBE", channel)
+                command = "SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE"
+                if isinstance(conn, _Subscriber):
+                    conn.write(command, channel)
+                elif self.sharded:
+                    await conn.execute_command(command, channel)
                 else:
-                    await self._pubsub.unsubscribe(channel)
+                    await conn.unsubscribe(channel)
 
     def _forget(self, channel: str, sub: Subscription) -> bool:
         """Drop one follower; True when it was the channel's last."""
@@ -149,7 +206,33 @@ class EventHub:
         self._live.pop(channel, None)
         return True
 
+    def _handle(self, kind: str, channel: str, data: Any) -> bool:
+        """One push from Redis; False when it ends the connection's use (a followed shard channel moved)."""
+        if kind == self._message:
+            for sub in self._followers.get(channel, ()):
+                sub.queue.put_nowait(data)
+        elif kind == self._confirmed:  # the channel is live: every SUBSCRIBE of it sent so far is done
+            for future in self._pending.pop(channel, ()):
+                if not future.done():
+                    future.set_result(None)
+        elif kind == "sunsubscribe" and channel in self._followers:  # the server dropped it: slot moved
+            return False
+        return True
+
+    def _on_push(self, conn: _Subscriber, reply: Any) -> None:
+        if isinstance(reply, BaseException):  # Redis refused a command: start again on a new connection
+            self._on_lost(conn, reply)
+        elif isinstance(reply, list) and len(reply) == 3 and not self._handle(*reply):
+            self._on_lost(conn, RedisConnectionError(f"shard channel {reply[1]} moved"))
+
+    def _on_lost(self, conn: _Subscriber, error: BaseException) -> None:
+        if conn is self._conn:  # not one closed on purpose
+            task = asyncio.create_task(self._lost(conn, error))
+            self._losing.add(task)
+            task.add_done_callback(self._losing.discard)
+
     async def _read(self, pubsub: PubSub) -> None:
+        """redis-py's PubSub, where the hub has no connection of its own."""
         while True:
             try:
                 message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
@@ -160,24 +243,16 @@ class EventHub:
                 return
             if message is None:
                 continue
-            kind, channel = message.get("type"), message.get("channel")
-            if kind == self._message:
-                for sub in self._followers.get(channel, ()):
-                    sub.queue.put_nowait(message["data"])
-            elif kind == self._confirmed:  # the channel is live: every SUBSCRIBE of it sent so far is done
-                for future in self._pending.pop(channel, ()):
-                    if not future.done():
-                        future.set_result(None)
-            elif kind == "sunsubscribe" and channel in self._followers:  # the server dropped it: slot moved
-                await self._lost(pubsub, RedisConnectionError(f"shard channel {channel} moved"))
+            if not self._handle(message.get("type"), message.get("channel"), message.get("data")):
+                await self._lost(pubsub, RedisConnectionError(f"shard channel {message.get('channel')} moved"))
                 return
 
-    async def _lost(self, pubsub: PubSub, error: BaseException) -> None:
+    async def _lost(self, conn: HubConnection, error: BaseException) -> None:
         log.warning("event hub lost its pub/sub connection; followers re-subscribe", error=repr(error),
                     channels=len(self._followers))
         async with self._lock:
-            if self._pubsub is pubsub:
-                self._pubsub = None
+            if self._conn is conn:
+                self._conn = None
             for followers in self._followers.values():
                 for sub in followers:
                     sub.queue.put_nowait(error)
@@ -188,18 +263,25 @@ class EventHub:
             self._followers.clear()
             self._live.clear()
             self._pending.clear()
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()
+        await _close(conn)
 
     async def aclose(self) -> None:
-        await asyncio.gather(*self._unsubscribing, return_exceptions=True)
+        await asyncio.gather(*self._unsubscribing, *self._losing, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-            self._pubsub = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _close(conn)
+
+
+async def _close(conn: HubConnection) -> None:
+    with contextlib.suppress(Exception):
+        if isinstance(conn, _Subscriber):
+            if conn.transport is not None:
+                conn.transport.close()
+        else:
+            await conn.aclose()
 
 
 class ShardedEventHub:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -32,7 +32,10 @@ from jobstore.scripts import Script
 Arg = str | bytes | int | float
 
 
-class _Protocol(asyncio.Protocol):
+class RespProtocol(asyncio.Protocol):
+    """One connection: what is sent in one loop iteration goes out in one write, and each reply answers the
+    oldest command waiting (the gateway's event hub takes its pushes instead: `reply`)."""
+
     def __init__(self) -> None:
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
         self.waiting: deque[asyncio.Future[Any]] = deque()
@@ -48,11 +51,15 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
-                future = self.waiting.popleft()
-                if not future.done():
-                    future.set_result(reply)
+                self.reply(reply)
         except (hiredis.ProtocolError, IndexError) as e:  # garbage, or a reply nobody asked for
             self._fail(RedisConnectionError(f"Redis protocol error: {e!r}"))
+
+    def reply(self, reply: Any) -> None:
+        """One reply, to the oldest command waiting for one (IndexError: none is)."""
+        future = self.waiting.popleft()
+        if not future.done():
+            future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError(f"connection to Redis lost: {exc!r}"))
@@ -90,17 +97,11 @@ class RedisPipe:
     def __init__(self, redis: AnyRedis, retries: int, connect_timeout_s: float, library: bool = False) -> None:
         """`library`: pass every command to the redis-py client (what `tokenq bench queue` compares). A
         cluster's commands too go through redis-py's client, which routes each to its slot's node."""
-        self._fallback = redis if library or is_cluster(redis) or not _speaks(redis) else None
-        kw = redis.connection_pool.connection_kwargs if self._fallback is None else {}
-        self._address = (kw.get("host", "localhost"), int(kw.get("port", 6379)))
-        self._setup: list[tuple[Arg, ...]] = []  # sent first on every new connection
-        if kw.get("password"):
-            self._setup.append(("AUTH", *([kw["username"]] if kw.get("username") else []), kw["password"]))
-        if kw.get("db"):
-            self._setup.append(("SELECT", kw["db"]))
+        self._endpoint = None if library else Endpoint.of(redis)
+        self._fallback = redis if self._endpoint is None else None
         self._retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
         self._connect_timeout_s = connect_timeout_s
-        self._proto: _Protocol | None = None
+        self._proto: RespProtocol | None = None
         self._lock = asyncio.Lock()
 
     async def execute(self, *args: Arg) -> Any:
@@ -130,33 +131,57 @@ class RedisPipe:
             proto = await self._connect()
         return _checked(await proto.send(hiredis.pack_command(tuple(args))))
 
-    async def _connect(self) -> _Protocol:
+    async def _connect(self) -> RespProtocol:
         async with self._lock:
             if self._proto is None or self._proto.lost is not None:
                 self._proto = await self._open()
             return self._proto
 
-    async def _open(self) -> _Protocol:
+    async def _open(self) -> RespProtocol:
+        assert self._endpoint is not None
+        return await self._endpoint.open(RespProtocol, self._connect_timeout_s)
+
+
+P = TypeVar("P", bound=RespProtocol)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a connection of our own reaches a redis-py client's Redis, and what it sends first (AUTH,
+    SELECT)."""
+
+    address: tuple[str, int]
+    setup: tuple[tuple[Arg, ...], ...]
+
+    @classmethod
+    def of(cls, redis: AnyRedis) -> Endpoint | None:
+        """None where the client reaches Redis in a way this does not speak: a cluster, TLS, a Unix socket."""
+        if is_cluster(redis) or redis.connection_pool.connection_class is not Connection:
+            return None
+        kw = redis.connection_pool.connection_kwargs
+        setup: list[tuple[Arg, ...]] = []
+        if kw.get("password"):
+            setup.append(("AUTH", *([kw["username"]] if kw.get("username") else []), kw["password"]))
+        if kw.get("db"):
+            setup.append(("SELECT", kw["db"]))
+        return cls((kw.get("host", "localhost"), int(kw.get("port", 6379))), tuple(setup))
+
+    async def open(self, protocol: Callable[[], P], connect_timeout_s: float) -> P:
+        """A connected protocol (keepalive on), the setup commands answered."""
         loop = asyncio.get_running_loop()
         try:
-            _, proto = await asyncio.wait_for(loop.create_connection(_Protocol, *self._address),
-                                              self._connect_timeout_s)
+            _, proto = await asyncio.wait_for(loop.create_connection(protocol, *self.address), connect_timeout_s)
         except (TimeoutError, OSError) as e:
-            raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {e!r}") from e
+            raise RedisConnectionError(f"cannot connect to Redis at {self.address}: {e!r}") from e
         sock = proto.transport.get_extra_info("socket") if proto.transport else None
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for args in self._setup:
+        for args in self.setup:
             reply = await proto.send(hiredis.pack_command(args))
             if isinstance(reply, ResponseError):
                 proto._fail(RedisConnectionError(f"Redis refused {args[0]}: {reply}"))
                 raise proto.lost or reply
         return proto
-
-
-def _speaks(redis: aioredis.Redis) -> bool:
-    """Whether this connection reaches Redis as a plain TCP connection (no TLS, no Unix socket)."""
-    return redis.connection_pool.connection_class is Connection
 
 
 def _checked(reply: Any) -> Any:
