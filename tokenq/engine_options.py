@@ -65,12 +65,13 @@ def engine_flags_argv(args: argparse.Namespace) -> list[str]:
     return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
-def kernel_choices() -> dict[str, str]:
-    """EngineConfig's kernel fields (kernels, gemv) from the environment (TOKENQ_KERNELS, TOKENQ_GEMV)."""
+def kernel_choices() -> dict[str, str | bool]:
+    """EngineConfig's kernel fields (kernels, gemv, pdl) from the environment (TOKENQ_KERNELS, TOKENQ_GEMV,
+    TOKENQ_PDL)."""
     from tokenq.settings import Settings
 
     settings = Settings.from_env()
-    return {"kernels": settings.kernels, "gemv": settings.gemv}
+    return {"kernels": settings.kernels, "gemv": settings.gemv, "pdl": settings.pdl}
 
 
 def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kept lazy: torch is heavy)

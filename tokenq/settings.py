@@ -56,6 +56,7 @@ class Settings:
     webhook_queue_url: str | None = None
     kernels: str = "triton"  # TOKENQ_KERNELS=torch: the torch references instead of every Triton kernel
     gemv: str = "triton"  # TOKENQ_GEMV=cublas: one-row matmuls on cuBLAS instead of our GEMV
+    pdl: bool = True  # TOKENQ_PDL=0: our kernels without programmatic dependent launch (Hopper and later)
     throughput_log_s: float = 30.0  # TOKENQ_THROUGHPUT_LOG_S: a worker's throughput line this often (0: never)
     # TOKENQ_WEBHOOK_GONE_DISABLE_S: how long a 410 disables a tenant's URL; None: the retry policy's default
     webhook_gone_disable_s: float | None = None
@@ -83,6 +84,7 @@ class Settings:
             webhook_queue_url=env.get("TOKENQ_WEBHOOK_QUEUE_URL") or None,
             kernels="torch" if (env.get("TOKENQ_KERNELS") or "").lower() == "torch" else "triton",
             gemv="cublas" if (env.get("TOKENQ_GEMV") or "").lower() == "cublas" else "triton",
+            pdl=_flag(env, "TOKENQ_PDL", True),
             throughput_log_s=_float(env, "TOKENQ_THROUGHPUT_LOG_S", 30.0),
             webhook_gone_disable_s=_optional_float(env, "TOKENQ_WEBHOOK_GONE_DISABLE_S"),
             require_auth=_flag(env, "TOKENQ_REQUIRE_AUTH", False),

@@ -6,11 +6,16 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
+
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    release_dependents(PDL)
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -31,7 +36,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if rows and n:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
+        pdl = use_pdl(x2)
         _silu_and_mul_kernel[(rows, triton.cdiv(n, _BLOCK))](
-            x2, out, x2.stride(0), out.view(-1, n).stride(0), n, BLOCK=_BLOCK, num_warps=4
+            x2, out, x2.stride(0), out.view(-1, n).stride(0), n, BLOCK=_BLOCK, PDL=pdl, num_warps=4, launch_pdl=pdl
         )
     return out

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2, sm_count
+from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 if TYPE_CHECKING:
     from tokenq_kernels.attention_metadata import AttentionMetadata
@@ -102,8 +104,10 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    KV_F16: tl.constexpr,
+    KV_F16: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
+    wait_for_inputs(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,7 +197,7 @@ def _paged_decode_kernel(
     stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_F16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_F16: tl.constexpr, PDL: tl.constexpr,
 ):
     """A decode-only step over an FP8 cache: program (sequence, KV head, split) takes the one query token's GQA
     group.
@@ -201,13 +205,23 @@ def _paged_decode_kernel(
     Scores are computed transposed, keys x heads (k @ q^T), and the softmax runs down the key axis: the
     widened key tile is then the left operand of the product, the one the tensor cores read from registers.
     Over an FP8 cache this ran faster on an H200 than the general kernel's q @ k^T; over a bf16 cache, slower."""
+    release_dependents(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # The step's metadata and its first block ids come from the host, so they load before the wait (pdl.py).
     q_begin = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) == q_begin:
-        return
+    q_end = tl.load(qsl_ptr + seq + 1)
     seq_len = tl.load(seq_lens_ptr + seq)
+    kv_lo, kv_hi = _partition(seq_len, seq_len, split, num_splits, BLOCK_N, SPLIT)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    keys = tl.arange(0, BLOCK_N)
+    # Each tile's block ids are loaded one iteration ahead: the key and value addresses depend on them, and a
+    # lookup in the tile's own turn puts the table's latency before every tile's loads.
+    next_block = _tile_blocks(table, kv_lo, keys, kv_hi, CACHE_BLOCK)
+    wait_for_inputs(PDL)
+    if q_end == q_begin:
+        return
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP
     head = kv_head * GROUP + rows
@@ -219,16 +233,10 @@ def _paged_decode_kernel(
     if KV_F16:
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     q_t = tl.trans(q)  # [BLOCK_D, BLOCK_M]
-    kv_lo, kv_hi = _partition(seq_len, seq_len, split, num_splits, BLOCK_N, SPLIT)
 
     m_i = tl.full([1, BLOCK_M], _NEG_BIG, tl.float32)  # per head, along the key axis
     l_i = tl.zeros([1, BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    keys = tl.arange(0, BLOCK_N)
-    # Each tile's block ids are loaded one iteration ahead: the key and value addresses depend on them, and a
-    # lookup in the tile's own turn puts the table's latency before every tile's loads.
-    next_block = _tile_blocks(table, kv_lo, keys, kv_hi, CACHE_BLOCK)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos = start + keys
         key_ok = pos < kv_hi
@@ -266,8 +274,11 @@ def _paged_decode_kernel(
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_splits, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (token, head): rescale every partition to the common max and normalize once."""
+    release_dependents(PDL)
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P)
@@ -364,6 +375,7 @@ def paged_attention_triton(
     else:
         part_acc = part_ml = out  # unused
     block_d = max(16, next_pow2(d))
+    pdl = use_pdl(q)
     if kv_fp8 and (k_scale is None or v_scale is None):
         k_scale = v_scale = torch.ones(1, dtype=torch.float32, device=q.device)
     pointers = (q, k_cache, v_cache, out, part_acc, part_ml, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -374,7 +386,8 @@ def paged_attention_triton(
     common = dict(NUM_HEADS=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  KV_F16=kv_fp8 and q.dtype.itemsize == 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  KV_F16=kv_fp8 and q.dtype.itemsize == 2, PDL=pdl, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages, launch_pdl=pdl)
     if cfg.block_q == 1 and kv_fp8:
         _paged_decode_kernel[(tiles, hkv, num_splits)](
             *pointers, scale * _LOG2E, T, num_splits, *strides, **common)
@@ -385,8 +398,8 @@ def paged_attention_triton(
     if num_splits > 1:
         _merge_splits_kernel[(T, hq)](
             part_acc, part_ml, out, T, num_splits, out.stride(0), out.stride(1),
-            NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits),
-            num_warps=4,
+            NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits), PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
         )
     return out
 

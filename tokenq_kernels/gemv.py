@@ -49,14 +49,14 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
     """Tiles for a [rows, k] x [n, k]^T product, or None where cuBLAS is the better choice.
 
-    From the H200 sweeps (2026-12-01): one row only (at 2 to 8 rows the best tiles matched cuBLAS at best,
-    and fell to a third of its speed at 8); 1,024 of K a program; 8 output features a program for
-    N <= 4,096 (o_proj, down_proj: 512 programs), 4 above (qkv, gate_up, LM head). Small products stay on
-    cuBLAS: nothing was measured there.
+    From the H200 sweeps (tests/gpu/bench_gemv.py): one row only (at 2 to 8 rows the best tiles matched cuBLAS
+    at best, and fell to a third of its speed at 8); under PDL, 4 output features and 2,048 of K a program at
+    every Llama-3-8B shape, within 1% of each shape's best. Small products stay on cuBLAS: nothing was measured
+    there.
     """
     if rows > MAX_ROWS or n * k < 1 << 22:
         return None
-    return GemvConfig(block_n=8 if n <= 4096 else 4, block_k=min(1024, 1 << (k - 1).bit_length()), num_stages=1)
+    return GemvConfig(block_n=4, block_k=min(2048, 1 << (k - 1).bit_length()), num_stages=1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.gemv import GemvConfig
+from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
 @triton.jit
@@ -37,8 +39,9 @@ def _gemv_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -48,16 +51,24 @@ def _gemv_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     # Products accumulate elementwise in float32 and are reduced over K once, after the loop: the loop body
     # is loads and FMAs only. Each weight tile is read once for all BLOCK_M rows. One row (decode at batch
-    # 1, the case the dispatcher sends here) keeps a 2-D tile.
+    # 1, the case the dispatcher sends here) keeps a 2-D tile, and under PDL loads its first weight tile
+    # before waiting for the kernel that writes x (see tokenq_kernels/pdl.py).
     if BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            w, x = _load_tiles(w_ptrs, x_ptrs, k, offs_k, K, n_mask, m_mask, EVEN)
-            acc2 += w.to(tl.float32) * x.to(tl.float32)
+        if EVEN:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        wait_for_inputs(PDL)
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        acc2 = w.to(tl.float32) * x.to(tl.float32)
+        for k in range(BLOCK_K, K, BLOCK_K):
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            w, x = _load_tiles(w_ptrs, x_ptrs, k, offs_k, K, n_mask, m_mask, EVEN)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)
         acc = tl.sum(acc2, axis=1)[None, :]
     else:
+        wait_for_inputs(PDL)
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             w, x = _load_tiles(w_ptrs, x_ptrs, k, offs_k, K, n_mask, m_mask, EVEN)
@@ -85,11 +96,12 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if M == 0 or N == 0:
         return y.view(*x.shape[:-1], N)
     block_m = max(1, triton.next_power_of_2(M))
+    pdl = use_pdl(x2)
     _gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
         x2, weight, bias if bias is not None else weight, y, M, N, K,  # the weight stands in for no bias
         x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN=K % cfg.block_k == 0 and N % cfg.block_n == 0 and M == block_m, HAS_BIAS=bias is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN=K % cfg.block_k == 0 and N % cfg.block_n == 0 and M == block_m, HAS_BIAS=bias is not None, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
     return y.view(*x.shape[:-1], N)

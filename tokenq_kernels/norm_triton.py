@@ -11,13 +11,18 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
+from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
 @triton.jit
 def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, n_cols, eps, cols, mask,
-                 HAS_RESIDUAL: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     """One row in registers: x (+ residual, stored to res_out rounded to its dtype), normalized and rounded to
-    that dtype, and the norm's weight in float32. Shared by the plain norm and the FP8 one (fp8_triton.py)."""
+    that dtype, and the norm's weight in float32. Shared by the plain norm and the FP8 one (fp8_triton.py).
+    The weight, which no kernel writes, loads before the wait for the kernel that writes x (pdl.py)."""
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wait_for_inputs(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -25,7 +30,6 @@ def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, stride_x, stride_r, st
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return (xf * rstd).to(x.dtype), w
 
 
@@ -34,13 +38,14 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,
     n_cols, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     normed, w = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, stride_x, stride_r, stride_ro, n_cols, eps,
-                             cols, mask, HAS_RESIDUAL)
+                             cols, mask, HAS_RESIDUAL, PDL)
     tl.store(out_ptr + row * stride_o + cols, (normed.to(tl.float32) * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -59,14 +64,15 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if rows == 0:
         return out, res_out
     block = next_pow2(n)
+    pdl = use_pdl(x2)
     if x2.stride(-1) != 1 or r2.stride(-1) != 1 or weight.stride(0) != 1:
         raise ValueError("rms_norm needs rows with unit stride")
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, out2, ro2,
         x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
         n, eps,
-        BLOCK=block, HAS_RESIDUAL=residual is not None,
-        num_warps=min(16, max(1, block // 512)),
+        BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl,
+        num_warps=min(16, max(1, block // 512)), launch_pdl=pdl,
     )
     return out, res_out
 

@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
+from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
 @triton.jit
@@ -33,8 +35,10 @@ def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)[None, :]
@@ -56,12 +60,13 @@ def rotary_triton(
     if qv.stride(2) != 1 or kv.stride(2) != 1 or cos_sin_cache.stride(1) != 1:
         raise ValueError("rotary needs the head dimension contiguous")
     half = head_dim // 2
+    pdl = use_pdl(q)
     _rotary_kernel[(T,)](
         positions, qv, kv, cos_sin_cache,
         qv.stride(0), qv.stride(1), kv.stride(0), kv.stride(1), cos_sin_cache.stride(0),
         NUM_Q_HEADS=qv.shape[1], NUM_K_HEADS=kv.shape[1],
         BLOCK_QH=next_pow2(qv.shape[1]), BLOCK_KH=next_pow2(kv.shape[1]),
-        HALF=half, BLOCK_HALF=next_pow2(half),
-        num_warps=4,
+        HALF=half, BLOCK_HALF=next_pow2(half), PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )
     return q, k

@@ -18,7 +18,7 @@ from torch import Tensor
 from tokenq_kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
-    from tokenq_kernels.sampling_triton import gumbel_argmax_triton
+    from tokenq_kernels.sampling_triton import argmax_triton, gumbel_argmax_triton
 
 # As vLLM: a temperature this small is greedy; dividing by it would overflow the logits.
 GREEDY_BELOW = 1e-5
@@ -56,6 +56,14 @@ def gumbel_argmax_ref(logits: Tensor, inv_temperature: Tensor, greedy: Tensor, k
     scores = logits.float() * inv_temperature[:, None] + gumbel_noise_ref(keys, logits.shape[1])
     scores = torch.where(greedy[:, None], logits.float(), scores)
     return scores.argmax(dim=1)
+
+
+def argmax_rows(logits: Tensor) -> Tensor:
+    """torch.argmax(logits, dim=1), the first index on ties; on CUDA a kernel that spreads a row over the GPU
+    (a row whose logits hold NaN may get another index than torch's, which takes the first NaN)."""
+    if use_triton(logits) and logits.dim() == 2:
+        return argmax_triton(logits)
+    return logits.argmax(dim=1)
 
 
 def truncate(

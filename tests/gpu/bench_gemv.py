@@ -2,6 +2,7 @@
 
     python tests/gpu/bench_gemv.py [--rows 1 2 4] [--out FILE.json] [--quick]
     python tests/gpu/bench_gemv.py --fp8 [--out FILE.json]   # e4m3 weights: torch._scaled_mm vs our FP8 GEMV
+    python tests/gpu/bench_gemv.py --fp8 --fp8-x bf16         # ... with x in bfloat16, as down_proj takes it
 
 With --fp8 the weights are e4m3 with a scale per output feature, x is one row quantized per token (as a
 decode step at batch 1 feeds it), the peer is torch._scaled_mm and the LM head (16-bit) is left out.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tokenq_kernels.fp8 import fp8_gemv_ref, quantize_rows_ref, scaled_mm  # noqa: E402
+from tokenq_kernels.fp8 import fp8_gemv_ref, quantize_rows, quantize_rows_ref, scaled_mm  # noqa: E402
 from tokenq_kernels.fp8_triton import fp8_gemv_tiles, fp8_gemv_triton  # noqa: E402
 from tokenq_kernels.gemv import GemvConfig, gemv_config  # noqa: E402
 from tokenq_kernels.gemv_triton import gemv_triton  # noqa: E402
@@ -90,21 +91,22 @@ def fp8_candidates() -> list[GemvConfig]:
             itertools.product([2, 4, 8, 16], [1024, 2048, 4096], [4, 8], [1, 3])]
 
 
-def fp8_problem(n: int, k: int):
+def fp8_problem(n: int, k: int, x_bf16: bool = False):
     """e4m3 weights [n, k] with row scales, in enough copies that they never sit in L2 together; one row x
-    quantized per token; and the reference product for the first copy."""
+    quantized per token (or left in bfloat16); and the reference product for the first copy."""
     from tokenq_kernels.fp8 import QuantizedInput
 
     weights = []
     for _ in range(max(2, math.ceil(600e6 / (n * k)))):
         w, ws = quantize_rows_ref(torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02)
         weights.append((w, ws.reshape(-1)))
-    xq, xs = quantize_rows_ref(torch.randn(1, k, device="cuda", dtype=DTYPE))
-    x = QuantizedInput(xq, xs, DTYPE)
+    x = torch.randn(1, k, device="cuda", dtype=DTYPE)
+    if not x_bf16:
+        x = QuantizedInput(*quantize_rows_ref(x), DTYPE)
     return weights, x, fp8_gemv_ref(x, *weights[0], None).float()
 
 
-def sweep_fp8(shapes: list[str]) -> dict:
+def sweep_fp8(shapes: list[str], x_bf16: bool = False) -> dict:
     """One row against e4m3 weights: torch._scaled_mm, the default FP8 tiles and every candidate."""
     results, step = [], [0.0, 0.0, 0.0]
     for name in shapes:
@@ -112,9 +114,12 @@ def sweep_fp8(shapes: list[str]) -> dict:
             continue
         n, k, per_step = SHAPES[name]
         nbytes = n * k
-        weights, x, ref = fp8_problem(n, k)
-        peer = time_graph(lambda x, w: scaled_mm(x.q, x.scale.reshape(-1, 1), w[0], w[1], None, DTYPE), weights, x)
-        default = fp8_gemv_tiles(n, k, f16_products=True)
+        weights, x, ref = fp8_problem(n, k, x_bf16)
+        if x_bf16:  # the peer quantizes x itself, as fp8_linear does for _scaled_mm
+            peer = time_graph(lambda x, w: scaled_mm(*quantize_rows(x), w[0], w[1], None, DTYPE), weights, x)
+        else:
+            peer = time_graph(lambda x, w: scaled_mm(x.q, x.scale.reshape(-1, 1), w[0], w[1], None, DTYPE), weights, x)
+        default = fp8_gemv_tiles(n, k, f16_products=not x_bf16)
         row = {"shape": name, "n": n, "k": k, "rows": 1, "scaled_mm_us": peer, "variants": []}
         best = None
         for cfg in dict.fromkeys([default] + fp8_candidates()):
@@ -155,11 +160,13 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--fp8", action="store_true", help="e4m3 weights: torch._scaled_mm vs the FP8 GEMV")
+    p.add_argument("--fp8-x", choices=["fp8", "bf16"], default="fp8",
+                   help="x quantized per token (float16 products) or in bfloat16 (float32 products)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.fp8:
-        report = sweep_fp8(args.shapes)
+        report = sweep_fp8(args.shapes, args.fp8_x == "bf16")
         if args.out:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), **report}, indent=1))
         return

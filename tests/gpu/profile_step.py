@@ -13,6 +13,7 @@ import time
 import torch
 
 from tokenq.bench import gpu_common as gc
+from tokenq_kernels.sampling import argmax_rows
 
 
 def _timed(store: dict[str, list[float]], name: str, fn):
@@ -72,7 +73,7 @@ def main() -> None:
     b = runner.graphs.bucket(args.batch)
     graph_ms = _gpu_ms(lambda: runner.graphs.graphs[b].replay())
     hidden = runner.graphs.hidden[:args.batch]
-    head_ms = _gpu_ms(lambda: runner.model.compute_logits(hidden).argmax(-1))
+    head_ms = _gpu_ms(lambda: argmax_rows(runner.model.compute_logits(hidden)))  # the sampler's greedy path
     print(f"decode step at batch {args.batch} (graph bucket {b}), {setup.shape}, {torch.cuda.get_device_name()}")
     print(f"  engine.step wall (median of {args.steps}):       {statistics.median(walls):7.3f} ms")
     print(f"  GPU: captured forward, replay alone:            {graph_ms:7.3f} ms")
@@ -88,7 +89,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             runner.graphs._forward(b)
-            runner.model.compute_logits(hidden).argmax(-1)
+            argmax_rows(runner.model.compute_logits(hidden))
         torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.self_device_time_total for e in rows) / 10 / 1e3

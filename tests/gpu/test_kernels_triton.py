@@ -199,6 +199,38 @@ def check_rotary(T: int, hq: int, hkv: int, d: int, dtype: torch.dtype, device: 
     return max(err, assert_close("rotary k", out_k, ref_k, dtype))
 
 
+def check_rotary_store_kv(T: int, hq: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, device: str,
+                          fp8_cache: bool = False) -> float:
+    """The fused kernel rotates q and k in place as the float32 reference does, and stores exactly what the
+    store kernel's reference stores of its rotated k and of v (padding rows skipped)."""
+    from tokenq_kernels.fp8 import FP8
+    from tokenq_kernels.rotary_kv_triton import rotary_store_kv_triton
+
+    rope = RotaryEmbedding(d, 20000, 500000.0, LLAMA3_SCALING)
+    cache = rope.cos_sin_cache.to(device=device, dtype=dtype)
+    positions = torch.randint(0, 20000, (T,), device=device)
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=dtype, device=device)
+    q, k, v = qkv[:, : hq * d], qkv[:, hq * d : (hq + hkv) * d], qkv[:, (hq + hkv) * d :]
+    ref_q, ref_k = rotary_ref(positions, q.float(), k.float(), cache.float(), d)
+    num_blocks = -(-T // block_size) + 3
+    caches = torch.randn(2, num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    scales = (None, None)
+    if fp8_cache:
+        caches = caches.to(FP8)
+        scales = (torch.rand(1, device=device) + 0.5, torch.rand(1, device=device) + 0.5)
+    ref_caches = caches.clone()
+    slots = torch.randperm(num_blocks * block_size, device=device)[:T]
+    slots[torch.rand(T, device=device) < 0.2] = -1  # padding rows: nothing stored
+    out_q, out_k = rotary_store_kv_triton(positions, q, k, v, cache, d, caches[0], caches[1], slots, *scales)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "q and k rotate in place"
+    err = max(assert_close("rotary_store_kv q", out_q, ref_q, dtype),
+              assert_close("rotary_store_kv k", out_k, ref_k, dtype))
+    store_kv_ref(out_k.view(T, hkv, d), v.view(T, hkv, d), ref_caches[0], ref_caches[1], slots, *scales)
+    as_bits = (lambda c: c.view(torch.uint8)) if fp8_cache else (lambda c: c)
+    assert torch.equal(as_bits(caches), as_bits(ref_caches)), "rotary_store_kv: caches differ from the store's"
+    return err
+
+
 def check_silu_and_mul(rows: int, inter: int, dtype: torch.dtype, device: str) -> float:
     from tokenq_kernels.activation_triton import silu_and_mul_triton
 
@@ -243,6 +275,22 @@ def check_sampling_matches_ref(B: int, V: int, device: str) -> float:
     # Only a float near-tie between two noisy scores (an ulp of log) may flip a row.
     assert agree >= 0.99, f"sampling: kernel and reference agree on {agree:.1%} of rows"
     return 1.0 - agree
+
+
+def check_argmax(B: int, V: int, dtype: torch.dtype, device: str) -> float:
+    """The greedy kernel picks torch.argmax's token, the first on ties: bfloat16 logits tie often, and each
+    row also holds its maximum twice more, later in the row than a first copy."""
+    from tokenq_kernels.sampling_triton import argmax_triton
+
+    logits = (torch.randn(B, V, device=device) * 3).to(dtype)
+    top = logits.max(dim=1).values + 1
+    for row in range(B):
+        cols = torch.randperm(V, device=device)[:3].sort().values
+        logits[row, cols] = top[row]
+    got = argmax_triton(logits)
+    want = logits.argmax(dim=1)
+    assert torch.equal(got, want), f"argmax: {(got != want).sum().item()} of {B} rows differ from torch.argmax"
+    return 0.0
 
 
 def check_sampling_distribution(V: int, draws: int, device: str) -> float:
@@ -321,6 +369,9 @@ def all_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
                 (f"store_kv {t}", lambda dtype=dtype: check_store_kv(13, 3, 32, 4, dtype, device)),
                 (f"rms_norm {t}", lambda dtype=dtype: check_rms_norm(5, 100, dtype, device)),
                 (f"rotary {t}", lambda dtype=dtype: check_rotary(7, 6, 2, 64, dtype, device)),
+                (f"rotary_store_kv {t}", lambda dtype=dtype: check_rotary_store_kv(7, 6, 2, 64, 4, dtype, device)),
+                (f"rotary_store_kv fp8 {t}", lambda dtype=dtype: check_rotary_store_kv(7, 6, 2, 64, 4, dtype, device,
+                                                                                     True)),
                 (f"silu_and_mul {t}", lambda dtype=dtype: check_silu_and_mul(3, 1500, dtype, device)),
                 (f"gemv {t}", lambda dtype=dtype: check_gemv(1, 40, 300, dtype, device, cfg=GemvConfig(16, 64))),
                 (f"gemv rows {t}", lambda dtype=dtype: check_gemv(3, 37, 1000, dtype, device, True,
@@ -333,6 +384,9 @@ def all_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
                 (f"rms_norm odd {t}", lambda dtype=dtype: check_rms_norm(17, 5003, dtype, device)),
                 (f"rotary {t}", lambda dtype=dtype: check_rotary(333, 32, 8, 128, dtype, device)),
                 (f"rotary d=64 {t}", lambda dtype=dtype: check_rotary(77, 9, 3, 64, dtype, device)),
+                (f"rotary_store_kv {t}", lambda dtype=dtype: check_rotary_store_kv(333, 32, 8, 128, 16, dtype, device)),
+                (f"rotary_store_kv fp8 {t}", lambda dtype=dtype: check_rotary_store_kv(77, 9, 3, 64, 16, dtype, device,
+                                                                                     True)),
                 (f"silu_and_mul {t}", lambda dtype=dtype: check_silu_and_mul(97, 14336, dtype, device)),
                 (f"gemv o_proj {t}", lambda dtype=dtype: check_gemv(1, 4096, 4096, dtype, device)),
                 (f"gemv down {t}", lambda dtype=dtype: check_gemv(1, 4096, 14336, dtype, device)),
@@ -342,12 +396,14 @@ def all_checks(device: str, tiny: bool) -> list[tuple[str, Callable[[], float]]]
     if tiny:
         checks += [
             ("sampling vs reference", lambda: check_sampling_matches_ref(9, 3000, device)),
+            ("sampling argmax", lambda: check_argmax(3, 5000, torch.float32, device)),
             ("sampling distribution", lambda: check_sampling_distribution(7, 3000, device)),
             ("sampling top-k/top-p", lambda: check_sampling_truncation(5, 50, device)),
         ]
     else:
         checks += [
             ("sampling vs reference", lambda: check_sampling_matches_ref(67, 128256, device)),
+            ("sampling argmax", lambda: check_argmax(67, 128256, torch.bfloat16, device)),
             ("sampling distribution", lambda: check_sampling_distribution(13, 20000, device)),
             ("sampling top-k/top-p", lambda: check_sampling_truncation(33, 32000, device)),
         ]
@@ -456,6 +512,13 @@ def test_rotary(T, hq, hkv, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp8_cache", [False, True])
+@pytest.mark.parametrize("T,hq,hkv,d", [(1, 32, 8, 128), (333, 32, 8, 128), (77, 9, 3, 64)])
+def test_rotary_store_kv(T, hq, hkv, d, dtype, fp8_cache):
+    check_rotary_store_kv(T, hq, hkv, d, 16, dtype, "cuda", fp8_cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,inter", [(1, 1536), (97, 14336), (3, 1001)])
 def test_silu_and_mul(rows, inter, dtype):
     check_silu_and_mul(rows, inter, dtype, "cuda")
@@ -478,6 +541,12 @@ def test_gemv_any_tiles(cfg, rows):
 @pytest.mark.parametrize("B,V", [(1, 128256), (67, 128256), (300, 49152)])
 def test_sampling_matches_reference(B, V):
     check_sampling_matches_ref(B, V, "cuda")
+
+
+@pytest.mark.parametrize("B,V", [(1, 128256), (2, 1000), (67, 128256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_matches_torch(B, V, dtype):
+    check_argmax(B, V, dtype, "cuda")
 
 
 def test_sampling_distribution():

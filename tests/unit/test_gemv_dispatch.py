@@ -12,11 +12,10 @@ from tokenq_kernels.gemv import GemvConfig, gemv_config, linear, linear_ref
 
 
 def test_one_row_of_a_decode_sized_weight_gets_triton_tiles():
-    assert gemv_config(1, 4096, 4096) == GemvConfig(block_n=8, block_k=1024, num_stages=1)
-    assert gemv_config(1, 4096, 14336) == GemvConfig(block_n=8, block_k=1024, num_stages=1)
-    assert gemv_config(1, 6144, 4096) == GemvConfig(block_n=4, block_k=1024, num_stages=1)
-    assert gemv_config(1, 128256, 4096) == GemvConfig(block_n=4, block_k=1024, num_stages=1)
-    assert gemv_config(1, 2048, 2048).block_k == 1024  # a tensor-parallel shard
+    for n, k in ((4096, 4096), (4096, 14336), (6144, 4096), (128256, 4096)):
+        assert gemv_config(1, n, k) == GemvConfig(block_n=4, block_k=2048, num_stages=1)
+    assert gemv_config(1, 2048, 2048).block_k == 2048  # a tensor-parallel shard
+    assert gemv_config(1, 4096, 1024).block_k == 1024  # never more of K than there is
 
 
 def test_several_rows_and_small_weights_stay_on_cublas():

@@ -134,7 +134,7 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = self._pack_args(BACKEND, kwargs, bound, specialization, options)
     compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
-    compiled.append(self.__name__)
+    compiled.append(self.__name__ + ("+pdl" if kwargs.get("PDL") and kwargs.get("launch_pdl") else ""))
 
 
 JITFunction.run = _compile_instead_of_launch
@@ -147,9 +147,10 @@ from tokenq_kernels.gemv import GemvConfig
 from tokenq_kernels.gemv_triton import gemv_triton
 from tokenq_kernels.kv_cache_triton import store_kv_triton
 from tokenq_kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton
+from tokenq_kernels.rotary_kv_triton import rotary_store_kv_triton
 from tokenq_kernels.rotary_triton import rotary_triton
 from tokenq_kernels.sampling import row_keys
-from tokenq_kernels.sampling_triton import gumbel_argmax_triton
+from tokenq_kernels.sampling_triton import argmax_triton, gumbel_argmax_triton
 from tests.gpu.test_kernels_triton import make_step
 
 ATTENTION = [
@@ -158,44 +159,62 @@ ATTENTION = [
     ([1, 9], [500, 20], 4, 1, 128, 3),  # mixed, split-K forced
     ([1], [3000], 8, 8, 128, None),  # one sequence, one token: launch ints specialized to 1
 ]
-for dtype in (torch.bfloat16, torch.float32):
-    for q_lens, ctx, hkv, group, d, splits in ATTENTION if dtype == torch.bfloat16 else ATTENTION[:2]:
-        k_cache, v_cache, meta = make_step(q_lens, ctx, hkv, d, 16, dtype, "cpu")
-        q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype)
-        paged_attention_triton(q, k_cache, v_cache, meta, d**-0.5, num_splits=splits)
-    x, w = torch.randn(5, 4096, dtype=dtype), torch.ones(4096, dtype=dtype)
-    rms_norm_triton(x, w, 1e-5)
-    fused_add_rms_norm_triton(x, x, w, 1e-5)
-    silu_and_mul_triton(torch.randn(3, 2 * 1000, dtype=dtype))
-    w = torch.randn(4096, 4096, dtype=dtype)
-    gemv_triton(torch.randn(1, 4096, dtype=dtype), w, None, GemvConfig(8, 512))  # one row, even tiles
-    gemv_triton(torch.randn(3, 4096, dtype=dtype), w, w[0], GemvConfig(16, 256))  # rows, bias, masks
-    qkv = torch.randn(7, 48 * 128, dtype=dtype)
-    cos_sin = torch.randn(100, 128, dtype=dtype)
-    rotary_triton(torch.arange(7), qkv[:, : 32 * 128], qkv[:, 32 * 128 : 40 * 128], cos_sin, 128)
-    kv = torch.randn(7, 2, 8, 128, dtype=dtype)
-    cache = torch.zeros(2, 4, 16, 8, 128, dtype=dtype)
-    store_kv_triton(kv[:, 0], kv[:, 1], cache[0], cache[1], torch.arange(7))
-    # FP8: the quantization kernels, the GEMV over FP8 weights, and the KV cache in e4m3.
-    x, w = torch.randn(5, 4096, dtype=dtype), torch.ones(4096, dtype=dtype)
-    quantize_rows_triton(torch.randn(3, 5000, dtype=dtype))
-    rms_norm_quant_triton(x, x, w, 1e-5)
-    rms_norm_quant_triton(x, None, w, 1e-5)
-    silu_and_mul_quant_triton(torch.randn(3, 2 * 1000, dtype=dtype))
-    w8, ws = torch.randn(4096, 4096).to(FP8), torch.ones(4096)
-    fp8_gemv_triton(torch.randn(1, 4096, dtype=dtype), w8, ws, None)
-    fp8_gemv_triton(QuantizedInput(torch.randn(1, 3001).to(FP8), torch.ones(1, 1), dtype), w8[:1001, :3001], ws,
-                    torch.randn(1001, dtype=dtype))
-    one = torch.ones(1)
-    cache8 = torch.zeros(2, 4, 16, 8, 128, dtype=FP8)
-    store_kv_triton(kv[:, 0], kv[:, 1], cache8[0], cache8[1], torch.arange(7), one, one)
-    for q_lens, ctx, hkv, group, d, splits in ATTENTION[:3]:
-        k_cache, v_cache, meta = make_step(q_lens, ctx, hkv, d, 16, dtype, "cpu")
-        q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype)
-        paged_attention_triton(q, k_cache.to(FP8), v_cache.to(FP8), meta, d**-0.5, num_splits=splits, k_scale=one,
-                               v_scale=one)
-keys = row_keys(torch.arange(3), torch.arange(3))
-gumbel_argmax_triton(torch.randn(3, 5000), torch.ones(3), torch.zeros(3, dtype=torch.bool), keys)
+def launch_all():
+    for dtype in (torch.bfloat16, torch.float32):
+        for q_lens, ctx, hkv, group, d, splits in ATTENTION if dtype == torch.bfloat16 else ATTENTION[:2]:
+            k_cache, v_cache, meta = make_step(q_lens, ctx, hkv, d, 16, dtype, "cpu")
+            q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype)
+            paged_attention_triton(q, k_cache, v_cache, meta, d**-0.5, num_splits=splits)
+        x, w = torch.randn(5, 4096, dtype=dtype), torch.ones(4096, dtype=dtype)
+        rms_norm_triton(x, w, 1e-5)
+        fused_add_rms_norm_triton(x, x, w, 1e-5)
+        silu_and_mul_triton(torch.randn(3, 2 * 1000, dtype=dtype))
+        w = torch.randn(4096, 4096, dtype=dtype)
+        gemv_triton(torch.randn(1, 4096, dtype=dtype), w, None, GemvConfig(8, 512))  # one row, even tiles
+        gemv_triton(torch.randn(3, 4096, dtype=dtype), w, w[0], GemvConfig(16, 256))  # rows, bias, masks
+        qkv = torch.randn(7, 48 * 128, dtype=dtype)
+        cos_sin = torch.randn(100, 128, dtype=dtype)
+        rotary_triton(torch.arange(7), qkv[:, : 32 * 128], qkv[:, 32 * 128 : 40 * 128], cos_sin, 128)
+        kv = torch.randn(7, 2, 8, 128, dtype=dtype)
+        cache = torch.zeros(2, 4, 16, 8, 128, dtype=dtype)
+        store_kv_triton(kv[:, 0], kv[:, 1], cache[0], cache[1], torch.arange(7))
+        rotary_store_kv_triton(torch.arange(7), qkv[:, : 32 * 128], qkv[:, 32 * 128 : 40 * 128], qkv[:, 40 * 128 :],
+                               cos_sin, 128, cache[0], cache[1], torch.arange(7))
+        # FP8: the quantization kernels, the GEMV over FP8 weights, and the KV cache in e4m3.
+        x, w = torch.randn(5, 4096, dtype=dtype), torch.ones(4096, dtype=dtype)
+        quantize_rows_triton(torch.randn(3, 5000, dtype=dtype))
+        rms_norm_quant_triton(x, x, w, 1e-5)
+        rms_norm_quant_triton(x, None, w, 1e-5)
+        silu_and_mul_quant_triton(torch.randn(3, 2 * 1000, dtype=dtype))
+        w8, ws = torch.randn(4096, 4096).to(FP8), torch.ones(4096)
+        fp8_gemv_triton(torch.randn(1, 4096, dtype=dtype), w8, ws, None)
+        fp8_gemv_triton(QuantizedInput(torch.randn(1, 3001).to(FP8), torch.ones(1, 1), dtype), w8[:1001, :3001], ws,
+                        torch.randn(1001, dtype=dtype))
+        one = torch.ones(1)
+        cache8 = torch.zeros(2, 4, 16, 8, 128, dtype=FP8)
+        store_kv_triton(kv[:, 0], kv[:, 1], cache8[0], cache8[1], torch.arange(7), one, one)
+        rotary_store_kv_triton(torch.arange(7), qkv[:, : 32 * 128], qkv[:, 32 * 128 : 40 * 128], qkv[:, 40 * 128 :],
+                               cos_sin, 128, cache8[0], cache8[1], torch.arange(7), one, one)
+        for q_lens, ctx, hkv, group, d, splits in ATTENTION[:3]:
+            k_cache, v_cache, meta = make_step(q_lens, ctx, hkv, d, 16, dtype, "cpu")
+            q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype)
+            paged_attention_triton(q, k_cache.to(FP8), v_cache.to(FP8), meta, d**-0.5, num_splits=splits, k_scale=one,
+                                   v_scale=one)
+    keys = row_keys(torch.arange(3), torch.arange(3))
+    gumbel_argmax_triton(torch.randn(3, 5000), torch.ones(3), torch.zeros(3, dtype=torch.bool), keys)
+    argmax_triton(torch.randn(1, 5000))
+
+
+launch_all()
+# Then each kernel as Hopper runs it, under programmatic dependent launch (tokenq_kernels/pdl.py).
+import tokenq_kernels.activation_triton as _act, tokenq_kernels.attention_triton as _att, tokenq_kernels.fp8_triton as _fp8
+import tokenq_kernels.gemv_triton as _gemv, tokenq_kernels.kv_cache_triton as _kv, tokenq_kernels.norm_triton as _norm
+import tokenq_kernels.rotary_kv_triton as _rkv, tokenq_kernels.rotary_triton as _rot
+import tokenq_kernels.sampling_triton as _smp
+
+for _module in (_act, _att, _fp8, _gemv, _kv, _norm, _rkv, _rot, _smp):
+    _module.use_pdl = lambda x: True
+launch_all()
 print(json.dumps(sorted(set(compiled))))
 """
 
@@ -238,7 +257,8 @@ def compiled(children) -> list[str]:
     return _last_json(children[1])
 
 
-@pytest.mark.parametrize("kernel", ["attention", "store_kv", "rms_norm", "rotary", "silu_and_mul", "gemv", "sampling",
+@pytest.mark.parametrize("kernel", ["attention", "store_kv", "rms_norm", "rotary", "rotary_store_kv", "silu_and_mul",
+                                    "gemv", "sampling",
                                     "fp8_quantize_rows", "fp8_rms_norm_quant", "fp8_silu_and_mul_quant", "fp8_gemv",
                                     "fp8_store_kv", "fp8_attention"])
 def test_kernel_under_interpreter(interpreted: dict[str, str | None], kernel: str) -> None:
@@ -249,9 +269,10 @@ def test_kernel_under_interpreter(interpreted: dict[str, str | None], kernel: st
 
 
 def test_every_kernel_compiles_for_hopper(compiled: list[str]) -> None:
-    assert compiled == sorted([
+    kernels = [
         "_gemv_kernel", "_gumbel_argmax_kernel", "_merge_splits_kernel", "_paged_attention_kernel", "_paged_decode_kernel",
         "_rms_norm_kernel",
-        "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
+        "_rotary_kernel", "_rotary_store_kv_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
         "_fp8_gemv_kernel", "_quantize_rows_kernel", "_rms_norm_quant_kernel", "_silu_and_mul_quant_kernel",
-    ])
+    ]
+    assert compiled == sorted(kernels + [name + "+pdl" for name in kernels])

@@ -39,6 +39,8 @@ class EngineConfig:
     kernels: str = "triton"
     # "triton": our GEMV for one-row matmuls on CUDA; "cublas": F.linear for them too.
     gemv: str = "triton"
+    # Our kernels launch with programmatic dependent launch where the GPU has it (tokenq_kernels/pdl.py).
+    pdl: bool = True
     # A CPU rank's compute threads. None: torch's default (every core, or OMP_NUM_THREADS) for one rank, an
     # equal share of the cores less one for each of several.
     cpu_threads: int | None = None

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from tokenq_kernels.dispatch import set_triton_enabled
 from tokenq_kernels.gemv import set_gemv_enabled
+from tokenq_kernels.pdl import set_pdl_enabled
 from worker.engine.config import EngineConfig
 
 
 def select_kernels(config: EngineConfig) -> None:
     set_triton_enabled(config.kernels == "triton")
     set_gemv_enabled(config.gemv == "triton")
+    set_pdl_enabled(config.pdl)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from protocol.sampling import SamplingParams
+from tokenq_kernels.sampling import argmax_rows
 from worker.engine.guided import apply_token_bitmask
 from worker.engine.outputs import TokenLogprobs
 
@@ -255,7 +256,7 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
 
         if not (want_logprobs or penalized or biased or masking or random_rows or batch.guided_rows):
-            return PendingSamples(logits.argmax(dim=1), params)  # the same index in any dtype
+            return PendingSamples(argmax_rows(logits), params)  # the same index in any dtype
 
         logits = logits.to(torch.float32, copy=True)  # the runner's logits stay untouched
         raw_logprobs = torch.log_softmax(logits, dim=1) if want_logprobs else None
@@ -269,7 +270,7 @@ class Sampler:
             assert batch.guided_mask is not None and batch.guided_index is not None
             apply_token_bitmask(logits, batch.guided_index, batch.guided_mask)
 
-        tokens = logits.argmax(dim=1)  # greedy rows: exactly torch.argmax, as HF greedy search
+        tokens = argmax_rows(logits)  # greedy rows: exactly torch.argmax, as HF greedy search
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             tokens[idx] = self._sample(logits[idx], batch, random_rows)

@@ -1,4 +1,5 @@
-"""Rotary position embedding with a precomputed cos/sin cache; "default", "linear" and "llama3" scaling."""
+"""Rotary position embedding's cos/sin cache, precomputed; "default", "linear" and "llama3" scaling. The attention
+layer applies it (worker/layers/attention.py), in one kernel with its KV-cache store."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import math
 
 import torch
 from torch import nn
-
-from tokenq_kernels.rotary import rotary
 
 
 def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -44,9 +43,3 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(torch.get_default_dtype())
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_position, head_dim]
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq*D], k [T, Hkv*D] -> rotated copies of the same shapes."""
-        return rotary(positions, q, k, self.cos_sin_cache, self.head_dim)
