@@ -52,7 +52,8 @@ Idle = None  # yielded when nothing happened for RECHECK_S (lets SSE writers sen
 
 
 async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int] = 0, want_deltas: bool = True,
-                 mark: bool = True, hub: Hub | None = None) -> AsyncIterator[Delta | Final | None]:
+                 mark: bool = True, hub: Hub | None = None, store: JobStore | None = None
+                 ) -> AsyncIterator[Delta | Final | None]:
     """A job's output from character `offset` on (one per choice for a job of several), then its Final;
     no text lost or repeated.
 
@@ -60,9 +61,11 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
     for this call) first, then (if want_deltas and mark) sets `streamed`, then reads the hash snapshot:
     anything published after the snapshot reaches the subscription, and anything before it is in the
     snapshot. When the connection to Redis is lost it joins again and resumes from a fresh snapshot, for up
-    to RECONNECT_FOR_S; then the error goes to the caller."""
+    to RECONNECT_FOR_S; then the error goes to the caller. `store` reads the snapshots (the gateway's, on
+    its shared connection); without one, a store on `redis`."""
     own_hub = hub is None
     hub = hub or event_hub(redis)
+    store = store or JobStore(redis)
     cursor = _Cursor([offset] if isinstance(offset, int) else list(offset))
     lost_at: float | None = None
     backoff = 0.05
@@ -70,7 +73,7 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
         while True:
             try:
                 async with hub.join(keys.events_channel(job_id)) as sub:
-                    async for item in _follow_once(redis, sub, job_id, cursor, want_deltas, mark):
+                    async for item in _follow_once(store, sub, job_id, cursor, want_deltas, mark):
                         lost_at, backoff = None, 0.05
                         yield item
                         if isinstance(item, Final):
@@ -100,9 +103,8 @@ class _Cursor:
         self.offsets[delta.index] = delta.end
 
 
-async def _follow_once(redis: aioredis.Redis, sub: Subscription, job_id: str, cursor: _Cursor,
+async def _follow_once(store: JobStore, sub: Subscription, job_id: str, cursor: _Cursor,
                        want_deltas: bool, mark: bool) -> AsyncIterator[Delta | Final | None]:
-    store = JobStore(redis)
     if want_deltas and mark:
         await store.mark_streamed(job_id)
     while True:
@@ -178,8 +180,9 @@ def _parse(model: type, raw: str | None):
     return model.model_validate_json(raw) if raw else None
 
 
-async def wait_final(redis: aioredis.Redis, job_id: str, hub: Hub | None = None) -> Final:
-    async for item in follow(redis, job_id, want_deltas=False, hub=hub):
+async def wait_final(redis: aioredis.Redis, job_id: str, hub: Hub | None = None,
+                     store: JobStore | None = None) -> Final:
+    async for item in follow(redis, job_id, want_deltas=False, hub=hub, store=store):
         if isinstance(item, Final):
             return item
     raise RuntimeError("follow ended without a final state")

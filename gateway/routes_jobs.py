@@ -57,7 +57,7 @@ async def get_job_events(job_id: str, caller: Caller = Depends(get_caller),
     redis = caller.ctx.redis
     if await redis.hget(job_key(job_id), F.TENANT) != caller.tenant.name:
         raise _not_found(job_id)
-    return sse_response(job_events(redis, job_id, offsets, caller.ctx.hub))
+    return sse_response(job_events(redis, job_id, offsets, caller.ctx.hub, caller.ctx.store))
 
 
 async def _owned(caller: Caller, job_id: str) -> dict[str, str]:

@@ -58,7 +58,7 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
-                                              mark=job.repeat, hub=ctx.hub), headers)
+                                              mark=job.repeat, hub=ctx.hub, store=ctx.store), headers)
     if job.cache and job.record is not None:  # a hit: the answer is in hand
         hit = Final(JobState.succeeded, JobResult.model_validate_json(job.record[F.RESULT]), None)
         return _final_response(payload, created, hit, headers)
@@ -87,11 +87,11 @@ def _final_response(payload: JobPayload, created: int, final: Final | None,
 async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final | None:
     """The job's Final; None when no worker was live at submission and none started it in time."""
     if repeat or await ctx.registry.serving(payload.model):
-        return await wait_final(ctx.redis, payload.id, ctx.hub)
+        return await wait_final(ctx.redis, payload.id, ctx.hub, ctx.store)
     try:
         async with asyncio.timeout(NO_WORKER_WAIT_S):
-            return await wait_final(ctx.redis, payload.id, ctx.hub)
+            return await wait_final(ctx.redis, payload.id, ctx.hub, ctx.store)
     except TimeoutError:
         if await ctx.store.cancel(JobRef.of(payload), only_queued=True) == JobState.queued.value:
             return None
-    return await wait_final(ctx.redis, payload.id, ctx.hub)  # it started meanwhile: its worker answers
+    return await wait_final(ctx.redis, payload.id, ctx.hub, ctx.store)  # it started meanwhile: its worker answers

@@ -16,6 +16,7 @@ from gateway import responses
 from gateway.event_hub import Hub
 from gateway.jobs import Delta, Final, follow, read_job
 from gateway.tool_stream import ToolStream, call_deltas
+from jobstore import JobStore
 from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
 
 KEEPALIVE_S = 15.0
@@ -94,7 +95,8 @@ class _StreamLogprobs:
 
 async def completion_events(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
                             on_abandon: Callable[[], None] | None = None,
-                            mark: bool = False, hub: Hub | None = None) -> AsyncIterator[str]:
+                            mark: bool = False, hub: Hub | None = None, store: JobStore | None = None
+                            ) -> AsyncIterator[str]:
     """OpenAI streaming: chunks of text (with their logprobs when asked), each of one choice (its index), a
     last chunk per choice with its finish_reason, maybe usage, then [DONE]. A chat offered tools holds
     back each choice's text that may be a call (gateway/tool_stream.py). `on_abandon` is called when the
@@ -112,7 +114,7 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
             for index in range(n):
                 yield data(responses.chunk(kind, job_id, model, created, text="", role=True, index=index))
         # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
-        async for item in follow(redis, job_id, [0] * n, want_deltas=True, mark=mark, hub=hub):
+        async for item in follow(redis, job_id, [0] * n, want_deltas=True, mark=mark, hub=hub, store=store):
             if isinstance(item, Delta):
                 text = item.text
                 if tools is not None:
@@ -181,12 +183,12 @@ def parse_event_id(raw: str) -> list[int] | None:
 
 
 async def job_events(redis: aioredis.Redis, job_id: str, offsets: list[int],
-                     hub: Hub | None = None) -> AsyncIterator[str]:
+                     hub: Hub | None = None, store: JobStore | None = None) -> AsyncIterator[str]:
     """tokenq's job events: `delta` events (with their choice's index) whose id is the offset reached (so
     that Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
     keepalive = _KeepAlive()
     offsets = list(offsets)
-    async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub):
+    async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub, store=store):
         if isinstance(item, Delta):
             offsets += [0] * (item.index + 1 - len(offsets))
             offsets[item.index] = item.end

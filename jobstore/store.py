@@ -116,8 +116,8 @@ class FinalWrite:
 
 class JobStore:
     """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the hot single
-    script calls instead, the submission's and a step's deltas' (a process's shared pipelined connection,
-    jobstore/pipe.py)."""
+    script calls instead, the submission's, a step's deltas' and a follower's snapshot (a process's shared
+    pipelined connection, jobstore/pipe.py)."""
 
     def __init__(self, redis: AnyRedis, scripts: ScriptClient | None = None) -> None:
         self.redis = redis
@@ -198,17 +198,12 @@ class JobStore:
         return record
 
     async def snapshot(self, job_id: str) -> tuple[str | None, list[str], int, str | None, str | None]:
-        """(state, each choice's text, seq, result JSON, error JSON), read at one instant."""
+        """(state, each choice's text, seq, result JSON, error JSON), read at one instant: one script, which
+        costs a follower (every streamed request) half the CPU of a MULTI through redis-py."""
         fields = [F.STATE, F.SEQ, F.RESULT, F.ERROR, F.CHOICES]
-        if self.cluster:
-            values, text = await runner.run(self.redis, s.SNAPSHOT,
-                                            [keys.job_key(job_id), keys.job_text_key(job_id)], fields)
-            state, seq, result, error, choices = (v or None for v in values)  # Lua's nil arrives as False
-        else:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hmget(keys.job_key(job_id), fields)
-            pipe.get(keys.job_text_key(job_id))
-            (state, seq, result, error, choices), text = await pipe.execute()
+        values, text = await runner.run(self._scripts, s.SNAPSHOT, [keys.job_key(job_id), keys.job_text_key(job_id)],
+                                        fields)
+        state, seq, result, error, choices = (v or None for v in values)  # Lua's nil arrives as False
         return state, choice_text.split(text or "", int(choices or 1)), int(seq or 0), result, error
 
     async def read_current(self, job_id: str, now: float | None = None) -> dict[str, str] | None:

@@ -107,3 +107,34 @@ async def test_wait_final_without_deltas(redis_client):
     final = await asyncio.wait_for(task, 5)
     assert final.result.text == "done"
     assert await r.hget(keys.job_key(JOB), "streamed") == "0"  # a plain waiter asks for no deltas
+
+
+async def test_snapshots_go_through_the_given_store(redis_client):
+    """The gateway's followers read snapshots through its store, whose scripts travel on the shared pipelined
+    connection (jobstore/pipe.py): a script, not a redis-py MULTI."""
+    from jobstore import JobStore, scripts
+    from jobstore.pipe import RedisPipe
+
+    class Counting(RedisPipe):
+        sent: list[str] = []
+
+        async def evalsha(self, script, keys_, args):
+            self.sent.append(script.sha)
+            return await super().evalsha(script, keys_, args)
+
+    r = redis_client
+    await hset(r, {"state": "running", "text": "Hel", "seq": "1"})
+    pipe = Counting(r, 1, 5.0)
+    try:
+        seen = []
+        async for item in jobs.follow(r, JOB, mark=False, store=JobStore(r, scripts=pipe)):
+            seen.append(item)
+            if isinstance(item, Delta):
+                await finish(r, 2, "Hello")
+            if isinstance(item, Final):
+                break
+    finally:
+        await pipe.aclose()
+    assert "".join(d.text for d in seen if isinstance(d, Delta)) == "Hello"
+    assert isinstance(seen[-1], Final) and seen[-1].state == JobState.succeeded
+    assert scripts.SNAPSHOT.sha in pipe.sent
