@@ -175,13 +175,28 @@ class Endpoint:
             raise RedisConnectionError(f"cannot connect to Redis at {self.address}: {e!r}") from e
         sock = proto.transport.get_extra_info("socket") if proto.transport else None
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            keep_alive(sock)
         for args in self.setup:
             reply = await proto.send(hiredis.pack_command(args))
             if isinstance(reply, ResponseError):
                 proto._fail(RedisConnectionError(f"Redis refused {args[0]}: {reply}"))
                 raise proto.lost or reply
         return proto
+
+
+# TCP keepalive of our connections: a peer gone silently (a host down, a NAT's entry dropped) is noticed after
+# about a minute, as redis-py's clients notice it by their health-check PINGs (every 15-30 s here), rather than
+# after the system's default two hours. A pub/sub connection may stay idle that long.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """Keepalive on, with the probes above where the platform lets them be set (Linux, recent macOS)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _checked(reply: Any) -> Any:

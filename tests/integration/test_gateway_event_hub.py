@@ -3,10 +3,13 @@ Unix socket): messages in order to every follower, and a lost connection told to
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.event_hub import EventHub
+from jobstore.pipe import KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES
 
 
 def _hub(redis_client, own_connection: bool) -> EventHub:
@@ -46,5 +49,23 @@ async def test_a_lost_connection_reaches_every_follower(redis_client, own_connec
         async with hub.join("ch:a") as again:  # a new connection
             await redis_client.publish("ch:a", "after")
             assert await again.get(5) == "after"
+    finally:
+        await hub.aclose()
+
+
+async def test_its_own_connection_probes_a_silent_peer_within_a_minute(redis_client):
+    """The hub's connection sends no PING of its own: TCP keepalive, tightened, stands for redis-py's health
+    checks, so a peer gone silently is noticed after about a minute rather than the system's two hours."""
+    hub = _hub(redis_client, True)
+    try:
+        async with hub.join("ch:a"):
+            sock = hub._conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                probes = (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                          sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                          sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+                assert probes == (KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES)
+                assert KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_PROBES <= 60
     finally:
         await hub.aclose()
