@@ -51,8 +51,8 @@ def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
 
     From the H200 sweeps (tests/gpu/bench_gemv.py): one row only (at 2 to 8 rows the best tiles matched cuBLAS
     at best, and fell to a third of its speed at 8); under PDL, 4 output features and 2,048 of K a program at
-    every Llama-3-8B shape, within 1% of each shape's best. Small products stay on cuBLAS: nothing was measured
-    there.
+    every Llama-3-8B shape, about as fast as each shape's best (docs/BENCHMARKS.md). Small products stay on
+    cuBLAS: nothing was measured there.
     """
     if rows > MAX_ROWS or n * k < 1 << 22:
         return None
