@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 _BLOCK = 1024
@@ -38,6 +38,6 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
             x2 = x2.contiguous()
         pdl = use_pdl(x2)
         _silu_and_mul_kernel[(rows, triton.cdiv(n, _BLOCK))](
-            x2, out, x2.stride(0), out.view(-1, n).stride(0), n, BLOCK=_BLOCK, PDL=pdl, num_warps=4, launch_pdl=pdl
+            x2, out, x2.stride(0), out.view(-1, n).stride(0), n, BLOCK=_BLOCK, PDL=pdl, num_warps=4, **pdl_launch(pdl)
         )
     return out

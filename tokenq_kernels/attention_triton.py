@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2, sm_count
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 if TYPE_CHECKING:
@@ -387,7 +387,7 @@ def paged_attention_triton(
                   CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   KV_F16=kv_fp8 and q.dtype.itemsize == 2, PDL=pdl, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages, launch_pdl=pdl)
+                  num_stages=cfg.num_stages, **pdl_launch(pdl))
     if cfg.block_q == 1 and kv_fp8:
         _paged_decode_kernel[(tiles, hkv, num_splits)](
             *pointers, scale * _LOG2E, T, num_splits, *strides, **common)
@@ -399,7 +399,7 @@ def paged_attention_triton(
         _merge_splits_kernel[(T, hq)](
             part_acc, part_ml, out, T, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits), PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+            num_warps=4, **pdl_launch(pdl),
         )
     return out
 

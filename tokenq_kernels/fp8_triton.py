@@ -15,7 +15,7 @@ from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
 from tokenq_kernels.gemv import GemvConfig
 from tokenq_kernels.norm_triton import rms_norm_row
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 _MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
@@ -61,7 +61,7 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block = min(_CHUNK, next_pow2(n))
         pdl = use_pdl(x2)
         _quantize_rows_kernel[(rows,)](x2, q, scale, x2.stride(0), n, n, BLOCK=block, PDL=pdl, num_warps=4,
-                                       launch_pdl=pdl)
+                                       **pdl_launch(pdl))
     return q, scale
 
 
@@ -103,7 +103,7 @@ def rms_norm_quant_triton(
         _rms_norm_quant_kernel[(rows,)](
             x2, r2, weight, q, scale, ro2, x2.stride(0), r2.stride(0), ro2.stride(0), n, eps,
             BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl,
-            num_warps=min(16, max(1, block // 512)), launch_pdl=pdl,
+            num_warps=min(16, max(1, block // 512)), **pdl_launch(pdl),
         )
     return QuantizedInput(q, scale, x.dtype), res_out
 
@@ -169,7 +169,7 @@ def silu_and_mul_quant_triton(x: torch.Tensor) -> QuantizedInput:
         warps = min(32, max(8, whole // 2048)) if one_pass else 4
         pdl = use_pdl(x2)
         _silu_and_mul_quant_kernel[(rows,)](x2, q, scale, x2.stride(0), n, BLOCK=block, ONE_PASS=one_pass, PDL=pdl,
-                                            num_warps=warps, launch_pdl=pdl)
+                                            num_warps=warps, **pdl_launch(pdl))
     return QuantizedInput(q, scale, x.dtype)
 
 
@@ -286,6 +286,6 @@ def fp8_gemv_triton(
         x1, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, N, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP=min(_GROUP, block_k), EVEN=K % block_k == 0 and N % block_n == 0,
         HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
     )
     return y

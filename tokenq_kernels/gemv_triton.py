@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.gemv import GemvConfig
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
@@ -102,6 +102,6 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN=K % cfg.block_k == 0 and N % cfg.block_n == 0 and M == block_m, HAS_BIAS=bias is not None, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
     )
     return y.view(*x.shape[:-1], N)

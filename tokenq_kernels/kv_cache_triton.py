@@ -9,7 +9,7 @@ import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 _MAX = tl.constexpr(FP8_MAX)
@@ -68,5 +68,5 @@ def store_kv_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=h, HEAD_DIM=d, BLOCK_H=next_pow2(h), BLOCK_D=next_pow2(d),
         CACHE_BLOCK=k_cache.shape[1], QUANT=quant, PDL=pdl,
-        num_warps=4, launch_pdl=pdl,
+        num_warps=4, **pdl_launch(pdl),
     )

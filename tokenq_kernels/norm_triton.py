@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
@@ -72,7 +72,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
         n, eps,
         BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl,
-        num_warps=min(16, max(1, block // 512)), launch_pdl=pdl,
+        num_warps=min(16, max(1, block // 512)), **pdl_launch(pdl),
     )
     return out, res_out
 

@@ -43,3 +43,8 @@ def _device_has_pdl(device: torch.device) -> bool:
 def use_pdl(x: torch.Tensor) -> bool:
     """Whether kernels on x's device launch with PDL (a compile-time flag of each kernel, and its launch's)."""
     return _enabled and HAS_GDC and x.is_cuda and _device_has_pdl(x.device)
+
+
+def pdl_launch(pdl: bool) -> dict[str, bool]:
+    """A launch's PDL keyword, given only when PDL is on: a triton without the intrinsics may not know it."""
+    return {"launch_pdl": True} if pdl else {}

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 from tokenq_kernels.rotary_triton import _rotate_heads
 
@@ -96,6 +96,6 @@ def rotary_store_kv_triton(
         v_cache.stride(2),
         NUM_Q_HEADS=qv.shape[1], NUM_KV_HEADS=kv.shape[1], BLOCK_QH=next_pow2(qv.shape[1]),
         BLOCK_KH=next_pow2(kv.shape[1]), HALF=half, BLOCK_HALF=next_pow2(half), CACHE_BLOCK=k_cache.shape[1],
-        QUANT=quant, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        QUANT=quant, PDL=pdl, num_warps=4, **pdl_launch(pdl),
     )
     return q, k

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
-from tokenq_kernels.pdl import use_pdl
+from tokenq_kernels.pdl import pdl_launch, use_pdl
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
@@ -67,6 +67,6 @@ def rotary_triton(
         NUM_Q_HEADS=qv.shape[1], NUM_K_HEADS=kv.shape[1],
         BLOCK_QH=next_pow2(qv.shape[1]), BLOCK_KH=next_pow2(kv.shape[1]),
         HALF=half, BLOCK_HALF=next_pow2(half), PDL=pdl,
-        num_warps=4, launch_pdl=pdl,
+        num_warps=4, **pdl_launch(pdl),
     )
     return q, k
