@@ -44,6 +44,7 @@ class FakeEngine:
         self.requests: dict[str, _Req] = {}
         self.aborted: list[str] = []
         self.added: list[tuple[str, int]] = []  # (request_id, priority) in add order
+        self.peak = 0  # the most requests it held at once
         self.steps = 0
         self._order = 0
 
@@ -55,6 +56,7 @@ class FakeEngine:
         self.requests[request_id] = _Req(request_id, list(prompt_token_ids), sampling, priority, tenant,
                                          self._order, others={i: [] for i in range(1, sampling.n)})
         self.added.append((request_id, priority))
+        self.peak = max(self.peak, len(self.requests))
 
     def abort_request(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
