@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 _BLOCK = 1024
@@ -36,8 +36,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if rows and n:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        pdl = use_pdl(x2)
+        pdl = pdl_options(x2)
         _silu_and_mul_kernel[(rows, triton.cdiv(n, _BLOCK))](
-            x2, out, x2.stride(0), out.view(-1, n).stride(0), n, BLOCK=_BLOCK, PDL=pdl, num_warps=4, **pdl_launch(pdl)
+            x2, out, x2.stride(0), out.view(-1, n).stride(0), n, BLOCK=_BLOCK, num_warps=4, **pdl
         )
     return out

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2, sm_count
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 if TYPE_CHECKING:
@@ -375,7 +375,7 @@ def paged_attention_triton(
     else:
         part_acc = part_ml = out  # unused
     block_d = max(16, next_pow2(d))
-    pdl = use_pdl(q)
+    pdl = pdl_options(q)
     if kv_fp8 and (k_scale is None or v_scale is None):
         k_scale = v_scale = torch.ones(1, dtype=torch.float32, device=q.device)
     pointers = (q, k_cache, v_cache, out, part_acc, part_ml, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -386,8 +386,8 @@ def paged_attention_triton(
     common = dict(NUM_HEADS=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  KV_F16=kv_fp8 and q.dtype.itemsize == 2, PDL=pdl, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages, **pdl_launch(pdl))
+                  KV_F16=kv_fp8 and q.dtype.itemsize == 2, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages, **pdl)
     if cfg.block_q == 1 and kv_fp8:
         _paged_decode_kernel[(tiles, hkv, num_splits)](
             *pointers, scale * _LOG2E, T, num_splits, *strides, **common)
@@ -398,8 +398,8 @@ def paged_attention_triton(
     if num_splits > 1:
         _merge_splits_kernel[(T, hq)](
             part_acc, part_ml, out, T, num_splits, out.stride(0), out.stride(1),
-            NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits), PDL=pdl,
-            num_warps=4, **pdl_launch(pdl),
+            NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits), 
+            num_warps=4, **pdl,
         )
     return out
 

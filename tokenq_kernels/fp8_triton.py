@@ -15,7 +15,7 @@ from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
 from tokenq_kernels.gemv import GemvConfig
 from tokenq_kernels.norm_triton import rms_norm_row
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 _MAX = tl.constexpr(FP8_MAX)  # jitted code reads globals only as constexprs
@@ -59,9 +59,9 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = x2.shape[0]
     if rows and n:
         block = min(_CHUNK, next_pow2(n))
-        pdl = use_pdl(x2)
-        _quantize_rows_kernel[(rows,)](x2, q, scale, x2.stride(0), n, n, BLOCK=block, PDL=pdl, num_warps=4,
-                                       **pdl_launch(pdl))
+        pdl = pdl_options(x2)
+        _quantize_rows_kernel[(rows,)](x2, q, scale, x2.stride(0), n, n, BLOCK=block, num_warps=4,
+                                       **pdl)
     return q, scale
 
 
@@ -99,11 +99,11 @@ def rms_norm_quant_triton(
     ro2 = res_out.view(-1, n) if res_out is not None else x2
     if rows:
         block = next_pow2(n)
-        pdl = use_pdl(x2)
+        pdl = pdl_options(x2)
         _rms_norm_quant_kernel[(rows,)](
             x2, r2, weight, q, scale, ro2, x2.stride(0), r2.stride(0), ro2.stride(0), n, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl,
-            num_warps=min(16, max(1, block // 512)), **pdl_launch(pdl),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, 
+            num_warps=min(16, max(1, block // 512)), **pdl,
         )
     return QuantizedInput(q, scale, x.dtype), res_out
 
@@ -167,9 +167,9 @@ def silu_and_mul_quant_triton(x: torch.Tensor) -> QuantizedInput:
         block = whole if one_pass else _CHUNK
         # About 64 columns a thread in one pass: 8 warps for Llama-3-8B's row, more for longer ones.
         warps = min(32, max(8, whole // 2048)) if one_pass else 4
-        pdl = use_pdl(x2)
-        _silu_and_mul_quant_kernel[(rows,)](x2, q, scale, x2.stride(0), n, BLOCK=block, ONE_PASS=one_pass, PDL=pdl,
-                                            num_warps=warps, **pdl_launch(pdl))
+        pdl = pdl_options(x2)
+        _silu_and_mul_quant_kernel[(rows,)](x2, q, scale, x2.stride(0), n, BLOCK=block, ONE_PASS=one_pass, 
+                                            num_warps=warps, **pdl)
     return QuantizedInput(q, scale, x.dtype)
 
 
@@ -281,11 +281,11 @@ def fp8_gemv_triton(
     cfg = fp8_gemv_tiles(N, K, f16_products) if tiles is None else GemvConfig(*tiles)
     block_n, block_k = cfg.block_n, cfg.block_k
     xs = x.scale if quantized else weight_scale  # the weight's scales stand in for no x scale
-    pdl = use_pdl(xq)
+    pdl = pdl_options(xq)
     _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
         x1, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, N, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP=min(_GROUP, block_k), EVEN=K % block_k == 0 and N % block_n == 0,
-        HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
+        HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None, 
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )
     return y

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.gemv import GemvConfig
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
@@ -96,12 +96,12 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if M == 0 or N == 0:
         return y.view(*x.shape[:-1], N)
     block_m = max(1, triton.next_power_of_2(M))
-    pdl = use_pdl(x2)
+    pdl = pdl_options(x2)
     _gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
         x2, weight, bias if bias is not None else weight, y, M, N, K,  # the weight stands in for no bias
         x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN=K % cfg.block_k == 0 and N % cfg.block_n == 0 and M == block_m, HAS_BIAS=bias is not None, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
+        EVEN=K % cfg.block_k == 0 and N % cfg.block_n == 0 and M == block_m, HAS_BIAS=bias is not None, 
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )
     return y.view(*x.shape[:-1], N)

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 _MAX = tl.constexpr(FP8_MAX)
@@ -60,13 +60,13 @@ def store_kv_triton(
     quant = k_cache.dtype == FP8
     if quant and (k_scale is None or v_scale is None):
         k_scale = v_scale = torch.ones(1, dtype=torch.float32, device=k.device)
-    pdl = use_pdl(k)
+    pdl = pdl_options(k)
     _store_kv_kernel[(T,)](
         k, v, k_cache, v_cache, slot_mapping, k_scale if quant else k, v_scale if quant else v,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=h, HEAD_DIM=d, BLOCK_H=next_pow2(h), BLOCK_D=next_pow2(d),
-        CACHE_BLOCK=k_cache.shape[1], QUANT=quant, PDL=pdl,
-        num_warps=4, **pdl_launch(pdl),
+        CACHE_BLOCK=k_cache.shape[1], QUANT=quant, 
+        num_warps=4, **pdl,
     )

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
@@ -64,15 +64,15 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if rows == 0:
         return out, res_out
     block = next_pow2(n)
-    pdl = use_pdl(x2)
+    pdl = pdl_options(x2)
     if x2.stride(-1) != 1 or r2.stride(-1) != 1 or weight.stride(0) != 1:
         raise ValueError("rms_norm needs rows with unit stride")
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, out2, ro2,
         x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
         n, eps,
-        BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl,
-        num_warps=min(16, max(1, block // 512)), **pdl_launch(pdl),
+        BLOCK=block, HAS_RESIDUAL=residual is not None, 
+        num_warps=min(16, max(1, block // 512)), **pdl,
     )
     return out, res_out
 

@@ -45,6 +45,7 @@ def use_pdl(x: torch.Tensor) -> bool:
     return _enabled and HAS_GDC and x.is_cuda and _device_has_pdl(x.device)
 
 
-def pdl_launch(pdl: bool) -> dict[str, bool]:
-    """A launch's PDL keyword, given only when PDL is on: a triton without the intrinsics may not know it."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_options(x: torch.Tensor) -> dict[str, bool]:
+    """The PDL arguments of a launch on x's device: the kernel's PDL flag, and the launch keyword only when PDL
+    is on (a triton without the intrinsics may not know it)."""
+    return {"PDL": True, "launch_pdl": True} if use_pdl(x) else {"PDL": False}

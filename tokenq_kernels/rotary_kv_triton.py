@@ -8,7 +8,7 @@ import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 from tokenq_kernels.rotary_triton import _rotate_heads
 
@@ -87,7 +87,7 @@ def rotary_store_kv_triton(
     if quant and (k_scale is None or v_scale is None):
         k_scale = v_scale = torch.ones(1, dtype=torch.float32, device=q.device)
     half = head_dim // 2
-    pdl = use_pdl(q)
+    pdl = pdl_options(q)
     _rotary_store_kv_kernel[(T,)](
         positions, qv, kv, vv, cos_sin_cache, k_cache, v_cache, slot_mapping,
         k_scale if quant else q, v_scale if quant else q,
@@ -96,6 +96,6 @@ def rotary_store_kv_triton(
         v_cache.stride(2),
         NUM_Q_HEADS=qv.shape[1], NUM_KV_HEADS=kv.shape[1], BLOCK_QH=next_pow2(qv.shape[1]),
         BLOCK_KH=next_pow2(kv.shape[1]), HALF=half, BLOCK_HALF=next_pow2(half), CACHE_BLOCK=k_cache.shape[1],
-        QUANT=quant, PDL=pdl, num_warps=4, **pdl_launch(pdl),
+        QUANT=quant, num_warps=4, **pdl,
     )
     return q, k

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import next_pow2
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
@@ -60,13 +60,13 @@ def rotary_triton(
     if qv.stride(2) != 1 or kv.stride(2) != 1 or cos_sin_cache.stride(1) != 1:
         raise ValueError("rotary needs the head dimension contiguous")
     half = head_dim // 2
-    pdl = use_pdl(q)
+    pdl = pdl_options(q)
     _rotary_kernel[(T,)](
         positions, qv, kv, cos_sin_cache,
         qv.stride(0), qv.stride(1), kv.stride(0), kv.stride(1), cos_sin_cache.stride(0),
         NUM_Q_HEADS=qv.shape[1], NUM_K_HEADS=kv.shape[1],
         BLOCK_QH=next_pow2(qv.shape[1]), BLOCK_KH=next_pow2(kv.shape[1]),
-        HALF=half, BLOCK_HALF=next_pow2(half), PDL=pdl,
-        num_warps=4, **pdl_launch(pdl),
+        HALF=half, BLOCK_HALF=next_pow2(half), 
+        num_warps=4, **pdl,
     )
     return q, k

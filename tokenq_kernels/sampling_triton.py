@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from tokenq_kernels.dispatch import sm_count
-from tokenq_kernels.pdl import pdl_launch, use_pdl
+from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 _BLOCK = 1024
@@ -86,11 +86,11 @@ def _chunked_argmax(
         argmax_only = inv_temperature is None
         row_args = (logits, logits, logits) if argmax_only else (
             inv_temperature.float().contiguous(), greedy.to(torch.int8).contiguous(), keys.contiguous())
-        pdl = use_pdl(logits)
+        pdl = pdl_options(logits)
         _gumbel_argmax_kernel[(B, chunks)](
             logits, *row_args, best_val, best_idx,
             logits.stride(0), V, chunk, chunks,
-            BLOCK=_BLOCK, ARGMAX_ONLY=argmax_only, PDL=pdl, num_warps=4, **pdl_launch(pdl),
+            BLOCK=_BLOCK, ARGMAX_ONLY=argmax_only, num_warps=4, **pdl,
         )
     if chunks == 1:
         return best_idx[:, 0]

@@ -207,13 +207,9 @@ def launch_all():
 
 launch_all()
 # Then each kernel as Hopper runs it, under programmatic dependent launch (tokenq_kernels/pdl.py).
-import tokenq_kernels.activation_triton as _act, tokenq_kernels.attention_triton as _att, tokenq_kernels.fp8_triton as _fp8
-import tokenq_kernels.gemv_triton as _gemv, tokenq_kernels.kv_cache_triton as _kv, tokenq_kernels.norm_triton as _norm
-import tokenq_kernels.rotary_kv_triton as _rkv, tokenq_kernels.rotary_triton as _rot
-import tokenq_kernels.sampling_triton as _smp
+import tokenq_kernels.pdl
 
-for _module in (_act, _att, _fp8, _gemv, _kv, _norm, _rkv, _rot, _smp):
-    _module.use_pdl = lambda x: True
+tokenq_kernels.pdl.use_pdl = lambda x: True  # what every launch's pdl_options asks
 launch_all()
 print(json.dumps(sorted(set(compiled))))
 """
