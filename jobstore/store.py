@@ -199,7 +199,7 @@ class JobStore:
 
     async def snapshot(self, job_id: str) -> tuple[str | None, list[str], int, str | None, str | None]:
         """(state, each choice's text, seq, result JSON, error JSON), read at one instant: one script, which
-        costs a follower (every streamed request) half the CPU of a MULTI through redis-py."""
+        costs a follower (every streamed request) less CPU than a MULTI through redis-py (docs/BENCHMARKS.md)."""
         fields = [F.STATE, F.SEQ, F.RESULT, F.ERROR, F.CHOICES]
         values, text = await runner.run(self._scripts, s.SNAPSHOT, [keys.job_key(job_id), keys.job_text_key(job_id)],
                                         fields)

@@ -286,7 +286,7 @@ def _offline(path: Path, args: argparse.Namespace, low: list[list[int]], loaded:
 
     engine = LLMEngine(path, engine_config_from(args))
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    low_params = params.model_copy(update={"max_tokens": _low_load_output_len(args)})
+    low_params = params.model_copy(update={"max_tokens": args.low_load_output_len})
     gc.warm_up(engine, engine.model_cfg.vocab_size, args.min_prompt_len)
     direct: dict[float, list[gc.Timing]] = {args.low_load_pause_ms: [], 0.0: []}
     for pause_ms, timings in direct.items():
@@ -373,6 +373,7 @@ def main(args: argparse.Namespace) -> int:
     from worker.models.config import ModelConfig
 
     args.device = gc.resolve_device(args.device)
+    args.low_load_output_len = args.low_load_output_len or args.output_len
     workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-serve-"))
     name, path = _model_path(args, workdir)
     vocab = ModelConfig.from_dir(path).vocab_size
@@ -396,7 +397,7 @@ def main(args: argparse.Namespace) -> int:
     base, procs, redis = start_stack(args, path, workdir, worker_metrics_port=metrics_port)
     try:
         trace: list[dict] = []
-        low_t = asyncio.run(_drive(base, name, low, _low_load_output_len(args), None, trace=trace,
+        low_t = asyncio.run(_drive(base, name, low, args.low_load_output_len, None, trace=trace,
                                    pause_s=args.low_load_pause_ms / 1000, warm=warm))
         low_wall = low_t[-1].done - low_t[0].added + args.low_load_pause_ms / 1000  # the pauses included
         hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
@@ -417,7 +418,7 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "workload": {"rates": args.rate, "num_requests": n, "min_prompt_len": lo, "max_prompt_len": hi,
                      "output_len": args.output_len, "low_load_requests": n_low, "seed": args.seed,
-                     "low_load_output_len": _low_load_output_len(args),
+                     "low_load_output_len": args.low_load_output_len,
                      "low_load_pause_ms": args.low_load_pause_ms,
                      "client_procs": client_procs, "gateway_workers": args.gateway_workers,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
@@ -451,10 +452,9 @@ def main(args: argparse.Namespace) -> int:
     top_phase = result["phases"][top]
     if offline:
         result["served_over_offline"] = top_phase["output_tokens_per_s"] / offline["output_tokens_per_s"]
-    low_len = _low_load_output_len(args)
-    result["all_lengths_ok"] = all(len(t.tokens) == low_len for t in low_t + direct_t + back_to_back_t) and all(
-        len(t.tokens) == args.output_len for _, ts, _, _ in served for t in ts) and (
-        offline is None or offline["all_lengths_ok"])
+    low_ok = all(len(t.tokens) == args.low_load_output_len for t in low_t + direct_t + back_to_back_t)
+    served_ok = all(len(t.tokens) == args.output_len for _, ts, _, _ in served for t in ts)
+    result["all_lengths_ok"] = low_ok and served_ok and (offline is None or offline["all_lengths_ok"])
 
     rows = [[f"rate {p['rate']:g}/s via gateway", *_row(p)] for p in result["phases"]]
     rows += [["one at a time, via gateway", *_row(gateway_low)], ["one at a time, engine direct", *_row(direct)],
@@ -487,10 +487,6 @@ def main(args: argparse.Namespace) -> int:
 
         print(f"plot: {plot_serve(result, args.plot)}")
     return 0 if result["all_lengths_ok"] else 1
-
-
-def _low_load_output_len(args: argparse.Namespace) -> int:
-    return args.low_load_output_len or args.output_len
 
 
 def _steps_line(run: dict) -> str:

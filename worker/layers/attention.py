@@ -37,15 +37,16 @@ class Attention(nn.Module):
             raise RuntimeError("attention has no KV cache: call model.bind_kv_cache(kv) before forward")
         meta = get_attention_metadata()
         T = q.shape[0]
-        if self.rotary_emb is not None:
-            if positions is None:
-                raise ValueError("attention with a rotary embedding needs the tokens' positions")
+        kv_shape = (T, self.num_kv_heads, self.head_dim)
+        if self.rotary_emb is None:
+            store_kv(k.view(kv_shape), v.view(kv_shape), self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale,
+                     self.v_scale)
+        elif positions is None:
+            raise ValueError("attention with a rotary embedding needs the tokens' positions")
+        else:
             q, k = rotary_store_kv(positions, q, k, v, self.rotary_emb.cos_sin_cache, self.head_dim, self.k_cache,
                                    self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.rotary_emb is None:
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        k, v = k.view(kv_shape), v.view(kv_shape)
         out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, k, v, self.k_scale, self.v_scale)
         return out.reshape(T, self.num_heads * self.head_dim)
