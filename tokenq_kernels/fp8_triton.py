@@ -251,7 +251,7 @@ def _fp8_gemv_kernel(
 def fp8_gemv_tiles(n: int, k: int, f16_products: bool = False) -> GemvConfig:
     """The FP8 GEMV's tiles. Products in float32 take the 16-bit GEMV's (tokenq_kernels/gemv.py), whose
     float32 tile they were measured with; products in float16 need fewer registers and take longer runs of K,
-    as the H200 sweep under PDL put first (tests/gpu/bench_gemv.py --fp8)."""
+    as the sweep under PDL put first (tests/gpu/bench_gemv.py --fp8; docs/BENCHMARKS.md)."""
     if f16_products:
         block_k = min(2048, next_pow2(k))
         if n > 4096:  # qkv, gate/up

@@ -49,10 +49,10 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
     """Tiles for a [rows, k] x [n, k]^T product, or None where cuBLAS is the better choice.
 
-    From the H200 sweeps (tests/gpu/bench_gemv.py): one row only (at 2 to 8 rows the best tiles matched cuBLAS
-    at best, and fell to a third of its speed at 8); under PDL, 4 output features and 2,048 of K a program at
-    every Llama-3-8B shape, about as fast as each shape's best (docs/BENCHMARKS.md). Small products stay on
-    cuBLAS: nothing was measured there.
+    From the sweeps of tests/gpu/bench_gemv.py (docs/BENCHMARKS.md): one row only (at 2 to 8 rows the best
+    tiles matched cuBLAS at best, and fell far behind it at 8); under PDL, 4 output features and 2,048 of K a
+    program at every Llama-3-8B shape, about as fast as each shape's best. Small products stay on cuBLAS:
+    nothing was measured there.
     """
     if rows > MAX_ROWS or n * k < 1 << 22:
         return None
