@@ -10,7 +10,7 @@ from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX
 from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
-from tokenq_kernels.rotary_triton import _rotate_heads
+from tokenq_kernels.rotary_triton import rotate_heads
 
 _MAX = tl.constexpr(FP8_MAX)
 
@@ -41,20 +41,10 @@ def _rotary_store_kv_kernel(
     cos = tl.load(row, mask=cols < HALF, other=0.0).to(tl.float32)
     sin = tl.load(row + HALF, mask=cols < HALF, other=0.0).to(tl.float32)
     wait_for_inputs(PDL)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, BLOCK_QH, HALF, BLOCK_HALF)
-
-    heads = tl.arange(0, BLOCK_KH)[:, None]
+    rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, BLOCK_QH, HALF, BLOCK_HALF)
+    r1, r2 = rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_KV_HEADS, BLOCK_KH, HALF, BLOCK_HALF)
+    heads = tl.arange(0, BLOCK_KH)[:, None]  # r1 and r2's rows, as rotate_heads laid them out
     mask = (heads < NUM_KV_HEADS) & (cols < HALF)
-    k1_ptr = k_ptr + t * stride_kt + heads * stride_kh + cols
-    k1 = tl.load(k1_ptr, mask=mask, other=0.0)
-    k2 = tl.load(k1_ptr + HALF, mask=mask, other=0.0)
-    a = k1.to(tl.float32)
-    b = k2.to(tl.float32)
-    r1 = (a * cos - b * sin).to(k1.dtype)  # rounded to k's dtype, as the rotary kernel stores it
-    r2 = (b * cos + a * sin).to(k2.dtype)
-    tl.store(k1_ptr, r1, mask=mask)
-    tl.store(k1_ptr + HALF, r2, mask=mask)
-
     if slot >= 0:  # padding rows of a CUDA-graph batch have none
         block = slot // CACHE_BLOCK
         offset = slot % CACHE_BLOCK

@@ -16,8 +16,10 @@ from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
 @triton.jit
-def _rotate_heads(base, stride_h, cos, sin, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def rotate_heads(base, stride_h, cos, sin, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's heads rotated in place; returns the rotated halves [BLOCK_H, BLOCK_HALF] as stored (the
+    fused rotary + KV store, tokenq_kernels/rotary_kv_triton.py, writes them to the cache too)."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < NUM_HEADS) & (cols < HALF)
@@ -26,8 +28,11 @@ def _rotate_heads(base, stride_h, cos, sin, NUM_HEADS: tl.constexpr, BLOCK_H: tl
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
     a = x1.to(tl.float32)
     b = x2.to(tl.float32)
-    tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=mask)
-    tl.store(p1 + HALF, (b * cos + a * sin).to(x2.dtype), mask=mask)
+    r1 = (a * cos - b * sin).to(x1.dtype)
+    r2 = (b * cos + a * sin).to(x2.dtype)
+    tl.store(p1, r1, mask=mask)
+    tl.store(p1 + HALF, r2, mask=mask)
+    return r1, r2
 
 
 @triton.jit
@@ -45,8 +50,8 @@ def _rotary_kernel(
     row = cache_ptr + pos * stride_cache + cols
     cos = tl.load(row, mask=cols < HALF, other=0.0).to(tl.float32)
     sin = tl.load(row + HALF, mask=cols < HALF, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, BLOCK_QH, HALF, BLOCK_HALF)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, BLOCK_KH, HALF, BLOCK_HALF)
+    rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, BLOCK_QH, HALF, BLOCK_HALF)
+    rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, BLOCK_KH, HALF, BLOCK_HALF)
 
 
 def rotary_triton(
