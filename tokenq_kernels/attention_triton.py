@@ -307,34 +307,43 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    split_block_n: int | None = None  # the key tile under split-K, where it differs from block_n
+
+    @property
+    def split_keys(self) -> int:
+        return self.split_block_n or self.block_n
 
 
 def launch_config(max_query_len: int, group: int, dtype: torch.dtype, kv_fp8: bool = False) -> LaunchConfig:
     """Decodes take one token per tile (rows = the GQA group); prefill tiles aim at 64 rows. Decodes over
     an FP8 cache run two warps a program: its tiles are half the bytes, and on an H200 more programs of
-    fewer warps beat four warps a program at every batch of 64 or more sequences we timed."""
+    fewer warps beat four warps a program at every batch of 64 or more sequences we timed. Split over the
+    context (few sequences), they take 32-key tiles: at batch 1 the step is fastest with one short tile a
+    program (docs/BENCHMARKS.md)."""
     group_p = next_pow2(group)
     # BLOCK_Q = 1 means "decode-only" to the kernels, so a step with longer queries takes at least 2.
     block_q = 1 if max_query_len == 1 else min(next_pow2(max_query_len), max(2, 64 // group_p))
     block_m = max(16, block_q * group_p)  # tl.dot needs at least 16 rows
     if dtype.itemsize <= 2:
-        warps = 2 if kv_fp8 and block_q == 1 else 4
-        return LaunchConfig(block_q, block_m, block_n=64, num_warps=warps, num_stages=3)
+        if kv_fp8 and block_q == 1:
+            return LaunchConfig(block_q, block_m, block_n=64, num_warps=2, num_stages=3, split_block_n=32)
+        return LaunchConfig(block_q, block_m, block_n=64, num_warps=4, num_stages=3)
     # float32 (tests, CPU-sized models): IEEE dots run on FMA units, so narrower key tiles and more warps
     # keep the accumulators in registers (ptxas, sm_90: no spills).
     return LaunchConfig(block_q, block_m, block_n=32 if block_q == 1 else 16, num_warps=8, num_stages=2)
 
 
-# Below this many context tokens per partition, the merge costs more than the extra parallelism gains.
-MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 
 
-def choose_num_splits(num_programs: int, max_seq_len: int, sm_count: int) -> int:
-    """Split only when the unsplit grid leaves SMs idle; aim at about two programs per SM."""
+def choose_num_splits(num_programs: int, max_seq_len: int, sm_count: int, tile: int) -> int:
+    """Split only when the unsplit grid leaves SMs idle; aim at about two programs per SM, down to one key
+    tile a partition. At small batches the step's attention waits on its slowest program, and a program's
+    time is mostly its tiles one after another: the more, shorter partitions, the sooner the last one ends,
+    the merge's cost included (docs/BENCHMARKS.md)."""
     if num_programs >= sm_count:
         return 1
-    splits = min(-(-2 * sm_count // num_programs), -(-max_seq_len // MIN_SPLIT_TOKENS), MAX_SPLITS)
+    splits = min(-(-2 * sm_count // num_programs), -(-max_seq_len // tile), MAX_SPLITS)
     return max(1, splits)
 
 
@@ -367,7 +376,7 @@ def paged_attention_triton(
     num_seqs = meta.num_seqs
     tiles = num_seqs if cfg.block_q == 1 else T // cfg.block_q + num_seqs
     if num_splits is None:
-        num_splits = choose_num_splits(tiles * hkv, meta.max_seq_len, sm_count(q.device))
+        num_splits = choose_num_splits(tiles * hkv, meta.max_seq_len, sm_count(q.device), cfg.split_keys)
     out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_splits, T, hq, d, dtype=torch.float32, device=q.device)
@@ -383,7 +392,8 @@ def paged_attention_triton(
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
                meta.block_tables.stride(0))
-    common = dict(NUM_HEADS=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    block_n = cfg.split_keys if num_splits > 1 else cfg.block_n
+    common = dict(NUM_HEADS=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
                   CACHE_BLOCK=cache_block, SPLIT=num_splits > 1,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   KV_F16=kv_fp8 and q.dtype.itemsize == 2, num_warps=cfg.num_warps,

@@ -71,7 +71,7 @@ def decode_step(batch: int, ctx: int):
 
 def bench_decode(runs: int, flush: torch.Tensor) -> None:
     from tokenq_kernels.attention import paged_attention_ref
-    from tokenq_kernels.attention_triton import choose_num_splits, paged_attention_triton
+    from tokenq_kernels.attention_triton import choose_num_splits, launch_config, paged_attention_triton
     from tokenq_kernels.dispatch import sm_count
 
     print(f"\ndecode attention, Llama-3-8B layer (Hq={HQ}, Hkv={HKV}, D={D}, {DTYPE}, block {BLOCK}), "
@@ -83,7 +83,7 @@ def bench_decode(runs: int, flush: torch.Tensor) -> None:
         for ctx in (512, 4096):
             q, k_cache, v_cache, meta = decode_step(batch, ctx)
             kv_bytes = 2 * batch * ctx * HKV * D * DTYPE.itemsize
-            splits = choose_num_splits(batch * HKV, ctx, sm_count(q.device))
+            splits = choose_num_splits(batch * HKV, ctx, sm_count(q.device), launch_config(1, HQ // HKV, DTYPE).split_keys)
             args = (q, k_cache, v_cache, meta, scale)
             t_tri = timeit(partial(paged_attention_triton, *args), runs, flush)
             t_one = timeit(partial(paged_attention_triton, *args, num_splits=1), runs, flush)
