@@ -21,9 +21,11 @@ _REDIS_URL_ENV = "TOKENQ_GATEWAY_REDIS_URL"  # how `run` hands the URL to worker
 
 
 class _CoalescingTransport:
-    """What the protocol writes in one loop iteration goes to the socket in one write: uvicorn writes a
-    response's head and body separately, and under uvloop each write is a system call that wakes the
-    client, so a small answer cost two of each."""
+    """A response's head and what follows it in the same loop iteration go to the socket in one write:
+    uvicorn writes a response's head and body separately, and under uvloop each write is a system call that
+    wakes the client, so a small answer cost two of each. Only the head waits (for its body, until the end
+    of the iteration at most); any other write goes out at once with what waits before it, so a stream's
+    chunk (a first token) waits for no loop iteration."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
@@ -31,9 +33,11 @@ class _CoalescingTransport:
         self._out: list[bytes] = []
 
     def write(self, data: bytes) -> None:
-        if not self._out:
-            self._loop.call_soon(self._flush)
         self._out.append(data)
+        if not data.startswith(b"HTTP/"):  # a body: out now, after the head that waits for it
+            self._flush()
+        elif len(self._out) == 1:
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         if self._out:

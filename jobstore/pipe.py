@@ -1,8 +1,9 @@
 """One Redis connection shared by a process's hot script calls (auto-pipelining): the gateway's submissions
-and the worker's stream deltas. The commands issued in one event-loop iteration go out in one write, and
-their replies come back in order. It skips what makes a redis-py command cost CPU (pool checkout, retry
-wrapper, packing in Python), and concurrent calls are written to Redis together (group commit) instead of
-one system call each.
+and the worker's stream deltas. A command on an idle connection goes out at once (a lone submission or delta
+waits for no loop iteration); the commands issued while replies are awaited go out together at the end of
+the loop iteration, and the replies come back in order. It skips what makes a redis-py command cost CPU
+(pool checkout, retry wrapper, packing in Python), and concurrent calls are written to Redis together
+(group commit) instead of one system call each.
 
 Errors behave as with the caller's redis-py client (its retries and connect timeout are passed in): a lost
 connection is retried with back-off, then raises redis's ConnectionError (the gateway's 503). A command
@@ -33,8 +34,9 @@ Arg = str | bytes | int | float
 
 
 class RespProtocol(asyncio.Protocol):
-    """One connection: what is sent in one loop iteration goes out in one write, and each reply answers the
-    oldest command waiting (the gateway's event hub takes its pushes instead: `reply`)."""
+    """One connection: a command on an idle connection is written at once, those sent while others await
+    their replies go out in one write at the end of the loop iteration; each reply answers the oldest
+    command waiting (the gateway's event hub takes its pushes instead: `reply`)."""
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
@@ -77,9 +79,12 @@ class RespProtocol(asyncio.Protocol):
         if self.lost is not None:
             raise self.lost
         future = self.loop.create_future()
-        if not self.out:
-            self.loop.call_soon(self._flush)
-        self.out.append(packed)
+        if not self.waiting and self.transport is not None:  # idle: nothing to group it with
+            self.transport.write(packed)
+        else:
+            if not self.out:
+                self.loop.call_soon(self._flush)
+            self.out.append(packed)
         self.waiting.append(future)
         return future
 
