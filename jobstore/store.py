@@ -231,12 +231,12 @@ class JobStore:
         await runner.run(self.redis, s.MARK_STREAMED, [keys.job_key(job_id)], [])
 
     async def start(self, job_ids: Sequence[str], started_at: float, worker: str) -> list[Started]:
-        """Mark jobs running on `worker` (one script for all of them)."""
+        """Mark jobs running on `worker` (one script for all of them, on the store's script connection: a
+        new job's first output waits for its answer)."""
         if not job_ids:
             return []
         job_keys = [k for j in job_ids for k in (keys.job_key(j), keys.job_text_key(j))]
-        [rows] = await runner.pipeline(self.redis, lambda p: runner.queue(p, s.START, job_keys,
-                                                                          [repr(started_at), worker]))
+        rows = await runner.run(self._scripts, s.START, job_keys, [repr(started_at), worker])
         return [Started(int(r[0]), r[1] == "1", int(r[2])) if int(r[0]) == 1 else Started(int(r[0])) for r in rows]
 
     async def write(self, deltas: Sequence[DeltaWrite], finals: Sequence[FinalWrite]) -> list:

@@ -131,7 +131,7 @@ async def submit_job(redis, payload: JobPayload, streamed: bool = False, request
 
 @contextlib.asynccontextmanager
 async def started_intake(redis, model: str, engine: FakeEngine | None = None, consumer: str = "host:1",
-                         **intake_options) -> AsyncIterator:
+                         scripts=None, **intake_options) -> AsyncIterator:
     """(intake, publisher, engine) around a started engine loop, the tenant streams' groups made; the
     loop stops on the way out. Imported late: the worker modules need more than the fakes do."""
     from worker.engine_loop import EngineLoop
@@ -142,7 +142,7 @@ async def started_intake(redis, model: str, engine: FakeEngine | None = None, co
     engine_loop = EngineLoop(engine)
     engine_loop.start()
     try:
-        publisher = Publisher(redis, engine_loop, model)
+        publisher = Publisher(redis, engine_loop, model, scripts=scripts)
         intake = Intake(redis, engine_loop, publisher, model, consumer, max_model_len=64,
                         **{"block_ms": 50, **intake_options})
         await intake.ensure_groups()

@@ -39,7 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from jobstore import JobStore, Started
+from jobstore import Started
 from jobstore.connect import is_cluster
 from jobstore.pipe import RedisPipe
 from protocol import keys
@@ -135,7 +135,7 @@ class Intake:
                  consumer: str, max_model_len: int, block_ms: int = BLOCK_MS,
                  recovery: Recovery | None = None, pruner: Pruner | None = None) -> None:
         self.redis = redis
-        self.store = JobStore(redis)
+        self.store = publisher.store  # its start scripts share the publisher's connection for scripts
         self.engine_loop = engine_loop
         self.publisher = publisher
         self.model = model

@@ -13,7 +13,8 @@ import urllib.request
 import pytest
 from prometheus_client import REGISTRY
 
-from jobstore import JobStore
+from jobstore import JobStore, runner, scripts
+from jobstore.scripts import Script
 from protocol import job_record as f
 from protocol import keys
 from protocol.jobs import JobPayload, new_job_id
@@ -67,6 +68,24 @@ async def test_intake_start_counts_attempts_and_keeps_seq(redis_client):
         assert job.seq == 5 and job.streamed
         h = await JobStore(r).read(p.id)
         assert h[f.ATTEMPTS] == "2" and f.TEXT not in h and h[f.WORKER] == "host:1"
+
+
+async def test_start_script_goes_out_on_the_connection_for_scripts(redis_client):
+    """A new job's first output waits for its start script: it goes out where the publisher's scripts do (the
+    worker's shared connection), not through a redis-py pipeline."""
+    r = redis_client
+    sent: list[Script] = []
+
+    class Recording:
+        async def evalsha(self, script: Script, keys_, args):
+            sent.append(script)
+            return await runner.run(r, script, keys_, args)
+
+    p = payload([1, 2])
+    await submit_job(r, p)
+    async with started_intake(r, MODEL, scripts=Recording()) as (intake, pub, _):
+        assert await intake.poll() == 1
+        assert p.id in pub.jobs and sent == [scripts.START]
 
 
 async def test_metrics_endpoint(redis_url, redis_client):
