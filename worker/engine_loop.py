@@ -181,6 +181,14 @@ class EngineDriver:
             log.warning("engine stats failed", error=repr(e))
             return (0,) * len(PRIORITIES), dict(IDLE_STATS)
 
+    def stats(self) -> dict:
+        """The engine's stats alone, for a caller that has its admissible counts already."""
+        try:
+            return self.engine.stats()
+        except Exception as e:
+            log.warning("engine stats failed", error=repr(e))
+            return dict(IDLE_STATS)
+
 
 class EngineLoop(EngineHandle):
     """Runs an engine object's steps in a thread of this process."""

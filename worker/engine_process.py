@@ -372,7 +372,7 @@ def _serve(conn: Connection, engine, sender: ReportSender) -> None:
         now = time.monotonic()
         admissible = admissible_of(engine)
         if outputs or adds or admissible != last_admissible or now - last_report >= STATS_INTERVAL_S:
-            _, stats = driver.snapshot()
+            stats = driver.stats()
             # The time steps waited for the worker to take reports (as of the report before), a lifetime total
             # the worker turns into a counter.
             stats[REPORT_SEND_STAT] = sender.blocked_s

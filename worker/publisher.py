@@ -302,6 +302,7 @@ class Publisher:
         now = time.time()
         touched: dict[str, RunningJob] = {}
         finishing: list[RunningJob] = []
+        firsts: list[tuple[str, float]] = []  # (lane, time to first token) of the jobs whose first token this is
         for out in outputs:
             job = self.jobs.get(out.request_id)
             if job is None:  # aborted (cancelled) or dropped on shutdown, or its start not confirmed yet
@@ -311,13 +312,16 @@ class Publisher:
             first = job.first_token_at is None
             job.absorb(out, now)
             if first and job.first_token_at is not None:
-                metrics.TIME_TO_FIRST_TOKEN.labels(self.model, job.lane).observe(
-                    max(0.0, job.first_token_at - job.payload.enqueued_at))
+                firsts.append((job.lane, max(0.0, job.first_token_at - job.payload.enqueued_at)))
             touched[job.id] = job
             if out.request_finished:
                 finishing.append(job)
                 del self.jobs[job.id]
-        await self._flush(list(touched.values()), finishing, now)
+        try:
+            await self._flush(list(touched.values()), finishing, now)
+        finally:  # observed once the writes are out: a first token's way to its reader waits for no metric
+            for lane, ttft in firsts:
+                metrics.TIME_TO_FIRST_TOKEN.labels(self.model, lane).observe(ttft)
 
     async def _flush(self, touched: list[RunningJob], finishing: list[RunningJob], now: float) -> None:
         """Write out; `finishing` stays in `self.finishing` only if we stopped (or were cancelled) before

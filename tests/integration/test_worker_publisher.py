@@ -88,6 +88,29 @@ async def test_start_script_goes_out_on_the_connection_for_scripts(redis_client)
         assert p.id in pub.jobs and sent == [scripts.START]
 
 
+async def test_first_token_metric_is_observed_after_the_delta_is_written(redis_client):
+    """The first delta goes to Redis before the worker spends time on metrics."""
+    r = redis_client
+    p = payload([1, 2])
+    await submit_job(r, p, streamed=True)
+    sample = ("tokenq_worker_time_to_first_token_seconds_count", {"model": MODEL, "lane": "default"})
+    before = REGISTRY.get_sample_value(*sample) or 0.0
+    pub = Publisher(r, EngineLoop(FakeEngine()), MODEL)
+    pub.track(RunningJob(payload=p, stream="s", entry_id="0-1", streamed=True, seq=0, started_at=time.time()))
+    seen_at_write: list[float] = []
+    write = pub.store.write
+
+    async def recording_write(deltas, finals):
+        seen_at_write.append(REGISTRY.get_sample_value(*sample) or 0.0)
+        return await write(deltas, finals)
+
+    pub.store.write = recording_write  # type: ignore[method-assign]
+    await pub.publish([RequestOutput(p.id, [7], "t7 ", num_output_tokens=1, produced_at=time.time())])
+    assert seen_at_write == [before]
+    assert REGISTRY.get_sample_value(*sample) == before + 1
+    assert await r.get(keys.job_text_key(p.id)) == "t7 "
+
+
 async def test_metrics_endpoint(redis_url, redis_client):
     port = free_port()
     p = svc.payload([1, 2, 3])
