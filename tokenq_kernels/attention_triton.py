@@ -408,7 +408,7 @@ def paged_attention_triton(
     if num_splits > 1:
         _merge_splits_kernel[(T, hq)](
             part_acc, part_ml, out, T, num_splits, out.stride(0), out.stride(1),
-            NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits), 
+            NUM_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, SPLITS_P=next_pow2(num_splits),
             num_warps=4, **pdl,
         )
     return out

@@ -14,6 +14,7 @@ import triton.language as tl
 from tokenq_kernels.dispatch import next_pow2
 from tokenq_kernels.fp8 import FP8, FP8_MAX, MIN_AMAX, QuantizedInput
 from tokenq_kernels.gemv import GemvConfig
+from tokenq_kernels.gemv_triton import weight_tile
 from tokenq_kernels.norm_triton import rms_norm_row
 from tokenq_kernels.pdl import pdl_options
 from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
@@ -102,7 +103,7 @@ def rms_norm_quant_triton(
         pdl = pdl_options(x2)
         _rms_norm_quant_kernel[(rows,)](
             x2, r2, weight, q, scale, ro2, x2.stride(0), r2.stride(0), ro2.stride(0), n, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None, 
+            BLOCK=block, HAS_RESIDUAL=residual is not None,
             num_warps=min(16, max(1, block // 512)), **pdl,
         )
     return QuantizedInput(q, scale, x.dtype), res_out
@@ -168,7 +169,7 @@ def silu_and_mul_quant_triton(x: torch.Tensor) -> QuantizedInput:
         # About 64 columns a thread in one pass: 8 warps for Llama-3-8B's row, more for longer ones.
         warps = min(32, max(8, whole // 2048)) if one_pass else 4
         pdl = pdl_options(x2)
-        _silu_and_mul_quant_kernel[(rows,)](x2, q, scale, x2.stride(0), n, BLOCK=block, ONE_PASS=one_pass, 
+        _silu_and_mul_quant_kernel[(rows,)](x2, q, scale, x2.stride(0), n, BLOCK=block, ONE_PASS=one_pass,
                                             num_warps=warps, **pdl)
     return QuantizedInput(q, scale, x.dtype)
 
@@ -176,11 +177,10 @@ def silu_and_mul_quant_triton(x: torch.Tensor) -> QuantizedInput:
 @triton.jit
 def _gemv_tiles(w_ptrs, x_ptrs, k, offs_k, K, n_mask, EVEN: tl.constexpr):
     """The weight tile [BLOCK_N, BLOCK_K] and x's [BLOCK_K] at K offset k."""
+    w = weight_tile(w_ptrs, k, offs_k, K, n_mask, EVEN)
     if EVEN:
-        return tl.load(w_ptrs), tl.load(x_ptrs)
-    k_mask = (k + offs_k) < K
-    return (tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0),
-            tl.load(x_ptrs, mask=k_mask, other=0.0))
+        return w, tl.load(x_ptrs)
+    return w, tl.load(x_ptrs, mask=(k + offs_k) < K, other=0.0)
 
 
 @triton.jit
@@ -222,10 +222,7 @@ def _fp8_gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if EVEN:
-        w = tl.load(w_ptrs)
-    else:
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+    w = weight_tile(w_ptrs, 0, offs_k, K, n_mask, EVEN)
     w_scale = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -285,7 +282,7 @@ def fp8_gemv_triton(
     _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
         x1, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, N, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP=min(_GROUP, block_k), EVEN=K % block_k == 0 and N % block_n == 0,
-        HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None, 
+        HAS_X_SCALE=quantized, F16_PRODUCTS=f16_products, HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )
     return y

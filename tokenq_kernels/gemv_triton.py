@@ -23,14 +23,21 @@ from tokenq_kernels.pdl_triton import release_dependents, wait_for_inputs
 
 
 @triton.jit
+def weight_tile(w_ptrs, k, offs_k, K, n_mask, EVEN: tl.constexpr):
+    """The weight tile [BLOCK_N, BLOCK_K] at K offset k, masked unless the shapes divide into tiles (EVEN).
+    Shared with the FP8 GEMV (fp8_triton.py)."""
+    if EVEN:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=n_mask[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _load_tiles(w_ptrs, x_ptrs, k, offs_k, K, n_mask, m_mask, EVEN: tl.constexpr):
     """The weight tile [BLOCK_N, BLOCK_K] and the rows of x [BLOCK_M, BLOCK_K] at K offset k."""
+    w = weight_tile(w_ptrs, k, offs_k, K, n_mask, EVEN)
     if EVEN:
-        return tl.load(w_ptrs), tl.load(x_ptrs)
-    k_mask = (k + offs_k) < K
-    w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-    x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    return w, x
+        return w, tl.load(x_ptrs)
+    return w, tl.load(x_ptrs, mask=m_mask[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -54,10 +61,7 @@ def _gemv_kernel(
     # 1, the case the dispatcher sends here) keeps a 2-D tile, and under PDL loads its first weight tile
     # before waiting for the kernel that writes x (see tokenq_kernels/pdl.py).
     if BLOCK_M == 1:
-        if EVEN:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = weight_tile(w_ptrs, 0, offs_k, K, n_mask, EVEN)
         wait_for_inputs(PDL)
         x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         acc2 = w.to(tl.float32) * x.to(tl.float32)
@@ -101,7 +105,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x2, weight, bias if bias is not None else weight, y, M, N, K,  # the weight stands in for no bias
         x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN=K % cfg.block_k == 0 and N % cfg.block_n == 0 and M == block_m, HAS_BIAS=bias is not None, 
+        EVEN=K % cfg.block_k == 0 and N % cfg.block_n == 0 and M == block_m, HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )
     return y.view(*x.shape[:-1], N)

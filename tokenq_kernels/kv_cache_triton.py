@@ -67,6 +67,6 @@ def store_kv_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=h, HEAD_DIM=d, BLOCK_H=next_pow2(h), BLOCK_D=next_pow2(d),
-        CACHE_BLOCK=k_cache.shape[1], QUANT=quant, 
+        CACHE_BLOCK=k_cache.shape[1], QUANT=quant,
         num_warps=4, **pdl,
     )

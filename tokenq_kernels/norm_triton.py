@@ -71,7 +71,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2, r2, weight, out2, ro2,
         x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
         n, eps,
-        BLOCK=block, HAS_RESIDUAL=residual is not None, 
+        BLOCK=block, HAS_RESIDUAL=residual is not None,
         num_warps=min(16, max(1, block // 512)), **pdl,
     )
     return out, res_out

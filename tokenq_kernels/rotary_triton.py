@@ -71,7 +71,7 @@ def rotary_triton(
         qv.stride(0), qv.stride(1), kv.stride(0), kv.stride(1), cos_sin_cache.stride(0),
         NUM_Q_HEADS=qv.shape[1], NUM_K_HEADS=kv.shape[1],
         BLOCK_QH=next_pow2(qv.shape[1]), BLOCK_KH=next_pow2(kv.shape[1]),
-        HALF=half, BLOCK_HALF=next_pow2(half), 
+        HALF=half, BLOCK_HALF=next_pow2(half),
         num_warps=4, **pdl,
     )
     return q, k
