@@ -13,6 +13,7 @@ from gateway.logging import get_logger
 _log = get_logger("access")
 
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection before the answer
 
 
 async def logged(app: App, scope: Scope, receive: Receive, send: Send) -> None:
@@ -29,10 +30,12 @@ async def logged(app: App, scope: Scope, receive: Receive, send: Send) -> None:
             sent += len(message.get("body", b""))
         await send(message)
 
+    unanswered = 500  # the app raised before it answered
     try:
         await app(scope, receive, send_wrapper)
+        unanswered = CLIENT_CLOSED  # the app returned without an answer: the client left first
     finally:
         client = scope.get("client")
-        _log.info("request", method=scope["method"], path=scope["path"], status=status or 500,
+        _log.info("request", method=scope["method"], path=scope["path"], status=status or unanswered,
                   ms=round((time.perf_counter() - start) * 1000, 2), bytes=sent,
                   client=client[0] if client else None)

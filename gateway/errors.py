@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -70,6 +72,9 @@ def _is_union_tag(part: object) -> bool:
     return isinstance(part, str) and ("[" in part or part in _SCALAR_TAGS)
 
 
+_NAMED_FIELD = re.compile(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
+
+
 def field_path(loc: tuple | list) -> str | None:
     """Pydantic's loc as a dotted path, without FastAPI's leading "body" and union member names
     ("messages.0.role")."""
@@ -91,7 +96,9 @@ def describe_validation_error(err: dict) -> tuple[str, str | None]:
         return f"request body is not valid JSON: {detail}", None
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     if param is None:
-        return msg, None
+        # A rule over several fields (a model validator) names its field at the head of its message.
+        named = _NAMED_FIELD.match(msg)
+        return msg, named.group(1) if named else None
     text = f"{param}: {msg}"
     if ("input" in err and err.get("type") not in ("missing",) and not isinstance(err["input"], dict | list)
             and "(got " not in msg):

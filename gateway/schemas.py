@@ -133,7 +133,7 @@ class JobCreate(SamplingFields, JobOptions):
     @model_validator(mode="after")
     def _one_prompt(self) -> JobCreate:
         if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of `messages` (chat) or `prompt` (completion)")
+            raise ValueError("messages: give exactly one of `messages` (chat) or `prompt` (completion)")
         return self
 
     @field_validator("metadata")

@@ -87,11 +87,11 @@ class SamplingParams(BaseModel):
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             raise ValueError("max_tokens: 0 is allowed only with echo and logprobs (to score the prompt)")
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+            raise ValueError(f"best_of: {self.best_of} must be at least n ({self.n})")
         if self.max_tokens == 0 and self.num_sequences > 1:
             raise ValueError("n: with max_tokens 0 (scoring the prompt) n and best_of must be 1")
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise ValueError(f"min_tokens: {self.min_tokens} must not exceed max_tokens ({self.max_tokens})")
         return self
 
     @property

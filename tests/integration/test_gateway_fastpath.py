@@ -153,7 +153,7 @@ async def test_bad_bodies_are_400s_naming_the_field(redis_url, redis_client, def
     assert passed_on == 4
     assert [a.status_code for a in answers] == [400] * 7
     params = [a.json()["error"]["param"] for a in answers]
-    assert params[0] == "max_tokens" and params[4:] == ["temperature", "ttl", "Idempotency-Key"]
+    assert params[:2] == ["max_tokens", "messages"] and params[4:] == ["temperature", "ttl", "Idempotency-Key"]
     assert "not valid JSON" in answers[2].json()["error"]["message"]
 
 

@@ -40,8 +40,9 @@ def test_default_max_tokens_is_the_rest_of_the_context_capped():
     ({"max_completion_tokens": 0}, "max_completion_tokens", "only on /v1/completions with echo"),
     ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs", "20"),
-    ({"stop": [str(i) for i in range(9)]}, None, "at most 8"),
-    ({"min_tokens": 5, "max_tokens": 2}, None, "min_tokens"),
+    ({"stop": [str(i) for i in range(9)]}, "stop", "at most 8"),
+    ({"stop": ""}, "stop", "must not be empty"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed max_tokens (2)"),
     ({"max_tokens": 95}, "max_tokens", "prompt has 10 tokens and max_tokens is 95"),
 ])
 def test_bad_values_name_the_field(kw, param, needle):
@@ -72,7 +73,7 @@ def test_choices_bias_and_stop_fields_map_onto_sampling_params():
 @pytest.mark.parametrize("kw, param, needle", [
     ({"n": 17}, "n", "16"),
     ({"best_of": 0}, "best_of", "greater than or equal to 1"),
-    ({"n": 4, "best_of": 3}, None, "best_of (3) must be at least n (4)"),
+    ({"n": 4, "best_of": 3}, "best_of", "best_of: 3 must be at least n (4)"),
     ({"logit_bias": {"3": 100.5}}, "logit_bias.3", "100"),
     ({"logit_bias": {"-1": 1}}, "logit_bias.-1", "greater than or equal to 0"),
     ({"logit_bias": {"100": 1}}, "logit_bias.100", "outside the vocabulary (ids are 0 to 99)"),

@@ -79,6 +79,21 @@ def test_access_log_line_per_request():
     assert line["path"] == "/v1/jobs" and line["client"] == "10.0.0.7" and "secret" not in str(line)
 
 
+
+def test_access_log_tells_a_client_that_left_from_a_failure():
+    async def left(scope, receive, send):
+        return None  # what a route does when its client disconnects before the answer
+
+    async def failed(scope, receive, send):
+        raise RuntimeError("boom")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "client": None}
+    with capture_logs() as logs:
+        asyncio.run(logged(left, scope, None, None))
+        with pytest.raises(RuntimeError):
+            asyncio.run(logged(failed, scope, None, None))
+    assert [line["status"] for line in logs] == [499, 500]
+
 def _serve(text: bytes) -> tuple[ThreadingHTTPServer, str]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
