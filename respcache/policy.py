@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CacheMode = Literal["exact", "semantic", "off"]
 # The verifier's match probability a semantic hit needs: the one `python -m respcache.train` chose on the
-# tune split of the Quora pairs and stored beside the verifier's weights (a test keeps the two equal).
-DEFAULT_THRESHOLD = 0.968
+# tune split of the Quora pairs and stored in the verifier's model file (a test keeps the two equal).
+DEFAULT_THRESHOLD = 0.911
 DEFAULT_TTL_S = 86400
 DEFAULT_MAX_ENTRIES = 100_000
 # Fields of the tenant's settings hash (protocol.keys.tenant_key).

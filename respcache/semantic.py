@@ -124,7 +124,7 @@ class SemanticCache:
         from respcache.embedder import Embedder
         from respcache.verifier import default_verifier
 
-        # One BLAS thread for the verifier's small products (the embedder keeps to one thread of its own):
+        # One BLAS thread for the features' small products (the embedder and the verifier keep to one thread each):
         # threads that spin waiting for each other on a busy machine cost more than they save.
         threadpool_limits(1)
         self._embedder = Embedder.load()

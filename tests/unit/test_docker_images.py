@@ -142,7 +142,7 @@ def test_the_cpu_image_installs_and_its_command_runs(context, tmp_path):
     wheel = next(wheels.glob("tokenq-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if n.endswith("/__init__.py")} == project_packages()
-    assert "respcache/verifier.npz" in names  # package data
+    assert "respcache/verifier.onnx" in names  # package data
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
