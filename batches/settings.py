@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tokenq.settings import env_float, env_int
+
 MB = 1 << 20
-
-
-def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def _float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
 
 
 @dataclass(frozen=True)
@@ -31,18 +26,19 @@ class BatchSettings:
     cancel_grace_s: float = 30.0  # how long a cancelled batch waits for its running lines to stop
 
     @classmethod
-    def from_env(cls) -> BatchSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BatchSettings:
+        env = os.environ if env is None else env
         d = cls()
         return cls(
-            max_lines=_int("TOKENQ_BATCH_MAX_LINES", d.max_lines),
-            max_file_bytes=_int("TOKENQ_BATCH_MAX_FILE_BYTES", d.max_file_bytes),
-            max_line_bytes=_int("TOKENQ_BATCH_MAX_LINE_BYTES", d.max_line_bytes),
-            file_retention_s=_int("TOKENQ_FILES_RETENTION_S", d.file_retention_s),
-            batch_retention_s=_int("TOKENQ_BATCH_RETENTION_S", d.batch_retention_s),
-            tenant_quota_bytes=_int("TOKENQ_FILES_QUOTA_BYTES", d.tenant_quota_bytes),
-            window=_int("TOKENQ_BATCH_WINDOW", d.window),
-            refill=_int("TOKENQ_BATCH_REFILL", d.refill),
-            poll_s=_float("TOKENQ_BATCH_POLL_S", d.poll_s),
-            lease_s=_float("TOKENQ_BATCH_LEASE_S", d.lease_s),
-            cancel_grace_s=_float("TOKENQ_BATCH_CANCEL_GRACE_S", d.cancel_grace_s),
+            max_lines=env_int(env, "TOKENQ_BATCH_MAX_LINES", d.max_lines),
+            max_file_bytes=env_int(env, "TOKENQ_BATCH_MAX_FILE_BYTES", d.max_file_bytes),
+            max_line_bytes=env_int(env, "TOKENQ_BATCH_MAX_LINE_BYTES", d.max_line_bytes),
+            file_retention_s=env_int(env, "TOKENQ_FILES_RETENTION_S", d.file_retention_s),
+            batch_retention_s=env_int(env, "TOKENQ_BATCH_RETENTION_S", d.batch_retention_s),
+            tenant_quota_bytes=env_int(env, "TOKENQ_FILES_QUOTA_BYTES", d.tenant_quota_bytes),
+            window=env_int(env, "TOKENQ_BATCH_WINDOW", d.window),
+            refill=env_int(env, "TOKENQ_BATCH_REFILL", d.refill),
+            poll_s=env_float(env, "TOKENQ_BATCH_POLL_S", d.poll_s),
+            lease_s=env_float(env, "TOKENQ_BATCH_LEASE_S", d.lease_s),
+            cancel_grace_s=env_float(env, "TOKENQ_BATCH_CANCEL_GRACE_S", d.cancel_grace_s),
         )

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from batches.settings import BatchSettings
 from gateway import routes_batches, routes_cache, routes_files, routes_health, routes_jobs, routes_openai
 from gateway.access_log import logged
 from gateway.admission import max_queue_depth_from_env
@@ -77,6 +78,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     install_error_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
+    app.state.batch_settings = BatchSettings.from_env()  # read at start: a bad value stops it, naming the variable
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
     app.include_router(routes_cache.router)

@@ -27,10 +27,8 @@ router = APIRouter(dependencies=[Depends(single_node_only)])
 
 
 def batch_settings(request: Request) -> BatchSettings:
-    settings = getattr(request.app.state, "batch_settings", None)
-    if settings is None:
-        settings = request.app.state.batch_settings = BatchSettings.from_env()
-    return settings
+    """The Batch API's settings, read once when the app was made (gateway/app.py)."""
+    return request.app.state.batch_settings
 
 
 @router.post("/v1/files")

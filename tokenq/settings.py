@@ -20,7 +20,8 @@ _YES = ("1", "true", "yes", "on")
 _NO = ("0", "false", "no", "off")
 
 
-def _optional_float(env: Mapping[str, str], name: str) -> float | None:
+def optional_float(env: Mapping[str, str], name: str) -> float | None:
+    """The variable as a number, None when unset; a bad value is an error that names the variable."""
     raw = env.get(name)
     try:
         return float(raw) if raw else None
@@ -28,15 +29,34 @@ def _optional_float(env: Mapping[str, str], name: str) -> float | None:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    value = optional_float(env, name)
+    return default if value is None else value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number (1e6 and 100000.0 are whole too); anything else is an error naming the variable."""
+    value = env_float(env, name, default)
+    if value != int(value):
+        raise ValueError(f"{name}={env.get(name)!r} is not a whole number")
+    return int(value)
+
+
+def _seconds_list(env: Mapping[str, str], name: str) -> tuple[float, ...] | None:
+    """Comma-separated seconds, None when unset."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        return tuple(float(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a comma-separated list of seconds") from None
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     """A yes/no variable: 1, true, yes, on (any case) or 0, false, no, off; anything else: `default`."""
     raw = (env.get(name) or "").strip().lower()
     return True if raw in _YES else False if raw in _NO else default
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _optional_float(env, name)
-    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -69,24 +89,23 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        delays = (env.get("TOKENQ_WEBHOOK_RETRY_DELAYS") or "").strip()
         return cls(
             home=Path(env.get("TOKENQ_HOME") or Path.home() / ".tokenq").expanduser(),
             redis_url=env.get("TOKENQ_REDIS_URL") or None,
             model=env.get("TOKENQ_MODEL") or DEFAULT_MODEL,
             log_level=env.get("TOKENQ_LOG_LEVEL") or "INFO",
-            drain_grace_s=_float(env, "TOKENQ_DRAIN_GRACE_S", 10.0),
-            lease_s=_float(env, "TOKENQ_LEASE_S", 30.0),
-            max_deliveries=int(_float(env, "TOKENQ_MAX_DELIVERIES", 3)),
-            max_queue_depth=int(_float(env, "TOKENQ_MAX_QUEUE_DEPTH", 100_000)),
-            gateway_workers=int(_float(env, "TOKENQ_GATEWAY_WORKERS", 1)),
-            webhook_retry_delays=tuple(float(x) for x in delays.split(",") if x.strip()) if delays else None,
+            drain_grace_s=env_float(env, "TOKENQ_DRAIN_GRACE_S", 10.0),
+            lease_s=env_float(env, "TOKENQ_LEASE_S", 30.0),
+            max_deliveries=env_int(env, "TOKENQ_MAX_DELIVERIES", 3),
+            max_queue_depth=env_int(env, "TOKENQ_MAX_QUEUE_DEPTH", 100_000),
+            gateway_workers=env_int(env, "TOKENQ_GATEWAY_WORKERS", 1),
+            webhook_retry_delays=_seconds_list(env, "TOKENQ_WEBHOOK_RETRY_DELAYS"),
             webhook_queue_url=env.get("TOKENQ_WEBHOOK_QUEUE_URL") or None,
             kernels="torch" if (env.get("TOKENQ_KERNELS") or "").lower() == "torch" else "triton",
             gemv="cublas" if (env.get("TOKENQ_GEMV") or "").lower() == "cublas" else "triton",
             pdl=_flag(env, "TOKENQ_PDL", True),
-            throughput_log_s=_float(env, "TOKENQ_THROUGHPUT_LOG_S", 30.0),
-            webhook_gone_disable_s=_optional_float(env, "TOKENQ_WEBHOOK_GONE_DISABLE_S"),
+            throughput_log_s=env_float(env, "TOKENQ_THROUGHPUT_LOG_S", 30.0),
+            webhook_gone_disable_s=optional_float(env, "TOKENQ_WEBHOOK_GONE_DISABLE_S"),
             require_auth=_flag(env, "TOKENQ_REQUIRE_AUTH", False),
             access_log=_flag(env, "TOKENQ_ACCESS_LOG", True),
             gateway_library_path=_flag(env, "TOKENQ_GATEWAY_LIBRARY_PATH", False),

@@ -27,9 +27,34 @@ def test_values_from_environment():
     assert (s.throughput_log_s, s.webhook_gone_disable_s) == (0.0, 60.0)
 
 
-def test_a_bad_number_names_the_variable():
-    with pytest.raises(ValueError, match="TOKENQ_LEASE_S"):
-        Settings.from_env({"TOKENQ_LEASE_S": "soon"})
+@pytest.mark.parametrize("name, value, words", [
+    ("TOKENQ_LEASE_S", "soon", "is not a number"),
+    ("TOKENQ_MAX_DELIVERIES", "2.5", "is not a whole number"),
+    ("TOKENQ_WEBHOOK_RETRY_DELAYS", "1,soon", "is not a comma-separated list of seconds"),
+])
+def test_a_bad_value_names_the_variable(name, value, words):
+    with pytest.raises(ValueError, match=f"{name}={value!r} {words}"):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("TOKENQ_BATCH_WINDOW", "lots", "is not a number"),
+    ("TOKENQ_BATCH_MAX_LINES", "10.5", "is not a whole number"),
+])
+def test_the_batch_settings_name_a_bad_variable_too(name, value, words):
+    from batches.settings import BatchSettings
+
+    assert BatchSettings.from_env({"TOKENQ_BATCH_MAX_LINES": "1e3"}).max_lines == 1000
+    with pytest.raises(ValueError, match=f"{name}={value!r} {words}"):
+        BatchSettings.from_env({name: value})
+
+
+def test_a_gateway_with_a_bad_batch_setting_does_not_start(monkeypatch):
+    from gateway.app import create_app
+
+    monkeypatch.setenv("TOKENQ_FILES_QUOTA_BYTES", "ten gigabytes")
+    with pytest.raises(ValueError, match="TOKENQ_FILES_QUOTA_BYTES"):
+        create_app("redis://127.0.0.1:1")
 
 
 def test_roles_read_the_environment_when_they_start(monkeypatch):
