@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from respcache.pairs import Pair, bucket, groups, load_pairs, split
 from respcache.verifier import WEIGHTS, Verifier, features
+
+if TYPE_CHECKING:
+    import lightgbm
 
 CANDIDATES = 4  # the lookup verifies this many nearest entries (respcache/semantic.py uses the same)
 FOLDS = 4
@@ -76,7 +80,7 @@ def lookup_rows(pairs: list[Pair], vec: dict[str, np.ndarray]) -> tuple[np.ndarr
     return np.concatenate(xs), np.asarray(ys, dtype=np.float32), np.asarray(qs)
 
 
-def fit(x: np.ndarray, y: np.ndarray, seed: int = 0):
+def fit(x: np.ndarray, y: np.ndarray, seed: int = 0) -> lightgbm.Booster:
     """Gradient-boosted trees (a LightGBM booster, deterministic for a seed) on the rows' features."""
     import lightgbm as lgb
 
@@ -84,7 +88,7 @@ def fit(x: np.ndarray, y: np.ndarray, seed: int = 0):
     return model.fit(x, y).booster_
 
 
-def to_verifier(booster, threshold: float) -> tuple[Verifier, bytes]:
+def to_verifier(booster: lightgbm.Booster, threshold: float) -> tuple[Verifier, bytes]:
     """The booster as the verifier that serves it (and the ONNX graph's bytes)."""
     from respcache.tree_onnx import booster_to_onnx
 
