@@ -83,6 +83,8 @@ class ChatMessage(BaseModel):
             raise ValueError(f"tool_calls: only assistant messages carry them (this one is {self.role!r})")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("tool_call_id: a tool message names the call it answers")
+        if self.content is None and self.role != "assistant":  # only an assistant's may be null (tool calls)
+            raise ValueError(f"content: a {self.role} message needs content (a string or a list of text parts)")
         return self
 
     def text(self) -> str:

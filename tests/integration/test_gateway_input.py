@@ -121,6 +121,15 @@ async def test_image_and_audio_parts_are_refused(client, redis_client, part):
     await assert_nothing_queued(redis_client)
 
 
+@pytest.mark.parametrize("role", ["user", "system", "developer"])
+async def test_a_message_without_content_is_refused_unless_an_assistant_sends_it(client, redis_client, role):
+    messages = [{"role": role, "content": None}, {"role": "user", "content": "hi"}]
+    for path in ("/v1/chat/completions", "/v1/jobs"):
+        err = assert_error(await client.post(path, json={**CHAT, "messages": messages}), 400, "messages.0")
+        assert f"a {role} message needs content" in err["message"], err["message"]
+    await assert_nothing_queued(redis_client)
+
+
 @pytest.mark.parametrize("path, body", ROUTES[:2])
 async def test_best_of_is_refused_for_a_chat(client, redis_client, path, body):
     err = assert_error(await client.post(path, json={**body, "n": 2, "best_of": 3}), 400, "best_of")
