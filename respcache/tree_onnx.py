@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-THRESHOLD_KEY = "threshold"  # metadata: the match probability chosen in training (policy.DEFAULT_THRESHOLD)
+from respcache.verifier import THRESHOLD_KEY
 
 
 def split_value(threshold: float) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 WEIGHTS = Path(__file__).with_name("verifier.onnx")
+THRESHOLD_KEY = "threshold"  # the graph's metadata: the match probability chosen in training
 _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # A capitalised word not opening a sentence: a name, a place, a product.
@@ -82,17 +83,13 @@ class Verifier:
     that a small neural network did on the same features."""
 
     def __init__(self, model: bytes) -> None:
-        import onnx
         import onnxruntime as ort
 
-        from respcache.tree_onnx import THRESHOLD_KEY
-
-        props = {p.key: p.value for p in onnx.load_from_string(model).metadata_props}
-        # The match probability chosen on the tune split (policy.DEFAULT_THRESHOLD).
-        self.threshold = float(props[THRESHOLD_KEY])
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        # The match probability chosen on the tune split (policy.DEFAULT_THRESHOLD), from the graph's metadata.
+        self.threshold = float(self._session.get_modelmeta().custom_metadata_map[THRESHOLD_KEY])
 
     @classmethod
     def load(cls, path: Path = WEIGHTS) -> Verifier:
