@@ -20,6 +20,7 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate,
 from jobstore import Refused
 from protocol import job_record as F
 from protocol.jobs import JobPayload, Lane
+from respcache.policy import Decision
 
 log = get_logger(__name__)
 
@@ -50,6 +51,14 @@ async def enqueue(ctx: GatewayContext, tenant: Tenant,
                   metadata: dict[str, str], idempotency_key: str | None) -> Enqueued:
     decision = await ctx.cache.decide(tenant.name, body.cache)
     payload = await prepare(ctx.registry, body, lane, stream, tenant.name)
+    return await submit(ctx, tenant, body, payload, decision, metadata, idempotency_key)
+
+
+async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest | JobCreate,
+                 payload: JobPayload, decision: Decision | None, metadata: dict[str, str],
+                 idempotency_key: str | None) -> Enqueued:
+    """A prepared job: answered from the response cache, or admitted and written."""
+    stream = payload.stream
     lookup = None
     digest = ctx.registry.card_digest(payload.model)
     if decision is not None and digest is not None:

@@ -62,11 +62,12 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
 
 
 def _completion_prompt(prompt, prompts) -> tuple[str | None, list[int]]:
-    """(prompt text if given as text, token ids); one prompt per request."""
+    """(prompt text if given as text, token ids); one prompt per job (gateway/prompt_list.py splits a
+    completion of several)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
-            raise ApiError(400, f"prompt: only one prompt per request is supported (got {len(prompt)})",
-                           param="prompt")
+            raise ApiError(400, f"prompt: a job takes one prompt (got {len(prompt)}); /v1/completions "
+                                "takes several", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt, prompts.encode_text(prompt)

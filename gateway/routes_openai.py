@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response
@@ -11,11 +13,13 @@ from gateway import responses
 from gateway.admission import check_idempotency_key
 from gateway.auth import Tenant
 from gateway.context import Caller, GatewayContext, get_caller
-from gateway.enqueue import enqueue
-from gateway.errors import error_response
+from gateway.enqueue import Enqueued, enqueue, submit
+from gateway.errors import ApiError, error_response
 from gateway.jobs import Final, wait_final
+from gateway.prepare import prepare
+from gateway.prompt_list import cancel_all, joined_events, joined_result, prompt_key, split_prompts
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.sse import completion_events, final_error, sse_response
+from gateway.sse import completion_chunks, completion_events, final_error, sse_response
 from gateway.waiting import WaitingResponse
 from jobstore import JobRef
 from protocol import job_record as F
@@ -48,13 +52,12 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     """Enqueue the job and answer: an SSE stream, or a response that sends the completion once the job is
     final. Either way a client that disconnects first cancels the job (unless `run_to_completion`). The
     FastAPI routes and gateway/fastpath.py both answer with this (the key already checked)."""
+    if isinstance(body, CompletionRequest) and (bodies := split_prompts(body)) is not None:
+        return await _answer_prompts(ctx, tenant, body, bodies, idempotency_key)
     job = await enqueue(ctx, tenant, body, body.priority, body.stream, {}, idempotency_key)
     payload, created = job.payload, int(job.created_at)
     headers = job.cache_headers or None
-    on_abandon = None
-    if not job.repeat and not job.cache and not payload.run_to_completion:  # a client that leaves cancels its job
-        def on_abandon() -> None:
-            ctx.canceller.cancel_detached(JobRef.of(payload))
+    on_abandon = _canceller(ctx, job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
@@ -69,8 +72,79 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     return WaitingResponse(final_answer, on_abandon)
 
 
+async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionRequest,
+                          bodies: list[CompletionRequest], idempotency_key: str | None) -> Response:
+    """A completion of several prompts (gateway/prompt_list.py): every prompt is checked before any job is
+    queued, and a prompt refused by a limit cancels the jobs queued before it, so the request is queued
+    whole or not at all."""
+    decision = await ctx.cache.decide(tenant.name, body.cache)
+    payloads = [await prepare(ctx.registry, b, body.priority, body.stream, tenant.name) for b in bodies]
+    jobs: list[Enqueued] = []
+    try:
+        for i, (b, p) in enumerate(zip(bodies, payloads, strict=True)):
+            jobs.append(await submit(ctx, tenant, b, p, decision, {}, prompt_key(idempotency_key, i)))
+    except ApiError:
+        await _withdraw(ctx, tenant, jobs, idempotency_key)
+        raise
+    n = payloads[0].sampling.n
+    cancels = [c for job in jobs if (c := _canceller(ctx, job)) is not None]
+    completion_id = responses.completion_id("completion", jobs[0].payload.id)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        streams = [completion_chunks(ctx.redis, job.payload, int(job.created_at), True, _canceller(ctx, job),
+                                     mark=job.repeat, hub=ctx.hub, store=ctx.store) for job in jobs]
+        return sse_response(joined_events(streams, n, completion_id, include_usage))
+
+    async def final_answer() -> Response:
+        finals = await asyncio.gather(*(_final_of(ctx, job) for job in jobs))
+        results = []
+        for job, final in zip(jobs, finals, strict=True):
+            answer = _final_body(job.payload, int(job.created_at), final)
+            if isinstance(answer, Response):
+                return answer
+            results.append(answer)
+        return JSONResponse(joined_result(results, n))
+
+    return WaitingResponse(final_answer, cancel_all(cancels))
+
+
+async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], idempotency_key: str | None) -> None:
+    """Cancel the jobs queued for a request refused after all, and free their keys, so that the client's
+    retry is queued whole."""
+    for i, job in enumerate(jobs):
+        if job.repeat or job.cache:
+            continue
+        await ctx.canceller.cancel(JobRef.of(job.payload))
+        if (key := prompt_key(idempotency_key, i)) is not None:
+            await ctx.store.release_idempotency_key(tenant.name, key, job.payload.model, job.payload.id)
+
+
+def _canceller(ctx: GatewayContext, job: Enqueued) -> Callable[[], None] | None:
+    """What cancels the job when its client leaves: nothing for a repeat (the first request's client owns
+    it), a cache hit (already final) or a job asked to run to completion."""
+    if job.repeat or job.cache or job.payload.run_to_completion:
+        return None
+    ref = JobRef.of(job.payload)
+
+    def cancel() -> None:
+        ctx.canceller.cancel_detached(ref)
+    return cancel
+
+
+async def _final_of(ctx: GatewayContext, job: Enqueued) -> Final | None:
+    if job.cache and job.record is not None:
+        return Final(JobState.succeeded, JobResult.model_validate_json(job.record[F.RESULT]), None)
+    return await _wait(ctx, job.payload, job.repeat)
+
+
 def _final_response(payload: JobPayload, created: int, final: Final | None,
                     headers: dict[str, str] | None = None) -> Response:
+    answer = _final_body(payload, created, final)
+    return answer if isinstance(answer, Response) else JSONResponse(answer, headers=headers)
+
+
+def _final_body(payload: JobPayload, created: int, final: Final | None) -> dict[str, Any] | Response:
+    """The completion of a job that succeeded; the error response of one that did not."""
     if final is None:
         return error_response(504, f"no worker serving model `{payload.model}` started this job within "
                                    f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later",
@@ -78,10 +152,9 @@ def _final_response(payload: JobPayload, created: int, final: Final | None,
     if final.state != JobState.succeeded or final.result is None:
         err = final_error(final)
         return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
-    return JSONResponse(responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
-                                                want_logprobs=payload.sampling.logprobs is not None,
-                                                echo_chars=responses.echo_chars(payload)),
-                        headers=headers)
+    return responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
+                                   want_logprobs=payload.sampling.logprobs is not None,
+                                   echo_chars=responses.echo_chars(payload))
 
 
 async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -44,6 +45,10 @@ class SSEResponse(StreamingResponse):
 
 def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
     return SSEResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+
+
+KEEPALIVE = ": keep-alive\n\n"
+DONE = "data: [DONE]\n\n"
 
 
 def data(obj: Any) -> str:
@@ -98,9 +103,22 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
                             mark: bool = False, hub: Hub | None = None, store: JobStore | None = None
                             ) -> AsyncIterator[str]:
     """OpenAI streaming: chunks of text (with their logprobs when asked), each of one choice (its index), a
-    last chunk per choice with its finish_reason, maybe usage, then [DONE]. A chat offered tools holds
-    back each choice's text that may be a call (gateway/tool_stream.py). `on_abandon` is called when the
+    last chunk per choice with its finish_reason, maybe usage, then [DONE]. `on_abandon` is called when the
     stream stops before the job's end (the client disconnected)."""
+    async with aclosing(completion_chunks(redis, payload, created, include_usage, on_abandon, mark, hub,
+                                          store)) as chunks:
+        async for piece in chunks:
+            yield KEEPALIVE if piece is None else data(piece)
+    yield DONE
+
+
+async def completion_chunks(redis: aioredis.Redis, payload: JobPayload, created: int, include_usage: bool,
+                            on_abandon: Callable[[], None] | None = None,
+                            mark: bool = False, hub: Hub | None = None, store: JobStore | None = None
+                            ) -> AsyncIterator[dict[str, Any] | None]:
+    """The chunks of one job's stream (None where a keep-alive is due). With `include_usage` every chunk
+    carries `usage: null` and a last chunk, without choices, the usage, as OpenAI's do. A chat offered
+    tools holds back each choice's text that may be a call (gateway/tool_stream.py)."""
     kind, job_id, model = payload.kind, payload.id, payload.model
     n = payload.sampling.n
     logprobs = ([_StreamLogprobs(payload) for _ in range(n)] if payload.sampling.logprobs is not None
@@ -109,10 +127,16 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
              else None)
     keepalive = _KeepAlive()
     ended = False
+
+    def out(obj: dict[str, Any]) -> dict[str, Any]:
+        if include_usage:
+            obj["usage"] = None
+        return obj
+
     try:
         if kind == "chat":
             for index in range(n):
-                yield data(responses.chunk(kind, job_id, model, created, text="", role=True, index=index))
+                yield out(responses.chunk(kind, job_id, model, created, text="", role=True, index=index))
         # A job submitted for streaming has `streamed` set already; a repeat's first job may not (mark).
         async for item in follow(redis, job_id, [0] * n, want_deltas=True, mark=mark, hub=hub, store=store):
             if isinstance(item, Delta):
@@ -123,27 +147,26 @@ async def completion_events(redis: aioredis.Redis, payload: JobPayload, created:
                         logprobs[item.index].in_order = False  # text held back: the final chunk carries them
                     if not text:
                         continue
-                yield data(responses.chunk(kind, job_id, model, created, text=text, index=item.index,
-                                           logprobs=logprobs[item.index].of_delta(item) if logprobs else None))
+                yield out(responses.chunk(kind, job_id, model, created, text=text, index=item.index,
+                                          logprobs=logprobs[item.index].of_delta(item) if logprobs else None))
             elif isinstance(item, Final):
                 ended = True
                 if item.state == JobState.succeeded and item.result is not None:
                     for c in item.result.all_choices():
                         if tools is not None:
                             for piece in _tool_chunks(tools[c.index], c, job_id, model, created):
-                                yield data(piece)
-                        yield data(responses.chunk(
+                                yield out(piece)
+                        yield out(responses.chunk(
                             kind, job_id, model, created, text="" if kind != "chat" else None, index=c.index,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                             logprobs=logprobs[c.index].rest(item.result, c) if logprobs else None))
                     if include_usage:
-                        yield data(responses.usage_chunk(kind, job_id, model, created, item.result.usage))
+                        yield responses.usage_chunk(kind, job_id, model, created, item.result.usage)
                 else:
-                    yield data({"error": final_error(item)})
+                    yield {"error": final_error(item)}
                 break
             elif keepalive.due():
-                yield ": keep-alive\n\n"
-        yield "data: [DONE]\n\n"
+                yield None
     finally:
         if not ended and on_abandon is not None:
             on_abandon()
@@ -201,4 +224,4 @@ async def job_events(redis: aioredis.Redis, job_id: str, offsets: list[int],
             yield f"id: {event_id(offsets)}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
             return
         elif keepalive.due():
-            yield ": keep-alive\n\n"
+            yield KEEPALIVE

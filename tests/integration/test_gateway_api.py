@@ -195,8 +195,14 @@ async def test_errors_enqueue_nothing(client, worker, redis_client):
     assert "temperature" in err["message"] and "2" in err["message"]
     assert_error(await client.post("/v1/chat/completions", json={**CHAT, "n": 17}), 400, "n")
     assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "n": 0}), 400, "n")
-    assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]}), 400,
-                 "prompt")
+    assert_error(await client.post("/v1/jobs", json={"model": MODEL, "prompt": ["a", "b"]}), 400, "prompt")
+    # Several prompts: one that is bad refuses the request before any of them is queued.
+    err = assert_error(await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": ["a", "hello " * 3000], "max_tokens": 16}), 400, "max_tokens")
+    assert "2048" in err["message"]
+    err = assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a"] * 129}),
+                       400, "prompt")
+    assert "128" in err["message"] and "129" in err["message"]
     long_prompt = "hello " * 3000
     err = assert_error(await client.post("/v1/completions", json={
         "model": MODEL, "prompt": long_prompt, "max_tokens": 16}), 400, "max_tokens")

@@ -73,6 +73,20 @@ def test_streaming_client_disconnect_cancels_its_job(redis_url, default_model_di
             assert sum(r.xlen(s) for s in r.scan_iter(keys.jobs_stream(MODEL, "*", "*"))) == 0
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_leaving_a_completion_of_several_prompts_cancels_every_job(redis_url, default_model_dir, stream):
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushdb()
+    register_idle_worker(r, default_model_dir)
+    body = {"model": MODEL, "prompt": ["one", "two", "three"], "max_tokens": 4, "stream": stream}
+    with GatewayThread(redis_url) as base, httpx.Client(base_url=base, timeout=30) as c:
+        with pytest.raises(httpx.ReadTimeout):  # nothing consumes: the answer never comes
+            c.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        wait_for(lambda: len(list(r.scan_iter(keys.job_keys_pattern())))  == 3)
+        jobs = list(r.scan_iter(keys.job_keys_pattern()))
+        wait_for(lambda: all(r.hget(job, F.STATE) == "cancelled" for job in jobs))
+
+
 # --- Redis restarts ------------------------------------------------------------------------------------
 
 

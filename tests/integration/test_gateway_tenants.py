@@ -505,3 +505,16 @@ async def test_sliding_window_and_retry_after(redis_client):
     # Two minutes on, nothing is left of either.
     await store.submit(job(4), "{}", {}, False, limits, now=t0 + 150)
     await store.submit(job(5), "{}", {}, False, limits, now=t0 + 151)
+
+
+async def test_a_completion_of_several_prompts_is_refused_whole(client, idle_worker, redis_client):
+    """A limit that refuses one prompt of several cancels the jobs queued before it and frees their
+    Idempotency-Keys, so that the client's retry is queued whole."""
+    key = (await create_key(redis_client, "several", {"max_queued": 2})).api_key
+    body = {"model": MODEL, "prompt": ["one", "two", "three"], "max_tokens": 4}
+    r = await client.post("/v1/completions", json=body, headers={**bearer(key), "Idempotency-Key": "k1"})
+    err = assert_error(r, 429)
+    assert "max_queued" in err["message"]
+    assert await redis_client.get(keys.tenant_queued_key("several", MODEL)) == "0"
+    for i in range(3):
+        assert not await redis_client.exists(keys.idem_key("several", f"k1#{i}", MODEL))

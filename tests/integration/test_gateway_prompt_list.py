@@ -1,0 +1,137 @@
+"""/v1/completions with several prompts, as OpenAI and vLLM take it (lm-evaluation-harness sends its
+requests so): one completion whose choices run prompt by prompt, each the same as that prompt sent alone,
+streamed or not, with the usage summed. Gateway, worker and the real engine on a tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from protocol import keys
+from worker.engine.config import EngineConfig
+from worker.engine.llm_engine import LLMEngine
+from worker.models.random_weights import write_random_model_dir
+from worker.service import WorkerService
+
+MODEL = "tiny"
+PROMPTS = ["t5 t6 t7", "t8 t9 t10 t11 t12", "t13"]
+CONFIG = EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.05, max_model_len=256)
+
+
+@pytest.fixture
+async def client(redis_url, redis_client, tmp_path):
+    path = write_random_model_dir("tiny", tmp_path / "tiny")
+    engine = LLMEngine(path, CONFIG)
+    service = WorkerService(redis_url, MODEL, engine, engine.model_card(MODEL), worker_id="tiny:1", block_ms=100)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    app = create_app(redis_url)
+    try:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                                         timeout=60) as c:
+                for _ in range(200):  # until the worker's heartbeat and card are in
+                    if (await c.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                c.engine = engine  # type: ignore[attr-defined]
+                yield c
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def alone(client, prompt, **fields) -> dict:
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse_chunks(text: str) -> list[dict]:
+    lines = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+GREEDY = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+
+async def test_choices_run_prompt_by_prompt_as_each_prompt_alone(client):
+    fields = {**GREEDY, "n": 2, "logprobs": 2}
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS, **fields})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    singles = [await alone(client, p, **fields) for p in PROMPTS]
+    assert [c["index"] for c in body["choices"]] == list(range(2 * len(PROMPTS)))
+    for i, single in enumerate(singles):
+        for j in range(2):
+            got, want = body["choices"][2 * i + j], single["choices"][j]
+            assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+            assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+            assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-5)
+    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert body["usage"][field] == sum(s["usage"][field] for s in singles)
+    assert body["usage"]["prompt_tokens"] == sum(len(client.engine.tokenizer.encode(p).ids) for p in PROMPTS)
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+
+
+async def test_token_id_prompts_and_echo_scoring(client):
+    """lm-evaluation-harness's loglikelihood requests: several token-id prompts, echo, logprobs, no new
+    tokens. Each prompt's logprobs are the ones it gets alone."""
+    ids = [client.engine.tokenizer.encode(p).ids for p in PROMPTS]
+    fields = {"max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ids, **fields})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == len(ids)
+    for choice, prompt in zip(choices, ids, strict=True):
+        single = (await alone(client, prompt, **fields))["choices"][0]
+        assert choice["text"] == single["text"]
+        assert len(choice["logprobs"]["tokens"]) == len(prompt)
+        assert choice["logprobs"]["token_logprobs"][0] is None
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(single["logprobs"]["token_logprobs"][1:],
+                                                                         abs=1e-5)
+
+
+async def test_a_stream_of_several_prompts(client):
+    fields = {**GREEDY, "n": 2}
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS, "stream": True,
+                                                   "stream_options": {"include_usage": True}, **fields})
+    assert r.status_code == 200, r.text
+    chunks = sse_chunks(r.text)
+    whole = await alone(client, PROMPTS, **fields)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+    texts: dict[int, str] = {}
+    finished = {}
+    for c in chunks[:-1]:
+        assert c["usage"] is None  # OpenAI: every chunk but the last carries usage null
+        [choice] = c["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        if choice["finish_reason"] is not None:
+            finished[choice["index"]] = choice["finish_reason"]
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+    assert finished == {c["index"]: c["finish_reason"] for c in whole["choices"]}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6 * 2 * len(PROMPTS)
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+async def test_a_stream_without_usage_carries_none(client):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[:2], "stream": True,
+                                                   **GREEDY})
+    chunks = sse_chunks(r.text)
+    assert all("usage" not in c and len(c["choices"]) == 1 for c in chunks)
+    assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
+
+
+async def test_a_retried_key_gets_each_prompts_first_job(client, redis_client):
+    body = {"model": MODEL, "prompt": PROMPTS, **GREEDY}
+    first = await client.post("/v1/completions", json=body, headers={"Idempotency-Key": "several-1"})
+    again = await client.post("/v1/completions", json=body, headers={"Idempotency-Key": "several-1"})
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.json() == first.json()
+    bound = {await redis_client.get(keys.idem_key("default", f"several-1#{i}", MODEL)) for i in range(3)}
+    assert len(bound) == 3 and None not in bound
