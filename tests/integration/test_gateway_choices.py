@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
 
-from gateway.app import create_app
+from tests.integration.engine_stack import gateway_with_engine
 from worker.engine.config import EngineConfig
-from worker.engine.llm_engine import LLMEngine
 from worker.models.random_weights import write_random_model_dir
-from worker.service import WorkerService
 
 MODEL = "tiny"
 PROMPT = "t5 t6 t7 t8 t9 t10 t11"
@@ -33,24 +30,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 async def client(redis_url, redis_client, model_dir):
-    engine = LLMEngine(model_dir, CONFIG)
-    service = WorkerService(redis_url, MODEL, engine, engine.model_card(MODEL), worker_id="tiny:1", block_ms=100)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    app = create_app(redis_url)
-    try:
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
-                                         timeout=60) as c:
-                for _ in range(200):  # until the worker's heartbeat and card are in
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                c.engine = engine  # type: ignore[attr-defined]
-                yield c
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+    async with gateway_with_engine(redis_url, model_dir, CONFIG) as c:
+        yield c
 
 
 async def sse_chunks(client, path: str, body: dict) -> list[dict]:

@@ -4,18 +4,14 @@ streamed or not, with the usage summed. Gateway, worker and the real engine on a
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import httpx
 import pytest
 
-from gateway.app import create_app
 from protocol import keys
+from tests.integration.engine_stack import gateway_with_engine
 from worker.engine.config import EngineConfig
-from worker.engine.llm_engine import LLMEngine
 from worker.models.random_weights import write_random_model_dir
-from worker.service import WorkerService
 
 MODEL = "tiny"
 PROMPTS = ["t5 t6 t7", "t8 t9 t10 t11 t12", "t13"]
@@ -24,25 +20,8 @@ CONFIG = EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.05, ma
 
 @pytest.fixture
 async def client(redis_url, redis_client, tmp_path):
-    path = write_random_model_dir("tiny", tmp_path / "tiny")
-    engine = LLMEngine(path, CONFIG)
-    service = WorkerService(redis_url, MODEL, engine, engine.model_card(MODEL), worker_id="tiny:1", block_ms=100)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    app = create_app(redis_url)
-    try:
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
-                                         timeout=60) as c:
-                for _ in range(200):  # until the worker's heartbeat and card are in
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                c.engine = engine  # type: ignore[attr-defined]
-                yield c
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+    async with gateway_with_engine(redis_url, write_random_model_dir("tiny", tmp_path / "tiny"), CONFIG) as c:
+        yield c
 
 
 async def alone(client, prompt, **fields) -> dict:
