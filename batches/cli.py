@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from tokenq.settings import DEFAULT_GATEWAY_URL, Settings, gateway_url
+
 FINAL = ("completed", "failed", "expired", "cancelled")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     batch = sub.add_parser("batch", help="submit a JSONL file as a batch, follow it, fetch its results")
-    batch.add_argument("--url", default=os.environ.get("TOKENQ_URL", "http://127.0.0.1:8000"),
-                       help="the gateway (default $TOKENQ_URL or http://127.0.0.1:8000)")
-    batch.add_argument("--api-key", default=os.environ.get("TOKENQ_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    batch.add_argument("--url", default=None, help="the gateway (default $TOKENQ_URL, else the gateway of the "
+                                                   "`tokenq up` running on TOKENQ_HOME, else "
+                                                   f"{DEFAULT_GATEWAY_URL})")
+    batch.add_argument("--api-key", default=None, help="default $TOKENQ_API_KEY, else $OPENAI_API_KEY")
     bsub = batch.add_subparsers(dest="batch_cmd", required=True)
     submit = bsub.add_parser("submit", help="upload FILE.jsonl and create a batch from it")
     submit.add_argument("file", type=Path)
@@ -38,19 +40,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=600) as client:
-        if args.batch_cmd == "submit":
-            return _submit(client, args)
-        if args.batch_cmd == "status":
-            print(json.dumps(_get(client, f"/v1/batches/{args.id}"), indent=2))
-            return 0
-        batch = _get(client, f"/v1/batches/{args.id}")
-        _download(client, batch, args.output, args.errors or _beside(args.output, "errors"))
+    url = args.url or gateway_url()
+    api_key = args.api_key or Settings.from_env().api_key
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+            return _run(client, args)
+    except httpx.TransportError as e:
+        sys.exit(f"error: cannot reach the gateway at {url} ({e or type(e).__name__}); pass --url or set "
+                 "TOKENQ_URL")
+
+
+def _run(client: httpx.Client, args: argparse.Namespace) -> int:
+    if args.batch_cmd == "submit":
+        return _submit(client, args)
+    if args.batch_cmd == "status":
+        print(json.dumps(_get(client, f"/v1/batches/{args.id}"), indent=2))
         return 0
+    batch = _get(client, f"/v1/batches/{args.id}")
+    _download(client, batch, args.output, args.errors or _beside(args.output, "errors"))
+    return 0
 
 
 def _submit(client: httpx.Client, args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        sys.exit(f"error: {args.file}: no such file")
     endpoint = args.endpoint or _first_url(args.file)
     with args.file.open("rb") as f:
         uploaded = _ok(client.post("/v1/files", data={"purpose": "batch"},

@@ -1,6 +1,7 @@
 """One `tokenq up` per TOKENQ_HOME: it holds an exclusive lock on TOKENQ_HOME/up.lock for its lifetime
 (the kernel drops the lock when the process dies, however it dies), and writes its pid and gateway URL
-into the file so that a second one can say which instance is running."""
+into the file so that a second one can say which instance is running, and so that clients of the gateway
+(`tokenq batch`) find it by themselves."""
 
 from __future__ import annotations
 
@@ -46,3 +47,20 @@ class HomeLock:
         if self._file is not None:
             self._file.close()  # closing drops the lock
             self._file = None
+
+
+def running_gateway(home: Path) -> str | None:
+    """The gateway URL of the `tokenq up` that holds `home`'s lock now; None when none does."""
+    try:
+        f = (home / "up.lock").open()
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: read what its holder wrote
+            try:
+                return json.loads(f.read() or "{}").get("gateway") or None
+            except ValueError:
+                return None
+        return None  # nobody holds it (closing the file drops the lock just taken)

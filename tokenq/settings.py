@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenq.home_lock import running_gateway
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 METRICS_PEERS_ENV = "TOKENQ_METRICS_PEERS"  # set by `tokenq up` for its gateway
 _YES = ("1", "true", "yes", "on")
 _NO = ("0", "false", "no", "off")
@@ -85,6 +88,8 @@ class Settings:
     # TOKENQ_GATEWAY_LIBRARY_PATH: submissions through FastAPI and redis-py alone (`tokenq bench queue`)
     gateway_library_path: bool = False
     metrics_peers: str = ""  # TOKENQ_METRICS_PEERS: role=url,... whose metrics the gateway's /metrics adds
+    gateway_url: str | None = None  # TOKENQ_URL: the gateway that clients such as `tokenq batch` call
+    api_key: str | None = None  # TOKENQ_API_KEY (else OPENAI_API_KEY): the key those clients send
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -110,6 +115,8 @@ class Settings:
             access_log=_flag(env, "TOKENQ_ACCESS_LOG", True),
             gateway_library_path=_flag(env, "TOKENQ_GATEWAY_LIBRARY_PATH", False),
             metrics_peers=env.get(METRICS_PEERS_ENV) or "",
+            gateway_url=env.get("TOKENQ_URL") or None,
+            api_key=env.get("TOKENQ_API_KEY") or env.get("OPENAI_API_KEY") or None,
         )
 
 
@@ -141,6 +148,12 @@ def redis_url() -> str | None:
         return embedded_redis_address_file().read_text().strip() or None
     except OSError:
         return None
+
+
+def gateway_url() -> str:
+    """TOKENQ_URL, else the gateway of the `tokenq up` running on TOKENQ_HOME, else DEFAULT_GATEWAY_URL."""
+    settings = Settings.from_env()
+    return settings.gateway_url or running_gateway(settings.home) or DEFAULT_GATEWAY_URL
 
 
 def model_name() -> str:

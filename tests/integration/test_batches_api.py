@@ -318,6 +318,10 @@ def test_cli_submit_wait_status_results(base_url, worker, redis_url, tmp_path, c
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(jsonl(lines[:1]) + b"{oops\n")
     assert "line 2" in str(run("submit", str(bad)))
+    assert "missing.jsonl: no such file" in str(run("submit", str(tmp_path / "missing.jsonl")))
+    args = build_parser().parse_args(["batch", "--url", "http://127.0.0.1:1", "status", batch_id])
+    with pytest.raises(SystemExit, match="cannot reach the gateway at http://127.0.0.1:1"):
+        args.func(args)
 
 
 def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):

@@ -10,13 +10,14 @@ import redis
 
 from tokenq import settings
 from tokenq.embedded_redis import EmbeddedRedis
-from tokenq.home_lock import HomeLock, HomeLocked
+from tokenq.home_lock import HomeLock, HomeLocked, running_gateway
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENQ_HOME", str(tmp_path))
     monkeypatch.delenv("TOKENQ_REDIS_URL", raising=False)
+    monkeypatch.delenv("TOKENQ_URL", raising=False)
     return tmp_path
 
 
@@ -55,7 +56,7 @@ def test_explicit_url_wins(home, monkeypatch):
     assert settings.redis_url() == "redis://elsewhere:1/0"
 
 
-def test_one_up_per_home(home):
+def test_one_up_per_home(home, monkeypatch):
     lock = HomeLock(home)
     lock.acquire("http://127.0.0.1:1")
     try:
@@ -66,6 +67,14 @@ def test_one_up_per_home(home):
         assert probe.returncode != 0 and "BlockingIOError" in probe.stderr
         with pytest.raises(HomeLocked, match="already running.*http://127.0.0.1:1"):
             HomeLock(home).acquire("http://127.0.0.1:2")
+        # Clients of the gateway find the running one (and an explicit TOKENQ_URL wins).
+        assert running_gateway(home) == "http://127.0.0.1:1"
+        assert settings.gateway_url() == "http://127.0.0.1:1"
+        monkeypatch.setenv("TOKENQ_URL", "http://elsewhere:9")
+        assert settings.gateway_url() == "http://elsewhere:9"
+        monkeypatch.delenv("TOKENQ_URL")
     finally:
         lock.release()
+    # The file stays, but nobody holds it: no gateway is running.
+    assert running_gateway(home) is None and settings.gateway_url() == settings.DEFAULT_GATEWAY_URL
     HomeLock(home).acquire("http://127.0.0.1:3")
