@@ -18,6 +18,7 @@ from batches.submit import SubmitContext
 from gateway.logging import configure_logging, get_logger
 from gateway.redis_client import make_redis
 from jobstore.connect import is_cluster_url
+from protocol.outage import REDIS_DOWN, Outage
 
 log = get_logger("batches")
 
@@ -36,6 +37,7 @@ class FeederService:
         ctx = SubmitContext.build(redis)
         tasks: dict[str, asyncio.Task] = {}
         lease_ms = int(self.settings.lease_s * 1000)
+        outage = Outage(log, "batch scan")
         pubsub = redis.pubsub()
         log.info("batch feeder started", owner=self.owner, window=self.settings.window)
         try:
@@ -50,8 +52,14 @@ class FeederService:
                         if await redis.set(K.lease_key(batch_id), self.owner, nx=True, px=lease_ms):
                             feeder = BatchFeeder(ctx, self.settings, self.owner, batch_id)
                             tasks[batch_id] = asyncio.create_task(feeder.run(stop))
-                except Exception as e:  # Redis away: the feeders wait too; look again later
+                except REDIS_DOWN as e:  # the feeders wait too; look again after the back-off
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), outage.lost(e))
+                    continue
+                except Exception as e:  # such as a Redis out of memory: look again at the next poll
                     log.warning("could not scan the active batches", error=repr(e))
+                else:
+                    outage.restored()
                 for batch_id, task in list(tasks.items()):
                     if task.done():
                         del tasks[batch_id]

@@ -4,8 +4,11 @@ pause, not a crash, and a log that repeats every retry hides everything else).""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -13,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # What an unreachable, restarting or still-loading Redis raises (BusyLoadingError is a ConnectionError).
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+T = TypeVar("T")
 
 
 class Outage:
@@ -44,3 +48,18 @@ class Outage:
         if self.since is not None:
             self.log.info("redis reachable again", loop=self.what, down_s=round(time.monotonic() - self.since, 1))
             self.since = None
+
+
+async def once_reachable(attempt: Callable[[], Awaitable[T]], outage: Outage, stop: asyncio.Event) -> T | None:
+    """`attempt()`'s result, retried with `outage`'s back-off while Redis is away; None if `stop` is set
+    first. A process that starts while Redis is away waits for it, as it rides out a later outage."""
+    while not stop.is_set():
+        try:
+            result = await attempt()
+        except REDIS_DOWN as e:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), outage.lost(e))
+            continue
+        outage.restored()
+        return result
+    return None

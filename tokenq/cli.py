@@ -188,5 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tokenq.model_store import ModelNotFound
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        sys.exit(args.func(args))
+    except ModelNotFound as e:
+        sys.exit(f"error: {e}")

@@ -40,6 +40,11 @@ def models_dir() -> Path:
     return tokenq_home() / "models"
 
 
+class ModelNotFound(LookupError):
+    """A model name tokenq does not know, or a directory that holds no model: the user's input, said as
+    an error line, not a traceback."""
+
+
 def is_model_dir(path: Path) -> bool:
     """A Hugging Face safetensors directory, or one that `tokenq models random` made."""
     config = path / "config.json"
@@ -53,7 +58,7 @@ def resolve_model(name_or_path: str) -> tuple[str, Path]:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not is_model_dir(path):
-            raise FileNotFoundError(f"{path} has no config.json and *.safetensors")
+            raise ModelNotFound(f"{path} has no config.json and *.safetensors")
         return path.name.lower(), path
     return name_or_path, ensure_model(name_or_path)
 
@@ -68,7 +73,7 @@ def ensure_model(name: str) -> Path:
 def pull_model(name: str) -> Path:
     if name not in KNOWN_MODELS:
         known = ", ".join(sorted(KNOWN_MODELS))
-        raise KeyError(f"unknown model {name!r}: known models are {known}, or pass a directory path")
+        raise ModelNotFound(f"unknown model {name!r}: known models are {known}, or pass a directory path")
     spec = KNOWN_MODELS[name]
     target = models_dir() / name
     with tempfile.TemporaryDirectory(prefix="tokenq-pull-") as tmp:

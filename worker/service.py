@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore.connect import AnyRedis, connect, is_cluster, is_cluster_url
 from jobstore.pipe import RedisPipe
+from protocol.outage import Outage, once_reachable
 from protocol.workers import ModelCard
 from tokenq.settings import Settings
 from worker.engine_loop import EngineHandle, EngineLoop
@@ -158,6 +159,10 @@ class WorkerService:
             in_process = None if isinstance(self.engine, EngineSpec) else self.engine
             self.token_text = await asyncio.to_thread(token_text_from, in_process, card)
         redis = redis_client(self.redis_url)
+        if await once_reachable(redis.ping, Outage(log, "worker start"), stop_event) is None:
+            await engine_loop.close()  # stopped before Redis came back
+            await redis.aclose()
+            return
         # Each step's deltas go out on one shared pipelined connection: a token's way to its reader costs the
         # worker a fraction of a redis-py command's CPU.
         pipe = RedisPipe(redis, RETRIES, CONNECT_TIMEOUT_S)

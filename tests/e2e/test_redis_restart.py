@@ -106,3 +106,38 @@ async def test_worker_and_deliverer_survive_a_redis_restart(default_model_dir, t
     for log in logs:
         warned = await _warned_loops(log)
         assert warned and len(warned) == len(set(warned)), (log.name, warned)
+
+
+async def test_roles_started_before_redis_wait_for_it(default_model_dir, tmp_path):
+    """A worker, a deliverer and a batch feeder started while their Redis is not up yet (a compose file
+    whose Redis starts last) wait for it with back-off, one warning each, then do their work."""
+    server = RestartableRedis(tmp_path)  # its port is chosen; nothing listens yet
+    logs = [tmp_path / "worker.log", tmp_path / "webhooks.log", tmp_path / "batches.log"]
+    procs = [spawn(["worker", "--redis-url", server.url, "--model", MODEL, "--max-num-seqs", "4",
+                    "--kv-cache-gb", "0.25"], logs[0]),
+             spawn(["webhooks", "--redis-url", server.url], logs[1]),
+             spawn(["batches", "--redis-url", server.url], logs[2])]
+    r = aioredis.from_url(server.url, decode_responses=True)
+    try:
+        expected = {"worker start", "webhook service start", "batch scan"}
+        for log in logs:
+            await until(lambda log=log: _warned_loops(log), 120, f"an outage warning in {log.name}", logs)
+        assert {loop for log in logs for loop in await _warned_loops(log)} == expected
+        assert all(p.poll() is None for p in procs), "\n".join(p.read_text()[-3000:] for p in logs)
+        server.start()
+        await until(lambda: r.keys(keys.worker_key("*")), 60, "the worker's heartbeat", logs)
+        await until(lambda: r.keys("*health-check*"), 60, "the deliverer's health check", logs)
+        [job] = jobs_for(default_model_dir, 1, max_tokens=4)
+        await submit_job(r, job)
+
+        async def job_done() -> bool:
+            return await r.hget(keys.job_key(job.id), f.STATE) == "succeeded"
+
+        await until(job_done, 120, "the job", logs)
+    finally:
+        await r.aclose()
+        codes = [stop_process(p) for p in procs]
+        server.stop()
+    assert codes == [0, 0, 0], "\n".join(p.read_text()[-3000:] for p in logs)
+    for log in logs:  # one warning for the wait, not one per attempt
+        assert len(await _warned_loops(log)) == 1, (log.name, log.read_text()[-2000:])

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 
@@ -50,3 +51,17 @@ def test_cli_writes_the_directory(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tokenq", "models", "random", "huge", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown model shape 'huge'" in bad.stderr
+
+
+def test_a_model_that_is_not_there_is_an_error_line(tmp_path, monkeypatch):
+    """An unknown model name, or a directory without a model, ends the command with one line naming it
+    (it was a KeyError's traceback)."""
+    from tokenq.cli import main
+
+    monkeypatch.setenv("TOKENQ_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as unknown:
+        main(["models", "pull", "nope"])
+    assert str(unknown.value.code).startswith("error: unknown model 'nope': known models are smollm2")
+    with pytest.raises(SystemExit) as empty:
+        main(["worker", "--model", str(tmp_path), "--redis-url", "redis://127.0.0.1:1"])
+    assert str(empty.value.code) == f"error: {tmp_path} has no config.json and *.safetensors"

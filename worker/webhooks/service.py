@@ -19,7 +19,7 @@ from arq.worker import Function, Worker, func
 
 from jobstore.connect import connect, is_cluster_url
 from protocol import keys
-from protocol.outage import REDIS_DOWN, Outage
+from protocol.outage import REDIS_DOWN, Outage, once_reachable
 from tokenq.settings import Settings
 from worker.logging import get_logger
 from worker.webhooks.delivery import CTX_KEY, FUNCTION, Deliverer, deliver_webhook, new_http_client
@@ -44,8 +44,11 @@ def _function(policy: RetryPolicy) -> Function:
 
 
 async def arq_pool(redis_url: str) -> ArqRedis:
-    return await create_pool(RedisSettings.from_dsn(redis_url), job_serializer=_dumps,
-                             job_deserializer=json.loads, default_queue_name=QUEUE)
+    # No retries of arq's own: the service waits out an unreachable Redis with its back-off (once_reachable).
+    settings = RedisSettings.from_dsn(redis_url)
+    settings.conn_retries = 0
+    return await create_pool(settings, job_serializer=_dumps, job_deserializer=json.loads,
+                             default_queue_name=QUEUE)
 
 
 class WebhookService:
@@ -64,8 +67,10 @@ class WebhookService:
         if is_cluster_url(self.queue_url):  # arq speaks to one Redis node only (docs/redis-cluster.md)
             raise ValueError("arq does not support Redis Cluster: set TOKENQ_WEBHOOK_QUEUE_URL to a single-node "
                              "Redis for the webhook delivery queue")
+        pool = await once_reachable(lambda: arq_pool(self.queue_url), Outage(_log, "webhook service start"), stop)
+        if pool is None:  # stopped before Redis came back
+            return
         redis = connect(self.redis_url)
-        pool = await arq_pool(self.queue_url)
         http = new_http_client()
         deliverer = Deliverer(redis, http, self.policy, self.allow)
         workers: list[Worker] = []
