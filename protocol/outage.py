@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import AuthenticationError, BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -52,10 +52,13 @@ class Outage:
 
 async def once_reachable(attempt: Callable[[], Awaitable[T]], outage: Outage, stop: asyncio.Event) -> T | None:
     """`attempt()`'s result, retried with `outage`'s back-off while Redis is away; None if `stop` is set
-    first. A process that starts while Redis is away waits for it, as it rides out a later outage."""
+    first. A process that starts while Redis is away waits for it, as it rides out a later outage; a
+    refused password is no outage, and raises."""
     while not stop.is_set():
         try:
             result = await attempt()
+        except AuthenticationError:
+            raise
         except REDIS_DOWN as e:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), outage.lost(e))

@@ -1,0 +1,58 @@
+"""protocol/outage.once_reachable: what a role does when it starts while its Redis is away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from protocol.outage import Outage, once_reachable
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def warning(self, event: str, **kw: object) -> None:
+        self.lines.append(("warning", event))
+
+    def info(self, event: str, **kw: object) -> None:
+        self.lines.append(("info", event))
+
+
+def failing(times: int, error: Exception, result: object = "ok"):
+    calls = {"n": 0}
+
+    async def attempt() -> object:
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise error
+        return result
+    return attempt, calls
+
+
+async def test_retries_until_redis_answers_with_one_warning():
+    log = Lines()
+    attempt, calls = failing(3, RedisConnectionError("refused"))
+    assert await once_reachable(attempt, Outage(log, "start", base_s=0.001), asyncio.Event()) == "ok"
+    assert calls["n"] == 4
+    assert log.lines == [("warning", "redis unreachable; retrying with back-off"), ("info", "redis reachable again")]
+
+
+async def test_stop_ends_the_wait():
+    stop = asyncio.Event()
+    attempt, calls = failing(10**9, RedisConnectionError("refused"))
+    waiting = asyncio.create_task(once_reachable(attempt, Outage(Lines(), "start", base_s=60), stop))
+    await asyncio.sleep(0.05)
+    stop.set()
+    assert await asyncio.wait_for(waiting, 5) is None
+    assert calls["n"] == 1  # the back-off wait, not another attempt, was cut short
+
+
+async def test_a_refused_password_is_not_an_outage():
+    attempt, calls = failing(1, AuthenticationError("invalid password"))
+    with pytest.raises(AuthenticationError):
+        await once_reachable(attempt, Outage(Lines(), "start", base_s=0.001), asyncio.Event())
+    assert calls["n"] == 1
