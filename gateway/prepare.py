@@ -9,10 +9,10 @@ import time
 from gateway.errors import ApiError
 from gateway.guided import requested_guided, wants_guided
 from gateway.options import check_webhook, parse_deadline
-from gateway.prompts import TemplateRaised
+from gateway.prompts import CannotContinue, TemplateRaised
 from gateway.registry import Registry
 from gateway.sampling import check_streaming, requested_logprobs, to_sampling
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
+from gateway.schemas import ChatCompletionRequest, ChatTemplateFields, CompletionRequest, JobCreate
 from gateway.tools import plan_tools
 from gateway.unsupported import check_unsupported
 from protocol.jobs import ChatMessage, JobKind, JobPayload, Lane, new_job_id
@@ -29,15 +29,22 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat=messages is not None)
     echo_prompt = None
     prompt_logprobs = None
+    template = req.template_options() if isinstance(req, ChatTemplateFields) else {}
     kind: JobKind
     if messages is not None:
         kind, field = "chat", "messages"
         try:
-            ids = prompts.encode_chat(messages, tools.tools if tools else None)
+            ids = prompts.encode_chat(messages, tools.tools if tools else None, **template)
+        except CannotContinue as e:
+            raise ApiError(400, str(e), param="continue_final_message") from e
         except TemplateRaised as e:
             raise ApiError(400, f"messages: {e}", param="messages") from e
     else:
         kind, field = "completion", "prompt"
+        if template:
+            name = next(iter(template))
+            raise ApiError(400, f"{name}: a chat template option; a prompt is not rendered by a template",
+                           param=name)
         text, ids = _completion_prompt(req.prompt, prompts)
         if getattr(req, "echo", False):
             echo_prompt = text if text is not None else prompts.decode(ids)

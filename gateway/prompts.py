@@ -23,6 +23,10 @@ class TemplateRaised(ValueError):
     """The chat template called raise_exception (for example: roles must alternate)."""
 
 
+class CannotContinue(TemplateRaised):
+    """continue_final_message asked of a chat whose final message the rendered prompt does not end with."""
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateRaised(message)
 
@@ -48,6 +52,21 @@ def _environment() -> ImmutableSandboxedEnvironment:
 _ENV = _environment()
 
 
+def _open_final_message(text: str, final: str) -> str:
+    """The rendered chat cut just after the final message's content, as transformers' apply_chat_template
+    cuts it for continue_final_message: at the content's last occurrence, keeping its trailing spaces
+    where the template kept them."""
+    core = final.strip()
+    if not core:
+        raise CannotContinue("continue_final_message: the final message has no text to continue")
+    at = text.rfind(core)
+    if at < 0:
+        raise CannotContinue("continue_final_message: the chat template does not show the final message's text "
+                             "as written, so there is no place to continue it from")
+    kept = final.lstrip()
+    return text[:at + len(kept)] if text[at:at + len(kept)] == kept else text[:at + len(core)]
+
+
 class PromptBuilder:
     """Renders and counts prompts for one model card; built once per card and cached by the registry."""
 
@@ -63,11 +82,14 @@ class PromptBuilder:
         self.bos_id = self.tokenizer.token_to_id(card.bos_token) if card.bos_token else None
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        """The prompt text; `tools` (OpenAI's shape) are offered to the model."""
+                    tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt text; `tools` (OpenAI's shape) are offered to the model. With `continue_final_message`
+        the text ends where the final message's content does (no end-of-turn), so the model continues it;
+        `chat_template_kwargs` are more variables for the template."""
         if self.template is None:
             raise TemplateRaised(f"model {self.card.name} has no chat template; use /v1/completions")
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(chat_template_kwargs or {})
         if self.native_tools:
             dicts = [native_message(m) for m in messages]
             if tools:
@@ -75,17 +97,21 @@ class PromptBuilder:
         else:
             dicts = fallback_messages(messages, tools)
         try:
-            return self.template.render(messages=dicts, add_generation_prompt=add_generation_prompt,
+            text = self.template.render(messages=dicts, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.card.bos_token or "",
                                         eos_token=self.card.eos_token or "", **extra)
         except TemplateRaised:
             raise
         except TemplateError as e:
             raise TemplateRaised(f"chat template failed: {e}") from e
+        return _open_final_message(text, messages[-1].text()) if continue_final_message else text
 
-    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                    **options: Any) -> list[int]:
+        """The prompt's ids; `options` are render_chat's (ChatTemplateFields.template_options)."""
         # The template writes any BOS itself, so no special tokens are added (as transformers does).
-        return self.tokenizer.encode(self.render_chat(messages, tools=tools), add_special_tokens=False).ids
+        text = self.render_chat(messages, tools=tools, **options)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids

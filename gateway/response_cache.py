@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from gateway.flight import TtlCache
+from gateway.schemas import ChatTemplateFields
 from jobstore.connect import is_cluster, pipeline
 from protocol import job_record as F
 from protocol import keys as protocol_keys
@@ -111,8 +112,9 @@ class ResponseCache:
         if decision.mode != "semantic":
             return Lookup(None, pending)
         asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        template = body.template_options() if isinstance(body, ChatTemplateFields) else None
         key = scope.semantic_key(payload, card_digest, getattr(body, "messages", None),
-                                 getattr(body, "prompt", None), asked)
+                                 getattr(body, "prompt", None), asked, template)
         from respcache.index import encode_vector
         from respcache.semantic import LOAD_WAIT_S
 

@@ -92,7 +92,47 @@ class JobOptions(BaseModel):
                                                                 "(default: the tenant's), threshold")
 
 
-class ChatCompletionRequest(SamplingFields, JobOptions):
+# Names the renderer gives the chat template itself; chat_template_kwargs may not replace them.
+TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                               "continue_final_message"})
+MAX_TEMPLATE_KWARGS = 32
+
+
+class ChatTemplateFields(BaseModel):
+    """vLLM's chat-template extensions (chats only): the assistant turn the prompt opens, a final message
+    the model continues (a prefilled answer), and variables for the template (`enable_thinking`...)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[Text, Any] | None = None
+
+    @model_validator(mode="after")
+    def _template_options(self) -> ChatTemplateFields:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message: continuing the final message opens no new turn; set "
+                             "add_generation_prompt to false with it")
+        kwargs = self.chat_template_kwargs or {}
+        if len(kwargs) > MAX_TEMPLATE_KWARGS:
+            raise ValueError(f"chat_template_kwargs: at most {MAX_TEMPLATE_KWARGS} variables, got {len(kwargs)}")
+        reserved = sorted(TEMPLATE_RESERVED & kwargs.keys())
+        if reserved:
+            raise ValueError(f"chat_template_kwargs.{reserved[0]}: set by the request itself, not as a "
+                             "template variable")
+        return self
+
+    def template_options(self) -> dict[str, Any]:
+        """The options that differ from a plain chat's (empty for one), by field name, as render_chat takes them."""
+        options: dict[str, Any] = {}
+        if not self.add_generation_prompt:
+            options["add_generation_prompt"] = False
+        if self.continue_final_message:
+            options["continue_final_message"] = True
+        if self.chat_template_kwargs:
+            options["chat_template_kwargs"] = self.chat_template_kwargs
+        return options
+
+
+class ChatCompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
     model: Text = Field(max_length=MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -113,7 +153,7 @@ class CompletionRequest(SamplingFields, JobOptions):
     priority: Lane = "interactive"
 
 
-class JobCreate(SamplingFields, JobOptions):
+class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
     """POST /v1/jobs: a chat (`messages`) or a completion (`prompt`), queued on a lane."""
 
     model: Text = Field(max_length=MAX_MODEL_CHARS)

@@ -40,10 +40,12 @@ class SemanticKey:
 
 
 def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessage] | None,
-                 prompt: object, max_tokens_asked: int | None) -> SemanticKey | None:
+                 prompt: object, max_tokens_asked: int | None,
+                 template_options: dict[str, object] | None = None) -> SemanticKey | None:
     """None when the request has no question to embed (no text prompt, or a chat that does not end with a
     user message). max_tokens is the one the client asked for: the default depends on the prompt's
-    length, which a paraphrase changes."""
+    length, which a paraphrase changes. `template_options`: a chat's rendering options other than the
+    defaults (gateway/schemas.ChatTemplateFields), part of the scope."""
     if payload.echo_prompt is not None:
         return None  # the answer repeats the prompt: a paraphrase's answer would repeat another one
     if payload.tools is not None or (messages and any(m.tool_calls or m.role == "tool" for m in messages)):
@@ -60,4 +62,7 @@ def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessa
         return None
     sampling = payload.sampling.model_dump(mode="json")
     sampling["max_tokens"] = max_tokens_asked
-    return SemanticKey(_digest([payload.model, card_digest, payload.kind, context, sampling]), text)
+    parts: list[object] = [payload.model, card_digest, payload.kind, context, sampling]
+    if template_options:  # a plain chat's scope stays what it was before these options existed
+        parts.append(template_options)
+    return SemanticKey(_digest(parts), text)

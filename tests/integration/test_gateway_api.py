@@ -11,7 +11,9 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from protocol import job_record as F
 from protocol import keys
+from protocol.jobs import JobPayload
 from tests.asserts import assert_error
 from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker
@@ -301,3 +303,37 @@ async def test_failed_job_in_streams(client, worker):
     assert data["status"] == "failed" and data["error"]["type"] == "engine_error"
     r = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"})
     assert_error(r, 400, "Last-Event-ID")
+
+
+async def test_chat_template_options(client, worker, redis_client, default_model_dir):
+    """vLLM's add_generation_prompt, continue_final_message and chat_template_kwargs: the job's prompt is
+    what transformers renders with them; a bad combination is a 400 naming the field and queues nothing."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(default_model_dir))
+    prefilled = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "The color is"}]
+    r = await client.post("/v1/jobs", json={"model": MODEL, "messages": prefilled, "max_tokens": 2,
+                                            "add_generation_prompt": False, "continue_final_message": True})
+    assert r.status_code == 202, r.text
+    payload = JobPayload.model_validate_json(await redis_client.hget(keys.job_key(r.json()["id"]), F.PAYLOAD))
+    theirs = hf.apply_chat_template(prefilled, add_generation_prompt=False, continue_final_message=True,
+                                    tokenize=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "input_ids") or isinstance(theirs, dict) else theirs
+    assert payload.prompt_token_ids == list(theirs)
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": prefilled, "max_tokens": 2,
+                                                        "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200, r.text  # a variable the template does not read changes nothing
+
+    jobs = len(await redis_client.keys(keys.job_keys_pattern()))
+    err = assert_error(await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": prefilled, "continue_final_message": True}), 400, "continue_final_message")
+    assert "add_generation_prompt" in err["message"]
+    assert_error(await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": prefilled, "chat_template_kwargs": {"messages": []}}), 400,
+        "chat_template_kwargs.messages")
+    assert_error(await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [*prefilled[:1], {"role": "assistant", "content": " "}],
+        "add_generation_prompt": False, "continue_final_message": True}), 400, "continue_final_message")
+    assert_error(await client.post("/v1/jobs", json={"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                                      "chat_template_kwargs": {"a": 1}}), 400,
+                 "chat_template_kwargs")
+    assert len(await redis_client.keys(keys.job_keys_pattern())) == jobs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.prompts import PromptBuilder, TemplateRaised
+from gateway.prompts import CannotContinue, PromptBuilder, TemplateRaised
 from protocol.jobs import ChatMessage
 from protocol.workers import ModelCard
 
@@ -95,3 +95,58 @@ def test_gateway_does_not_import_torch():
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 5.0  # generous: shared CI boxes are slow; typically ~0.5-1 s
+
+
+PREFILLED = [
+    [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "The color is"}],
+    [{"role": "user", "content": "Write a list."}, {"role": "assistant", "content": "1. apples\n2. "}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "  Hello"}],
+]
+
+
+def _ids(encoded) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):  # newer transformers: a BatchEncoding
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+@pytest.mark.parametrize("messages", PREFILLED)
+def test_continue_final_message_matches_transformers(builder, hf_tokenizer, messages):
+    """vLLM's continue_final_message: the prompt ends inside the final message, which the model continues."""
+    chat = [ChatMessage(**m) for m in messages]
+    theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                              tokenize=False)
+    assert builder.render_chat(chat, add_generation_prompt=False, continue_final_message=True) == theirs
+    assert not theirs.endswith("<|im_end|>\n")
+    ids = builder.encode_chat(chat, add_generation_prompt=False, continue_final_message=True)
+    assert ids == _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=False,
+                                                        continue_final_message=True, tokenize=True))
+
+
+def test_no_generation_prompt_matches_transformers(builder, hf_tokenizer):
+    messages = CONVERSATIONS[1]
+    theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert builder.render_chat([ChatMessage(**m) for m in messages], add_generation_prompt=False) == theirs
+    assert not theirs.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_template_kwargs_reach_the_template(default_model_dir):
+    card = card_for(Path(default_model_dir)).model_copy(update={
+        "chat_template": "{% if enable_thinking is defined and not enable_thinking %}/no_think {% endif %}"
+                         "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
+    builder = PromptBuilder(card)
+    chat = [ChatMessage(role="user", content="hi")]
+    assert builder.render_chat(chat) == "hi"
+    assert builder.render_chat(chat, chat_template_kwargs={"enable_thinking": False}) == "/no_think hi"
+
+
+def test_a_final_message_the_template_does_not_show_cannot_be_continued(default_model_dir):
+    card = card_for(Path(default_model_dir)).model_copy(update={
+        "chat_template": "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"})
+    chat = [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="well")]
+    with pytest.raises(CannotContinue, match="continue_final_message"):
+        PromptBuilder(card).render_chat(chat, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(CannotContinue, match="no text"):
+        PromptBuilder(card).render_chat([ChatMessage(role="assistant", content=" ")], add_generation_prompt=False,
+                                        continue_final_message=True)

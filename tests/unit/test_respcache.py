@@ -62,6 +62,22 @@ def test_semantic_scope_is_everything_but_the_last_user_message():
     assert key([("user", "hi"), ("assistant", "Sure:")]) is None  # nothing to embed
 
 
+def test_chat_template_options_are_part_of_the_semantic_scope():
+    """A request rendered with other template options (no generation prompt, enable_thinking: false) must
+    not take the answer of a plain chat; a plain chat's scope is what it was before the options existed."""
+    messages = [ChatMessage(role="user", content="How do I learn Python?")]
+
+    def key(options):
+        return scope.semantic_key(payload([1], temperature=0), "card", messages, None, None, options)
+
+    plain = key(None)
+    assert key({}).scope == plain.scope
+    sampling = {**payload([1], temperature=0).sampling.model_dump(mode="json"), "max_tokens": None}
+    assert plain.scope == scope._digest(["m", "card", "chat", [], sampling])  # entries cached before still hit
+    assert key({"chat_template_kwargs": {"enable_thinking": False}}).scope != plain.scope
+    assert key({"add_generation_prompt": False}).scope != plain.scope
+
+
 def test_split_is_disjoint_by_question():
     pairs = [Pair("a", "b", 1), Pair("b", "c", 0), Pair("d", "e", 1), Pair("f", "g", 0)] + [
         Pair(f"q{i}", f"r{i}", i % 2) for i in range(200)]
