@@ -92,10 +92,24 @@ def render(snap: Snapshot):  # -> rich renderable (rich is imported here only: -
     return Group(lanes, tenants, workers)
 
 
+MIN_WATCH_S = 0.1  # a redraw reads every lane and worker: a shorter interval only loads Redis
+
+
+def _interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not seconds >= MIN_WATCH_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"at least {MIN_WATCH_S:g} seconds (got {text})")
+    return seconds
+
+
 def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
     p = sub.add_parser("status", help="lanes, tenants, workers and throughput, read from Redis")
     p.add_argument("--redis-url", default=redis_url)
-    p.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="redraw every SECONDS")
+    p.add_argument("--watch", type=_interval, default=None, metavar="SECONDS",
+                   help=f"redraw every SECONDS (at least {MIN_WATCH_S:g})")
     p.add_argument("--json", action="store_true", help="print one snapshot as JSON")
     p.set_defaults(func=cmd_status)
 

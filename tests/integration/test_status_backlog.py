@@ -109,3 +109,14 @@ def test_status_json_from_the_command_line(redis_url, capsys):
     args = build_parser().parse_args(["status", "--redis-url", redis_url])
     assert args.func(args) == 0
     assert "no live worker" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "soon"])
+def test_watch_refuses_an_interval_that_would_spin(seconds, capsys):
+    """`--watch 0` (or below) redrew in a tight loop, reading every lane and worker as fast as Redis answered."""
+    from tokenq.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["status", "--watch", seconds])
+    assert exit_.value.code == 2 and "--watch" in capsys.readouterr().err
+    assert build_parser().parse_args(["status", "--watch", "0.5"]).watch == 0.5
