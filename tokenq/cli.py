@@ -13,6 +13,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tokenq.model_store import resolve_model
     from tokenq.supervisor import UpOptions, run_up
 
+    engine_config_from(args)  # a flag out of range stops here, not in a worker restarted again and again
     resolve_model(args.model)  # fetch before the children start, with its progress shown here
     return run_up(UpOptions(redis_url=args.redis_url, model=args.model, host=args.host, port=args.port,
                             worker_args=engine_flags_argv(args),
@@ -32,11 +33,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.engine_process import EngineSpec
     from worker.service import serve
 
+    config = engine_config_from(args)  # a flag out of range stops the start before the model is fetched
     name, path = resolve_model(args.model)
     if args.served_name:
         name = args.served_name
     # The engine runs in its own process; this one imports no torch and keeps to Redis.
-    spec = EngineSpec(str(path), engine_config_from(args), name)
+    spec = EngineSpec(str(path), config, name)
     return serve(_require_redis(args), name, spec, metrics_port=args.metrics_port)
 
 
@@ -188,10 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tokenq.engine_options import OptionError
     from tokenq.model_store import ModelNotFound
 
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except ModelNotFound as e:
+    except (ModelNotFound, OptionError) as e:
         sys.exit(f"error: {e}")

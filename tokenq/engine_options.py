@@ -74,8 +74,27 @@ def kernel_choices() -> dict[str, str | bool]:
     return {"kernels": settings.kernels, "gemv": settings.gemv, "pdl": settings.pdl}
 
 
+# EngineConfig's fields by the flag that sets them (where the two names differ beyond - and _).
+_FLAG_OF = {"kv_cache_memory_gb": "--kv-cache-gb"}
+
+
+class OptionError(ValueError):
+    """An engine flag out of its range, said with the flag's name."""
+
+
 def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kept lazy: torch is heavy)
-    """The engine's config from the flags, and its kernel choices from the environment."""
+    """The engine's config from the flags, and its kernel choices from the environment; OptionError names
+    the flag whose value is out of range."""
+    from worker.engine.config import ConfigError
+
+    try:
+        return _engine_config(args)
+    except ConfigError as e:
+        flag = _FLAG_OF.get(e.field, "--" + e.field.replace("_", "-"))
+        raise OptionError(f"{flag} {e.reason}") from None
+
+
+def _engine_config(args: argparse.Namespace):  # -> EngineConfig
     from worker.engine.config import EngineConfig
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")

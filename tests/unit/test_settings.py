@@ -101,7 +101,7 @@ def test_cpu_threads_reach_the_engine_config_and_a_child_worker():
     args = parser.parse_args(["--cpu-threads", "3"])
     assert engine_config_from(args).cpu_threads == 3
     assert engine_config_from(parser.parse_args(engine_flags_argv(args))).cpu_threads == 3
-    with pytest.raises(ValueError, match="cpu_threads must be at least 1"):
+    with pytest.raises(ValueError, match="--cpu-threads must be at least 1"):
         engine_config_from(parser.parse_args(["--cpu-threads", "-1"]))
 
 
@@ -117,10 +117,40 @@ def test_latency_guard_flags_reach_the_engine_config_and_a_child_worker():
     args = parser.parse_args(["--latency-guard-s", "0", "--guarded-prefill-tokens", "256"])
     child = engine_config_from(parser.parse_args(engine_flags_argv(args)))
     assert (child.latency_guard_s, child.guarded_prefill_tokens) == (0.0, 256)
-    with pytest.raises(ValueError, match="latency_guard_s must be at least 0"):
+    with pytest.raises(ValueError, match="--latency-guard-s must be at least 0"):
         engine_config_from(parser.parse_args(["--latency-guard-s", "-1"]))
-    with pytest.raises(ValueError, match="guarded_prefill_tokens must be at least 1"):
+    with pytest.raises(ValueError, match="--guarded-prefill-tokens must be at least 1"):
         engine_config_from(parser.parse_args(["--guarded-prefill-tokens", "0"]))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+    (["--max-num-batched-tokens", "-5"], "--max-num-batched-tokens must be at least 1, got -5"),
+    (["--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
+    (["--block-size", "0"], "--block-size must be at least 1, got 0"),
+    (["--kv-cache-gb", "0"], "--kv-cache-gb must be more than 0, got 0.0"),
+    (["--kv-cache-gb", "nan"], "--kv-cache-gb must be more than 0, got nan"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be more than 0 and at most 1"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be at least 1, got 0"),
+    (["--device", "gpu"], "--device must be cpu or cuda"),
+    (["--dtype", "fp16"], "--dtype must be float32 or bfloat16 or float16, got 'fp16'"),
+])
+def test_an_engine_flag_out_of_range_is_named(argv, message):
+    """Each of these started a worker that loaded its model and then never scheduled, refused every
+    request or failed deep inside; now the start stops with the flag's name."""
+    import argparse
+
+    from tokenq.engine_options import OptionError, add_engine_flags, engine_config_from
+    from worker.engine.config import ConfigError, EngineConfig
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    with pytest.raises(OptionError) as e:
+        engine_config_from(parser.parse_args(argv))
+    assert str(e.value).startswith(message)
+    with pytest.raises(ConfigError) as direct:
+        EngineConfig(max_num_seqs=0)
+    assert direct.value.field == "max_num_seqs"
 
 
 def test_an_engine_process_sets_its_kernels_from_its_config(monkeypatch):

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class ConfigError(ValueError):
+    """A setting out of its range: `field` names it, `reason` says what it must be."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
+
+
 @dataclass
 class EngineConfig:
     block_size: int = 16
@@ -46,16 +55,29 @@ class EngineConfig:
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kernels not in ("triton", "torch"):
-            raise ValueError(f"kernels must be triton or torch, got {self.kernels!r}")
-        if self.gemv not in ("triton", "cublas"):
-            raise ValueError(f"gemv must be triton or cublas, got {self.gemv!r}")
-        if self.latency_guard_s < 0:
-            raise ValueError(f"latency_guard_s must be at least 0, got {self.latency_guard_s}")
-        if self.guarded_prefill_tokens < 1:
-            raise ValueError(f"guarded_prefill_tokens must be at least 1, got {self.guarded_prefill_tokens}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+        """Every setting in its range, so that a bad one stops the start with its name, not a worker that
+        never schedules (max_num_seqs 0) or refuses every request (max_model_len 0)."""
+        choices = {"kernels": ("triton", "torch"), "gemv": ("triton", "cublas"),
+                   "dtype": ("float32", "bfloat16", "float16"), "kv_cache_dtype": ("auto", "fp8"),
+                   "quantization": (None, "fp8")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = " or ".join(str(a) for a in allowed)
+                raise ConfigError(name, f"must be {shown}, got {getattr(self, name)!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError("device", f"must be cpu or cuda (or cuda:N), got {self.device!r}")
+        at_least = {"block_size": 1, "num_kv_blocks": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1,
+                    "max_model_len": 1, "tensor_parallel_size": 1, "priority_headroom": 0,
+                    "latency_guard_s": 0, "guarded_prefill_tokens": 1, "cpu_threads": 1}
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if value is not None and not value >= least:
+                raise ConfigError(name, f"must be at least {least}, got {value}")
+        if not self.kv_cache_memory_gb > 0:
+            raise ConfigError("kv_cache_memory_gb", f"must be more than 0, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization", f"must be more than 0 and at most 1, got "
+                                                        f"{self.gpu_memory_utilization}")
 
     def rank_device(self, rank: int) -> str:
         """The device of a rank: cuda:<rank> among the visible GPUs under tensor parallelism."""
