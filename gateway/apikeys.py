@@ -52,6 +52,9 @@ async def create_key(redis: aioredis.Redis, tenant: str, limits: dict[str, int |
     """A new key for `tenant`; limits given here replace the tenant's, the webhook secret is kept."""
     if not tenant or ":" in tenant or len(tenant) > 64:
         raise ValueError("tenant: 1 to 64 characters, no ':'")
+    for name, value in limits.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{name}: 0 (no limit) or more, got {value}")
     api_key = new_api_key()
     digest = key_digest(api_key)
     settings = {name: str(value) for name, value in limits.items() if name in LIMIT_FIELDS and value is not None}

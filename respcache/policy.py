@@ -18,6 +18,16 @@ DEFAULT_MAX_ENTRIES = 100_000
 MODE_FIELD, THRESHOLD_FIELD, TTL_FIELD, MAX_ENTRIES_FIELD = ("cache_mode", "cache_threshold", "cache_ttl",
                                                              "cache_max_entries")
 FIELDS = (MODE_FIELD, THRESHOLD_FIELD, TTL_FIELD, MAX_ENTRIES_FIELD)
+# The numeric fields' ranges: what the writer (`tokenq keys create`) refuses outside and the reader ignores.
+RANGES: dict[str, tuple[type, float, float]] = {THRESHOLD_FIELD: (float, 0.0, 1.0), TTL_FIELD: (int, 1, 10 ** 9),
+                                                MAX_ENTRIES_FIELD: (int, 1, 10 ** 9)}
+
+
+def check_setting(field: str, value: float) -> None:
+    """A ValueError naming `field` when `value` is outside its range."""
+    _, low, high = RANGES[field]
+    if not low <= value <= high:
+        raise ValueError(f"{field}: {low:,} to {high:,}, got {value}")
 
 
 class CacheOption(BaseModel):
@@ -43,12 +53,13 @@ class TenantCachePolicy:
         mode, threshold, ttl, bound = values
         policy = cls()
         return cls(mode=mode if mode in ("exact", "semantic", "off") else policy.mode,  # type: ignore[arg-type]
-                   threshold=_number(threshold, float, policy.threshold, 0.0, 1.0),
-                   ttl_s=_number(ttl, int, policy.ttl_s, 1, 10 ** 9),
-                   max_entries=_number(bound, int, policy.max_entries, 1, 10 ** 9))
+                   threshold=_number(threshold, THRESHOLD_FIELD, policy.threshold),
+                   ttl_s=_number(ttl, TTL_FIELD, policy.ttl_s),
+                   max_entries=_number(bound, MAX_ENTRIES_FIELD, policy.max_entries))
 
 
-def _number(raw: str | None, kind: type, default, low, high):
+def _number(raw: str | None, field: str, default):
+    kind, low, high = RANGES[field]
     try:
         value = kind(raw) if raw not in (None, "") else default
     except ValueError:

@@ -51,14 +51,18 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
             print("API keys exist already; none created (auth is on)")
             return 0
         limits = {"rpm": args.rpm, "tpm": args.tpm, "max_queued": args.max_queued}
+        cache = {field: value for field, value in zip(
+            policy.FIELDS, (args.cache_mode, args.cache_threshold, args.cache_ttl, args.cache_max_entries),
+            strict=True) if value is not None}
         try:
+            for field, value in cache.items():  # checked before anything is written
+                if field in policy.RANGES:
+                    policy.check_setting(field, value)
             created = await create_key(redis, args.tenant, limits)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        cache = {field: str(value) for field, value in zip(
-            policy.FIELDS, (args.cache_mode, args.cache_threshold, args.cache_ttl, args.cache_max_entries),
-            strict=True) if value is not None}
         if cache:
+            cache = {field: str(value) for field, value in cache.items()}
             await redis.hset(tenant_key(args.tenant), mapping=cache)
         print(f"api key:        {created.api_key}")
         print(f"key id:         {created.digest[:12]}")

@@ -196,6 +196,16 @@ def test_cli_keys(redis_url, capsys):
     with pytest.raises(SystemExit) as done:
         main(["keys", "auth", "off", "--redis-url", redis_url])
     assert done.value.code == 0 and "auth: off" in capsys.readouterr().out
+    # A setting out of range is refused before anything is written (it was stored, and read as no limit
+    # or as the default).
+    for argv, message in [(["--rpm", "-5"], "error: rpm: 0 (no limit) or more, got -5"),
+                          (["--max-queued", "-1"], "error: max_queued: 0 (no limit) or more, got -1"),
+                          (["--cache-threshold", "2"], "error: cache_threshold: 0.0 to 1.0, got 2.0"),
+                          (["--cache-ttl", "0"], "error: cache_ttl: 1 to 1,000,000,000, got 0")]:
+        with pytest.raises(SystemExit) as done:
+            main(["keys", "create", "--tenant", "bad-t", *argv, "--redis-url", redis_url])
+        assert done.value.code == message
+    assert not sync.exists(keys.tenant_key("bad-t")) and sync.scard(API_KEYS_SET) == 0
 
 
 async def test_jobs_of_other_tenants_are_not_found(client, idle_worker, redis_client):
