@@ -62,8 +62,7 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
                                               mark=job.repeat, hub=ctx.hub, store=ctx.store), headers)
-    if job.cache and job.record is not None:  # a hit: the answer is in hand
-        hit = Final(JobState.succeeded, JobResult.model_validate_json(job.record[F.RESULT]), None)
+    if (hit := _hit(job)) is not None:  # the answer is in hand
         return _final_response(payload, created, hit, headers)
 
     async def final_answer() -> Response:
@@ -131,10 +130,15 @@ def _canceller(ctx: GatewayContext, job: Enqueued) -> Callable[[], None] | None:
     return cancel
 
 
-async def _final_of(ctx: GatewayContext, job: Enqueued) -> Final | None:
+def _hit(job: Enqueued) -> Final | None:
+    """A response-cache hit's Final (its record holds the result); None for a job that runs."""
     if job.cache and job.record is not None:
         return Final(JobState.succeeded, JobResult.model_validate_json(job.record[F.RESULT]), None)
-    return await _wait(ctx, job.payload, job.repeat)
+    return None
+
+
+async def _final_of(ctx: GatewayContext, job: Enqueued) -> Final | None:
+    return _hit(job) or await _wait(ctx, job.payload, job.repeat)
 
 
 def _final_response(payload: JobPayload, created: int, final: Final | None,

@@ -4,11 +4,13 @@ streamed or not, with the usage summed. Gateway, worker and the real engine on a
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from protocol import keys
+from respcache import keys as cache_keys
 from tests.integration.engine_stack import gateway_with_engine
 from worker.engine.config import EngineConfig
 from worker.models.random_weights import write_random_model_dir
@@ -114,3 +116,21 @@ async def test_a_retried_key_gets_each_prompts_first_job(client, redis_client):
     assert again.json() == first.json()
     bound = {await redis_client.get(keys.idem_key("default", f"several-1#{i}", MODEL)) for i in range(3)}
     assert len(bound) == 3 and None not in bound
+
+
+async def test_each_prompt_is_answered_from_the_response_cache(client, redis_client):
+    """A repeat of a cached request of several prompts is answered without a job reaching the worker."""
+    body = {"model": MODEL, "prompt": PROMPTS[:2], **GREEDY, "cache": {"mode": "exact"}}
+    first = await client.post("/v1/completions", json=body)
+    assert first.status_code == 200, first.text
+    for _ in range(200):  # each entry is written just after its job's result
+        if await redis_client.zcard(cache_keys.index_key("default")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    again = await client.post("/v1/completions", json=body)
+    assert again.status_code == 200, again.text
+    assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in first.json()["choices"]]
+    usage = again.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"]  # every prompt a hit
+    job_id = "job_" + again.json()["id"].removeprefix("cmpl-")
+    assert await redis_client.hget(keys.job_key(job_id), "cache") == "exact"
