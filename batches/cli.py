@@ -40,8 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    url = args.url or gateway_url()
-    api_key = args.api_key or Settings.from_env().api_key
+    settings = Settings.from_env()
+    url = args.url or gateway_url(settings)
+    api_key = args.api_key or settings.api_key
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=600) as client:

@@ -53,8 +53,7 @@ class FeederService:
                             feeder = BatchFeeder(ctx, self.settings, self.owner, batch_id)
                             tasks[batch_id] = asyncio.create_task(feeder.run(stop))
                 except REDIS_DOWN as e:  # the feeders wait too; look again after the back-off
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), outage.lost(e))
+                    await outage.wait_out(e, stop)
                     continue
                 except Exception as e:  # such as a Redis out of memory: look again at the next poll
                     log.warning("could not scan the active batches", error=repr(e))

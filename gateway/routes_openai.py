@@ -86,12 +86,13 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
         await _withdraw(ctx, tenant, jobs, idempotency_key)
         raise
     n = payloads[0].sampling.n
-    cancels = [c for job in jobs if (c := _canceller(ctx, job)) is not None]
+    cancels = [_canceller(ctx, job) for job in jobs]
     completion_id = responses.completion_id("completion", jobs[0].payload.id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        streams = [completion_chunks(ctx.redis, job.payload, int(job.created_at), True, _canceller(ctx, job),
-                                     mark=job.repeat, hub=ctx.hub, store=ctx.store) for job in jobs]
+        streams = [completion_chunks(ctx.redis, job.payload, int(job.created_at), True, cancel,
+                                     mark=job.repeat, hub=ctx.hub, store=ctx.store)
+                   for job, cancel in zip(jobs, cancels, strict=True)]
         return sse_response(joined_events(streams, n, completion_id, include_usage))
 
     async def final_answer() -> Response:
@@ -104,7 +105,7 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
             results.append(answer)
         return JSONResponse(joined_result(results, n))
 
-    return WaitingResponse(final_answer, cancel_all(cancels))
+    return WaitingResponse(final_answer, cancel_all([c for c in cancels if c is not None]))
 
 
 async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], idempotency_key: str | None) -> None:

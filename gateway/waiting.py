@@ -10,9 +10,8 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway.access_log import CLIENT_CLOSED
 from gateway.errors import exception_response
-
-CLIENT_CLOSED = 499  # the status metrics count for a client that left before its answer (nginx's)
 
 
 class WaitingResponse(Response):

@@ -44,6 +44,11 @@ class Outage:
         self._delay = min(self._delay * 2, self.cap_s)
         return delay
 
+    async def wait_out(self, error: BaseException, stop: asyncio.Event) -> None:
+        """The back-off after `error` (see lost), cut short when `stop` is set."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), self.lost(error))
+
     def restored(self) -> None:
         if self.since is not None:
             self.log.info("redis reachable again", loop=self.what, down_s=round(time.monotonic() - self.since, 1))
@@ -60,8 +65,7 @@ async def once_reachable(attempt: Callable[[], Awaitable[T]], outage: Outage, st
         except AuthenticationError:
             raise
         except REDIS_DOWN as e:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), outage.lost(e))
+            await outage.wait_out(e, stop)
             continue
         outage.restored()
         return result

@@ -62,8 +62,7 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         if cache:
-            cache = {field: str(value) for field, value in cache.items()}
-            await redis.hset(tenant_key(args.tenant), mapping=cache)
+            await redis.hset(tenant_key(args.tenant), mapping={field: str(value) for field, value in cache.items()})
         print(f"api key:        {created.api_key}")
         print(f"key id:         {created.digest[:12]}")
         print(f"tenant:         {created.tenant}")

@@ -150,9 +150,9 @@ def redis_url() -> str | None:
         return None
 
 
-def gateway_url() -> str:
+def gateway_url(settings: Settings | None = None) -> str:
     """TOKENQ_URL, else the gateway of the `tokenq up` running on TOKENQ_HOME, else DEFAULT_GATEWAY_URL."""
-    settings = Settings.from_env()
+    settings = settings or Settings.from_env()
     return settings.gateway_url or running_gateway(settings.home) or DEFAULT_GATEWAY_URL
 
 
