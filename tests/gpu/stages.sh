@@ -23,4 +23,8 @@ stage() {  # stage NAME SECONDS COMMAND...
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
+  if command -v nvidia-smi >/dev/null; then  # what a killed stage left behind would skew the next one's figures
+    echo "=== after $name: GPU memory used $(nvidia-smi --query-gpu=memory.used --format=csv,noheader | paste -sd,)," \
+      "python processes left $(pgrep -c python || true)" | tee -a "$LOG"
+  fi
 }
