@@ -60,11 +60,22 @@ def requested_guided(req: SamplingFields) -> GuidedSpec | None:
         spec = GuidedSpec.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"{field}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}",
+        where = _user_key(field, err["loc"])
+        raise ApiError(400, f"{field}{'.' + where if where else ''}: {err['msg'].removeprefix('Value error, ')}",
                        param=field) from e
     _check(spec, field)
     return spec
+
+
+def _user_key(field: str, loc: tuple) -> str:
+    """The key inside `field` that an error is about, as the client spelled it: `structured_outputs.json`,
+    `guided.choice`; none for a field that is the constraint itself (`guided_choice`, `response_format`)."""
+    if not loc or field not in ("structured_outputs", "guided"):
+        return ""
+    key = str(loc[0])
+    if field == "structured_outputs":
+        key = next((theirs for theirs, ours in _STRUCTURED_OUTPUTS.items() if ours == key), key)
+    return ".".join([key, *map(str, loc[1:])])
 
 
 def _response_format(rf: Any) -> dict[str, Any] | None:

@@ -83,6 +83,20 @@ def test_bad_constraints_are_400_naming_the_field(kw, param, needle):
     assert needle in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("body, message", [
+    ({"guided_choice": []}, "guided_choice: at least one choice"),
+    ({"guided_choice": ["a", ""]}, "guided_choice: each choice is 1 to 1024 characters"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice: at least one choice"),
+    ({"structured_outputs": {"json": {"type": "string", "description": "x" * 70_000}}},
+     "structured_outputs.json: at most 64000 characters of JSON"),
+    ({"guided_json": {"type": "string", "description": "x" * 70_000}}, "guided_json: at most 64000 characters of JSON"),
+])
+def test_a_constraint_error_names_the_key_the_client_wrote_once(body, message):
+    with pytest.raises(ApiError) as e:
+        requested_guided(chat(**body))
+    assert str(e.value) == message
+
+
 def test_the_exact_cache_key_tells_constraints_apart():
     def key(guided):
         sampling = to_sampling(chat(temperature=0), 1, 100, "messages", guided=guided)
