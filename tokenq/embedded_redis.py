@@ -15,6 +15,8 @@ from pathlib import Path
 
 import redis
 
+from tokenq.child_process import start_child
+
 
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
@@ -110,7 +112,7 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         port = self._choose_port()
-        self.proc = subprocess.Popen(
+        self.proc = start_child(
             [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
              "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
              "--save", "", "--logfile", str(self.data_dir / "redis.log")],

@@ -1,7 +1,8 @@
 """`tokenq up`: every role on one machine. Redis (embedded unless a URL is given), one worker, the
 gateway, the webhook service and the batch feeder as child processes. A child that exits is started again after an
 exponential back-off (a crash of one role is not the end of the stack); only Ctrl-C or SIGTERM stops
-them all, cleanly, workers drained first. One `tokenq up` per TOKENQ_HOME (tokenq/home_lock.py)."""
+them all, cleanly, workers drained first and Redis last (tokenq/child_process.py: why they do not take the
+terminal's Ctrl-C themselves). One `tokenq up` per TOKENQ_HOME (tokenq/home_lock.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tokenq.child_process import start_child
 from tokenq.embedded_redis import EmbeddedRedis
 from tokenq.home_lock import HomeLock, HomeLocked
 from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, tokenq_home
@@ -37,7 +39,7 @@ class UpOptions:
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tokenq", *args], env=env)
+    return start_child([sys.executable, "-m", "tokenq", *args], env=env)
 
 
 class Child:
@@ -62,6 +64,10 @@ class Child:
             print(f"could not start {self.name}: {e}", file=sys.stderr, flush=True)
             self.proc = None
             self._schedule(time.monotonic(), "failed to start")
+
+    def send_signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
 
     def watch(self) -> None:
         now = time.monotonic()
@@ -187,6 +193,8 @@ def _run(opts: UpOptions, base: str) -> int:
 
     def _stop(signum: int, frame: object) -> None:
         nonlocal stopping
+        if stopping:  # a second Ctrl-C: passed on to the worker, which then skips its drain's grace
+            worker.send_signal(signal.SIGTERM)
         stopping = True
 
     signal.signal(signal.SIGINT, _stop)

@@ -11,8 +11,12 @@ import time
 
 import httpx
 import pytest
+import redis as redis_client
 
+from protocol import job_record as F
+from protocol.keys import job_key
 from tests.conftest import free_port
+from tokenq.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
 
@@ -181,13 +185,27 @@ def test_a_child_that_dies_is_started_again(tokenq_up):
     assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
 
 
-def test_ctrl_c_stops_every_child(tokenq_up):
-    _, proc, home = tokenq_up
+def test_ctrl_c_in_a_terminal_drains_the_worker_before_redis_stops(tokenq_up):
+    """A terminal's Ctrl-C is a SIGINT to the whole foreground process group (the fixture's session). Only
+    `tokenq up` may take it: Redis must outlive the worker's drain, which hands a running job back."""
+    base, proc, home = tokenq_up
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) >= 2  # worker and gateway (and the embedded redis-server)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0, (home / "up.log").read_text()[-3000:]
+    job_id = httpx.post(f"{base}/v1/jobs", json={"model": "smollm2-135m-instruct", "prompt": "Once upon a time",
+                                                  "max_tokens": 4000, "ignore_eos": True}).json()["id"]
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=90) == 0, (home / "up.log").read_text()[-3000:]
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    log = (home / "up.log").read_text()
+    assert "could not hand unfinished jobs back" not in log and "handed unfinished jobs back" in log, log[-3000:]
     assert (home / "redis" / "appendonlydir").exists() or list((home / "redis").glob("*.aof"))
-
+    redis = EmbeddedRedis(home / "redis").start()  # what the drain wrote is in the append-only file
+    try:
+        record = redis_client.Redis.from_url(redis.url, decode_responses=True).hgetall(job_key(job_id))
+        assert record[F.STATE] == "queued", record  # handed back (a worker that lost Redis first left it running)
+    finally:
+        redis.stop()
