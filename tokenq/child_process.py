@@ -1,4 +1,4 @@
-"""How `tokenq up` starts its children (the roles and the embedded Redis).
+"""How tokenq starts the processes it keeps: `tokenq up`'s roles, and every embedded Redis.
 
 Each runs in a process group of its own, so a Ctrl-C in the terminal (a SIGINT to the foreground group)
 reaches `tokenq up` alone, and it stops them in order: the gateway, the worker's drain, the webhooks, Redis
