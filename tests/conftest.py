@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tokenq.child_process import start_child
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -56,9 +58,9 @@ async def redis_client(redis_url: str):
 
 
 def _start_redis(args: list[str], port: int, workdir: str) -> subprocess.Popen:
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir, *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_child([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", workdir, *args],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # gone with a killed pytest too
     deadline = time.time() + 10
     while time.time() < deadline:
         try:
