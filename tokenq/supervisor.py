@@ -87,6 +87,20 @@ class Child:
         self.delay = min(self.delay * 2, RESTART_CAP_S)
 
 
+class StopSignal:
+    """The handler of Ctrl-C and SIGTERM: the first one stops the stack (in order, by the caller); a second one
+    is passed on to the worker, which then skips its drain's grace."""
+
+    def __init__(self, worker: Child) -> None:
+        self.worker = worker
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            self.worker.send_signal(signal.SIGTERM)
+        self.stopping = True
+
+
 def serving(url: str) -> bool:
     """The gateway at `url` (its /readyz) is ready and reports a live worker: a gateway is ready without one
     (jobs wait in the queue), but the stack is up only once one serves."""
@@ -189,18 +203,11 @@ def _run(opts: UpOptions, base: str) -> int:
         child.start()
     children += roles
 
-    stopping = False
-
-    def _stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if stopping:  # a second Ctrl-C: passed on to the worker, which then skips its drain's grace
-            worker.send_signal(signal.SIGTERM)
-        stopping = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stop = StopSignal(worker)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
-        if _wait_ready(f"{base}/readyz", 600, lambda: stopping, children):
+        if _wait_ready(f"{base}/readyz", 600, lambda: stop.stopping, children):
             host = opts.host
             print(f"\ntokenq is up at {base}  (model {opts.model}; Ctrl-C stops)\n"
                   f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
@@ -208,7 +215,7 @@ def _run(opts: UpOptions, base: str) -> int:
                   f"\"Hello!\"}}]}}'\n"
                   f"  metrics: gateway {base}/metrics, worker http://{host}:{opts.worker_metrics_port}/metrics, "
                   f"webhooks http://{host}:{opts.webhooks_metrics_port}/metrics\n", flush=True)
-        while not stopping:
+        while not stop.stopping:
             for child in children:
                 child.watch()
             time.sleep(0.2)

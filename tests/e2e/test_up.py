@@ -21,6 +21,7 @@ from tokenq.embedded_redis import EmbeddedRedis
 pytestmark = pytest.mark.slow
 
 UP_PORTS: dict[str, int] = {}
+DRAIN_GRACE_S = 3  # the worker's drain: how long a running job may still finish after Ctrl-C
 
 
 def _env(home) -> dict[str, str]:
@@ -47,7 +48,7 @@ def tokenq_up(default_model_dir, tmp_path_factory):
     (home / "models").mkdir()
     (home / "models" / default_model_dir.name).symlink_to(default_model_dir)
     port, worker_metrics, webhooks_metrics = free_port(), free_port(), free_port()
-    env = {**os.environ, "TOKENQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TOKENQ_HOME": str(home), "PYTHONUNBUFFERED": "1", "TOKENQ_DRAIN_GRACE_S": str(DRAIN_GRACE_S)}
     env.pop("TOKENQ_REDIS_URL", None)
     log = open(home / "up.log", "w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port), "--max-num-seqs", "3",
@@ -196,8 +197,10 @@ def test_ctrl_c_in_a_terminal_drains_the_worker_before_redis_stops(tokenq_up):
     deadline = time.monotonic() + 60
     while httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] != "running" and time.monotonic() < deadline:
         time.sleep(0.2)
+    signalled = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=90) == 0, (home / "up.log").read_text()[-3000:]
+    assert time.monotonic() - signalled >= DRAIN_GRACE_S  # one Ctrl-C: the worker's grace was not cut short
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     log = (home / "up.log").read_text()
