@@ -45,6 +45,11 @@ class Enqueued:
     def repeat(self) -> bool:
         return self.record is not None and self.cache is None
 
+    @property
+    def queued_here(self) -> bool:
+        """This request queued the job: not a repeat's first job, not a cache hit (both come with a record)."""
+        return self.record is None
+
 
 async def enqueue(ctx: GatewayContext, tenant: Tenant,
                   body: ChatCompletionRequest | CompletionRequest | JobCreate, lane: Lane, stream: bool,

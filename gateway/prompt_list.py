@@ -100,8 +100,10 @@ def _renumbered(piece: dict[str, Any], base: int, completion_id: str, include_us
     return out
 
 
-def cancel_all(cancels: list[Callable[[], None]]) -> Callable[[], None] | None:
-    """One on_abandon for every job that a client leaving should cancel; None when there are none."""
+def cancel_all(cancels: list[Callable[[], None] | None]) -> Callable[[], None] | None:
+    """One on_abandon for every job that a client leaving should cancel (None: a job it should not);
+    None when there are none."""
+    cancels = [c for c in cancels if c is not None]
     if not cancels:
         return None
 

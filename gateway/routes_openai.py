@@ -105,14 +105,14 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
             results.append(answer)
         return JSONResponse(joined_result(results, n))
 
-    return WaitingResponse(final_answer, cancel_all([c for c in cancels if c is not None]))
+    return WaitingResponse(final_answer, cancel_all(cancels))
 
 
 async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], idempotency_key: str | None) -> None:
     """Cancel the jobs queued for a request refused after all, and free their keys, so that the client's
     retry is queued whole."""
     for i, job in enumerate(jobs):
-        if job.repeat or job.cache:
+        if not job.queued_here:
             continue
         await ctx.canceller.cancel(JobRef.of(job.payload))
         if (key := prompt_key(idempotency_key, i)) is not None:
@@ -122,7 +122,7 @@ async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], i
 def _canceller(ctx: GatewayContext, job: Enqueued) -> Callable[[], None] | None:
     """What cancels the job when its client leaves: nothing for a repeat (the first request's client owns
     it), a cache hit (already final) or a job asked to run to completion."""
-    if job.repeat or job.cache or job.payload.run_to_completion:
+    if not job.queued_here or job.payload.run_to_completion:
         return None
     ref = JobRef.of(job.payload)
 

