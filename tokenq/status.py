@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -65,24 +66,29 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render(snap: Snapshot):  # -> rich renderable (rich is imported here only: --json needs none of it)
+def render(snap: Snapshot, expand: bool = True):  # -> rich renderable (rich is imported here only: --json needs none)
+    """The three tables; `expand` stretches them to the terminal's width (off for a pipe, where each column
+    keeps its content's width instead of being cut to 80 columns)."""
     from rich.console import Group
     from rich.table import Table
 
-    lanes = Table(title="Lanes", title_justify="left", expand=True)
+    def table(title: str) -> Table:
+        return Table(title=title, title_justify="left", expand=expand)
+
+    lanes = table("Lanes")
     for col in ("model", "lane", "tenants", "waiting", "running", "oldest waiting"):
         lanes.add_column(col, justify="right" if col not in ("model", "lane") else "left")
     for row in snap.lanes:
         lanes.add_row(row["model"], row["lane"], str(row["tenants"]), str(row["waiting"]), str(row["running"]),
                       _age(row["oldest_waiting_s"]))
-    tenants = Table(title="Tenants", title_justify="left", expand=True)
+    tenants = table("Tenants")
     for col in ("tenant", "model", "lane", "waiting", "running", "oldest waiting"):
         tenants.add_column(col, justify="right" if col in ("waiting", "running", "oldest waiting") else "left")
     for s in sorted(snap.streams, key=lambda s: (-s.waiting, s.tenant)):
         tenants.add_row(s.tenant, s.model, s.lane, str(s.waiting), str(s.running), _age(s.oldest_waiting_s))
     title = (f"Workers ({len(snap.workers)} live, {snap.tokens_per_s:.1f} output tokens/s in all)" if snap.workers
              else "Workers: no live worker (queued jobs wait until one starts)")
-    workers = Table(title=title, title_justify="left", expand=True)
+    workers = table(title)
     for col in ("worker", "model", "device", "running", "waiting", "KV use", "tokens/s", "tokens", "beat"):
         workers.add_column(col, justify="left" if col in ("worker", "model", "device") else "right")
     for w in snap.workers:
@@ -92,6 +98,7 @@ def render(snap: Snapshot):  # -> rich renderable (rich is imported here only: -
     return Group(lanes, tenants, workers)
 
 
+PIPE_WIDTH = 1000  # a pipe or file has no width: rich would assume 80 and cut the worker ids and model names
 MIN_WATCH_S = 0.1  # a redraw reads every lane and worker: a shorter interval only loads Redis
 
 
@@ -125,14 +132,14 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
     if args.watch is None:
-        console.print(render(await snapshot(redis)))
+        console.print(render(await snapshot(redis), expand=console.is_terminal))
         return 0
-    with Live(render(await snapshot(redis)), console=console, screen=False, auto_refresh=False) as live:
+    with Live(render(await snapshot(redis), expand=console.is_terminal), console=console, screen=False, auto_refresh=False) as live:
         try:
             while True:
                 await asyncio.sleep(args.watch)
-                live.update(render(await snapshot(redis)), refresh=True)
+                live.update(render(await snapshot(redis), expand=console.is_terminal), refresh=True)
         except (KeyboardInterrupt, asyncio.CancelledError):
             return 0

@@ -111,6 +111,26 @@ def test_status_json_from_the_command_line(redis_url, capsys):
     assert "no live worker" in capsys.readouterr().out
 
 
+def test_status_into_a_pipe_keeps_whole_names(redis_url, capsys):
+    """A pipe has no width; the table keeps each name whole instead of cutting it to 80 columns."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    worker_id = "gpu-node-0017.us-east-2.compute.internal:worker-3:pid-481516"
+
+    async def beat() -> None:
+        async with aioredis.Redis.from_url(redis_url, decode_responses=True) as r:
+            await r.flushdb()
+            await _beat(r, worker_id)
+
+    asyncio.run(beat())
+    args = build_parser().parse_args(["status", "--redis-url", redis_url])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert worker_id in out and MODEL in out
+
+
 @pytest.mark.parametrize("seconds", ["0", "-1", "nan", "soon"])
 def test_watch_refuses_an_interval_that_would_spin(seconds, capsys):
     """`--watch 0` (or below) redrew in a tight loop, reading every lane and worker as fast as Redis answered."""
