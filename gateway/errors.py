@@ -121,10 +121,16 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, message, param)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    status = exc.status_code
-    return error_response(status, str(exc.detail), type_=_TYPES.get(status, "invalid_request_error"))
+    status, message = exc.status_code, str(exc.detail)
+    route = f"{request.method} {request.url.path}"
+    if status == 404 and message == "Not Found":  # the router's own: no route has this path
+        message = f"no such route: {route} (GET /docs lists tokenq's routes)"
+    elif status == 405 and message == "Method Not Allowed":
+        allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), None)
+        message = f"method not allowed: {route}" + (f" (allowed: {allowed})" if allowed else "")
+    return error_response(status, message, type_=_TYPES.get(status, "invalid_request_error"), headers=exc.headers)
 
 
 def exception_response(exc: Exception) -> JSONResponse:

@@ -151,6 +151,16 @@ async def test_unknown_job_404(client):
     assert r.status_code == 404
 
 
+async def test_a_route_tokenq_lacks_is_named_in_the_error(client):
+    """An OpenAI client calling an endpoint tokenq does not serve reads which one, not a bare "Not Found"."""
+    r = await client.post("/v1/embeddings", json={"model": MODEL, "input": "hi"})
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "no such route: POST /v1/embeddings (GET /docs lists tokenq's routes)"
+    r = await client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["message"] == "method not allowed: GET /v1/chat/completions (allowed: POST)"
+
+
 async def test_models_and_readiness(client, redis_client, redis_url, default_model_dir):
     r = await client.get("/readyz")
     assert r.status_code == 200 and r.json()["workers"] == 0  # a gateway is ready without workers
