@@ -23,6 +23,7 @@ from gateway.openapi import install_openapi
 from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
 from jobstore.expiry import sweep_forever
+from protocol.hot_loop import HotLoop
 from tokenq.settings import Settings
 
 
@@ -63,6 +64,11 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         await warm_before_serving(app.state.ctx)
         background = [asyncio.create_task(keep_warm(app.state.ctx)),
                       asyncio.create_task(sweep_forever(app.state.ctx.store))]  # jobs past their deadline
+        if settings.hot_loop:  # poll while a client follows a job
+            hub = app.state.ctx.hub
+            hot = HotLoop(lambda: hub.channels > 0)
+            hub.on_join = hot.poke
+            background.append(asyncio.create_task(hot.run(), name="hot-loop"))
         try:
             yield
         finally:

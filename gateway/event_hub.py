@@ -116,6 +116,7 @@ class EventHub:
         self._lock = asyncio.Lock()  # one SUBSCRIBE or UNSUBSCRIBE written at a time
         self._unsubscribing: set[asyncio.Task] = set()
         self._losing: set[asyncio.Task] = set()
+        self.on_join: Callable[[], None] | None = None  # a follower joined (protocol/hot_loop.py's poke)
 
     @property
     def channels(self) -> int:
@@ -125,6 +126,8 @@ class EventHub:
     async def join(self, channel: str) -> AsyncIterator[Subscription]:
         """Follow `channel` for the `async with` block; the subscription is live on entry."""
         sub = Subscription()
+        if self.on_join is not None:
+            self.on_join()
         confirmed = await self._add(channel, sub)
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)

@@ -90,6 +90,9 @@ class Settings:
     metrics_peers: str = ""  # TOKENQ_METRICS_PEERS: role=url,... whose metrics the gateway's /metrics adds
     gateway_url: str | None = None  # TOKENQ_URL: the gateway that clients such as `tokenq batch` call
     api_key: str | None = None  # TOKENQ_API_KEY (else OPENAI_API_KEY): the key those clients send
+    # TOKENQ_HOT_LOOP: the gateway and the worker poll instead of sleeping while a job runs (a core each
+    # meanwhile; protocol/hot_loop.py)
+    hot_loop: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -117,6 +120,7 @@ class Settings:
             metrics_peers=env.get(METRICS_PEERS_ENV) or "",
             gateway_url=env.get("TOKENQ_URL") or None,
             api_key=env.get("TOKENQ_API_KEY") or env.get("OPENAI_API_KEY") or None,
+            hot_loop=_flag(env, "TOKENQ_HOT_LOOP", False),
         )
 
 

@@ -225,6 +225,7 @@ class Publisher:
         self._replay: list[RequestOutput] = []  # held outputs of jobs tracked since, published first
         self._last_refresh = 0.0
         self.stopped = False  # set before cancelling the task: a second way out of the loop
+        self.on_expect: Callable[[], None] | None = None  # a job went to the engine (protocol/hot_loop.py)
 
     def has(self, job_id: str) -> bool:
         return job_id in self.jobs or job_id in self.finishing or job_id in self._starting
@@ -232,6 +233,12 @@ class Publisher:
     def expect(self, job_id: str) -> None:
         """The engine runs this job already; hold its outputs until `track` (or drop them: `unexpect`)."""
         self._starting[job_id] = []
+        if self.on_expect is not None:
+            self.on_expect()
+
+    def reports_due(self) -> bool:
+        """A job runs (or finishes) here, or is starting: the engine's reports are due."""
+        return bool(self.jobs or self._starting or self.finishing)
 
     def unexpect(self, job_id: str) -> None:
         self._starting.pop(job_id, None)

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore.connect import AnyRedis, connect, is_cluster, is_cluster_url
 from jobstore.pipe import RedisPipe
+from protocol.hot_loop import HotLoop
 from protocol.outage import Outage, once_reachable
 from protocol.workers import ModelCard
 from tokenq.settings import Settings
@@ -115,7 +116,7 @@ class WorkerService:
                  worker_id: str | None = None,
                  metrics_port: int | None = None, *, grace_s: float | None = None,
                  token_text: TokenText | None = None, block_ms: int = 500, lease_s: float | None = None,
-                 max_deliveries: int | None = None) -> None:
+                 max_deliveries: int | None = None, hot_loop: bool | None = None) -> None:
         self.redis_url = redis_url
         self.model_name = model_name
         self.engine = engine
@@ -127,6 +128,7 @@ class WorkerService:
         self.block_ms = block_ms
         self.lease_s = lease_s  # None: TOKENQ_LEASE_S (see recovery.py)
         self.max_deliveries = max_deliveries
+        self.hot_loop = Settings.from_env().hot_loop if hot_loop is None else hot_loop
         self.skip_grace = asyncio.Event()  # a second signal: exit without waiting for running jobs
         self.engine_loop: EngineHandle | None = None
         self.publisher: Publisher | None = None
@@ -184,6 +186,10 @@ class WorkerService:
             publisher_task = asyncio.create_task(publisher.run(), name="publisher")
             tasks = [intake_task, publisher_task, asyncio.create_task(heartbeat.run(), name="heartbeat"),
                      asyncio.create_task(recovery.run_keep_alive(publisher), name="keep-alive")]
+            if self.hot_loop:  # poll while a job runs
+                hot = HotLoop(publisher.reports_due)
+                publisher.on_expect = hot.poke
+                tasks.append(asyncio.create_task(hot.run(), name="hot-loop"))
             stop_wait = asyncio.create_task(stop_event.wait())
             assert engine_loop.dead is not None
             dead_wait = asyncio.create_task(engine_loop.dead.wait())
