@@ -293,12 +293,15 @@ class ShardedEventHub:
     def __init__(self, cluster: RedisCluster) -> None:
         self.cluster = cluster
         self._hubs: dict[str, EventHub] = {}
+        self.on_join: Callable[[], None] | None = None  # as EventHub's
 
     @property
     def channels(self) -> int:
         return sum(hub.channels for hub in self._hubs.values())
 
     def join(self, channel: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        if self.on_join is not None:
+            self.on_join()
         return self._hub(channel).join(channel)
 
     def _hub(self, channel: str) -> EventHub:
