@@ -1,4 +1,5 @@
-"""`tokenq batch submit|status|results`: the Batch API from a shell, over HTTP like any client."""
+"""`tokenq batch submit|wait|status|list|cancel|results`: the Batch API from a shell, over HTTP like any
+client."""
 
 from __future__ import annotations
 
@@ -30,8 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                             "download its results")
     submit.add_argument("--output", "-o", type=Path, default=None, help="with --wait: where the output "
                         "file goes (default FILE.output.jsonl; errors beside it as FILE.errors.jsonl)")
+    wait = bsub.add_parser("wait", help="show a batch's progress until it ends, then download its results")
+    wait.add_argument("id")
+    wait.add_argument("--output", "-o", type=Path, required=True)
     status = bsub.add_parser("status", help="print a batch as JSON")
     status.add_argument("id")
+    listing = bsub.add_parser("list", help="the latest batches, newest first, one a line")
+    listing.add_argument("--limit", type=int, default=20, help="how many (1-100; default 20)")
+    cancel = bsub.add_parser("cancel", help="cancel a batch: lines not done end as batch_cancelled")
+    cancel.add_argument("id")
     results = bsub.add_parser("results", help="download a batch's output (and error) file")
     results.add_argument("id")
     results.add_argument("--output", "-o", type=Path, required=True)
@@ -55,12 +63,29 @@ def main(args: argparse.Namespace) -> int:
 def _run(client: httpx.Client, args: argparse.Namespace) -> int:
     if args.batch_cmd == "submit":
         return _submit(client, args)
+    if args.batch_cmd == "wait":
+        return _wait(client, _get(client, f"/v1/batches/{args.id}"), args.output)
     if args.batch_cmd == "status":
         print(json.dumps(_get(client, f"/v1/batches/{args.id}"), indent=2))
+        return 0
+    if args.batch_cmd == "list":
+        for batch in _get(client, f"/v1/batches?limit={args.limit}")["data"]:
+            print(_line(batch))
+        return 0
+    if args.batch_cmd == "cancel":
+        print(_line(_ok(client.post(f"/v1/batches/{args.id}/cancel"))))
         return 0
     batch = _get(client, f"/v1/batches/{args.id}")
     _download(client, batch, args.output, args.errors or _beside(args.output, "errors"))
     return 0
+
+
+def _line(batch: dict) -> str:
+    """One batch as a line: id, status, lines done of total, when it was created."""
+    counts = batch["request_counts"]
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch["created_at"]))
+    return (f"{batch['id']}  {batch['status']:<11}  {counts['completed']} completed, {counts['failed']} failed "
+            f"of {counts['total']}  {batch['endpoint']}  created {created}")
 
 
 def _submit(client: httpx.Client, args: argparse.Namespace) -> int:
@@ -77,27 +102,40 @@ def _submit(client: httpx.Client, args: argparse.Namespace) -> int:
     if not args.wait:
         print(batch["id"])
         return 0
-    batch = _follow(client, batch)
-    output = args.output or args.file.with_suffix(".output.jsonl")
-    _download(client, batch, output, _beside(output, "errors"))
+    code = _wait(client, batch, args.output or args.file.with_suffix(".output.jsonl"))
     print(batch["id"])
+    return code
+
+
+def _wait(client: httpx.Client, batch: dict, output: Path) -> int:
+    """Follow the batch to its end and download its files: 0 if it completed, 1 if not, 130 on Ctrl-C (the
+    batch runs on; `tokenq batch wait ID` follows it again)."""
+    try:
+        batch = _follow(client, batch)
+    except KeyboardInterrupt:
+        print(f"\nbatch {batch['id']} runs on; follow it again with `tokenq batch wait {batch['id']} -o {output}`"
+              f", or stop it with `tokenq batch cancel {batch['id']}`", file=sys.stderr)
+        return 130
+    _download(client, batch, output, _beside(output, "errors"))
     return 0 if batch["status"] == "completed" else 1
 
 
-def _follow(client: httpx.Client, batch: dict) -> dict:
+def _follow(client: httpx.Client, batch: dict, poll_s: float = 1.0) -> dict:
     """Poll until the batch ends, with a progress bar of lines done and failed, lines/s and ETA."""
     from tqdm import tqdm
 
     bar = tqdm(total=batch["request_counts"]["total"] or None, unit="line", desc=batch["status"])
-    while batch["status"] not in FINAL:
-        time.sleep(1.0)
-        batch = _get(client, f"/v1/batches/{batch['id']}")
-        counts = batch["request_counts"]
-        bar.total = counts["total"]
-        bar.set_description(batch["status"])
-        bar.set_postfix(failed=counts["failed"])
-        bar.update(counts["completed"] + counts["failed"] - bar.n)
-    bar.close()
+    try:
+        while batch["status"] not in FINAL:
+            time.sleep(poll_s)
+            batch = _get(client, f"/v1/batches/{batch['id']}")
+            counts = batch["request_counts"]
+            bar.total = counts["total"]
+            bar.set_description(batch["status"])
+            bar.set_postfix(failed=counts["failed"])
+            bar.update(counts["completed"] + counts["failed"] - bar.n)
+    finally:
+        bar.close()
     counts = batch["request_counts"]
     print(f"batch {batch['id']} {batch['status']}: {counts['completed']} completed, {counts['failed']} failed "
           f"of {counts['total']}", file=sys.stderr)
