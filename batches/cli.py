@@ -17,7 +17,8 @@ FINAL = ("completed", "failed", "expired", "cancelled")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    batch = sub.add_parser("batch", help="submit a JSONL file as a batch, follow it, fetch its results")
+    batch = sub.add_parser("batch", help="submit a JSONL file as a batch, follow, list or cancel batches, fetch "
+                                         "their results")
     batch.add_argument("--url", default=None, help="the gateway (default $TOKENQ_URL, else the gateway of the "
                                                    "`tokenq up` running on TOKENQ_HOME, else "
                                                    f"{DEFAULT_GATEWAY_URL})")
