@@ -127,14 +127,16 @@ def _follow(client: httpx.Client, batch: dict, poll_s: float = 1.0) -> dict:
 
     bar = tqdm(total=batch["request_counts"]["total"] or None, unit="line", desc=batch["status"])
     try:
-        while batch["status"] not in FINAL:
-            time.sleep(poll_s)
-            batch = _get(client, f"/v1/batches/{batch['id']}")
+        while True:
             counts = batch["request_counts"]
             bar.total = counts["total"]
             bar.set_description(batch["status"])
             bar.set_postfix(failed=counts["failed"])
             bar.update(counts["completed"] + counts["failed"] - bar.n)
+            if batch["status"] in FINAL:
+                break
+            time.sleep(poll_s)
+            batch = _get(client, f"/v1/batches/{batch['id']}")
     finally:
         bar.close()
     counts = batch["request_counts"]
