@@ -62,20 +62,31 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(client: httpx.Client, args: argparse.Namespace) -> int:
-    if args.batch_cmd == "submit":
-        return _submit(client, args)
-    if args.batch_cmd == "wait":
-        return _wait(client, _get(client, f"/v1/batches/{args.id}"), args.output)
-    if args.batch_cmd == "status":
-        print(json.dumps(_get(client, f"/v1/batches/{args.id}"), indent=2))
-        return 0
-    if args.batch_cmd == "list":
-        for batch in _get(client, f"/v1/batches?limit={args.limit}")["data"]:
-            print(_line(batch))
-        return 0
-    if args.batch_cmd == "cancel":
-        print(_line(_ok(client.post(f"/v1/batches/{args.id}/cancel"))))
-        return 0
+    return {"submit": _submit, "wait": _wait_cmd, "status": _status, "list": _list, "cancel": _cancel,
+            "results": _results}[args.batch_cmd](client, args)
+
+
+def _wait_cmd(client: httpx.Client, args: argparse.Namespace) -> int:
+    return _wait(client, _get(client, f"/v1/batches/{args.id}"), args.output)
+
+
+def _status(client: httpx.Client, args: argparse.Namespace) -> int:
+    print(json.dumps(_get(client, f"/v1/batches/{args.id}"), indent=2))
+    return 0
+
+
+def _list(client: httpx.Client, args: argparse.Namespace) -> int:
+    for batch in _get(client, f"/v1/batches?limit={args.limit}")["data"]:
+        print(_line(batch))
+    return 0
+
+
+def _cancel(client: httpx.Client, args: argparse.Namespace) -> int:
+    print(_line(_ok(client.post(f"/v1/batches/{args.id}/cancel"))))
+    return 0
+
+
+def _results(client: httpx.Client, args: argparse.Namespace) -> int:
     batch = _get(client, f"/v1/batches/{args.id}")
     _download(client, batch, args.output, args.errors or _beside(args.output, "errors"))
     return 0
