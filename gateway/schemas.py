@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gateway.tools import ToolChoice, ToolDef
 from protocol.guided import GuidedSpec
 from protocol.jobs import ChatMessage, Lane
-from protocol.text import Text
+from protocol.text import Text, text_up_to
 from protocol.tools import MAX_TOOLS
 from respcache.policy import CacheOption
 
@@ -43,7 +43,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: Text | None = Field(default=None, max_length=MAX_USER_CHARS)
+    user: text_up_to(MAX_USER_CHARS) | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -133,7 +133,7 @@ class ChatTemplateFields(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
-    model: Text = Field(max_length=MAX_MODEL_CHARS)
+    model: text_up_to(MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -144,7 +144,7 @@ class ChatCompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
 
 
 class CompletionRequest(SamplingFields, JobOptions):
-    model: Text = Field(max_length=MAX_MODEL_CHARS)
+    model: text_up_to(MAX_MODEL_CHARS)
     prompt: Prompt
     logprobs: int | None = None
     echo: bool = False
@@ -156,7 +156,7 @@ class CompletionRequest(SamplingFields, JobOptions):
 class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
     """POST /v1/jobs: a chat (`messages`) or a completion (`prompt`), queued on a lane."""
 
-    model: Text = Field(max_length=MAX_MODEL_CHARS)
+    model: text_up_to(MAX_MODEL_CHARS)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: Prompt | None = None
     max_completion_tokens: int | None = None
@@ -166,7 +166,7 @@ class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
     priority: Lane = "default"
     metadata: dict[Text, Text] = Field(default_factory=dict)
     stream: bool = False
-    webhook_url: Text | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS)
+    webhook_url: text_up_to(MAX_WEBHOOK_URL_CHARS) | None = None
     guided: GuidedSpec | None = Field(default=None, description="the output constraint as the engine takes it "
                                                                 "(instead of response_format or guided_*)")
 

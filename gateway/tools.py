@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.errors import ApiError
 from protocol.guided import GuidedSpec
-from protocol.text import Text, encodable
+from protocol.text import Text, encodable, text_up_to
 from protocol.tools import MAX_TOOLS, ToolParsing
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -27,7 +27,7 @@ class FunctionDef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    description: Text | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
+    description: text_up_to(MAX_DESCRIPTION_CHARS) | None = None
     parameters: dict[str, Any] | None = Field(default=None, description="JSON Schema of the arguments object")
     strict: bool | None = Field(default=None, description="accepted; arguments are constrained to the "
                                                           "schema under tool_choice required or a named one")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from protocol import keys
 from protocol.sampling import SamplingParams
-from protocol.text import Text
+from protocol.text import Text, text_up_to
 from protocol.tools import ToolCall, ToolParsing, parse_tool_calls
 
 
@@ -58,14 +58,14 @@ class ContentPart(BaseModel):
 
 
 class MessageFunction(BaseModel):
-    name: Text = Field(max_length=64)
+    name: text_up_to(64)
     arguments: Text = "{}"
 
 
 class MessageToolCall(BaseModel):
     """A call in an assistant message the client sends back: OpenAI's shape, `arguments` a JSON string."""
 
-    id: Text = Field(max_length=256)
+    id: text_up_to(256)
     type: Literal["function"] = "function"
     function: MessageFunction
 
@@ -75,7 +75,7 @@ class ChatMessage(BaseModel):
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
     tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=128)  # assistant messages
-    tool_call_id: Text | None = Field(default=None, max_length=256)  # tool messages: the call answered
+    tool_call_id: text_up_to(256) | None = None  # tool messages: the call answered
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:

@@ -3,9 +3,9 @@ but UTF-8 cannot) is a 400 naming its field, not an encoding error deep in token
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 
 def encodable(value: str) -> str:
@@ -19,3 +19,10 @@ def encodable(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(encodable)]
+
+
+def text_up_to(chars: int) -> Any:
+    """Text of at most `chars` characters. The bound sits before `encodable`, so pydantic checks it as a
+    string's and its error says "at most N characters" (`Field(max_length=N)` beside `Text` would say
+    "items after validation")."""
+    return Annotated[str, Field(max_length=chars), AfterValidator(encodable)]

@@ -52,7 +52,8 @@ async def assert_nothing_queued(redis_client) -> None:
     ({"stop": ["x" * 257]}, "stop", "at most 256 characters"),
     ({"seed": 2**64}, "seed", "less than or equal to"),
     ({"min_tokens": 10**12, "max_tokens": 4}, "min_tokens", "less than or equal to 1000000"),
-    ({"user": "u" * 257}, "user", "at most 256"),
+    ({"user": "u" * 257}, "user", "String should have at most 256 characters"),  # not "256 items"
+    ({"model": "m" * 257}, "model", "String should have at most 256 characters"),
 ])
 async def test_poison_values_are_400_naming_the_field(client, redis_client, path, body, fields, param, needle):
     err = assert_error(await client.post(path, json={**body, **fields}), 400, param)
