@@ -1,7 +1,7 @@
 """An event loop that polls instead of sleeping while an answer is on its way.
 
-A process asleep in epoll on a virtual machine's idle core wakes tens to hundreds of microseconds after its
-socket turns readable; a lone request crosses eight such wake-ups. While `busy()` says a reply is due (a job
+A process asleep in epoll runs again only once the kernel (and, on a virtual machine, the hypervisor) wakes
+its idle core and schedules it; a lone request crosses eight such wake-ups. While `busy()` says a reply is due (a job
 runs in the worker's engine; a client follows a job through the gateway), `keep_hot` yields to the loop
 over and over, so the loop's poll never blocks and the reply is read the moment it lands. It costs a core
 while busy, none while idle: `poke()` starts it, and it parks on an event once `busy()` turns false."""
