@@ -1,10 +1,10 @@
 """An event loop that polls instead of sleeping while an answer is on its way.
 
 A process asleep in epoll runs again only once the kernel (and, on a virtual machine, the hypervisor) wakes
-its idle core and schedules it; a lone request crosses eight such wake-ups. While `busy()` says a reply is due (a job
-runs in the worker's engine; a client follows a job through the gateway), `keep_hot` yields to the loop
-over and over, so the loop's poll never blocks and the reply is read the moment it lands. It costs a core
-while busy, none while idle: `poke()` starts it, and it parks on an event once `busy()` turns false."""
+its idle core and schedules it; a lone request crosses eight such wake-ups. While `busy()` says a reply is
+due (a job runs in the worker's engine; a client follows a job through the gateway), `run` yields to the
+loop over and over, so the loop's poll never blocks and the reply is read the moment it lands. It costs a
+core while busy, none while idle: `poke()` starts it, and it parks on an event once `busy()` turns false."""
 
 from __future__ import annotations
 
