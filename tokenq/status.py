@@ -132,14 +132,16 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    console = Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
+    terminal = sys.stdout.isatty()
+    console = Console() if terminal else Console(width=PIPE_WIDTH)
     if args.watch is None:
-        console.print(render(await snapshot(redis), expand=console.is_terminal))
+        console.print(render(await snapshot(redis), expand=terminal))
         return 0
-    with Live(render(await snapshot(redis), expand=console.is_terminal), console=console, screen=False, auto_refresh=False) as live:
+    with Live(render(await snapshot(redis), expand=terminal), console=console, screen=False,
+              auto_refresh=False) as live:
         try:
             while True:
                 await asyncio.sleep(args.watch)
-                live.update(render(await snapshot(redis), expand=console.is_terminal), refresh=True)
+                live.update(render(await snapshot(redis), expand=terminal), refresh=True)
         except (KeyboardInterrupt, asyncio.CancelledError):
             return 0

@@ -238,7 +238,7 @@ class Publisher:
 
     def reports_due(self) -> bool:
         """A job runs (or finishes) here, or is starting: the engine's reports are due."""
-        return bool(self.jobs or self._starting or self.finishing)
+        return self.busy or bool(self._starting)
 
     def unexpect(self, job_id: str) -> None:
         self._starting.pop(job_id, None)
