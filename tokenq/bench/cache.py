@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,9 +28,8 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 COSINES = (0.85, 0.9, 0.93, 0.95, 0.97)
 TENANT = "bench-cache"
 SCOPE = "bench-scope"
-# Bands of a pair's own cosine for the label check, and the words a same-words check compares.
+# Bands of a pair's own cosine for the label check.
 LABEL_BANDS = ((0.97, 1.01), (0.95, 0.97), (0.9, 0.95), (0.85, 0.9))
-_WORDS = re.compile(r"[a-z0-9]+")
 # Why a false hit is false: the query's own question, which Quora labels not a duplicate (`own`); another
 # entry, for a query Quora labels a duplicate of its own question (`paraphrase`: often a third wording of
 # the same question, which the metric counts false); another entry for a non-duplicate (`other`).
@@ -125,6 +123,7 @@ async def _fill(redis, tenant: str, rows: list[tuple[str, np.ndarray]], scope: s
 
 async def _precision(redis, pairs, vec, threshold: float) -> dict:
     from respcache.semantic import SemanticCache
+    from respcache.verifier import same_words
 
     entries = sorted({p.text_a for p in pairs})
     await _fill(redis, TENANT, [(t, vec[t]) for t in entries], SCOPE)
@@ -144,9 +143,12 @@ async def _precision(redis, pairs, vec, threshold: float) -> dict:
         # False hits on another pair's entry that is word for word the query: counted false, as the metric
         # says, though the answer is the one to the same question. Reported so the table's ceiling shows.
         same_text = sum(1 for i in hits if texts[i] == pairs[i].text_b and texts[i] != pairs[i].text_a)
+        # Hits on an entry of the query's words, case and sentence marks aside (the verifier's rule).
+        same = [k for k, i in enumerate(hits) if texts[i] != pairs[i].text_b and same_words(texts[i], pairs[i].text_b)]
         return {"threshold": at, "precision": correct / len(hits) if hits else None, "recall": correct / duplicates,
                 "hit_rate": len(hits) / len(pairs), "hits": len(hits), "correct": correct,
-                "false_hits_same_text": same_text,
+                "false_hits_same_text": same_text, "hits_same_words": len(same),
+                "false_hits_same_words": sum(kinds[k] != "correct" for k in same),
                 **{f"false_hits_{k}": kinds.count(k) for k in FALSE_KINDS}}
 
     probs, texts = [f[0] for f in found], [f[1] for f in found]
@@ -179,9 +181,10 @@ def label_check(pairs: list, own_cosines: list[float]) -> list[dict]:
 
 def same_words_check(pairs: list) -> dict:
     """How often the labels call a pair a duplicate when its two questions are the same words, case and
-    punctuation aside (identical texts left out)."""
-    same = [p for p in pairs if p.text_a != p.text_b
-            and _WORDS.findall(p.text_a.lower()) == _WORDS.findall(p.text_b.lower())]
+    sentence marks aside (the verifier's rule; identical texts left out)."""
+    from respcache.verifier import same_words
+
+    same = [p for p in pairs if p.text_a != p.text_b and same_words(p.text_a, p.text_b)]
     return {"pairs": len(same), "duplicate_share": sum(p.label for p in same) / len(same) if same else None}
 
 
@@ -337,16 +340,19 @@ def _fmt(precision: float | None) -> str:
 
 def _print(r: dict) -> None:
     print(f"\n{r['n_pairs']} pairs ({r['split']}), {r['n_duplicates']} duplicates; default threshold {r['threshold']}")
-    head = (f"{'precision':>10} {'recall':>8} {'hit rate':>9} {'hits':>6} {'same text':>10} "
+    head = (f"{'precision':>10} {'recall':>8} {'hit rate':>9} {'hits':>6} {'same words':>11} {'same text':>10} "
             + " ".join(f"{'false ' + k:>16}" for k in FALSE_KINDS))
     for name, table, note in (("verifier p", "verifier_table", ""),
                               ("raw cosine", "cosine_table", "   (nearest entry, no verifier)")):
         print(f"{name:>11} {head}{note}")
         for row in r[table]:
             print(f"{row['threshold']:>11.2f} {_fmt(row['precision']):>10} {row['recall']:>8.3f} "
-                  f"{row['hit_rate']:>9.3f} {row['hits']:>6} {row['false_hits_same_text']:>10} "
+                  f"{row['hit_rate']:>9.3f} {row['hits']:>6} "
+                  f"{str(row['hits_same_words']) + '/' + str(row['false_hits_same_words']):>11} "
+                  f"{row['false_hits_same_text']:>10} "
                   + " ".join(f"{row['false_hits_' + k]:>16}" for k in FALSE_KINDS))
-    print("(same text: false hits whose entry is another pair's question, word for word the query; false own: "
+    print("(same words: hits/false hits on an entry of the query's words, case and sentence marks aside; "
+          "same text: false hits whose entry is another pair's question, word for word the query; false own: "
           "the query's own question, labelled not a duplicate; false paraphrase: another entry, for a query "
           "labelled a duplicate of its own; false other: another entry, for a non-duplicate)")
     print("labels by the cosine of a pair's own two questions (identical texts left out):")
@@ -354,7 +360,7 @@ def _print(r: dict) -> None:
         print(f"  cosine {band['cosine_from']:.2f}-{min(band['cosine_to'], 1.0):.2f}: {band['pairs']:>5} pairs, "
               f"{_fmt(band['duplicate_share'])} labelled duplicate")
     same = r["label_check_same_words"]
-    print(f"  the same words, case and punctuation aside: {same['pairs']:>5} pairs, {_fmt(same['duplicate_share'])} "
+    print(f"  the same words, case and sentence marks aside: {same['pairs']:>5} pairs, {_fmt(same['duplicate_share'])} "
           "labelled duplicate")
     print(f"\nat the default threshold: precision {_fmt(r['precision'])}, recall {r['recall']:.3f}, "
           f"hit rate {r['hit_rate']:.3f}")
