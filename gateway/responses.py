@@ -8,6 +8,7 @@ from typing import Any
 
 from protocol import job_record as F
 from protocol.jobs import Choice, JobError, JobKind, JobPayload, JobResult, TokenLogprob, Usage
+from protocol.urlguard import ALLOW_ENV
 
 
 def completion_id(kind: JobKind, job_id: str) -> str:
@@ -182,7 +183,25 @@ def job_object(job_id: str, record: dict[str, str]) -> dict[str, Any]:
         "error": error,
         "cache": record.get(F.CACHE),
         "cache_entry": record.get(F.CACHE_ENTRY),
+        "webhook": webhook_object(record),
     }
+
+
+# What a client sees of a refused delivery instead of the recorded error, which names the private address the
+# host resolved to: a client must not learn from tokenq what names inside its network resolve to.
+REFUSED_FOR_CLIENTS = ("the host resolves to a non-public address, where tokenq does not deliver (an operator "
+                       f"may allow it: {ALLOW_ENV})")
+
+
+def webhook_object(record: dict[str, str]) -> dict[str, Any] | None:
+    """Where the job's final state goes and how each delivery attempt went (None without a webhook_url):
+    `state` is the last attempt's outcome, `pending` before the first."""
+    url = record.get(F.WEBHOOK_URL)
+    if not url:
+        return None
+    attempts = [{**a, "error": REFUSED_FOR_CLIENTS} if a.get("outcome") == "refused" else a
+                for a in F.webhook_attempts(record)]
+    return {"url": url, "state": attempts[-1]["outcome"] if attempts else "pending", "attempts": attempts}
 
 
 def list_page(data: list[dict], has_more: bool) -> dict:

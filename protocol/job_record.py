@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 # The text streamed so far lives in its own string, keys.job_text_key (deltas APPEND to it); jobstore's
 # reads put it under TEXT in the record they return.
 TEXT = "text"
@@ -35,3 +37,9 @@ CACHE_ENTRY = "cache_entry"  # the response-cache entry that answered it (DELETE
 ENTRY_ID = "entry_id"  # the job's stream entry id, so a cancel of a queued job can acknowledge it
 
 RETENTION_SECONDS = 7 * 24 * 3600  # a final job's hash expires after this
+
+
+def webhook_attempts(record: dict[str, str]) -> list[dict]:
+    """The webhook delivery attempts on a job's (or batch's) hash, oldest first (worker/webhooks/attempts.py
+    writes them)."""
+    return json.loads(record.get(WEBHOOK_ATTEMPTS) or "[]")

@@ -124,14 +124,22 @@ def _literal(host: str) -> IPAddress | None:
 
 def _check_address(addr: IPAddress, host: str, allowed: AllowList) -> None:
     if not is_public(addr) and not allowed.allows_address(addr):
-        raise UnsafeURL(f"webhook host {host} is a non-public address ({addr})")
+        raise UnsafeURL(f"webhook host {host} is a non-public address ({addr}); an operator may allow it with "
+                        f"{ALLOW_ENV} on the gateway and the webhook service")
+
+
+def _loopback_name(host: str) -> bool:
+    """`localhost` and names under it are loopback by definition (RFC 6761): no need to resolve them."""
+    host = host.lower().rstrip(".")
+    return host == "localhost" or host.endswith(".localhost")
 
 
 def check_webhook_url(url: str, allow: str | None = None) -> None:
-    """Syntax, and the address when the host is a literal IP; no name resolution (cheap, synchronous)."""
+    """Syntax, and the address when the host is a literal IP or a loopback name; no name resolution (cheap,
+    synchronous)."""
     host = _host(url)
     allowed = allow_list(allow)
-    addr = _literal(host)
+    addr = ipaddress.ip_address("127.0.0.1") if _loopback_name(host) else _literal(host)
     if addr is not None and not allowed.allows_host(host):
         _check_address(addr, host, allowed)
 

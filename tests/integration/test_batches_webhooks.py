@@ -11,12 +11,12 @@ import pytest
 import redis
 
 from batches import keys as K
+from protocol import job_record as F
 from protocol import keys
 from tests.batch_helpers import ThreadedFeeder, chat_lines, upload, wait_batch
 from tests.integration.fake_worker import MODEL, ThreadedFakeWorker
 from tests.integration.test_webhooks import ALLOW, Receiver, service
 from tests.processes import GatewayThread
-from worker.webhooks import attempts as store
 from worker.webhooks.event import SECRET_FIELD, new_secret
 
 
@@ -27,7 +27,7 @@ def accept(path: str, n: int) -> tuple[int, dict[str, str]]:
 async def _delivered(r, batch_id: str, timeout: float = 15.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        attempts = store.attempts_of(await asyncio.to_thread(r.hgetall, K.batch_key(batch_id)))
+        attempts = F.webhook_attempts(await asyncio.to_thread(r.hgetall, K.batch_key(batch_id)))
         if attempts and attempts[-1]["outcome"] != "retry":
             return attempts
         await asyncio.sleep(0.05)

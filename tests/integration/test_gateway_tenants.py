@@ -475,7 +475,10 @@ async def test_webhook_url_is_checked(client, idle_worker, redis_client, monkeyp
     monkeypatch.delenv("TOKENQ_WEBHOOK_ALLOW", raising=False)
     err = assert_error(await client.post("/v1/jobs", json={**PROMPT, "webhook_url": "http://127.0.0.1:9/hook"}),
                        400, "webhook_url")
-    assert "webhook_url" in err["message"]
+    assert "webhook_url" in err["message"] and "TOKENQ_WEBHOOK_ALLOW" in err["message"]
+    err = assert_error(await client.post("/v1/jobs", json={**PROMPT, "webhook_url": "http://localhost:9/hook"}),
+                       400, "webhook_url")  # a loopback name, refused without resolving it
+    assert "non-public" in err["message"]
     assert_error(await client.post("/v1/jobs", json={**PROMPT, "webhook_url": "file:///etc/passwd"}), 400,
                  "webhook_url")
     assert await queued_entries(redis_client) == 0
@@ -485,6 +488,8 @@ async def test_webhook_url_is_checked(client, idle_worker, redis_client, monkeyp
     record = await redis_client.hgetall(keys.job_key(r.json()["id"]))
     assert record[F.WEBHOOK_URL] == "http://127.0.0.1:9/hook"
     assert JobPayload.model_validate_json(record[F.PAYLOAD]).webhook_url == "http://127.0.0.1:9/hook"
+    got = (await client.get(f"/v1/jobs/{r.json()['id']}")).json()
+    assert got["webhook"] == {"url": "http://127.0.0.1:9/hook", "state": "pending", "attempts": []}
     # Its cancel goes through the shared finish, which puts the job on the webhook outbox.
     await client.delete(f"/v1/jobs/{r.json()['id']}")
     outbox = await redis_client.xrange(keys.webhook_outbox(MODEL))

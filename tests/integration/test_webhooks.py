@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -22,6 +23,7 @@ from arq import Retry
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from gateway.responses import job_object
 from jobstore import FinalWrite, JobRef, JobStore
 from protocol import job_record as F
 from protocol import keys
@@ -133,7 +135,7 @@ async def finish(redis, job_id: str, state: str = "succeeded", text: str = "hell
 async def attempts_when_done(redis, job_id: str, timeout: float = 15.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        attempts = store.attempts_of(await redis.hgetall(keys.job_key(job_id)))
+        attempts = F.webhook_attempts(await redis.hgetall(keys.job_key(job_id)))
         if attempts and attempts[-1]["outcome"] != "retry":
             return attempts
         await asyncio.sleep(0.05)
@@ -189,6 +191,8 @@ async def test_retried_until_accepted_once_with_one_webhook_id(redis_url, redis_
         assert [(a["outcome"], a["status"]) for a in runs[job]] == [("retry", 500), ("retry", 500),
                                                                     ("delivered", 200)]
         assert all(a["next_retry_at"] > a["at"] for a in runs[job][:2])
+        shown = job_object(job, await redis_client.hgetall(keys.job_key(job)))["webhook"]  # GET /v1/jobs/{id}
+        assert shown == {"url": rx.url("/flaky"), "state": "delivered", "attempts": runs[job]}
     ok_event = next(a["event"] for a in rx.accepted if a["event"]["data"]["id"] == ok)
     assert ok_event["data"]["result"] == {"text": "hello", "finish_reason": "stop", "stop_reason": None}
     assert ok_event["data"]["usage"]["total_tokens"] == 3
@@ -268,6 +272,8 @@ async def test_loopback_name_refused_without_allow_list(redis_url, redis_client,
             [attempt] = await attempts_when_done(redis_client, job)
     assert attempt["outcome"] == "refused" and "non-public" in attempt["error"]
     assert rx.requests == []
+    shown = job_object(job, await redis_client.hgetall(keys.job_key(job)))["webhook"]
+    assert shown["state"] == "refused" and "127.0.0.1" not in json.dumps(shown)  # no address for the client
 
 
 async def test_stop_lets_an_attempt_in_flight_finish(redis_url, redis_client, secret) -> None:
@@ -280,7 +286,7 @@ async def test_stop_lets_an_attempt_in_flight_finish(redis_url, redis_client, se
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
         # The service has stopped: the attempt it had sent was answered and recorded first.
-        [attempt] = store.attempts_of(await redis_client.hgetall(keys.job_key(job)))
+        [attempt] = F.webhook_attempts(await redis_client.hgetall(keys.job_key(job)))
     assert (attempt["outcome"], attempt["status"]) == ("delivered", 200)
     assert len(rx.accepted) == 1
 
@@ -343,7 +349,7 @@ async def test_https_connects_to_checked_address_with_original_name(redis_client
         await finish(redis_client, other)
         with pytest.raises(Retry):
             await by_ip.deliver(other)
-        [attempt] = store.attempts_of(await redis_client.hgetall(keys.job_key(other)))
+        [attempt] = F.webhook_attempts(await redis_client.hgetall(keys.job_key(other)))
         assert attempt["outcome"] == "retry" and "CERTIFICATE_VERIFY_FAILED" in attempt["error"]
         await http.aclose()
     finally:

@@ -27,6 +27,15 @@ def test_non_public_literal_refused(host: str) -> None:
         check_webhook_url(f"http://{host}/hook", allow="")
 
 
+@pytest.mark.parametrize("host", ["localhost", "LocalHost.", "api.localhost"])
+def test_a_loopback_name_is_refused_at_submit_and_the_error_says_how_to_allow_it(host: str) -> None:
+    with pytest.raises(UnsafeURL, match="non-public address .*TOKENQ_WEBHOOK_ALLOW"):
+        check_webhook_url(f"http://{host}:9000/hook", allow="")
+    check_webhook_url(f"http://{host}:9000/hook", allow="127.0.0.0/8")
+    check_webhook_url(f"http://{host}:9000/hook", allow=host)
+    check_webhook_url("http://localhost.example.com/hook", allow="")  # a public name that only starts so
+
+
 @pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "[2606:4700:4700::1111]", "example.com",
                                   "[64:ff9b::808:808]", "[2002:808:808::1]", "[::ffff:8.8.8.8]"])
 def test_public_or_unresolved_host_accepted(host: str) -> None:

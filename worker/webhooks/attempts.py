@@ -11,7 +11,6 @@ import redis.asyncio as aioredis
 
 from jobstore import JobStore, runner
 from jobstore.scripts import APPEND_WEBHOOK_ATTEMPT
-from protocol import job_record as F
 from protocol import keys
 from worker.webhooks.subjects import is_batch, subject_key
 
@@ -33,10 +32,6 @@ async def record_attempt(redis: aioredis.Redis, job_id: str, attempt: Attempt) -
     if is_batch(job_id):
         return bool(await runner.run(redis, APPEND_WEBHOOK_ATTEMPT, [subject_key(job_id)], [json.dumps(entry)]))
     return await JobStore(redis).record_webhook_attempt(job_id, json.dumps(entry))
-
-
-def attempts_of(record: dict[str, str]) -> list[dict]:
-    return json.loads(record.get(F.WEBHOOK_ATTEMPTS) or "[]")
 
 
 def endpoint_key(tenant: str, url: str) -> str:

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from structlog.typing import FilteringBoundLogger as Logger
 
+from protocol import job_record as F
 from protocol.urlguard import HostNotFound, IPAddress, UnsafeURL, resolve_public
 from worker.logging import get_logger
 from worker.webhooks import attempts as store
@@ -66,7 +67,7 @@ class Deliverer:
         tenant = subject.tenant
         if await store.endpoint_disabled(self.redis, tenant, url):
             return await self._end(job_id, log, store.Attempt("skipped", error="endpoint disabled (410 Gone)"))
-        attempt_no = len(store.attempts_of(subject.record)) + 1
+        attempt_no = len(F.webhook_attempts(subject.record)) + 1
         body = subject.body
         headers = signed_headers(await tenant_secret(self.redis, tenant), message_id(job_id), body)
         try:
