@@ -5,7 +5,6 @@ does not hand out working keys; the tenant's settings hash holds its limits and 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import secrets
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from jobstore.connect import pipeline
-from protocol import keys
+from protocol import keys, webhook_secret
 
 # Set of the digests of every live key.
 API_KEYS_SET = f"{keys.PREFIX}:apikeys"
@@ -24,7 +23,6 @@ AUTH_FLAG = f"{keys.PREFIX}:auth"
 AUTH_ON, AUTH_OFF = "on", "off"
 KEY_PREFIX = "tq_"
 LIMIT_FIELDS = ("rpm", "tpm", "max_queued")
-WEBHOOK_SECRET = "webhook_secret"
 
 
 def key_digest(api_key: str) -> str:
@@ -35,11 +33,6 @@ def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def new_webhook_secret() -> str:
-    """Standard Webhooks format: `whsec_` and the base64 of the random HMAC key."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
 @dataclass(frozen=True)
 class CreatedKey:
     api_key: str
@@ -48,25 +41,29 @@ class CreatedKey:
     webhook_secret: str
 
 
-async def create_key(redis: aioredis.Redis, tenant: str, limits: dict[str, int | None]) -> CreatedKey:
-    """A new key for `tenant`; limits given here replace the tenant's, the webhook secret is kept."""
+def check_tenant_name(tenant: str) -> None:
     if not tenant or ":" in tenant or len(tenant) > 64:
         raise ValueError("tenant: 1 to 64 characters, no ':'")
+
+
+async def create_key(redis: aioredis.Redis, tenant: str, limits: dict[str, int | None]) -> CreatedKey:
+    """A new key for `tenant`; limits given here replace the tenant's, the webhook secret is kept."""
+    check_tenant_name(tenant)
     for name, value in limits.items():
         if value is not None and value < 0:
             raise ValueError(f"{name}: 0 (no limit) or more, got {value}")
     api_key = new_api_key()
     digest = key_digest(api_key)
     settings = {name: str(value) for name, value in limits.items() if name in LIMIT_FIELDS and value is not None}
-    candidate = new_webhook_secret()
+    candidate = webhook_secret.new_secret()
     async with pipeline(redis) as pipe:  # on a cluster not atomic: a partial create fails closed
-        pipe.hsetnx(keys.tenant_key(tenant), WEBHOOK_SECRET, candidate)
+        pipe.hsetnx(keys.tenant_key(tenant), webhook_secret.FIELD, candidate)
         if settings:
             pipe.hset(keys.tenant_key(tenant), mapping=settings)
         pipe.hset(keys.api_key_key(digest), mapping={"tenant": tenant, "created_at": repr(time.time())})
         pipe.sadd(API_KEYS_SET, digest)
         pipe.set(AUTH_FLAG, AUTH_ON)
-        pipe.hget(keys.tenant_key(tenant), WEBHOOK_SECRET)
+        pipe.hget(keys.tenant_key(tenant), webhook_secret.FIELD)
         *_, secret = await pipe.execute()
     return CreatedKey(api_key, digest, tenant, secret)
 

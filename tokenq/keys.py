@@ -1,14 +1,23 @@
-"""`tokenq keys create|list|revoke|auth`: API keys, tenant limits and the auth switch (storage in
-gateway/apikeys.py)."""
+"""`tokenq keys create|list|revoke|auth|secret`: API keys, tenant limits, the auth switch (storage in
+gateway/apikeys.py) and a tenant's webhook secret."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 
-from gateway.apikeys import API_KEYS_SET, auth_state, create_key, list_keys, revoke_key, set_auth
+from gateway.apikeys import (
+    API_KEYS_SET,
+    auth_state,
+    check_tenant_name,
+    create_key,
+    list_keys,
+    revoke_key,
+    set_auth,
+)
 from jobstore.connect import AnyRedis
 from protocol.keys import tenant_key
+from protocol.webhook_secret import tenant_secret
 from respcache import policy
 from tokenq.redis_command import run_with_redis
 
@@ -36,7 +45,11 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
     auth = ksub.add_parser("auth", help="show auth's state, or turn it on or off (it stays as set: revoking "
                                         "the last key does not turn it off)")
     auth.add_argument("switch", nargs="?", choices=["on", "off"])
-    for p in (create, ksub.choices["list"], revoke, auth):
+    secret = ksub.add_parser("secret", help="print a tenant's webhook signing secret (made on first use), to "
+                                            "verify its webhooks with")
+    secret.add_argument("--tenant", default="default",
+                        help="default: `default`, the tenant of every caller while auth is off")
+    for p in (create, ksub.choices["list"], revoke, auth, secret):
         p.add_argument("--redis-url", default=redis_url)
     keys.set_defaults(func=cmd_keys)
 
@@ -75,6 +88,13 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
             created = dt.datetime.fromtimestamp(float(r["created_at"] or 0), dt.UTC).strftime("%Y-%m-%d %H:%M")
             print(f"{r['id'][:12]}\t{r['tenant']}\t{created}\t{r['rpm'] or '-'}\t{r['tpm'] or '-'}\t"
                   f"{r['max_queued'] or '-'}")
+        return 0
+    if args.keys_cmd == "secret":
+        try:
+            check_tenant_name(args.tenant)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(await tenant_secret(redis, args.tenant))
         return 0
     if args.keys_cmd == "auth":
         if args.switch is not None:

@@ -13,11 +13,12 @@ import redis
 from batches import keys as K
 from protocol import job_record as F
 from protocol import keys
+from protocol.webhook_secret import FIELD as SECRET_FIELD
+from protocol.webhook_secret import new_secret
 from tests.batch_helpers import ThreadedFeeder, chat_lines, upload, wait_batch
 from tests.integration.fake_worker import MODEL, ThreadedFakeWorker
 from tests.integration.test_webhooks import ALLOW, Receiver, service
 from tests.processes import GatewayThread
-from worker.webhooks.event import SECRET_FIELD, new_secret
 
 
 def accept(path: str, n: int) -> tuple[int, dict[str, str]]:

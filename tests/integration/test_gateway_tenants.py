@@ -191,6 +191,16 @@ def test_cli_keys(redis_url, capsys):
     assert sync.hget(keys.tenant_key("cli-t"), "webhook_secret") == secret
     capsys.readouterr()
     with pytest.raises(SystemExit) as done:
+        main(["keys", "secret", "--tenant", "cli-t", "--redis-url", redis_url])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == secret  # the one the key's tenant signs with
+    with pytest.raises(SystemExit) as done:
+        main(["keys", "secret", "--redis-url", redis_url])  # the `default` tenant's, made on first use and kept
+    made = capsys.readouterr().out.strip()
+    assert made.startswith("whsec_") and sync.hget(keys.tenant_key("default"), "webhook_secret") == made
+    with pytest.raises(SystemExit) as done:
+        main(["keys", "secret", "--tenant", "a:b", "--redis-url", redis_url])
+    assert done.value.code == "error: tenant: 1 to 64 characters, no ':'"
+    with pytest.raises(SystemExit) as done:
         main(["keys", "auth", "--redis-url", redis_url])
     assert "auth: on" in capsys.readouterr().out  # no key left, and still on
     with pytest.raises(SystemExit) as done:

@@ -115,6 +115,8 @@ async def test_webhooks_are_delivered_with_arq_on_a_single_node(redis_cluster_ur
     """The job store on the cluster (outboxes, jobs, attempts), arq's queue on a single-node Redis."""
     import redis.asyncio as aioredis
 
+    from protocol.webhook_secret import FIELD as SECRET_FIELD
+    from protocol.webhook_secret import new_secret
     from tests.integration.test_webhooks import (
         ALLOW,
         FAST,
@@ -124,7 +126,6 @@ async def test_webhooks_are_delivered_with_arq_on_a_single_node(redis_cluster_ur
         finish,
         new_job,
     )
-    from worker.webhooks.event import SECRET_FIELD, new_secret
 
     queue = aioredis.from_url(single_redis_url)
     await queue.flushdb()

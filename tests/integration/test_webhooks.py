@@ -29,10 +29,11 @@ from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobResult, Usage, new_job_id
 from protocol.sampling import SamplingParams
+from protocol.webhook_secret import FIELD as SECRET_FIELD
+from protocol.webhook_secret import new_secret
 from tests.fakes import submit_job
 from worker.webhooks import attempts as store
 from worker.webhooks.delivery import Deliverer, new_http_client
-from worker.webhooks.event import SECRET_FIELD, new_secret
 from worker.webhooks.policy import RetryPolicy
 from worker.webhooks.relay import GROUP
 from worker.webhooks.service import QUEUE, WebhookService

@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.admission import check_idempotency_key
-from gateway.apikeys import key_digest, new_api_key, new_webhook_secret
+from gateway.apikeys import key_digest, new_api_key
 from gateway.auth import bearer_token
 from gateway.errors import ApiError
 from gateway.options import check_webhook, parse_deadline
 from gateway.schemas import ChatCompletionRequest, JobCreate
 from protocol.jobs import JobPayload
 from protocol.sampling import SamplingParams
+from protocol.webhook_secret import new_secret
 
 NOW = 1_800_000_000.0
 
@@ -67,7 +68,7 @@ def test_keys_and_secrets():
     key = new_api_key()
     assert key.startswith("tq_") and len(key) > 40 and key != new_api_key()
     assert key_digest(key) == key_digest(key) and len(key_digest(key)) == 64
-    secret = new_webhook_secret()
+    secret = new_secret()
     assert secret.startswith("whsec_") and len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24
     assert bearer_token("Bearer tq_abc") == "tq_abc"
     assert bearer_token("bearer  tq_abc ") == "tq_abc"

@@ -10,7 +10,8 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from protocol import job_record as F
 from protocol.jobs import Choice, JobError, JobResult, Usage
-from worker.webhooks.event import event_body, message_id, new_secret, signed_headers
+from protocol.webhook_secret import new_secret
+from worker.webhooks.event import event_body, message_id, signed_headers
 
 
 def _record(**extra: str) -> dict[str, str]:

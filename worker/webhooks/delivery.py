@@ -21,9 +21,10 @@ from structlog.typing import FilteringBoundLogger as Logger
 
 from protocol import job_record as F
 from protocol.urlguard import HostNotFound, IPAddress, UnsafeURL, resolve_public
+from protocol.webhook_secret import tenant_secret
 from worker.logging import get_logger
 from worker.webhooks import attempts as store
-from worker.webhooks.event import message_id, signed_headers, tenant_secret
+from worker.webhooks.event import message_id, signed_headers
 from worker.webhooks.metrics import DELIVERIES
 from worker.webhooks.policy import RetryPolicy, parse_retry_after, retryable
 from worker.webhooks.subjects import load_subject

@@ -6,20 +6,14 @@ since receivers reject timestamps more than a few minutes old."""
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio as aioredis
 from standardwebhooks import Webhook
 
 from protocol import job_record as F
-from protocol import keys
 from protocol.jobs import Choice, JobError, JobResult
-
-SECRET_FIELD = "webhook_secret"
 
 
 def message_id(job_id: str) -> str:
@@ -68,17 +62,6 @@ def event_body(job_id: str, record: dict[str, str]) -> str:
         data["error"] = JobError.model_validate_json(record[F.ERROR]).model_dump()
     event = {"type": f"job.{state}", "timestamp": _iso(record.get(F.FINISHED_AT)), "data": data}
     return json.dumps(event, separators=(",", ":"))
-
-
-def new_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-async def tenant_secret(redis: aioredis.Redis, tenant: str) -> str:
-    """The tenant's signing secret; the first delivery creates it (HSETNX: concurrent ones agree)."""
-    key = keys.tenant_key(tenant)
-    await redis.hsetnx(key, SECRET_FIELD, new_secret())
-    return await redis.hget(key, SECRET_FIELD)
 
 
 def signed_headers(secret: str, msg_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
