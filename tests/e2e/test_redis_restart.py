@@ -16,11 +16,12 @@ import redis.asyncio as aioredis
 
 from protocol import job_record as f
 from protocol import keys
+from protocol.webhook_secret import FIELD as SECRET_FIELD
+from protocol.webhook_secret import new_secret
 from tests.e2e.test_recovery import jobs_for
 from tests.fakes import submit_job
 from tests.integration.test_webhooks import ALLOW, TENANT, Receiver, finish, flaky, new_job
 from tests.processes import RestartableRedis, stop_process
-from worker.webhooks.event import SECRET_FIELD, new_secret
 
 pytestmark = pytest.mark.slow
 
