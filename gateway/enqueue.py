@@ -93,7 +93,9 @@ async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReque
                   payload: JobPayload, metadata: dict[str, str], hit: Hit, idempotency_key: str | None) -> Enqueued:
     """A hit generates nothing and takes no queue place: it is not admitted against the tenant's limits."""
     bind_job(payload.id)
-    record = await write_hit(ctx.redis, payload, dump_request(body), metadata, hit, idempotency_key)
+    holder, record = await write_hit(ctx.store, payload, dump_request(body), metadata, hit, idempotency_key)
+    if holder != payload.id:
+        return await _first_job(ctx, tenant.name, idempotency_key or "", payload.model, holder)
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
     return Enqueued(payload, float(record[F.CREATED_AT]), record, hit=hit)
 

@@ -16,7 +16,8 @@ from prometheus_client import Counter, Gauge
 
 from gateway.flight import TtlCache
 from gateway.schemas import ChatTemplateFields
-from jobstore.connect import is_cluster, pipeline
+from jobstore import JobStore
+from jobstore.connect import is_cluster
 from protocol import job_record as F
 from protocol import keys as protocol_keys
 from protocol.jobs import JobPayload, JobResult, JobState, Usage
@@ -156,10 +157,11 @@ def _for(payload: JobPayload, result: JobResult) -> JobResult:
     return result.model_copy(update={"usage": usage})
 
 
-async def write_hit(redis: aioredis.Redis, payload: JobPayload, request_json: str, metadata: dict[str, str],
-                    hit: Hit, idempotency_key: str | None) -> dict[str, str]:
+async def write_hit(jobs: JobStore, payload: JobPayload, request_json: str, metadata: dict[str, str],
+                    hit: Hit, idempotency_key: str | None) -> tuple[str, dict[str, str]]:
     """The job of a hit, written already succeeded (never queued); its webhook, if any, goes to the outbox
-    as a finished job's does. Returns the job hash."""
+    as a finished job's does, and its Idempotency-Key is bound as a queued job's is. Returns the id of the
+    job that holds the key (another one when a request with the same key came first) and the hash written."""
     now = repr(time.time())
     record = {
         F.STATE: JobState.succeeded.value, F.TENANT: payload.tenant, F.MODEL: payload.model,
@@ -172,12 +174,6 @@ async def write_hit(redis: aioredis.Redis, payload: JobPayload, request_json: st
         record[F.IDEMPOTENCY_KEY] = idempotency_key
     if payload.webhook_url:
         record[F.WEBHOOK_URL] = payload.webhook_url
-    job_key = protocol_keys.job_key(payload.id)
-    async with pipeline(redis) as pipe:  # one slot: the job's and its model's outbox share a tag
-        pipe.hset(job_key, mapping=record)
-        pipe.expire(job_key, F.RETENTION_SECONDS)
-        if payload.webhook_url:
-            pipe.xadd(protocol_keys.webhook_outbox(payload.model),
-                      {"job_id": payload.id, "state": JobState.succeeded.value})
-        await pipe.execute()
-    return record
+    holder = await jobs.write_finished(payload.id, payload.model, payload.tenant, record, idempotency_key,
+                                        webhook=bool(payload.webhook_url))
+    return holder, record

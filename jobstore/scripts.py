@@ -191,6 +191,24 @@ READ = Script("return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]
 SNAPSHOT = Script("return {redis.call('HMGET', KEYS[1], unpack(ARGV)), redis.call('GET', KEYS[2]) or false}")
 
 # KEYS[1] idempotency key. ARGV[1] the job id it must still map to.
+# KEYS: 1 job hash, 2 the Idempotency-Key's binding, 3 the webhook outbox. ARGV: 1 job id, 2 '1' when the job
+# has a key, 3 the key's TTL, 4 retention, 5 '1' when the job has a webhook, then the hash's field/value pairs.
+# A job final from its start (a response-cache hit) bound to its key in the step that writes it, as SUBMIT
+# binds a queued job's. Returns the id of the job the key was bound to before (nothing written), else ARGV[1].
+WRITE_FINISHED = Script(f"""
+if ARGV[2] == '1' then
+  local first = redis.call('GET', KEYS[2])
+  if first then return first end
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] == '1' then
+  redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1], 'state', redis.call('HGET', KEYS[1], '{f.STATE}'))
+end
+return ARGV[1]
+""")
+
 RELEASE_IDEMPOTENCY_KEY = Script(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
 

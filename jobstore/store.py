@@ -175,6 +175,17 @@ class JobStore:
                                   maxlen=NEW_TENANTS_MAXLEN, approximate=True)
         return Submitted(payload.id, now)
 
+    async def write_finished(self, job_id: str, model: str, tenant: str, record: dict[str, str],
+                             idempotency_key: str | None, webhook: bool) -> str:
+        """Write a job that is final from its start (a response-cache hit): its hash, its webhook on the
+        outbox, its Idempotency-Key bound, in one script. Returns the job that holds the key: this one, or
+        the one a request with the same key made before (then nothing is written)."""
+        return await runner.run(
+            self._scripts, s.WRITE_FINISHED,
+            [keys.job_key(job_id), keys.idem_key(tenant, idempotency_key or "", model), keys.webhook_outbox(model)],
+            [job_id, "1" if idempotency_key is not None else "0", IDEMPOTENCY_TTL_S, F.RETENTION_SECONDS,
+             "1" if webhook else "0", *(item for pair in record.items() for item in pair)])
+
     async def release_idempotency_key(self, tenant: str, key: str, model: str, job_id: str) -> None:
         """Unbind a key that still maps to `job_id` (whose job is gone), so that a retry goes through."""
         await runner.run(self.redis, s.RELEASE_IDEMPOTENCY_KEY, [keys.idem_key(tenant, key, model)], [job_id])

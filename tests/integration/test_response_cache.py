@@ -446,3 +446,22 @@ async def test_the_warm_up_preloads_the_semantic_cache_once_redis_holds_semantic
     assert [e["event"] for e in logs] == ["semantic cache unavailable"]
     assert not await broken.ready(timeout=5)
     await broken.aclose()
+
+
+async def test_an_idempotency_key_gives_its_first_job_when_the_cache_could_answer(client, idle_worker, redis_client):
+    """A retry must not become a second job (with a second webhook) because the first job filled the cache."""
+    headers = {"Idempotency-Key": "order-42"}
+    body = {**EXACT, "webhook_url": "https://example.com/hook"}
+    first = await client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 202 and "x-tokenq-cache" not in first.headers
+    await finish(redis_client, first.json()["id"], " four five")
+    again = await client.post("/v1/jobs", json=body, headers=headers)
+    assert again.status_code == 202 and again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json()["id"] == first.json()["id"] and again.json()["status"] == "succeeded"
+    # A first request the cache answers binds its key too: its retry is that hit, not another one.
+    hit = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-43"})
+    assert hit.headers["x-tokenq-cache"] == "exact"
+    repeat = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-43"})
+    assert repeat.json()["id"] == hit.json()["id"] and repeat.headers.get("Idempotent-Replayed") == "true"
+    outbox = await redis_client.xrange(keys.webhook_outbox(MODEL))
+    assert sorted(e[1]["job_id"] for e in outbox) == sorted([first.json()["id"], hit.json()["id"]])
