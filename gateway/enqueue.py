@@ -33,17 +33,26 @@ class Enqueued:
 
     @property
     def cache(self) -> str | None:
-        """"exact" or "semantic" for a hit."""
-        return self.hit.kind if self.hit is not None else None
+        """"exact" or "semantic" when the response cache answered the job: this request's hit, or the one the
+        first request of a repeated Idempotency-Key got."""
+        if self.hit is not None:
+            return self.hit.kind
+        return self.record.get(F.CACHE) if self.record is not None else None
+
+    @property
+    def cache_entry(self) -> str | None:
+        if self.hit is not None:
+            return self.hit.entry_id
+        return self.record.get(F.CACHE_ENTRY) if self.record is not None else None
 
     @property
     def cache_headers(self) -> dict[str, str]:
         """A hit's response headers: which cache answered, and with which entry."""
-        return {HEADER: self.hit.kind, ENTRY_HEADER: self.hit.entry_id} if self.hit is not None else {}
+        return {HEADER: self.cache, ENTRY_HEADER: self.cache_entry or ""} if self.cache is not None else {}
 
     @property
     def repeat(self) -> bool:
-        return self.record is not None and self.cache is None
+        return self.record is not None and self.hit is None
 
     @property
     def queued_here(self) -> bool:
@@ -123,7 +132,7 @@ def job_created_body(job: Enqueued, metadata: dict[str, Any]) -> dict[str, Any]:
     body = {"id": payload.id, "object": "job", "status": status, "model": payload.model, "kind": payload.kind,
             "priority": payload.lane, "created_at": int(job.created_at), "metadata": metadata,
             "prompt_tokens": len(payload.prompt_token_ids)}
-    if job.hit is not None:
-        body["cache"] = job.hit.kind
-        body["cache_entry"] = job.hit.entry_id
+    if job.cache is not None:
+        body["cache"] = job.cache
+        body["cache_entry"] = job.cache_entry
     return body

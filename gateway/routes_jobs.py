@@ -25,7 +25,7 @@ async def create_job(body: JobCreate, caller: Caller = Depends(get_caller),
                      idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Response:
     job = await enqueue(caller.ctx, caller.tenant, body, body.priority, body.stream, body.metadata,
                         check_idempotency_key(idempotency_key))
-    headers = {"Idempotent-Replayed": "true"} if job.repeat else job.cache_headers or None
+    headers = {**({"Idempotent-Replayed": "true"} if job.repeat else {}), **job.cache_headers} or None
     return JSONResponse(status_code=202, content=job_created_body(job, body.metadata), headers=headers)
 
 

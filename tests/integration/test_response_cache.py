@@ -462,6 +462,14 @@ async def test_an_idempotency_key_gives_its_first_job_when_the_cache_could_answe
     hit = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-43"})
     assert hit.headers["x-tokenq-cache"] == "exact"
     repeat = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-43"})
-    assert repeat.json()["id"] == hit.json()["id"] and repeat.headers.get("Idempotent-Replayed") == "true"
+    assert repeat.json() == hit.json() and repeat.headers.get("Idempotent-Replayed") == "true"
+    assert repeat.headers["x-tokenq-cache-entry"] == hit.headers["x-tokenq-cache-entry"]
+    answers = [await client.post("/v1/completions", json=EXACT, headers={"Idempotency-Key": "cmp-1"})
+               for _ in range(2)]
+    assert answers[0].json() == answers[1].json() and [a.headers["x-tokenq-cache"] for a in answers] == ["exact"] * 2
+    burst = await asyncio.gather(*(client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-44"})
+                                   for _ in range(6)))
+    assert len({r.json()["id"] for r in burst}) == 1 and {r.headers["x-tokenq-cache"] for r in burst} == {"exact"}
     outbox = await redis_client.xrange(keys.webhook_outbox(MODEL))
-    assert sorted(e[1]["job_id"] for e in outbox) == sorted([first.json()["id"], hit.json()["id"]])
+    assert sorted(e[1]["job_id"] for e in outbox) == sorted([first.json()["id"], hit.json()["id"],
+                                                              burst[0].json()["id"]])
