@@ -190,7 +190,6 @@ READ = Script("return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]
 # KEYS: 1 job hash, 2 its text; ARGV: the fields. Returns {their values, the text or false}.
 SNAPSHOT = Script("return {redis.call('HMGET', KEYS[1], unpack(ARGV)), redis.call('GET', KEYS[2]) or false}")
 
-# KEYS[1] idempotency key. ARGV[1] the job id it must still map to.
 # KEYS: 1 job hash, 2 the Idempotency-Key's binding, 3 the webhook outbox. ARGV: 1 job id, 2 '1' when the job
 # has a key, 3 the key's TTL, 4 retention, 5 '1' when the job has a webhook, then the hash's field/value pairs.
 # A job final from its start (a response-cache hit) bound to its key in the step that writes it, as SUBMIT
@@ -209,6 +208,7 @@ end
 return ARGV[1]
 """)
 
+# KEYS[1] idempotency key. ARGV[1] the job id it must still map to.
 RELEASE_IDEMPOTENCY_KEY = Script(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
 

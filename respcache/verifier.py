@@ -30,7 +30,8 @@ _STOP = frozenset(
 _NEGATIONS = frozenset({"not", "no", "never", "without", "dont", "don", "doesn", "isn", "cannot", "nt", "cant",
                         "won", "didn", "aren", "wasn"})
 # Marks a question may carry or drop and still ask the same: sentence ends, commas, quotes, in Latin and CJK text.
-_SENTENCE_MARKS = str.maketrans(dict.fromkeys(".,?!;:'\"\u2018\u2019\u201c\u201d\u2026\u3002\uff0c\u3001\uff1f\uff01\u00bf\u00a1", " "))
+_SENTENCE_MARKS = str.maketrans(dict.fromkeys(
+    ".,?!;:'\"\u2018\u2019\u201c\u201d\u2026\u3002\uff0c\u3001\uff1f\uff01\u00bf\u00a1", " "))
 _QUESTION_WORDS = ("what", "why", "how", "when", "where", "which", "who", "is", "can", "should", "do", "does",
                    "are")
 
