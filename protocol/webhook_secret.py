@@ -23,3 +23,10 @@ async def tenant_secret(redis: aioredis.Redis, tenant: str) -> str:
     key = keys.tenant_key(tenant)
     await redis.hsetnx(key, FIELD, new_secret())
     return await redis.hget(key, FIELD)
+
+
+async def rotate(redis: aioredis.Redis, tenant: str) -> str:
+    """A new secret for the tenant: every delivery attempt from now on, retries included, is signed with it."""
+    secret = new_secret()
+    await redis.hset(keys.tenant_key(tenant), FIELD, secret)
+    return secret

@@ -16,8 +16,8 @@ from gateway.apikeys import (
     set_auth,
 )
 from jobstore.connect import AnyRedis
+from protocol import webhook_secret
 from protocol.keys import tenant_key
-from protocol.webhook_secret import tenant_secret
 from respcache import policy
 from tokenq.redis_command import run_with_redis
 
@@ -49,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
                                             "verify its webhooks with")
     secret.add_argument("--tenant", default="default",
                         help="default: `default`, the tenant of every caller while auth is off")
+    secret.add_argument("--rotate", action="store_true",
+                        help="replace it with a new one (deliveries from now on, retries too, are signed with it)")
     for p in (create, ksub.choices["list"], revoke, auth, secret):
         p.add_argument("--redis-url", default=redis_url)
     keys.set_defaults(func=cmd_keys)
@@ -94,7 +96,10 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
             check_tenant_name(args.tenant)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        print(await tenant_secret(redis, args.tenant))
+        if args.rotate:
+            print(await webhook_secret.rotate(redis, args.tenant))
+        else:
+            print(await webhook_secret.tenant_secret(redis, args.tenant))
         return 0
     if args.keys_cmd == "auth":
         if args.switch is not None:

@@ -198,6 +198,12 @@ def test_cli_keys(redis_url, capsys):
     made = capsys.readouterr().out.strip()
     assert made.startswith("whsec_") and sync.hget(keys.tenant_key("default"), "webhook_secret") == made
     with pytest.raises(SystemExit) as done:
+        main(["keys", "secret", "--rotate", "--redis-url", redis_url])
+    rotated = capsys.readouterr().out.strip()
+    assert rotated.startswith("whsec_") and rotated != made
+    assert sync.hget(keys.tenant_key("default"), "webhook_secret") == rotated
+    assert sync.hget(keys.tenant_key("cli-t"), "webhook_secret") == secret  # another tenant's is untouched
+    with pytest.raises(SystemExit) as done:
         main(["keys", "secret", "--tenant", "a:b", "--redis-url", redis_url])
     assert done.value.code == "error: tenant: 1 to 64 characters, no ':'"
     with pytest.raises(SystemExit) as done:
