@@ -8,6 +8,7 @@ from datetime import datetime
 
 from gateway.errors import ApiError
 from protocol.urlguard import UnsafeURL, check_webhook_url
+from tokenq.settings import Settings
 
 
 def parse_deadline(deadline: float | str | None, ttl: float | None, now: float) -> float | None:
@@ -48,7 +49,7 @@ def check_webhook(url: str | None) -> str | None:
     if url is None:
         return None
     try:
-        check_webhook_url(url, None)
+        check_webhook_url(url, Settings.from_env().webhook_allow)
     except UnsafeURL as e:
         raise ApiError(400, f"webhook_url: {e}", param="webhook_url") from e
     return url

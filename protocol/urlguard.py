@@ -4,21 +4,20 @@ A webhook is a request our servers send to a URL a client chose, so without this
 make them call Redis, a cloud metadata endpoint or anything else on the private network (SSRF). The
 gateway checks the URL's syntax (and a literal IP) at submit; the delivery worker resolves the name
 before every attempt, checks every address, and connects to the checked one so a DNS answer cannot
-change in between. `TOKENQ_WEBHOOK_ALLOW` (comma-separated CIDRs or exact host names) opens holes,
-e.g. for a receiver on the same machine in development.
+change in between. `TOKENQ_WEBHOOK_ALLOW` (comma-separated CIDRs or exact host names; Settings.webhook_allow,
+which the callers pass as `allow`) opens holes, e.g. for a receiver on the same machine in development.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-ALLOW_ENV = "TOKENQ_WEBHOOK_ALLOW"
+ALLOW_ENV = "TOKENQ_WEBHOOK_ALLOW"  # named in errors; tokenq/settings.py reads it
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the IPv4 is the low 32 bits
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible form, ::a.b.c.d
 _IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT's IPv4-translated form, ::ffff:0:a.b.c.d
@@ -56,11 +55,6 @@ class AllowList:
 
     def allows_address(self, addr: IPAddress) -> bool:
         return any(addr.version == n.version and addr in n for n in self.networks)
-
-
-def allow_list(allow: str | None = None) -> AllowList:
-    """`allow` when given (an empty string allows nothing), else the environment's list."""
-    return AllowList(os.environ.get(ALLOW_ENV) if allow is None else allow)
 
 
 def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -134,19 +128,19 @@ def _loopback_name(host: str) -> bool:
     return host == "localhost" or host.endswith(".localhost")
 
 
-def check_webhook_url(url: str, allow: str | None = None) -> None:
+def check_webhook_url(url: str, allow: str) -> None:
     """Syntax, and the address when the host is a literal IP or a loopback name; no name resolution (cheap,
     synchronous)."""
     host = _host(url)
-    allowed = allow_list(allow)
+    allowed = AllowList(allow)
     addr = ipaddress.ip_address("127.0.0.1") if _loopback_name(host) else _literal(host)
     if addr is not None and not allowed.allows_host(host):
         _check_address(addr, host, allowed)
 
 
-def _checked(url: str, infos: list[str], allow: str | None) -> list[IPAddress]:
+def _checked(url: str, infos: list[str], allow: str) -> list[IPAddress]:
     host = _host(url)
-    allowed = allow_list(allow)
+    allowed = AllowList(allow)
     addrs = list(dict.fromkeys(ipaddress.ip_address(a.split("%", 1)[0]) for a in infos))
     if not addrs:
         raise HostNotFound(f"webhook host {host} did not resolve")
@@ -161,7 +155,7 @@ def _port(url: str) -> int:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def resolve_public_sync(url: str, allow: str | None = None) -> list[IPAddress]:
+def resolve_public_sync(url: str, allow: str) -> list[IPAddress]:
     """Check the URL, resolve its host and return its addresses, all of them checked."""
     host = _host(url)
     try:
@@ -171,7 +165,7 @@ def resolve_public_sync(url: str, allow: str | None = None) -> list[IPAddress]:
     return _checked(url, [str(i[4][0]) for i in infos], allow)
 
 
-async def resolve_public(url: str, allow: str | None = None) -> list[IPAddress]:
+async def resolve_public(url: str, allow: str) -> list[IPAddress]:
     """`resolve_public_sync` on the running loop's resolver."""
     host = _host(url)
     try:

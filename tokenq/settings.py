@@ -93,6 +93,8 @@ class Settings:
     # TOKENQ_HOT_LOOP: the gateway and the worker poll instead of sleeping while a job runs (a core each
     # meanwhile; protocol/hot_loop.py)
     hot_loop: bool = False
+    # TOKENQ_WEBHOOK_ALLOW: CIDRs or host names that webhooks may reach though not public (protocol/urlguard.py)
+    webhook_allow: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -121,6 +123,7 @@ class Settings:
             gateway_url=env.get("TOKENQ_URL") or None,
             api_key=env.get("TOKENQ_API_KEY") or env.get("OPENAI_API_KEY") or None,
             hot_loop=_flag(env, "TOKENQ_HOT_LOOP", False),
+            webhook_allow=env.get("TOKENQ_WEBHOOK_ALLOW") or "",
         )
 
 

@@ -76,11 +76,17 @@ def test_allow_list_by_cidr_and_host_name() -> None:
         resolve_public_sync("http://localhost:8080/", allow="otherhost")
 
 
-def test_allow_list_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_allow_list_comes_from_the_environment_through_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.errors import ApiError
+    from gateway.options import check_webhook
+    from tokenq.settings import Settings
+
     monkeypatch.setenv(urlguard.ALLOW_ENV, "127.0.0.1/32")
-    check_webhook_url("http://127.0.0.1/")
-    with pytest.raises(UnsafeURL):
-        check_webhook_url("http://127.0.0.1/", allow="")
+    assert Settings.from_env().webhook_allow == "127.0.0.1/32"
+    assert check_webhook("http://127.0.0.1/") == "http://127.0.0.1/"  # the gateway's submit check
+    monkeypatch.delenv(urlguard.ALLOW_ENV)
+    with pytest.raises(ApiError, match="TOKENQ_WEBHOOK_ALLOW"):
+        check_webhook("http://127.0.0.1/")
 
 
 def _fake_resolver(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> None:

@@ -22,6 +22,7 @@ from structlog.typing import FilteringBoundLogger as Logger
 from protocol import job_record as F
 from protocol.urlguard import HostNotFound, IPAddress, UnsafeURL, resolve_public
 from protocol.webhook_secret import tenant_secret
+from tokenq.settings import Settings
 from worker.logging import get_logger
 from worker.webhooks import attempts as store
 from worker.webhooks.event import message_id, signed_headers
@@ -54,7 +55,7 @@ class Deliverer:
         self.redis = redis
         self.http = http
         self.policy = policy
-        self.allow = allow  # None: TOKENQ_WEBHOOK_ALLOW
+        self.allow = Settings.from_env().webhook_allow if allow is None else allow
 
     async def deliver(self, job_id: str) -> str:
         """One attempt; returns the outcome, or raises arq's Retry when another attempt is scheduled."""
