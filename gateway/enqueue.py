@@ -100,9 +100,15 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
 
 async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest | JobCreate,
                   payload: JobPayload, metadata: dict[str, str], hit: Hit, idempotency_key: str | None) -> Enqueued:
-    """A hit generates nothing and takes no queue place: it is not admitted against the tenant's limits."""
+    """A hit generates nothing and takes no queue place: it counts against the tenant's requests per minute
+    only, not its tokens or its queued jobs."""
     bind_job(payload.id)
-    holder, record = await write_hit(ctx.store, payload, dump_request(body), metadata, hit, idempotency_key)
+    try:
+        holder, record = await write_hit(ctx.store, payload, dump_request(body), metadata, hit, idempotency_key,
+                                         rpm=tenant.rpm)
+    except Refused as refused:
+        raise limit_error(tenant, refused, payload.cost_tokens, payload.model, payload.lane,
+                          ctx.max_queue_depth) from None
     if holder != payload.id:
         return await _first_job(ctx, tenant.name, idempotency_key or "", payload.model, holder)
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)

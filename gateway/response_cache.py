@@ -158,10 +158,11 @@ def _for(payload: JobPayload, result: JobResult) -> JobResult:
 
 
 async def write_hit(jobs: JobStore, payload: JobPayload, request_json: str, metadata: dict[str, str],
-                    hit: Hit, idempotency_key: str | None) -> tuple[str, dict[str, str]]:
-    """The job of a hit, written already succeeded (never queued); its webhook, if any, goes to the outbox
-    as a finished job's does, and its Idempotency-Key is bound as a queued job's is. Returns the id of the
-    job that holds the key (another one when a request with the same key came first) and the hash written."""
+                    hit: Hit, idempotency_key: str | None, rpm: int) -> tuple[str, dict[str, str]]:
+    """The job of a hit, written already succeeded (never queued) and counted against the tenant's `rpm`;
+    its webhook, if any, goes to the outbox as a finished job's does, and its Idempotency-Key is bound as a
+    queued job's is. Returns the id of the job that holds the key (another one when a request with the same
+    key came first) and the hash written; raises jobstore.Refused past the rpm."""
     now = repr(time.time())
     record = {
         F.STATE: JobState.succeeded.value, F.TENANT: payload.tenant, F.MODEL: payload.model,
@@ -175,5 +176,5 @@ async def write_hit(jobs: JobStore, payload: JobPayload, request_json: str, meta
     if payload.webhook_url:
         record[F.WEBHOOK_URL] = payload.webhook_url
     holder = await jobs.write_finished(payload.id, payload.model, payload.tenant, record, idempotency_key,
-                                        webhook=bool(payload.webhook_url))
+                                       webhook=bool(payload.webhook_url), rpm=rpm)
     return holder, record

@@ -100,26 +100,11 @@ local function drop_entry(stream, entry)
 end
 """
 
-# KEYS: 1 job hash, 2 idempotency key, 3/4 rpm counters (this minute, last minute), 5/6 tpm counters,
-# 7 the tenant's queued counter, 8 the job's stream, 9 the lane's tenant set, 10 the lane's depth hash,
-# 11 the deadlines set.
-# ARGV: 1 job id, 2 '1' when an idempotency key was given, 3 its TTL, 4 rpm, 5 tpm, 6 tokens of this job,
-# 7 max_queued, 8 fraction of this minute gone, 9 window seconds, 10 the lane's max depth (0: none for
-# all of these limits), 11 tenant, 12 payload JSON, 13 deadline or '', then the hash's other fields and values.
-# Returns {1, entry id, 1 when the tenant is new to the lane else 0} when admitted and written; {0, first job id} for a repeated key; {2, limit, wait ms,
-# used, limit value} when refused; {3, entry id} when this very job exists already (a retry after a lost
-# reply, which must not queue it twice).
-# Fair share: when the lane holds max depth jobs or more, a tenant is still admitted while it holds fewer
-# than ceil(max depth / tenants with jobs in the lane, itself included).
-SUBMIT = Script(f"""
-if redis.call('EXISTS', KEYS[1]) == 1 then return {{3, redis.call('HGET', KEYS[1], '{f.ENTRY_ID}')}} end
-if ARGV[2] == '1' then
-  local first = redis.call('GET', KEYS[2])
-  if first then return {{0, first}} end
-end
-local frac = tonumber(ARGV[8])
-local window = tonumber(ARGV[9])
-local function refuse(cur_key, prev_key, limit, cost)
+# refuse(this minute's counter, last minute's, limit, cost, fraction of this minute gone, window seconds):
+# nil when `cost` more fits the limit over the sliding window (the last minute's count fading out linearly),
+# else {wait ms until it fits, used}. A limit of 0 or less is no limit.
+_RATE_FN = """
+local function refuse(cur_key, prev_key, limit, cost, frac, window)
   if limit <= 0 then return nil end
   local cur = tonumber(redis.call('GET', cur_key) or '0')
   local prev = tonumber(redis.call('GET', prev_key) or '0')
@@ -135,12 +120,33 @@ local function refuse(cur_key, prev_key, limit, cost)
     -- fits next minute, once enough of this minute's count has slid out
     wait = (1 - frac + math.max(0, 1 - (limit - cost) / cur)) * window
   end
-  return {{math.max(1, math.ceil(wait * 1000)), math.floor(used)}}
+  return {math.max(1, math.ceil(wait * 1000)), math.floor(used)}
 end
+"""
+
+# KEYS: 1 job hash, 2 idempotency key, 3/4 rpm counters (this minute, last minute), 5/6 tpm counters,
+# 7 the tenant's queued counter, 8 the job's stream, 9 the lane's tenant set, 10 the lane's depth hash,
+# 11 the deadlines set.
+# ARGV: 1 job id, 2 '1' when an idempotency key was given, 3 its TTL, 4 rpm, 5 tpm, 6 tokens of this job,
+# 7 max_queued, 8 fraction of this minute gone, 9 window seconds, 10 the lane's max depth (0: none for
+# all of these limits), 11 tenant, 12 payload JSON, 13 deadline or '', then the hash's other fields and values.
+# Returns {1, entry id, 1 when the tenant is new to the lane else 0} when admitted and written; {0, first job id} for a repeated key; {2, limit, wait ms,
+# used, limit value} when refused; {3, entry id} when this very job exists already (a retry after a lost
+# reply, which must not queue it twice).
+# Fair share: when the lane holds max depth jobs or more, a tenant is still admitted while it holds fewer
+# than ceil(max depth / tenants with jobs in the lane, itself included).
+SUBMIT = Script(f"""{_RATE_FN}
+if redis.call('EXISTS', KEYS[1]) == 1 then return {{3, redis.call('HGET', KEYS[1], '{f.ENTRY_ID}')}} end
+if ARGV[2] == '1' then
+  local first = redis.call('GET', KEYS[2])
+  if first then return {{0, first}} end
+end
+local frac = tonumber(ARGV[8])
+local window = tonumber(ARGV[9])
 local rpm, tpm, tokens = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local r = refuse(KEYS[3], KEYS[4], rpm, 1)
+local r = refuse(KEYS[3], KEYS[4], rpm, 1, frac, window)
 if r then return {{2, 'rpm', r[1], r[2], rpm}} end
-r = refuse(KEYS[5], KEYS[6], tpm, tokens)
+r = refuse(KEYS[5], KEYS[6], tpm, tokens, frac, window)
 if r then return {{2, 'tpm', r[1], r[2], tpm}} end
 local max_queued = tonumber(ARGV[7])
 if max_queued > 0 then
@@ -190,22 +196,32 @@ READ = Script("return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]
 # KEYS: 1 job hash, 2 its text; ARGV: the fields. Returns {their values, the text or false}.
 SNAPSHOT = Script("return {redis.call('HMGET', KEYS[1], unpack(ARGV)), redis.call('GET', KEYS[2]) or false}")
 
-# KEYS: 1 job hash, 2 the Idempotency-Key's binding, 3 the webhook outbox. ARGV: 1 job id, 2 '1' when the job
-# has a key, 3 the key's TTL, 4 retention, 5 '1' when the job has a webhook, then the hash's field/value pairs.
-# A job final from its start (a response-cache hit) bound to its key in the step that writes it, as SUBMIT
-# binds a queued job's. Returns the id of the job the key was bound to before (nothing written), else ARGV[1].
-WRITE_FINISHED = Script(f"""
+# KEYS: 1 job hash, 2 the Idempotency-Key's binding, 3 the webhook outbox, 4/5 rpm counters (this minute, last
+# minute). ARGV: 1 job id, 2 '1' when the job has a key, 3 the key's TTL, 4 retention, 5 '1' when the job has a
+# webhook, 6 rpm (0: none), 7 fraction of this minute gone, 8 window seconds, then the hash's field/value pairs.
+# A job final from its start (a response-cache hit): it counts against rpm as every request does, and is bound
+# to its key in the step that writes it, as SUBMIT binds a queued job's. Returns {1, job id} when written,
+# {0, first job id} when the key was bound before (nothing written or counted), {2, 'rpm', wait ms, used,
+# rpm} when refused.
+WRITE_FINISHED = Script(f"""{_RATE_FN}
 if ARGV[2] == '1' then
   local first = redis.call('GET', KEYS[2])
-  if first then return first end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+  if first then return {{0, first}} end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+local rpm, window = tonumber(ARGV[6]), tonumber(ARGV[8])
+local r = refuse(KEYS[4], KEYS[5], rpm, 1, tonumber(ARGV[7]), window)
+if r then return {{2, 'rpm', r[1], r[2], rpm}} end
+if rpm > 0 then
+  redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], window * 2)
+end
+if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] == '1' then
   redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1], 'state', redis.call('HGET', KEYS[1], '{f.STATE}'))
 end
-return ARGV[1]
+return {{1, ARGV[1]}}
 """)
 
 # KEYS[1] idempotency key. ARGV[1] the job id it must still map to.

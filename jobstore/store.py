@@ -176,15 +176,24 @@ class JobStore:
         return Submitted(payload.id, now)
 
     async def write_finished(self, job_id: str, model: str, tenant: str, record: dict[str, str],
-                             idempotency_key: str | None, webhook: bool) -> str:
-        """Write a job that is final from its start (a response-cache hit): its hash, its webhook on the
-        outbox, its Idempotency-Key bound, in one script. Returns the job that holds the key: this one, or
-        the one a request with the same key made before (then nothing is written)."""
-        return await runner.run(
+                             idempotency_key: str | None, webhook: bool, rpm: int = 0,
+                             now: float | None = None) -> str:
+        """Write a job that is final from its start (a response-cache hit): one request against the tenant's
+        rpm, its hash, its webhook on the outbox, its Idempotency-Key bound, in one script. Returns the job
+        that holds the key: this one, or the one a request with the same key made before (then nothing is
+        written). Raises Refused past the rpm."""
+        minute, into = divmod(time.time() if now is None else now, RATE_WINDOW_S)
+        reply = await runner.run(
             self._scripts, s.WRITE_FINISHED,
-            [keys.job_key(job_id), keys.idem_key(tenant, idempotency_key or "", model), keys.webhook_outbox(model)],
+            [keys.job_key(job_id), keys.idem_key(tenant, idempotency_key or "", model), keys.webhook_outbox(model),
+             keys.tenant_counter_key(tenant, model, "rpm", int(minute)),
+             keys.tenant_counter_key(tenant, model, "rpm", int(minute) - 1)],
             [job_id, "1" if idempotency_key is not None else "0", IDEMPOTENCY_TTL_S, F.RETENTION_SECONDS,
-             "1" if webhook else "0", *(item for pair in record.items() for item in pair)])
+             "1" if webhook else "0", rpm, repr(into / RATE_WINDOW_S), RATE_WINDOW_S,
+             *(item for pair in record.items() for item in pair)])
+        if int(reply[0]) == 2:
+            raise Refused(reply[1], int(reply[2]), int(reply[3]), int(reply[4]))
+        return reply[1]
 
     async def release_idempotency_key(self, tenant: str, key: str, model: str, job_id: str) -> None:
         """Unbind a key that still maps to `job_id` (whose job is gone), so that a retry goes through."""

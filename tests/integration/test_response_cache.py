@@ -202,6 +202,20 @@ async def test_a_hit_costs_no_tokens_per_minute(client, idle_worker, redis_clien
         assert r.status_code == 202 and r.headers["x-tokenq-cache"] == "exact"
 
 
+async def test_a_hit_counts_against_requests_per_minute(client, idle_worker, redis_client):
+    acme = await create_key(redis_client, "acme", {"rpm": 3})
+    r = await client.post("/v1/jobs", json=EXACT, headers=bearer(acme.api_key))  # a miss: request 1
+    await finish(redis_client, r.json()["id"], " ok")
+    for _ in range(2):  # hits: requests 2 and 3
+        r = await client.post("/v1/jobs", json=EXACT, headers=bearer(acme.api_key))
+        assert r.status_code == 202 and r.headers["x-tokenq-cache"] == "exact"
+    refused = await client.post("/v1/jobs", json=EXACT, headers=bearer(acme.api_key))
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert "requests per minute" in refused.json()["error"]["message"]
+    assert await queued(redis_client) == 1  # and the refused hit wrote no job
+    assert len([k async for k in redis_client.scan_iter(match=keys.job_keys_pattern())]) == 3
+
+
 async def test_cache_survives_a_gateway_restart(redis_url, redis_client, idle_worker):
     first = create_app(redis_url)
     async with first.router.lifespan_context(first), make_client(first) as c:
