@@ -76,6 +76,11 @@ class Refused(Exception):  # noqa: N818 (a decision, not a failure)
         self.used = used
         self.value = value  # the limit's value (for queue_full: the tenant's fair share)
 
+    @classmethod
+    def of_reply(cls, reply: list) -> Refused:
+        """From an admission script's refusal, {2, limit, wait ms, used, limit's value}."""
+        return cls(reply[1], int(reply[2]), int(reply[3]), int(reply[4]))
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -167,7 +172,7 @@ class JobStore:
              *(item for pair in record.items() for item in pair)])
         code = int(reply[0])
         if code == 2:
-            raise Refused(reply[1], int(reply[2]), int(reply[3]), int(reply[4]))
+            raise Refused.of_reply(reply)
         if code == 0 and reply[1] != payload.id:
             return Submitted(reply[1], now, repeat=True)
         if code == 1 and int(reply[2]):  # a new stream: wake a worker blocked on the streams it knows
@@ -192,7 +197,7 @@ class JobStore:
              "1" if webhook else "0", rpm, repr(into / RATE_WINDOW_S), RATE_WINDOW_S,
              *(item for pair in record.items() for item in pair)])
         if int(reply[0]) == 2:
-            raise Refused(reply[1], int(reply[2]), int(reply[3]), int(reply[4]))
+            raise Refused.of_reply(reply)
         return reply[1]
 
     async def release_idempotency_key(self, tenant: str, key: str, model: str, job_id: str) -> None:
