@@ -111,9 +111,10 @@ class Verifier:
 
     def judge(self, q_vec: np.ndarray, c_vecs: np.ndarray, q_text: str, c_texts: list[str]) -> np.ndarray:
         """The match probability of the question against each of its nearest candidates: the trees', except
-        that a candidate of the same words (`same_words`) is a match. The trees give such pairs about 0.8,
-        as the Quora labels taught them ("How do I overcome my inferiority complex ?" and the same without
-        the space are labelled different questions), and a user who drops a question mark expects the hit.
+        that a candidate of the same words (`same_words`) is a match. The trees may score such a pair under the
+        threshold, as the Quora labels taught them ("How do I overcome my inferiority complex ?" and the same
+        without the space are labelled different questions), and a user who drops a question mark expects the
+        hit.
         Word for word the same text is left to the trees, which refuse it: the exact cache answers it first,
         and the bench counts a hit on another pair's question of the very same words false."""
         probs = self.probability(features(q_vec, c_vecs, q_text, c_texts))
