@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore.connect import AnyRedis, connect, is_cluster_url
 
-RETRIES = 4  # about 0.05 + 0.1 + 0.2 + 0.4 s of back-off before a request gives up
+RETRIES = 4  # 0.1 + 0.2 + 0.4 + 0.5 s of back-off (redis-py's first wait is base x 2) before a request gives up
 CONNECT_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 12
 POOL_WAIT_S = 5.0

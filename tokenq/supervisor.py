@@ -220,8 +220,9 @@ def _run(opts: UpOptions, base: str) -> int:
                 child.watch()
             time.sleep(0.2)
     finally:
-        # Gateway first (no new jobs), then the worker drains, then webhooks (it relays the jobs the drain
-        # finished and lets attempts in flight end), then Redis writes its append-only file.
+        # The gateway, the worker and the batch feeder together (each drains at the same time), then webhooks
+        # (it relays the jobs the drain finished and lets attempts in flight end), then Redis writes its
+        # append-only file.
         for group in ((gateway, worker, batches), (webhooks,)):
             stop_children([c.proc for c in group])
         if redis is not None:
