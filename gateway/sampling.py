@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from gateway.errors import ApiError, describe_validation_error, most_telling
 from gateway.schemas import SamplingFields
 from protocol.guided import GuidedSpec
-from protocol.sampling import SamplingParams
+from protocol.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_DEFAULT_TOKENS = 4096  # max_tokens when the client gives none: the rest of the context, up to this
 
@@ -70,6 +70,9 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
                             "tokens: no room is left to generate", param=prompt_field)
     if vocab_size is not None:
         check_vocabulary(req, vocab_size)
+    top = getattr(req, "top_logprobs", None)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:  # within bounds even where logprobs is off
+        raise ApiError(400, f"top_logprobs: 0 to {MAX_LOGPROBS} (got {top})", param="top_logprobs")
     values: dict[str, Any] = {
         "max_tokens": asked if asked is not None else min(room, MAX_DEFAULT_TOKENS),
         "logprobs": requested_logprobs(req),

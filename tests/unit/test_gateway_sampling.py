@@ -40,6 +40,8 @@ def test_default_max_tokens_is_the_rest_of_the_context_capped():
     ({"max_completion_tokens": 0}, "max_completion_tokens", "only on /v1/completions with echo"),
     ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs", "20"),
+    ({"top_logprobs": 25}, "top_logprobs", "0 to 20 (got 25)"),  # bounded though logprobs is off
+    ({"top_logprobs": -1}, "top_logprobs", "0 to 20 (got -1)"),
     ({"stop": [str(i) for i in range(9)]}, "stop", "at most 8"),
     ({"stop": ""}, "stop", "must not be empty"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed max_tokens (2)"),
