@@ -23,12 +23,14 @@ from gateway.sse import completion_chunks, completion_events, final_error, sse_r
 from gateway.waiting import WaitingResponse
 from jobstore import JobRef
 from protocol import job_record as F
-from protocol.jobs import JobPayload, JobResult, JobState
+from protocol.jobs import JobError, JobPayload, JobResult, JobState
 
 router = APIRouter()
 # A completion (a client holding its connection open) submitted while no worker of its model is live waits
-# this long for one to start it; a job still queued then is cancelled and the client gets a 504 saying why.
+# this long for one to start it; a job still queued then is cancelled and the client gets a 504 (a stream:
+# an error event) saying why.
 NO_WORKER_WAIT_S = 60.0
+_watchdogs: set[asyncio.Task] = set()  # the streams' no-worker timers, held until they end
 # A job that did not succeed: failed is the server's fault; cancelled and expired are outcomes the
 # client asked for (DELETE, a deadline).
 _FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
@@ -59,6 +61,7 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     headers = job.cache_headers or None
     on_abandon = _canceller(ctx, job)
     if body.stream:
+        await _watch_for_no_worker(ctx, job)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
                                               mark=job.repeat, hub=ctx.hub, store=ctx.store), headers)
@@ -89,6 +92,8 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
     cancels = [_canceller(ctx, job) for job in jobs]
     completion_id = responses.completion_id("completion", jobs[0].payload.id)
     if body.stream:
+        for job in jobs:
+            await _watch_for_no_worker(ctx, job)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streams = [completion_chunks(ctx.redis, job.payload, int(job.created_at), True, cancel,
                                      mark=job.repeat, hub=ctx.hub, store=ctx.store)
@@ -151,9 +156,7 @@ def _final_response(payload: JobPayload, created: int, final: Final | None,
 def _final_body(payload: JobPayload, created: int, final: Final | None) -> dict[str, Any] | Response:
     """The completion of a job that succeeded; the error response of one that did not."""
     if final is None:
-        return error_response(504, f"no worker serving model `{payload.model}` started this job within "
-                                   f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later",
-                              type_="no_worker", code="no_worker")
+        return error_response(504, _no_worker(payload.model).message, type_="no_worker", code="no_worker")
     if final.state != JobState.succeeded or final.result is None:
         err = final_error(final)
         return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
@@ -170,6 +173,32 @@ async def _wait(ctx: GatewayContext, payload: JobPayload, repeat: bool) -> Final
         async with asyncio.timeout(NO_WORKER_WAIT_S):
             return await wait_final(ctx.redis, payload.id, ctx.hub, ctx.store)
     except TimeoutError:
-        if await ctx.store.cancel(JobRef.of(payload), only_queued=True) == JobState.queued.value:
+        if await _cancel_unstarted(ctx, payload):
             return None
     return await wait_final(ctx.redis, payload.id, ctx.hub, ctx.store)  # it started meanwhile: its worker answers
+
+
+def _no_worker(model: str) -> JobError:
+    return JobError(type="no_worker", message=f"no worker serving model `{model}` started this job within "
+                                              f"{NO_WORKER_WAIT_S:g}s, so it was cancelled; try again later")
+
+
+async def _cancel_unstarted(ctx: GatewayContext, payload: JobPayload) -> bool:
+    """Cancel the job with a no_worker error if no worker has started it; True when this cancelled it."""
+    state = await ctx.store.cancel(JobRef.of(payload), only_queued=True, error=_no_worker(payload.model))
+    return state == JobState.queued.value
+
+
+async def _watch_for_no_worker(ctx: GatewayContext, job: Enqueued) -> None:
+    """A stream has no response to give up on: when no worker of its model is live, its job is cancelled
+    with a no_worker error (which ends the stream with it) unless a worker starts it within NO_WORKER_WAIT_S."""
+    if not job.queued_here or await ctx.registry.serving(job.payload.model):
+        return
+
+    async def watch() -> None:
+        await asyncio.sleep(NO_WORKER_WAIT_S)
+        await _cancel_unstarted(ctx, job.payload)
+
+    task = asyncio.create_task(watch())
+    _watchdogs.add(task)
+    task.add_done_callback(_watchdogs.discard)

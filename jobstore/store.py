@@ -305,11 +305,11 @@ class JobStore:
 
     # -- cancel and expiry -------------------------------------------------------------------------------
 
-    async def cancel(self, ref: JobRef, only_queued: bool = False) -> str:
-        """Cancel a job (with `only_queued`, only if no worker has started it); returns the state it was in
-        ('' when it is gone)."""
+    async def cancel(self, ref: JobRef, only_queued: bool = False, error: JobError = CANCELLED) -> str:
+        """Cancel a job (with `only_queued`, only if no worker has started it), recording `error`; returns
+        the state it was in ('' when it is gone)."""
         return await runner.run(self.redis, s.CANCEL, [*ref.finish_keys(), ref.stream],
-                                [ref.id, CANCELLED.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
+                                [ref.id, error.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
                                  keys.control_channel(ref.model), json.dumps({"cancel": ref.id}),
                                  "1" if only_queued else "0"])
 

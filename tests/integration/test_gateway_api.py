@@ -259,6 +259,12 @@ async def test_known_model_without_worker_queues_and_waits(client, redis_url, de
     assert job.status_code == 202 and job.json()["status"] == "queued"
     err = assert_error(await client.post("/v1/chat/completions", json=CHAT), 504)
     assert err["code"] == "no_worker" and "0.5s" in err["message"]
+    # A stream has no response to give up on: its job is cancelled with the same reason, which ends it.
+    async with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as streamed:
+        body = (await streamed.aread()).decode()
+    events = [json.loads(x.removeprefix("data: ")) for x in body.split("\n\n") if x.startswith("data: {")]
+    assert events[-1]["error"]["type"] == "no_worker" and "0.5s" in events[-1]["error"]["message"]
+    assert body.rstrip().endswith("data: [DONE]")
     w = FakeWorker(redis_url, default_model_dir)  # a worker comes back: the queued job runs
     await w.start()
     try:
