@@ -1,8 +1,8 @@
 """How tokenq starts the processes it keeps: `tokenq up`'s roles, and every embedded Redis.
 
 Each runs in a process group of its own, so a Ctrl-C in the terminal (a SIGINT to the foreground group)
-reaches `tokenq up` alone, and it stops them in order: the gateway, the worker's drain, the webhooks, Redis
-last. In one group with it, every child took the Ctrl-C at once: Redis shut down under the draining worker,
+reaches `tokenq up` alone, and it stops them in order: the gateway, the worker's drain and the batch feeder
+together, then the webhooks, Redis last. In one group with it, every child took the Ctrl-C at once: Redis shut down under the draining worker,
 and the worker counted the SIGTERM that followed as a second signal and skipped its grace.
 
 Each is also told by the kernel to stop (SIGTERM, so it still stops cleanly) when the thread that started

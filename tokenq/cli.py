@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenq", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    up = sub.add_parser("up", help="run Redis (embedded unless --redis-url), a worker and the gateway")
+    up = sub.add_parser("up", help="run Redis (embedded unless --redis-url), a worker, the webhook deliverer, "
+                                   "the batch feeder and the gateway")
     up.add_argument("--redis-url", default=settings.explicit_redis_url())
     up.add_argument("--model", default=settings.model_name())
     up.add_argument("--host", default="127.0.0.1")
