@@ -34,15 +34,11 @@ class Enqueued:
     @property
     def cache(self) -> str | None:
         """"exact" or "semantic" when the response cache answered the job: this request's hit, or the one the
-        first request of a repeated Idempotency-Key got."""
-        if self.hit is not None:
-            return self.hit.kind
+        first request of a repeated Idempotency-Key got (a hit's job hash says so)."""
         return self.record.get(F.CACHE) if self.record is not None else None
 
     @property
     def cache_entry(self) -> str | None:
-        if self.hit is not None:
-            return self.hit.entry_id
         return self.record.get(F.CACHE_ENTRY) if self.record is not None else None
 
     @property
@@ -87,8 +83,7 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
                                            limits=limits_of(tenant, ctx.max_queue_depth),
                                            idempotency_key=idempotency_key)
     except Refused as refused:
-        tokens = payload.cost_tokens
-        raise limit_error(tenant, refused, tokens, payload.model, payload.lane, ctx.max_queue_depth) from None
+        raise _refusal(ctx, tenant, payload, refused) from None
     if submitted.repeat:
         return await _first_job(ctx, tenant.name, idempotency_key or "", payload.model, submitted.job_id)
     bind_job(payload.id)
@@ -107,12 +102,15 @@ async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReque
         holder, record = await write_hit(ctx.store, payload, dump_request(body), metadata, hit, idempotency_key,
                                          rpm=tenant.rpm)
     except Refused as refused:
-        raise limit_error(tenant, refused, payload.cost_tokens, payload.model, payload.lane,
-                          ctx.max_queue_depth) from None
+        raise _refusal(ctx, tenant, payload, refused) from None
     if holder != payload.id:
         return await _first_job(ctx, tenant.name, idempotency_key or "", payload.model, holder)
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
     return Enqueued(payload, float(record[F.CREATED_AT]), record, hit=hit)
+
+
+def _refusal(ctx: GatewayContext, tenant: Tenant, payload: JobPayload, refused: Refused) -> ApiError:
+    return limit_error(tenant, refused, payload.cost_tokens, payload.model, payload.lane, ctx.max_queue_depth)
 
 
 async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, model: str, job_id: str) -> Enqueued:

@@ -49,6 +49,11 @@ def check_webhook(url: str | None) -> str | None:
     if url is None:
         return None
     try:
+        check_webhook_url(url, "")
+        return url  # a public host: no allow-list to read, so no Settings parse on the submit path
+    except UnsafeURL:
+        pass
+    try:
         check_webhook_url(url, Settings.from_env().webhook_allow)
     except UnsafeURL as e:
         raise ApiError(400, f"webhook_url: {e}", param="webhook_url") from e
