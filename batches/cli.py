@@ -88,6 +88,9 @@ def _cancel(client: httpx.Client, args: argparse.Namespace) -> int:
 
 def _results(client: httpx.Client, args: argparse.Namespace) -> int:
     batch = _get(client, f"/v1/batches/{args.id}")
+    if batch["status"] not in FINAL:
+        sys.exit(f"error: batch {args.id} is {batch['status']}: its files are written when it ends; follow it "
+                 f"with `tokenq batch wait {args.id} -o {args.output}`")
     _download(client, batch, args.output, args.errors or _beside(args.output, "errors"))
     return 0
 
@@ -153,12 +156,19 @@ def _follow(client: httpx.Client, batch: dict, poll_s: float = 1.0) -> dict:
     counts = batch["request_counts"]
     print(f"batch {batch['id']} {batch['status']}: {counts['completed']} completed, {counts['failed']} failed "
           f"of {counts['total']}", file=sys.stderr)
+    for error in (batch.get("errors") or {}).get("data") or []:
+        print(f"  {error.get('code')}: {error.get('message')}", file=sys.stderr)
     return batch
 
 
 def _download(client: httpx.Client, batch: dict, output: Path, errors: Path) -> None:
+    """The batch's output and error files; a path whose file the batch does not have is removed, so that
+    no file of an earlier batch stands in for this one's."""
     for file_id, path in ((batch.get("output_file_id"), output), (batch.get("error_file_id"), errors)):
         if not file_id:
+            if path.is_file():
+                path.unlink()
+                print(f"{path}  (removed: batch {batch['id']} has no such file)", file=sys.stderr)
             continue
         with client.stream("GET", f"/v1/files/{file_id}/content") as r, path.open("wb") as f:
             if r.status_code != 200:

@@ -279,7 +279,7 @@ class BatchFeeder:
         tenant = await self.ctx.auth.tenant(b["tenant"])
         deadline = float(b["expires_at"])
         records = []
-        items = [(line, _parse(item, line) if isinstance(item, str | bytes | None) else item) for line, item in lines]
+        items = [(line, _parse(item, line) if isinstance(item, str | None) else item) for line, item in lines]
         # Resubmitted lines too go in prompt order (a refill's already are; the sort is stable).
         items.sort(key=lambda p: p[1].prompt_key() if isinstance(p[1], BatchLine) else "")
         for line, item in items:
@@ -321,10 +321,16 @@ class BatchFeeder:
             await self._set(cursor=total)
         if not b.get("stopped"):
             inflight = await self.redis.hgetall(K.inflight_key(self.batch_id))
-            for job_id in inflight.values():
+            never_queued = []  # a limit held them back: nothing runs them, so they end now, not after the grace
+            for line, job_id in inflight.items():
                 model = await self.redis.hget(keys.job_key(job_id), F.MODEL)
                 if model:
                     await self.ctx.store.cancel(JobRef(job_id, b["tenant"], model, "batch"))
+                else:
+                    never_queued.append(int(line))
+            custom_ids = await self._custom_ids(b, never_queued)
+            await self._record([(line, R.not_run(c or "", code, message))
+                                for line, c in zip(never_queued, custom_ids, strict=True)])
             await self._set(stopped="1")
             log.info("batch stopping", batch_id=self.batch_id, ending=ending, not_fed=total - cursor,
                      in_flight=len(inflight))
@@ -374,7 +380,7 @@ class BatchFeeder:
             await pipe.execute()
 
 
-def _parse(text: str | bytes | None, line: int) -> BatchLine | LineError:
+def _parse(text: str | None, line: int) -> BatchLine | LineError:
     if text is None:
         return LineError(line + 1, "the input file was deleted while the batch ran")
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from batches import keys as K
-from batches.lines import LineError, LineSplitter, parse_line
+from batches.lines import LineError, LineSplitter, line_text, parse_line
 from batches.pages import read_page
 from batches.settings import BatchSettings
 from gateway.errors import ApiError
@@ -116,7 +116,8 @@ class BatchFileUpload:
             raise _bad_line(e) from e
 
     async def _line(self, number: int, line: bytes) -> None:
-        parsed = parse_line(line, number)
+        text = line_text(line, number)
+        parsed = parse_line(text, number)
         if parsed.custom_id in self._custom_ids:
             raise LineError(number, f"custom_id {parsed.custom_id!r} is used by an earlier line; each line "
                                     "needs its own")
@@ -124,7 +125,7 @@ class BatchFileUpload:
             raise LineError(number, f"a batch file holds at most {self.settings.max_lines} requests")
         self._custom_ids.add(parsed.custom_id)
         self._urls.setdefault(parsed.url, number)
-        await self.writer.add(line)
+        await self.writer.add(text)
 
     async def finish(self, filename: str, redis: aioredis.Redis) -> dict[str, str]:
         try:

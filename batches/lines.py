@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import describe_validation_error
+from gateway.errors import ApiError, describe_validation_error
+from gateway.prepare import check_model_free
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
@@ -19,6 +20,7 @@ ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "/v1/completions": CompletionRequest,
 }
 MAX_CUSTOM_ID_CHARS = 512
+BOM = "\ufeff"
 
 
 class LineError(ValueError):
@@ -61,18 +63,34 @@ class BatchLine:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def parse_line(text: str | bytes, number: int) -> BatchLine:
-    """The line checked in full (envelope and body), or LineError."""
+def line_text(raw: bytes, number: int) -> str:
+    """The line as text: UTF-8, without the byte order mark some editors put first (it would not parse again
+    when the feeder reads the line back)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LineError(number, f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the file "
+                                "as UTF-8") from e
+    return text.removeprefix(BOM)
+
+
+def parse_line(text: str, number: int) -> BatchLine:
+    """The line checked in full (envelope and body), or LineError. The body obeys the rules of its route
+    that hold whatever the model (`check_model_free`); the model's own (context, vocabulary) wait until
+    the line is fed."""
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise LineError(number, f"not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise LineError(number, "must be a JSON object with custom_id, method, url and body")
     try:
         env = _Envelope.model_validate(raw)
     except ValidationError as e:
-        message, _ = describe_validation_error(e.errors()[0])
+        err = e.errors()[0]
+        message, param = describe_validation_error(err)
+        if param is None and err.get("loc"):  # the line's own `body`, which field_path drops as FastAPI's
+            message = f"{'.'.join(map(str, err['loc']))}: {message}"
         raise LineError(number, message) from e
     try:
         request = ENDPOINTS[env.url].model_validate(env.body)
@@ -81,6 +99,10 @@ def parse_line(text: str | bytes, number: int) -> BatchLine:
         raise LineError(number, f"body.{message}") from e
     if request.stream:
         raise LineError(number, "body.stream: a batch request cannot stream (got true)")
+    try:
+        check_model_free(request)
+    except ApiError as e:
+        raise LineError(number, f"body.{e.message}") from e
     return BatchLine(env.custom_id, env.url, env.body)
 
 

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from gateway.errors import ApiError
+
 READ_AT_ONCE = 100  # hashes read in one pipelined round trip
 
 
@@ -13,8 +15,12 @@ async def read_page(redis: aioredis.Redis, ids: list[str], after: str | None, ke
                     limit: int, keep: Callable[[dict[str, str]], bool] | None = None,
                     ) -> tuple[list[dict[str, str]], bool, list[str]]:
     """Up to `limit` records (in `ids`' order, after the id `after`) that `keep` accepts, whether more follow,
-    and the ids read whose record is gone (expired), for the caller to prune from its index."""
-    if after is not None and after in ids:
+    and the ids read whose record is gone (expired), for the caller to prune from its index. An `after` not
+    in `ids` is a 400."""
+    if after is not None:
+        if after not in ids:  # starting over would hand a client paging through the list items twice
+            raise ApiError(400, f"after: {after!r} is not in this list (deleted, expired, or never in it); list "
+                                "again without `after`", param="after")
         ids = ids[ids.index(after) + 1:]
     page: list[dict[str, str]] = []
     gone: list[str] = []

@@ -27,6 +27,7 @@ _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "comple
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_S = 86400  # OpenAI's only window, 24h, is also the longest
+INPUT_KEPT_AFTER_S = 86400  # an input file outlives its batch's window by this much at least
 
 
 def new_batch_id() -> str:
@@ -75,7 +76,10 @@ async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, e
     window_s = window_seconds(completion_window)
     metadata = check_metadata(metadata)
     check_webhook(metadata.get("webhook_url"))
-    meta = await read_file(redis, input_file_id, tenant)
+    try:
+        meta = await read_file(redis, input_file_id, tenant)
+    except ApiError as e:
+        raise ApiError(e.status, f"input_file_id: {e.message}", param="input_file_id", code=e.code) from None
     if meta.get("purpose") != "batch":
         raise ApiError(400, f"input_file_id: {input_file_id} has purpose {meta.get('purpose')!r}, not 'batch'",
                        param="input_file_id")
@@ -97,6 +101,12 @@ async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, e
         if record["status"] == "validating":
             pipe.sadd(K.ACTIVE_BATCHES, batch_id)
             pipe.publish(K.NEW_BATCHES, batch_id)
+            if await redis.ttl(K.file_key(input_file_id)) < window_s + INPUT_KEPT_AFTER_S:
+                # The feeder reads the input until the batch ends: it outlives the window.
+                keep = window_s + INPUT_KEPT_AFTER_S
+                pipe.expire(K.file_key(input_file_id), keep)
+                pipe.expire(K.file_lines_key(input_file_id), keep)
+                pipe.hset(K.file_key(input_file_id), "expires_at", repr(now + keep))
         else:
             pipe.expire(K.batch_key(batch_id), retention_s)
             if await batch_webhook_url(redis, record):
@@ -149,6 +159,18 @@ if status == 'validating' or status == 'in_progress' then
 end
 return status or ''
 """
+
+
+async def batches_reading(redis: aioredis.Redis, file_id: str) -> list[str]:
+    """The batches not yet ended whose input is the file: their feeders read its lines until they end."""
+    active = sorted(await redis.smembers(K.ACTIVE_BATCHES))
+    if not active:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for batch_id in active:
+            pipe.hget(K.batch_key(batch_id), "input_file_id")
+        inputs = await pipe.execute()
+    return [b for b, f in zip(active, inputs, strict=True) if f == file_id]
 
 
 async def cancel_batch(redis: aioredis.Redis, batch_id: str, tenant: str) -> dict[str, str]:

@@ -13,9 +13,30 @@ from gateway.prompts import CannotContinue, TemplateRaised
 from gateway.registry import Registry
 from gateway.sampling import check_streaming, requested_logprobs, to_sampling
 from gateway.schemas import ChatCompletionRequest, ChatTemplateFields, CompletionRequest, JobCreate
-from gateway.tools import plan_tools
+from gateway.tools import ToolPlan, plan_tools
 from gateway.unsupported import check_unsupported
 from protocol.jobs import ChatMessage, JobKind, JobPayload, Lane, new_job_id
+from protocol.sampling import SamplingParams
+
+UNKNOWN_CONTEXT = 1 << 62  # a model's context where no model is asked yet: no prompt is too long for it
+
+
+def check_model_free(req: ChatCompletionRequest | CompletionRequest | JobCreate) -> None:
+    """The rules a request obeys whatever model serves it: sampling ranges, stop strings, tools, output
+    constraints, deadline, webhook. A batch upload checks each line with them, before any model is asked;
+    `prepare` checks them again with the model's context and vocabulary."""
+    check_unsupported(req)
+    parse_deadline(req.deadline, req.ttl, time.time())
+    check_webhook(getattr(req, "webhook_url", None))
+    chat = getattr(req, "messages", None) is not None
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat=chat)
+    if not chat:
+        _check_no_template(req)
+    echoed = not chat and getattr(req, "echo", False)
+    guided = requested_guided(req) if wants_guided(req) else None
+    sampling = to_sampling(req, 1, UNKNOWN_CONTEXT, "messages" if chat else "prompt", None,
+                           requested_logprobs(req) if echoed else None, guided)
+    _with_tools(sampling, tools)
 
 
 async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionRequest | JobCreate,
@@ -41,10 +62,7 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
             raise ApiError(400, f"messages: {e}", param="messages") from e
     else:
         kind, field = "completion", "prompt"
-        if template:
-            name = next(iter(template))
-            raise ApiError(400, f"{name}: a chat template option; a prompt is not rendered by a template",
-                           param=name)
+        _check_no_template(req)
         text, ids = _completion_prompt(req.prompt, prompts)
         if getattr(req, "echo", False):
             echo_prompt = text if text is not None else prompts.decode(ids)
@@ -56,16 +74,31 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     sampling = to_sampling(req, len(ids), target.max_model_len, field, prompts.vocab_size, prompt_logprobs,
                            guided)
     check_streaming(sampling, stream)
-    if tools is not None and tools.guided is not None:
-        if sampling.guided is not None:
-            raise ApiError(400, 'tool_choice: "required" or a named function constrains the output to the '
-                                "call; it cannot be combined with response_format or guided decoding",
-                           param="tool_choice")
-        sampling = sampling.model_copy(update={"guided": tools.guided})
+    sampling = _with_tools(sampling, tools)
     return JobPayload(id=new_job_id(req.model), model=req.model, kind=kind, lane=lane, prompt_token_ids=ids,
                       sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
                       deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion,
                       tools=tools.parsing if tools else None)
+
+
+def _check_no_template(req: ChatCompletionRequest | CompletionRequest | JobCreate) -> None:
+    """A prompt is not rendered by a chat template: its options are refused, not ignored."""
+    template = req.template_options() if isinstance(req, ChatTemplateFields) else {}
+    if template:
+        name = next(iter(template))
+        raise ApiError(400, f"{name}: a chat template option; a prompt is not rendered by a template",
+                       param=name)
+
+
+def _with_tools(sampling: SamplingParams, tools: ToolPlan | None) -> SamplingParams:
+    """The sampling with the constraint that a required tool call puts on the output."""
+    if tools is None or tools.guided is None:
+        return sampling
+    if sampling.guided is not None:
+        raise ApiError(400, 'tool_choice: "required" or a named function constrains the output to the '
+                            "call; it cannot be combined with response_format or guided decoding",
+                       param="tool_choice")
+    return sampling.model_copy(update={"guided": tools.guided})
 
 
 def _completion_prompt(prompt, prompts) -> tuple[str | None, list[int]]:

@@ -4,6 +4,7 @@ GET /v1/files/{id}/content. Files belong to the caller's tenant."""
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -18,6 +19,7 @@ from batches.files import (
     read_file,
 )
 from batches.settings import BatchSettings
+from batches.store import batches_reading
 from gateway.context import Caller, get_caller, single_node_only
 from gateway.errors import ApiError
 from gateway.responses import list_page
@@ -71,11 +73,25 @@ async def get_file_content(file_id: str, caller: Caller = Depends(get_caller)) -
     meta = await read_file(caller.ctx.redis, file_id, caller.tenant.name)
     return StreamingResponse(iter_content(caller.ctx.redis, file_id, int(meta["lines"])),
                              media_type="application/jsonl",
-                             headers={"Content-Disposition": f'attachment; filename="{meta["filename"]}"'})
+                             headers={"Content-Disposition": attachment(meta["filename"])})
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition for any file name (RFC 6266): an ASCII name for old clients, the name itself
+    percent-encoded as UTF-8 for the rest."""
+    plain = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in filename)
+    if plain == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.delete("/v1/files/{file_id}")
 async def remove_file(file_id: str, caller: Caller = Depends(get_caller)) -> dict:
     meta = await read_file(caller.ctx.redis, file_id, caller.tenant.name)
+    running = await batches_reading(caller.ctx.redis, file_id)
+    if running:
+        raise ApiError(409, f"file_id: {file_id} is the input of batch {running[0]}, which has not ended; its "
+                            "lines are read from the file until it does (cancel the batch, or wait for it)",
+                       param="file_id", code="file_in_use")
     await delete_file(caller.ctx.redis, meta)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -86,3 +86,34 @@ def test_ctrl_c_leaves_the_batch_running_then_wait_and_cancel(url, redis_url, de
     done = read_jsonl(out) if out.exists() else []
     assert_each_once([line["custom_id"] for line in lines], done, errors)
     assert {e["error"]["code"] for e in errors if e["error"]} == {"batch_cancelled"}
+
+
+def test_results_of_a_batch_that_runs_on_is_an_error(url, redis_url, tmp_path, capsys):
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(jsonl(chat_lines(2, MODEL)))
+    assert tokenq_batch(url, "submit", str(requests)) == 0  # no feeder: the batch stays validating
+    batch_id = capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit) as e:
+        tokenq_batch(url, "results", batch_id, "-o", str(tmp_path / "out.jsonl"))
+    assert f"batch {batch_id} is validating" in str(e.value) and f"tokenq batch wait {batch_id}" in str(e.value)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_failed_batch_says_why_and_leaves_no_earlier_output_behind(url, redis_url, default_model_dir, tmp_path,
+                                                                      capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jsonl(chat_lines(2, MODEL)))
+    mixed = chat_lines(2, MODEL)
+    mixed[1]["url"] = "/v1/completions"
+    mixed[1]["body"] = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(mixed))
+    out = tmp_path / "res.jsonl"
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005, capacity=8), ThreadedFeeder(redis_url):
+        assert tokenq_batch(url, "submit", str(good), "--wait", "-o", str(out)) == 0
+        assert len(read_jsonl(out)) == 2
+        capsys.readouterr()
+        assert tokenq_batch(url, "submit", str(bad), "--wait", "-o", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "mismatched_endpoint: line 2: url '/v1/completions' differs" in err
+    assert not out.exists() and "res.jsonl  (removed" in err

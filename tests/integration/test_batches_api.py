@@ -363,3 +363,103 @@ def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
         "in_progress", 4, 0, 4)
     assert batch.status == "completed" and batch.request_counts.completed == 10
     assert_each_once([line["custom_id"] for line in lines], out, err)
+
+
+def test_a_file_saved_with_a_byte_order_mark_keeps_every_custom_id(client, worker, redis_url):
+    """Windows editors start UTF-8 files with a BOM; `cat` of two such files puts one mid-file."""
+    lines = chat_lines(4, MODEL)
+    content = b"\xef\xbb\xbf" + jsonl(lines[:2]) + b"\xef\xbb\xbf" + jsonl(lines[2:])
+    with ThreadedFeeder(redis_url):
+        f = upload(client, content)
+        batch = wait_batch(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                         completion_window="24h").id)
+    out, err = result_lines(client, batch)
+    assert batch.status == "completed" and err == []
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+
+
+def test_a_file_not_in_utf8_is_refused_at_upload(client):
+    """json.loads takes UTF-16 bytes, but the line could not be read back as text: before this check such a
+    file was taken and its batch never ended."""
+    with pytest.raises(openai.BadRequestError) as e:
+        upload(client, jsonl(chat_lines(1, MODEL)).decode().encode("utf-16"))
+    assert "line 1: not UTF-8 text" in e.value.message and e.value.param == "file"
+    assert client.files.list().data == []
+
+
+def test_the_input_of_a_running_batch_cannot_be_deleted(client, redis_url, default_model_dir):
+    lines = chat_lines(20, MODEL, max_tokens=20, words=20)
+    f = upload(client, lines)
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.02, capacity=2), \
+            ThreadedFeeder(redis_url, fast_settings(window=4, refill=1)):
+        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        wait_batch(client, batch.id, until=("in_progress",))
+        with pytest.raises(openai.ConflictError) as e:
+            client.files.delete(f.id)
+        assert batch.id in e.value.message and e.value.code == "file_in_use"
+        batch = wait_batch(client, batch.id)
+    out, err = result_lines(client, batch)
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    assert client.files.delete(f.id).deleted
+
+
+def test_a_cursor_not_in_the_list_is_refused_not_read_as_the_start(client):
+    files = [upload(client, chat_lines(1, MODEL)) for _ in range(3)]
+    client.files.delete(files[1].id)
+    for page in (lambda: client.files.list(after=files[1].id, limit=2),
+                 lambda: client.batches.list(after="batch_doesnotexist", limit=2)):
+        with pytest.raises(openai.BadRequestError) as e:
+            page()
+        assert e.value.param == "after"
+    assert [x.id for x in client.files.list(after=files[2].id, limit=2)] == [files[0].id]
+
+
+def test_a_file_of_any_name_downloads(client, base_url):
+    import httpx
+
+    f = client.files.create(file=("données 文件.jsonl", jsonl(chat_lines(1, MODEL))), purpose="batch")
+    r = httpx.get(f"{base_url}/v1/files/{f.id}/content")
+    assert r.status_code == 200 and json.loads(r.text)["custom_id"] == "req-0"
+    assert r.headers["content-disposition"] == (
+        "attachment; filename=\"donn_es __.jsonl\"; filename*=UTF-8''donn%C3%A9es%20%E6%96%87%E4%BB%B6.jsonl")
+
+
+def test_a_batch_of_an_unknown_file_names_input_file_id(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    assert e.value.param == "input_file_id" and "file-nope" in e.value.message
+
+
+def test_cancel_ends_lines_a_limit_held_back_at_once(redis_url, default_model_dir):
+    """Lines that a tenant's max_queued kept out of the queue were never run: the cancel's grace period,
+    which lets running lines report, is not theirs to wait out."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.apikeys import create_key
+
+    redis.Redis.from_url(redis_url).flushdb()
+
+    async def key() -> str:
+        ar = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            return (await create_key(ar, "slow", {"max_queued": 2})).api_key
+        finally:
+            await ar.aclose()
+
+    api_key = asyncio.run(key())
+    lines = chat_lines(12, MODEL, max_tokens=20, words=20)
+    with GatewayThread(redis_url) as url, ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.05, capacity=2), \
+            ThreadedFeeder(redis_url, fast_settings(window=8, refill=1, cancel_grace_s=600)):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        wait_batch(client, batch.id, until=("in_progress",))
+        time.sleep(0.5)
+        client.batches.cancel(batch.id)
+        batch = wait_batch(client, batch.id, timeout=60)  # not the 600 s grace
+        out, err = result_lines(client, batch)
+    assert batch.status == "cancelled"
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+    assert len(err) >= 6 and {e["error"]["code"] for e in err} == {"batch_cancelled"}

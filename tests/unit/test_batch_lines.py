@@ -6,15 +6,14 @@ import json
 
 import pytest
 
-from batches.lines import LineError, LineSplitter, parse_line
+from batches.lines import LineError, LineSplitter, line_text, parse_line
 from batches.store import window_seconds
 from gateway.errors import ApiError
 
 
-def _line(custom_id: str = "a", **body) -> bytes:
+def _line(custom_id: str = "a", **body) -> str:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                       "body": body}).encode()
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 10_000])
@@ -40,7 +39,48 @@ def test_parse_line_checks_the_body_as_the_route_does():
     with pytest.raises(LineError, match="line 2: custom_id"):
         parse_line(_line(""), 2)
     with pytest.raises(LineError, match="line 9: must be a JSON object"):
-        parse_line(b"[1, 2]", 9)
+        parse_line("[1, 2]", 9)
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"max_tokens": -1}, "body.max_tokens"),
+    ({"temperature": 5}, "body.temperature"),
+    ({"n": 500}, "body.n"),
+    ({"top_p": 2}, "body.top_p"),
+    ({"stop": [str(i) for i in range(10)]}, "body.stop"),
+    ({"top_logprobs": 50}, "body.top_logprobs: 0 to 20"),
+    ({"response_format": {"type": "json_schema"}}, "body.response_format"),
+    ({"tool_choice": "required"}, "body.tool_choice: requires `tools`"),
+])
+def test_a_line_obeys_the_routes_rules_that_hold_whatever_the_model(body, words):
+    """The route refuses these before it asks a model: so does the upload, rather than failing the line
+    when it is fed."""
+    with pytest.raises(LineError, match=f"line 3: {words}"):
+        parse_line(_line(**body), 3)
+
+
+def test_a_prompt_too_long_for_some_model_waits_for_the_model():
+    assert parse_line(_line(max_tokens=500_000), 1).custom_id == "a"  # more than any context here
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}', "body: Field required"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": "s"}', "body: Input should be"),
+])
+def test_an_envelope_error_names_the_lines_body(line, words):
+    with pytest.raises(LineError, match=f"line 1: {words}"):
+        parse_line(line, 1)
+
+
+def test_line_text_takes_utf8_without_its_byte_order_mark_and_refuses_other_encodings():
+    line = _line("é").replace("\\u00e9", "é")
+    assert "é" in line
+    assert line_text(("\ufeff" + line).encode(), 1) == line
+    assert parse_line(line_text(("\ufeff" + line).encode(), 1), 1).custom_id == "é"
+    with pytest.raises(LineError, match="line 2: not UTF-8 text .*0xff"):
+        line_text(line.encode("utf-16"), 2)  # json.loads would take UTF-16 bytes; the stored line could not be read
+    with pytest.raises(LineError, match="line 4: not UTF-8 text .*0xe9"):
+        line_text(line.encode("latin-1"), 4)
 
 
 def test_only_deterministic_identical_lines_share_a_digest():
