@@ -2,19 +2,20 @@
 `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs`, and tokenq's own
 `guided` on /v1/jobs. At most one of them per request; errors name the client's field.
 
-Schemas and regexes are checked here (the schema against its JSON Schema meta-schema, the regex by
-compiling it), so that a bad one is a 400 and not a failed job; the engine compiles the grammar itself and
-fails the one job whose constraint it cannot compile (EBNF grammars are checked there only)."""
+Schemas and regexes are checked here (gateway/schema_rules.py: valid, and only rules the grammar engine
+enforces), so that a bad one is a 400 before anything is queued. The engine compiles the grammar itself; a
+constraint it cannot compile all the same (an EBNF grammar is checked there only) fails its job alone, as a
+400 `invalid_request_error`."""
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from pydantic import ValidationError
 
 from gateway.errors import ApiError
+from gateway.schema_rules import Refused, check_regex, check_schema
 from gateway.schemas import SamplingFields
 from protocol.guided import GuidedSpec
 
@@ -129,17 +130,10 @@ def _schema_value(value: Any, field: str) -> Any:
 
 
 def _check(spec: GuidedSpec, field: str) -> None:
-    if spec.json_schema is not None:
-        from jsonschema import Draft202012Validator, SchemaError  # imported on the first schema only
-
-        try:
-            Draft202012Validator.check_schema(spec.json_schema)
-        except SchemaError as e:
-            where = "/".join(str(p) for p in e.absolute_path)
-            raise ApiError(400, f"{field}: not a valid JSON Schema{' at ' + where if where else ''}: "
-                                f"{e.message}", param=field) from e
-    if spec.regex is not None:
-        try:
-            re.compile(spec.regex)
-        except re.error as e:
-            raise ApiError(400, f"{field}: not a valid regular expression: {e}", param=field) from e
+    try:
+        if spec.json_schema is not None:
+            check_schema(spec.json_schema)
+        if spec.regex is not None:
+            check_regex(spec.regex)
+    except Refused as e:
+        raise ApiError(400, f"{field}: {e}", param=field) from e

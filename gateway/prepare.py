@@ -47,7 +47,10 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     target = await registry.target(req.model)
     prompts = target.prompts
     messages: list[ChatMessage] | None = getattr(req, "messages", None)
-    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat=messages is not None)
+    # The functions' schemas are checked like a response_format's: off the event loop.
+    tools = await asyncio.to_thread(plan_tools, req.tools, req.tool_choice, req.parallel_tool_calls,
+                                    messages is not None) if req.tools else \
+        plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat=messages is not None)
     echo_prompt = None
     prompt_logprobs = None
     template = req.template_options() if isinstance(req, ChatTemplateFields) else {}

@@ -21,6 +21,7 @@ from jobstore.connect import is_cluster
 from protocol import job_record as F
 from protocol import keys as protocol_keys
 from protocol.jobs import JobPayload, JobResult, JobState, Usage
+from protocol.tools import ToolCall, new_call_id
 from respcache import keys as cache_keys
 from respcache import policy, scope, store
 
@@ -150,11 +151,20 @@ class ResponseCache:
 
 
 def _for(payload: JobPayload, result: JobResult) -> JobResult:
-    """The cached answer as this request's: its own prompt, every prompt token counted as cached."""
+    """The cached answer as this request's: its own prompt, every prompt token counted as cached, and tool
+    calls of ids of its own (a client matches a tool's result to its call by the id)."""
     prompt = len(payload.prompt_token_ids)
     usage = Usage(prompt_tokens=prompt, completion_tokens=result.usage.completion_tokens,
                   total_tokens=prompt + result.usage.completion_tokens, cached_tokens=prompt)
-    return result.model_copy(update={"usage": usage})
+    update: dict[str, Any] = {"usage": usage, "tool_calls": _new_ids(result.tool_calls)}
+    if result.choices:
+        choices = [c.model_copy(update={"tool_calls": _new_ids(c.tool_calls)}) for c in result.choices]
+        update.update(choices=choices, tool_calls=choices[0].tool_calls)
+    return result.model_copy(update=update)
+
+
+def _new_ids(calls: list[ToolCall] | None) -> list[ToolCall] | None:
+    return [c.model_copy(update={"id": new_call_id()}) for c in calls] if calls else calls
 
 
 async def write_hit(jobs: JobStore, payload: JobPayload, request_json: str, metadata: dict[str, str],

@@ -18,6 +18,7 @@ from gateway.errors import ApiError, error_response
 from gateway.jobs import Final, wait_final
 from gateway.prepare import prepare
 from gateway.prompt_list import cancel_all, joined_events, joined_result, prompt_key, split_prompts
+from gateway.response_cache import ENTRY_HEADER, HEADER
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.sse import completion_chunks, completion_events, final_error, sse_response
 from gateway.waiting import WaitingResponse
@@ -31,8 +32,8 @@ router = APIRouter()
 # an error event) saying why.
 NO_WORKER_WAIT_S = 60.0
 _watchdogs: set[asyncio.Task] = set()  # the streams' no-worker timers, held until they end
-# A job that did not succeed: failed is the server's fault; cancelled and expired are outcomes the
-# client asked for (DELETE, a deadline).
+# A job that did not succeed: failed is the server's fault (a 500), unless its error is the request's
+# (invalid_request_error: a 400); cancelled and expired are outcomes the client asked for (DELETE, a deadline).
 _FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
 
 
@@ -98,7 +99,7 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
         streams = [completion_chunks(ctx.redis, job.payload, int(job.created_at), True, cancel,
                                      mark=job.repeat, hub=ctx.hub, store=ctx.store)
                    for job, cancel in zip(jobs, cancels, strict=True)]
-        return sse_response(joined_events(streams, n, completion_id, include_usage))
+        return sse_response(joined_events(streams, n, completion_id, include_usage), _cache_headers(jobs))
 
     async def final_answer() -> Response:
         finals = await asyncio.gather(*(_final_of(ctx, job) for job in jobs))
@@ -108,9 +109,18 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
             if isinstance(answer, Response):
                 return answer
             results.append(answer)
-        return JSONResponse(joined_result(results, n))
+        return JSONResponse(joined_result(results, n), headers=_cache_headers(jobs))
 
     return WaitingResponse(final_answer, cancel_all(cancels))
+
+
+def _cache_headers(jobs: list[Enqueued]) -> dict[str, str] | None:
+    """A completion of several prompts some of which a cache answered: each prompt's cache (`none` for one
+    that ran) and entry (empty for none), comma-separated in prompt order."""
+    if all(job.cache is None for job in jobs):
+        return None
+    return {HEADER: ",".join(job.cache or "none" for job in jobs),
+            ENTRY_HEADER: ",".join(job.cache_entry or "" for job in jobs)}
 
 
 async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], idempotency_key: str | None) -> None:
@@ -159,7 +169,8 @@ def _final_body(payload: JobPayload, created: int, final: Final | None) -> dict[
         return error_response(504, _no_worker(payload.model).message, type_="no_worker", code="no_worker")
     if final.state != JobState.succeeded or final.result is None:
         err = final_error(final)
-        return error_response(_FINAL_STATUS.get(final.state, 500), err["message"], type_=err["type"])
+        status = 400 if err["type"] == "invalid_request_error" else _FINAL_STATUS.get(final.state, 500)
+        return error_response(status, err["message"], type_=err["type"])
     return responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
                                    want_logprobs=payload.sampling.logprobs is not None,
                                    echo_chars=responses.echo_chars(payload))

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ApiError
+from gateway.schema_rules import Refused, check_schema
 from protocol.guided import GuidedSpec
 from protocol.text import Text, encodable, text_up_to
 from protocol.tools import MAX_TOOLS, ToolParsing
@@ -105,6 +106,11 @@ def _check_tools(tools: list[ToolDef]) -> None:
         if fn.parameters is not None and fn.parameters.get("type", "object") != "object":
             raise ApiError(400, f"tools[{i}].function.parameters: must be a JSON Schema of an object (type "
                                 f"\"object\"; got {str(fn.parameters.get('type'))[:40]!r})", param="tools")
+        if fn.parameters is not None:
+            try:
+                check_schema(fn.parameters)
+            except Refused as e:
+                raise ApiError(400, f"tools[{i}].function.parameters: {e}", param="tools") from e
         size += len(json.dumps(fn.parameters or {}))
     if size > MAX_TOOLS_SCHEMA_CHARS:
         raise ApiError(400, f"tools: the functions' parameters are at most {MAX_TOOLS_SCHEMA_CHARS} characters "

@@ -137,7 +137,8 @@ class EngineDriver:
                     log.warning("add_request failed", job_id=c.request_id, error=repr(e))
                     failed.append(FailedOutput(c.request_id, [], "", finished=True, finish_reason="error",
                                                num_prompt_tokens=len(c.prompt_token_ids),
-                                               error=f"engine refused the request: {e}"))
+                                               error=f"engine refused the request: {e}",
+                                               error_type=getattr(e, "error_type", "engine_error")))
             else:
                 self.live.discard(c.request_id)
                 try:

@@ -89,7 +89,8 @@ def _from_lps(rows):
 def encode_outputs(outputs: list[RequestOutput]) -> list[tuple]:
     return [(o.request_id, o.new_token_ids, o.text_delta, o.finished, o.finish_reason, o.num_prompt_tokens,
              o.num_output_tokens, o.num_cached_tokens, _lps(o.logprobs), _lps(o.prompt_logprobs), o.produced_at,
-             o.index, o.stop_reason, o.choices_left, o.error if isinstance(o, FailedOutput) else None)
+             o.index, o.stop_reason, o.choices_left,
+             (o.error, o.error_type) if isinstance(o, FailedOutput) else None)
             for o in outputs]
 
 
@@ -101,7 +102,7 @@ def decode_outputs(rows: list[tuple]) -> list[RequestOutput]:
                       num_cached_tokens=n_cached, logprobs=_from_lps(lps), prompt_logprobs=_from_lps(prompt_lps),
                       produced_at=at, index=index, stop_reason=stop_reason, choices_left=choices_left)
         if error is not None:
-            outputs.append(FailedOutput(rid, ids, text, **fields, error=error))
+            outputs.append(FailedOutput(rid, ids, text, **fields, error=error[0], error_type=error[1]))
         else:
             outputs.append(RequestOutput(rid, ids, text, **fields))
     return outputs

@@ -79,6 +79,7 @@ class RunningJob:
     num_cached_tokens: int = 0
     finish_reason: str | None = None  # the job's: its last output's ("error" fails it)
     error: str = ""
+    error_type: str = "engine_error"
     stop_state: str | None = None  # "cancelled" or "expired" when the worker stopped it early
 
     def __post_init__(self) -> None:
@@ -124,7 +125,7 @@ class RunningJob:
             if out.request_finished:
                 self.finish_reason = choice.finish_reason
             if isinstance(out, FailedOutput):
-                self.finish_reason, self.error = "error", out.error
+                self.finish_reason, self.error, self.error_type = "error", out.error, out.error_type
 
     def take_deltas(self, token_text: TokenText | None = None) -> list[DeltaEvent]:
         """The next deltas to publish (everything not yet published), one per choice with new text."""
@@ -199,7 +200,7 @@ def final_write(job: RunningJob, now: float, token_text: TokenText | None = None
         return FinalWrite(ref, JobState.cancelled.value, build_result(job, token_text).model_dump_json(), "",
                           now, first)
     if job.finish_reason == "error":
-        err = JobError(type="engine_error", message=job.error or "the engine failed to run this job")
+        err = JobError(type=job.error_type, message=job.error or "the engine failed to run this job")
         return FinalWrite(ref, JobState.failed.value, "", err.model_dump_json(), now, first)
     return FinalWrite(ref, JobState.succeeded.value, build_result(job, token_text).model_dump_json(), "", now,
                       first)

@@ -147,8 +147,9 @@ class FakeWorker:
                     await self.store.write([DeltaWrite(payload.id, choice_text.stored(index, new, n), seq,
                                                        event.model_dump_json())], [])
         ref = JobRef.of(payload)
-        if "FAIL_ME" in prompt:
-            error = JobError(type="engine_error", message="the fake worker was asked to fail").model_dump_json()
+        if "FAIL_ME" in prompt or "REFUSE_ME" in prompt:  # the engine failed; the request was at fault
+            error = JobError(type="engine_error" if "FAIL_ME" in prompt else "invalid_request_error",
+                             message="the fake worker was asked to fail").model_dump_json()
             final = FinalWrite(ref, "failed", error_json=error, finished_at=time.time())
         else:
             finish = "length" if len(prompt.split()) > payload.sampling.max_tokens and not self.reply else "stop"

@@ -142,6 +142,9 @@ async def test_job_failed(client, worker):
     r = await client.post("/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "FAIL_ME"}]})
     assert r.status_code == 500 and r.json()["error"]["type"] == "engine_error"
+    r = await client.post("/v1/chat/completions", json={  # a constraint the engine could not compile, say
+        "model": MODEL, "messages": [{"role": "user", "content": "REFUSE_ME"}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_unknown_job_404(client):

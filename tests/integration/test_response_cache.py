@@ -487,3 +487,56 @@ async def test_an_idempotency_key_gives_its_first_job_when_the_cache_could_answe
     outbox = await redis_client.xrange(keys.webhook_outbox(MODEL))
     assert sorted(e[1]["job_id"] for e in outbox) == sorted([first.json()["id"], hit.json()["id"],
                                                               burst[0].json()["id"]])
+
+
+async def test_a_hit_gives_its_tool_calls_ids_of_their_own(client, idle_worker, redis_client):
+    """A client matches a tool's result to its call by the id: two answers never share one."""
+    from protocol.tools import FunctionCall, ToolCall
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "weather in Paris?"}], "max_tokens": 16,
+            "temperature": 0, "cache": {"mode": "exact"}, "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]}
+    r = await client.post("/v1/jobs", json=body)
+    job_id = r.json()["id"]
+    call = ToolCall(id="call_first", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))
+    result = JobResult(text='{"name": "get_weather", "arguments": {"city": "Paris"}}', finish_reason="tool_calls",
+                       usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5), tool_calls=[call])
+    record = await redis_client.hgetall(keys.job_key(job_id))
+    await JobStore(redis_client).write([], [FinalWrite(JobRef.of_record(job_id, record), "succeeded",
+                                                       result.model_dump_json(), "", time.time())])
+    await store.fill(redis_client, job_id, result.model_dump_json())
+
+    ids = []
+    for _ in range(2):
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.headers["x-tokenq-cache"] == "exact"
+        (got,) = r.json()["choices"][0]["message"]["tool_calls"]
+        assert got["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        ids.append(got["id"])
+    assert len(set(ids)) == 2 and "call_first" not in ids and all(i.startswith("call_") for i in ids)
+
+
+async def test_a_completion_of_several_prompts_says_which_a_cache_answered(client, idle_worker, redis_client):
+    r = await client.post("/v1/jobs", json=EXACT)
+    await finish(redis_client, r.json()["id"], " four five")
+    async def job_ids() -> set[str]:
+        found = [k.split(":job:")[1] for k in await redis_client.keys(keys.job_keys_pattern("*"))]
+        return {j for j in found if ":" not in j}
+
+    before = await job_ids()
+    several = {**EXACT, "prompt": [EXACT["prompt"], "six seven"]}
+    answer = asyncio.create_task(client.post("/v1/completions", json=several))
+    for _ in range(500):  # the second prompt's job, queued: run it as a worker would
+        queued_now = [j for j in await job_ids() - before
+                      if await redis_client.hget(keys.job_key(j), "state") == "queued"]
+        if queued_now:
+            break
+        await asyncio.sleep(0.01)
+    await finish(redis_client, queued_now[0], " eight")
+    r = await answer
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [" four five", " eight"]
+    assert r.headers["x-tokenq-cache"] == "exact,none"
+    entry, none = r.headers["x-tokenq-cache-entry"].split(",")
+    assert entry.startswith("x:") and none == ""

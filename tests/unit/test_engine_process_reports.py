@@ -106,3 +106,17 @@ def test_a_stop_waits_for_a_worker_that_reads_no_more_only_so_long(monkeypatch):
     worker_end.send((_STOP,))
     loop.join(5)
     assert not loop.is_alive()
+
+
+def test_a_failed_output_crosses_the_pipe_with_its_reason_and_type():
+    from worker.engine.outputs import FailedOutput
+    from worker.engine_process import decode_outputs, encode_outputs
+
+    sent = [FailedOutput("a", [], "", finished=True, finish_reason="error", error="bad regex",
+                         error_type="invalid_request_error"),
+            FailedOutput("b", [], "", finished=True, finish_reason="error", error="oom"),
+            RequestOutput("c", [1], "x", num_output_tokens=1)]
+    got = decode_outputs(encode_outputs(sent))
+    assert [(type(o), getattr(o, "error", None), getattr(o, "error_type", None)) for o in got] == [
+        (FailedOutput, "bad regex", "invalid_request_error"), (FailedOutput, "oom", "engine_error"),
+        (RequestOutput, None, None)]

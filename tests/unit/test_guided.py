@@ -93,10 +93,10 @@ def test_grammar_cache_compiles_once_per_constraint_and_stays_bounded():
 
 
 @pytest.mark.parametrize("spec, needle", [
-    (GuidedSpec(regex="(a"), "regex: does not compile"),
-    (GuidedSpec(grammar="root ::= undefined_rule"), "grammar: does not compile"),
+    (GuidedSpec(regex="(a"), "constraint (regex) does not compile"),
+    (GuidedSpec(grammar="root ::= undefined_rule"), "constraint (grammar) does not compile: EBNF parser error"),
     (GuidedSpec(json_schema={"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}),
-     "json_schema: does not compile"),
+     "constraint (json_schema) does not compile"),
 ])
 def test_a_constraint_that_does_not_compile_is_a_grammar_error_naming_it(spec, needle):
     with pytest.raises(GrammarError, match=re.escape(needle)):

@@ -101,6 +101,28 @@ async def test_refused_add_fails_alone():
     assert any(isinstance(o, FailedOutput) for o in got["a"])
 
 
+async def test_a_refusal_that_is_the_requests_fault_says_so():
+    """An exception with `error_type` (the engine's GrammarError) fails its request with that type; any
+    other is the engine's."""
+
+    class Refusing(FakeEngine):
+        def add_request(self, request_id, prompt_token_ids, sampling, **kw):
+            if request_id == "bad":
+                raise type("GrammarLike", (ValueError,), {"error_type": "invalid_request_error"})("no compile")
+            return super().add_request(request_id, prompt_token_ids, sampling, **kw)
+
+    loop = EngineLoop(Refusing(step_sleep=0))
+    loop.start()
+    try:
+        loop.add("bad", [1, 2], SamplingParams())
+        got = await collect(loop, {"bad"})
+    finally:
+        loop.stop()
+    failed = got["bad"][-1]
+    assert isinstance(failed, FailedOutput) and failed.error_type == "invalid_request_error"
+    assert "no compile" in failed.error
+
+
 async def test_abort_removes_request():
     engine = FakeEngine(step_sleep=0.01)
     loop = EngineLoop(engine)

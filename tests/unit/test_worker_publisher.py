@@ -54,6 +54,13 @@ def test_error_output_becomes_failed_job():
     assert json.loads(final.error_json) == {"type": "engine_error", "message": "boom"}
 
 
+def test_an_error_of_the_request_keeps_its_type():
+    j = job()
+    j.absorb(FailedOutput("job_1", [], "", finished=True, finish_reason="error", error="bad regex",
+                          error_type="invalid_request_error"), now=1.0)
+    assert json.loads(final_write(j, now=2.0).error_json) == {"type": "invalid_request_error", "message": "bad regex"}
+
+
 def test_expired_job_keeps_its_partial_text():
     j = job()
     j.absorb(RequestOutput("job_1", [7], "part", num_prompt_tokens=3, num_output_tokens=1), now=1.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -25,10 +26,14 @@ from protocol.guided import GuidedSpec
 MAX_CACHED_GRAMMARS = 256
 THREADED_FILL_ROWS = 128
 JSON_SEPARATORS = (", ", ": ")
+_SOURCE_PLACE = re.compile(r"\[\d\d:\d\d:\d\d\] \S+\.cc:\d+: ")  # xgrammar's "[10:25:23] /project/cpp/x.cc:94: "
 
 
 class GrammarError(ValueError):
-    """A constraint that does not compile (bad schema, regex or grammar): its request fails alone."""
+    """A constraint that does not compile (bad schema, regex or grammar): its request fails alone, the
+    client's fault (gateway/schema_rules.py refuses most such constraints before they are queued)."""
+
+    error_type = "invalid_request_error"
 
 
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> xgr.TokenizerInfo:
@@ -64,7 +69,8 @@ class GrammarCache:
         try:
             grammar = self._compile(spec)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
-            raise GrammarError(f"{_field(spec)}: does not compile: {e}") from e
+            reason = _SOURCE_PLACE.sub("", str(e)).strip()
+            raise GrammarError(f"the output constraint ({_field(spec)}) does not compile: {reason}") from e
         self.compiled += 1
         self._grammars[key] = grammar
         if len(self._grammars) > self.capacity:

@@ -61,3 +61,4 @@ class FailedOutput(RequestOutput):
     "error" and `error` says why."""
 
     error: str = ""
+    error_type: str = "engine_error"  # the JobError's type: "invalid_request_error" for a request at fault

@@ -1,0 +1,180 @@
+"""What the grammar engine (xgrammar, worker/engine/guided.py) can hold an output to, checked at the gateway:
+a constraint it would misread is a 400 that says where, not a failed job, nor an output that breaks it.
+
+- JSON Schema keywords it does not enforce (`uniqueItems`, `contains`, `if`, `not`, an `allOf` of several
+  schemas, `multipleOf` but of an unbounded integer, ...) are refused: the output would pass them by.
+- Its regexes have no lookaround, backreference, word boundary, named group, inline flag or possessive
+  quantifier.
+- A schema `pattern` whose literal is a quote, backslash or control character is refused: the engine writes
+  such a literal raw inside the JSON string, which is then not JSON.
+- A `$ref` resolves inside the schema, and bounds are not crossed (`minLength` above `maxLength`, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of a schema's JSON; deeper is refused before any walk
+NOT_ENFORCED = ("multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "if", "then", "else",
+                "not", "dependentSchemas", "patternProperties", "propertyNames", "unevaluatedProperties",
+                "unevaluatedItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas", "patternProperties")
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
+_SCHEMA_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
+               "unevaluatedProperties", "unevaluatedItems")
+_BOUNDS = (("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties"),
+           ("minimum", "maximum"))
+_JSON_ESCAPED = frozenset({ord('"'), ord("\\")}) | frozenset(range(0x20))
+
+
+class Refused(ValueError):
+    """A constraint the engine cannot hold an output to; the message says where and why."""
+
+
+def check_schema(schema: dict[str, Any]) -> None:
+    """Refused unless the schema is a valid JSON Schema (2020-12) whose every rule the engine enforces."""
+    _check_depth(schema)
+    from jsonschema import Draft202012Validator, SchemaError  # imported on the first schema only
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        raise Refused(f"not a valid JSON Schema{' at ' + where if where else ''}: {e.message}") from e
+    except RecursionError as e:  # within MAX_SCHEMA_DEPTH, $refs can still loop the meta-schema's walk
+        raise Refused("too deeply nested to check") from e
+    for path, node in _subschemas(schema, ""):
+        where = path or "the root"
+        for keyword in NOT_ENFORCED:
+            if keyword in node and not (keyword == "uniqueItems" and node[keyword] is False) and not (
+                    keyword == "multipleOf" and _integer_steps(node)):
+                raise Refused(f"`{keyword}` at {where} is not enforced by the grammar engine, so an output could "
+                              "break it; remove it")
+        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+            raise Refused(f"`allOf` of several schemas at {where} is not enforced by the grammar engine; merge them "
+                          "into one schema")
+        if isinstance(node.get("pattern"), str):
+            try:
+                check_regex(node["pattern"], in_json_string=True)
+            except Refused as e:
+                raise Refused(f"`pattern` at {where}: {e}") from None
+        if isinstance(node.get("$ref"), str) and not _resolves(schema, node["$ref"]):
+            raise Refused(f"`$ref` at {where}: {node['$ref']!r} does not resolve inside the schema (local "
+                          "references only, such as '#/$defs/Name')")
+        if node.get("enum") == []:
+            raise Refused(f"`enum` at {where} is empty: no value could match")
+        for low, high in _BOUNDS:
+            if _number(node.get(low)) and _number(node.get(high)) and node[low] > node[high]:
+                raise Refused(f"`{low}` at {where} is above `{high}` ({node[low]} > {node[high]})")
+        required = node.get("required")
+        if isinstance(required, list) and _number(node.get("maxProperties")) and len(required) > node["maxProperties"]:
+            raise Refused(f"`maxProperties` at {where} is {node['maxProperties']}, under the {len(required)} "
+                          "required properties")
+        if node.get("type") == "integer":
+            for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if _number(node.get(bound)) and node[bound] != int(node[bound]):
+                    raise Refused(f"`{bound}` at {where} bounds an integer, so it is a whole number "
+                                  f"(got {node[bound]})")
+
+
+def check_regex(regex: str, in_json_string: bool = False) -> None:
+    """Refused unless the engine reads the regex as Python does. `in_json_string`: it is a schema's
+    `pattern`, matched inside a JSON string."""
+    _check_groups(regex)
+    try:
+        parsed = re._parser.parse(regex)  # type: ignore[attr-defined]  # the parse tree `re` compiles
+    except re.error as e:
+        raise Refused(f"not a valid regular expression: {e}") from e
+    _check_nodes(parsed, in_json_string)
+
+
+def _check_depth(schema: Any) -> None:
+    stack = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise Refused(f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+
+
+def _subschemas(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema object in the schema, with its JSON pointer."""
+    if not isinstance(node, dict):
+        return
+    yield path, node
+    for keyword in _SCHEMA_MAPS:
+        if isinstance(node.get(keyword), dict):
+            for name, sub in node[keyword].items():
+                yield from _subschemas(sub, f"{path}/{keyword}/{name}")
+    for keyword in _SCHEMA_LISTS + ("items",):
+        if isinstance(node.get(keyword), list):
+            for i, sub in enumerate(node[keyword]):
+                yield from _subschemas(sub, f"{path}/{keyword}/{i}")
+    for keyword in _SCHEMA_ONE:
+        yield from _subschemas(node.get(keyword), f"{path}/{keyword}")
+
+
+def _resolves(schema: dict[str, Any], ref: str) -> bool:
+    if not ref.startswith("#"):
+        return False
+    node: Any = schema
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return isinstance(node, dict | bool)
+
+
+def _integer_steps(node: dict[str, Any]) -> bool:
+    """The one `multipleOf` the engine enforces: of an unbounded integer, by a whole number."""
+    return (node.get("type") == "integer" and isinstance(node["multipleOf"], int)
+            and not any(b in node for b in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_groups(regex: str) -> None:
+    """`(?` opens only a plain non-capturing group `(?:...)` for the engine."""
+    escaped = in_class = False
+    for i, c in enumerate(regex):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(" and regex[i + 1:i + 2] == "?" and regex[i + 2:i + 3] != ":":
+            raise Refused(f"`(?{regex[i + 2:i + 3]}` at offset {i}: the grammar engine reads no lookaround, named "
+                          "group, inline flag, comment or atomic group; use (?:...) or (...)")
+
+
+def _check_nodes(nodes: Any, in_json_string: bool) -> None:
+    c = re._constants  # type: ignore[attr-defined]
+    for op, av in nodes:
+        if op is c.LITERAL and in_json_string and av in _JSON_ESCAPED:
+            raise Refused(f"the literal {chr(av)!r} cannot be matched: the grammar engine would write it raw "
+                          "inside the JSON string, which is then not valid JSON")
+        elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
+            raise Refused("the grammar engine reads no backreference")
+        elif op is c.AT and av in (c.AT_BOUNDARY, c.AT_NON_BOUNDARY):
+            raise Refused("the grammar engine reads no word boundary (\\b, \\B)")
+        elif op is c.POSSESSIVE_REPEAT:
+            raise Refused("the grammar engine reads no possessive quantifier (*+, ++, ?+)")
+        elif op is c.SUBPATTERN:
+            _check_nodes(av[3], in_json_string)
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT):
+            _check_nodes(av[2], in_json_string)
+        elif op is c.BRANCH:
+            for branch in av[1]:
+                _check_nodes(branch, in_json_string)
