@@ -103,6 +103,13 @@ def test_a_constraint_that_does_not_compile_is_a_grammar_error_naming_it(spec, n
         GrammarCache(toy_info()).get(spec)
 
 
+def test_a_constraint_that_admits_no_output_is_refused_at_its_start():
+    decoding = GuidedDecoding(toy_info, len(TOY))
+    with pytest.raises(GrammarError, match=re.escape("(json_schema) admits no output")):
+        decoding.start(GuidedSpec(json_schema={"anyOf": [{"$ref": "#"}]}))
+    assert decoding.start(GuidedSpec(choice=["yes"])).wants_mask
+
+
 def test_sampler_masks_guided_rows_and_samples_the_rest_as_before():
     d = GuidedDecoding(toy_info, len(TOY))
     state = d.start(GuidedSpec(choice=["no"]))

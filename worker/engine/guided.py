@@ -163,8 +163,14 @@ class GuidedDecoding:
         return self._cache
 
     def start(self, spec: GuidedSpec) -> GuidedState:
-        """A matcher for a new request; GrammarError when the constraint does not compile."""
-        return GuidedState(self.cache.get(spec))
+        """A matcher for a new request; GrammarError when the constraint does not compile, or admits no
+        output at all (a schema that only refers to itself): its first token could only break it."""
+        state = GuidedState(self.cache.get(spec))
+        first = xgr.allocate_token_bitmask(1, self.vocab_size)
+        state.matcher.fill_next_token_bitmask(first)
+        if not bool(first.any()):
+            raise GrammarError(f"the output constraint ({_field(spec)}) admits no output: no text could satisfy it")
+        return state
 
     def mask(self, states: list[GuidedState], rows: list[int], device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor]:
