@@ -28,6 +28,24 @@ from tests.integration.fake_worker import MODEL, ThreadedFakeWorker
 from tests.processes import GatewayThread
 
 
+def api_key_of(redis_url: str, tenant: str, limits: dict[str, int]) -> str:
+    """A new key of `tenant`, which takes these limits."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.apikeys import create_key
+
+    async def create() -> str:
+        ar = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            return (await create_key(ar, tenant, limits)).api_key
+        finally:
+            await ar.aclose()
+
+    return asyncio.run(create())
+
+
 @pytest.fixture
 def base_url(redis_url):
     redis.Redis.from_url(redis_url).flushdb()
@@ -248,22 +266,8 @@ def test_a_feeder_killed_mid_batch_is_replaced_and_each_line_lands_once(client, 
 
 
 def test_files_and_batches_belong_to_their_tenant_and_count_against_its_quota(redis_url, monkeypatch):
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from gateway.apikeys import create_key
-
     redis.Redis.from_url(redis_url).flushdb()
-
-    async def keys() -> tuple[str, str]:
-        r = aioredis.from_url(redis_url, decode_responses=True)
-        try:
-            return (await create_key(r, "acme", {})).api_key, (await create_key(r, "other", {})).api_key
-        finally:
-            await r.aclose()
-
-    acme_key, other_key = asyncio.run(keys())
+    acme_key, other_key = api_key_of(redis_url, "acme", {}), api_key_of(redis_url, "other", {})
     lines = chat_lines(3, MODEL)
     monkeypatch.setenv("TOKENQ_FILES_QUOTA_BYTES", str(len(jsonl(lines)) * 2))
     with GatewayThread(redis_url) as url:
@@ -326,23 +330,10 @@ def test_cli_submit_wait_status_results(base_url, worker, redis_url, tmp_path, c
 
 def test_the_tenants_limits_pace_its_batch(redis_url, default_model_dir):
     """A line over the tenant's rate limit waits (it is not failed) and runs once the limit allows."""
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from gateway.apikeys import create_key
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     r.flushdb()
-
-    async def key() -> str:
-        ar = aioredis.from_url(redis_url, decode_responses=True)
-        try:
-            return (await create_key(ar, "acme", {"rpm": 4})).api_key
-        finally:
-            await ar.aclose()
-
-    api_key = asyncio.run(key())
+    api_key = api_key_of(redis_url, "acme", {"rpm": 4})
     lines = completion_lines(10, MODEL, max_tokens=3)
     with GatewayThread(redis_url) as url, ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.02, capacity=8), \
             ThreadedFeeder(redis_url):
@@ -433,22 +424,8 @@ def test_a_batch_of_an_unknown_file_names_input_file_id(client):
 def test_cancel_ends_lines_a_limit_held_back_at_once(redis_url, default_model_dir):
     """Lines that a tenant's max_queued kept out of the queue were never run: the cancel's grace period,
     which lets running lines report, is not theirs to wait out."""
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from gateway.apikeys import create_key
-
     redis.Redis.from_url(redis_url).flushdb()
-
-    async def key() -> str:
-        ar = aioredis.from_url(redis_url, decode_responses=True)
-        try:
-            return (await create_key(ar, "slow", {"max_queued": 2})).api_key
-        finally:
-            await ar.aclose()
-
-    api_key = asyncio.run(key())
+    api_key = api_key_of(redis_url, "slow", {"max_queued": 2})
     lines = chat_lines(12, MODEL, max_tokens=20, words=20)
     with GatewayThread(redis_url) as url, ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.05, capacity=2), \
             ThreadedFeeder(redis_url, fast_settings(window=8, refill=1, cancel_grace_s=600)):
