@@ -42,9 +42,11 @@ def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane:
                    f"limit {tenant.rpm}, used {used}; try again in {retry_after}s")
         type_, code = "requests", "rate_limit_exceeded"
     elif refused.limit == "tpm":
-        if tokens > tenant.tpm:
-            message = (f"request too large for tokens per minute (tpm) of tenant {tenant.name!r}: "
-                       f"limit {tenant.tpm}, requested {tokens} (prompt + max_tokens per choice)")
+        if tokens > tenant.tpm:  # no wait makes it fit: a 400, with no Retry-After to follow for ever
+            return ApiError(400, f"max_tokens: the request is too large for the tokens per minute (tpm) of tenant "
+                                 f"{tenant.name!r}: limit {tenant.tpm}, requested {tokens} (prompt + max_tokens per "
+                                 "choice); lower max_tokens or shorten the prompt", param="max_tokens",
+                            code="request_too_large")
         else:
             message = (f"rate limit reached for tokens per minute (tpm) of tenant {tenant.name!r}: "
                        f"limit {tenant.tpm}, used {used}, requested {tokens} (prompt + max_tokens per choice); "

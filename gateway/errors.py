@@ -112,12 +112,17 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     if not errors:
         return error_response(400, "invalid request body")
-    message, param = describe_validation_error(most_telling(errors))
+    err = most_telling(errors)
+    if tuple(err.get("loc", ())) == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
+        content_type = request.headers.get("content-type") or "none"
+        return error_response(400, "request body: a JSON object, sent with Content-Type: application/json "
+                                   f"(got Content-Type: {content_type[:80]})")
+    message, param = describe_validation_error(err)
     return error_response(400, message, param)
 
 

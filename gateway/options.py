@@ -10,14 +10,17 @@ from gateway.errors import ApiError
 from protocol.urlguard import UnsafeURL, check_webhook_url
 from tokenq.settings import Settings
 
+MAX_AHEAD_S = 3650 * 86400  # the furthest deadline, ten years: past it a number is more likely milliseconds
+
 
 def parse_deadline(deadline: float | str | None, ttl: float | None, now: float) -> float | None:
     """Epoch seconds the job must be done by, or None; 400 naming the field when it is unusable."""
     if deadline is not None and ttl is not None:
         raise ApiError(400, "give at most one of `deadline` and `ttl`", param="deadline")
     if ttl is not None:
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise ApiError(400, f"ttl: must be a positive number of seconds (got {ttl!r})", param="ttl")
+        if not math.isfinite(ttl) or not 0 < ttl <= MAX_AHEAD_S:
+            raise ApiError(400, f"ttl: a positive number of seconds, at most {MAX_AHEAD_S} (got {ttl!r})",
+                           param="ttl")
         return now + ttl
     if deadline is None:
         return None
@@ -30,6 +33,9 @@ def parse_deadline(deadline: float | str | None, ttl: float | None, now: float) 
                            param="deadline")
     if at <= now:
         raise ApiError(400, f"deadline: {deadline!r} is in the past", param="deadline")
+    if not isinstance(deadline, str) and at > now + MAX_AHEAD_S:  # milliseconds (JavaScript's Date.now())?
+        raise ApiError(400, f"deadline: at most {MAX_AHEAD_S // 86400} days ahead, in epoch seconds (got "
+                            f"{deadline!r})", param="deadline")
     return at
 
 

@@ -55,8 +55,12 @@ async def get_job_events(job_id: str, caller: Caller = Depends(get_caller),
         raise ApiError(400, f"Last-Event-ID must be a character offset, or one per choice separated by commas "
                             f"(got {raw!r})", param="Last-Event-ID")
     redis = caller.ctx.redis
-    if await redis.hget(job_key(job_id), F.TENANT) != caller.tenant.name:
+    tenant, choices = await redis.hmget(job_key(job_id), [F.TENANT, F.CHOICES])
+    if tenant != caller.tenant.name:
         raise _not_found(job_id)
+    if len(offsets) > int(choices or 1):
+        raise ApiError(400, f"Last-Event-ID: {len(offsets)} offsets, but the job has {int(choices or 1)} "
+                            f"choice(s) (got {raw!r})", param="Last-Event-ID")
     return sse_response(job_events(redis, job_id, offsets, caller.ctx.hub, caller.ctx.store))
 
 

@@ -154,7 +154,10 @@ class CompletionRequest(SamplingFields, JobOptions):
 
 
 class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
-    """POST /v1/jobs: a chat (`messages`) or a completion (`prompt`), queued on a lane."""
+    """POST /v1/jobs: a chat (`messages`) or a completion (`prompt`), queued on a lane. tokenq's own API:
+    a field it does not know is refused (a misspelt `webhook_url` would otherwise be lost)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: text_up_to(MAX_MODEL_CHARS)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)

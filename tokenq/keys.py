@@ -88,8 +88,9 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
         print("id\ttenant\tcreated\trpm\ttpm\tmax_queued")
         for r in rows:
             created = dt.datetime.fromtimestamp(float(r["created_at"] or 0), dt.UTC).strftime("%Y-%m-%d %H:%M")
-            print(f"{r['id'][:12]}\t{r['tenant']}\t{created}\t{r['rpm'] or '-'}\t{r['tpm'] or '-'}\t"
-                  f"{r['max_queued'] or '-'}")
+            limits = "\t".join(r[name] if r[name] not in (None, "", "0") else "-"  # 0: no limit, as unset
+                               for name in ("rpm", "tpm", "max_queued"))
+            print(f"{r['id'][:12]}\t{r['tenant']}\t{created}\t{limits}")
         return 0
     if args.keys_cmd == "secret":
         try:

@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
 from jobstore.runner import ScriptClient
+from jobstore.store import CANCELLED
 from protocol import choice_text, keys
 from protocol import job_record as f
 from protocol.events import DeltaEvent
@@ -196,9 +197,9 @@ def final_write(job: RunningJob, now: float, token_text: TokenText | None = None
         err = JobError(type="deadline_exceeded", message="the job ran past its deadline")
         return FinalWrite(ref, JobState.expired.value, build_result(job, token_text).model_dump_json(),
                           err.model_dump_json(), now, first)
-    if job.stop_state == JobState.cancelled.value:
-        return FinalWrite(ref, JobState.cancelled.value, build_result(job, token_text).model_dump_json(), "",
-                          now, first)
+    if job.stop_state == JobState.cancelled.value:  # the error a queued job cancelled gets too
+        return FinalWrite(ref, JobState.cancelled.value, build_result(job, token_text).model_dump_json(),
+                          CANCELLED.model_dump_json(), now, first)
     if job.finish_reason == "error":
         err = JobError(type=job.error_type, message=job.error or "the engine failed to run this job")
         return FinalWrite(ref, JobState.failed.value, "", err.model_dump_json(), now, first)

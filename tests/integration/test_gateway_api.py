@@ -322,6 +322,22 @@ async def test_failed_job_in_streams(client, worker):
     assert data["status"] == "failed" and data["error"]["type"] == "engine_error"
     r = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"})
     assert_error(r, 400, "Last-Event-ID")
+    r = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "3,4"})  # one choice
+    assert "1 choice" in assert_error(r, 400, "Last-Event-ID")["message"]
+
+
+async def test_jobs_refuse_a_field_they_do_not_know(client, redis_client):
+    """tokenq's own API: a misspelt `webhook_url` is an error, not a job that never reports."""
+    r = await client.post("/v1/jobs", json={"model": MODEL, "prompt": "hi", "webhook": "https://example.com/h"})
+    assert "webhook: Extra inputs are not permitted" in assert_error(r, 400, "webhook")["message"]
+    assert await redis_client.keys(keys.job_keys_pattern("*")) == []
+
+
+async def test_a_body_sent_as_a_form_says_it_wants_json(client):
+    r = await client.post("/v1/chat/completions", content=json.dumps(CHAT),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    message = assert_error(r, 400)["message"]
+    assert "Content-Type: application/json" in message and "x-www-form-urlencoded" in message
 
 
 async def test_chat_template_options(client, worker, redis_client, default_model_dir):

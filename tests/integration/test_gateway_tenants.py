@@ -174,7 +174,7 @@ def test_cli_keys(redis_url, capsys):
         sync.flushdb()
 
     with pytest.raises(SystemExit) as done:
-        main(["keys", "create", "--tenant", "cli-t", "--rpm", "7", "--redis-url", redis_url])
+        main(["keys", "create", "--tenant", "cli-t", "--rpm", "7", "--tpm", "0", "--redis-url", redis_url])
     assert done.value.code == 0
     out = capsys.readouterr().out
     api_key = next(line.split()[-1] for line in out.splitlines() if line.startswith("api key:"))
@@ -183,7 +183,7 @@ def test_cli_keys(redis_url, capsys):
     with pytest.raises(SystemExit):
         main(["keys", "list", "--redis-url", redis_url])
     listed = capsys.readouterr().out
-    assert "cli-t" in listed and "\t7\t" in listed and api_key not in listed
+    assert "cli-t" in listed and "\t7\t-\t-" in listed and api_key not in listed  # tpm 0: no limit, as unset
     with pytest.raises(SystemExit) as done:
         main(["keys", "revoke", api_key, "--redis-url", redis_url])
     assert done.value.code == 0
@@ -261,10 +261,11 @@ async def test_tpm_limit_counts_prompt_and_max_tokens(client, idle_worker, redis
     err = assert_error(r, 429)
     assert "tpm" in err["message"] and "limit 100" in err["message"] and err["type"] == "tokens"
     assert int(r.headers["Retry-After"]) >= 1
-    # A request that alone is larger than the limit can never pass.
-    err = assert_error(await client.post("/v1/jobs", json={**PROMPT, "max_tokens": 500}, headers=bearer(key)),
-                       429)
-    assert "too large" in err["message"]
+    # A request that alone is larger than the limit can never pass: a 400, no Retry-After to follow for ever.
+    r = await client.post("/v1/jobs", json={**PROMPT, "max_tokens": 500}, headers=bearer(key))
+    err = assert_error(r, 400)
+    assert "too large" in err["message"] and err["code"] == "request_too_large" and err["param"] == "max_tokens"
+    assert "Retry-After" not in r.headers
     assert await queued_entries(redis_client) == 2
 
 
@@ -272,7 +273,7 @@ async def test_refused_requests_do_not_use_up_the_limit(client, idle_worker, red
     key = (await create_key(redis_client, "u", {"rpm": 2, "tpm": 30})).api_key
     big = {**PROMPT, "max_tokens": 200}  # refused by tpm: must not count as a request
     for _ in range(3):
-        assert_error(await client.post("/v1/jobs", json=big, headers=bearer(key)), 429)
+        assert_error(await client.post("/v1/jobs", json=big, headers=bearer(key)), 400)
     assert (await client.post("/v1/jobs", json=PROMPT, headers=bearer(key))).status_code == 202
 
 

@@ -42,6 +42,8 @@ def test_ttl_and_deadline_forms():
     (None, 0, "ttl", "positive"),
     (None, -3, "ttl", "positive"),
     (None, math.nan, "ttl", "positive"),
+    (None, 4000 * 86400, "ttl", "at most"),
+    ((NOW + 100) * 1000, None, "deadline", "epoch seconds"),  # milliseconds, as JavaScript's Date.now()
     (NOW + 9, 9, "deadline", "at most one"),
 ])
 def test_bad_deadlines_name_the_field(deadline, ttl, param, words):

@@ -108,6 +108,15 @@ def test_a_cancelled_job_ends_its_unfinished_choices_as_aborted():
     assert [(c["index"], c["finish_reason"]) for c in r["choices"]] == [(0, "abort"), (1, "length")]
 
 
+def test_a_running_job_cancelled_carries_the_error_a_queued_one_does():
+    j = job()
+    j.absorb(RequestOutput("job_1", [7], "a", num_prompt_tokens=3, num_output_tokens=1), now=1.0)
+    j.stop_state, j.finish_reason = "cancelled", "abort"
+    final = final_write(j, now=2.0)
+    assert json.loads(final.error_json) == {"type": "cancelled", "message": "the job was cancelled"}
+    assert json.loads(final.result_json)["text"] == "a"
+
+
 def test_logprob_tokens_are_empty_without_a_tokenizer():
     [lp] = to_protocol_logprobs([TokenLogprobs(3, -1.0, [(3, -1.0), (4, -2.0)])], None)
     assert lp.token == "" and lp.top == [(3, "", -1.0), (4, "", -2.0)]
