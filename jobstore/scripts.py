@@ -260,7 +260,7 @@ return out
 """)
 
 # KEYS: pairs (job hash, its text) per job of one publish batch. ARGV[1]: a JSON list with one row per job:
-# [job id, the new text, its seq, the DeltaEvent JSON, first_token_at or ""]. Each delta APPENDs, so a long stream
+# [job id, the new text, its seq, the DeltaEvent JSON, first_token_at or "", output tokens so far]. Each delta APPENDs, so a long stream
 # costs Redis its length once, not once per flush. A row whose seq the hash has already (a retried flush),
 # or whose job is final or gone, is skipped. One command and one JSON argument for a whole engine step.
 APPEND_DELTAS = Script(f"""
@@ -272,7 +272,7 @@ for i, r in ipairs(rows) do
   local state = redis.call('HGET', job, '{f.STATE}')
   if state and not final[state] and tonumber(redis.call('HGET', job, '{f.SEQ}') or '0') < r[3] then
     redis.call('APPEND', text, r[2])
-    redis.call('HSET', job, '{f.SEQ}', r[3])
+    redis.call('HSET', job, '{f.SEQ}', r[3], '{f.OUTPUT_TOKENS}', r[6] or 0)
     if r[5] ~= '' then redis.call('HSET', job, '{f.FIRST_TOKEN_AT}', r[5]) end
     redis.call('PUBLISH', {_lua_channel('job')}, r[4])
     n = n + 1
@@ -338,8 +338,9 @@ if state == 'running' and now >= deadline + tonumber(ARGV[3]) then
   local payload = cjson.decode(redis.call('HGET', KEYS[1], '{f.PAYLOAD}') or '{{}}')
   local prompt = 0
   if type(payload['prompt_token_ids']) == 'table' then prompt = #payload['prompt_token_ids'] end
+  local made = tonumber(redis.call('HGET', KEYS[1], '{f.OUTPUT_TOKENS}') or '0')  -- of the text published
   local result = {{text = redis.call('GET', KEYS[2]) or '', finish_reason = 'abort',
-    usage = {{prompt_tokens = prompt, completion_tokens = 0, total_tokens = prompt, cached_tokens = 0}}}}
+    usage = {{prompt_tokens = prompt, completion_tokens = made, total_tokens = prompt + made, cached_tokens = 0}}}}
   local n = tonumber(redis.call('HGET', KEYS[1], '{f.CHOICES}') or '1')
   if n > 1 then  -- the text is a log of [index, text] lines (protocol/choice_text.py)
     local parts = {{}}

@@ -103,6 +103,7 @@ class DeltaWrite:
     seq: int
     event_json: str
     first_token_at: str = ""
+    output_tokens: int = 0  # the job's output tokens with this delta's, every choice's
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ class JobStore:
     async def write(self, deltas: Sequence[DeltaWrite], finals: Sequence[FinalWrite]) -> list:
         """One MULTI: the deltas (appended, one script call for all), then the final writes (deltas alone: the
         one script call). Returns each final write's answer (1 first, 0 already final, -1 gone) or its error."""
-        rows = [[d.job_id, d.text, d.seq, d.event_json, d.first_token_at] for d in deltas]
+        rows = [[d.job_id, d.text, d.seq, d.event_json, d.first_token_at, d.output_tokens] for d in deltas]
         delta_keys = [k for d in deltas for k in (keys.job_key(d.job_id), keys.job_text_key(d.job_id))]
         rows_json = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
         if not finals and not self.cluster:

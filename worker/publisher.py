@@ -364,7 +364,7 @@ class Publisher:
                     first = repr(job.first_token_at)
                     job.first_token_written = True
                 deltas.append(DeltaWrite(job.id, choice_text.stored(delta.index, delta.text, n), delta.seq,
-                                         delta.model_dump_json(), first))
+                                         delta.model_dump_json(), first, job.num_output_tokens))
         finals = [(job, final_write(job, now, self.token_text)) for job in finishing]
         if not deltas and not finals:
             return True

@@ -5,6 +5,7 @@ depth gauge share."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -126,14 +127,16 @@ async def test_the_sweep_expires_due_jobs_and_a_running_one_keeps_its_text(store
     for p in (queued, running, later):
         await store.submit(p, "{}", {}, streamed=True, now=now)
     await store.start([running.id], now, "w")
-    await store.write([delta(running.id, 1, 0, "partial")], [])
+    await store.write([delta(running.id, 1, 0, "part")], [])
+    await store.write([dataclasses.replace(delta(running.id, 2, 4, "ial"), output_tokens=2)], [])
     assert await store.expire_due(now + 1.1, grace_s=0.5) == 1  # the running job's worker gets its grace
     assert await store.expire_due(now + 1.6, grace_s=0.5) == 1
     assert await store.expire_due(now + 1.7) == 0
     states = [(await store.read(p.id))[F.STATE] for p in (queued, running, later)]
     assert states == ["expired", "expired", "queued"]
     result = JobResult.model_validate_json((await store.read(running.id))[F.RESULT])
-    assert result.text == "partial" and result.finish_reason == "abort" and result.usage.prompt_tokens == 3
+    assert result.text == "partial" and result.finish_reason == "abort"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (3, 2, 5)
     assert await store.depth(MODEL) == {"interactive": 0, "default": 1, "batch": 0}
 
 
