@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.logging import get_logger
 from protocol.errors import error_json
+from protocol.jobs import UNSUPPORTED
 
 log = get_logger(__name__)
 
@@ -85,7 +86,7 @@ def field_path(loc: tuple | list) -> str | None:
 def most_telling(errors: list[dict]) -> dict:
     """Of pydantic's errors, the one to report: a rule of ours (its message says what is wrong) before a
     type mismatch against some other member of a union."""
-    return next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    return next((e for e in errors if e.get("type") in ("value_error", UNSUPPORTED)), errors[0])
 
 
 def describe_validation_error(err: dict) -> tuple[str, str | None]:
@@ -123,7 +124,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(400, "request body: a JSON object, sent with Content-Type: application/json "
                                    f"(got Content-Type: {content_type[:80]})")
     message, param = describe_validation_error(err)
-    return error_response(400, message, param)
+    return error_response(400, message, param, code=UNSUPPORTED if err.get("type") == UNSUPPORTED else None)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -61,7 +61,9 @@ class CompletionLogprobs:
         return {
             "tokens": [lp.token for lp in entries],
             "token_logprobs": [lp.logprob for lp in entries],
-            "top_logprobs": [None if lp.logprob is None else {t: p for _, t, p in lp.top} for lp in entries],
+            # The sampled token is always among them (OpenAI: "up to logprobs + 1 elements").
+            "top_logprobs": [None if lp.logprob is None else {t: p for _, t, p in lp.top} | {lp.token: lp.logprob}
+                             for lp in entries],
             "text_offset": offsets,
         }
 

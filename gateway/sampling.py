@@ -36,13 +36,21 @@ def requested_logprobs(req: SamplingFields) -> int | None:
     return int(logprobs)
 
 
+def _token_id(key: str) -> int | None:
+    """A logit_bias key as the token id it is read as ("+5" and " 5" too), None when it is not one."""
+    try:
+        return int(key)
+    except ValueError:
+        return None
+
+
 def check_vocabulary(req: SamplingFields, vocab_size: int) -> None:
     """Token ids and top_k within the model's vocabulary: past it they index outside the logits."""
     bad = next((t for t in req.stop_token_ids or () if t >= vocab_size), None)
     if bad is not None:
         raise ApiError(400, f"stop_token_ids: token id {bad} is outside the vocabulary (ids are 0 to "
                             f"{vocab_size - 1})", param="stop_token_ids")
-    bad_key = next((k for k in req.logit_bias or () if k.isdigit() and int(k) >= vocab_size), None)
+    bad_key = next((k for k in req.logit_bias or () if (_token_id(k) or 0) >= vocab_size), None)
     if bad_key is not None:
         raise ApiError(400, f"logit_bias: token id {bad_key} is outside the vocabulary (ids are 0 to "
                             f"{vocab_size - 1})", param=f"logit_bias.{bad_key}")
@@ -59,15 +67,15 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
     gateway/guided.py."""
     room = max_model_len - prompt_tokens
     asked, max_field = requested_max_tokens(req)
+    if room <= 0:
+        raise ApiError(400, f"prompt has {prompt_tokens} tokens, but the model's context is {max_model_len} "
+                            "tokens: no room is left to generate", param=prompt_field)
     if asked is not None and asked >= 1 and prompt_tokens + asked > max_model_len:
         raise ApiError(400, f"prompt has {prompt_tokens} tokens and {max_field} is {asked}, but the model's "
                             f"context is {max_model_len} tokens", param=max_field)
     if asked == 0 and prompt_logprobs is None:
         raise ApiError(400, f"{max_field}: 0 is allowed only on /v1/completions with echo and logprobs "
                             "(to score the prompt)", param=max_field)
-    if room <= 0:
-        raise ApiError(400, f"prompt has {prompt_tokens} tokens, but the model's context is {max_model_len} "
-                            "tokens: no room is left to generate", param=prompt_field)
     if vocab_size is not None:
         check_vocabulary(req, vocab_size)
     top = getattr(req, "top_logprobs", None)

@@ -31,6 +31,12 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "audio": (lambda v, _: v is None, "audio output is not supported"),
     "prediction": (lambda v, _: v is None, "predicted outputs are not supported"),
     "use_beam_search": (lambda v, _: v in (None, False), "beam search is not supported"),
+    # Set alone, these would do nothing (OpenAI and vLLM refuse them too).
+    "top_logprobs": (lambda v, req: v is None or getattr(req, "messages", None) is None
+                     or getattr(req, "logprobs", None) not in (None, False),
+                     "top_logprobs needs `logprobs: true` on a chat"),
+    "stream_options": (lambda v, req: v is None or getattr(req, "stream", False),
+                       "stream_options needs `stream: true`"),
 }
 
 

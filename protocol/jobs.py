@@ -8,11 +8,14 @@ import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from protocol import keys
 from protocol.sampling import SamplingParams
 from protocol.text import Text, text_up_to
 from protocol.tools import ToolCall, ToolParsing, parse_tool_calls
+
+UNSUPPORTED = "unsupported_field"  # a validation error of this type is a feature tokenq does not serve
 
 
 class JobState(enum.StrEnum):
@@ -52,8 +55,9 @@ class ContentPart(BaseModel):
     @field_validator("type")
     @classmethod
     def _text_only(cls, v: str) -> str:
-        if v != "text":
-            raise ValueError(f"only text content parts are supported (got {v[:40]!r})")
+        if v != "text":  # its own error type: the gateway answers it with code unsupported_field
+            raise PydanticCustomError(UNSUPPORTED, "only text content parts are supported (got {got})",
+                                      {"got": repr(v[:40])})
         return v
 
 

@@ -213,15 +213,18 @@ async def test_errors_enqueue_nothing(client, worker, redis_client):
     assert_error(await client.post("/v1/jobs", json={"model": MODEL, "prompt": ["a", "b"]}), 400, "prompt")
     # Several prompts: one that is bad refuses the request before any of them is queued.
     err = assert_error(await client.post("/v1/completions", json={
-        "model": MODEL, "prompt": ["a", "hello " * 3000], "max_tokens": 16}), 400, "max_tokens")
+        "model": MODEL, "prompt": ["a", "hello " * 1000], "max_tokens": 1500}), 400, "max_tokens")
     assert "2048" in err["message"]
     err = assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a"] * 129}),
                        400, "prompt")
     assert "128" in err["message"] and "129" in err["message"]
     long_prompt = "hello " * 3000
+    err = assert_error(await client.post("/v1/completions", json={  # too long alone: the prompt is named
+        "model": MODEL, "prompt": long_prompt, "max_tokens": 16}), 400, "prompt")
+    assert re.search(r"prompt has 300\d tokens, but the model's context is 2048", err["message"]), err["message"]
     err = assert_error(await client.post("/v1/completions", json={
-        "model": MODEL, "prompt": long_prompt, "max_tokens": 16}), 400, "max_tokens")
-    assert re.search(r"prompt has 300\d tokens and max_tokens is 16, but the model's context is 2048",
+        "model": MODEL, "prompt": "hello " * 1000, "max_tokens": 1500}), 400, "max_tokens")
+    assert re.search(r"prompt has 100\d tokens and max_tokens is 1500, but the model's context is 2048",
                      err["message"]), err["message"]
     err = assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": long_prompt}),
                        400, "prompt")
@@ -331,6 +334,13 @@ async def test_jobs_refuse_a_field_they_do_not_know(client, redis_client):
     r = await client.post("/v1/jobs", json={"model": MODEL, "prompt": "hi", "webhook": "https://example.com/h"})
     assert "webhook: Extra inputs are not permitted" in assert_error(r, 400, "webhook")["message"]
     assert await redis_client.keys(keys.job_keys_pattern("*")) == []
+
+
+async def test_a_content_part_other_than_text_is_an_unsupported_field(client):
+    r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+    err = assert_error(r, 400)
+    assert err["code"] == "unsupported_field" and "only text content parts" in err["message"]
 
 
 async def test_a_body_sent_as_a_form_says_it_wants_json(client):

@@ -48,7 +48,8 @@ def test_parse_line_checks_the_body_as_the_route_does():
     ({"n": 500}, "body.n"),
     ({"top_p": 2}, "body.top_p"),
     ({"stop": [str(i) for i in range(10)]}, "body.stop"),
-    ({"top_logprobs": 50}, "body.top_logprobs: 0 to 20"),
+    ({"logprobs": True, "top_logprobs": 50}, "body.top_logprobs: 0 to 20"),
+    ({"top_logprobs": 3}, "body.top_logprobs: top_logprobs needs `logprobs: true`"),
     ({"response_format": {"type": "json_schema"}}, "body.response_format"),
     ({"tool_choice": "required"}, "body.tool_choice: requires `tools`"),
 ])

@@ -227,6 +227,21 @@ def test_stop_string_at_the_very_start():
     assert detok.output_text == ""
 
 
+def test_no_stop_string_ends_the_output_before_min_tokens():
+    """As vLLM: a stop string found in the first min_tokens tokens is text; one that a later token
+    completes (even if it began earlier) stops the output."""
+    tok, _ = byte_tokens("a.", "b", ".", "c.")
+    detok = IncrementalDetokenizer(tok, [], stop=["."], min_tokens=3)
+    assert detok.update([0]) == ("a.", False)  # token 1 of 3: the stop is plain text
+    assert detok.update([1]) == ("b", False)
+    assert detok.update([2]) == ("", True)  # token 3: stops
+    assert detok.output_text == "a.b" and detok.matched_stop == "."
+    tok, _ = byte_tokens("x", "ST", "OP")
+    detok = IncrementalDetokenizer(tok, [], stop=["STOP"], min_tokens=3)
+    assert detok.update([0, 1]) == ("x", False)  # "ST" is held: it may begin a stop
+    assert detok.update([2]) == ("", True)  # completed by the third token: it counts
+
+
 def test_later_starting_shorter_stop_completes_first():
     tok, ids = byte_tokens("x", "ab", "c", "d")
     detok = IncrementalDetokenizer(tok, [], stop=["abcd", "c"])

@@ -57,6 +57,9 @@ def test_prompt_filling_the_context():
     with pytest.raises(ApiError) as e:
         to_sampling(chat(), 100, 100, "messages")
     assert e.value.param == "messages" and "100 tokens" in e.value.message
+    with pytest.raises(ApiError) as e:  # too long on its own, whatever max_tokens asks: the prompt is named
+        to_sampling(CompletionRequest(model="m", prompt="x", max_tokens=4), 120, 100, "prompt")
+    assert e.value.param == "prompt" and "120 tokens" in e.value.message
 
 
 def test_choices_bias_and_stop_fields_map_onto_sampling_params():
@@ -105,6 +108,21 @@ def test_vocabulary_bounds_token_ids_and_top_k():
     with pytest.raises(ApiError) as e:
         to_sampling(chat(top_k=101), 10, 100, "messages", vocab_size=100)
     assert e.value.param == "top_k" and "100" in e.value.message
+    for key in ("100", "+100", " 100"):  # each is read as token id 100
+        with pytest.raises(ApiError) as e:
+            to_sampling(chat(logit_bias={key: 5}), 10, 100, "messages", vocab_size=100)
+        assert e.value.param == f"logit_bias.{key}" and "0 to 99" in e.value.message
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_a_field_that_would_do_nothing_alone_is_refused(kw, param):
+    with pytest.raises(ApiError) as e:
+        check_unsupported(chat(**kw))
+    assert e.value.param == param and e.value.code == "unsupported_field"
+    check_unsupported(chat(**kw, logprobs=True, stream=True))
 
 
 def test_job_create_needs_exactly_one_prompt():

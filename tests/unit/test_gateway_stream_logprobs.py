@@ -39,3 +39,12 @@ def test_a_delta_without_logprobs_defers_the_rest_to_the_end():
     assert s.of_delta(Delta("w4 ", 6, [entry(4)])) is None  # would be out of order
     rest = s.rest(RESULT.model_copy(update={"prompt_logprobs": None}))
     assert [c["token"] for c in rest["content"]] == ["w3 ", "w4 "]
+
+
+def test_a_completions_top_logprobs_always_hold_the_sampled_token():
+    """OpenAI: up to logprobs + 1 entries, the sampled token's among them, as vLLM's."""
+    from gateway.responses import CompletionLogprobs
+
+    sampled = TokenLogprob(token_id=7, token=" rare", logprob=-9.0, top=[(1, ",", -0.1)])
+    got = CompletionLogprobs().format([sampled, entry(2)])
+    assert got["top_logprobs"] == [{",": -0.1, " rare": -9.0}, {"w2 ": -1.0}]

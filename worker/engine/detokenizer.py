@@ -28,8 +28,12 @@ class IncrementalDetokenizer:
         stop: list[str],
         skip_special_tokens: bool = True,
         include_stop: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
+        # vLLM's min_tokens holds for stop strings too: none ends the output before that many tokens.
+        self._min_tokens = min_tokens
+        self._outputs = 0
         self._skip = skip_special_tokens
         self._stop = list(stop)
         self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the match stays in the text
@@ -57,6 +61,7 @@ class IncrementalDetokenizer:
         if self.stopped or not new_token_ids:
             return "", self.stopped
         self._ids.extend(new_token_ids)
+        self._outputs += len(new_token_ids)
         return self._release(self._read_new_text(final=False)), self.stopped
 
     def flush(self) -> str:
@@ -97,7 +102,7 @@ class IncrementalDetokenizer:
         # stop string to be completed wins (earliest end, then earliest start): that is what
         # token-by-token decoding would see, whatever the chunking.
         best: tuple[int, int, str] | None = None
-        for s in self._stop:
+        for s in self._stop if self._outputs >= self._min_tokens else ():
             i = text.find(s)
             if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
                 best = (i + len(s), i, s)

@@ -172,8 +172,10 @@ class LLMEngine:
         seq_id = request_id if index == 0 else f"{request_id}#{index}"
         seq = Sequence(seq_id, list(prompt_token_ids), sampling, priority=priority, tenant=tenant,
                        cache_salt=tenant)
+        # min_tokens does not hold for constrained output (its grammar decides where it ends).
         detok = (IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, stop=sampling.stop,
-                                        include_stop=sampling.include_stop_str_in_output)
+                                        include_stop=sampling.include_stop_str_in_output,
+                                        min_tokens=sampling.min_tokens if sampling.guided is None else 0)
                  if self.tokenizer is not None else None)
         generator = make_generator(sampling.seed, self.device) if sampling.seed is not None else None
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_ids)
