@@ -15,7 +15,11 @@ _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERRORS = {
     "400": "Invalid request: the error names the field (`param`) and the limit it broke",
     "401": "Missing or unknown API key (when keys are configured)",
+    "404": "No such object (another tenant's ids are not confirmed to exist), or no such model",
+    "409": "The Idempotency-Key is bound to a request that is gone or still being written: retry",
+    "429": "A tenant limit (rpm, tpm, max_queued) or a full lane: `Retry-After` says when to retry",
 }
+_SUBMITTING = ("/v1/jobs", "/v1/chat/completions", "/v1/completions")
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -35,7 +39,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                                               "description": "an API key made with `tokenq keys create`"}}
     for path, operations in spec.get("paths", {}).items():
         authenticated = path.startswith("/v1/")
-        for operation in operations.values():
+        for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             had_input = responses.pop("422", None) is not None
             if had_input:
@@ -43,6 +47,11 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             if authenticated:
                 responses["401"] = _error(_ERRORS["401"])
                 operation["security"] = [{SCHEME: []}]
+                if "{" in path or (method == "post" and path in _SUBMITTING):
+                    responses["404"] = _error(_ERRORS["404"])
+                if method == "post" and path in _SUBMITTING:
+                    responses["409"] = _error(_ERRORS["409"])
+                    responses["429"] = _error(_ERRORS["429"])
             else:
                 operation["security"] = []
     return spec

@@ -7,11 +7,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway.errors import ApiError, describe_validation_error, most_telling
-from gateway.schemas import SamplingFields
+from gateway.schemas import CompletionRequest, SamplingFields
 from protocol.guided import GuidedSpec
 from protocol.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_DEFAULT_TOKENS = 4096  # max_tokens when the client gives none: the rest of the context, up to this
+COMPLETIONS_DEFAULT_TOKENS = 16  # /v1/completions' default instead, as OpenAI's legacy route and vLLM's
 
 _SAME_NAME = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
               "min_tokens", "ignore_eos", "stop_token_ids", "repetition_penalty", "stop", "n", "best_of",
@@ -34,6 +35,11 @@ def requested_logprobs(req: SamplingFields) -> int | None:
     if logprobs is True:
         return getattr(req, "top_logprobs", None) or 0
     return int(logprobs)
+
+
+def default_max_tokens(req: SamplingFields) -> int:
+    """max_tokens when the request gives none (the context's room may cap it further)."""
+    return COMPLETIONS_DEFAULT_TOKENS if isinstance(req, CompletionRequest) else MAX_DEFAULT_TOKENS
 
 
 def _token_id(key: str) -> int | None:
@@ -82,7 +88,7 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
     if top is not None and not 0 <= top <= MAX_LOGPROBS:  # within bounds even where logprobs is off
         raise ApiError(400, f"top_logprobs: 0 to {MAX_LOGPROBS} (got {top})", param="top_logprobs")
     values: dict[str, Any] = {
-        "max_tokens": asked if asked is not None else min(room, MAX_DEFAULT_TOKENS),
+        "max_tokens": asked if asked is not None else min(room, default_max_tokens(req)),
         "logprobs": requested_logprobs(req),
         "prompt_logprobs": prompt_logprobs,
         "guided": guided,

@@ -198,6 +198,8 @@ async def test_openapi_documents_400_errors_and_the_bearer_scheme(client):
         assert post["responses"]["400"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorResponse"}
         assert post["security"] == [{"bearerAuth": []}]
+        assert {"404", "409", "429"} <= set(post["responses"])  # no model, a key in use, a tenant limit
+    assert "404" in spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
     assert spec["paths"]["/healthz"]["get"]["security"] == []
     assert "422" not in json.dumps(spec["paths"])
 

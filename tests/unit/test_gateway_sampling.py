@@ -31,6 +31,10 @@ def test_fields_map_onto_sampling_params():
 def test_default_max_tokens_is_the_rest_of_the_context_capped():
     assert to_sampling(chat(), 10, 100, "messages").max_tokens == 90
     assert to_sampling(chat(), 10, 100_000, "messages").max_tokens == MAX_DEFAULT_TOKENS
+    # /v1/completions defaults to 16, as OpenAI's legacy route and vLLM's; a job of a prompt does not.
+    assert to_sampling(CompletionRequest(model="m", prompt="x"), 10, 100_000, "prompt").max_tokens == 16
+    assert to_sampling(CompletionRequest(model="m", prompt="x"), 90, 100, "prompt").max_tokens == 10
+    assert to_sampling(JobCreate(model="m", prompt="x"), 10, 100_000, "prompt").max_tokens == MAX_DEFAULT_TOKENS
 
 
 @pytest.mark.parametrize("kw, param, needle", [
