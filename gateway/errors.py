@@ -121,6 +121,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     err = most_telling(errors)
     if tuple(err.get("loc", ())) == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
         content_type = request.headers.get("content-type") or "none"
+        if content_type.partition(";")[0].strip().lower() == "application/json":  # JSON, but not an object
+            return error_response(400, f"request body: a JSON object (got {type(err.get('input')).__name__})")
         return error_response(400, "request body: a JSON object, sent with Content-Type: application/json "
                                    f"(got Content-Type: {content_type[:80]})")
     message, param = describe_validation_error(err)

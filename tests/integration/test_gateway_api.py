@@ -348,6 +348,8 @@ async def test_a_body_sent_as_a_form_says_it_wants_json(client):
                           headers={"content-type": "application/x-www-form-urlencoded"})
     message = assert_error(r, 400)["message"]
     assert "Content-Type: application/json" in message and "x-www-form-urlencoded" in message
+    r = await client.post("/v1/chat/completions", json=[CHAT])  # JSON, but an array
+    assert assert_error(r, 400)["message"] == "request body: a JSON object (got list)"
 
 
 async def test_chat_template_options(client, worker, redis_client, default_model_dir):
