@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 
 from gateway.errors import ApiError
 from gateway.guided import requested_guided, wants_guided
@@ -47,10 +48,8 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     target = await registry.target(req.model)
     prompts = target.prompts
     messages: list[ChatMessage] | None = getattr(req, "messages", None)
-    # The functions' schemas are checked like a response_format's: off the event loop.
-    tools = await asyncio.to_thread(plan_tools, req.tools, req.tool_choice, req.parallel_tool_calls,
-                                    messages is not None) if req.tools else \
-        plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat=messages is not None)
+    plan = partial(plan_tools, req.tools, req.tool_choice, req.parallel_tool_calls, messages is not None)
+    tools = await asyncio.to_thread(plan) if req.tools else plan()  # functions' schemas are checked off the loop
     echo_prompt = None
     prompt_logprobs = None
     template = req.template_options() if isinstance(req, ChatTemplateFields) else {}

@@ -71,6 +71,8 @@ class GrammarCache:
         except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
             reason = _SOURCE_PLACE.sub("", str(e)).strip()
             raise GrammarError(f"the output constraint ({_field(spec)}) does not compile: {reason}") from e
+        if not _admits_output(grammar):  # checked once per grammar, never again for a cached one
+            raise GrammarError(f"the output constraint ({_field(spec)}) admits no output: no text could satisfy it")
         self.compiled += 1
         self._grammars[key] = grammar
         if len(self._grammars) > self.capacity:
@@ -100,6 +102,14 @@ _JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
 
 def _no_control_characters(ebnf: str) -> str:
     return ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+
+
+def _admits_output(grammar: xgr.CompiledGrammar) -> bool:
+    """Whether any first token is allowed: a grammar that allows none could only fail its request's first
+    token, so its request is refused as it starts instead."""
+    first = xgr.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
+    xgr.GrammarMatcher(grammar).fill_next_token_bitmask(first)
+    return bool(first.any())
 
 
 def _field(spec: GuidedSpec) -> str:
@@ -164,13 +174,8 @@ class GuidedDecoding:
 
     def start(self, spec: GuidedSpec) -> GuidedState:
         """A matcher for a new request; GrammarError when the constraint does not compile, or admits no
-        output at all (a schema that only refers to itself): its first token could only break it."""
-        state = GuidedState(self.cache.get(spec))
-        first = xgr.allocate_token_bitmask(1, self.vocab_size)
-        state.matcher.fill_next_token_bitmask(first)
-        if not bool(first.any()):
-            raise GrammarError(f"the output constraint ({_field(spec)}) admits no output: no text could satisfy it")
-        return state
+        output at all (a schema that only refers to itself)."""
+        return GuidedState(self.cache.get(spec))
 
     def mask(self, states: list[GuidedState], rows: list[int], device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor]:
