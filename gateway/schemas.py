@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gateway.tools import ToolChoice, ToolDef
 from protocol.guided import GuidedSpec
 from protocol.jobs import ChatMessage, Lane
+from protocol.numbers import Float, Int
 from protocol.text import Text, text_up_to
 from protocol.tools import MAX_TOOLS
 from respcache.policy import CacheOption
@@ -22,7 +23,7 @@ MAX_WEBHOOK_URL_CHARS = 2048
 MAX_USER_CHARS = 256
 MAX_MODEL_CHARS = 256
 
-Prompt = Text | list[int] | list[Text] | list[list[int]]
+Prompt = Text | list[Int] | list[Text] | list[list[Int]]
 
 
 class StreamOptions(BaseModel):
@@ -35,24 +36,24 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = Field(default=None, description="choices: 1 to 16")
+    max_tokens: Int | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    n: Int | None = Field(default=None, description="choices: 1 to 16")
     stop: Text | list[Text] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: Int | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
     user: text_up_to(MAX_USER_CHARS) | None = None
     # vLLM extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    min_tokens: int | None = None
+    top_k: Int | None = None
+    min_p: Float | None = None
+    min_tokens: Int | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-    repetition_penalty: float | None = None
+    stop_token_ids: list[Int] | None = None
+    repetition_penalty: Float | None = None
     include_stop_str_in_output: bool | None = None
-    best_of: int | None = Field(default=None, description="sequences generated, the n of highest cumulative "
+    best_of: Int | None = Field(default=None, description="sequences generated, the n of highest cumulative "
                                                           "logprob returned: n to 16 (completions only)")
     logit_bias: dict[str, Any] | None = Field(default=None, description="token id -> bias in [-100, 100], "
                                                                        "at most 300")
@@ -84,8 +85,8 @@ class SamplingFields(BaseModel):
 class JobOptions(BaseModel):
     """tokenq's extensions on every submitting route (checked by gateway/options.py)."""
 
-    deadline: float | Text | None = Field(default=None, description="epoch seconds or RFC 3339")
-    ttl: float | None = Field(default=None, description="seconds from now; the job's deadline")
+    deadline: Float | Text | None = Field(default=None, description="epoch seconds or RFC 3339")
+    ttl: Float | None = Field(default=None, description="seconds from now; the job's deadline")
     run_to_completion: bool = Field(default=False, description="a client that disconnects before "
                                                                "the end does not cancel the job")
     cache: CacheOption | None = Field(default=None, description="response cache: mode exact, semantic or off "
@@ -135,9 +136,9 @@ class ChatTemplateFields(BaseModel):
 class ChatCompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
     model: text_up_to(MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: Lane = "interactive"
@@ -146,7 +147,7 @@ class ChatCompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
 class CompletionRequest(SamplingFields, JobOptions):
     model: text_up_to(MAX_MODEL_CHARS)
     prompt: Prompt
-    logprobs: int | None = None
+    logprobs: Int | None = None
     echo: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -162,9 +163,9 @@ class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
     model: text_up_to(MAX_MODEL_CHARS)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: Prompt | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    max_completion_tokens: Int | None = None
+    logprobs: bool | Int | None = None
+    top_logprobs: Int | None = None
     echo: bool = False
     priority: Lane = "default"
     metadata: dict[Text, Text] = Field(default_factory=dict)

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.guided import GuidedSpec
+from protocol.numbers import Float, Int
 from protocol.text import Text
 
 MAX_STOP_STRINGS = 8
@@ -19,8 +20,8 @@ MAX_N = 16  # choices (and best_of sequences) of one request: they share the pro
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_BIAS = 100.0
 
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
-Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
+TokenId = Annotated[Int, Field(ge=0, le=MAX_TOKEN_ID)]
+Bias = Annotated[Float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
 
 
 class SamplingParams(BaseModel):
@@ -28,26 +29,26 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # 0 only with prompt_logprobs (completions' echo): the prompt is scored and nothing is generated.
-    max_tokens: int = Field(default=256, ge=0, le=MAX_TOKENS)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=MAX_TOKEN_ID, description="0 or -1 means no top-k cut")
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_tokens: Int = Field(default=256, ge=0, le=MAX_TOKENS)
+    temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(default=0, ge=0, le=MAX_TOKEN_ID, description="0 or -1 means no top-k cut")
+    min_p: Float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: Int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # as torch.Generator takes
     stop: list[Text] = Field(default_factory=list)
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
-    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    min_tokens: Int = Field(default=0, ge=0, le=MAX_TOKENS)
     ignore_eos: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # Logprobs of the prompt's own tokens (completions' echo): the top-n per position, None for none.
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    prompt_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: Float = Field(default=1.0, gt=0.0, le=2.0)
     # Several samples of one prompt (one job): best_of sequences are generated, the n of highest
     # cumulative logprob returned (best_of None: n and n).
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    n: Int = Field(default=1, ge=1, le=MAX_N)
+    best_of: Int | None = Field(default=None, ge=1, le=MAX_N)
     # OpenAI's logit_bias: added to these tokens' logits before penalties, temperature and the cuts.
     logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.numbers import Float
+
 CacheMode = Literal["exact", "semantic", "off"]
 # The verifier's match probability a semantic hit needs: the one `python -m respcache.train` chose on the
 # tune split of the Quora pairs and stored in the verifier's model file (a test keeps the two equal).
@@ -40,7 +42,7 @@ class CacheOption(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: CacheMode | None = None
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    threshold: Float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, describe_validation_error, most_telling
 from gateway.sampling import MAX_DEFAULT_TOKENS, to_sampling
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate
 from gateway.unsupported import check_unsupported
@@ -136,3 +136,25 @@ def test_job_create_needs_exactly_one_prompt():
         JobCreate(model="m", prompt="a", messages=MSG)
     assert JobCreate(model="m", prompt="a").priority == "default"
     assert chat().priority == "interactive"
+
+
+@pytest.mark.parametrize("make, kw, param", [
+    (chat, {"max_tokens": True}, "max_tokens"),
+    (chat, {"temperature": False}, "temperature"),
+    (chat, {"stop_token_ids": [2, True]}, "stop_token_ids.1"),
+    (chat, {"cache": {"threshold": True}}, "cache.threshold"),
+    (lambda **kw: CompletionRequest(model="m", **kw), {"prompt": [1, True]}, "prompt"),
+    (lambda **kw: JobCreate(model="m", prompt="x", **kw), {"ttl": True}, "ttl"),
+])
+def test_true_and_false_are_not_numbers(make, kw, param):
+    # pydantic's lax mode read `"max_tokens": true` as one token and `"temperature": false` as greedy.
+    with pytest.raises(ValueError) as e:
+        make(**kw)
+    message, named = describe_validation_error(most_telling(e.value.errors()))
+    assert named.startswith(param) and "must be a number (got " in message
+
+
+def test_a_seed_may_be_negative_as_torch_takes_it():
+    assert to_sampling(chat(seed=-7), 10, 100, "messages").seed == -7
+    with pytest.raises(ApiError, match="seed"):
+        to_sampling(chat(seed=2**63), 10, 100, "messages")
