@@ -3,11 +3,13 @@ built from protocol results and job hashes."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
 from protocol import job_record as F
 from protocol.jobs import Choice, JobError, JobKind, JobPayload, JobResult, TokenLogprob, Usage
+from protocol.token_bytes import token_bytes
 from protocol.urlguard import ALLOW_ENV
 
 
@@ -25,7 +27,7 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 
 def _token_bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8"))
+    return list(token_bytes(token))
 
 
 def chat_logprobs(logprobs: list[TokenLogprob]) -> dict[str, Any]:
@@ -41,23 +43,23 @@ class CompletionLogprobs:
 
     With echo the entries are the prompt's tokens, then the generated ones: prompt offsets count from the
     start of the text, generated ones from the end of the echoed prompt, as OpenAI's and vLLM's do; the
-    prompt's first token has no logprob (null) and no alternatives (null)."""
+    prompt's first token has no logprob (null) and no alternatives (null). An offset counts the characters
+    of the text before the token, so a token holding part of a character's bytes starts where the
+    character does."""
 
     def __init__(self, echo_chars: int = 0, prompt_entries: int = 0) -> None:
         self._prompt_left = prompt_entries
-        self._prompt_at = 0
-        self._output_at = echo_chars
+        self._prompt = _TextOffsets(0)
+        self._output = _TextOffsets(echo_chars)
 
     def format(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         offsets = []
         for lp in entries:
             if self._prompt_left > 0:
                 self._prompt_left -= 1
-                offsets.append(self._prompt_at)
-                self._prompt_at += len(lp.token)
+                offsets.append(self._prompt.advance(lp.token))
             else:
-                offsets.append(self._output_at)
-                self._output_at += len(lp.token)
+                offsets.append(self._output.advance(lp.token))
         return {
             "tokens": [lp.token for lp in entries],
             "token_logprobs": [lp.logprob for lp in entries],
@@ -66,6 +68,19 @@ class CompletionLogprobs:
                              for lp in entries],
             "text_offset": offsets,
         }
+
+
+class _TextOffsets:
+    """Characters of text so far, fed one token's bytes at a time."""
+
+    def __init__(self, start: int) -> None:
+        self._at = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, token: str) -> int:
+        at = self._at
+        self._at += len(self._decoder.decode(token_bytes(token)))
+        return at
 
 
 def logprob_entries(result: JobResult, choice: Choice | None = None) -> list[TokenLogprob]:

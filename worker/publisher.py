@@ -33,6 +33,7 @@ from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import EngineHandle, FailedOutput
 from worker.logging import get_logger
+from worker.token_text import TokenText
 
 log = get_logger("publisher")
 
@@ -43,7 +44,6 @@ _FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
 # attempt loads them again.
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
 
-TokenText = Callable[[int], str]
 
 
 @dataclass(eq=False)

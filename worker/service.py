@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 from collections.abc import Coroutine
-from functools import lru_cache
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,8 +39,9 @@ from worker.intake import Intake
 from worker.logging import configure_logging, get_logger
 from worker.metrics import start_metrics_server
 from worker.pruning import Pruner
-from worker.publisher import Publisher, TokenText
+from worker.publisher import Publisher
 from worker.recovery import Recovery
+from worker.token_text import TokenText, token_text_from
 
 log = get_logger("service")
 
@@ -69,27 +69,6 @@ def redis_client(url: str) -> AnyRedis:
 def default_worker_id() -> str:
     """`{host}:{pid}`: the consumer name in the `workers` group and the heartbeat id."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def token_text_from(engine, card: ModelCard) -> TokenText | None:
-    """id -> token text for logprobs, from the engine's tokenizer or else the card's tokenizer JSON;
-    None if neither can be had (token strings are then "")."""
-    tok = getattr(engine, "tokenizer", None)
-    if not callable(getattr(tok, "decode", None)):
-        if not card.tokenizer_json:
-            return None
-        try:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_str(card.tokenizer_json)
-        except Exception:
-            return None
-
-    @lru_cache(maxsize=1 << 16)
-    def text(token_id: int) -> str:
-        return tok.decode([token_id], skip_special_tokens=False)
-
-    return text
 
 
 def _engine_capacity(engine) -> int:

@@ -9,7 +9,8 @@ from protocol.sampling import SamplingParams
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import FailedOutput
 from worker.publisher import RunningJob, build_result, final_write, to_protocol_logprobs
-from worker.service import default_worker_id, token_text_from
+from worker.service import default_worker_id
+from worker.token_text import token_text_from
 
 
 def job(**sampling) -> RunningJob:
