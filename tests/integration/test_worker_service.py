@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.event_hub import event_hub
 from jobstore import FinalWrite, JobRef, JobStore
@@ -479,6 +480,8 @@ async def test_cancel_requested_ends_job_cancelled_with_partial_result(redis_url
     r = redis_client
     p = payload(list(range(1, 300)), stream=True)
     engine = FakeEngine(step_sleep=0.01)
+    counted = ("tokenq_worker_requests_finished_total", {"model": MODEL, "reason": "cancelled"})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
     async with Collector(r, p.id) as c:
         await submit_job(r, p, streamed=True)
         async with running(redis_url, engine):
@@ -490,6 +493,7 @@ async def test_cancel_requested_ends_job_cancelled_with_partial_result(redis_url
             await wait_until(lambda: _engine_empty(engine))
         deltas = c.deltas
     assert final.state.value == "cancelled" and h[f.STATE] == "cancelled"
+    assert REGISTRY.get_sample_value(*counted) == before + 1  # counted as it ended, not as the engine's "abort"
     result = JobResult.model_validate_json(h[f.RESULT])
     assert result.finish_reason == "abort" and 0 < len(result.token_ids) < 299
     assert "".join(d.text for d in deltas) == result.text == h[f.TEXT]

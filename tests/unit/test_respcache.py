@@ -78,6 +78,18 @@ def test_chat_template_options_are_part_of_the_semantic_scope():
     assert key({"add_generation_prompt": False}).scope != plain.scope
 
 
+def test_a_semantic_scope_holds_the_max_tokens_rule_and_a_prompt_of_one_is_the_prompt():
+    def key(prompt, rule=None):
+        return scope.semantic_key(payload([1], temperature=0).model_copy(update={"kind": "completion"}), "card",
+                                  None, prompt, rule)
+
+    # /v1/completions' default (16 tokens) is not /v1/jobs' (the rest of the context): neither answers the other.
+    assert key("Once upon a time", "default 16").scope != key("Once upon a time", "default 4096").scope
+    assert key("Once upon a time", 16).scope != key("Once upon a time", "default 16").scope
+    assert key(["Once upon a time"]) == key("Once upon a time")  # ["x"] asks what "x" asks
+    assert key(["Once upon a time", "Twice"]) is None and key([[1, 2]]) is None
+
+
 def test_split_is_disjoint_by_question():
     pairs = [Pair("a", "b", 1), Pair("b", "c", 0), Pair("d", "e", 1), Pair("f", "g", 0)] + [
         Pair(f"q{i}", f"r{i}", i % 2) for i in range(200)]
