@@ -18,7 +18,7 @@ from gateway.errors import UnhandledErrors, install_error_handlers
 from gateway.fastpath import FastSubmit, is_fast_submission
 from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from gateway.logging import configure_logging
-from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.metrics import GatewayMetrics, MetricsMiddleware, mark_process_gone
 from gateway.openapi import install_openapi
 from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
@@ -79,6 +79,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             await app.state.ctx.cache.aclose()
             await app.state.ctx.pipe.aclose()
             await redis.aclose()
+            mark_process_gone()
 
     app = GatewayApp(title="tokenq gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -2,11 +2,18 @@
 
 Besides its HTTP counters the gateway exports, at each scrape, the backlog of every lane and the live
 workers per model, read from Redis: these exist while no worker runs, so autoscaling can wake workers
-from zero and the no-worker alert can fire (docs/metrics.md)."""
+from zero and the no-worker alert can fire (docs/metrics.md).
+
+Several gateway processes on one port (TOKENQ_GATEWAY_WORKERS) share their counters through
+prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by gateway/server.py): a scrape that
+lands on any of them reads the sum of all, where each used to answer with its own and the totals jumped
+back and forth. The backlog is read from Redis at the scrape, so it is never one process's share."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,14 +22,18 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.backlog import lanes, read_backlog
+from gateway.backlog import StreamBacklog, lanes, read_backlog
 from gateway.flight import TtlCache
 from gateway.metrics_peers import PeerMetrics
 
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: set, every metric lives in files there
 BACKLOG_CACHE_S = 2.0  # several Prometheus servers scraping cost one read
 # Finding the lanes SCANs the keyspace, so it is done at most this often: a model's first lane shows up
 # in the metrics within that time, and later jobs on it at once.
@@ -45,19 +56,14 @@ class GatewayMetrics:
                                      ["kind"], registry=self.registry)
         self.cache_hits = Counter("tokenq_gateway_cache_hits", "response-cache hits by kind (answered without "
                                   "queueing)", ["kind"], registry=self.registry)
+        # Each process has its own index: with several, the least-filled one, and 1 while any still loads.
         self.semantic_entries = Gauge("tokenq_gateway_semantic_index_entries", "semantic entries in this "
-                                      "gateway's vector index", registry=self.registry)
+                                      "gateway's vector index", registry=self.registry, multiprocess_mode="livemin")
         self.semantic_loading = Gauge("tokenq_gateway_semantic_index_loading", "1 while this gateway's vector "
-                                      "index loads the entries Redis held at its start", registry=self.registry)
-        self.waiting = Gauge("tokenq_queue_waiting_jobs", "jobs on a lane that no worker has taken yet",
-                             ["model", "lane", "tenant"], registry=self.registry)
-        self.running = Gauge("tokenq_queue_running_jobs", "jobs a worker has taken and not yet finished",
-                             ["model", "lane", "tenant"], registry=self.registry)
-        self.oldest = Gauge("tokenq_queue_oldest_waiting_seconds", "age of the oldest job no worker has taken",
-                            ["model", "lane", "tenant"], registry=self.registry)
-        self.live_workers = Gauge("tokenq_live_workers", "workers whose heartbeat is current, by model "
-                                  "(0 for a model with queued jobs and no worker)", ["model"],
-                                  registry=self.registry)
+                                      "index loads the entries Redis held at its start", registry=self.registry,
+                                      multiprocess_mode="livemax")
+        self.backlog = BacklogCollector()
+        self.registry.register(self.backlog)
         self._backlog_cache = TtlCache(max_entries=1)
         self._lanes_cache = TtlCache(max_entries=1)
 
@@ -70,15 +76,9 @@ class GatewayMetrics:
         known = await self._lanes_cache.get("lanes", lambda: lanes(redis), LANES_CACHE_S)
         rows = await read_backlog(redis, now, known)
         workers = await registry.live_workers()
-        for gauge in (self.waiting, self.running, self.oldest, self.live_workers):
-            gauge.clear()  # a tenant stream or a model that is gone leaves no stale series
-        for r in rows:
-            self.waiting.labels(r.model, r.lane, r.tenant).set(r.waiting)
-            self.running.labels(r.model, r.lane, r.tenant).set(r.running)
-            self.oldest.labels(r.model, r.lane, r.tenant).set(r.oldest_waiting_s)
         models = {m for m, _ in known} | {w.model for w in workers}
-        for model in models:
-            self.live_workers.labels(model).set(sum(w.model == model for w in workers))
+        self.backlog.rows = rows
+        self.backlog.live_workers = {model: sum(w.model == model for w in workers) for model in sorted(models)}
         return True
 
     async def scrape(self, redis, registry) -> Response:
@@ -88,11 +88,54 @@ class GatewayMetrics:
             await self.observe_backlog(redis, registry)
         except Exception:  # Redis away: the HTTP metrics still answer; the gauges keep their last values
             pass
-        body = generate_latest(self.registry) + await self.peers.render()
+        body = self._own() + await self.peers.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def render(self) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self._own(), media_type=CONTENT_TYPE_LATEST)
+
+    def _own(self) -> bytes:
+        if not os.environ.get(MULTIPROC_DIR_ENV):
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_process)
+        every_process.register(self.backlog)
+        return generate_latest(every_process)
+
+
+def mark_process_gone() -> None:
+    """At a gateway process's shutdown in multiprocess mode: its gauges leave the live ones."""
+    if os.environ.get(MULTIPROC_DIR_ENV):
+        multiprocess.mark_process_dead(os.getpid())
+
+
+class BacklogCollector:
+    """The lanes' backlog and the live workers as the last read from Redis left them: series of a lane or a
+    model that is gone go with the next read."""
+
+    def __init__(self) -> None:
+        self.rows: list[StreamBacklog] = []
+        self.live_workers: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "lane", "tenant"]
+        families = [
+            (GaugeMetricFamily("tokenq_queue_waiting_jobs", "jobs on a lane that no worker has taken yet",
+                               labels=labels), "waiting"),
+            (GaugeMetricFamily("tokenq_queue_running_jobs", "jobs a worker has taken and not yet finished",
+                               labels=labels), "running"),
+            (GaugeMetricFamily("tokenq_queue_oldest_waiting_seconds", "age of the oldest job no worker has taken",
+                               labels=labels), "oldest_waiting_s"),
+        ]
+        for family, field in families:
+            for r in self.rows:
+                family.add_metric([r.model, r.lane, r.tenant], getattr(r, field))
+            yield family
+        workers = GaugeMetricFamily("tokenq_live_workers", "workers whose heartbeat is current, by model "
+                                    "(0 for a model with queued jobs and no worker)", labels=["model"])
+        for model, count in self.live_workers.items():
+            workers.add_metric([model], count)
+        yield workers
 
 
 class MetricsMiddleware:

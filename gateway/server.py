@@ -6,14 +6,18 @@ no state of its own (limits, keys and jobs live in Redis), so they share the loa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
+from gateway.metrics import MULTIPROC_DIR_ENV
 from tokenq.settings import Settings
 
 WORKERS_ENV = "TOKENQ_GATEWAY_WORKERS"
@@ -70,7 +74,23 @@ def run(host: str, port: int, redis_url: str, workers: int | None = None) -> Non
         uvicorn.run(create_app(redis_url), **options)
         return
     os.environ[_REDIS_URL_ENV] = redis_url
-    uvicorn.run("gateway.server:app_from_env", factory=True, workers=workers, **options)
+    with _shared_metrics_dir():
+        uvicorn.run("gateway.server:app_from_env", factory=True, workers=workers, **options)
+
+
+@contextlib.contextmanager
+def _shared_metrics_dir() -> Iterator[None]:
+    """A fresh directory where the gateway processes keep their metrics (gateway/metrics.py), unless the
+    operator named one; the processes are spawned, so they read it from the environment at import."""
+    if os.environ.get(MULTIPROC_DIR_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="tokenq-gateway-metrics-") as path:
+        os.environ[MULTIPROC_DIR_ENV] = path
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_DIR_ENV]
 
 
 def _exit_cleanly_after_shutdown() -> None:
