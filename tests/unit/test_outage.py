@@ -56,3 +56,25 @@ async def test_a_refused_password_is_not_an_outage():
     with pytest.raises(AuthenticationError):
         await once_reachable(attempt, Outage(Lines(), "start", base_s=0.001), asyncio.Event())
     assert calls["n"] == 1
+
+
+async def test_the_expiry_sweep_warns_once_while_redis_is_away(monkeypatch):
+    """It warned every half second for as long as Redis was down."""
+    from jobstore import expiry
+
+    lines = Lines()
+    monkeypatch.setattr(expiry, "log", lines)
+    passes = {"n": 0}
+
+    class Store:
+        async def expire_due(self) -> int:
+            passes["n"] += 1
+            if passes["n"] <= 6:
+                raise RedisConnectionError("Connection refused")
+            return 0
+
+    sweep = asyncio.create_task(expiry.sweep_forever(Store(), every_s=0.001))
+    while passes["n"] < 8:
+        await asyncio.sleep(0.01)
+    sweep.cancel()
+    assert lines.lines == [("warning", "redis unreachable; retrying with back-off"), ("info", "redis reachable again")]
