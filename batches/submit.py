@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from batches.lines import BatchLine
-from gateway.admission import limit_error, limits_of, max_queue_depth_from_env
+from gateway.admission import limit_error, limits_of, max_queue_depth_from_env, too_large
 from gateway.auth import Authenticator, Tenant
 from gateway.errors import ApiError
 from gateway.prepare import prepare
@@ -67,12 +67,14 @@ async def submit_line(ctx: SubmitContext, tenant: Tenant, batch_id: str, index: 
         payload = payload.model_copy(update={"id": job_id,
                                              "deadline": deadline if given is None else min(given, deadline)})
         metadata = {"batch_id": batch_id, "custom_id": line.custom_id}
+        if (error := too_large(tenant, payload.cost_tokens)) is not None:
+            raise error
         try:
             await ctx.store.submit(payload, dump_request(body), metadata, streamed=False,
                                    limits=limits_of(tenant, ctx.max_queue_depth))
         except Refused as refused:
-            tokens = len(payload.prompt_token_ids) + payload.sampling.max_tokens
-            raise limit_error(tenant, refused, tokens, payload.model, payload.lane, ctx.max_queue_depth) from None
+            raise limit_error(tenant, refused, payload.cost_tokens, payload.model, payload.lane,
+                              ctx.max_queue_depth) from None
     except ApiError as e:
         if e.status in RETRY_STATUSES:
             raise RetryLater(e) from e

@@ -34,6 +34,18 @@ def limits_of(tenant: Tenant, max_depth: int) -> Limits:
     return Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_queued=tenant.max_queued, max_depth=max_depth)
 
 
+def too_large(tenant: Tenant, tokens: int) -> ApiError | None:
+    """A 400 for a request of more tokens than the tenant's whole tokens per minute: no wait makes it fit, so
+    it is refused before any limit is counted (a 429 for the rpm it also met sent the client to wait for a
+    minute that never comes)."""
+    if not tenant.tpm or tokens <= tenant.tpm:
+        return None
+    return ApiError(400, f"max_tokens: the request is too large for the tokens per minute (tpm) of tenant "
+                         f"{tenant.name!r}: limit {tenant.tpm}, requested {tokens} (prompt + max_tokens per "
+                         "choice); lower max_tokens or shorten the prompt", param="max_tokens",
+                    code="request_too_large")
+
+
 def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane: str, max_depth: int) -> ApiError:
     retry_after = max(1, math.ceil(refused.wait_ms / 1000))
     used = refused.used
@@ -42,15 +54,11 @@ def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane:
                    f"limit {tenant.rpm}, used {used}; try again in {retry_after}s")
         type_, code = "requests", "rate_limit_exceeded"
     elif refused.limit == "tpm":
-        if tokens > tenant.tpm:  # no wait makes it fit: a 400, with no Retry-After to follow for ever
-            return ApiError(400, f"max_tokens: the request is too large for the tokens per minute (tpm) of tenant "
-                                 f"{tenant.name!r}: limit {tenant.tpm}, requested {tokens} (prompt + max_tokens per "
-                                 "choice); lower max_tokens or shorten the prompt", param="max_tokens",
-                            code="request_too_large")
-        else:
-            message = (f"rate limit reached for tokens per minute (tpm) of tenant {tenant.name!r}: "
-                       f"limit {tenant.tpm}, used {used}, requested {tokens} (prompt + max_tokens per choice); "
-                       f"try again in {retry_after}s")
+        if (error := too_large(tenant, tokens)) is not None:  # the tenant's tpm was lowered meanwhile
+            return error
+        message = (f"rate limit reached for tokens per minute (tpm) of tenant {tenant.name!r}: "
+                   f"limit {tenant.tpm}, used {used}, requested {tokens} (prompt + max_tokens per choice); "
+                   f"try again in {retry_after}s")
         type_, code = "tokens", "rate_limit_exceeded"
     elif refused.limit == "queue_full":
         message = (f"the {lane!r} lane of model {model!r} is full ({used} jobs queued or running, max queue "

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.admission import limit_error, limits_of
+from gateway.admission import limit_error, limits_of, too_large
 from gateway.auth import Tenant
 from gateway.context import GatewayContext
 from gateway.errors import ApiError
@@ -75,6 +75,8 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
         lookup = await ctx.cache.lookup(decision, payload, digest, body)
         if lookup is not None and lookup.hit is not None:
             return await _cached(ctx, tenant, body, payload, metadata, lookup.hit, idempotency_key)
+    if (error := too_large(tenant, payload.cost_tokens)) is not None:  # a hit above costs no tokens
+        raise error
     if lookup is not None:
         payload.cache_fill = True
         await ctx.cache.expect(payload.id, lookup)

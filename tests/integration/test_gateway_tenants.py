@@ -269,6 +269,16 @@ async def test_tpm_limit_counts_prompt_and_max_tokens(client, idle_worker, redis
     assert await queued_entries(redis_client) == 2
 
 
+async def test_a_request_larger_than_the_tpm_is_a_400_when_the_rpm_is_used_up_too(client, idle_worker, redis_client):
+    """It was a 429 for the rpm: the client waited a minute to be told it could never run."""
+    key = (await create_key(redis_client, "lim", {"rpm": 2, "tpm": 100})).api_key
+    for _ in range(2):
+        assert (await client.post("/v1/jobs", json={**PROMPT, "max_tokens": 5}, headers=bearer(key))).status_code == 202
+    r = await client.post("/v1/jobs", json={**PROMPT, "max_tokens": 500}, headers=bearer(key))
+    err = assert_error(r, 400)
+    assert err["code"] == "request_too_large" and "Retry-After" not in r.headers
+
+
 async def test_refused_requests_do_not_use_up_the_limit(client, idle_worker, redis_client):
     key = (await create_key(redis_client, "u", {"rpm": 2, "tpm": 30})).api_key
     big = {**PROMPT, "max_tokens": 200}  # refused by tpm: must not count as a request
