@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,7 @@ def _run(client: httpx.Client, args: argparse.Namespace) -> int:
 
 
 def _wait_cmd(client: httpx.Client, args: argparse.Namespace) -> int:
+    _check_writable("--output", args.output)
     return _wait(client, _get(client, f"/v1/batches/{args.id}"), args.output)
 
 
@@ -87,6 +89,9 @@ def _cancel(client: httpx.Client, args: argparse.Namespace) -> int:
 
 
 def _results(client: httpx.Client, args: argparse.Namespace) -> int:
+    _check_writable("--output", args.output)
+    if args.errors:
+        _check_writable("--errors", args.errors)
     batch = _get(client, f"/v1/batches/{args.id}")
     if batch["status"] not in FINAL:
         sys.exit(f"error: batch {args.id} is {batch['status']}: its files are written when it ends; follow it "
@@ -106,6 +111,9 @@ def _line(batch: dict) -> str:
 def _submit(client: httpx.Client, args: argparse.Namespace) -> int:
     if not args.file.is_file():
         sys.exit(f"error: {args.file}: no such file")
+    output = args.output or args.file.with_suffix(".output.jsonl")
+    if args.wait:
+        _check_writable("--output", output)
     endpoint = args.endpoint or _first_url(args.file)
     with args.file.open("rb") as f:
         uploaded = _ok(client.post("/v1/files", data={"purpose": "batch"},
@@ -117,7 +125,7 @@ def _submit(client: httpx.Client, args: argparse.Namespace) -> int:
     if not args.wait:
         print(batch["id"])
         return 0
-    code = _wait(client, batch, args.output or args.file.with_suffix(".output.jsonl"))
+    code = _wait(client, batch, output)
     print(batch["id"])
     return code
 
@@ -177,6 +185,17 @@ def _download(client: httpx.Client, batch: dict, output: Path, errors: Path) -> 
             for chunk in r.iter_bytes():
                 f.write(chunk)
         print(f"{path}  ({file_id})", file=sys.stderr)
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Stops the command before it submits or fetches anything if the file cannot be written: not after a
+    batch of hours has run."""
+    if path.is_dir():
+        sys.exit(f"error: {flag} {path} is a directory: name a file in it")
+    if not path.parent.is_dir():
+        sys.exit(f"error: {flag} {path}: there is no directory {path.parent}")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        sys.exit(f"error: {flag} {path}: not writable")
 
 
 def _first_url(path: Path) -> str:

@@ -4,27 +4,52 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
+from jobstore.connect import is_cluster_url
 from tokenq import settings
 from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
+from tokenq.flag_checks import MAX_PORT, MODEL_SHAPES, OptionError, check_host, check_port_free, port
+from tokenq.redis_command import redacted, require_redis_url
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from batches.settings import BatchSettings
     from tokenq.model_store import resolve_model
     from tokenq.supervisor import UpOptions, run_up
 
-    engine_config_from(args)  # a flag out of range stops here, not in a worker restarted again and again
+    # Whatever would stop a role is checked here, not in a child restarted again and again.
+    settings.Settings.from_env()  # each role reads its TOKENQ_* variables from these two
+    BatchSettings.from_env()
+    if args.redis_url is not None:
+        require_redis_url(args.redis_url)
+        if is_cluster_url(args.redis_url):
+            raise OptionError(f"--redis-url {redacted(args.redis_url)}: `tokenq up` runs the batch feeder and the "
+                              "webhook deliverer, which need a single Redis; on a cluster run the roles one by one "
+                              "(docs/redis-cluster.md)")
+    worker_metrics_port = args.worker_metrics_port or _port_after(args.port, 1, "--worker-metrics-port")
+    webhooks_metrics_port = args.webhooks_metrics_port or _port_after(args.port, 2, "--webhooks-metrics-port")
+    check_host(args.host)
+    engine_config_from(args)
     resolve_model(args.model)  # fetch before the children start, with its progress shown here
     return run_up(UpOptions(redis_url=args.redis_url, model=args.model, host=args.host, port=args.port,
-                            worker_args=engine_flags_argv(args),
-                            worker_metrics_port=args.worker_metrics_port or args.port + 1,
-                            webhooks_metrics_port=args.webhooks_metrics_port or args.port + 2))
+                            worker_args=engine_flags_argv(args), worker_metrics_port=worker_metrics_port,
+                            webhooks_metrics_port=webhooks_metrics_port))
+
+
+def _port_after(base: int, offset: int, flag: str) -> int:
+    """A port's default of --port + offset, which must be a port too."""
+    if base + offset > MAX_PORT:
+        raise OptionError(f"--port {base}: {flag} defaults to --port + {offset}, above {MAX_PORT}; pass {flag}")
+    return base + offset
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import run
 
-    run(host=args.host, port=args.port, redis_url=_require_redis(args))
+    url = require_redis_url(args.redis_url)
+    check_host(args.host)
+    run(host=args.host, port=args.port, redis_url=url)
     return 0
 
 
@@ -33,25 +58,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.engine_process import EngineSpec
     from worker.service import serve
 
-    config = engine_config_from(args)  # a flag out of range stops the start before the model is fetched
+    # A bad flag stops the start before the model is fetched and loaded.
+    url = require_redis_url(args.redis_url)
+    check_port_free("--metrics-port", args.metrics_port, args.metrics_host)
+    config = engine_config_from(args)
     name, path = resolve_model(args.model)
     if args.served_name:
         name = args.served_name
     # The engine runs in its own process; this one imports no torch and keeps to Redis.
     spec = EngineSpec(str(path), config, name)
-    return serve(_require_redis(args), name, spec, metrics_port=args.metrics_port)
+    return serve(url, name, spec, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
     from worker.webhooks.service import run_webhooks
 
-    return run_webhooks(_require_redis(args), metrics_port=args.metrics_port)
+    url = require_redis_url(args.redis_url)
+    check_port_free("--metrics-port", args.metrics_port, args.metrics_host)
+    queue_url = settings.Settings.from_env().webhook_queue_url or url
+    return _refusing_cluster(queue_url, lambda: run_webhooks(url, metrics_port=args.metrics_port,
+                                                                 metrics_host=args.metrics_host))
 
 
 def cmd_batches(args: argparse.Namespace) -> int:
     from batches.service import run_batches
 
-    return run_batches(_require_redis(args))
+    url = require_redis_url(args.redis_url)
+    return _refusing_cluster(url, lambda: run_batches(url))
+
+
+def _refusing_cluster(url: str, run: Callable[[], int]) -> int:
+    """run(), whose service refuses a Redis Cluster URL with a ValueError as it starts: said as one line."""
+    try:
+        return run()
+    except ValueError as e:
+        if isinstance(e, settings.SettingError) or not is_cluster_url(url):
+            raise
+        sys.exit(f"error: {e}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -66,7 +109,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "random":
         from worker.models.random_weights import write_random_model_dir
 
-        path = write_random_model_dir(args.shape, args.dir, seed=args.seed)
+        try:
+            path = write_random_model_dir(args.shape, args.dir, seed=args.seed)
+        except OSError as e:
+            sys.exit(f"error: cannot make the model directory {args.dir}: {e.strerror or e}")
         print(f"random-weight {args.shape} model in {path}: tokenq worker --model {path} --device cuda")
         return 0
     for name in sorted(KNOWN_MODELS):
@@ -88,11 +134,8 @@ def cmd_bench_module(args: argparse.Namespace) -> int:
     return importlib.import_module(args.bench_module).main(args)
 
 
-def _require_redis(args: argparse.Namespace) -> str:
-    if not args.redis_url:
-        sys.exit("error: --redis-url (or TOKENQ_REDIS_URL) is required: no `tokenq up` has recorded an embedded "
-                 f"Redis under TOKENQ_HOME ({settings.tokenq_home()})")
-    return args.redis_url
+METRICS_HOST_HELP = ("the address the metrics listen on (default every one, for a Prometheus elsewhere; `tokenq up` "
+                     "gives 127.0.0.1, its gateway's /metrics carries them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default=settings.explicit_redis_url())
     up.add_argument("--model", default=settings.model_name())
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--worker-metrics-port", type=int, default=None, help="the worker's Prometheus metrics "
+    up.add_argument("--port", type=port, default=8000)
+    up.add_argument("--worker-metrics-port", type=port, default=None, help="the worker's Prometheus metrics "
                     "(default: --port + 1)")
-    up.add_argument("--webhooks-metrics-port", type=int, default=None, help="the webhook deliverer's "
+    up.add_argument("--webhooks-metrics-port", type=port, default=None, help="the webhook deliverer's "
                     "Prometheus metrics (default: --port + 2)")
     add_engine_flags(up)
     up.set_defaults(func=cmd_up)
@@ -115,20 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
     gw.add_argument("--redis-url", default=settings.redis_url())
     gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--port", type=port, default=8000)
     gw.set_defaults(func=cmd_gateway)
 
     wk = sub.add_parser("worker", help="run one engine worker")
     wk.add_argument("--redis-url", default=settings.redis_url())
     wk.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     wk.add_argument("--served-name", default=None, help="name clients use (default: the model's)")
-    wk.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    wk.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus metrics on this port")
+    wk.add_argument("--metrics-host", default="0.0.0.0", help=METRICS_HOST_HELP)
     add_engine_flags(wk)
     wk.set_defaults(func=cmd_worker)
 
     wh = sub.add_parser("webhooks", help="deliver webhooks of finished jobs (outbox relay + arq worker)")
     wh.add_argument("--redis-url", default=settings.redis_url())
-    wh.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    wh.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus metrics on this port")
+    wh.add_argument("--metrics-host", default="0.0.0.0", help=METRICS_HOST_HELP)
     wh.set_defaults(func=cmd_webhooks)
 
     bf = sub.add_parser("batches", help="feed batches (/v1/batches) into the batch lane, write their results")
@@ -158,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list")
     rnd = msub.add_parser("random", help="a directory that serves a named shape with seeded random weights "
                           "(made at load time) and a synthetic tokenizer: the stack on any GPU, no download")
-    rnd.add_argument("shape", help="llama3-8b, llama3-70b, small or tiny")
+    rnd.add_argument("shape", choices=MODEL_SHAPES, metavar="shape", help="%(choices)s")
     rnd.add_argument("dir")
     rnd.add_argument("--seed", type=int, default=0)
     models.set_defaults(func=cmd_models)
@@ -191,11 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tokenq.engine_options import OptionError
-    from tokenq.model_store import ModelNotFound
+    from tokenq.model_store import ModelNotFound, PullFailed
 
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except (ModelNotFound, OptionError) as e:
+    except (ModelNotFound, OptionError, PullFailed) as e:
         sys.exit(f"error: {e}")
+    except settings.SettingError as e:  # a TOKENQ_* variable, as argparse says a bad flag
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from tokenq.flag_checks import OptionError, cuda_available
+
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -78,15 +80,14 @@ def kernel_choices() -> dict[str, str | bool]:
 _FLAG_OF = {"kv_cache_memory_gb": "--kv-cache-gb"}
 
 
-class OptionError(ValueError):
-    """An engine flag out of its range, said with the flag's name."""
-
-
 def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kept lazy: torch is heavy)
     """The engine's config from the flags, and its kernel choices from the environment; OptionError names
-    the flag whose value is out of range."""
+    the flag whose value is out of range, or a CUDA device that this machine's torch does not see."""
     from worker.engine.config import ConfigError
 
+    if args.device.startswith("cuda") and not cuda_available():
+        raise OptionError(f"--device {args.device}: torch.cuda.is_available() is False here (no CUDA device, or "
+                          "a torch built without CUDA); use --device cpu")
     try:
         return _engine_config(args)
     except ConfigError as e:

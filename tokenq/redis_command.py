@@ -1,23 +1,59 @@
-"""What every `tokenq` command that works on Redis alone shares: the URL it needs, one client for the
-command's run, and a clear error instead of a traceback when Redis cannot be reached."""
+"""What every `tokenq` command that works on Redis shares: the URL it needs (checked before anything starts,
+and shown with its password hidden), one client for the command's run, and a clear error instead of a
+traceback when Redis cannot be reached or does not answer as Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 
+from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
-from jobstore.connect import AnyRedis, connect
+from jobstore.connect import CLUSTER_SCHEMES, AnyRedis, connect
+from tokenq import settings
+
+
+def redacted(url: str) -> str:
+    """The URL with its password (in the address, or as ?password=) shown as ***: the one form a command
+    prints a Redis URL in."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    address, tail = rest[:end], rest[end:]
+    userinfo, at, host = address.rpartition("@")
+    if at and ":" in userinfo:
+        address = f"{userinfo.partition(':')[0]}:***@{host}"
+    tail = re.sub(r"([?&]password=)[^&#]*", r"\1***", tail)
+    return f"{scheme}://{address}{tail}"
+
+
+def require_redis_url(url: str | None) -> str:
+    """`url` if it is one redis-py (or, for a cluster scheme, the cluster client) accepts; else the command
+    stops here with one error line, before it starts anything that would fail with it again and again."""
+    if not url:
+        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required: no `tokenq up` has recorded an "
+                         f"embedded Redis under TOKENQ_HOME ({settings.tokenq_home()})")
+    scheme, _, rest = url.partition("://")
+    try:
+        parse_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}" if scheme in CLUSTER_SCHEMES else url)
+    except ValueError as e:
+        cluster = ", ".join(f"{s}://" for s in CLUSTER_SCHEMES)
+        hint = f" (a Redis Cluster's: {cluster})" if "scheme" in str(e) else ""
+        raise SystemExit(f"error: --redis-url (or TOKENQ_REDIS_URL) {redacted(url)!r} is not a Redis URL: "
+                         f"{e}{hint}") from None
+    return url
 
 
 def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitable[int]]) -> int:
     """`command(redis)`'s exit code, on a client of `redis_url` closed afterwards."""
-    if not redis_url:
-        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required")
+    url = require_redis_url(redis_url)
 
     async def run() -> int:
-        redis = connect(redis_url)
+        redis = connect(url)
         try:
             return await command(redis)
         finally:
@@ -26,4 +62,6 @@ def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitabl
     try:
         return asyncio.run(run())
     except RedisConnectionError as e:
-        raise SystemExit(f"error: cannot reach Redis at {redis_url} ({e}); is `tokenq up` running?") from None
+        raise SystemExit(f"error: cannot reach Redis at {redacted(url)} ({e}); is `tokenq up` running?") from None
+    except (RedisError, RedisClusterException) as e:  # a server that is not Redis, a DB index out of range...
+        raise SystemExit(f"error: Redis at {redacted(url)} failed: {type(e).__name__}: {e}") from None

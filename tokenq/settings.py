@@ -23,13 +23,17 @@ _YES = ("1", "true", "yes", "on")
 _NO = ("0", "false", "no", "off")
 
 
+class SettingError(ValueError):
+    """A TOKENQ_* variable whose value cannot be read, said with the variable's name and what it must be."""
+
+
 def optional_float(env: Mapping[str, str], name: str) -> float | None:
     """The variable as a number, None when unset; a bad value is an error that names the variable."""
     raw = env.get(name)
     try:
         return float(raw) if raw else None
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+        raise SettingError(f"{name}={raw!r} is not a number") from None
 
 
 def env_float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -41,7 +45,7 @@ def env_int(env: Mapping[str, str], name: str, default: int) -> int:
     """A whole number (1e6 and 100000.0 are whole too); anything else is an error naming the variable."""
     value = env_float(env, name, default)
     if value != int(value):
-        raise ValueError(f"{name}={env.get(name)!r} is not a whole number")
+        raise SettingError(f"{name}={env.get(name)!r} is not a whole number")
     return int(value)
 
 
@@ -53,7 +57,19 @@ def _seconds_list(env: Mapping[str, str], name: str) -> tuple[float, ...] | None
     try:
         return tuple(float(x) for x in raw.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a comma-separated list of seconds") from None
+        raise SettingError(f"{name}={raw!r} is not a comma-separated list of seconds") from None
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("TOKENQ_HOME") or Path.home() / ".tokenq").expanduser()
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    return env.get("TOKENQ_REDIS_URL") or None
+
+
+def _model(env: Mapping[str, str]) -> str:
+    return env.get("TOKENQ_MODEL") or DEFAULT_MODEL
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -100,9 +116,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         return cls(
-            home=Path(env.get("TOKENQ_HOME") or Path.home() / ".tokenq").expanduser(),
-            redis_url=env.get("TOKENQ_REDIS_URL") or None,
-            model=env.get("TOKENQ_MODEL") or DEFAULT_MODEL,
+            home=_home(env),
+            redis_url=_redis_url(env),
+            model=_model(env),
             log_level=env.get("TOKENQ_LOG_LEVEL") or "INFO",
             drain_grace_s=env_float(env, "TOKENQ_DRAIN_GRACE_S", 10.0),
             lease_s=env_float(env, "TOKENQ_LEASE_S", 30.0),
@@ -127,8 +143,10 @@ class Settings:
         )
 
 
+# The accessors below read their one variable alone: the parser's defaults come from them, and a bad value
+# of another variable must not break `tokenq --help` (a command that needs that one says so when it starts).
 def tokenq_home() -> Path:
-    return Settings.from_env().home
+    return _home(os.environ)
 
 
 def embedded_redis_dir() -> Path:
@@ -142,7 +160,7 @@ def embedded_redis_address_file() -> Path:
 
 def explicit_redis_url() -> str | None:
     """TOKENQ_REDIS_URL; None tells `tokenq up` to start its embedded Redis."""
-    return Settings.from_env().redis_url
+    return _redis_url(os.environ)
 
 
 def redis_url() -> str | None:
@@ -164,4 +182,4 @@ def gateway_url(settings: Settings | None = None) -> str:
 
 
 def model_name() -> str:
-    return Settings.from_env().model
+    return _model(os.environ)

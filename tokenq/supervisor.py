@@ -25,6 +25,7 @@ from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, tokenq_home
 RESTART_BASE_S = 1.0
 RESTART_CAP_S = 60.0
 STABLE_S = 60.0  # a child that ran this long before it exited starts over at the base back-off
+METRICS_HOST = "127.0.0.1"  # the worker's and the deliverer's metrics: tenant labels stay on this host
 
 
 @dataclass
@@ -162,10 +163,11 @@ def run_up(opts: UpOptions) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        for what, port in (("the gateway", opts.port), ("worker metrics", opts.worker_metrics_port),
-                           ("webhook metrics", opts.webhooks_metrics_port)):
-            if _port_taken(opts.host, port):
-                print(f"error: port {port} ({what}) is taken on {opts.host}; choose another", file=sys.stderr)
+        for what, host, port in (("the gateway", opts.host, opts.port),
+                                 ("worker metrics", METRICS_HOST, opts.worker_metrics_port),
+                                 ("webhook metrics", METRICS_HOST, opts.webhooks_metrics_port)):
+            if _port_taken(host, port):
+                print(f"error: port {port} ({what}) is taken on {host}; choose another", file=sys.stderr)
                 return 1
         return _run(opts, base)
     finally:
@@ -187,8 +189,10 @@ def _run(opts: UpOptions, base: str) -> int:
         print(f"embedded Redis on {url} (append-only file in {redis.data_dir}; other tokenq commands on this "
               f"TOKENQ_HOME find it by themselves)", flush=True)
     env = {**os.environ, "TOKENQ_REDIS_URL": url, "TOKENQ_MODEL": opts.model}
+    # Their metrics listen on this host only (they carry tenant labels); the gateway's /metrics shows them.
     worker = Child("worker", lambda: _spawn(["worker", "--model", opts.model, "--metrics-port",
-                                             str(opts.worker_metrics_port), *opts.worker_args], env))
+                                             str(opts.worker_metrics_port), "--metrics-host", METRICS_HOST,
+                                             *opts.worker_args], env))
     # The gateway's /metrics shows the worker's and the deliverer's too (gateway/metrics_peers.py), so one
     # scrape sees every role.
     gateway_env = {**env, METRICS_PEERS_ENV: f"worker=http://127.0.0.1:{opts.worker_metrics_port}/metrics,"
@@ -196,7 +200,7 @@ def _run(opts: UpOptions, base: str) -> int:
     gateway = Child("gateway", lambda: _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)],
                                               gateway_env))
     webhooks = Child("webhook deliverer", lambda: _spawn(
-        ["webhooks", "--metrics-port", str(opts.webhooks_metrics_port)], env))
+        ["webhooks", "--metrics-port", str(opts.webhooks_metrics_port), "--metrics-host", METRICS_HOST], env))
     batches = Child("batch feeder", lambda: _spawn(["batches"], env))
     roles = [worker, gateway, webhooks, batches]
     for child in roles:

@@ -93,7 +93,7 @@ def kv_cache_size(engine) -> dict:
 class WorkerService:
     def __init__(self, redis_url: str, model_name: str, engine, card: ModelCard | None,
                  worker_id: str | None = None,
-                 metrics_port: int | None = None, *, grace_s: float | None = None,
+                 metrics_port: int | None = None, *, metrics_host: str = "0.0.0.0", grace_s: float | None = None,
                  token_text: TokenText | None = None, block_ms: int = 500, lease_s: float | None = None,
                  max_deliveries: int | None = None, hot_loop: bool | None = None) -> None:
         self.redis_url = redis_url
@@ -102,6 +102,7 @@ class WorkerService:
         self.card = card
         self.worker_id = worker_id or default_worker_id()
         self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
         self.grace_s = grace_s if grace_s is not None else drain_grace_s()
         self.token_text = token_text
         self.block_ms = block_ms
@@ -133,7 +134,7 @@ class WorkerService:
     async def run(self, stop_event: asyncio.Event | None = None) -> None:
         stop_event = stop_event or asyncio.Event()
         if self.metrics_port:
-            start_metrics_server(self.metrics_port)
+            start_metrics_server(self.metrics_port, self.metrics_host)
         engine_loop, card, max_model_len, capacity, device = await self._start_engine()
         self.engine_loop, self.card = engine_loop, card
         if self.token_text is None:
@@ -229,12 +230,12 @@ class WorkerService:
 
 
 def serve(redis_url: str, model_name: str, engine, card: ModelCard | None = None, metrics_port: int | None = None,
-          worker_id: str | None = None, grace_s: float | None = None) -> int:
+          worker_id: str | None = None, grace_s: float | None = None, metrics_host: str = "0.0.0.0") -> int:
     """Run a worker until SIGINT/SIGTERM: drain (a second signal skips the grace for running jobs). Returns
     the exit status: 1 when the engine died."""
     configure_logging(Settings.from_env().log_level)
     service = WorkerService(redis_url, model_name, engine, card, worker_id=worker_id, metrics_port=metrics_port,
-                            grace_s=grace_s)
+                            metrics_host=metrics_host, grace_s=grace_s)
 
     async def main() -> None:
         stop = asyncio.Event()

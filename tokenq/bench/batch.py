@@ -37,9 +37,10 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenq import settings
     from tokenq.engine_options import add_engine_flags
+    from tokenq.flag_checks import MODEL_SHAPES
 
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
-    p.add_argument("--model-shape", default=None,
+    p.add_argument("--model-shape", choices=MODEL_SHAPES, metavar="SHAPE", default=None,
                    help="serve a random-weight model of this shape instead (llama3-8b, small, tiny)")
     p.add_argument("--redis-url", default=None, help="default: an embedded Redis of its own")
     p.add_argument("--num-requests", type=int, default=512, help="lines of the batch file")

@@ -17,7 +17,9 @@ from typing import Any
 
 def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
     """Flags of every random-weight benchmark; defaults differ per benchmark where the workload does."""
-    p.add_argument("--model-shape", default="llama3-8b",
+    from tokenq.flag_checks import MODEL_SHAPES
+
+    p.add_argument("--model-shape", choices=MODEL_SHAPES, metavar="SHAPE", default="llama3-8b",
                    help="llama3-8b, llama3-70b (with --quantization fp8 on one H200), small or tiny (CPU smoke test)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")

@@ -158,7 +158,7 @@ class WorkerSettings:
     on_shutdown = _shutdown
 
 
-def run_webhooks(redis_url: str, metrics_port: int | None = None) -> int:
+def run_webhooks(redis_url: str, metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> int:
     """The `tokenq webhooks` process: runs until SIGTERM or SIGINT, then drains and exits 0."""
     import signal
 
@@ -168,7 +168,7 @@ def run_webhooks(redis_url: str, metrics_port: int | None = None) -> int:
 
     configure_logging(Settings.from_env().log_level)
     if metrics_port is not None:
-        start_http_server(metrics_port)
+        start_http_server(metrics_port, addr=metrics_host)
 
     async def main() -> None:
         stop = asyncio.Event()
