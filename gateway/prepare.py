@@ -26,9 +26,7 @@ def check_model_free(req: ChatCompletionRequest | CompletionRequest | JobCreate)
     """The rules a request obeys whatever model serves it: sampling ranges, stop strings, tools, output
     constraints, deadline, webhook. A batch upload checks each line with them, before any model is asked;
     `prepare` checks them again with the model's context and vocabulary."""
-    check_unsupported(req)
-    parse_deadline(req.deadline, req.ttl, time.time())
-    check_webhook(getattr(req, "webhook_url", None))
+    _delivery(req)
     chat = getattr(req, "messages", None) is not None
     tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, chat=chat)
     if not chat:
@@ -40,11 +38,16 @@ def check_model_free(req: ChatCompletionRequest | CompletionRequest | JobCreate)
     _with_tools(sampling, tools)
 
 
+def _delivery(req: ChatCompletionRequest | CompletionRequest | JobCreate) -> tuple[float | None, str | None]:
+    """The fields no model needs checked first (one not implemented is refused before any other rule), and
+    the job's deadline and webhook URL from them."""
+    check_unsupported(req)
+    return parse_deadline(req.deadline, req.ttl, time.time()), check_webhook(getattr(req, "webhook_url", None))
+
+
 async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionRequest | JobCreate,
                   lane: Lane, stream: bool, tenant: str = "default") -> JobPayload:
-    check_unsupported(req)
-    deadline = parse_deadline(req.deadline, req.ttl, time.time())
-    webhook_url = check_webhook(getattr(req, "webhook_url", None))
+    deadline, webhook_url = _delivery(req)
     target = await registry.target(req.model)
     prompts = target.prompts
     messages: list[ChatMessage] | None = getattr(req, "messages", None)
