@@ -48,14 +48,26 @@ class Final:
     error: JobError | None
 
 
+@dataclass(frozen=True)
+class Restarted:
+    """The job's output no longer begins with the text the reader was given: its worker stopped (a drain, a
+    lapsed lease) and another attempt began from the start with other text. The reader's text is not the
+    job's answer; following ends here. (An attempt that writes the same text again, as a greedy one does,
+    is followed on without this.)"""
+
+    index: int  # the first choice found to differ
+
+
 Idle = None  # yielded when nothing happened for RECHECK_S (lets SSE writers send a keep-alive)
 
 
 async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int] = 0, want_deltas: bool = True,
                  mark: bool = True, hub: Hub | None = None, store: JobStore | None = None
-                 ) -> AsyncIterator[Delta | Final | None]:
+                 ) -> AsyncIterator[Delta | Final | Restarted | None]:
     """A job's output from character `offset` on (one per choice for a job of several), then its Final;
-    no text lost or repeated.
+    no text lost or repeated, and none that is not the job's: Restarted when a new attempt's text differs
+    from what was given (checked on the text given by this call; a resumed reader's earlier text is not
+    known here).
 
     Joins the job's channel on `hub` (the gateway's one pub/sub connection; without one, a hub of its own
     for this call) first, then (if want_deltas and mark) sets `streamed`, then reads the hash snapshot:
@@ -76,7 +88,7 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
                     async for item in _follow_once(store, sub, job_id, cursor, want_deltas, mark):
                         lost_at, backoff = None, 0.05
                         yield item
-                        if isinstance(item, Final):
+                        if isinstance(item, Final | Restarted):
                             return
             except (RedisConnectionError, RedisTimeoutError, TimeoutError):
                 now = time.monotonic()
@@ -94,13 +106,37 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
 class _Cursor:
     offsets: list[int] = field(default_factory=list)  # per choice: characters already given to the reader
     snap_seq: int = -1  # events up to this sequence number are in a snapshot already read
+    # Per choice, the text given from `starts[index]` on (a resumed reader's text before its offset is unknown).
+    given: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.starts:
+            self.starts = list(self.offsets)
+            self.given = ["" for _ in self.offsets]
 
     def at(self, index: int) -> int:
         return self.offsets[index] if index < len(self.offsets) else 0
 
+    def copy(self) -> _Cursor:
+        return _Cursor(list(self.offsets), self.snap_seq, list(self.given), list(self.starts))
+
     def advance(self, delta: Delta) -> None:
-        self.offsets += [0] * (delta.index + 1 - len(self.offsets))
+        grow = delta.index + 1 - len(self.offsets)
+        self.offsets += [0] * grow
+        self.starts += [0] * grow
+        self.given += [""] * grow
         self.offsets[delta.index] = delta.end
+        self.given[delta.index] += delta.text
+
+    def agrees(self, index: int, offset: int, text: str) -> bool:
+        """Whether `text`, at `offset` of the choice's output, matches what the reader was given where the two
+        overlap."""
+        if index >= len(self.offsets):
+            return True
+        start = self.starts[index]
+        lo, hi = max(offset, start), min(offset + len(text), self.offsets[index])
+        return lo >= hi or text[lo - offset:hi - offset] == self.given[index][lo - start:hi - start]
 
 
 async def _follow_once(store: JobStore, sub: Subscription, job_id: str, cursor: _Cursor,
@@ -112,6 +148,9 @@ async def _follow_once(store: JobStore, sub: Subscription, job_id: str, cursor: 
         state, texts, seq, result, error = await store.snapshot(job_id)
         cursor.snap_seq = max(cursor.snap_seq, seq)
         for index, text in enumerate(texts if want_deltas else ()):
+            if not cursor.agrees(index, 0, text):
+                yield Restarted(index)
+                return
             if len(text) > cursor.at(index):
                 delta = Delta(text[cursor.at(index):], cursor.at(index), index=index)
                 cursor.advance(delta)
@@ -123,22 +162,25 @@ async def _follow_once(store: JobStore, sub: Subscription, job_id: str, cursor: 
         if job_state.final:
             final = Final(job_state, _parse(JobResult, result), _parse(JobError, error))
             for tail in _tails(final, cursor) if want_deltas else ():
+                if isinstance(tail, Restarted):
+                    yield tail
+                    return
                 cursor.advance(tail)
                 yield tail
             yield final
             return
-        async for item in _events(sub, cursor.snap_seq, list(cursor.offsets), want_deltas):
+        async for item in _events(sub, cursor.copy(), want_deltas):
             if isinstance(item, Delta):
                 cursor.advance(item)
             yield item
-            if isinstance(item, Final):
+            if isinstance(item, Final | Restarted):
                 return
         # _events returned: silence or a gap; go round and re-read the snapshot.
 
 
-async def _events(sub: Subscription, snap_seq: int, offsets: list[int],
-                  want_deltas: bool) -> AsyncIterator[Delta | Final | None]:
-    cursor = _Cursor(offsets)
+async def _events(sub: Subscription, cursor: _Cursor, want_deltas: bool
+                  ) -> AsyncIterator[Delta | Final | Restarted | None]:
+    snap_seq = cursor.snap_seq
     while True:
         data = await sub.get(timeout=RECHECK_S)
         if data is None:
@@ -153,6 +195,9 @@ async def _events(sub: Subscription, snap_seq: int, offsets: list[int],
             offset = cursor.at(event.index)
             if event.offset > offset:
                 return  # we missed a delta: the hash has it
+            if not cursor.agrees(event.index, event.offset, event.text):
+                yield Restarted(event.index)
+                return
             end = event.offset + len(event.text)
             if end > offset:
                 whole = offset == event.offset
@@ -164,16 +209,23 @@ async def _events(sub: Subscription, snap_seq: int, offsets: list[int],
             final = Final(event.state, event.result, event.error)
             for tail in _tails(final, cursor) if want_deltas else ():
                 yield tail
+                if isinstance(tail, Restarted):
+                    return
             yield final
             return
 
 
-def _tails(final: Final, cursor: _Cursor) -> list[Delta]:
-    """Text of the result that no delta carried (a job nobody streamed until late, or a lost message)."""
+def _tails(final: Final, cursor: _Cursor) -> list[Delta | Restarted]:
+    """Text of the result that no delta carried (a job nobody streamed until late, or a lost message), or
+    Restarted when the result does not begin with the text given."""
     if final.result is None:
         return []
+    choices = final.result.all_choices()
+    for c in choices:
+        if not cursor.agrees(c.index, 0, c.text):
+            return [Restarted(c.index)]
     return [Delta(c.text[cursor.at(c.index):], cursor.at(c.index), index=c.index)
-            for c in final.result.all_choices() if len(c.text) > cursor.at(c.index)]
+            for c in choices if len(c.text) > cursor.at(c.index)]
 
 
 def _parse(model: type, raw: str | None):

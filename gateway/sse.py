@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import responses
 from gateway.event_hub import Hub
-from gateway.jobs import Delta, Final, follow, read_job
+from gateway.jobs import Delta, Final, Restarted, follow, read_job
 from gateway.tool_stream import ToolStream, call_deltas
 from jobstore import JobStore
 from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
@@ -165,6 +165,11 @@ async def completion_chunks(redis: aioredis.Redis, payload: JobPayload, created:
                 else:
                     yield {"error": final_error(item)}
                 break
+            elif isinstance(item, Restarted):
+                # What was sent is not the answer, and a stream cannot take it back: an error, as OpenAI and
+                # vLLM end a stream whose generation failed; the job is then abandoned as on a disconnect.
+                yield {"error": restarted_error(job_id)}
+                break
             elif keepalive.due():
                 yield None
     finally:
@@ -181,6 +186,12 @@ def _tool_chunks(tools: ToolStream, choice: Choice, job_id: str, model: str,
         return [responses.chunk("chat", job_id, model, created, text=rest, index=choice.index)]
     return [responses.chunk("chat", job_id, model, created, tool_calls=delta, index=choice.index)
             for delta in call_deltas(choice.tool_calls or [])]
+
+
+def restarted_error(job_id: str) -> dict[str, Any]:
+    return {"message": f"job {job_id} started again after its worker stopped, and its new attempt wrote other text: "
+                       "the text sent so far is not its answer",
+            "type": "job_restarted", "param": None, "code": None}
 
 
 def final_error(final: Final) -> dict[str, Any]:
@@ -208,20 +219,29 @@ def parse_event_id(raw: str) -> list[int] | None:
 async def job_events(redis: aioredis.Redis, job_id: str, offsets: list[int],
                      hub: Hub | None = None, store: JobStore | None = None) -> AsyncIterator[str]:
     """tokenq's job events: `delta` events (with their choice's index) whose id is the offset reached (so
-    that Last-Event-ID resumes exactly there), then one final event named after the outcome with the job."""
+    that Last-Event-ID resumes exactly there), then one final event named after the outcome with the job.
+    A `restart` event says the job began again with other text (gateway.jobs.Restarted): the reader drops
+    the text it has, and the deltas start again at offset 0."""
     keepalive = _KeepAlive()
     offsets = list(offsets)
-    async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub, store=store):
-        if isinstance(item, Delta):
-            offsets += [0] * (item.index + 1 - len(offsets))
-            offsets[item.index] = item.end
-            body = json.dumps({"text": item.text, "offset": item.offset, "index": item.index}, ensure_ascii=False)
-            yield f"id: {event_id(offsets)}\nevent: delta\ndata: {body}\n\n"
-        elif isinstance(item, Final):
-            record = await read_job(redis, job_id)
-            job = responses.job_object(job_id, record) if record else {"id": job_id, "status": item.state.value}
-            name = "done" if item.state == JobState.succeeded else item.state.value
-            yield f"id: {event_id(offsets)}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
-            return
-        elif keepalive.due():
-            yield KEEPALIVE
+    while True:
+        async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub, store=store):
+            if isinstance(item, Delta):
+                offsets += [0] * (item.index + 1 - len(offsets))
+                offsets[item.index] = item.end
+                body = json.dumps({"text": item.text, "offset": item.offset, "index": item.index},
+                                  ensure_ascii=False)
+                yield f"id: {event_id(offsets)}\nevent: delta\ndata: {body}\n\n"
+            elif isinstance(item, Final):
+                record = await read_job(redis, job_id)
+                job = responses.job_object(job_id, record) if record else {"id": job_id, "status": item.state.value}
+                name = "done" if item.state == JobState.succeeded else item.state.value
+                yield f"id: {event_id(offsets)}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
+                return
+            elif isinstance(item, Restarted):
+                offsets = [0] * len(offsets)
+                body = json.dumps(restarted_error(job_id), ensure_ascii=False)
+                yield f"id: {event_id(offsets)}\nevent: restart\ndata: {body}\n\n"
+                break
+            elif keepalive.due():
+                yield KEEPALIVE

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gateway import jobs
-from gateway.jobs import Delta, Final
+from gateway.jobs import Delta, Final, Restarted
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent
 from protocol.jobs import JobResult, JobState, Usage
@@ -44,12 +44,12 @@ async def finish(r, seq: int, text: str) -> None:
                                                          result=result).model_dump_json())
 
 
-async def collect(r, offset: int = 0) -> tuple[str, list[Delta], Final]:
+async def collect(r, offset: int = 0) -> tuple[str, list[Delta], Final | Restarted]:
     deltas, final = [], None
     async for item in jobs.follow(r, JOB, offset):
         if isinstance(item, Delta):
             deltas.append(item)
-        elif isinstance(item, Final):
+        elif isinstance(item, Final | Restarted):
             final = item
     return "".join(d.text for d in deltas), deltas, final
 
@@ -138,3 +138,69 @@ async def test_snapshots_go_through_the_given_store(redis_client):
     assert "".join(d.text for d in seen if isinstance(d, Delta)) == "Hello"
     assert isinstance(seen[-1], Final) and seen[-1].state == JobState.succeeded
     assert scripts.SNAPSHOT.sha in pipe.sent
+
+
+async def started(r) -> None:
+    for _ in range(100):  # follow has subscribed and set the flag
+        if await r.hget(keys.job_key(JOB), "streamed") == "1":
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("lost", [False, True])
+async def test_a_new_attempt_of_other_text_ends_the_following(redis_client, lost):
+    """A worker drained mid-job: the next attempt starts from offset 0. Its text was appended after the
+    reader's offset, so the reader got the first attempt's start and the second's end as one answer."""
+    r = redis_client
+    await hset(r, {"state": "running", "seq": "1", "streamed": "0"})
+    task = asyncio.create_task(collect(r))
+    await started(r)
+    await publish_delta(r, 2, 0, "Once upon", "Once upon")
+    await asyncio.sleep(0.05)
+    await hset(r, {"state": "running", "text": "", "seq": "3"})  # the reclaim clears the attempt's text
+    if lost:  # the new attempt's deltas missed: the snapshot or the result shows it
+        await finish(r, 9, "In a land far away")
+    else:
+        await publish_delta(r, 4, 0, "In a land", "In a land")
+        await publish_delta(r, 5, 9, " far away", "In a land far away")
+    text, _, end = await asyncio.wait_for(task, 5)
+    assert text == "Once upon" and isinstance(end, Restarted)
+
+
+async def test_a_new_attempt_of_the_same_text_is_followed_on(redis_client):
+    """A greedy job writes the same text again: the reader loses nothing and gets nothing twice."""
+    r = redis_client
+    await hset(r, {"state": "running", "seq": "1", "streamed": "0"})
+    task = asyncio.create_task(collect(r))
+    await started(r)
+    await publish_delta(r, 2, 0, "Once upon", "Once upon")
+    await asyncio.sleep(0.05)
+    await hset(r, {"state": "running", "text": "", "seq": "3"})
+    await publish_delta(r, 4, 0, "Once", "Once")
+    await publish_delta(r, 5, 4, " upon a time", "Once upon a time")
+    await finish(r, 6, "Once upon a time.")
+    text, _, final = await asyncio.wait_for(task, 5)
+    assert text == "Once upon a time." and isinstance(final, Final)
+
+
+async def test_job_events_say_restart_and_start_again_at_zero(redis_client):
+    from gateway.sse import job_events
+
+    r = redis_client
+    await hset(r, {"state": "running", "seq": "1", "streamed": "0"})
+
+    async def lines() -> list[str]:
+        return [line async for line in job_events(r, JOB, [0]) if line.startswith("id:")]
+
+    task = asyncio.create_task(lines())
+    await started(r)
+    await publish_delta(r, 2, 0, "Once upon", "Once upon")
+    await asyncio.sleep(0.05)
+    await hset(r, {"state": "running", "text": "", "seq": "3"})
+    await publish_delta(r, 4, 0, "In a land", "In a land")
+    await asyncio.sleep(0.2)
+    await finish(r, 5, "In a land far away")
+    events = [(e.split("\n")[0], e.split("\n")[1]) for e in await asyncio.wait_for(task, 5)]
+    assert [name for _, name in events] == ["event: delta", "event: restart", "event: delta", "event: delta",
+                                            "event: done"]
+    assert events[1][0] == "id: 0" and events[-1][0] == "id: 18"
