@@ -161,11 +161,12 @@ class Choice(BaseModel):
 
 def _tool_update(text: str, finish_reason: FinishReason, spec: ToolParsing | None) -> dict | None:
     """The calls `text` holds as fields to set; finish_reason "tool_calls" when the output ended by itself
-    or at max_tokens (then a half-written last call is left out: the calls given are whole)."""
+    or at max_tokens (then a half-written last call is left out: the calls given are whole), except for a
+    forced call cut before any call was whole: that one call, its arguments cut, and "length"."""
     parsed = parse_tool_calls(text, spec, cut=finish_reason == "length") if spec is not None else None
     if parsed is None:
         return None
-    reason = "tool_calls" if finish_reason in ("stop", "length") else finish_reason
+    reason = "tool_calls" if finish_reason in ("stop", "length") and parsed.whole else finish_reason
     return {"tool_calls": parsed.calls, "content": parsed.content, "finish_reason": reason}
 
 

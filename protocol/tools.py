@@ -12,6 +12,7 @@ text the client can read, not an error.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,6 +47,7 @@ class ToolParsing(BaseModel):
 class ParsedTools:
     content: str | None  # the text before the calls; None when there is none
     calls: list[ToolCall]
+    whole: bool = True  # False: the one call is half-written (a forced call cut at max_tokens)
 
 
 def new_call_id() -> str:
@@ -68,6 +70,9 @@ def parse_tool_calls(text: str, spec: ToolParsing, cut: bool = False) -> ParsedT
             value = _whole_items(text.strip())
         calls = _calls_of(value, spec.names)
         content = None
+        if not calls and cut:  # a forced call is all the output may be: its cut arguments, as vLLM's
+            half = _half_call(text.strip(), spec.names)
+            return ParsedTools(None, [half], whole=False) if half else None
     else:
         if TAG_OPEN not in text:
             return None
@@ -95,6 +100,19 @@ def _tagged(text: str, names: list[str], cut: bool = False) -> list[ToolCall] | 
         calls += found
         at = -1 if end < 0 else text.find(TAG_OPEN, end + len(TAG_CLOSE))
     return calls
+
+
+_HALF_CALL = re.compile(r'\[?\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*(?:,\s*"(?:arguments|parameters)"\s*:\s*(.*))?',
+                        re.DOTALL)
+
+
+def _half_call(text: str, names: list[str]) -> ToolCall | None:
+    """The first call of a forced output cut before it closed: its name, and its arguments' JSON text as far
+    as it got (empty when they had not begun)."""
+    match = _HALF_CALL.match(text)
+    if match is None or match.group(1) not in names:
+        return None
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=match.group(1), arguments=match.group(2) or ""))
 
 
 def _whole_items(text: str) -> list[Any] | None:

@@ -106,7 +106,6 @@ def test_a_cut_output_keeps_its_whole_calls():
     parsed = parse_tool_calls(cut_array, JSON, cut=True)
     assert [c.function.name for c in parsed.calls] == ["get_weather", "get_time"]
     assert parse_tool_calls('[{"name": "get_wea', JSON, cut=True) is None
-    assert parse_tool_calls('{"name": "get_weather", "arguments": {"ci', JSON, cut=True) is None
     cut_tagged = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n'
                   '<tool_call>{"name": "get_weather", "argu')
     assert parse_tool_calls(cut_tagged, TAGGED) is None
@@ -114,3 +113,18 @@ def test_a_cut_output_keeps_its_whole_calls():
     result = _result(cut_array, "length").with_tool_calls(JSON)
     assert result.finish_reason == "tool_calls" and len(result.tool_calls) == 2
     assert _result(cut_array, "stop").with_tool_calls(JSON).tool_calls is None
+
+
+@pytest.mark.parametrize("text, arguments", [
+    ('{"name": "get_weather", "arguments": {"ci', '{"ci'),
+    ('[{"name": "get_weather", "arguments": {"city": "Par', '{"city": "Par'),
+    ('{"name": "get_weather",', ""),
+])
+def test_a_forced_call_cut_before_any_was_whole_is_a_call_with_its_cut_arguments(text, arguments):
+    """A forced call (the JSON form) is all the output may be: cut at max_tokens it came back as content in
+    tokenq's own {"name", "arguments"} wrapper. vLLM gives the call, its arguments as far as they got, and
+    finish_reason "length"."""
+    result = _result(text, "length").with_tool_calls(JSON)
+    assert result.finish_reason == "length" and result.content is None
+    assert [(c.function.name, c.function.arguments) for c in result.tool_calls] == [("get_weather", arguments)]
+    assert _result(text, "stop").with_tool_calls(JSON).tool_calls is None
