@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gateway.tools import ToolChoice, ToolDef
 from protocol.guided import GuidedSpec
-from protocol.jobs import ChatMessage, Lane
+from protocol.jobs import UNSUPPORTED, ChatMessage, Lane
 from protocol.numbers import Float, Int
 from protocol.text import Text, text_up_to
 from protocol.tools import MAX_TOOLS
@@ -27,7 +28,21 @@ Prompt = Text | list[Int] | list[Text] | list[list[Int]]
 
 
 class StreamOptions(BaseModel):
+    """OpenAI's stream options; another key is refused, not ignored (a client would wait for its effect)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's: tokenq's chunks carry no obfuscation padding either way
+    continuous_usage_stats: bool = False  # vLLM's usage on every chunk: refused when set
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_per_chunk_usage(cls, v: bool) -> bool:
+        if v:
+            raise PydanticCustomError(UNSUPPORTED, "usage on every chunk is not served; include_usage gives it in "
+                                                   "a last chunk")
+        return v
 
 
 class SamplingFields(BaseModel):

@@ -158,3 +158,17 @@ def test_a_seed_may_be_negative_as_torch_takes_it():
     assert to_sampling(chat(seed=-7), 10, 100, "messages").seed == -7
     with pytest.raises(ApiError, match="seed"):
         to_sampling(chat(seed=2**63), 10, 100, "messages")
+
+
+def test_stream_options_refuse_what_they_would_ignore():
+    from gateway.errors import UNSUPPORTED
+
+    ok = CompletionRequest(model="m", prompt="x", stream=True, stream_options={"include_usage": True,
+                                                                                "include_obfuscation": False})
+    assert ok.stream_options.include_usage
+    for options, param, code in [({"continuous_usage_stats": True}, "stream_options.continuous_usage_stats",
+                                  UNSUPPORTED), ({"bogus_option": 1}, "stream_options.bogus_option", None)]:
+        with pytest.raises(ValueError) as e:
+            CompletionRequest(model="m", prompt="x", stream=True, stream_options=options)
+        err = most_telling(e.value.errors())
+        assert describe_validation_error(err)[1] == param and (code is None or err["type"] == code)
