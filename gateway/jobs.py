@@ -106,28 +106,30 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
 class _Cursor:
     offsets: list[int] = field(default_factory=list)  # per choice: characters already given to the reader
     snap_seq: int = -1  # events up to this sequence number are in a snapshot already read
-    # Per choice, the text given from `starts[index]` on (a resumed reader's text before its offset is unknown).
-    given: list[str] = field(default_factory=list)
+    # Per choice, the pieces of text given from `starts[index]` on (joined only to compare them: a new delta
+    # begins where the given text ends, so only snapshots and restarts overlap it). A resumed reader's text
+    # before its offset is unknown.
+    given: list[list[str]] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.starts:
             self.starts = list(self.offsets)
-            self.given = ["" for _ in self.offsets]
+            self.given = [[] for _ in self.offsets]
 
     def at(self, index: int) -> int:
         return self.offsets[index] if index < len(self.offsets) else 0
 
     def copy(self) -> _Cursor:
-        return _Cursor(list(self.offsets), self.snap_seq, list(self.given), list(self.starts))
+        return _Cursor(list(self.offsets), self.snap_seq, [list(p) for p in self.given], list(self.starts))
 
     def advance(self, delta: Delta) -> None:
         grow = delta.index + 1 - len(self.offsets)
         self.offsets += [0] * grow
         self.starts += [0] * grow
-        self.given += [""] * grow
+        self.given += [[] for _ in range(grow)]
         self.offsets[delta.index] = delta.end
-        self.given[delta.index] += delta.text
+        self.given[delta.index].append(delta.text)
 
     def agrees(self, index: int, offset: int, text: str) -> bool:
         """Whether `text`, at `offset` of the choice's output, matches what the reader was given where the two
@@ -136,7 +138,11 @@ class _Cursor:
             return True
         start = self.starts[index]
         lo, hi = max(offset, start), min(offset + len(text), self.offsets[index])
-        return lo >= hi or text[lo - offset:hi - offset] == self.given[index][lo - start:hi - start]
+        if lo >= hi:
+            return True
+        given = "".join(self.given[index])
+        self.given[index] = [given]
+        return text[lo - offset:hi - offset] == given[lo - start:hi - start]
 
 
 async def _follow_once(store: JobStore, sub: Subscription, job_id: str, cursor: _Cursor,
