@@ -6,8 +6,8 @@ from zero and the no-worker alert can fire (docs/metrics.md).
 
 Several gateway processes on one port (TOKENQ_GATEWAY_WORKERS) share their counters through
 prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by gateway/server.py): a scrape that
-lands on any of them reads the sum of all, where each used to answer with its own and the totals jumped
-back and forth. The backlog is read from Redis at the scrape, so it is never one process's share."""
+lands on any of them reads the sum of all, so totals never go back between scrapes. The backlog is read
+from Redis at the scrape, so it is never one process's share."""
 
 from __future__ import annotations
 

@@ -147,17 +147,24 @@ async def started(r) -> None:
         await asyncio.sleep(0.01)
 
 
+async def first_attempt_then_reclaim(r, reader) -> asyncio.Task:
+    """`reader` follows a job whose first attempt wrote "Once upon" before its worker stopped; the reclaim
+    has cleared that text (the next attempt starts at offset 0)."""
+    await hset(r, {"state": "running", "seq": "1", "streamed": "0"})
+    task = asyncio.create_task(reader)
+    await started(r)
+    await publish_delta(r, 2, 0, "Once upon", "Once upon")
+    await asyncio.sleep(0.05)
+    await hset(r, {"state": "running", "text": "", "seq": "3"})
+    return task
+
+
 @pytest.mark.parametrize("lost", [False, True])
 async def test_a_new_attempt_of_other_text_ends_the_following(redis_client, lost):
     """A worker drained mid-job: the next attempt starts from offset 0. Its text was appended after the
     reader's offset, so the reader got the first attempt's start and the second's end as one answer."""
     r = redis_client
-    await hset(r, {"state": "running", "seq": "1", "streamed": "0"})
-    task = asyncio.create_task(collect(r))
-    await started(r)
-    await publish_delta(r, 2, 0, "Once upon", "Once upon")
-    await asyncio.sleep(0.05)
-    await hset(r, {"state": "running", "text": "", "seq": "3"})  # the reclaim clears the attempt's text
+    task = await first_attempt_then_reclaim(r, collect(r))
     if lost:  # the new attempt's deltas missed: the snapshot or the result shows it
         await finish(r, 9, "In a land far away")
     else:
@@ -170,12 +177,7 @@ async def test_a_new_attempt_of_other_text_ends_the_following(redis_client, lost
 async def test_a_new_attempt_of_the_same_text_is_followed_on(redis_client):
     """A greedy job writes the same text again: the reader loses nothing and gets nothing twice."""
     r = redis_client
-    await hset(r, {"state": "running", "seq": "1", "streamed": "0"})
-    task = asyncio.create_task(collect(r))
-    await started(r)
-    await publish_delta(r, 2, 0, "Once upon", "Once upon")
-    await asyncio.sleep(0.05)
-    await hset(r, {"state": "running", "text": "", "seq": "3"})
+    task = await first_attempt_then_reclaim(r, collect(r))
     await publish_delta(r, 4, 0, "Once", "Once")
     await publish_delta(r, 5, 4, " upon a time", "Once upon a time")
     await finish(r, 6, "Once upon a time.")
@@ -187,16 +189,11 @@ async def test_job_events_say_restart_and_start_again_at_zero(redis_client):
     from gateway.sse import job_events
 
     r = redis_client
-    await hset(r, {"state": "running", "seq": "1", "streamed": "0"})
 
     async def lines() -> list[str]:
         return [line async for line in job_events(r, JOB, [0]) if line.startswith("id:")]
 
-    task = asyncio.create_task(lines())
-    await started(r)
-    await publish_delta(r, 2, 0, "Once upon", "Once upon")
-    await asyncio.sleep(0.05)
-    await hset(r, {"state": "running", "text": "", "seq": "3"})
+    task = await first_attempt_then_reclaim(r, lines())
     await publish_delta(r, 4, 0, "In a land", "In a land")
     await asyncio.sleep(0.2)
     await finish(r, 5, "In a land far away")
