@@ -9,7 +9,7 @@ import asyncio
 import structlog
 
 from jobstore.store import JobStore
-from protocol.outage import REDIS_DOWN, Outage
+from protocol.outage import Outage
 
 SWEEP_EVERY_S = 0.5
 
@@ -17,18 +17,16 @@ log = structlog.get_logger(__name__)
 
 
 async def sweep_forever(store: JobStore, every_s: float = SWEEP_EVERY_S) -> None:
-    """Expire due jobs every `every_s` until cancelled. A lost Redis is one warning and a back-off (protocol
-    /outage.py), not a warning every pass; any other failure is logged and the next pass tries again."""
+    """Expire due jobs every `every_s` until cancelled. A failing Redis (gone, or not Redis at all: a wrong
+    port, a database out of range) is one warning and a back-off (protocol/outage.py), not a warning every
+    pass."""
     outage = Outage(log, "expiry sweep", base_s=every_s)
     while True:
         try:
             while await store.expire_due() > 0:
                 pass  # more than one pass's worth was due: go on at once
-        except REDIS_DOWN as e:
+        except Exception as e:  # noqa: BLE001 (the next pass tries again)
             await asyncio.sleep(outage.lost(e))
             continue
-        except Exception as e:  # noqa: BLE001 (a script error: the next pass tries again)
-            log.warning("expiry sweep failed", error=repr(e))
-        else:
-            outage.restored()
+        outage.restored()
         await asyncio.sleep(every_s)

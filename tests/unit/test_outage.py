@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from protocol.outage import Outage, once_reachable
@@ -58,8 +58,10 @@ async def test_a_refused_password_is_not_an_outage():
     assert calls["n"] == 1
 
 
-async def test_the_expiry_sweep_warns_once_while_redis_is_away(monkeypatch):
-    """It warned every half second for as long as Redis was down."""
+@pytest.mark.parametrize("error", [RedisConnectionError("Connection refused"),
+                                   ResponseError("DB index is out of range")])
+async def test_the_expiry_sweep_warns_once_while_redis_is_away(monkeypatch, error):
+    """It warned every half second for as long as Redis was down, or was not a Redis it could use."""
     from jobstore import expiry
 
     lines = Lines()
@@ -70,7 +72,7 @@ async def test_the_expiry_sweep_warns_once_while_redis_is_away(monkeypatch):
         async def expire_due(self) -> int:
             passes["n"] += 1
             if passes["n"] <= 6:
-                raise RedisConnectionError("Connection refused")
+                raise error
             return 0
 
     sweep = asyncio.create_task(expiry.sweep_forever(Store(), every_s=0.001))
