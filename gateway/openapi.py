@@ -47,9 +47,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             if authenticated:
                 responses["401"] = _error(_ERRORS["401"])
                 operation["security"] = [{SCHEME: []}]
-                if "{" in path or (method == "post" and path in _SUBMITTING):
+                submitting = method == "post" and path in _SUBMITTING
+                if "{" in path or submitting:
                     responses["404"] = _error(_ERRORS["404"])
-                if method == "post" and path in _SUBMITTING:
+                if submitting:
                     responses["409"] = _error(_ERRORS["409"])
                     responses["429"] = _error(_ERRORS["429"])
             else:

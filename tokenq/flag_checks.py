@@ -57,16 +57,21 @@ def check_host(host: str) -> None:
         raise OptionError(f"--host {host}: cannot resolve it ({getattr(e, 'strerror', None) or e})") from None
 
 
-def check_port_free(flag: str, port: int | None, host: str = "0.0.0.0") -> None:
-    """Nothing listens on `port` yet (Prometheus' exporter listens on every address, as `host` says)."""
-    if port is None:
-        return
+def listen_error(host: str, port: int) -> str | None:
+    """Why a server could not listen on `host:port` now (in use, not ours), or None when it could."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed one's port is free
         try:
             s.bind((host, port))
         except OSError as e:
-            raise OptionError(f"{flag} {port}: cannot listen on it ({e.strerror}); choose another port") from None
+            return e.strerror or str(e)
+    return None
+
+
+def check_port_free(flag: str, port: int | None, host: str = "0.0.0.0") -> None:
+    """Nothing listens on `port` yet (Prometheus' exporter listens on every address, as `host` says)."""
+    if port is not None and (why := listen_error(host, port)) is not None:
+        raise OptionError(f"{flag} {port}: cannot listen on it ({why}); choose another port")
 
 
 def cuda_available() -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 from tokenq.child_process import start_child
 from tokenq.embedded_redis import EmbeddedRedis
+from tokenq.flag_checks import listen_error
 from tokenq.home_lock import HomeLock, HomeLocked
 from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, tokenq_home
 
@@ -149,11 +149,6 @@ def stop_children(procs: Sequence[subprocess.Popen | None], timeout: float = 30.
             p.kill()
 
 
-def _port_taken(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((host, port)) == 0
-
-
 def run_up(opts: UpOptions) -> int:
     base = f"http://{opts.host}:{opts.port}"
     lock = HomeLock(tokenq_home())
@@ -166,7 +161,7 @@ def run_up(opts: UpOptions) -> int:
         for what, host, port in (("the gateway", opts.host, opts.port),
                                  ("worker metrics", METRICS_HOST, opts.worker_metrics_port),
                                  ("webhook metrics", METRICS_HOST, opts.webhooks_metrics_port)):
-            if _port_taken(host, port):
+            if listen_error(host, port) is not None:
                 print(f"error: port {port} ({what}) is taken on {host}; choose another", file=sys.stderr)
                 return 1
         return _run(opts, base)
