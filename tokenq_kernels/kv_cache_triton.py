@@ -38,8 +38,8 @@ def _store_kv_kernel(
     k = tl.load(k_ptr + t64 * stride_kt + heads * stride_kh + dims, mask=mask)
     v = tl.load(v_ptr + t64 * stride_vt + heads * stride_vh + dims, mask=mask)
     if QUANT:
-        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -_MAX, _MAX)
-        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -_MAX, _MAX)
+        k = tl.clamp(tl.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)), -_MAX, _MAX)
+        v = tl.clamp(tl.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -_MAX, _MAX)
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + heads * stride_kch + dims
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + heads * stride_vch + dims
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)

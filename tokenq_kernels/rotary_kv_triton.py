@@ -18,7 +18,7 @@ _MAX = tl.constexpr(FP8_MAX)
 @triton.jit
 def _to_cache(x, scale_ptr, QUANT: tl.constexpr):
     if QUANT:
-        x = tl.clamp(x.to(tl.float32) / tl.load(scale_ptr), -_MAX, _MAX)
+        x = tl.clamp(tl.div_rn(x.to(tl.float32), tl.load(scale_ptr)), -_MAX, _MAX)
     return x
 
 

@@ -167,6 +167,30 @@ def check_store_kv(T: int, hkv: int, d: int, block_size: int, dtype: torch.dtype
     return 0.0
 
 
+def check_store_kv_fp8_ties(T: int, hkv: int, d: int, device: str, store: Callable | None = None) -> int:
+    """An FP8 cache stores the bytes the reference stores (x / scale rounded as torch rounds it), for values
+    next to the midpoints between e4m3 neighbours, where a division off by an ulp rounds the other way.
+    Returns how many bytes differ (the assertion is the caller's, so a one-off script can count them)."""
+    from tokenq_kernels.fp8 import FP8
+    from tokenq_kernels.kv_cache_triton import store_kv_triton
+
+    store = store or store_kv_triton
+    grid = torch.arange(0, 127, dtype=torch.uint8, device=device).view(FP8).float()  # every finite e4m3 >= 0
+    mids = (grid[1:] + grid[:-1]) / 2
+    scales = (torch.rand(1, device=device) + 0.5, torch.rand(1, device=device) + 0.5)
+    picks = mids[torch.randint(0, len(mids), (2, T, hkv, d), device=device)]
+    signs = torch.randint(0, 2, picks.shape, device=device) * 2 - 1
+    nudge = torch.randint(-2, 3, picks.shape, device=device).float()  # a few ulps either side of the midpoint
+    x = picks * signs * torch.stack(scales).view(2, 1, 1, 1)
+    x = x + nudge * torch.finfo(torch.float32).eps * x.abs()
+    caches = torch.zeros(2, -(-T // 16), 16, hkv, d, dtype=FP8, device=device)
+    ref = caches.clone()
+    slots = torch.randperm(caches.shape[1] * 16, device=device)[:T]
+    store(x[0], x[1], caches[0], caches[1], slots, *scales)
+    store_kv_ref(x[0], x[1], ref[0], ref[1], slots, *scales)
+    return int((caches.view(torch.uint8) != ref.view(torch.uint8)).sum())
+
+
 # ---- RMSNorm, rotary, SiLU ------------------------------------------------------------------------
 
 
@@ -516,6 +540,10 @@ def test_rotary(T, hq, hkv, d, dtype):
 @pytest.mark.parametrize("T,hq,hkv,d", [(1, 32, 8, 128), (333, 32, 8, 128), (77, 9, 3, 64)])
 def test_rotary_store_kv(T, hq, hkv, d, dtype, fp8_cache):
     check_rotary_store_kv(T, hq, hkv, d, 16, dtype, "cuda", fp8_cache)
+
+
+def test_store_kv_fp8_rounds_as_torch():
+    assert check_store_kv_fp8_ties(4096, 8, 128, "cuda") == 0, "FP8 cache bytes differ from the reference's"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
