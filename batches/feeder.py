@@ -32,6 +32,7 @@ from batches.submit import RetryLater, SubmitContext, line_job_id, line_model, s
 from gateway.errors import ApiError
 from gateway.logging import get_logger
 from gateway.responses import result_object
+from gateway.sse import final_status
 from jobstore import JobRef
 from jobstore.runner import run as eval_script
 from jobstore.scripts import Script
@@ -233,7 +234,7 @@ class BatchFeeder:
                                                                    F.CREATED_AT])
                 rows = await pipe.execute()
             for line, custom_id, row in zip(done, custom_ids, rows, strict=True):
-                records.append((line, _job_outcome(custom_id, inflight[str(line)], *row)))
+                records.append((line, _job_outcome(custom_id, inflight[str(line)], *row, ending=b.get("ending"))))
         copies = await self.redis.hgetall(K.copies_key(self.batch_id))
         if copies:
             followers = sorted(copies, key=int)
@@ -397,8 +398,11 @@ def _custom_id(text: str | None) -> str | None:
 
 
 def _job_outcome(custom_id: str | None, job_id: str, state: str | None, result: str | None, error: str | None,
-                 payload: str | None, created_at: str | None) -> tuple[str, str]:
-    """A final job's line of the output or error file."""
+                 payload: str | None, created_at: str | None, ending: str | None = None) -> tuple[str, str]:
+    """A final job's line of the output or error file. A job the batch's end stopped (`ending`: the batch is
+    cancelled or past its window) is a line the batch did not finish; one cancelled or expired on its own
+    (DELETE /v1/jobs/{id}, the line's `ttl`) is answered as the waiting route answers it, 409 or 504 with
+    the job's error (its partial text stays on the job, `request_id`)."""
     custom_id = custom_id or ""
     job_state = JobState(state) if state else JobState.failed
     if job_state == JobState.succeeded and result and payload:
@@ -406,7 +410,8 @@ def _job_outcome(custom_id: str | None, job_id: str, state: str | None, result: 
         body = result_object(p.kind, job_id, p.model, int(float(created_at or 0)),
                              JobResult.model_validate_json(result), want_logprobs=p.sampling.logprobs is not None)
         return R.succeeded(custom_id, job_id, body)
-    if job_state in _NOT_RUN:
-        return R.not_run(custom_id, *_NOT_RUN[job_state])
-    err = JobError.model_validate_json(error) if error else JobError(type="server_error", message="the job failed")
-    return R.refused(custom_id, job_id, 500, error_json(err.message, err.type)["error"])
+    if job_state in _NOT_RUN and ending:
+        return R.not_run(custom_id, *_NOT_RUN[JobState(ending)])
+    err = (JobError.model_validate_json(error) if error else
+           JobError(type="server_error", message=f"the job ended {job_state.value}"))
+    return R.refused(custom_id, job_id, final_status(job_state, err.type), error_json(err.message, err.type)["error"])

@@ -20,7 +20,7 @@ from gateway.prepare import prepare
 from gateway.prompt_list import cancel_all, joined_events, joined_result, prompt_key, split_prompts
 from gateway.response_cache import ENTRY_HEADER, HEADER
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.sse import completion_chunks, completion_events, final_error, sse_response
+from gateway.sse import completion_chunks, completion_events, final_error, final_status, sse_response
 from gateway.waiting import WaitingResponse
 from jobstore import JobRef
 from protocol import job_record as F
@@ -32,9 +32,6 @@ router = APIRouter()
 # an error event) saying why.
 NO_WORKER_WAIT_S = 60.0
 _watchdogs: set[asyncio.Task] = set()  # the streams' no-worker timers, held until they end
-# A job that did not succeed: failed is the server's fault (a 500), unless its error is the request's
-# (invalid_request_error: a 400); cancelled and expired are outcomes the client asked for (DELETE, a deadline).
-_FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
 
 
 @router.post("/v1/chat/completions")
@@ -169,8 +166,7 @@ def _final_body(payload: JobPayload, created: int, final: Final | None) -> dict[
         return error_response(504, _no_worker(payload.model).message, type_="no_worker", code="no_worker")
     if final.state != JobState.succeeded or final.result is None:
         err = final_error(final)
-        status = 400 if err["type"] == "invalid_request_error" else _FINAL_STATUS.get(final.state, 500)
-        return error_response(status, err["message"], type_=err["type"])
+        return error_response(final_status(final.state, err["type"]), err["message"], type_=err["type"])
     return responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
                                    want_logprobs=payload.sampling.logprobs is not None,
                                    echo_chars=responses.echo_chars(payload))

@@ -440,3 +440,40 @@ def test_cancel_ends_lines_a_limit_held_back_at_once(redis_url, default_model_di
     assert batch.status == "cancelled"
     assert_each_once([line["custom_id"] for line in lines], out, err)
     assert len(err) >= 6 and {e["error"]["code"] for e in err} == {"batch_cancelled"}
+
+
+def test_a_line_cancelled_or_expired_on_its_own_is_answered_as_its_route_answers(client, base_url, redis_url,
+                                                                                  default_model_dir):
+    """A line's job cancelled by DELETE /v1/jobs/{id}, or past its own `ttl`, while the batch goes on: its
+    error line says what happened to it (409, 504, the job's error), not that the batch ended."""
+    import httpx
+
+    from batches.submit import line_job_id
+
+    lines = chat_lines(3, MODEL)
+    lines[0]["body"]["ttl"] = 1
+    with ThreadedFakeWorker(redis_url, default_model_dir):
+        pass  # the model's card stays in Redis; its lines queue until a worker comes
+    with ThreadedFeeder(redis_url, fast_settings()):
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        jobs = [line_job_id(batch.id, i, MODEL) for i in range(3)]
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        deadline = time.time() + 10
+        while not all(r.exists(keys.job_key(j)) for j in jobs) and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.delete(f"{base_url}/v1/jobs/{jobs[1]}").status_code == 200
+        while r.hget(keys.job_key(jobs[0]), "state") != "expired" and time.time() < deadline:
+            time.sleep(0.1)
+        with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005):
+            batch = wait_batch(client, batch.id)
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (1, 2)
+    out, err = result_lines(client, batch)
+    assert [o["custom_id"] for o in out] == ["req-2"]
+    by_id = {e["custom_id"]: e for e in err}
+    assert by_id["req-0"]["error"] is None and by_id["req-1"]["error"] is None
+    expired, cancelled = by_id["req-0"]["response"], by_id["req-1"]["response"]
+    assert (expired["status_code"], expired["request_id"]) == (504, jobs[0])
+    assert expired["body"]["error"]["type"] == "deadline_exceeded"
+    assert (cancelled["status_code"], cancelled["request_id"]) == (409, jobs[1])
+    assert cancelled["body"]["error"]["type"] == "cancelled"
