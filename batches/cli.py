@@ -115,9 +115,11 @@ def _submit(client: httpx.Client, args: argparse.Namespace) -> int:
     if args.wait:
         _check_writable("--output", output)
     endpoint = args.endpoint or _first_url(args.file)
-    with args.file.open("rb") as f:
+    with args.file.open("rb") as f:  # the gateway checks every line (and names a bad one) before the endpoint
         uploaded = _ok(client.post("/v1/files", data={"purpose": "batch"},
                                    files={"file": (args.file.name, f, "application/jsonl")}))
+    if endpoint is None:
+        sys.exit(f"error: {args.file}: the first line has no url; pass --endpoint")
     batch = _ok(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint,
                                                   "completion_window": args.completion_window}))
     print(f"batch {batch['id']} ({batch['request_counts']['total'] or '?'} requests, file {uploaded['id']})",
@@ -178,12 +180,19 @@ def _download(client: httpx.Client, batch: dict, output: Path, errors: Path) -> 
                 path.unlink()
                 print(f"{path}  (removed: batch {batch['id']} has no such file)", file=sys.stderr)
             continue
-        with client.stream("GET", f"/v1/files/{file_id}/content") as r, path.open("wb") as f:
-            if r.status_code != 200:
-                r.read()
-                _ok(r)
-            for chunk in r.iter_bytes():
-                f.write(chunk)
+        # Into a file beside `path`, renamed over it once whole: a download that fails leaves what was there.
+        part = path.with_name(f".{path.name}.part")
+        try:
+            with client.stream("GET", f"/v1/files/{file_id}/content") as r:
+                if r.status_code != 200:
+                    r.read()
+                    _ok(r)
+                with part.open("wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+            part.replace(path)
+        finally:
+            part.unlink(missing_ok=True)
         print(f"{path}  ({file_id})", file=sys.stderr)
 
 
@@ -198,15 +207,17 @@ def _check_writable(flag: str, path: Path) -> None:
         sys.exit(f"error: {flag} {path}: not writable")
 
 
-def _first_url(path: Path) -> str:
+def _first_url(path: Path) -> str | None:
+    """The url of the file's first line; None if it has none (the upload then says what is wrong with it)."""
     with path.open("rb") as f:
         for raw in f:
             if raw.strip():
                 try:
-                    return json.loads(raw)["url"]
+                    url = json.loads(raw)["url"]
                 except (ValueError, KeyError, TypeError):
-                    break
-    sys.exit(f"error: {path}: the first line has no url; pass --endpoint")
+                    return None
+                return url if isinstance(url, str) else None
+    return None
 
 
 def _beside(path: Path, kind: str) -> Path:

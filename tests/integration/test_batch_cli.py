@@ -117,3 +117,30 @@ def test_a_failed_batch_says_why_and_leaves_no_earlier_output_behind(url, redis_
     err = capsys.readouterr().err
     assert "mismatched_endpoint: line 2: url '/v1/completions' differs" in err
     assert not out.exists() and "res.jsonl  (removed" in err
+
+
+def test_a_download_that_fails_leaves_the_earlier_one(url, redis_url, default_model_dir, tmp_path, capsys):
+    import httpx
+
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(jsonl(chat_lines(2, MODEL)))
+    out = tmp_path / "out.jsonl"
+    with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.005, capacity=8), ThreadedFeeder(redis_url):
+        assert tokenq_batch(url, "submit", str(requests), "--wait", "-o", str(out)) == 0
+    batch_id = capsys.readouterr().out.strip()
+    kept = out.read_bytes()
+    assert len(read_jsonl(out)) == 2
+    assert httpx.delete(f"{url}/v1/files/file-{batch_id.removeprefix('batch_')}-output").status_code == 200
+    with pytest.raises(SystemExit) as e:
+        tokenq_batch(url, "results", batch_id, "-o", str(out))
+    assert "No such File object" in str(e.value)
+    assert out.read_bytes() == kept and [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+
+
+@pytest.mark.parametrize(("content", "words"), [(b"{bad\n", "line 1: not valid JSON"), (b"", "has no requests")])
+def test_a_bad_first_line_gets_the_gateways_reason(url, tmp_path, content, words):
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        tokenq_batch(url, "submit", str(requests))
+    assert words in str(e.value), e.value
