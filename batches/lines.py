@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import ApiError, describe_validation_error
 from gateway.prepare import check_model_free
+from gateway.prompt_list import split_prompts
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
@@ -99,6 +100,9 @@ def parse_line(text: str, number: int) -> BatchLine:
         raise LineError(number, f"body.{message}") from e
     if request.stream:
         raise LineError(number, "body.stream: a batch request cannot stream (got true)")
+    if isinstance(request, CompletionRequest) and split_prompts(request) is not None:
+        raise LineError(number, f"body.prompt: a batch line takes one prompt (got {len(request.prompt)}); "
+                                "write one line per prompt")
     try:
         check_model_free(request)
     except ApiError as e:

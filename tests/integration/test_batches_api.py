@@ -118,6 +118,8 @@ def test_openai_client_round_trip(client, worker, redis_url):
      "body.messages"),
     (b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "x", '
      b'"stream": true}}\n', 1, "body.stream"),
+    (b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", '
+     b'"prompt": ["x", "y"]}}\n', 1, "body.prompt: a batch line takes one prompt (got 2)"),
 ])
 def test_bad_lines_are_refused_by_number(client, content, line, words):
     with pytest.raises(openai.BadRequestError) as e:
