@@ -120,7 +120,7 @@ local function refuse(cur_key, prev_key, limit, cost, frac, window)
     -- fits next minute, once enough of this minute's count has slid out
     wait = (1 - frac + math.max(0, 1 - (limit - cost) / cur)) * window
   end
-  return {math.max(1, math.ceil(wait * 1000)), math.floor(used)}
+  return {math.max(1, math.ceil(wait * 1000)), math.ceil(used)}
 end
 """
 

@@ -186,3 +186,20 @@ async def test_gateway_reads_and_sweeps_expired_jobs(store_redis_url, store_clie
                 await asyncio.sleep(0.1)
             assert await store_client.hget(keys.job_key(unread), F.STATE) == "expired"
     assert await store_client.get(keys.tenant_queued_key("default", MODEL)) == "0"
+
+
+async def test_a_rate_refusal_reports_a_count_that_explains_it(store_client):
+    """The sliding window weighs the last minute's count by how much of it is still inside: a refusal reports
+    that count rounded up, so that "used" plus the request is over the limit (it read "limit 3, used 2")."""
+    store = JobStore(store_client)
+    limits = Limits(rpm=3)
+    start = (time.time() // 60 - 5) * 60  # a minute of the past, all of it this test's
+    for _ in range(3):
+        await store.submit(payload("rate"), "{}", {}, False, limits, now=start + 1)
+    later = start + 60 + 24  # 0.4 of the next minute gone: the first minute weighs 0.6, 3 requests 1.8
+    await store.submit(payload("rate"), "{}", {}, False, limits, now=later)  # 2.8 with this one
+    try:
+        await store.submit(payload("rate"), "{}", {}, False, limits, now=later)
+        raise AssertionError("admitted past the rpm limit")
+    except Refused as refused:
+        assert refused.limit == "rpm" and refused.used == 3 and refused.used + 1 > limits.rpm
