@@ -4,8 +4,11 @@ wrong answer, so each is a 400 naming it. Absent, null and the field's own defau
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
+
+from pydantic import BaseModel
 
 from gateway.errors import ApiError
 from gateway.schemas import SamplingFields
@@ -40,12 +43,19 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
 }
 
 
+def _as_json(value: Any) -> str:
+    """The value as the client wrote it (JSON), not as Python shows it."""
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(exclude_unset=True)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
 def check_unsupported(req: SamplingFields) -> None:
     """400 naming the first field that is set to something tokenq would ignore."""
     for name, (accepted, why) in _RULES.items():
         value = getattr(req, name, None)
         if not accepted(value, req):
-            shown = repr(value)
+            shown = _as_json(value)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise ApiError(400, f"{name}: {why} (got {shown})", param=name, code="unsupported_field")
 

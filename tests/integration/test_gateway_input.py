@@ -131,6 +131,15 @@ async def test_a_message_without_content_is_refused_unless_an_assistant_sends_it
     await assert_nothing_queued(redis_client)
 
 
+async def test_a_refused_field_is_shown_as_the_client_wrote_it(client, redis_client):
+    body = {**CHAT, "stream": False, "stream_options": {"include_usage": True}}
+    err = assert_error(await client.post("/v1/chat/completions", json=body), 400, "stream_options")
+    assert err["message"].endswith('(got {"include_usage":true})'), err["message"]
+    err = assert_error(await client.post("/v1/chat/completions", json={**CHAT, "suffix": "the end"}), 400, "suffix")
+    assert err["message"].endswith('(got "the end")'), err["message"]
+    await assert_nothing_queued(redis_client)
+
+
 @pytest.mark.parametrize("path, body", ROUTES[:2])
 async def test_best_of_is_refused_for_a_chat(client, redis_client, path, body):
     err = assert_error(await client.post(path, json={**body, "n": 2, "best_of": 3}), 400, "best_of")
