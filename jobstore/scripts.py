@@ -236,7 +236,8 @@ return 0
 
 # KEYS: pairs (job hash, its text) per job. ARGV: started_at, worker id.
 # Returns per job {1, streamed, seq} when started, {0} when already final, {-1} when the hash is gone (in
-# both latter cases the caller acknowledges and drops the entry). A rerun (the job was reclaimed from a
+# both cases the caller acknowledges and drops the entry), {2} when its cancel was asked while it ran on a
+# worker that died (it is not run again: the caller ends it with END_CANCELLED). A rerun (the job was reclaimed from a
 # dead worker) keeps `seq`, so event numbers only ever increase, and drops the old attempt's text: offsets
 # restart at 0 with the new text.
 START = Script(f"""
@@ -249,6 +250,8 @@ for i = 1, #KEYS, 2 do
     out[#out + 1] = {{-1}}
   elseif final[state] then
     out[#out + 1] = {{0}}
+  elseif redis.call('HGET', job, '{f.CANCEL_REQUESTED}') == '1' then
+    out[#out + 1] = {{2}}
   else
     redis.call('HSET', job, '{f.STATE}', 'running', '{f.STARTED_AT}', ARGV[1], '{f.WORKER}', ARGV[2])
     redis.call('HINCRBY', job, '{f.ATTEMPTS}', 1)
@@ -295,6 +298,34 @@ drop_entry(KEYS[7], ARGV[8])
 return written
 """)
 
+# partial_result(job hash, its text key): the result JSON of a job stopped mid-run (`abort`), with the text
+# published so far and its usage; a job of several choices rebuilds each from the text's log of lines.
+_PARTIAL_RESULT_FN = f"""
+local function partial_result(job, text_key)
+  local payload = cjson.decode(redis.call('HGET', job, '{f.PAYLOAD}') or '{{}}')
+  local prompt = 0
+  if type(payload['prompt_token_ids']) == 'table' then prompt = #payload['prompt_token_ids'] end
+  local made = tonumber(redis.call('HGET', job, '{f.OUTPUT_TOKENS}') or '0')  -- of the text published
+  local result = {{text = redis.call('GET', text_key) or '', finish_reason = 'abort',
+    usage = {{prompt_tokens = prompt, completion_tokens = made, total_tokens = prompt + made, cached_tokens = 0}}}}
+  local n = tonumber(redis.call('HGET', job, '{f.CHOICES}') or '1')
+  if n > 1 then  -- the text is a log of [index, text] lines (protocol/choice_text.py)
+    local parts = {{}}
+    for i = 1, n do parts[i] = {{}} end
+    for line in string.gmatch(result.text, '[^\\n]+') do
+      local rec = cjson.decode(line)
+      table.insert(parts[rec[1] + 1], rec[2])
+    end
+    result.choices = {{}}
+    for i = 1, n do
+      result.choices[i] = {{index = i - 1, text = table.concat(parts[i]), finish_reason = 'abort'}}
+    end
+    result.text = result.choices[1].text
+  end
+  return cjson.encode(result)
+end
+"""
+
 # KEYS: FINISH_KEYS, 7 the job's stream. ARGV: job id, error JSON, finished_at, retention, control channel,
 # control message, '1' to cancel only a queued job. Returns the state the job was in ('' when gone):
 # queued: it ends `cancelled` now and its entry is dropped; running: `cancel_requested=1` and a control
@@ -313,12 +344,26 @@ end
 return state
 """)
 
+# KEYS: FINISH_KEYS, 7 the job's stream. ARGV: job id, error JSON, finished_at, retention, the entry id.
+# A job whose cancel was asked while it ran on a worker that died (START answered 2): it ends `cancelled`
+# with the text its worker published as its result, as a live worker would have ended it, and its entry is
+# dropped. Returns finish's answer (0 when it was final already).
+END_CANCELLED = Script(_FINISH_FN + _DROP_ENTRY_FN + _PARTIAL_RESULT_FN + f"""
+local written = 0
+if redis.call('HGET', KEYS[1], '{f.STATE}') == 'running' then
+  written = finish(job_keys(1), ARGV[1], 'cancelled', partial_result(KEYS[1], KEYS[2]), ARGV[2], ARGV[3], '',
+                   tonumber(ARGV[4]))
+end
+drop_entry(KEYS[7], ARGV[5])
+return written
+""")
+
 # KEYS: FINISH_KEYS, 7 the job's stream. ARGV: job id, now, grace seconds for running jobs, retention,
 # error JSON for a queued job, error JSON for a running one. Returns the job's state after ('' when gone).
 # A queued job past its deadline ends `expired` and its entry is dropped. A running one gets `grace` more
 # for its worker to stop it and write its partial result; past that (its worker is gone or stuck) it ends
 # `expired` here with the text streamed so far as its result.
-EXPIRE = Script(_FINISH_FN + _DROP_ENTRY_FN + f"""
+EXPIRE = Script(_FINISH_FN + _DROP_ENTRY_FN + _PARTIAL_RESULT_FN + f"""
 local state = redis.call('HGET', KEYS[1], '{f.STATE}')
 if not state then return '' end
 if FINAL[state] then return state end
@@ -335,27 +380,7 @@ if state == 'queued' and now >= deadline then
   return 'expired'
 end
 if state == 'running' and now >= deadline + tonumber(ARGV[3]) then
-  local payload = cjson.decode(redis.call('HGET', KEYS[1], '{f.PAYLOAD}') or '{{}}')
-  local prompt = 0
-  if type(payload['prompt_token_ids']) == 'table' then prompt = #payload['prompt_token_ids'] end
-  local made = tonumber(redis.call('HGET', KEYS[1], '{f.OUTPUT_TOKENS}') or '0')  -- of the text published
-  local result = {{text = redis.call('GET', KEYS[2]) or '', finish_reason = 'abort',
-    usage = {{prompt_tokens = prompt, completion_tokens = made, total_tokens = prompt + made, cached_tokens = 0}}}}
-  local n = tonumber(redis.call('HGET', KEYS[1], '{f.CHOICES}') or '1')
-  if n > 1 then  -- the text is a log of [index, text] lines (protocol/choice_text.py)
-    local parts = {{}}
-    for i = 1, n do parts[i] = {{}} end
-    for line in string.gmatch(result.text, '[^\\n]+') do
-      local rec = cjson.decode(line)
-      table.insert(parts[rec[1] + 1], rec[2])
-    end
-    result.choices = {{}}
-    for i = 1, n do
-      result.choices[i] = {{index = i - 1, text = table.concat(parts[i]), finish_reason = 'abort'}}
-    end
-    result.text = result.choices[1].text
-  end
-  result = cjson.encode(result)
+  local result = partial_result(KEYS[1], KEYS[2])
   finish(job_keys(1), ARGV[1], 'expired', result, ARGV[6], ARGV[2], '', tonumber(ARGV[4]))
   return 'expired'
 end

@@ -91,7 +91,7 @@ class Submitted:
 
 @dataclass(frozen=True)
 class Started:
-    code: int  # 1 started, 0 already final, -1 gone
+    code: int  # 1 started, 0 already final, -1 gone, 2 cancelled while its worker died (end_cancelled)
     streamed: bool = False
     seq: int = 0
 
@@ -294,6 +294,13 @@ class JobStore:
         """The final write of a job that never reached the engine, and its entry dropped, at once."""
         return int(await runner.run(self.redis, s.FINISH_ENTRY, [*final.ref.finish_keys(), stream],
                                     [*final.args(), entry_id]))
+
+    async def end_cancelled(self, ref: JobRef, stream: str, entry_id: str) -> int:
+        """Ends a job that `start` answered 2 for: `cancelled`, with the text published before its worker
+        died, and its entry dropped."""
+        return int(await runner.run(self.redis, s.END_CANCELLED, [*ref.finish_keys(), stream],
+                                    [ref.id, CANCELLED.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
+                                     entry_id]))
 
     async def ack(self, entries: Iterable[tuple[str, str]]) -> None:
         """Acknowledge and delete (stream, entry id) pairs."""

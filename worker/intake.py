@@ -39,7 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from jobstore import Started
+from jobstore import JobRef, Started
 from jobstore.connect import is_cluster
 from jobstore.pipe import RedisPipe
 from protocol import keys
@@ -344,6 +344,12 @@ class Intake:
             raise
         drop: list[tuple[str, str]] = []
         for (e, payload), res in zip(valid, results, strict=True):
+            if res.code == 2:  # cancelled while the worker that ran it died: not run again
+                if early:
+                    self._withdraw(payload)
+                await self.store.end_cancelled(JobRef.of(payload), e.stream, e.entry_id)
+                log.info("job cancelled before its worker died; ended with its text so far", job_id=payload.id)
+                continue
             if res.code != 1:
                 log.info("job already final or gone; dropping entry", job_id=payload.id,
                          reason="final" if res.code == 0 else "no job record")

@@ -284,3 +284,26 @@ async def test_final_write_survives_a_redis_restart(tmp_path):
     finally:
         await r.aclose()
         red.kill()
+
+
+async def test_a_job_cancelled_while_its_worker_was_dead_is_not_run_again(redis_url, redis_client):
+    """DELETE of a running job whose worker is gone: the next worker ends it `cancelled` with the text the
+    dead one published, instead of running it again (which threw that text away)."""
+    from jobstore import DeltaWrite, JobRef
+    from protocol.events import DeltaEvent
+
+    r = redis_client
+    p = payload([5, 6, 7], max_tokens=50)
+    await submit_job(r, p)
+    await read_as_dead_worker(r, 1)
+    store = JobStore(r)
+    event = DeltaEvent(seq=1, offset=0, text="so far").model_dump_json()
+    await store.write([DeltaWrite(p.id, "so far", 1, event, "", 2)], [])
+    assert await store.cancel(JobRef.of(p)) == "running"  # the flag is set; no live worker reads it
+    async with running(redis_url, FakeEngine(), lease_s=1.0):
+        h = await final_state(r, p.id)
+    assert h[f.STATE] == "cancelled" and h[f.ATTEMPTS] == "1" and h[f.WORKER] == DEAD
+    result = JobResult.model_validate_json(h[f.RESULT])
+    assert result.text == "so far" and result.finish_reason == "abort" and result.usage.completion_tokens == 2
+    assert json.loads(h[f.ERROR])["type"] == "cancelled"
+    assert await r.xlen(STREAM) == 0 and (await r.xpending(STREAM, keys.GROUP))["pending"] == 0
