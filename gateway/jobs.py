@@ -223,12 +223,13 @@ async def _events(sub: Subscription, cursor: _Cursor, want_deltas: bool
 
 def _tails(final: Final, cursor: _Cursor) -> list[Delta | Restarted]:
     """Text of the result that no delta carried (a job nobody streamed until late, or a lost message), or
-    Restarted when the result does not begin with the text given."""
+    Restarted when the result does not begin with the text given (or is shorter: a new attempt that ended
+    sooner)."""
     if final.result is None:
         return []
     choices = final.result.all_choices()
     for c in choices:
-        if not cursor.agrees(c.index, 0, c.text):
+        if len(c.text) < cursor.at(c.index) or not cursor.agrees(c.index, 0, c.text):
             return [Restarted(c.index)]
     return [Delta(c.text[cursor.at(c.index):], cursor.at(c.index), index=c.index)
             for c in choices if len(c.text) > cursor.at(c.index)]

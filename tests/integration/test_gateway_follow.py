@@ -174,6 +174,17 @@ async def test_a_new_attempt_of_other_text_ends_the_following(redis_client, lost
     assert text == "Once upon" and isinstance(end, Restarted)
 
 
+@pytest.mark.parametrize("result", ["", "Once"])
+async def test_a_new_attempt_that_ends_sooner_ends_the_following(redis_client, result):
+    """The next attempt ends (at an end-of-text token, or cancelled after its first tokens) before the text the
+    reader was given: its result is shorter, so the reader's text is not the job's answer."""
+    r = redis_client
+    task = await first_attempt_then_reclaim(r, collect(r))
+    await finish(r, 4, result)
+    text, _, end = await asyncio.wait_for(task, 5)
+    assert text == "Once upon" and isinstance(end, Restarted)
+
+
 async def test_a_new_attempt_of_the_same_text_is_followed_on(redis_client):
     """A greedy job writes the same text again: the reader loses nothing and gets nothing twice."""
     r = redis_client
