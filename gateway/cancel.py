@@ -7,6 +7,7 @@ import asyncio
 
 from gateway.logging import get_logger
 from jobstore import JobRef, JobStore
+from protocol.jobs import JobState
 
 log = get_logger(__name__)
 
@@ -20,15 +21,18 @@ class Canceller:
         """Cancel a job; returns the state it was in before ('' when it is gone)."""
         return await self.store.cancel(ref)
 
-    def cancel_detached(self, ref: JobRef) -> None:
-        """Cancel from a place that is itself being cancelled (a streaming response whose client left)."""
-        task = asyncio.get_running_loop().create_task(self._cancel_logged(ref))
+    def cancel_detached(self, ref: JobRef, idempotency_key: str | None = None) -> None:
+        """Cancel from a place that is itself being cancelled (a response whose client left); a job that was
+        still queued or running also frees the Idempotency-Key bound to it."""
+        task = asyncio.get_running_loop().create_task(self._cancel_logged(ref, idempotency_key))
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
 
-    async def _cancel_logged(self, ref: JobRef) -> None:
+    async def _cancel_logged(self, ref: JobRef, idempotency_key: str | None) -> None:
         try:
             was = await self.cancel(ref)
+            if idempotency_key is not None and was in (JobState.queued, JobState.running):
+                await self.store.release_idempotency_key(ref.tenant, idempotency_key, ref.model, ref.id)
             log.info("client disconnected; job cancelled", job_id=ref.id, was=was)
         except Exception as e:  # Redis down: the job runs on; nothing else to do here
             log.warning("could not cancel the job of a disconnected client", job_id=ref.id, error=repr(e))

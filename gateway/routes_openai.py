@@ -57,7 +57,7 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     job = await enqueue(ctx, tenant, body, body.priority, body.stream, {}, idempotency_key)
     payload, created = job.payload, int(job.created_at)
     headers = job.cache_headers or None
-    on_abandon = _canceller(ctx, job)
+    on_abandon = _canceller(ctx, job, idempotency_key)
     if body.stream:
         await _watch_for_no_worker(ctx, job)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -87,7 +87,7 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
         await _withdraw(ctx, tenant, jobs, idempotency_key)
         raise
     n = payloads[0].sampling.n
-    cancels = [_canceller(ctx, job) for job in jobs]
+    cancels = [_canceller(ctx, job, prompt_key(idempotency_key, i)) for i, job in enumerate(jobs)]
     completion_id = responses.completion_id("completion", jobs[0].payload.id)
     if body.stream:
         for job in jobs:
@@ -131,15 +131,17 @@ async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], i
             await ctx.store.release_idempotency_key(tenant.name, key, job.payload.model, job.payload.id)
 
 
-def _canceller(ctx: GatewayContext, job: Enqueued) -> Callable[[], None] | None:
+def _canceller(ctx: GatewayContext, job: Enqueued, idempotency_key: str | None) -> Callable[[], None] | None:
     """What cancels the job when its client leaves: nothing for a repeat (the first request's client owns
-    it), a cache hit (already final) or a job asked to run to completion."""
+    it), a cache hit (already final) or a job asked to run to completion. The cancel frees the request's
+    Idempotency-Key, so that the client's retry (the key's very use: its connection dropped) runs the job
+    again rather than getting the cancelled one."""
     if not job.queued_here or job.payload.run_to_completion:
         return None
     ref = JobRef.of(job.payload)
 
     def cancel() -> None:
-        ctx.canceller.cancel_detached(ref)
+        ctx.canceller.cancel_detached(ref, idempotency_key)
     return cancel
 
 

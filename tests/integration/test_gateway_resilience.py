@@ -87,6 +87,34 @@ def test_a_client_leaving_a_completion_of_several_prompts_cancels_every_job(redi
         wait_for(lambda: all(r.hget(job, F.STATE) == "cancelled" for job in jobs))
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_retry_after_a_dropped_connection_runs_the_job_again(redis_url, default_model_dir, stream):
+    """The Idempotency-Key's use: the connection dropped, the client retries with the same key. The drop
+    cancelled the first job and freed the key, so the retry queues a job of its own (it got the cancelled
+    one, a 409, for a day)."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushdb()
+    register_idle_worker(r, default_model_dir)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream}
+    headers = {"Idempotency-Key": "retry-me"}
+    with GatewayThread(redis_url) as base, httpx.Client(base_url=base, timeout=30) as c:
+        with pytest.raises(httpx.ReadTimeout):  # nothing consumes: the answer never comes
+            with c.stream("POST", "/v1/chat/completions", json=body, headers=headers,
+                          timeout=httpx.Timeout(30, read=1.0)) as response:
+                response.read()
+        wait_for(lambda: len(list(r.scan_iter(keys.job_keys_pattern()))) == 1)
+        [first] = list(r.scan_iter(keys.job_keys_pattern()))
+        wait_for(lambda: r.hget(first, F.STATE) == "cancelled")
+        wait_for(lambda: not list(r.scan_iter("*idem*")))
+        with pytest.raises(httpx.ReadTimeout):
+            with c.stream("POST", "/v1/chat/completions", json=body, headers=headers,
+                          timeout=httpx.Timeout(30, read=1.0)) as response:
+                assert response.status_code == 200
+                response.read()
+        jobs = list(r.scan_iter(keys.job_keys_pattern()))
+        assert len(jobs) == 2 and first in jobs
+
+
 # --- Redis restarts ------------------------------------------------------------------------------------
 
 
