@@ -7,7 +7,12 @@ a constraint it would misread is a 400 that says where, not a failed job, nor an
   quantifier.
 - A schema `pattern` whose literal is a quote, backslash or control character is refused: the engine writes
   such a literal raw inside the JSON string, which is then not JSON.
-- A `$ref` resolves inside the schema, and bounds are not crossed (`minLength` above `maxLength`, ...).
+- Where one keyword decides, the engine drops its siblings: beside `enum`, `const`, `$ref`, `anyOf`,
+  `oneOf` and `allOf` no other assertion is enforced (beside `enum` and `const`, a `type` their values all
+  have is fine), nor a length beside a string's `format` or `pattern`, nor a `pattern` beside a `format`;
+  and only declared properties can be `required`. Each is refused rather than dropped.
+- A `$ref` resolves inside the schema, and bounds are not crossed (`minLength` above `maxLength`, an
+  integer range with no integer in it, ...) nor past the engine's 64-bit integers.
 """
 
 from __future__ import annotations
@@ -18,8 +23,16 @@ from typing import Any
 
 MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of a schema's JSON; deeper is refused before any walk
 NOT_ENFORCED = ("multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "if", "then", "else",
-                "not", "dependentSchemas", "patternProperties", "propertyNames", "unevaluatedProperties",
-                "unevaluatedItems")
+                "not", "dependentSchemas", "dependentRequired", "dependencies", "patternProperties",
+                "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+# The keywords that constrain a value (the rest, title, description, default, examples, ..., annotate it).
+_ASSERTIONS = ("type", "enum", "const", "$ref", "anyOf", "oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum",
+               "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern", "format", "items",
+               "prefixItems", "minItems", "maxItems", "properties", "required", "additionalProperties",
+               "minProperties", "maxProperties")
+_DECIDERS = ("enum", "const", "$ref", "anyOf", "oneOf", "allOf")  # the keywords that take over a node
+_INT64 = (-(2**63), 2**63 - 1)
+_JSON_TYPES = {"string": (str,), "boolean": (bool,), "object": (dict,), "array": (list,), "null": (type(None),)}
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas", "patternProperties")
 _SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
 _SCHEMA_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
@@ -68,7 +81,16 @@ def check_schema(schema: dict[str, Any]) -> None:
         for low, high in _BOUNDS:
             if _number(node.get(low)) and _number(node.get(high)) and node[low] > node[high]:
                 raise Refused(f"`{low}` at {where} is above `{high}` ({node[low]} > {node[high]})")
+        _check_siblings(node, where)
         required = node.get("required")
+        declared = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        if isinstance(required, list) and (missing := [r for r in required if r not in declared]):
+            raise Refused(f"`required` at {where} names {missing[0]!r}, which `properties` does not declare: the "
+                          "grammar engine requires declared properties only; declare it")
+        if (node.get("additionalProperties") is False and _number(node.get("minProperties"))
+                and node["minProperties"] > len(declared)):
+            raise Refused(f"`minProperties` at {where} is {node['minProperties']}, over the {len(declared)} "
+                          "properties it declares (and no others are allowed): no object could match")
         if isinstance(required, list) and _number(node.get("maxProperties")) and len(required) > node["maxProperties"]:
             raise Refused(f"`maxProperties` at {where} is {node['maxProperties']}, under the {len(required)} "
                           "required properties")
@@ -77,6 +99,63 @@ def check_schema(schema: dict[str, Any]) -> None:
                 if _number(node.get(bound)) and node[bound] != int(node[bound]):
                     raise Refused(f"`{bound}` at {where} bounds an integer, so it is a whole number "
                                   f"(got {node[bound]})")
+        _check_ranges(node, where)
+
+
+def _check_siblings(node: dict[str, Any], where: str) -> None:
+    """Keywords the engine drops because another keyword of the node decides alone."""
+    for decider in _DECIDERS:
+        if decider not in node:
+            continue
+        allowed = ("type",) if decider in ("enum", "const") else ()
+        others = [k for k in _ASSERTIONS if k in node and k != decider and k not in allowed]
+        if others:
+            raise Refused(f"`{others[0]}` beside `{decider}` at {where} is not enforced by the grammar engine (it "
+                          f"holds the value to the `{decider}` alone); fold it into the `{decider}`")
+        if decider in ("enum", "const") and "type" in node:
+            values = node[decider] if decider == "enum" and isinstance(node[decider], list) else [node[decider]]
+            for value in values:
+                if not _of_type(value, node["type"]):
+                    raise Refused(f"`{decider}` at {where} holds {value!r}, which is not of `type` "
+                                  f"{node['type']!r}: the grammar engine would write it anyway")
+    lengths = [k for k in ("minLength", "maxLength") if k in node]
+    for shape in ("format", "pattern"):
+        if shape in node and lengths:
+            raise Refused(f"`{lengths[0]}` beside `{shape}` at {where} is not enforced by the grammar engine (it "
+                          f"holds the string to the `{shape}` alone); "
+                          + ("drop one of them" if shape == "format" else "write the length into the pattern"))
+    if "format" in node and "pattern" in node:
+        raise Refused(f"`pattern` beside `format` at {where} is not enforced by the grammar engine (it holds the "
+                      "string to the `format` alone); drop one of them")
+
+
+def _of_type(value: Any, types: Any) -> bool:
+    for t in types if isinstance(types, list) else [types]:
+        if t == "integer" and _number(value) and float(value).is_integer():
+            return True
+        if t == "number" and _number(value):
+            return True
+        if isinstance(value, _JSON_TYPES.get(t, ())) and not (t != "boolean" and isinstance(value, bool)):
+            return True
+    return False
+
+
+def _check_ranges(node: dict[str, Any], where: str) -> None:
+    """A numeric range with no value in it, or an integer bound past the engine's 64-bit integers."""
+    low = next((k for k in ("minimum", "exclusiveMinimum") if _number(node.get(k))), None)
+    high = next((k for k in ("maximum", "exclusiveMaximum") if _number(node.get(k))), None)
+    if node.get("type") == "integer":
+        for bound in (low, high):
+            if bound is not None and not _INT64[0] <= node[bound] <= _INT64[1]:
+                raise Refused(f"`{bound}` at {where} is past the 64-bit integers the grammar engine bounds an "
+                              f"integer with (got {node[bound]})")
+        if low is not None and high is not None:
+            lo = node[low] + (1 if low == "exclusiveMinimum" else 0)
+            hi = node[high] - (1 if high == "exclusiveMaximum" else 0)
+            if lo > hi:
+                raise Refused(f"`{low}` and `{high}` at {where} leave no integer between them")
+    elif low is not None and high is not None and "exclusive" in low + high and node[low] >= node[high]:
+        raise Refused(f"`{low}` and `{high}` at {where} leave no number between them")
 
 
 def check_regex(regex: str, in_json_string: bool = False) -> None:

@@ -38,6 +38,27 @@ STR = {"type": "string"}
     ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"], "maxProperties": 1},
      "`maxProperties` at the root is 1, under the 2 required"),
     ({"type": "object", "properties": {"a": {"type": "strng"}}}, "not a valid JSON Schema at properties/a/type"),
+    ({**STR, "format": "ipv4", "maxLength": 8}, "`maxLength` beside `format` at the root"),
+    ({**STR, "pattern": "^[a-z]+$", "minLength": 3}, "`minLength` beside `pattern` at the root"),
+    ({**STR, "format": "date", "pattern": "^1999-"}, "`pattern` beside `format` at the root"),
+    ({"type": "integer", "enum": [1, 2, 3], "minimum": 2}, "`minimum` beside `enum` at the root"),
+    ({**STR, "const": "abc", "maxLength": 2}, "`maxLength` beside `const` at the root"),
+    ({"type": "integer", "enum": ["a", "b"]}, "`enum` at the root holds 'a', which is not of `type` 'integer'"),
+    ({"$defs": {"i": {"type": "integer"}}, "properties": {"e": {"$ref": "#/$defs/i", "maximum": 3}}},
+     "`maximum` beside `$ref` at /properties/e"),
+    ({"allOf": [{"type": "integer", "maximum": 100}], "maximum": 3}, "`maximum` beside `allOf` at the root"),
+    ({"type": "object", "anyOf": [{"type": "integer"}]}, "`type` beside `anyOf` at the root"),
+    ({"type": "object", "required": ["a"]}, "`required` at the root names 'a', which `properties` does not"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["a", "b"], "additionalProperties": False},
+     "names 'b'"),
+    ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a"], "dependentRequired": {"a": ["b"]}},
+     "`dependentRequired` at the root is not enforced"),
+    ({"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 2}, "leave no integer between them"),
+    ({"type": "integer", "minimum": 1, "exclusiveMaximum": 1}, "leave no integer between them"),
+    ({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1}, "leave no number between them"),
+    ({"type": "integer", "minimum": -1e300}, "`minimum` at the root is past the 64-bit integers"),
+    ({"type": "object", "properties": {"a": {}}, "minProperties": 2, "additionalProperties": False},
+     "`minProperties` at the root is 2, over the 1 properties"),
     (json.loads('{"type": "array", "items": ' * 400 + "{}" + "}" * 400), "nested deeper than 64 levels"),
 ])
 def test_a_rule_the_engine_cannot_hold_an_output_to_is_refused_saying_where(schema, needle):
@@ -55,6 +76,16 @@ def test_a_rule_the_engine_cannot_hold_an_output_to_is_refused_saying_where(sche
     {**STR, "pattern": "^\\d{3}-\\d{4}$"},
     {"$defs": {"A": {"type": "integer"}}, "type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}},
     {"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}},
+    {"type": "string", "enum": ["a", "b"], "title": "Colour"},  # pydantic's enum
+    {"type": "integer", "const": 3},
+    {"type": ["integer", "string"], "enum": [1, "a"]},
+    {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}], "default": None, "title": "N"},
+    {"$defs": {"i": {"type": "integer"}}, "properties": {"e": {"$ref": "#/$defs/i", "description": "d"}}},
+    {**STR, "format": "date"},
+    {**STR, "minLength": 2, "maxLength": 3},
+    {"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 3},
+    {"type": "number", "minimum": 1, "maximum": 1},
+    {"type": "object", "properties": {"a": {}}, "required": ["a"], "minProperties": 1, "additionalProperties": False},
     json.loads('{"type": "array", "items": ' * 60 + "{}" + "}" * 60),
 ])
 def test_what_the_engine_enforces_passes(schema):
@@ -120,6 +151,16 @@ def _accepts(schema: dict, text: str) -> bool:
     ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, '"x"'),
     ({"type": "string", "pattern": "^C:\\\\[a-z]$"}, '"C:\\a"'),  # not JSON: a lone backslash escapes "a"
     ({"type": "string", "pattern": '^a"b$'}, '"a"b"'),
+    ({"type": "string", "format": "ipv4", "maxLength": 8}, '"192.168.192.192"'),
+    ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, '"abcdef"'),
+    ({"type": "string", "format": "date", "pattern": "^1999-.*$"}, '"2022-01-22"'),
+    ({"type": "integer", "enum": [1, 2, 3], "minimum": 2}, "1"),
+    ({"type": "integer", "enum": ["a", "b"]}, '"a"'),
+    ({"$defs": {"i": {"type": "integer"}}, "$ref": "#/$defs/i", "maximum": 3}, "50"),
+    ({"type": "object", "anyOf": [{"type": "integer"}]}, "1"),
+    ({"type": "object", "required": ["a"]}, "{}"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a"],
+      "dependentRequired": {"a": ["b"]}, "additionalProperties": False}, '{"a": 1}'),
 ])
 def test_each_refused_rule_is_one_the_engine_lets_an_output_break(schema, breaking):
     """If xgrammar comes to enforce one of these, this fails: its rule in schema_rules can go."""
