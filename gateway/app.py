@@ -10,7 +10,15 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from batches.settings import BatchSettings
-from gateway import routes_batches, routes_cache, routes_files, routes_health, routes_jobs, routes_openai
+from gateway import (
+    routes_batches,
+    routes_cache,
+    routes_files,
+    routes_health,
+    routes_jobs,
+    routes_openai,
+    stopping,
+)
 from gateway.access_log import logged
 from gateway.admission import max_queue_depth_from_env
 from gateway.context import GatewayContext
@@ -62,6 +70,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         redis = make_redis(redis_url)
         app.state.ctx = GatewayContext.build(redis, metrics, depth, library_path=library)
         await warm_before_serving(app.state.ctx)
+        stopping.watch(asyncio.get_running_loop())  # uvicorn's signal handlers are in place by now
         background = [asyncio.create_task(keep_warm(app.state.ctx)),
                       asyncio.create_task(sweep_forever(app.state.ctx.store))]  # jobs past their deadline
         if settings.hot_loop:  # poll while a client follows a job

@@ -12,7 +12,7 @@ from gateway.enqueue import enqueue, job_created_body
 from gateway.errors import ApiError
 from gateway.jobs import read_job
 from gateway.schemas import JobCreate
-from gateway.sse import job_events, parse_event_id, sse_response
+from gateway.sse import RESUME_COMMENT, job_events, parse_event_id, sse_response
 from jobstore import JobRef
 from protocol import job_record as F
 from protocol.keys import job_key
@@ -61,7 +61,7 @@ async def get_job_events(job_id: str, caller: Caller = Depends(get_caller),
     if len(offsets) > int(choices or 1):
         raise ApiError(400, f"Last-Event-ID: {len(offsets)} offsets, but the job has {int(choices or 1)} "
                             f"choice(s) (got {raw!r})", param="Last-Event-ID")
-    return sse_response(job_events(redis, job_id, offsets, caller.ctx.hub, caller.ctx.store))
+    return sse_response(job_events(redis, job_id, offsets, caller.ctx.hub, caller.ctx.store), on_stop=RESUME_COMMENT)
 
 
 async def _owned(caller: Caller, job_id: str) -> dict[str, str]:

@@ -20,7 +20,14 @@ from gateway.prepare import prepare
 from gateway.prompt_list import cancel_all, joined_events, joined_result, prompt_key, split_prompts
 from gateway.response_cache import ENTRY_HEADER, HEADER
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.sse import completion_chunks, completion_events, final_error, final_status, sse_response
+from gateway.sse import (
+    STOPPING_EVENT,
+    completion_chunks,
+    completion_events,
+    final_error,
+    final_status,
+    sse_response,
+)
 from gateway.waiting import WaitingResponse
 from jobstore import JobRef
 from protocol import job_record as F
@@ -62,7 +69,8 @@ async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
         await _watch_for_no_worker(ctx, job)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(completion_events(ctx.redis, payload, created, include_usage, on_abandon,
-                                              mark=job.repeat, hub=ctx.hub, store=ctx.store), headers)
+                                              mark=job.repeat, hub=ctx.hub, store=ctx.store), headers,
+                            on_stop=STOPPING_EVENT)
     if (hit := _hit(job)) is not None:  # the answer is in hand
         return _final_response(payload, created, hit, headers)
 
@@ -96,7 +104,8 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
         streams = [completion_chunks(ctx.redis, job.payload, int(job.created_at), True, cancel,
                                      mark=job.repeat, hub=ctx.hub, store=ctx.store)
                    for job, cancel in zip(jobs, cancels, strict=True)]
-        return sse_response(joined_events(streams, n, completion_id, include_usage), _cache_headers(jobs))
+        return sse_response(joined_events(streams, n, completion_id, include_usage), _cache_headers(jobs),
+                            on_stop=STOPPING_EVENT)
 
     async def final_answer() -> Response:
         finals = await asyncio.gather(*(_final_of(ctx, job) for job in jobs))

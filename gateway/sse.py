@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,9 +18,13 @@ from starlette.types import Receive, Scope, Send
 from gateway import responses
 from gateway.event_hub import Hub
 from gateway.jobs import Delta, Final, Restarted, follow, read_job
+from gateway.logging import get_logger
+from gateway.stopping import stopping
 from gateway.tool_stream import ToolStream, call_deltas
 from jobstore import JobStore
 from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
+
+log = get_logger(__name__)
 
 KEEPALIVE_S = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -26,25 +32,57 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 class SSEResponse(StreamingResponse):
     """Streams while listening for the client's disconnect (on every ASGI version), so that the event
-    generator is cancelled as soon as the client leaves, not at the next write that fails."""
+    generator is cancelled as soon as the client leaves, not at the next write that fails. When the gateway
+    stops (gateway/stopping.py), or its server cancels the stream after its grace, the stream ends with
+    `on_stop` (a last event saying why) rather than mid-write."""
+
+    def __init__(self, content: AsyncIterator[str], on_stop: str | None = None, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_stop = on_stop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        started = False
+        stopped = False
 
-            async def stream() -> None:
-                try:
-                    await self.stream_response(send)
-                except OSError:
-                    pass  # the client went away mid-write
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(sending)
+                    except OSError:
+                        pass  # the client went away mid-write
+                    group.cancel_scope.cancel()
+
+                async def stop(event: asyncio.Event) -> None:
+                    nonlocal stopped
+                    await event.wait()
+                    stopped = True
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                if (event := stopping()) is not None:
+                    group.start_soon(stop, event)
+                await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
+        except asyncio.CancelledError:  # the server cancelled it: its grace for open connections ran out
+            stopped = True
+        if stopped and started:
+            log.info("stream closed: the gateway is stopping", path=scope.get("path"))
+            with contextlib.suppress(OSError):
+                if self.on_stop is not None:
+                    await send({"type": "http.response.body", "body": self.on_stop.encode(), "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-            group.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
 
-
-def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return SSEResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None,
+                 on_stop: str | None = None) -> StreamingResponse:
+    return SSEResponse(events, on_stop, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
 
 
 KEEPALIVE = ": keep-alive\n\n"
@@ -186,6 +224,17 @@ def _tool_chunks(tools: ToolStream, choice: Choice, job_id: str, model: str,
         return [responses.chunk("chat", job_id, model, created, text=rest, index=choice.index)]
     return [responses.chunk("chat", job_id, model, created, tool_calls=delta, index=choice.index)
             for delta in call_deltas(choice.tool_calls or [])]
+
+
+# The last event of an OpenAI stream cut by the gateway stopping: the openai client raises it as an APIError.
+STOPPING_EVENT = data({"error": {"message": "the gateway is stopping; retry the request (with its Idempotency-Key, "
+                                            "if it had one)", "type": "server_shutting_down", "param": None,
+                                 "code": None}})
+
+
+# The end of a job's event stream cut by the gateway stopping: a comment (readers skip it); the job runs on,
+# and its events resume on any gateway with Last-Event-ID.
+RESUME_COMMENT = ": the gateway is stopping; follow the job again with Last-Event-ID\n\n"
 
 
 def restarted_error(job_id: str) -> dict[str, Any]:

@@ -1,0 +1,66 @@
+"""A stream the server cuts as it stops (uvicorn cancels what is still open after its grace) ends as a
+closed connection, not as an exception uvicorn logs with its traceback."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.sse import sse_response
+
+
+async def test_a_stream_cancelled_by_the_server_stopping_ends_quietly():
+    async def endless():
+        while True:
+            yield "data: {}\n\n"
+            await asyncio.sleep(0.01)
+
+    sent: list[dict] = []
+    never = asyncio.Event()
+
+    async def receive() -> dict:
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "path": "/v1/jobs/x/events"}
+    task = asyncio.create_task(sse_response(endless())(scope, receive, send))
+    while len(sent) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.wait_for(task, 5)  # returns: no CancelledError out of the app
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}  # a whole response
+
+
+async def test_a_stream_ends_with_its_last_event_when_the_gateway_is_told_to_stop(monkeypatch):
+    """SIGTERM or Ctrl-C sets gateway.stopping's event: every open stream sends its `on_stop` and ends, before
+    the server's grace for open connections runs out."""
+    from gateway import sse
+
+    event = asyncio.Event()
+    monkeypatch.setattr(sse, "stopping", lambda: event)
+
+    async def endless():
+        while True:
+            yield "data: {}\n\n"
+            await asyncio.sleep(0.01)
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "path": "/v1/chat/completions"}
+    task = asyncio.create_task(sse.sse_response(endless(), on_stop=sse.STOPPING_EVENT)(scope, receive, send))
+    while len(sent) < 3:
+        await asyncio.sleep(0.01)
+    event.set()
+    await asyncio.wait_for(task, 5)
+    bodies = [m["body"] for m in sent if m["type"] == "http.response.body"]
+    assert b"server_shutting_down" in bodies[-2] and bodies[-1] == b""
