@@ -72,6 +72,26 @@ def _model(env: Mapping[str, str]) -> str:
     return env.get("TOKENQ_MODEL") or DEFAULT_MODEL
 
 
+HOT_LOOP_MIN_CORES = 8  # cores to spare for the gateway's and the worker's polling loops
+
+
+def hot_loop_env(device: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """TOKENQ_HOT_LOOP for the gateway and the worker that `tokenq up` starts (and `tokenq bench serve`, which
+    measures the stack as `up` runs it): on where the engine runs on a GPU (`device` cuda, or auto with one
+    present) and this host has HOT_LOOP_MIN_CORES usable cores, where it takes a lone request's first token
+    sooner (docs/BENCHMARKS.md); a setting of the user's stands."""
+    env = os.environ if env is None else env
+    if env.get("TOKENQ_HOT_LOOP") or len(os.sched_getaffinity(0)) < HOT_LOOP_MIN_CORES or device == "cpu":
+        return {}
+    if device == "auto":
+        from tokenq.flag_checks import cuda_available
+
+        on_gpu = cuda_available()
+    else:
+        on_gpu = device.startswith("cuda")
+    return {"TOKENQ_HOT_LOOP": "1"} if on_gpu else {}
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     """A yes/no variable: 1, true, yes, on (any case) or 0, false, no, off; anything else: `default`."""
     raw = (env.get(name) or "").strip().lower()
@@ -107,7 +127,7 @@ class Settings:
     gateway_url: str | None = None  # TOKENQ_URL: the gateway that clients such as `tokenq batch` call
     api_key: str | None = None  # TOKENQ_API_KEY (else OPENAI_API_KEY): the key those clients send
     # TOKENQ_HOT_LOOP: the gateway and the worker poll instead of sleeping while a job runs (a core each
-    # meanwhile; protocol/hot_loop.py)
+    # meanwhile; protocol/hot_loop.py); `tokenq up` turns it on for a GPU host (hot_loop_env)
     hot_loop: bool = False
     # TOKENQ_WEBHOOK_ALLOW: CIDRs or host names that webhooks may reach though not public (protocol/urlguard.py)
     webhook_allow: str = ""

@@ -20,7 +20,7 @@ from tokenq.child_process import start_child
 from tokenq.embedded_redis import EmbeddedRedis
 from tokenq.flag_checks import listen_error
 from tokenq.home_lock import HomeLock, HomeLocked
-from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, tokenq_home
+from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, hot_loop_env, tokenq_home
 
 RESTART_BASE_S = 1.0
 RESTART_CAP_S = 60.0
@@ -184,6 +184,11 @@ def _run(opts: UpOptions, base: str) -> int:
         print(f"embedded Redis on {url} (append-only file in {redis.data_dir}; other tokenq commands on this "
               f"TOKENQ_HOME find it by themselves)", flush=True)
     env = {**os.environ, "TOKENQ_REDIS_URL": url, "TOKENQ_MODEL": opts.model}
+    if hot := hot_loop_env(opts.worker_args[opts.worker_args.index("--device") + 1]
+                           if "--device" in opts.worker_args else "auto"):
+        env.update(hot)
+        print("the gateway and the worker poll while a job runs (a GPU host with cores to spare; "
+              "TOKENQ_HOT_LOOP=0 turns it off)", flush=True)
     # Their metrics listen on this host only (they carry tenant labels); the gateway's /metrics shows them.
     worker = Child("worker", lambda: _spawn(["worker", "--model", opts.model, "--metrics-port",
                                              str(opts.worker_metrics_port), "--metrics-host", METRICS_HOST,

@@ -179,3 +179,22 @@ def test_engine_model_and_kernel_code_read_no_environment():
             assert "os.environ" not in text and "getenv" not in text, path
             if folder == "tokenq_kernels":
                 assert not re.search(r"^\s*(from|import) (worker|tokenq)\b", text, re.MULTILINE), path
+
+
+def test_the_hot_loop_is_on_for_a_gpu_host_with_cores_to_spare(monkeypatch):
+    import os
+
+    from tokenq import flag_checks
+    from tokenq.settings import HOT_LOOP_MIN_CORES, hot_loop_env
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(HOT_LOOP_MIN_CORES)))
+    monkeypatch.setattr(flag_checks, "cuda_available", lambda: True)
+    assert hot_loop_env("cuda", {}) == {"TOKENQ_HOT_LOOP": "1"}
+    assert hot_loop_env("cuda:1", {}) == {"TOKENQ_HOT_LOOP": "1"}
+    assert hot_loop_env("auto", {}) == {"TOKENQ_HOT_LOOP": "1"}
+    assert hot_loop_env("cpu", {}) == {}  # the engine takes every core
+    assert hot_loop_env("cuda", {"TOKENQ_HOT_LOOP": "0"}) == {}  # the user's setting stands
+    monkeypatch.setattr(flag_checks, "cuda_available", lambda: False)
+    assert hot_loop_env("auto", {}) == {}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(HOT_LOOP_MIN_CORES - 1)))
+    assert hot_loop_env("cuda", {}) == {}  # no cores to spare: two polling loops would slow every request

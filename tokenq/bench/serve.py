@@ -215,13 +215,14 @@ def _run_phase(base: str, model: str, prompts: list[list[int]], output_len: int,
 def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path, worker_metrics_port: int | None = None):
     from tokenq.embedded_redis import EmbeddedRedis, free_port
     from tokenq.engine_options import engine_flags_argv
+    from tokenq.settings import hot_loop_env
     from tokenq.supervisor import wait_ready
 
     redis = None if args.redis_url else EmbeddedRedis(workdir / "redis").start()
     url = args.redis_url or redis.url
     port = free_port()
     env = {**os.environ, "TOKENQ_REDIS_URL": url, "PYTHONUNBUFFERED": "1",
-           "TOKENQ_GATEWAY_WORKERS": str(args.gateway_workers)}
+           "TOKENQ_GATEWAY_WORKERS": str(args.gateway_workers), **hot_loop_env(args.device)}  # as `tokenq up`
     procs = [
         subprocess.Popen([sys.executable, "-m", "tokenq", "worker", "--model", str(model_path),
                           *engine_flags_argv(args),
