@@ -70,7 +70,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         redis = make_redis(redis_url)
         app.state.ctx = GatewayContext.build(redis, metrics, depth, library_path=library)
         await warm_before_serving(app.state.ctx)
-        stopping.watch(asyncio.get_running_loop())  # uvicorn's signal handlers are in place by now
+        unwatch = stopping.watch(asyncio.get_running_loop())  # uvicorn's signal handlers are in place by now
         background = [asyncio.create_task(keep_warm(app.state.ctx)),
                       asyncio.create_task(sweep_forever(app.state.ctx.store))]  # jobs past their deadline
         if settings.hot_loop:  # poll while a client follows a job
@@ -81,6 +81,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         try:
             yield
         finally:
+            unwatch()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

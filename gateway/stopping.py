@@ -8,28 +8,47 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
-_stopping: asyncio.Event | None = None
+_watched: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def stopping() -> asyncio.Event | None:
-    """Set when this process was told to stop; None where no handler watches (a server on a thread)."""
-    return _stopping
+    """Set when this process was told to stop; None where nothing watches this loop (a server on a thread,
+    an app under test)."""
+    if _watched is None:
+        return None
+    loop, event = _watched
+    try:
+        return event if asyncio.get_running_loop() is loop else None
+    except RuntimeError:
+        return None
 
 
-def watch(loop: asyncio.AbstractEventLoop) -> None:
-    """Chains SIGTERM and SIGINT to the handlers uvicorn installed (call it once they are: at startup)."""
-    global _stopping
+def watch(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Chains SIGTERM and SIGINT to the handlers in place (uvicorn's, at the app's startup); returns what puts
+    them back (at its shutdown)."""
+    global _watched
     if threading.current_thread() is not threading.main_thread():
-        return
-    event = _stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        before = signal.getsignal(sig)
+        return lambda: None
+    event = asyncio.Event()
+    _watched = (loop, event)
+    before = {sig: signal.getsignal(sig) for sig in _SIGNALS}
 
-        def handler(signum: int, frame: Any, before: Any = before) -> None:
-            loop.call_soon_threadsafe(event.set)
-            if callable(before):
-                before(signum, frame)
+    def handler(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(event.set)
+        if callable(previous := before[signum]):
+            previous(signum, frame)
 
+    for sig in _SIGNALS:
         signal.signal(sig, handler)
+
+    def unwatch() -> None:
+        global _watched
+        _watched = None
+        for sig, previous in before.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, previous)
+    return unwatch

@@ -64,3 +64,27 @@ async def test_a_stream_ends_with_its_last_event_when_the_gateway_is_told_to_sto
     await asyncio.wait_for(task, 5)
     bodies = [m["body"] for m in sent if m["type"] == "http.response.body"]
     assert b"server_shutting_down" in bodies[-2] and bodies[-1] == b""
+
+
+def test_the_stopping_signal_belongs_to_the_loop_that_watches():
+    """An app started on another loop (a test's, a server on a thread) does not wait on this loop's event, and
+    the app's shutdown puts the signal handlers back."""
+    import signal
+
+    from gateway import stopping
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    async def watched() -> tuple:
+        unwatch = stopping.watch(asyncio.get_running_loop())
+        return stopping.stopping(), unwatch
+
+    event, unwatch = asyncio.run(watched())
+    assert isinstance(event, asyncio.Event) and signal.getsignal(signal.SIGTERM) is not before
+
+    async def elsewhere() -> asyncio.Event | None:
+        return stopping.stopping()
+
+    assert asyncio.run(elsewhere()) is None
+    unwatch()
+    assert signal.getsignal(signal.SIGTERM) is before and asyncio.run(elsewhere()) is None
