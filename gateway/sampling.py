@@ -18,6 +18,8 @@ _SAME_NAME = ("temperature", "top_p", "seed", "presence_penalty", "frequency_pen
               "min_tokens", "ignore_eos", "stop_token_ids", "repetition_penalty", "stop", "n", "best_of",
               "logit_bias", "include_stop_str_in_output")
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, which clients look for to trim a prompt
+
 
 def requested_max_tokens(req: SamplingFields) -> tuple[int | None, str]:
     """(max tokens the client asked for or None, the field it used)."""
@@ -74,11 +76,14 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
     room = max_model_len - prompt_tokens
     asked, max_field = requested_max_tokens(req)
     if room <= 0:
-        raise ApiError(400, f"prompt has {prompt_tokens} tokens, but the model's context is {max_model_len} "
-                            "tokens: no room is left to generate", param=prompt_field)
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+                            f"has {prompt_tokens} tokens: no room is left to generate", param=prompt_field,
+                       code=CONTEXT_LENGTH_EXCEEDED)
     if asked is not None and asked >= 1 and prompt_tokens + asked > max_model_len:
-        raise ApiError(400, f"prompt has {prompt_tokens} tokens and {max_field} is {asked}, but the model's "
-                            f"context is {max_model_len} tokens", param=max_field)
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                            f"requested {prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} "
+                            f"for {max_field}); lower {max_field} or shorten the prompt", param=max_field,
+                       code=CONTEXT_LENGTH_EXCEEDED)
     if asked == 0 and prompt_logprobs is None:
         raise ApiError(400, f"{max_field}: 0 is allowed only on /v1/completions with echo and logprobs "
                             "(to score the prompt)", param=max_field)

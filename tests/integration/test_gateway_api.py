@@ -221,11 +221,14 @@ async def test_errors_enqueue_nothing(client, worker, redis_client):
     long_prompt = "hello " * 3000
     err = assert_error(await client.post("/v1/completions", json={  # too long alone: the prompt is named
         "model": MODEL, "prompt": long_prompt, "max_tokens": 16}), 400, "prompt")
-    assert re.search(r"prompt has 300\d tokens, but the model's context is 2048", err["message"]), err["message"]
+    assert re.search(r"maximum context length is 2048 tokens. However, your prompt has 300\d tokens",
+                     err["message"]), err["message"]
+    assert err["code"] == "context_length_exceeded"  # as OpenAI's, which clients look for
     err = assert_error(await client.post("/v1/completions", json={
         "model": MODEL, "prompt": "hello " * 1000, "max_tokens": 1500}), 400, "max_tokens")
-    assert re.search(r"prompt has 100\d tokens and max_tokens is 1500, but the model's context is 2048",
-                     err["message"]), err["message"]
+    assert re.search(r"maximum context length is 2048 tokens. However, you requested 25\d\d tokens \(100\d in "
+                     r"the prompt, 1500 for max_tokens\)", err["message"]), err["message"]
+    assert err["code"] == "context_length_exceeded"
     err = assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": long_prompt}),
                        400, "prompt")
     assert "2048" in err["message"]
