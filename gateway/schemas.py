@@ -27,7 +27,22 @@ MAX_MODEL_CHARS = 256
 Prompt = Text | list[Int] | list[Text] | list[list[Int]]
 
 
-class StreamOptions(BaseModel):
+class NullMeansDefault(BaseModel):
+    """An explicit null is the field's default, as OpenAI reads one ("boolean or null"): clients that write
+    every field out, nulls included, send `"stream": null`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in fields and not fields[k].is_required()
+                            and fields[k].get_default(call_default_factory=True) is not None)}
+        return data
+
+
+class StreamOptions(NullMeansDefault):
     """OpenAI's stream options; another key is refused, not ignored (a client would wait for its effect)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -45,7 +60,7 @@ class StreamOptions(BaseModel):
         return v
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(NullMeansDefault):
     """OpenAI's sampling fields and vLLM's extensions; None means "not given". OpenAI's fields that tokenq
     does not implement are declared too, so that gateway/unsupported.py can refuse them when set."""
 
@@ -97,7 +112,7 @@ class SamplingFields(BaseModel):
     use_beam_search: Any = Field(default=None, description="not supported: refused unless false")
 
 
-class JobOptions(BaseModel):
+class JobOptions(NullMeansDefault):
     """tokenq's extensions on every submitting route (checked by gateway/options.py)."""
 
     deadline: Float | Text | None = Field(default=None, description="epoch seconds or RFC 3339")
@@ -114,7 +129,7 @@ TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bo
 MAX_TEMPLATE_KWARGS = 32
 
 
-class ChatTemplateFields(BaseModel):
+class ChatTemplateFields(NullMeansDefault):
     """vLLM's chat-template extensions (chats only): the assistant turn the prompt opens, a final message
     the model continues (a prefilled answer), and variables for the template (`enable_thinking`...)."""
 

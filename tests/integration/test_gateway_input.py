@@ -224,3 +224,18 @@ async def test_an_unhandled_error_is_one_500_counted_once_and_not_raised_to_the_
     assert err["type"] == "server_error" and "boom" not in err["message"]
     metrics = (await client.get("/metrics")).text
     assert 'tokenq_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="500"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("path, body, nulls", [
+    ("/v1/chat/completions", CHAT, {"stream": None, "logprobs": None, "add_generation_prompt": None,
+                                    "run_to_completion": None, "priority": None}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+     {"stream": None, "echo": None, "logprobs": None, "stream_options": None}),
+    ("/v1/jobs", {"model": MODEL, "prompt": "hi", "max_tokens": 1}, {"stream": None, "echo": None, "metadata": None}),
+])
+async def test_an_explicit_null_is_the_fields_default(client, redis_client, path, body, nulls):
+    """OpenAI types these "boolean or null": clients that write every field out send nulls."""
+    r = await client.post(path, json={**body, **nulls})
+    assert r.status_code == (202 if path == "/v1/jobs" else 200), r.text
+    if path != "/v1/jobs":  # answered as without the nulls: not streamed
+        assert r.headers["content-type"].startswith("application/json") and r.json()["choices"]
