@@ -16,11 +16,14 @@ log = get_logger(__name__)
 READY_PROBE = f"{keys.PREFIX}:gateway:ready-probe"
 
 
-def _model_card(name: str, workers: list[WorkerHeartbeat]) -> dict:
+async def _model_card(ctx: GatewayContext, name: str, workers: list[WorkerHeartbeat]) -> dict:
+    """`created` is when the model's card was written (its worker started), not a heartbeat's time: a model
+    object reads the same from one request to the next."""
+    builder = await ctx.registry.prompt_builder(name)
     return {
         "id": name,
         "object": "model",
-        "created": int(min(w.at for w in workers)),
+        "created": builder.card.created if builder is not None else int(min(w.at for w in workers)),
         "owned_by": "tokenq",
         "max_model_len": max(w.max_model_len for w in workers),
         "workers": len(workers),
@@ -41,19 +44,19 @@ async def _idle_model_card(ctx: GatewayContext, name: str) -> dict | None:
 async def list_models(caller: Caller = Depends(get_caller)) -> dict:
     ctx = caller.ctx
     models = await ctx.registry.models()
-    data = [_model_card(name, ws) for name, ws in sorted(models.items())]
+    data = [await _model_card(ctx, name, ws) for name, ws in sorted(models.items())]
     for name in sorted(await ctx.store.known_models() - set(models)):
         if (card := await _idle_model_card(ctx, name)) is not None:
             data.append(card)
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model}")
+@router.get("/v1/models/{model:path}")  # a served name may hold slashes ("HuggingFaceTB/SmolLM2-135M")
 async def get_model(model: str, caller: Caller = Depends(get_caller)) -> dict:
     ctx = caller.ctx
     workers = (await ctx.registry.models()).get(model)
     if workers:
-        return _model_card(model, workers)
+        return await _model_card(ctx, model, workers)
     card = await _idle_model_card(ctx, model) if model in await ctx.store.known_models() else None
     if card is None:
         raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -387,3 +388,23 @@ async def test_chat_template_options(client, worker, redis_client, default_model
                                                       "chat_template_kwargs": {"a": 1}}), 400,
                  "chat_template_kwargs")
     assert len(await redis_client.keys(keys.job_keys_pattern())) == jobs
+
+
+async def test_a_model_reads_the_same_each_time_and_by_a_name_with_slashes(client, redis_client, default_model_dir):
+    """`created` is the card's (its worker's start), not a heartbeat's; a served name may hold slashes."""
+    from protocol.workers import WorkerHeartbeat
+    from tests.integration.fake_worker import model_card
+
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = model_card(default_model_dir, 2048).model_copy(update={"name": name, "created": 1_700_000_000})
+    await redis_client.hset(keys.model_card_key(name), "card", card.model_dump_json())
+    await redis_client.sadd(keys.MODELS_SET, name)
+    for beat_at in (time.time(), time.time() + 5):  # a heartbeat later: the model object is the same
+        beat = WorkerHeartbeat(worker_id="test:slash", model=name, max_model_len=2048, capacity=8, at=beat_at)
+        await redis_client.set(keys.worker_key("test:slash"), beat.model_dump_json(), ex=60)
+        await redis_client.sadd(keys.WORKERS_SET, "test:slash")
+        r = await client.get(f"/v1/models/{name}")
+        assert r.status_code == 200, r.text
+        assert (r.json()["id"], r.json()["created"], r.json()["workers"]) == (name, 1_700_000_000, 1)
+        listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+        assert listed[name]["created"] == 1_700_000_000
