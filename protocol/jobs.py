@@ -50,7 +50,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
-    text: Text = ""
+    text: Text | None = None  # required of a text part (checked after `type`, so another part says what it is)
 
     @field_validator("type")
     @classmethod
@@ -89,6 +89,11 @@ class ChatMessage(BaseModel):
             raise ValueError("tool_call_id: a tool message names the call it answers")
         if self.content is None and self.role != "assistant":  # only an assistant's may be null (tool calls)
             raise ValueError(f"content: a {self.role} message needs content (a string or a list of text parts)")
+        if isinstance(self.content, list):
+            if not self.content:
+                raise ValueError("content: an empty list of parts; send at least one text part, or a string")
+            if (missing := next((i for i, p in enumerate(self.content) if p.text is None), None)) is not None:
+                raise ValueError(f"content.{missing}.text: a text part needs its text")
         return self
 
     def text(self) -> str:
@@ -97,7 +102,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text or "" for p in self.content)
 
 
 class JobPayload(BaseModel):

@@ -239,3 +239,15 @@ async def test_an_explicit_null_is_the_fields_default(client, redis_client, path
     assert r.status_code == (202 if path == "/v1/jobs" else 200), r.text
     if path != "/v1/jobs":  # answered as without the nulls: not streamed
         assert r.headers["content-type"].startswith("application/json") and r.json()["choices"]
+
+
+@pytest.mark.parametrize("content, param, words", [
+    ([{"type": "text"}], "messages.0", "content.0.text: a text part needs its text"),
+    ([], "messages.0", "content: an empty list of parts"),
+])
+async def test_an_empty_text_part_or_list_is_refused_naming_it(client, redis_client, content, param, words):
+    for path in ("/v1/chat/completions", "/v1/jobs"):
+        err = assert_error(await client.post(path, json={**CHAT, "messages": [{"role": "user", "content": content}]}),
+                           400, param)
+        assert words in err["message"], err["message"]
+    await assert_nothing_queued(redis_client)
