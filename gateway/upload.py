@@ -12,6 +12,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from gateway.errors import ApiError
 
 MAX_FIELD_BYTES = 4096  # purpose and the like
+MAX_FIELDS = 16  # besides the file: an upload needs `purpose` (OpenAI's form has two or three fields)
 
 
 @dataclass
@@ -82,6 +83,9 @@ async def stream_form(content_type: str | None, body: AsyncIterator[bytes],
                     if len(part.data) > MAX_FIELD_BYTES:
                         raise ApiError(400, f"{part.name}: longer than {MAX_FIELD_BYTES} bytes", param=part.name)
             elif kind == "end" and part.name != file_field:
+                if part.name not in form.fields and len(form.fields) >= MAX_FIELDS:
+                    raise ApiError(400, f"the form has more than {MAX_FIELDS} fields besides `{file_field}`",
+                                   param=part.name or file_field)
                 form.fields[part.name] = part.data.decode("utf-8", "replace")
         events.clear()
     parser.finalize()
