@@ -22,6 +22,7 @@ from gateway.errors import ApiError
 FLUSH_LINES = 1000  # lines written to Redis per command
 FLUSH_BYTES = 1 << 20
 UPLOAD_TTL_S = 3600  # an upload cut off half way leaves nothing behind for longer than this
+RESERVATION_TTL_S = 60  # a gateway that dies while committing an upload holds its bytes no longer than this
 READ_LINES = 1000  # lines read back per command
 PURPOSES = ("batch", "batch_output")
 
@@ -103,9 +104,16 @@ class BatchFileUpload:
         self.size = 0
         self._custom_ids: set[str] = set()  # bounded by max_lines
         self._urls: dict[str, int] = {}  # endpoint -> first line using it
+        self._used_at_start = 0
+
+    async def start(self, redis: aioredis.Redis) -> None:
+        """Reads what the tenant's files hold, so that an upload past its quota stops as it streams in rather
+        than after all its lines are written."""
+        self._used_at_start = await tenant_usage(redis, self.tenant)
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
+        self._check_quota(self._used_at_start + self.size)
         if self.size > self.settings.max_file_bytes:
             raise ApiError(413, f"file: larger than the limit of {self.settings.max_file_bytes} bytes",
                            param="file", code="file_too_large")
@@ -136,13 +144,27 @@ class BatchFileUpload:
         if self.writer.lines == 0:
             raise ApiError(400, "file: has no requests (one JSON object per line)", param="file",
                            code="empty_file")
-        used = await tenant_usage(redis, self.tenant)
-        if used + self.size > self.settings.tenant_quota_bytes:
-            raise ApiError(400, f"file: tenant {self.tenant!r} would hold {used + self.size} bytes of files, "
-                                f"over its quota of {self.settings.tenant_quota_bytes}; delete some files",
-                           param="file", code="quota_exceeded")
-        return await self.writer.commit(self.tenant, filename, "batch", {"urls": json.dumps(self._urls)},
-                                        size=self.size)
+        # The quota holds however many uploads finish at once: each reserves its bytes (one INCRBY, atomic on
+        # any Redis) before it reads what the tenant's files hold, and counts every reservation made before its
+        # own. An upload committed meanwhile may count twice (a refusal to retry), never none.
+        reserved_key = K.tenant_reserved_key(self.tenant)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.incrby(reserved_key, self.size)
+            pipe.expire(reserved_key, RESERVATION_TTL_S)
+            reserved, _ = await pipe.execute()
+        try:
+            held = await tenant_usage(redis, self.tenant) + int(reserved)
+            self._check_quota(held)
+            return await self.writer.commit(self.tenant, filename, "batch", {"urls": json.dumps(self._urls)},
+                                            size=self.size)
+        finally:
+            await redis.decrby(reserved_key, self.size)
+
+    def _check_quota(self, held: int) -> None:
+        if held > self.settings.tenant_quota_bytes:
+            raise ApiError(400, f"file: tenant {self.tenant!r} would hold {held} bytes of files, over its quota "
+                                f"of {self.settings.tenant_quota_bytes}; delete some files", param="file",
+                           code="quota_exceeded")
 
 
 def _bad_line(e: LineError) -> ApiError:

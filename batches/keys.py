@@ -20,6 +20,11 @@ def file_lines_key(file_id: str) -> str:
     return f"{PREFIX}:file:{file_id}:lines"
 
 
+def tenant_reserved_key(tenant: str) -> str:
+    """Bytes of the tenant's uploads being committed now, counted against its quota until they are."""
+    return f"{PREFIX}:files-reserved:{tenant}"
+
+
 def tenant_files_key(tenant: str) -> str:
     """Sorted set: the tenant's file ids by created_at (listing, quota)."""
     return f"{PREFIX}:files:{tenant}"

@@ -39,6 +39,7 @@ async def create_file(request: Request, caller: Caller = Depends(get_caller),
     """Streams the `file` part into Redis line by line, each line checked as it arrives."""
     redis = caller.ctx.redis
     upload = BatchFileUpload(redis, settings, caller.tenant.name)
+    await upload.start(redis)
     try:
         form = await stream_form(request.headers.get("content-type"), request.stream(), upload.write)
         purpose = form.fields.get("purpose")
