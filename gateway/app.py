@@ -95,6 +95,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     install_error_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
+    app.state.metrics_token = settings.metrics_token
     app.state.batch_settings = BatchSettings.from_env()  # read at start: a bad value stops it, naming the variable
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import hmac
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.context import Caller, GatewayContext, get_caller, get_ctx
@@ -88,5 +90,13 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(ctx: GatewayContext = Depends(get_ctx)) -> Response:
+async def metrics(request: Request, ctx: GatewayContext = Depends(get_ctx)) -> Response:
+    """Open, unless TOKENQ_METRICS_TOKEN is set: its series name tenants and their traffic, so a gateway whose
+    port is public asks Prometheus for that token (`authorization` in its scrape config)."""
+    token = request.app.state.metrics_token
+    if token is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "/metrics asks for the token TOKENQ_METRICS_TOKEN names (Authorization: Bearer ...)",
+                           code="invalid_metrics_token")
     return await ctx.metrics.scrape(ctx.redis, ctx.registry)

@@ -124,6 +124,8 @@ class Settings:
     # TOKENQ_GATEWAY_LIBRARY_PATH: submissions through FastAPI and redis-py alone (`tokenq bench queue`)
     gateway_library_path: bool = False
     metrics_peers: str = ""  # TOKENQ_METRICS_PEERS: role=url,... whose metrics the gateway's /metrics adds
+    # TOKENQ_METRICS_TOKEN: the bearer token the gateway's /metrics asks for (its series name tenants); None: open
+    metrics_token: str | None = None
     gateway_url: str | None = None  # TOKENQ_URL: the gateway that clients such as `tokenq batch` call
     api_key: str | None = None  # TOKENQ_API_KEY (else OPENAI_API_KEY): the key those clients send
     # TOKENQ_HOT_LOOP: the gateway and the worker poll instead of sleeping while a job runs (a core each
@@ -156,6 +158,7 @@ class Settings:
             access_log=_flag(env, "TOKENQ_ACCESS_LOG", True),
             gateway_library_path=_flag(env, "TOKENQ_GATEWAY_LIBRARY_PATH", False),
             metrics_peers=env.get(METRICS_PEERS_ENV) or "",
+            metrics_token=env.get("TOKENQ_METRICS_TOKEN") or None,
             gateway_url=env.get("TOKENQ_URL") or None,
             api_key=env.get("TOKENQ_API_KEY") or env.get("OPENAI_API_KEY") or None,
             hot_loop=_flag(env, "TOKENQ_HOT_LOOP", False),

@@ -408,3 +408,17 @@ async def test_a_model_reads_the_same_each_time_and_by_a_name_with_slashes(clien
         assert (r.json()["id"], r.json()["created"], r.json()["workers"]) == (name, 1_700_000_000, 1)
         listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
         assert listed[name]["created"] == 1_700_000_000
+
+
+async def test_metrics_ask_for_their_token_when_one_is_set(redis_url, monkeypatch):
+    """Its series name tenants and their traffic: a public gateway port hands them only to Prometheus."""
+    monkeypatch.setenv("TOKENQ_METRICS_TOKEN", "s3cret")
+    app = create_app(redis_url)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = await c.get("/metrics", headers=headers)
+                assert r.status_code == 401 and "TOKENQ_METRICS_TOKEN" in r.json()["error"]["message"]
+                assert "s3cret" not in r.text
+            r = await c.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 200 and "tokenq_gateway_requests_total" in r.text
