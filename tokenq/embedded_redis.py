@@ -107,10 +107,13 @@ class EmbeddedRedis:
         if self.port is None or port_in_use(self.port):
             self.port = free_port()
         address_file(self.data_dir).write_text(_url(self.port) + "\n")
+        address_file(self.data_dir).chmod(0o600)
         return self.port
 
     def start(self) -> EmbeddedRedis:
+        # The append-only file holds prompts, answers and the tenants' webhook secrets: only this user reads it.
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         port = self._choose_port()
         self.proc = start_child(
             [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",

@@ -35,6 +35,8 @@ def test_same_address_at_every_start_and_found_by_settings(home):
         assert redis.Redis.from_url(url).get("kept") == b"1"  # the same append-only file
     finally:
         second.stop()
+    data_dir = settings.embedded_redis_dir()  # prompts, answers and webhook secrets: this user's alone
+    assert data_dir.stat().st_mode & 0o777 == 0o700 and (data_dir / "address").stat().st_mode & 0o777 == 0o600
 
 
 def test_an_orphan_of_the_same_home_is_stopped_and_replaced(home):
