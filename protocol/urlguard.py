@@ -97,9 +97,11 @@ def _host(url: str) -> str:
                         f"character {bad})")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port  # raises ValueError on a bad port
     except ValueError as e:
         raise UnsafeURL(f"malformed URL: {e}") from None
+    if port == 0:
+        raise UnsafeURL("malformed URL: port 0 is no port to deliver to")
     if parts.scheme not in ("http", "https"):
         raise UnsafeURL("webhook URL must be http or https")
     if "@" in parts.netloc:
@@ -110,8 +112,9 @@ def _host(url: str) -> str:
 
 
 def _literal(host: str) -> IPAddress | None:
+    """The host as an IP address, a trailing dot aside ("127.0.0.1." names the same address)."""
     try:
-        return ipaddress.ip_address(host)
+        return ipaddress.ip_address(host.removesuffix("."))
     except ValueError:
         return None
 

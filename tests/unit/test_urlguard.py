@@ -13,7 +13,7 @@ NON_PUBLIC = [
     "127.0.0.1", "127.1.2.3", "10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.1", "192.168.1.1",
     "169.254.169.254", "0.0.0.0", "100.64.0.1", "100.127.255.254", "224.0.0.1", "255.255.255.255",
     "[::1]", "[::]", "[fc00::1]", "[fd12:3456::1]", "[fe80::1]", "[::ffff:127.0.0.1]", "[::ffff:10.0.0.1]",
-    "[ff0e::1]", "[2002:7f00:1::1]", "[64:ff9b::7f00:1]",
+    "[ff0e::1]", "[2002:7f00:1::1]", "[64:ff9b::7f00:1]", "127.0.0.1.", "10.0.0.1.",  # a trailing dot: the same
     # IPv6 forms that embed a private IPv4 address, and ranges that are never public
     "[::7f00:1]", "[::127.0.0.1]", "[::a00:1]", "[::ffff:0:7f00:1]", "[::ffff:0:a9fe:a9fe]",
     "[64:ff9b::a9fe:a9fe]", "[64:ff9b:1::808:808]", "[64:ff9b:1:ffff::1]", "[2002:a00:1::1]",
@@ -51,7 +51,8 @@ def test_control_characters_and_spaces_refused(url: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/", "file:///etc/passwd", "gopher://x/", "example.com/x",
-                                 "javascript:alert(1)", "http:///path", "http://example.com:99999/"])
+                                 "javascript:alert(1)", "http:///path", "http://example.com:99999/",
+                                 "http://example.com:0/"])
 def test_bad_syntax_refused(url: str) -> None:
     with pytest.raises(UnsafeURL):
         check_webhook_url(url, allow="")
