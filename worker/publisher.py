@@ -82,6 +82,7 @@ class RunningJob:
     error: str = ""
     error_type: str = "engine_error"
     stop_state: str | None = None  # "cancelled" or "expired" when the worker stopped it early
+    counted: tuple[int, int, int] = (0, 0, 0)  # prompt, cached and output tokens already in the counters
 
     def __post_init__(self) -> None:
         echo = self.payload.echo_prompt or ""
@@ -216,6 +217,9 @@ class Publisher:
         self.store = JobStore(redis, scripts)
         self.engine_loop = engine_loop
         self.model = model
+        self._prompt_tokens = metrics.PROMPT_TOKENS.labels(model)
+        self._cached_tokens = metrics.CACHED_PROMPT_TOKENS.labels(model)
+        self._generation_tokens = metrics.GENERATION_TOKENS.labels(model)
         self.token_text = token_text
         self.refresh_interval = refresh_interval
         self.jobs: dict[str, RunningJob] = {}
@@ -331,6 +335,8 @@ class Publisher:
         finally:  # observed once the writes are out: a first token's way to its reader waits for no metric
             for lane, ttft in firsts:
                 metrics.TIME_TO_FIRST_TOKEN.labels(self.model, lane).observe(ttft)
+            for job in touched.values():
+                self._count_tokens(job, job.num_prompt_tokens)
 
     async def _flush(self, touched: list[RunningJob], finishing: list[RunningJob], now: float) -> None:
         """Write out; `finishing` stays in `self.finishing` only if we stopped (or were cancelled) before
@@ -415,13 +421,24 @@ class Publisher:
         # A job the worker stopped counts as it ended (cancelled, expired), not as the engine's "abort".
         metrics.REQUESTS_FINISHED.labels(m, job.stop_state or job.finish_reason or "stop").inc()
         n_prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
-        metrics.PROMPT_TOKENS.labels(m).inc(n_prompt)
-        metrics.CACHED_PROMPT_TOKENS.labels(m).inc(job.num_cached_tokens)
+        self._count_tokens(job, n_prompt)
         n_out = job.num_output_tokens
-        metrics.GENERATION_TOKENS.labels(m).inc(n_out)
         metrics.observe_finished(m, job.lane, job.payload.enqueued_at, n_prompt, n_out, now)
         if job.first_token_at is not None and n_out > 1:
             metrics.TIME_PER_OUTPUT_TOKEN.labels(m, job.lane).observe((now - job.first_token_at) / (n_out - 1))
+
+    def _count_tokens(self, job: RunningJob, prompt: int) -> None:
+        """The token counters move as the engine reports a job's tokens, as vLLM's move each step: a rate()
+        over a long job reads its throughput, not nothing and then a spike when it ends."""
+        was_prompt, was_cached, was_out = job.counted
+        now_out = job.num_output_tokens
+        if prompt > was_prompt:
+            self._prompt_tokens.inc(prompt - was_prompt)
+        if job.num_cached_tokens > was_cached:
+            self._cached_tokens.inc(job.num_cached_tokens - was_cached)
+        if now_out > was_out:
+            self._generation_tokens.inc(now_out - was_out)
+        job.counted = (max(prompt, was_prompt), max(job.num_cached_tokens, was_cached), max(now_out, was_out))
 
     async def refresh(self) -> None:
         """Re-read `streamed`, `state` and `cancel_requested` of running jobs (one pipelined HMGET each);

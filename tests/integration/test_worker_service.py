@@ -529,3 +529,28 @@ async def test_running_job_past_its_deadline_ends_expired_with_its_partial_text(
     assert result.finish_reason == "abort" and 0 < len(result.token_ids) < 300
     assert result.text == expected_text(list(range(100, 100 + len(result.token_ids))), 300)
     assert await r.get(keys.tenant_queued_key(p.tenant, MODEL)) == "0"
+
+
+async def test_token_counters_move_while_a_job_runs(redis_url, redis_client):
+    """Throughput is rate() of these counters (docs/metrics.md, `tokenq status`): a long job moves them as it
+    generates, and its end adds only what is left, so the total is its usage."""
+    from prometheus_client import REGISTRY
+
+    def generated() -> float:
+        return REGISTRY.get_sample_value("tokenq_worker_generation_tokens_total", {"model": MODEL}) or 0.0
+
+    def prompted() -> float:
+        return REGISTRY.get_sample_value("tokenq_worker_prompt_tokens_total", {"model": MODEL}) or 0.0
+
+    r = redis_client
+    p = payload(list(range(5, 205)), max_tokens=150)
+    gen_before, prompt_before = generated(), prompted()
+    await submit_job(r, p)
+    async with running(redis_url, FakeEngine(step_sleep=0.01)):
+        async def midway() -> bool:
+            return 20 <= generated() - gen_before and (await r.hget(keys.job_key(p.id), f.STATE)) == "running"
+        await wait_until(midway)
+        assert prompted() - prompt_before == 200  # counted with its first token, not at its end
+        h = await final_state(r, p.id)
+    assert h[f.STATE] == "succeeded"
+    assert generated() - gen_before == 150 and prompted() - prompt_before == 200
