@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from jobstore.connect import is_cluster_url
 from tokenq import settings
@@ -101,6 +102,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from tokenq.model_store import KNOWN_MODELS, is_model_dir, models_dir, pull_model
 
     if args.models_cmd == "pull":
+        if "/" in args.name or args.name.startswith("."):
+            sys.exit(f"error: models pull takes a model's name ({', '.join(sorted(KNOWN_MODELS))}), not a path; a "
+                     f"directory of weights is served as it is: tokenq worker --model {args.name}")
         if is_model_dir(models_dir() / args.name) and not args.force:
             print(f"{args.name} is already in {models_dir() / args.name} (--force pulls it again)")
             return 0
@@ -109,6 +113,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "random":
         from worker.models.random_weights import write_random_model_dir
 
+        target = Path(args.dir)
+        if target.is_dir() and any(target.iterdir()) and not args.force:
+            sys.exit(f"error: {target} is not empty; name a new directory (or --force to write over what is there)")
         try:
             path = write_random_model_dir(args.shape, args.dir, seed=args.seed)
         except OSError as e:
@@ -200,12 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name", nargs="?", default=settings.model_name(), help="default: TOKENQ_MODEL, the model "
                       "the workers of a deployment serve")
     pull.add_argument("--force", action="store_true", help="fetch and convert again")
-    msub.add_parser("list")
+    msub.add_parser("list", help="the models `pull` knows, and whether each is pulled")
     rnd = msub.add_parser("random", help="a directory that serves a named shape with seeded random weights "
                           "(made at load time) and a synthetic tokenizer: the stack on any GPU, no download")
     rnd.add_argument("shape", choices=MODEL_SHAPES, metavar="shape", help="%(choices)s")
-    rnd.add_argument("dir")
-    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("dir", help="a new (or empty) directory")
+    rnd.add_argument("--seed", type=int, default=0, help="the weights' seed (default 0)")
+    rnd.add_argument("--force", action="store_true", help="write into a directory that is not empty")
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (each prints a table and writes JSON)")

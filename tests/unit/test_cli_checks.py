@@ -161,6 +161,20 @@ def test_random_into_a_file(capsys, tmp_path):
     assert (code, err) == (1, f"error: cannot make the model directory {file}: File exists")
 
 
+def test_random_into_a_directory_that_holds_something_is_refused(capsys, tmp_path):
+    """Pointed by mistake at a pulled model, it would have turned it into random weights."""
+    (tmp_path / "config.json").write_text("{}")
+    code, err = tokenq(capsys, "models", "random", "tiny", str(tmp_path))
+    assert code == 1 and f"{tmp_path} is not empty" in err and "--force" in err
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("name", ["/tmp/some/model", "./model", "org/model"])
+def test_pull_of_a_path_says_that_a_directory_is_served_as_it_is(capsys, name):
+    code, err = tokenq(capsys, "models", "pull", name)
+    assert code == 1 and "not a path" in err and f"tokenq worker --model {name}" in err
+
+
 def test_the_parser_imports_no_torch():
     """The shapes' list is read when a shape is checked: `tokenq --help` stays fast."""
     probe = "import sys; from tokenq.cli import build_parser; build_parser(); print('torch' in sys.modules)"
