@@ -32,6 +32,7 @@ from protocol.hot_loop import HotLoop
 from protocol.outage import Outage, once_reachable
 from protocol.workers import ModelCard
 from tokenq.settings import Settings
+from worker import metrics
 from worker.engine_loop import EngineHandle, EngineLoop
 from worker.engine_process import EngineProcess, EngineSpec
 from worker.heartbeat import Heartbeat
@@ -157,6 +158,8 @@ class WorkerService:
                         pruner=Pruner(redis, self.model_name))
         heartbeat = Heartbeat(redis, self.worker_id, card, engine_loop, capacity=capacity, device=device)
         log.info("kv cache", model=self.model_name, **self.kv_cache)
+        if self.kv_cache.get("blocks"):  # a size fixed at start: on dashboards before the first job's stats
+            metrics.KV_BLOCKS.labels(card.name).set(self.kv_cache["blocks"])
         log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
         tasks: list[asyncio.Task] = []
         try:

@@ -554,3 +554,16 @@ async def test_token_counters_move_while_a_job_runs(redis_url, redis_client):
         h = await final_state(r, p.id)
     assert h[f.STATE] == "succeeded"
     assert generated() - gen_before == 150 and prompted() - prompt_before == 200
+
+
+async def test_the_kv_cache_size_is_a_metric_from_the_start(redis_url, redis_client):
+    """A size fixed when the engine is built: dashboards show it before any job (the engine's stats come with
+    its first step)."""
+    from prometheus_client import REGISTRY
+
+    class Sized(FakeEngine):
+        def stats(self) -> dict:
+            return {**super().stats(), "num_blocks": 777}
+
+    async with running(redis_url, Sized()):
+        assert REGISTRY.get_sample_value("tokenq_worker_kv_cache_blocks", {"model": MODEL}) == 777
