@@ -117,7 +117,7 @@ def add_parser(sub: argparse._SubParsersAction, redis_url: str | None) -> None:
     p.add_argument("--redis-url", default=redis_url)
     p.add_argument("--watch", type=_interval, default=None, metavar="SECONDS",
                    help=f"redraw every SECONDS (at least {MIN_WATCH_S:g})")
-    p.add_argument("--json", action="store_true", help="print one snapshot as JSON")
+    p.add_argument("--json", action="store_true", help="print a snapshot as JSON (with --watch, one line each time)")
     p.set_defaults(func=cmd_status)
 
 
@@ -126,7 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
-    if args.json:
+    if args.json and args.watch is None:
         print(json.dumps((await snapshot(redis)).to_json(), indent=2))
         return 0
     from rich.console import Console
@@ -137,11 +137,20 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
     if args.watch is None:
         console.print(render(await snapshot(redis), expand=terminal))
         return 0
-    with Live(render(await snapshot(redis), expand=terminal), console=console, screen=False,
-              auto_refresh=False) as live:
-        try:
+    try:
+        if args.json or not terminal:  # a file or a pipe: each snapshot written out as it is read
+            while True:
+                snap = await snapshot(redis)
+                if args.json:
+                    print(json.dumps(snap.to_json()), flush=True)  # one line each: JSON Lines
+                else:
+                    console.print(render(snap, expand=False))
+                    console.file.flush()
+                await asyncio.sleep(args.watch)
+        with Live(render(await snapshot(redis), expand=terminal), console=console, screen=False,
+                  auto_refresh=False) as live:
             while True:
                 await asyncio.sleep(args.watch)
                 live.update(render(await snapshot(redis), expand=terminal), refresh=True)
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            return 0
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0

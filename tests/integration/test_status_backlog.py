@@ -140,3 +140,26 @@ def test_watch_refuses_an_interval_that_would_spin(seconds, capsys):
         build_parser().parse_args(["status", "--watch", seconds])
     assert exit_.value.code == 2 and "--watch" in capsys.readouterr().err
     assert build_parser().parse_args(["status", "--watch", "0.5"]).watch == 0.5
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_watch_into_a_pipe_writes_each_snapshot_as_it_is_read(redis_url, as_json):
+    """--watch with --json (or into a file) wrote one snapshot and stopped, or held everything until the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "tokenq", "status", "--redis-url", redis_url, "--watch", "0.5"]
+    proc = subprocess.Popen(argv + (["--json"] if as_json else []), stdout=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # written before the process ends
+        time.sleep(1.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=20)
+    if as_json:
+        snapshots = [json.loads(line) for line in [first, *rest.splitlines()] if line.strip()]
+        assert len(snapshots) >= 2 and all("lanes" in s for s in snapshots)
+    else:
+        assert first.strip() and (first + rest).count("Workers (") + (first + rest).count("no live worker") >= 2
