@@ -49,7 +49,7 @@ def test_default_max_tokens_is_the_rest_of_the_context_capped():
     ({"stop": [str(i) for i in range(9)]}, "stop", "at most 8"),
     ({"stop": ""}, "stop", "must not be empty"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed max_tokens (2)"),
-    ({"max_tokens": 95}, "max_tokens", "prompt has 10 tokens and max_tokens is 95"),
+    ({"max_tokens": 95}, "max_tokens", "you requested 105 tokens (10 in the prompt, 95 for max_tokens)"),
 ])
 def test_bad_values_name_the_field(kw, param, needle):
     with pytest.raises(ApiError) as e:
