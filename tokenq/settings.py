@@ -75,13 +75,19 @@ def _model(env: Mapping[str, str]) -> str:
 HOT_LOOP_MIN_CORES = 8  # cores to spare for the gateway's and the worker's polling loops
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the platform has one: Linux)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 def hot_loop_env(device: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """TOKENQ_HOT_LOOP for the gateway and the worker that `tokenq up` starts (and `tokenq bench serve`, which
     measures the stack as `up` runs it): on where the engine runs on a GPU (`device` cuda, or auto with one
     present) and this host has HOT_LOOP_MIN_CORES usable cores, where it takes a lone request's first token
     sooner (docs/BENCHMARKS.md); a setting of the user's stands."""
     env = os.environ if env is None else env
-    if env.get("TOKENQ_HOT_LOOP") or len(os.sched_getaffinity(0)) < HOT_LOOP_MIN_CORES or device == "cpu":
+    if env.get("TOKENQ_HOT_LOOP") or _usable_cores() < HOT_LOOP_MIN_CORES or device == "cpu":
         return {}
     if device == "auto":
         from tokenq.flag_checks import cuda_available

@@ -198,3 +198,6 @@ def test_the_hot_loop_is_on_for_a_gpu_host_with_cores_to_spare(monkeypatch):
     assert hot_loop_env("auto", {}) == {}
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(HOT_LOOP_MIN_CORES - 1)))
     assert hot_loop_env("cuda", {}) == {}  # no cores to spare: two polling loops would slow every request
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has none: the machine's core count decides
+    monkeypatch.setattr(os, "cpu_count", lambda: HOT_LOOP_MIN_CORES)
+    assert hot_loop_env("cuda", {}) == {"TOKENQ_HOT_LOOP": "1"}
