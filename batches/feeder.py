@@ -29,10 +29,9 @@ from batches.lines import BatchLine, LineError, parse_line
 from batches.settings import BatchSettings
 from batches.store import FINAL_STATUSES, batch_webhook_url
 from batches.submit import RetryLater, SubmitContext, line_job_id, line_model, submit_line
-from gateway.errors import ApiError
+from gateway.errors import ApiError, final_status
 from gateway.logging import get_logger
 from gateway.responses import result_object
-from gateway.sse import final_status
 from jobstore import JobRef
 from jobstore.runner import run as eval_script
 from jobstore.scripts import Script

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.logging import get_logger
 from protocol.errors import error_json
-from protocol.jobs import UNSUPPORTED
+from protocol.jobs import UNSUPPORTED, JobState
 
 log = get_logger(__name__)
 
@@ -31,6 +31,15 @@ _TYPES = {
     503: "service_unavailable",
 }
 OOM_RETRY_AFTER_S = 5
+# A job that did not succeed: failed is the server's fault (a 500), unless its error is the request's
+# (invalid_request_error: a 400); cancelled and expired are outcomes the client asked for (DELETE, a deadline).
+_FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
+
+
+def final_status(state: JobState, error_type: str) -> int:
+    """The HTTP status that answers a job that ended `state` without a result (the waiting routes' answer
+    and a batch line's `status_code`)."""
+    return 400 if error_type == "invalid_request_error" else _FINAL_STATUS.get(state, 500)
 
 
 def is_redis_oom(exc: BaseException) -> bool:

@@ -14,7 +14,7 @@ from gateway.admission import check_idempotency_key
 from gateway.auth import Tenant
 from gateway.context import Caller, GatewayContext, get_caller
 from gateway.enqueue import Enqueued, enqueue, submit
-from gateway.errors import ApiError, error_response
+from gateway.errors import ApiError, error_response, final_status
 from gateway.jobs import Final, wait_final
 from gateway.prepare import prepare
 from gateway.prompt_list import cancel_all, joined_events, joined_result, prompt_key, split_prompts
@@ -25,7 +25,6 @@ from gateway.sse import (
     completion_chunks,
     completion_events,
     final_error,
-    final_status,
     sse_response,
 )
 from gateway.waiting import WaitingResponse

@@ -243,17 +243,6 @@ def restarted_error(job_id: str) -> dict[str, Any]:
             "type": "job_restarted", "param": None, "code": None}
 
 
-# A job that did not succeed: failed is the server's fault (a 500), unless its error is the request's
-# (invalid_request_error: a 400); cancelled and expired are outcomes the client asked for (DELETE, a deadline).
-_FINAL_STATUS = {JobState.cancelled: 409, JobState.expired: 504}
-
-
-def final_status(state: JobState, error_type: str) -> int:
-    """The HTTP status that answers a job that ended `state` without a result (the waiting routes' answer
-    and a batch line's `status_code`)."""
-    return 400 if error_type == "invalid_request_error" else _FINAL_STATUS.get(state, 500)
-
-
 def final_error(final: Final) -> dict[str, Any]:
     if final.error is not None:
         return {"message": final.error.message, "type": final.error.type, "param": None, "code": None}

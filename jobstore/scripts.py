@@ -245,18 +245,19 @@ local final = {_FINAL}
 local out = {{}}
 for i = 1, #KEYS, 2 do
   local job, text = KEYS[i], KEYS[i + 1]
-  local state = redis.call('HGET', job, '{f.STATE}')
+  local h = redis.call('HMGET', job, '{f.STATE}', '{f.CANCEL_REQUESTED}', '{f.STREAMED}', '{f.SEQ}')
+  local state = h[1]
   if not state then
     out[#out + 1] = {{-1}}
   elseif final[state] then
     out[#out + 1] = {{0}}
-  elseif redis.call('HGET', job, '{f.CANCEL_REQUESTED}') == '1' then
+  elseif h[2] == '1' then
     out[#out + 1] = {{2}}
   else
     redis.call('HSET', job, '{f.STATE}', 'running', '{f.STARTED_AT}', ARGV[1], '{f.WORKER}', ARGV[2])
     redis.call('HINCRBY', job, '{f.ATTEMPTS}', 1)
     redis.call('DEL', text)
-    out[#out + 1] = {{1, redis.call('HGET', job, '{f.STREAMED}') or '0', redis.call('HGET', job, '{f.SEQ}') or '0'}}
+    out[#out + 1] = {{1, h[3] or '0', h[4] or '0'}}
   end
 end
 return out

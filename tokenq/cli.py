@@ -35,7 +35,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     resolve_model(args.model)  # fetch before the children start, with its progress shown here
     return run_up(UpOptions(redis_url=args.redis_url, model=args.model, host=args.host, port=args.port,
                             worker_args=engine_flags_argv(args), worker_metrics_port=worker_metrics_port,
-                            webhooks_metrics_port=webhooks_metrics_port))
+                            webhooks_metrics_port=webhooks_metrics_port, device=args.device))
 
 
 def _port_after(base: int, offset: int, flag: str) -> int:

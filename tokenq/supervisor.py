@@ -37,6 +37,7 @@ class UpOptions:
     worker_args: list[str]
     worker_metrics_port: int
     webhooks_metrics_port: int
+    device: str = "auto"  # the worker's (it is in worker_args too): whether the hot loop is on (hot_loop_env)
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -184,8 +185,7 @@ def _run(opts: UpOptions, base: str) -> int:
         print(f"embedded Redis on {url} (append-only file in {redis.data_dir}; other tokenq commands on this "
               f"TOKENQ_HOME find it by themselves)", flush=True)
     env = {**os.environ, "TOKENQ_REDIS_URL": url, "TOKENQ_MODEL": opts.model}
-    if hot := hot_loop_env(opts.worker_args[opts.worker_args.index("--device") + 1]
-                           if "--device" in opts.worker_args else "auto"):
+    if hot := hot_loop_env(opts.device):
         env.update(hot)
         print("the gateway and the worker poll while a job runs (a GPU host with cores to spare; "
               "TOKENQ_HOT_LOOP=0 turns it off)", flush=True)

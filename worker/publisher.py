@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -335,8 +335,7 @@ class Publisher:
         finally:  # observed once the writes are out: a first token's way to its reader waits for no metric
             for lane, ttft in firsts:
                 metrics.TIME_TO_FIRST_TOKEN.labels(self.model, lane).observe(ttft)
-            for job in touched.values():
-                self._count_tokens(job, job.num_prompt_tokens)
+            self._count_tokens(touched.values())
 
     async def _flush(self, touched: list[RunningJob], finishing: list[RunningJob], now: float) -> None:
         """Write out; `finishing` stays in `self.finishing` only if we stopped (or were cancelled) before
@@ -421,24 +420,27 @@ class Publisher:
         # A job the worker stopped counts as it ended (cancelled, expired), not as the engine's "abort".
         metrics.REQUESTS_FINISHED.labels(m, job.stop_state or job.finish_reason or "stop").inc()
         n_prompt = job.num_prompt_tokens or len(job.payload.prompt_token_ids)
-        self._count_tokens(job, n_prompt)
+        self._count_tokens([job], prompt_floor=n_prompt)
         n_out = job.num_output_tokens
         metrics.observe_finished(m, job.lane, job.payload.enqueued_at, n_prompt, n_out, now)
         if job.first_token_at is not None and n_out > 1:
             metrics.TIME_PER_OUTPUT_TOKEN.labels(m, job.lane).observe((now - job.first_token_at) / (n_out - 1))
 
-    def _count_tokens(self, job: RunningJob, prompt: int) -> None:
-        """The token counters move as the engine reports a job's tokens, as vLLM's move each step: a rate()
-        over a long job reads its throughput, not nothing and then a spike when it ends."""
-        was_prompt, was_cached, was_out = job.counted
-        now_out = job.num_output_tokens
-        if prompt > was_prompt:
-            self._prompt_tokens.inc(prompt - was_prompt)
-        if job.num_cached_tokens > was_cached:
-            self._cached_tokens.inc(job.num_cached_tokens - was_cached)
-        if now_out > was_out:
-            self._generation_tokens.inc(now_out - was_out)
-        job.counted = (max(prompt, was_prompt), max(job.num_cached_tokens, was_cached), max(now_out, was_out))
+    def _count_tokens(self, jobs: Iterable[RunningJob], prompt_floor: int = 0) -> None:
+        """The token counters move as the engine reports jobs' tokens, as vLLM's move each step (one increment
+        of each counter for a step's jobs): a rate() over a long job reads its throughput, not nothing and then
+        a spike when it ends. `prompt_floor`: a finished job's prompt, counted whole even if never prefilled."""
+        prompt = cached = out = 0
+        for job in jobs:
+            was_prompt, was_cached, was_out = job.counted
+            now = (max(job.num_prompt_tokens, prompt_floor, was_prompt), max(job.num_cached_tokens, was_cached),
+                   max(job.num_output_tokens, was_out))
+            prompt, cached, out = prompt + now[0] - was_prompt, cached + now[1] - was_cached, out + now[2] - was_out
+            job.counted = now
+        for counter, n in ((self._prompt_tokens, prompt), (self._cached_tokens, cached),
+                           (self._generation_tokens, out)):
+            if n:
+                counter.inc(n)
 
     async def refresh(self) -> None:
         """Re-read `streamed`, `state` and `cancel_requested` of running jobs (one pipelined HMGET each);
