@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokenq.bench import gpu_common as gc
+from tokenq.settings import hot_loop_env
 from tokenq.supervisor import stop_children
 
 
@@ -215,7 +216,6 @@ def _run_phase(base: str, model: str, prompts: list[list[int]], output_len: int,
 def start_stack(args: argparse.Namespace, model_path: Path, workdir: Path, worker_metrics_port: int | None = None):
     from tokenq.embedded_redis import EmbeddedRedis, free_port
     from tokenq.engine_options import engine_flags_argv
-    from tokenq.settings import hot_loop_env
     from tokenq.supervisor import wait_ready
 
     redis = None if args.redis_url else EmbeddedRedis(workdir / "redis").start()
@@ -423,7 +423,8 @@ def main(args: argparse.Namespace) -> int:
                      "low_load_output_len": args.low_load_output_len,
                      "low_load_pause_ms": args.low_load_pause_ms,
                      "client_procs": client_procs, "gateway_workers": args.gateway_workers,
-                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
+                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                     "hot_loop": {**os.environ, **hot_loop_env(args.device)}.get("TOKENQ_HOT_LOOP", "0") == "1"},
         # engine_report_send_s: how long the engine process waited on the worker to take its reports (no step
         # launches meanwhile): the worker's side limiting the phase, when it is a sizeable part of `seconds`.
         # steps, prefill_steps, step_tokens: what the engine launched for the phase (the offline run has its own).
