@@ -3,10 +3,15 @@ on a loopback port with an append-only file under TOKENQ_HOME so accepted jobs s
 
 The address is stable: the port chosen at the first start is recorded in TOKENQ_HOME/redis/address and
 used again at every start, so that `tokenq keys`, `tokenq worker` and the rest find the embedded Redis
-by themselves (settings.redis_url)."""
+by themselves (settings.redis_url). The recorded URL carries a password chosen at the first start, which
+the server reads from a config file beside it (not from its command line, which every local user may
+read): a loopback port is open to every user of the host, and the Redis holds prompts, answers and
+webhook secrets."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -63,15 +68,21 @@ def recorded_url(data_dir: Path) -> str | None:
         return None
 
 
-def _url(port: int) -> str:
-    return f"redis://127.0.0.1:{port}/0"
+def _url(port: int, password: str) -> str:
+    return f"redis://:{password}@127.0.0.1:{port}/0"
 
 
-def _stop_orphan(port: int, data_dir: Path) -> bool:
+def _recorded_password(url: str) -> str | None:
+    """The password of a recorded URL; None for one recorded before the embedded Redis had one."""
+    userinfo, at, _ = url.partition("://")[2].partition("/")[0].rpartition("@")
+    return (userinfo.partition(":")[2] or None) if at else None
+
+
+def _stop_orphan(port: int, data_dir: Path, password: str | None) -> bool:
     """A redis-server of this home left behind by a `tokenq up` that was killed: shut it down (it writes
     its append-only file first). True if there was one."""
     try:
-        client = redis.Redis(port=port, socket_connect_timeout=1, decode_responses=True)
+        client = redis.Redis(port=port, password=password, socket_connect_timeout=1, decode_responses=True)
         if Path(client.config_get("dir").get("dir", "")).resolve() != data_dir.resolve():
             return False
         client.shutdown(nosave=False)
@@ -85,38 +96,49 @@ def _stop_orphan(port: int, data_dir: Path) -> bool:
     return True
 
 
+def _write_private(path: Path, text: str) -> None:
+    """`text` in a file only this user reads, from its creation on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file of an earlier start keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.password: str | None = None
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        assert self.port is not None, "start() chooses the port"
-        return _url(self.port)
+        assert self.port is not None and self.password is not None, "start() chooses the port and password"
+        return _url(self.port, self.password)
 
-    def _choose_port(self) -> int:
-        """The recorded port, unless another program took it; then a new one, recorded."""
-        if self.port is None:
-            recorded = recorded_url(self.data_dir)
-            if recorded is not None:
-                port = int(recorded.rsplit(":", 1)[1].split("/")[0])
-                if not port_in_use(port) or _stop_orphan(port, self.data_dir):
-                    self.port = port
+    def _choose_address(self) -> int:
+        """The recorded port, unless another program took it (then a new one), and the recorded password
+        (a new one for a home recorded without); both recorded."""
+        recorded = recorded_url(self.data_dir)
+        old_password = _recorded_password(recorded) if recorded else None
+        if self.port is None and recorded is not None:
+            port = int(recorded.rsplit(":", 1)[1].split("/")[0])
+            if not port_in_use(port) or _stop_orphan(port, self.data_dir, old_password):
+                self.port = port
         if self.port is None or port_in_use(self.port):
             self.port = free_port()
-        address_file(self.data_dir).write_text(_url(self.port) + "\n")
-        address_file(self.data_dir).chmod(0o600)
+        self.password = old_password or secrets.token_hex(24)
+        _write_private(address_file(self.data_dir), self.url + "\n")
+        _write_private(self.data_dir / "redis.conf", f"requirepass {self.password}\n")
         return self.port
 
     def start(self) -> EmbeddedRedis:
         # The append-only file holds prompts, answers and the tenants' webhook secrets: only this user reads it.
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
-        port = self._choose_port()
+        port = self._choose_address()
         self.proc = start_child(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+            [redis_server_binary(), str(self.data_dir / "redis.conf"), "--port", str(port), "--bind", "127.0.0.1",
              "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
              "--save", "", "--logfile", str(self.data_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

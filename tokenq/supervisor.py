@@ -20,6 +20,7 @@ from tokenq.child_process import start_child
 from tokenq.embedded_redis import EmbeddedRedis
 from tokenq.flag_checks import listen_error
 from tokenq.home_lock import HomeLock, HomeLocked
+from tokenq.redis_command import redacted
 from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, hot_loop_env, tokenq_home
 
 RESTART_BASE_S = 1.0
@@ -182,8 +183,8 @@ def _run(opts: UpOptions, base: str) -> int:
             return 1
         children.append(redis_child)
         url = redis.url
-        print(f"embedded Redis on {url} (append-only file in {redis.data_dir}; other tokenq commands on this "
-              f"TOKENQ_HOME find it by themselves)", flush=True)
+        print(f"embedded Redis on {redacted(url)} (append-only file in {redis.data_dir}; other tokenq commands on this "
+              f"TOKENQ_HOME find it by themselves, password and all)", flush=True)
     env = {**os.environ, "TOKENQ_REDIS_URL": url, "TOKENQ_MODEL": opts.model}
     if hot := hot_loop_env(opts.device):
         env.update(hot)

@@ -4,12 +4,13 @@ read it, and takes over from a redis-server of the same home left behind by a ki
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import redis
 
 from tokenq import settings
-from tokenq.embedded_redis import EmbeddedRedis
+from tokenq.embedded_redis import EmbeddedRedis, free_port
 from tokenq.home_lock import HomeLock, HomeLocked, running_gateway
 
 
@@ -36,7 +37,36 @@ def test_same_address_at_every_start_and_found_by_settings(home):
     finally:
         second.stop()
     data_dir = settings.embedded_redis_dir()  # prompts, answers and webhook secrets: this user's alone
-    assert data_dir.stat().st_mode & 0o777 == 0o700 and (data_dir / "address").stat().st_mode & 0o777 == 0o600
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert all((data_dir / name).stat().st_mode & 0o777 == 0o600 for name in ("address", "redis.conf"))
+
+
+def test_the_port_needs_the_recorded_password(home):
+    server = EmbeddedRedis(settings.embedded_redis_dir()).start()
+    try:
+        password = server.password
+        assert password and len(password) >= 32 and f":{password}@" in server.url
+        with pytest.raises(redis.AuthenticationError):  # another user of the host finds the port, not the data
+            redis.Redis(port=server.port).get("any")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port, password="guess").get("any")
+        assert redis.Redis.from_url(server.url).ping()
+        # Not on the command line, which `ps` shows every user.
+        assert password.encode() not in Path(f"/proc/{server.proc.pid}/cmdline").read_bytes()
+    finally:
+        server.stop()
+
+
+def test_a_home_recorded_without_a_password_gets_one(home):
+    data_dir = settings.embedded_redis_dir()
+    data_dir.mkdir(parents=True)
+    (data_dir / "address").write_text(f"redis://127.0.0.1:{free_port()}/0\n")  # as an earlier tokenq wrote it
+    server = EmbeddedRedis(data_dir).start()
+    try:
+        assert server.password and settings.redis_url() == server.url
+        assert redis.Redis.from_url(server.url).ping()
+    finally:
+        server.stop()
 
 
 def test_an_orphan_of_the_same_home_is_stopped_and_replaced(home):
