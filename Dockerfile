@@ -24,7 +24,7 @@ RUN pip install "./src[worker,cache]" && rm -rf ./src
 
 FROM python:3.12-slim
 RUN useradd --uid 10001 --create-home --home-dir /home/tokenq tokenq \
-    && mkdir -p /var/lib/tokenq/models && chown -R tokenq:tokenq /var/lib/tokenq
+    && mkdir -p /var/lib/tokenq/models /var/lib/tokenq/secrets && chown -R tokenq:tokenq /var/lib/tokenq
 COPY --from=build /opt/tokenq /opt/tokenq
 # TOKENQ_HOME holds the model store (models/): mount a volume there so a model is pulled once
 # (`tokenq models pull`) and every worker container reuses it.

@@ -27,6 +27,7 @@ from gateway.fastpath import FastSubmit, is_fast_submission
 from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics, MetricsMiddleware, mark_process_gone
+from gateway.metrics_token import metrics_token
 from gateway.openapi import install_openapi
 from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
@@ -95,7 +96,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     install_error_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
-    app.state.metrics_token = settings.metrics_token
+    app.state.metrics_token = metrics_token(settings.metrics_token, settings.metrics_token_file)
     app.state.batch_settings = BatchSettings.from_env()  # read at start: a bad value stops it, naming the variable
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)

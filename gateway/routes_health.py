@@ -91,12 +91,14 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request, ctx: GatewayContext = Depends(get_ctx)) -> Response:
-    """Open, unless TOKENQ_METRICS_TOKEN is set: its series name tenants and their traffic, so a gateway whose
-    port is public asks Prometheus for that token (`authorization` in its scrape config)."""
+    """Open, unless a token is set (TOKENQ_METRICS_TOKEN, or TOKENQ_METRICS_TOKEN_FILE: gateway/metrics_token.py):
+    its series name tenants and their traffic, so a gateway whose port is public asks Prometheus for that token
+    (`authorization` in its scrape config)."""
     token = request.app.state.metrics_token
     if token is not None:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ApiError(401, "/metrics asks for the token TOKENQ_METRICS_TOKEN names (Authorization: Bearer ...)",
+            raise ApiError(401, "/metrics asks for its token, TOKENQ_METRICS_TOKEN or the one in the file "
+                                "TOKENQ_METRICS_TOKEN_FILE names (Authorization: Bearer ...)",
                            code="invalid_metrics_token")
     return await ctx.metrics.scrape(ctx.redis, ctx.registry)

@@ -132,6 +132,9 @@ class Settings:
     metrics_peers: str = ""  # TOKENQ_METRICS_PEERS: role=url,... whose metrics the gateway's /metrics adds
     # TOKENQ_METRICS_TOKEN: the bearer token the gateway's /metrics asks for (its series name tenants); None: open
     metrics_token: str | None = None
+    # TOKENQ_METRICS_TOKEN_FILE: a file that keeps that token, made with a random one if missing
+    # (gateway/metrics_token.py); TOKENQ_METRICS_TOKEN wins
+    metrics_token_file: str | None = None
     gateway_url: str | None = None  # TOKENQ_URL: the gateway that clients such as `tokenq batch` call
     api_key: str | None = None  # TOKENQ_API_KEY (else OPENAI_API_KEY): the key those clients send
     # TOKENQ_HOT_LOOP: the gateway and the worker poll instead of sleeping while a job runs (a core each
@@ -165,6 +168,7 @@ class Settings:
             gateway_library_path=_flag(env, "TOKENQ_GATEWAY_LIBRARY_PATH", False),
             metrics_peers=env.get(METRICS_PEERS_ENV) or "",
             metrics_token=env.get("TOKENQ_METRICS_TOKEN") or None,
+            metrics_token_file=env.get("TOKENQ_METRICS_TOKEN_FILE") or None,
             gateway_url=env.get("TOKENQ_URL") or None,
             api_key=env.get("TOKENQ_API_KEY") or env.get("OPENAI_API_KEY") or None,
             hot_loop=_flag(env, "TOKENQ_HOT_LOOP", False),

@@ -64,7 +64,8 @@ class Stack:
     def env(self, service: str) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for key, value in self.compose[service]["environment"].items():
-            env[key] = str(value).replace("redis://redis:6379", f"redis://127.0.0.1:{self.redis_port}")
+            env[key] = (str(value).replace("redis://redis:6379", f"redis://127.0.0.1:{self.redis_port}")
+                        .replace("/var/lib/tokenq", str(self.home)))  # the image's TOKENQ_HOME, its volumes
         # What the image sets (Dockerfile ENV) and what this test adds: a loopback receiver, quick retries.
         env.update(TOKENQ_HOME=str(self.home), TOKENQ_WEBHOOK_ALLOW="127.0.0.1/32",
                    TOKENQ_WEBHOOK_RETRY_DELAYS="1,1,1", TOKENQ_THROUGHPUT_LOG_S="1")
@@ -171,7 +172,10 @@ def test_job_goes_through_with_a_key_and_its_webhook_arrives_signed(stack):
     text = httpx.get(worker).text
     assert f'tokenq_worker_e2e_request_latency_seconds_count{{lane="default",model="{MODEL}"}} 1.0' in text
     assert f'tokenq_worker_queue_time_seconds_count{{lane="default",model="{MODEL}",tenant="default"}} 1.0' in text
-    gateway = httpx.get(f"{stack.base}/metrics").text
+    # Port 8000 is public: its /metrics asks for the token the gateway made where Prometheus reads it.
+    assert httpx.get(f"{stack.base}/metrics").status_code == 401
+    token = (stack.home / "secrets" / "metrics-token").read_text().strip()
+    gateway = httpx.get(f"{stack.base}/metrics", headers={"Authorization": f"Bearer {token}"}).text
     assert f'tokenq_live_workers{{model="{MODEL}"}} 1.0' in gateway
     assert f'tokenq_queue_waiting_jobs{{lane="default",model="{MODEL}",tenant="default"}} 0.0' in gateway
 

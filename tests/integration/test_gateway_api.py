@@ -422,3 +422,18 @@ async def test_metrics_ask_for_their_token_when_one_is_set(redis_url, monkeypatc
                 assert "s3cret" not in r.text
             r = await c.get("/metrics", headers={"Authorization": "Bearer s3cret"})
             assert r.status_code == 200 and "tokenq_gateway_requests_total" in r.text
+
+
+async def test_metrics_ask_for_the_token_of_the_token_file(redis_url, monkeypatch, tmp_path):
+    """docker-compose.yml's way: the gateway makes the token in a file that Prometheus reads."""
+    path = tmp_path / "metrics-token"
+    monkeypatch.delenv("TOKENQ_METRICS_TOKEN", raising=False)
+    monkeypatch.setenv("TOKENQ_METRICS_TOKEN_FILE", str(path))
+    app = create_app(redis_url)
+    token = path.read_text().strip()
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            r = await c.get("/metrics")
+            assert r.status_code == 401 and "TOKENQ_METRICS_TOKEN_FILE" in r.json()["error"]["message"]
+            r = await c.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200 and "tokenq_gateway_requests_total" in r.text

@@ -144,6 +144,24 @@ def test_prometheus_scrapes_every_role_on_its_port():
     assert config["rule_files"] == ["/etc/prometheus/rules.yaml"]
 
 
+def test_prometheus_reads_the_token_the_gateways_metrics_ask_for():
+    """Port 8000 is public and /metrics names tenants: the gateway makes a token in a file on a volume that
+    Prometheus mounts, and sends it on the gateway's job alone."""
+    svcs = services()
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    gateway_file = Path(svcs["gateway"]["environment"]["TOKENQ_METRICS_TOKEN_FILE"])
+    gateway_mounts = {v.split(":")[0]: v.split(":")[1] for v in svcs["gateway"]["volumes"]}
+    prometheus_mounts = {v.split(":")[0]: v.split(":")[1] for v in svcs["prometheus"]["volumes"]}
+    volume = next(name for name, at in gateway_mounts.items() if at == str(gateway_file.parent))
+    assert volume in yaml.safe_load((ROOT / "docker-compose.yml").read_text())["volumes"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    credentials = Path(jobs["tokenq-gateway"]["authorization"]["credentials_file"])
+    assert prometheus_mounts[volume] == str(credentials.parent) and credentials.name == gateway_file.name
+    assert all("authorization" not in job for name, job in jobs.items() if name != "tokenq-gateway")
+    for dockerfile in ("Dockerfile", "Dockerfile.cuda"):  # the volume takes the image folder's owner
+        assert str(gateway_file.parent) in (ROOT / dockerfile).read_text()
+
+
 def test_grafana_is_provisioned_with_the_dashboard():
     grafana = services()["grafana"]
     mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
