@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from protocol.sampling import SamplingParams
-from worker.engine.sampler import Sampler, SamplingBatch, apply_penalties, make_generator
+from worker.engine.sampler import Sampler, SamplingBatch, apply_penalties, fold_seed, make_generator
 
 VOCAB = 1000
 
@@ -117,6 +117,18 @@ def test_temperature_sampling_follows_softmax(temperature):
 def test_top_p_renormalizes_over_the_kept_tokens():
     tokens = draw(SamplingParams(top_p=0.85), n=40000)
     assert chi_square(tokens, torch.tensor([0.5, 0.3, 0.15, 0.0]).add(1e-12) / 0.95) < 20
+
+
+def test_seeds_that_share_their_low_32_bits_draw_different_samples():
+    """The CPU's generator keeps 32 bits of a seed; the API takes 64 (negative ones too)."""
+    def draws(seed: int) -> list[float]:
+        return torch.rand(8, generator=make_generator(seed, "cpu")).tolist()
+
+    for a, b in ((3, 3 + 2**32), (-1, 2**63 - 1), (1, -(2**63) + 1), (12345, 12345 - 2**32)):
+        assert draws(a) != draws(b), (a, b)
+        assert draws(a) == draws(a)
+    assert len({fold_seed(s) for s in range(-5000, 5000)}) == 10000  # small seeds stay apart
+    assert all(0 <= fold_seed(s) < 2**32 for s in (-(2**63), -1, 0, 2**63 - 1, 2**64 - 1))
 
 
 def test_seeded_rows_are_reproducible_whatever_the_batch(logits):

@@ -25,10 +25,22 @@ GREEDY_BELOW = 1e-5
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator of its own for a seeded request, living on the device that samples."""
+    """A generator of its own for a seeded request, living on the device that samples. The CPU's (a
+    Mersenne twister) keeps 32 bits of its seed: it gets the request's 64 mixed into 32 (`fold_seed`), so
+    that seeds apart by 2**32, or -1 and 2**63 - 1, do not draw the same samples; CUDA's keeps all 64."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(fold_seed(seed) if gen.device.type == "cpu" else seed)
     return gen
+
+
+def fold_seed(seed: int) -> int:
+    """Every bit of a 64-bit seed (negative ones as two's complement) mixed into 32 (splitmix64's finaliser,
+    then the halves xored)."""
+    z = seed & 0xFFFF_FFFF_FFFF_FFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFF_FFFF
 
 
 @dataclass
