@@ -177,6 +177,9 @@ class ChatCompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
 class CompletionRequest(SamplingFields, JobOptions):
     model: text_up_to(MAX_MODEL_CHARS)
     prompt: Prompt
+    # Chat's newer name for max_tokens, taken here too (and winning, as there): OpenAI's legacy route would
+    # refuse it, and ignoring it would cut the answer at the default 16 tokens without a word.
+    max_completion_tokens: Int | None = None
     logprobs: Int | None = None
     echo: bool = False
     stream: bool = False

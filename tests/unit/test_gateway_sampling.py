@@ -37,6 +37,18 @@ def test_default_max_tokens_is_the_rest_of_the_context_capped():
     assert to_sampling(JobCreate(model="m", prompt="x"), 10, 100_000, "prompt").max_tokens == MAX_DEFAULT_TOKENS
 
 
+def test_completions_take_chats_max_completion_tokens():
+    """Ignored, it would cut the answer at the default 16 tokens without a word."""
+    def completion(**kw) -> int:
+        return to_sampling(CompletionRequest(model="m", prompt="x", **kw), 10, 100_000, "prompt").max_tokens
+
+    assert completion(max_completion_tokens=40) == 40
+    assert completion(max_completion_tokens=40, max_tokens=5) == 40  # it wins, as on chat
+    with pytest.raises(ApiError) as e:
+        completion(max_completion_tokens=100_000)
+    assert e.value.param == "max_completion_tokens"
+
+
 @pytest.mark.parametrize("kw, param, needle", [
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"top_p": 0}, "top_p", "greater than 0"),
