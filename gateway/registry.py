@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -88,21 +87,22 @@ class Registry:
         if cached is not None and await self.redis.hget(key, keys.MODEL_CARD_DIGEST_FIELD) == cached.digest:
             cached.checked_at = now  # unchanged: not worth reading (and hashing) megabytes again
             return cached.builder
-        raw = await self.redis.hget(key, keys.MODEL_CARD_FIELD)
+        raw, digest = await self.redis.hmget(key, [keys.MODEL_CARD_FIELD, keys.MODEL_CARD_DIGEST_FIELD])
         if raw is None:
             self._cards.pop(model, None)
             return None
-        digest = hashlib.sha256(raw.encode()).hexdigest()
         if cached and cached.digest == digest:
             cached.checked_at = now
             return cached.builder
         # Building a tokenizer from a large card takes ~0.1 s: in a thread, not on the event loop.
-        builder = await asyncio.to_thread(PromptBuilder, ModelCard.model_validate_json(raw))
-        self._cards[model] = _CachedCard(digest, builder, now)
+        card = ModelCard.model_validate_json(raw)
+        builder = await asyncio.to_thread(PromptBuilder, card)
+        self._cards[model] = _CachedCard(digest or card.digest(), builder, now)
         return builder
 
     def card_digest(self, model: str) -> str | None:
-        """The sha256 of the card `prompt_builder` last returned for `model` (the response cache keys on it)."""
+        """The digest (ModelCard.digest) of the card `prompt_builder` last returned for `model` (the response
+        cache keys on it)."""
         cached = self._cards.get(model)
         return cached.digest if cached is not None else None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from pydantic import BaseModel, Field
@@ -35,4 +36,13 @@ class ModelCard(BaseModel):
     bos_token: str | None = None
     eos_token: str | None = None
     add_bos_token: bool = False
+    # What else decides an answer: the weights (sampled) and the engine's numeric settings
+    # (worker/models/card.engine_fingerprint). The response cache keys on the card's digest.
+    engine: str = ""
     created: int = Field(default_factory=lambda: int(time.time()))
+
+    def digest(self) -> str:
+        """The sha256 of everything but `created` (when its worker started): a restarted worker of the same
+        model keeps the digest, so the response cache's entries keep answering; other weights, tokenizer,
+        template or numerics change it."""
+        return hashlib.sha256(self.model_dump_json(exclude={"created"}).encode()).hexdigest()

@@ -4,7 +4,6 @@ again by a beat that finds it gone, e.g. after a Redis restart without persisten
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 from redis.asyncio import Redis
 
@@ -53,10 +52,9 @@ class Heartbeat:
         await self.beat()
 
     async def _write_card(self) -> None:
-        raw = self.card.model_dump_json()
         await self.redis.hset(keys.model_card_key(self.card.name),
-                              mapping={keys.MODEL_CARD_FIELD: raw,
-                                       keys.MODEL_CARD_DIGEST_FIELD: hashlib.sha256(raw.encode()).hexdigest()})
+                              mapping={keys.MODEL_CARD_FIELD: self.card.model_dump_json(),
+                                       keys.MODEL_CARD_DIGEST_FIELD: self.card.digest()})
 
     async def beat(self) -> None:
         stats = self.engine_loop.stats()

@@ -4,7 +4,6 @@ read rechecks it, by the digest the worker writes beside it (not the megabytes o
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 from gateway import registry as registry_mod
 from gateway.registry import Registry
@@ -19,14 +18,26 @@ from worker.heartbeat import Heartbeat
 async def test_worker_writes_the_card_digest(redis_client):
     await Heartbeat(redis_client, "hb:1", CARD, EngineLoop(FakeEngine()), capacity=4).start()
     raw = CARD.model_dump_json()
-    assert await redis_client.hmget(keys.model_card_key(CARD.name), ["card", "digest"]) == [
-        raw, hashlib.sha256(raw.encode()).hexdigest()]
+    assert await redis_client.hmget(keys.model_card_key(CARD.name), ["card", "digest"]) == [raw, CARD.digest()]
+
+
+async def test_a_restarted_worker_keeps_the_digest_the_response_cache_keys_on(redis_client, default_model_dir):
+    """Its card differs only in `created`: every cached answer of the model must keep answering."""
+    card = model_card(default_model_dir, 2048)
+    reg = Registry(redis_client)
+    await Heartbeat(redis_client, "hb:1", card, EngineLoop(FakeEngine()), capacity=4).start()
+    assert await reg.prompt_builder(MODEL) is not None
+    before = reg.card_digest(MODEL)
+    restarted = card.model_copy(update={"created": card.created + 3600})
+    await Heartbeat(redis_client, "hb:2", restarted, EngineLoop(FakeEngine()), capacity=4).start()
+    fresh = Registry(redis_client)  # another gateway, or this one after its recheck
+    assert (await fresh.prompt_builder(MODEL)).card.created == restarted.created
+    assert fresh.card_digest(MODEL) == before
+    assert card.model_copy(update={"engine": "other weights"}).digest() != before
 
 
 async def _write(redis, card) -> None:
-    raw = card.model_dump_json()
-    await redis.hset(keys.model_card_key(card.name),
-                     mapping={"card": raw, "digest": hashlib.sha256(raw.encode()).hexdigest()})
+    await redis.hset(keys.model_card_key(card.name), mapping={"card": card.model_dump_json(), "digest": card.digest()})
 
 
 async def test_stale_card_answers_while_rechecked(redis_client, default_model_dir, monkeypatch):
@@ -37,18 +48,25 @@ async def test_stale_card_answers_while_rechecked(redis_client, default_model_di
     reads: list[str] = []
     hget = r.hget
 
+    hmget = r.hmget
+
     async def counting_hget(key, field):
         reads.append(field)
         return await hget(key, field)
 
-    monkeypatch.setattr(reg, "redis", type("Spy", (), {"hget": staticmethod(counting_hget)})())
+    async def counting_hmget(key, fields):
+        reads.append("+".join(fields))
+        return await hmget(key, fields)
+
+    monkeypatch.setattr(reg, "redis", type("Spy", (), {"hget": staticmethod(counting_hget),
+                                                       "hmget": staticmethod(counting_hmget)})())
     assert (await reg.prompt_builder(MODEL)).card.max_model_len == 2048
-    assert reads == ["card"]
+    assert reads == ["card+digest"]
 
     monkeypatch.setattr(registry_mod, "CARD_RECHECK_S", 0.0)  # every call is past the recheck time
     held = await reg.prompt_builder(MODEL)
     await asyncio.sleep(0.1)
-    assert reads == ["card", "digest"]  # unchanged: the digest alone was read
+    assert reads == ["card+digest", "digest"]  # unchanged: the digest alone was read
     assert await reg.prompt_builder(MODEL) is held
     await asyncio.sleep(0.1)  # the recheck that call started
 
@@ -60,7 +78,7 @@ async def test_stale_card_answers_while_rechecked(redis_client, default_model_di
         if (await reg.prompt_builder(MODEL)).card.max_model_len == 4096:
             break
     assert (await reg.prompt_builder(MODEL)).card.max_model_len == 4096
-    assert reads[:2] == ["digest", "card"]
+    assert reads[:2] == ["digest", "card+digest"]
 
 
 async def test_gateway_loads_served_cards_before_the_first_request(redis_url, redis_client, default_model_dir):

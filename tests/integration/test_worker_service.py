@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 
@@ -342,7 +341,7 @@ async def test_heartbeat_and_model_card(redis_url, redis_client):
         card_hash = await r.hgetall(keys.model_card_key(MODEL))
         assert sorted(card_hash) == ["card", "digest"]
         assert ModelCard.model_validate_json(card_hash["card"]) == CARD
-        assert card_hash["digest"] == hashlib.sha256(card_hash["card"].encode()).hexdigest()
+        assert card_hash["digest"] == CARD.digest()
     assert await r.get(keys.worker_key("hb-host:42")) is None
     assert not await r.sismember(keys.WORKERS_SET, "hb-host:42")
 

@@ -29,7 +29,7 @@ from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
 from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
-from worker.models.card import model_card
+from worker.models.card import engine_fingerprint, model_card
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_model
@@ -268,7 +268,9 @@ class LLMEngine:
     def model_card(self, name: str) -> ModelCard:
         if self.model_path is None:
             raise ValueError("an engine built from a model object has no model directory to describe")
-        return model_card(self.model_path, name, self.max_model_len)
+        numerics = {"dtype": self.config.dtype, "quantization": self.config.quantization,
+                    "kv_cache_dtype": self.config.kv_cache_dtype}
+        return model_card(self.model_path, name, self.max_model_len, engine_fingerprint(self.model_path, numerics))
 
     # ---- one step ----------------------------------------------------------------------------------
 
