@@ -3,12 +3,18 @@ another tenant's entries."""
 
 from __future__ import annotations
 
+import re
+
 from protocol.keys import PREFIX
 
 ROOT = f"{PREFIX}:rcache"
 # Stream of semantic entries added and removed, tailed by every gateway to keep its vector index in step.
 LOG_STREAM = f"{ROOT}:log"
 LOG_MAXLEN = 500_000
+
+
+ENTRY_ID = re.compile(r"[xs]:[0-9a-f]{64}")  # as a hit's x-tokenq-cache-entry header names an entry
+ENTRY_ID_RULE = "'x:' or 's:' and 64 hex digits, as a hit's x-tokenq-cache-entry header gives it"
 
 
 def entry_key(tenant: str, entry_id: str) -> str:

@@ -83,11 +83,14 @@ class Entry:
     model: str
     text: str = ""  # the semantic entry's question
     scope: str = ""
+    sibling: str = ""  # the same answer's other entry (its exact one for a semantic entry, and back)
 
 
-def entry_json(result_json: str, kind: str, model: str, text: str = "", scope: str = "", vector: str = "") -> str:
+def entry_json(result_json: str, kind: str, model: str, text: str = "", scope: str = "", vector: str = "",
+               sibling: str = "") -> str:
     return json.dumps({"result": json.loads(result_json), "kind": kind, "model": model, "text": text,
-                       "scope": scope, "vec": vector}, ensure_ascii=False, separators=(",", ":"))
+                       "scope": scope, "vec": vector, "sibling": sibling}, ensure_ascii=False,
+                      separators=(",", ":"))
 
 
 def parse_entry(raw: str | None) -> Entry | None:
@@ -95,7 +98,7 @@ def parse_entry(raw: str | None) -> Entry | None:
         return None
     data = json.loads(raw)
     return Entry(JobResult.model_validate(data["result"]), data["kind"], data["model"], data.get("text", ""),
-                 data.get("scope", ""))
+                 data.get("scope", ""), data.get("sibling", ""))
 
 
 async def read_entry(redis: aioredis.Redis, tenant: str, entry_id: str) -> Entry | None:
@@ -128,17 +131,30 @@ async def fill(redis: aioredis.Redis, job_id: str, result_json: str) -> int:
     p = json.loads(raw)
     written = 0
     now = time.time()
-    if p.get("exact"):
-        await store(redis, p["tenant"], p["exact"], entry_json(result_json, p["kind"], p["model"]),
+    sem = p.get("semantic")
+    exact = p.get("exact")
+    if exact:
+        await store(redis, p["tenant"], exact,
+                    entry_json(result_json, p["kind"], p["model"], sibling=sem["id"] if sem else ""),
                     p["ttl"], p["max"], keys.pending_key(job_id), now=now)
         written += 1
-    sem = p.get("semantic")
     if sem:
         await store(redis, p["tenant"], sem["id"],
-                    entry_json(result_json, p["kind"], p["model"], sem["text"], sem["scope"], sem["vec"]), p["ttl"], p["max"],
-                    keys.pending_key(job_id), sem["scope"], sem["vec"], sem["text"], now=now)
+                    entry_json(result_json, p["kind"], p["model"], sem["text"], sem["scope"], sem["vec"],
+                               sibling=exact or ""),
+                    p["ttl"], p["max"], keys.pending_key(job_id), sem["scope"], sem["vec"], sem["text"], now=now)
         written += 1
     return written
+
+
+async def remove_answer(redis: aioredis.Redis, tenant: str, entry_id: str) -> list[str]:
+    """Removes the entry and its sibling (the same answer's other entry), so that a wrong answer taken out
+    by the id its hit named does not go on answering through the other; returns the ids the tenant held."""
+    entry = await read_entry(redis, tenant, entry_id)
+    ids = [entry_id, *([entry.sibling] if entry is not None and entry.sibling else [])]
+    held = [i for i in ids if await redis.zscore(keys.index_key(tenant), i) is not None]
+    await remove(redis, tenant, ids)
+    return held
 
 
 async def remove(redis: aioredis.Redis, tenant: str, entry_ids: list[str]) -> int:

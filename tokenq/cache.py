@@ -7,6 +7,7 @@ import argparse
 
 from jobstore.connect import AnyRedis, is_cluster_url
 from respcache import store
+from respcache.keys import ENTRY_ID, ENTRY_ID_RULE
 from tokenq.redis_command import run_with_redis
 
 
@@ -33,6 +34,15 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
     if args.cache_cmd == "purge":
         print(f"removed {await store.purge(redis, args.tenant)} entries of tenant {args.tenant!r}")
         return 0
-    removed = await store.remove(redis, args.tenant, args.entry_ids)
-    print(f"removed {removed} of {len(args.entry_ids)} entries of tenant {args.tenant!r}")
-    return 0 if removed == len(args.entry_ids) else 1
+    bad = [i for i in args.entry_ids if not ENTRY_ID.fullmatch(i)]
+    if bad:
+        raise SystemExit(f"error: ENTRY_ID must be {ENTRY_ID_RULE} (got {', '.join(map(repr, bad))})")
+    found, removed = 0, set()
+    for entry_id in args.entry_ids:
+        held = await store.remove_answer(redis, args.tenant, entry_id)
+        found += entry_id in held or entry_id in removed
+        removed.update(held)
+    others = len(removed - set(args.entry_ids))
+    print(f"removed {found} of {len(args.entry_ids)} entries of tenant {args.tenant!r}"
+          + (f", and {others} other entries of the same answers" if others else ""))
+    return 0 if found == len(args.entry_ids) else 1

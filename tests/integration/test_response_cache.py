@@ -117,7 +117,8 @@ async def test_a_hit_names_its_entry_and_the_tenant_can_remove_it(client, idle_w
     assert (await client.get(f"/v1/jobs/{r.json()['id']}")).json()["cache_entry"] == entry
 
     r = await client.delete(f"/v1/cache/entries/{entry}")
-    assert r.status_code == 200 and r.json() == {"id": entry, "object": "cache.entry.deleted", "deleted": True}
+    assert r.status_code == 200 and r.json() == {"id": entry, "object": "cache.entry.deleted", "deleted": True,
+                                                 "removed": [entry]}  # an exact-only answer: no other entry
     r = await client.post("/v1/jobs", json=EXACT)  # a miss now: queued for a worker
     assert "x-tokenq-cache" not in r.headers and r.json()["status"] == "queued"
     assert await queued(redis_client) == 2
@@ -242,6 +243,26 @@ async def test_ttl_expires_entries(redis_client):
     await store.store(redis_client, "t", "x:b", store.entry_json(_result("b"), "chat", "m"), ttl_s=60,
                       max_entries=10)
     assert await redis_client.zrange(cache_keys.index_key("t"), 0, -1) == ["x:b"]
+
+
+async def test_removing_an_answer_by_one_entry_removes_its_other_entry_too(redis_client):
+    """A semantic request's answer is stored twice (exact and semantic): a wrong answer taken out by the id
+    its hit named must not go on answering a rewording through the other."""
+    exact, semantic = f"x:{1:064x}", f"s:{2:064x}"
+    for job, (x, s) in (("job_a", (exact, semantic)), ("job_b", (f"x:{3:064x}", f"s:{4:064x}"))):
+        await store.write_pending(redis_client, job, {
+            "tenant": "t", "kind": "chat", "model": "m", "ttl": 60, "max": 10, "exact": x,
+            "semantic": {"id": s, "text": "q", "scope": "sc", "vec": "AAAA"}})
+        assert await store.fill(redis_client, job, _result(job)) == 2
+    assert (await store.read_entry(redis_client, "t", exact)).sibling == semantic
+    assert (await store.read_entry(redis_client, "t", semantic)).sibling == exact
+
+    assert await store.remove_answer(redis_client, "t", semantic) == [semantic, exact]
+    assert await store.read_entry(redis_client, "t", exact) is None
+    assert sorted(await redis_client.zrange(cache_keys.index_key("t"), 0, -1)) == [f"s:{4:064x}", f"x:{3:064x}"]
+    assert await store.remove_answer(redis_client, "t", exact) == []  # gone already: the route's 404
+    assert await store.remove_answer(redis_client, "other", f"x:{3:064x}") == []  # another tenant's
+    assert await store.read_entry(redis_client, "t", f"x:{3:064x}") is not None
 
 
 async def test_bound_evicts_the_oldest_and_announces_semantic_removals(redis_client):
@@ -452,6 +473,8 @@ def test_an_operator_removes_a_tenants_entries_from_the_cli(redis_url, capsys):
     asyncio.run(seed())
     assert cli("remove", "--tenant", "acme", f"x:{1:064x}", f"x:{7:064x}") == 1  # one of two held
     assert "removed 1 of 2" in capsys.readouterr().out
+    assert cli("remove", "--tenant", "acme", "x:bogus") == "error: ENTRY_ID must be 'x:' or 's:' and 64 hex " \
+        "digits, as a hit's x-tokenq-cache-entry header gives it (got 'x:bogus')"
     assert cli("purge", "--tenant", "acme") == 0
     assert "removed 1 entries of tenant 'acme'" in capsys.readouterr().out
     r = sync_redis.Redis.from_url(redis_url, decode_responses=True)
