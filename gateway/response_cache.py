@@ -136,8 +136,9 @@ class ResponseCache:
             if entry is None:
                 self.semantic.forget(tenant, match.entry_id)
         self._count("semantic", hit=False)
-        pending["semantic"] = {"id": key.entry_id, "scope": key.scope, "text": key.text,
-                               "vec": encode_vector(vector)}
+        if match is None or match.nearest_cosine < policy.NEAR_DUPLICATE_COSINE:
+            pending["semantic"] = {"id": key.entry_id, "scope": key.scope, "text": key.text,
+                                   "vec": encode_vector(vector)}
         return Lookup(None, pending)
 
     def _count(self, kind: str, hit: bool) -> None:

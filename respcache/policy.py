@@ -14,6 +14,10 @@ CacheMode = Literal["exact", "semantic", "off"]
 # The verifier's match probability a semantic hit needs: the one `python -m respcache.train` chose on the
 # tune split of the Quora pairs and stored in the verifier's model file (a test keeps the two equal).
 DEFAULT_THRESHOLD = 0.911
+# A question this near (cosine) to a cached one of its scope, and not answered by it, keeps no semantic entry
+# of its own (its exact entry is kept): the verifier weighs the nearest entry against its rivals, so a
+# cluster of near-identical entries would score each other down and a rewording of them all would miss.
+NEAR_DUPLICATE_COSINE = 0.95
 DEFAULT_TTL_S = 86400
 DEFAULT_MAX_ENTRIES = 100_000
 # Fields of the tenant's settings hash (protocol.keys.tenant_key).

@@ -38,6 +38,7 @@ class Match:
     entry_id: str
     probability: float
     text: str
+    nearest_cosine: float = 0.0  # of the nearest entry, whichever the verifier liked best
 
 
 class SemanticCache:
@@ -176,7 +177,7 @@ class SemanticCache:
             return vector, None
         probs = self._verifier.judge(vector, np.stack([c.vector for c in found]), text, [c.text for c in found])
         i = int(np.argmax(probs))
-        return vector, Match(found[i].entry_id, float(probs[i]), found[i].text)
+        return vector, Match(found[i].entry_id, float(probs[i]), found[i].text, float(found[0].vector @ vector))
 
     async def best(self, tenant: str, scope: str, text: str,
                    vector: np.ndarray | None = None) -> tuple[np.ndarray, Match | None]:

@@ -377,6 +377,31 @@ async def test_a_question_asked_again_in_other_case_and_marks_is_a_hit_at_the_de
 
 
 @pytest.mark.slow
+async def test_a_near_duplicate_that_missed_keeps_no_semantic_entry_to_crowd_the_first(
+        client, app, idle_worker, redis_client):
+    """The verifier weighs the nearest entry against its rivals: had the near-identical miss been stored
+    beside the first question, a rewording of both would score under the threshold against either."""
+    needs_semantic_cache()
+    acme = await create_key(redis_client, "acme", {})
+    assert await app.state.ctx.cache.semantic.ready()
+    r = await client.post("/v1/jobs", json=chat("What is the best way to learn German?"), headers=bearer(acme.api_key))
+    await finish(redis_client, r.json()["id"], " Practice daily.")
+    await asyncio.sleep(0.5)
+    near = chat("What is the best way for me to learn German?")  # scores under the default threshold
+    r = await client.post("/v1/jobs", json=near, headers=bearer(acme.api_key))
+    assert "x-tokenq-cache" not in r.headers
+    await finish(redis_client, r.json()["id"], " Immerse yourself.")
+    await asyncio.sleep(0.5)
+    assert len(app.state.ctx.cache.semantic) == 1  # the first question alone
+    r = await client.post("/v1/jobs", json=near, headers=bearer(acme.api_key))
+    assert r.headers.get("x-tokenq-cache") == "exact"  # its own answer kept, for the very question
+    r = await client.post("/v1/jobs", json=chat("What's the best way to learn German?"), headers=bearer(acme.api_key))
+    assert r.headers.get("x-tokenq-cache") == "semantic"
+    got = (await client.get(f"/v1/jobs/{r.json()['id']}", headers=bearer(acme.api_key))).json()
+    assert got["result"]["choices"][0]["message"]["content"] == " Practice daily."
+
+
+@pytest.mark.slow
 async def test_semantic_entries_are_tenant_scoped(client, app, idle_worker, redis_client):
     needs_semantic_cache()
     acme = await create_key(redis_client, "acme", {})
