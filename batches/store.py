@@ -115,12 +115,17 @@ async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, e
     return record
 
 
+def batch_errors(b: dict[str, str]) -> dict[str, Any] | None:
+    """The Batch object's `errors`: why a batch failed validation (a list object), else None."""
+    errors = json.loads(b["errors"]) if b.get("errors") else None
+    return {"object": "list", "data": errors} if errors else None
+
+
 def batch_object(b: dict[str, str]) -> dict[str, Any]:
     """OpenAI's Batch object."""
-    errors = json.loads(b["errors"]) if b.get("errors") else None
     obj: dict[str, Any] = {
         "id": b["id"], "object": "batch", "endpoint": b["endpoint"],
-        "errors": {"object": "list", "data": errors} if errors else None,
+        "errors": batch_errors(b),
         "input_file_id": b["input_file_id"], "completion_window": b["completion_window"],
         "status": b["status"], "output_file_id": b.get("output_file_id") or None,
         "error_file_id": b.get("error_file_id") or None,

@@ -73,6 +73,9 @@ async def test_batch_end_is_announced_once(redis_url, default_model_dir, monkeyp
     assert event["data"]["output_file_id"]
     assert events[cancelled.id][1]["type"] == "batch.cancelled"
     assert events[failed.id][1]["type"] == "batch.failed"
+    errors = events[failed.id][1]["data"]["errors"]  # the receiver learns why without a GET
+    assert errors["object"] == "list" and errors["data"] and errors["data"][0]["message"]
+    assert events[done.id][1]["data"]["errors"] is None
     paths = {r_["headers"]["webhook-id"]: r_["path"] for r_ in rx.requests}
     assert paths == {f"msg_{done.id}": "/mine", f"msg_{cancelled.id}": "/tenant", f"msg_{failed.id}": "/tenant"}
 

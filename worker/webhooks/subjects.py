@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from batches import keys as batch_keys
+from batches.store import batch_errors
 from protocol import job_record as F
 from protocol import keys
 from worker.webhooks.event import _epoch, _iso, event_body
@@ -64,6 +65,7 @@ def batch_event_body(batch_id: str, record: dict[str, str]) -> str:
         "output_file_id": record.get("output_file_id") or None,
         "error_file_id": record.get("error_file_id") or None,
         "request_counts": {name: int(record.get(name) or 0) for name in ("total", "completed", "failed")},
+        "errors": batch_errors(record),  # why a batch.failed failed, without a GET
         "metadata": json.loads(record.get("metadata") or "{}"),
         "created_at": _epoch(record.get("created_at")),
         "ended_at": _epoch(ended),
