@@ -16,7 +16,7 @@ def load_or_create(path: Path, wait_s: float = 5.0) -> str:
     start together agree: one creates it (O_EXCL), the others read what it wrote."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # Prometheus runs as another user
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         deadline = time.monotonic() + wait_s
         while not (token := path.read_text().strip()):
@@ -26,6 +26,7 @@ def load_or_create(path: Path, wait_s: float = 5.0) -> str:
             time.sleep(0.05)
         return token
     token = secrets.token_urlsafe(32)
+    os.fchmod(fd, 0o644)  # whatever the umask: Prometheus, another user, reads it
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
