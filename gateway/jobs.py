@@ -35,6 +35,9 @@ class Delta:
     # the text came from the hash (a snapshot or a missed delta), which keeps no logprobs.
     logprobs: list[TokenLogprob] | None = None
     index: int = 0  # the choice
+    # Set on the choice's last delta when it ended before the job (protocol.events.DeltaEvent)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
 
     @property
     def end(self) -> int:
@@ -205,10 +208,10 @@ async def _events(sub: Subscription, cursor: _Cursor, want_deltas: bool
                 yield Restarted(event.index)
                 return
             end = event.offset + len(event.text)
-            if end > offset:
+            if end > offset or (event.finish_reason is not None and end == offset):
                 whole = offset == event.offset
                 delta = Delta(event.text[offset - event.offset:], offset, event.logprobs if whole else None,
-                              event.index)
+                              event.index, event.finish_reason, event.stop_reason)
                 cursor.advance(delta)
                 yield delta
         elif isinstance(event, StateEvent) and event.state.final:

@@ -165,6 +165,10 @@ async def completion_chunks(redis: aioredis.Redis, payload: JobPayload, created:
              else None)
     keepalive = _KeepAlive()
     ended = False
+    # Choices already ended by their last delta (one of several, done before the others): OpenAI ends each
+    # choice's stream as it finishes. Without tools or logprobs only, whose last chunk needs the result.
+    finished: set[int] = set()
+    early = tools is None and logprobs is None
 
     def out(obj: dict[str, Any]) -> dict[str, Any]:
         if include_usage:
@@ -185,12 +189,20 @@ async def completion_chunks(redis: aioredis.Redis, payload: JobPayload, created:
                         logprobs[item.index].in_order = False  # text held back: the final chunk carries them
                     if not text:
                         continue
-                yield out(responses.chunk(kind, job_id, model, created, text=text, index=item.index,
-                                          logprobs=logprobs[item.index].of_delta(item) if logprobs else None))
+                if text:
+                    yield out(responses.chunk(kind, job_id, model, created, text=text, index=item.index,
+                                              logprobs=logprobs[item.index].of_delta(item) if logprobs else None))
+                if item.finish_reason is not None and early:
+                    finished.add(item.index)
+                    yield out(responses.chunk(kind, job_id, model, created, text="" if kind != "chat" else None,
+                                              index=item.index, finish_reason=item.finish_reason,
+                                              stop_reason=item.stop_reason))
             elif isinstance(item, Final):
                 ended = True
                 if item.state == JobState.succeeded and item.result is not None:
                     for c in item.result.all_choices():
+                        if c.index in finished:
+                            continue
                         if tools is not None:
                             for piece in _tool_chunks(tools[c.index], c, job_id, model, created):
                                 yield out(piece)
@@ -278,8 +290,10 @@ async def job_events(redis: aioredis.Redis, job_id: str, offsets: list[int],
             if isinstance(item, Delta):
                 offsets += [0] * (item.index + 1 - len(offsets))
                 offsets[item.index] = item.end
-                body = json.dumps({"text": item.text, "offset": item.offset, "index": item.index},
-                                  ensure_ascii=False)
+                fields = {"text": item.text, "offset": item.offset, "index": item.index}
+                if item.finish_reason is not None:  # this choice ended, the job's others go on
+                    fields["finish_reason"] = item.finish_reason
+                body = json.dumps(fields, ensure_ascii=False)
                 yield f"id: {event_id(offsets)}\nevent: delta\ndata: {body}\n\n"
             elif isinstance(item, Final):
                 record = await read_job(redis, job_id)

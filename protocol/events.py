@@ -20,6 +20,10 @@ class DeltaEvent(BaseModel):
     # With logprobs asked: the entries that follow the ones published before, in order (the echoed
     # prompt's first); the final result holds them all.
     logprobs: list[TokenLogprob] | None = None
+    # On a choice's last delta when it ends before the job (a job of several choices whose others go on), so
+    # that a stream ends that choice at once, as OpenAI's do; the final result holds every choice's end.
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
 
 
 class StateEvent(BaseModel):

@@ -60,6 +60,8 @@ class ChoiceOutput:
     num_output_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    ended_early: bool = False  # finished (stop or length) while the job's other choices go on
+    end_published: bool = False
 
 
 @dataclass(eq=False)
@@ -126,6 +128,8 @@ class RunningJob:
             choice.stop_reason = out.stop_reason
             if out.request_finished:
                 self.finish_reason = choice.finish_reason
+            elif out.finish_reason in ("stop", "length") and not isinstance(out, FailedOutput):
+                choice.ended_early = True
             if isinstance(out, FailedOutput):
                 self.finish_reason, self.error, self.error_type = "error", out.error, out.error_type
 
@@ -133,7 +137,8 @@ class RunningJob:
         """The next deltas to publish (everything not yet published), one per choice with new text."""
         events = []
         for choice in self.choices:
-            if len(choice.text) <= choice.published_len:
+            ends = choice.ended_early and not choice.end_published
+            if len(choice.text) <= choice.published_len and not ends:
                 continue
             self.seq += 1
             logprobs = None
@@ -143,9 +148,11 @@ class RunningJob:
                 choice.unpublished_logprobs = []
             events.append(DeltaEvent(seq=self.seq, offset=choice.published_len, index=choice.index,
                                      text=choice.text[choice.published_len:], token_ids=choice.unpublished_ids,
-                                     logprobs=logprobs))
+                                     logprobs=logprobs, finish_reason=choice.finish_reason if ends else None,
+                                     stop_reason=choice.stop_reason if ends else None))
             choice.published_len = len(choice.text)
             choice.unpublished_ids = []
+            choice.end_published = choice.end_published or ends
         return events
 
 

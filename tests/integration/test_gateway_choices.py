@@ -74,6 +74,26 @@ async def test_chat_stream_carries_each_choice_by_index(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_choice_that_ends_first_ends_its_stream_at_once(client, path):
+    """As OpenAI's streams do: its finish chunk does not wait for the job's other choices."""
+    body = {**(COMPLETION if path == "/v1/completions" else CHAT), "n": 4, "seed": 11, "max_tokens": 16}
+    answer = (await client.post(path, json=body)).json()["choices"]
+    free = [c.get("text", (c.get("message") or {}).get("content")) for c in answer]
+    # A stop string early in choice 0's text and in no other's: choice 0 ends long before the rest.
+    stop = next(free[0][i:i + 3] for i in range(1, len(free[0]) - 3)
+                if free[0][i:i + 3].strip() and all(free[0][i:i + 3] not in t for t in free[1:]))
+    chunks = await sse_chunks(client, path, {**body, "stop": [stop]})
+    ends = [(k, c["choices"][0]) for k, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(choice["index"] for _, choice in ends) == [0, 1, 2, 3]  # each choice ends once
+    [(first_end, choice0)] = [(k, choice) for k, choice in ends if choice["index"] == 0]
+    assert (choice0["finish_reason"], choice0["stop_reason"]) == ("stop", stop)
+    others_text = [k for k, c in enumerate(chunks) if c["choices"] and c["choices"][0]["index"] != 0
+                   and (c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content"))]
+    assert first_end < max(others_text)  # the others still streamed after it
+    assert chunks[-1]["usage"]["completion_tokens"] > 3 * 15  # and the usage chunk is still the last
+
+
 async def test_best_of_returns_n_and_cannot_stream(client):
     r = await client.post("/v1/completions", json={**COMPLETION, "n": 2, "best_of": 4, "seed": 1, "logprobs": 0})
     assert r.status_code == 200, r.text

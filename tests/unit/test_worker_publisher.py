@@ -89,15 +89,28 @@ def test_choices_have_their_own_deltas_and_the_job_ends_with_the_last():
     j.absorb(RequestOutput("job_1", [9], "b", index=2, finished=True, finish_reason="stop", stop_reason="!",
                            num_output_tokens=2, choices_left=2), now=2.0)
     assert j.finish_reason is None  # two choices still run
-    assert [(e.index, e.offset, e.text) for e in j.take_deltas()] == [(2, 2, "b")]
+    # A choice that ends before the job says so on its last delta: a stream ends that choice at once.
+    assert [(e.index, e.offset, e.text, e.finish_reason, e.stop_reason) for e in j.take_deltas()] == [
+        (2, 2, "b", "stop", "!")]
     j.absorb(RequestOutput("job_1", [], "", index=1, finished=True, finish_reason="length", num_output_tokens=0,
                            choices_left=1), now=3.0)
+    assert [(e.index, e.text, e.finish_reason) for e in j.take_deltas()] == [(1, "", "length")]  # no text, still
+    assert j.take_deltas() == []  # said once
     j.absorb(RequestOutput("job_1", [4], "c", finished=True, finish_reason="stop", num_output_tokens=2), now=3.0)
+    assert [(e.index, e.text, e.finish_reason) for e in j.take_deltas()] == [(0, "c", None)]  # the job's end says
     r = build_result(j)
     assert [(c.index, c.text, c.finish_reason, c.stop_reason) for c in r.all_choices()] == [
         (0, "ac", "stop", None), (1, "", "length", None), (2, "xyb", "stop", "!")]
     assert (r.text, r.finish_reason, r.token_ids) == ("ac", "stop", [7, 4])
     assert r.usage.completion_tokens == 4
+
+
+def test_an_aborted_choice_is_no_early_end():
+    """A cancel aborts every choice: the job's final state says how it ended, not a choice's delta."""
+    j = job(n=2)
+    j.absorb(RequestOutput("job_1", [7], "a", index=1, finished=True, finish_reason="abort", choices_left=1),
+             now=1.0)
+    assert [(e.index, e.text, e.finish_reason) for e in j.take_deltas()] == [(1, "a", None)]
 
 
 def test_a_cancelled_job_ends_its_unfinished_choices_as_aborted():
