@@ -46,6 +46,18 @@ def too_large(tenant: Tenant, tokens: int) -> ApiError | None:
                     code="request_too_large")
 
 
+def prompts_too_many(tenant: Tenant, prompts: int, tokens: int) -> ApiError | None:
+    """A 400 for a completion of several prompts (one job each) that no wait lets in whole: more prompts than
+    the tenant's requests per minute or queued jobs, or more tokens than its tokens per minute."""
+    for limit, value, name in ((tenant.rpm, prompts, "requests per minute (rpm)"),
+                               (tenant.max_queued, prompts, "queued jobs (max_queued)")):
+        if limit and value > limit:
+            return ApiError(400, f"prompt: {prompts} prompts are {prompts} jobs, more than the {name} of tenant "
+                                 f"{tenant.name!r} ({limit}); send fewer prompts a request", param="prompt",
+                            code="request_too_large")
+    return too_large(tenant, tokens)
+
+
 def limit_error(tenant: Tenant, refused: Refused, tokens: int, model: str, lane: str, max_depth: int) -> ApiError:
     retry_after = max(1, math.ceil(refused.wait_ms / 1000))
     used = refused.used

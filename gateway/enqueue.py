@@ -87,7 +87,7 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     except Refused as refused:
         raise _refusal(ctx, tenant, payload, refused) from None
     if submitted.repeat:
-        return await _first_job(ctx, tenant.name, idempotency_key or "", payload.model, submitted.job_id)
+        return await _first_job(ctx, tenant.name, idempotency_key or "", payload, submitted.job_id)
     bind_job(payload.id)
     ctx.metrics.jobs_enqueued.labels(payload.model, payload.lane).inc()
     log.debug("job enqueued", model=payload.model, lane=payload.lane, kind=payload.kind,
@@ -106,7 +106,7 @@ async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReque
     except Refused as refused:
         raise _refusal(ctx, tenant, payload, refused) from None
     if holder != payload.id:
-        return await _first_job(ctx, tenant.name, idempotency_key or "", payload.model, holder)
+        return await _first_job(ctx, tenant.name, idempotency_key or "", payload, holder)
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
     return Enqueued(payload, float(record[F.CREATED_AT]), record, hit=hit)
 
@@ -115,16 +115,22 @@ def _refusal(ctx: GatewayContext, tenant: Tenant, payload: JobPayload, refused: 
     return limit_error(tenant, refused, payload.cost_tokens, payload.model, payload.lane, ctx.max_queue_depth)
 
 
-async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, model: str, job_id: str) -> Enqueued:
+async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, asked: JobPayload,
+                     job_id: str) -> Enqueued:
     """The job a repeated key maps to (written in the same script that bound the key). If it is gone
-    (evicted), the key is released so that the client's next retry goes through."""
+    (evicted), the key is released so that the client's next retry goes through. A key first used for a
+    chat and now for a completion (or back) is refused: the route could not answer with that job."""
     bind_job(job_id)
     record = await read_job(ctx.redis, job_id)
     if record is not None and record.get(F.PAYLOAD):
-        log.info("idempotent repeat", first_job=job_id)
         payload = JobPayload.model_validate_json(record[F.PAYLOAD])
+        if payload.kind != asked.kind:
+            raise ApiError(409, f"this Idempotency-Key was used for a {payload.kind} (job {job_id}), not a "
+                                f"{asked.kind}: use a new key for another request", param="Idempotency-Key",
+                           code="idempotency_key_reused")
+        log.info("idempotent repeat", first_job=job_id)
         return Enqueued(payload, float(record.get(F.CREATED_AT) or 0), record)
-    await ctx.store.release_idempotency_key(tenant, idempotency_key, model, job_id)
+    await ctx.store.release_idempotency_key(tenant, idempotency_key, asked.model, job_id)
     raise ApiError(409, "the job this Idempotency-Key was used for is gone; retry the request",
                    param="Idempotency-Key", code="idempotency_key_in_use")
 

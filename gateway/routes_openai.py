@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response
 
 from gateway import responses
-from gateway.admission import check_idempotency_key
+from gateway.admission import check_idempotency_key, limits_of, prompts_too_many
 from gateway.auth import Tenant
 from gateway.context import Caller, GatewayContext, get_caller
 from gateway.enqueue import Enqueued, enqueue, submit
@@ -86,6 +86,8 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
     whole or not at all."""
     decision = await ctx.cache.decide(tenant.name, body.cache)
     payloads = [await prepare(ctx.registry, b, body.priority, body.stream, tenant.name) for b in bodies]
+    if (error := prompts_too_many(tenant, len(payloads), sum(p.cost_tokens for p in payloads))) is not None:
+        raise error
     jobs: list[Enqueued] = []
     try:
         for i, (b, p) in enumerate(zip(bodies, payloads, strict=True)):
@@ -129,11 +131,13 @@ def _cache_headers(jobs: list[Enqueued]) -> dict[str, str] | None:
 
 
 async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], idempotency_key: str | None) -> None:
-    """Cancel the jobs queued for a request refused after all, and free their keys, so that the client's
-    retry is queued whole."""
+    """Cancel the jobs queued for a request refused after all, free their keys and give back what they
+    counted against the tenant's rpm and tpm (a refused request counts towards no limit), so that the
+    client's retry is queued whole."""
     for i, job in enumerate(jobs):
         if not job.queued_here:
             continue
+        await ctx.store.refund(job.payload, job.created_at, limits_of(tenant, 0), tokens=job.cache is None)
         await ctx.canceller.cancel(JobRef.of(job.payload))
         if (key := prompt_key(idempotency_key, i)) is not None:
             await ctx.store.release_idempotency_key(tenant.name, key, job.payload.model, job.payload.id)

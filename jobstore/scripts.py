@@ -189,6 +189,16 @@ end
 return {{1, id, added}}
 """)
 
+# KEYS: 1 the rpm counter, 2 the tpm counter of the minute a job was admitted in. ARGV: 1 requests, 2 tokens
+# to give back. A counter gone (its minute past) is left alone.
+REFUND = Script("""
+for i = 1, 2 do
+  local n = tonumber(ARGV[i])
+  if n > 0 and redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], n) end
+end
+return 1
+""")
+
 # KEYS: 1 job hash, 2 its text. Returns {the hash as HGETALL gives it, the text or false}: read at one
 # instant where no MULTI can be had (a cluster).
 READ = Script("return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]) or false}")

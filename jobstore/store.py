@@ -181,6 +181,16 @@ class JobStore:
                                   maxlen=NEW_TENANTS_MAXLEN, approximate=True)
         return Submitted(payload.id, now)
 
+    async def refund(self, payload: JobPayload, admitted_at: float, limits: Limits, tokens: bool = True) -> None:
+        """Give back what a job admitted at `admitted_at` counted against its tenant's rpm (and, with
+        `tokens`, tpm): a request withdrawn after some of its jobs were admitted counts towards no limit."""
+        minute = int(admitted_at // RATE_WINDOW_S)
+        tenant, model = payload.tenant, payload.model
+        await runner.run(
+            self._scripts, s.REFUND,
+            [keys.tenant_counter_key(tenant, model, "rpm", minute), keys.tenant_counter_key(tenant, model, "tpm", minute)],
+            [1 if limits.rpm > 0 else 0, payload.cost_tokens if tokens and limits.tpm > 0 else 0])
+
     async def write_finished(self, job_id: str, model: str, tenant: str, record: dict[str, str],
                              idempotency_key: str | None, webhook: bool, rpm: int = 0,
                              now: float | None = None) -> str:

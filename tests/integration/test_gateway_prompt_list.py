@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from gateway.prompt_list import prompt_key
 from protocol import keys
 from respcache import keys as cache_keys
 from tests.integration.engine_stack import gateway_with_engine
@@ -114,8 +115,21 @@ async def test_a_retried_key_gets_each_prompts_first_job(client, redis_client):
     again = await client.post("/v1/completions", json=body, headers={"Idempotency-Key": "several-1"})
     assert first.status_code == again.status_code == 200, again.text
     assert again.json() == first.json()
-    bound = {await redis_client.get(keys.idem_key("default", f"several-1#{i}", MODEL)) for i in range(3)}
+    bound = {await redis_client.get(keys.idem_key("default", prompt_key("several-1", i), MODEL)) for i in range(3)}
     assert len(bound) == 3 and None not in bound
+
+
+async def test_a_clients_key_is_never_another_requests_prompts(client):
+    """Each prompt's own key is joined by a character no header holds: a client's `K#1` is not prompt 1 of a
+    later request keyed `K`."""
+    r = await client.post("/v1/jobs", json={"model": MODEL, "prompt": "t30 t31", **GREEDY},
+                          headers={"Idempotency-Key": "K#1"})
+    assert r.status_code == 202
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[:2], **GREEDY},
+                          headers={"Idempotency-Key": "K"})
+    assert r.status_code == 200, r.text
+    expected = [(await alone(client, p, **GREEDY))["choices"][0]["text"] for p in PROMPTS[:2]]
+    assert [c["text"] for c in r.json()["choices"]] == expected
 
 
 async def test_each_prompt_is_answered_from_the_response_cache(client, redis_client):

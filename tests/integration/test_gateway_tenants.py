@@ -15,7 +15,9 @@ import pytest
 from gateway.apikeys import API_KEYS_SET, create_key, list_keys, revoke_key, set_auth
 from gateway.app import create_app
 from gateway.event_hub import event_hub
+from gateway.prompt_list import prompt_key
 from jobstore.connect import is_cluster_url
+from jobstore.store import RATE_WINDOW_S
 from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobPayload
@@ -549,14 +551,58 @@ async def test_sliding_window_and_retry_after(redis_client):
     await store.submit(job(5), "{}", {}, False, limits, now=t0 + 151)
 
 
+async def _counted(redis_client, tenant: str) -> tuple[int, int]:
+    """The tenant's rpm and tpm counts of this minute and the one before (the window's two counters)."""
+    minute = int(time.time() // RATE_WINDOW_S)
+    totals = []
+    for limit in ("rpm", "tpm"):
+        values = [await redis_client.get(keys.tenant_counter_key(tenant, MODEL, limit, m)) for m in (minute, minute - 1)]
+        totals.append(sum(int(v or 0) for v in values))
+    return totals[0], totals[1]
+
+
 async def test_a_completion_of_several_prompts_is_refused_whole(client, idle_worker, redis_client):
-    """A limit that refuses one prompt of several cancels the jobs queued before it and frees their
-    Idempotency-Keys, so that the client's retry is queued whole."""
-    key = (await create_key(redis_client, "several", {"max_queued": 2})).api_key
+    """A limit that refuses one prompt of several cancels the jobs queued before it, frees their
+    Idempotency-Keys and gives back what they counted against rpm and tpm (a refused request counts towards
+    no limit), so that the client's retry is queued whole and the tenant's other requests are not held up."""
+    key = (await create_key(redis_client, "several", {"max_queued": 3, "rpm": 10, "tpm": 10_000})).api_key
+    r = await client.post("/v1/jobs", json={"model": MODEL, "prompt": "zero", "max_tokens": 4}, headers=bearer(key))
+    assert r.status_code == 202
+    before = await _counted(redis_client, "several")
     body = {"model": MODEL, "prompt": ["one", "two", "three"], "max_tokens": 4}
     r = await client.post("/v1/completions", json=body, headers={**bearer(key), "Idempotency-Key": "k1"})
-    err = assert_error(r, 429)
+    err = assert_error(r, 429)  # two prompts admitted, the third over max_queued
     assert "max_queued" in err["message"]
-    assert await redis_client.get(keys.tenant_queued_key("several", MODEL)) == "0"
+    assert await redis_client.get(keys.tenant_queued_key("several", MODEL)) == "1"
     for i in range(3):
-        assert not await redis_client.exists(keys.idem_key("several", f"k1#{i}", MODEL))
+        assert not await redis_client.exists(keys.idem_key("several", prompt_key("k1", i), MODEL))
+    assert await _counted(redis_client, "several") == before
+
+
+@pytest.mark.parametrize("limits, needle", [({"rpm": 2}, "requests per minute (rpm)"),
+                                            ({"max_queued": 2}, "queued jobs (max_queued)"),
+                                            ({"tpm": 20}, "tokens per minute (tpm)")])  # each prompt ~10
+async def test_several_prompts_no_wait_lets_in_are_a_400(client, idle_worker, redis_client, limits, needle):
+    """More prompts than the tenant's rpm or max_queued, or more tokens than its tpm, fit no minute: a 429
+    would send the client to retry for ever."""
+    key = (await create_key(redis_client, "small", limits)).api_key
+    body = {"model": MODEL, "prompt": ["one", "two", "three"], "max_tokens": 8}
+    r = await client.post("/v1/completions", json=body, headers=bearer(key), timeout=30)  # admitted: no worker
+    err = assert_error(r, 400)
+    assert err["code"] == "request_too_large" and needle in err["message"]
+    assert await _counted(redis_client, "small") == (0, 0)
+    assert await redis_client.get(keys.tenant_queued_key("small", MODEL)) in (None, "0")
+
+
+async def test_a_key_used_for_a_chat_is_refused_for_a_completion(client, idle_worker, redis_client):
+    """The completions route could not answer with a chat job (nor back): a 409, not a body of the wrong kind."""
+    key = (await create_key(redis_client, "idem", {})).api_key
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r = await client.post("/v1/jobs", json=chat, headers={**bearer(key), "Idempotency-Key": "same"})
+    assert r.status_code == 202
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4},
+                          headers={**bearer(key), "Idempotency-Key": "same"})
+    err = assert_error(r, 409)
+    assert err["code"] == "idempotency_key_reused" and err["param"] == "Idempotency-Key"
+    r = await client.post("/v1/jobs", json=chat, headers={**bearer(key), "Idempotency-Key": "same"})
+    assert r.status_code == 202 and r.headers.get("idempotent-replayed") == "true"  # the same kind replays
