@@ -69,7 +69,8 @@ def recorded_url(data_dir: Path) -> str | None:
 
 
 def _url(port: int, password: str) -> str:
-    return f"redis://:{password}@127.0.0.1:{port}/0"
+    # The user named (Redis's `default`): redis-cli 7.0 sends an empty one as given, and AUTH fails.
+    return f"redis://default:{password}@127.0.0.1:{port}/0"
 
 
 def _recorded_password(url: str) -> str | None:
@@ -82,10 +83,13 @@ def _stop_orphan(port: int, data_dir: Path, password: str | None) -> bool:
     """A redis-server of this home left behind by a `tokenq up` that was killed: shut it down (it writes
     its append-only file first). True if there was one."""
     try:
-        client = redis.Redis(port=port, password=password, socket_connect_timeout=1, decode_responses=True)
+        client = redis.Redis(port=port, password=password, socket_connect_timeout=1, socket_timeout=2,
+                             decode_responses=True)
         if Path(client.config_get("dir").get("dir", "")).resolve() != data_dir.resolve():
             return False
         client.shutdown(nosave=False)
+    except (redis.AuthenticationError, redis.TimeoutError):  # another program's port (or Redis): not ours
+        return False
     except redis.ConnectionError:
         pass  # SHUTDOWN closes the connection under us
     except redis.RedisError:

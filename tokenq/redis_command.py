@@ -9,8 +9,8 @@ import re
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio.connection import parse_url
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
 
 from jobstore.connect import CLUSTER_SCHEMES, AnyRedis, connect
 from tokenq import settings
@@ -61,6 +61,9 @@ def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitabl
 
     try:
         return asyncio.run(run())
+    except AuthenticationError as e:  # a ConnectionError to redis-py, but the server is up
+        raise SystemExit(f"error: Redis at {redacted(url)} refused the password ({e}): put the right one in the "
+                         "URL (`tokenq up`'s embedded Redis records its own in TOKENQ_HOME/redis/address)") from None
     except RedisConnectionError as e:
         raise SystemExit(f"error: cannot reach Redis at {redacted(url)} ({e}); is `tokenq up` running?") from None
     except (RedisError, RedisClusterException) as e:  # a server that is not Redis, a DB index out of range...

@@ -84,7 +84,7 @@ def test_prints_url_and_curl_example(tokenq_up):
     text = (home / "up.log").read_text()
     assert base in text and "curl" in text
     password = (home / "redis" / "address").read_text().split("@")[0].rsplit(":", 1)[1]
-    assert "embedded Redis on redis://:***@127.0.0.1:" in text and password not in text  # the log keeps no secret
+    assert "embedded Redis on redis://default:***@127.0.0.1:" in text and password not in text  # the log keeps no secret
 
 
 def test_openai_client_chat_and_stream(tokenq_up):

@@ -4,13 +4,14 @@ read it, and takes over from a redis-server of the same home left behind by a ki
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from tokenq import settings
-from tokenq.embedded_redis import EmbeddedRedis, free_port
+from tokenq.embedded_redis import EmbeddedRedis, free_port, redis_server_binary, wait_for_port
 from tokenq.home_lock import HomeLock, HomeLocked, running_gateway
 
 
@@ -110,3 +111,37 @@ def test_one_up_per_home(home, monkeypatch):
     # The file stays, but nobody holds it: no gateway is running.
     assert running_gateway(home) is None and settings.gateway_url() == settings.DEFAULT_GATEWAY_URL
     HomeLock(home).acquire("http://127.0.0.1:3")
+
+
+def test_a_recorded_port_held_by_another_password_protected_redis_is_left_at_once(home, tmp_path):
+    """Not this home's orphan: a new port, without waiting for the other server to go."""
+    port = free_port()
+    other = subprocess.Popen([redis_server_binary(), "--port", str(port), "--requirepass", "not-ours", "--save", "",
+                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        data_dir = settings.embedded_redis_dir()
+        data_dir.mkdir(parents=True)
+        (data_dir / "address").write_text(f"redis://default:mine@127.0.0.1:{port}/0\n")
+        started = time.monotonic()
+        server = EmbeddedRedis(data_dir).start()
+        try:
+            assert server.port != port and time.monotonic() - started < 5
+            assert other.poll() is None  # left running
+        finally:
+            server.stop()
+    finally:
+        other.terminate()
+        other.wait(timeout=10)
+
+
+def test_a_command_given_the_wrong_password_says_so(home):
+    from tokenq.redis_command import run_with_redis
+
+    server = EmbeddedRedis(settings.embedded_redis_dir()).start()
+    try:
+        wrong = server.url.replace(server.password, "wrong")
+        with pytest.raises(SystemExit, match="refused the password"):
+            run_with_redis(wrong, lambda redis: redis.ping())
+    finally:
+        server.stop()
