@@ -10,6 +10,8 @@ import secrets
 import time
 from pathlib import Path
 
+from tokenq.settings import SettingError
+
 
 def load_or_create(path: Path, wait_s: float = 5.0) -> str:
     """The token in `path`; a new random one written there first when there is no such file. Gateways that
@@ -21,8 +23,8 @@ def load_or_create(path: Path, wait_s: float = 5.0) -> str:
         deadline = time.monotonic() + wait_s
         while not (token := path.read_text().strip()):
             if time.monotonic() > deadline:
-                raise ValueError(f"TOKENQ_METRICS_TOKEN_FILE {path} is empty: delete it and a gateway makes a "
-                                 "new token") from None
+                raise SettingError(f"TOKENQ_METRICS_TOKEN_FILE {path} is empty: delete it and a gateway makes a "
+                                   "new token") from None
             time.sleep(0.05)
         return token
     token = secrets.token_urlsafe(32)
@@ -36,4 +38,9 @@ def metrics_token(token: str | None, token_file: str | None) -> str | None:
     """The token /metrics asks for (None: open), from the two settings; a token given outright wins."""
     if token:
         return token
-    return load_or_create(Path(token_file)) if token_file else None
+    if not token_file:
+        return None
+    try:
+        return load_or_create(Path(token_file))
+    except OSError as e:  # a folder, an unreadable file, a parent that cannot be made
+        raise SettingError(f"TOKENQ_METRICS_TOKEN_FILE {token_file}: {e.strerror or e}") from None

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gateway.metrics_token import load_or_create, metrics_token
+from tokenq.settings import SettingError
 
 
 def test_the_first_gateway_makes_the_token_and_later_ones_read_it(tmp_path):
@@ -29,8 +30,16 @@ def test_gateways_starting_together_agree(tmp_path):
 def test_an_empty_file_is_an_error_that_says_what_to_do(tmp_path):
     path = tmp_path / "metrics-token"
     path.write_text("\n")
-    with pytest.raises(ValueError, match=r"TOKENQ_METRICS_TOKEN_FILE .* is empty: delete it"):
+    with pytest.raises(SettingError, match=r"TOKENQ_METRICS_TOKEN_FILE .* is empty: delete it"):
         load_or_create(path, wait_s=0.1)
+
+
+def test_a_path_that_cannot_hold_the_token_names_the_variable(tmp_path):
+    """`tokenq gateway` then says one line, as for any bad TOKENQ_* variable, not a traceback."""
+    (tmp_path / "a-file").write_text("x")
+    for bad in (tmp_path, tmp_path / "a-file" / "token"):  # a folder; a file where its folder should be
+        with pytest.raises(SettingError, match=f"TOKENQ_METRICS_TOKEN_FILE {bad}: "):
+            metrics_token(None, str(bad))
 
 
 def test_a_token_given_outright_wins_and_neither_leaves_metrics_open(tmp_path):
