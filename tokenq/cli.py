@@ -11,7 +11,7 @@ from jobstore.connect import is_cluster_url
 from tokenq import settings
 from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
 from tokenq.flag_checks import MAX_PORT, MODEL_SHAPES, OptionError, check_host, check_port_free, port
-from tokenq.redis_command import redacted, require_redis_url
+from tokenq.redis_command import redacted, refuse_a_wrong_password, require_redis_url
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -49,6 +49,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import run
 
     url = require_redis_url(args.redis_url)
+    refuse_a_wrong_password(url)
     check_host(args.host)
     run(host=args.host, port=args.port, redis_url=url)
     return 0
@@ -61,6 +62,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     # A bad flag stops the start before the model is fetched and loaded.
     url = require_redis_url(args.redis_url)
+    refuse_a_wrong_password(url)
     check_port_free("--metrics-port", args.metrics_port, args.metrics_host)
     config = engine_config_from(args)
     name, path = resolve_model(args.model)
@@ -75,6 +77,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     from worker.webhooks.service import run_webhooks
 
     url = require_redis_url(args.redis_url)
+    refuse_a_wrong_password(url)
     check_port_free("--metrics-port", args.metrics_port, args.metrics_host)
     queue_url = settings.Settings.from_env().webhook_queue_url or url
     return _refusing_cluster(queue_url, lambda: run_webhooks(url, metrics_port=args.metrics_port,
@@ -85,6 +88,7 @@ def cmd_batches(args: argparse.Namespace) -> int:
     from batches.service import run_batches
 
     url = require_redis_url(args.redis_url)
+    refuse_a_wrong_password(url)
     return _refusing_cluster(url, lambda: run_batches(url))
 
 

@@ -48,6 +48,26 @@ def require_redis_url(url: str | None) -> str:
     return url
 
 
+def refuse_a_wrong_password(url: str) -> None:
+    """Exit with one line when a single-node Redis refuses the URL's password (or asks for one it lacks), before
+    a role starts: a role rides out a Redis that is away, and would wait, retry or crash on a refusal that no
+    wait cures. A Redis that is away, or a cluster, is left to the role."""
+    import redis as sync_redis
+
+    if url.partition("://")[0] in CLUSTER_SCHEMES:
+        return
+    client = sync_redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        client.ping()
+    except AuthenticationError as e:
+        raise SystemExit(f"error: Redis at {redacted(url)} refused the password ({e}): put the right one in the "
+                         "URL (`tokenq up`'s embedded Redis records its own in TOKENQ_HOME/redis/address)") from None
+    except (RedisError, OSError):
+        pass
+    finally:
+        client.close()
+
+
 def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitable[int]]) -> int:
     """`command(redis)`'s exit code, on a client of `redis_url` closed afterwards."""
     url = require_redis_url(redis_url)

@@ -81,3 +81,30 @@ def test_a_role_that_refuses_a_cluster_says_so(role, refusal):
     done = subprocess.run([sys.executable, "-m", "tokenq", role, "--redis-url", "redis+cluster://127.0.0.1:1"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stderr.startswith(refusal) and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def guarded_redis(tmp_path_factory) -> Iterator[int]:
+    """A Redis that asks for a password, as `tokenq up`'s embedded one does."""
+    from tokenq.embedded_redis import redis_server_binary, wait_for_port
+
+    port = free_port()
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--requirepass", "right", "--save", "",
+                               "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield port
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("role, password", [("gateway", ""), ("worker", ""), ("webhooks", ""), ("batches", ""),
+                                            ("gateway", "default:wrong@")])
+def test_a_role_refused_its_password_says_so_and_exits(guarded_redis, role, password):
+    """Not a wait, a retry loop or a traceback: no wait cures a refused password (an old URL without the
+    embedded Redis's password, say)."""
+    url = f"redis://{password}127.0.0.1:{guarded_redis}/0"
+    done = subprocess.run([sys.executable, "-m", "tokenq", role, "--redis-url", url], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: Redis at redis://") and "refused the password" in done.stderr
+    assert "Traceback" not in done.stderr and "wrong" not in done.stderr
