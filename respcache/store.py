@@ -58,18 +58,18 @@ return 1
 
 
 # KEYS: 1 the tenant's entry set, 2 the log stream. ARGV: 1 tenant, 2 entry key prefix, 3 log maxlen, 4... ids.
-# Returns how many of the ids the tenant held.
+# Returns the ids the tenant held.
 REMOVE = Script(_ANNOUNCE_REMOVAL % (2, 3, 1) + """
-local count = 0
+local held = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   if redis.call('ZREM', KEYS[1], id) == 1 then
-    count = count + 1
+    held[#held + 1] = id
     redis.call('DEL', ARGV[2] .. id)
     removed(id)
   end
 end
-return count
+return held
 """)
 PURGE_BATCH = 1000  # ids a purge removes per script call, so that Redis is never held for long
 
@@ -151,19 +151,22 @@ async def remove_answer(redis: aioredis.Redis, tenant: str, entry_id: str) -> li
     """Removes the entry and its sibling (the same answer's other entry), so that a wrong answer taken out
     by the id its hit named does not go on answering through the other; returns the ids the tenant held."""
     entry = await read_entry(redis, tenant, entry_id)
-    ids = [entry_id, *([entry.sibling] if entry is not None and entry.sibling else [])]
-    held = [i for i in ids if await redis.zscore(keys.index_key(tenant), i) is not None]
-    await remove(redis, tenant, ids)
-    return held
+    return await _remove(redis, tenant, [entry_id, *([entry.sibling] if entry is not None and entry.sibling else [])])
 
 
 async def remove(redis: aioredis.Redis, tenant: str, entry_ids: list[str]) -> int:
     """Removes these entries of the tenant (every gateway's index drops the semantic ones); returns how many
     it held."""
+    return len(await _remove(redis, tenant, entry_ids))
+
+
+async def _remove(redis: aioredis.Redis, tenant: str, entry_ids: list[str]) -> list[str]:
+    """The ids of these entries the tenant held, removed."""
     if not entry_ids:
-        return 0
-    return int(await run(redis, REMOVE, [keys.index_key(tenant), keys.LOG_STREAM],
-                         [tenant, keys.entry_key(tenant, ""), keys.LOG_MAXLEN, *entry_ids]))
+        return []
+    held = await run(redis, REMOVE, [keys.index_key(tenant), keys.LOG_STREAM],
+                     [tenant, keys.entry_key(tenant, ""), keys.LOG_MAXLEN, *entry_ids])
+    return [i.decode() if isinstance(i, bytes) else i for i in held]
 
 
 async def purge(redis: aioredis.Redis, tenant: str) -> int:

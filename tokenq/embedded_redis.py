@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
@@ -73,12 +74,6 @@ def _url(port: int, password: str) -> str:
     return f"redis://default:{password}@127.0.0.1:{port}/0"
 
 
-def _recorded_password(url: str) -> str | None:
-    """The password of a recorded URL; None for one recorded before the embedded Redis had one."""
-    userinfo, at, _ = url.partition("://")[2].partition("/")[0].rpartition("@")
-    return (userinfo.partition(":")[2] or None) if at else None
-
-
 def _stop_orphan(port: int, data_dir: Path, password: str | None) -> bool:
     """A redis-server of this home left behind by a `tokenq up` that was killed: shut it down (it writes
     its append-only file first). True if there was one."""
@@ -123,12 +118,11 @@ class EmbeddedRedis:
     def _choose_address(self) -> int:
         """The recorded port, unless another program took it (then a new one), and the recorded password
         (a new one for a home recorded without); both recorded."""
-        recorded = recorded_url(self.data_dir)
-        old_password = _recorded_password(recorded) if recorded else None
-        if self.port is None and recorded is not None:
-            port = int(recorded.rsplit(":", 1)[1].split("/")[0])
-            if not port_in_use(port) or _stop_orphan(port, self.data_dir, old_password):
-                self.port = port
+        recorded = urlsplit(recorded_url(self.data_dir) or "")
+        old_password = recorded.password or None  # None: recorded before the embedded Redis had one
+        if self.port is None and recorded.port is not None:
+            if not port_in_use(recorded.port) or _stop_orphan(recorded.port, self.data_dir, old_password):
+                self.port = recorded.port
         if self.port is None or port_in_use(self.port):
             self.port = free_port()
         self.password = old_password or secrets.token_hex(24)

@@ -48,6 +48,11 @@ def require_redis_url(url: str | None) -> str:
     return url
 
 
+def _password_refused(url: str, error: AuthenticationError) -> SystemExit:
+    return SystemExit(f"error: Redis at {redacted(url)} refused the password ({error}): put the right one in the "
+                      "URL (`tokenq up`'s embedded Redis records its own in TOKENQ_HOME/redis/address)")
+
+
 def refuse_a_wrong_password(url: str) -> None:
     """Exit with one line when a single-node Redis refuses the URL's password (or asks for one it lacks), before
     a role starts: a role rides out a Redis that is away, and would wait, retry or crash on a refusal that no
@@ -60,8 +65,7 @@ def refuse_a_wrong_password(url: str) -> None:
     try:
         client.ping()
     except AuthenticationError as e:
-        raise SystemExit(f"error: Redis at {redacted(url)} refused the password ({e}): put the right one in the "
-                         "URL (`tokenq up`'s embedded Redis records its own in TOKENQ_HOME/redis/address)") from None
+        raise _password_refused(url, e) from None
     except (RedisError, OSError):
         pass
     finally:
@@ -82,8 +86,7 @@ def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitabl
     try:
         return asyncio.run(run())
     except AuthenticationError as e:  # a ConnectionError to redis-py, but the server is up
-        raise SystemExit(f"error: Redis at {redacted(url)} refused the password ({e}): put the right one in the "
-                         "URL (`tokenq up`'s embedded Redis records its own in TOKENQ_HOME/redis/address)") from None
+        raise _password_refused(url, e) from None
     except RedisConnectionError as e:
         raise SystemExit(f"error: cannot reach Redis at {redacted(url)} ({e}); is `tokenq up` running?") from None
     except (RedisError, RedisClusterException) as e:  # a server that is not Redis, a DB index out of range...

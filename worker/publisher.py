@@ -60,8 +60,8 @@ class ChoiceOutput:
     num_output_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    ended_early: bool = False  # finished (stop or length) while the job's other choices go on
-    end_published: bool = False
+    # Finished (stop or length) while the job's other choices go on, and not yet said on a delta
+    end_unpublished: bool = False
 
 
 @dataclass(eq=False)
@@ -129,7 +129,7 @@ class RunningJob:
             if out.request_finished:
                 self.finish_reason = choice.finish_reason
             elif out.finish_reason in ("stop", "length") and not isinstance(out, FailedOutput):
-                choice.ended_early = True
+                choice.end_unpublished = True
             if isinstance(out, FailedOutput):
                 self.finish_reason, self.error, self.error_type = "error", out.error, out.error_type
 
@@ -137,7 +137,7 @@ class RunningJob:
         """The next deltas to publish (everything not yet published), one per choice with new text."""
         events = []
         for choice in self.choices:
-            ends = choice.ended_early and not choice.end_published
+            ends = choice.end_unpublished
             if len(choice.text) <= choice.published_len and not ends:
                 continue
             self.seq += 1
@@ -152,7 +152,7 @@ class RunningJob:
                                      stop_reason=choice.stop_reason if ends else None))
             choice.published_len = len(choice.text)
             choice.unpublished_ids = []
-            choice.end_published = choice.end_published or ends
+            choice.end_unpublished = False
         return events
 
 
