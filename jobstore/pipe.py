@@ -24,7 +24,13 @@ import hiredis
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    OutOfMemoryError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from jobstore.connect import AnyRedis, is_cluster
@@ -184,7 +190,8 @@ class Endpoint:
         for args in self.setup:
             reply = await proto.send(hiredis.pack_command(args))
             if isinstance(reply, ResponseError):
-                proto._fail(RedisConnectionError(f"Redis refused {args[0]}: {reply}"))
+                refused = AuthenticationError if args[0] == "AUTH" else RedisConnectionError
+                proto._fail(refused(f"Redis refused {args[0]}: {reply}"))
                 raise proto.lost or reply
         return proto
 
@@ -205,11 +212,12 @@ def keep_alive(sock: socket.socket) -> None:
 
 
 def _checked(reply: Any) -> Any:
-    """The reply, or its error raised as redis-py would raise it (LOADING is retried, as a ConnectionError)."""
+    """The reply, or its error raised as redis-py would raise it (LOADING is retried, as a ConnectionError; a
+password asked for or refused is an AuthenticationError)."""
     if isinstance(reply, ResponseError):
         code = str(reply).partition(" ")[0]
-        raise {"LOADING": BusyLoadingError, "NOSCRIPT": NoScriptError, "OOM": OutOfMemoryError}.get(
-            code, ResponseError)(str(reply))
+        raise {"LOADING": BusyLoadingError, "NOSCRIPT": NoScriptError, "OOM": OutOfMemoryError,
+               "NOAUTH": AuthenticationError, "WRONGPASS": AuthenticationError}.get(code, ResponseError)(str(reply))
     return reply
 
 

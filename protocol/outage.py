@@ -1,6 +1,8 @@
 """A lost Redis, as every long-running process handles it: one warning when the outage starts, one
 line when it ends, and an exponential back-off between attempts in between (a restart of Redis is a
-pause, not a crash, and a log that repeats every retry hides everything else)."""
+pause, not a crash, and a log that repeats every retry hides everything else). A Redis that answers but
+refuses the password (changed under a running role) is retried the same way, for a rotation may be under
+way, but said as what it is: an error naming the password, not a warning that Redis is away."""
 
 from __future__ import annotations
 
@@ -30,16 +32,28 @@ class Outage:
         self.cap_s = cap_s
         self.since: float | None = None
         self._delay = base_s
+        self._refused = False  # whether the latest failure was a refused password
 
     @property
     def ongoing(self) -> bool:
         return self.since is not None
 
     def lost(self, error: BaseException) -> float:
+        refused = isinstance(error, AuthenticationError)
         if self.since is None:
             self.since = time.monotonic()
             self._delay = self.base_s
+        elif refused == self._refused:
+            return self._next_delay()
+        self._refused = refused
+        if refused:
+            self.log.error("redis refused the password; retrying with back-off (the URL's password is wrong "
+                           "or was changed)", loop=self.what, error=repr(error))
+        else:
             self.log.warning("redis unreachable; retrying with back-off", loop=self.what, error=repr(error))
+        return self._next_delay()
+
+    def _next_delay(self) -> float:
         delay = self._delay
         self._delay = min(self._delay * 2, self.cap_s)
         return delay

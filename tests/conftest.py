@@ -35,6 +35,19 @@ def single_redis_url() -> Iterator[str]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def guarded_redis() -> Iterator[int]:
+    """The port of a redis-server that asks for the password `right`, as `tokenq up`'s embedded one asks for
+    its own."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="tokenq-redis-")
+    proc = _start_redis(["--requirepass", "right"], port, workdir)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture
 async def redis_client(redis_url: str):
     """A fresh client (a cluster client on the cluster) on flushed data."""

@@ -83,20 +83,6 @@ def test_a_role_that_refuses_a_cluster_says_so(role, refusal):
     assert done.returncode == 1 and done.stderr.startswith(refusal) and "Traceback" not in done.stderr
 
 
-@pytest.fixture(scope="module")
-def guarded_redis(tmp_path_factory) -> Iterator[int]:
-    """A Redis that asks for a password, as `tokenq up`'s embedded one does."""
-    from tokenq.embedded_redis import redis_server_binary, wait_for_port
-
-    port = free_port()
-    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--requirepass", "right", "--save", "",
-                               "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
-    wait_for_port(port)
-    yield port
-    server.terminate()
-    server.wait(timeout=10)
-
-
 @pytest.mark.parametrize("role, password", [("gateway", ""), ("worker", ""), ("webhooks", ""), ("batches", ""),
                                             ("gateway", "default:wrong@")])
 def test_a_role_refused_its_password_says_so_and_exits(guarded_redis, role, password):

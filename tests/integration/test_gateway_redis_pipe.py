@@ -10,8 +10,8 @@ import time
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, ConnectionPool
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
 from jobstore import JobStore, Limits
@@ -125,3 +125,20 @@ async def test_admission_retried_for_the_same_job_admits_it(pipe, redis_client):
     assert (again.job_id, again.repeat) == (a, False)
     assert (other.job_id, other.repeat) == (a, True)
     assert await redis_client.xlen(keys.jobs_stream("m", "default", "t")) == 1
+
+
+@pytest.mark.parametrize("password", ["wrong", None])
+async def test_a_refused_password_is_an_authentication_error(guarded_redis, password):
+    """As redis-py raises it, so that a role's log names the password (protocol/outage.py) rather than calling
+    a Redis that answers unreachable."""
+    client = aioredis.Redis(port=guarded_redis, password=password)
+    p = RedisPipe(client, 1, CONNECT_TIMEOUT_S)
+    with pytest.raises(AuthenticationError, match="AUTH" if password else "NOAUTH"):
+        await p.execute("PING")
+    await p.aclose()
+    await client.aclose()
+    right = aioredis.Redis(port=guarded_redis, password="right")
+    p = RedisPipe(right, 1, CONNECT_TIMEOUT_S)
+    assert await p.execute("PING") in ("PONG", b"PONG")
+    await p.aclose()
+    await right.aclose()

@@ -80,3 +80,24 @@ async def test_the_expiry_sweep_warns_once_while_redis_is_away(monkeypatch, erro
         await asyncio.sleep(0.01)
     sweep.cancel()
     assert lines.lines == [("warning", "redis unreachable; retrying with back-off"), ("info", "redis reachable again")]
+
+
+class AllLines(Lines):
+    def error(self, event: str, **kw: object) -> None:
+        self.lines.append(("error", event))
+
+
+def test_a_refused_password_mid_run_is_said_as_such_and_retried():
+    """A running role whose Redis comes back with another password keeps retrying (a rotation may be under
+    way), but its log names the password instead of calling Redis away, once per change of kind."""
+    log = AllLines()
+    outage = Outage(log, "intake", base_s=0.1, cap_s=0.4)
+    delays = [outage.lost(RedisConnectionError("refused")), outage.lost(RedisConnectionError("refused")),
+              outage.lost(AuthenticationError("invalid password")), outage.lost(AuthenticationError("invalid")),
+              outage.lost(RedisConnectionError("refused"))]
+    assert delays == [0.1, 0.2, 0.4, 0.4, 0.4]
+    assert [kind for kind, _ in log.lines] == ["warning", "error", "warning"]
+    assert "refused the password" in log.lines[1][1]
+    outage.restored()
+    assert outage.lost(AuthenticationError("invalid password")) == 0.1
+    assert log.lines[-2:] == [("info", "redis reachable again"), ("error", log.lines[1][1])]
