@@ -180,7 +180,8 @@ def _final_body(payload: JobPayload, created: int, final: Final | None) -> dict[
         return error_response(504, _no_worker(payload.model).message, type_="no_worker", code="no_worker")
     if final.state != JobState.succeeded or final.result is None:
         err = final_error(final)
-        return error_response(final_status(final.state, err["type"]), err["message"], type_=err["type"])
+        return error_response(final_status(final.state, err["type"]), err["message"], type_=err["type"],
+                              code=err["code"])
     return responses.result_object(payload.kind, payload.id, payload.model, created, final.result,
                                    want_logprobs=payload.sampling.logprobs is not None,
                                    echo_chars=responses.echo_chars(payload))

@@ -241,7 +241,7 @@ def _tool_chunks(tools: ToolStream, choice: Choice, job_id: str, model: str,
 # The last event of an OpenAI stream cut by the gateway stopping: the openai client raises it as an APIError.
 STOPPING_EVENT = data({"error": {"message": "the gateway is stopping; retry the request (with its Idempotency-Key, "
                                             "if it had one)", "type": "server_shutting_down", "param": None,
-                                 "code": None}})
+                                 "code": "server_shutting_down"}})
 
 
 # The end of a job's event stream cut by the gateway stopping: a comment (readers skip it); the job runs on,
@@ -252,14 +252,16 @@ RESUME_COMMENT = ": the gateway is stopping; follow the job again with Last-Even
 def restarted_error(job_id: str) -> dict[str, Any]:
     return {"message": f"job {job_id} started again after its worker stopped, and its new attempt wrote other text: "
                        "the text sent so far is not its answer",
-            "type": "job_restarted", "param": None, "code": None}
+            "type": "job_restarted", "param": None, "code": "job_restarted"}
 
 
 def final_error(final: Final) -> dict[str, Any]:
+    """A stream's error event, its `code` the error's type as a response of the same error has it (a client
+    that branches on `code`, as the openai client's users do, reads both alike)."""
     if final.error is not None:
-        return {"message": final.error.message, "type": final.error.type, "param": None, "code": None}
+        return {"message": final.error.message, "type": final.error.type, "param": None, "code": final.error.type}
     return {"message": f"job ended as {final.state.value}", "type": f"job_{final.state.value}",
-            "param": None, "code": None}
+            "param": None, "code": f"job_{final.state.value}"}
 
 
 def event_id(offsets: list[int]) -> str:

@@ -142,7 +142,7 @@ async def test_job_failed(client, worker):
     assert got["status"] == "failed" and got["error"]["type"] == "engine_error" and got["result"] is None
     r = await client.post("/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "FAIL_ME"}]})
-    assert r.status_code == 500 and r.json()["error"]["type"] == "engine_error"
+    assert r.status_code == 500 and r.json()["error"]["type"] == r.json()["error"]["code"] == "engine_error"
     r = await client.post("/v1/chat/completions", json={  # a constraint the engine could not compile, say
         "model": MODEL, "messages": [{"role": "user", "content": "REFUSE_ME"}]})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
@@ -273,7 +273,8 @@ async def test_known_model_without_worker_queues_and_waits(client, redis_url, de
     async with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as streamed:
         body = (await streamed.aread()).decode()
     events = [json.loads(x.removeprefix("data: ")) for x in body.split("\n\n") if x.startswith("data: {")]
-    assert events[-1]["error"]["type"] == "no_worker" and "0.5s" in events[-1]["error"]["message"]
+    assert events[-1]["error"]["type"] == events[-1]["error"]["code"] == "no_worker"  # as the response's code
+    assert "0.5s" in events[-1]["error"]["message"]
     assert body.rstrip().endswith("data: [DONE]")
     w = FakeWorker(redis_url, default_model_dir)  # a worker comes back: the queued job runs
     await w.start()
