@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.logging import get_logger
 from protocol.errors import error_json
 from protocol.jobs import UNSUPPORTED, JobState
+from protocol.outage import REDIS_AWAY
 
 log = get_logger(__name__)
 
@@ -155,7 +156,7 @@ def exception_response(exc: Exception) -> JSONResponse:
     which runs outside FastAPI's): ApiError as itself, Redis away 503, anything else 500."""
     if isinstance(exc, ApiError):
         return exc.response()
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+    if isinstance(exc, REDIS_AWAY):
         log.debug("redis unavailable", error=repr(exc))  # the outage itself is logged once (warmup.keep_warm)
         return error_response(503, "the job store (Redis) is unavailable; try again later",
                               code="redis_unavailable")
@@ -205,4 +206,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
-    app.add_exception_handler(ResponseError, _redis_down)  # a Redis out of memory: 503
+    app.add_exception_handler(ResponseError, _redis_down)  # a Redis out of memory, a cluster down: 503

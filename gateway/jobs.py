@@ -9,14 +9,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.event_hub import Hub, Subscription, event_hub
 from jobstore import JobStore
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
 from protocol.jobs import JobError, JobResult, JobState, TokenLogprob
+from protocol.outage import REDIS_AWAY
 
 RECHECK_S = 2.0  # a waiter re-reads the hash this often, in case a pub/sub message was missed
 RECONNECT_FOR_S = 60.0  # a follower that lost Redis keeps trying this long before it gives up
@@ -93,7 +92,7 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
                         yield item
                         if isinstance(item, Final | Restarted):
                             return
-            except (RedisConnectionError, RedisTimeoutError, TimeoutError):
+            except (*REDIS_AWAY, TimeoutError):
                 now = time.monotonic()
                 lost_at = lost_at or now
                 if now - lost_at > RECONNECT_FOR_S:

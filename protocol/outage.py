@@ -12,12 +12,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import AuthenticationError, BusyLoadingError
+from redis.exceptions import AuthenticationError, BusyLoadingError, ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-# What an unreachable, restarting or still-loading Redis raises (BusyLoadingError is a ConnectionError).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+# What redis-py raises for a Redis that is unreachable, restarting or still loading (BusyLoadingError is a
+# ConnectionError), or for a cluster with a node down or a slot moving (ClusterDownError and TryAgainError
+# are ResponseErrors, but a wait cures them as it cures an outage). A request that meets one is answered
+# 503, not 500; a loop that meets one backs off and retries.
+REDIS_AWAY = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, TryAgainError)
+# The same for a loop, whose own socket calls may raise OSError too.
+REDIS_DOWN = (*REDIS_AWAY, OSError)
 T = TypeVar("T")
 
 

@@ -35,16 +35,14 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore import JobRef, Started
 from jobstore.connect import is_cluster
 from jobstore.pipe import RedisPipe
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
-from protocol.outage import Outage
+from protocol.outage import REDIS_DOWN, Outage
 from worker import metrics
 from worker.engine_loop import EngineHandle
 from worker.logging import get_logger
@@ -58,7 +56,6 @@ BLOCK_MS = 500
 REFRESH_S = 1.0
 RETRIES = 5
 CONNECT_TIMEOUT_S = 5.0
-_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 @dataclass(frozen=True)
@@ -169,6 +166,8 @@ class Intake:
             try:
                 await poll()
                 outage.restored()
+            except REDIS_DOWN as e:  # before ResponseError: a cluster's node down is one
+                await asyncio.sleep(outage.lost(e))
             except ResponseError as e:
                 # A stream deleted under us (pruned, or by hand), while we read or blocked on it.
                 if any(m in str(e) for m in ("NOGROUP", "no such key", "no longer exists")):
@@ -176,8 +175,6 @@ class Intake:
                     continue
                 log.error("intake failed", error=repr(e))
                 await asyncio.sleep(1.0)
-            except _RETRYABLE as e:
-                await asyncio.sleep(outage.lost(e))
 
     async def poll(self) -> int:
         """One round: reclaim stale entries when due, then read lanes in order, tenants round-robin, up to

@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore import DeltaWrite, FinalWrite, JobRef, JobStore
 from jobstore.runner import ScriptClient
@@ -27,7 +25,7 @@ from protocol import choice_text, keys
 from protocol import job_record as f
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, Choice, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
-from protocol.outage import Outage
+from protocol.outage import REDIS_DOWN, Outage
 from respcache import store as respcache_store
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
@@ -42,7 +40,7 @@ _FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 _FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
 # NoScriptError: Redis forgot the scripts again between the store's load and its second send; a new
 # attempt loads them again.
-_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
+_RETRYABLE = (*REDIS_DOWN, NoScriptError)
 
 
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import httpx
 import redis.asyncio as aioredis
 from arq import Retry
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from structlog.typing import FilteringBoundLogger as Logger
 
 from protocol import job_record as F
+from protocol.outage import REDIS_AWAY
 from protocol.urlguard import HostNotFound, IPAddress, UnsafeURL, resolve_public
 from protocol.webhook_secret import tenant_secret
 from tokenq.settings import Settings
@@ -140,6 +139,6 @@ async def deliver_webhook(ctx: dict, job_id: str) -> str:
     deliverer: Deliverer = ctx[CTX_KEY]
     try:
         return await deliverer.deliver(job_id)
-    except (RedisConnectionError, RedisTimeoutError) as e:  # nothing recorded: Redis is away; try again
+    except REDIS_AWAY as e:  # nothing recorded: Redis is away; try again
         get_logger("webhooks", job_id=job_id).warning("webhook attempt lost its Redis", error=str(e))
         raise Retry(defer=deliverer.policy.delays[0] if deliverer.policy.delays else 5) from e
