@@ -35,8 +35,16 @@ def require_redis_url(url: str | None) -> str:
     """`url` if it is one redis-py (or, for a cluster scheme, the cluster client) accepts; else the command
     stops here with one error line, before it starts anything that would fail with it again and again."""
     if not url:
-        raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required: no `tokenq up` has recorded an "
-                         f"embedded Redis under TOKENQ_HOME ({settings.tokenq_home()})")
+        recorded = settings.embedded_redis_address_file()
+        try:
+            recorded.read_text()
+        except FileNotFoundError:
+            raise SystemExit("error: --redis-url (or TOKENQ_REDIS_URL) is required: no `tokenq up` has recorded an "
+                             f"embedded Redis under TOKENQ_HOME ({settings.tokenq_home()})") from None
+        except OSError as e:  # there is one, but not for this user: say so, not that there is none
+            raise SystemExit(f"error: cannot read {recorded}, the address `tokenq up` recorded for its embedded "
+                             f"Redis ({e.strerror}): run as the user that ran it, or pass --redis-url") from None
+        raise SystemExit(f"error: --redis-url (or TOKENQ_REDIS_URL) is required: {recorded} is empty")
     scheme, _, rest = url.partition("://")
     try:
         parse_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}" if scheme in CLUSTER_SCHEMES else url)

@@ -57,6 +57,23 @@ def test_every_scheme_redis_py_or_the_cluster_client_takes_passes(url):
     assert require_redis_url(url) == url
 
 
+@pytest.mark.parametrize("address", [None, "folder", ""])
+def test_a_role_without_a_url_says_why_the_recorded_one_cannot_serve(address, capsys, nothing_starts, monkeypatch,
+                                                                     tmp_path):
+    """No `tokenq up` has run; or its address file cannot be read (another user's, say): not "none has run"."""
+    monkeypatch.delenv("TOKENQ_REDIS_URL", raising=False)
+    recorded = tmp_path / "redis" / "address"
+    if address == "folder":
+        recorded.mkdir(parents=True)
+    elif address is not None:
+        recorded.parent.mkdir(parents=True)
+        recorded.write_text(address)
+    code, err = tokenq(capsys, "gateway")
+    assert code == 1 and "Traceback" not in err
+    expected = {None: "no `tokenq up` has recorded", "folder": f"cannot read {recorded}", "": f"{recorded} is empty"}
+    assert expected[address] in err
+
+
 def test_up_refuses_a_cluster_whose_roles_it_could_not_run(capsys, nothing_starts):
     code, err = tokenq(capsys, "up", "--redis-url", "redis+cluster://:pw@127.0.0.1:7000")
     assert code == 1 and "need a single Redis" in err and "pw" not in err and "Traceback" not in err
