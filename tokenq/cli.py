@@ -11,7 +11,7 @@ from jobstore.connect import is_cluster_url
 from tokenq import settings
 from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
 from tokenq.flag_checks import MAX_PORT, MODEL_SHAPES, OptionError, check_host, check_port_free, port
-from tokenq.redis_command import redacted, refuse_a_wrong_password, require_redis_url
+from tokenq.redis_command import check_redis, redacted, require_redis_url
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -49,7 +49,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import run
 
     url = require_redis_url(args.redis_url)
-    refuse_a_wrong_password(url)
+    check_redis(url, "gateway")
     check_host(args.host)
     run(host=args.host, port=args.port, redis_url=url)
     return 0
@@ -62,7 +62,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     # A bad flag stops the start before the model is fetched and loaded.
     url = require_redis_url(args.redis_url)
-    refuse_a_wrong_password(url)
+    check_redis(url, "worker")
     check_port_free("--metrics-port", args.metrics_port, args.metrics_host)
     config = engine_config_from(args)
     name, path = resolve_model(args.model)
@@ -77,9 +77,11 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     from worker.webhooks.service import run_webhooks
 
     url = require_redis_url(args.redis_url)
-    refuse_a_wrong_password(url)
+    check_redis(url, "webhooks")
     check_port_free("--metrics-port", args.metrics_port, args.metrics_host)
     queue_url = settings.Settings.from_env().webhook_queue_url or url
+    if queue_url != url:
+        check_redis(queue_url, "webhooks")
     return _refusing_cluster(queue_url, lambda: run_webhooks(url, metrics_port=args.metrics_port,
                                                                  metrics_host=args.metrics_host))
 
@@ -88,7 +90,7 @@ def cmd_batches(args: argparse.Namespace) -> int:
     from batches.service import run_batches
 
     url = require_redis_url(args.redis_url)
-    refuse_a_wrong_password(url)
+    check_redis(url, "batches")
     return _refusing_cluster(url, lambda: run_batches(url))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio.connection import parse_url
@@ -61,23 +62,41 @@ def _password_refused(url: str, error: AuthenticationError) -> SystemExit:
                       "URL (`tokenq up`'s embedded Redis records its own in TOKENQ_HOME/redis/address)")
 
 
-def refuse_a_wrong_password(url: str) -> None:
-    """Exit with one line when a single-node Redis refuses the URL's password (or asks for one it lacks), before
-    a role starts: a role rides out a Redis that is away, and would wait, retry or crash on a refusal that no
-    wait cures. A Redis that is away, or a cluster, is left to the role."""
+def check_redis(url: str, role: str) -> None:
+    """What a role checks of its Redis before it starts. It exits with one line when a single-node Redis refuses
+    the URL's password (or asks for one it lacks): a role rides out a Redis that is away, and would wait, retry
+    or crash on a refusal that no wait cures. It warns on stderr when Redis would evict keys once full (a
+    maxmemory-policy other than noeviction), as Sidekiq and BullMQ warn: an evicted job record, stream entry or
+    webhook outbox entry is a job lost without an error, where noeviction refuses new work with a 503 instead
+    (docs/tenants.md). A Redis that is away, or a cluster's password, is left to the role."""
     import redis as sync_redis
+    from redis.cluster import RedisCluster
 
-    if url.partition("://")[0] in CLUSTER_SCHEMES:
-        return
-    client = sync_redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    scheme, _, rest = url.partition("://")
+    options = {"socket_connect_timeout": 1, "socket_timeout": 2}
     try:
-        client.ping()
-    except AuthenticationError as e:
-        raise _password_refused(url, e) from None
-    except (RedisError, OSError):
-        pass
-    finally:
-        client.close()
+        if scheme in CLUSTER_SCHEMES:
+            cluster = RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
+            try:
+                memory = list(cluster.info("memory", target_nodes=RedisCluster.PRIMARIES).values())
+            finally:
+                cluster.close()
+        else:
+            client = sync_redis.Redis.from_url(url, **options)
+            try:
+                memory = [client.info("memory")]
+            except AuthenticationError as e:
+                raise _password_refused(url, e) from None
+            finally:
+                client.close()
+    except (RedisError, RedisClusterException, OSError):
+        return
+    policies = sorted({str(m.get("maxmemory_policy", "noeviction")) for m in memory} - {"noeviction"})
+    if policies:
+        print(f"warning: tokenq {role}: Redis at {redacted(url)} evicts keys when it is full (maxmemory-policy "
+              f"{', '.join(policies)}): a job, its stream entry or its webhook can then vanish without an error; "
+              "set maxmemory-policy noeviction (tokenq then answers 503 redis_oom until memory is freed)",
+              file=sys.stderr)
 
 
 def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitable[int]]) -> int:
