@@ -18,6 +18,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
 from gateway.metrics import MULTIPROC_DIR_ENV
+from gateway.stopping import SERVER_GRACE_S
 from tokenq.settings import Settings
 
 WORKERS_ENV = "TOKENQ_GATEWAY_WORKERS"
@@ -68,7 +69,7 @@ class HttpProtocol(HttpToolsProtocol):
 def run(host: str, port: int, redis_url: str, workers: int | None = None) -> None:
     workers = workers or Settings.from_env().gateway_workers
     options: dict[str, Any] = dict(host=host, port=port, log_level="info", access_log=False,
-                                   timeout_graceful_shutdown=5, loop="uvloop", http=HttpProtocol)
+                                   timeout_graceful_shutdown=SERVER_GRACE_S, loop="uvloop", http=HttpProtocol)
     _exit_cleanly_after_shutdown()
     if workers <= 1:
         uvicorn.run(create_app(redis_url), **options)

@@ -19,7 +19,7 @@ from gateway import responses
 from gateway.event_hub import Hub
 from gateway.jobs import Delta, Final, Restarted, follow, read_job
 from gateway.logging import get_logger
-from gateway.stopping import stopping
+from gateway.stopping import STOPPING_MESSAGE, stopping
 from gateway.tool_stream import ToolStream, call_deltas
 from jobstore import JobStore
 from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
@@ -239,8 +239,7 @@ def _tool_chunks(tools: ToolStream, choice: Choice, job_id: str, model: str,
 
 
 # The last event of an OpenAI stream cut by the gateway stopping: the openai client raises it as an APIError.
-STOPPING_EVENT = data({"error": {"message": "the gateway is stopping; retry the request (with its Idempotency-Key, "
-                                            "if it had one)", "type": "server_shutting_down", "param": None,
+STOPPING_EVENT = data({"error": {"message": STOPPING_MESSAGE, "type": "server_shutting_down", "param": None,
                                  "code": "server_shutting_down"}})
 
 

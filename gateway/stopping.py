@@ -11,6 +11,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+# How long uvicorn lets open connections finish once told to stop, before it cancels them.
+SERVER_GRACE_S = 5.0
+# How long of that a response waiting for its job's end keeps waiting: the rest is for its answer to go out.
+WAIT_GRACE_S = SERVER_GRACE_S - 2.0
+# What a client is told, as the error a cut stream ends with or as a waiting completion's 503.
+STOPPING_MESSAGE = "the gateway is stopping; retry the request (with its Idempotency-Key, if it had one)"
+
 _watched: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -88,3 +88,54 @@ def test_the_stopping_signal_belongs_to_the_loop_that_watches():
     assert asyncio.run(elsewhere()) is None
     unwatch()
     assert signal.getsignal(signal.SIGTERM) is before and asyncio.run(elsewhere()) is None
+
+
+async def _waiting(answer, monkeypatch, grace_s: float):
+    """A WaitingResponse run as the server runs it, the gateway told to stop once it is waiting; what it sent
+    and whether it gave its job up."""
+    import json
+
+    from gateway import waiting
+
+    event = asyncio.Event()
+    monkeypatch.setattr(waiting, "stopping", lambda: event)
+    monkeypatch.setattr(waiting, "WAIT_GRACE_S", grace_s)
+    abandoned: list[bool] = []
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "path": "/v1/chat/completions"}
+    task = asyncio.create_task(waiting.WaitingResponse(answer, lambda: abandoned.append(True))(scope, receive, send))
+    await asyncio.sleep(0.05)
+    event.set()
+    await asyncio.wait_for(task, 5)
+    body = b"".join(m.get("body", b"") for m in sent)
+    return sent[0]["status"], json.loads(body), abandoned
+
+
+async def test_a_waiting_completion_is_answered_503_when_the_gateway_stops(monkeypatch):
+    """Not cut by the server after its grace with a bare 500 while its job runs on for nobody: a JSON 503 that
+    says to retry, and the job given up as a client that left gives it up (unless run_to_completion)."""
+    async def endless():
+        await asyncio.Event().wait()
+
+    status, body, abandoned = await _waiting(endless, monkeypatch, grace_s=0.1)
+    assert status == 503 and body["error"]["code"] == body["error"]["type"] == "server_shutting_down"
+    assert "Idempotency-Key" in body["error"]["message"] and abandoned == [True]
+
+
+async def test_a_job_that_ends_within_the_grace_is_answered(monkeypatch):
+    from starlette.responses import JSONResponse
+
+    async def soon():
+        await asyncio.sleep(0.2)
+        return JSONResponse({"ok": True})
+
+    status, body, abandoned = await _waiting(soon, monkeypatch, grace_s=2.0)
+    assert (status, body, abandoned) == (200, {"ok": True}, [])
