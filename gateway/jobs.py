@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -64,12 +65,12 @@ Idle = None  # yielded when nothing happened for RECHECK_S (lets SSE writers sen
 
 
 async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int] = 0, want_deltas: bool = True,
-                 mark: bool = True, hub: Hub | None = None, store: JobStore | None = None
-                 ) -> AsyncIterator[Delta | Final | Restarted | None]:
+                 mark: bool = True, hub: Hub | None = None, store: JobStore | None = None,
+                 digests: Sequence[int | None] = ()) -> AsyncIterator[Delta | Final | Restarted | None]:
     """A job's output from character `offset` on (one per choice for a job of several), then its Final;
     no text lost or repeated, and none that is not the job's: Restarted when a new attempt's text differs
-    from what was given (checked on the text given by this call; a resumed reader's earlier text is not
-    known here).
+    from what was given (checked on the text given by this call, and for a resumed reader on the CRC-32 of
+    its text before `offset` where `digests` has it, once the job's text reaches that far again).
 
     Joins the job's channel on `hub` (the gateway's one pub/sub connection; without one, a hub of its own
     for this call) first, then (if want_deltas and mark) sets `streamed`, then reads the hash snapshot:
@@ -81,6 +82,7 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
     hub = hub or event_hub(redis)
     store = store or JobStore(redis)
     cursor = _Cursor([offset] if isinstance(offset, int) else list(offset))
+    cursor.digests = list(digests) + [None] * (len(cursor.offsets) - len(digests))
     lost_at: float | None = None
     backoff = 0.05
     try:
@@ -113,6 +115,9 @@ class _Cursor:
     # before its offset is unknown.
     given: list[list[str]] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
+    # Per choice, the CRC-32 of the resumed reader's text before `starts[index]`, until the job's text is seen
+    # to reach that far (then checked, and None).
+    digests: list[int | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.starts:
@@ -123,7 +128,12 @@ class _Cursor:
         return self.offsets[index] if index < len(self.offsets) else 0
 
     def copy(self) -> _Cursor:
-        return _Cursor(list(self.offsets), self.snap_seq, [list(p) for p in self.given], list(self.starts))
+        return _Cursor(list(self.offsets), self.snap_seq, [list(p) for p in self.given], list(self.starts),
+                       list(self.digests))
+
+    def unchecked(self, index: int) -> bool:
+        """Whether the resumed reader's text before its offset is still to be checked for this choice."""
+        return index < len(self.digests) and self.digests[index] is not None
 
     def advance(self, delta: Delta) -> None:
         grow = delta.index + 1 - len(self.offsets)
@@ -139,6 +149,10 @@ class _Cursor:
         if index >= len(self.offsets):
             return True
         start = self.starts[index]
+        if offset == 0 and self.unchecked(index) and len(text) >= start:
+            if zlib.crc32(text[:start].encode()) != self.digests[index]:
+                return False
+            self.digests[index] = None
         lo, hi = max(offset, start), min(offset + len(text), self.offsets[index])
         if lo >= hi:
             return True
@@ -203,6 +217,8 @@ async def _events(sub: Subscription, cursor: _Cursor, want_deltas: bool
             offset = cursor.at(event.index)
             if event.offset > offset:
                 return  # we missed a delta: the hash has it
+            if cursor.unchecked(event.index) and event.offset + len(event.text) >= cursor.starts[event.index]:
+                return  # the job's text reaches the resumed reader's offset again: the hash has it whole
             if not cursor.agrees(event.index, event.offset, event.text):
                 yield Restarted(event.index)
                 return

@@ -50,18 +50,19 @@ async def get_job_events(job_id: str, caller: Caller = Depends(get_caller),
                          last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
                          after: str | None = Query(default=None, alias="last_event_id")) -> Response:
     raw = last_event_id if last_event_id is not None else after
-    offsets = parse_event_id(raw) if raw not in (None, "") else [0]
-    if offsets is None:
-        raise ApiError(400, f"Last-Event-ID must be a character offset, or one per choice separated by commas "
-                            f"(got {raw!r})", param="Last-Event-ID")
+    resume = parse_event_id(raw) if raw not in (None, "") else [(0, 0)]
+    if resume is None:
+        raise ApiError(400, f"Last-Event-ID must be an event's id: a character offset (with its digest, as "
+                            f"`128.9f3a2b1c`), or one per choice separated by commas (got {raw!r})",
+                       param="Last-Event-ID")
     redis = caller.ctx.redis
     tenant, choices = await redis.hmget(job_key(job_id), [F.TENANT, F.CHOICES])
     if tenant != caller.tenant.name:
         raise _not_found(job_id)
-    if len(offsets) > int(choices or 1):
-        raise ApiError(400, f"Last-Event-ID: {len(offsets)} offsets, but the job has {int(choices or 1)} "
+    if len(resume) > int(choices or 1):
+        raise ApiError(400, f"Last-Event-ID: {len(resume)} offsets, but the job has {int(choices or 1)} "
                             f"choice(s) (got {raw!r})", param="Last-Event-ID")
-    return sse_response(job_events(redis, job_id, offsets, caller.ctx.hub, caller.ctx.store), on_stop=RESUME_COMMENT)
+    return sse_response(job_events(redis, job_id, resume, caller.ctx.hub, caller.ctx.store), on_stop=RESUME_COMMENT)
 
 
 async def _owned(caller: Caller, job_id: str) -> dict[str, str]:

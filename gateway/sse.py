@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -263,49 +264,62 @@ def final_error(final: Final) -> dict[str, Any]:
             "param": None, "code": f"job_{final.state.value}"}
 
 
-def event_id(offsets: list[int]) -> str:
-    """The SSE id that resumes a job's events (Last-Event-ID): the character offset its text reached; for a
-    job of several choices each choice's, comma-separated."""
-    return ",".join(map(str, offsets))
+def event_id(offsets: list[int], digests: list[int | None]) -> str:
+    """The SSE id that resumes a job's events (Last-Event-ID): the character offset its text reached and the
+    CRC-32 of that text (so that a resumed reader whose job began again with other text meanwhile gets a
+    `restart`, not the new text spliced onto the old); for a job of several choices each choice's,
+    comma-separated: `128.9f3a2b1c,64.0c1d2e3f`. A reader that resumed from an id without a digest gets
+    none for that choice (its text before the offset is not known here)."""
+    return ",".join(str(o) if d is None else f"{o}.{d:08x}" for o, d in zip(offsets, digests, strict=True))
 
 
-def parse_event_id(raw: str) -> list[int] | None:
-    """Offsets from a Last-Event-ID (see event_id); None when it is not one."""
-    try:
-        offsets = [int(part) for part in raw.split(",")]
-    except ValueError:
-        return None
-    return offsets if all(o >= 0 for o in offsets) else None
+def parse_event_id(raw: str) -> list[tuple[int, int | None]] | None:
+    """(offset, digest) per choice from a Last-Event-ID (see event_id; a bare offset, as ids were before,
+    has no digest); None when it is not one."""
+    parsed = []
+    for part in raw.split(","):
+        offset, dot, digest = part.strip().partition(".")
+        try:
+            parsed.append((int(offset), int(digest, 16) if dot else None))
+        except ValueError:
+            return None
+    return parsed if all(o >= 0 and (d is None or d < 1 << 32) for o, d in parsed) else None
 
 
-async def job_events(redis: aioredis.Redis, job_id: str, offsets: list[int],
+async def job_events(redis: aioredis.Redis, job_id: str, resume: list[tuple[int, int | None]],
                      hub: Hub | None = None, store: JobStore | None = None) -> AsyncIterator[str]:
     """tokenq's job events: `delta` events (with their choice's index) whose id is the offset reached (so
     that Last-Event-ID resumes exactly there), then one final event named after the outcome with the job.
     A `restart` event says the job began again with other text (gateway.jobs.Restarted): the reader drops
     the text it has, and the deltas start again at offset 0."""
     keepalive = _KeepAlive()
-    offsets = list(offsets)
+    offsets = [o for o, _ in resume]
+    known = [d if o else 0 for o, d in resume]  # of the reader's text before its offset; None: not known
+    digests = list(known)  # of the text given up to each offset
     while True:
-        async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub, store=store):
+        async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub, store=store, digests=known):
             if isinstance(item, Delta):
-                offsets += [0] * (item.index + 1 - len(offsets))
+                grow = item.index + 1 - len(offsets)
+                offsets += [0] * grow
+                digests += [0] * grow
                 offsets[item.index] = item.end
+                if (digest := digests[item.index]) is not None:
+                    digests[item.index] = zlib.crc32(item.text.encode(), digest)
                 fields = {"text": item.text, "offset": item.offset, "index": item.index}
                 if item.finish_reason is not None:  # this choice ended, the job's others go on
                     fields["finish_reason"] = item.finish_reason
                 body = json.dumps(fields, ensure_ascii=False)
-                yield f"id: {event_id(offsets)}\nevent: delta\ndata: {body}\n\n"
+                yield f"id: {event_id(offsets, digests)}\nevent: delta\ndata: {body}\n\n"
             elif isinstance(item, Final):
                 record = await read_job(redis, job_id)
                 job = responses.job_object(job_id, record) if record else {"id": job_id, "status": item.state.value}
                 name = "done" if item.state == JobState.succeeded else item.state.value
-                yield f"id: {event_id(offsets)}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
+                yield f"id: {event_id(offsets, digests)}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"
                 return
             elif isinstance(item, Restarted):
-                offsets = [0] * len(offsets)
+                offsets, digests, known = [0] * len(offsets), [0] * len(offsets), [0] * len(offsets)
                 body = json.dumps(restarted_error(job_id), ensure_ascii=False)
-                yield f"id: {event_id(offsets)}\nevent: restart\ndata: {body}\n\n"
+                yield f"id: {event_id(offsets, digests)}\nevent: restart\ndata: {body}\n\n"
                 break
             elif keepalive.due():
                 yield KEEPALIVE

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 
 import pytest
 
@@ -155,10 +156,10 @@ async def test_job_events_carry_choice_indexes_and_resume_per_choice(client):
                     done = data
     assert event == "done"
     assert texts == {c["index"]: c["text"] for c in done["result"]["choices"]}
-    assert ids[-1] == f"{len(texts[0])},{len(texts[1])}"
+    assert ids[-1] == ",".join(f"{len(t)}.{zlib.crc32(t.encode()):08x}" for t in (texts[0], texts[1]))
     # Resuming from choice 0's end and choice 1's start gives choice 1 only.
     async with client.stream("GET", f"/v1/jobs/{job['id']}/events",
-                             headers={"Last-Event-ID": f"{len(texts[0])},0"}) as r:
+                             headers={"Last-Event-ID": f"{ids[-1].split(',')[0]},0"}) as r:
         body = (await r.aread()).decode()
     deltas = [json.loads(ln[6:]) for ln in body.split("\n") if ln.startswith("data: ") and '"offset"' in ln
               and '"object"' not in ln]

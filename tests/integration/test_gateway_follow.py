@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 import pytest
 
@@ -202,7 +203,7 @@ async def test_job_events_say_restart_and_start_again_at_zero(redis_client):
     r = redis_client
 
     async def lines() -> list[str]:
-        return [line async for line in job_events(r, JOB, [0]) if line.startswith("id:")]
+        return [line async for line in job_events(r, JOB, [(0, 0)]) if line.startswith("id:")]
 
     task = await first_attempt_then_reclaim(r, lines())
     await publish_delta(r, 4, 0, "In a land", "In a land")
@@ -211,4 +212,56 @@ async def test_job_events_say_restart_and_start_again_at_zero(redis_client):
     events = [(e.split("\n")[0], e.split("\n")[1]) for e in await asyncio.wait_for(task, 5)]
     assert [name for _, name in events] == ["event: delta", "event: restart", "event: delta", "event: delta",
                                             "event: done"]
-    assert events[1][0] == "id: 0" and events[-1][0] == "id: 18"
+    assert events[1][0] == "id: 0.00000000" and events[-1][0] == f"id: 18.{zlib.crc32(b'In a land far away'):08x}"
+
+
+async def resumed_events(r, last_event_id: str) -> list[tuple[str, str]]:
+    """(id line, event line) of the job's events as a reader resuming with `last_event_id` gets them."""
+    from gateway.sse import job_events, parse_event_id
+
+    resume = parse_event_id(last_event_id)
+    return [(e.split("\n")[0], e.split("\n")[1]) async for e in job_events(r, JOB, resume) if e.startswith("id:")]
+
+
+def id_after(text: str) -> str:
+    return f"{len(text)}.{zlib.crc32(text.encode()):08x}"
+
+
+@pytest.mark.parametrize("reached", [True, False])
+async def test_a_reader_resuming_after_its_job_began_again_with_other_text_gets_a_restart(redis_client, reached):
+    """It read "Once upon" of the first attempt on one gateway, then resumes on another with that event's id.
+    The second attempt writes other text, and has (or has not yet) reached the reader's offset: the reader
+    gets a restart, never the new text spliced onto the old (the id's digest is of the text it had)."""
+    r = redis_client
+    await hset(r, {"state": "running", "seq": "3", "streamed": "1", "text": "In a land" if reached else "In"})
+    task = asyncio.create_task(resumed_events(r, id_after("Once upon")))
+    await asyncio.sleep(0.2)
+    if not reached:
+        await publish_delta(r, 4, 2, " a land", "In a land")
+        await asyncio.sleep(0.2)
+    await finish(r, 5, "In a land far away")
+    events = await asyncio.wait_for(task, 5)
+    assert [name for _, name in events][:2] == ["event: restart", "event: delta"], events
+    assert events[0][0] == "id: 0.00000000" and events[-1] == (f"id: {id_after('In a land far away')}", "event: done")
+
+
+async def test_a_reader_resuming_on_the_same_text_goes_on_from_its_offset(redis_client):
+    """A new attempt that wrote the same text (greedy), or no new attempt: the rest, no restart."""
+    r = redis_client
+    await hset(r, {"state": "running", "seq": "3", "streamed": "1", "text": "Once"})
+    task = asyncio.create_task(resumed_events(r, id_after("Once upon")))
+    await asyncio.sleep(0.2)
+    await publish_delta(r, 4, 4, " upon a", "Once upon a")
+    await asyncio.sleep(0.2)
+    await finish(r, 5, "Once upon a time")
+    events = await asyncio.wait_for(task, 5)
+    assert [name for _, name in events] == ["event: delta", "event: delta", "event: done"], events
+    assert events[-1][0] == f"id: {id_after('Once upon a time')}"
+
+
+async def test_an_id_without_a_digest_resumes_unchecked(redis_client):
+    """Ids as they were before their digest: the reader's earlier text is not known, so not checked."""
+    r = redis_client
+    await finish(r, 5, "In a land far away")
+    events = await asyncio.wait_for(resumed_events(r, "9"), 5)
+    assert [name for _, name in events] == ["event: delta", "event: done"] and events[-1][0] == "id: 18"

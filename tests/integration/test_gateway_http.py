@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import httpx
 import openai
@@ -66,27 +67,27 @@ def test_job_events_resume_with_last_event_id(base_url, worker):
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             for event_id, event, data in sse_events(r):
                 assert event == "delta"
-                first.append((int(event_id), json.loads(data)))
+                first.append((event_id, json.loads(data)))
                 if len(first) == 5:
                     break
         last_id = first[-1][0]
         time.sleep(0.2)  # deltas published while nobody listens must come back from the snapshot
         second: list[tuple[int, dict]] = []
-        with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": str(last_id)}) as r:
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": last_id}) as r:
             for event_id, event, data in sse_events(r):
                 if event == "done":
                     final = json.loads(data)
                     break
                 assert event == "delta"
-                second.append((int(event_id), json.loads(data)))
+                second.append((event_id, json.loads(data)))
     assert final["status"] == "succeeded"
     expected = final["result"]["choices"][0]["text"]
     assert expected == words(40) + " "
-    at = 0
+    at = ""
     for event_id, delta in first + second:  # contiguous: no text lost, none repeated
-        assert delta["offset"] == at
-        at += len(delta["text"])
-        assert event_id == at
+        assert delta["offset"] == len(at)
+        at += delta["text"]
+        assert event_id == f"{len(at)}.{zlib.crc32(at.encode()):08x}"  # the offset and the text's digest
     assert "".join(d["text"] for _, d in first + second) == expected
 
 
