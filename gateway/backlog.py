@@ -1,5 +1,7 @@
 """What waits in the lanes, read from Redis alone: per (model, lane, tenant) stream, the jobs no worker has
-taken yet, the ones being run, and the age of the oldest waiting one.
+taken yet, the ones being run, and the age of the oldest waiting one. Given the live workers, a job taken by
+a worker that is gone (handed back at its stop, or left by a crash until its lease lapses) waits too: no
+worker runs it, and the next to look takes it.
 
 It needs no live worker, so that the gateway can export the backlog that wakes a scaled-to-zero worker
 pool (KEDA) and fires the no-worker alert, and `tokenq status` can show it."""
@@ -22,8 +24,8 @@ class StreamBacklog:
     model: str
     lane: str
     tenant: str
-    waiting: int  # entries after the group's last delivered id: taken by no worker yet
-    running: int  # delivered and not yet acknowledged
+    waiting: int  # entries after the group's last delivered id, or held by a worker that is gone
+    running: int  # delivered to a live worker and not yet acknowledged
     oldest_waiting_s: float  # 0 when nothing waits
 
 
@@ -42,8 +44,10 @@ async def lanes(redis: aioredis.Redis) -> list[tuple[str, str]]:
 
 
 async def read_backlog(redis: aioredis.Redis, now: float | None = None,
-                       known_lanes: list[tuple[str, str]] | None = None) -> list[StreamBacklog]:
-    """One entry per tenant stream of every lane (a decode_responses client); known_lanes saves the SCAN."""
+                       known_lanes: list[tuple[str, str]] | None = None,
+                       live: set[str] | None = None) -> list[StreamBacklog]:
+    """One entry per tenant stream of every lane (a decode_responses client); known_lanes saves the SCAN.
+    `live`: the ids of the workers whose heartbeat is current (None: every holder counts as running)."""
     now = time.time() if now is None else now
     streams: list[tuple[str, str, str, str]] = []
     for model, lane in known_lanes if known_lanes is not None else await lanes(redis):
@@ -67,10 +71,44 @@ async def read_backlog(redis: aioredis.Redis, now: float | None = None,
         for (*_, stream), (_, _, start) in zip(streams, counts, strict=True):
             pipe.xrange(stream, min=start, count=1)
         firsts = await pipe.execute(raise_on_error=False)
+    orphans = await _held_by_the_gone(redis, [s for *_, s in streams], counts, live)
     out = []
-    for (model, lane, tenant, _), (length, pending, _), first in zip(streams, counts, firsts, strict=True):
+    for (model, lane, tenant, _), (length, pending, _), first, (held, held_since) in zip(
+            streams, counts, firsts, orphans, strict=True):
         # Workers delete what they acknowledge, so every entry left is either pending or waiting.
-        waiting = max(0, length - pending)
-        oldest = max(0.0, now - _entry_time(first[0][0])) if waiting and isinstance(first, list) and first else 0.0
-        out.append(StreamBacklog(model, lane, tenant, waiting, pending, oldest))
+        unread = max(0, length - pending)
+        since = [_entry_time(first[0][0])] if unread and isinstance(first, list) and first else []
+        since += [held_since] if held else []
+        out.append(StreamBacklog(model, lane, tenant, unread + held, pending - held,
+                                 max(0.0, now - min(since)) if since else 0.0))
     return out
+
+
+async def _held_by_the_gone(redis: aioredis.Redis, streams: list[str], counts: list[tuple[int, int, str]],
+                            live: set[str] | None) -> list[tuple[int, float]]:
+    """Per stream, the entries pending with consumers that are not live workers, and the time of the oldest."""
+    held = [(0, 0.0)] * len(streams)
+    busy = [i for i, (_, pending, _) in enumerate(counts) if pending]
+    if live is None or not busy:
+        return held
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in busy:
+            pipe.xinfo_consumers(streams[i], keys.GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+    gone = [(i, c["name"]) for i, consumers in zip(busy, replies, strict=True) if isinstance(consumers, list)
+            for c in consumers if int(c.get("pending", 0)) and c["name"] not in live]
+    if not gone:
+        return held
+    async with redis.pipeline(transaction=False) as pipe:
+        for i, name in gone:
+            pipe.xpending_range(streams[i], keys.GROUP, min="-", max="+", count=1, consumername=name)
+        oldest = await pipe.execute(raise_on_error=False)
+    counted = {i: [0, float("inf")] for i, _ in gone}
+    for (i, name), first in zip(gone, oldest, strict=True):
+        consumers = replies[busy.index(i)]
+        counted[i][0] += next(int(c["pending"]) for c in consumers if c["name"] == name)
+        if isinstance(first, list) and first:
+            counted[i][1] = min(counted[i][1], _entry_time(first[0]["message_id"]))
+    for i, (n, since) in counted.items():
+        held[i] = (n, since)
+    return held

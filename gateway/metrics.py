@@ -74,8 +74,8 @@ class GatewayMetrics:
     async def _read_backlog(self, redis, registry) -> bool:
         now = time.time()
         known = await self._lanes_cache.get("lanes", lambda: lanes(redis), LANES_CACHE_S)
-        rows = await read_backlog(redis, now, known)
         workers = await registry.live_workers()
+        rows = await read_backlog(redis, now, known, live={w.worker_id for w in workers})
         models = {m for m, _ in known} | {w.model for w in workers}
         self.backlog.rows = rows
         self.backlog.live_workers = {model: sum(w.model == model for w in workers) for model in sorted(models)}

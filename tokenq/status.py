@@ -51,8 +51,8 @@ def _by_lane(streams: list[StreamBacklog]) -> list[dict]:
 
 async def snapshot(redis: aioredis.Redis) -> Snapshot:
     now = time.time()
-    streams = await read_backlog(redis, now)
     workers = sorted(await Registry(redis).live_workers(), key=lambda w: (w.model, w.worker_id))
+    streams = await read_backlog(redis, now, live={w.worker_id for w in workers})
     return Snapshot(now, streams, workers, _by_lane(streams))
 
 

@@ -30,9 +30,9 @@ async def _queue(redis, lane: str, tenant: str, n: int) -> str:
 
 
 async def _take(redis, stream: str, n: int) -> None:
-    """A worker reads n entries (pending, not acknowledged)."""
+    """Worker host:1 reads n entries (pending, not acknowledged)."""
     await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
-    await redis.xreadgroup(keys.GROUP, "w1", {stream: ">"}, count=n)
+    await redis.xreadgroup(keys.GROUP, "host:1", {stream: ">"}, count=n)
 
 
 async def _beat(redis, worker_id: str = "host:1") -> None:
@@ -54,6 +54,26 @@ async def test_backlog_counts_waiting_and_running_per_tenant(redis_client):
     await _take(redis_client, keys.jobs_stream(MODEL, "batch", "b"), 1)
     rows = {(r.lane, r.tenant): r for r in await read_backlog(redis_client)}
     assert rows[("batch", "b")].waiting == 0 and rows[("batch", "b")].oldest_waiting_s == 0.0
+
+
+@pytest.mark.both_redis  # one redis-server and a three-node cluster (tests/conftest.py)
+async def test_jobs_held_by_a_worker_that_is_gone_wait(redis_client):
+    """Handed back at its worker's stop, or left by a crash until the lease lapses: no worker runs them, so
+    they are waiting (with their age: the oldest-waiting alert sees them), not running, in the gauges and in
+    `tokenq status`."""
+    stream = await _queue(redis_client, "default", "a", 3)
+    await _take(redis_client, stream, 2)  # no heartbeat of host:1 yet
+    now = time.time() + 5
+    gone = {(r.lane, r.tenant): r for r in await read_backlog(redis_client, now=now, live=set())}[("default", "a")]
+    assert (gone.waiting, gone.running) == (3, 0) and gone.oldest_waiting_s >= 5
+    alive = {(r.lane, r.tenant): r for r in await read_backlog(redis_client, now=now, live={"host:1"})}[("default", "a")]
+    assert (alive.waiting, alive.running) == (1, 2)
+    await _beat(redis_client)
+    lane = (await snapshot(redis_client)).lanes[0]
+    assert (lane["waiting"], lane["running"]) == (1, 2)
+    await redis_client.delete(keys.worker_key("host:1"))  # its heartbeat lapses
+    lane = (await snapshot(redis_client)).lanes[0]
+    assert (lane["waiting"], lane["running"]) == (3, 0)
 
 
 @pytest.mark.both_redis  # one redis-server and a three-node cluster (tests/conftest.py)
