@@ -10,7 +10,17 @@ from pathlib import Path
 from jobstore.connect import is_cluster_url
 from tokenq import settings
 from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
-from tokenq.flag_checks import MAX_PORT, MODEL_SHAPES, OptionError, check_host, check_port_free, port
+from tokenq.flag_checks import (
+    MAX_PORT,
+    MODEL_SHAPES,
+    OptionError,
+    check_host,
+    check_port_free,
+    output_file,
+    port,
+    show_defaults,
+    whole_number,
+)
 from tokenq.redis_command import check_redis, redacted, require_redis_url
 
 
@@ -136,15 +146,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tokenq.bench import run_bench
+    from tokenq.bench.launch import launch
 
-    return run_bench(args)
+    return launch(args.bench_cmd, run_bench, args)
 
 
 def cmd_bench_module(args: argparse.Namespace) -> int:
     """Benchmarks whose module holds both its parser (add_parser) and its run (main)."""
     import importlib
 
-    return importlib.import_module(args.bench_module).main(args)
+    from tokenq.bench.launch import launch
+
+    return launch(args.bench_cmd, importlib.import_module(args.bench_module).main, args)
 
 
 METRICS_HOST_HELP = ("the address the metrics listen on (default every one, for a Prometheus elsewhere; `tokenq up` "
@@ -225,18 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (each prints a table and writes JSON)")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     eng = bsub.add_parser("engine", help="offline engine throughput vs Hugging Face generate, same prompts")
+    count = whole_number(at_least=1)
     eng.add_argument("--model", default=settings.model_name())
-    eng.add_argument("--num-prompts", type=int, default=64)
-    eng.add_argument("--min-prompt-len", type=int, default=64)
-    eng.add_argument("--max-prompt-len", type=int, default=256)
-    eng.add_argument("--output-len", type=int, default=128)
-    eng.add_argument("--seed", type=int, default=0)
+    eng.add_argument("--num-prompts", type=count, default=64)
+    eng.add_argument("--min-prompt-len", type=count, default=64)
+    eng.add_argument("--max-prompt-len", type=count, default=256)
+    eng.add_argument("--output-len", type=count, default=128)
+    eng.add_argument("--seed", type=whole_number(at_least=0), default=0)
     eng.add_argument("--chat", action="store_true",
                      help="equal-length chat prompts (the model's template) instead of random token ids")
-    eng.add_argument("--chat-words", type=int, default=24, help="words in each --chat user message")
+    eng.add_argument("--chat-words", type=count, default=24, help="words in each --chat user message")
     eng.add_argument("--skip-peer", action="store_true", help="run only our engine")
-    eng.add_argument("--out", default="bench-engine.json")
+    eng.add_argument("--out", type=output_file, default="bench-engine.json")
     add_engine_flags(eng)
+    show_defaults(eng)
     from tokenq.bench.queue import add_queue_parser
 
     add_queue_parser(bsub)
@@ -260,3 +275,6 @@ def main(argv: list[str] | None = None) -> None:
     except settings.SettingError as e:  # a TOKENQ_* variable, as argparse says a bad flag
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it (a benchmark): a line, not a trace
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

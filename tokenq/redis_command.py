@@ -99,6 +99,16 @@ def check_redis(url: str, role: str) -> None:
               file=sys.stderr)
 
 
+def require_reachable(url: str) -> None:
+    """Return once Redis at `url` answers a PING; else exit with run_with_redis's one line. For a command that
+    would start roles on it, which wait for a Redis that is away without a word."""
+    async def ping(redis: AnyRedis) -> int:
+        await redis.ping()
+        return 0
+
+    run_with_redis(url, ping)
+
+
 def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitable[int]]) -> int:
     """`command(redis)`'s exit code, on a client of `redis_url` closed afterwards."""
     url = require_redis_url(redis_url)

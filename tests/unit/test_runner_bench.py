@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tokenq.bench import latency, prefix, throughput  # noqa: E402
+from tokenq.bench.launch import launch  # noqa: E402
 
 TINY = ["--model-shape", "tiny", "--device", "cpu"]
 
@@ -27,7 +28,7 @@ def one_thread():
 def _run(module, argv: list[str], tmp_path) -> dict:
     out = tmp_path / f"{module.__name__.rsplit('.', 1)[-1]}.json"
     args = module.configure(__import__("argparse").ArgumentParser()).parse_args([*argv, *TINY, "--out", str(out)])
-    assert module.main(args) == 0
+    assert launch(module.__name__.rsplit(".", 1)[-1], module.main, args) == 0
     return json.loads(out.read_text())
 
 

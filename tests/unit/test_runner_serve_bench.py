@@ -13,6 +13,7 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("transformers")
 
 from tokenq.bench import serve  # noqa: E402
+from tokenq.bench.launch import launch  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,8 @@ def test_serve_bench_small_run(tmp_path, default_model_dir, monkeypatch):
         ["--model", str(default_model_dir), "--device", "cpu", "--rate", "20", "--num-requests", "6",
          "--min-prompt-len", "24", "--output-len", "6", "--low-load-requests", "2", "--kv-cache-gb", "0.1",
          "--client-procs", "2", "--out", str(out)])
-    assert serve.main(args) == 0
+    assert launch("serve", serve.main, args) == 0
+    assert not args.workdir.exists()  # a run that succeeds leaves no folder behind
     r = json.loads(out.read_text())
     _check(r, 6, 6, [20.0])
     assert r["workload"]["hot_loop"] is False  # as `tokenq up` runs a CPU engine: the stack sleeps between tokens
@@ -78,7 +80,8 @@ def test_serve_bench_random_shape_two_phases(tmp_path):
         ["--model-shape", "tiny", "--device", "cpu", "--rate", "50", "inf", "--num-requests", "8",
          "--min-prompt-len", "8", "--max-prompt-len", "40", "--output-len", "5", "--low-load-requests", "2",
          "--low-load-output-len", "3", "--kv-cache-gb", "0.05", "--client-procs", "2", "--out", str(out)])
-    assert serve.main(args) == 0
+    assert launch("serve", serve.main, args) == 0
+    assert not args.workdir.exists()  # a run that succeeds leaves no folder behind
     r = json.loads(out.read_text())
     _check(r, 8, 5, [50.0, float("inf")])
     assert r["model"] == "random-tiny" and r["offline"]["num_requests"] == 8

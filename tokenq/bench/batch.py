@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,28 +36,30 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenq import settings
     from tokenq.engine_options import add_engine_flags
-    from tokenq.flag_checks import MODEL_SHAPES
+    from tokenq.flag_checks import MODEL_SHAPES, number, output_file, show_defaults, whole_number
 
+    count = whole_number(at_least=1)
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--model-shape", choices=MODEL_SHAPES, metavar="SHAPE", default=None,
                    help="serve a random-weight model of this shape instead (llama3-8b, small, tiny)")
     p.add_argument("--redis-url", default=None, help="default: an embedded Redis of its own")
-    p.add_argument("--num-requests", type=int, default=512, help="lines of the batch file")
-    p.add_argument("--min-prompt-len", type=int, default=64)
-    p.add_argument("--max-prompt-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--interactive-requests", type=int, default=24,
+    p.add_argument("--num-requests", type=count, default=512, help="lines of the batch file")
+    p.add_argument("--min-prompt-len", type=count, default=64)
+    p.add_argument("--max-prompt-len", type=count, default=512)
+    p.add_argument("--output-len", type=count, default=256)
+    p.add_argument("--interactive-requests", type=count, default=24,
                    help="lone streamed requests, idle and again while the batch runs")
-    p.add_argument("--interactive-output-len", type=int, default=16)
-    p.add_argument("--pause-ms", type=float, default=200.0, help="between interactive requests")
-    p.add_argument("--window", type=int, default=None, help="the feeder's window (TOKENQ_BATCH_WINDOW; "
-                                                            "default: twice --max-num-seqs)")
-    p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the one port")
+    p.add_argument("--interactive-output-len", type=count, default=16)
+    p.add_argument("--pause-ms", type=number(at_least=0), default=200.0, help="between interactive requests")
+    p.add_argument("--window", type=count, default=None, help="the feeder's window (TOKENQ_BATCH_WINDOW; "
+                                                              "default: twice --max-num-seqs)")
+    p.add_argument("--gateway-workers", type=count, default=1, help="gateway processes on the one port")
     p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-batch.json")
+    p.add_argument("--seed", type=whole_number(at_least=0), default=0)
+    p.add_argument("--out", type=output_file, default="bench-batch.json")
     add_engine_flags(p)
     p.set_defaults(device="auto")
+    show_defaults(p)
     return p
 
 
@@ -182,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     from worker.models.config import ModelConfig
 
     args.device = gc.resolve_device(args.device)
-    workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-batch-"))
+    workdir = args.workdir
     name, path = _model_path(args, workdir)
     vocab = ModelConfig.from_dir(path).vocab_size
     lo, hi, n = args.min_prompt_len, args.max_prompt_len, args.num_requests

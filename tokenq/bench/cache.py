@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,25 +36,32 @@ FALSE_KINDS = ("own", "paraphrase", "other")
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from tokenq.flag_checks import existing_file, fraction, output_file, show_defaults, whole_number
+
     p = bsub.add_parser("cache", aliases=["semantic-cache"],
                         help="response caches: precision/recall on labelled pairs, lookup and end-to-end latency")
-    p.add_argument("--pairs", default=str(Path("..") / "shared" / "data" / "qqp-dev.jsonl"))
+    p.add_argument("--pairs", default=str(Path("..") / "shared" / "data" / "qqp-dev.jsonl"), metavar="FILE.jsonl",
+                   type=existing_file("pass --pairs FILE.jsonl: labelled question pairs, e.g. qqp-dev.jsonl"),
+                   help="labelled question pairs (JSON lines)")
     p.add_argument("--split", choices=["held-out", "tune", "all"], default="held-out",
                    help="which pairs to measure on (all: a file kept apart, used whole)")
-    p.add_argument("--threshold", type=float, default=None, help="default: the serving default")
-    p.add_argument("--entries", type=int, default=100_000, help="cached entries for the latency part (0: skip)")
-    p.add_argument("--queries", type=int, default=200, help="timed lookups of each kind")
-    p.add_argument("--e2e", type=int, default=100, help="questions cached through the gateway (0: skip)")
+    p.add_argument("--threshold", type=fraction, default=None, help="default: the serving default")
+    p.add_argument("--entries", type=whole_number(at_least=0), default=100_000,
+                   help="cached entries for the latency part (0: skip)")
+    p.add_argument("--queries", type=whole_number(at_least=1), default=200, help="timed lookups of each kind")
+    p.add_argument("--e2e", type=whole_number(at_least=0), default=100,
+                   help="questions cached through the gateway (0: skip)")
     p.add_argument("--embeddings-cache", type=Path, default=None, help=".npz to keep embeddings in")
     p.add_argument("--redis-url", default=None, help="use this Redis (default: start one)")
-    p.add_argument("--out", default="bench-cache.json")
+    p.add_argument("--out", type=output_file, default="bench-cache.json")
+    show_defaults(p)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     from tokenq.embedded_redis import EmbeddedRedis
 
-    workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-cache-"))
+    workdir = args.workdir
     server = None if args.redis_url else EmbeddedRedis(workdir / "redis").start()
     url = args.redis_url or server.url
     try:

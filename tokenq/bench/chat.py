@@ -11,26 +11,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import tempfile
 import time
-from pathlib import Path
 
 
 def add_parser(bsub) -> argparse.ArgumentParser:
     from tokenq import settings
     from tokenq.engine_options import add_engine_flags
+    from tokenq.flag_checks import output_file, show_defaults, whole_number
 
+    count = whole_number(at_least=1)
     p = bsub.add_parser("chat", help="concurrent chat requests via the gateway vs HF generate (one batch)")
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--redis-url", default=None, help="default: an embedded Redis of its own")
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--words", type=int, default=24, help="words in each user message")
-    p.add_argument("--gateway-workers", type=int, default=1)
+    p.add_argument("--num-requests", type=count, default=32)
+    p.add_argument("--output-len", type=count, default=128)
+    p.add_argument("--words", type=count, default=24, help="words in each user message")
+    p.add_argument("--gateway-workers", type=count, default=1)
     p.add_argument("--skip-peer", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-chat.json")
+    p.add_argument("--seed", type=whole_number(at_least=0), default=0)
+    p.add_argument("--out", type=output_file, default="bench-chat.json")
     add_engine_flags(p)
+    show_defaults(p)
     return p
 
 
@@ -76,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(texts)} chat requests (prompts of {lengths[0]}-{lengths[-1]} tokens), {args.output_len} new "
           f"tokens each, model {name} on {args.device}")
     args.redis_url = args.redis_url or None
-    workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-chat-"))
+    workdir = args.workdir
     base, procs, redis = start_stack(args, path, workdir)
     try:
         served = asyncio.run(_served(base, name, texts, args.output_len))

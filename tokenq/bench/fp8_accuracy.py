@@ -34,16 +34,19 @@ MODES = [Mode("float32", None, "auto"), Mode("fp8 weights+activations", "fp8", "
 def add_parser(bsub) -> argparse.ArgumentParser:
     p = bsub.add_parser("fp8-accuracy", help="perplexity and greedy agreement of FP8 against float32 (CPU)")
     from tokenq import settings
+    from tokenq.flag_checks import output_file, show_defaults, whole_number
 
+    count = whole_number(at_least=1)
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--text", default=str(TEXT), help="the text to score (default: the shipped one)")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=20)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--window", type=count, default=512)
+    p.add_argument("--chunk", type=count, default=128)
+    p.add_argument("--num-prompts", type=count, default=20)
+    p.add_argument("--prompt-len", type=count, default=32)
+    p.add_argument("--new-tokens", type=count, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="bench-fp8-accuracy.json")
+    p.add_argument("--out", type=output_file, default="bench-fp8-accuracy.json")
+    show_defaults(p)
     return p
 
 

@@ -12,24 +12,28 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
 def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
     """Flags of every random-weight benchmark; defaults differ per benchmark where the workload does."""
-    from tokenq.flag_checks import MODEL_SHAPES
+    from tokenq.flag_checks import MODEL_SHAPES, bench_device, number, show_defaults, whole_number
 
+    count, natural = whole_number(at_least=1), whole_number(at_least=0)
     p.add_argument("--model-shape", choices=MODEL_SHAPES, metavar="SHAPE", default="llama3-8b",
                    help="llama3-8b, llama3-70b (with --quantization fp8 on one H200), small or tiny (CPU smoke test)")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens)
-    p.add_argument("--max-model-len", type=int, default=None, help="default: what the workload needs")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--num-kv-blocks", type=int, default=None,
+    p.add_argument("--device", type=bench_device, default="auto",
+                   help="auto (cuda when present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--seed", type=natural, default=0)
+    p.add_argument("--max-num-seqs", type=count, default=max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=count, default=max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=count, default=None, help="default: what the workload needs")
+    p.add_argument("--block-size", type=count, default=16)
+    p.add_argument("--gpu-memory-utilization", type=number(above=0, at_most=1), default=0.9)
+    p.add_argument("--num-kv-blocks", type=count, default=None,
                    help="default: profiled on CUDA, enough for the whole workload on CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-prefill-graphs", action="store_true", help="CUDA graphs for decode steps only")
@@ -38,13 +42,21 @@ def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_
     from tokenq.engine_options import add_quantization_flags
 
     add_quantization_flags(p)
+    show_defaults(p)
 
 
 def standalone(configure: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
                main: Callable[[argparse.Namespace], int]) -> None:
     """`python -m tokenq.bench.NAME ...`: the benchmark alone, where only torch and transformers exist."""
+    from tokenq.bench.launch import launch
+    from tokenq.flag_checks import OptionError
+
     parser = configure(argparse.ArgumentParser(description=sys.modules["__main__"].__doc__))
-    sys.exit(main(parser.parse_args()))
+    args = parser.parse_args()
+    try:
+        sys.exit(launch(Path(sys.argv[0]).stem, main, args))
+    except OptionError as e:
+        sys.exit(f"error: {e}")
 
 
 @dataclass
@@ -63,8 +75,13 @@ class Setup:
 def resolve_device(name: str) -> str:
     import torch
 
+    from tokenq.flag_checks import OptionError, cuda_available
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not cuda_available():
+        raise OptionError(f"--device {name}: torch.cuda.is_available() is False here (no CUDA device, or a torch "
+                          "built without CUDA); use --device cpu")
     return name
 
 

@@ -18,11 +18,14 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    from tokenq.flag_checks import output_file, whole_number
+
+    count = whole_number(at_least=1)
+    p.add_argument("--prompt-len", type=count, default=128)
+    p.add_argument("--output-len", type=count, default=256)
+    p.add_argument("--repeats", type=count, default=3)
     p.add_argument("--skip-peer", action="store_true")
-    p.add_argument("--out", default="bench-latency.json")
+    p.add_argument("--out", type=output_file, default="bench-latency.json")
     gc.add_flags(p, max_num_seqs=8, max_num_batched_tokens=2048)
     return p
 

@@ -17,12 +17,17 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--system-len", type=int, default=1024)
-    p.add_argument("--tail-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--sequential", type=int, default=8, help="lone requests timed after the burst")
-    p.add_argument("--out", default="bench-prefix.json")
+    from tokenq.flag_checks import output_file, whole_number
+
+    count = whole_number(at_least=1)
+    p.add_argument("--num-requests", type=count, default=256)
+    p.add_argument("--system-len", type=whole_number(at_least=0), default=1024,
+                   help="tokens of the system prompt every request shares")
+    p.add_argument("--tail-len", type=count, default=64,
+                   help="tokens of each request's own tail (also the warm-up requests' length)")
+    p.add_argument("--output-len", type=count, default=16)
+    p.add_argument("--sequential", type=whole_number(at_least=0), default=8, help="lone requests timed after the burst")
+    p.add_argument("--out", type=output_file, default="bench-prefix.json")
     gc.add_flags(p, max_num_seqs=256, max_num_batched_tokens=8192)
     return p
 

@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,28 +34,46 @@ PROMPT = "Write one short sentence about queues."
 
 
 def add_queue_parser(bsub: argparse._SubParsersAction) -> None:
+    from tokenq.flag_checks import (
+        names,
+        output_file,
+        positive_number,
+        show_defaults,
+        whole_number,
+        whole_numbers,
+    )
+
+    count = whole_number(at_least=1)
     q = bsub.add_parser("queue", help="gateway enqueue rate (POST /v1/jobs, nothing consuming) vs raw XADD")
     q.add_argument("--redis-url", default=None, help="use this Redis (default: start a redis-server)")
-    q.add_argument("--concurrency", default="1,32,64",
+    q.add_argument("--concurrency", type=whole_numbers(at_least=1), default="1,32,64",
                    help="concurrent keep-alive clients; a comma-separated list runs each in turn")
-    q.add_argument("--requests", type=int, default=20000, help="jobs to submit (after the warm-up)")
-    q.add_argument("--warmup", type=int, default=1000)
-    q.add_argument("--client-procs", type=int, default=1, help="processes that run the clients")
-    q.add_argument("--gateway-workers", type=int, default=2, help="gateway processes on the one port")
+    q.add_argument("--requests", type=count, default=20000, help="jobs to submit (after the warm-up)")
+    q.add_argument("--warmup", type=whole_number(at_least=0), default=1000)
+    q.add_argument("--client-procs", type=count, default=1, help="processes that run the clients")
+    q.add_argument("--gateway-workers", type=count, default=2, help="gateway processes on the one port")
     q.add_argument("--client", choices=["raw", "httpx"], default="raw",
                    help="load generator: a minimal HTTP/1.1 client (default) or httpx")
-    q.add_argument("--xadd-ops", type=int, default=20000)
-    q.add_argument("--paths", default="hand-written,library",
-                   help="submission paths to run: hand-written (as shipped), library (FastAPI + redis-py alone)")
-    q.add_argument("--target", type=float, default=3000.0, help="jobs/s the gateway must accept")
-    q.add_argument("--out", default="bench-queue.json")
+    q.add_argument("--xadd-ops", type=count, default=20000)
+    q.add_argument("--paths", type=names(("hand-written", "library")), default="hand-written,library",
+                   help="submission paths to run, comma-separated: hand-written (as shipped), library (FastAPI + "
+                        "redis-py alone)")
+    q.add_argument("--target", type=positive_number, default=3000.0, help="jobs/s the gateway must accept")
+    q.add_argument("--out", type=output_file, default="bench-queue.json")
     q.set_defaults(func=cmd_bench_queue)
+    show_defaults(q)
 
 
 def cmd_bench_queue(args: argparse.Namespace) -> int:
+    from tokenq.bench.launch import launch
+
+    return launch("queue", main, args)
+
+
+def main(args: argparse.Namespace) -> int:
     from tokenq.embedded_redis import EmbeddedRedis, free_port, wait_for_port
 
-    workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-queue-"))
+    workdir = args.workdir
     redis_server = None if args.redis_url else EmbeddedRedis(workdir / "redis").start()
     redis_url = args.redis_url or redis_server.url
     runs: list[dict] = []

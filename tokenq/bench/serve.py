@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,33 +47,35 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenq import settings
     from tokenq.engine_options import add_engine_flags
-    from tokenq.flag_checks import MODEL_SHAPES
+    from tokenq.flag_checks import MODEL_SHAPES, number, output_file, show_defaults, whole_number
 
+    count = whole_number(at_least=1)
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--model-shape", choices=MODEL_SHAPES, metavar="SHAPE", default=None,
                    help="serve a random-weight model of this shape instead (llama3-8b, small, tiny)")
     p.add_argument("--redis-url", default=None, help="default: an embedded Redis of its own")
-    p.add_argument("--rate", type=float, nargs="+", default=[4.0],
+    p.add_argument("--rate", type=number(above=0, inf=True), nargs="+", default=[4.0],
                    help="Poisson arrival rates, requests/s, one phase each; inf sends all at once")
-    p.add_argument("--num-requests", type=int, default=100, help="requests per phase")
-    p.add_argument("--min-prompt-len", type=int, default=256)
-    p.add_argument("--max-prompt-len", type=int, default=None, help="default: --min-prompt-len")
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--low-load-requests", type=int, default=48,
+    p.add_argument("--num-requests", type=count, default=100, help="requests per phase")
+    p.add_argument("--min-prompt-len", type=count, default=256)
+    p.add_argument("--max-prompt-len", type=count, default=None, help="default: --min-prompt-len")
+    p.add_argument("--output-len", type=count, default=64)
+    p.add_argument("--low-load-requests", type=count, default=48,
                    help="sequential requests, both paths (the medians of fewer vary more from run to run)")
-    p.add_argument("--low-load-output-len", type=int, default=None,
+    p.add_argument("--low-load-output-len", type=count, default=None,
                    help="new tokens of each low-load request, both paths (default: --output-len); they measure TTFT")
-    p.add_argument("--low-load-pause-ms", type=float, default=20.0,
+    p.add_argument("--low-load-pause-ms", type=number(at_least=0), default=20.0,
                    help="idle time before each low-load request, both paths")
-    p.add_argument("--client-procs", type=int, default=None, help="default: half the CPUs, 1 to 8")
-    p.add_argument("--gateway-workers", type=int, default=1, help="gateway processes on the one port")
+    p.add_argument("--client-procs", type=count, default=None, help="default: half the CPUs, 1 to 8")
+    p.add_argument("--gateway-workers", type=count, default=1, help="gateway processes on the one port")
     p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-serve.json")
-    p.add_argument("--plot", default=None, metavar="FILE.png",
+    p.add_argument("--seed", type=whole_number(at_least=0), default=0)
+    p.add_argument("--out", type=output_file, default="bench-serve.json")
+    p.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
                    help="also draw latency against load and throughput over time (needs the plot extra)")
     add_engine_flags(p)
     p.set_defaults(device="auto")
+    show_defaults(p)
     return p
 
 
@@ -113,6 +114,8 @@ async def _stream_one(session, base: str, model: str, prompt: list[int], output_
             if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
                 continue
             chunk = json.loads(raw[6:])
+            if "error" in chunk:  # the gateway stopping, say: the run cannot count this request
+                raise RuntimeError(f"the stream ended with an error: {chunk['error'].get('message')}")
             now = time.monotonic()
             job_id = job_id or "job_" + chunk["id"].removeprefix("cmpl-")
             if any(c.get("text") for c in chunk.get("choices", [])):
@@ -376,7 +379,7 @@ def main(args: argparse.Namespace) -> int:
 
     args.device = gc.resolve_device(args.device)
     args.low_load_output_len = args.low_load_output_len or args.output_len
-    workdir = Path(tempfile.mkdtemp(prefix="tokenq-bench-serve-"))
+    workdir = args.workdir
     name, path = _model_path(args, workdir)
     vocab = ModelConfig.from_dir(path).vocab_size
     lo, hi = args.min_prompt_len, args.max_prompt_len or args.min_prompt_len
@@ -401,7 +404,6 @@ def main(args: argparse.Namespace) -> int:
         trace: list[dict] = []
         low_t = asyncio.run(_drive(base, name, low, args.low_load_output_len, None, trace=trace,
                                    pause_s=args.low_load_pause_ms / 1000, warm=warm))
-        low_wall = low_t[-1].done - low_t[0].added + args.low_load_pause_ms / 1000  # the pauses included
         hops, hops_each, traced = _trace_hops(args.redis_url or redis.url, trace)
         served = [(rate, *_engine_totals_during(
             metrics_url, lambda p=p, a=a: _run_phase(base, name, p, args.output_len, a, client_procs)))
@@ -412,7 +414,7 @@ def main(args: argparse.Namespace) -> int:
     top = max(range(len(phases)), key=lambda k: phases[k][0])
     direct_t, back_to_back_t, offline = _offline(path, args, low, None if args.skip_offline else phases[top][1])
 
-    gateway_low = _summary(low_t, low_wall)
+    gateway_low = _summary(low_t, sum(t.e2e for t in low_t))  # as the direct rows: no pauses between requests
     direct = _summary(direct_t, sum(t.e2e for t in direct_t))
     back_to_back = _summary(back_to_back_t, sum(t.e2e for t in back_to_back_t))
     result = {

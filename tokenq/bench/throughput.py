@@ -24,16 +24,19 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--num-requests", type=int, default=512)
-    p.add_argument("--min-prompt-len", type=int, default=64)
-    p.add_argument("--max-prompt-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
+    from tokenq.flag_checks import fraction, output_file, whole_number
+
+    count = whole_number(at_least=1)
+    p.add_argument("--num-requests", type=count, default=512)
+    p.add_argument("--min-prompt-len", type=count, default=64)
+    p.add_argument("--max-prompt-len", type=count, default=512)
+    p.add_argument("--output-len", type=count, default=256)
     p.add_argument("--skip-peer", action="store_true")
-    p.add_argument("--peer-num-requests", type=int, default=None,
+    p.add_argument("--peer-num-requests", type=count, default=None,
                    help="run the peer on the first N requests only (default: all)")
-    p.add_argument("--guided-fraction", type=float, default=0.0,
+    p.add_argument("--guided-fraction", type=fraction, default=0.0,
                    help="constrain this fraction of the requests by a JSON schema (0 to 1; default 0)")
-    p.add_argument("--out", default="bench-throughput.json")
+    p.add_argument("--out", type=output_file, default="bench-throughput.json")
     gc.add_flags(p, max_num_seqs=512, max_num_batched_tokens=8192)
     return p
 
