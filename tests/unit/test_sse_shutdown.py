@@ -4,8 +4,23 @@ closed connection, not as an exception uvicorn logs with its traceback."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gateway.sse import sse_response
+
+
+def client_that_stays() -> tuple[dict, Callable, Callable, list[dict]]:
+    """The ASGI side of a client that never leaves: (scope, receive, send, the messages sent to it)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    return {"type": "http", "asgi": {"spec_version": "2.4"}, "path": "/v1/chat/completions"}, receive, send, sent
 
 
 async def test_a_stream_cancelled_by_the_server_stopping_ends_quietly():
@@ -47,16 +62,7 @@ async def test_a_stream_ends_with_its_last_event_when_the_gateway_is_told_to_sto
             yield "data: {}\n\n"
             await asyncio.sleep(0.01)
 
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "path": "/v1/chat/completions"}
+    scope, receive, send, sent = client_that_stays()
     task = asyncio.create_task(sse.sse_response(endless(), on_stop=sse.STOPPING_EVENT)(scope, receive, send))
     while len(sent) < 3:
         await asyncio.sleep(0.01)
@@ -101,16 +107,7 @@ async def _waiting(answer, monkeypatch, grace_s: float):
     monkeypatch.setattr(waiting, "stopping", lambda: event)
     monkeypatch.setattr(waiting, "WAIT_GRACE_S", grace_s)
     abandoned: list[bool] = []
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "path": "/v1/chat/completions"}
+    scope, receive, send, sent = client_that_stays()
     task = asyncio.create_task(waiting.WaitingResponse(answer, lambda: abandoned.append(True))(scope, receive, send))
     await asyncio.sleep(0.05)
     event.set()
