@@ -78,3 +78,8 @@ def test_graph_buckets_report_names_the_dropped_buckets(capsys):
     assert "decode 16 (5.00 ms)" in capsys.readouterr().out
     cpu = SimpleNamespace(graph_sets={})  # nothing captured, nothing timed
     assert gpu_common.graph_buckets(SimpleNamespace(runner=cpu)) == {}
+
+
+def test_a_speedup_below_one_is_said_as_slower():
+    assert prefix._times(2.5) == "2.50x faster" and prefix._times(1.0) == "1.00x faster"
+    assert prefix._times(0.85) == "1.18x slower"

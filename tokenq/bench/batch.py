@@ -251,8 +251,10 @@ def main(args: argparse.Namespace) -> int:
     if offline:
         print(f"batch/offline output tok/s: {result['batch_over_offline']:.3f}")
     print("batch phases, seconds from its creation: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
-    print(f"interactive TTFT p50: idle {idle_p50 or 0:.1f} ms, during the batch {busy_p50 or 0:.1f} ms "
-          f"({len(busy)} requests; ratio {result['ttft_p50_during_over_idle'] or 0:.2f})")
+    during = (f"{busy_p50:.1f} ms ({len(busy)} requests; ratio {result['ttft_p50_during_over_idle']:.2f})"
+              if busy and result["ttft_p50_during_over_idle"] is not None
+              else "none ran while the batch did (a batch shorter than the first pause)")
+    print(f"interactive TTFT p50: idle {idle_p50 or 0:.1f} ms, during the batch {during}")
     write_json(args.out, result)
     return 0 if result["all_lengths_ok"] else 1
 
