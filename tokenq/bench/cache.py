@@ -80,6 +80,7 @@ async def _run(args: argparse.Namespace, url: str, workdir: Path) -> dict:
     from respcache.pairs import load_pairs, split
     from respcache.policy import DEFAULT_THRESHOLD
     from respcache.train import embed_all
+    from tokenq.bench.report import cell
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     pairs = load_pairs(args.pairs)
@@ -101,7 +102,9 @@ async def _run(args: argparse.Namespace, url: str, workdir: Path) -> dict:
     for part in parts:
         found = await part
         report.update(found)
-        print({k: v for k, v in found.items() if not k.endswith("_table")}, flush=True)  # kept if a later part fails
+        # Each part's figures as it ends, kept on screen if a later part fails (the tables come at the end).
+        print("  " + ", ".join(f"{k} {cell(v)}" for k, v in found.items() if isinstance(v, int | float | str)),
+              flush=True)
     await redis.aclose()
     _print(report)
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -35,8 +36,18 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cell(value: object) -> str:
+    """A table's cell: a number of one decimal, or of three significant digits below 1 (a tiny run's 0.025 s,
+    not 0.0); "-" for what was not measured (None, NaN: a TPOT of one-token requests, say)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if 0 < abs(value) < 1 else f"{value:,.1f}"
+    return str(value)
+
+
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    cells = [header] + [[f"{c:,.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    cells = [header] + [[cell(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
     for j, r in enumerate(cells):
