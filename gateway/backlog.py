@@ -8,6 +8,7 @@ pool (KEDA) and fires the no-worker alert, and `tokenq status` can show it."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -77,17 +78,18 @@ async def read_backlog(redis: aioredis.Redis, now: float | None = None,
             streams, counts, firsts, orphans, strict=True):
         # Workers delete what they acknowledge, so every entry left is either pending or waiting.
         unread = max(0, length - pending)
-        since = [_entry_time(first[0][0])] if unread and isinstance(first, list) and first else []
-        since += [held_since] if held else []
+        since = min(_entry_time(first[0][0]) if unread and isinstance(first, list) and first else math.inf,
+                    held_since)
         out.append(StreamBacklog(model, lane, tenant, unread + held, pending - held,
-                                 max(0.0, now - min(since)) if since else 0.0))
+                                 max(0.0, now - since) if since < math.inf else 0.0))
     return out
 
 
 async def _held_by_the_gone(redis: aioredis.Redis, streams: list[str], counts: list[tuple[int, int, str]],
                             live: set[str] | None) -> list[tuple[int, float]]:
-    """Per stream, the entries pending with consumers that are not live workers, and the time of the oldest."""
-    held = [(0, 0.0)] * len(streams)
+    """Per stream, the entries pending with consumers that are not live workers, and the time of the oldest
+    (inf when there are none)."""
+    held = [(0, math.inf)] * len(streams)
     busy = [i for i, (_, pending, _) in enumerate(counts) if pending]
     if live is None or not busy:
         return held
@@ -95,20 +97,17 @@ async def _held_by_the_gone(redis: aioredis.Redis, streams: list[str], counts: l
         for i in busy:
             pipe.xinfo_consumers(streams[i], keys.GROUP)
         replies = await pipe.execute(raise_on_error=False)
-    gone = [(i, c["name"]) for i, consumers in zip(busy, replies, strict=True) if isinstance(consumers, list)
-            for c in consumers if int(c.get("pending", 0)) and c["name"] not in live]
+    gone = [(i, c["name"], int(c["pending"])) for i, consumers in zip(busy, replies, strict=True)
+            if isinstance(consumers, list) for c in consumers if int(c.get("pending", 0)) and c["name"] not in live]
     if not gone:
         return held
     async with redis.pipeline(transaction=False) as pipe:
-        for i, name in gone:
+        for i, name, _ in gone:
             pipe.xpending_range(streams[i], keys.GROUP, min="-", max="+", count=1, consumername=name)
         oldest = await pipe.execute(raise_on_error=False)
-    counted = {i: [0, float("inf")] for i, _ in gone}
-    for (i, name), first in zip(gone, oldest, strict=True):
-        consumers = replies[busy.index(i)]
-        counted[i][0] += next(int(c["pending"]) for c in consumers if c["name"] == name)
+    for (i, _, pending), first in zip(gone, oldest, strict=True):
+        n, since = held[i]
         if isinstance(first, list) and first:
-            counted[i][1] = min(counted[i][1], _entry_time(first[0]["message_id"]))
-    for i, (n, since) in counted.items():
-        held[i] = (n, since)
+            since = min(since, _entry_time(first[0]["message_id"]))
+        held[i] = (n + pending, since)
     return held

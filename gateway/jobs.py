@@ -81,8 +81,8 @@ async def follow(redis: aioredis.Redis, job_id: str, offset: int | Sequence[int]
     own_hub = hub is None
     hub = hub or event_hub(redis)
     store = store or JobStore(redis)
-    cursor = _Cursor([offset] if isinstance(offset, int) else list(offset))
-    cursor.digests = list(digests) + [None] * (len(cursor.offsets) - len(digests))
+    offsets = [offset] if isinstance(offset, int) else list(offset)
+    cursor = _Cursor(offsets, digests=[*digests, *[None] * (len(offsets) - len(digests))])
     lost_at: float | None = None
     backoff = 0.05
     try:

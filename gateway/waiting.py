@@ -58,15 +58,13 @@ class WaitingResponse(Response):
                 group.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():  # the server cancelled it: its grace ran out first
             stopped = True
-        if result is None and stopped:
+        if result is None:  # the client left, or the gateway stops: nobody will read the job's answer
+            if self.on_abandon is not None:
+                self.on_abandon()
+            if not stopped:
+                self.status_code = CLIENT_CLOSED
+                return
             result = error_response(503, STOPPING_MESSAGE, type_="server_shutting_down", code="server_shutting_down")
-            if self.on_abandon is not None:
-                self.on_abandon()
-        if result is None:
-            self.status_code = CLIENT_CLOSED
-            if self.on_abandon is not None:
-                self.on_abandon()
-            return
         self.status_code = result.status_code
         await result(scope, receive, send)
 

@@ -16,10 +16,11 @@ from tokenq.flag_checks import (
     OptionError,
     check_host,
     check_port_free,
+    count,
+    natural,
     output_file,
     port,
     show_defaults,
-    whole_number,
 )
 from tokenq.redis_command import check_redis, redacted, require_redis_url
 
@@ -238,13 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (each prints a table and writes JSON)")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     eng = bsub.add_parser("engine", help="offline engine throughput vs Hugging Face generate, same prompts")
-    count = whole_number(at_least=1)
     eng.add_argument("--model", default=settings.model_name())
     eng.add_argument("--num-prompts", type=count, default=64)
     eng.add_argument("--min-prompt-len", type=count, default=64)
     eng.add_argument("--max-prompt-len", type=count, default=256)
     eng.add_argument("--output-len", type=count, default=128)
-    eng.add_argument("--seed", type=whole_number(at_least=0), default=0)
+    eng.add_argument("--seed", type=natural, default=0)
     eng.add_argument("--chat", action="store_true",
                      help="equal-length chat prompts (the model's template) instead of random token ids")
     eng.add_argument("--chat-words", type=count, default=24, help="words in each --chat user message")

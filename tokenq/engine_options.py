@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenq.flag_checks import OptionError, cuda_available
+from tokenq.flag_checks import OptionError, require_cuda_if_asked
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -85,9 +85,7 @@ def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kep
     the flag whose value is out of range, or a CUDA device that this machine's torch does not see."""
     from worker.engine.config import ConfigError
 
-    if args.device.startswith("cuda") and not cuda_available():
-        raise OptionError(f"--device {args.device}: torch.cuda.is_available() is False here (no CUDA device, or "
-                          "a torch built without CUDA); use --device cpu")
+    require_cuda_if_asked(args.device)
     try:
         return _engine_config(args)
     except ConfigError as e:

@@ -97,6 +97,8 @@ def number(*, above: float | None = None, at_least: float | None = None, at_most
     return parse
 
 
+count = whole_number(at_least=1)  # requests, tokens, processes
+natural = whole_number(at_least=0)  # a seed, a count where 0 skips the part
 fraction = number(at_least=0, at_most=1)  # a share, 0 to 1
 positive_number = number(above=0)
 
@@ -199,6 +201,13 @@ def check_port_free(flag: str, port: int | None, host: str = "0.0.0.0") -> None:
     """Nothing listens on `port` yet (Prometheus' exporter listens on every address, as `host` says)."""
     if port is not None and (why := listen_error(host, port)) is not None:
         raise OptionError(f"{flag} {port}: cannot listen on it ({why}); choose another port")
+
+
+def require_cuda_if_asked(device: str) -> None:
+    """A --device of cuda (or cuda:N) that this machine's torch cannot reach stops the command, in one line."""
+    if device.startswith("cuda") and not cuda_available():
+        raise OptionError(f"--device {device}: torch.cuda.is_available() is False here (no CUDA device, or a torch "
+                          "built without CUDA); use --device cpu")
 
 
 def cuda_available() -> bool:

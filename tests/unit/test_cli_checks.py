@@ -81,7 +81,7 @@ def test_up_refuses_a_cluster_whose_roles_it_could_not_run(capsys, nothing_start
 
 @pytest.mark.parametrize("role", ["up", "worker"])
 def test_device_cuda_without_cuda_stops_the_start(role, capsys, nothing_starts, monkeypatch):
-    monkeypatch.setattr("tokenq.engine_options.cuda_available", lambda: False)
+    monkeypatch.setattr("tokenq.flag_checks.cuda_available", lambda: False)
     code, err = tokenq(capsys, role, "--device", "cuda", "--redis-url", "redis://127.0.0.1:1")
     assert code == 1 and err.startswith("error: --device cuda: torch.cuda.is_available() is False")
     assert "--device cpu" in err

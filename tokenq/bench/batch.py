@@ -36,9 +36,8 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from tokenq import settings
     from tokenq.engine_options import add_engine_flags
-    from tokenq.flag_checks import MODEL_SHAPES, number, output_file, show_defaults, whole_number
+    from tokenq.flag_checks import MODEL_SHAPES, count, natural, number, output_file, show_defaults
 
-    count = whole_number(at_least=1)
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--model-shape", choices=MODEL_SHAPES, metavar="SHAPE", default=None,
                    help="serve a random-weight model of this shape instead (llama3-8b, small, tiny)")
@@ -55,7 +54,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                               "default: twice --max-num-seqs)")
     p.add_argument("--gateway-workers", type=count, default=1, help="gateway processes on the one port")
     p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
-    p.add_argument("--seed", type=whole_number(at_least=0), default=0)
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--out", type=output_file, default="bench-batch.json")
     add_engine_flags(p)
     p.set_defaults(device="auto")

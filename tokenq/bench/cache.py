@@ -36,7 +36,7 @@ FALSE_KINDS = ("own", "paraphrase", "other")
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from tokenq.flag_checks import existing_file, fraction, output_file, show_defaults, whole_number
+    from tokenq.flag_checks import count, existing_file, fraction, natural, output_file, show_defaults
 
     p = bsub.add_parser("cache", aliases=["semantic-cache"],
                         help="response caches: precision/recall on labelled pairs, lookup and end-to-end latency")
@@ -46,10 +46,10 @@ def add_parser(bsub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["held-out", "tune", "all"], default="held-out",
                    help="which pairs to measure on (all: a file kept apart, used whole)")
     p.add_argument("--threshold", type=fraction, default=None, help="default: the serving default")
-    p.add_argument("--entries", type=whole_number(at_least=0), default=100_000,
+    p.add_argument("--entries", type=natural, default=100_000,
                    help="cached entries for the latency part (0: skip)")
-    p.add_argument("--queries", type=whole_number(at_least=1), default=200, help="timed lookups of each kind")
-    p.add_argument("--e2e", type=whole_number(at_least=0), default=100,
+    p.add_argument("--queries", type=count, default=200, help="timed lookups of each kind")
+    p.add_argument("--e2e", type=natural, default=100,
                    help="questions cached through the gateway (0: skip)")
     p.add_argument("--embeddings-cache", type=Path, default=None, help=".npz to keep embeddings in")
     p.add_argument("--redis-url", default=None, help="use this Redis (default: start one)")

@@ -17,9 +17,8 @@ import time
 def add_parser(bsub) -> argparse.ArgumentParser:
     from tokenq import settings
     from tokenq.engine_options import add_engine_flags
-    from tokenq.flag_checks import output_file, show_defaults, whole_number
+    from tokenq.flag_checks import count, natural, output_file, show_defaults
 
-    count = whole_number(at_least=1)
     p = bsub.add_parser("chat", help="concurrent chat requests via the gateway vs HF generate (one batch)")
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--redis-url", default=None, help="default: an embedded Redis of its own")
@@ -28,7 +27,7 @@ def add_parser(bsub) -> argparse.ArgumentParser:
     p.add_argument("--words", type=count, default=24, help="words in each user message")
     p.add_argument("--gateway-workers", type=count, default=1)
     p.add_argument("--skip-peer", action="store_true")
-    p.add_argument("--seed", type=whole_number(at_least=0), default=0)
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--out", type=output_file, default="bench-chat.json")
     add_engine_flags(p)
     show_defaults(p)

@@ -34,9 +34,8 @@ MODES = [Mode("float32", None, "auto"), Mode("fp8 weights+activations", "fp8", "
 def add_parser(bsub) -> argparse.ArgumentParser:
     p = bsub.add_parser("fp8-accuracy", help="perplexity and greedy agreement of FP8 against float32 (CPU)")
     from tokenq import settings
-    from tokenq.flag_checks import output_file, show_defaults, whole_number
+    from tokenq.flag_checks import count, output_file, show_defaults
 
-    count = whole_number(at_least=1)
     p.add_argument("--model", default=settings.model_name(), help="a known model name or a HF directory")
     p.add_argument("--text", default=str(TEXT), help="the text to score (default: the shipped one)")
     p.add_argument("--window", type=count, default=512)

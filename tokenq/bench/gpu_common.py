@@ -18,9 +18,8 @@ from typing import Any
 
 def add_flags(p: argparse.ArgumentParser, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
     """Flags of every random-weight benchmark; defaults differ per benchmark where the workload does."""
-    from tokenq.flag_checks import MODEL_SHAPES, bench_device, number, show_defaults, whole_number
+    from tokenq.flag_checks import MODEL_SHAPES, bench_device, count, natural, number, show_defaults
 
-    count, natural = whole_number(at_least=1), whole_number(at_least=0)
     p.add_argument("--model-shape", choices=MODEL_SHAPES, metavar="SHAPE", default="llama3-8b",
                    help="llama3-8b, llama3-70b (with --quantization fp8 on one H200), small or tiny (CPU smoke test)")
     p.add_argument("--device", type=bench_device, default="auto",
@@ -75,13 +74,11 @@ class Setup:
 def resolve_device(name: str) -> str:
     import torch
 
-    from tokenq.flag_checks import OptionError, cuda_available
+    from tokenq.flag_checks import require_cuda_if_asked
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not cuda_available():
-        raise OptionError(f"--device {name}: torch.cuda.is_available() is False here (no CUDA device, or a torch "
-                          "built without CUDA); use --device cpu")
+    require_cuda_if_asked(name)
     return name
 
 

@@ -18,9 +18,8 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from tokenq.flag_checks import output_file, whole_number
+    from tokenq.flag_checks import count, output_file
 
-    count = whole_number(at_least=1)
     p.add_argument("--prompt-len", type=count, default=128)
     p.add_argument("--output-len", type=count, default=256)
     p.add_argument("--repeats", type=count, default=3)

@@ -17,16 +17,15 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from tokenq.flag_checks import output_file, whole_number
+    from tokenq.flag_checks import count, natural, output_file
 
-    count = whole_number(at_least=1)
     p.add_argument("--num-requests", type=count, default=256)
-    p.add_argument("--system-len", type=whole_number(at_least=0), default=1024,
+    p.add_argument("--system-len", type=natural, default=1024,
                    help="tokens of the system prompt every request shares")
     p.add_argument("--tail-len", type=count, default=64,
                    help="tokens of each request's own tail (also the warm-up requests' length)")
     p.add_argument("--output-len", type=count, default=16)
-    p.add_argument("--sequential", type=whole_number(at_least=0), default=8, help="lone requests timed after the burst")
+    p.add_argument("--sequential", type=natural, default=8, help="lone requests timed after the burst")
     p.add_argument("--out", type=output_file, default="bench-prefix.json")
     gc.add_flags(p, max_num_seqs=256, max_num_batched_tokens=8192)
     return p
@@ -106,10 +105,10 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result["all_lengths_ok"] else 1
 
 
-if __name__ == "__main__":  # without the tokenq CLI (and the service packages it imports)
-    gc.standalone(configure, main)
-
-
 def _times(speedup: float) -> str:
     """A speed-up said the way it went: "2.50x faster", or "1.18x slower" (a speed-up of 0.85)."""
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+if __name__ == "__main__":  # without the tokenq CLI (and the service packages it imports)
+    gc.standalone(configure, main)

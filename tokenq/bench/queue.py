@@ -35,21 +35,21 @@ PROMPT = "Write one short sentence about queues."
 
 def add_queue_parser(bsub: argparse._SubParsersAction) -> None:
     from tokenq.flag_checks import (
+        count,
         names,
+        natural,
         output_file,
         positive_number,
         show_defaults,
-        whole_number,
         whole_numbers,
     )
 
-    count = whole_number(at_least=1)
     q = bsub.add_parser("queue", help="gateway enqueue rate (POST /v1/jobs, nothing consuming) vs raw XADD")
     q.add_argument("--redis-url", default=None, help="use this Redis (default: start a redis-server)")
     q.add_argument("--concurrency", type=whole_numbers(at_least=1), default="1,32,64",
                    help="concurrent keep-alive clients; a comma-separated list runs each in turn")
     q.add_argument("--requests", type=count, default=20000, help="jobs to submit (after the warm-up)")
-    q.add_argument("--warmup", type=whole_number(at_least=0), default=1000)
+    q.add_argument("--warmup", type=natural, default=1000)
     q.add_argument("--client-procs", type=count, default=1, help="processes that run the clients")
     q.add_argument("--gateway-workers", type=count, default=2, help="gateway processes on the one port")
     q.add_argument("--client", choices=["raw", "httpx"], default="raw",

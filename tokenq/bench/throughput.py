@@ -24,9 +24,8 @@ def add_parser(bsub) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from tokenq.flag_checks import fraction, output_file, whole_number
+    from tokenq.flag_checks import count, fraction, output_file
 
-    count = whole_number(at_least=1)
     p.add_argument("--num-requests", type=count, default=512)
     p.add_argument("--min-prompt-len", type=count, default=64)
     p.add_argument("--max-prompt-len", type=count, default=512)
