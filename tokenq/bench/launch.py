@@ -1,7 +1,7 @@
 """What every benchmark does around its run: the checks argparse cannot make alone (--min-X not above
 --max-X, a --redis-url that answers: roles started on a Redis that is away wait for it without a word), and
 the run's folder (its Redis, the roles' logs, its random model and batch file), removed when the run
-succeeds (a served run leaves tens of MB) and kept and named when it fails, for its logs."""
+succeeds (a served run's Redis data and random model add up, run after run) and kept and named when it fails, for its logs."""
 
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ def _cpu_name() -> str:
 
 
 def cell(value: object) -> str:
-    """A table's cell: a number of one decimal, or of three significant digits below 1 (a tiny run's 0.025 s,
-    not 0.0); "-" for what was not measured (None, NaN: a TPOT of one-token requests, say)."""
+    """A table's cell: a number of one decimal, or of three significant digits below 1 (so that a short run's
+    seconds do not read 0.0); "-" for what was not measured (None, NaN: a TPOT of one-token requests, say)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
