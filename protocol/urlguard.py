@@ -28,7 +28,13 @@ _NEVER_PUBLIC_V6 = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network
 
 
 class UnsafeURL(ValueError):
-    """The URL is not one tokenq will deliver to; the message says why."""
+    """The URL is not one tokenq will deliver to; the message says why. A name's resolved address stays out
+    of the message, which reaches the tenant (it would map the private network for them); `address` holds it
+    for the operator's log."""
+
+    def __init__(self, message: str, address: IPAddress | None = None) -> None:
+        super().__init__(message)
+        self.address = address
 
 
 class HostNotFound(UnsafeURL):
@@ -121,8 +127,9 @@ def _literal(host: str) -> IPAddress | None:
 
 def _check_address(addr: IPAddress, host: str, allowed: AllowList) -> None:
     if not is_public(addr) and not allowed.allows_address(addr):
-        raise UnsafeURL(f"webhook host {host} is a non-public address ({addr}); an operator may allow it with "
-                        f"{ALLOW_ENV} on the gateway and the webhook service")
+        what = f"is a non-public address ({addr})" if _literal(host) else "resolves to a non-public address"
+        raise UnsafeURL(f"webhook host {host} {what}; an operator may allow it with {ALLOW_ENV} on the gateway "
+                        "and the webhook service", address=addr)
 
 
 def _loopback_name(host: str) -> bool:

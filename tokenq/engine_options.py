@@ -8,8 +8,10 @@ import argparse
 from tokenq.flag_checks import OptionError, require_cuda_if_asked
 
 
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+def add_engine_flags(p: argparse.ArgumentParser, *, device: str = "cpu") -> None:
+    """device: the default of --device (the benchmarks that start workers take auto: cuda when present)."""
+    choices = "auto (cuda when present), cpu or cuda" if device == "auto" else "cpu or cuda"
+    p.add_argument("--device", default=device, help=f"{choices} (default {device})")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, "
                                                   "bfloat16 on CUDA)")
     p.add_argument("--max-num-seqs", type=int, default=256)

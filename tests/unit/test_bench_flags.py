@@ -129,11 +129,15 @@ def test_check_ranges_skips_a_bound_left_unset():
 
 def test_bench_help_shows_defaults(capsys):
     for bench, shown in (("throughput", "default 512"), ("semantic-cache", "default ../shared/data/qqp-dev.jsonl"),
-                         ("queue", "default 1,32,64"), ("engine", "default bench-engine.json")):
+                         ("queue", "default 1,32,64"), ("engine", "default bench-engine.json"),
+                         ("serve", "cpu or cuda (default auto)"), ("batch", "cpu or cuda (default auto)"),
+                         ("engine", "cpu or cuda (default cpu)")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["bench", bench, "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert shown in out, bench
+    for bench, device in (("serve", "auto"), ("batch", "auto"), ("engine", "cpu")):
+        assert build_parser().parse_args(["bench", bench]).device == device
 
 
 def test_device_cuda_without_cuda_is_one_error_line(monkeypatch):

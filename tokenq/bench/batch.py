@@ -56,8 +56,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--skip-offline", action="store_true", help="no in-process engine reference")
     p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--out", type=output_file, default="bench-batch.json")
-    add_engine_flags(p)
-    p.set_defaults(device="auto")
+    add_engine_flags(p, device="auto")
     show_defaults(p)
     return p
 

@@ -72,8 +72,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_file, default="bench-serve.json")
     p.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
                    help="also draw latency against load and throughput over time (needs the plot extra)")
-    add_engine_flags(p)
-    p.set_defaults(device="auto")
+    add_engine_flags(p, device="auto")
     show_defaults(p)
     return p
 

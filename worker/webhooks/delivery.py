@@ -77,6 +77,7 @@ class Deliverer:
         except HostNotFound as e:
             return await self._retry(job_id, log, attempt_no, None, str(e))
         except UnsafeURL as e:
+            log.warning("webhook URL refused", reason=str(e), address=str(e.address) if e.address else None)
             return await self._end(job_id, log, store.Attempt("refused", error=str(e)))
         except (httpx.TransportError, TimeoutError) as e:
             return await self._retry(job_id, log, attempt_no, None, f"{type(e).__name__}: {e}".rstrip(": "))
