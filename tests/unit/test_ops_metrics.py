@@ -147,6 +147,30 @@ def test_serve_plot_draws_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_serve_plot_of_an_all_at_once_run_alone_draws_its_latencies(tmp_path, monkeypatch):
+    """`--rate inf` alone has no offered-load axis: its percentiles are lines across, with a legend."""
+    pytest.importorskip("matplotlib")
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from tokenq.bench.plot import plot_serve
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    phase = {"ttft_ms": {"p50": 10, "p90": 20, "p99": 30}, "e2e_ms": {"p50": 100, "p90": 150, "p99": 200},
+             "tpot_ms": {"p50": 5}, "output_tokens_per_s": 30, "requests_per_s": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a legend with nothing labelled
+        plot_serve({"model": "m", "device": "cpu", "phases": [{**phase, "rate": float("inf"), "requests": []}]},
+                   tmp_path / "serve.png")
+    ttft, e2e, _ = figures[0].axes
+    assert sorted(line.get_ydata()[0] for line in ttft.lines) == [5, 10, 20, 30]  # TPOT p50 too
+    assert len(e2e.lines) == 3 and ttft.get_legend() is not None
+    monkeypatch.undo()
+    plt.close(figures[0])
+
+
 def test_bench_serve_takes_plot():
     from tokenq.cli import build_parser
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +124,15 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
             "num_prompts": len(reference)}
 
 
+@contextmanager
+def _stage(number: int, label: str) -> Iterator[None]:
+    """A line as each of the run's six stages starts and ends: on a CPU the run takes minutes."""
+    print(f"[{number}/{2 * len(MODES)}] {label} ...", end="", flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f" {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
     from tokenizers import Tokenizer
@@ -139,13 +151,18 @@ def main(args: argparse.Namespace) -> int:
           f"{args.chunk}; {args.num_prompts} prompts x {args.new_tokens} greedy tokens")
     ppl: dict[str, float] = {}
     models = {}
-    for mode in MODES:
-        if mode.quantization not in models:
-            models[mode.quantization] = load_model(path, torch.float32, args.device, quantization=mode.quantization)[0]
-        ppl[mode.name] = perplexity(models[mode.quantization], ids, mode.kv_cache_dtype, args.window, args.chunk)
+    for i, mode in enumerate(MODES, 1):
+        with _stage(i, f"perplexity, {mode.name}"):
+            if mode.quantization not in models:
+                models[mode.quantization] = load_model(path, torch.float32, args.device,
+                                                       quantization=mode.quantization)[0]
+            ppl[mode.name] = perplexity(models[mode.quantization], ids, mode.kv_cache_dtype, args.window, args.chunk)
     del models
     prompts = prompts_from(ids, args.num_prompts, args.prompt_len)
-    outs = {mode.name: greedy_continuations(path, mode, prompts, args.new_tokens, args.device) for mode in MODES}
+    outs = {}
+    for i, mode in enumerate(MODES, len(MODES) + 1):
+        with _stage(i, f"greedy continuations, {mode.name}"):
+            outs[mode.name] = greedy_continuations(path, mode, prompts, args.new_tokens, args.device)
     base = MODES[0].name
     agree = {mode.name: agreement(outs[base], outs[mode.name]) for mode in MODES[1:]}
     rows = [[base, ppl[base], "", "", ""]]

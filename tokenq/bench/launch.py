@@ -17,6 +17,8 @@ def launch(name: str, main: Callable[[argparse.Namespace], int], args: argparse.
     """main(args) after the checks, with `args.workdir` a fresh folder."""
     from tokenq.flag_checks import check_ranges
 
+    quiet_library_logs()
+
     check_ranges(args)
     if getattr(args, "redis_url", None):
         from tokenq.redis_command import require_reachable
@@ -33,6 +35,16 @@ def launch(name: str, main: Callable[[argparse.Namespace], int], args: argparse.
     else:
         _keep_if_it_holds_something(args.workdir)
     return code
+
+
+def quiet_library_logs() -> None:
+    """The product's info lines (a cache loaded, an engine started) would break into the benchmark's own
+    lines and table: in a benchmark's process only warnings and errors show. Roles it starts log as usual."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def _keep_if_it_holds_something(workdir: Path) -> None:

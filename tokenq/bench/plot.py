@@ -30,6 +30,12 @@ def timeline(requests: list[list[float]], bin_s: float = BIN_S) -> tuple[list[fl
     return [(i + 0.5) * bin_s for i in range(len(bins))], [b / bin_s for b in bins]
 
 
+def _legend(ax) -> None:
+    """A legend where something is labelled (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
 def plot_serve(result: dict, path: str | Path) -> Path:
     import matplotlib
 
@@ -41,23 +47,24 @@ def plot_serve(result: dict, path: str | Path) -> Path:
     poisson = [p for p in phases if math.isfinite(p["rate"])]
     burst = [p for p in phases if not math.isfinite(p["rate"])]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     x = [p["rate"] for p in poisson]
     for ax, key, title in ((axes[0], "ttft_ms", "time to first token"), (axes[1], "e2e_ms", "end-to-end latency")):
         series = [(key, q, style, q) for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:"))]
         if key == "ttft_ms":
             series.append(("tpot_ms", "p50", "x-", "TPOT p50"))
-        for field, q, style, label in series:
+        for i, (field, q, style, label) in enumerate(series):
+            color = palette[i % len(palette)]
             ys = [p[field].get(q) for p in poisson]
             if ys and all(y is not None for y in ys):
-                line = ax.plot(x, ys, style, label=label)[0]
-                for p in burst:
-                    if p[field].get(q) is not None:
-                        ax.axhline(p[field][q], color=line.get_color(), linestyle="--", alpha=0.5,
-                                   label=f"{label}, all at once")
+                ax.plot(x, ys, style, color=color, label=label)
+            for p in burst:  # drawn whether or not a Poisson phase ran (`--rate inf` alone)
+                if p[field].get(q) is not None:
+                    ax.axhline(p[field][q], color=color, linestyle="--", alpha=0.5, label=f"{label}, all at once")
         ax.set(title=title, xlabel="offered load (requests/s)", ylabel="ms")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend(ax)
     ax = axes[2]
     for p in phases:
         xs, ys = timeline(p.get("requests", []))
@@ -66,7 +73,7 @@ def plot_serve(result: dict, path: str | Path) -> Path:
             ax.plot(xs, ys, label=f"{rate} ({p['output_tokens_per_s']:.0f} tok/s overall)")
     ax.set(title="output throughput over time", xlabel="seconds into the phase", ylabel="tokens/s")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     fig.suptitle(f"tokenq bench serve: {result.get('model')} on {result.get('device')}")
     fig.tight_layout()
     path = Path(path)
