@@ -106,13 +106,27 @@ _HALF_CALL = re.compile(r'\[?\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*(?:,\s*"(?:argum
                         re.DOTALL)
 
 
+_NAME_BEGUN = re.compile(r'\[?\s*\{\s*"name"\s*:\s*"([^"\\]*)$')
+
+
 def _half_call(text: str, names: list[str]) -> ToolCall | None:
     """The first call of a forced output cut before it closed: its name, and its arguments' JSON text as far
-    as it got (empty when they had not begun)."""
+    as it got (empty when they had not begun). Cut before its name closed, the call is the one offered function
+    that the name's beginning fits (the grammar allows only offered names), as OpenAI names a forced call
+    however short max_tokens is."""
     match = _HALF_CALL.match(text)
-    if match is None or match.group(1) not in names:
+    if match is not None:
+        name, arguments = match.group(1), match.group(2) or ""
+    else:
+        begun = _NAME_BEGUN.match(text)
+        opening = "".join(text.split())
+        if begun is None and not ('[{"name":"'.startswith(opening) or '{"name":"'.startswith(opening)):
+            return None
+        fits = [n for n in names if n.startswith(begun.group(1) if begun else "")]
+        name, arguments = (fits[0] if len(fits) == 1 else ""), ""
+    if name not in names:
         return None
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=match.group(1), arguments=match.group(2) or ""))
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
 
 
 def _whole_items(text: str) -> list[Any] | None:

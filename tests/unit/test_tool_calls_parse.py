@@ -105,7 +105,7 @@ def test_a_cut_output_keeps_its_whole_calls():
     assert parse_tool_calls(cut_array, JSON) is None
     parsed = parse_tool_calls(cut_array, JSON, cut=True)
     assert [c.function.name for c in parsed.calls] == ["get_weather", "get_time"]
-    assert parse_tool_calls('[{"name": "get_wea', JSON, cut=True) is None
+    assert parse_tool_calls('[{"name": "get_wea', JSON) is None
     cut_tagged = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n'
                   '<tool_call>{"name": "get_weather", "argu')
     assert parse_tool_calls(cut_tagged, TAGGED) is None
@@ -119,6 +119,8 @@ def test_a_cut_output_keeps_its_whole_calls():
     ('{"name": "get_weather", "arguments": {"ci', '{"ci'),
     ('[{"name": "get_weather", "arguments": {"city": "Par', '{"city": "Par'),
     ('{"name": "get_weather",', ""),
+    ('[{"name": "get_wea', ""),  # cut in the name: the grammar allows only offered names, one fits
+    ('{"name": "get_w', ""),
 ])
 def test_a_forced_call_cut_before_any_was_whole_is_a_call_with_its_cut_arguments(text, arguments):
     """A forced call (the JSON form) is all the output may be: cut at max_tokens it came back as content in
@@ -128,3 +130,25 @@ def test_a_forced_call_cut_before_any_was_whole_is_a_call_with_its_cut_arguments
     assert result.finish_reason == "length" and result.content is None
     assert [(c.function.name, c.function.arguments) for c in result.tool_calls] == [("get_weather", arguments)]
     assert _result(text, "stop").with_tool_calls(JSON).tool_calls is None
+
+
+@pytest.mark.parametrize("text, names, name", [
+    ('{"name": "get_', ["get_weather", "get_time"], None),  # two offered names fit: no call to name
+    ('{"name": "', ["get_weather", "get_time"], None),
+    ('{"na', ["get_weather", "get_time"], None),
+    ('{"na', ["get_weather"], "get_weather"),  # a named tool_choice: the one function
+    ('[{', ["get_weather"], "get_weather"),
+    ('{"name": "', ["get_weather"], "get_weather"),
+    ('{"name": "x', ["get_weather"], None),  # not a beginning of the offered name
+    ('{"arguments', ["get_weather"], None),  # not the call's opening
+])
+def test_a_forced_call_cut_before_its_name_closed_is_the_one_function_that_fits(text, names, name):
+    """OpenAI names a forced call however short max_tokens is; the text cut in the name stays content only
+    where more than one offered function could still be meant."""
+    spec = ToolParsing(names=names, form="json")
+    result = _result(text, "length").with_tool_calls(spec)
+    if name is None:
+        assert result.tool_calls is None and result.text == text  # the text stays, as content
+    else:
+        assert result.content is None and result.finish_reason == "length"
+        assert [(c.function.name, c.function.arguments) for c in result.tool_calls] == [(name, "")]
