@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from functools import partial
 
 from gateway.errors import ApiError
@@ -20,6 +21,9 @@ from protocol.jobs import ChatMessage, JobKind, JobPayload, Lane, new_job_id
 from protocol.sampling import SamplingParams
 
 UNKNOWN_CONTEXT = 1 << 62  # a model's context where no model is asked yet: no prompt is too long for it
+# Prompts larger than this (characters, and a chat's messages counted at 64 each for the template's text around
+# them) are rendered and tokenized off the event loop.
+OFF_LOOP_CHARS = 16_384
 
 
 def check_model_free(req: ChatCompletionRequest | CompletionRequest | JobCreate) -> None:
@@ -59,8 +63,9 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
     kind: JobKind
     if messages is not None:
         kind, field = "chat", "messages"
+        encode = partial(prompts.encode_chat, messages, tools.tools if tools else None, **template)
         try:
-            ids = prompts.encode_chat(messages, tools.tools if tools else None, **template)
+            ids = await tokenized(encode, sum(len(m.text()) + 64 for m in messages))
         except CannotContinue as e:
             raise ApiError(400, str(e), param="continue_final_message") from e
         except TemplateRaised as e:
@@ -69,6 +74,8 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
         kind, field = "completion", "prompt"
         _check_no_template(req)
         text, ids = _completion_prompt(req.prompt, prompts)
+        if text is not None:
+            ids = await tokenized(partial(prompts.encode_text, text), len(text))
         if getattr(req, "echo", False):
             echo_prompt = text if text is not None else prompts.decode(ids)
             prompt_logprobs = requested_logprobs(req)  # echoed tokens carry logprobs as the output does
@@ -84,6 +91,14 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
                       sampling=sampling, stream=stream, tenant=tenant, echo_prompt=echo_prompt,
                       deadline=deadline, webhook_url=webhook_url, run_to_completion=req.run_to_completion,
                       tools=tools.parsing if tools else None)
+
+
+async def tokenized(encode: Callable[[], list[int]], size: int) -> list[int]:
+    """encode() on the event loop for a usual prompt, in a thread for a large one: a megabyte of text takes
+    about a second to render and tokenize, and every other request to this gateway would wait that long (the
+    tokenizer lets go of the interpreter lock while it works). A thread's hand-off costs more than a usual
+    prompt's tokenization, which lies on every request's time to first token."""
+    return await asyncio.to_thread(encode) if size > OFF_LOOP_CHARS else encode()
 
 
 def _check_no_template(req: ChatCompletionRequest | CompletionRequest | JobCreate) -> None:
@@ -107,15 +122,15 @@ def _with_tools(sampling: SamplingParams, tools: ToolPlan | None) -> SamplingPar
 
 
 def _completion_prompt(prompt, prompts) -> tuple[str | None, list[int]]:
-    """(prompt text if given as text, token ids); one prompt per job (gateway/prompt_list.py splits a
-    completion of several)."""
+    """(prompt text, []) for a text, (None, its ids) for token ids; one prompt per job (gateway/prompt_list.py
+    splits a completion of several)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
             raise ApiError(400, f"prompt: a job takes one prompt (got {len(prompt)}); /v1/completions "
                                 "takes several", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return prompt, prompts.encode_text(prompt)
+        return prompt, []
     bad = next((t for t in prompt if not 0 <= t < prompts.vocab_size), None)
     if bad is not None:
         raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary (size {prompts.vocab_size})",
