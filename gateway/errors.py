@@ -73,6 +73,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
 _SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 _MAX_SHOWN_INPUT = 80  # characters of the client's value quoted back in a message
 
@@ -129,6 +130,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if not errors:
         return error_response(400, "invalid request body")
     err = most_telling(errors)
+    if tuple(err.get("loc", ())) == ("body",) and err.get("type") == "missing":
+        return error_response(400, "request body is missing: a JSON object, sent with Content-Type: "
+                                   "application/json")
     if tuple(err.get("loc", ())) == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
         content_type = request.headers.get("content-type") or "none"
         if content_type.partition(";")[0].strip().lower() == "application/json":  # JSON, but not an object
@@ -145,6 +149,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     route = f"{request.method} {request.url.path}"
     if status == 404 and message == "Not Found":  # the router's own: no route has this path
         message = f"no such route: {route} (GET /docs lists tokenq's routes)"
+    elif status == 400 and message == _FASTAPI_PARSE_ERROR:  # not a JSON syntax error: FastAPI says no more
+        message = ("request body is not valid JSON: it is not UTF-8 text, or it nests deeper than the JSON parser "
+                   "goes (about 1,000 levels)")
     elif status == 405 and message == "Method Not Allowed":
         allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), None)
         message = f"method not allowed: {route}" + (f" (allowed: {allowed})" if allowed else "")

@@ -89,6 +89,11 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
                          "models": sorted({w.model for w in workers})})
 
 
+# Health checkers that send HEAD (a 405 read as down); undocumented, as HEAD answers what GET does.
+for _path, _endpoint in (("/healthz", healthz), ("/readyz", readyz), ("/v1/models", list_models)):
+    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request, ctx: GatewayContext = Depends(get_ctx)) -> Response:
     """Open, unless a token is set (TOKENQ_METRICS_TOKEN, or TOKENQ_METRICS_TOKEN_FILE: gateway/metrics_token.py):

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
+from gateway.connection_limits import GuardedHttpProtocol
 from gateway.metrics import MULTIPROC_DIR_ENV
 from gateway.stopping import SERVER_GRACE_S
 from tokenq.settings import Settings
@@ -59,8 +59,8 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a write-coalescing transport."""
+class HttpProtocol(GuardedHttpProtocol):
+    """uvicorn's httptools protocol, with the connection limits, on a write-coalescing transport."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]

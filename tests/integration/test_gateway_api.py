@@ -170,6 +170,9 @@ async def test_models_and_readiness(client, redis_client, redis_url, default_mod
     assert r.status_code == 200 and r.json()["workers"] == 0  # a gateway is ready without workers
     assert (await client.get("/v1/models")).json() == {"object": "list", "data": []}
     assert (await client.get("/healthz")).status_code == 200
+    for path in ("/healthz", "/readyz", "/v1/models"):  # health checkers that send HEAD see it up
+        r = await client.head(path)
+        assert r.status_code == 200 and r.content == b"", path
     w = FakeWorker(redis_url, default_model_dir)
     await w.start()
     try:

@@ -147,14 +147,21 @@ async def test_bad_bodies_are_400s_naming_the_field(redis_url, redis_client, def
             await c.post("/v1/jobs", json={**PROMPT, "temperature": 9}),  # sampling bounds: the fast path's own
             await c.post("/v1/jobs", json={**PROMPT, "ttl": -1}),
             await c.post("/v1/jobs", json=PROMPT, headers={"Idempotency-Key": "x" * 300}),
+            await c.post("/v1/jobs", content=b'{"model": "\xff\xfe"}', headers={"content-type": "application/json"}),
+            await c.post("/v1/jobs", content=b'{"metadata": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+                         headers={"content-type": "application/json"}),
+            await c.post("/v1/jobs", content=b"", headers={"content-type": "application/json"}),
         ]
 
     answers, passed_on = await both(redis_url, redis_client, default_model_dir, scenario)
-    assert passed_on == 4
-    assert [a.status_code for a in answers] == [400] * 7
+    assert passed_on == 7
+    assert [a.status_code for a in answers] == [400] * 10
     params = [a.json()["error"]["param"] for a in answers]
-    assert params[:2] == ["max_tokens", "messages"] and params[4:] == ["temperature", "ttl", "Idempotency-Key"]
+    assert params[:2] == ["max_tokens", "messages"] and params[4:7] == ["temperature", "ttl", "Idempotency-Key"]
     assert "not valid JSON" in answers[2].json()["error"]["message"]
+    for a in answers[7:9]:  # not UTF-8; nested past the parser's depth (FastAPI said "an error parsing the body")
+        assert a.json()["error"]["message"].startswith("request body is not valid JSON: it is not UTF-8 text, or")
+    assert answers[9].json()["error"]["message"].startswith("request body is missing")
 
 
 async def test_unauthorized_401(redis_url, redis_client, default_model_dir):

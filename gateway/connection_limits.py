@@ -1,0 +1,108 @@
+"""What one connection may hold of the gateway while its request arrives: a head (request line and headers)
+of at most MAX_HEAD_BYTES, and the whole request within READ_TIMEOUT_S of the connection's start or of the
+request's first byte. uvicorn's httptools protocol sets neither: a 50 MB header was read into memory, a
+connection that never sent a byte stayed open for good, and a body sent a byte a second held its request as
+long as the client liked. Past a limit the client gets 431 or 408 and the connection closes, as nginx answers
+(large_client_header_buffers, client_header_timeout, client_body_timeout). A request still arriving when the
+gateway stops gets a 503 at once, not the whole shutdown grace. Every refusal here is OpenAI-style error JSON,
+uvicorn's own 400 for a request it cannot parse included."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.stopping import STOPPING_MESSAGE
+from protocol.errors import error_json
+
+MAX_HEAD_BYTES = 64 * 1024
+READ_TIMEOUT_S = 30.0
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
+
+
+def refusal(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
+    """A whole HTTP/1.1 response that closes its connection."""
+    body = json.dumps(error_json(message, type_, None, code)).encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, _REASONS[status], len(body))) + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above."""
+
+    read_timeout_s = READ_TIMEOUT_S  # a class attribute, so a test can shorten it
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_head = True  # the next bytes are a request's head
+        self._head_bytes = 0
+        self._reading = True  # a request is arriving (or the connection's first may)
+        self._deadline: asyncio.TimerHandle | None = self.loop.call_later(self.read_timeout_s, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        head_before = self._in_head
+        super().data_received(data)
+        if head_before and self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, f"request head (request line and headers) is over {MAX_HEAD_BYTES} bytes",
+                             "request_header_fields_too_large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading = True
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes, self._reading = True, 0, False
+        self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        if self._reading and self._head_bytes == 0 and self._in_head:
+            self.transport.close()  # idle between requests, or never sent one
+        elif self._reading and not self._answered():
+            self._refuse(503, STOPPING_MESSAGE, "server_shutting_down", "service_unavailable")
+        else:
+            super().shutdown()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, as error JSON."""
+        self._refuse(400, f"invalid HTTP request: {msg}", "invalid_http_request")
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._answered():  # answered before its body was read (a 413): the rest is not waited for
+            self.transport.close()
+            return
+        self._refuse(408, f"the request did not arrive whole within {self.read_timeout_s:g} s", "request_timeout")
+
+    def _answered(self) -> bool:
+        return self.cycle is not None and not self._in_head and self.cycle.response_started
+
+    def _refuse(self, status: int, message: str, code: str, type_: str = "invalid_request_error") -> None:
+        self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True  # the app, waiting for the body, sees the client gone
+            self.cycle.message_event.set()
+        self.transport.write(refusal(status, message, code, type_))
+        self.transport.close()
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None

@@ -1,0 +1,134 @@
+"""The gateway's connection limits, against a real uvicorn server on the gateway's protocol: a head over the
+limit is a 431, a request that does not arrive whole in time a 408, a request still arriving when the server
+stops a 503 at once, an unparsable one error JSON; a slow answer or a kept-alive connection is not cut."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+import uvicorn
+
+from gateway import connection_limits
+from gateway.server import HttpProtocol
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _app(scope, receive, send):
+    """Reads the whole body, then answers its length (after a pause when the path says /slow)."""
+    if scope["type"] != "http":
+        return
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            _app.disconnects += 1
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1.5)
+    body = json.dumps({"size": size}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def server(monkeypatch):
+    monkeypatch.setattr(connection_limits.GuardedHttpProtocol, "read_timeout_s", 0.6)
+    _app.disconnects = 0
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(_app, http=HttpProtocol, loop="asyncio", log_level="error", lifespan="off",
+                            timeout_graceful_shutdown=5)
+    srv = uvicorn.Server(config)
+    task = asyncio.create_task(srv.serve(sockets=[sock]))
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    yield srv, sock.getsockname()[1]
+    srv.should_exit = True
+    await asyncio.wait_for(task, 10)
+
+
+async def _exchange(port: int, *parts: bytes, pause: float = 0.0) -> tuple[int, dict | None, bytes]:
+    """Sends the parts (pausing between them), reads until the server closes: (status, JSON body, raw)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = asyncio.create_task(reader.read())
+    for part in parts:
+        if answer.done():  # the server answered and closed: no more to send
+            break
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(pause)
+    raw = await asyncio.wait_for(answer, 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split()[1]) if raw else 0
+    try:
+        return status, json.loads(body), raw
+    except ValueError:
+        return status, None, raw
+
+
+async def test_a_head_over_the_limit_is_a_431_in_error_json(server):
+    _, port = server
+    big = b"x" * (connection_limits.MAX_HEAD_BYTES + 1)
+    status, body, _ = await _exchange(port, b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ", big)
+    assert status == 431 and body["error"]["code"] == "request_header_fields_too_large"
+    assert str(connection_limits.MAX_HEAD_BYTES) in body["error"]["message"]
+
+
+async def test_a_connection_that_sends_nothing_is_closed_with_a_408(server):
+    _, port = server
+    start = time.monotonic()
+    status, body, _ = await _exchange(port)
+    assert status == 408 and body["error"]["code"] == "request_timeout"
+    assert time.monotonic() - start < 5
+
+
+async def test_a_body_that_trickles_past_the_limit_is_a_408_and_the_app_sees_the_client_gone(server):
+    _, port = server
+    head = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n"
+    status, body, _ = await _exchange(port, head, *([b"x"] * 20), pause=0.1)
+    assert status == 408 and "did not arrive whole within 0.6 s" in body["error"]["message"]
+    assert _app.disconnects == 1
+
+
+async def test_a_slow_answer_and_a_kept_alive_connection_are_not_cut(server):
+    """The limit is on the request's arrival, not on the answer: /slow answers after 1.5 s, over the 0.6 s."""
+    _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for path in ("/slow", "/"):
+        writer.write(b"POST %s HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc" % path.encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert json.loads(await reader.readexactly(len(b"{\"size\": 3}"))) == {"size": 3}
+        await asyncio.sleep(0.8)  # idle past the read limit, within uvicorn's 5 s keep-alive
+    writer.close()
+
+
+async def test_an_unparsable_request_is_a_400_in_error_json(server):
+    _, port = server
+    status, body, _ = await _exchange(port, b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: abc\r\n\r\n")
+    assert status == 400 and body["error"]["code"] == "invalid_http_request"
+
+
+async def test_a_request_still_arriving_when_the_server_stops_is_a_503_at_once(server):
+    srv, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\nabc")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    start = time.monotonic()
+    srv.should_exit = True
+    raw = await asyncio.wait_for(reader.read(), 10)
+    assert raw.startswith(b"HTTP/1.1 503") and b"server_shutting_down" in raw
+    assert time.monotonic() - start < 2  # not the 5 s grace
+    writer.close()
