@@ -1,6 +1,7 @@
 """What one connection may hold of the gateway while its request arrives: a head (request line and headers)
 of at most MAX_HEAD_BYTES, and the whole request within READ_TIMEOUT_S of the connection's start or of the
-request's first byte. uvicorn's httptools protocol sets neither: a 50 MB header was read into memory, a
+request's first byte (an upload to STREAMED_PATHS, up to hundreds of MiB, instead has READ_TIMEOUT_S between
+two reads of its body). uvicorn's httptools protocol sets neither: a 50 MB header was read into memory, a
 connection that never sent a byte stayed open for good, and a body sent a byte a second held its request as
 long as the client liked. Past a limit the client gets 431 or 408 and the connection closes, as nginx answers
 (large_client_header_buffers, client_header_timeout, client_body_timeout). A request still arriving when the
@@ -14,6 +15,7 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.limits import STREAMED_PATHS
 from gateway.stopping import STOPPING_MESSAGE
 from protocol.errors import error_json
 
@@ -40,11 +42,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._in_head = True  # the next bytes are a request's head
         self._head_bytes = 0
         self._reading = True  # a request is arriving (or the connection's first may)
+        self._upload = False  # the arriving request is an upload (its limit is between reads)
         self._deadline: asyncio.TimerHandle | None = self.loop.call_later(self.read_timeout_s, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
         head_before = self._in_head
         super().data_received(data)
+        if self._upload and self._reading and not self._in_head and not self.transport.is_closing():
+            self._disarm()  # an upload's body: the limit runs from its last read
+            self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
         if head_before and self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
@@ -60,10 +66,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+        self._upload = self.scope.get("path") in STREAMED_PATHS
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_head, self._head_bytes, self._reading = True, 0, False
+        self._in_head, self._head_bytes, self._reading, self._upload = True, 0, False, False
         self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -89,7 +96,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._answered():  # answered before its body was read (a 413): the rest is not waited for
             self.transport.close()
             return
-        self._refuse(408, f"the request did not arrive whole within {self.read_timeout_s:g} s", "request_timeout")
+        what = "sent nothing of its body for" if self._upload else "did not arrive whole within"
+        self._refuse(408, f"the request {what} {self.read_timeout_s:g} s", "request_timeout")
 
     def _answered(self) -> bool:
         return self.cycle is not None and not self._in_head and self.cycle.response_started

@@ -132,3 +132,15 @@ async def test_a_request_still_arriving_when_the_server_stops_is_a_503_at_once(s
     assert raw.startswith(b"HTTP/1.1 503") and b"server_shutting_down" in raw
     assert time.monotonic() - start < 2  # not the 5 s grace
     writer.close()
+
+
+async def test_an_upload_may_take_longer_than_the_limit_while_its_body_keeps_coming(server):
+    """A batch file of hundreds of MiB takes more than the limit to send: for /v1/files the limit runs from
+    the body's last read, so a steady upload is whole, one that stalls is a 408."""
+    _, port = server
+    head = b"POST /v1/files HTTP/1.1\r\nhost: a\r\ncontent-length: 12\r\n\r\n"
+    start = time.monotonic()
+    status, body, _ = await _exchange(port, head, *([b"x"] * 12), pause=0.1)  # 1.2 s in all, 0.1 s apart
+    assert status == 200 and body == {"size": 12} and time.monotonic() - start > 0.6
+    status, body, _ = await _exchange(port, head, b"x" * 6, pause=0.1)
+    assert status == 408 and "sent nothing of its body for 0.6 s" in body["error"]["message"]
