@@ -3,7 +3,8 @@ of at most MAX_HEAD_BYTES, and the whole request within READ_TIMEOUT_S of the co
 request's first byte (an upload to STREAMED_PATHS, up to hundreds of MiB, instead has READ_TIMEOUT_S between
 two reads of its body). uvicorn's httptools protocol sets neither: a 50 MB header was read into memory, a
 connection that never sent a byte stayed open for good, and a body sent a byte a second held its request as
-long as the client liked. Past a limit the client gets 431 or 408 and the connection closes, as nginx answers
+long as the client liked. Past a limit the client gets 431 or 408 (a connection that sent nothing is closed
+without a word) and the connection closes, as nginx answers
 (large_client_header_buffers, client_header_timeout, client_body_timeout). A request still arriving when the
 gateway stops gets a 503 at once, not the whole shutdown grace. Every refusal here is OpenAI-style error JSON,
 uvicorn's own 400 for a request it cannot parse included."""
@@ -93,7 +94,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self._answered():  # answered before its body was read (a 413): the rest is not waited for
+        if self._answered() or (self._in_head and self._head_bytes == 0):
+            # Answered before its body was read (a 413): the rest is not waited for. Or nothing sent: a silent
+            # close, since a client that pools connections would read a 408 there as its next request's answer.
             self.transport.close()
             return
         what = "sent nothing of its body for" if self._upload else "did not arrive whole within"
