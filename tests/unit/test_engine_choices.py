@@ -118,3 +118,34 @@ def test_choices_not_yet_forked_hold_their_sequence_slots(tiny):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.num_admissible(0) == free
+
+
+def test_choices_waiting_with_shared_blocks_give_them_up_when_nothing_else_can_run(tiny):
+    """A request's other choices hold its prompt's shared blocks from the fork on, waiting. With the cache
+    nearly full, a seq at the queue's head that needed one of those blocks waited for ever with nothing
+    running (every later step empty); now the waiting choices give them back, as a preemption would."""
+    model, mcfg = tiny
+    config = EngineConfig(block_size=16, num_kv_blocks=10, max_num_seqs=2, max_num_batched_tokens=256,
+                          max_model_len=128, enforce_eager=True, latency_guard_s=0)
+    engine = LLMEngine.from_model(model, mcfg, config)
+    engine.add_request("long", list(range(5, 25)), SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    engine.add_request("forked", list(range(100, 164)), SamplingParams(max_tokens=60, n=3, temperature=0.0,
+                                                                       ignore_eos=True))
+    tokens: dict[tuple[str, int], int] = {}
+    for _ in range(1000):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            tokens[out.request_id, out.index] = tokens.get((out.request_id, out.index), 0) + len(out.new_token_ids)
+    assert not engine.has_unfinished_requests()
+    assert tokens == {("long", 0): 100, ("forked", 0): 60, ("forked", 1): 60, ("forked", 2): 60}
+    assert engine.block_manager.num_free_blocks == 10 and engine.scheduler.num_preemptions > 0
+
+
+def test_a_request_id_with_a_hash_is_refused_as_it_could_take_a_choices_id(tiny):
+    """`a#1` then `a` with n=2 made two sequences of one id: the second overwrote the first's state."""
+    engine = _engine(tiny)
+    with pytest.raises(ValueError, match="'a#1': '#' is kept for the ids of a request's choices"):
+        engine.add_request("a#1", PROMPT, _sampled())
+    engine.add_request("a", PROMPT, _sampled(n=2))
+    assert sorted(engine._requests) == ["a", "a#1"]

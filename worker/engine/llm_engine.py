@@ -153,6 +153,8 @@ class LLMEngine:
             raise RequestTooLong(
                 f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
         self._check_vocabulary(prompt_token_ids, sampling)
+        if "#" in request_id:  # a request's other choices are `<id>#<index>`: an id with one could take theirs
+            raise ValueError(f"request id {request_id!r}: '#' is kept for the ids of a request's choices")
         if request_id in self._requests or request_id in self._groups:
             raise ValueError(f"duplicate request id {request_id}")
         states = [self._new_sequence(request_id, i, prompt_token_ids, sampling, priority, tenant)

@@ -243,6 +243,8 @@ class Scheduler:
                 # Priority beats seniority for blocks too.
                 budget += self._evict_worst(scheduled, preempted)
                 admitted = bm.allocate_slots(seq, num_new)
+            if not admitted and not self._running and self._release_waiting_blocks(seq):
+                admitted = bm.allocate_slots(seq, num_new)
             if not admitted:
                 bm.free(seq)  # undo the prefix-cache hit; it is looked up again next step
                 break
@@ -266,6 +268,17 @@ class Scheduler:
             num_batched_tokens=sum(s.num_new_tokens for s in items),
             rejected=rejected,
         )
+
+    def _release_waiting_blocks(self, head: Sequence) -> bool:
+        """Nothing runs and the queue's head does not fit: blocks that other waiting seqs hold (a request's
+        other choices hold their prompt's shared blocks from the fork on) go back, as a preemption would
+        take them, or no step would ever free them. Returns whether any went back."""
+        released = False
+        for _, seq in self._waiting:
+            if seq is not head and seq.block_table:
+                self.block_manager.free(seq)
+                released = True
+        return released
 
     def _reserve_for_better(self) -> dict[int, int]:
         """For each running priority, the tokens that waiting seqs of a better priority need (at most): what
