@@ -78,6 +78,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the connection is another protocol's from here
+        super().handle_websocket_upgrade()
+
     def shutdown(self) -> None:
         if self._reading and self._head_bytes == 0 and self._in_head:
             self.transport.close()  # idle between requests, or never sent one
