@@ -146,3 +146,30 @@ async def test_an_upload_may_take_longer_than_the_limit_while_its_body_keeps_com
     assert status == 200 and body == {"size": 12} and time.monotonic() - start > 0.6
     status, body, _ = await _exchange(port, head, b"x" * 6, pause=0.1)
     assert status == 408 and "sent nothing of its body for 0.6 s" in body["error"]["message"]
+
+
+async def test_a_large_body_in_the_same_read_as_its_head_is_no_head_over_the_limit(server):
+    """A whole request of 70 KB in one write (a `curl -F` upload of a 100 KB file, most times) was a 431: its
+    body counted as head. So were pipelined requests in one write, and a later request on a kept-alive
+    connection whose earlier one had come in one write."""
+    _, port = server
+    body = b"x" * 70_000
+    request = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    status, answer, _ = await _exchange(port, request.replace(b"host: a", b"host: a\r\nconnection: close"))
+    assert (status, answer) == (200, {"size": 70_000})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    small = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 25000\r\n\r\n" + b"y" * 25_000
+    writer.write(request + small * 3)  # four requests, pipelined in one write
+    head = b"POST / HTTP/1.1\r\nhost: a\r\nx-pad: " + b"z" * 20_000
+    for expected in (70_000, 25_000, 25_000, 25_000, 3):
+        if expected == 3:  # then a 20 KB head sent in two pieces on the same connection
+            writer.write(head)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"\r\ncontent-length: 3\r\n\r\nabc")
+        answer_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert answer_head.startswith(b"HTTP/1.1 200"), answer_head
+        length = int(next(line.split(b":")[1] for line in answer_head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        assert json.loads(await reader.readexactly(length)) == {"size": expected}
+    writer.close()
