@@ -44,18 +44,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._reading = True  # a request is arriving (or the connection's first may)
         self._upload = False  # the arriving request is an upload (its limit is between reads)
-        self._heads_done = 0  # request heads parsed on this connection
+        self._events = 0  # heads and requests that ended on this connection
         self._deadline: asyncio.TimerHandle | None = self.loop.call_later(self.read_timeout_s, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
-        heads_before = self._heads_done
+        events_before = self._events
         super().data_received(data)
         if self._upload and self._reading and not self._in_head and not self.transport.is_closing():
             self._disarm()  # an upload's body: the limit runs from its last read
             self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
-        # Counted only where no head ended in this read: a whole request in one read (or several, pipelined)
-        # is not a head over the limit however large its body.
-        if self._heads_done == heads_before and self._in_head and not self.transport.is_closing():
+        # Counted only for a read in which no head and no request ended, so all of it was head: a body's
+        # last read (up to 256 KiB under uvloop), or a whole request in one read, is no head however large.
+        if self._events == events_before and self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, f"request head (request line and headers) is over {MAX_HEAD_BYTES} bytes",
@@ -69,12 +69,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._heads_done += 1
+        self._events += 1
         super().on_headers_complete()
         self._upload = self.scope.get("path") in STREAMED_PATHS
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._events += 1
         self._in_head, self._head_bytes, self._reading, self._upload = True, 0, False, False
         self._disarm()
 

@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.logging import get_logger
@@ -201,6 +202,8 @@ class UnhandledErrors:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:  # the client left while its body came (an upload): no one to answer, no fault
+            log.info("client left before its request arrived whole", path=scope.get("path"))
         except Exception as exc:
             if started:  # half an answer is out: only the server can end the connection
                 raise

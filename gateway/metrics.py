@@ -29,6 +29,7 @@ from prometheus_client.metrics_core import Metric
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.access_log import CLIENT_CLOSED
 from gateway.backlog import StreamBacklog, lanes, read_backlog
 from gateway.flight import TtlCache
 from gateway.metrics_peers import PeerMetrics
@@ -150,7 +151,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status = None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -160,9 +161,13 @@ class MetricsMiddleware:
                 self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
             await send(message)
 
+        returned = False
         try:
             await self.app(scope, receive, send_wrapper)
+            returned = True
         finally:
+            if status is None:  # unanswered: the client left first if the app returned, else the server failed
+                status = CLIENT_CLOSED if returned else 500
             self.metrics.requests.labels(scope["method"], _route(scope), str(status)).inc()
 
 

@@ -17,6 +17,18 @@ from tokenq.child_process import start_child
 from tokenq.embedded_redis import free_port, redis_server_binary  # noqa: F401 - the tests import them from here
 
 
+@pytest.fixture(autouse=True)
+def _structlog_level_kept() -> Iterator[None]:
+    """A test that runs a command (`tokenq bench` quiets the product's info lines for its whole process)
+    leaves structlog's level as it found it, so a later test's capture_logs still sees info lines. Only the
+    level: a logger cached on first use keeps the processors it was made with, which capture_logs edits."""
+    import structlog
+
+    wrapper_class = structlog.get_config()["wrapper_class"]
+    yield
+    structlog.configure(wrapper_class=wrapper_class)
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_kind: str, request: pytest.FixtureRequest) -> str:
     """One redis-server; in a module marked `both_redis`, the three-node cluster too (see redis_kind)."""

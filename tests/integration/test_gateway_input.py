@@ -226,6 +226,25 @@ async def test_an_unhandled_error_is_one_500_counted_once_and_not_raised_to_the_
     assert 'tokenq_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="500"} 1.0' in metrics
 
 
+async def test_a_client_that_leaves_mid_upload_is_no_unhandled_error(client, monkeypatch):
+    """An upload whose client left (or whose connection the read limit closed) was logged as an unhandled
+    error with its traceback, and counted a 500."""
+    from starlette.requests import ClientDisconnect
+    from structlog.testing import capture_logs
+
+    async def left(*args, **kwargs):
+        raise ClientDisconnect()
+
+    monkeypatch.setattr("gateway.routes_jobs.read_job", left)
+    with capture_logs() as logs:
+        with pytest.raises(AssertionError):  # httpx's ASGITransport: the app returned without an answer
+            await client.get("/v1/jobs/job_x")
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert "client left before its request arrived whole" in [e["event"] for e in logs]
+    metrics = (await client.get("/metrics")).text
+    assert 'tokenq_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="499"} 1.0' in metrics
+
+
 @pytest.mark.parametrize("path, body, nulls", [
     ("/v1/chat/completions", CHAT, {"stream": None, "logprobs": None, "add_generation_prompt": None,
                                     "run_to_completion": None, "priority": None}),
