@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import routes_openai
+from gateway.access_log import CLIENT_CLOSED
 from gateway.admission import check_idempotency_key
 from gateway.context import GatewayContext
 from gateway.enqueue import enqueue, job_created_body
@@ -55,7 +56,7 @@ class FastSubmit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        status = 500  # a request that ends without an answer counts as MetricsMiddleware counts it
+        status = 500  # a request whose handling raised counts as MetricsMiddleware counts it
         path = scope["path"]
         try:
             status = await self._handle(scope, receive, send, start)
@@ -78,8 +79,8 @@ class FastSubmit:
             elif name == b"idempotency-key":
                 idempotency_key = value if idempotency_key is None else idempotency_key
         body = await self._read_body(length, receive)
-        if body is None:
-            return 500
+        if body is None:  # the client left: counted as MetricsMiddleware counts it
+            return CLIENT_CLOSED
         if isinstance(body, Response):
             return await self._answer(body, scope, receive, send, start)
         if content_type is not None and content_type.partition(b";")[0].strip().lower() != _JSON:

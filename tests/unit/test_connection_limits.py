@@ -1,6 +1,7 @@
 """The gateway's connection limits, against a real uvicorn server on the gateway's protocol: a head over the
 limit is a 431, a request that does not arrive whole in time a 408, a request still arriving when the server
-stops a 503 at once, an unparsable one error JSON; a slow answer or a kept-alive connection is not cut."""
+stops a 503 at once, an unparsable one error JSON; a slow answer or a kept-alive connection is not cut; a
+client that leaves mid-body is counted a 499."""
 
 from __future__ import annotations
 
@@ -176,3 +177,24 @@ async def test_a_large_body_in_the_same_read_as_its_head_is_no_head_over_the_lim
                           if line.lower().startswith(b"content-length")))
         assert json.loads(await reader.readexactly(length)) == {"size": expected}
     writer.close()
+
+
+async def test_the_fast_path_counts_a_client_that_left_mid_body_as_499():
+    """As MetricsMiddleware counts an unanswered request whose app returned (and the access log logs it)."""
+    from gateway.fastpath import FastSubmit
+    from gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics(peers=None)
+    submit = FastSubmit(fallback=None, ctx=None, metrics=metrics, max_body_bytes=1 << 20)
+    messages = iter([{"type": "http.request", "body": b'{"model":', "more_body": True}, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    await submit({"type": "http", "method": "POST", "path": "/v1/jobs", "headers": []}, receive, send)
+    assert sent == []
+    assert metrics.requests.labels("POST", "/v1/jobs", "499")._value.get() == 1
