@@ -21,6 +21,13 @@ LIVE_RECHECK_S = 1.0  # how long submissions trust a model's live workers before
 LIVE_STALE_S = 10.0  # past LIVE_RECHECK_S, the last answer still serves while a background read renews it
 
 
+def _served_by_none(digest: str, workers: list[WorkerHeartbeat]) -> bool:
+    """Live workers that say which card they serve, none of them this one (a worker of a version before the
+    heartbeat carried it says nothing)."""
+    said = [w.card_digest for w in workers if w.card_digest is not None]
+    return bool(said) and digest not in said
+
+
 @dataclass
 class _CachedCard:
     digest: str
@@ -132,6 +139,12 @@ class Registry:
         worker of it is live, and its jobs wait; 404 for a model nobody served, 503 while a known model's
         card is missing (a Redis that lost it: its next worker writes it again)."""
         workers = await self.serving(model)
+        cached = self._cards.get(model)
+        if cached is not None and _served_by_none(cached.digest, workers):
+            # Its workers serve another card (other weights, a shorter context) from now on: the card this
+            # gateway holds would count prompts against the old context and key the response cache on the
+            # old weights until CARD_RECHECK_S ran out.
+            await self._flight.run(("card", model), lambda: self._load_card(model, cached, time.monotonic()))
         builder = await self.prompt_builder(model)
         if builder is None:
             if not workers and not await self.redis.sismember(keys.MODELS_SET, model):

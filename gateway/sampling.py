@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from gateway.errors import ApiError, describe_validation_error, most_telling
 from gateway.schemas import CompletionRequest, SamplingFields
+from protocol.errors import CONTEXT_LENGTH_EXCEEDED
 from protocol.guided import GuidedSpec
 from protocol.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -18,7 +19,6 @@ _SAME_NAME = ("temperature", "top_p", "seed", "presence_penalty", "frequency_pen
               "min_tokens", "ignore_eos", "stop_token_ids", "repetition_penalty", "stop", "n", "best_of",
               "logit_bias", "include_stop_str_in_output")
 
-CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, which clients look for to trim a prompt
 
 
 def requested_max_tokens(req: SamplingFields) -> tuple[int | None, str]:

@@ -259,7 +259,8 @@ def final_error(final: Final) -> dict[str, Any]:
     """A stream's error event, its `code` the error's type as a response of the same error has it (a client
     that branches on `code`, as the openai client's users do, reads both alike)."""
     if final.error is not None:
-        return {"message": final.error.message, "type": final.error.type, "param": None, "code": final.error.type}
+        return {"message": final.error.message, "type": final.error.type, "param": None,
+                "code": final.error.code or final.error.type}
     return {"message": f"job ended as {final.state.value}", "type": f"job_{final.state.value}",
             "param": None, "code": f"job_{final.state.value}"}
 

@@ -215,5 +215,7 @@ class JobResult(BaseModel):
 
 
 class JobError(BaseModel):
-    type: str
+    type: str  # "invalid_request_error" where the request is at fault (a 400), else the server's (a 500)
     message: str
+    # OpenAI's code where one applies (context_length_exceeded); else the type stands. Left out when None.
+    code: str | None = Field(default=None, exclude_if=lambda code: code is None)

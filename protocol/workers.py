@@ -22,6 +22,8 @@ class WorkerHeartbeat(BaseModel):
     kv_usage: float = 0.0  # share of KV-cache blocks in use
     tokens_per_s: float = 0.0  # output tokens per second, recent (worker/throughput.py)
     generation_tokens: float = 0.0  # output tokens since the worker started
+    # ModelCard.digest of the card it serves: a gateway holding another card for the model reloads it at once
+    card_digest: str | None = None
     at: float = Field(default_factory=time.time)
 
 

@@ -34,6 +34,7 @@ class Heartbeat:
         self.ttl = ttl
         self.store = JobStore(redis)
         self.throughput = Throughput(card.name)
+        self.card_digest = card.digest()
 
     def heartbeat(self, stats: dict | None = None, rates: dict[str, float] | None = None) -> WorkerHeartbeat:
         stats = self.engine_loop.stats() if stats is None else stats
@@ -43,7 +44,7 @@ class Heartbeat:
                                running=int(stats.get("running", 0)), waiting=int(stats.get("waiting", 0)),
                                device=self.device, kv_usage=float(stats.get("kv_usage", 0.0)),
                                tokens_per_s=rates["generation_tokens_per_s"],
-                               generation_tokens=rates["generation_tokens"])
+                               generation_tokens=rates["generation_tokens"], card_digest=self.card_digest)
 
     async def start(self) -> None:
         """Publish the model card, then the first heartbeat (so the gateway never lists a model without
@@ -54,7 +55,7 @@ class Heartbeat:
     async def _write_card(self) -> None:
         await self.redis.hset(keys.model_card_key(self.card.name),
                               mapping={keys.MODEL_CARD_FIELD: self.card.model_dump_json(),
-                                       keys.MODEL_CARD_DIGEST_FIELD: self.card.digest()})
+                                       keys.MODEL_CARD_DIGEST_FIELD: self.card_digest})
 
     async def beat(self) -> None:
         stats = self.engine_loop.stats()

@@ -41,6 +41,7 @@ from jobstore import JobRef, Started
 from jobstore.connect import is_cluster
 from jobstore.pipe import RedisPipe
 from protocol import keys
+from protocol.errors import CONTEXT_LENGTH_EXCEEDED
 from protocol.jobs import JobError, JobPayload, JobState
 from protocol.outage import REDIS_DOWN, Outage
 from worker import metrics
@@ -387,9 +388,12 @@ class Intake:
             payload = JobPayload.model_validate_json(fields.get("payload") or "")
         except ValidationError as e:
             problem = f"malformed job payload: {e.errors(include_url=False)[:3]}"
+        error: JobError | None = None
         if payload is not None:
             job_id = job_id or payload.id
             problem = self._refuse(payload, job_id)
+            error = self._too_long(payload) if problem is None else None
+            problem = error.message if error is not None else problem
         if problem is None and payload is not None:
             if payload.deadline is not None and time.time() >= payload.deadline:
                 log.info("job expired in the queue", job_id=payload.id)
@@ -403,7 +407,7 @@ class Intake:
         log.warning("bad stream entry", job_id=job_id, entry_id=entry_id, stream=stream, problem=problem)
         if job_id and await self.redis.exists(keys.job_key(job_id)):
             await self.publisher.end_untracked(job_id, stream, entry_id,
-                                                JobError(type="invalid_request", message=problem))
+                                                error or JobError(type="invalid_request", message=problem))
         else:
             await self.store.ack([(stream, entry_id)])
         return None
@@ -415,12 +419,19 @@ class Intake:
             return f"job is for model {payload.model!r}, this worker serves {self.model!r}"
         if not payload.prompt_token_ids:
             return "empty prompt"
-        # The gateway already checked prompt + max_tokens against the card; here only what the engine
-        # cannot run at all (a longer max_tokens just ends with "length" at the context's end).
-        if len(payload.prompt_token_ids) >= self.max_model_len:
-            return (f"prompt has {len(payload.prompt_token_ids)} tokens; "
-                    f"max_model_len is {self.max_model_len}")
         return None
+
+    def _too_long(self, payload: JobPayload) -> JobError | None:
+        """The gateway checked prompt + max_tokens against the card it had; a job queued before this worker
+        came with a shorter context (or checked against a card the gateway had not yet seen replaced) can
+        still be too long: the request's fault, answered as the gateway answers it. Only what the engine
+        cannot run at all: a longer max_tokens just ends with "length" at the context's end."""
+        prompt = len(payload.prompt_token_ids)
+        if prompt < self.max_model_len:
+            return None
+        return JobError(type="invalid_request_error", code=CONTEXT_LENGTH_EXCEEDED,
+                        message=f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                f"your prompt has {prompt} tokens: no room is left to generate")
 
 
 def entry_fields(fields: dict[str, str] | list[str] | None) -> dict[str, str]:

@@ -94,3 +94,33 @@ async def test_gateway_loads_served_cards_before_the_first_request(redis_url, re
                 break
             await asyncio.sleep(0.02)
         assert MODEL in registry._cards  # no request asked for it
+
+
+async def test_a_worker_with_another_card_replaces_the_gateways_card_at_once(redis_client, default_model_dir):
+    """A worker of the same model name with other weights or a shorter context came up: for CARD_RECHECK_S
+    the gateway counted prompts against the old context (a too-long prompt failed at the worker with a 500)
+    and answered from the old weights' cache entries. The new worker's heartbeat names its card's digest."""
+    old = model_card(default_model_dir, 2048)
+    reg = Registry(redis_client)
+    first = Heartbeat(redis_client, "hb:1", old, EngineLoop(FakeEngine()), capacity=4)
+    await first.start()
+    assert (await reg.target(MODEL)).max_model_len == 2048
+    old_digest = reg.card_digest(MODEL)
+    await redis_client.delete(keys.worker_key("hb:1"))  # that worker stopped
+    new = old.model_copy(update={"max_model_len": 256})
+    await Heartbeat(redis_client, "hb:2", new, EngineLoop(FakeEngine()), capacity=4).start()
+    reg._live = None  # the live workers as the next read (within LIVE_RECHECK_S) sees them
+    target = await reg.target(MODEL)
+    assert target.max_model_len == 256 and reg.card_digest(MODEL) == new.digest() != old_digest
+    assert [w.card_digest for w in target.workers] == [new.digest()]
+
+
+async def test_a_card_no_worker_serves_stays_while_its_workers_are_away(redis_client, default_model_dir):
+    card = model_card(default_model_dir, 2048)
+    reg = Registry(redis_client)
+    await Heartbeat(redis_client, "hb:1", card, EngineLoop(FakeEngine()), capacity=4).start()
+    await reg.target(MODEL)
+    await redis_client.delete(keys.worker_key("hb:1"))
+    reg._live = None
+    target = await reg.target(MODEL)  # queued jobs wait for the next worker, counted against this card
+    assert target.workers == [] and reg.card_digest(MODEL) == card.digest()

@@ -36,7 +36,7 @@ from worker.models.loader import load_model
 
 
 class RequestTooLong(ValueError):
-    pass
+    error_type = "invalid_request_error"  # the request's fault: a 400, as the gateway's own check answers it
 
 
 class OutsideVocabulary(ValueError):
