@@ -1,9 +1,9 @@
 """What one connection may hold of the gateway while its request arrives: a head (request line and headers)
 of at most MAX_HEAD_BYTES, and the whole request within READ_TIMEOUT_S of the connection's start or of the
 request's first byte (an upload to STREAMED_PATHS, up to hundreds of MiB, instead has READ_TIMEOUT_S between
-two reads of its body). uvicorn's httptools protocol sets neither: a 50 MB header was read into memory, a
-connection that never sent a byte stayed open for good, and a body sent a byte a second held its request as
-long as the client liked. Past a limit the client gets 431 or 408 (a connection that sent nothing is closed
+two reads of its body). uvicorn's httptools protocol sets neither: it reads a header of any size into memory,
+keeps a connection that never sends a byte open for good, and holds a request whose body comes a byte a second
+as long as the client likes. Past a limit the client gets 431 or 408 (a connection that sent nothing is closed
 without a word) and the connection closes, as nginx answers
 (large_client_header_buffers, client_header_timeout, client_body_timeout). A request still arriving when the
 gateway stops gets a 503 at once, not the whole shutdown grace. Every refusal here is OpenAI-style error JSON,
@@ -45,16 +45,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._reading = True  # a request is arriving (or the connection's first may)
         self._upload = False  # the arriving request is an upload (its limit is between reads)
         self._events = 0  # heads and requests that ended on this connection
-        self._deadline: asyncio.TimerHandle | None = self.loop.call_later(self.read_timeout_s, self._timed_out)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         events_before = self._events
         super().data_received(data)
         if self._upload and self._reading and not self._in_head and not self.transport.is_closing():
             self._disarm()  # an upload's body: the limit runs from its last read
-            self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
+            self._arm()
         # Counted only for a read in which no head and no request ended, so all of it was head: a body's
-        # last read (up to 256 KiB under uvloop), or a whole request in one read, is no head however large.
+        # last read (as large as the event loop reads), or a whole request in one read, is no head however large.
         if self._events == events_before and self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
@@ -65,7 +66,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._reading, self._head_bytes = True, 0
         if self._deadline is None:
-            self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
+            self._arm()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -121,6 +122,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.cycle.message_event.set()
         self.transport.write(refusal(status, message, code, type_))
         self.transport.close()
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
 
     def _disarm(self) -> None:
         if self._deadline is not None:

@@ -94,9 +94,9 @@ async def prepare(registry: Registry, req: ChatCompletionRequest | CompletionReq
 
 
 async def tokenized(encode: Callable[[], list[int]], size: int) -> list[int]:
-    """encode() on the event loop for a usual prompt, in a thread for a large one: a megabyte of text takes
-    about a second to render and tokenize, and every other request to this gateway would wait that long (the
-    tokenizer lets go of the interpreter lock while it works). A thread's hand-off costs more than a usual
+    """encode() on the event loop for a usual prompt, in a thread for a large one, whose rendering and
+    tokenization every other request to this gateway would otherwise wait for (the tokenizer lets go of the
+    interpreter lock while it works). A thread's hand-off costs more than a usual
     prompt's tokenization, which lies on every request's time to first token."""
     return await asyncio.to_thread(encode) if size > OFF_LOOP_CHARS else encode()
 

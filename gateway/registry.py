@@ -143,7 +143,7 @@ class Registry:
         if cached is not None and _served_by_none(cached.digest, workers):
             # Its workers serve another card (other weights, a shorter context) from now on: the card this
             # gateway holds would count prompts against the old context and key the response cache on the
-            # old weights until CARD_RECHECK_S ran out.
+            # old weights until CARD_RECHECK_S runs out.
             await self._flight.run(("card", model), lambda: self._load_card(model, cached, time.monotonic()))
         builder = await self.prompt_builder(model)
         if builder is None:

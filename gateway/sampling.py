@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from gateway.errors import ApiError, describe_validation_error, most_telling
 from gateway.schemas import CompletionRequest, SamplingFields
-from protocol.errors import CONTEXT_LENGTH_EXCEEDED
+from protocol.errors import CONTEXT_LENGTH_EXCEEDED, no_room_message
 from protocol.guided import GuidedSpec
 from protocol.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -76,8 +76,7 @@ def to_sampling(req: SamplingFields, prompt_tokens: int, max_model_len: int, pro
     room = max_model_len - prompt_tokens
     asked, max_field = requested_max_tokens(req)
     if room <= 0:
-        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
-                            f"has {prompt_tokens} tokens: no room is left to generate", param=prompt_field,
+        raise ApiError(400, no_room_message(max_model_len, prompt_tokens), param=prompt_field,
                        code=CONTEXT_LENGTH_EXCEEDED)
     if asked is not None and asked >= 1 and prompt_tokens + asked > max_model_len:
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "

@@ -7,6 +7,12 @@ from pydantic import BaseModel
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, which clients look for to trim a prompt
 
 
+def no_room_message(max_model_len: int, prompt_tokens: int) -> str:
+    """The message of a prompt that leaves no room to generate (the gateway's check and a worker's)."""
+    return (f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens: no room is left to generate")
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

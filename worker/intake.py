@@ -41,7 +41,7 @@ from jobstore import JobRef, Started
 from jobstore.connect import is_cluster
 from jobstore.pipe import RedisPipe
 from protocol import keys
-from protocol.errors import CONTEXT_LENGTH_EXCEEDED
+from protocol.errors import CONTEXT_LENGTH_EXCEEDED, no_room_message
 from protocol.jobs import JobError, JobPayload, JobState
 from protocol.outage import REDIS_DOWN, Outage
 from worker import metrics
@@ -382,19 +382,16 @@ class Intake:
     async def _parse(self, stream: str, entry_id: str, fields: dict) -> JobPayload | None:
         """The entry's payload, or None after failing (or just dropping) an entry that cannot run."""
         job_id = fields.get("job_id")
-        problem: str | None = None
+        error: JobError | None = None
         payload: JobPayload | None = None
         try:
             payload = JobPayload.model_validate_json(fields.get("payload") or "")
         except ValidationError as e:
-            problem = f"malformed job payload: {e.errors(include_url=False)[:3]}"
-        error: JobError | None = None
+            error = _unrunnable(f"malformed job payload: {e.errors(include_url=False)[:3]}")
         if payload is not None:
             job_id = job_id or payload.id
-            problem = self._refuse(payload, job_id)
-            error = self._too_long(payload) if problem is None else None
-            problem = error.message if error is not None else problem
-        if problem is None and payload is not None:
+            error = self._refuse(payload, job_id)
+        if error is None and payload is not None:
             if payload.deadline is not None and time.time() >= payload.deadline:
                 log.info("job expired in the queue", job_id=payload.id)
                 await self.publisher.end_untracked(
@@ -403,35 +400,35 @@ class Intake:
                 return None
             return payload
 
+        assert error is not None
         metrics.MALFORMED_ENTRIES.labels(self.model).inc()
-        log.warning("bad stream entry", job_id=job_id, entry_id=entry_id, stream=stream, problem=problem)
+        log.warning("bad stream entry", job_id=job_id, entry_id=entry_id, stream=stream, problem=error.message)
         if job_id and await self.redis.exists(keys.job_key(job_id)):
-            await self.publisher.end_untracked(job_id, stream, entry_id,
-                                                error or JobError(type="invalid_request", message=problem))
+            await self.publisher.end_untracked(job_id, stream, entry_id, error)
         else:
             await self.store.ack([(stream, entry_id)])
         return None
 
-    def _refuse(self, payload: JobPayload, job_id: str) -> str | None:
+    def _refuse(self, payload: JobPayload, job_id: str) -> JobError | None:
         if payload.id != job_id:
-            return f"entry job_id {job_id!r} does not match payload id {payload.id!r}"
+            return _unrunnable(f"entry job_id {job_id!r} does not match payload id {payload.id!r}")
         if payload.model != self.model:
-            return f"job is for model {payload.model!r}, this worker serves {self.model!r}"
+            return _unrunnable(f"job is for model {payload.model!r}, this worker serves {self.model!r}")
         if not payload.prompt_token_ids:
-            return "empty prompt"
+            return _unrunnable("empty prompt")
+        # The gateway checked prompt + max_tokens against the card it had; a job queued before this worker
+        # came with a shorter context (or checked against a card the gateway had not yet seen replaced) can
+        # still be too long: the request's fault, answered as the gateway answers it. Only what the engine
+        # cannot run at all: a longer max_tokens just ends with "length" at the context's end.
+        if len(payload.prompt_token_ids) >= self.max_model_len:
+            return JobError(type="invalid_request_error", code=CONTEXT_LENGTH_EXCEEDED,
+                            message=no_room_message(self.max_model_len, len(payload.prompt_token_ids)))
         return None
 
-    def _too_long(self, payload: JobPayload) -> JobError | None:
-        """The gateway checked prompt + max_tokens against the card it had; a job queued before this worker
-        came with a shorter context (or checked against a card the gateway had not yet seen replaced) can
-        still be too long: the request's fault, answered as the gateway answers it. Only what the engine
-        cannot run at all: a longer max_tokens just ends with "length" at the context's end."""
-        prompt = len(payload.prompt_token_ids)
-        if prompt < self.max_model_len:
-            return None
-        return JobError(type="invalid_request_error", code=CONTEXT_LENGTH_EXCEEDED,
-                        message=f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                f"your prompt has {prompt} tokens: no room is left to generate")
+
+def _unrunnable(problem: str) -> JobError:
+    """An entry no worker can run, through no fault of the request's (a producer's bug): a 500."""
+    return JobError(type="invalid_request", message=problem)
 
 
 def entry_fields(fields: dict[str, str] | list[str] | None) -> dict[str, str]:
