@@ -9,8 +9,9 @@ from pathlib import Path
 
 from jobstore.connect import is_cluster_url
 from tokenq import settings
-from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv
+from tokenq.engine_options import add_engine_flags, engine_config_from, engine_flags_argv, flag_error
 from tokenq.flag_checks import (
+    EXIT_SETTINGS,
     MAX_PORT,
     MODEL_SHAPES,
     OptionError,
@@ -68,6 +69,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from tokenq.model_store import resolve_model
+    from worker.engine.config import ConfigError
     from worker.engine_process import EngineSpec
     from worker.service import serve
 
@@ -81,7 +83,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name = args.served_name
     # The engine runs in its own process; this one imports no torch and keeps to Redis.
     spec = EngineSpec(str(path), config, name)
-    return serve(url, name, spec, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    try:
+        return serve(url, name, spec, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    except ConfigError as e:  # a setting only the engine can check (its KV cache against max_model_len)
+        raise flag_error(e) from None
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
@@ -270,11 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except (ModelNotFound, OptionError, PullFailed) as e:
+    except (ModelNotFound, PullFailed) as e:
         sys.exit(f"error: {e}")
-    except settings.SettingError as e:  # a TOKENQ_* variable, as argparse says a bad flag
+    except (OptionError, settings.SettingError) as e:  # a flag or a TOKENQ_* variable, as argparse says a bad flag
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_SETTINGS)
     except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it (a benchmark): a line, not a trace
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -91,8 +91,13 @@ def engine_config_from(args: argparse.Namespace):  # -> EngineConfig (import kep
     try:
         return _engine_config(args)
     except ConfigError as e:
-        flag = _FLAG_OF.get(e.field, "--" + e.field.replace("_", "-"))
-        raise OptionError(f"{flag} {e.reason}") from None
+        raise flag_error(e) from None
+
+
+def flag_error(e) -> OptionError:  # e: ConfigError
+    """The engine's ConfigError said with the flag that sets its field."""
+    flag = _FLAG_OF.get(e.field, "--" + e.field.replace("_", "-"))
+    return OptionError(f"{flag} {e.reason}")
 
 
 def _engine_config(args: argparse.Namespace):  # -> EngineConfig

@@ -14,10 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MAX_PORT = 65535
+# The exit status of a command whose flags or settings cannot work, as argparse's: `tokenq up` does not start
+# again a role that exits so (no restart cures a setting).
+EXIT_SETTINGS = 2
 
 
 class OptionError(ValueError):
-    """A flag whose value cannot work, said with the flag's name: `tokenq` prints it as one error line."""
+    """A flag whose value cannot work, said with the flag's name: `tokenq` prints it as one error line and
+    exits with EXIT_SETTINGS."""
 
 
 def port(text: str) -> int:

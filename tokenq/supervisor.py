@@ -1,7 +1,8 @@
 """`tokenq up`: every role on one machine. Redis (embedded unless a URL is given), one worker, the
 gateway, the webhook service and the batch feeder as child processes. A child that exits is started again after an
-exponential back-off (a crash of one role is not the end of the stack); only Ctrl-C or SIGTERM stops
-them all, cleanly, workers drained first and Redis last (tokenq/child_process.py: why they do not take the
+exponential back-off (a crash of one role is not the end of the stack), unless it exits as a bad flag does
+(EXIT_SETTINGS: its settings cannot work, and no restart cures them), which stops the stack; otherwise only
+Ctrl-C or SIGTERM stops them all, cleanly, workers drained first and Redis last (tokenq/child_process.py: why they do not take the
 terminal's Ctrl-C themselves). One `tokenq up` per TOKENQ_HOME (tokenq/home_lock.py)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from tokenq.child_process import start_child
 from tokenq.embedded_redis import EmbeddedRedis
-from tokenq.flag_checks import listen_error
+from tokenq.flag_checks import EXIT_SETTINGS, listen_error
 from tokenq.home_lock import HomeLock, HomeLocked
 from tokenq.redis_command import redacted
 from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, hot_loop_env, tokenq_home
@@ -57,6 +58,7 @@ class Child:
         self.restart_at: float | None = None
         self.delay = RESTART_BASE_S
         self.restarts = 0
+        self.refused_settings = False  # it exited with EXIT_SETTINGS: not started again
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -80,6 +82,12 @@ class Child:
                 self.start()
             return
         if self.proc is not None and self.proc.poll() is not None:
+            if self.proc.returncode == EXIT_SETTINGS:
+                if not self.refused_settings:
+                    print(f"{self.name} cannot run with these settings (its error is above); tokenq up stops",
+                          file=sys.stderr, flush=True)
+                self.refused_settings = True
+                return
             if now - self.started_at >= STABLE_S:
                 self.delay = RESTART_BASE_S
             self._schedule(now, f"exited with {self.proc.returncode}")
@@ -132,6 +140,8 @@ def _wait_ready(url: str, timeout: float, stopping: Callable[[], bool], children
     while time.monotonic() < deadline and not stopping():
         for child in children:
             child.watch()
+        if any(child.refused_settings for child in children):
+            return False
         if serving(url):
             return True
         time.sleep(0.3)
@@ -220,7 +230,7 @@ def _run(opts: UpOptions, base: str) -> int:
                   f"\"Hello!\"}}]}}'\n"
                   f"  metrics: gateway {base}/metrics, worker http://{host}:{opts.worker_metrics_port}/metrics, "
                   f"webhooks http://{host}:{opts.webhooks_metrics_port}/metrics\n", flush=True)
-        while not stop.stopping:
+        while not stop.stopping and not any(child.refused_settings for child in children):
             for child in children:
                 child.watch()
             time.sleep(0.2)
@@ -232,4 +242,4 @@ def _run(opts: UpOptions, base: str) -> int:
             stop_children([c.proc for c in group])
         if redis is not None:
             redis.stop()
-    return 0
+    return EXIT_SETTINGS if any(child.refused_settings for child in children) else 0

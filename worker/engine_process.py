@@ -10,7 +10,8 @@ costs the engine nothing, up to a bound.
 
 An engine process that dies (a crash, a lost tensor-parallel rank, OOM) closes the pipe: the worker sees
 end-of-file, marks the handle dead and exits non-zero; its running jobs' leases lapse (or are handed back)
-and other workers rerun them.
+and other workers rerun them. An engine that cannot start with its settings (a KV cache too small for one
+sequence) says which, and its worker exits as a bad flag does (tokenq/flag_checks.EXIT_SETTINGS).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard
+from worker.engine.config import ConfigError
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import (
     PRIORITIES,
@@ -196,7 +198,11 @@ class EngineProcess(EngineHandle):
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(msg[1])
         elif kind == _FAILED:
-            self._lost(f"engine failed: {msg[1]}")
+            _, error, setting = msg
+            if setting is not None and self._ready is not None and not self._ready.done():
+                self._ready.set_exception(ConfigError(*setting))  # the worker says it, as a bad flag
+                return
+            self._lost(f"engine failed: {error}")
 
     def _exitcode(self) -> int | None:
         if self._proc is None:
@@ -266,8 +272,11 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
                           max_num_seqs=engine.config.max_num_seqs, device=str(engine.device),
                           admissible=admissible_of(engine), kv_blocks=len(engine.block_manager.blocks),
                           block_size=engine.config.block_size)
+    except ConfigError as e:  # the user's setting: one line, no traceback
+        conn.send((_FAILED, str(e), (e.field, e.reason)))
+        return
     except BaseException as e:
-        conn.send((_FAILED, f"{e!r}\n{traceback.format_exc()}"))
+        conn.send((_FAILED, f"{e!r}\n{traceback.format_exc()}", None))
         raise
     conn.send((_READY, info))
     try:

@@ -47,7 +47,7 @@ class Worker:
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokenq", "worker", "--redis-url", redis_url, "--model", MODEL,
-             "--max-num-seqs", str(max_num_seqs), "--kv-cache-gb", "0.25",
+             "--max-num-seqs", str(max_num_seqs), "--kv-cache-gb", "0.25", "--max-model-len", "2048",
              "--metrics-port", str(self.metrics_port)],
             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         self.id = f"{socket.gethostname()}:{self.proc.pid}"

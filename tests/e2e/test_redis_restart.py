@@ -59,7 +59,7 @@ async def test_worker_and_deliverer_survive_a_redis_restart(default_model_dir, t
     server.start()
     logs = [tmp_path / "worker.log", tmp_path / "webhooks.log"]
     worker = spawn(["worker", "--redis-url", server.url, "--model", MODEL, "--max-num-seqs", "4",
-                    "--kv-cache-gb", "0.25"], logs[0])
+                    "--kv-cache-gb", "0.25", "--max-model-len", "2048"], logs[0])
     webhooks = spawn(["webhooks", "--redis-url", server.url], logs[1])
     r = aioredis.from_url(server.url, decode_responses=True)
     try:
@@ -115,7 +115,7 @@ async def test_roles_started_before_redis_wait_for_it(default_model_dir, tmp_pat
     server = RestartableRedis(tmp_path)  # its port is chosen; nothing listens yet
     logs = [tmp_path / "worker.log", tmp_path / "webhooks.log", tmp_path / "batches.log"]
     procs = [spawn(["worker", "--redis-url", server.url, "--model", MODEL, "--max-num-seqs", "4",
-                    "--kv-cache-gb", "0.25"], logs[0]),
+                    "--kv-cache-gb", "0.25", "--max-model-len", "2048"], logs[0]),
              spawn(["webhooks", "--redis-url", server.url], logs[1]),
              spawn(["batches", "--redis-url", server.url], logs[2])]
     r = aioredis.from_url(server.url, decode_responses=True)

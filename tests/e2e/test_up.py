@@ -52,7 +52,7 @@ def tokenq_up(default_model_dir, tmp_path_factory):
     env.pop("TOKENQ_REDIS_URL", None)
     log = open(home / "up.log", "w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port), "--max-num-seqs", "3",
-                             "--kv-cache-gb", "0.25", "--worker-metrics-port", str(worker_metrics),
+                             "--kv-cache-gb", "0.4", "--worker-metrics-port", str(worker_metrics),
                              "--webhooks-metrics-port", str(webhooks_metrics)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -146,7 +146,7 @@ def test_one_scrape_shows_every_role(tokenq_up):
 def test_worker_gets_the_engine_options(tokenq_up):
     _, proc, _ = tokenq_up
     [worker] = [c for c in _children(proc).values() if " worker " in c]
-    assert "--max-num-seqs 3" in worker and "--kv-cache-gb 0.25" in worker
+    assert "--max-num-seqs 3" in worker and "--kv-cache-gb 0.4" in worker
 
 
 def test_other_commands_find_the_embedded_redis(tokenq_up):

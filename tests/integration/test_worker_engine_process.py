@@ -77,6 +77,36 @@ async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_mode
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # what the CPU engine process was started with
 
 
+async def test_an_engine_that_cannot_hold_one_sequence_refuses_to_start_naming_the_setting(tiny_model_dir):
+    """A KV cache smaller than one sequence of max_model_len: a request growing to its context could never
+    finish, so the engine does not start (it used to, and such a request ended in an error mid-output)."""
+    from worker.engine.config import ConfigError
+    from worker.engine_process import EngineProcess
+
+    handle = EngineProcess(spec(tiny_model_dir, num_kv_blocks=None, kv_cache_memory_gb=1e-5))
+    with pytest.raises(ConfigError) as refused:
+        await handle.start()
+    assert refused.value.field == "kv_cache_memory_gb"
+    assert "must hold one sequence of max_model_len 512" in refused.value.reason
+    assert not handle.alive
+
+
+async def test_a_worker_whose_engine_refuses_its_settings_exits_as_a_bad_flag_does(redis_url, tiny_model_dir):
+    """One line naming the flag and EXIT_SETTINGS, which `tokenq up` does not start again."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+    from tokenq.flag_checks import EXIT_SETTINGS
+
+    argv = [sys.executable, "-m", "tokenq", "worker", "--redis-url", redis_url, "--model", str(tiny_model_dir),
+            "--kv-cache-gb", "0.00001", "--max-model-len", "512", "--metrics-port", str(free_port())]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=180)
+    assert done.returncode == EXIT_SETTINGS, done.stderr
+    assert "error: --kv-cache-gb must hold one sequence of max_model_len 512" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 async def test_dead_engine_process_fails_over_and_worker_exits_non_zero(redis_url, redis_client, tiny_model_dir):
     job = greedy_jobs("m", [[1, 2, 3]], max_tokens=400)[0]
     await submit_job(redis_client, job)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tokenq.cli import build_parser, main
-from tokenq.flag_checks import OptionError, check_ranges
+from tokenq.flag_checks import EXIT_SETTINGS, OptionError, check_ranges
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +118,8 @@ def test_min_prompt_len_above_max_is_one_error_line(bench, capsys, monkeypatch):
         monkeypatch.setattr(f"tokenq.bench.{module}.main", started)
     with pytest.raises(SystemExit) as e:
         main(["bench", bench, "--min-prompt-len", "64", "--max-prompt-len", "16"])
-    assert e.value.code == "error: --min-prompt-len 64 is above --max-prompt-len 16"
+    assert e.value.code == EXIT_SETTINGS
+    assert capsys.readouterr().err == "error: --min-prompt-len 64 is above --max-prompt-len 16\n"
 
 
 def test_check_ranges_skips_a_bound_left_unset():

@@ -13,6 +13,7 @@ import pytest
 
 from tokenq.cli import build_parser, main
 from tokenq.embedded_redis import free_port
+from tokenq.flag_checks import EXIT_SETTINGS
 
 
 def tokenq(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -76,14 +77,14 @@ def test_a_role_without_a_url_says_why_the_recorded_one_cannot_serve(address, ca
 
 def test_up_refuses_a_cluster_whose_roles_it_could_not_run(capsys, nothing_starts):
     code, err = tokenq(capsys, "up", "--redis-url", "redis+cluster://:pw@127.0.0.1:7000")
-    assert code == 1 and "need a single Redis" in err and "pw" not in err and "Traceback" not in err
+    assert code == EXIT_SETTINGS and "need a single Redis" in err and "pw" not in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("role", ["up", "worker"])
 def test_device_cuda_without_cuda_stops_the_start(role, capsys, nothing_starts, monkeypatch):
     monkeypatch.setattr("tokenq.flag_checks.cuda_available", lambda: False)
     code, err = tokenq(capsys, role, "--device", "cuda", "--redis-url", "redis://127.0.0.1:1")
-    assert code == 1 and err.startswith("error: --device cuda: torch.cuda.is_available() is False")
+    assert code == EXIT_SETTINGS and err.startswith("error: --device cuda: torch.cuda.is_available() is False")
     assert "--device cpu" in err
 
 
@@ -128,13 +129,13 @@ def test_a_port_out_of_range_is_argparses_error(argv, flag, capsys, nothing_star
 
 def test_a_port_whose_neighbours_are_no_ports(capsys, nothing_starts):
     code, err = tokenq(capsys, "up", "--port", "65535")
-    assert code == 1 and err.startswith("error: --port 65535: --worker-metrics-port defaults to --port + 1, above "
+    assert code == EXIT_SETTINGS and err.startswith("error: --port 65535: --worker-metrics-port defaults to --port + 1, above "
                                         "65535; pass --worker-metrics-port")
 
 
 def test_a_host_that_does_not_resolve(capsys, nothing_starts):
     code, err = tokenq(capsys, "up", "--host", "no-such-host.invalid")
-    assert code == 1 and err.startswith("error: --host no-such-host.invalid: cannot resolve it")
+    assert code == EXIT_SETTINGS and err.startswith("error: --host no-such-host.invalid: cannot resolve it")
 
 
 @pytest.mark.parametrize("role", ["worker", "webhooks"])
@@ -144,7 +145,7 @@ def test_a_metrics_port_in_use_stops_the_start_before_the_model_loads(role, caps
         taken.bind(("127.0.0.1", port))
         taken.listen()
         code, err = tokenq(capsys, role, "--metrics-port", str(port), "--redis-url", "redis://127.0.0.1:1")
-    assert code == 1 and err.startswith(f"error: --metrics-port {port}: cannot listen on it")
+    assert code == EXIT_SETTINGS and err.startswith(f"error: --metrics-port {port}: cannot listen on it")
 
 
 # 6. A pull without a network says so, and what to do instead.

@@ -94,6 +94,25 @@ def test_access_log_tells_a_client_that_left_from_a_failure():
             asyncio.run(logged(failed, scope, None, None))
     assert [line["status"] for line in logs] == [499, 500]
 
+def test_access_log_keeps_a_passing_health_probe_out_of_info():
+    """`tokenq up` probes /readyz every 0.3 s while its worker starts, a load balancer every few seconds."""
+    def answering(status):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+        return app
+
+    async def send(message):
+        pass
+
+    with capture_logs() as logs:
+        for path, status in (("/readyz", 200), ("/healthz", 200), ("/readyz", 503), ("/v1/models", 200)):
+            scope = {"type": "http", "method": "GET", "path": path, "client": None}
+            asyncio.run(logged(answering(status), scope, None, send))
+    info = [(line["path"], line["status"]) for line in logs if line["log_level"] == "info"]
+    assert info == [("/readyz", 503), ("/v1/models", 200)]
+
+
 def _serve(text: bytes) -> tuple[ThreadingHTTPServer, str]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802

@@ -65,7 +65,7 @@ def test_serve_bench_small_run(tmp_path, default_model_dir, monkeypatch):
     out = tmp_path / "serve.json"
     args = serve.configure(argparse.ArgumentParser()).parse_args(
         ["--model", str(default_model_dir), "--device", "cpu", "--rate", "20", "--num-requests", "6",
-         "--min-prompt-len", "24", "--output-len", "6", "--low-load-requests", "2", "--kv-cache-gb", "0.1",
+         "--min-prompt-len", "24", "--output-len", "6", "--low-load-requests", "2", "--kv-cache-gb", "0.1", "--max-model-len", "512",
          "--client-procs", "2", "--out", str(out)])
     assert launch("serve", serve.main, args) == 0
     assert not args.workdir.exists()  # a run that succeeds leaves no folder behind

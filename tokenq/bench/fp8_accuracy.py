@@ -106,7 +106,7 @@ def greedy_continuations(path, mode: Mode, prompts: list[list[int]], new_tokens:
 
     cfg = EngineConfig(device=device, dtype="float32", quantization=mode.quantization,
                        kv_cache_dtype=mode.kv_cache_dtype, kv_cache_memory_gb=0.25, enable_prefix_caching=False,
-                       **kernel_choices())
+                       max_model_len=max(map(len, prompts)) + new_tokens + 1, **kernel_choices())
     engine = LLMEngine(path, cfg)
     outs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
     return [list(o.new_token_ids) for o in outs]

@@ -22,7 +22,7 @@ import torch
 
 from protocol.sampling import SamplingParams
 from tokenq_kernels.dispatch import use_triton
-from worker.engine.config import EngineConfig
+from worker.engine.config import ConfigError, EngineConfig
 from worker.engine.cuda_graphs import (
     DecodeGraphs,
     PrefillGraphs,
@@ -184,7 +184,15 @@ class ModelRunner:
         per_block = kv_block_bytes(self.model_cfg, self.block_size, self.kv_dtype)
         if self.device.type == "cuda":
             return self._profile_num_blocks(per_block)
-        return max(int(self.cfg.kv_cache_memory_gb * 2**30 // per_block), 1)
+        num_blocks = int(self.cfg.kv_cache_memory_gb * 2**30 // per_block)
+        if num_blocks < self.max_blocks_per_seq:
+            # A sequence that outgrows the cache could never finish: refuse to start, as the GPU path does.
+            need_gb = self.max_blocks_per_seq * per_block / 2**30
+            raise ConfigError("kv_cache_memory_gb", (
+                f"must hold one sequence of max_model_len {self.max_model_len} ({self.max_blocks_per_seq} blocks, "
+                f"{need_gb:.3g} GiB), got {self.cfg.kv_cache_memory_gb} GiB ({num_blocks} blocks); raise it or lower "
+                "max_model_len"))
+        return num_blocks
 
     def _profile_num_blocks(self, per_block: int) -> int:
         """Runs one dummy step of max_num_batched_tokens (sampling included) to measure the activation
@@ -217,10 +225,10 @@ class ModelRunner:
                  "outside torch %.2f GiB, utilization %.2f", num_blocks, num_blocks * per_block / gib,
                  total / gib, peak / gib, non_torch / gib, self.cfg.gpu_memory_utilization)
         if num_blocks < self.max_blocks_per_seq:
-            raise RuntimeError(
-                f"KV cache too small: {max(num_blocks, 0)} blocks fit, one sequence of max_model_len "
-                f"{self.max_model_len} needs {self.max_blocks_per_seq}; raise gpu_memory_utilization or lower "
-                "max_model_len / max_num_batched_tokens")
+            raise ConfigError("gpu_memory_utilization", (
+                f"{self.cfg.gpu_memory_utilization} leaves the KV cache {max(num_blocks, 0)} blocks; one sequence of "
+                f"max_model_len {self.max_model_len} needs {self.max_blocks_per_seq}: raise it or lower "
+                "max_model_len or max_num_batched_tokens"))
         return num_blocks
 
     def _dummy_schedule(self) -> SchedulerOutput:
