@@ -86,6 +86,7 @@ def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await app.state.ctx.canceller.settle(stopping.CANCEL_SETTLE_S)
             await app.state.ctx.hub.aclose()
             await app.state.ctx.cache.aclose()
             await app.state.ctx.pipe.aclose()

@@ -28,6 +28,13 @@ class Canceller:
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
 
+    async def settle(self, timeout: float) -> None:
+        """Wait (at most `timeout`) for the detached cancels still under way: at the gateway's stop, a waiting
+        completion told its client to retry gives its job up this way, and the process must not end (nor its
+        Redis client close) before the job is cancelled, or the job runs for nobody while its retry runs too."""
+        if self._detached:
+            await asyncio.wait(list(self._detached), timeout=timeout)
+
     async def _cancel_logged(self, ref: JobRef, idempotency_key: str | None) -> None:
         try:
             was = await self.cancel(ref)

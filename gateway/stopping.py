@@ -15,6 +15,9 @@ from typing import Any
 SERVER_GRACE_S = 5.0
 # How long of that a response waiting for its job's end keeps waiting: the rest is for its answer to go out.
 WAIT_GRACE_S = SERVER_GRACE_S - 2.0
+# How long the gateway's stop waits, after its connections closed, for the cancels of jobs whose waiting
+# clients were told to retry (Canceller.settle).
+CANCEL_SETTLE_S = 5.0
 # What a client is told, as the error a cut stream ends with or as a waiting completion's 503.
 STOPPING_MESSAGE = "the gateway is stopping; retry the request (with its Idempotency-Key, if it had one)"
 
