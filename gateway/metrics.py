@@ -11,6 +11,7 @@ from Redis at the scrape, so it is never one process's share."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from gateway.access_log import CLIENT_CLOSED
 from gateway.backlog import StreamBacklog, lanes, read_backlog
 from gateway.flight import TtlCache
 from gateway.metrics_peers import PeerMetrics
+from gateway.redis_client import PROBE_TIMEOUT_S
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: set, every metric lives in files there
 BACKLOG_CACHE_S = 2.0  # several Prometheus servers scraping cost one read
@@ -86,9 +88,10 @@ class GatewayMetrics:
         """The /metrics answer: this gateway's metrics, the backlog, and those of the peers named in
         TOKENQ_METRICS_PEERS (how one scrape of `tokenq up` shows every role)."""
         try:
-            await self.observe_backlog(redis, registry)
-        except Exception:  # Redis away: the HTTP metrics still answer; the gauges keep their last values
-            pass
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await self.observe_backlog(redis, registry)
+        except Exception:  # Redis away or not answering: the HTTP metrics still answer; the gauges keep their last
+            pass  # values
         body = self._own() + await self.peers.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

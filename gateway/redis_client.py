@@ -21,6 +21,10 @@ RETRIES = 4  # 0.1 + 0.2 + 0.4 + 0.5 s of back-off (redis-py's first wait is bas
 CONNECT_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 12
 POOL_WAIT_S = 5.0
+# What a readiness probe or a metrics scrape waits for Redis: one that accepts connections and never answers
+# (stopped with SIGSTOP, stuck behind a long script) must make /readyz say so, not hang it past the prober's
+# own timeout (a prober that times out learns nothing of why), nor hang /metrics.
+PROBE_TIMEOUT_S = 2.0
 
 
 def make_redis(url: str) -> AnyRedis:

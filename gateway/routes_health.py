@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi import APIRouter, Depends, Request
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.context import Caller, GatewayContext, get_caller, get_ctx
 from gateway.errors import ApiError, is_redis_oom
 from gateway.logging import get_logger
+from gateway.redis_client import PROBE_TIMEOUT_S
 from protocol import keys
 from protocol.workers import WorkerHeartbeat
 
@@ -76,15 +78,21 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
     error text go to the log only."""
     try:
         # A write, not a PING: a Redis at maxmemory answers PING and refuses every job.
-        await ctx.redis.set(READY_PROBE, "1", ex=60)
-    except Exception as e:  # any failure to reach Redis means: not ready
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            await ctx.redis.set(READY_PROBE, "1", ex=60)
+    except Exception as e:  # any failure to reach Redis (a timeout too) means: not ready
         if is_redis_oom(e):  # maxmemory reached: jobs are refused until memory is freed
             log.warning("not ready: redis out of memory", error=repr(e))
             return JSONResponse({"status": "not ready", "reason": "redis_oom"}, status_code=503)
         log.warning("not ready: redis unavailable", error=repr(e))
         return JSONResponse({"status": "not ready", "reason": "redis_unavailable"}, status_code=503)
     # Not a worker: jobs of a model that workers have served wait in the queue while none is live.
-    workers = await ctx.registry.live_workers()
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            workers = await ctx.registry.live_workers()
+    except Exception as e:  # Redis went away between the two reads
+        log.warning("not ready: redis unavailable", error=repr(e))
+        return JSONResponse({"status": "not ready", "reason": "redis_unavailable"}, status_code=503)
     return JSONResponse({"status": "ready", "workers": len(workers),
                          "models": sorted({w.model for w in workers})})
 

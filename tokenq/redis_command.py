@@ -12,9 +12,16 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio.connection import parse_url
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore.connect import CLUSTER_SCHEMES, AnyRedis, connect
 from tokenq import settings
+
+# A command's client waits this long for a connection and for each reply: a Redis that accepts connections and
+# never answers (stopped with SIGSTOP, stuck behind a long script) must end a command with its error line, not
+# hang it (or, under --watch, stall it).
+CONNECT_TIMEOUT_S = 5.0
+REPLY_TIMEOUT_S = 10.0
 
 
 def redacted(url: str) -> str:
@@ -114,7 +121,7 @@ def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitabl
     url = require_redis_url(redis_url)
 
     async def run() -> int:
-        redis = connect(url)
+        redis = connect(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=REPLY_TIMEOUT_S)
         try:
             return await command(redis)
         finally:
@@ -124,6 +131,9 @@ def run_with_redis(redis_url: str | None, command: Callable[[AnyRedis], Awaitabl
         return asyncio.run(run())
     except AuthenticationError as e:  # a ConnectionError to redis-py, but the server is up
         raise _password_refused(url, e) from None
+    except RedisTimeoutError:
+        raise SystemExit(f"error: Redis at {redacted(url)} did not answer within {REPLY_TIMEOUT_S:g} s (is it "
+                         "stopped, or busy with a long command?)") from None
     except RedisConnectionError as e:
         raise SystemExit(f"error: cannot reach Redis at {redacted(url)} ({e}); is `tokenq up` running?") from None
     except (RedisError, RedisClusterException) as e:  # a server that is not Redis, a DB index out of range...

@@ -1,7 +1,8 @@
 """`tokenq status`: what the queue and the workers are doing, from Redis alone (no gateway, no Prometheus):
 lanes and tenants (jobs waiting and running, age of the oldest waiting one), workers (model, running,
-KV-cache use, tokens per second) and the pool's recent throughput. `--watch` redraws it; `--json` prints
-one snapshot for scripts."""
+KV-cache use, tokens per second) and the pool's recent throughput. `--watch` redraws it (once its first read
+worked, it rides out a Redis that goes away, as the roles do, saying so each time); `--json` prints one
+snapshot for scripts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from gateway.backlog import StreamBacklog, read_backlog
 from gateway.registry import Registry
@@ -138,19 +140,33 @@ async def _run(redis: AnyRedis, args: argparse.Namespace) -> int:
         console.print(render(await snapshot(redis), expand=terminal))
         return 0
     try:
+        snap: Snapshot | str = await snapshot(redis)  # a first read that fails ends the command with its error
         if args.json or not terminal:  # a file or a pipe: each snapshot written out as it is read
             while True:
-                snap = await snapshot(redis)
-                if args.json:
+                if isinstance(snap, str):
+                    print(snap, file=sys.stderr, flush=True)
+                elif args.json:
                     print(json.dumps(snap.to_json()), flush=True)  # one line each: JSON Lines
                 else:
                     console.print(render(snap, expand=False))
                     console.file.flush()
                 await asyncio.sleep(args.watch)
-        with Live(render(await snapshot(redis), expand=terminal), console=console, screen=False,
-                  auto_refresh=False) as live:
+                snap = await _watched_snapshot(redis)
+        with Live(render(snap, expand=terminal), console=console, screen=False, auto_refresh=False) as live:
             while True:
                 await asyncio.sleep(args.watch)
-                live.update(render(await snapshot(redis), expand=terminal), refresh=True)
+                snap = await _watched_snapshot(redis)
+                live.update(snap if isinstance(snap, str) else render(snap, expand=terminal), refresh=True)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
+
+
+async def _watched_snapshot(redis: AnyRedis) -> Snapshot | str:
+    """A snapshot, or the line that says why there is none this time (the next read tries again). A refused
+    password is no outage: no wait cures it, so it ends the command."""
+    try:
+        return await snapshot(redis)
+    except AuthenticationError:
+        raise
+    except (RedisError, RedisClusterException, OSError) as e:
+        return f"{time.strftime('%H:%M:%S')} Redis did not answer ({type(e).__name__}: {e}); trying again"
