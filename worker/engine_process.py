@@ -46,7 +46,7 @@ from worker.engine_loop import (
     admissible_of,
     sequences_added,
 )
-from worker.logging import get_logger
+from worker.logging import configure_logging, get_logger
 
 log = get_logger("engine_process")
 
@@ -259,9 +259,11 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+    from tokenq.settings import Settings
     from worker.engine.llm_engine import LLMEngine
     from worker.engine.tp_ranks import exit_with_parent
 
+    configure_logging(Settings.from_env().log_level)  # a spawned process starts with structlog's defaults
     exit_with_parent()
     try:
         started = time.monotonic()

@@ -167,6 +167,14 @@ def test_a_second_up_on_the_same_home_is_refused(tokenq_up):
     assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
 
 
+def test_the_engine_process_logs_json_lines_as_the_other_roles_do(tokenq_up):
+    """Log shippers parse one JSON object a line; the engine process, spawned, began with structlog's console
+    format."""
+    _, _, home = tokenq_up
+    events = [json.loads(line) for line in (home / "up.log").read_text().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "model loaded" and e["component"] == "engine_process" for e in events)
+
+
 def test_worker_and_webhook_metrics_are_served(tokenq_up):
     worker = httpx.get(f"http://127.0.0.1:{UP_PORTS['worker']}/metrics", timeout=10).text
     webhooks = httpx.get(f"http://127.0.0.1:{UP_PORTS['webhooks']}/metrics", timeout=10).text

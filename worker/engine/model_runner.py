@@ -11,7 +11,6 @@ step N+1 before it reads step N's tokens.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,9 +42,10 @@ from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from worker.engine.sequence import Sequence
 from worker.engine.step_link import StepHeader, receive_step, send_step, send_stop
 from worker.layers.context import AttentionMetadata, set_attention_metadata
+from worker.logging import get_logger
 from worker.models.config import ModelConfig
 
-log = logging.getLogger("tokenq.engine")
+log = get_logger("engine")
 
 
 @dataclass
@@ -221,9 +221,7 @@ class ModelRunner:
         self.memory_profile = {"gpu_gib": total / gib, "peak_weights_and_activations_gib": peak / gib,
                                "outside_torch_gib": non_torch / gib, "kv_cache_gib": num_blocks * per_block / gib,
                                "num_blocks": num_blocks, "gpu_memory_utilization": self.cfg.gpu_memory_utilization}
-        log.info("KV cache: %d blocks (%.2f GiB); GPU %.1f GiB, peak of weights and activations %.2f GiB, "
-                 "outside torch %.2f GiB, utilization %.2f", num_blocks, num_blocks * per_block / gib,
-                 total / gib, peak / gib, non_torch / gib, self.cfg.gpu_memory_utilization)
+        log.info("KV cache sized", **{k: round(v, 3) for k, v in self.memory_profile.items()})
         if num_blocks < self.max_blocks_per_seq:
             raise ConfigError("gpu_memory_utilization", (
                 f"{self.cfg.gpu_memory_utilization} leaves the KV cache {max(num_blocks, 0)} blocks; one sequence of "
@@ -251,7 +249,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         launches = compile_step_variants(self.kv_cache[0, 0], self.kv_cache[0, 1], local_heads(self.model_cfg),
                                          self.dtype)
-        log.info("compiled %d attention variants for eager steps in %.1f s", launches, time.perf_counter() - t0)
+        log.info("compiled attention variants for eager steps", variants=launches,
+                 seconds=round(time.perf_counter() - t0, 1))
 
     def _capture_graphs(self) -> None:
         assert self.graphs is not None
@@ -263,8 +262,8 @@ class ModelRunner:
         self.buffers.query_start_loc.upload(b + 1)
         t0 = time.perf_counter()
         self.graphs.capture()
-        log.info("captured %d CUDA graphs for decode batches up to %d in %.1f s",
-                 len(self.graphs.sizes), b, time.perf_counter() - t0)
+        log.info("captured CUDA graphs for decode batches", graphs=len(self.graphs.sizes), max_batch=b,
+                 seconds=round(time.perf_counter() - t0, 1))
         if self.prefill_graphs is not None:
             t = self.prefill_graphs.sizes[-1]
             self._fill_prefill_padding(0, t)  # one real token (query_start_loc 0, 1 from above), the rest padding
@@ -272,8 +271,8 @@ class ModelRunner:
                 buf.upload(t)
             t0 = time.perf_counter()
             self.prefill_graphs.capture()
-            log.info("captured %d CUDA graphs for prefill chunks up to %d tokens in %.1f s",
-                     len(self.prefill_graphs.sizes), t, time.perf_counter() - t0)
+            log.info("captured CUDA graphs for prefill chunks", graphs=len(self.prefill_graphs.sizes),
+                     max_tokens=t, seconds=round(time.perf_counter() - t0, 1))
         self._keep_fastest_buckets()
 
     @property
@@ -294,8 +293,9 @@ class ModelRunner:
             t0 = time.perf_counter()
             times = graphs.keep_fastest(combine=lambda values: agree(values, "max"))
             dropped = sorted(set(times) - set(graphs.sizes))
-            log.info("timed %d %s graphs in %.1f s; dropped %s, slower than a larger bucket", len(times), name,
-                     time.perf_counter() - t0, ", ".join(f"{s} ({times[s]:.2f} ms)" for s in dropped) or "none")
+            log.info("timed graphs; dropped those slower than a larger bucket", graphs=len(times), kind=name,
+                     seconds=round(time.perf_counter() - t0, 1),
+                     dropped={s: round(times[s], 2) for s in dropped})
 
     def release(self) -> None:
         """Frees the KV cache and the graphs, keeping the model (which may serve another engine)."""

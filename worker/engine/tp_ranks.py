@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import structlog
 import torch
 
 from worker.engine.config import EngineConfig
@@ -20,6 +21,7 @@ from worker.engine.distributed import init_tensor_parallel
 from worker.engine.dtypes import DTYPES
 from worker.engine.kernel_choice import select_kernels
 from worker.engine.model_runner import ModelRunner
+from worker.logging import configure_logging
 from worker.models.config import ModelConfig
 from worker.models.loader import load_model
 
@@ -95,6 +97,8 @@ def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig, join
     # A Ctrl-C reaches the whole process group; stopping is rank 0's to order (after the worker's drain).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging("WARNING")  # what rank 0 logs at start-up, every rank would repeat
+    structlog.contextvars.bind_contextvars(rank=rank)
     exit_with_parent()
     device = torch.device(config.rank_device(rank))
     if device.type == "cuda":

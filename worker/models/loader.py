@@ -11,7 +11,6 @@ activations are quantized per token at run time.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,12 @@ from safetensors import safe_open
 
 from tokenq_kernels.fp8 import FP8
 from worker.layers.quantization import quantization as quantized
+from worker.logging import get_logger
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
 from worker.models.random_weights import random_model
 from worker.models.registry import CausalLM, model_class
 
-log = logging.getLogger("tokenq.loader")
+log = get_logger("loader")
 
 
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -51,8 +51,8 @@ def checkpoint_quantization(config: dict[str, Any]) -> str | None:
     method = qc.get("quant_method")
     if method == "fp8":
         if qc.get("activation_scheme", "dynamic") != "dynamic":
-            log.info("checkpoint activation_scheme %r: activations are quantized per token instead",
-                     qc.get("activation_scheme"))
+            log.info("checkpoint's activation scheme not used: activations are quantized per token instead",
+                     activation_scheme=qc.get("activation_scheme"))
         return "fp8"
     if method == "compressed-tensors":
         for name, group in (qc.get("config_groups") or {}).items():
