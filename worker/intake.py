@@ -14,8 +14,10 @@ the engine's room, not on Redis, so a slot that frees is refilled at once.
 Tenants are discovered from the lanes' tenant sets: their sizes are checked every round (sets only grow),
 the members re-read every second; the blocking reads also watch the model's new-tenants stream, whose
 entry (a tenant's first job on a lane) ends the block so that the new stream is read at once. Entries of
-dead workers come in through `Recovery`, on the same admission path and budget. Whatever the engine
-cannot admit stays in Redis, visible to other workers and to autoscalers.
+dead workers, and those a draining worker handed back, come in through `Recovery` when a sweep is due, lane
+by lane in the same order and room as new entries (each lane's before its new ones): a handed-back batch
+line never goes ahead of an interactive job. Whatever the engine cannot admit stays in Redis, visible to
+other workers and to autoscalers.
 
 Each loop's blocking reads go out on a connection of its own (a blocked connection holds every command
 behind it) through jobstore/pipe.py rather than redis-py: the entry that ends the block is an idle worker's
@@ -178,24 +180,19 @@ class Intake:
                 await asyncio.sleep(1.0)
 
     async def poll(self) -> int:
-        """One round: reclaim stale entries when due, then read lanes in order, tenants round-robin, up to
-        what the engine admits; wait when there is nothing. Room for better lanes alone is `listen`'s."""
-        if (room := self._room(keys.LANES[-1])) <= 0:
+        """One round: lanes in order, each lane's reclaimed entries (when a sweep is due) before its new ones,
+        tenants round-robin, up to what the engine admits; wait when there is nothing. Room for better lanes
+        alone is `listen`'s."""
+        if self._room(keys.LANES[-1]) <= 0:
             await self._wait_for_capacity(lambda: self._room(keys.LANES[-1]) > 0)
             return 0
         await self.streams.refresh()
+        await self._prune_when_due()
+        sweep = self._sweep_due()
         read = 0
-        if self.recovery is not None and self.recovery.seconds_to_sweep() <= 0:
-            claimed = await self.recovery.claim(self.streams.all(), room)
-            read += len(claimed)
-            await self._admit([Entry(self.streams.lane_of.get(c.stream, "default"), c.stream, c.entry_id,
-                                     c.fields) for c in claimed], early=False)
-        if self.pruner is not None and self.pruner.due():
-            removed, _ = await self.pruner.prune()
-            if removed:
-                self.streams.reset()
-                await self.streams.refresh()
         for lane in keys.LANES:
+            if sweep:
+                read += await self._reclaim(lane)
             if (lane_room := self._room(lane)) > 0:
                 read += await self._read_lane(lane, lane_room)
         if read == 0 and (room := self._room(keys.LANES[-1])) > 0:
@@ -204,7 +201,8 @@ class Intake:
 
     async def listen(self) -> int:
         """While the worst lane has no room and a better one has (batch lines fill the engine), block on the
-        better lanes' streams and admit what comes; otherwise wait for the engine's next report."""
+        better lanes' streams and admit what comes; otherwise wait for the engine's next report. The sweep
+        is this loop's while it runs: a better lane's reclaimed entries use its room as its new ones do."""
         def mine() -> bool:
             return self._room(keys.LANES[-1]) <= 0 < self._room(keys.LANES[0])
 
@@ -212,6 +210,10 @@ class Intake:
             await self._wait_for_capacity(mine)
             return 0
         await self.streams.refresh()
+        if self._sweep_due():
+            reclaimed = [await self._reclaim(lane) for lane in keys.LANES]
+            if any(reclaimed):
+                return sum(reclaimed)
         better = keys.LANES[:-1]
         streams = [s for lane in better if self._room(lane) > 0 for s in self.streams.by_lane[lane]]
         share = max(1, self._room(better[0]) // max(1, len(streams)))  # none: wait for a new tenant
@@ -219,6 +221,26 @@ class Intake:
         if entries:
             await self._admit(entries)
         return len(entries)
+
+    def _sweep_due(self) -> bool:
+        """Whether this round reclaims idle entries: every lane's at once, each before its new entries."""
+        return self.recovery is not None and self.recovery.start_sweep()
+
+    async def _reclaim(self, lane: str) -> int:
+        """One lane's entries idle past the lease (handed back or a dead worker's), up to the lane's room:
+        they go before the lane's new entries, which were queued after them, and after a better lane's."""
+        assert self.recovery is not None
+        claimed = await self.recovery.claim(lane, self._tenant_order(lane), self._room(lane))
+        await self._admit([Entry(lane, c.stream, c.entry_id, c.fields) for c in claimed], early=False)
+        return len(claimed)
+
+    async def _prune_when_due(self) -> None:
+        if self.pruner is None or not self.pruner.due():
+            return
+        removed, _ = await self.pruner.prune()
+        if removed:
+            self.streams.reset()
+            await self.streams.refresh()
 
     async def _block_on(self, streams: list[str], count: int, loop: str) -> list[Entry]:
         """A blocking XREADGROUP on `streams` and the new-tenants stream, on `loop`'s connection; the entries
@@ -250,12 +272,7 @@ class Intake:
         """Up to `room` entries of one lane, one per tenant per round, starting after the last served; the
         tenants this worker runs fewest jobs of go first, so a free slot goes to the least-served tenant
         rather than to whoever is next in turn (a tenant with a backlog fills the slots it gets back)."""
-        streams = self.streams.by_lane[lane]
-        start = bisect.bisect_right(streams, self._last.get(lane, ""))
-        order = streams[start:] + streams[:start]
-        running = Counter(job.payload.tenant for job in self.publisher.jobs.values())
-        prefix = len(keys.jobs_stream(self.model, lane, ""))
-        order.sort(key=lambda stream: running[stream[prefix:]])  # stable: round-robin among equals
+        order = self._tenant_order(lane)
         read = 0
         while order and read < room:
             gave: set[str] = set()
@@ -276,6 +293,16 @@ class Intake:
                     await self._admit(entries)
             order = [s for s in order if s in gave]  # the next round: only tenants that still had some
         return read
+
+    def _tenant_order(self, lane: str) -> list[str]:
+        """The lane's tenant streams in the order they are served (see `_read_lane`)."""
+        streams = self.streams.by_lane[lane]
+        start = bisect.bisect_right(streams, self._last.get(lane, ""))
+        order = streams[start:] + streams[:start]
+        running = Counter(job.payload.tenant for job in self.publisher.jobs.values())
+        prefix = len(keys.jobs_stream(self.model, lane, ""))
+        order.sort(key=lambda stream: running[stream[prefix:]])  # stable: round-robin among equals
+        return order
 
     async def _wait_for_capacity(self, ready: Callable[[], bool]) -> None:
         """Until the engine reports again (every step while it runs; block_ms at most), unless `ready()` now."""

@@ -3,9 +3,11 @@
 An entry read by a worker stays pending on that worker's consumer until it is acknowledged. Its idle
 time is its lease: a live worker re-claims its running entries to itself every lease/3 (`XCLAIM JUSTID`,
 which resets the idle time without counting a delivery), so only entries of a worker that died or
-stalled grow idle past the lease. Any worker with room `XAUTOCLAIM`s those (never more than its engine
-admits) and runs them again. An entry delivered more than `max_deliveries` times goes to its model's dead-letter stream
-and its job fails: a job that kills every worker that runs it must not go round forever.
+stalled grow idle past the lease, and entries a draining worker hands back look idle past it at once.
+Any worker with room `XAUTOCLAIM`s those, a lane at a time in the lanes' order (never more than its engine
+admits of that lane), and runs them again. An entry delivered more than `max_deliveries` times goes to its
+model's dead-letter stream and its job fails: a job that kills every worker that runs it must not go round
+forever.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ LEASE_S = 30.0
 MAX_DELIVERIES = 3
 DEAD_MAXLEN = 100_000
 RELEASED_IDLE_MS = 365 * 24 * 3600 * 1000  # a handed-back entry looks idle past any worker's lease
+LOGGED_IDS = 20
 
 @dataclass(frozen=True)
 class Claimed:
@@ -61,10 +64,17 @@ class Recovery:
     def seconds_to_sweep(self) -> float:
         return max(0.0, self._next_sweep - time.monotonic())
 
-    async def claim(self, streams: list[str], room: int) -> list[Claimed]:
-        """Claim at most `room` entries idle past the lease; those over the delivery limit are dead-lettered
-        here, the rest returned to be run."""
+    def start_sweep(self) -> bool:
+        """Whether a sweep is due; if so the next one is `sweep_s` away, and the caller claims every lane now
+        (one `claim` a lane, in the lanes' order)."""
+        if self.seconds_to_sweep() > 0:
+            return False
         self._next_sweep = time.monotonic() + self.sweep_s
+        return True
+
+    async def claim(self, lane: str, streams: list[str], room: int) -> list[Claimed]:
+        """Claim at most `room` entries of one lane's `streams` idle past the lease; those over the delivery
+        limit are dead-lettered here, the rest returned to be run."""
         if room <= 0 or not streams:
             return []
         rows = await self.store.claim_stale(streams, self.consumer, self.lease_ms, room)
@@ -76,9 +86,12 @@ class Recovery:
             if c.deliveries > self.max_deliveries:
                 await self.dead_letter(c)
             else:
-                log.info("reclaimed a stale entry", stream=stream, entry_id=entry_id, deliveries=c.deliveries,
-                         job_id=c.fields.get("job_id"))
                 runnable.append(c)
+        if runnable:
+            # Routine after a drain or a restart: one line a lane, the jobs at debug.
+            log.info("reclaimed entries", lane=lane, entries=len(runnable))
+            job_ids = [c.fields.get("job_id") or c.entry_id for c in runnable]
+            log.debug("reclaimed entries' jobs", lane=lane, **first_ids(job_ids))
         return runnable
 
     async def dead_letter(self, c: Claimed) -> None:
@@ -139,5 +152,11 @@ class Recovery:
             return 0
         n = await self.store.release([(j.stream, j.entry_id, j.id) for j in jobs], self.consumer, RELEASED_IDLE_MS)
         metrics.RELEASED.labels(self.model).inc(n)
-        log.info("handed unfinished jobs back", jobs=sorted(j.id for j in jobs), released=n)
+        log.info("handed unfinished jobs back", jobs=len(jobs), released=n, **first_ids(sorted(j.id for j in jobs)))
         return n
+
+
+def first_ids(ids: list[str]) -> dict[str, object]:
+    """The first LOGGED_IDS of `ids` and how many more: a log line stays short whatever the count (log
+    shippers cut long lines)."""
+    return {"job_ids": ids[:LOGGED_IDS], "more": max(0, len(ids) - LOGGED_IDS)}
