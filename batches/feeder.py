@@ -25,7 +25,7 @@ from redis.asyncio.client import PubSub
 from batches import keys as K
 from batches import results as R
 from batches.files import LineWriter, read_lines
-from batches.lines import BatchLine, LineError, parse_line
+from batches.lines import BatchLine, LineError, parse_line, without_bom
 from batches.settings import BatchSettings
 from batches.store import FINAL_STATUSES, batch_webhook_url
 from batches.submit import RetryLater, SubmitContext, line_job_id, line_model, submit_line
@@ -391,7 +391,7 @@ def _parse(text: str | None, line: int) -> BatchLine | LineError:
 
 def _custom_id(text: str | None) -> str | None:
     try:
-        return json.loads(text)["custom_id"] if text is not None else None
+        return json.loads(without_bom(text))["custom_id"] if text is not None else None
     except (ValueError, KeyError, TypeError):
         return None
 

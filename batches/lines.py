@@ -64,15 +64,20 @@ class BatchLine:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def without_bom(text: str) -> str:
+    """The line without the byte order mark some editors put first: no part of its JSON. The upload drops it,
+    and every read of a stored line does too (a file stored with one keeps it on its first line)."""
+    return text.removeprefix(BOM)
+
+
 def line_text(raw: bytes, number: int) -> str:
-    """The line as text: UTF-8, without the byte order mark some editors put first (it would not parse again
-    when the feeder reads the line back)."""
+    """The line as text: UTF-8, without a byte order mark (without_bom)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise LineError(number, f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the file "
                                 "as UTF-8") from e
-    return text.removeprefix(BOM)
+    return without_bom(text)
 
 
 def parse_line(text: str, number: int) -> BatchLine:
@@ -80,7 +85,7 @@ def parse_line(text: str, number: int) -> BatchLine:
     that hold whatever the model (`check_model_free`); the model's own (context, vocabulary) wait until
     the line is fed."""
     try:
-        raw = json.loads(text)
+        raw = json.loads(without_bom(text))
     except json.JSONDecodeError as e:
         raise LineError(number, f"not valid JSON ({e})") from e
     if not isinstance(raw, dict):

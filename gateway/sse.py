@@ -23,6 +23,8 @@ from gateway.logging import get_logger
 from gateway.stopping import STOPPING_MESSAGE, stopping
 from gateway.tool_stream import ToolStream, call_deltas
 from jobstore import JobStore
+from protocol import choice_text
+from protocol import job_record as F
 from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
 
 log = get_logger(__name__)
@@ -265,18 +267,17 @@ def final_error(final: Final) -> dict[str, Any]:
             "param": None, "code": f"job_{final.state.value}"}
 
 
-def event_id(offsets: list[int], digests: list[int | None]) -> str:
+def event_id(offsets: list[int], digests: list[int]) -> str:
     """The SSE id that resumes a job's events (Last-Event-ID): the character offset its text reached and the
     CRC-32 of that text (so that a resumed reader whose job began again with other text meanwhile gets a
     `restart`, not the new text spliced onto the old); for a job of several choices each choice's,
-    comma-separated: `128.9f3a2b1c,64.0c1d2e3f`. A reader that resumed from an id without a digest gets
-    none for that choice (its text before the offset is not known here)."""
-    return ",".join(str(o) if d is None else f"{o}.{d:08x}" for o, d in zip(offsets, digests, strict=True))
+    comma-separated: `128.9f3a2b1c,64.0c1d2e3f`."""
+    return ",".join(f"{o}.{d:08x}" for o, d in zip(offsets, digests, strict=True))
 
 
 def parse_event_id(raw: str) -> list[tuple[int, int | None]] | None:
     """(offset, digest) per choice from a Last-Event-ID (see event_id; a bare offset, as ids were before,
-    has no digest); None when it is not one."""
+    has no digest: checked_resume settles it); None when it is not one."""
     parsed = []
     for part in raw.split(","):
         offset, dot, digest = part.strip().partition(".")
@@ -287,15 +288,66 @@ def parse_event_id(raw: str) -> list[tuple[int, int | None]] | None:
     return parsed if all(o >= 0 and (d is None or d < 1 << 32) for o, d in parsed) else None
 
 
+async def checked_resume(store: JobStore, job_id: str, resume: list[tuple[int, int | None]]
+                         ) -> list[tuple[int, int]] | None:
+    """`resume` with a digest for every offset; None when the reader must start again. A bare offset (an id
+    from before digests) takes the digest of the job's text up to it while the job has had one attempt, whose
+    text is the reader's; after another attempt the reader's text is unknown, and resuming could splice two."""
+    if all(d is not None or not o for o, d in resume):
+        return [(o, d if o else 0) for o, d in resume]
+    record = await store.read(job_id)
+    if record is None or int(record.get(F.ATTEMPTS) or 0) > 1:
+        return None
+    texts = _job_texts(record)
+    texts += [""] * (len(resume) - len(texts))
+    checked = []
+    for (offset, digest), text in zip(resume, texts, strict=False):
+        if digest is None and offset:
+            if len(text) < offset:
+                return None
+            digest = zlib.crc32(text[:offset].encode())
+        checked.append((offset, digest if offset else 0))
+    return checked
+
+
+def _job_texts(record: dict[str, str]) -> list[str]:
+    """Each choice's text as far as the job has it: its result's once it has one (a job nobody streamed keeps
+    no text of its own), else the text streamed so far."""
+    choices = int(record.get(F.CHOICES) or 1)
+    if not record.get(F.RESULT):
+        return choice_text.split(record.get(F.TEXT, ""), choices)
+    texts = [""] * choices
+    for c in JobResult.model_validate_json(record[F.RESULT]).all_choices():
+        texts[c.index] = c.text
+    return texts
+
+
+def unchecked_error(job_id: str) -> dict[str, Any]:
+    return {**restarted_error(job_id),
+            "message": f"a Last-Event-ID without a digest cannot be checked against job {job_id}'s text (it ran "
+                       "more than once, or its text does not reach that offset): its events start again"}
+
+
+def restart_event(choices: int, error: dict[str, Any]) -> str:
+    """The event that tells a reader to drop its text: the deltas start again at offset 0."""
+    body = json.dumps(error, ensure_ascii=False)
+    return f"id: {event_id([0] * choices, [0] * choices)}\nevent: restart\ndata: {body}\n\n"
+
+
 async def job_events(redis: aioredis.Redis, job_id: str, resume: list[tuple[int, int | None]],
                      hub: Hub | None = None, store: JobStore | None = None) -> AsyncIterator[str]:
     """tokenq's job events: `delta` events (with their choice's index) whose id is the offset reached (so
     that Last-Event-ID resumes exactly there), then one final event named after the outcome with the job.
-    A `restart` event says the job began again with other text (gateway.jobs.Restarted): the reader drops
-    the text it has, and the deltas start again at offset 0."""
+    A `restart` event says the job began again with other text (gateway.jobs.Restarted), or that a reader
+    resuming from a bare offset cannot be checked (checked_resume): the reader drops the text it has, and
+    the deltas start again at offset 0."""
     keepalive = _KeepAlive()
-    offsets = [o for o, _ in resume]
-    known = [d if o else 0 for o, d in resume]  # of the reader's text before its offset; None: not known
+    checked = await checked_resume(store or JobStore(redis), job_id, resume)
+    if checked is None:
+        checked = [(0, 0)] * len(resume)
+        yield restart_event(len(resume), unchecked_error(job_id))
+    offsets = [o for o, _ in checked]
+    known = [d for _, d in checked]  # of the reader's text before its offset
     digests = list(known)  # of the text given up to each offset
     while True:
         async for item in follow(redis, job_id, offsets, want_deltas=True, hub=hub, store=store, digests=known):
@@ -304,8 +356,7 @@ async def job_events(redis: aioredis.Redis, job_id: str, resume: list[tuple[int,
                 offsets += [0] * grow
                 digests += [0] * grow
                 offsets[item.index] = item.end
-                if (digest := digests[item.index]) is not None:
-                    digests[item.index] = zlib.crc32(item.text.encode(), digest)
+                digests[item.index] = zlib.crc32(item.text.encode(), digests[item.index])
                 fields = {"text": item.text, "offset": item.offset, "index": item.index}
                 if item.finish_reason is not None:  # this choice ended, the job's others go on
                     fields["finish_reason"] = item.finish_reason
@@ -319,8 +370,7 @@ async def job_events(redis: aioredis.Redis, job_id: str, resume: list[tuple[int,
                 return
             elif isinstance(item, Restarted):
                 offsets, digests, known = [0] * len(offsets), [0] * len(offsets), [0] * len(offsets)
-                body = json.dumps(restarted_error(job_id), ensure_ascii=False)
-                yield f"id: {event_id(offsets, digests)}\nevent: restart\ndata: {body}\n\n"
+                yield restart_event(len(offsets), restarted_error(job_id))
                 break
             elif keepalive.due():
                 yield KEEPALIVE

@@ -371,6 +371,21 @@ def test_a_file_saved_with_a_byte_order_mark_keeps_every_custom_id(client, worke
     assert_each_once([line["custom_id"] for line in lines], out, err)
 
 
+def test_a_file_stored_with_its_byte_order_mark_runs_every_line(client, worker, redis_url):
+    """A file uploaded before the upload dropped the mark keeps it on its first stored line: the feeder reads
+    that line as the upload does (it failed as not valid JSON, with no custom_id)."""
+    lines = chat_lines(3, MODEL)
+    f = upload(client, lines)
+    stored = redis.Redis.from_url(redis_url, decode_responses=True)
+    stored.hset(K.file_lines_key(f.id), "0", "\ufeff" + stored.hget(K.file_lines_key(f.id), "0"))
+    with ThreadedFeeder(redis_url):
+        batch = wait_batch(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                         completion_window="24h").id)
+    out, err = result_lines(client, batch)
+    assert batch.status == "completed" and err == []
+    assert_each_once([line["custom_id"] for line in lines], out, err)
+
+
 def test_a_file_not_in_utf8_is_refused_at_upload(client):
     """json.loads takes UTF-16 bytes, but the line could not be read back as text: before this check such a
     file was taken and its batch never ended."""

@@ -259,9 +259,13 @@ async def test_a_reader_resuming_on_the_same_text_goes_on_from_its_offset(redis_
     assert events[-1][0] == f"id: {id_after('Once upon a time')}"
 
 
-async def test_an_id_without_a_digest_resumes_unchecked(redis_client):
-    """Ids as they were before their digest: the reader's earlier text is not known, so not checked."""
+@pytest.mark.parametrize("attempts", ["1", "2"])
+async def test_an_id_without_a_digest_is_checked_by_the_only_attempts_text(redis_client, attempts):
+    """Ids as they were before their digest: while the job has had one attempt its text is the reader's, so
+    the reader resumes at its offset, with checked ids; after a second one it cannot be checked: restart."""
     r = redis_client
+    await hset(r, {"attempts": attempts})
     await finish(r, 5, "In a land far away")
     events = await asyncio.wait_for(resumed_events(r, "9"), 5)
-    assert [name for _, name in events] == ["event: delta", "event: done"] and events[-1][0] == "id: 18"
+    names = ["event: delta", "event: done"] if attempts == "1" else ["event: restart", "event: delta", "event: done"]
+    assert [name for _, name in events] == names and events[-1][0] == f"id: {id_after('In a land far away')}"

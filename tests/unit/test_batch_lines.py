@@ -84,6 +84,12 @@ def test_line_text_takes_utf8_without_its_byte_order_mark_and_refuses_other_enco
         line_text(line.encode("latin-1"), 4)
 
 
+def test_a_stored_line_that_kept_its_byte_order_mark_parses():
+    """A file stored with the mark on its first line (uploaded before the upload dropped it) is read back by
+    parse_line: the mark is no part of the line there either."""
+    assert parse_line("\ufeff" + _line("first"), 1).custom_id == "first"
+
+
 def test_only_deterministic_identical_lines_share_a_digest():
     greedy = parse_line(_line("a", temperature=0), 1).dedup_digest()
     assert greedy is not None
