@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -29,6 +30,24 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def uvicorn_log_config() -> dict[str, Any] | None:
+    """uvicorn's own lines (its start, its stop, its errors) as JSON lines beside the gateway's when stderr is
+    no terminal: a log shipper that parses one JSON object a line would take them for garbage. None on a
+    terminal: uvicorn's readable defaults."""
+    if sys.stderr.isatty():
+        return None
+    formatter = {"()": structlog.stdlib.ProcessorFormatter,
+                 "foreign_pre_chain": [structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                                       structlog.processors.TimeStamper(fmt="iso")],
+                 "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                                structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]}
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    quiet = {"handlers": ["json"], "level": "INFO", "propagate": False}
+    return {"version": 1, "disable_existing_loggers": False, "formatters": {"json": formatter},
+            "handlers": {"json": handler}, "loggers": {"uvicorn": quiet, "uvicorn.error": {"level": "INFO"},
+                                                       "uvicorn.access": quiet}}
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

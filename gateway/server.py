@@ -17,6 +17,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.connection_limits import GuardedHttpProtocol
+from gateway.logging import uvicorn_log_config
 from gateway.metrics import MULTIPROC_DIR_ENV
 from gateway.stopping import SERVER_GRACE_S
 from tokenq.settings import Settings
@@ -70,6 +71,8 @@ def run(host: str, port: int, redis_url: str, workers: int | None = None) -> Non
     workers = workers or Settings.from_env().gateway_workers
     options: dict[str, Any] = dict(host=host, port=port, log_level="info", access_log=False,
                                    timeout_graceful_shutdown=SERVER_GRACE_S, loop="uvloop", http=HttpProtocol)
+    if (log_config := uvicorn_log_config()) is not None:
+        options["log_config"] = log_config
     _exit_cleanly_after_shutdown()
     if workers <= 1:
         uvicorn.run(create_app(redis_url), **options)
