@@ -356,15 +356,13 @@ return state
 """)
 
 # KEYS: FINISH_KEYS, 7 the job's stream. ARGV: job id, error JSON, finished_at, retention, the entry id.
-# A job whose cancel was asked while it ran on a worker that died (START answered 2): it ends `cancelled`
-# with the text its worker published as its result, as a live worker would have ended it, and its entry is
-# dropped. Returns finish's answer (0 when it was final already).
-END_CANCELLED = Script(_FINISH_FN + _DROP_ENTRY_FN + _PARTIAL_RESULT_FN + f"""
-local written = 0
-if redis.call('HGET', KEYS[1], '{f.STATE}') == 'running' then
-  written = finish(job_keys(1), ARGV[1], 'cancelled', partial_result(KEYS[1], KEYS[2]), ARGV[2], ARGV[3], '',
-                   tonumber(ARGV[4]))
-end
+# A job whose cancel was asked while it ran on a worker that died, or that handed it back before it acted on
+# the cancel (RELEASE made it `queued`, the flag kept), which START answered 2 for: it ends `cancelled` with the
+# text its worker published as its result, as a live worker would have ended it, and its entry is dropped.
+# Returns finish's answer (0 when it was final already, -1 when it is gone).
+END_CANCELLED = Script(_FINISH_FN + _DROP_ENTRY_FN + _PARTIAL_RESULT_FN + """
+local written = finish(job_keys(1), ARGV[1], 'cancelled', partial_result(KEYS[1], KEYS[2]), ARGV[2], ARGV[3], '',
+                       tonumber(ARGV[4]))
 drop_entry(KEYS[7], ARGV[5])
 return written
 """)

@@ -182,6 +182,23 @@ async def test_drained_jobs_are_taken_over_at_once(redis_url, redis_client):
     assert await r.xlen(STREAM) == 0
 
 
+async def test_a_job_cancelled_as_its_worker_drained_ends_cancelled_on_the_next_worker(redis_url, redis_client):
+    """A cancel asked while the job ran (the flag set), the worker handing it back before it acted on it: the
+    hand-back made it `queued` with the flag kept, and the next worker dropped its entry without ending it, so
+    it stayed `queued` for good (its tenant's queued count with it)."""
+    r = redis_client
+    job = payload(list(range(1, 150)))
+    await submit_job(r, job)
+    async with running(redis_url, FakeEngine(step_sleep=0.02), worker_id="a-host:1", grace_s=0.2, lease_s=30):
+        await wait_until(lambda: _all_state(r, [job], "running"))
+    assert await _state_is(r, job.id, "queued")  # handed back
+    await r.hset(keys.job_key(job.id), f.CANCEL_REQUESTED, "1")  # DELETE's flag, which the drain outran
+    async with running(redis_url, FakeEngine(step_sleep=0.001), worker_id="b-host:2", lease_s=30):
+        h = await final_state(r, job.id)
+    assert h[f.STATE] == "cancelled"
+    assert await r.xlen(STREAM) == 0
+
+
 async def _state_is(r, job_id: str, state: str) -> bool:
     return await r.hget(keys.job_key(job_id), f.STATE) == state
 
