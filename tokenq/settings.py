@@ -41,6 +41,13 @@ def env_float(env: Mapping[str, str], name: str, default: float) -> float:
     return default if value is None else value
 
 
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    value = env_float(env, name, default)
+    if not value > 0:  # also refuses nan
+        raise SettingError(f"{name}={env.get(name)!r} must be more than 0")
+    return value
+
+
 def env_int(env: Mapping[str, str], name: str, default: int) -> int:
     """A whole number (1e6 and 100000.0 are whole too); anything else is an error naming the variable."""
     value = env_float(env, name, default)
@@ -142,6 +149,9 @@ class Settings:
     hot_loop: bool = False
     # TOKENQ_WEBHOOK_ALLOW: CIDRs or host names that webhooks may reach though not public (protocol/urlguard.py)
     webhook_allow: str = ""
+    # TOKENQ_ENGINE_STALL_S: an engine with requests in it that reports nothing this long is hung (a rank stopped,
+    # or stuck in a collective): its worker kills it and exits, its jobs go to another worker (engine_process.py)
+    engine_stall_s: float = 120.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -173,6 +183,7 @@ class Settings:
             api_key=env.get("TOKENQ_API_KEY") or env.get("OPENAI_API_KEY") or None,
             hot_loop=_flag(env, "TOKENQ_HOT_LOOP", False),
             webhook_allow=env.get("TOKENQ_WEBHOOK_ALLOW") or "",
+            engine_stall_s=_positive_float(env, "TOKENQ_ENGINE_STALL_S", 120.0),
         )
 
 

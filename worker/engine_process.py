@@ -33,6 +33,7 @@ from typing import Any
 
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard
+from tokenq.settings import Settings
 from worker.engine.config import ConfigError
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import (
@@ -125,9 +126,12 @@ def frame(message: tuple) -> bytes:
 # ---- the worker's side ---------------------------------------------------------------------------------
 
 class EngineProcess(EngineHandle):
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, spec: EngineSpec, stall_s: float | None = None) -> None:
         super().__init__(spec.served_name)
         self.spec = spec
+        self.stall_s = Settings.from_env().engine_stall_s if stall_s is None else stall_s
+        self._last_report = 0.0  # when the engine last reported, or was given work while it had none
+        self._stall_task: asyncio.Task | None = None
         self.info: EngineInfo | None = None
         self._proc: mp.process.BaseProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -162,10 +166,13 @@ class EngineProcess(EngineHandle):
             await self.close()
             raise
         self._admissible = self.info.admissible
+        self._stall_task = asyncio.create_task(self._watch_for_stall(), name="engine-stall-watch")
         return self.info
 
     def add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
             priority: int = 1, tenant: str = "default") -> None:
+        if not self._busy():
+            self._last_report = time.monotonic()  # the time it sat idle is no stall
         self._pending_adds += sampling.num_sequences
         self._send((_ADD, request_id, prompt_token_ids, encode_sampling(sampling), priority, tenant))
 
@@ -192,6 +199,7 @@ class EngineProcess(EngineHandle):
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == _OUT:
+            self._last_report = time.monotonic()
             _, rows, admissible, adds_applied, stats = msg
             self._received(decode_outputs(rows), admissible, adds_applied, stats)
         elif kind == _READY:
@@ -203,6 +211,30 @@ class EngineProcess(EngineHandle):
                 self._ready.set_exception(ConfigError(*setting))  # the worker says it, as a bad flag
                 return
             self._lost(f"engine failed: {error}")
+
+    def _busy(self) -> bool:
+        stats = self._stats
+        return self._pending_adds > 0 or stats.get("running", 0) + stats.get("waiting", 0) > 0
+
+    async def _watch_for_stall(self) -> None:
+        """An engine with requests in it reports after every step; none for `stall_s` is a step that does not
+        end (a rank stopped, or stuck in a collective, which waits without a timeout): the engine's process
+        group (its ranks too) is killed and the handle is dead, as for an engine that died, so that the worker
+        hands its jobs back and exits instead of holding them, renewing their leases, for good."""
+        while self.dead is not None and not self.dead.is_set():
+            await asyncio.sleep(min(1.0, self.stall_s / 4))
+            if self._busy() and time.monotonic() - self._last_report > self.stall_s:
+                self._kill_group()
+                self._lost(f"engine stalled: no report for {self.stall_s:g} s with requests in it")
+                return
+
+    def _kill_group(self) -> None:
+        if self._proc is None or self._proc.pid is None:
+            return
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)  # engine_main made its process a group's leader
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _exitcode(self) -> int | None:
         if self._proc is None:
@@ -220,8 +252,9 @@ class EngineProcess(EngineHandle):
     async def close(self, timeout: float = 30.0) -> None:
         """Asks the engine process to stop (it stops its other ranks) and waits for it; kills it after
         `timeout`. Requests still in the engine are dropped with it."""
-        if self._read_task is not None:
-            self._read_task.cancel()
+        for task in (self._read_task, self._stall_task):
+            if task is not None:
+                task.cancel()
         writer, proc = self._writer, self._proc
         if writer is not None and not writer.is_closing():
             self._send((_STOP,))
@@ -259,11 +292,11 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    from tokenq.settings import Settings
     from worker.engine.llm_engine import LLMEngine
     from worker.engine.tp_ranks import exit_with_parent
 
     configure_logging(Settings.from_env().log_level)  # a spawned process starts with structlog's defaults
+    os.setpgid(0, 0)  # a group of its own, which its ranks join: a stalled engine is killed with them
     exit_with_parent()
     try:
         started = time.monotonic()
@@ -362,6 +395,8 @@ def _serve(conn: Connection, engine, sender: ReportSender) -> None:
         if sender.pending:
             sender.flush()
         if not engine.has_unfinished_requests() and not sender.wait_idle(conn, STATS_INTERVAL_S):
+            if not engine.ranks_alive:  # found now, not by the next request's failed step
+                raise RuntimeError("a tensor-parallel rank exited while the engine was idle")
             continue  # idle: block on the pipe, never spin
         commands: list[_Add | _Abort] = []
         try:

@@ -5,6 +5,7 @@ parallelism over two gloo ranks gives the same greedy tokens as one rank."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 
@@ -105,6 +106,51 @@ async def test_a_worker_whose_engine_refuses_its_settings_exits_as_a_bad_flag_do
     assert done.returncode == EXIT_SETTINGS, done.stderr
     assert "error: --kv-cache-gb must hold one sequence of max_model_len 512" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_stalled_engine_is_killed_and_its_worker_fails_over(redis_url, redis_client, tiny_model_dir,
+                                                                     monkeypatch):
+    """An engine step that never ends (a rank stopped with SIGSTOP, or stuck in a collective, which waits
+    without a timeout): the worker held its jobs for good, renewing their leases. Now it kills the engine
+    after TOKENQ_ENGINE_STALL_S without a report and exits, its job left for another worker."""
+    monkeypatch.setenv("TOKENQ_ENGINE_STALL_S", "2")
+    job = greedy_jobs("m", [[1, 2, 3]], max_tokens=400)[0]
+    await submit_job(redis_client, job)
+    service = WorkerService(redis_url, "m", spec(tiny_model_dir, max_num_seqs=4), None, worker_id="stalls:1",
+                            block_ms=100, grace_s=1.0)
+    task = asyncio.create_task(service.run(asyncio.Event()))
+
+    async def running():
+        state = await redis_client.hget(keys.job_key(job.id), f.STATE)
+        return state == "running" and service.engine_loop is not None and service.engine_loop.pid
+
+    pid = await wait_until(running, 120)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.wait_for(task, 60)  # the worker does not hang
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert service.engine_failed and "engine stalled" in service.engine_loop.error
+    assert not os.path.exists(f"/proc/{pid}")  # killed, not left stopped
+    assert await redis_client.hget(keys.job_key(job.id), f.STATE) in ("queued", "running")
+
+
+async def test_a_rank_that_dies_while_the_engine_is_idle_ends_the_engine(tiny_model_dir):
+    """Found while idle, so the worker starts again before a request comes, instead of that request paying for
+    the failed step and the restart."""
+    from worker.engine_process import EngineProcess
+
+    handle = EngineProcess(spec(tiny_model_dir, tp=2))
+    await handle.start()
+    try:
+        children = [int(p) for p in open(f"/proc/{handle.pid}/task/{handle.pid}/children").read().split()]
+        [rank_1] = [p for p in children if "spawn_main" in open(f"/proc/{p}/cmdline").read()]  # not the tracker
+        os.kill(rank_1, signal.SIGKILL)
+        await asyncio.wait_for(handle.dead.wait(), 30)
+    finally:
+        await handle.close(timeout=5)
+    assert "engine process exited" in handle.error
 
 
 async def test_dead_engine_process_fails_over_and_worker_exits_non_zero(redis_url, redis_client, tiny_model_dir):
