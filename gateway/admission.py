@@ -22,11 +22,16 @@ def max_queue_depth_from_env() -> int:
 
 
 def check_idempotency_key(value: str | None) -> str | None:
+    """The request's key; None without one. Printable ASCII only: HTTP carries header bytes that servers read
+    as latin-1, so a UTF-8 key would be stored as other characters than the client sent (and counted in
+    bytes)."""
     if value is None:
         return None
-    if not value or len(value) > MAX_IDEMPOTENCY_KEY_CHARS or not value.isprintable():
-        raise ApiError(400, f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters",
-                       param="Idempotency-Key")
+    printable = value.isascii() and value.isprintable()
+    if not printable or not 0 < len(value) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        got = f"{len(value)} characters" if printable else "a character that is not printable ASCII"
+        raise ApiError(400, f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
+                            f"(got {got})", param="Idempotency-Key")
     return value
 
 

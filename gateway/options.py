@@ -4,6 +4,7 @@ whether a streaming client's disconnect cancels the job. Checked here, before an
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 
 from gateway.errors import ApiError
@@ -11,6 +12,10 @@ from protocol.urlguard import UnsafeURL, check_webhook_url
 from tokenq.settings import Settings
 
 MAX_AHEAD_S = 3650 * 86400  # the furthest deadline, ten years: past it a number is more likely milliseconds
+# RFC 3339's date-time (section 5.6): fromisoformat alone also takes ISO 8601's other forms
+# (20300101T000000Z, week dates) and times without a zone.
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                      r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
 
 
 def parse_deadline(deadline: float | str | None, ttl: float | None, now: float) -> float | None:
@@ -33,20 +38,24 @@ def parse_deadline(deadline: float | str | None, ttl: float | None, now: float) 
                            param="deadline")
     if at <= now:
         raise ApiError(400, f"deadline: {deadline!r} is in the past", param="deadline")
-    if not isinstance(deadline, str) and at > now + MAX_AHEAD_S:  # milliseconds (JavaScript's Date.now())?
-        raise ApiError(400, f"deadline: at most {MAX_AHEAD_S // 86400} days ahead, in epoch seconds (got "
-                            f"{deadline!r})", param="deadline")
+    if at > now + MAX_AHEAD_S:
+        unit = "" if isinstance(deadline, str) else ", in epoch seconds"  # a number: milliseconds (Date.now())?
+        raise ApiError(400, f"deadline: at most {MAX_AHEAD_S // 86400} days ahead{unit} (got {deadline!r})",
+                       param="deadline")
     return at
 
 
 def _rfc3339(text: str) -> float:
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None or "T" not in text.upper():
-        raise ApiError(400, f"deadline: must be epoch seconds or an RFC 3339 time with a zone, like "
-                            f"2030-01-01T00:00:00Z (got {text[:64]!r})", param="deadline")
+    parsed = None
+    if _RFC3339.fullmatch(text):
+        try:
+            parsed = datetime.fromisoformat(text.upper())  # a real date and time (no 02-30, no 25:00)
+        except ValueError:
+            pass
+    if parsed is None:
+        raise ApiError(400, "deadline: must be epoch seconds or an RFC 3339 date-time with a time zone, "
+                            "YYYY-MM-DDTHH:MM:SS[.frac] then Z or ±HH:MM, like 2030-01-01T00:00:00Z "
+                            f"(got {text[:64]!r})", param="deadline")
     return parsed.timestamp()
 
 

@@ -56,7 +56,9 @@ async def joined_events(streams: list[AsyncIterator[dict[str, Any] | None]], n: 
                         include_usage: bool) -> AsyncIterator[str]:
     """One OpenAI stream from each prompt's chunks (gateway/sse.completion_chunks, asked for usage), as
     they come: each chunk under one id with its choice renumbered, the usage summed into the last chunk,
-    then [DONE]. Closing it closes every prompt's stream (which cancels the unfinished jobs)."""
+    then [DONE]. A prompt's error event ends the stream, as it ends one prompt's: the other prompts' jobs
+    are cancelled, and their errors (jobs of one request often fail alike: one deadline) never sent.
+    Closing it closes every prompt's stream (which cancels the unfinished jobs)."""
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[dict[str, Any] | None]) -> None:
@@ -71,7 +73,8 @@ async def joined_events(streams: list[AsyncIterator[dict[str, Any] | None]], n: 
     usage_chunks: list[dict[str, Any]] = []
     try:
         live = len(tasks)
-        while live:
+        failed = False
+        while live and not failed:
             index, piece = await queue.get()
             if piece is _END:
                 live -= 1
@@ -79,15 +82,17 @@ async def joined_events(streams: list[AsyncIterator[dict[str, Any] | None]], n: 
                 yield KEEPALIVE
             elif "error" in piece:
                 yield data(piece)
+                failed = True
             elif not piece["choices"]:
                 usage_chunks.append(piece)
             else:
                 yield data(_renumbered(piece, index * n, completion_id, include_usage))
-        for task in tasks:
-            task.result()  # a prompt's stream that raised raises here
-        if include_usage and len(usage_chunks) == len(streams):  # every job succeeded
-            yield data({**usage_chunks[0], "id": completion_id,
-                        "usage": sum_usage([c["usage"] for c in usage_chunks])})
+        if not failed:
+            for task in tasks:
+                task.result()  # a prompt's stream that raised raises here
+            if include_usage and len(usage_chunks) == len(streams):  # every job succeeded
+                yield data({**usage_chunks[0], "id": completion_id,
+                            "usage": sum_usage([c["usage"] for c in usage_chunks])})
         yield DONE
     finally:
         for task in tasks:

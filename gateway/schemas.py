@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from gateway.tools import ToolChoice, ToolDef
 from protocol.guided import GuidedSpec
 from protocol.jobs import UNSUPPORTED, ChatMessage, Lane
-from protocol.numbers import Float, Int
+from protocol.numbers import Float, Int, Number
 from protocol.text import Text, text_up_to
 from protocol.tools import MAX_TOOLS
 from respcache.policy import CacheOption
@@ -115,8 +115,8 @@ class SamplingFields(NullMeansDefault):
 class JobOptions(NullMeansDefault):
     """tokenq's extensions on every submitting route (checked by gateway/options.py)."""
 
-    deadline: Float | Text | None = Field(default=None, description="epoch seconds or RFC 3339")
-    ttl: Float | None = Field(default=None, description="seconds from now; the job's deadline")
+    deadline: Number | Text | None = Field(default=None, description="epoch seconds or RFC 3339")
+    ttl: Number | None = Field(default=None, description="seconds from now; the job's deadline")
     run_to_completion: bool = Field(default=False, description="a client that disconnects before "
                                                                "the end does not cancel the job")
     cache: CacheOption | None = Field(default=None, description="response cache: mode exact, semantic or off "

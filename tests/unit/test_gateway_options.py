@@ -29,6 +29,8 @@ def test_ttl_and_deadline_forms():
     assert parse_deadline(NOW + 5, None, NOW) == NOW + 5
     assert parse_deadline("2030-01-01T00:00:00Z", None, NOW) == 1893456000.0
     assert parse_deadline("2030-01-01T01:00:00+01:00", None, NOW) == 1893456000.0
+    assert parse_deadline("2030-01-01t00:00:00.25z", None, NOW) == 1893456000.25  # RFC 3339 5.6's variants
+    assert parse_deadline("2030-01-01 00:00:00-00:00", None, NOW) == 1893456000.0
 
 
 @pytest.mark.parametrize(("deadline", "ttl", "param", "words"), [
@@ -37,6 +39,11 @@ def test_ttl_and_deadline_forms():
     ("2020-01-01T00:00:00Z", None, "deadline", "past"),
     ("2030-01-01T00:00:00", None, "deadline", "zone"),  # no offset: not RFC 3339
     ("2030-01-01", None, "deadline", "RFC 3339"),
+    ("20300101T000000Z", None, "deadline", "YYYY-MM-DDTHH:MM:SS"),  # ISO 8601, not RFC 3339
+    ("2030-W01-1T00:00:00Z", None, "deadline", "YYYY-MM-DDTHH:MM:SS"),
+    ("2030-02-30T00:00:00Z", None, "deadline", "RFC 3339"),
+    ("2030-01-01T00:00:00+24:00", None, "deadline", "RFC 3339"),
+    ("9999-12-31T23:59:59Z", None, "deadline", "at most 3650 days"),  # the same limit as a number's
     ("soon", None, "deadline", "RFC 3339"),
     (math.inf, None, "deadline", "epoch"),
     (None, 0, "ttl", "positive"),
@@ -82,16 +89,20 @@ def test_keys_and_secrets():
 def test_idempotency_key_shape():
     assert check_idempotency_key(None) is None
     assert check_idempotency_key("order-1") == "order-1"
-    for bad in ("", "x" * 256, "a\nb"):
+    for bad in ("", "x" * 256, "a\nb", "é", "ключ", "Ã©"):  # "Ã©": é's UTF-8 bytes read as latin-1
         with pytest.raises(ApiError) as e:
             check_idempotency_key(bad)
-        assert e.value.param == "Idempotency-Key"
+        assert e.value.param == "Idempotency-Key" and "printable ASCII" in e.value.message
 
 
 def test_job_options_on_every_route():
     chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                                  "ttl": 5, "run_to_completion": True})
     assert chat.ttl == 5 and chat.run_to_completion
+    for ttl in ("5", True):  # JSON numbers only, as `deadline`: a string is not read as seconds
+        with pytest.raises(ValidationError) as e:
+            JobCreate.model_validate({"model": "m", "prompt": "x", "ttl": ttl})
+        assert e.value.errors()[0]["loc"] == ("ttl",)
     job = JobCreate.model_validate({"model": "m", "prompt": "x", "deadline": "2030-01-01T00:00:00Z",
                                     "webhook_url": "https://e.example/h"})
     assert job.deadline == "2030-01-01T00:00:00Z" and job.webhook_url == "https://e.example/h"
