@@ -63,6 +63,22 @@ def greedy_jobs(model: str, prompts: list[list[int]], max_tokens: int) -> list[J
             for p in prompts]
 
 
+async def _running_a_long_job(redis_url, redis_client, model_dir, worker_id: str):
+    """A worker (its engine in a process) running one long greedy job: the service, its task, the job and the
+    engine process's pid."""
+    job = greedy_jobs("m", [[1, 2, 3]], max_tokens=400)[0]
+    await submit_job(redis_client, job)
+    service = WorkerService(redis_url, "m", spec(model_dir, max_num_seqs=4), None, worker_id=worker_id,
+                            block_ms=100, grace_s=1.0)
+    task = asyncio.create_task(service.run(asyncio.Event()))
+
+    async def running():
+        state = await redis_client.hget(keys.job_key(job.id), f.STATE)
+        return state == "running" and service.engine_loop is not None and service.engine_loop.pid
+
+    return service, task, job, await wait_until(running, 120)
+
+
 async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # put back afterwards
     ids = [5, 17, 99, 3]
@@ -114,17 +130,7 @@ async def test_a_stalled_engine_is_killed_and_its_worker_fails_over(redis_url, r
     without a timeout): the worker held its jobs for good, renewing their leases. Now it kills the engine
     after TOKENQ_ENGINE_STALL_S without a report and exits, its job left for another worker."""
     monkeypatch.setenv("TOKENQ_ENGINE_STALL_S", "2")
-    job = greedy_jobs("m", [[1, 2, 3]], max_tokens=400)[0]
-    await submit_job(redis_client, job)
-    service = WorkerService(redis_url, "m", spec(tiny_model_dir, max_num_seqs=4), None, worker_id="stalls:1",
-                            block_ms=100, grace_s=1.0)
-    task = asyncio.create_task(service.run(asyncio.Event()))
-
-    async def running():
-        state = await redis_client.hget(keys.job_key(job.id), f.STATE)
-        return state == "running" and service.engine_loop is not None and service.engine_loop.pid
-
-    pid = await wait_until(running, 120)
+    service, task, job, pid = await _running_a_long_job(redis_url, redis_client, tiny_model_dir, "stalls:1")
     os.kill(pid, signal.SIGSTOP)
     try:
         await asyncio.wait_for(task, 60)  # the worker does not hang
@@ -154,17 +160,7 @@ async def test_a_rank_that_dies_while_the_engine_is_idle_ends_the_engine(tiny_mo
 
 
 async def test_dead_engine_process_fails_over_and_worker_exits_non_zero(redis_url, redis_client, tiny_model_dir):
-    job = greedy_jobs("m", [[1, 2, 3]], max_tokens=400)[0]
-    await submit_job(redis_client, job)
-    service = WorkerService(redis_url, "m", spec(tiny_model_dir, max_num_seqs=4), None, worker_id="dies:1",
-                            block_ms=100, grace_s=1.0)
-    task = asyncio.create_task(service.run(asyncio.Event()))
-
-    async def running():
-        state = await redis_client.hget(keys.job_key(job.id), f.STATE)
-        return state == "running" and service.engine_loop is not None and service.engine_loop.pid
-
-    pid = await wait_until(running, 120)
+    service, task, job, pid = await _running_a_long_job(redis_url, redis_client, tiny_model_dir, "dies:1")
     os.kill(pid, signal.SIGKILL)
     await asyncio.wait_for(task, 60)  # the worker does not hang
     assert service.engine_failed
