@@ -90,8 +90,8 @@ class GatewayMetrics:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 await self.observe_backlog(redis, registry)
-        except Exception:  # Redis away or not answering: the HTTP metrics still answer; the gauges keep their last
-            pass  # values
+        except Exception:  # noqa: BLE001 - Redis away or silent: the HTTP metrics still answer, the gauges as they were
+            pass
         body = self._own() + await self.peers.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

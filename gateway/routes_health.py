@@ -77,20 +77,15 @@ async def readyz(ctx: GatewayContext = Depends(get_ctx)) -> Response:
     """Anyone may ask, so the answer is a status and a short reason code: the Redis address and its
     error text go to the log only."""
     try:
-        # A write, not a PING: a Redis at maxmemory answers PING and refuses every job.
         async with asyncio.timeout(PROBE_TIMEOUT_S):
+            # A write, not a PING: a Redis at maxmemory answers PING and refuses every job.
             await ctx.redis.set(READY_PROBE, "1", ex=60)
+            # Not a worker: jobs of a model that workers have served wait in the queue while none is live.
+            workers = await ctx.registry.live_workers()
     except Exception as e:  # any failure to reach Redis (a timeout too) means: not ready
         if is_redis_oom(e):  # maxmemory reached: jobs are refused until memory is freed
             log.warning("not ready: redis out of memory", error=repr(e))
             return JSONResponse({"status": "not ready", "reason": "redis_oom"}, status_code=503)
-        log.warning("not ready: redis unavailable", error=repr(e))
-        return JSONResponse({"status": "not ready", "reason": "redis_unavailable"}, status_code=503)
-    # Not a worker: jobs of a model that workers have served wait in the queue while none is live.
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_S):
-            workers = await ctx.registry.live_workers()
-    except Exception as e:  # Redis went away between the two reads
         log.warning("not ready: redis unavailable", error=repr(e))
         return JSONResponse({"status": "not ready", "reason": "redis_unavailable"}, status_code=503)
     return JSONResponse({"status": "ready", "workers": len(workers),
