@@ -43,13 +43,14 @@ def served_tokens(default_model_dir, home, tp: int) -> list[list[str]]:
     link = home / "models" / default_model_dir.name
     if not link.exists():
         link.symlink_to(default_model_dir)
-    port = free_port()
+    port, worker_metrics, webhooks_metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "TOKENQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("TOKENQ_REDIS_URL", None)
     log_path = home / f"up-tp{tp}.log"
     with open(log_path, "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port), "--kv-cache-gb", "0.5",
-                                 "--tensor-parallel-size", str(tp)], env=env, stdout=log,
+                                 "--tensor-parallel-size", str(tp), "--worker-metrics-port", str(worker_metrics),
+                                 "--webhooks-metrics-port", str(webhooks_metrics)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
