@@ -6,6 +6,9 @@ same counters and concurrent requests cannot pass a limit between a check and it
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+
+from fastapi import Header, Request
 
 from gateway.auth import Tenant
 from gateway.errors import ApiError
@@ -21,8 +24,16 @@ def max_queue_depth_from_env() -> int:
     return Settings.from_env().max_queue_depth
 
 
+def idempotency_key_of(sent: Sequence[str]) -> str | None:
+    """The request's key, from every Idempotency-Key header it sent (the fast path and the routes alike);
+    None without one. One header only: of two, which one the client's retry repeats is a guess."""
+    if len(sent) > 1:
+        raise ApiError(400, f"Idempotency-Key: send one header, got {len(sent)}", param="Idempotency-Key")
+    return check_idempotency_key(sent[0] if sent else None)
+
+
 def check_idempotency_key(value: str | None) -> str | None:
-    """The request's key; None without one. Printable ASCII only: HTTP carries header bytes that servers read
+    """The key's shape; None without one. Printable ASCII only: HTTP carries header bytes that servers read
     as latin-1, so a UTF-8 key would be stored as other characters than the client sent (and counted in
     bytes)."""
     if value is None:
@@ -33,6 +44,13 @@ def check_idempotency_key(value: str | None) -> str | None:
         raise ApiError(400, f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
                             f"(got {got})", param="Idempotency-Key")
     return value
+
+
+async def idempotency_key(request: Request,
+                          documented: str | None = Header(default=None, alias="Idempotency-Key")) -> str | None:
+    """The FastAPI routes' key: `documented` puts the header in the OpenAPI spec, the check reads every copy
+    of it (Header keeps the first)."""
+    return idempotency_key_of(request.headers.getlist("idempotency-key"))
 
 
 def limits_of(tenant: Tenant, max_depth: int) -> Limits:

@@ -36,7 +36,7 @@ class GatewayContext:
     def build(cls, redis: AnyRedis, metrics: GatewayMetrics, max_queue_depth: int,
               library_path: bool = False) -> GatewayContext:
         pipe = RedisPipe(redis, RETRIES, CONNECT_TIMEOUT_S, library=library_path)
-        store = JobStore(redis, scripts=None if is_cluster(redis) else pipe)
+        store = JobStore(redis, scripts=None if is_cluster(redis) else pipe, on_ended=metrics.job_ended)
         return cls(redis=redis, pipe=pipe, store=store, registry=Registry(redis), metrics=metrics,
                    auth=Authenticator(redis), canceller=Canceller(store), max_queue_depth=max_queue_depth,
                    hub=event_hub(redis),

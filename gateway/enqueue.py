@@ -121,7 +121,7 @@ async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, ask
     (evicted), the key is released so that the client's next retry goes through. A key first used for a
     chat and now for a completion (or back) is refused: the route could not answer with that job."""
     bind_job(job_id)
-    record = await read_job(ctx.redis, job_id)
+    record = await read_job(ctx.store, job_id)
     if record is not None and record.get(F.PAYLOAD):
         payload = JobPayload.model_validate_json(record[F.PAYLOAD])
         if payload.kind != asked.kind:

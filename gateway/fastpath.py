@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import routes_openai
 from gateway.access_log import CLIENT_CLOSED
-from gateway.admission import check_idempotency_key
+from gateway.admission import idempotency_key_of
 from gateway.context import GatewayContext
 from gateway.enqueue import enqueue, job_created_body
 from gateway.errors import error_response, exception_response
@@ -68,7 +68,8 @@ class FastSubmit:
                 counter.inc()
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, start: float) -> int:
-        length = content_type = authorization = idempotency_key = None
+        length = content_type = authorization = None
+        idempotency_keys: list[bytes] = []  # every one: admission refuses two
         for name, value in scope["headers"]:  # the first of repeated headers, as Starlette's Headers.get
             if name == b"content-length":
                 length = value if length is None else length
@@ -77,7 +78,7 @@ class FastSubmit:
             elif name == b"authorization":
                 authorization = value if authorization is None else authorization
             elif name == b"idempotency-key":
-                idempotency_key = value if idempotency_key is None else idempotency_key
+                idempotency_keys.append(value)
         body = await self._read_body(length, receive)
         if body is None:  # the client left: counted as MetricsMiddleware counts it
             return CLIENT_CLOSED
@@ -93,7 +94,7 @@ class FastSubmit:
         try:
             ctx = self.ctx()
             tenant = await ctx.auth.authenticate(authorization.decode("latin-1") if authorization else None)
-            key = check_idempotency_key(idempotency_key.decode("latin-1") if idempotency_key is not None else None)
+            key = idempotency_key_of([k.decode("latin-1") for k in idempotency_keys])
             if not isinstance(request, JobCreate):  # an OpenAI route: its own response (a stream, or JSON)
                 response = await routes_openai.answer(ctx, tenant, request, key)  # type: ignore[arg-type]
                 return await self._answer(response, scope, receive, send, start)

@@ -22,9 +22,10 @@ RECHECK_S = 2.0  # a waiter re-reads the hash this often, in case a pub/sub mess
 RECONNECT_FOR_S = 60.0  # a follower that lost Redis keeps trying this long before it gives up
 
 
-async def read_job(redis: aioredis.Redis, job_id: str) -> dict[str, str] | None:
-    """The job's record (its text included), its deadline applied first when it has passed."""
-    return await JobStore(redis).read_current(job_id)
+async def read_job(store: JobStore, job_id: str) -> dict[str, str] | None:
+    """The job's record (its text included), its deadline applied first when it has passed: through the
+    gateway's store, whose `on_ended` counts a job that this read expired."""
+    return await store.read_current(job_id)
 
 
 @dataclass(frozen=True)

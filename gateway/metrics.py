@@ -35,6 +35,8 @@ from gateway.backlog import StreamBacklog, lanes, read_backlog
 from gateway.flight import TtlCache
 from gateway.metrics_peers import PeerMetrics
 from gateway.redis_client import PROBE_TIMEOUT_S
+from jobstore import JobRef
+from protocol.jobs import JobState
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: set, every metric lives in files there
 BACKLOG_CACHE_S = 2.0  # several Prometheus servers scraping cost one read
@@ -54,6 +56,10 @@ class GatewayMetrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.jobs_enqueued = Counter("tokenq_gateway_jobs_enqueued", "jobs placed on a lane",
                                      ["model", "lane"], registry=self.registry)
+        # Jobs the gateway itself moved to their final state (reason: `cancelled`, `expired`), which no worker
+        # counts: jobstore's scripts tell which call ended a job, so each counts once over every gateway.
+        self.jobs_ended = Counter("tokenq_gateway_jobs_ended", "jobs the gateway ended itself (a queued job "
+                                  "cancelled, a job past its deadline)", ["model", "reason"], registry=self.registry)
         # The response caches call these on each lookup: kind is "exact" or "semantic".
         self.cache_lookups = Counter("tokenq_gateway_cache_lookups", "response-cache lookups by kind",
                                      ["kind"], registry=self.registry)
@@ -69,6 +75,10 @@ class GatewayMetrics:
         self.registry.register(self.backlog)
         self._backlog_cache = TtlCache(max_entries=1)
         self._lanes_cache = TtlCache(max_entries=1)
+
+    def job_ended(self, ref: JobRef, state: JobState) -> None:
+        """The job store's `on_ended`: one job the gateway ended."""
+        self.jobs_ended.labels(ref.model, state.value).inc()
 
     async def observe_backlog(self, redis, registry) -> None:
         """Set the lane and worker gauges from Redis (at most once per BACKLOG_CACHE_S)."""

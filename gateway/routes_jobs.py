@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse, Response
 
 from gateway import responses
-from gateway.admission import check_idempotency_key
+from gateway.admission import idempotency_key
 from gateway.context import Caller, get_caller
 from gateway.enqueue import enqueue, job_created_body
 from gateway.errors import ApiError
@@ -22,9 +22,8 @@ router = APIRouter()
 
 @router.post("/v1/jobs", status_code=202)
 async def create_job(body: JobCreate, caller: Caller = Depends(get_caller),
-                     idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Response:
-    job = await enqueue(caller.ctx, caller.tenant, body, body.priority, body.stream, body.metadata,
-                        check_idempotency_key(idempotency_key))
+                     key: str | None = Depends(idempotency_key)) -> Response:
+    job = await enqueue(caller.ctx, caller.tenant, body, body.priority, body.stream, body.metadata, key)
     headers = {**({"Idempotent-Replayed": "true"} if job.repeat else {}), **job.cache_headers} or None
     return JSONResponse(status_code=202, content=job_created_body(job, body.metadata), headers=headers)
 
@@ -41,7 +40,7 @@ async def cancel_job(job_id: str, caller: Caller = Depends(get_caller)) -> dict:
     record = await _owned(caller, job_id)
     ctx = caller.ctx
     await ctx.canceller.cancel(JobRef.of_record(job_id, record))
-    record = await read_job(ctx.redis, job_id) or record
+    record = await read_job(ctx.store, job_id) or record
     return responses.job_object(job_id, record)
 
 
@@ -68,7 +67,7 @@ async def get_job_events(job_id: str, caller: Caller = Depends(get_caller),
 async def _owned(caller: Caller, job_id: str) -> dict[str, str]:
     """The job's record when it exists and belongs to the caller's tenant, its deadline applied (a job
     past it reads `expired`); else 404 (not 403: another tenant's job ids are not confirmed to exist)."""
-    record = await read_job(caller.ctx.redis, job_id)
+    record = await read_job(caller.ctx.store, job_id)
     if record is None or record.get(F.TENANT, "default") != caller.tenant.name:
         raise _not_found(job_id)
     return record

@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from gateway import responses
-from gateway.admission import check_idempotency_key, limits_of, prompts_too_many
+from gateway.admission import idempotency_key, limits_of, prompts_too_many
 from gateway.auth import Tenant
 from gateway.context import Caller, GatewayContext, get_caller
 from gateway.enqueue import Enqueued, enqueue, submit
@@ -42,15 +42,14 @@ _watchdogs: set[asyncio.Task] = set()  # the streams' no-worker timers, held unt
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, caller: Caller = Depends(get_caller),
-                           idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")
-                           ) -> Response:
-    return await answer(caller.ctx, caller.tenant, body, check_idempotency_key(idempotency_key))
+                           key: str | None = Depends(idempotency_key)) -> Response:
+    return await answer(caller.ctx, caller.tenant, body, key)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, caller: Caller = Depends(get_caller),
-                      idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Response:
-    return await answer(caller.ctx, caller.tenant, body, check_idempotency_key(idempotency_key))
+                      key: str | None = Depends(idempotency_key)) -> Response:
+    return await answer(caller.ctx, caller.tenant, body, key)
 
 
 async def answer(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest,

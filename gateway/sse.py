@@ -342,7 +342,8 @@ async def job_events(redis: aioredis.Redis, job_id: str, resume: list[tuple[int,
     resuming from a bare offset cannot be checked (checked_resume): the reader drops the text it has, and
     the deltas start again at offset 0."""
     keepalive = _KeepAlive()
-    checked = await checked_resume(store or JobStore(redis), job_id, resume)
+    store = store or JobStore(redis)
+    checked = await checked_resume(store, job_id, resume)
     if checked is None:
         checked = [(0, 0)] * len(resume)
         yield restart_event(len(resume), unchecked_error(job_id))
@@ -363,7 +364,7 @@ async def job_events(redis: aioredis.Redis, job_id: str, resume: list[tuple[int,
                 body = json.dumps(fields, ensure_ascii=False)
                 yield f"id: {event_id(offsets, digests)}\nevent: delta\ndata: {body}\n\n"
             elif isinstance(item, Final):
-                record = await read_job(redis, job_id)
+                record = await read_job(store, job_id)
                 job = responses.job_object(job_id, record) if record else {"id": job_id, "status": item.state.value}
                 name = "done" if item.state == JobState.succeeded else item.state.value
                 yield f"id: {event_id(offsets, digests)}\nevent: {name}\ndata: {json.dumps(job, ensure_ascii=False)}\n\n"

@@ -368,32 +368,33 @@ return written
 """)
 
 # KEYS: FINISH_KEYS, 7 the job's stream. ARGV: job id, now, grace seconds for running jobs, retention,
-# error JSON for a queued job, error JSON for a running one. Returns the job's state after ('' when gone).
+# error JSON for a queued job, error JSON for a running one. Returns {the job's state after ('' when gone),
+# 1 when this call ended it}: a job already `expired` reads the same, and only one caller may count it.
 # A queued job past its deadline ends `expired` and its entry is dropped. A running one gets `grace` more
 # for its worker to stop it and write its partial result; past that (its worker is gone or stuck) it ends
 # `expired` here with the text streamed so far as its result.
 EXPIRE = Script(_FINISH_FN + _DROP_ENTRY_FN + _PARTIAL_RESULT_FN + f"""
 local state = redis.call('HGET', KEYS[1], '{f.STATE}')
-if not state then return '' end
-if FINAL[state] then return state end
+if not state then return {{'', 0}} end
+if FINAL[state] then return {{state, 0}} end
 local deadline = tonumber(redis.call('HGET', KEYS[1], '{f.DEADLINE}') or '')
 local now = tonumber(ARGV[2])
 if not deadline then
   redis.call('ZREM', KEYS[6], ARGV[1])
-  return state
+  return {{state, 0}}
 end
 if state == 'queued' and now >= deadline then
   local entry = redis.call('HGET', KEYS[1], '{f.ENTRY_ID}')
   finish(job_keys(1), ARGV[1], 'expired', '', ARGV[5], ARGV[2], '', tonumber(ARGV[4]))
   drop_entry(KEYS[7], entry)
-  return 'expired'
+  return {{'expired', 1}}
 end
 if state == 'running' and now >= deadline + tonumber(ARGV[3]) then
   local result = partial_result(KEYS[1], KEYS[2])
   finish(job_keys(1), ARGV[1], 'expired', result, ARGV[6], ARGV[2], '', tonumber(ARGV[4]))
-  return 'expired'
+  return {{'expired', 1}}
 end
-return state
+return {{state, 0}}
 """)
 
 # KEYS: the streams to sweep. ARGV: group, consumer, min idle ms, most entries to claim.

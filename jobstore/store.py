@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
@@ -123,12 +123,16 @@ class FinalWrite:
 class JobStore:
     """`redis` is a redis-py client (decode_responses=True); `scripts`, when given, sends the hot single
     script calls instead, the submission's, a step's deltas' and a follower's snapshot (a process's shared
-    pipelined connection, jobstore/pipe.py)."""
+    pipelined connection, jobstore/pipe.py). `on_ended`, when given, hears of each job that this store's
+    `cancel` or `expire` moved to its final state (the gateway counts them): the scripts say whether the
+    call ended the job, so a job is heard of once however many gateways race for it."""
 
-    def __init__(self, redis: AnyRedis, scripts: ScriptClient | None = None) -> None:
+    def __init__(self, redis: AnyRedis, scripts: ScriptClient | None = None,
+                 on_ended: Callable[[JobRef, JobState], None] | None = None) -> None:
         self.redis = redis
         self.cluster = is_cluster(redis)
         self._scripts: AnyRedis | ScriptClient = scripts if scripts is not None else redis
+        self._on_ended = on_ended
 
     # -- submission --------------------------------------------------------------------------------------
 
@@ -325,19 +329,25 @@ class JobStore:
 
     async def cancel(self, ref: JobRef, only_queued: bool = False, error: JobError = CANCELLED) -> str:
         """Cancel a job (with `only_queued`, only if no worker has started it), recording `error`; returns
-        the state it was in ('' when it is gone)."""
-        return await runner.run(self.redis, s.CANCEL, [*ref.finish_keys(), ref.stream],
-                                [ref.id, error.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
-                                 keys.control_channel(ref.model), json.dumps({"cancel": ref.id}),
-                                 "1" if only_queued else "0"])
+        the state it was in ('' when it is gone). Only a queued job ends here; a running one its worker ends."""
+        was = await runner.run(self.redis, s.CANCEL, [*ref.finish_keys(), ref.stream],
+                               [ref.id, error.model_dump_json(), repr(time.time()), F.RETENTION_SECONDS,
+                                keys.control_channel(ref.model), json.dumps({"cancel": ref.id}),
+                                "1" if only_queued else "0"])
+        if was == JobState.queued.value and self._on_ended is not None:
+            self._on_ended(ref, JobState.cancelled)
+        return was
 
     async def expire(self, ref: JobRef, now: float | None = None, grace_s: float = EXPIRE_RUNNING_GRACE_S) -> str:
         """Apply the job's deadline: its state after ('' when gone)."""
         now = time.time() if now is None else now
-        return await runner.run(self.redis, s.EXPIRE, [*ref.finish_keys(), ref.stream],
-                                [ref.id, repr(now), grace_s, F.RETENTION_SECONDS,
-                                 DEADLINE_EXCEEDED_QUEUED.model_dump_json(),
-                                 DEADLINE_EXCEEDED_RUNNING.model_dump_json()])
+        state, ended = await runner.run(self.redis, s.EXPIRE, [*ref.finish_keys(), ref.stream],
+                                        [ref.id, repr(now), grace_s, F.RETENTION_SECONDS,
+                                         DEADLINE_EXCEEDED_QUEUED.model_dump_json(),
+                                         DEADLINE_EXCEEDED_RUNNING.model_dump_json()])
+        if int(ended) and self._on_ended is not None:
+            self._on_ended(ref, JobState.expired)
+        return state
 
     async def expire_due(self, now: float | None = None, limit: int = 500,
                          grace_s: float = EXPIRE_RUNNING_GRACE_S) -> int:

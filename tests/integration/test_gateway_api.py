@@ -12,12 +12,14 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from jobstore import JobRef
 from protocol import job_record as F
 from protocol import keys
 from protocol.jobs import JobPayload
 from tests.asserts import assert_error
 from tests.fakes import lane_streams
 from tests.integration.fake_worker import MODEL, FakeWorker
+from tests.integration.test_gateway_tenants import IDLE_WORKER, PROMPT, idle_worker_again
 
 # Every test here runs on one redis-server and on a three-node cluster (tests/conftest.py).
 pytestmark = pytest.mark.both_redis
@@ -200,6 +202,39 @@ async def test_metrics_and_openapi(client, worker):
     spec = (await client.get("/openapi.json")).json()
     assert "/v1/chat/completions" in spec["paths"] and "/v1/jobs/{job_id}/events" in spec["paths"]
 
+
+
+def jobs_ended(text: str, reason: str) -> float:
+    """tokenq_gateway_jobs_ended_total of MODEL for `reason` in a scrape (0 when the series is absent)."""
+    found = re.search(rf'^tokenq_gateway_jobs_ended_total{{model="{re.escape(MODEL)}",reason="{reason}"}} (\S+)$',
+                      text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_jobs_the_gateway_ends_count_once_by_reason(app, client, redis_client):
+    """Jobs the gateway ended itself (a queued job cancelled, a job past its deadline) counted in no metric.
+    Each counts once, however often it is cancelled or read after, and however many reads race the sweep;
+    a running job's cancel is its worker's to carry out, and counts here only when its deadline ends it."""
+    await idle_worker_again(redis_client)  # live and serving MODEL, takes nothing: jobs stay queued
+    queued = (await client.post("/v1/jobs", json=PROMPT)).json()["id"]
+    for _ in range(2):  # the second finds it final
+        assert (await client.delete(f"/v1/jobs/{queued}")).json()["status"] == "cancelled"
+    late = (await client.post("/v1/jobs", json={**PROMPT, "ttl": 0.2})).json()["id"]
+    running = (await client.post("/v1/jobs", json={**PROMPT, "ttl": 0.2})).json()["id"]
+    await app.state.ctx.store.start([running], time.time(), IDLE_WORKER)
+    assert (await client.delete(f"/v1/jobs/{running}")).json()["status"] == "running"  # asked of its worker
+    await asyncio.sleep(0.3)
+    reads = await asyncio.gather(*(client.get(f"/v1/jobs/{late}") for _ in range(5)))  # and the sweep
+    assert {r.json()["status"] for r in reads} == {"expired"}
+    record = await redis_client.hgetall(keys.job_key(late))  # a sweep that lost the race reads it expired
+    assert await app.state.ctx.store.expire(JobRef.of_record(late, record)) == "expired"
+    text = (await client.get("/metrics")).text
+    assert (jobs_ended(text, "cancelled"), jobs_ended(text, "expired")) == (1.0, 1.0)
+    deadline = time.time() + 10  # the running job: past its deadline and the grace its worker has
+    while (await client.get(f"/v1/jobs/{running}")).json()["status"] != "expired" and time.time() < deadline:
+        await asyncio.sleep(0.1)
+    text = (await client.get("/metrics")).text
+    assert (jobs_ended(text, "cancelled"), jobs_ended(text, "expired")) == (1.0, 2.0)
 
 # --- bad input: an OpenAI error body, the right status, and nothing enqueued ---------------------------
 

@@ -75,6 +75,17 @@ async def test_idempotency_key_of_255_ascii_characters(client):
     assert "(got 256 characters)" in err["message"]
 
 
+async def test_two_idempotency_keys_are_a_400_on_every_route(client):
+    """Of two Idempotency-Key headers the first was used, silently: a retry that repeated the other one got
+    another job. Both paths, the fast one and FastAPI's routes, answer alike."""
+    chat = {"model": PROMPT["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for route, body in (("/v1/jobs", PROMPT), ("/v1/completions", PROMPT), ("/v1/chat/completions", chat)):
+        r = await client.post(route, json={**body, "ttl": 0.5},  # a completion let through waits that long
+                              headers=[(b"Idempotency-Key", b"a"), (b"idempotency-key", b"b")])
+        err = assert_error(r, 400, "Idempotency-Key")
+        assert err["message"] == "Idempotency-Key: send one header, got 2", route
+
+
 async def test_a_stream_of_prompts_that_all_expire_ends_with_one_error(client):
     """Both jobs wait behind a worker that takes nothing and expire by the gateway's sweep."""
     r = await client.post("/v1/completions", json={**PROMPT, "prompt": ["a", "b"], "ttl": 0.5, "stream": True})
