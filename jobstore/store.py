@@ -3,7 +3,6 @@ Every write to a job goes through here; callers never name a script or a key lis
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +17,7 @@ from jobstore.runner import ScriptClient
 from protocol import choice_text, keys
 from protocol import job_record as F
 from protocol.jobs import JobError, JobPayload, JobState
+from protocol.outage import is_redis_oom
 
 IDEMPOTENCY_TTL_S = 86400
 RATE_WINDOW_S = 60
@@ -222,15 +222,11 @@ class JobStore:
     # -- reads -------------------------------------------------------------------------------------------
 
     async def read(self, job_id: str) -> dict[str, str] | None:
-        """The job's hash with its streamed text under F.TEXT (one MULTI), or None when it is gone."""
-        if self.cluster:  # no MULTI on a cluster: one script reads both keys (one slot) at one instant
-            flat, text = await runner.run(self.redis, s.READ, [keys.job_key(job_id), keys.job_text_key(job_id)], [])
-            record = dict(zip(flat[::2], flat[1::2], strict=True))
-        else:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hgetall(keys.job_key(job_id))
-            pipe.get(keys.job_text_key(job_id))
-            record, text = await pipe.execute()
+        """The job's hash with its streamed text under F.TEXT, or None when it is gone: one script reads both
+        keys (one slot) at one instant, on a cluster too, and while Redis is full (Redis 7 refuses every
+        command queued in a MULTI then, reads included)."""
+        flat, text = await runner.run(self.redis, s.READ, [keys.job_key(job_id), keys.job_text_key(job_id)], [])
+        record = dict(zip(flat[::2], flat[1::2], strict=True))
         if not record:
             return None
         if text:
@@ -289,8 +285,11 @@ class JobStore:
             # Deltas alone (every step of a stream but its last) are one script, atomic by itself: a bare
             # EVALSHA, not MULTI/EVALSHA/EXEC through a pipeline, on each token's way to its reader.
             if rows:
-                with contextlib.suppress(ResponseError):  # as in the MULTI: a failed append is not raised
+                try:
                     await runner.run(self._scripts, s.APPEND_DELTAS, delta_keys, [rows_json])
+                except ResponseError as e:  # as in the MULTI: a failed append is not raised, but a full
+                    if is_redis_oom(e):     # Redis is (the caller retries: the script skips rows it has)
+                        raise
             return []
 
         def fill(pipe) -> None:

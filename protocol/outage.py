@@ -12,7 +12,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import AuthenticationError, BusyLoadingError, ClusterDownError, TryAgainError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    OutOfMemoryError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -26,6 +33,14 @@ REDIS_DOWN = (*REDIS_AWAY, OSError)
 T = TypeVar("T")
 
 
+def is_redis_oom(exc: BaseException) -> bool:
+    """Redis refused a write: maxmemory is reached and nothing can be evicted (a script's write refused
+    mid-run comes back as a plain error whose text says so). Reads still work; a loop whose write is refused
+    backs off and retries, as in an outage, for freeing memory cures it."""
+    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and "OOM command not allowed"
+                                                 in str(exc))
+
+
 class Outage:
     """`lost(error)` on each failure returns how long to wait before the next attempt; `restored()` on
     the first success after it. `log` is a structlog logger; `what` names the loop in both lines."""
@@ -37,23 +52,26 @@ class Outage:
         self.cap_s = cap_s
         self.since: float | None = None
         self._delay = base_s
-        self._refused = False  # whether the latest failure was a refused password
+        self._refused = ""  # what refused the latest attempt: "password", "oom" (Redis full), or "" (an outage)
 
     @property
     def ongoing(self) -> bool:
         return self.since is not None
 
     def lost(self, error: BaseException) -> float:
-        refused = isinstance(error, AuthenticationError)
+        refused = "password" if isinstance(error, AuthenticationError) else "oom" if is_redis_oom(error) else ""
         if self.since is None:
             self.since = time.monotonic()
             self._delay = self.base_s
         elif refused == self._refused:
             return self._next_delay()
         self._refused = refused
-        if refused:
+        if refused == "password":
             self.log.error("redis refused the password; retrying with back-off (the URL's password is wrong "
                            "or was changed)", loop=self.what, error=repr(error))
+        elif refused == "oom":
+            self.log.error("redis is out of memory and refuses writes; retrying with back-off (raise its "
+                           "maxmemory or free memory)", loop=self.what, error=repr(error))
         else:
             self.log.warning("redis unreachable; retrying with back-off", loop=self.what, error=repr(error))
         return self._next_delay()
@@ -70,7 +88,8 @@ class Outage:
 
     def restored(self) -> None:
         if self.since is not None:
-            self.log.info("redis reachable again", loop=self.what, down_s=round(time.monotonic() - self.since, 1))
+            event = "redis accepts writes again" if self._refused == "oom" else "redis reachable again"
+            self.log.info(event, loop=self.what, down_s=round(time.monotonic() - self.since, 1))
             self.since = None
 
 

@@ -25,7 +25,7 @@ from protocol import choice_text, keys
 from protocol import job_record as f
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, Choice, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
-from protocol.outage import REDIS_DOWN, Outage
+from protocol.outage import REDIS_DOWN, Outage, is_redis_oom
 from respcache import store as respcache_store
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
@@ -300,15 +300,18 @@ class Publisher:
                 log.exception("publishing failed", error=repr(e))
 
     async def _retrying(self, fn, *args):
-        """fn's result, retried with backoff while Redis is unreachable (a restart, a network blip), so that
-        a job that ran meanwhile still gets its final write; None once stopped (entries stay pending)."""
+        """fn's result, retried with backoff while Redis is unreachable (a restart, a network blip) or full
+        (maxmemory reached: writes refused until memory is freed), so that a job that ran meanwhile still
+        gets its deltas and its final write; None once stopped (entries stay pending)."""
         outage = Outage(log, "publisher", cap_s=2.0)
         while True:
             try:
                 result = await fn(*args)
                 outage.restored()
                 return result
-            except _RETRYABLE as e:
+            except Exception as e:
+                if not (isinstance(e, _RETRYABLE) or is_redis_oom(e)):
+                    raise
                 if self.stopped:
                     log.error("redis unavailable and stopping: giving up on this write (entries stay pending)")
                     return None

@@ -202,9 +202,13 @@ def test_redis_out_of_memory_is_503_and_not_ready(restartable, default_model_dir
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     with GatewayThread(restartable.url) as base, httpx.Client(base_url=base, timeout=30) as c:
         assert c.get("/readyz").status_code == 200
+        job_id = c.post("/v1/jobs", json=body).json()["id"]
         r.config_set("maxmemory-policy", "noeviction")
         r.config_set("maxmemory", "1")  # far below what it uses: every write is refused with OOM
         try:
+            # Reads go on: a job reads as it is (a MULTI read was refused whole), an unknown one is a 404.
+            assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+            assert c.get(f"/v1/jobs/{job_id[:-4]}beef").status_code == 404
             for path, sent in (("/v1/jobs", body), ("/v1/completions", body), ("/v1/chat/completions", chat),
                                ("/v1/completions", {**body, "stream": True})):
                 resp = c.post(path, json=sent)

@@ -313,3 +313,33 @@ async def test_intake_cancelled_before_the_start_script_answers_withdraws_the_jo
         assert (await r.hgetall(keys.job_key(p.id)))[f.STATE] == "queued"  # no start script
         pending = await r.xpending(keys.jobs_stream(MODEL, "default", "default"), keys.GROUP)
         assert pending["pending"] == 1
+
+
+@pytest.mark.parametrize("on_pipe", [True, False], ids=["worker-pipe", "redis-py"])
+async def test_writes_refused_by_a_full_redis_wait_for_memory_and_lose_nothing(redis_client, on_pipe):
+    """A full Redis (maxmemory, noeviction) refuses every write. The step's deltas were dropped silently and
+    a final write logged and lost, so the job's text lost tokens and it ran again after its lease; now the
+    publisher holds the step and retries, as in an outage, and the job ends once, whole."""
+    from jobstore.pipe import RedisPipe
+
+    r = redis_client
+    p = payload([1, 2])
+    await submit_job(r, p, streamed=True)
+    pipe = RedisPipe(r, 3, 2.0) if on_pipe else None
+    pub = Publisher(r, EngineLoop(FakeEngine()), MODEL, scripts=pipe)
+    pub.track(RunningJob(payload=p, stream="s", entry_id="0-1", streamed=True, seq=0, started_at=time.time()))
+    await r.config_set("maxmemory-policy", "noeviction")
+    await r.config_set("maxmemory", "1")
+    try:
+        first = asyncio.create_task(pub.publish([RequestOutput(p.id, [7], "t7 ", num_output_tokens=1)]))
+        await asyncio.sleep(0.5)
+        assert not first.done()  # still retrying: nothing dropped
+        assert (await JobStore(r).read(p.id))[f.STATE] == "queued"  # and the job reads while Redis is full
+    finally:
+        await r.config_set("maxmemory", "0")
+    await asyncio.wait_for(first, 10)
+    await pub.publish([RequestOutput(p.id, [8], "t8", num_output_tokens=2, finished=True, finish_reason="stop")])
+    record = await JobStore(r).read(p.id)
+    assert record[f.STATE] == "succeeded" and record[f.TEXT] == "t7 t8" and record.get(f.ATTEMPTS, "0") in ("0", "1")
+    if pipe is not None:
+        await pipe.aclose()
