@@ -1,8 +1,8 @@
 """`tokenq status`: what the queue and the workers are doing, from Redis alone (no gateway, no Prometheus):
 lanes and tenants (jobs waiting and running, age of the oldest waiting one), workers (model, running,
-KV-cache use, tokens per second) and the pool's recent throughput. `--watch` redraws it (once its first read
-worked, it rides out a Redis that goes away, as the roles do, saying so each time); `--json` prints one
-snapshot for scripts."""
+KV-cache use, tokens per second), the pool's recent throughput, and a line when Redis is full. `--watch`
+redraws it (once its first read worked, it rides out a Redis that goes away, as the roles do, saying so each
+time); `--json` prints one snapshot for scripts."""
 
 from __future__ import annotations
 
@@ -23,12 +23,49 @@ from protocol.workers import WorkerHeartbeat
 from tokenq.redis_command import run_with_redis
 
 
+@dataclass(frozen=True)
+class RedisMemory:
+    """Redis's INFO memory (of its fullest node, on a cluster). At maxmemory a Redis that cannot evict refuses
+    every write while reads go on: the live workers' heartbeats lapse and jobs wait, which the tables alone
+    would show as no worker at all. Redis evicts before each command, INFO included, so used_memory still at
+    maxmemory here means eviction failed (or is off) and writes are refused."""
+
+    used_memory: int
+    maxmemory: int  # 0: no limit
+    maxmemory_policy: str
+    used_human: str = ""
+    maxmemory_human: str = ""
+
+    @property
+    def full(self) -> bool:
+        return 0 < self.maxmemory <= self.used_memory
+
+    def line(self) -> str:
+        return (f"Redis: out of memory (used {self.used_human} of maxmemory {self.maxmemory_human}, policy "
+                f"{self.maxmemory_policy}): writes are refused; jobs wait and workers may read as gone until memory "
+                "is freed")
+
+    def to_json(self) -> dict:
+        return {"used_memory": self.used_memory, "maxmemory": self.maxmemory,
+                "maxmemory_policy": self.maxmemory_policy, "full": self.full}
+
+
+async def read_memory(redis: AnyRedis) -> RedisMemory:
+    info = await redis.info("memory")
+    nodes = list(info.values()) if info and all(isinstance(v, dict) for v in info.values()) else [info]  # cluster
+    return max((RedisMemory(int(n.get("used_memory", 0)), int(n.get("maxmemory", 0)),
+                            str(n.get("maxmemory_policy", "")), str(n.get("used_memory_human", "")),
+                            str(n.get("maxmemory_human", ""))) for n in nodes),
+               key=lambda m: m.used_memory / m.maxmemory if m.maxmemory else 0.0)
+
+
 @dataclass
 class Snapshot:
     at: float
     streams: list[StreamBacklog]
     workers: list[WorkerHeartbeat]
     lanes: list[dict] = field(default_factory=list)  # per (model, lane), summed over tenants
+    memory: RedisMemory | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -36,7 +73,8 @@ class Snapshot:
 
     def to_json(self) -> dict:
         return {"at": self.at, "lanes": self.lanes, "tenants": [asdict(s) for s in self.streams],
-                "workers": [w.model_dump() for w in self.workers], "tokens_per_s": self.tokens_per_s}
+                "workers": [w.model_dump() for w in self.workers], "tokens_per_s": self.tokens_per_s,
+                "redis_memory": self.memory.to_json() if self.memory else None}
 
 
 def _by_lane(streams: list[StreamBacklog]) -> list[dict]:
@@ -55,7 +93,7 @@ async def snapshot(redis: aioredis.Redis) -> Snapshot:
     now = time.time()
     workers = sorted(await Registry(redis).live_workers(), key=lambda w: (w.model, w.worker_id))
     streams = await read_backlog(redis, now, live={w.worker_id for w in workers})
-    return Snapshot(now, streams, workers, _by_lane(streams))
+    return Snapshot(now, streams, workers, _by_lane(streams), await read_memory(redis))
 
 
 def _age(seconds: float) -> str:
@@ -69,8 +107,8 @@ def _age(seconds: float) -> str:
 
 
 def render(snap: Snapshot, expand: bool = True):  # -> rich renderable (rich is imported here only: --json needs none)
-    """The three tables; `expand` stretches them to the terminal's width (off for a pipe, where each column
-    keeps its content's width instead of being cut to 80 columns)."""
+    """The three tables, after a line when Redis is full; `expand` stretches them to the terminal's width (off
+    for a pipe, where each column keeps its content's width instead of being cut to 80 columns)."""
     from rich.console import Group
     from rich.table import Table
 
@@ -88,7 +126,9 @@ def render(snap: Snapshot, expand: bool = True):  # -> rich renderable (rich is 
         tenants.add_column(col, justify="right" if col in ("waiting", "running", "oldest waiting") else "left")
     for s in sorted(snap.streams, key=lambda s: (-s.waiting, s.tenant)):
         tenants.add_row(s.tenant, s.model, s.lane, str(s.waiting), str(s.running), _age(s.oldest_waiting_s))
+    full = snap.memory is not None and snap.memory.full
     title = (f"Workers ({len(snap.workers)} live, {snap.tokens_per_s:.1f} output tokens/s in all)" if snap.workers
+             else "Workers: none heard from (Redis is full: it refuses their heartbeats)" if full
              else "Workers: no live worker (queued jobs wait until one starts)")
     workers = table(title)
     for col in ("worker", "model", "device", "running", "waiting", "KV use", "tokens/s", "tokens", "beat"):
@@ -97,6 +137,10 @@ def render(snap: Snapshot, expand: bool = True):  # -> rich renderable (rich is 
         workers.add_row(w.worker_id, w.model, w.device, f"{w.running}/{w.capacity}", str(w.waiting),
                         f"{w.kv_usage:.0%}", f"{w.tokens_per_s:.1f}", f"{w.generation_tokens:.0f}",
                         _age(snap.at - w.at) if snap.at > w.at else "now")
+    if full:
+        from rich.text import Text
+
+        return Group(Text(snap.memory.line(), style="bold red"), lanes, tenants, workers)
     return Group(lanes, tenants, workers)
 
 

@@ -183,3 +183,31 @@ def test_watch_into_a_pipe_writes_each_snapshot_as_it_is_read(redis_url, as_json
         assert len(snapshots) >= 2 and all("lanes" in s for s in snapshots)
     else:
         assert first.strip() and (first + rest).count("Workers (") + (first + rest).count("no live worker") >= 2
+
+
+def test_status_says_when_redis_is_full(redis_url, capsys):
+    """A full Redis (maxmemory reached, noeviction) refuses the live workers' heartbeats: status said only
+    that there was no live worker, and nothing of the memory."""
+    import redis
+
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        r.flushdb()
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1")
+        try:
+            args = build_parser().parse_args(["status", "--redis-url", redis_url])
+            assert args.func(args) == 0
+            out = capsys.readouterr().out
+            assert "Redis: out of memory (used " in out and "of maxmemory 1B" in out, out
+            assert "writes are refused; jobs wait and workers may read as gone until memory is freed" in out
+            assert "no live worker" not in out and "Redis is full: it refuses their heartbeats" in out
+            args = build_parser().parse_args(["status", "--redis-url", redis_url, "--json"])
+            assert args.func(args) == 0
+            memory = json.loads(capsys.readouterr().out)["redis_memory"]
+        finally:
+            r.config_set("maxmemory", "0")
+    assert memory["full"] and memory["maxmemory"] == 1 and memory["used_memory"] > 1, memory
+    assert memory["maxmemory_policy"] == "noeviction"
+    args = build_parser().parse_args(["status", "--redis-url", redis_url])
+    assert args.func(args) == 0
+    assert "out of memory" not in capsys.readouterr().out

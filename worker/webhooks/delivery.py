@@ -18,7 +18,7 @@ from arq import Retry
 from structlog.typing import FilteringBoundLogger as Logger
 
 from protocol import job_record as F
-from protocol.outage import REDIS_AWAY
+from protocol.outage import REDIS_AWAY, is_redis_oom
 from protocol.urlguard import HostNotFound, IPAddress, UnsafeURL, resolve_public
 from protocol.webhook_secret import tenant_secret
 from tokenq.settings import Settings
@@ -140,6 +140,10 @@ async def deliver_webhook(ctx: dict, job_id: str) -> str:
     deliverer: Deliverer = ctx[CTX_KEY]
     try:
         return await deliverer.deliver(job_id)
-    except REDIS_AWAY as e:  # nothing recorded: Redis is away; try again
+    except Exception as e:
+        # Nothing recorded: Redis is away, or full and refusing writes; try again (a job that arq cannot even
+        # reschedule stays on its queue and runs again once its in-progress mark lapses).
+        if not (isinstance(e, REDIS_AWAY) or is_redis_oom(e)):
+            raise
         get_logger("webhooks", job_id=job_id).warning("webhook attempt lost its Redis", error=str(e))
         raise Retry(defer=deliverer.policy.delays[0] if deliverer.policy.delays else 5) from e

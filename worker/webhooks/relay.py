@@ -3,8 +3,9 @@ batch's end (on `keys.WEBHOOK_OUTBOX`) put on an outbox becomes one arq delivery
 outbox at once: the batches' and one per model a worker has served.
 
 Read with a consumer group, so an entry is removed only after its job is enqueued; entries a crashed
-relay had read are claimed back after CLAIM_IDLE_MS. The arq job id `webhook:{job_id}` makes a second
-enqueue of the same job (a relay crash between enqueue and XACK) a no-op.
+relay had read are claimed back after CLAIM_IDLE_MS, and those of a round that Redis cut short (away, or full
+and refusing the enqueue) are read again by the same relay at its next round. The arq job id
+`webhook:{job_id}` makes a second enqueue of the same job (a relay crash between enqueue and XACK) a no-op.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from jobstore.connect import AnyRedis, is_cluster, pipeline
 from protocol import keys
-from protocol.outage import REDIS_DOWN, Outage
+from protocol.outage import REDIS_DOWN, Outage, is_redis_oom
 from worker.logging import get_logger
 from worker.webhooks.delivery import FUNCTION
 from worker.webhooks.metrics import RELAYED
@@ -46,6 +47,7 @@ class Relay:
         self.count = count
 
         self.outboxes: list[str] = []  # those with our group on them
+        self.cut_short = False  # a round failed: entries it had read may still be pending on this consumer
 
     async def ensure_group(self, outbox: str = keys.WEBHOOK_OUTBOX) -> None:
         try:  # from the stream's start: entries written before any relay ran are delivered too
@@ -70,24 +72,30 @@ class Relay:
             _, claimed, *_ = await self.redis.xautoclaim(outbox, GROUP, self.consumer, min_idle_time=CLAIM_IDLE_MS,
                                                          start_id="0-0", count=self.count)
             entries += [(outbox, entry_id, fields) for entry_id, fields in claimed]
-        if not entries and is_cluster(self.redis):
-            entries = await self._read_each()
-        elif not entries:
-            read = await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(self.outboxes, ">"),
-                                               count=self.count, block=self.block_ms)
-            entries = [(outbox, entry_id, fields) for outbox, got in read or [] for entry_id, fields in got]
+        if not entries and self.cut_short:  # "0": this consumer's own pending entries, without blocking
+            entries = await self._read("0")
+            self.cut_short = bool(entries)  # until none is left
+        if not entries:
+            entries = await self._read(">")
         for outbox, entry_id, fields in entries:
             await self._relay(outbox, entry_id, fields)
         return len(entries)
 
-    async def _read_each(self) -> list[tuple[str, str, dict[str, str] | None]]:
+    async def _read(self, since: str) -> list[tuple[str, str, dict[str, str] | None]]:
+        if is_cluster(self.redis):
+            return await self._read_each(since)
+        read = await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(self.outboxes, since),
+                                           count=self.count, block=self.block_ms)
+        return [(outbox, entry_id, fields) for outbox, got in read or [] for entry_id, fields in got]
+
+    async def _read_each(self, since: str) -> list[tuple[str, str, dict[str, str] | None]]:
         """On a cluster the outboxes lie in different slots, so no one read blocks on them all: each is read
-        without blocking, and an empty round waits CLUSTER_POLL_S."""
+        without blocking, and an empty round of new entries waits CLUSTER_POLL_S."""
         entries = []
         for outbox in self.outboxes:
-            read = await self.redis.xreadgroup(GROUP, self.consumer, {outbox: ">"}, count=self.count)
+            read = await self.redis.xreadgroup(GROUP, self.consumer, {outbox: since}, count=self.count)
             entries += [(outbox, entry_id, fields) for _, got in read or [] for entry_id, fields in got]
-        if not entries:
+        if not entries and since == ">":
             await asyncio.sleep(min(self.block_ms / 1000, CLUSTER_POLL_S))
         return entries
 
@@ -107,14 +115,21 @@ class Relay:
             await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Rounds until `stop`; a Redis that is away, or full and refusing writes (the group's creation, the
+        enqueue), is waited out with back-off, never fatal."""
         outage = Outage(_log, "webhook relay")
         while not stop.is_set():
             try:
                 await self.run_once()
                 outage.restored()
-            except REDIS_DOWN as e:  # Redis away: try again after a back-off
+            except REDIS_DOWN as e:  # before ResponseError: a cluster's node down is one
+                self.cut_short = True
                 await asyncio.sleep(outage.lost(e))
-            except ResponseError as e:  # the stream or group was deleted under us (a Redis without its data)
-                if "NOGROUP" not in str(e):
+            except ResponseError as e:
+                self.cut_short = True
+                if is_redis_oom(e):
+                    await asyncio.sleep(outage.lost(e))
+                elif "NOGROUP" in str(e):  # the stream or group was deleted under us (a Redis without its data)
+                    self.outboxes.clear()
+                else:
                     raise
-                self.outboxes.clear()

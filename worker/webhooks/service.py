@@ -16,10 +16,11 @@ from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Function, Worker, func
+from redis.exceptions import ResponseError
 
 from jobstore.connect import connect, is_cluster_url
 from protocol import keys
-from protocol.outage import REDIS_DOWN, Outage, once_reachable
+from protocol.outage import REDIS_DOWN, Outage, is_redis_oom, once_reachable
 from tokenq.settings import Settings
 from worker.logging import get_logger
 from worker.webhooks.delivery import CTX_KEY, FUNCTION, Deliverer, deliver_webhook, new_http_client
@@ -106,19 +107,25 @@ class WebhookService:
 
     async def _deliver(self, pool: ArqRedis, deliverer: Deliverer, stop: asyncio.Event,
                        workers: list[Worker]) -> None:
-        """arq's polling loop ends at the first Redis error; after an outage a fresh arq worker takes over
-        (a fresh one: the old one's job counter may hold slots of jobs it could not start). Attempts the
-        old one has in flight run on and are drained at stop."""
+        """arq's polling loop ends at the first Redis error, a full Redis's refusal of its health record
+        included; after an outage a fresh arq worker takes over (a fresh one: the old one's job counter may
+        hold slots of jobs it could not start). Attempts the old one has in flight run on and are drained
+        at stop. While the outage lasts, the fresh worker's health record is the probe: a full Redis
+        answers a ping but still refuses writes."""
         outage = Outage(_log, "webhook delivery")
         while not stop.is_set():
+            worker = self._worker(pool, deliverer)
             try:
                 if outage.ongoing:
-                    await pool.ping()
+                    await worker.record_health()
                     outage.restored()
-                worker = self._worker(pool, deliverer)
                 workers[:] = [w for w in workers if any(not t.done() for t in w.tasks.values())] + [worker]
                 await worker.async_run()
-            except REDIS_DOWN as e:
+            except REDIS_DOWN as e:  # before ResponseError: a cluster's node down is one
+                await asyncio.sleep(outage.lost(e))
+            except ResponseError as e:
+                if not is_redis_oom(e):
+                    raise
                 await asyncio.sleep(outage.lost(e))
 
 
