@@ -15,6 +15,8 @@ from gateway.errors import ApiError, describe_validation_error
 from gateway.prepare import check_model_free
 from gateway.prompt_list import split_prompts
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from protocol.json_text import parse_json
+from protocol.text import encodable_json
 
 ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
@@ -85,9 +87,9 @@ def parse_line(text: str, number: int) -> BatchLine:
     that hold whatever the model (`check_model_free`); the model's own (context, vocabulary) wait until
     the line is fed."""
     try:
-        raw = json.loads(without_bom(text))
-    except json.JSONDecodeError as e:
-        raise LineError(number, f"not valid JSON ({e})") from e
+        raw = parse_json(without_bom(text))
+    except ValueError as e:
+        raise LineError(number, f"not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise LineError(number, "must be a JSON object with custom_id, method, url and body")
     try:
@@ -100,9 +102,12 @@ def parse_line(text: str, number: int) -> BatchLine:
         raise LineError(number, message) from e
     try:
         request = ENDPOINTS[env.url].model_validate(env.body)
+        encodable_json(env.body)  # the fields the route ignores too: the body is kept as written, and hashed
     except ValidationError as e:
         message, _ = describe_validation_error(e.errors()[0])
         raise LineError(number, f"body.{message}") from e
+    except ValueError as e:
+        raise LineError(number, f"body: {e}") from e
     if request.stream:
         raise LineError(number, "body.stream: a batch request cannot stream (got true)")
     if isinstance(request, CompletionRequest) and split_prompts(request) is not None:

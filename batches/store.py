@@ -16,7 +16,6 @@ from batches.lines import ENDPOINTS
 from batches.pages import read_page
 from gateway.errors import ApiError
 from gateway.options import check_webhook
-from gateway.schemas import MAX_METADATA_KEY_CHARS, MAX_METADATA_KEYS, MAX_METADATA_VALUE_CHARS
 from protocol import keys
 
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
@@ -44,18 +43,6 @@ def window_seconds(window: str) -> int:
     return seconds
 
 
-def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
-    metadata = metadata or {}
-    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_KEYS:
-        raise ApiError(400, f"metadata: an object of at most {MAX_METADATA_KEYS} keys", param="metadata")
-    for key, value in metadata.items():
-        if not isinstance(value, str) or len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
-            raise ApiError(400, f"metadata: keys of at most {MAX_METADATA_KEY_CHARS} characters and string "
-                                f"values of at most {MAX_METADATA_VALUE_CHARS} (key {key[:80]!r})",
-                           param="metadata")
-    return metadata
-
-
 TENANT_WEBHOOK_FIELD = "webhook_url"  # of tokenq:tenant:{name}: where its batches report when they end
 
 
@@ -66,15 +53,15 @@ async def batch_webhook_url(redis: aioredis.Redis, b: dict[str, str]) -> str | N
 
 
 async def create_batch(redis: aioredis.Redis, tenant: str, input_file_id: str, endpoint: str,
-                       completion_window: str, metadata: dict[str, Any] | None,
+                       completion_window: str, metadata: dict[str, str] | None,
                        retention_s: int) -> dict[str, str]:
     """The new batch's fields. A file whose lines call another endpoint makes a `failed` batch whose
     errors name the line, as OpenAI's validation does; otherwise it is `validating` until a feeder
-    takes it."""
+    takes it. `metadata` is checked already (gateway.schemas.Metadata)."""
     if endpoint not in ENDPOINTS:
         raise ApiError(400, f"endpoint: one of {', '.join(ENDPOINTS)} (got {endpoint!r})", param="endpoint")
     window_s = window_seconds(completion_window)
-    metadata = check_metadata(metadata)
+    metadata = metadata or {}
     check_webhook(metadata.get("webhook_url"))
     try:
         meta = await read_file(redis, input_file_id, tenant)

@@ -9,7 +9,6 @@ constraint it cannot compile all the same (an EBNF grammar is checked there only
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,6 +17,7 @@ from gateway.errors import ApiError
 from gateway.schema_rules import Refused, check_regex, check_schema
 from gateway.schemas import SamplingFields
 from protocol.guided import GuidedSpec
+from protocol.json_text import parse_json
 
 _VLLM_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
                 "guided_grammar": "grammar"}
@@ -120,8 +120,8 @@ def _schema_value(value: Any, field: str) -> Any:
     """vLLM accepts a schema as an object or as its JSON text."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
+            value = parse_json(value)
+        except ValueError as e:
             raise ApiError(400, f"{field}: not valid JSON: {e}", param=field.split(".")[0]) from e
     if not isinstance(value, dict):
         raise ApiError(400, f"{field}: a JSON Schema is an object (got {type(value).__name__})",

@@ -3,8 +3,6 @@ lines run as jobs in the batch lane, fed by `tokenq batches` (batches/feeder.py)
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
@@ -13,15 +11,17 @@ from batches.store import batch_object, cancel_batch, create_batch, list_batches
 from gateway.context import Caller, get_caller, single_node_only
 from gateway.responses import list_page
 from gateway.routes_files import batch_settings
+from gateway.schemas import Metadata
+from protocol.text import Text
 
 router = APIRouter(dependencies=[Depends(single_node_only)])
 
 
 class BatchCreate(BaseModel):
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, Any] | None = None
+    input_file_id: Text
+    endpoint: Text
+    completion_window: Text = "24h"
+    metadata: Metadata | None = None
 
 
 @router.post("/v1/batches")

@@ -21,7 +21,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of a schema's JSON; deeper is refused before any walk
+MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of a JSON value (a schema, template variables); deeper is refused
+# before any walk, and well within the ~250 levels pydantic's encoder writes when the request is stored
 NOT_ENFORCED = ("multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "if", "then", "else",
                 "not", "dependentSchemas", "dependentRequired", "dependencies", "patternProperties",
                 "propertyNames", "unevaluatedProperties", "unevaluatedItems")
@@ -48,7 +49,7 @@ class Refused(ValueError):
 
 def check_schema(schema: dict[str, Any]) -> None:
     """Refused unless the schema is a valid JSON Schema (2020-12) whose every rule the engine enforces."""
-    _check_depth(schema)
+    check_depth(schema)
     from jsonschema import Draft202012Validator, SchemaError  # imported on the first schema only
 
     try:
@@ -169,8 +170,9 @@ def check_regex(regex: str, in_json_string: bool = False) -> None:
     _check_nodes(parsed, in_json_string)
 
 
-def _check_depth(schema: Any) -> None:
-    stack = [(schema, 1)]
+def check_depth(value: Any) -> None:
+    """Refused when the JSON value nests deeper than MAX_SCHEMA_DEPTH."""
+    stack = [(value, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_SCHEMA_DEPTH:

@@ -4,16 +4,17 @@ check shapes, and `sampling.py` maps them onto SamplingParams."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from gateway.schema_rules import Refused, check_depth
 from gateway.tools import ToolChoice, ToolDef
 from protocol.guided import GuidedSpec
 from protocol.jobs import UNSUPPORTED, ChatMessage, Lane
 from protocol.numbers import Float, Int, Number
-from protocol.text import Text, text_up_to
+from protocol.text import EncodableJson, Text, text_up_to
 from protocol.tools import MAX_TOOLS
 from respcache.policy import CacheOption
 
@@ -25,6 +26,21 @@ MAX_USER_CHARS = 256
 MAX_MODEL_CHARS = 256
 
 Prompt = Text | list[Int] | list[Text] | list[list[Int]]
+
+
+def _metadata_limits(v: dict[str, str]) -> dict[str, str]:
+    if len(v) > MAX_METADATA_KEYS:
+        raise ValueError(f"at most {MAX_METADATA_KEYS} keys, got {len(v)}")
+    for key, value in v.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"keys are at most {MAX_METADATA_KEY_CHARS} characters: {key[:80]!r}")
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(f"values are at most {MAX_METADATA_VALUE_CHARS} characters (key {key!r})")
+    return v
+
+
+# A job's or a batch's `metadata`: string keys and values, bounded, valid Unicode (stored, and echoed back).
+Metadata = Annotated[dict[Text, Text], AfterValidator(_metadata_limits)]
 
 
 class NullMeansDefault(BaseModel):
@@ -85,24 +101,26 @@ class SamplingFields(NullMeansDefault):
     include_stop_str_in_output: bool | None = None
     best_of: Int | None = Field(default=None, description="sequences generated, the n of highest cumulative "
                                                           "logprob returned: n to 16 (completions only)")
-    logit_bias: dict[str, Any] | None = Field(default=None, description="token id -> bias in [-100, 100], "
-                                                                       "at most 300")
+    logit_bias: dict[Text, EncodableJson] | None = Field(default=None, description="token id -> bias in "
+                                                                                  "[-100, 100], at most 300")
     # Structured outputs: at most one of these (mapped by gateway/guided.py).
-    response_format: Any = Field(default=None, description='{"type": "text" | "json_object" | "json_schema", '
-                                                           '"json_schema": {"name", "schema", "strict"}}')
-    guided_json: Any = Field(default=None, description="vLLM: a JSON Schema (object or JSON text)")
-    guided_regex: str | None = Field(default=None, description="vLLM: a regular expression")
-    guided_choice: list[str] | None = Field(default=None, description="vLLM: one of these strings")
-    guided_grammar: str | None = Field(default=None, description="vLLM: an EBNF (GBNF) grammar")
-    structured_outputs: Any = Field(default=None, description="vLLM: {json | regex | choice | grammar | "
-                                                              "json_object}")
+    response_format: EncodableJson = Field(default=None, description='{"type": "text" | "json_object" | '
+                                                                     '"json_schema", "json_schema": {"name", '
+                                                                     '"schema", "strict"}}')
+    guided_json: EncodableJson = Field(default=None, description="vLLM: a JSON Schema (object or JSON text)")
+    guided_regex: Text | None = Field(default=None, description="vLLM: a regular expression")
+    guided_choice: list[Text] | None = Field(default=None, description="vLLM: one of these strings")
+    guided_grammar: Text | None = Field(default=None, description="vLLM: an EBNF (GBNF) grammar")
+    structured_outputs: EncodableJson = Field(default=None, description="vLLM: {json | regex | choice | "
+                                                                        "grammar | json_object}")
     # Tool calling (chat only; checked by gateway/tools.py).
     tools: list[ToolDef] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = Field(default=None, description='"none", "auto" (the default with tools), '
                                                                      '"required" or {"type": "function", '
                                                                      '"function": {"name": ...}}')
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call (default true)")
-    # Not implemented: refused unless absent, null or their default (see gateway/unsupported.py).
+    # Not implemented: refused unless absent, null or their default (see gateway/unsupported.py), so never
+    # stored: no rule on their strings.
     functions: list[Any] | None = Field(default=None, description="deprecated: use tools; refused unless empty")
     function_call: Any = Field(default=None, description='deprecated: use tool_choice; only "none" or "auto"')
     suffix: Any = Field(default=None, description="not supported: refused unless empty")
@@ -135,7 +153,7 @@ class ChatTemplateFields(NullMeansDefault):
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[Text, Any] | None = None
+    chat_template_kwargs: dict[Text, EncodableJson] | None = None
 
     @model_validator(mode="after")
     def _template_options(self) -> ChatTemplateFields:
@@ -149,6 +167,10 @@ class ChatTemplateFields(NullMeansDefault):
         if reserved:
             raise ValueError(f"chat_template_kwargs.{reserved[0]}: set by the request itself, not as a "
                              "template variable")
+        try:
+            check_depth(kwargs)
+        except Refused as e:
+            raise ValueError(f"chat_template_kwargs: {e}") from None
         return self
 
     def template_options(self) -> dict[str, Any]:
@@ -201,7 +223,7 @@ class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
     top_logprobs: Int | None = None
     echo: bool = False
     priority: Lane = "default"
-    metadata: dict[Text, Text] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     stream: bool = False
     webhook_url: text_up_to(MAX_WEBHOOK_URL_CHARS) | None = None
     guided: GuidedSpec | None = Field(default=None, description="the output constraint as the engine takes it "
@@ -212,18 +234,6 @@ class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("messages: give exactly one of `messages` (chat) or `prompt` (completion)")
         return self
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, v: dict[str, str]) -> dict[str, str]:
-        if len(v) > MAX_METADATA_KEYS:
-            raise ValueError(f"at most {MAX_METADATA_KEYS} keys, got {len(v)}")
-        for key, value in v.items():
-            if len(key) > MAX_METADATA_KEY_CHARS:
-                raise ValueError(f"keys are at most {MAX_METADATA_KEY_CHARS} characters: {key[:80]!r}")
-            if len(value) > MAX_METADATA_VALUE_CHARS:
-                raise ValueError(f"values are at most {MAX_METADATA_VALUE_CHARS} characters (key {key!r})")
-        return v
 
 
 def dump_request(body: BaseModel) -> str:

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from protocol.jobs import ChatMessage, MessageToolCall
+from protocol.json_text import parse_json
 from protocol.tools import TAG_CLOSE, TAG_OPEN
 
 FALLBACK_INSTRUCTIONS = (
@@ -30,7 +31,7 @@ FALLBACK_INSTRUCTIONS = (
 def _arguments(text: str) -> Any:
     """A call's arguments as an object when they are JSON (templates write them with tojson), else as sent."""
     try:
-        return json.loads(text)
+        return parse_json(text)
     except ValueError:
         return text
 

@@ -9,12 +9,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import ApiError
 from gateway.schema_rules import Refused, check_schema
 from protocol.guided import GuidedSpec
-from protocol.text import Text, encodable, text_up_to
+from protocol.text import EncodableJson, Text, text_up_to
 from protocol.tools import MAX_TOOLS, ToolParsing
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -29,16 +29,10 @@ class FunctionDef(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     description: text_up_to(MAX_DESCRIPTION_CHARS) | None = None
-    parameters: dict[str, Any] | None = Field(default=None, description="JSON Schema of the arguments object")
+    parameters: dict[Text, EncodableJson] | None = Field(default=None, description="JSON Schema of the "
+                                                                                  "arguments object")
     strict: bool | None = Field(default=None, description="accepted; arguments are constrained to the "
                                                           "schema under tool_choice required or a named one")
-
-    @field_validator("parameters")
-    @classmethod
-    def _unicode(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
-            encodable(json.dumps(v, ensure_ascii=False))  # a lone surrogate anywhere in it is a 400
-        return v
 
 
 class ToolDef(BaseModel):

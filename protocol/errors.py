@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from protocol.text import quotable
+
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, which clients look for to trim a prompt
 
 
@@ -25,4 +27,7 @@ class ErrorResponse(BaseModel):
 
 
 def error_json(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code)).model_dump()
+    """The error object. Message and param may quote the client's input: a lone surrogate there is escaped
+    (`quotable`), so that the error itself always encodes."""
+    param = quotable(param) if param is not None else None
+    return ErrorResponse(error=ErrorBody(message=quotable(message), type=type_, param=param, code=code)).model_dump()

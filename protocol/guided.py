@@ -6,15 +6,19 @@ The engine compiles each into a grammar (cached by its canonical JSON) and masks
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from protocol.text import Text, encodable_json, text_up_to
 
 MAX_SCHEMA_CHARS = 64_000
 MAX_REGEX_CHARS = 4_096
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1_024
 MAX_GRAMMAR_CHARS = 64_000
+# Checked whole, so that an error's path runs from the schema's root (the gateway's 400 quotes only the message).
+EncodableJsonObject = Annotated[dict[str, Any], AfterValidator(encodable_json)]
 
 
 class GuidedSpec(BaseModel):
@@ -22,16 +26,21 @@ class GuidedSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    json_schema: dict[str, Any] | None = Field(default=None, description="JSON Schema the output validates against")
+    json_schema: EncodableJsonObject | None = Field(default=None, description="JSON Schema the output validates "
+                                                                             "against")
     json_object: bool = Field(default=False, description="any JSON object")
-    regex: str | None = Field(default=None, max_length=MAX_REGEX_CHARS)
-    choice: list[str] | None = Field(default=None, max_length=MAX_CHOICES)
-    grammar: str | None = Field(default=None, max_length=MAX_GRAMMAR_CHARS, description="EBNF (GBNF) grammar")
+    regex: text_up_to(MAX_REGEX_CHARS) | None = None
+    choice: list[Text] | None = Field(default=None, max_length=MAX_CHOICES)
+    grammar: text_up_to(MAX_GRAMMAR_CHARS) | None = Field(default=None, description="EBNF (GBNF) grammar")
 
     @field_validator("json_schema")
     @classmethod
     def _schema_size(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and len(json.dumps(v)) > MAX_SCHEMA_CHARS:
+        try:
+            size = len(json.dumps(v)) if v is not None else 0
+        except RecursionError:  # a value the parser just took can still be too deep to write back deeper in the stack
+            raise ValueError("nested too deep to write as JSON") from None
+        if size > MAX_SCHEMA_CHARS:
             raise ValueError(f"at most {MAX_SCHEMA_CHARS} characters of JSON")
         return v
 

@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from protocol import keys
 from protocol.sampling import SamplingParams
-from protocol.text import Text, text_up_to
+from protocol.text import EncodableJson, Text, text_up_to
 from protocol.tools import ToolCall, ToolParsing, parse_tool_calls
 
 UNSUPPORTED = "unsupported_field"  # a validation error of this type is a feature tokenq does not serve
@@ -51,6 +51,7 @@ class ContentPart(BaseModel):
 
     type: str
     text: Text | None = None  # required of a text part (checked after `type`, so another part says what it is)
+    __pydantic_extra__: dict[str, EncodableJson] = Field(init=False)  # kept in the stored request
 
     @field_validator("type")
     @classmethod

@@ -63,7 +63,15 @@ def content_before(text: str) -> str:
 
 def parse_tool_calls(text: str, spec: ToolParsing, cut: bool = False) -> ParsedTools | None:
     """The calls in `text`, or None when it holds no well-formed call of an offered function. `cut`: the
-    output stopped at max_tokens, so its last call may be half-written: the whole calls before it count."""
+    output stopped at max_tokens, so its last call may be half-written: the whole calls before it count.
+    Output nested deeper than Python's JSON parser and encoder go stays plain content too."""
+    try:
+        return _parse(text, spec, cut)
+    except RecursionError:
+        return None
+
+
+def _parse(text: str, spec: ToolParsing, cut: bool) -> ParsedTools | None:
     if spec.form == "json":
         value = _loads(text.strip())
         if value is None and cut:

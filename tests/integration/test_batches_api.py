@@ -120,11 +120,13 @@ def test_openai_client_round_trip(client, worker, redis_url):
      b'"stream": true}}\n', 1, "body.stream"),
     (b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", '
      b'"prompt": ["x", "y"]}}\n', 1, "body.prompt: a batch line takes one prompt (got 2)"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", 1, "not valid JSON: it nests deeper than the JSON parser goes"),
 ])
 def test_bad_lines_are_refused_by_number(client, content, line, words):
     with pytest.raises(openai.BadRequestError) as e:
         upload(client, content)
     assert f"line {line}:" in e.value.message and words in e.value.message, e.value.message
+    assert e.value.code == "invalid_batch_line" and e.value.param == "file"
     assert client.files.list().data == []
 
 
@@ -430,6 +432,22 @@ def test_a_file_of_any_name_downloads(client, base_url):
     assert r.status_code == 200 and json.loads(r.text)["custom_id"] == "req-0"
     assert r.headers["content-disposition"] == (
         "attachment; filename=\"donn_es __.jsonl\"; filename*=UTF-8''donn%C3%A9es%20%E6%96%87%E4%BB%B6.jsonl")
+
+
+@pytest.mark.parametrize(("field", "value", "param"), [("metadata", '{"k": "\\ud800"}', "metadata.k"),
+                                                      ("input_file_id", '"\\ud800"', "input_file_id")])
+def test_a_lone_surrogate_in_a_batch_is_refused_naming_its_field(client, base_url, field, value, param):
+    """Such metadata was stored, and then every read of the batch (list, retrieve, cancel) was a 500; such a
+    file id was a 500 at once."""
+    import httpx
+
+    fields = {"input_file_id": json.dumps(upload(client, chat_lines(1, MODEL)).id),
+              "endpoint": '"/v1/chat/completions"', field: value}
+    text = "{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}"
+    r = httpx.post(f"{base_url}/v1/batches", content=text.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "surrogate" in r.json()["error"]["message"]
+    assert client.batches.list().data == []
 
 
 def test_a_batch_of_an_unknown_file_names_input_file_id(client):

@@ -83,6 +83,15 @@ async def test_non_finite_numbers_are_400(client, redis_client, path, body, fiel
     ("/v1/jobs", CHAT, '"metadata": {"k": "\\ud800"}', "metadata.k"),
     ("/v1/jobs", CHAT, '"webhook_url": "https://example.com/\\ud800"', "webhook_url"),
     ("/v1/jobs", CHAT, '"model": "\\ud800"', "model"),
+    # JSON-valued fields: a surrogate anywhere inside, keys included (pydantic could not store the request)
+    ("/v1/completions", PROMPT, '"guided_choice": ["a", "\\ud800"]', "guided_choice.1"),
+    ("/v1/completions", PROMPT, '"guided_json": "{\\"enum\\": [\\"\\\\ud800\\"]}"', "guided_json"),
+    ("/v1/chat/completions", CHAT, '"chat_template_kwargs": {"k": {"\\ud800": 1}}', "chat_template_kwargs.k"),
+    ("/v1/chat/completions", CHAT, '"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+                                   '"schema": {"enum": ["\\ud800"]}}}', "response_format"),
+    ("/v1/jobs", CHAT, '"guided": {"choice": ["\\udc00"]}', "guided.choice.0"),
+    ("/v1/chat/completions", CHAT, '"messages": [{"role": "user", "content": [{"type": "text", "text": "x", '
+                                   '"k": "\\ud800"}]}]', "messages.0.content.0.k"),
 ])
 async def test_lone_surrogates_are_400_naming_the_field(client, redis_client, path, body, extra, param):
     text = json.dumps(body)[:-1] + ", " + extra + "}"
@@ -107,6 +116,39 @@ async def test_unsupported_fields_are_refused_by_name(client, redis_client, path
     err = assert_error(await client.post(path, json={**body, field: value}), 400, field)
     assert err["code"] == "unsupported_field" and field in err["message"]
     await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("path, body", ROUTES[1:])
+@pytest.mark.parametrize("field, value", [("suffix", '"\\ud800"'), ("function_call", '{"name": "\\ud800"}'),
+                                          ("audio", '"\\ud800"'), ("prediction", '["\\ud800"]'),
+                                          ("use_beam_search", '"\\ud800"')])
+async def test_an_error_that_quotes_a_lone_surrogate_still_encodes(client, redis_client, path, body, field, value):
+    """The message quotes the client's value; UTF-8 cannot hold the surrogate, so it is written escaped."""
+    text = json.dumps(body)[:-1] + f', "{field}": {value}}}'
+    err = assert_error(await post_raw(client, path, text), 400, field)
+    assert err["code"] == "unsupported_field" and "\\ud800" in err["message"], err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("path, body, fields, param", [
+    ("/v1/completions", PROMPT, {"guided_json": "[" * 100_000 + "]" * 100_000}, "guided_json"),
+    ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"k": json.loads("[" * 300 + "]" * 300)}},
+     "chat_template_kwargs"),
+])
+async def test_json_nested_too_deep_is_400_naming_the_field(client, redis_client, path, body, fields, param):
+    """JSON text past the parser's depth (a RecursionError), or a value past what pydantic writes when the
+    request is stored: both were 500s."""
+    err = assert_error(await client.post(path, json={**body, **fields}), 400, param)
+    assert "nest" in err["message"], err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+async def test_tool_call_arguments_nested_past_the_parser_are_taken_as_text(client):
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}
+    messages = [{"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c", "content": "x"}, {"role": "user", "content": "hi"}]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
 
 
 @pytest.mark.parametrize("part", [

@@ -60,6 +60,21 @@ def test_a_line_obeys_the_routes_rules_that_hold_whatever_the_model(body, words)
         parse_line(_line(**body), 3)
 
 
+def test_a_line_nested_past_the_parser_is_a_bad_line():
+    """json.loads raises RecursionError there, not JSONDecodeError: it was a 500."""
+    with pytest.raises(LineError, match="line 1: not valid JSON: it nests deeper than the JSON parser goes"):
+        parse_line("[" * 100_000 + "]" * 100_000, 1)
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    (_line("\ud800"), "custom_id: .*unicode"),  # written into the output file (pydantic refuses it)
+    (_line(temperature=0, extra={"k": ["\ud800"]}), r"body: contains a lone surrogate in extra\.k\.0"),  # hashed
+])
+def test_a_lone_surrogate_the_route_would_not_see_is_a_bad_line(line, words):
+    with pytest.raises(LineError, match=f"line 1: {words}"):
+        parse_line(line, 1)
+
+
 def test_a_prompt_too_long_for_some_model_waits_for_the_model():
     assert parse_line(_line(max_tokens=500_000), 1).custom_id == "a"  # more than any context here
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -69,6 +70,10 @@ def test_jobs_take_the_engine_spec_directly_and_completions_the_vllm_fields():
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
      "response_format", "is an object"),
     ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+    ({"guided_json": "[" * 100_000 + "]" * 100_000}, "guided_json", "nests deeper than the JSON parser goes"),
+    ({"guided_json": '{"enum": ["\\ud800"]}'}, "guided_json", "contains a lone surrogate in enum.0"),
+    ({"guided_json": {"enum": functools.reduce(lambda v, _: [v], range(5_000), [])}}, "guided_json",
+     "nested too deep to write as JSON"),  # deeper than json.dumps goes: a RecursionError, before the depth rule
     ({"guided_json": {"type": "string", "pattern": "(("}}, "guided_json", "not a valid JSON Schema"),
     ({"guided_regex": "(a"}, "guided_regex", "not a valid regular expression"),
     ({"guided_choice": []}, "guided_choice", "at least one choice"),

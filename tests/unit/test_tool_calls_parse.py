@@ -152,3 +152,13 @@ def test_a_forced_call_cut_before_its_name_closed_is_the_one_function_that_fits(
     else:
         assert result.content is None and result.finish_reason == "length"
         assert [(c.function.name, c.function.arguments) for c in result.tool_calls] == [(name, "")]
+
+
+@pytest.mark.parametrize("form, wrap", [("json", "{}"), ("tagged", "x <tool_call>{}</tool_call>")])
+def test_output_nested_past_the_json_parser_stays_plain_content(form, wrap):
+    """A model can write JSON nested deeper than json.loads goes (RecursionError, no ValueError): the worker
+    parsing it must not raise, and the text stays content."""
+    deep = '{"name": "f", "arguments": ' + "[" * 5000 + "]" * 5000 + "}"
+    text = wrap.format(deep)
+    assert parse_tool_calls(text, ToolParsing(names=["f"], form=form)) is None
+    assert parse_tool_calls(text[:-200], ToolParsing(names=["f"], form=form), cut=True) is None
