@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.logging import get_logger
 from protocol.errors import error_json
 from protocol.jobs import UNSUPPORTED, JobState
-from protocol.outage import REDIS_AWAY
+from protocol.outage import REDIS_AWAY, is_redis_oom
 
 log = get_logger(__name__)
 
@@ -42,13 +42,6 @@ def final_status(state: JobState, error_type: str) -> int:
     """The HTTP status that answers a job that ended `state` without a result (the waiting routes' answer
     and a batch line's `status_code`)."""
     return 400 if error_type == "invalid_request_error" else _FINAL_STATUS.get(state, 500)
-
-
-def is_redis_oom(exc: BaseException) -> bool:
-    """Redis refused a write: maxmemory is reached and nothing can be evicted (a script's write refused
-    mid-run comes back as a plain error whose text says so)."""
-    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and "OOM command not allowed"
-                                                 in str(exc))
 
 
 class ApiError(Exception):
