@@ -255,3 +255,52 @@ def test_config_accepts_old_rope_fields_and_merges_eos(tmp_path):
     assert m.rope_scaling["rope_type"] == "llama3" and m.rope_scaling["factor"] == 8.0
     assert m.eos_token_ids == [7, 8, 9]
     assert m.architectures == ["LlamaForCausalLM"] and m.head_dim == 16
+
+
+@pytest.mark.parametrize("extra, window", [
+    ({"model_type": "mistral", "sliding_window": 16}, 16),
+    ({"model_type": "mistral", "sliding_window": None}, None),
+    ({"model_type": "qwen2", "sliding_window": 16, "use_sliding_window": False}, None),
+    ({"model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True, "max_window_layers": 2}, None),
+    ({"model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True, "max_window_layers": 1}, 16),
+    ({"model_type": "qwen2", "sliding_window": 16, "layer_types": ["full_attention", "sliding_attention"]}, 16),
+    ({"model_type": "qwen2", "sliding_window": 16, "layer_types": ["full_attention"] * 2}, None),
+])
+def test_sliding_window_is_read_as_transformers_reads_it(extra, window):
+    """A window read as absent gives wrong tokens past it (our attention does not slide); one read where no
+    layer slides would cap the context for nothing."""
+    from worker.engine.config import EngineConfig
+    from worker.engine.tp_ranks import resolve_max_model_len
+    from worker.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({**SMALL, **extra})
+    assert cfg.sliding_window == window
+    assert resolve_max_model_len(EngineConfig(), cfg) == (window or SMALL["max_position_embeddings"])
+    assert resolve_max_model_len(EngineConfig(max_model_len=8), cfg) == 8
+
+
+def test_a_sliding_window_model_serves_one_window_with_transformers_tokens(tmp_path, default_model_dir):
+    """Mistral with a window of 16: the engine took 256 tokens (its positions) and past the window its tokens
+    left transformers' (a probe: 0 of 7 prompts alike). It takes one window now, where they agree."""
+    import shutil
+
+    from protocol.sampling import SamplingParams
+    from worker.engine.config import EngineConfig
+    from worker.engine.llm_engine import LLMEngine
+
+    cfg = transformers.MistralConfig(**SMALL, sliding_window=16)
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    hf.save_pretrained(tmp_path)
+    shutil.copy(default_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    engine = LLMEngine(tmp_path, EngineConfig(num_kv_blocks=16, block_size=16, kernels="torch"))
+    assert engine.max_model_len == 16
+    prompts = [[1, 5, 9, 77, 300], [1, 2, 3, 4, 5, 6, 7, 8, 400]]
+    outs = [engine.generate([p], SamplingParams(temperature=0.0, max_tokens=16 - len(p), ignore_eos=True))[0]
+            for p in prompts]
+    with torch.inference_mode():
+        for p, out in zip(prompts, outs, strict=True):
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=16 - len(p), min_new_tokens=16 - len(p), do_sample=False,
+                              pad_token_id=0)[0, len(p):].tolist()
+            assert out.new_token_ids == ref

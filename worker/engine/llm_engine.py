@@ -29,6 +29,7 @@ from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
 from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
+from worker.logging import get_logger
 from worker.models.card import engine_fingerprint, model_card
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
@@ -110,6 +111,9 @@ class LLMEngine:
         self.dtype = DTYPES[config.dtype]
         self.eos_ids = set(model_cfg.eos_token_ids)
         self.max_model_len = resolve_max_model_len(config, model_cfg)
+        if model_cfg.sliding_window and model_cfg.sliding_window < (config.max_model_len or model_cfg.max_position_embeddings):
+            get_logger("engine").warning("the model's attention slides; max_model_len capped to its window",
+                                         sliding_window=model_cfg.sliding_window)
         self.runner = ModelRunner(model, model_cfg, config, self.dtype, self.device, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)

@@ -33,7 +33,10 @@ def free_port() -> int:
 
 
 def resolve_max_model_len(config: EngineConfig, model_cfg: ModelConfig) -> int:
-    return min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+    """The flag's max_model_len, within the model's positions and, where its attention slides, within one
+    window: our attention sees every earlier token, which is the window's attention only that far."""
+    limit = min(model_cfg.max_position_embeddings, model_cfg.sliding_window or model_cfg.max_position_embeddings)
+    return min(config.max_model_len or limit, limit)
 
 
 class TensorParallelGroup:

@@ -34,7 +34,10 @@ class ModelConfig:
     qkv_bias: bool = False
     o_proj_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None  # not applied by our attention: cap max_model_len to it
+    # The attention window of any layer that slides (None: every layer attends to the whole sequence). Our
+    # attention does not slide: within one window the two agree, so max_model_len is capped to it
+    # (worker/engine/tp_ranks.resolve_max_model_len).
+    sliding_window: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     torch_dtype: str | None = None
@@ -54,7 +57,7 @@ class ModelConfig:
         model_type = c.get("model_type")
         architectures = [architecture_of(model_type, c.get("architectures"))]
         act = c.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # one function under two names
             raise ValueError(f"unsupported hidden_act {act!r} (only silu)")
         heads = c["num_attention_heads"]
         theta, scaling = _rope(c)
@@ -62,9 +65,7 @@ class ModelConfig:
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(c.get("attention_bias", False))
-        window = c.get("sliding_window")
-        if model_type == "qwen2" and not c.get("use_sliding_window", False):
-            window = None
+        window = c.get("sliding_window") if _some_layer_slides(c) else None
         eos = _ids(c.get("eos_token_id"))
         if generation_config:
             eos += [i for i in _ids(generation_config.get("eos_token_id")) if i not in eos]
@@ -91,6 +92,20 @@ class ModelConfig:
             bos_token_id=c.get("bos_token_id"),
             torch_dtype=c.get("torch_dtype") or c.get("dtype"),
         )
+
+
+def _some_layer_slides(c: dict[str, Any]) -> bool:
+    """Whether any layer's attention is windowed, as transformers reads the config: `layer_types` where it
+    is written; else Qwen2 slides only with `use_sliding_window`, and then the layers from
+    `max_window_layers` on; Mistral's every layer slides once `sliding_window` is set."""
+    if not c.get("sliding_window"):
+        return False
+    if c.get("layer_types"):
+        return "sliding_attention" in c["layer_types"]
+    if c.get("model_type") == "qwen2":
+        first = c.get("max_window_layers", c["num_hidden_layers"])
+        return bool(c.get("use_sliding_window", False)) and first < c["num_hidden_layers"]
+    return True
 
 
 def _ids(v: int | list[int] | None) -> list[int]:
