@@ -26,9 +26,11 @@ def max_queue_depth_from_env() -> int:
 
 def idempotency_key_of(sent: Sequence[str]) -> str | None:
     """The request's key, from every Idempotency-Key header it sent (the fast path and the routes alike);
-    None without one. One header only: of two, which one the client's retry repeats is a guess."""
-    if len(sent) > 1:
-        raise ApiError(400, f"Idempotency-Key: send one header, got {len(sent)}", param="Idempotency-Key")
+    None without one. One key only: of two, which one the client's retry repeats is a guess (a proxy that
+    repeats the header sends one key twice, which is one key)."""
+    if len(set(sent)) > 1:
+        raise ApiError(400, f"Idempotency-Key: send one key, got {len(set(sent))} different ones",
+                       param="Idempotency-Key")
     return check_idempotency_key(sent[0] if sent else None)
 
 

@@ -277,7 +277,8 @@ class JobStore:
 
     async def write(self, deltas: Sequence[DeltaWrite], finals: Sequence[FinalWrite]) -> list:
         """One MULTI: the deltas (appended, one script call for all), then the final writes (deltas alone: the
-        one script call). Returns each final write's answer (1 first, 0 already final, -1 gone) or its error."""
+        one script call). Returns each final write's answer (1 first, 0 already final, -1 gone) or its error;
+        a full Redis's refusal of the deltas is raised (redis-py raises one that aborts the MULTI itself)."""
         rows = [[d.job_id, d.text, d.seq, d.event_json, d.first_token_at, d.output_tokens] for d in deltas]
         delta_keys = [k for d in deltas for k in (keys.job_key(d.job_id), keys.job_text_key(d.job_id))]
         rows_json = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
@@ -301,6 +302,8 @@ class JobStore:
         # A cluster sends them one by one, deltas first: each script is atomic and all share one slot
         # (one worker's jobs are one model's).
         replies = await runner.pipeline(self.redis, fill, transaction=True, raise_on_error=False)
+        if rows and is_redis_oom(replies[0]):  # a full Redis refused the deltas: raised, as an outage is, for
+            raise replies[0]                   # the caller to retry (a final refused so is its own answer)
         return replies[1 if rows else 0:]
 
     async def finish_entry(self, final: FinalWrite, stream: str, entry_id: str) -> int:

@@ -30,21 +30,29 @@ def text_up_to(chars: int) -> Any:
     return Annotated[str, Field(max_length=chars), AfterValidator(encodable)]
 
 
+# Nested objects and arrays in a JSON value a client sends (a content part's extra keys, template variables, a
+# response_format): deeper is refused, well within the ~250 levels pydantic's encoder writes when the request
+# is stored. JSON Schemas have their own, tighter bound (gateway/schema_rules.py).
+MAX_JSON_DEPTH = 128
+
+
 def encodable_json(value: Any) -> Any:
-    """`value` when every string in it, keys included, is `encodable`; else the error says where (the path
-    of keys and indices). Walked with a list, not recursion: a value nested as deep as the JSON parser
-    allows costs no stack."""
-    todo: list[tuple[Any, tuple | None]] = [(value, None)]  # (item, (its parent's trail, its key) or None)
+    """`value` when every string in it, keys included, is `encodable` and it nests at most MAX_JSON_DEPTH
+    levels; else the error says where (the path of keys and indices). Walked with a list, not recursion: a
+    value nested as deep as the JSON parser allows costs no stack."""
+    todo: list[tuple[Any, tuple | None, int]] = [(value, None, 0)]  # (item, (parent's trail, key) or None, depth)
     while todo:
-        item, trail = todo.pop()
+        item, trail, depth = todo.pop()
         if isinstance(item, str):
             _encodable_in(item, trail, is_key=False)
+        elif isinstance(item, dict | list | tuple) and depth >= MAX_JSON_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
         elif isinstance(item, dict):
             for key, v in item.items():
                 _encodable_in(key, trail, is_key=True)
-                todo.append((v, (trail, key)))
+                todo.append((v, (trail, key), depth + 1))
         elif isinstance(item, list | tuple):
-            todo.extend((v, (trail, i)) for i, v in enumerate(item))
+            todo.extend((v, (trail, i), depth + 1) for i, v in enumerate(item))
     return value
 
 

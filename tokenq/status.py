@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 
 from gateway.backlog import StreamBacklog, read_backlog
 from gateway.registry import Registry
@@ -50,8 +50,12 @@ class RedisMemory:
                 "maxmemory_policy": self.maxmemory_policy, "full": self.full}
 
 
-async def read_memory(redis: AnyRedis) -> RedisMemory:
-    info = await redis.info("memory")
+async def read_memory(redis: AnyRedis) -> RedisMemory | None:
+    """None where INFO is refused (an ACL user without it, some managed Redis): status shows the rest."""
+    try:
+        info = await redis.info("memory")
+    except ResponseError:
+        return None
     nodes = list(info.values()) if info and all(isinstance(v, dict) for v in info.values()) else [info]  # cluster
     return max((RedisMemory(int(n.get("used_memory", 0)), int(n.get("maxmemory", 0)),
                             str(n.get("maxmemory_policy", "")), str(n.get("used_memory_human", "")),

@@ -391,6 +391,10 @@ class Publisher:
         fills: list[tuple[str, str]] = []
         for (job, fw), written in zip(finals, results, strict=True):
             jlog = log.bind(job_id=job.id)
+            if is_redis_oom(written):  # refused by a full Redis: written alone once it takes writes again
+                written = await self._retrying(self._write_final, fw)
+                if written is None:  # stopping: the entry stays pending
+                    continue
             if isinstance(written, Exception):
                 # Leave the entry pending: another worker reruns it after the lease.
                 jlog.error("final write failed", error=repr(written))
@@ -409,6 +413,13 @@ class Publisher:
         if fills:
             await self._fill_cache(fills)
         return not acks or await self._retrying(self._ack, acks) is not None
+
+    async def _write_final(self, fw: FinalWrite) -> int | Exception:
+        """One final write's answer (or its error); a full Redis's refusal raised, for `_retrying` to wait out."""
+        [written] = await self.store.write([], [fw])
+        if is_redis_oom(written):
+            raise written
+        return written
 
     async def _fill_cache(self, fills: list[tuple[str, str]]) -> None:
         """Succeeded jobs that missed the response cache become its entries; a failure here costs only a

@@ -133,7 +133,9 @@ async def test_an_error_that_quotes_a_lone_surrogate_still_encodes(client, redis
 @pytest.mark.parametrize("path, body, fields, param", [
     ("/v1/completions", PROMPT, {"guided_json": "[" * 100_000 + "]" * 100_000}, "guided_json"),
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"k": json.loads("[" * 300 + "]" * 300)}},
-     "chat_template_kwargs"),
+     "chat_template_kwargs.k"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "extra": json.loads("[" * 300 + "]" * 300)}]}]}, {}, "messages.0.content.0.extra"),
 ])
 async def test_json_nested_too_deep_is_400_naming_the_field(client, redis_client, path, body, fields, param):
     """JSON text past the parser's depth (a RecursionError), or a value past what pydantic writes when the

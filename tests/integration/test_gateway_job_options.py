@@ -83,7 +83,10 @@ async def test_two_idempotency_keys_are_a_400_on_every_route(client):
         r = await client.post(route, json={**body, "ttl": 0.5},  # a completion let through waits that long
                               headers=[(b"Idempotency-Key", b"a"), (b"idempotency-key", b"b")])
         err = assert_error(r, 400, "Idempotency-Key")
-        assert err["message"] == "Idempotency-Key: send one header, got 2", route
+        assert err["message"] == "Idempotency-Key: send one key, got 2 different ones", route
+    # A proxy that repeats the header sends one key twice: that is one key.
+    r = await client.post("/v1/jobs", json=PROMPT, headers=[(b"Idempotency-Key", b"c"), (b"idempotency-key", b"c")])
+    assert r.status_code == 202, r.text
 
 
 async def test_a_stream_of_prompts_that_all_expire_ends_with_one_error(client):

@@ -211,3 +211,16 @@ def test_status_says_when_redis_is_full(redis_url, capsys):
     args = build_parser().parse_args(["status", "--redis-url", redis_url])
     assert args.func(args) == 0
     assert "out of memory" not in capsys.readouterr().out
+
+
+async def test_a_redis_that_refuses_info_leaves_the_memory_line_out():
+    """An ACL user without INFO (some managed Redis): status ended at that error; it shows the rest."""
+    from redis.exceptions import ResponseError
+
+    from tokenq.status import read_memory
+
+    class NoInfo:
+        async def info(self, section: str) -> dict:
+            raise ResponseError("NOPERM this user has no permissions to run the 'info' command")
+
+    assert await read_memory(NoInfo()) is None

@@ -343,3 +343,29 @@ async def test_writes_refused_by_a_full_redis_wait_for_memory_and_lose_nothing(r
     assert record[f.STATE] == "succeeded" and record[f.TEXT] == "t7 t8" and record.get(f.ATTEMPTS, "0") in ("0", "1")
     if pipe is not None:
         await pipe.aclose()
+
+
+async def test_a_final_write_refused_alone_by_a_full_redis_is_written_once_it_takes_writes(redis_client):
+    """Memory can fill between a MULTI's queueing and its EXEC (or a cluster sends the scripts one by one):
+    then the final write's own reply is the refusal. It was logged as failed and the job ran again after its
+    lease; now it waits for Redis, as a refused step does."""
+    from redis.exceptions import OutOfMemoryError
+
+    r = redis_client
+    p = payload([1, 2])
+    await submit_job(r, p)
+    pub = Publisher(r, EngineLoop(FakeEngine()), MODEL)
+    pub.track(RunningJob(payload=p, stream="s", entry_id="0-1", streamed=False, seq=0, started_at=time.time()))
+    write, refusals = pub.store.write, [OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'")] * 2
+
+    async def filling_write(deltas, finals):
+        if finals and refusals:
+            refusals.pop()
+            return [OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")]
+        return await write(deltas, finals)
+
+    pub.store.write = filling_write  # type: ignore[method-assign]
+    await pub.publish([RequestOutput(p.id, [7], "t7", num_output_tokens=1, finished=True, finish_reason="stop")])
+    assert not refusals
+    record = await JobStore(r).read(p.id)
+    assert record[f.STATE] == "succeeded" and len(pub) == 0
