@@ -2,7 +2,9 @@
 line when it ends, and an exponential back-off between attempts in between (a restart of Redis is a
 pause, not a crash, and a log that repeats every retry hides everything else). A Redis that answers but
 refuses the password (changed under a running role) is retried the same way, for a rotation may be under
-way, but said as what it is: an error naming the password, not a warning that Redis is away."""
+way, but said as what it is: an error naming the password, not a warning that Redis is away. A Redis that is
+full (maxmemory reached, nothing to evict) answers reads and refuses writes; a loop whose write it refuses
+waits the same way, with its own line (`is_redis_oom`)."""
 
 from __future__ import annotations
 
