@@ -7,7 +7,13 @@ as long as the client likes. Past a limit the client gets 431 or 408 (a connecti
 without a word) and the connection closes, as nginx answers
 (large_client_header_buffers, client_header_timeout, client_body_timeout). A request still arriving when the
 gateway stops gets a 503 at once, not the whole shutdown grace. Every refusal here is OpenAI-style error JSON,
-uvicorn's own 400 for a request it cannot parse included."""
+uvicorn's own 400 for a request it cannot parse included.
+
+And while the answer goes out: a client that reads nothing of it for WRITE_TIMEOUT_S, once the socket's buffers
+are full (the transport paused our writes), is cut off, as nginx's send_timeout does (a slow reader is not); when the gateway stops, a
+client whose buffers are full is cut off at once. uvicorn waits on such a reader for good, holding the stream's
+job and, at a stop, the whole shutdown grace. The app sees the client gone, as for any disconnect (a completion's
+job is cancelled)."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from protocol.errors import error_json
 
 MAX_HEAD_BYTES = 64 * 1024
 READ_TIMEOUT_S = 30.0
+WRITE_TIMEOUT_S = 60.0
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
             503: b"Service Unavailable"}
 
@@ -36,7 +43,8 @@ def refusal(status: int, message: str, code: str, type_: str = "invalid_request_
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above."""
 
-    read_timeout_s = READ_TIMEOUT_S  # a class attribute, so a test can shorten it
+    read_timeout_s = READ_TIMEOUT_S  # class attributes, so a test can shorten them
+    write_timeout_s = WRITE_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -46,7 +54,33 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._upload = False  # the arriving request is an upload (its limit is between reads)
         self._events = 0  # heads and requests that ended on this connection
         self._deadline: asyncio.TimerHandle | None = None
+        self._stalled: asyncio.TimerHandle | None = None  # while writes are paused: when the reader is cut off
         self._arm()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_reader(self.transport.get_write_buffer_size())
+
+    def _watch_reader(self, unsent: int) -> None:
+        """After each WRITE_TIMEOUT_S of paused writes, the reader is cut off unless it took some of what
+        waits for it meanwhile: a slow reader is a reader."""
+        def check() -> None:
+            left = self.transport.get_write_buffer_size()
+            self._watch_reader(left) if left < unsent else self._cut_off()
+
+        self._stalled = self.loop.call_later(self.write_timeout_s, check)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _cut_off(self) -> None:
+        """The reader took nothing for too long: the connection is dropped without waiting for its buffer
+        (close would), and connection_lost tells the app the client is gone."""
+        self._stalled = None
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         events_before = self._events
@@ -82,6 +116,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self) -> None:
@@ -93,6 +130,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # idle between requests, or never sent one
         elif self._reading and not self._answered():
             self._refuse(503, STOPPING_MESSAGE, "server_shutting_down", "service_unavailable")
+        elif self.flow.write_paused:  # a reader that takes nothing would hold the stop for its whole grace
+            self._cut_off()
         else:
             super().shutdown()
 

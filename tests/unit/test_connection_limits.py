@@ -6,6 +6,7 @@ client that leaves mid-body is counted a 499."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -34,6 +35,14 @@ async def _app(scope, receive, send):
             break
     if scope["path"] == "/slow":
         await asyncio.sleep(1.5)
+    if scope["path"] == "/endless":  # a stream without end, until the client is gone
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        gone = asyncio.create_task(receive())  # http.disconnect, once the connection is lost
+        while not gone.done():
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+            await asyncio.sleep(0)  # a send to a lost client returns at once
+        _app.cut_off += 1
+        return
     body = json.dumps({"size": size}).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -43,7 +52,7 @@ async def _app(scope, receive, send):
 @pytest.fixture
 async def server(monkeypatch):
     monkeypatch.setattr(connection_limits.GuardedHttpProtocol, "read_timeout_s", 0.6)
-    _app.disconnects = 0
+    _app.disconnects = _app.cut_off = 0
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(_app, http=HttpProtocol, loop="asyncio", log_level="error", lifespan="off",
@@ -198,3 +207,65 @@ async def test_the_fast_path_counts_a_client_that_left_mid_body_as_499():
     await submit({"type": "http", "method": "POST", "path": "/v1/jobs", "headers": []}, receive, send)
     assert sent == []
     assert metrics.requests.labels("POST", "/v1/jobs", "499")._value.get() == 1
+
+
+def _reader_that_never_reads(port: int, rcvbuf: int = 4096) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /endless HTTP/1.1\r\nhost: x\r\n\r\n")
+    return sock
+
+
+async def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+async def test_a_reader_that_takes_nothing_is_cut_off_after_the_write_timeout(server, monkeypatch):
+    """uvicorn waited on it for good, and the stream's job ran on: the app now sees the client gone."""
+    monkeypatch.setattr(connection_limits.GuardedHttpProtocol, "write_timeout_s", 0.5)
+    _, port = server
+    sock = _reader_that_never_reads(port)
+    try:
+        assert await _wait_for(lambda: _app.cut_off == 1, 10)
+        sock.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 20):  # what reached this socket before the cut, then the end
+                pass
+    finally:
+        sock.close()
+
+
+async def test_a_reader_that_keeps_reading_is_not_cut_off(server, monkeypatch):
+    """The timeout counts from the last write the socket took (nginx's send_timeout): a reader that takes
+    less than the server writes keeps pausing the writes, and is no stalled reader."""
+    monkeypatch.setattr(connection_limits.GuardedHttpProtocol, "write_timeout_s", 0.5)
+    _, port = server
+    sock = _reader_that_never_reads(port, rcvbuf=1 << 16)
+    try:
+        sock.setblocking(False)  # the server runs on this loop
+        got, deadline = 0, time.monotonic() + 2.0  # four write timeouts, reading all along
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                got += len(sock.recv(1 << 16))
+            await asyncio.sleep(0.005)
+        assert got > 0 and _app.cut_off == 0
+    finally:
+        sock.close()
+
+
+async def test_a_stop_cuts_off_a_reader_that_takes_nothing_at_once(server, monkeypatch):
+    """It held the stop for uvicorn's whole grace, then its task was cancelled mid-send."""
+    srv, port = server
+    sock = _reader_that_never_reads(port)
+    try:
+        await asyncio.sleep(0.5)  # its buffers fill
+        t0 = time.monotonic()
+        srv.should_exit = True
+        assert await _wait_for(lambda: _app.cut_off == 1, 10)
+        assert time.monotonic() - t0 < 3.0  # the grace is 5 s
+    finally:
+        sock.close()
