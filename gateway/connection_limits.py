@@ -10,8 +10,8 @@ gateway stops gets a 503 at once, not the whole shutdown grace. Every refusal he
 uvicorn's own 400 for a request it cannot parse included.
 
 And while the answer goes out: a client that reads nothing of it for WRITE_TIMEOUT_S, once the socket's buffers
-are full (the transport paused our writes), is cut off, as nginx's send_timeout does (a slow reader is not); when the gateway stops, a
-client whose buffers are full is cut off at once. uvicorn waits on such a reader for good, holding the stream's
+are full (the transport paused our writes), is cut off, as nginx's send_timeout does (a slow reader is not);
+when the gateway stops, a client whose buffers are full is cut off at once. uvicorn waits on such a reader for good, holding the stream's
 job and, at a stop, the whole shutdown grace. The app sees the client gone, as for any disconnect (a completion's
 job is cancelled)."""
 
@@ -66,12 +66,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         waits for it meanwhile: a slow reader is a reader."""
         def check() -> None:
             left = self.transport.get_write_buffer_size()
-            self._watch_reader(left) if left < unsent else self._cut_off()
+            if left < unsent:
+                self._watch_reader(left)
+            else:
+                self._cut_off()
 
         self._stalled = self.loop.call_later(self.write_timeout_s, check)
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self._unwatch_reader()
+
+    def _unwatch_reader(self) -> None:
         if self._stalled is not None:
             self._stalled.cancel()
             self._stalled = None
@@ -116,9 +122,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
+        self._unwatch_reader()
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self) -> None:

@@ -43,6 +43,11 @@ def is_redis_oom(exc: BaseException) -> bool:
                                                  in str(exc))
 
 
+def waits_out(exc: BaseException) -> bool:
+    """Whether a loop backs off and retries after `exc`: Redis away, or full and refusing writes."""
+    return isinstance(exc, REDIS_DOWN) or is_redis_oom(exc)
+
+
 class Outage:
     """`lost(error)` on each failure returns how long to wait before the next attempt; `restored()` on
     the first success after it. `log` is a structlog logger; `what` names the loop in both lines."""

@@ -25,7 +25,7 @@ from protocol import choice_text, keys
 from protocol import job_record as f
 from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, Choice, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
-from protocol.outage import REDIS_DOWN, Outage, is_redis_oom
+from protocol.outage import Outage, is_redis_oom, waits_out
 from respcache import store as respcache_store
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
@@ -38,9 +38,6 @@ log = get_logger("publisher")
 REFRESH_INTERVAL_S = 0.2
 _FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 _FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
-# NoScriptError: Redis forgot the scripts again between the store's load and its second send; a new
-# attempt loads them again.
-_RETRYABLE = (*REDIS_DOWN, NoScriptError)
 
 
 
@@ -310,7 +307,9 @@ class Publisher:
                 outage.restored()
                 return result
             except Exception as e:
-                if not (isinstance(e, _RETRYABLE) or is_redis_oom(e)):
+                # NoScriptError: Redis forgot the scripts again between the store's load and its second
+                # send; a new attempt loads them again.
+                if not (isinstance(e, NoScriptError) or waits_out(e)):
                     raise
                 if self.stopped:
                     log.error("redis unavailable and stopping: giving up on this write (entries stay pending)")

@@ -16,11 +16,10 @@ from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Function, Worker, func
-from redis.exceptions import ResponseError
 
 from jobstore.connect import connect, is_cluster_url
 from protocol import keys
-from protocol.outage import REDIS_DOWN, Outage, is_redis_oom, once_reachable
+from protocol.outage import REDIS_DOWN, Outage, once_reachable, waits_out
 from tokenq.settings import Settings
 from worker.logging import get_logger
 from worker.webhooks.delivery import CTX_KEY, FUNCTION, Deliverer, deliver_webhook, new_http_client
@@ -121,10 +120,8 @@ class WebhookService:
                     outage.restored()
                 workers[:] = [w for w in workers if any(not t.done() for t in w.tasks.values())] + [worker]
                 await worker.async_run()
-            except REDIS_DOWN as e:  # before ResponseError: a cluster's node down is one
-                await asyncio.sleep(outage.lost(e))
-            except ResponseError as e:
-                if not is_redis_oom(e):
+            except Exception as e:
+                if not waits_out(e):
                     raise
                 await asyncio.sleep(outage.lost(e))
 
