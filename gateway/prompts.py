@@ -52,19 +52,29 @@ def _environment() -> ImmutableSandboxedEnvironment:
 _ENV = _environment()
 
 
-def _open_final_message(text: str, final: str) -> str:
-    """The rendered chat cut just after the final message's content, as transformers' apply_chat_template
-    cuts it for continue_final_message: at the content's last occurrence, keeping its trailing spaces
-    where the template kept them."""
-    core = final.strip()
-    if not core:
+# Marks where the final message's content ends, as transformers marks it for continue_final_message: the cut
+# falls at the mark, not at the content's last occurrence, which can lie in the template's own text after it
+# (a prefill "end" inside "<|im_end|>").
+_CONTINUE_MARK = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _marked_final(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """The chat with _CONTINUE_MARK after the final message's content."""
+    final = messages[-1]
+    if not final.text().strip():
         raise CannotContinue("continue_final_message: the final message has no text to continue")
-    at = text.rfind(core)
-    if at < 0:
+    return [*messages[:-1], final.model_copy(update={"content": final.text() + _CONTINUE_MARK})]
+
+
+def _open_final_message(text: str, final: str) -> str:
+    """The rendered chat (of _marked_final's messages) cut where the final message's content ends, keeping its
+    trailing spaces where the template kept them, as transformers' apply_chat_template cuts it."""
+    mark = _CONTINUE_MARK.strip()
+    if final.strip() not in text or mark not in text:
         raise CannotContinue("continue_final_message: the chat template does not show the final message's text "
                              "as written, so there is no place to continue it from")
-    kept = final.lstrip()
-    return text[:at + len(kept)] if text[at:at + len(kept)] == kept else text[:at + len(core)]
+    at = text.rindex(mark)
+    return text[:at] if text.startswith(_CONTINUE_MARK, at) else text[:at].rstrip()
 
 
 class PromptBuilder:
@@ -90,6 +100,9 @@ class PromptBuilder:
         if self.template is None:
             raise TemplateRaised(f"model {self.card.name} has no chat template; use /v1/completions")
         extra: dict[str, Any] = dict(chat_template_kwargs or {})
+        final = messages[-1].text()
+        if continue_final_message:
+            messages = _marked_final(messages)
         if self.native_tools:
             dicts = [native_message(m) for m in messages]
             if tools:
@@ -104,7 +117,7 @@ class PromptBuilder:
             raise
         except TemplateError as e:
             raise TemplateRaised(f"chat template failed: {e}") from e
-        return _open_final_message(text, messages[-1].text()) if continue_final_message else text
+        return _open_final_message(text, final) if continue_final_message else text
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
                     **options: Any) -> list[int]:

@@ -128,6 +128,13 @@ class SamplingFields(NullMeansDefault):
     audio: Any = Field(default=None, description="not supported: refused unless null")
     prediction: Any = Field(default=None, description="not supported: refused unless null")
     use_beam_search: Any = Field(default=None, description="not supported: refused unless false")
+    # vLLM's, which change the prompt or the output: refused unless absent, null or their default.
+    chat_template: Any = Field(default=None, description="not supported: the model's own template renders")
+    truncate_prompt_tokens: Any = Field(default=None, description="not supported: refused unless null")
+    echo: Any = Field(default=None, description="completions only (a chat's echo is not supported)")
+    allowed_token_ids: Any = Field(default=None, description="not supported: refused unless null")
+    bad_words: Any = Field(default=None, description="not supported: refused unless empty")
+    documents: Any = Field(default=None, description="not supported: refused unless empty")
 
 
 class JobOptions(NullMeansDefault):
@@ -196,7 +203,9 @@ class ChatCompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
     priority: Lane = "interactive"
 
 
-class CompletionRequest(SamplingFields, JobOptions):
+class CompletionRequest(SamplingFields, JobOptions, ChatTemplateFields):
+    """The template fields are declared so that a prompt refuses them (gateway/prepare._check_no_template)."""
+
     model: text_up_to(MAX_MODEL_CHARS)
     prompt: Prompt
     # Chat's newer name for max_tokens, taken here too (and winning, as there): OpenAI's legacy route would

@@ -34,6 +34,16 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "audio": (lambda v, _: v is None, "audio output is not supported"),
     "prediction": (lambda v, _: v is None, "predicted outputs are not supported"),
     "use_beam_search": (lambda v, _: v in (None, False), "beam search is not supported"),
+    # vLLM's: a per-request template, prompt truncation, a chat's echo, token allow/deny lists, RAG documents.
+    "chat_template": (lambda v, _: _empty(v), "a per-request chat template is not supported; the model's own "
+                                              "template renders the chat"),
+    "truncate_prompt_tokens": (lambda v, _: v is None, "prompt truncation is not supported; send the part "
+                                                       "of the prompt to keep"),
+    "echo": (lambda v, req: v in (None, False) or getattr(req, "messages", None) is None,
+             "echo is served for completions (a prompt) only"),
+    "allowed_token_ids": (lambda v, _: v is None, "allowed_token_ids is not supported; use logit_bias"),
+    "bad_words": (lambda v, _: _empty(v), "bad_words is not supported; use logit_bias"),
+    "documents": (lambda v, _: _empty(v), "documents for the chat template are not supported"),
     # Set alone, these would do nothing (OpenAI and vLLM refuse them too).
     "top_logprobs": (lambda v, req: v is None or getattr(req, "messages", None) is None
                      or getattr(req, "logprobs", None) not in (None, False),

@@ -98,12 +98,12 @@ class ChatMessage(BaseModel):
         return self
 
     def text(self) -> str:
-        """Content as plain text; OpenAI's list-of-parts form is joined."""
+        """Content as plain text; OpenAI's list-of-parts form is joined by newlines, as vLLM joins it."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text or "" for p in self.content)
+        return "\n".join(p.text or "" for p in self.content)
 
 
 class JobPayload(BaseModel):

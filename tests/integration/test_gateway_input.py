@@ -111,10 +111,36 @@ async def test_lone_surrogates_are_400_naming_the_field(client, redis_client, pa
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("prediction", {"type": "content", "content": "x"}),
     ("use_beam_search", True),
+    ("chat_template", "{{ messages }}"),
+    ("truncate_prompt_tokens", 2),
+    ("allowed_token_ids", [1, 2]),
+    ("bad_words", ["no"]),
+    ("documents", [{"text": "a"}]),
 ])
 async def test_unsupported_fields_are_refused_by_name(client, redis_client, path, body, field, value):
     err = assert_error(await client.post(path, json={**body, field: value}), 400, field)
     assert err["code"] == "unsupported_field" and field in err["message"]
+    await assert_nothing_queued(redis_client)
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/chat/completions"])
+async def test_a_chats_echo_is_refused(client, redis_client, path):
+    """vLLM's chat echo (the final message repeated before the answer) is not served: without it the answer
+    would lack what the client asked to see."""
+    err = assert_error(await client.post(path, json={**CHAT, "echo": True}), 400, "echo")
+    assert err["code"] == "unsupported_field"
+    r = await client.post(path, json={**CHAT, "echo": False})
+    assert r.status_code in (200, 202), r.text
+    jobs = len(await redis_client.keys(keys.job_keys_pattern()))
+    assert_error(await client.post(path, json={**CHAT, "echo": True}), 400, "echo")
+    assert len(await redis_client.keys(keys.job_keys_pattern())) == jobs
+
+
+@pytest.mark.parametrize("field, value", [("chat_template_kwargs", {"enable_thinking": False}),
+                                          ("add_generation_prompt", False)])
+async def test_a_prompt_refuses_chat_template_options_on_completions_too(client, redis_client, field, value):
+    err = assert_error(await client.post("/v1/completions", json={**PROMPT, field: value}), 400, field)
+    assert "a prompt is not rendered by a template" in err["message"]
     await assert_nothing_queued(redis_client)
 
 

@@ -60,11 +60,6 @@ def test_plain_prompt_tokens_match_transformers(builder, hf_tokenizer):
         assert builder.encode_text(text) == hf_tokenizer(text)["input_ids"]
 
 
-def test_content_parts_are_joined(builder):
-    parts = ChatMessage(role="user", content=[{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}])
-    assert builder.render_chat([parts]) == builder.render_chat([ChatMessage(role="user", content="Hello")])
-
-
 def test_template_helpers(default_model_dir):
     card = card_for(Path(default_model_dir))
     card.chat_template = (
@@ -102,6 +97,11 @@ PREFILLED = [
     [{"role": "user", "content": "Write a list."}, {"role": "assistant", "content": "1. apples\n2. "}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "  Hello"}],
+    # Prefills that the template's own text after them also holds ("<|im_end|>"): the cut is still theirs.
+    [{"role": "user", "content": "u"}, {"role": "assistant", "content": "end"}],
+    [{"role": "user", "content": "u"}, {"role": "assistant", "content": "im"}],
+    [{"role": "user", "content": "u"}, {"role": "assistant", "content": "|>"}],
+    [{"role": "user", "content": "u"}, {"role": "assistant", "content": "Hello "}],
 ]
 
 
@@ -150,3 +150,10 @@ def test_a_final_message_the_template_does_not_show_cannot_be_continued(default_
     with pytest.raises(CannotContinue, match="no text"):
         PromptBuilder(card).render_chat([ChatMessage(role="assistant", content=" ")], add_generation_prompt=False,
                                         continue_final_message=True)
+
+
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(builder):
+    parts = ChatMessage(role="user", content=[{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}])
+    assert parts.text() == "Hello\nWorld"
+    joined = ChatMessage(role="user", content="Hello\nWorld")
+    assert builder.encode_chat([parts]) == builder.encode_chat([joined])
