@@ -135,6 +135,11 @@ class SamplingFields(NullMeansDefault):
     allowed_token_ids: Any = Field(default=None, description="not supported: refused unless null")
     bad_words: Any = Field(default=None, description="not supported: refused unless empty")
     documents: Any = Field(default=None, description="not supported: refused unless empty")
+    prompt_logprobs: Any = Field(default=None, description="not supported: use echo with logprobs (completions)")
+    return_tokens_as_token_ids: Any = Field(default=None, description="not supported: refused unless false")
+    skip_special_tokens: Any = Field(default=None, description="not supported: special tokens are always "
+                                                               "skipped (refused unless true)")
+    spaces_between_special_tokens: Any = Field(default=None, description="not supported: refused unless true")
 
 
 class JobOptions(NullMeansDefault):

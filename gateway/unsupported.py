@@ -34,7 +34,8 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "audio": (lambda v, _: v is None, "audio output is not supported"),
     "prediction": (lambda v, _: v is None, "predicted outputs are not supported"),
     "use_beam_search": (lambda v, _: v in (None, False), "beam search is not supported"),
-    # vLLM's: a per-request template, prompt truncation, a chat's echo, token allow/deny lists, RAG documents.
+    # vLLM's: a per-request template, prompt truncation, a chat's echo, token allow/deny lists, RAG documents,
+    # prompt logprobs and detokenization options.
     "chat_template": (lambda v, _: _empty(v), "a per-request chat template is not supported; the model's own "
                                               "template renders the chat"),
     "truncate_prompt_tokens": (lambda v, _: v is None, "prompt truncation is not supported; send the part "
@@ -44,6 +45,11 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "allowed_token_ids": (lambda v, _: v is None, "allowed_token_ids is not supported; use logit_bias"),
     "bad_words": (lambda v, _: _empty(v), "bad_words is not supported; use logit_bias"),
     "documents": (lambda v, _: _empty(v), "documents for the chat template are not supported"),
+    "prompt_logprobs": (lambda v, _: v is None, "prompt_logprobs is not supported; a completion with "
+                                                "`echo: true` and `logprobs` returns the prompt's logprobs"),
+    "return_tokens_as_token_ids": (lambda v, _: v in (None, False), "tokens are returned as text only"),
+    "skip_special_tokens": (lambda v, _: v in (None, True), "special tokens are always left out of the text"),
+    "spaces_between_special_tokens": (lambda v, _: v in (None, True), "not supported other than true"),
     # Set alone, these would do nothing (OpenAI and vLLM refuse them too).
     "top_logprobs": (lambda v, req: v is None or getattr(req, "messages", None) is None
                      or getattr(req, "logprobs", None) not in (None, False),

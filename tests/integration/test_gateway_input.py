@@ -116,6 +116,10 @@ async def test_lone_surrogates_are_400_naming_the_field(client, redis_client, pa
     ("allowed_token_ids", [1, 2]),
     ("bad_words", ["no"]),
     ("documents", [{"text": "a"}]),
+    ("prompt_logprobs", 1),
+    ("return_tokens_as_token_ids", True),
+    ("skip_special_tokens", False),
+    ("spaces_between_special_tokens", False),
 ])
 async def test_unsupported_fields_are_refused_by_name(client, redis_client, path, body, field, value):
     err = assert_error(await client.post(path, json={**body, field: value}), 400, field)

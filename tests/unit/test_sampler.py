@@ -94,6 +94,9 @@ def draw(params: SamplingParams, n: int = 4000, seed: int = 0) -> torch.Tensor:
         (SamplingParams(min_p=0.5), {0, 1}),  # keep p >= 0.25
         (SamplingParams(min_p=0.2), {0, 1, 2}),  # keep p >= 0.1
         (SamplingParams(top_k=3, min_p=0.5), {0, 1}),
+        # min_p first, as vLLM v1: {0, 1} (p >= 0.25), renormalized 0.625 / 0.375, then top_p 0.6 keeps one.
+        # top_p first would keep {0, 1} (0.5 < 0.6), which min_p 0.5 then keeps too.
+        (SamplingParams(top_p=0.6, min_p=0.5), {0}),
     ],
 )
 def test_top_k_top_p_min_p_keep_exactly_the_allowed_tokens(params, allowed):

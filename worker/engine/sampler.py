@@ -294,18 +294,19 @@ class Sampler:
 
     @staticmethod
     def _sample(sub: Tensor, batch: SamplingBatch, rows: list[int]) -> Tensor:
-        """Temperature, top-k, top-p, min-p, then a draw, on the rows that do not sample greedily."""
+        """Temperature, min-p, top-k, top-p, then a draw, on the rows that do not sample greedily: vLLM v1's
+        order (min-p on the tempered distribution, before the other cuts; transformers applies it last)."""
         device = sub.device
         params = [batch.params[i] for i in rows]
         temperature = torch.tensor([p.temperature for p in params], device=device, dtype=sub.dtype)
         sub = sub / temperature.unsqueeze(1)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device, dtype=sub.dtype)
+            sub = apply_min_p(sub, min_p)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             top_k = torch.tensor([p.top_k for p in params], device=device)
             top_p = torch.tensor([p.top_p for p in params], device=device, dtype=sub.dtype)
             sub = apply_top_k_top_p(sub, top_k, top_p)
-        if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device, dtype=sub.dtype)
-            sub = apply_min_p(sub, min_p)
         return sample_from_probs(sub.softmax(dim=1), [batch.generators[i] for i in rows])
 
 
