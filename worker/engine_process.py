@@ -380,9 +380,14 @@ STOP_FLUSH_S = 5.0  # told to stop, the engine waits this long at most for the w
 
 
 def serve_commands(conn: Connection, engine, report_buffer_bytes: int = REPORT_BUFFER_BYTES) -> None:
+    """Serves until told to stop or the worker is gone: a worker killed mid-step closes the pipe under a
+    report (a broken pipe) or under a read (EOF), and either ends the engine quietly; the worker's jobs go to
+    recovery, as a lapsed lease sends them."""
     sender = ReportSender(conn, report_buffer_bytes)
     try:
         _serve(conn, engine, sender)
+    except (BrokenPipeError, ConnectionResetError):
+        log.warning("the worker is gone; the engine stops")
     finally:
         sender.close()
 
@@ -411,6 +416,7 @@ def _serve(conn: Connection, engine, sender: ReportSender) -> None:
                     sender.flush(wait_s=STOP_FLUSH_S)  # told to stop: the last reports still go out
                     return
         except EOFError:  # the worker is gone
+            log.warning("the worker is gone; the engine stops")
             return
         outputs = driver.apply(commands)
         if engine.has_unfinished_requests():

@@ -120,3 +120,24 @@ def test_a_failed_output_crosses_the_pipe_with_its_reason_and_type():
     assert [(type(o), getattr(o, "error", None), getattr(o, "error_type", None)) for o in got] == [
         (FailedOutput, "bad regex", "invalid_request_error"), (FailedOutput, "oom", "engine_error"),
         (RequestOutput, None, None)]
+
+
+def test_a_worker_gone_mid_step_ends_the_loop_without_an_error():
+    """The worker killed (kill -9) while the engine steps: its end of the pipe closes, and the engine's next
+    report meets a broken pipe, which ends the loop as a stop does, not with a traceback."""
+    worker_end, engine_end = mp.Pipe(duplex=True)
+    engine = BusyEngine(step_s=0.001)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve_commands(engine_end, engine, 0)
+        except BaseException as e:  # noqa: BLE001 - the test reports what escaped
+            errors.append(e)
+
+    loop = threading.Thread(target=run, daemon=True)
+    loop.start()
+    time.sleep(0.2)
+    worker_end.close()
+    loop.join(10)
+    assert not loop.is_alive() and errors == []
