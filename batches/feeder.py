@@ -43,6 +43,7 @@ from protocol.jobs import JobError, JobPayload, JobResult, JobState
 log = get_logger(__name__)
 CHUNK = 1000  # lines per Redis command when walking a whole batch
 MIN_STEP_S = 0.02  # a burst of lines ending is collected in one step, not one step each
+RETRY_CHECK_S = 5.0  # a line the gateway's rules held back is offered again at most this long after
 
 RENEW = Script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -109,6 +110,7 @@ class BatchFeeder:
         self.batch_id = batch_id
         self.key = K.batch_key(batch_id)
         self.retry_at = 0.0  # a tenant limit or a missing worker said "not now" until then
+        self.held_line: int | None = None  # the line that said "not now", logged once while it waits
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work the batch until it is final, the lease is lost, or `stop`."""
@@ -293,12 +295,17 @@ class BatchFeeder:
                 await submit_line(self.ctx, tenant, self.batch_id, line, item, deadline)
             except RetryLater as e:
                 retry_after = float((e.error.headers or {}).get("Retry-After", 1))
-                self.retry_at = time.time() + min(retry_after, 5.0)
-                log.info("batch line not admitted yet", batch_id=self.batch_id, line=line, reason=e.error.message)
+                self.retry_at = time.time() + min(retry_after, RETRY_CHECK_S)
+                # Asked again every RETRY_CHECK_S (a queue may drain sooner than a limit's Retry-After says):
+                # one line when a line starts to wait, not one per ask.
+                (log.debug if line == self.held_line else log.info)(
+                    "batch line not admitted yet", batch_id=self.batch_id, line=line, reason=e.error.message)
+                self.held_line = line
                 break
             except ApiError as e:
                 records.append((line, R.refused(item.custom_id, job_id, e.status,
                                                 error_json(e.message, e.type, e.param, e.code)["error"])))
+            self.held_line = None
         await self._record(records)
 
     # -- ending ---------------------------------------------------------------------------------------

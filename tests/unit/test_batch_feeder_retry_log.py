@@ -1,0 +1,62 @@
+"""The batch feeder offers a held-back line again every few seconds (batches/feeder.RETRY_CHECK_S); a line a
+tenant's limit holds for minutes logs that it waits once, not at every offer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+
+from batches import feeder as feeder_module
+from batches.feeder import BatchFeeder
+from batches.submit import RetryLater
+from gateway.errors import ApiError
+
+LINE = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                   "body": {"model": "m", "prompt": "hi", "max_tokens": 2}})
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, event: str, **_: object) -> None:
+        self.lines.append(("info", event))
+
+    def debug(self, event: str, **_: object) -> None:
+        self.lines.append(("debug", event))
+
+
+def _feeder(monkeypatch, admitted: list[bool]) -> tuple[BatchFeeder, Log]:
+    async def submit_line(*_args, **_kwargs) -> str:
+        if admitted.pop(0):
+            return "job"
+        raise RetryLater(ApiError(429, "rate limit: try again in 77s", headers={"Retry-After": "77"}))
+
+    async def tenant(_name: str) -> object:
+        return object()
+
+    async def record(_records) -> None:
+        return None
+
+    log = Log()
+    monkeypatch.setattr(feeder_module, "submit_line", submit_line)
+    monkeypatch.setattr(feeder_module, "log", log)
+    feeder = BatchFeeder.__new__(BatchFeeder)
+    feeder.ctx = SimpleNamespace(auth=SimpleNamespace(tenant=tenant))
+    feeder.batch_id, feeder.retry_at, feeder.held_line = "batch_1", 0.0, None
+    feeder._record = record
+    return feeder, log
+
+
+def test_a_line_held_back_logs_once_while_it_waits(monkeypatch):
+    b = {"tenant": "acme", "expires_at": "9e9"}
+    feeder, log = _feeder(monkeypatch, admitted=[False, False, False, True, False])
+    for _ in range(3):  # three offers of line 2, each held back
+        asyncio.run(feeder._submit(b, [(2, LINE)]))
+    assert log.lines == [("info", "batch line not admitted yet"), ("debug", "batch line not admitted yet"),
+                         ("debug", "batch line not admitted yet")]
+    assert 0 < feeder.retry_at - time.time() <= feeder_module.RETRY_CHECK_S
+    asyncio.run(feeder._submit(b, [(2, LINE), (3, LINE)]))  # line 2 admitted, then line 3 starts to wait
+    assert log.lines[-1] == ("info", "batch line not admitted yet")
