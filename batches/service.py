@@ -92,7 +92,7 @@ class FeederService:
 
 
 def run_batches(redis_url: str) -> int:
-    configure_logging()
+    configure_logging("batches")
 
     async def main() -> None:
         stop = asyncio.Event()

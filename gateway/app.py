@@ -57,7 +57,7 @@ class GatewayApp(FastAPI):
 
 def create_app(redis_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_queue_depth: int | None = None, library_path: bool | None = None) -> GatewayApp:
-    configure_logging()
+    configure_logging("gateway")
     settings = Settings.from_env()
     # The submission path of FastAPI and redis-py alone, without gateway/fastpath.py and jobstore/pipe.py:
     # `tokenq bench queue` runs both to show what the hand-written pieces buy.

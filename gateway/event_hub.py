@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.logging import get_logger
 from jobstore.pipe import Endpoint, RespProtocol
+from tokenq.logs import detached
 
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
@@ -173,13 +174,13 @@ class EventHub:
         else:
             await self._conn.subscribe(channel)
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read(self._conn), name="event-hub")
+            self._reader = detached(self._read(self._conn), name="event-hub")
 
     async def _remove(self, channel: str, sub: Subscription) -> None:
         """Forget the follower at once (its task may be being cancelled); UNSUBSCRIBE in the background
         after the channel's last one, unless another follower has joined it meanwhile."""
         if self._forget(channel, sub):
-            task = asyncio.create_task(self._unsubscribe(channel))
+            task = detached(self._unsubscribe(channel))
             self._unsubscribing.add(task)
             task.add_done_callback(self._unsubscribing.discard)
 
@@ -230,7 +231,7 @@ class EventHub:
 
     def _on_lost(self, conn: _Subscriber, error: BaseException) -> None:
         if conn is self._conn:  # not one closed on purpose
-            task = asyncio.create_task(self._lost(conn, error))
+            task = detached(self._lost(conn, error))
             self._losing.add(task)
             task.add_done_callback(self._losing.discard)
 

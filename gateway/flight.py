@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
+from tokenq.logs import detached
+
 T = TypeVar("T")
 
 
@@ -25,10 +27,10 @@ class SingleFlight:
         self._running: dict[Hashable, asyncio.Future] = {}
 
     def start(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future:
-        """The read of `key` in flight, started now if none is."""
+        """The read of `key` in flight, started now if none is (shared by requests, and run in none of theirs)."""
         future = self._running.get(key)
         if future is None:
-            future = asyncio.ensure_future(fetch())
+            future = detached(fetch())
             self._running[key] = future
             future.add_done_callback(lambda done: self._forget(key, done))
         return future

@@ -1,57 +1,33 @@
-"""structlog set-up: a readable console when stderr is a terminal, JSON lines otherwise."""
+"""The gateway's import of tokenq/logs.py (every role's log set-up), with what only the gateway needs: a
+request's job id in its lines, and uvicorn's own lines in the same shape."""
 
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Any
 
 import structlog
 
-_configured = False
+from tokenq.logs import configure_logging, get_logger, line_processors, on_terminal, renderer
+from tokenq.settings import Settings
 
-
-def configure_logging(level: int = logging.INFO) -> None:
-    global _configured
-    if _configured:
-        return
-    _configured = True
-    renderer = (structlog.dev.ConsoleRenderer() if sys.stderr.isatty()
-                else structlog.processors.JSONRenderer())
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+__all__ = ["bind_job", "configure_logging", "get_logger", "uvicorn_log_config"]
 
 
 def uvicorn_log_config() -> dict[str, Any] | None:
-    """uvicorn's own lines (its start, its stop, its errors) as JSON lines beside the gateway's when stderr is
-    no terminal: a log shipper that parses one JSON object a line would take them for garbage. None on a
-    terminal: uvicorn's readable defaults."""
-    if sys.stderr.isatty():
+    """uvicorn's own lines (its start, its stop, its errors) as the gateway's lines, at TOKENQ_LOG_LEVEL, when
+    stderr is no terminal: a log shipper that parses one JSON object a line would take them for garbage.
+    None on a terminal: uvicorn's readable defaults."""
+    if on_terminal():
         return None
+    level = Settings.from_env().log_level
     formatter = {"()": structlog.stdlib.ProcessorFormatter,
-                 "foreign_pre_chain": [structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
-                                       structlog.processors.TimeStamper(fmt="iso")],
-                 "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                                structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]}
+                 "foreign_pre_chain": [structlog.stdlib.add_logger_name, *line_processors("gateway")],
+                 "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer()]}
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
-    quiet = {"handlers": ["json"], "level": "INFO", "propagate": False}
+    quiet = {"handlers": ["json"], "level": level, "propagate": False}
     return {"version": 1, "disable_existing_loggers": False, "formatters": {"json": formatter},
-            "handlers": {"json": handler}, "loggers": {"uvicorn": quiet, "uvicorn.error": {"level": "INFO"},
+            "handlers": {"json": handler}, "loggers": {"uvicorn": quiet, "uvicorn.error": {"level": level},
                                                        "uvicorn.access": quiet}}
-
-
-def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
 
 
 def bind_job(job_id: str) -> None:

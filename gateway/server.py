@@ -68,8 +68,9 @@ class HttpProtocol(GuardedHttpProtocol):
 
 
 def run(host: str, port: int, redis_url: str, workers: int | None = None) -> None:
-    workers = workers or Settings.from_env().gateway_workers
-    options: dict[str, Any] = dict(host=host, port=port, log_level="info", access_log=False,
+    settings = Settings.from_env()
+    workers = workers or settings.gateway_workers
+    options: dict[str, Any] = dict(host=host, port=port, log_level=settings.log_level.lower(), access_log=False,
                                    timeout_graceful_shutdown=SERVER_GRACE_S, loop="uvloop", http=HttpProtocol)
     if (log_config := uvicorn_log_config()) is not None:
         options["log_config"] = log_config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ import structlog
 
 from respcache import keys
 from respcache.index import VectorIndex, decode_vector
+from tokenq.logs import detached
 
 log = structlog.get_logger(__name__)
 
@@ -56,10 +58,11 @@ class SemanticCache:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def start(self) -> asyncio.Task:
-        """Load the model and the index, then tail the log (once; later calls return the same task)."""
+        """Load the model and the index, then tail the log (once; later calls return the same task). The first
+        request that asks starts it, in a context of its own: its lines carry no request's job_id."""
         if self._loading is None:
-            self._loading = asyncio.create_task(self._load())
-            self._loading.add_done_callback(self._report)
+            self._loading = detached(self._load())
+            self._loading.add_done_callback(self._report, context=contextvars.Context())
         return self._loading
 
     def _report(self, task: asyncio.Task) -> None:

@@ -21,6 +21,7 @@ DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 METRICS_PEERS_ENV = "TOKENQ_METRICS_PEERS"  # set by `tokenq up` for its gateway
 _YES = ("1", "true", "yes", "on")
 _NO = ("0", "false", "no", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingError(ValueError):
@@ -65,6 +66,15 @@ def _seconds_list(env: Mapping[str, str], name: str) -> tuple[float, ...] | None
         return tuple(float(x) for x in raw.split(",") if x.strip())
     except ValueError:
         raise SettingError(f"{name}={raw!r} is not a comma-separated list of seconds") from None
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    """One of LOG_LEVELS, in any case; anything else is an error naming the variable and the levels."""
+    raw = env.get("TOKENQ_LOG_LEVEL") or "INFO"
+    if raw.strip().upper() not in LOG_LEVELS:
+        raise SettingError(f"TOKENQ_LOG_LEVEL={raw!r} is not a log level: it must be one of {', '.join(LOG_LEVELS)} "
+                           "(any case)")
+    return raw.strip().upper()
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -116,7 +126,7 @@ class Settings:
     home: Path  # TOKENQ_HOME: models and the embedded Redis's data
     redis_url: str | None  # TOKENQ_REDIS_URL; None: `tokenq up` starts an embedded Redis
     model: str  # TOKENQ_MODEL
-    log_level: str  # TOKENQ_LOG_LEVEL
+    log_level: str  # TOKENQ_LOG_LEVEL: one of LOG_LEVELS, the least severe a role's lines show
     drain_grace_s: float  # TOKENQ_DRAIN_GRACE_S: how long a stopping worker lets running jobs finish
     lease_s: float  # TOKENQ_LEASE_S: a running entry idle this long is another worker's to claim
     max_deliveries: int  # TOKENQ_MAX_DELIVERIES: deliveries before an entry is dead-lettered
@@ -160,7 +170,7 @@ class Settings:
             home=_home(env),
             redis_url=_redis_url(env),
             model=_model(env),
-            log_level=env.get("TOKENQ_LOG_LEVEL") or "INFO",
+            log_level=_log_level(env),
             drain_grace_s=env_float(env, "TOKENQ_DRAIN_GRACE_S", 10.0),
             lease_s=env_float(env, "TOKENQ_LEASE_S", 30.0),
             max_deliveries=env_int(env, "TOKENQ_MAX_DELIVERIES", 3),

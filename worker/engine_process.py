@@ -295,7 +295,7 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     from worker.engine.llm_engine import LLMEngine
     from worker.engine.tp_ranks import exit_with_parent
 
-    configure_logging(Settings.from_env().log_level)  # a spawned process starts with structlog's defaults
+    configure_logging("engine")  # a spawned process starts with structlog's defaults
     os.setpgid(0, 0)  # a group of its own, which its ranks join: a stalled engine is killed with them
     exit_with_parent()
     try:

@@ -160,6 +160,7 @@ class WorkerService:
         log.info("kv cache", model=self.model_name, **self.kv_cache)
         if self.kv_cache.get("blocks"):  # a size fixed at start: on dashboards before the first job's stats
             metrics.KV_BLOCKS.labels(card.name).set(self.kv_cache["blocks"])
+        metrics.start_series(self.model_name)
         log.info("worker starting", worker=self.worker_id, model=self.model_name, lease_s=recovery.lease_s)
         tasks: list[asyncio.Task] = []
         try:
@@ -236,7 +237,7 @@ def serve(redis_url: str, model_name: str, engine, card: ModelCard | None = None
           worker_id: str | None = None, grace_s: float | None = None, metrics_host: str = "0.0.0.0") -> int:
     """Run a worker until SIGINT/SIGTERM: drain (a second signal skips the grace for running jobs). Returns
     the exit status: 1 when the engine died."""
-    configure_logging(Settings.from_env().log_level)
+    configure_logging("worker")
     service = WorkerService(redis_url, model_name, engine, card, worker_id=worker_id, metrics_port=metrics_port,
                             metrics_host=metrics_host, grace_s=grace_s)
 

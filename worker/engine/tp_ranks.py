@@ -100,7 +100,7 @@ def _rank_main(rank: int, port: int, model_path: str, config: EngineConfig, join
     # A Ctrl-C reaches the whole process group; stopping is rank 0's to order (after the worker's drain).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging("WARNING")  # what rank 0 logs at start-up, every rank would repeat
+    configure_logging("engine", at_least="WARNING")  # what rank 0 logs at start-up, every rank would repeat
     structlog.contextvars.bind_contextvars(rank=rank)
     exit_with_parent()
     device = torch.device(config.rank_device(rank))

@@ -170,7 +170,7 @@ def run_webhooks(redis_url: str, metrics_port: int | None = None, metrics_host: 
 
     from worker.logging import configure_logging
 
-    configure_logging(Settings.from_env().log_level)
+    configure_logging("webhooks")
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host)
 
