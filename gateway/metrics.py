@@ -22,6 +22,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -37,6 +38,9 @@ from gateway.metrics_peers import PeerMetrics
 from gateway.redis_client import PROBE_TIMEOUT_S
 from jobstore import JobRef
 from protocol.jobs import JobState
+
+# No `*_created` series beside each counter and histogram (as vLLM): they doubled the series and nothing reads them.
+disable_created_metrics()
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: set, every metric lives in files there
 BACKLOG_CACHE_S = 2.0  # several Prometheus servers scraping cost one read
@@ -134,11 +138,11 @@ class BacklogCollector:
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "lane", "tenant"]
         families = [
-            (GaugeMetricFamily("tokenq_queue_waiting_jobs", "jobs on a lane that no worker has taken yet",
-                               labels=labels), "waiting"),
-            (GaugeMetricFamily("tokenq_queue_running_jobs", "jobs a worker has taken and not yet finished",
+            (GaugeMetricFamily("tokenq_queue_waiting_jobs", "jobs no live worker holds: not taken yet, or held "
+                               "by a worker whose heartbeat is gone", labels=labels), "waiting"),
+            (GaugeMetricFamily("tokenq_queue_running_jobs", "jobs a live worker has taken and not yet finished",
                                labels=labels), "running"),
-            (GaugeMetricFamily("tokenq_queue_oldest_waiting_seconds", "age of the oldest job no worker has taken",
+            (GaugeMetricFamily("tokenq_queue_oldest_waiting_seconds", "age of the oldest waiting job (0 if none)",
                                labels=labels), "oldest_waiting_s"),
         ]
         for family, field in families:

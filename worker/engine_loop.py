@@ -22,6 +22,7 @@ from worker.logging import get_logger
 log = get_logger("engine_loop")
 
 IDLE_STATS = {"running": 0, "waiting": 0, "kv_usage": 0.0, "prefix_hit_rate": 0.0}
+STEP_ERRORS_STAT = "step_errors"  # the driver's steps that raised (their requests failed), a lifetime total
 PRIORITIES = tuple(sorted(keys.LANE_PRIORITY.values()))  # best first
 WORST = PRIORITIES[-1]
 Admissible = tuple[int, ...]  # what the engine admits of each priority, indexed by priority
@@ -183,12 +184,14 @@ class EngineDriver:
             return (0,) * len(PRIORITIES), dict(IDLE_STATS)
 
     def stats(self) -> dict:
-        """The engine's stats alone, for a caller that has its admissible counts already."""
+        """The engine's stats alone (with the steps that raised, a lifetime total), for a caller that has its
+        admissible counts already."""
         try:
-            return self.engine.stats()
+            stats = self.engine.stats()
         except Exception as e:
             log.warning("engine stats failed", error=repr(e))
-            return dict(IDLE_STATS)
+            stats = dict(IDLE_STATS)
+        return {**stats, STEP_ERRORS_STAT: self.step_errors}
 
 
 class EngineLoop(EngineHandle):

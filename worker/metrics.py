@@ -5,9 +5,13 @@ that every name it queries is defined here or in the gateway's or webhook servic
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
+from worker.engine_loop import STEP_ERRORS_STAT
 from worker.engine_process import REPORT_SEND_STAT
+
+# No `*_created` series beside each counter and histogram (as vLLM): they doubled the series and nothing reads them.
+disable_created_metrics()
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -104,7 +108,7 @@ ENGINE_STEP_TOKENS = Counter(
 _ENGINE_TOTALS = {"prefix_queries_tokens": PREFIX_CACHE_QUERIES, "prefix_hit_tokens": PREFIX_CACHE_HITS,
                   "num_preemptions": PREEMPTIONS, REPORT_SEND_STAT: ENGINE_REPORT_SEND,
                   "launched_steps": ENGINE_STEPS, "launched_prefill_steps": ENGINE_PREFILL_STEPS,
-                  "launched_step_tokens": ENGINE_STEP_TOKENS}
+                  "launched_step_tokens": ENGINE_STEP_TOKENS, STEP_ERRORS_STAT: ENGINE_ERRORS}
 _last_totals: dict[tuple[str, str], float] = {}
 
 
@@ -130,6 +134,17 @@ def observe_finished(model: str, lane: str, enqueued_at: float, prompt_tokens: i
     E2E_LATENCY.labels(model, lane).observe(max(0.0, now - enqueued_at))
     PROMPT_LENGTH.labels(model).observe(prompt_tokens)
     GENERATION_LENGTH.labels(model).observe(output_tokens)
+
+
+# Counted rarely (a failure, a recovery): their series exist at 0 from the worker's start, so that the first
+# event is an increase an alert sees (a series born at 1 has none: rules.yaml's TokenqDeadLetters).
+_RARE = (DUPLICATE_FINALS, RECLAIMED, DEAD_LETTERED, RELEASED, MALFORMED_ENTRIES)  # engine errors: a total
+
+
+def start_series(model: str) -> None:
+    """The rare counters' series for this worker's model, at 0."""
+    for counter in _RARE:
+        counter.labels(model)
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:

@@ -44,8 +44,12 @@ class Throughput:
         if self.log_every_s <= 0 or now - self._last_log < self.log_every_s:
             return False
         self._last_log = now
-        log.info("throughput", model=self.model, prompt_tokens_per_s=round(rates["prompt_tokens_per_s"], 1),
-                 generation_tokens_per_s=round(rates["generation_tokens_per_s"], 1),
-                 running=stats.get("running", 0), waiting=stats.get("waiting", 0),
-                 kv_cache_usage=round(float(stats.get("kv_usage", 0.0)), 3))
+        busy = any((rates["prompt_tokens_per_s"], rates["generation_tokens_per_s"], stats.get("running", 0),
+                    stats.get("waiting", 0)))
+        # An idle worker's line of zeros every period is noise: debug then (as vLLM's stat logger).
+        (log.info if busy else log.debug)(
+            "throughput", model=self.model, prompt_tokens_per_s=round(rates["prompt_tokens_per_s"], 1),
+            generation_tokens_per_s=round(rates["generation_tokens_per_s"], 1),
+            running=stats.get("running", 0), waiting=stats.get("waiting", 0),
+            kv_cache_usage=round(float(stats.get("kv_usage", 0.0)), 3))
         return True

@@ -202,3 +202,48 @@ def test_engine_report_send_time_becomes_a_counter():
     metrics.observe_engine_stats(model, {"report_send_seconds": 0.25})
     metrics.observe_engine_stats(model, {"report_send_seconds": 1.5})
     assert _value("tokenq_worker_engine_report_send_seconds_total", model) == pytest.approx(1.5)
+
+
+def test_an_engine_step_that_raises_counts_as_an_engine_error():
+    """The driver fails the step's requests and counts the step; the worker's counter follows that total
+    (tokenq_worker_engine_errors_total, which the TokenqEngineErrors alert reads)."""
+    from worker.engine_loop import EngineDriver
+
+    class Broken:
+        def step(self):
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+        def abort_request(self, rid: str) -> None:
+            pass
+
+        def stats(self) -> dict:
+            return {"running": 0, "waiting": 0, "kv_usage": 0.0}
+
+    model = "engine-errors-test"
+    driver = EngineDriver(Broken())
+    driver.live.add("job-1")
+    metrics.observe_engine_stats(model, driver.stats())
+    assert REGISTRY.get_sample_value("tokenq_worker_engine_errors_total", {"model": model}) == 0.0  # not absent
+    failed = driver.step()
+    assert [(o.request_id, o.finish_reason) for o in failed] == [("job-1", "error")]
+    metrics.observe_engine_stats(model, driver.stats())
+    assert _value("tokenq_worker_engine_errors_total", model) == 1
+
+
+def test_the_rare_counters_exist_at_zero_from_the_start():
+    """A series born at 1 shows no increase() to an alert; started at 0, the first dead letter fires it."""
+    model = "rare-series-test"
+    metrics.start_series(model)
+    for name in ("tokenq_worker_dead_lettered_total", "tokenq_worker_reclaimed_entries_total",
+                 "tokenq_worker_released_entries_total", "tokenq_worker_malformed_entries_total",
+                 "tokenq_duplicate_final_writes_total"):
+        assert REGISTRY.get_sample_value(name, {"model": model}) == 0.0, name  # None when absent
+
+
+def test_an_idle_workers_throughput_line_is_debug():
+    meter = Throughput("idle-throughput-test", log_every_s=5.0)
+    idle = meter.sample(now=100.0)
+    with capture_logs() as logs:
+        assert meter.maybe_log(idle, {"running": 0, "waiting": 0}, now=meter._last_log + 6)
+        assert meter.maybe_log(idle, {"running": 1, "waiting": 0}, now=meter._last_log + 6)
+    assert [(line["event"], line["log_level"]) for line in logs] == [("throughput", "debug"), ("throughput", "info")]

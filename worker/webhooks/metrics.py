@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, disable_created_metrics
+
+# No `*_created` series beside each counter and histogram (as vLLM): they doubled the series and nothing reads them.
+disable_created_metrics()
 
 DELIVERIES = Counter(
     "tokenq_webhook_deliveries_total",
