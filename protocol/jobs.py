@@ -161,15 +161,18 @@ class Choice(BaseModel):
     content: str | None = None
 
     def with_tool_calls(self, spec: ToolParsing | None) -> Choice:
-        update = _tool_update(self.text, self.finish_reason, spec)
+        update = _tool_update(self.text, self.finish_reason, self.stop_reason, spec)
         return self.model_copy(update=update) if update else self
 
 
-def _tool_update(text: str, finish_reason: FinishReason, spec: ToolParsing | None) -> dict | None:
+def _tool_update(text: str, finish_reason: FinishReason, stop_reason: StopReason,
+                 spec: ToolParsing | None) -> dict | None:
     """The calls `text` holds as fields to set; finish_reason "tool_calls" when the output ended by itself
-    or at max_tokens (then a half-written last call is left out: the calls given are whole), except for a
-    forced call cut before any call was whole: that one call, its arguments cut, and "length"."""
-    parsed = parse_tool_calls(text, spec, cut=finish_reason == "length") if spec is not None else None
+    or was cut (at max_tokens, a stop string or a stop token: then a half-written last call is left out, and
+    the calls given are whole), except for a forced call cut before any call was whole: that one call, its
+    arguments cut, and the reason that cut it."""
+    cut = finish_reason == "length" or stop_reason is not None
+    parsed = parse_tool_calls(text, spec, cut=cut) if spec is not None else None
     if parsed is None:
         return None
     reason = "tool_calls" if finish_reason in ("stop", "length") and parsed.whole else finish_reason
@@ -207,7 +210,7 @@ class JobResult(BaseModel):
         if spec is None:
             return self
         if not self.choices:
-            update = _tool_update(self.text, self.finish_reason, spec)
+            update = _tool_update(self.text, self.finish_reason, self.stop_reason, spec)
             return self.model_copy(update=update) if update else self
         choices = [c.with_tool_calls(spec) for c in self.choices]
         first = choices[0]

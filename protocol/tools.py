@@ -47,7 +47,7 @@ class ToolParsing(BaseModel):
 class ParsedTools:
     content: str | None  # the text before the calls; None when there is none
     calls: list[ToolCall]
-    whole: bool = True  # False: the one call is half-written (a forced call cut at max_tokens)
+    whole: bool = True  # False: the one call is half-written (a forced call cut before it closed)
 
 
 def new_call_id() -> str:
@@ -63,7 +63,8 @@ def content_before(text: str) -> str:
 
 def parse_tool_calls(text: str, spec: ToolParsing, cut: bool = False) -> ParsedTools | None:
     """The calls in `text`, or None when it holds no well-formed call of an offered function. `cut`: the
-    output stopped at max_tokens, so its last call may be half-written: the whole calls before it count.
+    output stopped before it ended by itself (max_tokens, a stop string, a stop token), so its last call may
+    be half-written: the whole calls before it count.
     Output nested deeper than Python's JSON parser and encoder go stays plain content too."""
     try:
         return _parse(text, spec, cut)

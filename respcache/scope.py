@@ -49,6 +49,8 @@ def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessa
     (gateway/schemas.ChatTemplateFields), part of the scope."""
     if payload.echo_prompt is not None:
         return None  # the answer repeats the prompt: a paraphrase's answer would repeat another one
+    if template_options and template_options.get("continue_final_message"):
+        return None  # the answer continues the final message's very words: a paraphrase's would not fit
     if payload.tools is not None or (messages and any(m.tool_calls or m.role == "tool" for m in messages)):
         return None  # the answer depends on the tools and the calls' results, which the scope does not hold
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

@@ -76,6 +76,8 @@ def test_chat_template_options_are_part_of_the_semantic_scope():
     assert plain.scope == scope._digest(["m", "card", "chat", [], sampling])  # entries cached before still hit
     assert key({"chat_template_kwargs": {"enable_thinking": False}}).scope != plain.scope
     assert key({"add_generation_prompt": False}).scope != plain.scope
+    # A continued message is continued word by word: "...ocean" + " on Earth?" does not fit "...ocean?".
+    assert key({"add_generation_prompt": False, "continue_final_message": True}) is None
 
 
 def test_a_semantic_scope_holds_the_max_tokens_rule_and_a_prompt_of_one_is_the_prompt():

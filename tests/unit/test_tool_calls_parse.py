@@ -132,6 +132,16 @@ def test_a_forced_call_cut_before_any_was_whole_is_a_call_with_its_cut_arguments
     assert _result(text, "stop").with_tool_calls(JSON).tool_calls is None
 
 
+@pytest.mark.parametrize("stop_reason", ["}", "Paris", 23597])
+def test_a_forced_call_cut_by_a_stop_string_or_token_is_a_call_too(stop_reason):
+    """A stop string or a stop token cuts a forced call as max_tokens does: OpenAI answers a forced
+    tool_choice with a call whatever ended it, so the cut call is given, not its JSON as content."""
+    text = '{"name": "get_weather", "arguments": {"city": "Par'
+    result = _result(text, "stop").model_copy(update={"stop_reason": stop_reason}).with_tool_calls(JSON)
+    assert result.content is None and result.finish_reason == "stop"
+    assert [(c.function.name, c.function.arguments) for c in result.tool_calls] == [("get_weather", '{"city": "Par')]
+
+
 @pytest.mark.parametrize("text, names, name", [
     ('{"name": "get_', ["get_weather", "get_time"], None),  # two offered names fit: no call to name
     ('{"name": "', ["get_weather", "get_time"], None),
