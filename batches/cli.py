@@ -155,7 +155,7 @@ def _follow(client: httpx.Client, batch: dict, poll_s: float = 1.0) -> dict:
             counts = batch["request_counts"]
             bar.total = counts["total"]
             bar.set_description(batch["status"])
-            bar.set_postfix(failed=counts["failed"])
+            bar.set_postfix(failed=str(counts["failed"]))  # tqdm writes 50000 as 5e+4
             bar.update(counts["completed"] + counts["failed"] - bar.n)
             if batch["status"] in FINAL:
                 break

@@ -47,6 +47,10 @@ async def create_file(request: Request, caller: Caller = Depends(get_caller),
             raise ApiError(400, f"purpose: only 'batch' files can be uploaded (got {purpose!r})", param="purpose")
         if form.filename is None:
             raise ApiError(400, "file: the form has no `file` part", param="file")
+        if any(name.startswith("expires_after") for name in form.fields):  # OpenAI's SDK: expires_after[seconds]
+            raise ApiError(400, "expires_after: a file's own expiry is not supported; files are kept "
+                                f"{settings.file_retention_s} s (TOKENQ_FILES_RETENTION_S), or until deleted",
+                           param="expires_after", code="unsupported_field")
         meta = await upload.finish(form.filename, redis)
     except BaseException:
         await upload.writer.discard()

@@ -108,6 +108,22 @@ def test_openai_client_round_trip(client, worker, redis_url):
         client.files.retrieve(f.id)
 
 
+def test_retention_settings_the_sdk_sends_are_refused_not_ignored(client):
+    """OpenAI's expires_after (a file's) and output_expires_after (a batch's): a team that asks for an hour's
+    retention must not have its prompts kept 30 days without a word."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("in.jsonl", jsonl(chat_lines(1, MODEL))), purpose="batch",
+                            expires_after={"anchor": "created_at", "seconds": 3600})
+    assert e.value.param == "expires_after" and e.value.code == "unsupported_field"
+    assert client.files.list().data == []
+    f = upload(client, chat_lines(1, MODEL))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 3600})
+    assert e.value.param == "output_expires_after" and e.value.code == "unsupported_field"
+    assert client.batches.list().data == []
+
+
 @pytest.mark.parametrize(("content", "line", "words"), [
     (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
      b'"messages": [{"role": "user", "content": "hi"}]}}\n\n{not json}\n', 3, "not valid JSON"),
