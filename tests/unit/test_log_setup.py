@@ -3,10 +3,7 @@ value is one error line before anything starts; uvicorn's lines follow the level
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import logging.config
 import subprocess
 import sys
 
@@ -83,27 +80,6 @@ def test_lines_show_from_the_settings_level_up(level, shown):
 def test_a_floor_keeps_the_more_severe_of_it_and_the_setting(level, shown):
     """Tensor-parallel ranks log from WARNING up (rank 0 says the rest), and less where the setting says less."""
     assert [line["event"] for line in _lines(level, "engine", "WARNING")] == shown.split()
-
-
-def test_uvicorn_lines_follow_the_level_and_name_the_gateway(monkeypatch):
-    from gateway.logging import uvicorn_log_config
-
-    names = ("uvicorn", "uvicorn.error", "uvicorn.access")
-    kept = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level)
-            for n in names}
-    stderr = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stderr)
-    monkeypatch.setenv("TOKENQ_LOG_LEVEL", "WARNING")
-    try:
-        logging.config.dictConfig(uvicorn_log_config())
-        logging.getLogger("uvicorn.error").info("Application startup complete.")
-        logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
-    finally:
-        for n, (handlers, propagate, level) in kept.items():
-            logger = logging.getLogger(n)
-            logger.handlers[:], logger.propagate, logger.level = handlers, propagate, level
-    [line] = (json.loads(text) for text in stderr.getvalue().splitlines())
-    assert (line["event"], line["level"], line["role"]) == ("Invalid HTTP request received.", "warning", "gateway")
 
 
 def test_the_gateway_server_runs_uvicorn_at_the_settings_level(monkeypatch):
