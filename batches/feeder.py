@@ -235,7 +235,8 @@ class BatchFeeder:
                                                                    F.CREATED_AT])
                 rows = await pipe.execute()
             for line, custom_id, row in zip(done, custom_ids, rows, strict=True):
-                records.append((line, _job_outcome(custom_id, inflight[str(line)], *row, ending=b.get("ending"))))
+                records.append((line, _job_outcome(custom_id, inflight[str(line)], *row,
+                                                   ending=batch_ending(b, time.time()))))
         copies = await self.redis.hgetall(K.copies_key(self.batch_id))
         if copies:
             followers = sorted(copies, key=int)
@@ -401,6 +402,13 @@ def _custom_id(text: str | None) -> str | None:
         return json.loads(without_bom(text))["custom_id"] if text is not None else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def batch_ending(b: dict[str, str], now: float) -> str | None:
+    """The batch's end as its lines' outcomes see it: the one recorded, else `expired` once the window has
+    passed. A line's job has the window's end for its deadline, so it may end `expired` before the feeder's
+    loop records the batch's end: that line is `batch_expired`, as the lines the end stopped are."""
+    return b.get("ending") or ("expired" if now >= float(b["expires_at"]) else None)
 
 
 def _job_outcome(custom_id: str | None, job_id: str, state: str | None, result: str | None, error: str | None,

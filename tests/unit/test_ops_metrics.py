@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
@@ -240,10 +241,14 @@ def test_the_rare_counters_exist_at_zero_from_the_start():
         assert REGISTRY.get_sample_value(name, {"model": model}) == 0.0, name  # None when absent
 
 
-def test_an_idle_workers_throughput_line_is_debug():
+def test_an_idle_workers_throughput_line_is_debug(monkeypatch):
+    import worker.throughput
+
+    levels: list[str] = []
+    monkeypatch.setattr(worker.throughput, "log", SimpleNamespace(info=lambda *a, **k: levels.append("info"),
+                                                                  debug=lambda *a, **k: levels.append("debug")))
     meter = Throughput("idle-throughput-test", log_every_s=5.0)
     idle = meter.sample(now=100.0)
-    with capture_logs() as logs:
-        assert meter.maybe_log(idle, {"running": 0, "waiting": 0}, now=meter._last_log + 6)
-        assert meter.maybe_log(idle, {"running": 1, "waiting": 0}, now=meter._last_log + 6)
-    assert [(line["event"], line["log_level"]) for line in logs] == [("throughput", "debug"), ("throughput", "info")]
+    assert meter.maybe_log(idle, {"running": 0, "waiting": 0}, now=meter._last_log + 6)
+    assert meter.maybe_log(idle, {"running": 1, "waiting": 0}, now=meter._last_log + 6)
+    assert levels == ["debug", "info"]

@@ -1,5 +1,5 @@
-"""The batch feeder offers a held-back line again every few seconds (batches/feeder.RETRY_CHECK_S); a line a
-tenant's limit holds for minutes logs that it waits once, not at every offer."""
+"""The batch feeder's lines: one held back is offered again every few seconds (batches/feeder.RETRY_CHECK_S)
+and logs that it waits once, not at every offer; one whose job expired with the window is batch_expired."""
 
 from __future__ import annotations
 
@@ -60,3 +60,17 @@ def test_a_line_held_back_logs_once_while_it_waits(monkeypatch):
     assert 0 < feeder.retry_at - time.time() <= feeder_module.RETRY_CHECK_S
     asyncio.run(feeder._submit(b, [(2, LINE), (3, LINE)]))  # line 2 admitted, then line 3 starts to wait
     assert log.lines[-1] == ("info", "batch line not admitted yet")
+
+
+def test_a_line_whose_job_expired_with_the_window_is_batch_expired():
+    """A line's job has the window's end for its deadline and may end `expired` before the feeder's loop
+    records the batch's end; its line is then batch_expired, not a 504 response."""
+    from batches.feeder import _job_outcome, batch_ending
+
+    b = {"expires_at": "100.0"}
+    kind, line = _job_outcome("a", "job_1", "expired", None, None, None, None, ending=batch_ending(b, 100.5))
+    assert json.loads(line)["error"]["code"] == "batch_expired" and json.loads(line)["response"] is None
+    assert batch_ending(b, 99.0) is None and batch_ending({**b, "ending": "cancelled"}, 101.0) == "cancelled"
+    # A line's own shorter ttl, ended before the window: answered as the waiting route answers it.
+    kind, line = _job_outcome("a", "job_1", "expired", None, None, None, None, ending=batch_ending(b, 50.0))
+    assert json.loads(line)["error"] is None and json.loads(line)["response"]["status_code"] == 504
