@@ -30,7 +30,6 @@ from batches.settings import BatchSettings
 from batches.store import FINAL_STATUSES, batch_webhook_url
 from batches.submit import RetryLater, SubmitContext, line_job_id, line_model, submit_line
 from gateway.errors import ApiError, final_status
-from gateway.logging import get_logger
 from gateway.responses import result_object
 from jobstore import JobRef
 from jobstore.runner import run as eval_script
@@ -39,6 +38,7 @@ from protocol import job_record as F
 from protocol import keys
 from protocol.errors import error_json
 from protocol.jobs import JobError, JobPayload, JobResult, JobState
+from tokenq.logs import get_logger
 
 log = get_logger(__name__)
 CHUNK = 1000  # lines per Redis command when walking a whole batch

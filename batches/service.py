@@ -15,10 +15,10 @@ from batches import keys as K
 from batches.feeder import BatchFeeder
 from batches.settings import BatchSettings
 from batches.submit import SubmitContext
-from gateway.logging import configure_logging, get_logger
 from gateway.redis_client import make_redis
 from jobstore.connect import is_cluster_url
 from protocol.outage import REDIS_DOWN, Outage
+from tokenq.logs import configure_logging, get_logger
 
 log = get_logger("batches")
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.logging import get_logger
+from tokenq.logs import get_logger
 
 _log = get_logger("access")
 

@@ -25,7 +25,6 @@ from gateway.context import GatewayContext
 from gateway.errors import UnhandledErrors, install_error_handlers
 from gateway.fastpath import FastSubmit, is_fast_submission
 from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
-from gateway.logging import configure_logging
 from gateway.metrics import GatewayMetrics, MetricsMiddleware, mark_process_gone
 from gateway.metrics_token import metrics_token
 from gateway.openapi import install_openapi
@@ -33,6 +32,7 @@ from gateway.redis_client import make_redis
 from gateway.warmup import keep_warm, warm_before_serving
 from jobstore.expiry import sweep_forever
 from protocol.hot_loop import HotLoop
+from tokenq.logs import configure_logging
 from tokenq.settings import Settings
 
 

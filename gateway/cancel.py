@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.logging import get_logger
 from jobstore import JobRef, JobStore
 from protocol.jobs import JobState
+from tokenq.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -13,7 +13,7 @@ from gateway.auth import Tenant
 from gateway.context import GatewayContext
 from gateway.errors import ApiError
 from gateway.jobs import read_job
-from gateway.logging import bind_job, get_logger
+from gateway.logging import bind_job
 from gateway.prepare import prepare
 from gateway.response_cache import ENTRY_HEADER, HEADER, Hit, write_hit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate, dump_request
@@ -21,6 +21,7 @@ from jobstore import Refused
 from protocol import job_record as F
 from protocol.jobs import JobPayload, Lane
 from respcache.policy import Decision
+from tokenq.logs import get_logger
 
 log = get_logger(__name__)
 

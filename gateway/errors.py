@@ -14,10 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.logging import get_logger
 from protocol.errors import error_json
 from protocol.jobs import UNSUPPORTED, JobState
 from protocol.outage import REDIS_AWAY, is_redis_oom
+from tokenq.logs import get_logger
 
 log = get_logger(__name__)
 

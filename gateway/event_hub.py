@@ -30,9 +30,8 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.logging import get_logger
 from jobstore.pipe import Endpoint, RespProtocol
-from tokenq.logs import detached
+from tokenq.logs import detached, get_logger
 
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0

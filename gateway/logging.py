@@ -1,5 +1,5 @@
-"""The gateway's import of tokenq/logs.py (every role's log set-up), with what only the gateway needs: a
-request's job id in its lines, and uvicorn's own lines in the same shape."""
+"""What only the gateway adds to every role's log set-up (tokenq/logs.py): a request's job id in its lines,
+and uvicorn's own lines in the same shape."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from typing import Any
 
 import structlog
 
-from tokenq.logs import configure_logging, get_logger, line_processors, on_terminal, renderer
+from tokenq.logs import line_processors, on_terminal, renderer
 from tokenq.settings import Settings
-
-__all__ = ["bind_job", "configure_logging", "get_logger", "uvicorn_log_config"]
 
 
 def uvicorn_log_config() -> dict[str, Any] | None:

@@ -100,7 +100,7 @@ class PromptBuilder:
         if self.template is None:
             raise TemplateRaised(f"model {self.card.name} has no chat template; use /v1/completions")
         extra: dict[str, Any] = dict(chat_template_kwargs or {})
-        final = messages[-1].text()
+        final = messages[-1].text() if continue_final_message else ""
         if continue_final_message:
             messages = _marked_final(messages)
         if self.native_tools:

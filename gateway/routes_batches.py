@@ -11,9 +11,8 @@ from pydantic import BaseModel
 from batches.settings import BatchSettings
 from batches.store import batch_object, cancel_batch, create_batch, list_batches, read_batch
 from gateway.context import Caller, get_caller, single_node_only
-from gateway.errors import ApiError
 from gateway.responses import list_page
-from gateway.routes_files import batch_settings
+from gateway.routes_files import batch_settings, expiry_refused
 from gateway.schemas import Metadata
 from protocol.text import Text
 
@@ -32,9 +31,7 @@ class BatchCreate(BaseModel):
 async def post_batch(body: BatchCreate, caller: Caller = Depends(get_caller),
                      settings: BatchSettings = Depends(batch_settings)) -> dict:
     if body.output_expires_after is not None:
-        raise ApiError(400, "output_expires_after: the output files' own expiry is not supported; files are kept "
-                            f"{settings.file_retention_s} s (TOKENQ_FILES_RETENTION_S), or until deleted",
-                       param="output_expires_after", code="unsupported_field")
+        raise expiry_refused("output_expires_after", "the output files'", settings)
     record = await create_batch(caller.ctx.redis, caller.tenant.name, body.input_file_id, body.endpoint,
                                 body.completion_window, body.metadata, settings.batch_retention_s)
     return batch_object(record)

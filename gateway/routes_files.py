@@ -33,6 +33,12 @@ def batch_settings(request: Request) -> BatchSettings:
     return request.app.state.batch_settings
 
 
+def expiry_refused(param: str, whose: str, settings: BatchSettings) -> ApiError:
+    """OpenAI's per-file expiry (a file's, a batch's output files'): refused, since files keep one retention."""
+    return ApiError(400, f"{param}: {whose} own expiry is not supported; files are kept {settings.file_retention_s} s "
+                         "(TOKENQ_FILES_RETENTION_S), or until deleted", param=param, code="unsupported_field")
+
+
 @router.post("/v1/files")
 async def create_file(request: Request, caller: Caller = Depends(get_caller),
                       settings: BatchSettings = Depends(batch_settings)) -> dict:
@@ -48,9 +54,7 @@ async def create_file(request: Request, caller: Caller = Depends(get_caller),
         if form.filename is None:
             raise ApiError(400, "file: the form has no `file` part", param="file")
         if any(name.startswith("expires_after") for name in form.fields):  # OpenAI's SDK: expires_after[seconds]
-            raise ApiError(400, "expires_after: a file's own expiry is not supported; files are kept "
-                                f"{settings.file_retention_s} s (TOKENQ_FILES_RETENTION_S), or until deleted",
-                           param="expires_after", code="unsupported_field")
+            raise expiry_refused("expires_after", "a file's", settings)
         meta = await upload.finish(form.filename, redis)
     except BaseException:
         await upload.writer.discard()

@@ -10,11 +10,11 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.context import Caller, GatewayContext, get_caller, get_ctx
 from gateway.errors import ApiError
-from gateway.logging import get_logger
 from gateway.redis_client import PROBE_TIMEOUT_S
 from protocol import keys
 from protocol.outage import is_redis_oom
 from protocol.workers import WorkerHeartbeat
+from tokenq.logs import get_logger
 
 router = APIRouter()
 log = get_logger(__name__)

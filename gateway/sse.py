@@ -19,13 +19,13 @@ from starlette.types import Receive, Scope, Send
 from gateway import responses
 from gateway.event_hub import Hub
 from gateway.jobs import Delta, Final, Restarted, follow, read_job
-from gateway.logging import get_logger
 from gateway.stopping import STOPPING_MESSAGE, stopping
 from gateway.tool_stream import ToolStream, call_deltas
 from jobstore import JobStore
 from protocol import choice_text
 from protocol import job_record as F
 from protocol.jobs import Choice, JobPayload, JobResult, JobState, TokenLogprob
+from tokenq.logs import get_logger
 
 log = get_logger(__name__)
 

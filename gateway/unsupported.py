@@ -18,9 +18,13 @@ def _empty(v: Any) -> bool:
     return v is None or v == [] or v == {} or v == ""
 
 
+def _chat(req: SamplingFields) -> bool:
+    return getattr(req, "messages", None) is not None
+
+
 def _best_of_ok(v: Any, req: SamplingFields) -> bool:
     """best_of is a completion's (a prompt); a chat accepts only best_of equal to n."""
-    return v is None or getattr(req, "messages", None) is None or v == (req.n or 1)
+    return v is None or not _chat(req) or v == (req.n or 1)
 
 
 # field -> (accepted when, what is accepted: for the message)
@@ -40,7 +44,7 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
                                               "template renders the chat"),
     "truncate_prompt_tokens": (lambda v, _: v is None, "prompt truncation is not supported; send the part "
                                                        "of the prompt to keep"),
-    "echo": (lambda v, req: v in (None, False) or getattr(req, "messages", None) is None,
+    "echo": (lambda v, req: v in (None, False) or not _chat(req),
              "echo is served for completions (a prompt) only"),
     "allowed_token_ids": (lambda v, _: v is None, "allowed_token_ids is not supported; use logit_bias"),
     "bad_words": (lambda v, _: _empty(v), "bad_words is not supported; use logit_bias"),
@@ -51,8 +55,7 @@ _RULES: dict[str, tuple[Callable[[Any, SamplingFields], bool], str]] = {
     "skip_special_tokens": (lambda v, _: v in (None, True), "special tokens are always left out of the text"),
     "spaces_between_special_tokens": (lambda v, _: v in (None, True), "not supported other than true"),
     # Set alone, these would do nothing (OpenAI and vLLM refuse them too).
-    "top_logprobs": (lambda v, req: v is None or getattr(req, "messages", None) is None
-                     or getattr(req, "logprobs", None) not in (None, False),
+    "top_logprobs": (lambda v, req: v is None or not _chat(req) or getattr(req, "logprobs", None) not in (None, False),
                      "top_logprobs needs `logprobs: true` on a chat"),
     "stream_options": (lambda v, req: v is None or getattr(req, "stream", False),
                        "stream_options needs `stream: true`"),

@@ -27,8 +27,8 @@ import anyio
 
 from gateway.auth import DEFAULT_TENANT
 from gateway.context import GatewayContext
-from gateway.logging import get_logger
 from protocol.outage import REDIS_DOWN, Outage
+from tokenq.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -1,5 +1,5 @@
-"""Test doubles: a deterministic engine with the LLMEngine interface, a gateway-side job submitter, and a
-worker's intake (publisher, engine loop) without the rest of the service."""
+"""Test doubles: a deterministic engine with the LLMEngine interface, a gateway-side job submitter, a
+worker's intake (publisher, engine loop) without the rest of the service, and a logger that records."""
 
 from __future__ import annotations
 
@@ -13,6 +13,29 @@ from protocol import keys
 from protocol.jobs import JobPayload
 from protocol.sampling import SamplingParams
 from worker.engine.outputs import RequestOutput, TokenLogprobs
+
+
+class LogLines:
+    """A structlog logger's stand-in (monkeypatched over a module's `log`, or handed to Outage): `lines` holds
+    (level, event) of each call, whatever the process's log level."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def _line(self, level: str, event: str) -> None:
+        self.lines.append((level, event))
+
+    def debug(self, event: str, **_: object) -> None:
+        self._line("debug", event)
+
+    def info(self, event: str, **_: object) -> None:
+        self._line("info", event)
+
+    def warning(self, event: str, **_: object) -> None:
+        self._line("warning", event)
+
+    def error(self, event: str, **_: object) -> None:
+        self._line("error", event)
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from protocol import keys
 from protocol.sampling import SamplingParams
+from tokenq.logs import get_logger
 from worker.engine.outputs import FailedOutput, RequestOutput
-from worker.logging import get_logger
 
 log = get_logger("engine_loop")
 

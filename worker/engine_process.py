@@ -33,6 +33,7 @@ from typing import Any
 
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard
+from tokenq.logs import configure_logging, get_logger
 from tokenq.settings import Settings
 from worker.engine.config import ConfigError
 from worker.engine.outputs import RequestOutput, TokenLogprobs
@@ -47,7 +48,6 @@ from worker.engine_loop import (
     admissible_of,
     sequences_added,
 )
-from worker.logging import configure_logging, get_logger
 
 log = get_logger("engine_process")
 

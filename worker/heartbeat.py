@@ -12,9 +12,9 @@ from jobstore.connect import pipeline
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage
 from protocol.workers import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, ModelCard, WorkerHeartbeat
+from tokenq.logs import get_logger
 from worker import metrics
 from worker.engine_loop import EngineHandle
-from worker.logging import get_logger
 from worker.throughput import Throughput
 
 log = get_logger("heartbeat")

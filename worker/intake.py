@@ -46,9 +46,9 @@ from protocol import keys
 from protocol.errors import CONTEXT_LENGTH_EXCEEDED, no_room_message
 from protocol.jobs import JobError, JobPayload, JobState
 from protocol.outage import REDIS_DOWN, Outage
+from tokenq.logs import get_logger
 from worker import metrics
 from worker.engine_loop import EngineHandle
-from worker.logging import get_logger
 from worker.pruning import Pruner
 from worker.publisher import Publisher, RunningJob
 from worker.recovery import Recovery

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from jobstore import JobStore
 from jobstore.connect import mget
 from protocol import keys
-from worker.logging import get_logger
+from tokenq.logs import get_logger
 
 log = get_logger("pruning")
 

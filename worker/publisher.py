@@ -27,10 +27,10 @@ from protocol.events import DeltaEvent
 from protocol.jobs import FINAL_STATES, Choice, JobError, JobPayload, JobResult, JobState, TokenLogprob, Usage
 from protocol.outage import Outage, is_redis_oom, waits_out
 from respcache import store as respcache_store
+from tokenq.logs import get_logger
 from worker import metrics
 from worker.engine.outputs import RequestOutput, TokenLogprobs
 from worker.engine_loop import EngineHandle, FailedOutput
-from worker.logging import get_logger
 from worker.token_text import TokenText
 
 log = get_logger("publisher")

@@ -23,9 +23,9 @@ from jobstore import FinalWrite, JobRef, JobStore
 from protocol import keys
 from protocol.jobs import JobError, JobPayload, JobState
 from protocol.outage import REDIS_DOWN, Outage
+from tokenq.logs import get_logger
 from tokenq.settings import Settings
 from worker import metrics
-from worker.logging import get_logger
 from worker.publisher import Publisher, RunningJob
 
 log = get_logger("recovery")

@@ -31,13 +31,13 @@ from jobstore.pipe import RedisPipe
 from protocol.hot_loop import HotLoop
 from protocol.outage import Outage, once_reachable
 from protocol.workers import ModelCard
+from tokenq.logs import configure_logging, get_logger
 from tokenq.settings import Settings
 from worker import metrics
 from worker.engine_loop import EngineHandle, EngineLoop
 from worker.engine_process import EngineProcess, EngineSpec
 from worker.heartbeat import Heartbeat
 from worker.intake import Intake
-from worker.logging import configure_logging, get_logger
 from worker.metrics import start_metrics_server
 from worker.pruning import Pruner
 from worker.publisher import Publisher

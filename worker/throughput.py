@@ -8,8 +8,8 @@ from collections import deque
 
 from prometheus_client import REGISTRY
 
+from tokenq.logs import get_logger
 from tokenq.settings import Settings
-from worker.logging import get_logger
 
 WINDOW_S = 10.0  # rates are averaged over this long, so a 2 s heartbeat does not jump with each finish
 _SERIES = {"prompt": "tokenq_worker_prompt_tokens_total", "generation": "tokenq_worker_generation_tokens_total"}

@@ -12,23 +12,13 @@ from batches import feeder as feeder_module
 from batches.feeder import BatchFeeder
 from batches.submit import RetryLater
 from gateway.errors import ApiError
+from tests.fakes import LogLines
 
 LINE = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
                    "body": {"model": "m", "prompt": "hi", "max_tokens": 2}})
 
 
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, event: str, **_: object) -> None:
-        self.lines.append(("info", event))
-
-    def debug(self, event: str, **_: object) -> None:
-        self.lines.append(("debug", event))
-
-
-def _feeder(monkeypatch, admitted: list[bool]) -> tuple[BatchFeeder, Log]:
+def _feeder(monkeypatch, admitted: list[bool]) -> tuple[BatchFeeder, LogLines]:
     async def submit_line(*_args, **_kwargs) -> str:
         if admitted.pop(0):
             return "job"
@@ -40,7 +30,7 @@ def _feeder(monkeypatch, admitted: list[bool]) -> tuple[BatchFeeder, Log]:
     async def record(_records) -> None:
         return None
 
-    log = Log()
+    log = LogLines()
     monkeypatch.setattr(feeder_module, "submit_line", submit_line)
     monkeypatch.setattr(feeder_module, "log", log)
     feeder = BatchFeeder.__new__(BatchFeeder)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
@@ -15,6 +14,7 @@ from structlog.testing import capture_logs
 
 from gateway.access_log import logged
 from gateway.metrics_peers import PeerMetrics, parse_peers
+from tests.fakes import LogLines
 from worker import metrics
 from worker.throughput import Throughput
 
@@ -244,11 +244,10 @@ def test_the_rare_counters_exist_at_zero_from_the_start():
 def test_an_idle_workers_throughput_line_is_debug(monkeypatch):
     import worker.throughput
 
-    levels: list[str] = []
-    monkeypatch.setattr(worker.throughput, "log", SimpleNamespace(info=lambda *a, **k: levels.append("info"),
-                                                                  debug=lambda *a, **k: levels.append("debug")))
+    log = LogLines()
+    monkeypatch.setattr(worker.throughput, "log", log)
     meter = Throughput("idle-throughput-test", log_every_s=5.0)
     idle = meter.sample(now=100.0)
     assert meter.maybe_log(idle, {"running": 0, "waiting": 0}, now=meter._last_log + 6)
     assert meter.maybe_log(idle, {"running": 1, "waiting": 0}, now=meter._last_log + 6)
-    assert levels == ["debug", "info"]
+    assert [level for level, _ in log.lines] == ["debug", "info"]

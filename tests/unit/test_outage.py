@@ -9,17 +9,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from protocol.outage import Outage, once_reachable
-
-
-class Lines:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def warning(self, event: str, **kw: object) -> None:
-        self.lines.append(("warning", event))
-
-    def info(self, event: str, **kw: object) -> None:
-        self.lines.append(("info", event))
+from tests.fakes import LogLines
 
 
 def failing(times: int, error: Exception, result: object = "ok"):
@@ -34,7 +24,7 @@ def failing(times: int, error: Exception, result: object = "ok"):
 
 
 async def test_retries_until_redis_answers_with_one_warning():
-    log = Lines()
+    log = LogLines()
     attempt, calls = failing(3, RedisConnectionError("refused"))
     assert await once_reachable(attempt, Outage(log, "start", base_s=0.001), asyncio.Event()) == "ok"
     assert calls["n"] == 4
@@ -44,7 +34,7 @@ async def test_retries_until_redis_answers_with_one_warning():
 async def test_stop_ends_the_wait():
     stop = asyncio.Event()
     attempt, calls = failing(10**9, RedisConnectionError("refused"))
-    waiting = asyncio.create_task(once_reachable(attempt, Outage(Lines(), "start", base_s=60), stop))
+    waiting = asyncio.create_task(once_reachable(attempt, Outage(LogLines(), "start", base_s=60), stop))
     await asyncio.sleep(0.05)
     stop.set()
     assert await asyncio.wait_for(waiting, 5) is None
@@ -54,7 +44,7 @@ async def test_stop_ends_the_wait():
 async def test_a_refused_password_is_not_an_outage():
     attempt, calls = failing(1, AuthenticationError("invalid password"))
     with pytest.raises(AuthenticationError):
-        await once_reachable(attempt, Outage(Lines(), "start", base_s=0.001), asyncio.Event())
+        await once_reachable(attempt, Outage(LogLines(), "start", base_s=0.001), asyncio.Event())
     assert calls["n"] == 1
 
 
@@ -64,7 +54,7 @@ async def test_the_expiry_sweep_warns_once_while_redis_is_away(monkeypatch, erro
     """It warned every half second for as long as Redis was down, or was not a Redis it could use."""
     from jobstore import expiry
 
-    lines = Lines()
+    lines = LogLines()
     monkeypatch.setattr(expiry, "log", lines)
     passes = {"n": 0}
 
@@ -82,15 +72,10 @@ async def test_the_expiry_sweep_warns_once_while_redis_is_away(monkeypatch, erro
     assert lines.lines == [("warning", "redis unreachable; retrying with back-off"), ("info", "redis reachable again")]
 
 
-class AllLines(Lines):
-    def error(self, event: str, **kw: object) -> None:
-        self.lines.append(("error", event))
-
-
 def test_a_refused_password_mid_run_is_said_as_such_and_retried():
     """A running role whose Redis comes back with another password keeps retrying (a rotation may be under
     way), but its log names the password instead of calling Redis away, once per change of kind."""
-    log = AllLines()
+    log = LogLines()
     outage = Outage(log, "intake", base_s=0.1, cap_s=0.4)
     delays = [outage.lost(RedisConnectionError("refused")), outage.lost(RedisConnectionError("refused")),
               outage.lost(AuthenticationError("invalid password")), outage.lost(AuthenticationError("invalid")),

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from protocol.sampling import SamplingParams
 from protocol.workers import ModelCard
+from tokenq.logs import get_logger
 from worker.engine.block_manager import BlockManager
 from worker.engine.choices import ChoiceGroup, sequence_params
 from worker.engine.config import EngineConfig
@@ -29,7 +30,6 @@ from worker.engine.sampler import PendingSamples, SamplingBatch, make_generator
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
 from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
-from worker.logging import get_logger
 from worker.models.card import engine_fingerprint, model_card
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from protocol.sampling import SamplingParams
+from tokenq.logs import get_logger
 from tokenq_kernels.dispatch import use_triton
 from worker.engine.config import ConfigError, EngineConfig
 from worker.engine.cuda_graphs import (
@@ -42,7 +43,6 @@ from worker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from worker.engine.sequence import Sequence
 from worker.engine.step_link import StepHeader, receive_step, send_step, send_stop
 from worker.layers.context import AttentionMetadata, set_attention_metadata
-from worker.logging import get_logger
 from worker.models.config import ModelConfig
 
 log = get_logger("engine")

@@ -15,13 +15,13 @@ from pathlib import Path
 import structlog
 import torch
 
+from tokenq.logs import configure_logging
 from worker.engine.config import EngineConfig
 from worker.engine.cpu_rank import setup_cpu_rank
 from worker.engine.distributed import init_tensor_parallel
 from worker.engine.dtypes import DTYPES
 from worker.engine.kernel_choice import select_kernels
 from worker.engine.model_runner import ModelRunner
-from worker.logging import configure_logging
 from worker.models.config import ModelConfig
 from worker.models.loader import load_model
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tokenq.logs import get_logger
 from tokenq_kernels.fp8 import FP8
 from worker.layers.quantization import quantization as quantized
-from worker.logging import get_logger
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
 from worker.models.random_weights import random_model
 from worker.models.registry import CausalLM, model_class

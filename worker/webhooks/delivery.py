@@ -21,8 +21,8 @@ from protocol import job_record as F
 from protocol.outage import REDIS_AWAY, is_redis_oom
 from protocol.urlguard import HostNotFound, IPAddress, UnsafeURL, resolve_public
 from protocol.webhook_secret import tenant_secret
+from tokenq.logs import get_logger
 from tokenq.settings import Settings
-from worker.logging import get_logger
 from worker.webhooks import attempts as store
 from worker.webhooks.event import message_id, signed_headers
 from worker.webhooks.metrics import DELIVERIES

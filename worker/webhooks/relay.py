@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from jobstore.connect import AnyRedis, is_cluster, pipeline
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage, is_redis_oom
-from worker.logging import get_logger
+from tokenq.logs import get_logger
 from worker.webhooks.delivery import FUNCTION
 from worker.webhooks.metrics import RELAYED
 from worker.webhooks.policy import RetryPolicy

@@ -20,8 +20,8 @@ from arq.worker import Function, Worker, func
 from jobstore.connect import connect, is_cluster_url
 from protocol import keys
 from protocol.outage import REDIS_DOWN, Outage, once_reachable, waits_out
+from tokenq.logs import get_logger
 from tokenq.settings import Settings
-from worker.logging import get_logger
 from worker.webhooks.delivery import CTX_KEY, FUNCTION, Deliverer, deliver_webhook, new_http_client
 from worker.webhooks.policy import RetryPolicy
 from worker.webhooks.relay import Relay
@@ -168,7 +168,7 @@ def run_webhooks(redis_url: str, metrics_port: int | None = None, metrics_host: 
 
     from prometheus_client import start_http_server
 
-    from worker.logging import configure_logging
+    from tokenq.logs import configure_logging
 
     configure_logging("webhooks")
     if metrics_port is not None:
