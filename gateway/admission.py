@@ -5,14 +5,17 @@ same counters and concurrent requests cannot pass a limit between a check and it
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
 from fastapi import Header, Request
+from pydantic import BaseModel
 
 from gateway.auth import Tenant
 from gateway.errors import ApiError
-from jobstore import Limits, Refused
+from gateway.schemas import dump_request
+from jobstore import IdempotencyKey, Limits, Refused
 from tokenq.settings import Settings
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
@@ -53,6 +56,22 @@ async def idempotency_key(request: Request,
     """The FastAPI routes' key: `documented` puts the header in the OpenAPI spec, the check reads every copy
     of it (Header keeps the first)."""
     return idempotency_key_of(request.headers.getlist("idempotency-key"))
+
+
+_DELIVERY_FIELDS = frozenset({"stream", "stream_options"})  # how the answer comes, not what it is
+
+
+def idempotency_of(key: str | None, body: BaseModel) -> IdempotencyKey | None:
+    """The key with the digest of the request it came with: the route (its body's schema) and every field the
+    client set, in the schema's order, so that a retry sending the same request in another key order or
+    number spelling matches, and one that changes any field does not. Streaming is left out: a client whose
+    connection dropped may take up the first job's stream, or its final answer. A prompt list's jobs share
+    one digest (of the whole list)."""
+    if key is None:
+        return None
+    request = dump_request(body, exclude=_DELIVERY_FIELDS)
+    digest = hashlib.sha256(f"{type(body).__name__}\n{request}".encode()).hexdigest()
+    return IdempotencyKey(key, digest[:32])
 
 
 def limits_of(tenant: Tenant, max_depth: int) -> Limits:

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.admission import limit_error, limits_of, too_large
+from gateway.admission import idempotency_of, limit_error, limits_of, too_large
 from gateway.auth import Tenant
 from gateway.context import GatewayContext
 from gateway.errors import ApiError
@@ -17,7 +17,7 @@ from gateway.logging import bind_job
 from gateway.prepare import prepare
 from gateway.response_cache import ENTRY_HEADER, HEADER, Hit, write_hit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate, dump_request
-from jobstore import Refused
+from jobstore import IdempotencyKey, Refused
 from protocol import job_record as F
 from protocol.jobs import JobPayload, Lane
 from respcache.policy import Decision
@@ -62,12 +62,12 @@ async def enqueue(ctx: GatewayContext, tenant: Tenant,
                   metadata: dict[str, str], idempotency_key: str | None) -> Enqueued:
     decision = await ctx.cache.decide(tenant.name, body.cache)
     payload = await prepare(ctx.registry, body, lane, stream, tenant.name)
-    return await submit(ctx, tenant, body, payload, decision, metadata, idempotency_key)
+    return await submit(ctx, tenant, body, payload, decision, metadata, idempotency_of(idempotency_key, body))
 
 
 async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest | JobCreate,
                  payload: JobPayload, decision: Decision | None, metadata: dict[str, str],
-                 idempotency_key: str | None) -> Enqueued:
+                 idempotency: IdempotencyKey | None) -> Enqueued:
     """A prepared job: answered from the response cache, or admitted and written."""
     stream = payload.stream
     lookup = None
@@ -75,7 +75,7 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     if decision is not None and digest is not None:
         lookup = await ctx.cache.lookup(decision, payload, digest, body)
         if lookup is not None and lookup.hit is not None:
-            return await _cached(ctx, tenant, body, payload, metadata, lookup.hit, idempotency_key)
+            return await _cached(ctx, tenant, body, payload, metadata, lookup.hit, idempotency)
     if (error := too_large(tenant, payload.cost_tokens)) is not None:  # a hit above costs no tokens
         raise error
     if lookup is not None:
@@ -84,11 +84,11 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     try:
         submitted = await ctx.store.submit(payload, dump_request(body), metadata, streamed=stream,
                                            limits=limits_of(tenant, ctx.max_queue_depth),
-                                           idempotency_key=idempotency_key)
+                                           idempotency=idempotency)
     except Refused as refused:
         raise _refusal(ctx, tenant, payload, refused) from None
-    if submitted.repeat:
-        return await _first_job(ctx, tenant.name, idempotency_key or "", payload, submitted.job_id)
+    if submitted.repeat and idempotency is not None:
+        return await _first_job(ctx, tenant.name, idempotency, payload, submitted.job_id)
     bind_job(payload.id)
     ctx.metrics.jobs_enqueued.labels(payload.model, payload.lane).inc()
     log.debug("job enqueued", model=payload.model, lane=payload.lane, kind=payload.kind,
@@ -97,17 +97,18 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
 
 
 async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionRequest | CompletionRequest | JobCreate,
-                  payload: JobPayload, metadata: dict[str, str], hit: Hit, idempotency_key: str | None) -> Enqueued:
+                  payload: JobPayload, metadata: dict[str, str], hit: Hit,
+                  idempotency: IdempotencyKey | None) -> Enqueued:
     """A hit generates nothing and takes no queue place: it counts against the tenant's requests per minute
     only, not its tokens or its queued jobs."""
     bind_job(payload.id)
     try:
-        holder, record = await write_hit(ctx.store, payload, dump_request(body), metadata, hit, idempotency_key,
+        holder, record = await write_hit(ctx.store, payload, dump_request(body), metadata, hit, idempotency,
                                          rpm=tenant.rpm)
     except Refused as refused:
         raise _refusal(ctx, tenant, payload, refused) from None
-    if holder != payload.id:
-        return await _first_job(ctx, tenant.name, idempotency_key or "", payload, holder)
+    if holder != payload.id and idempotency is not None:
+        return await _first_job(ctx, tenant.name, idempotency, payload, holder)
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
     return Enqueued(payload, float(record[F.CREATED_AT]), record, hit=hit)
 
@@ -116,22 +117,24 @@ def _refusal(ctx: GatewayContext, tenant: Tenant, payload: JobPayload, refused: 
     return limit_error(tenant, refused, payload.cost_tokens, payload.model, payload.lane, ctx.max_queue_depth)
 
 
-async def _first_job(ctx: GatewayContext, tenant: str, idempotency_key: str, asked: JobPayload,
+async def _first_job(ctx: GatewayContext, tenant: str, idempotency: IdempotencyKey, asked: JobPayload,
                      job_id: str) -> Enqueued:
     """The job a repeated key maps to (written in the same script that bound the key). If it is gone
-    (evicted), the key is released so that the client's next retry goes through. A key first used for a
-    chat and now for a completion (or back) is refused: the route could not answer with that job."""
+    (evicted), the key is released so that the client's next retry goes through. A repeat that carries
+    another request (any field changed, or another route) is refused, as the IETF's Idempotency-Key draft
+    and Stripe refuse it: answering it with the first job would hide the change from the client."""
     bind_job(job_id)
     record = await read_job(ctx.store, job_id)
     if record is not None and record.get(F.PAYLOAD):
         payload = JobPayload.model_validate_json(record[F.PAYLOAD])
-        if payload.kind != asked.kind:
-            raise ApiError(409, f"this Idempotency-Key was used for a {payload.kind} (job {job_id}), not a "
-                                f"{asked.kind}: use a new key for another request", param="Idempotency-Key",
-                           code="idempotency_key_reused")
+        if record.get(F.REQUEST_DIGEST, idempotency.request_digest) != idempotency.request_digest \
+                or payload.kind != asked.kind:  # a hash written before digests were kept has its kind only
+            raise ApiError(422, f"this Idempotency-Key was used with another request (job {job_id}): a retry "
+                                "must send the same request; use a new key for a new one",
+                           param="Idempotency-Key", code="idempotency_key_reused")
         log.info("idempotent repeat", first_job=job_id)
         return Enqueued(payload, float(record.get(F.CREATED_AT) or 0), record)
-    await ctx.store.release_idempotency_key(tenant, idempotency_key, asked.model, job_id)
+    await ctx.store.release_idempotency_key(tenant, idempotency.key, asked.model, job_id)
     raise ApiError(409, "the job this Idempotency-Key was used for is gone; retry the request",
                    param="Idempotency-Key", code="idempotency_key_in_use")
 

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge
 from gateway.flight import TtlCache
 from gateway.sampling import default_max_tokens, requested_max_tokens
 from gateway.schemas import ChatTemplateFields
-from jobstore import JobStore
+from jobstore import IdempotencyKey, JobStore
 from jobstore.connect import is_cluster
 from protocol import job_record as F
 from protocol import keys as protocol_keys
@@ -173,7 +173,7 @@ def _new_ids(calls: list[ToolCall] | None) -> list[ToolCall] | None:
 
 
 async def write_hit(jobs: JobStore, payload: JobPayload, request_json: str, metadata: dict[str, str],
-                    hit: Hit, idempotency_key: str | None, rpm: int) -> tuple[str, dict[str, str]]:
+                    hit: Hit, idempotency: IdempotencyKey | None, rpm: int) -> tuple[str, dict[str, str]]:
     """The job of a hit, written already succeeded (never queued) and counted against the tenant's `rpm`;
     its webhook, if any, goes to the outbox as a finished job's does, and its Idempotency-Key is bound as a
     queued job's is. Returns the id of the job that holds the key (another one when a request with the same
@@ -186,10 +186,8 @@ async def write_hit(jobs: JobStore, payload: JobPayload, request_json: str, meta
         F.CREATED_AT: now, F.STARTED_AT: now, F.FINISHED_AT: now, F.SEQ: "0", F.ATTEMPTS: "0",
         F.STREAMED: "0", F.CACHE: hit.kind, F.CACHE_ENTRY: hit.entry_id,
     }
-    if idempotency_key is not None:
-        record[F.IDEMPOTENCY_KEY] = idempotency_key
     if payload.webhook_url:
         record[F.WEBHOOK_URL] = payload.webhook_url
-    holder = await jobs.write_finished(payload.id, payload.model, payload.tenant, record, idempotency_key,
+    holder = await jobs.write_finished(payload.id, payload.model, payload.tenant, record, idempotency,
                                        webhook=bool(payload.webhook_url), rpm=rpm)
     return holder, record

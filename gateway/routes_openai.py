@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from gateway import responses
-from gateway.admission import idempotency_key, limits_of, prompts_too_many
+from gateway.admission import idempotency_key, idempotency_of, limits_of, prompts_too_many
 from gateway.auth import Tenant
 from gateway.context import Caller, GatewayContext, get_caller
 from gateway.enqueue import Enqueued, enqueue, submit
@@ -88,9 +89,11 @@ async def _answer_prompts(ctx: GatewayContext, tenant: Tenant, body: CompletionR
     if (error := prompts_too_many(tenant, len(payloads), sum(p.cost_tokens for p in payloads))) is not None:
         raise error
     jobs: list[Enqueued] = []
+    idempotency = idempotency_of(idempotency_key, body)  # the whole request's digest, on every prompt's key
     try:
         for i, (b, p) in enumerate(zip(bodies, payloads, strict=True)):
-            jobs.append(await submit(ctx, tenant, b, p, decision, {}, prompt_key(idempotency_key, i)))
+            keyed = None if idempotency is None else replace(idempotency, key=prompt_key(idempotency.key, i))
+            jobs.append(await submit(ctx, tenant, b, p, decision, {}, keyed))
     except ApiError:
         await _withdraw(ctx, tenant, jobs, idempotency_key)
         raise

@@ -250,7 +250,7 @@ class JobCreate(SamplingFields, JobOptions, ChatTemplateFields):
         return self
 
 
-def dump_request(body: BaseModel) -> str:
+def dump_request(body: BaseModel, exclude: frozenset[str] | None = None) -> str:
     """The client's body as stored in the job hash (JSON): only the fields it set. pydantic's own encoder
     writes it in one pass, where model_dump and then json.dumps walked a long prompt twice."""
-    return body.model_dump_json(exclude_unset=True)
+    return body.model_dump_json(exclude_unset=True, exclude=exclude)

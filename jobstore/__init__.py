@@ -10,6 +10,7 @@ lives on one node, models spread over the nodes, and tenant limits count per mod
 from jobstore.store import (
     DeltaWrite,
     FinalWrite,
+    IdempotencyKey,
     JobRef,
     JobStore,
     Limits,
@@ -19,4 +20,4 @@ from jobstore.store import (
 )
 from protocol import keys
 
-__all__ = ["DeltaWrite", "FinalWrite", "JobRef", "JobStore", "Limits", "Refused", "Started", "Submitted", "keys"]
+__all__ = ["DeltaWrite", "FinalWrite", "IdempotencyKey", "JobRef", "JobStore", "Limits", "Refused", "Started", "Submitted", "keys"]

@@ -66,6 +66,18 @@ class Limits:
     max_depth: int = 0  # of the job's lane, shared fairly by the tenants with jobs in it
 
 
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A client's Idempotency-Key and the digest of the request it came with, both kept in the job's hash:
+    a repeat of the key is answered with this job only when it carries the same request."""
+
+    key: str
+    request_digest: str
+
+    def fields(self) -> dict[str, str]:
+        return {F.IDEMPOTENCY_KEY: self.key, F.REQUEST_DIGEST: self.request_digest}
+
+
 class Refused(Exception):  # noqa: N818 (a decision, not a failure)
     """Admission said no: `limit` is rpm, tpm, max_queued or queue_full."""
 
@@ -137,7 +149,7 @@ class JobStore:
     # -- submission --------------------------------------------------------------------------------------
 
     async def submit(self, payload: JobPayload, request_json: str, metadata: dict[str, str], streamed: bool,
-                     limits: Limits = Limits(), idempotency_key: str | None = None,
+                     limits: Limits = Limits(), idempotency: IdempotencyKey | None = None,
                      now: float | None = None) -> Submitted:
         """Admit and write a job in one script: limits, the lane's fair share, the Idempotency-Key, the
         stream entry, the job hash, the counters. Raises Refused."""
@@ -149,8 +161,9 @@ class JobStore:
             F.REQUEST: request_json, F.METADATA: json.dumps(metadata), F.CREATED_AT: repr(now), F.SEQ: "0",
             F.ATTEMPTS: "0", F.STREAMED: "1" if streamed else "0",
         }
-        if idempotency_key is not None:
-            record[F.IDEMPOTENCY_KEY] = idempotency_key
+        idempotency_key = None if idempotency is None else idempotency.key
+        if idempotency is not None:
+            record.update(idempotency.fields())
         if payload.webhook_url:
             record[F.WEBHOOK_URL] = payload.webhook_url
         if payload.sampling.n > 1:
@@ -196,13 +209,16 @@ class JobStore:
             [1 if limits.rpm > 0 else 0, payload.cost_tokens if tokens and limits.tpm > 0 else 0])
 
     async def write_finished(self, job_id: str, model: str, tenant: str, record: dict[str, str],
-                             idempotency_key: str | None, webhook: bool, rpm: int = 0,
+                             idempotency: IdempotencyKey | None, webhook: bool, rpm: int = 0,
                              now: float | None = None) -> str:
         """Write a job that is final from its start (a response-cache hit): one request against the tenant's
         rpm, its hash, its webhook on the outbox, its Idempotency-Key bound, in one script. Returns the job
         that holds the key: this one, or the one a request with the same key made before (then nothing is
         written). Raises Refused past the rpm."""
         minute, into = divmod(time.time() if now is None else now, RATE_WINDOW_S)
+        idempotency_key = None if idempotency is None else idempotency.key
+        if idempotency is not None:
+            record = {**record, **idempotency.fields()}
         reply = await runner.run(
             self._scripts, s.WRITE_FINISHED,
             [keys.job_key(job_id), keys.idem_key(tenant, idempotency_key or "", model), keys.webhook_outbox(model),

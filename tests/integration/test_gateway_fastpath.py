@@ -214,7 +214,7 @@ async def test_idempotent_repeat(redis_url, redis_client, default_model_dir):
     async def scenario(c, r):
         headers = {"Idempotency-Key": "order-1"}
         return [await c.post("/v1/jobs", json={**PROMPT, "metadata": {"n": "1"}}, headers=headers),
-                await c.post("/v1/jobs", json={**PROMPT, "metadata": {"n": "2"}}, headers=headers)]
+                await c.post("/v1/jobs", json={"metadata": {"n": "1"}, **PROMPT}, headers=headers)]
 
     (first, again), passed_on = await both(redis_url, redis_client, default_model_dir, scenario)
     assert passed_on == 0

@@ -12,6 +12,7 @@ import pytest
 from gateway.prompt_list import prompt_key
 from protocol import keys
 from respcache import keys as cache_keys
+from tests.asserts import assert_error
 from tests.integration.engine_stack import gateway_with_engine
 from worker.engine.config import EngineConfig
 from worker.models.random_weights import write_random_model_dir
@@ -117,6 +118,21 @@ async def test_a_retried_key_gets_each_prompts_first_job(client, redis_client):
     assert again.json() == first.json()
     bound = {await redis_client.get(keys.idem_key("default", prompt_key("several-1", i), MODEL)) for i in range(3)}
     assert len(bound) == 3 and None not in bound
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:2], [*PROMPTS, "t40 t41"], [PROMPTS[0], "t40 t41", PROMPTS[2]]])
+async def test_a_key_retried_with_other_prompts_is_refused(client, redis_client, prompts):
+    """Each prompt's key carries the digest of the whole list: a retry with fewer, more or other prompts gets a
+    422 and queues nothing, rather than the first jobs of the prompts it shares."""
+    headers = {"Idempotency-Key": "several-2"}
+    first = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS, **GREEDY}, headers=headers)
+    assert first.status_code == 200, first.text
+    jobs = await redis_client.keys(keys.job_key("*"))
+    err = assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": prompts, **GREEDY},
+                                         headers=headers), 422)
+    assert err["code"] == "idempotency_key_reused"
+    assert await redis_client.keys(keys.job_key("*")) == jobs
+    assert await redis_client.get(keys.idem_key("default", prompt_key("several-2", 3), MODEL)) is None
 
 
 async def test_a_clients_key_is_never_another_requests_prompts(client):

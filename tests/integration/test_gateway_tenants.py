@@ -370,7 +370,8 @@ async def test_lane_depth_holds_under_100_concurrent_submissions(redis_url, redi
 async def test_idempotent_job_submission(client, idle_worker, redis_client):
     headers = {"Idempotency-Key": "order-17"}
     first = await client.post("/v1/jobs", json={**PROMPT, "metadata": {"n": "1"}}, headers=headers)
-    again = await client.post("/v1/jobs", json={**PROMPT, "metadata": {"n": "2"}}, headers=headers)
+    again = await client.post("/v1/jobs", json={"metadata": {"n": "1"}, **dict(reversed(PROMPT.items()))},
+                              headers=headers)  # the same request, its fields in another order
     assert first.status_code == again.status_code == 202
     assert again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
@@ -387,6 +388,23 @@ async def test_idempotent_job_submission(client, idle_worker, redis_client):
     assert_error(await client.post("/v1/jobs", json=PROMPT, headers={**bearer(t.api_key),
                                                                     "Idempotency-Key": "x" * 300}),
                  400, "Idempotency-Key")
+
+
+@pytest.mark.parametrize("change", [{"metadata": {"n": "2"}}, {"max_tokens": 5}, {"temperature": 0.5},
+                                    {"webhook_url": "https://example.com/hook"}])
+async def test_a_key_repeated_with_another_request_is_refused(client, idle_worker, redis_client, change):
+    """A retry that changed the request would get the first job's answer to another question: a 422 (as the
+    IETF's Idempotency-Key draft and Stripe answer it), and no second job."""
+    headers = {"Idempotency-Key": "order-19"}
+    body = {**PROMPT, "max_tokens": 4, "metadata": {"n": "1"}}
+    first = await client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 202
+    err = assert_error(await client.post("/v1/jobs", json={**body, **change}, headers=headers), 422)
+    assert err["code"] == "idempotency_key_reused" and err["param"] == "Idempotency-Key"
+    assert first.json()["id"] in err["message"]
+    assert await queued_entries(redis_client) == 1
+    again = await client.post("/v1/jobs", json={**body, "stream": True}, headers=headers)  # delivery only
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
 
 
 async def test_concurrent_repeats_make_one_job(client, idle_worker, redis_client):
@@ -597,14 +615,14 @@ async def test_several_prompts_no_wait_lets_in_are_a_400(client, idle_worker, re
 
 
 async def test_a_key_used_for_a_chat_is_refused_for_a_completion(client, idle_worker, redis_client):
-    """The completions route could not answer with a chat job (nor back): a 409, not a body of the wrong kind."""
+    """The completions route could not answer with a chat job (nor back): a 422, not a body of the wrong kind."""
     key = (await create_key(redis_client, "idem", {})).api_key
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     r = await client.post("/v1/jobs", json=chat, headers={**bearer(key), "Idempotency-Key": "same"})
     assert r.status_code == 202
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4},
                           headers={**bearer(key), "Idempotency-Key": "same"})
-    err = assert_error(r, 409)
+    err = assert_error(r, 422)
     assert err["code"] == "idempotency_key_reused" and err["param"] == "Idempotency-Key"
     r = await client.post("/v1/jobs", json=chat, headers={**bearer(key), "Idempotency-Key": "same"})
     assert r.status_code == 202 and r.headers.get("idempotent-replayed") == "true"  # the same kind replays
