@@ -20,6 +20,11 @@ MAX_N = 16  # choices (and best_of sequences) of one request: they share the pro
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_BIAS = 100.0
 
+# What the same request and weights generate: raised whenever the engine's sampling or decoding changes the
+# tokens one request produces (2: min_p applied before top-k and top-p, as vLLM v1 applies it). The response
+# cache keys on it, so that an upgraded gateway does not replay what an older engine generated.
+OUTPUT_VERSION = 2
+
 TokenId = Annotated[Int, Field(ge=0, le=MAX_TOKEN_ID)]
 Bias = Annotated[Float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
 

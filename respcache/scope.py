@@ -1,5 +1,5 @@
-"""What a cached answer is keyed on. Exact: everything that decides the output (model, its card digest,
-the rendered prompt tokens, every sampling field). Semantic: the same minus the question (the last user
+"""What a cached answer is keyed on. Exact: everything that decides the output (the engine's output version,
+model, its card digest, the rendered prompt tokens, every sampling field). Semantic: the same minus the question (the last user
 message, or a text prompt), which is embedded instead; the rest (system prompt, earlier messages,
 sampling) is the entry's scope and must match exactly."""
 
@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 from protocol.jobs import ChatMessage, JobPayload
+from protocol.sampling import OUTPUT_VERSION
 
 
 def _digest(obj: object) -> str:
@@ -22,7 +23,7 @@ def deterministic(payload: JobPayload) -> bool:
 
 
 def exact_id(payload: JobPayload, card_digest: str) -> str:
-    parts = [payload.model, card_digest, payload.kind, payload.prompt_token_ids,
+    parts = [OUTPUT_VERSION, payload.model, card_digest, payload.kind, payload.prompt_token_ids,
              payload.sampling.model_dump(mode="json"), payload.echo_prompt]
     if payload.tools is not None:  # what the output is parsed for (parallel_tool_calls is not in the prompt)
         parts.append(payload.tools.model_dump(mode="json"))
@@ -67,7 +68,7 @@ def semantic_key(payload: JobPayload, card_digest: str, messages: list[ChatMessa
         return None
     sampling = payload.sampling.model_dump(mode="json")
     sampling["max_tokens"] = max_tokens_rule
-    parts: list[object] = [payload.model, card_digest, payload.kind, context, sampling]
-    if template_options:  # a plain chat's scope stays what it was before these options existed
+    parts: list[object] = [OUTPUT_VERSION, payload.model, card_digest, payload.kind, context, sampling]
+    if template_options:  # a plain chat's scope holds none
         parts.append(template_options)
     return SemanticKey(_digest(parts), text)

@@ -49,6 +49,17 @@ def test_exact_key_covers_prompt_sampling_and_card():
     assert not scope.deterministic(payload([1], temperature=0.8))
 
 
+def test_both_keys_change_with_the_engines_output_version(monkeypatch):
+    """An upgrade that changes what a request generates must not replay what the older engine generated."""
+    chat = [ChatMessage(role="user", content="How do I learn Python?")]
+    before = (scope.exact_id(payload([1, 2], temperature=0), "card"),
+              scope.semantic_key(payload([1], temperature=0), "card", chat, None, None).scope)
+    monkeypatch.setattr(scope, "OUTPUT_VERSION", scope.OUTPUT_VERSION + 1)
+    after = (scope.exact_id(payload([1, 2], temperature=0), "card"),
+             scope.semantic_key(payload([1], temperature=0), "card", chat, None, None).scope)
+    assert before[0] != after[0] and before[1] != after[1]
+
+
 def test_semantic_scope_is_everything_but_the_last_user_message():
     def key(messages, **sampling):
         return scope.semantic_key(payload([1], temperature=0, **sampling), "card",
@@ -64,7 +75,7 @@ def test_semantic_scope_is_everything_but_the_last_user_message():
 
 def test_chat_template_options_are_part_of_the_semantic_scope():
     """A request rendered with other template options (no generation prompt, enable_thinking: false) must
-    not take the answer of a plain chat; a plain chat's scope is what it was before the options existed."""
+    not take the answer of a plain chat; a plain chat's scope holds no options."""
     messages = [ChatMessage(role="user", content="How do I learn Python?")]
 
     def key(options):
@@ -73,7 +84,7 @@ def test_chat_template_options_are_part_of_the_semantic_scope():
     plain = key(None)
     assert key({}).scope == plain.scope
     sampling = {**payload([1], temperature=0).sampling.model_dump(mode="json"), "max_tokens": None}
-    assert plain.scope == scope._digest(["m", "card", "chat", [], sampling])  # entries cached before still hit
+    assert plain.scope == scope._digest([scope.OUTPUT_VERSION, "m", "card", "chat", [], sampling])
     assert key({"chat_template_kwargs": {"enable_thinking": False}}).scope != plain.scope
     assert key({"add_generation_prompt": False}).scope != plain.scope
     # A continued message is continued word by word: "...ocean" + " on Earth?" does not fit "...ocean?".
