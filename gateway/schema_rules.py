@@ -21,6 +21,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from protocol.text import encodable_json
+
 MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of a JSON value (a schema, template variables); deeper is refused
 # before any walk, and well within the ~250 levels pydantic's encoder writes when the request is stored
 NOT_ENFORCED = ("multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "if", "then", "else",
@@ -171,14 +173,12 @@ def check_regex(regex: str, in_json_string: bool = False) -> None:
 
 
 def check_depth(value: Any) -> None:
-    """Refused when the JSON value nests deeper than MAX_SCHEMA_DEPTH."""
-    stack = [(value, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_SCHEMA_DEPTH:
-            raise Refused(f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    """Refused when the JSON value nests deeper than MAX_SCHEMA_DEPTH (or holds text no encoder writes):
+    protocol/text's walk of every JSON value a client sends, at the tighter bound."""
+    try:
+        encodable_json(value, MAX_SCHEMA_DEPTH)
+    except ValueError as e:
+        raise Refused(str(e)) from None
 
 
 def _subschemas(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -36,8 +36,8 @@ def text_up_to(chars: int) -> Any:
 MAX_JSON_DEPTH = 128
 
 
-def encodable_json(value: Any) -> Any:
-    """`value` when every string in it, keys included, is `encodable` and it nests at most MAX_JSON_DEPTH
+def encodable_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`value` when every string in it, keys included, is `encodable` and it nests at most `max_depth`
     levels; else the error says where (the path of keys and indices). Walked with a list, not recursion: a
     value nested as deep as the JSON parser allows costs no stack."""
     todo: list[tuple[Any, tuple | None, int]] = [(value, None, 0)]  # (item, (parent's trail, key) or None, depth)
@@ -45,8 +45,8 @@ def encodable_json(value: Any) -> Any:
         item, trail, depth = todo.pop()
         if isinstance(item, str):
             _encodable_in(item, trail, is_key=False)
-        elif isinstance(item, dict | list | tuple) and depth >= MAX_JSON_DEPTH:
-            raise ValueError(f"nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
+        elif isinstance(item, dict | list | tuple) and depth >= max_depth:
+            raise ValueError(f"nests deeper than {max_depth} levels of objects and arrays")
         elif isinstance(item, dict):
             for key, v in item.items():
                 _encodable_in(key, trail, is_key=True)

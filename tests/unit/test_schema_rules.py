@@ -59,7 +59,7 @@ STR = {"type": "string"}
     ({"type": "integer", "minimum": -1e300}, "`minimum` at the root is past the 64-bit integers"),
     ({"type": "object", "properties": {"a": {}}, "minProperties": 2, "additionalProperties": False},
      "`minProperties` at the root is 2, over the 1 properties"),
-    (json.loads('{"type": "array", "items": ' * 400 + "{}" + "}" * 400), "nested deeper than 64 levels"),
+    (json.loads('{"type": "array", "items": ' * 400 + "{}" + "}" * 400), "nests deeper than 64 levels"),
 ])
 def test_a_rule_the_engine_cannot_hold_an_output_to_is_refused_saying_where(schema, needle):
     with pytest.raises(Refused) as e:
