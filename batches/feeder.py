@@ -23,6 +23,7 @@ from typing import Any
 from redis.asyncio.client import PubSub
 
 from batches import keys as K
+from batches import metrics
 from batches import results as R
 from batches.files import LineWriter, read_lines
 from batches.lines import BatchLine, LineError, parse_line, without_bom
@@ -160,6 +161,7 @@ class BatchFeeder:
         if not await eval_script(self.redis, FINISH, [self.key, K.lease_key(self.batch_id), keys.WEBHOOK_OUTBOX],
                                  args):
             raise LeaseLost(self.batch_id)
+        metrics.BATCHES_ENDED.labels(fields["status"]).inc()
 
     async def step(self) -> bool:
         """One look at the batch; True once there is nothing left to do."""
@@ -209,7 +211,9 @@ class BatchFeeder:
         for start in range(0, len(records), CHUNK):
             args = [x for line, (kind, text) in records[start:start + CHUNK]
                     for x in (line, kind, text, *R.usage_of(kind, text))]
-            await eval_script(self.redis, R.RECORD, ks, args)
+            outputs, errors = await eval_script(self.redis, R.RECORD, ks, args)
+            metrics.LINES.labels("output").inc(outputs)
+            metrics.LINES.labels("error").inc(errors)
 
     async def _custom_ids(self, b: dict[str, str], lines: list[int]) -> list[str | None]:
         texts = await read_lines(self.redis, b["input_file_id"], lines)

@@ -54,13 +54,14 @@ def with_custom_id(stored: str, custom_id: str) -> tuple[str, str]:
 
 # KEYS: 1 results hash, 2 batch hash, 3 in-flight hash, 4 copies hash.
 # ARGV: sextuples of (line index, 'o' or 'e', the file line, prompt, cached and completion tokens). Returns
-# how many were new.
+# how many were new, output lines and error lines.
 RECORD = Script("""
-local new = 0
+local new = {0, 0}
 for i = 1, #ARGV, 6 do
   if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1] .. ARGV[i + 2]) == 1 then
-    new = new + 1
-    redis.call('HINCRBY', KEYS[2], ARGV[i + 1] == 'o' and 'completed' or 'failed', 1)
+    local output = ARGV[i + 1] == 'o'
+    new[output and 1 or 2] = new[output and 1 or 2] + 1
+    redis.call('HINCRBY', KEYS[2], output and 'completed' or 'failed', 1)
     if ARGV[i + 1] == 'o' then
       redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[i + 3])
       redis.call('HINCRBY', KEYS[2], 'cached_tokens', ARGV[i + 4])

@@ -12,6 +12,7 @@ import socket
 from redis.asyncio.client import PubSub
 
 from batches import keys as K
+from batches import metrics
 from batches.feeder import BatchFeeder
 from batches.settings import BatchSettings
 from batches.submit import SubmitContext
@@ -65,10 +66,12 @@ class FeederService:
                         if not task.cancelled() and task.exception() is not None:
                             log.error("batch feeder failed; the batch is taken up again",
                                       batch_id=batch_id, error=repr(task.exception()))
+                metrics.FEEDING.set(len(tasks))
                 await self._wait(pubsub, stop)
         finally:
             stop.set()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            metrics.FEEDING.set(0)
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
             await redis.aclose()
@@ -91,8 +94,13 @@ class FeederService:
                 t.cancel()
 
 
-def run_batches(redis_url: str) -> int:
+def run_batches(redis_url: str, metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> int:
+    """The `tokenq batches` process: runs until SIGTERM or SIGINT, then lets its feeders stop and exits 0."""
+    from prometheus_client import start_http_server
+
     configure_logging("batches")
+    if metrics_port is not None:
+        start_http_server(metrics_port, addr=metrics_host)
 
     async def main() -> None:
         stop = asyncio.Event()

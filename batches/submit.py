@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from batches import metrics
 from batches.lines import BatchLine
 from gateway.admission import limit_error, limits_of, max_queue_depth_from_env, too_large
 from gateway.auth import Authenticator, Tenant
@@ -44,7 +45,8 @@ class SubmitContext:
 
     @classmethod
     def build(cls, redis: aioredis.Redis) -> SubmitContext:
-        return cls(redis, Registry(redis), JobStore(redis), Authenticator(redis), max_queue_depth_from_env())
+        store = JobStore(redis, on_ended=metrics.job_ended)
+        return cls(redis, Registry(redis), store, Authenticator(redis), max_queue_depth_from_env())
 
 
 class RetryLater(Exception):

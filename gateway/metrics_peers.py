@@ -1,5 +1,5 @@
-"""Other processes' metrics served through the gateway's /metrics: `tokenq up` runs the worker and the
-webhook service each with its own metrics port and names them in TOKENQ_METRICS_PEERS
+"""Other processes' metrics served through the gateway's /metrics: `tokenq up` runs the worker, the
+webhook service and the batch feeder each with its own metrics port and names them in TOKENQ_METRICS_PEERS
 (`role=url,role=url`), so one scrape of the gateway shows every role. Each peer's series get a `role`
 label, so two processes' `process_*` series stay apart."""
 

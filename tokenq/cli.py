@@ -42,12 +42,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                               "(docs/redis-cluster.md)")
     worker_metrics_port = args.worker_metrics_port or _port_after(args.port, 1, "--worker-metrics-port")
     webhooks_metrics_port = args.webhooks_metrics_port or _port_after(args.port, 2, "--webhooks-metrics-port")
+    batches_metrics_port = args.batches_metrics_port or _port_after(args.port, 3, "--batches-metrics-port")
     check_host(args.host)
     engine_config_from(args)
     resolve_model(args.model)  # fetch before the children start, with its progress shown here
     return run_up(UpOptions(redis_url=args.redis_url, model=args.model, host=args.host, port=args.port,
                             worker_args=engine_flags_argv(args), worker_metrics_port=worker_metrics_port,
-                            webhooks_metrics_port=webhooks_metrics_port, device=args.device))
+                            webhooks_metrics_port=webhooks_metrics_port, batches_metrics_port=batches_metrics_port,
+                            device=args.device))
 
 
 def _port_after(base: int, offset: int, flag: str) -> int:
@@ -107,7 +109,9 @@ def cmd_batches(args: argparse.Namespace) -> int:
 
     url = require_redis_url(args.redis_url)
     check_redis(url, "batches")
-    return _refusing_cluster(url, lambda: run_batches(url))
+    check_port_free("--metrics-port", args.metrics_port, args.metrics_host)
+    return _refusing_cluster(url, lambda: run_batches(url, metrics_port=args.metrics_port,
+                                                      metrics_host=args.metrics_host))
 
 
 def _refusing_cluster(url: str, run: Callable[[], int]) -> int:
@@ -184,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: --port + 1)")
     up.add_argument("--webhooks-metrics-port", type=port, default=None, help="the webhook deliverer's "
                     "Prometheus metrics (default: --port + 2)")
+    up.add_argument("--batches-metrics-port", type=port, default=None, help="the batch feeder's "
+                    "Prometheus metrics (default: --port + 3)")
     add_engine_flags(up)
     up.set_defaults(func=cmd_up)
 
@@ -210,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bf = sub.add_parser("batches", help="feed batches (/v1/batches) into the batch lane, write their results")
     bf.add_argument("--redis-url", default=settings.redis_url())
+    bf.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus metrics on this port")
+    bf.add_argument("--metrics-host", default="0.0.0.0", help=METRICS_HOST_HELP)
     bf.set_defaults(func=cmd_batches)
 
     from batches.cli import add_parser as add_batch_parser

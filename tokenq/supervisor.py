@@ -39,6 +39,7 @@ class UpOptions:
     worker_args: list[str]
     worker_metrics_port: int
     webhooks_metrics_port: int
+    batches_metrics_port: int
     device: str = "auto"  # the worker's (it is in worker_args too): whether the hot loop is on (hot_loop_env)
 
 
@@ -172,7 +173,8 @@ def run_up(opts: UpOptions) -> int:
     try:
         for what, host, port in (("the gateway", opts.host, opts.port),
                                  ("worker metrics", METRICS_HOST, opts.worker_metrics_port),
-                                 ("webhook metrics", METRICS_HOST, opts.webhooks_metrics_port)):
+                                 ("webhook metrics", METRICS_HOST, opts.webhooks_metrics_port),
+                                 ("batch feeder metrics", METRICS_HOST, opts.batches_metrics_port)):
             if listen_error(host, port) is not None:
                 print(f"error: port {port} ({what}) is taken on {host}; choose another", file=sys.stderr)
                 return 1
@@ -204,15 +206,17 @@ def _run(opts: UpOptions, base: str) -> int:
     worker = Child("worker", lambda: _spawn(["worker", "--model", opts.model, "--metrics-port",
                                              str(opts.worker_metrics_port), "--metrics-host", METRICS_HOST,
                                              *opts.worker_args], env))
-    # The gateway's /metrics shows the worker's and the deliverer's too (gateway/metrics_peers.py), so one
-    # scrape sees every role.
+    # The gateway's /metrics shows the worker's, the deliverer's and the feeder's too (gateway/metrics_peers.py),
+    # so one scrape sees every role.
     gateway_env = {**env, METRICS_PEERS_ENV: f"worker=http://127.0.0.1:{opts.worker_metrics_port}/metrics,"
-                                     f"webhooks=http://127.0.0.1:{opts.webhooks_metrics_port}/metrics"}
+                                     f"webhooks=http://127.0.0.1:{opts.webhooks_metrics_port}/metrics,"
+                                     f"batches=http://127.0.0.1:{opts.batches_metrics_port}/metrics"}
     gateway = Child("gateway", lambda: _spawn(["gateway", "--host", opts.host, "--port", str(opts.port)],
                                               gateway_env))
     webhooks = Child("webhook deliverer", lambda: _spawn(
         ["webhooks", "--metrics-port", str(opts.webhooks_metrics_port), "--metrics-host", METRICS_HOST], env))
-    batches = Child("batch feeder", lambda: _spawn(["batches"], env))
+    batches = Child("batch feeder", lambda: _spawn(
+        ["batches", "--metrics-port", str(opts.batches_metrics_port), "--metrics-host", METRICS_HOST], env))
     roles = [worker, gateway, webhooks, batches]
     for child in roles:
         child.start()
@@ -229,7 +233,8 @@ def _run(opts: UpOptions, base: str) -> int:
                   f"    -d '{{\"model\": \"{opts.model}\", \"messages\": [{{\"role\": \"user\", \"content\": "
                   f"\"Hello!\"}}]}}'\n"
                   f"  metrics: gateway {base}/metrics, worker http://{host}:{opts.worker_metrics_port}/metrics, "
-                  f"webhooks http://{host}:{opts.webhooks_metrics_port}/metrics\n", flush=True)
+                  f"webhooks http://{host}:{opts.webhooks_metrics_port}/metrics, "
+                  f"batches http://{host}:{opts.batches_metrics_port}/metrics\n", flush=True)
         while not stop.stopping and not any(child.refused_settings for child in children):
             for child in children:
                 child.watch()

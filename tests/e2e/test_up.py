@@ -53,7 +53,8 @@ def tokenq_up(default_model_dir, tmp_path_factory):
     log = open(home / "up.log", "w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port), "--max-num-seqs", "3",
                              "--kv-cache-gb", "0.4", "--worker-metrics-port", str(worker_metrics),
-                             "--webhooks-metrics-port", str(webhooks_metrics)], env=env,
+                             "--webhooks-metrics-port", str(webhooks_metrics),
+                             "--batches-metrics-port", str(free_port())], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

@@ -50,7 +50,8 @@ def served_tokens(default_model_dir, home, tp: int) -> list[list[str]]:
     with open(log_path, "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tokenq", "up", "--port", str(port), "--kv-cache-gb", "0.5",
                                  "--tensor-parallel-size", str(tp), "--worker-metrics-port", str(worker_metrics),
-                                 "--webhooks-metrics-port", str(webhooks_metrics)], env=env, stdout=log,
+                                 "--webhooks-metrics-port", str(webhooks_metrics),
+                                 "--batches-metrics-port", str(free_port())], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:

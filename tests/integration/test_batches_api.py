@@ -28,6 +28,23 @@ from tests.integration.fake_worker import MODEL, ThreadedFakeWorker
 from tests.processes import GatewayThread
 
 
+def feeder_counts() -> dict[str, float]:
+    """The feeder's counters as its /metrics shows them (the feeders here run in this process)."""
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    return {"output": value("tokenq_batch_lines_total", file="output"),
+            "error": value("tokenq_batch_lines_total", file="error"),
+            **{status: value("tokenq_batches_ended_total", status=status) for status in ("completed", "cancelled")},
+            "jobs_cancelled": value("tokenq_batch_jobs_ended_total", model=MODEL, reason="cancelled")}
+
+
+def counted_since(before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before[k] for k, v in feeder_counts().items()}
+
+
 def api_key_of(redis_url: str, tenant: str, limits: dict[str, int]) -> str:
     """A new key of `tenant`, which takes these limits."""
     import asyncio
@@ -183,6 +200,7 @@ def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redi
     for line in lines[40:]:  # 20 lines with the body of line 0
         line["body"] = dict(lines[0]["body"])
     depth = []
+    before = feeder_counts()
     with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.01, capacity=4), \
             ThreadedFeeder(redis_url, fast_settings(window=8, refill=2)):
         batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/completions",
@@ -192,6 +210,7 @@ def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redi
             time.sleep(0.02)
         batch = client.batches.retrieve(batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 60
+    assert counted_since(before) == {"output": 60, "error": 0, "completed": 1, "cancelled": 0, "jobs_cancelled": 0}
     assert max(depth) <= 8 and max(depth) >= 4
     jobs = r.keys(keys.job_keys_pattern(f"{batch.id.removeprefix('batch_')}_*"))
     assert len(jobs) == 40  # the 20 copies of line 0 ran as line 0's one job
@@ -209,6 +228,7 @@ def test_window_bounds_the_lane_and_identical_greedy_lines_run_once(client, redi
 def test_cancel(client, redis_url, default_model_dir, window):
     """Lines not fed and queued jobs end `batch_cancelled` at once (no waiting out the grace period)."""
     lines = chat_lines(40, MODEL, max_tokens=20, words=20)
+    before = feeder_counts()
     with ThreadedFakeWorker(redis_url, default_model_dir, step_s=0.05, capacity=2), \
             ThreadedFeeder(redis_url, fast_settings(window=window, refill=1, cancel_grace_s=600)):
         batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
@@ -223,6 +243,10 @@ def test_cancel(client, redis_url, default_model_dir, window):
     assert_each_once([line["custom_id"] for line in lines], out, err)
     assert len(err) > 30 and {e["error"]["code"] for e in err if e["error"]} == {"batch_cancelled"}
     assert client.batches.cancel(batch.id).status == "cancelled"
+    counted = counted_since(before)
+    assert (counted["output"], counted["error"], counted["cancelled"]) == (len(out), len(err), 1)
+    # Every line was fed at window 64: the queued ones' jobs are the feeder's to end (at 4, most were never fed).
+    assert counted["jobs_cancelled"] > (20 if window == 64 else -1)
 
 
 def test_expiry(client, redis_url, default_model_dir):

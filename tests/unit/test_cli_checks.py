@@ -119,6 +119,7 @@ def test_help_with_a_bad_variable_as_a_user_types_it():
 @pytest.mark.parametrize("argv, flag", [(["up", "--port", "99999"], "--port"),
                                         (["up", "--worker-metrics-port", "70000"], "--worker-metrics-port"),
                                         (["up", "--webhooks-metrics-port", "-1"], "--webhooks-metrics-port"),
+                                        (["up", "--batches-metrics-port", "70000"], "--batches-metrics-port"),
                                         (["gateway", "--port", "99999"], "--port"),
                                         (["worker", "--metrics-port", "0"], "--metrics-port"),
                                         (["webhooks", "--metrics-port", "http"], "--metrics-port")])
@@ -234,10 +235,11 @@ def test_up_keeps_the_roles_metrics_on_this_host(monkeypatch, tmp_path):
     monkeypatch.setattr(supervisor, "_spawn", spawn)
     monkeypatch.setattr(supervisor.Child, "start", lambda self: self._start())  # no restart on failure
     opts = supervisor.UpOptions(redis_url="redis://127.0.0.1:1", model="m", host="0.0.0.0", port=8000,
-                                worker_args=[], worker_metrics_port=8001, webhooks_metrics_port=8002)
+                                worker_args=[], worker_metrics_port=8001, webhooks_metrics_port=8002,
+                                batches_metrics_port=8003)
     with pytest.raises(Stop):
         supervisor._run(opts, tmp_path)
     by_role = {argv[0]: argv for argv in spawned}
-    for role in ("worker", "webhooks"):
+    for role in ("worker", "webhooks", "batches"):
         argv = by_role[role]
         assert argv[argv.index("--metrics-host") + 1] == "127.0.0.1"
