@@ -37,6 +37,7 @@ from gateway.flight import TtlCache
 from gateway.metrics_peers import PeerMetrics
 from gateway.redis_client import PROBE_TIMEOUT_S
 from jobstore import JobRef
+from jobstore.memory import RedisMemory, read_memory
 from protocol.jobs import JobState
 
 # No `*_created` series beside each counter and histogram (as vLLM): they doubled the series and nothing reads them.
@@ -94,6 +95,7 @@ class GatewayMetrics:
         workers = await registry.live_workers()
         rows = await read_backlog(redis, now, known, live={w.worker_id for w in workers})
         models = {m for m, _ in known} | {w.model for w in workers}
+        self.backlog.memory = await read_memory(redis)
         self.backlog.rows = rows
         self.backlog.live_workers = {model: sum(w.model == model for w in workers) for model in sorted(models)}
         return True
@@ -128,12 +130,13 @@ def mark_process_gone() -> None:
 
 
 class BacklogCollector:
-    """The lanes' backlog and the live workers as the last read from Redis left them: series of a lane or a
-    model that is gone go with the next read."""
+    """The lanes' backlog, the live workers and Redis's memory as the last read from Redis left them: series
+    of a lane or a model that is gone go with the next read."""
 
     def __init__(self) -> None:
         self.rows: list[StreamBacklog] = []
         self.live_workers: dict[str, int] = {}
+        self.memory: RedisMemory | None = None  # None until read, or where INFO is refused
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "lane", "tenant"]
@@ -154,6 +157,16 @@ class BacklogCollector:
         for model, count in self.live_workers.items():
             workers.add_metric([model], count)
         yield workers
+        if (memory := self.memory) is not None:  # read again at each scrape: a CONFIG SET shows at once
+            yield GaugeMetricFamily("tokenq_redis_used_memory_bytes", "Redis's used_memory (its fullest node)",
+                                    value=memory.used_memory)
+            yield GaugeMetricFamily("tokenq_redis_maxmemory_bytes", "Redis's maxmemory (0: no limit)",
+                                    value=memory.maxmemory)
+            evicts = GaugeMetricFamily("tokenq_redis_evicts", "1 when Redis's maxmemory-policy drops keys when full "
+                                       "(a job's among them, without an error); tokenq wants noeviction",
+                                       labels=["policy"])
+            evicts.add_metric([memory.maxmemory_policy], 1 if memory.evicts else 0)
+            yield evicts
 
 
 class MetricsMiddleware:

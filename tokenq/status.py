@@ -14,53 +14,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from gateway.backlog import StreamBacklog, read_backlog
 from gateway.registry import Registry
 from jobstore.connect import AnyRedis
+from jobstore.memory import RedisMemory, read_memory
 from protocol.workers import WorkerHeartbeat
 from tokenq.redis_command import run_with_redis
-
-
-@dataclass(frozen=True)
-class RedisMemory:
-    """Redis's INFO memory (of its fullest node, on a cluster). At maxmemory a Redis that cannot evict refuses
-    every write while reads go on: the live workers' heartbeats lapse and jobs wait, which the tables alone
-    would show as no worker at all. Redis evicts before each command, INFO included, so used_memory still at
-    maxmemory here means eviction failed (or is off) and writes are refused."""
-
-    used_memory: int
-    maxmemory: int  # 0: no limit
-    maxmemory_policy: str
-    used_human: str = ""
-    maxmemory_human: str = ""
-
-    @property
-    def full(self) -> bool:
-        return 0 < self.maxmemory <= self.used_memory
-
-    def line(self) -> str:
-        return (f"Redis: out of memory (used {self.used_human} of maxmemory {self.maxmemory_human}, policy "
-                f"{self.maxmemory_policy}): writes are refused; jobs wait and workers may read as gone until memory "
-                "is freed")
-
-    def to_json(self) -> dict:
-        return {"used_memory": self.used_memory, "maxmemory": self.maxmemory,
-                "maxmemory_policy": self.maxmemory_policy, "full": self.full}
-
-
-async def read_memory(redis: AnyRedis) -> RedisMemory | None:
-    """None where INFO is refused (an ACL user without it, some managed Redis): status shows the rest."""
-    try:
-        info = await redis.info("memory")
-    except ResponseError:
-        return None
-    nodes = list(info.values()) if info and all(isinstance(v, dict) for v in info.values()) else [info]  # cluster
-    return max((RedisMemory(int(n.get("used_memory", 0)), int(n.get("maxmemory", 0)),
-                            str(n.get("maxmemory_policy", "")), str(n.get("used_memory_human", "")),
-                            str(n.get("maxmemory_human", ""))) for n in nodes),
-               key=lambda m: m.used_memory / m.maxmemory if m.maxmemory else 0.0)
 
 
 @dataclass

@@ -86,6 +86,35 @@ async def test_gateway_exports_the_backlog_with_no_worker(redis_client):
     assert f'tokenq_live_workers{{model="{MODEL}"}} 0.0' in text  # present, and zero: the alert can fire
 
 
+async def test_gateway_exports_redis_memory_and_a_policy_set_at_runtime(redis_client):
+    """An operator's CONFIG SET maxmemory-policy allkeys-lru, long after every role started (whose start-up
+    warning saw noeviction), shows in the next scrape, where an alert can see it."""
+    def sample(text: str, name: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith(name))
+
+    used = (await redis_client.info("memory"))["used_memory"]
+    text = generate_latest_of(await _observed(redis_client))
+    assert float(sample(text, "tokenq_redis_used_memory_bytes").split()[-1]) >= used / 2
+    assert sample(text, "tokenq_redis_maxmemory_bytes") == "tokenq_redis_maxmemory_bytes 0.0"
+    assert sample(text, "tokenq_redis_evicts") == 'tokenq_redis_evicts{policy="noeviction"} 0.0'
+    await redis_client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        text = generate_latest_of(await _observed(redis_client))
+    finally:
+        await redis_client.config_set("maxmemory-policy", "noeviction")
+    assert sample(text, "tokenq_redis_evicts") == 'tokenq_redis_evicts{policy="allkeys-lru"} 1.0'
+
+
+async def _observed(redis_client) -> GatewayMetrics:
+    metrics = GatewayMetrics()
+    await metrics.observe_backlog(redis_client, Registry(redis_client))
+    return metrics
+
+
+def generate_latest_of(metrics: GatewayMetrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
 @pytest.mark.both_redis  # one redis-server and a three-node cluster (tests/conftest.py)
 async def test_gateway_scrape_serves_the_backlog(redis_client):
     await _queue(redis_client, "default", "a", 1)
@@ -217,7 +246,7 @@ async def test_a_redis_that_refuses_info_leaves_the_memory_line_out():
     """An ACL user without INFO (some managed Redis): status ended at that error; it shows the rest."""
     from redis.exceptions import ResponseError
 
-    from tokenq.status import read_memory
+    from jobstore.memory import read_memory
 
     class NoInfo:
         async def info(self, section: str) -> dict:
