@@ -6,6 +6,7 @@ same counters and concurrent requests cannot pass a limit between a check and it
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 
@@ -61,15 +62,23 @@ async def idempotency_key(request: Request,
 _DELIVERY_FIELDS = frozenset({"stream", "stream_options"})  # how the answer comes, not what it is
 
 
+def _canonical_number(text: str) -> float | int:
+    number = float(text)
+    return int(number) if number.is_integer() else number
+
+
 def idempotency_of(key: str | None, body: BaseModel) -> IdempotencyKey | None:
     """The key with the digest of the request it came with: the route (its body's schema) and every field the
-    client set, in the schema's order, so that a retry sending the same request in another key order or
-    number spelling matches, and one that changes any field does not. Streaming is left out: a client whose
+    client set, so that a retry sending the same request in another key order or number spelling matches,
+    and one that changes any field does not. Streaming is left out: a client whose
     connection dropped may take up the first job's stream, or its final answer. A prompt list's jobs share
     one digest (of the whole list)."""
     if key is None:
         return None
-    request = dump_request(body, exclude=_DELIVERY_FIELDS)
+    # Canonical JSON: object members sorted at every depth (a metadata or schema object's order means nothing),
+    # and 1.0 written as 1 (a logit_bias value kept as the client spelled it).
+    fields = json.loads(dump_request(body, exclude=_DELIVERY_FIELDS), parse_float=_canonical_number)
+    request = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(f"{type(body).__name__}\n{request}".encode()).hexdigest()
     return IdempotencyKey(key, digest[:32])
 

@@ -29,10 +29,13 @@ def split_prompts(body: CompletionRequest) -> list[CompletionRequest] | None:
 
 
 def prompt_key(idempotency_key: str | None, index: int) -> str | None:
-    """Prompt `index`'s own Idempotency-Key, so that a retry finds each prompt's first job. Joined by a
-    control character, which no header value holds: no key a client sends (`K#1` say) is another
-    request's prompt's."""
-    return None if idempotency_key is None else f"{idempotency_key}\x1f{index}"
+    """Prompt `index`'s own Idempotency-Key, so that a retry finds each prompt's first job. The first prompt
+    keeps the key itself, so that a retry with one prompt where there were several (or back) meets the first
+    request's job and is refused as another request. The others are joined by a control character, which no
+    header value holds: no key a client sends (`K#1` say) is another request's prompt's."""
+    if idempotency_key is None or index == 0:
+        return idempotency_key
+    return f"{idempotency_key}\x1f{index}"
 
 
 def sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -120,7 +120,8 @@ async def test_a_retried_key_gets_each_prompts_first_job(client, redis_client):
     assert len(bound) == 3 and None not in bound
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS[:2], [*PROMPTS, "t40 t41"], [PROMPTS[0], "t40 t41", PROMPTS[2]]])
+@pytest.mark.parametrize("prompts", [PROMPTS[:2], [*PROMPTS, "t40 t41"], [PROMPTS[0], "t40 t41", PROMPTS[2]],
+                                     PROMPTS[0]])
 async def test_a_key_retried_with_other_prompts_is_refused(client, redis_client, prompts):
     """Each prompt's key carries the digest of the whole list: a retry with fewer, more or other prompts gets a
     422 and queues nothing, rather than the first jobs of the prompts it shares."""
@@ -133,6 +134,17 @@ async def test_a_key_retried_with_other_prompts_is_refused(client, redis_client,
     assert err["code"] == "idempotency_key_reused"
     assert await redis_client.keys(keys.job_key("*")) == jobs
     assert await redis_client.get(keys.idem_key("default", prompt_key("several-2", 3), MODEL)) is None
+
+
+async def test_a_key_first_used_for_one_prompt_is_refused_for_several(client, redis_client):
+    headers = {"Idempotency-Key": "several-3"}
+    first = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], **GREEDY},
+                              headers=headers)
+    assert first.status_code == 200, first.text
+    err = assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS, **GREEDY},
+                                         headers=headers), 422)
+    assert err["code"] == "idempotency_key_reused"
+    assert await redis_client.get(keys.idem_key("default", prompt_key("several-3", 1), MODEL)) is None
 
 
 async def test_a_clients_key_is_never_another_requests_prompts(client):

@@ -390,8 +390,19 @@ async def test_idempotent_job_submission(client, idle_worker, redis_client):
                  400, "Idempotency-Key")
 
 
+async def test_a_repeat_with_objects_in_another_order_or_numbers_spelt_otherwise_replays(client, idle_worker):
+    """JSON object members have no order (RFC 8259), and 1 and 1.0 are one number: the same request."""
+    headers = {"Idempotency-Key": "order-20"}
+    body = {**PROMPT, "metadata": {"a": "1", "b": "2"}, "logit_bias": {"100": 1, "200": -2.5}}
+    first = await client.post("/v1/jobs", json=body, headers=headers)
+    same = {**PROMPT, "metadata": {"b": "2", "a": "1"}, "logit_bias": {"200": -2.5, "100": 1.0}}
+    again = await client.post("/v1/jobs", json=same, headers=headers)
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json()["id"] == first.json()["id"]
+
+
 @pytest.mark.parametrize("change", [{"metadata": {"n": "2"}}, {"max_tokens": 5}, {"temperature": 0.5},
-                                    {"webhook_url": "https://example.com/hook"}])
+                                    {"webhook_url": "https://example.com/hook"}, {"logit_bias": {"100": 2}}])
 async def test_a_key_repeated_with_another_request_is_refused(client, idle_worker, redis_client, change):
     """A retry that changed the request would get the first job's answer to another question: a 422 (as the
     IETF's Idempotency-Key draft and Stripe answer it), and no second job."""
