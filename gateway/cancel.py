@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 from jobstore import JobRef, JobStore
-from protocol.jobs import JobState
 from tokenq.logs import get_logger
 
 log = get_logger(__name__)
@@ -22,8 +21,9 @@ class Canceller:
         return await self.store.cancel(ref)
 
     def cancel_detached(self, ref: JobRef, idempotency_key: str | None = None) -> None:
-        """Cancel from a place that is itself being cancelled (a response whose client left); a job that was
-        still queued or running also frees the Idempotency-Key bound to it."""
+        """Cancel from a place that is itself being cancelled (a response whose client left), unless another
+        client (a repeat of its Idempotency-Key) still waits on the job; a job still queued or running also
+        frees the key bound to it, before it is cancelled (jobstore's LEAVE)."""
         task = asyncio.get_running_loop().create_task(self._cancel_logged(ref, idempotency_key))
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
@@ -37,9 +37,10 @@ class Canceller:
 
     async def _cancel_logged(self, ref: JobRef, idempotency_key: str | None) -> None:
         try:
+            if not await self.store.leave(ref, idempotency_key):
+                log.info("client disconnected; the job is final or another client waits on it", job_id=ref.id)
+                return
             was = await self.cancel(ref)
-            if idempotency_key is not None and was in (JobState.queued, JobState.running):
-                await self.store.release_idempotency_key(ref.tenant, idempotency_key, ref.model, ref.id)
             log.info("client disconnected; job cancelled", job_id=ref.id, was=was)
         except Exception as e:  # Redis down: the job runs on; nothing else to do here
             log.warning("could not cancel the job of a disconnected client", job_id=ref.id, error=repr(e))

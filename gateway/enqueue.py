@@ -17,13 +17,14 @@ from gateway.logging import bind_job
 from gateway.prepare import prepare
 from gateway.response_cache import ENTRY_HEADER, HEADER, Hit, write_hit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, JobCreate, dump_request
-from jobstore import IdempotencyKey, Refused
+from jobstore import IdempotencyKey, JobRef, Refused
 from protocol import job_record as F
-from protocol.jobs import JobPayload, Lane
+from protocol.jobs import JobPayload, JobState, Lane
 from respcache.policy import Decision
 from tokenq.logs import get_logger
 
 log = get_logger(__name__)
+_SUBMIT_TRIES = 3  # a repeat whose first job's last client left meanwhile submits again
 
 @dataclass(frozen=True)
 class Enqueued:
@@ -31,6 +32,7 @@ class Enqueued:
     created_at: float
     record: dict[str, str] | None = None  # the first job's hash (a repeat), or the hit's (cache)
     hit: Hit | None = None  # answered from the response cache
+    attached: bool = False  # a repeat counted among the job's waiting clients (jobstore's ATTACH)
 
     @property
     def cache(self) -> str | None:
@@ -81,14 +83,23 @@ async def submit(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReques
     if lookup is not None:
         payload.cache_fill = True
         await ctx.cache.expect(payload.id, lookup)
-    try:
-        submitted = await ctx.store.submit(payload, dump_request(body), metadata, streamed=stream,
-                                           limits=limits_of(tenant, ctx.max_queue_depth),
-                                           idempotency=idempotency)
-    except Refused as refused:
-        raise _refusal(ctx, tenant, payload, refused) from None
-    if submitted.repeat and idempotency is not None:
-        return await _first_job(ctx, tenant.name, idempotency, payload, submitted.job_id)
+    # A completion waits on its job, and its client leaving cancels it: a repeat of its key waits beside it.
+    waits = not isinstance(body, JobCreate) and not payload.run_to_completion
+    for _ in range(_SUBMIT_TRIES):
+        try:
+            submitted = await ctx.store.submit(payload, dump_request(body), metadata, streamed=stream,
+                                               limits=limits_of(tenant, ctx.max_queue_depth),
+                                               idempotency=idempotency)
+        except Refused as refused:
+            raise _refusal(ctx, tenant, payload, refused) from None
+        if not (submitted.repeat and idempotency is not None):
+            break
+        first = await _first_job(ctx, tenant.name, idempotency, payload, submitted.job_id, waits)
+        if first is not None:
+            return first
+    else:
+        raise ApiError(409, "the job this Idempotency-Key was used for is being cancelled; retry the request",
+                       param="Idempotency-Key", code="idempotency_key_in_use")
     bind_job(payload.id)
     ctx.metrics.jobs_enqueued.labels(payload.model, payload.lane).inc()
     log.debug("job enqueued", model=payload.model, lane=payload.lane, kind=payload.kind,
@@ -108,7 +119,11 @@ async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReque
     except Refused as refused:
         raise _refusal(ctx, tenant, payload, refused) from None
     if holder != payload.id and idempotency is not None:
-        return await _first_job(ctx, tenant.name, idempotency, payload, holder)
+        first = await _first_job(ctx, tenant.name, idempotency, payload, holder, waits=False)
+        if first is None:
+            raise ApiError(409, "the job this Idempotency-Key was used for is being cancelled; retry the request",
+                           param="Idempotency-Key", code="idempotency_key_in_use")
+        return first
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
     return Enqueued(payload, float(record[F.CREATED_AT]), record, hit=hit)
 
@@ -118,11 +133,13 @@ def _refusal(ctx: GatewayContext, tenant: Tenant, payload: JobPayload, refused: 
 
 
 async def _first_job(ctx: GatewayContext, tenant: str, idempotency: IdempotencyKey, asked: JobPayload,
-                     job_id: str) -> Enqueued:
+                     job_id: str, waits: bool) -> Enqueued | None:
     """The job a repeated key maps to (written in the same script that bound the key). If it is gone
     (evicted), the key is released so that the client's next retry goes through. A repeat that carries
     another request (any field changed, or another route) is refused, as the IETF's Idempotency-Key draft
-    and Stripe refuse it: answering it with the first job would hide the change from the client."""
+    and Stripe refuse it: answering it with the first job would hide the change from the client. A
+    completion's repeat (`waits`) waits beside the first client; None when that client left meanwhile and
+    the job is being cancelled (submit again: its key is free)."""
     bind_job(job_id)
     record = await read_job(ctx.store, job_id)
     if record is not None and record.get(F.PAYLOAD):
@@ -132,8 +149,14 @@ async def _first_job(ctx: GatewayContext, tenant: str, idempotency: IdempotencyK
             raise ApiError(422, f"this Idempotency-Key was used with another request (job {job_id}): a retry "
                                 "must send the same request; use a new key for a new one",
                            param="Idempotency-Key", code="idempotency_key_reused")
+        attached = False
+        if waits and not JobState(record.get(F.STATE) or JobState.queued.value).final:
+            outcome = await ctx.store.attach(JobRef.of(payload), idempotency.key)
+            if outcome < 0:
+                return None
+            attached = outcome == 1
         log.info("idempotent repeat", first_job=job_id)
-        return Enqueued(payload, float(record.get(F.CREATED_AT) or 0), record)
+        return Enqueued(payload, float(record.get(F.CREATED_AT) or 0), record, attached=attached)
     await ctx.store.release_idempotency_key(tenant, idempotency.key, asked.model, job_id)
     raise ApiError(409, "the job this Idempotency-Key was used for is gone; retry the request",
                    param="Idempotency-Key", code="idempotency_key_in_use")

@@ -146,11 +146,11 @@ async def _withdraw(ctx: GatewayContext, tenant: Tenant, jobs: list[Enqueued], i
 
 
 def _canceller(ctx: GatewayContext, job: Enqueued, idempotency_key: str | None) -> Callable[[], None] | None:
-    """What cancels the job when its client leaves: nothing for a repeat (the first request's client owns
-    it), a cache hit (already final) or a job asked to run to completion. The cancel frees the request's
-    Idempotency-Key, so that the client's retry (the key's very use: its connection dropped) runs the job
-    again rather than getting the cancelled one."""
-    if not job.queued_here or job.payload.run_to_completion:
+    """What cancels the job when its client leaves, unless a repeat of its key waits on it too (the last
+    client to leave cancels it): nothing for a cache hit or a repeat that found it final, or a job asked to
+    run to completion. The cancel frees the request's Idempotency-Key, so that the client's retry (the key's
+    very use: its connection dropped) runs the job again rather than getting the cancelled one."""
+    if not (job.queued_here or job.attached) or job.payload.run_to_completion:
         return None
     ref = JobRef.of(job.payload)
 

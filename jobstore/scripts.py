@@ -238,6 +238,35 @@ return {{1, ARGV[1]}}
 RELEASE_IDEMPOTENCY_KEY = Script(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
 
+# A completion's clients waiting on one job: its first request, and the repeats of its Idempotency-Key that
+# came while it ran (`waiters` counts those). A client that leaves cancels the job only when no other one
+# waits, and then releases the key in the same step, so that a retry racing the cancel either waits with
+# the others (it came first) or runs anew (it came after): never does it take up the cancelled job.
+# KEYS: 1 job hash, 2 idempotency key. ARGV: 1 job id.
+# ATTACH returns 1 (one more waits), 0 (the job is final or gone: its answer stands), -1 (its key was released:
+# the job is being cancelled, submit again).
+ATTACH = Script(f"""
+local final = {_FINAL}
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local state = redis.call('HGET', KEYS[1], '{f.STATE}')
+if not state or final[state] then return 0 end
+redis.call('HINCRBY', KEYS[1], '{f.WAITERS}', 1)
+return 1
+""")
+# ARGV: 1 job id, 2 '1' when the client sent a key. Returns 1 when the leaving client was the last one of a job
+# still running (the caller cancels it; its key is released here), else 0.
+LEAVE = Script(f"""
+local final = {_FINAL}
+local h = redis.call('HMGET', KEYS[1], '{f.STATE}', '{f.WAITERS}')
+if not h[1] or final[h[1]] then return 0 end
+if tonumber(h[2] or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], '{f.WAITERS}', -1)
+  return 0
+end
+if ARGV[2] == '1' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+""")
+
 # KEYS[1] job hash. Only an existing job gets the flag.
 MARK_STREAMED = Script(f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], '{f.STREAMED}', '1') end

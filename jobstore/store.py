@@ -231,6 +231,20 @@ class JobStore:
             raise Refused.of_reply(reply)
         return reply[1]
 
+    async def attach(self, ref: JobRef, idempotency_key: str) -> int:
+        """One more client waits on a completion's job (a repeat of its key): 1; 0 when the job is final or
+        gone; -1 when the key no longer maps to it (its last client left: submit again)."""
+        return int(await runner.run(self._scripts, s.ATTACH,
+                                    [keys.job_key(ref.id), keys.idem_key(ref.tenant, idempotency_key, ref.model)],
+                                    [ref.id]))
+
+    async def leave(self, ref: JobRef, idempotency_key: str | None) -> bool:
+        """A waiting client left: True when it was the last one of a job not yet final (cancel it now; its
+        key is already released)."""
+        return bool(await runner.run(
+            self._scripts, s.LEAVE, [keys.job_key(ref.id), keys.idem_key(ref.tenant, idempotency_key or "", ref.model)],
+            [ref.id, "1" if idempotency_key is not None else "0"]))
+
     async def release_idempotency_key(self, tenant: str, key: str, model: str, job_id: str) -> None:
         """Unbind a key that still maps to `job_id` (whose job is gone), so that a retry goes through."""
         await runner.run(self.redis, s.RELEASE_IDEMPOTENCY_KEY, [keys.idem_key(tenant, key, model)], [job_id])

@@ -30,6 +30,7 @@ ATTEMPTS = "attempts"
 WORKER = "worker"
 CANCEL_REQUESTED = "cancel_requested"  # "1": the worker running it aborts it and ends it `cancelled`
 IDEMPOTENCY_KEY = "idempotency_key"
+WAITERS = "waiters"  # repeats of its Idempotency-Key waiting on a completion besides its first client
 REQUEST_DIGEST = "request_digest"  # of the request that bound the Idempotency-Key: a repeat must match it
 WEBHOOK_URL = "webhook_url"
 WEBHOOK_ATTEMPTS = "webhook_attempts"  # JSON list of delivery attempts (time, status or error)

@@ -115,6 +115,42 @@ def test_a_retry_after_a_dropped_connection_runs_the_job_again(redis_url, defaul
         assert len(jobs) == 2 and first in jobs
 
 
+def _open_request(base: str, body: dict, key: str) -> socket.socket:
+    """A completion sent on a raw socket and left waiting: closing the socket is the client leaving."""
+    host, port = base.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Idempotency-Key: " + key.encode() + b"\r\nContent-Length: " + str(len(payload)).encode() +
+                 b"\r\n\r\n" + payload)
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_retry_that_comes_before_the_drop_is_noticed_takes_the_job_over(redis_url, default_model_dir, stream):
+    """A client whose read timed out retries at once, often before the gateway notices the first connection
+    closed: the retry waits on the first job, and the first connection's close must not cancel it under the
+    retry (it did: the retry got the cancelled job). The last of the two to leave cancels it."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushdb()
+    register_idle_worker(r, default_model_dir)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream}
+    with GatewayThread(redis_url) as base:
+        first = _open_request(base, body, "retry-at-once")
+        wait_for(lambda: len(list(r.scan_iter(keys.job_keys_pattern()))) == 1)
+        [job] = list(r.scan_iter(keys.job_keys_pattern()))
+        retry = _open_request(base, body, "retry-at-once")
+        wait_for(lambda: r.hget(job, F.WAITERS) == "1")
+        first.close()
+        wait_for(lambda: r.hget(job, F.WAITERS) == "0")
+        time.sleep(0.3)
+        assert r.hget(job, F.STATE) == "queued" and list(r.scan_iter("*idem*"))
+        retry.close()
+        wait_for(lambda: r.hget(job, F.STATE) == "cancelled")
+        assert not list(r.scan_iter("*idem*"))  # released: the next retry runs anew
+        assert len(list(r.scan_iter(keys.job_keys_pattern()))) == 1
+
+
 # --- Redis restarts ------------------------------------------------------------------------------------
 
 
