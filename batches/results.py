@@ -62,7 +62,7 @@ for i = 1, #ARGV, 6 do
     local output = ARGV[i + 1] == 'o'
     new[output and 1 or 2] = new[output and 1 or 2] + 1
     redis.call('HINCRBY', KEYS[2], output and 'completed' or 'failed', 1)
-    if ARGV[i + 1] == 'o' then
+    if output then
       redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[i + 3])
       redis.call('HINCRBY', KEYS[2], 'cached_tokens', ARGV[i + 4])
       redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[i + 5])

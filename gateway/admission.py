@@ -70,9 +70,9 @@ def _canonical_number(text: str) -> float | int:
 def idempotency_of(key: str | None, body: BaseModel) -> IdempotencyKey | None:
     """The key with the digest of the request it came with: the route (its body's schema) and every field the
     client set, so that a retry sending the same request in another key order or number spelling matches,
-    and one that changes any field does not. Streaming is left out: a client whose
-    connection dropped may take up the first job's stream, or its final answer. A prompt list's jobs share
-    one digest (of the whole list)."""
+    and one that changes any field does not. Streaming is left out: a client whose connection dropped may
+    take up the first job's stream, or its final answer. A prompt list's jobs share one digest (of the whole
+    list)."""
     if key is None:
         return None
     # Canonical JSON: object members sorted at every depth (a metadata or schema object's order means nothing),

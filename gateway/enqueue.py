@@ -120,9 +120,7 @@ async def _cached(ctx: GatewayContext, tenant: Tenant, body: ChatCompletionReque
         raise _refusal(ctx, tenant, payload, refused) from None
     if holder != payload.id and idempotency is not None:
         first = await _first_job(ctx, tenant.name, idempotency, payload, holder, waits=False)
-        if first is None:
-            raise ApiError(409, "the job this Idempotency-Key was used for is being cancelled; retry the request",
-                           param="Idempotency-Key", code="idempotency_key_in_use")
+        assert first is not None  # only a repeat that waits is sent to submit again
         return first
     log.debug("answered from the response cache", cache=hit.kind, model=payload.model, tenant=tenant.name)
     return Enqueued(payload, float(record[F.CREATED_AT]), record, hit=hit)
