@@ -78,6 +78,7 @@ def idempotency_of(key: str | None, body: BaseModel) -> IdempotencyKey | None:
     # Canonical JSON: object members sorted at every depth (a metadata or schema object's order means nothing),
     # and 1.0 written as 1 (a logit_bias value kept as the client spelled it).
     fields = json.loads(dump_request(body, exclude=_DELIVERY_FIELDS), parse_float=_canonical_number)
+    fields = {name: value for name, value in fields.items() if value is not None}  # null is the default
     request = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(f"{type(body).__name__}\n{request}".encode()).hexdigest()
     return IdempotencyKey(key, digest[:32])

@@ -22,7 +22,7 @@ from tokenq.embedded_redis import EmbeddedRedis
 from tokenq.flag_checks import EXIT_SETTINGS, listen_error
 from tokenq.home_lock import HomeLock, HomeLocked
 from tokenq.redis_command import redacted
-from tokenq.settings import METRICS_PEERS_ENV, embedded_redis_dir, hot_loop_env, tokenq_home
+from tokenq.settings import METRICS_PEERS_ENV, Settings, embedded_redis_dir, hot_loop_env, tokenq_home
 
 RESTART_BASE_S = 1.0
 RESTART_CAP_S = 60.0
@@ -149,17 +149,32 @@ def _wait_ready(url: str, timeout: float, stopping: Callable[[], bool], children
     return False
 
 
-def stop_children(procs: Sequence[subprocess.Popen | None], timeout: float = 30.0) -> None:
-    """SIGTERM them all (each drains in parallel), then wait for each; SIGKILL one past the timeout."""
-    live = [p for p in procs if p is not None]
-    for p in live:
+STOP_WAIT_S = 30.0  # how long a stopping role may take, beyond the worker's drain grace
+HAND_BACK_S = 20.0  # after its grace, a draining worker hands back its jobs and its engine stops
+
+
+def stop_wait_s(drain_grace_s: float) -> float:
+    """How long `tokenq up` waits for a role to stop before it kills it: long enough for the worker's whole
+    drain (TOKENQ_DRAIN_GRACE_S, then the hand-back), or a long grace would end in a kill that hands nothing
+    back and spends one of the jobs' deliveries."""
+    return max(STOP_WAIT_S, drain_grace_s + HAND_BACK_S)
+
+
+def stop_children(procs: Sequence[subprocess.Popen | None], timeout: float = STOP_WAIT_S,
+                  names: Sequence[str] | None = None) -> None:
+    """SIGTERM them all (each drains in parallel), then wait for each; SIGKILL one past the timeout, saying so."""
+    live = [(p, names[i] if names else " ".join(map(str, p.args))) for i, p in enumerate(procs) if p is not None]
+    for p, _ in live:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    for p in live:
+    deadline = time.monotonic() + timeout
+    for p, name in live:
         try:
-            p.wait(timeout=timeout)
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            print(f"warning: the {name} did not stop within {timeout:g} s; killed", file=sys.stderr, flush=True)
             p.kill()
+            p.wait()
 
 
 def run_up(opts: UpOptions) -> int:
@@ -243,8 +258,9 @@ def _run(opts: UpOptions, base: str) -> int:
         # The gateway, the worker and the batch feeder together (each drains at the same time), then webhooks
         # (it relays the jobs the drain finished and lets attempts in flight end), then Redis writes its
         # append-only file.
+        wait_s = stop_wait_s(Settings.from_env().drain_grace_s)
         for group in ((gateway, worker, batches), (webhooks,)):
-            stop_children([c.proc for c in group])
+            stop_children([c.proc for c in group], wait_s, [c.name for c in group])
         if redis is not None:
             redis.stop()
     return EXIT_SETTINGS if any(child.refused_settings for child in children) else 0

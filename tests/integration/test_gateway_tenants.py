@@ -391,11 +391,12 @@ async def test_idempotent_job_submission(client, idle_worker, redis_client):
 
 
 async def test_a_repeat_with_objects_in_another_order_or_numbers_spelt_otherwise_replays(client, idle_worker):
-    """JSON object members have no order (RFC 8259), and 1 and 1.0 are one number: the same request."""
+    """JSON object members have no order (RFC 8259), 1 and 1.0 are one number, and a null field is its
+    default: the same request."""
     headers = {"Idempotency-Key": "order-20"}
     body = {**PROMPT, "metadata": {"a": "1", "b": "2"}, "logit_bias": {"100": 1, "200": -2.5}}
     first = await client.post("/v1/jobs", json=body, headers=headers)
-    same = {**PROMPT, "metadata": {"b": "2", "a": "1"}, "logit_bias": {"200": -2.5, "100": 1.0}}
+    same = {**PROMPT, "metadata": {"b": "2", "a": "1"}, "logit_bias": {"200": -2.5, "100": 1.0}, "seed": None}
     again = await client.post("/v1/jobs", json=same, headers=headers)
     assert first.status_code == again.status_code == 202, again.text
     assert again.json()["id"] == first.json()["id"]

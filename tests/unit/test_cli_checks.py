@@ -243,3 +243,42 @@ def test_up_keeps_the_roles_metrics_on_this_host(monkeypatch, tmp_path):
     for role in ("worker", "webhooks", "batches"):
         argv = by_role[role]
         assert argv[argv.index("--metrics-host") + 1] == "127.0.0.1"
+
+
+def test_up_waits_out_the_workers_whole_drain_before_it_kills(monkeypatch, tmp_path):
+    """A TOKENQ_DRAIN_GRACE_S of 45 s was cut at 30 s by a silent kill: no job was handed back, and each spent
+    a delivery."""
+    from tokenq import supervisor
+
+    class Stop(Exception):
+        pass
+
+    waits: list[tuple[float, list[str]]] = []
+    monkeypatch.setenv("TOKENQ_DRAIN_GRACE_S", "45")
+    monkeypatch.setattr(supervisor, "_spawn", lambda argv, env: None)
+    monkeypatch.setattr(supervisor.Child, "start", lambda self: self._start())  # no restart on failure
+    monkeypatch.setattr(supervisor, "_wait_ready", lambda *args: (_ for _ in ()).throw(Stop()))  # then it stops
+    monkeypatch.setattr(supervisor.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(supervisor, "stop_children", lambda procs, timeout, names: waits.append((timeout, names)))
+    opts = supervisor.UpOptions(redis_url="redis://127.0.0.1:1", model="m", host="0.0.0.0", port=8000,
+                                worker_args=[], worker_metrics_port=8001, webhooks_metrics_port=8002,
+                                batches_metrics_port=8003)
+    with pytest.raises(Stop):
+        supervisor._run(opts, tmp_path)
+    assert waits == [(65.0, ["gateway", "worker", "batch feeder"]), (65.0, ["webhook deliverer"])]
+    assert supervisor.stop_wait_s(3) == supervisor.STOP_WAIT_S  # a short grace keeps the floor
+
+
+def test_a_role_that_outlives_the_wait_is_killed_and_named(capsys):
+    import subprocess
+    import sys
+
+    from tokenq.supervisor import stop_children
+
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n"
+    stop_children([proc], 0.5, ["worker"])
+    assert proc.returncode == -9
+    assert "warning: the worker did not stop within 0.5 s; killed" in capsys.readouterr().err
