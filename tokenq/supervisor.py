@@ -149,7 +149,7 @@ def _wait_ready(url: str, timeout: float, stopping: Callable[[], bool], children
     return False
 
 
-STOP_WAIT_S = 30.0  # how long a stopping role may take, beyond the worker's drain grace
+STOP_WAIT_S = 30.0  # the least `tokenq up` waits for its roles to stop before it kills one
 HAND_BACK_S = 20.0  # after its grace, a draining worker hands back its jobs and its engine stops
 
 
