@@ -14,7 +14,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.redis_client import CONNECT_TIMEOUT_S, RETRIES
-from jobstore import JobStore, Limits
+from jobstore import IdempotencyKey, JobStore, Limits
 from jobstore.pipe import RedisPipe
 from jobstore.scripts import Script
 from protocol import keys
@@ -118,9 +118,10 @@ async def test_admission_retried_for_the_same_job_admits_it(pipe, redis_client):
 
     limits = Limits(rpm=100)
     a, b = keys.new_job_id("m", "a"), keys.new_job_id("m", "b")
-    first = await store.submit(job(a), "{}", {}, False, limits, "key-1")
-    again = await store.submit(job(a), "{}", {}, False, limits, "key-1")  # its own key: a retry
-    other = await store.submit(job(b), "{}", {}, False, limits, "key-1")  # another request: a repeat
+    key = IdempotencyKey("key-1", "digest")
+    first = await store.submit(job(a), "{}", {}, False, limits, key)
+    again = await store.submit(job(a), "{}", {}, False, limits, key)  # its own key: a retry
+    other = await store.submit(job(b), "{}", {}, False, limits, key)  # another request: a repeat
     assert (first.job_id, first.repeat) == (a, False)
     assert (again.job_id, again.repeat) == (a, False)
     assert (other.job_id, other.repeat) == (a, True)
