@@ -53,6 +53,10 @@ log = get_logger("engine_process")
 
 REPORT_SEND_STAT = "report_send_seconds"  # lifetime total (see serve_commands)
 STATS_INTERVAL_S = 0.5  # an engine with nothing new to say still refreshes the heartbeat's stats this often
+# GNU OpenMP's spins before a waiting thread sleeps: 3,000 kept an idle 2-core machine's served chat as fast
+# as spinning on, 1,000 no faster than sleeping at once; the user's own OpenMP settings win.
+CPU_OMP_SPIN_COUNT = 3000
+OMP_WAIT_VARS = frozenset({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"})
 _ADD, _ABORT, _STOP = "add", "abort", "stop"
 _READY, _FAILED, _OUT = "ready", "failed", "out"
 
@@ -144,12 +148,13 @@ class EngineProcess(EngineHandle):
         assert self._loop is not None
         ctx = mp.get_context("spawn")  # CUDA cannot be forked; the child imports only what it needs
         parent, child = ctx.Pipe(duplex=True)  # a socket pair; the child keeps the blocking Connection
-        if not str(self.spec.config.device).startswith("cuda"):
-            # A CPU engine's OpenMP threads sleep between parallel regions instead of spinning (unless the
-            # user chose otherwise): they share the cores with the worker, the gateway and Redis, and spinning
-            # threads that outnumber free cores stall each other (docs/BENCHMARKS.md). The child (and its
-            # ranks) inherit it; OpenMP reads it once, when torch loads.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if not str(self.spec.config.device).startswith("cuda") and not OMP_WAIT_VARS & os.environ.keys():
+            # A CPU engine's OpenMP threads spin briefly at the end of a parallel region, then sleep (unless
+            # the user chose otherwise): they share the cores with the worker, the gateway and Redis, and
+            # threads that spin on outnumber free cores and stall each other, while threads that sleep at
+            # once pay a wake-up at each of a step's hundreds of regions (docs/BENCHMARKS.md). The child
+            # (and its ranks) inherit it; OpenMP reads it once, when torch loads.
+            os.environ.update(OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT=str(CPU_OMP_SPIN_COUNT))
         self._proc = ctx.Process(target=engine_main, args=(child, self.spec), name=f"tokenq-engine-{self.name}")
         self._proc.start()
         child.close()

@@ -81,6 +81,7 @@ async def _running_a_long_job(redis_url, redis_client, model_dir, worker_id: str
 
 async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # put back afterwards
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     ids = [5, 17, 99, 3]
     jobs = [JobPayload(id=new_job_id("m"), model="m", kind="completion", prompt_token_ids=ids, stream=s,
                        sampling=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1))
@@ -91,7 +92,8 @@ async def test_jobs_run_in_the_engine_process(redis_url, redis_client, tiny_mode
     assert results[0].token_ids == results[1].token_ids and len(results[0].token_ids) == 10
     assert results[0].text.split()[0].startswith("t") and results[0].logprobs and results[0].logprobs[0].token
     assert "".join(d.text for d in c.events if isinstance(d, DeltaEvent)) == results[0].text
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # what the CPU engine process was started with
+    # What the CPU engine process was started with: a short spin, then sleep.
+    assert (os.environ["OMP_WAIT_POLICY"], os.environ["GOMP_SPINCOUNT"]) == ("PASSIVE", "3000")
 
 
 async def test_an_engine_that_cannot_hold_one_sequence_refuses_to_start_naming_the_setting(tiny_model_dir):
