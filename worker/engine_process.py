@@ -53,8 +53,9 @@ log = get_logger("engine_process")
 
 REPORT_SEND_STAT = "report_send_seconds"  # lifetime total (see serve_commands)
 STATS_INTERVAL_S = 0.5  # an engine with nothing new to say still refreshes the heartbeat's stats this often
-# GNU OpenMP's spins before a waiting thread sleeps: 3,000 kept an idle 2-core machine's served chat as fast
-# as spinning on, 1,000 no faster than sleeping at once; the user's own OpenMP settings win.
+# GNU OpenMP's spins before a waiting thread sleeps: enough for a step's parallel regions to hand off without
+# sleeping on an idle machine, a hundredth of libgomp's own default so that threads finding the cores taken
+# sleep soon (docs/BENCHMARKS.md). The user's own OpenMP settings win.
 CPU_OMP_SPIN_COUNT = 3000
 OMP_WAIT_VARS = frozenset({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"})
 _ADD, _ABORT, _STOP = "add", "abort", "stop"
