@@ -10,6 +10,12 @@ from redis.exceptions import ResponseError
 from jobstore.connect import AnyRedis
 
 
+def evicts(policy: str) -> bool:
+    """A maxmemory-policy other than noeviction: at maxmemory Redis drops keys, a job's among them, without an
+    error."""
+    return policy not in ("", "noeviction")
+
+
 @dataclass(frozen=True)
 class RedisMemory:
     """Redis's INFO memory (of its fullest node, on a cluster). At maxmemory a Redis that cannot evict refuses
@@ -29,8 +35,7 @@ class RedisMemory:
 
     @property
     def evicts(self) -> bool:
-        """A policy other than noeviction: at maxmemory Redis drops keys, a job's among them, without an error."""
-        return self.maxmemory_policy not in ("", "noeviction")
+        return evicts(self.maxmemory_policy)
 
     def line(self) -> str:
         return (f"Redis: out of memory (used {self.used_human} of maxmemory {self.maxmemory_human}, policy "

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobstore.connect import CLUSTER_SCHEMES, AnyRedis, connect
+from jobstore.memory import evicts
 from tokenq import settings
 
 # A command's client waits this long for a connection and for each reply: a Redis that accepts connections and
@@ -98,7 +99,7 @@ def check_redis(url: str, role: str) -> None:
                 client.close()
     except (RedisError, RedisClusterException, OSError):
         return
-    policies = sorted({str(m.get("maxmemory_policy", "noeviction")) for m in memory} - {"noeviction"})
+    policies = sorted({p for p in (str(m.get("maxmemory_policy", "")) for m in memory) if evicts(p)})
     if policies:
         print(f"warning: tokenq {role}: Redis at {redacted(url)} evicts keys when it is full (maxmemory-policy "
               f"{', '.join(policies)}): a job, its stream entry or its webhook can then vanish without an error; "
