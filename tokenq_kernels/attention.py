@@ -22,6 +22,7 @@ if HAS_TRITON:
 
 if TYPE_CHECKING:
     from tokenq_kernels.attention_metadata import AttentionMetadata
+    from tokenq_kernels.dense_decode import DenseDecodeKV
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -94,9 +95,15 @@ def _decode_plans(meta: AttentionMetadata, S: int, block_size: int) -> list[tupl
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
     kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None, dense: DenseDecodeKV | None = None,
 ) -> torch.Tensor:
-    """All decodes of the step: q [S, Hq, D] -> [S, Hq, D]."""
+    """All decodes of the step: q [S, Hq, D] -> [S, Hq, D]. With `dense` and the decodes' new keys and values
+    (new_kv, [S, Hkv, D] each) on a CPU, over the layer's dense copy where it applies."""
     S = q.shape[0]
+    if dense is not None and new_kv is not None and q.device.type == "cpu":
+        out = dense.attend(q, *new_kv, k_cache, v_cache, meta, scale)
+        if out is not None:
+            return out
     if q.device.type == "cpu":  # the same plan for every layer of the step
         key = ("decode", S, k_cache.shape[1])
         plans = meta.ref_cache.get(key)
@@ -160,22 +167,25 @@ def paged_attention_ref(
     v: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    dense: DenseDecodeKV | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]. The step's own keys/values must already be in the cache.
 
     k, v [T, Hkv, D] (optional): the step's new keys/values, which let a prefill chunk that is its whole
-    context attend to them directly instead of gathering them back from the cache (a 16-bit cache only: with
-    an FP8 cache every read sees the cached values, as the Triton kernel does).
+    context attend to them directly instead of gathering them back from the cache, and the decodes append
+    to the layer's dense copy (`dense`) instead of gathering (a 16-bit cache only: with an FP8 cache every
+    read sees the cached values, as the Triton kernel does).
     """
     kv_scales = (k_scale, v_scale)
     if k_cache.dtype == FP8:
         k = v = None
     nd = meta.num_decodes
+    new_kv = None if k is None or v is None else (k[:nd], v[:nd])
     if nd == meta.num_seqs:
-        return _decode(q, k_cache, v_cache, meta, scale, kv_scales)
+        return _decode(q, k_cache, v_cache, meta, scale, kv_scales, new_kv, dense)
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale, kv_scales)
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale, kv_scales, new_kv, dense)
     loc = meta.query_start_loc_cpu
     for i in range(nd, meta.num_seqs):
         a, b = loc[i], loc[i + 1]
@@ -203,8 +213,9 @@ def paged_attention(
     v: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    dense: DenseDecodeKV | None = None,
 ) -> torch.Tensor:
-    """Triton on CUDA (reads everything from the cache, so k and v are not needed), else the reference."""
+    """Triton on CUDA (reads everything from the cache, so k, v and dense are not needed), else the reference."""
     if use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k, v, k_scale, v_scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k, v, k_scale, v_scale, dense)

@@ -28,6 +28,9 @@ class AttentionMetadata:
     # Host copies, so reference kernels can plan without a device sync.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # The decode rows are the previous step's decode rows, in order, each one token further: a CPU layer may
+    # append to its dense copy of their keys and values (tokenq_kernels.dense_decode) instead of copying again.
+    decodes_continue: bool = False
     # What the reference kernels derive from the step on a CPU once and reuse in every layer (gather indices,
     # masks), rather than rebuild per layer. Never filled for CUDA tensors: a captured graph must recompute.
     ref_cache: dict = field(default_factory=dict, repr=False, compare=False)

@@ -34,6 +34,11 @@ MAX_ROWS = 1  # rows of x up to which the Triton kernel may run
 CPU_ONEDNN_MIN_WEIGHT = 1 << 24
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _onednn_linear = torch.ops.mkldnn._linear_pointwise if _ONEDNN else None
+# A float32 weight reordered once into oneDNN's blocked layout (pack_cpu_weight) spares each product the
+# reorder that a plain weight costs it; laid out for products of this many rows (a decode batch), it serves
+# every row count (docs/BENCHMARKS.md).
+CPU_PACK_ROWS = 32
+_ONEDNN_PACK = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def set_gemv_enabled(enabled: bool) -> None:
@@ -59,7 +64,19 @@ def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
     return GemvConfig(block_n=4, block_k=min(2048, 1 << (k - 1).bit_length()), num_stages=1)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a float32 CPU weight, for linear(..., packed=); None where there is none to make.
+    The copy does not follow later writes to the weight: make it once the weight is loaded."""
+    if not (_ONEDNN_PACK and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), CPU_PACK_ROWS)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias; `packed` is pack_cpu_weight(weight), used for float32 products on a CPU."""
+    if packed is not None and x.dtype == torch.float32 and x.dim() == 2 and len(x) and not torch.is_grad_enabled():
+        return _onednn_linear(x, packed, bias, "none", [], "")
     if ENABLED and use_triton(x) and x.dtype == weight.dtype:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         cfg = gemv_config(rows, weight.shape[0], weight.shape[1])

@@ -63,3 +63,23 @@ def test_switch_turns_the_kernel_off(monkeypatch):
     gemv.set_gemv_enabled(False)  # monkeypatch puts ENABLED back afterwards
     assert torch.allclose(linear(x, w), linear_ref(x, w))
     assert len(called) == 1
+
+
+def test_a_packed_cpu_weight_is_used_for_every_row_count(monkeypatch):
+    """With pack_cpu_weight's copy, every float32 product on a CPU (one row too) runs on the packed weight,
+    with the plain weight's results; weights that are not float32 on a CPU get no copy."""
+    if not gemv._ONEDNN_PACK:
+        pytest.skip("torch built without oneDNN's weight packing")
+    w, b = torch.randn(3072, 576), torch.randn(3072)
+    packed = gemv.pack_cpu_weight(w)
+    assert packed is not None and packed.is_mkldnn
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(gemv, "_onednn_linear", lambda *a: calls.append(a[1]) or real(*a))
+    with torch.inference_mode():
+        for rows in (1, 5, 32, 300):
+            x = torch.randn(rows, 576)
+            torch.testing.assert_close(linear(x, w, b, packed), linear_ref(x, w, b), rtol=1e-5, atol=1e-4)
+    assert len(calls) == 4 and all(c is packed for c in calls)
+    assert gemv.pack_cpu_weight(w.bfloat16()) is None
+    assert gemv.pack_cpu_weight(torch.randn(4)) is None

@@ -155,6 +155,9 @@ class ModelRunner:
         # Under tensor parallelism rank 0 sends each step to the other ranks (see step_link), once start-up
         # (which every rank runs alike) is over.
         self.linked = False
+        # The last step's decode rows (each sequence's order and computed tokens), which tell whether this
+        # step's decodes continue them (AttentionMetadata.decodes_continue).
+        self._last_decodes: tuple[list[int], np.ndarray] = ([], np.zeros(0, np.int64))
 
         # Every rank must hold the same blocks: the smallest count any rank has room for.
         self.num_blocks = int(agree([cfg.num_kv_blocks or self._default_num_blocks()])[0])
@@ -363,6 +366,10 @@ class ModelRunner:
         x.query_start_loc.np[: S + 1] = cu
         samples = np.fromiter((item.samples for item in items), bool, S)
         num_samples = int(samples.sum())
+        decodes = ([s.order for s in seqs[:num_decodes]], starts[:num_decodes])
+        last = self._last_decodes
+        decodes_continue = decodes[0] == last[0] and num_decodes > 0 and np.array_equal(decodes[1], last[1] + 1)
+        self._last_decodes = decodes
         x.logits_indices.np[:num_samples] = cu[1:][samples] - 1
         n_tok, n_seq = T, S
         if graph_batch is not None:
@@ -381,6 +388,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             query_start_loc_cpu=cu.tolist(),
             seq_lens_cpu=ends.tolist(),
+            decodes_continue=decodes_continue,
         )
         inputs = StepInputs(
             input_ids=x.input_ids.upload(n_tok)[:T],
@@ -401,7 +409,7 @@ class ModelRunner:
         if self.linked:
             header = StepHeader(1, T, S, n_tok, n_seq, num_samples, graph_batch or 0, prefill_bucket or 0,
                                 meta.max_query_len, meta.max_seq_len, num_decodes, max(1, int(lens.max())),
-                                len(inputs.prompt_slices))
+                                len(inputs.prompt_slices), int(decodes_continue))
             send_step(header, x, x.input_ids.dev[:n_tok], slice_rows(inputs.prompt_slices))
         x.mark_copied()
         return inputs
@@ -420,6 +428,7 @@ class ModelRunner:
             num_decodes=h.num_decodes,
             query_start_loc_cpu=x.query_start_loc.np[: S + 1].tolist(),
             seq_lens_cpu=x.seq_lens.np[:S].tolist(),
+            decodes_continue=bool(h.decodes_continue),
         )
         inputs = StepInputs(
             input_ids=x.input_ids.dev[:T],

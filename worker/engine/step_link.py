@@ -20,7 +20,8 @@ from worker.engine.distributed import cpu_group
 
 _STEP, _STOP = 1, 0
 _FIELDS = ("kind", "num_tokens", "num_seqs", "padded_tokens", "padded_seqs", "num_samples", "graph_batch",
-           "prefill_bucket", "max_query_len", "max_seq_len", "num_decodes", "block_cols", "prompt_slices")
+           "prefill_bucket", "max_query_len", "max_seq_len", "num_decodes", "block_cols", "prompt_slices",
+           "decodes_continue")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class StepHeader:
     num_decodes: int
     block_cols: int
     prompt_slices: int
+    decodes_continue: int  # 0 or 1: AttentionMetadata.decodes_continue
 
     def tensor(self) -> torch.Tensor:
         return torch.tensor([getattr(self, f) for f in _FIELDS], dtype=torch.int64)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tokenq_kernels.attention import paged_attention
+from tokenq_kernels.dense_decode import DenseDecodeKV
 from tokenq_kernels.kv_cache import store_kv
 from tokenq_kernels.rotary_kv import rotary_store_kv
 from worker.layers.context import get_attention_metadata
@@ -26,8 +27,14 @@ class Attention(nn.Module):
         # Views of the model runner's one KV tensor, [num_blocks, block_size, num_kv_heads, head_dim] each.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.dense_decode = DenseDecodeKV()  # the CPU decode's copy of the decoding sequences' KV
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32))
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32))
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Attends over these caches from now on (views of the model runner's KV tensor)."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.dense_decode.reset()
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
@@ -48,5 +55,6 @@ class Attention(nn.Module):
                                    self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         q = q.view(T, self.num_heads, self.head_dim)
         k, v = k.view(kv_shape), v.view(kv_shape)
-        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, k, v, self.k_scale, self.v_scale)
+        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, k, v, self.k_scale, self.v_scale,
+                              self.dense_decode)
         return out.reshape(T, self.num_heads * self.head_dim)

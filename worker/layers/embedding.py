@@ -41,8 +41,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the vocabulary; shares the embedding's weight when the model ties them."""
 
+    cpu_packed: torch.Tensor | None = None  # the weight in oneDNN's layout on a CPU (worker.models.cpu_packing)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, packed=self.cpu_packed)
         if self.tp_size > 1:
             logits = all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]

@@ -34,6 +34,7 @@ class _Linear(nn.Module):
         # The per-channel gain of this layer's input where the model knows it (the weight of the norm in front),
         # read when a quantization method picks the scales of weights it quantizes while they load.
         self.input_gain: torch.Tensor | None = None
+        self.cpu_packed: torch.Tensor | None = None  # the weight in oneDNN's layout on a CPU (models.cpu_packing)
         self.quant_method = current_linear_method()
         self.quant_method.create_weights(self, input_size, output_size)
         if bias:

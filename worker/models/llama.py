@@ -145,8 +145,7 @@ class LlamaForCausalLM(nn.Module):
         if kv.shape[0] != len(layers):
             raise ValueError(f"KV cache has {kv.shape[0]} layers, the model {len(layers)}")
         for i, layer in enumerate(layers):
-            layer.self_attn.attn.k_cache = kv[i, 0]
-            layer.self_attn.attn.v_cache = kv[i, 1]
+            layer.self_attn.attn.bind_cache(kv[i, 0], kv[i, 1])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies Hugging Face-named tensors into our (fused, sharded) parameters; each is cast on copy."""

@@ -1,0 +1,119 @@
+"""Decode attention on the CPU over a dense copy of the decoding sequences' keys and values.
+
+The paged cache scatters each sequence over blocks, so the reference decode gathers every block of every
+decoding sequence in every layer at every step, and torch's CPU attention then reads the gathered keys
+token-major. While the same sequences decode step after step (the runner says so: meta.decodes_continue),
+one layer's DenseDecodeKV keeps their keys and values head-major ([S, Hkv, L, D], the layout torch's CPU
+flash kernel reads fastest), appends each step's one new token per sequence, and copies from the paged cache
+only when the decoding rows change. The paged cache stays the source of truth; this is a copy of the
+decoding sequences' part of it, used only while it is no larger than the layer's paged cache.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tokenq_kernels.attention_metadata import AttentionMetadata
+
+# Room for at least this many more tokens per sequence (and at least twice the last room) is allocated with
+# each new buffer, so that a run of steps appends into the same one.
+_HEADROOM_TOKENS = 64
+
+
+class DenseDecodeKV:
+    """One attention layer's dense copy of its decoding sequences' keys and values (CPU only)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None  # [S_cap, Hkv, L_cap, D]
+        self.v: torch.Tensor | None = None
+        self.lens: list[int] = []  # each row's context length as of the last step this copy attended
+
+    def reset(self) -> None:
+        """Forgets the copy (the next decode copies from the paged cache again) and frees its memory."""
+        self.k = self.v = None
+        self.lens = []
+
+    def attend(
+        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+        v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor | None:
+        """The step's decodes, q [S, Hq, D] -> [S, Hq, D], with k_new and v_new [S, Hkv, D] their new keys and
+        values (already in the paged cache); None where the copy does not apply (the caller gathers instead)."""
+        S, hq, d = q.shape
+        _, bs, hkv, _ = k_cache.shape
+        lens = _lens(meta, S)
+        L = max(lens)
+        fits = self.k is not None and self.k.shape[0] >= S and self.k.shape[2] >= -(-L // bs) * bs
+        rows, room = (self.k.shape[0], self.k.shape[2]) if fits else (S, self._room(L, bs))
+        # Not for a cache of another dtype, past the paged cache's size, or where padding to the longest row
+        # would more than double the work.
+        if k_cache.dtype != q.dtype or rows * hkv * room * d > k_cache.numel() or 2 * sum(lens) < S * L:
+            self.reset()
+            return None
+        if not fits:  # zeros, not empty: masked positions still meet the values (0 * NaN would poison the sum)
+            self.k = torch.zeros(S, hkv, room, d, dtype=k_cache.dtype)
+            self.v = torch.zeros_like(self.k)
+        assert self.k is not None and self.v is not None
+        continuing = (meta.decodes_continue and fits and len(self.lens) == S
+                      and all(a + 1 == b for a, b in zip(self.lens, lens, strict=True)))
+        if continuing:
+            at = _append_index(meta, S, hkv, self.k.shape[2])
+            self.k.view(-1, d).index_copy_(0, at, k_new.reshape(S * hkv, d))
+            self.v.view(-1, d).index_copy_(0, at, v_new.reshape(S * hkv, d))
+        else:
+            self._copy_from_cache(k_cache, v_cache, meta.block_tables[:S], S, L, bs)
+        self.lens = list(lens)
+        k, v = self.k[:S, :, :L], self.v[:S, :, :L]
+        # The GQA group rides in the query dimension, so K/V are read once per KV head, never repeated.
+        mask = None if min(lens) == L else _mask(meta, S, L)
+        out = F.scaled_dot_product_attention(q.reshape(S, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(S, hq, d)
+
+    def _room(self, L: int, bs: int) -> int:
+        """Tokens per row of a new buffer: L and at least _HEADROOM_TOKENS more, at least twice the last room."""
+        last = 0 if self.k is None else self.k.shape[2]
+        return -(-max(L + _HEADROOM_TOKENS, 2 * last) // bs) * bs
+
+    def _copy_from_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, S: int,
+                         L: int, bs: int) -> None:
+        assert self.k is not None and self.v is not None
+        _, _, hkv, d = k_cache.shape
+        n_blocks = -(-L // bs)
+        blocks = block_tables[:, :n_blocks].reshape(-1)
+        for dense, cache in ((self.k, k_cache), (self.v, v_cache)):
+            gathered = cache.index_select(0, blocks).view(S, n_blocks * bs, hkv, d)
+            dense[:S, :, : n_blocks * bs].copy_(gathered.transpose(1, 2))
+
+
+def _lens(meta: AttentionMetadata, S: int) -> list[int]:
+    """The decodes' context lengths, read once per step from the seq_lens tensor: a padded batch's host copy
+    (seq_lens_cpu) holds only an upper bound."""
+    key = ("dense_lens", S)
+    lens = meta.ref_cache.get(key)
+    if lens is None:
+        lens = meta.ref_cache[key] = meta.seq_lens[:S].tolist()
+    return lens
+
+
+def _append_index(meta: AttentionMetadata, S: int, hkv: int, cap: int) -> torch.Tensor:
+    """[S * hkv]: the rows of a [S_cap * hkv * cap, D] view of a dense copy where the step's new decode keys
+    (row by row, head by head) go; made once per step and shared by every layer."""
+    key = ("dense_append", S, hkv, cap)
+    index = meta.ref_cache.get(key)
+    if index is None:
+        row_heads = torch.arange(S * hkv).view(S, hkv) * cap
+        index = meta.ref_cache[key] = (row_heads + (meta.seq_lens[:S].long() - 1)[:, None]).reshape(-1)
+    return index
+
+
+def _mask(meta: AttentionMetadata, S: int, L: int) -> torch.Tensor:
+    """[S, 1, 1, L]: True where a row's key is part of its context."""
+    key = ("dense_mask", S, L)
+    mask = meta.ref_cache.get(key)
+    if mask is None:
+        mask = meta.ref_cache[key] = (torch.arange(L) < meta.seq_lens[:S, None])[:, None, None, :]
+    return mask
