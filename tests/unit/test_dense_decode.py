@@ -125,3 +125,35 @@ def test_a_padded_batch_whose_host_lengths_are_only_a_bound_reads_the_real_ones(
     dense = DenseDecodeKV()
     for _ in range(4):
         _close(*_both(paged, dense, *paged.decode_step([0, 1, 2], continues=False, host_bound=96)))
+
+
+def test_an_engine_appends_while_its_rows_continue_and_generates_what_the_gather_does(monkeypatch):
+    """A CPU engine's runner tells the layers when a step's decode rows continue the last step's: over a run of
+    prompts that finish at different steps, each layer copies from the paged cache only when the rows change,
+    and the greedy tokens equal the gather path's."""
+    import numpy as np
+
+    from protocol.sampling import SamplingParams
+    from worker.engine.config import EngineConfig
+    from worker.engine.llm_engine import LLMEngine
+    from worker.models.random_weights import random_model, shape_config
+
+    model, mcfg = random_model(shape_config("tiny"), torch.float32, "cpu", seed=5)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 512, size=int(n)).tolist() for n in (30, 34, 38)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (20, 12, 16)]
+
+    def run() -> list[list[int]]:
+        engine = LLMEngine.from_model(model, mcfg, EngineConfig(block_size=4, num_kv_blocks=256, max_model_len=96))
+        return [o.new_token_ids for o in engine.generate(prompts, params)]
+
+    copies, appends = [], []
+    real_copy, real_attend = DenseDecodeKV._copy_from_cache, DenseDecodeKV.attend
+    monkeypatch.setattr(DenseDecodeKV, "_copy_from_cache", lambda self, *a: copies.append(1) or real_copy(self, *a))
+    monkeypatch.setattr(DenseDecodeKV, "attend", lambda self, *a: appends.append(1) or real_attend(self, *a))
+    dense = run()
+    layers = mcfg.num_hidden_layers
+    # Rows change three times (all three start decoding, then two finish): a copy per layer each time.
+    assert len(copies) == 3 * layers and len(appends) > 5 * len(copies)
+    monkeypatch.setattr(DenseDecodeKV, "attend", lambda self, *a: None)
+    assert run() == dense

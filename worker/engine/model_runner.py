@@ -155,8 +155,7 @@ class ModelRunner:
         # Under tensor parallelism rank 0 sends each step to the other ranks (see step_link), once start-up
         # (which every rank runs alike) is over.
         self.linked = False
-        # The last step's decode rows (each sequence's order and computed tokens), which tell whether this
-        # step's decodes continue them (AttentionMetadata.decodes_continue).
+        # The last step's decode rows on a CPU (each sequence's order and computed tokens): _decodes_continue.
         self._last_decodes: tuple[list[int], np.ndarray] = ([], np.zeros(0, np.int64))
 
         # Every rank must hold the same blocks: the smallest count any rank has room for.
@@ -366,10 +365,8 @@ class ModelRunner:
         x.query_start_loc.np[: S + 1] = cu
         samples = np.fromiter((item.samples for item in items), bool, S)
         num_samples = int(samples.sum())
-        decodes = ([s.order for s in seqs[:num_decodes]], starts[:num_decodes])
-        last = self._last_decodes
-        decodes_continue = decodes[0] == last[0] and num_decodes > 0 and np.array_equal(decodes[1], last[1] + 1)
-        self._last_decodes = decodes
+        decodes_continue = self.device.type == "cpu" and self._decodes_continue(seqs[:num_decodes],
+                                                                                 starts[:num_decodes])
         x.logits_indices.np[:num_samples] = cu[1:][samples] - 1
         n_tok, n_seq = T, S
         if graph_batch is not None:
@@ -413,6 +410,14 @@ class ModelRunner:
             send_step(header, x, x.input_ids.dev[:n_tok], slice_rows(inputs.prompt_slices))
         x.mark_copied()
         return inputs
+
+    def _decodes_continue(self, decodes: list[Sequence], starts: np.ndarray) -> bool:
+        """Whether this step's decode rows are the last step's, in order, each one token further (read by the
+        CPU attention's dense copy, tokenq_kernels.dense_decode)."""
+        orders = [s.order for s in decodes]
+        last_orders, last_starts = self._last_decodes
+        self._last_decodes = (orders, starts)
+        return bool(orders) and orders == last_orders and np.array_equal(starts, last_starts + 1)
 
     def _received_inputs(self, h: StepHeader, prompt_rows: np.ndarray) -> StepInputs:
         """Ranks other than 0: the step rank 0 sent, from the buffers step_link filled, uploaded alike."""
