@@ -6,7 +6,7 @@ token-major. While the same sequences decode step after step (the runner says so
 one layer's DenseDecodeKV keeps their keys and values head-major ([S, Hkv, L, D], the layout torch's CPU
 flash kernel reads fastest), appends each step's one new token per sequence, and copies from the paged cache
 only when the decoding rows change. The paged cache stays the source of truth; this is a copy of the
-decoding sequences' part of it, used only while it is no larger than the layer's paged cache.
+decoding sequences' part of it, used only while it is no larger than a quarter of the layer's paged cache.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ class DenseDecodeKV:
         L = max(lens)
         fits = self.k is not None and self.k.shape[0] >= S and self.k.shape[2] >= -(-L // bs) * bs
         rows, room = (self.k.shape[0], self.k.shape[2]) if fits else (S, self._room(L, bs))
-        # Not for a cache of another dtype, past the paged cache's size, or where padding to the longest row
-        # would more than double the work.
-        if k_cache.dtype != q.dtype or rows * hkv * room * d > k_cache.numel() or 2 * sum(lens) < S * L:
+        # Not for a cache of another dtype, past a quarter of the paged cache's size (the KV memory a user
+        # budgets grows by at most that), or where padding to the longest row would more than double the work.
+        if k_cache.dtype != q.dtype or 4 * rows * hkv * room * d > k_cache.numel() or 2 * sum(lens) < S * L:
             self.reset()
             return None
         if not fits:  # zeros, not empty: masked positions still meet the values (0 * NaN would poison the sum)

@@ -19,7 +19,7 @@ BS, HKV, GROUP, D = 16, 3, 3, 64
 class _Paged:
     """Sequences in a paged cache with random blocks, growing one token a decode step."""
 
-    def __init__(self, lens: list[int], num_blocks: int = 96, dtype: torch.dtype = torch.float32):
+    def __init__(self, lens: list[int], num_blocks: int = 512, dtype: torch.dtype = torch.float32):
         self.k = torch.randn(num_blocks, BS, HKV, D).to(dtype)
         self.v = torch.randn(num_blocks, BS, HKV, D).to(dtype)
         self.free = torch.randperm(num_blocks).tolist()
@@ -111,8 +111,8 @@ def test_where_the_copy_does_not_apply_the_gather_answers():
     paged = _Paged([20, 22], dtype=FP8)
     q, meta, kv = paged.decode_step([0, 1], continues=False)
     assert dense.attend(q, *kv, paged.k, paged.v, meta, 1 / math.sqrt(D)) is None
-    # A copy larger than the paged cache itself.
-    paged = _Paged([60, 60], num_blocks=9)
+    # A copy larger than a quarter of the paged cache.
+    paged = _Paged([60, 60], num_blocks=40)
     q, meta, kv = paged.decode_step([0, 1], continues=False)
     assert dense.attend(q, *kv, paged.k, paged.v, meta, 1 / math.sqrt(D)) is None
     assert dense.k is None
@@ -144,7 +144,7 @@ def test_an_engine_appends_while_its_rows_continue_and_generates_what_the_gather
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (20, 12, 16)]
 
     def run() -> list[list[int]]:
-        engine = LLMEngine.from_model(model, mcfg, EngineConfig(block_size=4, num_kv_blocks=256, max_model_len=96))
+        engine = LLMEngine.from_model(model, mcfg, EngineConfig(block_size=4, num_kv_blocks=1024, max_model_len=96))
         return [o.new_token_ids for o in engine.generate(prompts, params)]
 
     copies, appends = [], []
