@@ -64,10 +64,15 @@ def gemv_config(rows: int, n: int, k: int) -> GemvConfig | None:
     return GemvConfig(block_n=4, block_k=min(2048, 1 << (k - 1).bit_length()), num_stages=1)
 
 
+def cpu_packable(weight: torch.Tensor) -> bool:
+    """Whether pack_cpu_weight makes a copy of this weight: float32, 2-D, on a CPU whose torch has oneDNN."""
+    return _ONEDNN_PACK and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+
+
 def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked copy of a float32 CPU weight, for linear(..., packed=); None where there is none to make.
     The copy does not follow later writes to the weight: make it once the weight is loaded."""
-    if not (_ONEDNN_PACK and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2):
+    if not cpu_packable(weight):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), CPU_PACK_ROWS)
 

@@ -32,7 +32,6 @@ from worker.engine.sequence import WORST_PRIORITY, Sequence, SequenceStatus
 from worker.engine.tp_ranks import TensorParallelGroup, resolve_max_model_len
 from worker.models.card import engine_fingerprint, model_card
 from worker.models.config import ModelConfig
-from worker.models.cpu_packing import pack_cpu_weights
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_model
 
@@ -97,7 +96,6 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:
             raise ValueError("tensor parallelism needs a model directory (every rank loads its own shard)")
         select_kernels(config)  # the model's own weights are already loaded (and quantized) by the caller
-        pack_cpu_weights(model)
         engine = cls.__new__(cls)
         engine.tp_group = None
         engine._setup(model, model_cfg, config, tokenizer, None)

@@ -44,6 +44,7 @@ from worker.engine.sequence import Sequence
 from worker.engine.step_link import StepHeader, receive_step, send_step, send_stop
 from worker.layers.context import AttentionMetadata, set_attention_metadata
 from worker.models.config import ModelConfig
+from worker.models.cpu_packing import pack_cpu_weights
 
 log = get_logger("engine")
 
@@ -134,6 +135,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, cfg: EngineConfig,
                  dtype: torch.dtype, device: torch.device, max_model_len: int) -> None:
         self.model = model
+        pack_cpu_weights(model)  # every rank's model, however it was made (a CPU's float32 weights only)
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.dtype = dtype

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import torch
 
-from tokenq_kernels.gemv import pack_cpu_weight
+from tokenq_kernels.gemv import cpu_packable, pack_cpu_weight
 
 PACK_BUDGET_BYTES = 2 << 30
 
 
 def pack_cpu_weights(model: torch.nn.Module) -> int:
-    """Packs every float32 CPU weight of a layer that takes one (`cpu_packed`); returns the bytes packed (0 when
-    none, or when they would pass the budget)."""
-    layers = [m for m in model.modules() if hasattr(m, "cpu_packed") and m.weight.device.type == "cpu"
-              and m.weight.dtype == torch.float32]
+    """Packs the weight of every layer that takes one (`cpu_packed`) where it can be packed; returns the bytes
+    packed (0 when none, or when they would pass the budget)."""
+    layers = [m for m in model.modules() if hasattr(m, "cpu_packed") and cpu_packable(m.weight)]
     total = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     if total > PACK_BUDGET_BYTES:
         return 0
-    packed = 0
     for m in layers:
         m.cpu_packed = pack_cpu_weight(m.weight)
-        packed += 0 if m.cpu_packed is None else m.weight.numel() * m.weight.element_size()
-    return packed
+    return total

@@ -22,7 +22,6 @@ from tokenq.logs import get_logger
 from tokenq_kernels.fp8 import FP8
 from worker.layers.quantization import quantization as quantized
 from worker.models.config import RANDOM_INIT_KEY, ModelConfig
-from worker.models.cpu_packing import pack_cpu_weights
 from worker.models.random_weights import random_model
 from worker.models.registry import CausalLM, model_class
 
@@ -119,10 +118,8 @@ def load_model(
     whether or not it is asked for."""
     config = json.loads((Path(path) / "config.json").read_text())
     if RANDOM_INIT_KEY in config:
-        model, cfg = random_model(config, dtype, device, seed=int(config[RANDOM_INIT_KEY].get("seed", 0)),
-                                  quantization=quantization)
-        pack_cpu_weights(model)
-        return model, cfg
+        return random_model(config, dtype, device, seed=int(config[RANDOM_INIT_KEY].get("seed", 0)),
+                            quantization=quantization)
     declared = checkpoint_quantization(config)
     if declared is not None and quantization not in (None, declared):
         raise ValueError(f"the checkpoint is quantized as {declared!r}; --quantization {quantization!r} cannot "
@@ -134,5 +131,4 @@ def load_model(
     block_scaled = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
     model.load_weights(_checkpoint_tensors(iter_safetensors(path), kv_scales, block_scaled))
     set_kv_scales(model, kv_scales)
-    pack_cpu_weights(model)
     return model.eval(), cfg
