@@ -7,6 +7,8 @@ one layer's DenseDecodeKV keeps their keys and values head-major ([S, Hkv, L, D]
 flash kernel reads fastest), appends each step's one new token per sequence, and copies from the paged cache
 only when the decoding rows change. The paged cache stays the source of truth; this is a copy of the
 decoding sequences' part of it, used only while it is no larger than a quarter of the layer's paged cache.
+That quarter is taken, zeroed, when the layer binds its cache: a buffer first touched mid-run costs the kernel
+a fault per page (about a second of system time in a CPU engine's first burst of 32 chat requests).
 """
 
 from __future__ import annotations
@@ -19,21 +21,31 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from tokenq_kernels.attention_metadata import AttentionMetadata
 
-# Room for at least this many more tokens per sequence (and at least twice the last room) is allocated with
-# each new buffer, so that a run of steps appends into the same one.
-_HEADROOM_TOKENS = 64
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the caches a CPU decode attends with the query's dtype
 
 
 class DenseDecodeKV:
     """One attention layer's dense copy of its decoding sequences' keys and values (CPU only)."""
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None  # [S_cap, Hkv, L_cap, D]
+        # The memory the copy lives in, flat: a quarter of the paged cache's elements each (reserve).
+        self._k_store: torch.Tensor | None = None
+        self._v_store: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # [S_cap, Hkv, L_cap, D], a view of _k_store
         self.v: torch.Tensor | None = None
         self.lens: list[int] = []  # each row's context length as of the last step this copy attended
 
+    def reserve(self, k_cache: torch.Tensor) -> None:
+        """Takes the copy's memory for this paged cache ([num_blocks, block_size, Hkv, D]) now, zeroed: none
+        for a cache the copy never serves (on a GPU, or FP8)."""
+        self.reset()
+        self._k_store = self._v_store = None
+        if k_cache.device.type == "cpu" and k_cache.dtype in _DTYPES and k_cache.numel() >= 4:
+            self._k_store = torch.zeros(k_cache.numel() // 4, dtype=k_cache.dtype)
+            self._v_store = torch.zeros_like(self._k_store)
+
     def reset(self) -> None:
-        """Forgets the copy (the next decode copies from the paged cache again) and frees its memory."""
+        """Forgets the copy (the next decode copies from the paged cache again); its memory stays reserved."""
         self.k = self.v = None
         self.lens = []
 
@@ -47,17 +59,19 @@ class DenseDecodeKV:
         _, bs, hkv, _ = k_cache.shape
         lens = _lens(meta, S)
         L = max(lens)
-        fits = self.k is not None and self.k.shape[0] >= S and self.k.shape[2] >= -(-L // bs) * bs
-        rows, room = (self.k.shape[0], self.k.shape[2]) if fits else (S, self._room(L, bs))
-        # Not for a cache of another dtype, past a quarter of the paged cache's size (the KV memory a user
-        # budgets grows by at most that), or where padding to the longest row would more than double the work.
-        if k_cache.dtype != q.dtype or 4 * rows * hkv * room * d > k_cache.numel() or 2 * sum(lens) < S * L:
+        span = -(-L // bs) * bs  # the columns a copy from the paged cache writes
+        fits = self.k is not None and self.k.shape[0] >= S and self.k.shape[2] >= span
+        # A new view gives its S rows every token the store holds: a run of steps appends into it.
+        room = self.k.shape[2] if fits else 0 if self._k_store is None else self._k_store.numel() // (S * hkv * d)
+        # Not for a cache of another dtype, past the store (a quarter of the paged cache), or where padding to
+        # the longest row would more than double the work.
+        if self._k_store is None or k_cache.dtype != q.dtype or room < span or 2 * sum(lens) < S * L:
             self.reset()
             return None
-        if not fits:  # zeros, not empty: masked positions still meet the values (0 * NaN would poison the sum)
-            self.k = torch.zeros(S, hkv, room, d, dtype=k_cache.dtype)
-            self.v = torch.zeros_like(self.k)
-        assert self.k is not None and self.v is not None
+        if not fits:  # a view of the zeroed store: masked positions meet only finite values (0 * NaN poisons)
+            assert self._v_store is not None
+            self.k = self._k_store[: S * hkv * room * d].view(S, hkv, room, d)
+            self.v = self._v_store[: S * hkv * room * d].view(S, hkv, room, d)
         continuing = (meta.decodes_continue and fits and len(self.lens) == S
                       and all(a + 1 == b for a, b in zip(self.lens, lens, strict=True)))
         if continuing:
@@ -72,11 +86,6 @@ class DenseDecodeKV:
         mask = None if min(lens) == L else _mask(meta, S, L)
         out = F.scaled_dot_product_attention(q.reshape(S, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
         return out.reshape(S, hq, d)
-
-    def _room(self, L: int, bs: int) -> int:
-        """Tokens per row of a new buffer: L and at least _HEADROOM_TOKENS more, at least twice the last room."""
-        last = 0 if self.k is None else self.k.shape[2]
-        return -(-max(L + _HEADROOM_TOKENS, 2 * last) // bs) * bs
 
     def _copy_from_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, S: int,
                          L: int, bs: int) -> None:

@@ -12,6 +12,7 @@ from tokenq_kernels.attention_metadata import AttentionMetadata
 from tokenq_kernels.dense_decode import DenseDecodeKV
 from tokenq_kernels.fp8 import FP8
 from tokenq_kernels.kv_cache import store_kv_ref
+from worker.layers.attention import Attention
 
 BS, HKV, GROUP, D = 16, 3, 3, 64
 
@@ -65,6 +66,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert err < 1e-5, err
 
 
+def _reserved(paged: _Paged) -> DenseDecodeKV:
+    dense = DenseDecodeKV()
+    dense.reserve(paged.k)  # as an attention layer does when it binds its cache
+    return dense
+
+
 class _Counting(DenseDecodeKV):
     copies = 0
 
@@ -74,19 +81,20 @@ class _Counting(DenseDecodeKV):
 
 
 def test_a_run_of_steps_appends_and_matches_the_paged_cache():
-    """Rows of different lengths decode for 150 steps (past the copy's first room, so it grows): every step
-    matches attention over the paged cache, and the copy is made from the cache only when it must grow."""
+    """Rows of different lengths decode for 150 steps: every step matches attention over the paged cache, and
+    the copy is made from the cache once (its view gives the rows all the room its store holds)."""
     paged = _Paged([40, 57, 33, 61])
     dense = _Counting()
+    dense.reserve(paged.k)
     for step in range(150):
         _close(*_both(paged, dense, *paged.decode_step([0, 1, 2, 3], continues=step > 0)))
     assert dense.lens == paged.lens
-    assert dense.copies == 2  # the first step's, and one growth past 61 + 64 tokens (room at least doubles)
+    assert dense.copies == 1
 
 
 def test_changed_rows_or_a_missed_step_copy_again_instead_of_trusting_the_flag():
     paged = _Paged([20, 30, 25])
-    dense = DenseDecodeKV()
+    dense = _reserved(paged)
     for step in range(3):
         _close(*_both(paged, dense, *paged.decode_step([0, 1, 2], continues=step > 0)))
     # A row leaves: the runner says the rows do not continue.
@@ -101,28 +109,45 @@ def test_changed_rows_or_a_missed_step_copy_again_instead_of_trusting_the_flag()
 
 
 def test_where_the_copy_does_not_apply_the_gather_answers():
-    dense = DenseDecodeKV()
     # Lengths so spread that padding to the longest would more than double the work.
     paged = _Paged([3, 4, 90])
+    dense = _reserved(paged)
     q, meta, kv = paged.decode_step([0, 1, 2], continues=False)
     assert dense.attend(q, *kv, paged.k, paged.v, meta, 1 / math.sqrt(D)) is None
     _close(*_both(paged, dense, q, meta, kv))
     # An FP8 cache: the gather path reads what the cache holds.
     paged = _Paged([20, 22], dtype=FP8)
     q, meta, kv = paged.decode_step([0, 1], continues=False)
-    assert dense.attend(q, *kv, paged.k, paged.v, meta, 1 / math.sqrt(D)) is None
-    # A copy larger than a quarter of the paged cache.
-    paged = _Paged([60, 60], num_blocks=40)
+    assert _reserved(paged).attend(q, *kv, paged.k, paged.v, meta, 1 / math.sqrt(D)) is None
+    # A copy larger than a quarter of the paged cache (2 rows of 64 columns against 480 / 4 tokens).
+    paged = _Paged([60, 60], num_blocks=30)
+    dense = _reserved(paged)
     q, meta, kv = paged.decode_step([0, 1], continues=False)
     assert dense.attend(q, *kv, paged.k, paged.v, meta, 1 / math.sqrt(D)) is None
     assert dense.k is None
+
+
+def test_a_layer_reserves_the_copys_memory_when_it_binds_its_cache_and_steps_allocate_none():
+    """The store is taken, zeroed, at bind (a buffer first touched mid-run costs a fault per page); each
+    step's copy is a view of it. An FP8 cache reserves nothing."""
+    paged = _Paged([40, 57, 33, 61])
+    layer = Attention(HKV * GROUP, HKV, D, 1 / math.sqrt(D))
+    layer.bind_cache(paged.k, paged.v)
+    dense = layer.dense_decode
+    store = dense._k_store
+    assert store is not None and store.numel() == paged.k.numel() // 4 and not store.any()
+    for step in range(3):
+        _close(*_both(paged, dense, *paged.decode_step([0, 1, 2, 3], continues=step > 0)))
+        assert dense.k is not None and dense.k.untyped_storage().data_ptr() == store.untyped_storage().data_ptr()
+    layer.bind_cache(paged.k.to(FP8), paged.v.to(FP8))
+    assert layer.dense_decode._k_store is None
 
 
 def test_a_padded_batch_whose_host_lengths_are_only_a_bound_reads_the_real_ones():
     """Decode batches padded to a graph bucket carry max_model_len as every host length; the copy must still
     attend over each row's real context (a row past it would read stale blocks)."""
     paged = _Paged([20, 33, 27])
-    dense = DenseDecodeKV()
+    dense = _reserved(paged)
     for _ in range(4):
         _close(*_both(paged, dense, *paged.decode_step([0, 1, 2], continues=False, host_bound=96)))
 

@@ -34,7 +34,7 @@ class Attention(nn.Module):
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Attends over these caches from now on (views of the model runner's KV tensor)."""
         self.k_cache, self.v_cache = k_cache, v_cache
-        self.dense_decode.reset()
+        self.dense_decode.reserve(k_cache)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
