@@ -99,8 +99,8 @@ class SamplingFields(NullMeansDefault):
     stop_token_ids: list[Int] | None = None
     repetition_penalty: Float | None = None
     include_stop_str_in_output: bool | None = None
-    best_of: Int | None = Field(default=None, description="sequences generated, the n of highest cumulative "
-                                                          "logprob returned: n to 16 (completions only)")
+    best_of: Int | None = Field(default=None, description="sequences generated, the n of highest logprob per "
+                                                          "token returned: n to 16 (completions only)")
     logit_bias: dict[Text, EncodableJson] | None = Field(default=None, description="token id -> bias in "
                                                                                   "[-100, 100], at most 300")
     # Structured outputs: at most one of these (mapped by gateway/guided.py).

@@ -51,7 +51,7 @@ class SamplingParams(BaseModel):
     frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: Float = Field(default=1.0, gt=0.0, le=2.0)
     # Several samples of one prompt (one job): best_of sequences are generated, the n of highest
-    # cumulative logprob returned (best_of None: n and n).
+    # logprob per token returned (best_of None: n and n).
     n: Int = Field(default=1, ge=1, le=MAX_N)
     best_of: Int | None = Field(default=None, ge=1, le=MAX_N)
     # OpenAI's logit_bias: added to these tokens' logits before penalties, temperature and the cuts.

@@ -1,6 +1,6 @@
 """Several choices of one prompt in the engine (n, best_of): the choices share the prompt's KV blocks,
-differ under sampling, are reproducible with a seed, and best_of hands out the n of highest cumulative
-logprob. On the CPU with a tiny random model."""
+differ under sampling, are reproducible with a seed, and best_of hands out the n of highest logprob per
+token. On the CPU with a tiny random model."""
 
 from __future__ import annotations
 
@@ -71,14 +71,33 @@ def test_greedy_choices_are_identical(tiny):
     assert len(outs) == 3 and outs[0].new_token_ids == outs[1].new_token_ids == outs[2].new_token_ids
 
 
-def test_best_of_returns_the_n_of_highest_cumulative_logprob(tiny):
+def test_best_of_returns_the_n_of_highest_logprob_per_token(tiny):
+    """Sequences that stop at different lengths (a stop token): the ranking is per token, not the sum, which
+    would favour the shortest."""
     engine = _engine(tiny)
-    [every] = engine.generate_choices([PROMPT], _sampled(n=5, seed=9, logprobs=0))
-    [best] = engine.generate_choices([PROMPT], _sampled(n=2, best_of=5, seed=9))
-    scores = sorted((sum(lp.logprob for lp in o.logprobs), o.new_token_ids) for o in every)
+    stop = {"stop_token_ids": list(range(0, 512, 8))}  # an eighth of the tiny vocabulary ends a sequence
+    [every] = engine.generate_choices([PROMPT], _sampled(n=5, seed=9, logprobs=0, max_tokens=12, **stop))
+    [best] = engine.generate_choices([PROMPT], _sampled(n=2, best_of=5, seed=9, max_tokens=12, **stop))
+    assert len({len(o.new_token_ids) for o in every}) > 1  # the case where sum and mean can disagree
+    scores = sorted((sum(lp.logprob for lp in o.logprobs) / len(o.logprobs), o.new_token_ids) for o in every)
     assert [o.index for o in best] == [0, 1]
     assert [o.new_token_ids for o in best] == [ids for _, ids in reversed(scores[-2:])]
     assert all(o.logprobs is None for o in best)  # not asked for: used to rank only
+
+
+def test_best_of_ranks_by_logprob_per_token_not_by_the_sum():
+    from worker.engine.choices import ChoiceGroup
+    from worker.engine.outputs import RequestOutput, TokenLogprobs
+
+    group = ChoiceGroup("r", SamplingParams(n=1, best_of=2, max_tokens=10), sequences=[object(), object()])
+
+    def out(index: int, logprobs: list[float]) -> RequestOutput:
+        return RequestOutput("r", list(range(len(logprobs))), "", finished=True, finish_reason="stop", index=index,
+                             logprobs=[TokenLogprobs(i, lp) for i, lp in enumerate(logprobs)])
+
+    assert group.collect(out(0, [-0.5, -0.5])) == []  # short: sum -1.0, mean -0.5
+    [best] = group.collect(out(1, [-0.2] * 10))  # long: sum -2.0, mean -0.2
+    assert len(best.new_token_ids) == 10 and best.index == 0
 
 
 def test_a_choice_stops_on_its_own_and_the_request_ends_with_the_last(tiny):

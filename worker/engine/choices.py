@@ -2,8 +2,9 @@
 hands out. Each choice is a sequence of its own; the first prefills the prompt, and the others start once
 its prompt's KV is computed, sharing its full blocks (BlockManager.share_prompt) and computing only the
 last partial block, so n choices hold about one prompt's blocks plus n tails. With best_of > n every
-output is held until all sequences end; then the n with the highest cumulative logprob (the model's raw
-logprobs of the tokens sampled) are handed out, best first, as vLLM and OpenAI choose them."""
+output is held until all sequences end; then the n with the highest logprob per token (the mean of the model's
+raw logprobs of the tokens sampled) are handed out, best first, as OpenAI documents best_of: a cumulative sum,
+vLLM's ranking, favours whichever sequence stopped first."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ class ChoiceGroup:
     unforked: list[Sequence] = field(default_factory=list)
     running: int = 0  # sequences not finished
     held: dict[int, RequestOutput] = field(default_factory=dict)  # best_of > n: every output so far
-    cumulative: dict[int, float] = field(default_factory=dict)
+    cumulative: dict[int, float] = field(default_factory=dict)  # best_of > n: each sequence's logprob sum
+    sampled: dict[int, int] = field(default_factory=dict)  # and its tokens
 
     def __post_init__(self) -> None:
         self.unforked = self.sequences[1:]
@@ -72,15 +74,20 @@ class ChoiceGroup:
             return [out]
         self.cumulative[out.index] = self.cumulative.get(out.index, 0.0) + sum(
             lp.logprob for lp in out.logprobs or ())
+        self.sampled[out.index] = self.sampled.get(out.index, 0) + len(out.logprobs or ())
         if (held := self.held.get(out.index)) is None:
             self.held[out.index] = out
         else:
             held.extend(out)
         return [] if self.running else self._best()
 
+    def per_token(self, index: int) -> float:
+        """A held sequence's mean logprob per sampled token (0 for one that sampled none)."""
+        return self.cumulative.get(index, 0.0) / max(1, self.sampled.get(index, 0))
+
     def _best(self) -> list[RequestOutput]:
         n = self.sampling.n
-        ranked = sorted(self.held, key=lambda i: -self.cumulative.get(i, 0.0))[:n]  # stable: ties by index
+        ranked = sorted(self.held, key=lambda i: -self.per_token(i))[:n]  # stable: ties by index
         prompt_logprobs = next((o.prompt_logprobs for o in self.held.values() if o.prompt_logprobs), None)
         best = []
         for rank, i in enumerate(ranked):
