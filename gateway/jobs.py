@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from gateway.event_hub import Hub, Subscription, event_hub
+from gateway.responses import logprob_entries
 from jobstore import JobStore
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
@@ -33,7 +34,8 @@ class Delta:
     text: str
     offset: int  # where `text` starts in its choice's whole output
     # The logprob entries published with exactly this text, in order after the ones before; None when
-    # the text came from the hash (a snapshot or a missed delta), which keeps no logprobs.
+    # the text came from the hash (a snapshot or a missed delta), which keeps no logprobs, unless the job had
+    # ended and the text is the whole of its choice's (then its result's entries: _whole_entries).
     logprobs: list[TokenLogprob] | None = None
     index: int = 0  # the choice
     # Set on the choice's last delta when it ended before the job (protocol.events.DeltaEvent)
@@ -170,20 +172,22 @@ async def _follow_once(store: JobStore, sub: Subscription, job_id: str, cursor: 
         # Snapshot: on entry, and again after silence or a gap in the deltas.
         state, texts, seq, result, error = await store.snapshot(job_id)
         cursor.snap_seq = max(cursor.snap_seq, seq)
+        job_state = None if state is None else JobState(state)
+        final = (Final(job_state, _parse(JobResult, result), _parse(JobError, error))
+                 if job_state is not None and job_state.final else None)
         for index, text in enumerate(texts if want_deltas else ()):
             if not cursor.agrees(index, 0, text):
                 yield Restarted(index)
                 return
             if len(text) > cursor.at(index):
-                delta = Delta(text[cursor.at(index):], cursor.at(index), index=index)
+                delta = Delta(text[cursor.at(index):], cursor.at(index), index=index,
+                              logprobs=_whole_entries(final, index, cursor.at(index), text))
                 cursor.advance(delta)
                 yield delta
-        if state is None:
+        if job_state is None:
             yield Final(JobState.expired, None, JobError(type="not_found", message="job record is gone"))
             return
-        job_state = JobState(state)
-        if job_state.final:
-            final = Final(job_state, _parse(JobResult, result), _parse(JobError, error))
+        if final is not None:
             for tail in _tails(final, cursor) if want_deltas else ():
                 if isinstance(tail, Restarted):
                     yield tail
@@ -250,8 +254,20 @@ def _tails(final: Final, cursor: _Cursor) -> list[Delta | Restarted]:
     for c in choices:
         if len(c.text) < cursor.at(c.index) or not cursor.agrees(c.index, 0, c.text):
             return [Restarted(c.index)]
-    return [Delta(c.text[cursor.at(c.index):], cursor.at(c.index), index=c.index)
+    return [Delta(c.text[cursor.at(c.index):], cursor.at(c.index), index=c.index,
+                  logprobs=_whole_entries(final, c.index, cursor.at(c.index), c.text))
             for c in choices if len(c.text) > cursor.at(c.index)]
+
+
+def _whole_entries(final: Final | None, index: int, offset: int, text: str) -> list[TokenLogprob] | None:
+    """The logprob entries of a text that is the whole of an ended job's choice `index` (from offset 0): its
+    result's, so that a reader who comes after the end gets them with the text, as a live one does."""
+    if final is None or final.result is None or offset != 0:
+        return None
+    choice = next((c for c in final.result.all_choices() if c.index == index), None)
+    if choice is None or choice.text != text:
+        return None
+    return logprob_entries(final.result, choice) or None
 
 
 def _parse(model: type, raw: str | None):

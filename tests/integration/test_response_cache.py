@@ -15,7 +15,7 @@ from gateway.app import create_app
 from jobstore import JobStore
 from jobstore.store import FinalWrite, JobRef
 from protocol import keys
-from protocol.jobs import JobResult, Usage
+from protocol.jobs import JobResult, TokenLogprob, Usage
 from respcache import keys as cache_keys
 from respcache import store
 from respcache.verifier import WEIGHTS
@@ -43,10 +43,10 @@ async def client(app):
         yield c
 
 
-async def finish(redis, job_id: str, text: str) -> None:
+async def finish(redis, job_id: str, text: str, logprobs: list[TokenLogprob] | None = None) -> None:
     """What a worker does when a job succeeds: the first final write, then the cache fill."""
     record = await redis.hgetall(keys.job_key(job_id))
-    result = JobResult(text=text, finish_reason="stop",
+    result = JobResult(text=text, finish_reason="stop", logprobs=logprobs,
                        usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)).model_dump_json()
     await JobStore(redis).write([], [FinalWrite(JobRef.of_record(job_id, record), "succeeded", result, "",
                                                 time.time())])
@@ -104,6 +104,25 @@ async def test_exact_hit_on_every_route_without_a_worker(client, idle_worker, re
     assert await queued(redis_client) == 1  # only the first job was ever queued
     metrics = (await client.get("/metrics")).text
     assert lookups(metrics, "exact", "hit") == 3 and lookups(metrics, "exact", "miss") == 1
+
+
+async def test_a_streamed_hit_sends_the_logprobs_with_the_text(client, idle_worker, redis_client):
+    """A stream of an ended job (here a hit) sends each token's logprobs with its text, as a live stream
+    does, not all of them in the last chunk."""
+    body = {**EXACT, "logprobs": 1}
+    first = (await client.post("/v1/jobs", json=body)).json()["id"]
+    entries = [TokenLogprob(token_id=7, token=" four", logprob=-0.25, top=[(7, " four", -0.25)]),
+               TokenLogprob(token_id=9, token=" five", logprob=-0.5, top=[(9, " five", -0.5)])]
+    await finish(redis_client, first, " four five", entries)
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        assert s.headers["x-tokenq-cache"] == "exact"
+        chunks = [json.loads(line[6:]) async for line in s.aiter_lines()
+                  if line.startswith("data: {")]
+    texts = [c for c in chunks if c["choices"][0]["text"]]
+    assert [c["choices"][0]["text"] for c in texts] == [" four five"]
+    assert texts[0]["choices"][0]["logprobs"]["tokens"] == [" four", " five"]
+    assert texts[0]["choices"][0]["logprobs"]["token_logprobs"] == [-0.25, -0.5]
+    assert all(not c["choices"][0].get("logprobs") for c in chunks if c is not texts[0])
 
 
 async def test_a_hit_names_its_entry_and_the_tenant_can_remove_it(client, idle_worker, redis_client):
