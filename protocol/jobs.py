@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from protocol import keys
@@ -50,7 +50,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
-    text: Text | None = None  # required of a text part (checked after `type`, so another part says what it is)
+    text: Text | None = Field(default=None, validate_default=True)  # required of a text part (_text_needed)
     __pydantic_extra__: dict[str, EncodableJson] = Field(init=False)  # kept in the stored request
 
     @field_validator("type")
@@ -59,6 +59,13 @@ class ContentPart(BaseModel):
         if v != "text":  # its own error type: the gateway answers it with code unsupported_field
             raise PydanticCustomError(UNSUPPORTED, "only text content parts are supported (got {got})",
                                       {"got": repr(v[:40])})
+        return v
+
+    @field_validator("text")
+    @classmethod
+    def _text_needed(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("type") == "text":  # a refused type says what it is instead
+            raise ValueError("a text part needs its text")
         return v
 
 
@@ -77,7 +84,7 @@ class MessageToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: Text | None = None
     tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=128)  # assistant messages
     tool_call_id: text_up_to(256) | None = None  # tool messages: the call answered
@@ -88,14 +95,17 @@ class ChatMessage(BaseModel):
             raise ValueError(f"tool_calls: only assistant messages carry them (this one is {self.role!r})")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("tool_call_id: a tool message names the call it answers")
-        if self.content is None and self.role != "assistant":  # only an assistant's may be null (tool calls)
-            raise ValueError(f"content: a {self.role} message needs content (a string or a list of text parts)")
-        if isinstance(self.content, list):
-            if not self.content:
-                raise ValueError("content: an empty list of parts; send at least one text part, or a string")
-            if (missing := next((i for i, p in enumerate(self.content) if p.text is None), None)) is not None:
-                raise ValueError(f"content.{missing}.text: a text part needs its text")
         return self
+
+    @field_validator("content")
+    @classmethod
+    def _content_given(cls, v: str | list[ContentPart] | None, info: ValidationInfo) -> str | list[ContentPart] | None:
+        role = info.data.get("role")  # absent when the role was refused: that error says enough
+        if v is None and role not in (None, "assistant"):  # only an assistant's may be null (tool calls)
+            raise ValueError(f"a {role} message needs content (a string or a list of text parts)")
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list of parts; send at least one text part, or a string")
+        return v
 
     def text(self) -> str:
         """Content as plain text; OpenAI's list-of-parts form is joined by newlines, as vLLM joins it."""

@@ -200,7 +200,7 @@ async def test_image_and_audio_parts_are_refused(client, redis_client, part):
 async def test_a_message_without_content_is_refused_unless_an_assistant_sends_it(client, redis_client, role):
     messages = [{"role": role, "content": None}, {"role": "user", "content": "hi"}]
     for path in ("/v1/chat/completions", "/v1/jobs"):
-        err = assert_error(await client.post(path, json={**CHAT, "messages": messages}), 400, "messages.0")
+        err = assert_error(await client.post(path, json={**CHAT, "messages": messages}), 400, "messages.0.content")
         assert f"a {role} message needs content" in err["message"], err["message"]
     await assert_nothing_queued(redis_client)
 
@@ -335,8 +335,8 @@ async def test_an_explicit_null_is_the_fields_default(client, redis_client, path
 
 
 @pytest.mark.parametrize("content, param, words", [
-    ([{"type": "text"}], "messages.0", "content.0.text: a text part needs its text"),
-    ([], "messages.0", "content: an empty list of parts"),
+    ([{"type": "text"}], "messages.0.content.0.text", "messages.0.content.0.text: a text part needs its text"),
+    ([], "messages.0.content", "messages.0.content: an empty list of parts"),
 ])
 async def test_an_empty_text_part_or_list_is_refused_naming_it(client, redis_client, content, param, words):
     for path in ("/v1/chat/completions", "/v1/jobs"):
