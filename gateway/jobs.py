@@ -16,7 +16,7 @@ from gateway.responses import logprob_entries
 from jobstore import JobStore
 from protocol import keys
 from protocol.events import DeltaEvent, StateEvent, parse_event
-from protocol.jobs import JobError, JobResult, JobState, TokenLogprob
+from protocol.jobs import Choice, JobError, JobResult, JobState, TokenLogprob
 from protocol.outage import REDIS_AWAY
 
 RECHECK_S = 2.0  # a waiter re-reads the hash this often, in case a pub/sub message was missed
@@ -175,13 +175,14 @@ async def _follow_once(store: JobStore, sub: Subscription, job_id: str, cursor: 
         job_state = None if state is None else JobState(state)
         final = (Final(job_state, _parse(JobResult, result), _parse(JobError, error))
                  if job_state is not None and job_state.final else None)
+        ended = {c.index: c for c in final.result.all_choices()} if final and final.result and want_deltas else {}
         for index, text in enumerate(texts if want_deltas else ()):
             if not cursor.agrees(index, 0, text):
                 yield Restarted(index)
                 return
             if len(text) > cursor.at(index):
                 delta = Delta(text[cursor.at(index):], cursor.at(index), index=index,
-                              logprobs=_whole_entries(final, index, cursor.at(index), text))
+                              logprobs=_whole_entries(final, ended.get(index), cursor.at(index), text))
                 cursor.advance(delta)
                 yield delta
         if job_state is None:
@@ -255,17 +256,14 @@ def _tails(final: Final, cursor: _Cursor) -> list[Delta | Restarted]:
         if len(c.text) < cursor.at(c.index) or not cursor.agrees(c.index, 0, c.text):
             return [Restarted(c.index)]
     return [Delta(c.text[cursor.at(c.index):], cursor.at(c.index), index=c.index,
-                  logprobs=_whole_entries(final, c.index, cursor.at(c.index), c.text))
+                  logprobs=_whole_entries(final, c, cursor.at(c.index), c.text))
             for c in choices if len(c.text) > cursor.at(c.index)]
 
 
-def _whole_entries(final: Final | None, index: int, offset: int, text: str) -> list[TokenLogprob] | None:
-    """The logprob entries of a text that is the whole of an ended job's choice `index` (from offset 0): its
-    result's, so that a reader who comes after the end gets them with the text, as a live one does."""
-    if final is None or final.result is None or offset != 0:
-        return None
-    choice = next((c for c in final.result.all_choices() if c.index == index), None)
-    if choice is None or choice.text != text:
+def _whole_entries(final: Final | None, choice: Choice | None, offset: int, text: str) -> list[TokenLogprob] | None:
+    """The logprob entries of a text that is the whole of an ended job's `choice` (from offset 0): its result's,
+    so that a reader who comes after the end gets them with the text, as a live one does."""
+    if final is None or final.result is None or choice is None or offset != 0 or choice.text != text:
         return None
     return logprob_entries(final.result, choice) or None
 

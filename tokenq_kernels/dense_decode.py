@@ -28,10 +28,9 @@ class DenseDecodeKV:
     """One attention layer's dense copy of its decoding sequences' keys and values (CPU only)."""
 
     def __init__(self) -> None:
-        # The memory the copy lives in, flat: a quarter of the paged cache's elements each (reserve).
-        self._k_store: torch.Tensor | None = None
-        self._v_store: torch.Tensor | None = None
-        self.k: torch.Tensor | None = None  # [S_cap, Hkv, L_cap, D], a view of _k_store
+        # The memory the copy lives in: [2, a quarter of the paged cache's elements], keys then values (reserve).
+        self._store: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # [S_cap, Hkv, L_cap, D], a view of _store[0]
         self.v: torch.Tensor | None = None
         self.lens: list[int] = []  # each row's context length as of the last step this copy attended
 
@@ -39,10 +38,8 @@ class DenseDecodeKV:
         """Takes the copy's memory for this paged cache ([num_blocks, block_size, Hkv, D]) now, zeroed: none
         for a cache the copy never serves (on a GPU, or FP8)."""
         self.reset()
-        self._k_store = self._v_store = None
-        if k_cache.device.type == "cpu" and k_cache.dtype in _DTYPES and k_cache.numel() >= 4:
-            self._k_store = torch.zeros(k_cache.numel() // 4, dtype=k_cache.dtype)
-            self._v_store = torch.zeros_like(self._k_store)
+        serves = k_cache.device.type == "cpu" and k_cache.dtype in _DTYPES and k_cache.numel() >= 4
+        self._store = torch.zeros(2, k_cache.numel() // 4, dtype=k_cache.dtype) if serves else None
 
     def reset(self) -> None:
         """Forgets the copy (the next decode copies from the paged cache again); its memory stays reserved."""
@@ -55,6 +52,9 @@ class DenseDecodeKV:
     ) -> torch.Tensor | None:
         """The step's decodes, q [S, Hq, D] -> [S, Hq, D], with k_new and v_new [S, Hkv, D] their new keys and
         values (already in the paged cache); None where the copy does not apply (the caller gathers instead)."""
+        store = self._store
+        if store is None or k_cache.dtype != q.dtype:  # a cache the copy does not serve (it never made one)
+            return None
         S, hq, d = q.shape
         _, bs, hkv, _ = k_cache.shape
         lens = _lens(meta, S)
@@ -62,16 +62,14 @@ class DenseDecodeKV:
         span = -(-L // bs) * bs  # the columns a copy from the paged cache writes
         fits = self.k is not None and self.k.shape[0] >= S and self.k.shape[2] >= span
         # A new view gives its S rows every token the store holds: a run of steps appends into it.
-        room = self.k.shape[2] if fits else 0 if self._k_store is None else self._k_store.numel() // (S * hkv * d)
-        # Not for a cache of another dtype, past the store (a quarter of the paged cache), or where padding to
-        # the longest row would more than double the work.
-        if self._k_store is None or k_cache.dtype != q.dtype or room < span or 2 * sum(lens) < S * L:
+        room = self.k.shape[2] if fits else store.shape[1] // (S * hkv * d)
+        # Not past the store (a quarter of the paged cache), nor where padding to the longest row would more than
+        # double the work.
+        if room < span or 2 * sum(lens) < S * L:
             self.reset()
             return None
-        if not fits:  # a view of the zeroed store: masked positions meet only finite values (0 * NaN poisons)
-            assert self._v_store is not None
-            self.k = self._k_store[: S * hkv * room * d].view(S, hkv, room, d)
-            self.v = self._v_store[: S * hkv * room * d].view(S, hkv, room, d)
+        if not fits:  # views of the zeroed store: masked positions meet only finite values (0 * NaN poisons)
+            self.k, self.v = store[:, : S * hkv * room * d].view(2, S, hkv, room, d).unbind(0)
         continuing = (meta.decodes_continue and fits and len(self.lens) == S
                       and all(a + 1 == b for a, b in zip(self.lens, lens, strict=True)))
         if continuing:

@@ -134,13 +134,13 @@ def test_a_layer_reserves_the_copys_memory_when_it_binds_its_cache_and_steps_all
     layer = Attention(HKV * GROUP, HKV, D, 1 / math.sqrt(D))
     layer.bind_cache(paged.k, paged.v)
     dense = layer.dense_decode
-    store = dense._k_store
-    assert store is not None and store.numel() == paged.k.numel() // 4 and not store.any()
+    store = dense._store
+    assert store is not None and store.shape == (2, paged.k.numel() // 4) and not store.any()
     for step in range(3):
         _close(*_both(paged, dense, *paged.decode_step([0, 1, 2, 3], continues=step > 0)))
         assert dense.k is not None and dense.k.untyped_storage().data_ptr() == store.untyped_storage().data_ptr()
     layer.bind_cache(paged.k.to(FP8), paged.v.to(FP8))
-    assert layer.dense_decode._k_store is None
+    assert layer.dense_decode._store is None
 
 
 def test_a_padded_batch_whose_host_lengths_are_only_a_bound_reads_the_real_ones():

@@ -48,8 +48,6 @@ class ChoiceGroup:
     unforked: list[Sequence] = field(default_factory=list)
     running: int = 0  # sequences not finished
     held: dict[int, RequestOutput] = field(default_factory=dict)  # best_of > n: every output so far
-    cumulative: dict[int, float] = field(default_factory=dict)  # best_of > n: each sequence's logprob sum
-    sampled: dict[int, int] = field(default_factory=dict)  # and its tokens
 
     def __post_init__(self) -> None:
         self.unforked = self.sequences[1:]
@@ -72,22 +70,20 @@ class ChoiceGroup:
         if not self.selects:
             out.choices_left = self.running
             return [out]
-        self.cumulative[out.index] = self.cumulative.get(out.index, 0.0) + sum(
-            lp.logprob for lp in out.logprobs or ())
-        self.sampled[out.index] = self.sampled.get(out.index, 0) + len(out.logprobs or ())
         if (held := self.held.get(out.index)) is None:
             self.held[out.index] = out
         else:
             held.extend(out)
         return [] if self.running else self._best()
 
-    def per_token(self, index: int) -> float:
+    def _per_token(self, index: int) -> float:
         """A held sequence's mean logprob per sampled token (0 for one that sampled none)."""
-        return self.cumulative.get(index, 0.0) / max(1, self.sampled.get(index, 0))
+        logprobs = self.held[index].logprobs or ()
+        return sum(lp.logprob for lp in logprobs) / max(1, len(logprobs))
 
     def _best(self) -> list[RequestOutput]:
         n = self.sampling.n
-        ranked = sorted(self.held, key=lambda i: -self.per_token(i))[:n]  # stable: ties by index
+        ranked = sorted(self.held, key=lambda i: -self._per_token(i))[:n]  # stable: ties by index
         prompt_logprobs = next((o.prompt_logprobs for o in self.held.values() if o.prompt_logprobs), None)
         best = []
         for rank, i in enumerate(ranked):
